@@ -1,0 +1,3 @@
+"""coset.cuda: native HNLQ kernels."""
+
+__all__: list[str] = []

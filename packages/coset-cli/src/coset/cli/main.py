@@ -1,0 +1,2 @@
+def main() -> int:
+    raise SystemExit("coset: the command is not written yet")
