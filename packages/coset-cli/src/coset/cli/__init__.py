@@ -1,4 +1,6 @@
-"""coset.cli: The coset command: main job (FP32 vs HNLQ QAT on MNIST-1D), rate-distortion, benchmarks, checkpoint compression."""
+"""coset.cli: the ``coset`` command (main job, rate-distortion, benchmarks, checkpoint compression, info)."""
 
-__all__: list[str] = []
+from .main import build_parser, main
+
+__all__ = ["main", "build_parser"]
 __version__ = "0.1.0"
