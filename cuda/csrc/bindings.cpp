@@ -1,0 +1,170 @@
+// bindings.cpp - pybind11 module coset.cuda._C on raw pointers (no torch at build time).
+//
+// The Python side (coset/cuda/_ops.py) validates every argument and passes tensor.data_ptr() values;
+// small constant arrays (G, G_inv, eps, scales) come as float64 numpy arrays.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "kernels.h"
+
+namespace py = pybind11;
+using darr = py::array_t<double, py::array::c_style | py::array::forcecast>;
+
+namespace {
+
+struct Consts {
+  darr G, Ginv, eps, scales;
+  coset::LatticeView L;
+  coset::QuantParams P;
+};
+
+Consts make_consts(int kind, int d, darr G, darr Ginv, py::object eps, int q, int M, darr scales, int single_pass,
+                   int policy_error, double safe_radius) {
+  if (kind < 0 || kind > 2) throw std::invalid_argument("kind must be 0 (Z^n), 1 (D_n) or 2 (E8)");
+  if (d < 1 || d > coset::kMaxDim) throw std::invalid_argument("d must be in [1, 16]");
+  if (kind == coset::kE8 && d != 8) throw std::invalid_argument("E8 has d = 8");
+  if (kind == coset::kDn && d < 3) throw std::invalid_argument("D_n needs d >= 3");
+  if (q < 2 || q > 16) throw std::invalid_argument("q must be in [2, 16]");
+  if (M < 1 || M > coset::kMaxM) throw std::invalid_argument("M must be in [1, 4]");
+  if (G.size() != d * d || Ginv.size() != d * d) throw std::invalid_argument("G and G_inv must be (d, d)");
+  if (scales.size() < 1 || scales.size() > 65) throw std::invalid_argument("scales must have 1..65 entries");
+  Consts c{G, Ginv, darr(), scales, {}, {}};
+  const double* eps_ptr = nullptr;
+  if (!eps.is_none()) {
+    c.eps = eps.cast<darr>();
+    if (c.eps.size() != d) throw std::invalid_argument("eps must have d entries");
+    eps_ptr = c.eps.data();
+  }
+  c.L = coset::LatticeView{kind, d, c.G.data(), c.Ginv.data(), eps_ptr};
+  c.P = coset::QuantParams{q, M, (int)c.scales.size(), c.scales.data(), single_pass, policy_error, safe_radius};
+  return c;
+}
+
+template <typename T>
+T* ptr(std::uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+#ifdef COSET_WITH_CUDA
+void check_cuda(int e, const char* what) {
+  if (e != 0) throw std::runtime_error(std::string("coset.cuda: ") + what + " failed: " + coset::cuda_error_string(e));
+}
+#endif
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "coset native HNLQ kernels (raw-pointer API; use coset.cuda instead)";
+  m.def("get_num_threads", &coset::get_num_threads);
+  m.def("set_num_threads", &coset::set_num_threads);
+
+  // ---------------------------------------------------------------------------------------------- CPU
+  m.def("encode_cpu", [](int kind, int d, darr G, darr Ginv, py::object eps, int q, int M, darr scales,
+                         int single_pass, int policy_error, double safe_radius, std::uintptr_t x, int x_is_double,
+                         std::uintptr_t z, int64_t N, std::uintptr_t b, std::uintptr_t T, std::uintptr_t clamped) {
+    Consts c = make_consts(kind, d, G, Ginv, eps, q, M, scales, single_pass, policy_error, safe_radius);
+    py::gil_scoped_release nogil;
+    return coset::encode_cpu(c.L, c.P, ptr<const void>(x), x_is_double, ptr<const double>(z), N, ptr<uint8_t>(b),
+                             ptr<uint8_t>(T), ptr<uint8_t>(clamped));
+  });
+  m.def("decode_cpu", [](int kind, int d, darr G, darr Ginv, py::object eps, int q, int M, darr scales,
+                         std::uintptr_t b, std::uintptr_t T, std::uintptr_t z, int64_t N, std::uintptr_t out,
+                         int out_is_double) {
+    Consts c = make_consts(kind, d, G, Ginv, eps, q, M, scales, 0, 0, 0.0);
+    py::gil_scoped_release nogil;
+    coset::decode_cpu(c.L, c.P, ptr<const uint8_t>(b), ptr<const uint8_t>(T), ptr<const double>(z), N,
+                      ptr<void>(out), out_is_double);
+  });
+  m.def("quantize_cpu", [](int kind, int d, darr G, darr Ginv, py::object eps, int q, int M, darr scales,
+                           int single_pass, int policy_error, double safe_radius, std::uintptr_t x, int x_is_double,
+                           std::uintptr_t z, int64_t N, std::uintptr_t out, int out_is_double, std::uintptr_t T,
+                           std::uintptr_t clamped) {
+    Consts c = make_consts(kind, d, G, Ginv, eps, q, M, scales, single_pass, policy_error, safe_radius);
+    py::gil_scoped_release nogil;
+    return coset::quantize_cpu(c.L, c.P, ptr<const void>(x), x_is_double, ptr<const double>(z), N, ptr<void>(out),
+                               out_is_double, ptr<uint8_t>(T), ptr<uint8_t>(clamped));
+  });
+  m.def("lut_one_sided_cpu", [](std::uintptr_t ix, std::uintptr_t sx, std::uintptr_t tables, int64_t n, int64_t mm,
+                                int K, int M, int64_t Q, int q, std::uintptr_t out) {
+    py::gil_scoped_release nogil;
+    coset::lut_one_sided_cpu(ptr<const int32_t>(ix), ptr<const float>(sx), ptr<const float>(tables), n, mm, K, M, Q, q,
+                             ptr<float>(out));
+  });
+  m.def("lut_two_sided_cpu", [](std::uintptr_t ix, std::uintptr_t sx, std::uintptr_t iy, std::uintptr_t sy,
+                                std::uintptr_t lut, int lut_bytes, int64_t n, int64_t mm, int K, int M, int64_t Q,
+                                int q, std::uintptr_t out) {
+    if (lut_bytes != 1 && lut_bytes != 2 && lut_bytes != 4) throw std::invalid_argument("lut_bytes must be 1, 2 or 4");
+    py::gil_scoped_release nogil;
+    coset::lut_two_sided_cpu(ptr<const int32_t>(ix), ptr<const float>(sx), ptr<const int32_t>(iy),
+                             ptr<const float>(sy), ptr<const void>(lut), lut_bytes, n, mm, K, M, Q, q, ptr<float>(out));
+  });
+  m.def("add_modq_cpu", [](std::uintptr_t a, std::uintptr_t b, std::uintptr_t out, int64_t n, int q) {
+    py::gil_scoped_release nogil;
+    coset::add_modq_cpu(ptr<const uint8_t>(a), ptr<const uint8_t>(b), ptr<uint8_t>(out), n, q);
+  });
+
+  // ---------------------------------------------------------------------------------------------- CUDA
+#ifdef COSET_WITH_CUDA
+  m.attr("with_cuda") = true;
+  m.def("cuda_device_count", []() {
+    int err = 0;
+    int n = coset::cuda_device_count(&err);
+    return py::make_tuple(n, std::string(coset::cuda_error_string(err)));
+  });
+  m.def("encode_cuda", [](int kind, int d, darr G, darr Ginv, py::object eps, int q, int M, darr scales,
+                          int single_pass, int policy_error, double safe_radius, std::uintptr_t x, int x_is_double,
+                          std::uintptr_t z, int64_t N, std::uintptr_t b, std::uintptr_t T, std::uintptr_t clamped,
+                          std::uintptr_t errors, std::uintptr_t stream) {
+    Consts c = make_consts(kind, d, G, Ginv, eps, q, M, scales, single_pass, policy_error, safe_radius);
+    check_cuda(coset::encode_cuda(c.L, c.P, ptr<const void>(x), x_is_double, ptr<const double>(z), N,
+                                  ptr<uint8_t>(b), ptr<uint8_t>(T), ptr<uint8_t>(clamped), ptr<int32_t>(errors),
+                                  ptr<void>(stream)),
+               "encode kernel");
+  });
+  m.def("decode_cuda", [](int kind, int d, darr G, darr Ginv, py::object eps, int q, int M, darr scales,
+                          std::uintptr_t b, std::uintptr_t T, std::uintptr_t z, int64_t N, std::uintptr_t out,
+                          int out_is_double, std::uintptr_t stream) {
+    Consts c = make_consts(kind, d, G, Ginv, eps, q, M, scales, 0, 0, 0.0);
+    check_cuda(coset::decode_cuda(c.L, c.P, ptr<const uint8_t>(b), ptr<const uint8_t>(T), ptr<const double>(z), N,
+                                  ptr<void>(out), out_is_double, ptr<void>(stream)),
+               "decode kernel");
+  });
+  m.def("quantize_cuda", [](int kind, int d, darr G, darr Ginv, py::object eps, int q, int M, darr scales,
+                            int single_pass, int policy_error, double safe_radius, std::uintptr_t x, int x_is_double,
+                            std::uintptr_t z, int64_t N, std::uintptr_t out, int out_is_double, std::uintptr_t T,
+                            std::uintptr_t clamped, std::uintptr_t errors, std::uintptr_t stream) {
+    Consts c = make_consts(kind, d, G, Ginv, eps, q, M, scales, single_pass, policy_error, safe_radius);
+    check_cuda(coset::quantize_cuda(c.L, c.P, ptr<const void>(x), x_is_double, ptr<const double>(z), N,
+                                    ptr<void>(out), out_is_double, ptr<uint8_t>(T), ptr<uint8_t>(clamped),
+                                    ptr<int32_t>(errors), ptr<void>(stream)),
+               "quantize kernel");
+  });
+  m.def("lut_one_sided_cuda", [](std::uintptr_t ix, std::uintptr_t sx, std::uintptr_t tables, int64_t n,
+                                 int64_t mm, int K, int M, int64_t Q, int q, std::uintptr_t out,
+                                 std::uintptr_t stream) {
+    check_cuda(coset::lut_one_sided_cuda(ptr<const int32_t>(ix), ptr<const float>(sx), ptr<const float>(tables), n,
+                                         mm, K, M, Q, q, ptr<float>(out), ptr<void>(stream)),
+               "lut_one_sided kernel");
+  });
+  m.def("lut_two_sided_cuda", [](std::uintptr_t ix, std::uintptr_t sx, std::uintptr_t iy, std::uintptr_t sy,
+                                 std::uintptr_t lut, int lut_bytes, int64_t n, int64_t mm, int K, int M, int64_t Q,
+                                 int q, std::uintptr_t out, std::uintptr_t stream) {
+    check_cuda(coset::lut_two_sided_cuda(ptr<const int32_t>(ix), ptr<const float>(sx), ptr<const int32_t>(iy),
+                                         ptr<const float>(sy), ptr<const void>(lut), lut_bytes, n, mm, K, M, Q, q,
+                                         ptr<float>(out), ptr<void>(stream)),
+               "lut_two_sided kernel");
+  });
+  m.def("add_modq_cuda", [](std::uintptr_t a, std::uintptr_t b, std::uintptr_t out, int64_t n, int q,
+                            std::uintptr_t stream) {
+    check_cuda(coset::add_modq_cuda(ptr<const uint8_t>(a), ptr<const uint8_t>(b), ptr<uint8_t>(out), n, q,
+                                    ptr<void>(stream)),
+               "add_modq kernel");
+  });
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

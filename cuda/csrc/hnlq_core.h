@@ -1,0 +1,285 @@
+// hnlq_core.h - per-vector HNLQ logic shared by the C++ CPU kernels and the CUDA kernels.
+//
+// Every function is COSET_HD (= __host__ __device__ under nvcc) and works on float64 exactly like the
+// PyTorch reference in coset.quant (encode.py / decode.py) and coset.lattice (zn.py, dn.py, e8.py):
+//   * closest point of (x + eps) with the lattice's fixed tie offset eps (passed in, never recomputed);
+//   * Z^n: floor(x + 0.5); D_n: Conway & Sloane with the FIRST maximal |delta| index; E8: D8 vs D8 + 1/2,
+//     squared distances accumulated left to right, D8 wins ties (d0 <= d1);
+//   * labels = fmod(round(G_inv lam), q) (G_inv is dyadic, so the products and sums are exact);
+//   * u = x / scales[t] with the scale table from Python (no pow), dither added after the division;
+//   * the clamp radius and the left-to-right norm of the reference.
+// The build uses -ffp-contract=off (host) and --fmad=false (device) so that no FMA changes a rounding.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define COSET_HD __host__ __device__ __forceinline__
+#else
+#define COSET_HD inline
+#endif
+
+namespace coset {
+
+constexpr int kMaxDim = 16;
+constexpr int kMaxM = 4;
+
+enum LatticeKind : int { kZn = 0, kDn = 1, kE8 = 2 };
+
+// Lattice constants as seen by a kernel. G and Ginv are (d, d) row-major float64 (G has the basis as
+// columns, as in coset.lattice); eps is (d,) or nullptr when the tie offset is disabled.
+struct LatticeView {
+  int kind;
+  int d;
+  const double* G;
+  const double* Ginv;
+  const double* eps;
+};
+
+struct QuantParams {
+  int q;
+  int M;
+  int n_scales;          // len(config.scales) = max_scaling_iterations + 1
+  const double* scales;  // config.scales
+  int single_pass;       // disable_overload_protection: one pass with T = 0, labels kept even if overloaded
+  int policy_error;      // overload_policy == "error": report instead of clamping
+  double safe_radius;    // _safe_radius(lattice, q, M, dithered)
+};
+
+// ------------------------------------------------------------------------------------------ closest point
+template <int D>
+COSET_HD int dim_of(const LatticeView& L) { return D > 0 ? D : L.d; }
+
+// Q_{D_n} on x (already offset); y may not alias x.
+template <int D>
+COSET_HD void cp_dn(const double* x, double* y, int d_rt) {
+  const int d = D > 0 ? D : d_rt;
+  double sum = 0.0;
+  double best = -1.0;
+  int k = 0;
+  for (int i = 0; i < d; ++i) {
+    const double f = floor(x[i] + 0.5);
+    y[i] = f;
+    sum += f;
+    const double a = fabs(x[i] - f);
+    if (a > best) {  // strict: the first maximal index, like torch.argmax
+      best = a;
+      k = i;
+    }
+  }
+  if (fmod(sum, 2.0) != 0.0) {
+    const double dk = x[k] - y[k];
+    y[k] = y[k] + (dk >= 0.0 ? 1.0 : -1.0);
+  }
+}
+
+// Q_L(x + eps) for the lattice kind KIND; x is not modified, y receives the lattice point.
+template <int KIND, int D>
+COSET_HD void closest_point(const LatticeView& L, const double* xin, double* y) {
+  const int d = dim_of<D>(L);
+  double x[kMaxDim];
+  if (L.eps) {
+    for (int i = 0; i < d; ++i) x[i] = xin[i] + L.eps[i];
+  } else {
+    for (int i = 0; i < d; ++i) x[i] = xin[i];
+  }
+  if (KIND == kZn) {
+    for (int i = 0; i < d; ++i) y[i] = floor(x[i] + 0.5);
+  } else if (KIND == kDn) {
+    cp_dn<D>(x, y, d);
+  } else {  // E8
+    double y0[8], y1[8], xm[8];
+    cp_dn<8>(x, y0, 8);
+    for (int i = 0; i < 8; ++i) xm[i] = x[i] - 0.5;
+    cp_dn<8>(xm, y1, 8);
+    for (int i = 0; i < 8; ++i) y1[i] = y1[i] + 0.5;
+    double e = x[0] - y0[0];
+    double d0 = e * e;
+    for (int i = 1; i < 8; ++i) {
+      e = x[i] - y0[i];
+      d0 = d0 + e * e;
+    }
+    e = x[0] - y1[0];
+    double d1 = e * e;
+    for (int i = 1; i < 8; ++i) {
+      e = x[i] - y1[i];
+      d1 = d1 + e * e;
+    }
+    const bool take0 = d0 <= d1;
+    for (int i = 0; i < 8; ++i) y[i] = take0 ? y0[i] : y1[i];
+  }
+}
+
+// ------------------------------------------------------------------------------------------ encode
+// Algorithm 1 on g (lattice units, float64). Writes M*d labels (as uint8) and returns true on overload.
+template <int KIND, int D>
+COSET_HD bool encode_layers(const LatticeView& L, int q, int M, const double* gin, uint8_t* b) {
+  const int d = dim_of<D>(L);
+  const double qd = (double)q;
+  double g[kMaxDim], lam[kMaxDim];
+  for (int i = 0; i < d; ++i) g[i] = gin[i];
+  for (int m = 0; m < M; ++m) {
+    closest_point<KIND, D>(L, g, lam);
+    for (int i = 0; i < d; ++i) {
+      double c;
+      if (KIND == kZn) {
+        c = lam[i];
+      } else {
+        double s = L.Ginv[i * d] * lam[0];
+        for (int j = 1; j < d; ++j) s = s + L.Ginv[i * d + j] * lam[j];
+        c = rint(s);
+      }
+      double r = fmod(c, qd);  // torch.remainder: fmod, then shift into [0, q)
+      if (r != 0.0 && r < 0.0) r += qd;
+      b[m * d + i] = (uint8_t)r;
+    }
+    for (int i = 0; i < d; ++i) g[i] = lam[i] / qd;
+  }
+  closest_point<KIND, D>(L, g, lam);
+  bool ovl = false;
+  for (int i = 0; i < d; ++i) ovl |= (lam[i] != 0.0);
+  return ovl;
+}
+
+// Result flags of one vector.
+struct EncodeResult {
+  uint8_t T;
+  bool clamped;
+  bool error;  // still overloaded at the cap with overload_policy "error"
+};
+
+// The whole overload ramp for one vector: x (d doubles), z dither (d doubles or nullptr).
+template <int KIND, int D>
+COSET_HD EncodeResult encode_vector(const LatticeView& L, const QuantParams& P, const double* x, const double* z,
+                                    uint8_t* b) {
+  const int d = dim_of<D>(L);
+  EncodeResult res{0, false, false};
+  double u[kMaxDim], g[kMaxDim];
+  const int steps = P.single_pass ? 1 : P.n_scales;
+  for (int t = 0; t < steps; ++t) {
+    const double s = P.scales[t];
+    for (int i = 0; i < d; ++i) {
+      u[i] = x[i] / s;
+      g[i] = z ? u[i] + z[i] : u[i];
+    }
+    const bool ovl = encode_layers<KIND, D>(L, P.q, P.M, g, b);
+    if (P.single_pass || !ovl) {
+      res.T = (uint8_t)t;
+      return res;
+    }
+  }
+  // still overloaded at the largest scale t = steps - 1 (u holds x / scales[cap])
+  res.T = (uint8_t)(steps - 1);
+  if (P.policy_error) {
+    res.error = true;
+    return res;
+  }
+  res.clamped = true;
+  if (P.safe_radius > 0.0) {
+    double sq = u[0] * u[0];
+    for (int i = 1; i < d; ++i) sq = sq + u[i] * u[i];
+    const double nrm = sqrt(sq);
+    double factor = P.safe_radius / nrm;
+    if (factor > 1.0) factor = 1.0;
+    for (int i = 0; i < d; ++i) u[i] = u[i] * factor;
+  } else {
+    for (int i = 0; i < d; ++i) u[i] = 0.0;
+  }
+  for (int i = 0; i < d; ++i) g[i] = z ? u[i] + z[i] : u[i];
+  if (encode_layers<KIND, D>(L, P.q, P.M, g, b)) {
+    // cannot happen by the sandwich bound; encode the origin (plus dither) like the reference
+    for (int i = 0; i < d; ++i) g[i] = z ? z[i] : 0.0;
+    encode_layers<KIND, D>(L, P.q, P.M, g, b);
+  }
+  return res;
+}
+
+// ------------------------------------------------------------------------------------------ decode
+// Algorithm 2 without scaling: sum_m q^m (G b_m - q Q(G b_m / q)), exact in float64. out: d doubles.
+template <int KIND, int D>
+COSET_HD void decode_lattice_units(const LatticeView& L, int q, int M, const uint8_t* b, double* out) {
+  const int d = dim_of<D>(L);
+  const double qd = (double)q;
+  double Gb[kMaxDim], v[kMaxDim], Qv[kMaxDim];
+  double w = 1.0;
+  for (int m = 0; m < M; ++m) {
+    const uint8_t* bm = b + m * d;
+    for (int i = 0; i < d; ++i) {
+      if (KIND == kZn) {
+        Gb[i] = (double)bm[i];
+      } else {
+        double s = L.G[i * d] * (double)bm[0];
+        for (int j = 1; j < d; ++j) s = s + L.G[i * d + j] * (double)bm[j];
+        Gb[i] = s;
+      }
+      v[i] = Gb[i] / qd;
+    }
+    closest_point<KIND, D>(L, v, Qv);
+    for (int i = 0; i < d; ++i) {
+      const double a = Gb[i] - qd * Qv[i];
+      out[i] = (m == 0) ? a : out[i] + w * a;
+    }
+    w *= qd;
+  }
+}
+
+// Reconstruction of one vector: (point - z) * scales[T], in float64.
+template <int KIND, int D>
+COSET_HD void decode_vector(const LatticeView& L, const QuantParams& P, const uint8_t* b, int T, const double* z,
+                            double* out) {
+  const int d = dim_of<D>(L);
+  decode_lattice_units<KIND, D>(L, P.q, P.M, b, out);
+  const double s = P.scales[T];
+  for (int i = 0; i < d; ++i) {
+    const double y = z ? out[i] - z[i] : out[i];
+    out[i] = y * s;
+  }
+}
+
+// ------------------------------------------------------------------------------------------ LUT sums
+// One-sided: sum_k sx[k] * sum_m q^m table_k[ix[k, m]], table_k = tables + k * Q.
+template <typename Acc>
+COSET_HD Acc lut_one_sided_row(const int32_t* ix, const float* sx, const float* tables, int K, int M, int64_t Q,
+                               Acc qd) {
+  Acc acc = 0;
+  for (int k = 0; k < K; ++k) {
+    const int32_t* ik = ix + (int64_t)k * M;
+    const float* tk = tables + (int64_t)k * Q;
+    Acc inner = 0, w = 1;
+    for (int m = 0; m < M; ++m) {
+      inner += w * (Acc)tk[ik[m]];
+      w *= qd;
+    }
+    acc += (Acc)sx[k] * inner;
+  }
+  return acc;
+}
+
+// Two-sided: sum_k sx[k] sy[k] * sum_{m,l} q^(m+l) lut[ix[k,m], iy[k,l]]; the inner sum is exact (int64,
+// a superset of the agreed int32, so it cannot overflow for q = 16, M = 4).
+template <typename LutT, typename Acc>
+COSET_HD Acc lut_two_sided_pair(const int32_t* ix, const float* sx, const int32_t* iy, const float* sy,
+                                const LutT* lut, int K, int M, int64_t Q, int q) {
+  Acc acc = 0;
+  for (int k = 0; k < K; ++k) {
+    const int32_t* ik = ix + (int64_t)k * M;
+    const int32_t* jk = iy + (int64_t)k * M;
+    int64_t inner = 0;
+    int64_t wm = 1;
+    for (int m = 0; m < M; ++m) {
+      const LutT* row = lut + (int64_t)ik[m] * Q;
+      int64_t s = 0, wl = 1;
+      for (int l = 0; l < M; ++l) {
+        s += wl * (int64_t)row[jk[l]];
+        wl *= q;
+      }
+      inner += wm * s;
+      wm *= q;
+    }
+    acc += ((Acc)sx[k] * (Acc)sy[k]) * (Acc)inner;
+  }
+  return acc;
+}
+
+}  // namespace coset

@@ -1,0 +1,47 @@
+// kernels.h - entry points of the CPU (kernels_cpu.cpp) and CUDA (kernels_cuda.cu) kernels.
+// All buffers are contiguous; the Python side validates shapes, dtypes and ranges before calling.
+#pragma once
+#include <cstdint>
+
+#include "hnlq_core.h"
+
+namespace coset {
+
+int get_num_threads();
+void set_num_threads(int n);
+
+// x: (N, d) float32 (x_is_double = 0) or float64; z: (N, d) float64 or nullptr; b: (N, M, d); T, clamped: (N,).
+// Returns the number of vectors still overloaded at the cap under overload_policy "error".
+int64_t encode_cpu(const LatticeView& L, const QuantParams& P, const void* x, int x_is_double, const double* z,
+                   int64_t N, uint8_t* b, uint8_t* T, uint8_t* clamped);
+void decode_cpu(const LatticeView& L, const QuantParams& P, const uint8_t* b, const uint8_t* T, const double* z,
+                int64_t N, void* out, int out_is_double);
+int64_t quantize_cpu(const LatticeView& L, const QuantParams& P, const void* x, int x_is_double, const double* z,
+                     int64_t N, void* out, int out_is_double, uint8_t* T, uint8_t* clamped);
+void lut_one_sided_cpu(const int32_t* ix, const float* sx, const float* tables, int64_t n, int64_t m, int K, int M,
+                       int64_t Q, int q, float* out);
+void lut_two_sided_cpu(const int32_t* ix, const float* sx, const int32_t* iy, const float* sy, const void* lut,
+                       int lut_bytes, int64_t n, int64_t m, int K, int M, int64_t Q, int q, float* out);
+void add_modq_cpu(const uint8_t* a, const uint8_t* b, uint8_t* out, int64_t n, int q);
+
+#ifdef COSET_WITH_CUDA
+// Device pointers; small constant arrays (G, Ginv, eps, scales) are host pointers copied by the launcher.
+// Return a cudaError_t as int (0 = success). stream is a cudaStream_t.
+int cuda_device_count(int* err);
+const char* cuda_error_string(int e);
+int encode_cuda(const LatticeView& L, const QuantParams& P, const void* x, int x_is_double, const double* z,
+                int64_t N, uint8_t* b, uint8_t* T, uint8_t* clamped, int32_t* errors, void* stream);
+int decode_cuda(const LatticeView& L, const QuantParams& P, const uint8_t* b, const uint8_t* T, const double* z,
+                int64_t N, void* out, int out_is_double, void* stream);
+int quantize_cuda(const LatticeView& L, const QuantParams& P, const void* x, int x_is_double, const double* z,
+                  int64_t N, void* out, int out_is_double, uint8_t* T, uint8_t* clamped, int32_t* errors,
+                  void* stream);
+int lut_one_sided_cuda(const int32_t* ix, const float* sx, const float* tables, int64_t n, int64_t m, int K, int M,
+                       int64_t Q, int q, float* out, void* stream);
+int lut_two_sided_cuda(const int32_t* ix, const float* sx, const int32_t* iy, const float* sy, const void* lut,
+                       int lut_bytes, int64_t n, int64_t m, int K, int M, int64_t Q, int q, float* out,
+                       void* stream);
+int add_modq_cuda(const uint8_t* a, const uint8_t* b, uint8_t* out, int64_t n, int q, void* stream);
+#endif
+
+}  // namespace coset

@@ -1,0 +1,416 @@
+"""Validated torch-tensor wrappers around the raw-pointer extension ``coset.cuda._C``.
+
+Every function here checks shapes, dtypes, devices and index ranges, makes the inputs contiguous, allocates
+the outputs and calls the CPU or CUDA kernel. Nothing in the extension ever sees an unchecked pointer.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Optional
+
+import numpy as np
+import torch
+
+from coset.lattice import DnLattice, E8Lattice, Lattice, ZnLattice
+from coset.quant import OverloadError, QuantizationConfig
+from coset.quant.encode import _safe_radius
+
+from . import _C
+
+__all__ = [
+    "WITH_CUDA",
+    "cuda_available",
+    "lattice_kind",
+    "encode",
+    "decode",
+    "quantize",
+    "lut_one_sided",
+    "lut_two_sided",
+    "add_modq",
+    "get_num_threads",
+    "set_num_threads",
+]
+
+#: True when the extension was compiled with the CUDA kernels (nvcc present at build time).
+WITH_CUDA: bool = bool(_C.with_cuda)
+
+_KIND_Z, _KIND_D, _KIND_E8 = 0, 1, 2
+MAX_DIM = 16
+_NATIVE_FLOATS = (torch.float32, torch.float64)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@lru_cache(maxsize=1)
+def cuda_available() -> bool:
+    """True when the CUDA kernels are compiled in and a GPU is visible to both the extension and torch."""
+    if not WITH_CUDA:
+        return False
+    n, _msg = _C.cuda_device_count()
+    return n > 0 and torch.cuda.is_available()
+
+
+def get_num_threads() -> int:
+    """Threads used by the CPU kernels (default: all cores; env ``COSET_NUM_THREADS``)."""
+    return int(_C.get_num_threads())
+
+
+def set_num_threads(n: int) -> None:
+    """Set the number of threads of the CPU kernels (``n >= 1``)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    _C.set_num_threads(n)
+
+
+def lattice_kind(lattice: Lattice) -> Optional[int]:
+    """Kernel code of ``lattice`` (0 Z^n, 1 D_n, 2 E8) or ``None`` if the kernels do not cover it."""
+    if isinstance(lattice, E8Lattice):
+        return _KIND_E8
+    if isinstance(lattice, DnLattice) and 3 <= lattice.dim <= MAX_DIM:
+        return _KIND_D
+    if isinstance(lattice, ZnLattice) and 1 <= lattice.dim <= MAX_DIM:
+        return _KIND_Z
+    return None
+
+
+def _device_ok(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" or (t.device.type == "cuda" and cuda_available())
+
+
+def _stream(t: torch.Tensor) -> int:
+    return int(torch.cuda.current_stream(t.device).cuda_stream)
+
+
+def _consts(lattice: Lattice, config: QuantizationConfig, dithered: bool):
+    kind = lattice_kind(lattice)
+    if kind is None:
+        raise ValueError(f"lattice: the native kernels support Z^n/D_n (n <= {MAX_DIM}) and E8, got {lattice!r}")
+    if not isinstance(config, QuantizationConfig):
+        raise TypeError(f"config must be a QuantizationConfig, got {type(config).__name__}")
+    eps = np.ascontiguousarray(lattice._eps, dtype=np.float64) if config.with_tie_dither else None
+    scales = np.asarray(config.scales, dtype=np.float64)
+    rad = float(_safe_radius(lattice, config.q, config.M, dithered))
+    return (
+        kind,
+        lattice.dim,
+        np.ascontiguousarray(lattice._G, dtype=np.float64),
+        np.ascontiguousarray(lattice._G_inv, dtype=np.float64),
+        eps,
+        config.q,
+        config.M,
+        scales,
+        rad,
+    )
+
+
+def _check_x(x, d: int, name: str = "x") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be a floating tensor, got dtype {x.dtype}")
+    if x.ndim != 2 or x.shape[1] != d:
+        raise ValueError(f"{name} must have shape (N, {d}), got {tuple(x.shape)}")
+    if not _device_ok(x):
+        raise ValueError(f"{name}: device {x.device} is not supported by this build of coset.cuda")
+
+
+def _check_dither(z, x: torch.Tensor, d: int) -> Optional[torch.Tensor]:
+    if z is None:
+        return None
+    if not isinstance(z, torch.Tensor) or z.dtype != torch.float64 or tuple(z.shape) != (x.shape[0], d):
+        raise ValueError(f"dither must be None or a float64 tensor of shape ({x.shape[0]}, {d})")
+    return z.to(x.device).contiguous()
+
+
+def _raise_overload(n_err: int, N: int, config: QuantizationConfig) -> None:
+    t = config.max_scaling_iterations
+    raise OverloadError(
+        f"{n_err} of {N} vectors overload even at scale beta*2^(alpha*{t}) = {config.scales[t]:.4g}; "
+        "raise beta, alpha or max_scaling_iterations, or use overload_policy='clamp'"
+    )
+
+
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else int(t.data_ptr())
+
+
+def encode(x: torch.Tensor, lattice: Lattice, config: QuantizationConfig, dither: Optional[torch.Tensor] = None):
+    """Fused HNLQ encoder (Algorithm 1 + overload ramp + clamp), bit-exact with ``coset.quant`` (torch).
+
+    Parameters
+    ----------
+    x : (N, d) float16/bfloat16/float32/float64 tensor, finite
+    lattice, config : the lattice (Z^n, D_n with n <= 16, or E8) and the configuration
+    dither : None or (N, d) float64, the subtractive dither added in lattice units
+
+    Returns
+    -------
+    b : (N, M, d) uint8 labels; T : (N,) uint8; clamped : (N,) bool
+    """
+    kind, d, G, Gi, eps, q, M, scales, rad = _consts(lattice, config, dither is not None)
+    _check_x(x, d)
+    if x.dtype not in _NATIVE_FLOATS:
+        x = x.to(torch.float32)  # exact for float16 / bfloat16
+    x = x.contiguous()
+    z = _check_dither(dither, x, d)
+    N = x.shape[0]
+    b = torch.empty((N, M, d), dtype=torch.uint8, device=x.device)
+    T = torch.empty(N, dtype=torch.uint8, device=x.device)
+    clamped = torch.empty(N, dtype=torch.bool, device=x.device)
+    single = int(config.disable_overload_protection)
+    perr = int(config.overload_policy == "error")
+    x_dbl = int(x.dtype == torch.float64)
+    if x.device.type == "cuda":
+        errs = torch.zeros(1, dtype=torch.int32, device=x.device)
+        _C.encode_cuda(kind, d, G, Gi, eps, q, M, scales, single, perr, rad, _ptr(x), x_dbl, _ptr(z), N,
+                       _ptr(b), _ptr(T), _ptr(clamped), _ptr(errs), _stream(x))
+        n_err = int(errs.item()) if perr else 0
+    else:
+        n_err = _C.encode_cpu(kind, d, G, Gi, eps, q, M, scales, single, perr, rad, _ptr(x), x_dbl, _ptr(z), N,
+                              _ptr(b), _ptr(T), _ptr(clamped))
+    if n_err:
+        _raise_overload(n_err, N, config)
+    return b, T, clamped
+
+
+def decode(
+    b: torch.Tensor,
+    T: torch.Tensor,
+    lattice: Lattice,
+    config: QuantizationConfig,
+    dither: Optional[torch.Tensor] = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Fused HNLQ decoder (Algorithm 2, then ``(point - z) * scales[T]``), bit-exact with ``coset.quant``.
+
+    Parameters
+    ----------
+    b : (N, M, d) uint8 labels in [0, q); T : (N,) integer scale steps in [0, max_scaling_iterations]
+    dither : None or (N, d) float64; dtype : output dtype (float16/bfloat16/float32/float64)
+
+    Returns
+    -------
+    (N, d) tensor of ``dtype``
+    """
+    kind, d, G, Gi, eps, q, M, scales, _ = _consts(lattice, config, dither is not None)
+    if not isinstance(b, torch.Tensor) or b.dtype != torch.uint8 or b.ndim != 3 or tuple(b.shape[1:]) != (M, d):
+        raise ValueError(f"b must be a uint8 tensor of shape (N, {M}, {d})")
+    if not _device_ok(b):
+        raise ValueError(f"b: device {b.device} is not supported by this build of coset.cuda")
+    N = b.shape[0]
+    if not isinstance(T, torch.Tensor) or T.dtype.is_floating_point or tuple(T.shape) != (N,):
+        raise ValueError(f"T must be an integer tensor of shape ({N},)")
+    if dtype not in _FLOATS:
+        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    if N and (int(b.max()) >= q or int(T.max()) > config.max_scaling_iterations or int(T.min()) < 0):
+        raise ValueError(f"labels must lie in [0, q={q}) and T in [0, {config.max_scaling_iterations}]")
+    b = b.contiguous()
+    T = T.to(device=b.device, dtype=torch.uint8).contiguous()
+    z = _check_dither(dither, b, d)
+    out_dtype = dtype if dtype in _NATIVE_FLOATS else torch.float64
+    out = torch.empty((N, d), dtype=out_dtype, device=b.device)
+    o_dbl = int(out_dtype == torch.float64)
+    if b.device.type == "cuda":
+        _C.decode_cuda(kind, d, G, Gi, eps, q, M, scales, _ptr(b), _ptr(T), _ptr(z), N, _ptr(out), o_dbl,
+                       _stream(b))
+    else:
+        _C.decode_cpu(kind, d, G, Gi, eps, q, M, scales, _ptr(b), _ptr(T), _ptr(z), N, _ptr(out), o_dbl)
+    return out if out_dtype == dtype else out.to(dtype)  # double -> half directly, like the reference
+
+
+def quantize(x: torch.Tensor, lattice: Lattice, config: QuantizationConfig, dither: Optional[torch.Tensor] = None):
+    """Fused encode + decode (no label tensor is materialized), bit-exact with ``coset.quant.quantize``.
+
+    Parameters
+    ----------
+    x : (N, d) float tensor, finite; dither : None or (N, d) float64
+
+    Returns
+    -------
+    xhat : (N, d) in x.dtype; T : (N,) uint8; clamped : (N,) bool
+    """
+    kind, d, G, Gi, eps, q, M, scales, rad = _consts(lattice, config, dither is not None)
+    _check_x(x, d)
+    in_dtype = x.dtype
+    xin = x if in_dtype in _NATIVE_FLOATS else x.to(torch.float32)
+    xin = xin.contiguous()
+    z = _check_dither(dither, xin, d)
+    N = xin.shape[0]
+    # float16/bfloat16: produce float64 and round once, exactly like the reference's .to(dtype)
+    out_dtype = in_dtype if in_dtype in _NATIVE_FLOATS else torch.float64
+    out = torch.empty((N, d), dtype=out_dtype, device=x.device)
+    T = torch.empty(N, dtype=torch.uint8, device=x.device)
+    clamped = torch.empty(N, dtype=torch.bool, device=x.device)
+    single = int(config.disable_overload_protection)
+    perr = int(config.overload_policy == "error")
+    x_dbl, o_dbl = int(xin.dtype == torch.float64), int(out_dtype == torch.float64)
+    if x.device.type == "cuda":
+        errs = torch.zeros(1, dtype=torch.int32, device=x.device)
+        _C.quantize_cuda(kind, d, G, Gi, eps, q, M, scales, single, perr, rad, _ptr(xin), x_dbl, _ptr(z), N,
+                         _ptr(out), o_dbl, _ptr(T), _ptr(clamped), _ptr(errs), _stream(x))
+        n_err = int(errs.item()) if perr else 0
+    else:
+        n_err = _C.quantize_cpu(kind, d, G, Gi, eps, q, M, scales, single, perr, rad, _ptr(xin), x_dbl, _ptr(z), N,
+                                _ptr(out), o_dbl, _ptr(T), _ptr(clamped))
+    if n_err:
+        _raise_overload(n_err, N, config)
+    return (out if out_dtype == in_dtype else out.to(in_dtype)), T, clamped
+
+
+# ------------------------------------------------------------------------------------------------- LUT ops
+def _check_q(q) -> int:
+    if isinstance(q, bool) or not isinstance(q, int) or not 2 <= q <= 16:
+        raise ValueError(f"q must be an int in [2, 16], got {q!r}")
+    return q
+
+
+def _check_idx(name: str, t, ndim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name} must be an int32 tensor, got {t.dtype}")
+    if t.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+
+
+def _check_f32(name: str, t, shape: tuple) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name} must be a float32 tensor, got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def _check_range(name: str, t: torch.Tensor, Q: int) -> None:
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= Q):
+        raise ValueError(f"{name}: label indices must lie in [0, Q={Q})")
+
+
+def _same_device(*ts: torch.Tensor) -> torch.device:
+    dev = ts[0].device
+    for t in ts[1:]:
+        if t.device != dev:
+            raise ValueError(f"all tensors must be on the same device, got {dev} and {t.device}")
+    if not _device_ok(ts[0]):
+        raise ValueError(f"device {dev} is not supported by this build of coset.cuda")
+    return dev
+
+
+def lut_one_sided(ix: torch.Tensor, sx: torch.Tensor, tables: torch.Tensor, q: int) -> torch.Tensor:
+    """One-sided LUT scores ``scores[r, j] = sum_k sx[r,k] sum_m q^m tables[j, k, ix[r,k,m]]``.
+
+    Parameters
+    ----------
+    ix : (n, K, M) int32 label indices ``sum_i b_i q^i`` of n encoded rows
+    sx : (n, K) float32 per-block scales
+    tables : (m, K, Q) float32, ``tables[j, k, i] = <a_i, y_jk>``
+    q : int in [2, 16]
+
+    Returns
+    -------
+    (n, m) float32 (accumulated in float64 on the CPU, float32 on the GPU)
+    """
+    q = _check_q(q)
+    _check_idx("ix", ix, 3)
+    n, K, M = ix.shape
+    _check_f32("sx", sx, (n, K))
+    if not isinstance(tables, torch.Tensor) or tables.dtype != torch.float32 or tables.ndim != 3:
+        raise TypeError("tables must be a float32 tensor of shape (m, K, Q)")
+    m, K2, Q = tables.shape
+    if K2 != K:
+        raise ValueError(f"tables must have K={K} blocks (dim 1), got {K2}")
+    dev = _same_device(ix, sx, tables)
+    _check_range("ix", ix, Q)
+    ix, sx, tables = ix.contiguous(), sx.contiguous(), tables.contiguous()
+    out = torch.empty((n, m), dtype=torch.float32, device=dev)
+    if n == 0 or m == 0:
+        return out
+    if K == 0 or M == 0:
+        return out.zero_()
+    if dev.type == "cuda":
+        _C.lut_one_sided_cuda(_ptr(ix), _ptr(sx), _ptr(tables), n, m, K, M, Q, q, _ptr(out), _stream(ix))
+    else:
+        _C.lut_one_sided_cpu(_ptr(ix), _ptr(sx), _ptr(tables), n, m, K, M, Q, q, _ptr(out))
+    return out
+
+
+_LUT_BYTES = {torch.int8: 1, torch.int16: 2, torch.int32: 4}
+
+
+def lut_two_sided(
+    ix: torch.Tensor, sx: torch.Tensor, iy: torch.Tensor, sy: torch.Tensor, lut: torch.Tensor, q: int
+) -> torch.Tensor:
+    """Two-sided LUT inner products of two encoded sets.
+
+    ``out[r, j] = sum_k sx[r,k] sy[j,k] sum_{m,l} q^(m+l) lut[ix[r,k,m], iy[j,k,l]]`` with the inner double
+    sum exact in integers (int64 accumulator).
+
+    Parameters
+    ----------
+    ix : (n, K, M) int32; sx : (n, K) float32; iy : (m, K, M) int32; sy : (m, K) float32
+    lut : (Q, Q) int8/int16/int32, ``lut[i, j] = <a_i, a_j>``; q : int in [2, 16]
+
+    Returns
+    -------
+    (n, m) float32
+    """
+    q = _check_q(q)
+    _check_idx("ix", ix, 3)
+    _check_idx("iy", iy, 3)
+    n, K, M = ix.shape
+    m = iy.shape[0]
+    if tuple(iy.shape[1:]) != (K, M):
+        raise ValueError(f"iy must have shape (m, {K}, {M}), got {tuple(iy.shape)}")
+    _check_f32("sx", sx, (n, K))
+    _check_f32("sy", sy, (m, K))
+    if not isinstance(lut, torch.Tensor) or lut.dtype not in _LUT_BYTES:
+        raise TypeError("lut must be an int8, int16 or int32 tensor")
+    if lut.ndim != 2 or lut.shape[0] != lut.shape[1]:
+        raise ValueError(f"lut must have shape (Q, Q), got {tuple(lut.shape)}")
+    Q = lut.shape[0]
+    dev = _same_device(ix, sx, iy, sy, lut)
+    _check_range("ix", ix, Q)
+    _check_range("iy", iy, Q)
+    ix, sx, iy, sy, lut = ix.contiguous(), sx.contiguous(), iy.contiguous(), sy.contiguous(), lut.contiguous()
+    out = torch.empty((n, m), dtype=torch.float32, device=dev)
+    if n == 0 or m == 0:
+        return out
+    if K == 0 or M == 0:
+        return out.zero_()
+    nb = _LUT_BYTES[lut.dtype]
+    if dev.type == "cuda":
+        _C.lut_two_sided_cuda(_ptr(ix), _ptr(sx), _ptr(iy), _ptr(sy), _ptr(lut), nb, n, m, K, M, Q, q, _ptr(out),
+                              _stream(ix))
+    else:
+        _C.lut_two_sided_cpu(_ptr(ix), _ptr(sx), _ptr(iy), _ptr(sy), _ptr(lut), nb, n, m, K, M, Q, q, _ptr(out))
+    return out
+
+
+def add_modq(a: torch.Tensor, b: torch.Tensor, q: int) -> torch.Tensor:
+    """``(a + b) mod q`` on two uint8 label tensors of the same shape (same result as ``coset.quant.add_modq``).
+
+    Parameters
+    ----------
+    a, b : uint8 tensors of one shape, entries in [0, q); q : int in [2, 16]
+
+    Returns
+    -------
+    uint8 tensor of that shape
+    """
+    q = _check_q(q)
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8:
+            raise TypeError(f"{name} must be a uint8 tensor")
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    dev = _same_device(a, b)
+    if a.numel() and (int(a.max()) >= q or int(b.max()) >= q):
+        raise ValueError(f"labels must lie in [0, q={q})")
+    a, b = a.contiguous(), b.contiguous()
+    out = torch.empty_like(a)
+    if dev.type == "cuda":
+        _C.add_modq_cuda(_ptr(a), _ptr(b), _ptr(out), a.numel(), q, _stream(a))
+    else:
+        _C.add_modq_cpu(_ptr(a), _ptr(b), _ptr(out), a.numel(), q)
+    return out

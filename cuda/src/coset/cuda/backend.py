@@ -1,0 +1,69 @@
+"""``NativeBackend``: the object coset.quant's registry finds through the ``coset.backends`` entry point."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from coset.lattice import Lattice
+from coset.quant import QuantizationConfig
+
+from . import _ops
+
+__all__ = ["NativeBackend", "backend"]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class NativeBackend:
+    """C++ (all CPU cores) / CUDA kernels with the exact semantics of the PyTorch reference.
+
+    ``supports(op, tensor, lattice, config)`` is True for ``op`` in {"encode", "decode", "quantize"} on
+    Z^n / D_n (n <= 16) and E8 with any valid config, and for {"lut_one_sided", "lut_two_sided"}; always on
+    CPU tensors, on CUDA tensors when the extension was built with CUDA and a GPU is present.
+    """
+
+    name = "native"
+    priority = 100
+
+    def supports(self, op: str, tensor: Any, lattice: Optional[Lattice], config: Optional[QuantizationConfig]) -> bool:
+        if not isinstance(tensor, torch.Tensor) or not _ops._device_ok(tensor):
+            return False
+        if op in ("lut_one_sided", "lut_two_sided"):
+            return True
+        if op not in ("encode", "decode", "quantize"):
+            return False
+        if not isinstance(config, QuantizationConfig) or not isinstance(lattice, Lattice):
+            return False
+        if _ops.lattice_kind(lattice) is None:
+            return False
+        if op == "decode":
+            return tensor.dtype == torch.uint8
+        return tensor.dtype in _FLOATS
+
+    def encode(self, x, lattice, config, dither):
+        return _ops.encode(x, lattice, config, dither)
+
+    def decode(self, b, T, lattice, config, dither, dtype):
+        return _ops.decode(b, T, lattice, config, dither, dtype)
+
+    def quantize(self, x, lattice, config, dither):
+        return _ops.quantize(x, lattice, config, dither)
+
+    def lut_one_sided(self, ix, sx, tables, q):
+        return _ops.lut_one_sided(ix, sx, tables, q)
+
+    def lut_two_sided(self, ix, sx, iy, sy, lut, q):
+        return _ops.lut_two_sided(ix, sx, iy, sy, lut, q)
+
+    def __repr__(self) -> str:
+        return f"NativeBackend(cuda={_ops.cuda_available()}, threads={_ops.get_num_threads()})"
+
+
+_BACKEND = NativeBackend()
+
+
+def backend() -> NativeBackend:
+    """Entry point of the ``coset.backends`` group: the process-wide :class:`NativeBackend`."""
+    return _BACKEND
