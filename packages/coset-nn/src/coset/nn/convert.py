@@ -1,0 +1,213 @@
+"""Model conversion: swap ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` for their quantized versions in place
+(like torchao's ``quantize_(model, config)``) and back."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from .config import QATConfig
+from .layer import QuantLayerMixin
+from .qconv import QConv1d, QConv2d
+from .qlinear import QLinear
+
+__all__ = [
+    "quantize_model",
+    "dequantize_model",
+    "set_quantization_enabled",
+    "quantized_layers",
+    "LayerReport",
+    "ConversionReport",
+]
+
+_SWAP: dict[type, type] = {nn.Linear: QLinear, nn.Conv1d: QConv1d, nn.Conv2d: QConv2d}
+_KIND = {QLinear: "linear", QConv1d: "conv1d", QConv2d: "conv2d"}
+
+Selector = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
+ConfigSpec = Union[QATConfig, Mapping[str, Optional[QATConfig]]]
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One swapped layer: name, kind ("linear"/"conv1d"/"conv2d"), weight shape, config and nominal bits/weight."""
+
+    name: str
+    kind: str
+    weight_shape: tuple[int, ...]
+    config: QATConfig
+    bits_per_weight: float
+    pad: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.weight_shape:
+            n *= s
+        return n
+
+
+@dataclass(frozen=True)
+class ConversionReport:
+    """What :func:`quantize_model` swapped (``layers``) and left alone (``skipped``: name -> reason)."""
+
+    layers: tuple[LayerReport, ...]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return [r.name for r in self.layers]
+
+    @property
+    def num_weights(self) -> int:
+        return sum(r.numel for r in self.layers)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Weighted mean of the layers' nominal bits/weight (nan when nothing was swapped)."""
+        n = self.num_weights
+        return sum(r.bits_per_weight * r.numel for r in self.layers) / n if n else float("nan")
+
+    def __str__(self) -> str:
+        lines = [f"{'layer':<32} {'kind':<7} {'weight shape':<22} {'bits/w':>7}  pad"]
+        for r in self.layers:
+            lines.append(f"{r.name:<32} {r.kind:<7} {str(r.weight_shape):<22} {r.bits_per_weight:7.3f}  {r.pad}")
+        lines.append(f"{len(self.layers)} layers, {self.num_weights} weights, {self.bits_per_weight:.3f} bits/weight")
+        return "\n".join(lines)
+
+
+def _matcher(sel: Selector, argname: str) -> Optional[Callable[[str, nn.Module], bool]]:
+    if sel is None:
+        return None
+    if callable(sel):
+        return sel
+    if isinstance(sel, str):
+        pats = [sel]
+    else:
+        try:
+            pats = list(sel)
+        except TypeError:
+            raise TypeError(f"{argname} must be None, a pattern, a list of patterns or a callable") from None
+        if not all(isinstance(p, str) for p in pats):
+            raise TypeError(f"{argname} patterns must be str")
+    return lambda name, mod: any(fnmatch.fnmatchcase(name, p) for p in pats)
+
+
+def _config_for(name: str, config: ConfigSpec) -> tuple[bool, Optional[QATConfig]]:
+    if isinstance(config, QATConfig):
+        return True, config
+    for pat, cfg in config.items():
+        if fnmatch.fnmatchcase(name, pat):
+            return True, cfg
+    return False, None
+
+
+def quantize_model(
+    model: nn.Module,
+    config: Optional[ConfigSpec] = None,
+    include: Selector = None,
+    exclude: Selector = None,
+) -> ConversionReport:
+    """Swap the model's ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` for QLinear / QConv1d / QConv2d in place.
+
+    Parameters
+    ----------
+    model : nn.Module (modified in place; the new layers share the old weight/bias Parameters, so an
+        optimizer built before the swap keeps training them)
+    config : QATConfig or dict {fnmatch pattern on the module name: QATConfig or None}
+        A dict gives per-layer configs: the first matching pattern (in insertion order) wins; ``None``
+        leaves the layer in float; names matching no pattern are skipped. Default ``QATConfig()``.
+    include, exclude : None, a pattern, a list of patterns (fnmatch on qualified module names such as
+        ``"features.0"``) or a callable ``(name, module) -> bool``. A layer is swapped when it matches
+        ``include`` (everything when None) and not ``exclude``.
+
+    Returns
+    -------
+    ConversionReport with one LayerReport per swapped layer (name, kind, weight shape, config, bits/weight).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if config is None:
+        config = QATConfig()
+    if not isinstance(config, (QATConfig, Mapping)):
+        raise TypeError(f"config must be a QATConfig or a dict of them, got {type(config).__name__}")
+    if isinstance(config, Mapping):
+        for pat, cfg in config.items():
+            if not isinstance(pat, str):
+                raise TypeError(f"config keys must be fnmatch patterns (str), got {pat!r}")
+            if cfg is not None and not isinstance(cfg, QATConfig):
+                raise TypeError(f"config[{pat!r}] must be a QATConfig or None, got {type(cfg).__name__}")
+    inc = _matcher(include, "include")
+    exc = _matcher(exclude, "exclude")
+    layers: list[LayerReport] = []
+    skipped: dict[str, str] = {}
+    targets = [(n, m) for n, m in model.named_modules() if type(m) in _SWAP or isinstance(m, QuantLayerMixin)]
+    for name, mod in targets:
+        if isinstance(mod, QuantLayerMixin):
+            skipped[name] = "already quantized"
+            continue
+        if inc is not None and not inc(name, mod):
+            skipped[name] = "not included"
+            continue
+        if exc is not None and exc(name, mod):
+            skipped[name] = "excluded"
+            continue
+        matched, cfg = _config_for(name, config)
+        if cfg is None:
+            skipped[name] = "no config" if not matched else "config is None"
+            continue
+        qmod = _SWAP[type(mod)].from_float(mod, cfg)
+        _set_submodule(model, name, qmod)
+        layers.append(LayerReport(name, _KIND[type(qmod)], tuple(qmod.weight.shape), cfg, qmod.bits_per_weight(),
+                                  qmod.pad))
+    return ConversionReport(tuple(layers), skipped)
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    if name == "":
+        raise ValueError("the model itself is a Linear/Conv layer; wrap it in a container to convert it")
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def dequantize_model(model: nn.Module, use_quantized: bool = False) -> list[str]:
+    """Swap every quantized layer back to its float class in place.
+
+    Parameters
+    ----------
+    model : nn.Module
+    use_quantized : False: the float layer gets the shadow weight (the Parameter itself, undoing
+        :func:`quantize_model`); True: it gets a copy of the quantized weight (a plain float model that
+        reproduces the weight-only quantized eval forward).
+
+    Returns
+    -------
+    names of the swapped layers.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    names = []
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, QuantLayerMixin):
+            _set_submodule(model, name, mod.to_float(use_quantized=use_quantized))
+            names.append(name)
+    return names
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantLayerMixin]:
+    """``{name: layer}`` of the model's quantized layers, in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLayerMixin)}
+
+
+def set_quantization_enabled(model: nn.Module, enabled: bool) -> int:
+    """Turn fake quantization on or off in every quantized layer (off: exact float forward). Returns the count."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    layers = quantized_layers(model)
+    for m in layers.values():
+        m.quant_enabled = enabled
+    return len(layers)

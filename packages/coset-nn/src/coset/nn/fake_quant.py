@@ -1,0 +1,104 @@
+"""Block quantization of weights (codes kept) and activations (fake-quant only), with automatic beta.
+
+A weight ``W`` is viewed as ``(C_out, k)`` (k = in_features, or in_channels/groups*kh*kw for convolutions)
+and split into ``nb = ceil(k/d)`` d-blocks per row, the last one zero-padded (``pad = nb d - k`` zeros,
+stripped again after decoding). Each row c is divided by its beta (per-channel, per-tensor or the
+config's), encoded with ``beta = 1`` and decoded; everything runs in float64, so with
+``granularity="fixed"`` the result is bit-for-bit ``coset.quant.quantize(blocks, config=weight)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from coset.quant import QuantizationConfig, beta_min, decode, encode, from_blocks, quantize, to_blocks
+
+from .config import QATConfig
+
+__all__ = [
+    "overload_radius",
+    "weight_betas",
+    "encode_weight",
+    "decode_weight",
+    "activation_beta",
+    "quantize_activation",
+]
+
+
+def overload_radius(cfg: QuantizationConfig) -> float:
+    """``q^M rho`` in lattice units (rho = packing radius): about half of the blocks of this norm overload
+    at T = 0 for D4/E8 with q=4 (the inscribed radius of the code's Voronoi region ``q^M V``)."""
+    return float(cfg.q**cfg.M * cfg.lattice.packing_radius)
+
+
+def _unit_config(cfg: QuantizationConfig) -> QuantizationConfig:
+    return cfg if cfg.beta == 1.0 else cfg.replace(beta=1.0)
+
+
+def weight_betas(w2: torch.Tensor, qat: QATConfig) -> torch.Tensor:
+    """Betas of a ``(C_out, k)`` weight: float64 ``(C_out,)`` (per_channel) or ``(1,)``.
+
+    Automatic betas are ``beta_scale * beta_min(weight, rms)`` rounded to float32 (so a float32 copy is
+    exact); an all-zero row gets beta 1. "fixed" returns the config's effective beta unchanged.
+    """
+    cfg = qat.weight
+    if qat.granularity == "fixed":
+        return torch.tensor([cfg.effective_beta], dtype=torch.float64, device=w2.device)
+    w64 = w2.detach().to(torch.float64)
+    if qat.granularity == "per_channel":
+        rms = w64.pow(2).mean(dim=1).sqrt()
+    else:
+        rms = w64.pow(2).mean().sqrt().reshape(1)
+    unit = qat.beta_scale * beta_min(cfg, 1.0)
+    beta = torch.where(rms > 0, rms * unit, torch.ones_like(rms))
+    return beta.to(torch.float32).to(torch.float64)
+
+
+def encode_weight(w2: torch.Tensor, betas: torch.Tensor, qat: QATConfig):
+    """Encode a ``(C_out, k)`` weight.
+
+    Returns
+    -------
+    labels : (C_out, nb, M, d) uint8
+    T : (C_out, nb) uint8
+    clamped : (C_out, nb) bool
+    """
+    cfg = qat.weight
+    if not bool(torch.isfinite(w2).all()):
+        raise ValueError("weight contains NaN or Inf; HNLQ cannot encode non-finite values")
+    blocks, _ = to_blocks(w2.detach().to(torch.float64), cfg.dim)
+    u = blocks / betas.reshape(-1, 1, 1)
+    return encode(u, config=_unit_config(cfg), backend=qat.backend, return_clamped=True)
+
+
+def decode_weight(labels: torch.Tensor, T: torch.Tensor, betas: torch.Tensor, qat: QATConfig, k: int) -> torch.Tensor:
+    """Decode codes from :func:`encode_weight` into the float64 ``(C_out, k)`` quantized weight."""
+    cfg = qat.weight
+    y = decode(labels, config=_unit_config(cfg), T=T, dtype=torch.float64, backend=qat.backend)
+    y = y * betas.reshape(-1, 1, 1)
+    pad = labels.shape[-3] * cfg.dim - k
+    return from_blocks(y, pad)
+
+
+def activation_beta(x: torch.Tensor, qat: QATConfig) -> float:
+    """Per-tensor beta of an activation batch: ``act_beta_scale * beta_min(activation, rms(x))`` (float32-rounded)."""
+    rms = float(x.detach().to(torch.float64).pow(2).mean().sqrt()) if x.numel() else 0.0
+    if not rms > 0 or rms != rms:
+        return 1.0
+    return float(torch.tensor(qat.act_beta_scale * beta_min(qat.activation, 1.0) * rms, dtype=torch.float32))
+
+
+def quantize_activation(x: torch.Tensor, beta: float, qat: QATConfig):
+    """Fake-quantize the last dimension of ``x`` in d-blocks (zero-padded, stripped).
+
+    Returns
+    -------
+    xq : tensor of x's shape and dtype
+    blocks : (..., nb, d) the padded float blocks of x
+    overloaded : (..., nb) bool, blocks with T > 0 or clamped
+    pad : int
+    """
+    cfg = qat.activation.replace(beta=float(beta))
+    blocks, pad = to_blocks(x.detach(), cfg.dim)
+    xh, T, clamped = quantize(blocks, config=cfg, backend=qat.backend, return_info=True)
+    return from_blocks(xh, pad), blocks, (T > 0) | clamped, pad

@@ -1,0 +1,357 @@
+"""QLinear / QConv1d / QConv2d: parity, STE gradients, caching, padding, LUT, compile, state_dict."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from coset.nn import QATConfig, QConv1d, QConv2d, QLinear, set_quantization_enabled
+from coset.quant import QuantizationConfig, quantize, to_blocks, from_blocks
+
+D4 = QuantizationConfig()
+
+
+def _ql_reference(w: torch.Tensor, beta: float, lattice) -> torch.Tensor:
+    """beta * Q_L(w / beta) per d-block of the flattened rows (float64 -> w.dtype), no overload assumed."""
+    C = w.shape[0]
+    blocks, pad = to_blocks(w.detach().reshape(C, -1).double(), lattice.dim)
+    q = lattice.closest_point64(blocks / beta, True) * beta
+    return from_blocks(q, pad).reshape(w.shape).to(w.dtype)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+# ---------------------------------------------------------------------------------------------- parity
+def test_nn_quantization_off_equals_float_layers():
+    lin = nn.Linear(12, 7)
+    q = QLinear.from_float(lin, QATConfig(weight=None))
+    x = torch.randn(5, 12)
+    assert torch.equal(q(x), lin(x))
+    conv = nn.Conv2d(3, 6, 3, padding=1, stride=2)
+    qc = QConv2d.from_float(conv, QATConfig(weight=None))
+    xc = torch.randn(2, 3, 9, 9)
+    assert torch.equal(qc(xc), conv(xc))
+    # the runtime toggle gives the float forward too
+    q2 = QLinear.from_float(lin, QATConfig(activation=D4))
+    assert not torch.equal(q2(x), lin(x))
+    assert set_quantization_enabled(nn.Sequential(q2), False) == 1
+    assert torch.equal(q2(x), lin(x))
+
+
+@pytest.mark.parametrize("lattice_type", ["D4", "E8", "Z2"])
+def test_nn_fixed_beta_weight_equals_lattice_quantizer(lattice_type):
+    cfg = QuantizationConfig(lattice_type=lattice_type, beta=0.05)
+    q = QLinear(16, 9, qconfig=QATConfig(weight=cfg, granularity="fixed"))
+    with torch.no_grad():
+        q.weight.uniform_(-0.1, 0.1)  # |w/beta| <= 2 per coordinate: far inside q^M V, no overload
+    x = torch.randn(4, 16)
+    y = q(x)
+    assert int(q.w_T.max()) == 0
+    ref = _ql_reference(q.weight, 0.05, cfg.lattice)
+    assert torch.equal(q.qweight, ref)
+    assert torch.equal(y, F.linear(x, ref, q.bias))
+    # and it is coset.quant.quantize of the blocks, bit for bit
+    blocks, pad = to_blocks(q.weight.detach(), cfg.dim)
+    assert torch.equal(q.qweight, from_blocks(quantize(blocks, config=cfg), pad))
+
+
+def test_nn_per_channel_beta_and_overload_blocks():
+    q = QLinear(32, 6)
+    with torch.no_grad():
+        q.weight.mul_(torch.logspace(-3, 1, 6).unsqueeze(1))  # rows of very different scales
+        q.weight[0, :4] = 50.0 * q.weight[0].abs().max()  # one outlier block
+    q.eval()
+    wq = q.quantized_weight()
+    betas = q.w_beta.double()
+    rms = q.weight.detach().double().pow(2).mean(1).sqrt()
+    from coset.quant import beta_min
+
+    assert torch.allclose(betas, rms * 1.25 * beta_min(D4, 1.0), rtol=1e-6)
+    assert bool(q.w_T[0, 0] > 0)  # the outlier used the overload ramp
+    ref = torch.stack([_ql_reference(q.weight[c : c + 1], float(betas[c]), D4.lattice)[0] for c in range(6)])
+    ok = (q.w_T == 0).repeat_interleave(4, dim=1)
+    assert bool(ok.any()) and torch.equal(wq[ok], ref[ok])
+    # relative error per row is scale free
+    err = ((wq - q.weight.detach()).pow(2).mean(1) / q.weight.detach().pow(2).mean(1))[1:]
+    assert float(err.max()) < 0.05
+
+
+def test_nn_conv2d_weight_blocks_along_flattened_rows():
+    cfg = QuantizationConfig(beta=0.02)
+    qc = QConv2d(3, 5, (3, 3), padding=1, qconfig=QATConfig(weight=cfg, granularity="fixed"))
+    with torch.no_grad():
+        qc.weight.uniform_(-0.04, 0.04)
+    x = torch.randn(2, 3, 8, 8)
+    y = qc(x)
+    assert qc.k == 27 and qc.pad == 1 and qc.w_labels.shape == (5, 7, 2, 4)
+    ref = _ql_reference(qc.weight, 0.02, cfg.lattice)
+    assert torch.equal(qc.qweight, ref)
+    assert torch.equal(y, F.conv2d(x, ref, qc.bias, padding=1))
+    q1 = QConv1d(3, 4, 5, padding=2)
+    assert q1(torch.randn(2, 3, 11)).shape == (2, 4, 11)
+    assert q1(torch.randn(3, 11)).shape == (4, 11)
+
+
+def test_nn_padding_is_tracked_and_stripped():
+    q = QLinear(10, 3)  # 10 = 2 blocks of 4 + 2 padded zeros
+    x = torch.randn(2, 10)
+    q(x)
+    assert q.pad == 2 and q.w_labels.shape == (3, 3, 2, 4) and q.qweight.shape == (3, 10)
+    blocks, pad = to_blocks(q.weight.detach().double(), 4)
+    betas = q.w_beta.double().reshape(-1, 1, 1)
+    unit = quantize(blocks / betas, config=D4) * betas
+    assert torch.equal(q.qweight, from_blocks(unit, pad).float())
+    # the padded coordinates decode to 0 for blocks without overload
+    from coset.quant import decode
+
+    last = decode(q.w_labels[:, -1], config=D4, T=q.w_T[:, -1], dtype=torch.float64)
+    assert torch.equal(last[q.w_T[:, -1] == 0][:, 2:], torch.zeros_like(last[q.w_T[:, -1] == 0][:, 2:]))
+    # bits/weight counts the padding: 3 blocks * (16 label bits + 4 T bits) per 10 weights + betas
+    assert math.isclose(q.bits_per_weight(), (3 * 3 * 20 + 32 * 3) / 30)
+
+
+def test_nn_activation_quantization_blocks_along_features():
+    cfg = QATConfig(weight=None, activation=QuantizationConfig(beta=0.1), act_beta_scale=1.0)
+    q = QLinear(6, 3, qconfig=cfg)
+    q.eval()
+    x = torch.randn(5, 6)
+    y = q(x)
+    beta = float(q.act_beta) if float(q.act_beta) > 0 else None
+    assert beta is None  # never trained: eval used the batch's own beta
+    from coset.nn.fake_quant import activation_beta
+
+    b = activation_beta(x, cfg)
+    blocks, pad = to_blocks(x, 4)
+    xq = from_blocks(quantize(blocks, config=QuantizationConfig(beta=b)), pad)
+    assert torch.equal(y, F.linear(xq, q.weight, q.bias))
+    # conv: blocks along channels at each position
+    qc = QConv2d(5, 2, 1, qconfig=cfg)
+    qc.train()
+    xc = torch.randn(2, 5, 3, 3)
+    yc = qc(xc)
+    assert float(qc.act_beta) == activation_beta(xc.movedim(1, -1), cfg)
+    blocks, pad = to_blocks(xc.movedim(1, -1), 4)
+    xq = from_blocks(quantize(blocks, config=QuantizationConfig(beta=float(qc.act_beta))), pad).movedim(-1, 1)
+    assert torch.equal(yc, F.conv2d(xq, qc.weight, qc.bias))
+
+
+# ---------------------------------------------------------------------------------------------- STE
+def _grads(ste, act=None):
+    torch.manual_seed(1)
+    q = QLinear(64, 8, qconfig=QATConfig(ste=ste, activation=act))
+    with torch.no_grad():
+        q.weight[::3, 4:8] *= 40.0  # overloaded blocks
+    x = torch.randn(32, 64, requires_grad=True)
+    y = q(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    return q, x, g
+
+
+def test_nn_identity_ste_gradient_is_dense_gradient_at_qweight():
+    q, x, g = _grads("identity")
+    w = q.qweight.clone().requires_grad_(True)
+    F.linear(x.detach(), w, q.bias.detach()).backward(g)
+    assert torch.allclose(q.weight.grad, w.grad, rtol=0, atol=1e-6)
+    assert float(q.weight.grad.abs().sum()) > 0
+    xr = x.detach().requires_grad_(True)
+    F.linear(xr, q.qweight, q.bias.detach()).backward(g)
+    assert torch.allclose(x.grad, xr.grad, atol=1e-6)
+
+
+def test_nn_clipped_ste_zeroes_exactly_the_overloaded_blocks():
+    qi, _, _ = _grads("identity")
+    qc, _, _ = _grads("clipped")
+    over = ((qc.w_T > 0) | qc.w_clamped).repeat_interleave(4, dim=1)
+    assert bool(over.any()) and bool((~over).any())
+    assert torch.equal(qc.weight.grad[over], torch.zeros_like(qc.weight.grad[over]))
+    assert torch.equal(qc.weight.grad[~over], qi.weight.grad[~over])
+    assert bool((qi.weight.grad[over] != 0).all())
+
+
+def test_nn_smooth_ste_fades_with_block_norm():
+    qi, _, _ = _grads("identity")
+    qs, _, _ = _grads("smooth")
+    ratio = (qs.weight.grad / qi.weight.grad).reshape(8, 16, 4)
+    assert bool((ratio > 0).all()) and bool((ratio <= 1 + 1e-6).all())
+    norms = qi.weight.detach().reshape(8, 16, 4).norm(dim=-1)
+    r = (qi.w_beta.reshape(8, 1) * 16 * math.sqrt(0.5))
+    small, big = norms < 0.5 * r, norms > 2 * r
+    assert bool(small.any()) and bool(big.any())
+    assert float(ratio[small].min()) > 0.99 and float(ratio[big].max()) < 0.01
+
+
+def test_nn_activation_ste_clipped_zeroes_overloaded_input_blocks():
+    act = QuantizationConfig()
+    q = QLinear(8, 3, qconfig=QATConfig(weight=None, activation=act, ste="clipped"))
+    x = torch.randn(64, 8)
+    x[0, :4] = 1e3  # overloads at the batch beta
+    x.requires_grad_(True)
+    q(x).sum().backward()
+    assert torch.equal(x.grad[0, :4], torch.zeros(4))
+    assert bool((x.grad[1:] != 0).any())
+    assert q.stats()["act_overload_rate"] > 0
+
+
+def test_nn_training_moves_shadow_weights():
+    q = QLinear(8, 4)
+    opt = torch.optim.SGD(q.parameters(), lr=0.1)
+    w0 = q.weight.detach().clone()
+    x, t = torch.randn(16, 8), torch.randn(16, 4)
+    F.mse_loss(q(x), t).backward()
+    opt.step()
+    assert not torch.equal(q.weight.detach(), w0)
+
+
+# ---------------------------------------------------------------------------------------------- caching
+def _spy(layer):
+    calls = []
+    orig = layer.requantize
+
+    def wrapped():
+        calls.append(1)
+        orig()
+
+    layer.requantize = wrapped
+    return calls
+
+
+def test_nn_quantize_every_caches_between_requantizations():
+    q = QLinear(8, 4, qconfig=QATConfig(quantize_every=3))
+    calls = _spy(q)
+    opt = torch.optim.SGD(q.parameters(), lr=0.5)
+    x = torch.randn(16, 8)
+    seen = []
+    for step in range(7):
+        opt.zero_grad()
+        q(x).pow(2).sum().backward()
+        seen.append(q.qweight.clone())
+        opt.step()
+    assert len(calls) == 3  # steps 0, 3, 6
+    assert torch.equal(seen[0], seen[1]) and torch.equal(seen[1], seen[2])
+    assert not torch.equal(seen[2], seen[3]) and torch.equal(seen[3], seen[5])
+    # eval: re-quantizes once because the weight moved since step 6, then reuses the cache
+    q.eval()
+    with torch.no_grad():
+        y1 = q(x)
+        y2 = q(x)
+    assert len(calls) == 4 and torch.equal(y1, y2)
+    fresh = QLinear(8, 4)
+    fresh.load_state_dict({"weight": q.weight.detach(), "bias": q.bias.detach()})
+    fresh.eval()
+    assert torch.equal(fresh(x), y1)
+
+
+def test_nn_eval_refreshes_after_in_place_weight_change():
+    q = QLinear(8, 4).eval()
+    x = torch.randn(3, 8)
+    y1 = q(x)
+    with torch.no_grad():
+        q.weight.mul_(2.0)
+    y2 = q(x)
+    assert not torch.equal(y1, y2)
+    assert torch.equal(q.qweight, QLinear.from_float(nn.Linear(8, 4)).eval().qweight if False else q.qweight)
+    blocks, pad = to_blocks(q.weight.detach().double(), 4)
+    assert torch.allclose(q.w_beta.double(), 2 * blocks.pow(2).mean((1, 2)).sqrt() / 2 * 1.25 * 0.15504341823651058,
+                          rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def test_nn_bad_inputs_raise():
+    q = QLinear(8, 4)
+    with pytest.raises(ValueError, match="in_features"):
+        q(torch.randn(3, 7))
+    with pytest.raises(TypeError, match="input"):
+        q([1.0] * 8)
+    with torch.no_grad():
+        q.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        q(torch.randn(3, 8))
+    qa = QLinear(8, 4, qconfig=QATConfig(activation=D4, weight=None))
+    with pytest.raises(ValueError, match="NaN"):
+        qa(torch.full((2, 8), float("inf")))
+    with pytest.raises(ValueError, match="input"):
+        QConv2d(3, 4, 3)(torch.randn(2, 4, 8, 8))
+
+
+# ---------------------------------------------------------------------------------------------- LUT
+def test_nn_lut_path_matches_dequantized_path():
+    x = torch.randn(7, 19)
+    ql = QLinear(19, 6, qconfig=QATConfig(use_lut=True)).eval()
+    ref = QLinear(19, 6)
+    ref.load_state_dict(ql.state_dict())
+    ref.eval()
+    torch.testing.assert_close(ql(x), ref(x), rtol=1e-5, atol=1e-5)
+    for cls, shape, kw in [(QConv2d, (2, 3, 7, 6), dict(padding=1, stride=2)), (QConv1d, (2, 3, 9), dict(padding=2, dilation=2))]:
+        c = cls(3, 5, 3, qconfig=QATConfig(use_lut=True), **kw).eval()
+        r = cls(3, 5, 3, **kw)
+        r.load_state_dict(c.state_dict())
+        r.eval()
+        xc = torch.randn(*shape)
+        torch.testing.assert_close(c(xc), r(xc), rtol=1e-5, atol=1e-5)
+    # training mode uses the dense STE path (differentiable)
+    ql.train()
+    ql(x).sum().backward()
+    assert ql.weight.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------- compile
+def test_nn_torch_compile_forward_backward_matches_eager():
+    torch._dynamo.reset()
+    model = nn.Sequential(QLinear(16, 32, qconfig=QATConfig(activation=D4)), nn.ReLU(), QLinear(32, 10))
+    x = torch.randn(8, 16)
+    ref = model(x)
+    ref.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, backend="aot_eager")
+    y = compiled(x)
+    y.sum().backward()
+    assert torch.equal(y, ref)
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(p.grad, g)
+
+
+# ---------------------------------------------------------------------------------------------- state_dict
+def test_nn_state_dict_keys_and_float_checkpoint_loads():
+    q = QLinear(8, 4)
+    assert set(q.state_dict()) == {"weight", "bias"}  # never quantized: nothing to save
+    lin = nn.Linear(8, 4)
+    q.load_state_dict(lin.state_dict(), strict=True)
+    q.eval()
+    x = torch.randn(5, 8)
+    expect = QLinear.from_float(lin).eval()(x)
+    assert torch.equal(q(x), expect)
+    assert set(q.state_dict()) == {"weight", "bias", "w_labels", "w_T", "w_beta", "q_state"}
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_nn_state_dict_roundtrip_strict_identical_outputs(every):
+    def make():
+        return nn.Sequential(
+            QConv2d(3, 4, 3, qconfig=QATConfig(activation=D4, quantize_every=every, ste="clipped")),
+            nn.Flatten(),
+            QLinear(4 * 6 * 6, 5, qconfig=QATConfig(quantize_every=every, granularity="per_tensor")),
+        )
+
+    src = make()
+    opt = torch.optim.SGD(src.parameters(), lr=0.05)
+    x = torch.randn(4, 3, 8, 8)
+    for _ in range(4):
+        opt.zero_grad()
+        src(x).pow(2).mean().backward()
+        opt.step()
+    sd = src.state_dict()
+    dst = make()
+    dst.load_state_dict(sd, strict=True)
+    # train mode: the next step re-quantizes (or not) exactly as the source would
+    assert torch.equal(src(x), dst(x))
+    src.eval(), dst.eval()
+    assert torch.equal(src(x), dst(x))
+    with pytest.raises(RuntimeError):
+        make().load_state_dict({k: v for k, v in sd.items() if k != "0.w_T"}, strict=True)
