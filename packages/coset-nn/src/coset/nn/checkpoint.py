@@ -188,6 +188,8 @@ def load_compressed(path: PathLike, model: nn.Module) -> nn.Module:
             _set_submodule(model, name, mod)
         elif mod.qconfig != cfg:
             raise ValueError(f"layer {name!r} has config {mod.qconfig}, the file has {cfg}")
+        if _KIND[type(mod)] != entry["kind"]:
+            raise ValueError(f"layer {name!r} is a {_KIND[type(mod)]} layer, the file has a {entry['kind']} layer")
         if list(mod.weight.shape) != entry["weight_shape"]:
             raise ValueError(f"layer {name!r}: weight shape {tuple(mod.weight.shape)} != file {entry['weight_shape']}")
         skip.update(_skip_keys(name, mod))
