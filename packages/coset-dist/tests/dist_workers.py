@@ -172,7 +172,12 @@ def scenario_errors(rank, W):
     return res
 
 
-SCENARIOS = {"modes": scenario_modes, "errors": scenario_errors}
+def scenario_all(rank, W):
+    """Everything in one spawn (each spawned rank pays several seconds of imports): raising cases last."""
+    return {"modes": scenario_modes(rank, W), "errors": scenario_errors(rank, W)}
+
+
+SCENARIOS = {"modes": scenario_modes, "errors": scenario_errors, "all": scenario_all}
 
 
 def _worker(rank, scenario, outdir, W, initfile):

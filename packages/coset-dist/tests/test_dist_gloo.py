@@ -52,13 +52,18 @@ def run_scenario(name, tmp_path, world_size=2):
 
 
 @pytest.fixture(scope="module")
-def modes(tmp_path_factory):
-    return run_scenario("modes", tmp_path_factory.mktemp("modes"))
+def gloo_run(tmp_path_factory):
+    return run_scenario("all", tmp_path_factory.mktemp("gloo"))
 
 
 @pytest.fixture(scope="module")
-def errors(tmp_path_factory):
-    return run_scenario("errors", tmp_path_factory.mktemp("errors"))
+def modes(gloo_run):
+    return [r["modes"] for r in gloo_run]
+
+
+@pytest.fixture(scope="module")
+def errors(gloo_run):
+    return [r["errors"] for r in gloo_run]
 
 
 CONFIGS = {
