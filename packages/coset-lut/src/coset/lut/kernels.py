@@ -39,13 +39,15 @@ def torch_one_sided(ix: torch.Tensor, sx: torch.Tensor, tables: torch.Tensor, q:
     if n == 0 or m == 0:
         return out.zero_()
     # Row (k*Q + i) holds the m query scores of label index i in block k: one lookup reads all queries.
-    weight = tables.permute(1, 2, 0).reshape(K * Q, m)
-    offs = (torch.arange(K, device=ix.device, dtype=torch.int64) * Q).view(1, K, 1)
+    weight = tables.permute(1, 2, 0).contiguous().view(K * Q, m)  # row-major: one lookup = one contiguous row
+    # int32 offsets: embedding_bag takes int32 indices, and the int32 add is ~10x faster than widening first
+    it = torch.int32 if K * Q < 2**31 else torch.int64
+    offs = (torch.arange(K, device=ix.device, dtype=it) * Q).view(1, K, 1)
     lw = _layer_weights(q, M, ix.device).view(1, 1, M)
-    rows = max(1, _CHUNK_BYTES // (K * M * 16 + m * 4))
+    rows = max(1, _CHUNK_BYTES // (K * M * 12 + m * 4))
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        flat = (ix[r0:r1].to(torch.int64) + offs).reshape(r1 - r0, K * M)
+        flat = (ix[r0:r1].to(it) + offs).reshape(r1 - r0, K * M)
         psw = (sx[r0:r1].unsqueeze(-1) * lw).reshape(r1 - r0, K * M)
         out[r0:r1] = F.embedding_bag(flat, weight, mode="sum", per_sample_weights=psw)
     return out
@@ -56,7 +58,7 @@ def _half_tables(iy: torch.Tensor, sy: torch.Tensor, lut_f: torch.Tensor, q: int
     m, K, M = iy.shape
     lw = _layer_weights(q, M, iy.device).view(1, 1, M)
     psw = (sy.unsqueeze(-1) * lw).reshape(m * K, M)
-    u = F.embedding_bag(iy.to(torch.int64).reshape(m * K, M), lut_f, mode="sum", per_sample_weights=psw)
+    u = F.embedding_bag(iy.to(torch.int32).reshape(m * K, M), lut_f, mode="sum", per_sample_weights=psw)
     return u.view(m, K, lut_f.shape[1])
 
 
