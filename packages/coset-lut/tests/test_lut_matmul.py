@@ -104,6 +104,16 @@ def test_lut_linear_matches_dense_linear():
     _close(y32.reshape(6, 10), (x @ Wh.T).reshape(6, 10), absref.reshape(6, 10))
 
 
+def test_lut_linear_gradient_is_dense_gradient():
+    c = QuantizationConfig(lattice_type="D4", q=4, M=2, beta=0.25)
+    W = EncodedMatrix.from_dense(_mat(7, 10, 19).float(), c)
+    x = torch.randn(3, 10, requires_grad=True)
+    g = torch.randn(3, 7)
+    lut_linear(x, W).backward(g)  # "auto" must keep the graph even when a native backend is registered
+    assert x.grad is not None
+    assert torch.allclose(x.grad, g @ W.dequantize(), rtol=1e-5, atol=1e-5)
+
+
 def test_lut_matmul_chunked_paths_agree(monkeypatch):
     c = QuantizationConfig(lattice_type="D4", q=4, M=2, beta=0.25)
     X = EncodedMatrix.from_dense(_mat(50, 24, 9), c)
@@ -172,6 +182,11 @@ def test_lut_backend_dispatch_follows_registry():
         assert torch.equal(lut_matmul_one_sided(X, qv, backend="test-lut-recorder"), ref1)
         lut_linear(qv, X)
         assert be.calls == ["lut_two_sided", "lut_one_sided", "lut_one_sided"]
+        lut_linear(qv.requires_grad_(True), X)  # needs autograd: the fallback, not the kernel
+        assert len(be.calls) == 3
+        with pytest.raises(ValueError, match="no autograd"):
+            lut_linear(qv, X, backend="test-lut-recorder")
+        qv = qv.detach()
         # unequal M cannot go to the native two-sided op
         Z = EncodedMatrix.from_dense(_mat(5, 12, 16), c.replace(M=1))
         with pytest.raises(ValueError, match="equal M"):

@@ -109,7 +109,8 @@ def lut_matmul_one_sided(X: EncodedMatrix, Y: torch.Tensor, *, backend: str = "a
     ----------
     X : EncodedMatrix (n, k), the encoded database / weight
     Y : (m, k) float tensor, finite (or (k,) for a single query)
-    backend : "auto", "torch" or a registered backend name (op "lut_one_sided")
+    backend : "auto", "torch" or a registered backend name (op "lut_one_sided"). When ``Y`` requires grad,
+        "auto" uses the PyTorch fallback, which is differentiable in ``Y``.
 
     Returns
     -------
@@ -121,6 +122,11 @@ def lut_matmul_one_sided(X: EncodedMatrix, Y: torch.Tensor, *, backend: str = "a
         raise ValueError(f"Y must be (m, k) or (k,), got shape {tuple(Y.shape)}")
     if Y.ndim == 1:
         return lut_matmul_one_sided(X, Y.unsqueeze(0), backend=backend)[:, 0]
+    if Y.requires_grad and torch.is_grad_enabled():
+        # Native kernels are not differentiable; silently dropping the gradient would lose data.
+        if backend not in ("auto", "torch"):
+            raise ValueError(f"backend {backend!r} has no autograd support; Y requires grad, use 'auto' or 'torch'")
+        backend = "torch"
     c = X.config
     lat, K, Q = c.lattice, X.num_blocks, c.q**c.dim
     blocks, _ = to_blocks(Y.to(torch.float32), c.dim)  # (m, K, d)
@@ -147,7 +153,8 @@ def lut_linear(
     x : (..., k) float tensor
     W : EncodedMatrix (out_features, k)
     bias : (out_features,) float tensor or None
-    backend : "auto", "torch" or a registered backend name
+    backend : "auto", "torch" or a registered backend name; differentiable in ``x`` on the PyTorch path
+        (chosen by "auto" when ``x`` requires grad)
 
     Returns
     -------
