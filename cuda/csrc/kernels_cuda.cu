@@ -285,20 +285,16 @@ int quantize_cuda(const LatticeView& L, const QuantParams& P, const void* x, int
                   int64_t N, void* out, int out_is_double, uint8_t* T, uint8_t* clamped, int32_t* errors,
                   void* stream) {
   if (N <= 0) return 0;
+  if (x_is_double != out_is_double) return (int)cudaErrorInvalidValue;
   const DevConsts c = pack(L, P);
   cudaStream_t st = (cudaStream_t)stream;
   const unsigned blocks = blocks_for(N, kThreads);
   dispatch_lattice(L.kind, L.d, [&](auto KI, auto DI) {
     constexpr int KIND = decltype(KI)::value, D = decltype(DI)::value;
-    if (x_is_double && out_is_double)
+    // the Python side always passes out dtype == in dtype (float32 or float64)
+    if (x_is_double)
       quantize_kernel<KIND, D, double, double><<<blocks, kThreads, 0, st>>>(c, (const double*)x, z, N, (double*)out,
                                                                             T, clamped, errors);
-    else if (x_is_double)
-      quantize_kernel<KIND, D, double, float><<<blocks, kThreads, 0, st>>>(c, (const double*)x, z, N, (float*)out,
-                                                                           T, clamped, errors);
-    else if (out_is_double)
-      quantize_kernel<KIND, D, float, double><<<blocks, kThreads, 0, st>>>(c, (const float*)x, z, N, (double*)out,
-                                                                           T, clamped, errors);
     else
       quantize_kernel<KIND, D, float, float><<<blocks, kThreads, 0, st>>>(c, (const float*)x, z, N, (float*)out, T,
                                                                           clamped, errors);

@@ -232,12 +232,12 @@ def quantize(x: torch.Tensor, lattice: Lattice, config: QuantizationConfig, dith
     kind, d, G, Gi, eps, q, M, scales, rad = _consts(lattice, config, dither is not None)
     _check_x(x, d)
     in_dtype = x.dtype
-    xin = x if in_dtype in _NATIVE_FLOATS else x.to(torch.float32)
+    # float16/bfloat16: exact conversion to float64 in and out, rounded once at the end like the reference
+    xin = x if in_dtype in _NATIVE_FLOATS else x.to(torch.float64)
     xin = xin.contiguous()
     z = _check_dither(dither, xin, d)
     N = xin.shape[0]
-    # float16/bfloat16: produce float64 and round once, exactly like the reference's .to(dtype)
-    out_dtype = in_dtype if in_dtype in _NATIVE_FLOATS else torch.float64
+    out_dtype = xin.dtype
     out = torch.empty((N, d), dtype=out_dtype, device=x.device)
     T = torch.empty(N, dtype=torch.uint8, device=x.device)
     clamped = torch.empty(N, dtype=torch.bool, device=x.device)

@@ -1,0 +1,66 @@
+"""The CMake build: the CUDA sources compile with COSET_CUDA=ON (needs nvcc, not a GPU), and the
+COSET_CUDA=ON switch fails loudly without a CUDA compiler."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import coset.cuda as cc
+
+ROOT = Path(__file__).resolve().parents[1]  # cuda/
+NVCC = shutil.which("nvcc")
+
+
+def _cmake(*args, env=None, cwd=None, timeout=240):
+    return subprocess.run(["cmake", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
+@pytest.mark.skipif(NVCC is None, reason="nvcc not installed: the CUDA build cannot be checked here")
+def test_cuda_build_cuda_sources_compile(tmp_path):
+    """Configure + build the kernel library with COSET_CUDA=ON for one arch (sm_80) into a temp dir."""
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    r = _cmake("-S", str(ROOT), "-B", str(tmp_path), *gen, "-DCOSET_CUDA=ON", "-DCOSET_BUILD_PYTHON=OFF",
+               "-DCMAKE_CUDA_ARCHITECTURES=80-real")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "building CUDA kernels for 80-real" in r.stdout
+    r = _cmake("--build", str(tmp_path), "-j", "2")
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    objs = list(tmp_path.rglob("kernels_cuda.cu.o"))
+    assert objs and objs[0].stat().st_size > 10_000
+    # the object really holds sm_80 device code for the kernels
+    if shutil.which("cuobjdump"):
+        r = subprocess.run(["cuobjdump", "--list-elf", str(objs[0])], capture_output=True, text=True)
+        assert "sm_80" in r.stdout
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
+def test_cuda_build_on_without_nvcc_fails_clearly(tmp_path):
+    env = dict(os.environ)
+    env["PATH"] = "/usr/bin:/bin"  # hide nvcc (it lives in /usr/local/bin here)
+    env.pop("CUDACXX", None)
+    env.pop("CUDA_PATH", None)
+    if shutil.which("nvcc", path=env["PATH"]):
+        pytest.skip("nvcc is on the system PATH; cannot hide it")
+    r = _cmake("-S", str(ROOT), "-B", str(tmp_path), "-DCOSET_CUDA=ON", "-DCOSET_BUILD_PYTHON=OFF",
+               "-DCMAKE_CUDA_COMPILER=", env=env)
+    assert r.returncode != 0
+    assert "COSET_CUDA=ON but no CUDA compiler" in r.stdout + r.stderr
+    r = _cmake("-S", str(ROOT), "-B", str(tmp_path / "auto"), "-DCOSET_CUDA=AUTO", "-DCOSET_BUILD_PYTHON=OFF",
+               env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "building the CPU kernels only" in r.stdout
+
+
+def test_cuda_build_flags_reported():
+    """The installed module says whether it has CUDA kernels; with nvcc at build time it must."""
+    assert isinstance(cc.WITH_CUDA, bool)
+    if NVCC is not None and os.environ.get("COSET_CUDA", "AUTO").upper() != "OFF":
+        assert cc.WITH_CUDA
+    if not cc.WITH_CUDA:
+        assert not cc.cuda_available()

@@ -1,0 +1,143 @@
+"""The native LUT scoring ops against an independent float64 reference (coset.lut is not imported)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import coset.cuda as cc
+from coset.quant.backend import select_backend
+
+
+def ref_one_sided(ix, sx, tables, q):
+    """float64: scores[r, j] = sum_k sx[r,k] sum_m q^m tables[j, k, ix[r,k,m]]; also sum of |terms|."""
+    n, K, M = ix.shape
+    t64 = tables.double()
+    g = t64[:, torch.arange(K).view(1, K, 1), ix.long()]  # (m, n, K, M)
+    w = torch.tensor([float(q**m) for m in range(M)], dtype=torch.float64)
+    terms = g * w * sx.double().unsqueeze(-1)
+    return terms.sum((-1, -2)).T, terms.abs().sum((-1, -2)).T
+
+
+def ref_two_sided(ix, sx, iy, sy, lut, q):
+    n, K, M = ix.shape
+    lut64 = lut.long()
+    a = ix.long().view(n, 1, K, M, 1)
+    b = iy.long().view(1, -1, K, 1, M)
+    vals = lut64[a, b]  # (n, m, K, M, M), exact integers
+    w = torch.tensor([q**m for m in range(M)], dtype=torch.int64)
+    inner = (vals * w.view(M, 1) * w.view(1, M)).sum((-1, -2))  # exact int64
+    s = sx.double().view(n, 1, K) * sy.double().view(1, -1, K)
+    terms = s * inner.double()
+    return terms.sum(-1), terms.abs().sum(-1)
+
+
+def _close(out, ref, absum, rel):
+    assert out.dtype == torch.float32
+    err = (out.double() - ref).abs()
+    bound = 2.0**-24 * ref.abs() + rel * absum + 1e-30
+    assert bool((err <= bound).all()), f"max err {float(err.max())}, max bound {float(bound.max())}"
+
+
+@pytest.mark.parametrize("q,d,M,K", [(4, 2, 2, 7), (4, 4, 2, 16), (2, 8, 4, 3), (3, 4, 3, 5), (16, 2, 1, 9)])
+def test_cuda_lut_one_sided(q, d, M, K):
+    g = torch.Generator().manual_seed(q * 100 + d * 10 + M)
+    Q = q**d
+    n, m = 123, 37
+    ix = torch.randint(0, Q, (n, K, M), generator=g, dtype=torch.int32)
+    sx = torch.rand(n, K, generator=g) * 2 + 0.01
+    tables = torch.randn(m, K, Q, generator=g) * 5
+    out = cc.lut_one_sided(ix, sx, tables, q)
+    ref, absum = ref_one_sided(ix, sx, tables, q)
+    assert out.shape == (n, m)
+    _close(out, ref, absum, 1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32])
+@pytest.mark.parametrize("q,d,M,K", [(4, 2, 2, 7), (4, 4, 2, 16), (2, 8, 4, 3), (3, 4, 3, 5)])
+def test_cuda_lut_two_sided(dtype, q, d, M, K):
+    g = torch.Generator().manual_seed(q * 100 + d * 10 + M + 7)
+    Q = q**d
+    n, m = 61, 45
+    hi = {torch.int8: 127, torch.int16: 3000, torch.int32: 100000}[dtype]
+    lut = torch.randint(-hi, hi + 1, (Q, Q), generator=g).to(dtype)
+    ix = torch.randint(0, Q, (n, K, M), generator=g, dtype=torch.int32)
+    iy = torch.randint(0, Q, (m, K, M), generator=g, dtype=torch.int32)
+    sx = torch.rand(n, K, generator=g) + 0.1
+    sy = torch.rand(m, K, generator=g) + 0.1
+    out = cc.lut_two_sided(ix, sx, iy, sy, lut, q)
+    ref, absum = ref_two_sided(ix, sx, iy, sy, lut, q)
+    _close(out, ref, absum, 1e-12)
+
+
+def test_cuda_lut_two_sided_large_inner_sum_is_exact():
+    """q = 16, M = 4: the weights reach 16^6, beyond what float32 adds exactly; the integer sum is exact."""
+    q, M, K = 16, 4, 2
+    Q = q
+    lut = torch.randint(-100, 101, (Q, Q), generator=torch.Generator().manual_seed(0)).to(torch.int16)
+    ix = torch.randint(0, Q, (5, K, M), dtype=torch.int32)
+    iy = torch.randint(0, Q, (6, K, M), dtype=torch.int32)
+    ones_x, ones_y = torch.ones(5, K), torch.ones(6, K)
+    out = cc.lut_two_sided(ix, ones_x, iy, ones_y, lut, q)
+    ref, _ = ref_two_sided(ix, ones_x, iy, ones_y, lut, q)
+    assert torch.equal(out, ref.float())  # one rounding of an exact integer
+
+
+def test_cuda_lut_matches_decoded_inner_products():
+    """End to end with real codes: <x_hat, y> and <x_hat, y_hat> from labels equal the decoded dot products."""
+    from coset.quant import QuantizationConfig, decode, encode
+    from coset.quant.decode import coset_representative
+
+    cfg = QuantizationConfig("D4", q=4, M=2, beta=0.3)
+    L, q, M, d = cfg.lattice, 4, 2, 4
+    K = 6
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(40, K, d, generator=g)
+    y = torch.randn(30, K, d, generator=g)
+    bx, Tx = encode(x, config=cfg)
+    by, Ty = encode(y, config=cfg)
+    xh = decode(bx, config=cfg, T=Tx, dtype=torch.float64)
+    yh = decode(by, config=cfg, T=Ty, dtype=torch.float64)
+    digits = torch.tensor([q**i for i in range(d)])
+    ix = (bx.long() * digits).sum(-1).to(torch.int32)  # (n, K, M)
+    iy = (by.long() * digits).sum(-1).to(torch.int32)
+    scales = torch.tensor(cfg.scales, dtype=torch.float64)
+    sx, sy = scales[Tx.long()].float(), scales[Ty.long()].float()
+    allb = torch.stack(torch.meshgrid(*[torch.arange(q)] * d, indexing="ij"), -1).flip(-1).reshape(-1, d)
+    A = coset_representative(allb, L, q)  # (Q, d): a_i with i = sum b_i q^i
+    assert torch.equal((allb * digits).sum(-1), torch.arange(q**d))
+    lut = (A @ A.T).round().to(torch.int8)
+    two = cc.lut_two_sided(ix, sx, iy, sy, lut, q)
+    ref2 = torch.einsum("nkd,mkd->nm", xh, yh)
+    assert torch.allclose(two.double(), ref2, rtol=1e-5, atol=1e-5)
+    tables = torch.einsum("qd,mkd->mkq", A, y.double()).float()  # (m, K, Q)
+    one = cc.lut_one_sided(ix, sx, tables, q)
+    ref1 = torch.einsum("nkd,mkd->nm", xh, y.double())
+    assert torch.allclose(one.double(), ref1, rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_lut_registry_and_bad_inputs():
+    ix = torch.zeros(3, 2, 2, dtype=torch.int32)
+    sx = torch.ones(3, 2)
+    tables = torch.ones(4, 2, 16)
+    be = select_backend("auto", "lut_one_sided", ix, None, None)
+    assert isinstance(be, cc.NativeBackend)
+    assert torch.equal(be.lut_one_sided(ix, sx, tables, 4), torch.full((3, 4), 10.0))  # 2 blocks * (1 + 4)
+    with pytest.raises(TypeError, match="ix"):
+        cc.lut_one_sided(ix.long(), sx, tables, 4)
+    with pytest.raises(ValueError, match="sx"):
+        cc.lut_one_sided(ix, sx[:2], tables, 4)
+    with pytest.raises(ValueError, match="ix"):
+        cc.lut_one_sided(ix + 16, sx, tables, 4)  # index out of range: never read out of bounds
+    with pytest.raises(ValueError, match="q"):
+        cc.lut_one_sided(ix, sx, tables, 1)
+    with pytest.raises(ValueError, match="K"):
+        cc.lut_one_sided(ix, sx, torch.ones(4, 3, 16), 4)
+    lut = torch.ones(16, 16, dtype=torch.int8)
+    with pytest.raises(TypeError, match="lut"):
+        cc.lut_two_sided(ix, sx, ix, sx, lut.float(), 4)
+    with pytest.raises(ValueError, match="iy"):
+        cc.lut_two_sided(ix, sx, ix - 1, sx, lut, 4)
+    with pytest.raises(ValueError, match="iy"):
+        cc.lut_two_sided(ix, sx, torch.zeros(3, 2, 3, dtype=torch.int32), sx, lut, 4)
+    assert cc.lut_two_sided(ix[:0], sx[:0], ix, sx, lut, 4).shape == (0, 3)
