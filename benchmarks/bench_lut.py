@@ -57,6 +57,10 @@ def random_codes(n: int, k: int, config: QuantizationConfig, seed: int) -> Encod
 
 METHODS = ("lut_one_sided", "lut_two_sided", "lut_one_sided_torch", "lut_two_sided_torch",
            "decode_matmul", "dequant_matmul", "dense_matmul")
+LABELS = {
+    "lut_one_sided": "one-sided auto", "lut_two_sided": "two-sided auto", "lut_one_sided_torch": "one-sided torch",
+    "lut_two_sided_torch": "two-sided torch", "decode_matmul": "decode+matmul", "dequant_matmul": "dequant+matmul",
+}
 SKIP_SECONDS = 20.0  # a run predicted (from the same k, m at smaller n) to take longer is skipped
 
 
@@ -157,7 +161,7 @@ def main() -> None:
     ]
     for r in records:
         cands = {a: r[a] for a in METHODS if a != "dense_matmul" and r[a] is not None}
-        best = min(cands, key=cands.get)
+        best = LABELS[min(cands, key=cands.get)]
         lines.append(
             f"| {r['n']} | {r['k']} | {r['m']} | "
             + " | ".join(_ms(r[a]) for a in ("lut_one_sided", "lut_one_sided_torch", "lut_two_sided",

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
+import torch.nn.functional as F
 
 from coset.quant import QuantizationConfig, encode, to_blocks
 
@@ -107,19 +108,22 @@ class EncodedMatrix:
 
         The representatives are integers or halves and ``sum_m q^m a_m`` is exact in float32 (|.| < 2^24);
         only the final scaling rounds. Works in ``dtype`` (float32 unless float64 is asked for), one
-        ``(n, K, d)`` buffer, looping over the M layers only.
+        ``(n, K, d)`` buffer (an ``embedding_bag`` over the representative table).
         """
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         c = self.config
         wd = torch.float64 if dtype == torch.float64 else torch.float32
         a = representative_table(c.lattice, c.q, c.with_tie_dither).to(device=self.labels.device, dtype=wd)
-        ix = self.indices
-        pts = a[ix[:, :, 0].long()]
-        for m in range(1, c.M):
-            pts.add_(a[ix[:, :, m].long()], alpha=float(c.q**m))
-        pts.mul_(block_scales(self.T, self.T.shape, c, wd, a.device).unsqueeze(-1))
-        return pts.reshape(self.n, -1)[:, : self.k].to(dtype)
+        n, K, M = self.indices.shape
+        if n * K == 0:
+            return torch.zeros((n, self.k), dtype=dtype, device=self.labels.device)
+        # One bag of M weighted lookups per block (exact sums), then the per-block scale: one rounding.
+        lw = torch.tensor([float(c.q**m) for m in range(M)], dtype=wd, device=a.device).expand(n * K, M)
+        pts = F.embedding_bag(self.indices.view(n * K, M), a, mode="sum", per_sample_weights=lw.contiguous())
+        s = self.block_scales if wd == torch.float32 else block_scales(self.T, self.T.shape, c, wd, a.device)
+        pts = pts.view(n, K, c.dim) * s.unsqueeze(-1)
+        return pts.reshape(n, -1)[:, : self.k].to(dtype)
 
     def __repr__(self) -> str:
         c = self.config
