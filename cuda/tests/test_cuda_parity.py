@@ -24,13 +24,22 @@ QS = (2, 3, 4, 5, 8, 16)
 MS = (1, 2, 3, 4)
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """The reference runs many tiny ops; torch's intra-op threads only add contention on a shared 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _inputs(name: str, q: int, M: int, beta: float, seed: int) -> torch.Tensor:
     """float64 test vectors: Gaussian at several scales (T > 0 and clamping) and boundary points."""
     L = get_lattice(name)
     d = L.dim
     g = torch.Generator().manual_seed(seed)
     G = L.G
-    n = 384
+    n = 96
     rnd = torch.randn(n, d, generator=g, dtype=torch.float64)
     scales = torch.tensor([0.1, 1.0, 3.0, 30.0, 1e3, 1e6], dtype=torch.float64)
     rnd = rnd * scales[torch.arange(n) % len(scales)].unsqueeze(1)
@@ -53,7 +62,7 @@ def _assert_parity(x: torch.Tensor, cfg: QuantizationConfig, what: str) -> None:
     assert torch.equal(b_r, b_n), f"labels differ ({what}): {(b_r != b_n).any(-1).any(-1).sum()} vectors"
     assert torch.equal(T_r, T_n), f"T differs ({what})"
     assert torch.equal(c_r, c_n), f"clamped differs ({what})"
-    for dt in (torch.float32, torch.float64):
+    for dt in {x.dtype, torch.float32}:
         d_r = decode(b_r, config=cfg, T=T_r, dtype=dt, backend="torch")
         d_n = decode(b_r, config=cfg, T=T_r, dtype=dt, backend="native")
         assert torch.equal(d_r, d_n), f"decode differs ({what}, {dt})"
@@ -83,7 +92,7 @@ def test_cuda_parity_grid(name, q, M):
 @pytest.mark.parametrize("name", LATTICES)
 def test_cuda_parity_calibrated_beta(name):
     """Gaussian data with a non-dyadic beta (0.3) and alpha (0.7): the scale table is not exact."""
-    x = torch.randn(20000, get_lattice(name).dim, generator=torch.Generator().manual_seed(7))
+    x = torch.randn(6000, get_lattice(name).dim, generator=torch.Generator().manual_seed(7))
     for dither in (False, True):
         cfg = QuantizationConfig(name, q=4, M=2, beta=0.3, alpha=0.7, with_dither=dither)
         _assert_parity(x, cfg, f"{name} beta=0.3 dither={dither}")
@@ -95,7 +104,7 @@ def test_cuda_parity_calibrated_beta(name):
 def test_cuda_parity_other_dims(name):
     d = get_lattice(name).dim
     g = torch.Generator().manual_seed(d)
-    x = torch.cat([torch.randn(3000, d, generator=g) * 2, torch.randint(-9, 10, (500, d), generator=g) * 0.125])
+    x = torch.cat([torch.randn(1000, d, generator=g) * 2, torch.randint(-9, 10, (300, d), generator=g) * 0.125])
     for q, M in ((2, 3), (3, 2), (4, 2)):
         cfg = QuantizationConfig(name, q=q, M=M, beta=0.125, max_scaling_iterations=3)
         _assert_parity(x, cfg, f"{name} q={q} M={M}")
@@ -105,8 +114,8 @@ def test_cuda_parity_other_dims(name):
 def test_cuda_parity_options(name):
     """No tie offset, no overload protection (labels kept when overloaded), disable_scaling, cap 0."""
     d = get_lattice(name).dim
-    x = torch.randn(4000, d, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 4
-    x[:500] = torch.round(x[:500] * 2) / 2  # ties
+    x = torch.randn(1500, d, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 4
+    x[:300] = torch.round(x[:300] * 2) / 2  # ties
     for kw in (
         dict(with_tie_dither=False),
         dict(disable_overload_protection=True),
