@@ -40,6 +40,8 @@ def torch_one_sided(ix: torch.Tensor, sx: torch.Tensor, tables: torch.Tensor, q:
         return out.zero_()
     # Row (k*Q + i) holds the m query scores of label index i in block k: one lookup reads all queries.
     weight = tables.permute(1, 2, 0).contiguous().view(K * Q, m)  # row-major: one lookup = one contiguous row
+    if m == 1:  # embedding_bag has no fast kernel for 1-wide rows (~15x slower); a zero column costs ~nothing
+        weight = torch.nn.functional.pad(weight, (0, 1))
     # int32 offsets: embedding_bag takes int32 indices, and the int32 add is ~10x faster than widening first
     it = torch.int32 if K * Q < 2**31 else torch.int64
     offs = (torch.arange(K, device=ix.device, dtype=it) * Q).view(1, K, 1)
@@ -49,7 +51,7 @@ def torch_one_sided(ix: torch.Tensor, sx: torch.Tensor, tables: torch.Tensor, q:
         r1 = min(n, r0 + rows)
         flat = (ix[r0:r1].to(it) + offs).reshape(r1 - r0, K * M)
         psw = (sx[r0:r1].unsqueeze(-1) * lw).reshape(r1 - r0, K * M)
-        out[r0:r1] = F.embedding_bag(flat, weight, mode="sum", per_sample_weights=psw)
+        out[r0:r1] = F.embedding_bag(flat, weight, mode="sum", per_sample_weights=psw)[:, :m]
     return out
 
 
