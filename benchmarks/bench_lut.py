@@ -68,7 +68,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small sizes only (smoke test)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--md-only", action="store_true", help="rewrite lut.md from lut.json without measuring")
     args = ap.parse_args()
+    if args.md_only:
+        data = json.loads((OUT / "lut.json").read_text())
+        write_md("lut", data["meta"], data["results"], sorted({r["m"] for r in data["results"]}))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -146,6 +151,11 @@ def main() -> None:
     )
     name = "lut_quick" if args.quick else "lut"
     (OUT / f"{name}.json").write_text(json.dumps(dict(meta=meta, results=records), indent=1))
+    write_md(name, meta, records, ms)
+    print(f"wrote {OUT / (name + '.json')} and .md")
+
+
+def write_md(name: str, meta: dict, records: list, ms: list) -> None:
     r0 = records[0]
     lines = [
         f"# coset-lut benchmark (D4, q=4, M=2; CPU, {meta['threads']} torch threads, torch {meta['torch']})",
@@ -153,7 +163,7 @@ def main() -> None:
         f"{meta['date']}. Times in ms, {meta['timing']}. {meta['skipped']} (shown as -).",
         f"`auto` resolved to backend `{r0['backend_auto_one_sided']}` (one-sided) / `{r0['backend_auto_two_sided']}` "
         f"(two-sided); `_torch` columns force the PyTorch fallback; decode uses backend `{r0['backend_decode']}`.",
-        "`best` = fastest way to get the scores from the codes (dense matmul needs the float32 matrix, 7.5x the bytes).",
+        "`best` = fastest way to get the scores from the codes (dense matmul needs the float32 matrix in memory: 5.3x the bytes of the packed codes).",
         "",
         "| n | k | m | one-sided auto | one-sided torch | two-sided auto | two-sided torch | decode+matmul | "
         "dequant+matmul | dense matmul | best from codes |",
@@ -177,11 +187,10 @@ def main() -> None:
     ]
     lines += [
         "",
-        "Memory per weight: packed codes 4.25 bits (labels 4 + T 8/d), kernel indices (int32 per layer-block) "
-        "2 bytes, float32 4 bytes.",
+        "Memory per weight: packed codes 6 bits (labels M log2 q = 4, plus one byte of T per 4-block), kernel "
+        "indices (one int32 per layer and block) 2 bytes, float32 4 bytes.",
     ]
     (OUT / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {OUT / (name + '.json')} and .md")
 
 
 def _ms(t) -> str:
