@@ -114,13 +114,17 @@ def save_compressed(model: nn.Module, path: PathLike) -> CheckpointReport:
     qlayers = quantized_layers(model)
     tensors: dict[str, torch.Tensor] = {}
     meta_layers: dict[str, dict] = {}
+    configs: list[dict] = []  # distinct QATConfigs, referenced by index
     skip: set[str] = set()
     n_q = label_b = t_b = beta_b = 0
     for name, layer in qlayers.items():
         skip.update(_skip_keys(name, layer))
         cfg = layer.qconfig.weight
+        cdict = layer.qconfig.to_dict()
+        if cdict not in configs:
+            configs.append(cdict)
         entry = {"kind": _KIND[type(layer)], "weight_shape": list(layer.weight.shape), "k": layer.k,
-                 "pad": layer.pad, "config": layer.qconfig.to_dict()}
+                 "pad": layer.pad, "config": configs.index(cdict)}
         if cfg is not None:
             layer.quantized_weight()  # bring the codes up to date (as eval would)
             labels, T = layer.w_labels, layer.w_T
@@ -145,9 +149,10 @@ def save_compressed(model: nn.Module, path: PathLike) -> CheckpointReport:
         t = val.detach().cpu().contiguous().clone()
         tensors[key] = t
         other_b += t.numel() * t.element_size()
-    meta = {"format": FORMAT, "layers": json.dumps(meta_layers, sort_keys=True)}
+    meta = {"format": FORMAT, "configs": json.dumps(configs, separators=(",", ":")),
+            "layers": json.dumps(meta_layers, sort_keys=True, separators=(",", ":"))}
     save_file(tensors, path, metadata=meta)
-    meta_b = len(meta["layers"]) + len(meta["format"])
+    meta_b = sum(len(k) + len(v) for k, v in meta.items())
     return CheckpointReport(path, os.path.getsize(path), n_q, label_b, t_b, beta_b, meta_b, other_b, meta_layers)
 
 
@@ -173,13 +178,14 @@ def load_compressed(path: PathLike, model: nn.Module) -> nn.Module:
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a coset-nn compressed checkpoint (format {meta.get('format')!r})")
     layers_meta = json.loads(meta["layers"])
+    configs = json.loads(meta["configs"])
     tensors = load_file(path)
     modules = dict(model.named_modules())
     skip: set[str] = set()
     for name, entry in layers_meta.items():
         if name not in modules:
             raise ValueError(f"{path}: layer {name!r} not found in the model")
-        cfg = QATConfig.from_dict(entry["config"])
+        cfg = QATConfig.from_dict(configs[entry["config"]])
         mod = modules[name]
         if not isinstance(mod, QuantLayerMixin):
             if type(mod) not in _SWAP:
