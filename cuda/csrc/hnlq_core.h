@@ -47,6 +47,30 @@ struct QuantParams {
   double safe_radius;    // _safe_radius(lattice, q, M, dithered)
 };
 
+// ------------------------------------------------------------------------------------------ integer helpers
+constexpr double kTwo53 = 9007199254740992.0;
+
+// fmod(v, 2) != 0 for an integral double v: every double >= 2^53 in magnitude is even.
+COSET_HD bool is_odd(double v) { return fabs(v) < kTwo53 && (((int64_t)v) & 1); }
+
+// torch.remainder(c, q) for an integral double c (q > 0): integer arithmetic where exact, else fmod.
+COSET_HD double remainder_q(double c, int q) {
+  if (fabs(c) < kTwo53) {
+    if ((q & (q - 1)) == 0) return (double)(((int64_t)c) & (q - 1));  // two's complement: the floor mod
+    int64_t r = ((int64_t)c) % q;
+    if (r < 0) r += q;
+    return (double)r;
+  }
+  double r = fmod(c, (double)q);
+  if (r != 0.0 && r < 0.0) r += (double)q;
+  return r;
+}
+
+// lam / q: when q is a power of two, lam * (1/q) is the same IEEE result (exact scaling), and faster.
+COSET_HD double div_q(double v, double qd, double inv_q) { return inv_q != 0.0 ? v * inv_q : v / qd; }
+
+COSET_HD double pow2_inverse(int q) { return (q & (q - 1)) == 0 ? 1.0 / (double)q : 0.0; }
+
 // ------------------------------------------------------------------------------------------ closest point
 template <int D>
 COSET_HD int dim_of(const LatticeView& L) { return D > 0 ? D : L.d; }
@@ -68,7 +92,7 @@ COSET_HD void cp_dn(const double* x, double* y, int d_rt) {
       k = i;
     }
   }
-  if (fmod(sum, 2.0) != 0.0) {
+  if (is_odd(sum)) {
     const double dk = x[k] - y[k];
     y[k] = y[k] + (dk >= 0.0 ? 1.0 : -1.0);
   }
@@ -112,29 +136,34 @@ COSET_HD void closest_point(const LatticeView& L, const double* xin, double* y) 
 }
 
 // ------------------------------------------------------------------------------------------ encode
-// Algorithm 1 on g (lattice units, float64). Writes M*d labels (as uint8) and returns true on overload.
-template <int KIND, int D>
-COSET_HD bool encode_layers(const LatticeView& L, int q, int M, const double* gin, uint8_t* b) {
+// Algorithm 1 on g (lattice units, float64). Writes M*d labels (as uint8, only if LABELS) and returns true
+// on overload. lam0 (optional) receives lambda_0 = Q(g).
+template <int KIND, int D, bool LABELS = true>
+COSET_HD bool encode_layers(const LatticeView& L, int q, int M, const double* gin, uint8_t* b,
+                            double* lam0 = nullptr) {
   const int d = dim_of<D>(L);
   const double qd = (double)q;
+  const double inv_q = pow2_inverse(q);
   double g[kMaxDim], lam[kMaxDim];
   for (int i = 0; i < d; ++i) g[i] = gin[i];
   for (int m = 0; m < M; ++m) {
     closest_point<KIND, D>(L, g, lam);
-    for (int i = 0; i < d; ++i) {
-      double c;
-      if (KIND == kZn) {
-        c = lam[i];
-      } else {
-        double s = L.Ginv[i * d] * lam[0];
-        for (int j = 1; j < d; ++j) s = s + L.Ginv[i * d + j] * lam[j];
-        c = rint(s);
+    if (LABELS) {
+      for (int i = 0; i < d; ++i) {
+        double c;
+        if (KIND == kZn) {
+          c = lam[i];
+        } else {
+          double s = L.Ginv[i * d] * lam[0];
+          for (int j = 1; j < d; ++j) s = s + L.Ginv[i * d + j] * lam[j];
+          c = rint(s);
+        }
+        b[m * d + i] = (uint8_t)remainder_q(c, q);
       }
-      double r = fmod(c, qd);  // torch.remainder: fmod, then shift into [0, q)
-      if (r != 0.0 && r < 0.0) r += qd;
-      b[m * d + i] = (uint8_t)r;
     }
-    for (int i = 0; i < d; ++i) g[i] = lam[i] / qd;
+    if (m == 0 && lam0)
+      for (int i = 0; i < d; ++i) lam0[i] = lam[i];
+    for (int i = 0; i < d; ++i) g[i] = div_q(lam[i], qd, inv_q);
   }
   closest_point<KIND, D>(L, g, lam);
   bool ovl = false;
@@ -146,15 +175,17 @@ COSET_HD bool encode_layers(const LatticeView& L, int q, int M, const double* gi
 struct EncodeResult {
   uint8_t T;
   bool clamped;
-  bool error;  // still overloaded at the cap with overload_policy "error"
+  bool error;     // still overloaded at the cap with overload_policy "error"
+  bool overload;  // the returned encoding overloads (only possible with single_pass, i.e. no protection)
 };
 
 // The whole overload ramp for one vector: x (d doubles), z dither (d doubles or nullptr).
-template <int KIND, int D>
+// LABELS = false skips the labels (quantize's fast path) and only returns lambda_0 in lam0.
+template <int KIND, int D, bool LABELS = true>
 COSET_HD EncodeResult encode_vector(const LatticeView& L, const QuantParams& P, const double* x, const double* z,
-                                    uint8_t* b) {
+                                    uint8_t* b, double* lam0 = nullptr) {
   const int d = dim_of<D>(L);
-  EncodeResult res{0, false, false};
+  EncodeResult res{0, false, false, false};
   double u[kMaxDim], g[kMaxDim];
   const int steps = P.single_pass ? 1 : P.n_scales;
   for (int t = 0; t < steps; ++t) {
@@ -163,9 +194,10 @@ COSET_HD EncodeResult encode_vector(const LatticeView& L, const QuantParams& P, 
       u[i] = x[i] / s;
       g[i] = z ? u[i] + z[i] : u[i];
     }
-    const bool ovl = encode_layers<KIND, D>(L, P.q, P.M, g, b);
+    const bool ovl = encode_layers<KIND, D, LABELS>(L, P.q, P.M, g, b, lam0);
     if (P.single_pass || !ovl) {
       res.T = (uint8_t)t;
+      res.overload = ovl;
       return res;
     }
   }
@@ -187,10 +219,10 @@ COSET_HD EncodeResult encode_vector(const LatticeView& L, const QuantParams& P, 
     for (int i = 0; i < d; ++i) u[i] = 0.0;
   }
   for (int i = 0; i < d; ++i) g[i] = z ? u[i] + z[i] : u[i];
-  if (encode_layers<KIND, D>(L, P.q, P.M, g, b)) {
+  if (encode_layers<KIND, D, LABELS>(L, P.q, P.M, g, b, lam0)) {
     // cannot happen by the sandwich bound; encode the origin (plus dither) like the reference
     for (int i = 0; i < d; ++i) g[i] = z ? z[i] : 0.0;
-    encode_layers<KIND, D>(L, P.q, P.M, g, b);
+    res.overload = encode_layers<KIND, D, LABELS>(L, P.q, P.M, g, b, lam0);
   }
   return res;
 }
@@ -201,6 +233,7 @@ template <int KIND, int D>
 COSET_HD void decode_lattice_units(const LatticeView& L, int q, int M, const uint8_t* b, double* out) {
   const int d = dim_of<D>(L);
   const double qd = (double)q;
+  const double inv_q = pow2_inverse(q);
   double Gb[kMaxDim], v[kMaxDim], Qv[kMaxDim];
   double w = 1.0;
   for (int m = 0; m < M; ++m) {
@@ -213,7 +246,7 @@ COSET_HD void decode_lattice_units(const LatticeView& L, int q, int M, const uin
         for (int j = 1; j < d; ++j) s = s + L.G[i * d + j] * (double)bm[j];
         Gb[i] = s;
       }
-      v[i] = Gb[i] / qd;
+      v[i] = div_q(Gb[i], qd, inv_q);
     }
     closest_point<KIND, D>(L, v, Qv);
     for (int i = 0; i < d; ++i) {
@@ -235,6 +268,33 @@ COSET_HD void decode_vector(const LatticeView& L, const QuantParams& P, const ui
     const double y = z ? out[i] - z[i] : out[i];
     out[i] = y * s;
   }
+}
+
+// Fused encode + decode of one vector, without labels on the fast path. By the telescoping identity
+// (paper.md §3) decode(encode(x)) = lambda_0 - q^M lambda_M, so with no overload (lambda_M = 0) the decoded
+// lattice point is lambda_0 exactly: the reference's decoder sums exact integers (or halves) that add up to
+// lambda_0, because Q(. + eps) is translation-equivariant on the points it meets. Only an overloaded
+// encoding (possible with disable_overload_protection) or a lattice without the tie offset takes the label
+// path, which repeats the reference decoder step by step.
+template <int KIND, int D>
+COSET_HD EncodeResult quantize_vector(const LatticeView& L, const QuantParams& P, const double* x, const double* z,
+                                      double* out) {
+  const int d = dim_of<D>(L);
+  double lam0[kMaxDim];
+  EncodeResult res{0, false, false, true};
+  if (L.eps) res = encode_vector<KIND, D, false>(L, P, x, z, nullptr, lam0);
+  if (res.overload) {  // (or no tie offset: then equivariance fails at ties and only the label path is exact)
+    uint8_t bl[kMaxM * kMaxDim];
+    res = encode_vector<KIND, D, true>(L, P, x, z, bl, nullptr);
+    decode_vector<KIND, D>(L, P, bl, res.T, z, out);
+    return res;
+  }
+  const double s = P.scales[res.T];
+  for (int i = 0; i < d; ++i) {
+    const double y = z ? lam0[i] - z[i] : lam0[i];
+    out[i] = y * s;
+  }
+  return res;
 }
 
 // ------------------------------------------------------------------------------------------ LUT sums

@@ -127,19 +127,17 @@ int64_t quantize_cpu(const LatticeView& L, const QuantParams& P, const void* x, 
     const int d = L.d;
     parallel_for(N, kGrain, [&](int64_t lo, int64_t hi) {
       int64_t err = 0;
-      double xv[kMaxDim], y[kMaxDim];
-      uint8_t bl[kMaxM * kMaxDim];  // labels live in registers / stack only
+      double xv[kMaxDim], y[kMaxDim];  // labels never leave quantize_vector
       for (int64_t r = lo; r < hi; ++r) {
         if (x_is_double)
           load_vec((const double*)x + r * d, d, xv);
         else
           load_vec((const float*)x + r * d, d, xv);
         const double* zr = z ? z + r * d : nullptr;
-        EncodeResult res = encode_vector<KIND, D>(L, P, xv, zr, bl);
+        EncodeResult res = quantize_vector<KIND, D>(L, P, xv, zr, y);
         if (T) T[r] = res.T;
         if (clamped) clamped[r] = res.clamped;
         err += res.error;
-        decode_vector<KIND, D>(L, P, bl, res.T, zr, y);
         if (out_is_double) {
           double* o = (double*)out + r * d;
           for (int i = 0; i < d; ++i) o[i] = y[i];

@@ -149,9 +149,7 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(const DevConsts c, c
     double* row = tile + threadIdx.x * d;
     for (int i = 0; i < d; ++i) xv[i] = row[i];
     const double* zr = z ? z + r * d : nullptr;
-    uint8_t bl[kMaxM * kMaxDim];  // labels never leave the thread
-    EncodeResult res = encode_vector<KIND, D>(L, P, xv, zr, bl);
-    decode_vector<KIND, D>(L, P, bl, res.T, zr, row);  // each thread overwrites only its own row
+    EncodeResult res = quantize_vector<KIND, D>(L, P, xv, zr, row);  // labels never leave the thread
     if (T) T[r] = res.T;
     if (clamped) clamped[r] = res.clamped;
     if (res.error) atomicAdd(errors, 1);
