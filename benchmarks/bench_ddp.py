@@ -44,9 +44,10 @@ ALL_METHODS = [
     "powersgd-r2",
     "hnlq-allgather",
     "hnlq-modular",
-    "hnlq-modular-q16",
+    "hnlq-modular-q4",
     "hnlq-decode",
 ]
+EXTRA_METHODS = ["hnlq-modular-q16"]
 DEFAULTS = {  # dataset -> (steps, global batch, lr, hidden)
     "digits": (600, 64, 2e-3, 128),
     "mnist1d": (3000, 128, 2e-3, 256),
@@ -114,14 +115,16 @@ def register_method(ddp: DDP, method: str, W: int):
     kw = dict(error_feedback=True, start_iter=START_ITER)
     if method == "hnlq-allgather":
         st = HNLQHookState(mode="allgather", **kw)
-    elif method == "hnlq-modular":
-        st = HNLQHookState(mode="modular", chunk_size=256, **kw)
-    elif method == "hnlq-modular-q16":
+    elif method == "hnlq-modular":  # q=8, M=2: 6-bit codes, 9 per int64 word at W=2 (+1 guard bit)
+        st = HNLQHookState(config=default_config(8, 2), mode="modular", chunk_size=256, **kw)
+    elif method == "hnlq-modular-q4":  # q=4, M=2: 4-bit codes, 12 per int64 word at W=2
+        st = HNLQHookState(config=default_config(4, 2), mode="modular", chunk_size=64, **kw)
+    elif method == "hnlq-modular-q16":  # q=16, M=2: uint8 codes (mod 256 wrap)
         st = HNLQHookState(config=default_config(16, 2), mode="modular", chunk_size=256, **kw)
     elif method == "hnlq-decode":
         st = HNLQHookState(mode="decode", **kw)
     else:
-        raise ValueError(f"unknown method {method!r}; choose from {ALL_METHODS}")
+        raise ValueError(f"unknown method {method!r}; choose from {ALL_METHODS + EXTRA_METHODS}")
     ddp.register_comm_hook(st, hnlq_hook)
     return st
 
@@ -174,6 +177,20 @@ def train_one(rank, W, method, data, steps, batch, lr, hidden, seed, counter):
     return out, params
 
 
+def run_method(rank, W, ds, seed, method, data, steps, batch, lr, hidden, counter):
+    res, params = train_one(rank, W, method, data, steps, batch, lr, hidden, seed, counter)
+    # every rank must end with the same parameters (DDP correctness of the hook)
+    gathered = [torch.empty_like(params) for _ in range(W)]
+    dist.all_gather(gathered, params)
+    res["ranks_identical"] = all(torch.equal(g, gathered[0]) for g in gathered)
+    res["max_param_diff_across_ranks"] = max(float((g - gathered[0]).abs().max()) for g in gathered)
+    res.update(dataset=ds, seed=seed, steps=steps)
+    if rank == 0:
+        print(f"[{ds} seed {seed}] {method:18s} acc={res['test_accuracy']:.4f} bytes/step={res['bytes_per_step']:.0f} "
+              f"step={res['step_time_ms_median']:.2f} ms", flush=True)
+    return res
+
+
 def worker(rank, W, initfile, outfile, cfg):
     dist.init_process_group(
         "gloo", init_method=f"file://{initfile}", rank=rank, world_size=W, timeout=datetime.timedelta(seconds=120)
@@ -185,20 +202,10 @@ def worker(rank, W, initfile, outfile, cfg):
         for ds in cfg["datasets"]:
             steps, batch, lr, hidden = DEFAULTS[ds]
             steps = cfg["steps"] or steps
-            data = load_data(ds, cfg["seed"])
-            for method in cfg["methods"]:
-                res, params = train_one(rank, W, method, data, steps, batch, lr, hidden, cfg["seed"], counter)
-                # every rank must end with the same parameters (DDP correctness of the hook)
-                gathered = [torch.empty_like(params) for _ in range(W)]
-                dist.all_gather(gathered, params)
-                res["ranks_identical"] = all(torch.equal(g, gathered[0]) for g in gathered)
-                res["max_param_diff_across_ranks"] = max(float((g - gathered[0]).abs().max()) for g in gathered)
-                res["dataset"] = ds
-                res["steps"] = steps
-                results.append(res)
-                if rank == 0:
-                    print(f"[{ds}] {method:18s} acc={res['test_accuracy']:.4f} bytes/step={res['bytes_per_step']:.0f} "
-                          f"step={res['step_time_ms_median']:.2f} ms", flush=True)
+            for seed in cfg["seeds"]:
+                data = load_data(ds, seed)
+                for method in cfg["methods"]:
+                    results.append(run_method(rank, W, ds, seed, method, data, steps, batch, lr, hidden, counter))
         if rank == 0:
             Path(outfile).write_text(json.dumps(results))
         dist.barrier()
@@ -210,24 +217,34 @@ def to_markdown(results, meta) -> str:
     lines = [
         "# DDP gradient compression: HNLQ hooks vs PyTorch built-ins",
         "",
-        f"world_size={meta['world_size']}, gloo on CPU ({meta['machine']}), torch {meta['torch']}, seed {meta['seed']}.",
-        "bytes/step: sent per rank per step after the 10 warm-up steps (ring model). Accuracy: test set.",
+        f"world_size={meta['world_size']}, gloo on CPU ({meta['machine']}), torch {meta['torch']}, seeds {meta['seeds']}.",
+        "Accuracy: test set, mean ± std over seeds (Δ: mean of the per-seed differences to fp32 with the same seed).",
+        "bytes/step: sent per rank per step after the 10 warm-up steps (ring model; identical for every seed).",
+        "Step time: median wall time of forward+backward+optimizer on a shared, loaded 2-core VM (noisy).",
         "",
     ]
     for ds in dict.fromkeys(r["dataset"] for r in results):
         rows = [r for r in results if r["dataset"] == ds]
-        base = next((r for r in rows if r["method"] == "fp32"), rows[0])
+        methods = list(dict.fromkeys(r["method"] for r in rows))
+        base = {r["seed"]: r for r in rows if r["method"] == "fp32"}
         lines += [
             f"## {ds} ({rows[0]['steps']} steps, {rows[0]['numel']} parameters)",
             "",
-            "| method | test acc | Δ vs fp32 (points) | bytes/step | fp32 / bytes | step time (ms, median) | max |Δparam| across ranks |",
-            "|---|---|---|---|---|---|---|",
+            "| method | test acc | Δ vs fp32 (points) | per-seed acc | bytes/step | fp32 / bytes | step time (ms) | max |Δparam| across ranks |",
+            "|---|---|---|---|---|---|---|---|",
         ]
-        for r in rows:
-            ratio = r["fp32_bytes_per_step"] / r["bytes_per_step"] if r["bytes_per_step"] else float("inf")
+        for m in methods:
+            rs = [r for r in rows if r["method"] == m]
+            accs = [100 * r["test_accuracy"] for r in rs]
+            deltas = [100 * (r["test_accuracy"] - base[r["seed"]]["test_accuracy"]) for r in rs if r["seed"] in base]
+            sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            bps = statistics.mean(r["bytes_per_step"] for r in rs)
+            ratio = rs[0]["fp32_bytes_per_step"] / bps if bps else float("inf")
             lines.append(
-                f"| {r['method']} | {100 * r['test_accuracy']:.2f}% | {100 * (r['test_accuracy'] - base['test_accuracy']):+.2f} "
-                f"| {r['bytes_per_step']:.0f} | {ratio:.2f}x | {r['step_time_ms_median']:.2f} | {r['max_param_diff_across_ranks']:.1e} |"
+                f"| {m} | {statistics.mean(accs):.2f} ± {sd:.2f}% | {statistics.mean(deltas) if deltas else 0:+.2f} "
+                f"| {', '.join(f'{a:.1f}' for a in accs)} | {bps:.0f} | {ratio:.2f}x "
+                f"| {statistics.median(r['step_time_ms_median'] for r in rs):.2f} "
+                f"| {max(r['max_param_diff_across_ranks'] for r in rs):.1e} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -239,16 +256,17 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=",".join(ALL_METHODS))
     ap.add_argument("--steps", type=int, default=0, help="override the per-dataset step count")
     ap.add_argument("--world-size", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0,1,2", help="comma list of seeds (init, data order, split)")
     ap.add_argument("--out", default=str(Path(__file__).with_name("results")))
     ap.add_argument("--name", default="ddp")
     a = ap.parse_args(argv)
     methods = [m for m in a.methods.split(",") if m]
-    bad = [m for m in methods if m not in ALL_METHODS]
+    bad = [m for m in methods if m not in ALL_METHODS + EXTRA_METHODS]
     if bad:
         ap.error(f"unknown methods {bad}; choose from {ALL_METHODS}")
     datasets = [d for d in a.dataset.split(",") if d]
-    cfg = {"methods": methods, "datasets": datasets, "steps": a.steps, "seed": a.seed}
+    seeds = [int(x) for x in a.seeds.split(",") if x]
+    cfg = {"methods": methods, "datasets": datasets, "steps": a.steps, "seeds": seeds}
     with tempfile.TemporaryDirectory() as tmp:
         initfile, outfile = os.path.join(tmp, "init"), os.path.join(tmp, "results.json")
         t0 = time.time()
@@ -258,7 +276,7 @@ def main(argv=None) -> int:
         "world_size": a.world_size,
         "torch": torch.__version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "seed": a.seed,
+        "seeds": seeds,
         "wall_seconds": round(time.time() - t0, 1),
         "start_iter": START_ITER,
     }

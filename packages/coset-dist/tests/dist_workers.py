@@ -115,7 +115,9 @@ def scenario_modes(rank, W):
             xs = [grad_of(r, 515, seed=7) for r in range(W)]
             kw = dict(mode=mode, error_feedback=False, start_iter=0)
             state, outs = one_step(lambda: Vec(515), kw, lambda k: xs[rank].to(dt), dtype=dt)
-            res[("half", mode, str(dt))] = {"out": outs[0][0], "xs": xs}
+            res[("half", mode, str(dt))] = {
+                "out": outs[0][0], "xs": xs, "scales": state.bucket_scales[0], "bpc": state.chunk_size // 4
+            }
     # several buckets, warm-up, error feedback over steps, iteration count, checkpoint
     sizes = [3001, 777, 4096, 5]
     for mode in ("allgather", "modular"):
@@ -142,7 +144,9 @@ def scenario_modes(rank, W):
         xs = [grad_of(r, 999, seed=3) for r in range(W)]
         kw = dict(config=cfg, mode=mode, error_feedback=False, start_iter=0, seed=5)
         state, outs = one_step(lambda: Vec(999), kw, lambda k: xs[rank])
-        res[("dither", mode)] = {"out": outs[0][0], "xs": xs, "scales": state.bucket_scales[0]}
+        res[("dither", mode)] = {
+            "out": outs[0][0], "xs": xs, "scales": state.bucket_scales[0], "bpc": state.chunk_size // 4
+        }
     # construction-time rejection once the group exists (q^M too small for W ranks)
     try:
         HNLQHookState(config=default_config(2, 1), mode="modular", error_feedback=False, start_iter=0)

@@ -85,7 +85,9 @@ class HNLQHookState:
         Iterations ``0 .. start_iter-1`` use a plain all-reduce (warm-up, like ``start_powerSGD_iter``).
         Must be >= 2 with error feedback, because DDP rebuilds its buckets after the first iteration.
     chunk_size : int or None
-        modular mode: coordinates sharing one scale (a multiple of d); None = one scale per bucket.
+        modular mode: coordinates sharing one scale (a multiple of d); None = one scale per bucket. Smaller
+        chunks adapt to the gradient's local magnitude (fewer lattice points wasted on the largest block)
+        at 4 bytes of side information per chunk and rank (256: +0.016 byte per coordinate).
     code_packing : {"auto", "uint8", "int64"}
         modular mode: how codes travel in the SUM (see :func:`coset.dist.codec.choose_sum_packing`).
     nonfinite : {"raise", "allreduce"}
@@ -103,7 +105,7 @@ class HNLQHookState:
         error_feedback: bool = True,
         process_group: Optional[Any] = None,
         start_iter: int = 10,
-        chunk_size: Optional[int] = 1024,
+        chunk_size: Optional[int] = 256,
         code_packing: str = "auto",
         nonfinite: str = "raise",
         seed: int = 0,
@@ -240,7 +242,7 @@ class HNLQHookState:
             error_feedback=sd.get("error_feedback", True),
             process_group=pg,
             start_iter=sd.get("start_iter", 10),
-            chunk_size=sd.get("chunk_size", 1024),
+            chunk_size=sd.get("chunk_size", 256),
             code_packing=sd.get("code_packing", "auto"),
             nonfinite=sd.get("nonfinite", "raise"),
             seed=sd.get("seed", 0),
