@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from coset.quant import QuantizationConfig, decode, from_blocks, to_blocks
 from coset.quant import backend as qbackend
@@ -245,3 +247,23 @@ def test_lut_encoded_matrix_roundtrip_and_validation():
         EncodedMatrix(E.labels[..., :4], E.T, c, 19)
     with pytest.raises(TypeError, match="dtype must be"):
         E.dequantize(torch.int32)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    case=st.sampled_from([("Z2", 2), ("Z2", 5), ("D4", 2), ("D4", 3), ("D4", 4), ("E8", 2)]),
+    M=st.integers(1, 3),
+    beta=st.floats(0.05, 2.0),
+    alpha=st.sampled_from([1.0 / 3, 0.5, 1.0]),
+    k=st.integers(1, 21),
+    seed=st.integers(0, 2**16),
+)
+def test_lut_matmul_property_random_configs(case, M, beta, alpha, k, seed):
+    name, q = case
+    c = QuantizationConfig(lattice_type=name, q=q, M=M, beta=beta, alpha=alpha)
+    X = EncodedMatrix.from_dense(_mat(6, k, seed), c)
+    Y = EncodedMatrix.from_dense(_mat(5, k, seed + 1), c)
+    Xh, Yh = _ref_dense(X), _ref_dense(Y)
+    _close(lut_matmul(X, Y, backend="torch"), Xh @ Yh.T, Xh.abs() @ Yh.abs().T)
+    Yf = _mat(4, k, seed + 2)
+    _close(lut_matmul_one_sided(X, Yf, backend="torch"), Xh @ Yf.T, Xh.abs() @ Yf.abs().T)
