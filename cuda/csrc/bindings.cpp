@@ -76,7 +76,7 @@ PYBIND11_MODULE(_C, m) {
                          int out_is_double) {
     Consts c = make_consts(kind, d, G, Ginv, eps, q, M, scales, 0, 0, 0.0);
     py::gil_scoped_release nogil;
-    coset::decode_cpu(c.L, c.P, ptr<const uint8_t>(b), ptr<const uint8_t>(T), ptr<const double>(z), N,
+    return coset::decode_cpu(c.L, c.P, ptr<const uint8_t>(b), ptr<const uint8_t>(T), ptr<const double>(z), N,
                       ptr<void>(out), out_is_double);
   });
   m.def("quantize_cpu", [](int kind, int d, darr G, darr Ginv, py::object eps, int q, int M, darr scales,
@@ -127,10 +127,10 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("decode_cuda", [](int kind, int d, darr G, darr Ginv, py::object eps, int q, int M, darr scales,
                           std::uintptr_t b, std::uintptr_t T, std::uintptr_t z, int64_t N, std::uintptr_t out,
-                          int out_is_double, std::uintptr_t stream) {
+                          int out_is_double, std::uintptr_t bad, std::uintptr_t stream) {
     Consts c = make_consts(kind, d, G, Ginv, eps, q, M, scales, 0, 0, 0.0);
     check_cuda(coset::decode_cuda(c.L, c.P, ptr<const uint8_t>(b), ptr<const uint8_t>(T), ptr<const double>(z), N,
-                                  ptr<void>(out), out_is_double, ptr<void>(stream)),
+                                  ptr<void>(out), out_is_double, ptr<int32_t>(bad), ptr<void>(stream)),
                "decode kernel");
   });
   m.def("quantize_cuda", [](int kind, int d, darr G, darr Ginv, py::object eps, int q, int M, darr scales,

@@ -14,8 +14,9 @@ void set_num_threads(int n);
 // Returns the number of vectors still overloaded at the cap under overload_policy "error".
 int64_t encode_cpu(const LatticeView& L, const QuantParams& P, const void* x, int x_is_double, const double* z,
                    int64_t N, uint8_t* b, uint8_t* T, uint8_t* clamped);
-void decode_cpu(const LatticeView& L, const QuantParams& P, const uint8_t* b, const uint8_t* T, const double* z,
-                int64_t N, void* out, int out_is_double);
+// Returns the number of rows with a label >= q or T >= len(scales) (those rows are not decoded).
+int64_t decode_cpu(const LatticeView& L, const QuantParams& P, const uint8_t* b, const uint8_t* T, const double* z,
+                   int64_t N, void* out, int out_is_double);
 int64_t quantize_cpu(const LatticeView& L, const QuantParams& P, const void* x, int x_is_double, const double* z,
                      int64_t N, void* out, int out_is_double, uint8_t* T, uint8_t* clamped);
 void lut_one_sided_cpu(const int32_t* ix, const float* sx, const float* tables, int64_t n, int64_t m, int K, int M,
@@ -32,7 +33,7 @@ const char* cuda_error_string(int e);
 int encode_cuda(const LatticeView& L, const QuantParams& P, const void* x, int x_is_double, const double* z,
                 int64_t N, uint8_t* b, uint8_t* T, uint8_t* clamped, int32_t* errors, void* stream);
 int decode_cuda(const LatticeView& L, const QuantParams& P, const uint8_t* b, const uint8_t* T, const double* z,
-                int64_t N, void* out, int out_is_double, void* stream);
+                int64_t N, void* out, int out_is_double, int32_t* bad, void* stream);
 int quantize_cuda(const LatticeView& L, const QuantParams& P, const void* x, int x_is_double, const double* z,
                   int64_t N, void* out, int out_is_double, uint8_t* T, uint8_t* clamped, int32_t* errors,
                   void* stream);

@@ -98,15 +98,25 @@ int64_t encode_cpu(const LatticeView& L, const QuantParams& P, const void* x, in
   return errors.load();
 }
 
-void decode_cpu(const LatticeView& L, const QuantParams& P, const uint8_t* b, const uint8_t* T, const double* z,
-                int64_t N, void* out, int out_is_double) {
+int64_t decode_cpu(const LatticeView& L, const QuantParams& P, const uint8_t* b, const uint8_t* T, const double* z,
+                   int64_t N, void* out, int out_is_double) {
+  std::atomic<int64_t> bad{0};
   dispatch_lattice(L.kind, L.d, [&](auto KI, auto DI) {
     constexpr int KIND = decltype(KI)::value, D = decltype(DI)::value;
     const int d = L.d, Md = P.M * L.d;
     parallel_for(N, kGrain, [&](int64_t lo, int64_t hi) {
+      int64_t nbad = 0;
       double y[kMaxDim];
       for (int64_t r = lo; r < hi; ++r) {
-        decode_vector<KIND, D>(L, P, b + r * Md, T[r], z ? z + r * d : nullptr, y);
+        const uint8_t* br = b + r * Md;
+        bool ok = T[r] < P.n_scales;  // range checks here instead of a separate pass over the labels
+        for (int i = 0; i < Md; ++i) ok &= br[i] < P.q;
+        if (!ok) {
+          ++nbad;
+          for (int i = 0; i < d; ++i) y[i] = 0.0;
+        } else {
+          decode_vector<KIND, D>(L, P, br, T[r], z ? z + r * d : nullptr, y);
+        }
         if (out_is_double) {
           double* o = (double*)out + r * d;
           for (int i = 0; i < d; ++i) o[i] = y[i];
@@ -115,8 +125,10 @@ void decode_cpu(const LatticeView& L, const QuantParams& P, const uint8_t* b, co
           for (int i = 0; i < d; ++i) o[i] = (float)y[i];
         }
       }
+      if (nbad) bad += nbad;
     });
   });
+  return bad.load();
 }
 
 int64_t quantize_cpu(const LatticeView& L, const QuantParams& P, const void* x, int x_is_double, const double* z,

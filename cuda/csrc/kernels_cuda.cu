@@ -112,7 +112,7 @@ template <int KIND, int D, typename Out>
 __global__ void __launch_bounds__(kThreads) decode_kernel(const DevConsts c, const uint8_t* __restrict__ b,
                                                           const uint8_t* __restrict__ T,
                                                           const double* __restrict__ z, int64_t N,
-                                                          Out* __restrict__ out) {
+                                                          Out* __restrict__ out, int32_t* bad) {
   __shared__ DevConsts sc;
   __shared__ double tile[kThreads * kMaxDim];
   LatticeView L;
@@ -124,8 +124,18 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DevConsts c, con
   if (r < N) {
     const int Md = P.M * d;
     uint8_t bl[kMaxM * kMaxDim];
-    for (int i = 0; i < Md; ++i) bl[i] = b[r * Md + i];
-    decode_vector<KIND, D>(L, P, bl, T[r], z ? z + r * d : nullptr, tile + threadIdx.x * d);
+    const int t = T[r];
+    bool ok = t < P.n_scales;
+    for (int i = 0; i < Md; ++i) {
+      bl[i] = b[r * Md + i];
+      ok &= bl[i] < P.q;
+    }
+    if (ok) {
+      decode_vector<KIND, D>(L, P, bl, t, z ? z + r * d : nullptr, tile + threadIdx.x * d);
+    } else {
+      for (int i = 0; i < d; ++i) tile[threadIdx.x * d + i] = 0.0;
+      atomicAdd(bad, 1);
+    }
   }
   store_tile(out, N, d, row0, tile);
 }
@@ -265,16 +275,16 @@ int encode_cuda(const LatticeView& L, const QuantParams& P, const void* x, int x
 }
 
 int decode_cuda(const LatticeView& L, const QuantParams& P, const uint8_t* b, const uint8_t* T, const double* z,
-                int64_t N, void* out, int out_is_double, void* stream) {
+                int64_t N, void* out, int out_is_double, int32_t* bad, void* stream) {
   if (N <= 0) return 0;
   const DevConsts c = pack(L, P);
   cudaStream_t st = (cudaStream_t)stream;
   dispatch_lattice(L.kind, L.d, [&](auto KI, auto DI) {
     constexpr int KIND = decltype(KI)::value, D = decltype(DI)::value;
     if (out_is_double)
-      decode_kernel<KIND, D, double><<<blocks_for(N, kThreads), kThreads, 0, st>>>(c, b, T, z, N, (double*)out);
+      decode_kernel<KIND, D, double><<<blocks_for(N, kThreads), kThreads, 0, st>>>(c, b, T, z, N, (double*)out, bad);
     else
-      decode_kernel<KIND, D, float><<<blocks_for(N, kThreads), kThreads, 0, st>>>(c, b, T, z, N, (float*)out);
+      decode_kernel<KIND, D, float><<<blocks_for(N, kThreads), kThreads, 0, st>>>(c, b, T, z, N, (float*)out, bad);
   });
   return (int)cudaGetLastError();
 }
