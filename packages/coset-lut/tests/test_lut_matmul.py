@@ -267,3 +267,18 @@ def test_lut_matmul_property_random_configs(case, M, beta, alpha, k, seed):
     _close(lut_matmul(X, Y, backend="torch"), Xh @ Yh.T, Xh.abs() @ Yh.abs().T)
     Yf = _mat(4, k, seed + 2)
     _close(lut_matmul_one_sided(X, Yf, backend="torch"), Xh @ Yf.T, Xh.abs() @ Yf.abs().T)
+
+
+@pytest.mark.parametrize("backend", qbackend.available_backends())
+@pytest.mark.parametrize("name,q,M", [("D4", 4, 2), ("E8", 2, 3), ("Z2", 5, 1)])
+def test_lut_matmul_every_registered_backend_matches_decode(backend, name, q, M):
+    """Each installed backend ("torch" always; native kernels when installed) against the float64 reference."""
+    c = QuantizationConfig(lattice_type=name, q=q, M=M, beta=BETA[name], alpha=0.5)
+    k = 3 * c.dim + 1
+    X = EncodedMatrix.from_dense(_mat(37, k, 20), c)
+    Y = EncodedMatrix.from_dense(_mat(29, k, 21), c.replace(beta=0.5 * c.beta))
+    Yf = _mat(11, k, 22)
+    Xh, Yh = _ref_dense(X), _ref_dense(Y)
+    _close(lut_matmul(X, Y, backend=backend), Xh @ Yh.T, Xh.abs() @ Yh.abs().T)
+    _close(lut_matmul(Y, X, backend=backend), Yh @ Xh.T, Yh.abs() @ Xh.abs().T)
+    _close(lut_matmul_one_sided(X, Yf, backend=backend), Xh @ Yf.T, Xh.abs() @ Yf.abs().T)
