@@ -72,6 +72,18 @@ def test_payload_bytes_match_rate():
     assert 4 * n / lay.nbytes > 6.5
 
 
+@pytest.mark.parametrize("q", [2, 3, 4, 5, 8, 16, 17, 256])
+@pytest.mark.parametrize("n", [0, 1, 7, 1001])
+def test_fast_packing_matches_pack_labels(q, n):
+    from coset.dist.codec import _pack, _unpack
+    from coset.quant import pack_labels
+
+    lab = torch.randint(0, q, (n,), generator=torch.Generator().manual_seed(q * 1000 + n)).to(torch.uint8)
+    got = _pack(lab, q)
+    assert torch.equal(got, pack_labels(lab, q))
+    assert torch.equal(_unpack(got, q, (n,)), lab)
+
+
 def test_payload_zero_empty_and_nonfinite():
     cfg = default_config()
     z = torch.zeros(10)

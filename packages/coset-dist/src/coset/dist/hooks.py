@@ -408,10 +408,11 @@ def _modular(state, buf, x, idx, it, W):
     bpc = nb if state.chunk_size is None else max(1, state.chunk_size // d)
     finite = bool(torch.isfinite(x).all())
     n_chunks = -(-nb // bpc)
-    norms = chunk_block_norms(x, d, bpc) if finite else torch.zeros(n_chunks, dtype=torch.float64)
+    norms = chunk_block_norms(x, d, bpc) if finite else torch.zeros(n_chunks, dtype=torch.float64, device=x.device)
     # float32 side information: the float32 sum of W norms is within W*2^-24 of the real sum, far inside the
     # 1% margin of modular_scales, so the no-overload guarantee still holds.
-    hdr = torch.cat([norms, torch.tensor([0.0 if finite else 1.0], dtype=torch.float64)]).to(torch.float32)
+    flag = torch.tensor([0.0 if finite else 1.0], dtype=torch.float64, device=x.device)
+    hdr = torch.cat([norms, flag]).to(torch.float32)
     state._counters["bytes_sent"] += ring_allreduce_bytes(hdr.numel() * 4, W)
     dist.all_reduce(hdr, group=state.group)  # tiny, synchronous: the shared scales must be known to encode
     if hdr[-1] > 0:
