@@ -346,7 +346,8 @@ def hnlq_hook(state: HNLQHookState, bucket: dist.GradBucket) -> torch.futures.Fu
         state._counters["buckets_uncompressed"] += 1
         return _plain_allreduce(state, buf, W)
     state._counters["buckets_compressed"] += 1
-    x = state._take_residual(idx, buf.detach().to(torch.float32))
+    # a float32 copy (never an alias of the bucket, which the future overwrites in place)
+    x = state._take_residual(idx, buf.detach().to(torch.float32, copy=True))
     if state.mode == "modular":
         return _modular(state, buf, x, idx, it, W)
     if state.mode == "allgather":
