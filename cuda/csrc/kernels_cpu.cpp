@@ -170,11 +170,16 @@ void lut_one_sided_cpu(const int32_t* ix, const float* sx, const float* tables, 
   const int64_t work = std::max<int64_t>(1, (int64_t)K * M * m);
   const int64_t grain = std::max<int64_t>(1, 65536 / work);
   parallel_for(n, grain, [&](int64_t lo, int64_t hi) {
-    for (int64_t r = lo; r < hi; ++r) {
-      const int32_t* ir = ix + r * (int64_t)K * M;
-      const float* sr = sx + r * (int64_t)K;
+    // tiles of rows: one query's K x Q tables stay in cache while a tile of rows is scored against them
+    constexpr int64_t kTile = 64;
+    for (int64_t r0 = lo; r0 < hi; r0 += kTile) {
+      const int64_t r1 = std::min(hi, r0 + kTile);
       for (int64_t j = 0; j < m; ++j) {
-        out[r * m + j] = (float)lut_one_sided_row<double>(ir, sr, tables + j * (int64_t)K * Q, K, M, Q, (double)q);
+        const float* tj = tables + j * (int64_t)K * Q;
+        for (int64_t r = r0; r < r1; ++r) {
+          out[r * m + j] =
+              (float)lut_one_sided_row<double>(ix + r * (int64_t)K * M, sx + r * (int64_t)K, tj, K, M, Q, (double)q);
+        }
       }
     }
   });

@@ -252,3 +252,16 @@ def test_cuda_add_modq_matches_reference():
         cc.add_modq(a, b, 4)
     with pytest.raises(ValueError, match="shape"):
         cc.add_modq(a, b[:1], 16)
+
+
+def test_cuda_decode_rejects_bad_T_dtypes_and_values():
+    cfg = QuantizationConfig("D4", q=4, M=2, max_scaling_iterations=3)
+    b = torch.zeros(5, 2, 4, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="T must lie"):
+        cc.decode(b, torch.tensor([0, 0, -1, 0, 0]), cfg.lattice, cfg)
+    with pytest.raises(ValueError, match="T must lie"):
+        cc.decode(b, torch.tensor([0, 0, 4, 0, 0]), cfg.lattice, cfg)
+    with pytest.raises(ValueError, match="rows have labels"):
+        cc.decode(b, torch.tensor([0, 0, 4, 0, 0], dtype=torch.uint8), cfg.lattice, cfg)
+    ok = cc.decode(b, torch.tensor([0, 1, 2, 3, 3]), cfg.lattice, cfg)
+    assert torch.equal(ok, torch.zeros(5, 4))  # label 0 in every layer is the origin
