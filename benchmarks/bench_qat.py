@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -74,7 +75,8 @@ def bench_step(n: int, batch: int, reps: int, every: int, threads: int) -> dict:
 def _md(res: dict) -> str:
     s = res["step"]
     out = ["# QAT benchmark (coset.nn)", "",
-           f"Machine: {res['machine']}; torch {res['torch']}; backends {res['backends']}.", "",
+           f"Machine: {res['machine']}; torch {res['torch']}; backends {res['backends']}; load average at start "
+           f"{res['load_average_at_start'][0]:.1f} (other jobs were running on the 2 cores).", "",
            f"## Training step, {s['shape'][0]}x{s['shape'][1]} layer, batch {s['batch']}, {s['threads']} threads", "",
            "| layer | backend | quantize_every | ms/step | x nn.Linear | re-quantize ms |", "|---|---|---|---|---|---|"]
     for r in s["rows"]:
@@ -117,7 +119,8 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     res = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads max, {platform.processor() or 'cpu'}",
-           "torch": torch.__version__, "backends": available_backends()}
+           "torch": torch.__version__, "backends": available_backends(),
+           "load_average_at_start": list(os.getloadavg())}
     print("== training step time")
     res["step"] = bench_step(a.n, a.batch, a.reps, a.every, a.threads)
     if not a.skip_accuracy:

@@ -16,7 +16,7 @@ from coset.nn import QATConfig, load_compressed, quantize_model, save_compressed
 from coset.quant import QuantizationConfig
 
 p = argparse.ArgumentParser()
-p.add_argument("--epochs", type=int, default=15)
+p.add_argument("--epochs", type=int, default=10)
 a = p.parse_args()
 torch.set_num_threads(1)
 out = Path(os.environ.get("COSET_EXAMPLE_OUT", "coset-results"))

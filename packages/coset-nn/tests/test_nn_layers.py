@@ -13,11 +13,16 @@ from coset.quant import QuantizationConfig, quantize, to_blocks, from_blocks
 D4 = QuantizationConfig()
 
 
-def _ql_reference(w: torch.Tensor, beta: float, lattice) -> torch.Tensor:
-    """beta * Q_L(w / beta) per d-block of the flattened rows (float64 -> w.dtype), no overload assumed."""
+def _ql_reference(w: torch.Tensor, beta: float, lattice, f32: bool = False) -> torch.Tensor:
+    """beta * Q_L(w / beta) per d-block of the flattened rows, no overload assumed. The division is in
+    float64 (as coset.quant does with a config beta) or, with ``f32``, in float32 (per-channel betas)."""
     C = w.shape[0]
-    blocks, pad = to_blocks(w.detach().reshape(C, -1).double(), lattice.dim)
-    q = lattice.closest_point64(blocks / beta, True) * beta
+    blocks, pad = to_blocks(w.detach().reshape(C, -1), lattice.dim)
+    if f32:
+        b32 = torch.tensor(beta, dtype=torch.float32)
+        q = lattice.closest_point64((blocks / b32).double(), True).float() * b32
+    else:
+        q = lattice.closest_point64(blocks.double() / beta, True) * beta
     return from_blocks(q, pad).reshape(w.shape).to(w.dtype)
 
 
@@ -73,7 +78,7 @@ def test_nn_per_channel_beta_and_overload_blocks():
 
     assert torch.allclose(betas, rms * 1.25 * beta_min(D4, 1.0), rtol=1e-6)
     assert bool(q.w_T[0, 0] > 0)  # the outlier used the overload ramp
-    ref = torch.stack([_ql_reference(q.weight[c : c + 1], float(betas[c]), D4.lattice)[0] for c in range(6)])
+    ref = torch.stack([_ql_reference(q.weight[c : c + 1], float(betas[c]), D4.lattice, f32=True)[0] for c in range(6)])
     ok = (q.w_T == 0).repeat_interleave(4, dim=1)
     assert bool(ok.any()) and torch.equal(wq[ok], ref[ok])
     # relative error per row is scale free
@@ -102,10 +107,10 @@ def test_nn_padding_is_tracked_and_stripped():
     x = torch.randn(2, 10)
     q(x)
     assert q.pad == 2 and q.w_labels.shape == (3, 3, 2, 4) and q.qweight.shape == (3, 10)
-    blocks, pad = to_blocks(q.weight.detach().double(), 4)
-    betas = q.w_beta.double().reshape(-1, 1, 1)
+    blocks, pad = to_blocks(q.weight.detach(), 4)
+    betas = q.w_beta.reshape(-1, 1, 1)
     unit = quantize(blocks / betas, config=D4) * betas
-    assert torch.equal(q.qweight, from_blocks(unit, pad).float())
+    assert torch.equal(q.qweight, from_blocks(unit, pad))
     # the padded coordinates decode to 0 for blocks without overload
     from coset.quant import decode
 

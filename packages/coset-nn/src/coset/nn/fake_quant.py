@@ -3,8 +3,8 @@
 A weight ``W`` is viewed as ``(C_out, k)`` (k = in_features, or in_channels/groups*kh*kw for convolutions)
 and split into ``nb = ceil(k/d)`` d-blocks per row, the last one zero-padded (``pad = nb d - k`` zeros,
 stripped again after decoding). Each row c is divided by its beta (per-channel, per-tensor or the
-config's), encoded with ``beta = 1`` and decoded; everything runs in float64, so with
-``granularity="fixed"`` the result is bit-for-bit ``coset.quant.quantize(blocks, config=weight)``.
+config's), encoded with ``beta = 1`` and decoded (float32 work, float64 for float64 weights); with ``granularity="fixed"`` the blocks go to
+coset.quant with the config's beta, so the result is bit-for-bit ``coset.quant.quantize(blocks, config=weight)``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ def _unit_config(cfg: QuantizationConfig) -> QuantizationConfig:
     return cfg if cfg.beta == 1.0 else cfg.replace(beta=1.0)
 
 
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def weight_betas(w2: torch.Tensor, qat: QATConfig) -> torch.Tensor:
     """Betas of a ``(C_out, k)`` weight: float64 ``(C_out,)`` (per_channel) or ``(1,)``.
 
@@ -44,11 +48,12 @@ def weight_betas(w2: torch.Tensor, qat: QATConfig) -> torch.Tensor:
     cfg = qat.weight
     if qat.granularity == "fixed":
         return torch.tensor([cfg.effective_beta], dtype=torch.float64, device=w2.device)
-    w64 = w2.detach().to(torch.float64)
+    w = w2.detach().to(_work_dtype(w2))
     if qat.granularity == "per_channel":
-        rms = w64.pow(2).mean(dim=1).sqrt()
+        ms = w.pow(2).mean(dim=1, dtype=torch.float64)
     else:
-        rms = w64.pow(2).mean().sqrt().reshape(1)
+        ms = w.pow(2).mean(dtype=torch.float64).reshape(1)
+    rms = ms.sqrt()
     unit = qat.beta_scale * beta_min(cfg, 1.0)
     beta = torch.where(rms > 0, rms * unit, torch.ones_like(rms))
     return beta.to(torch.float32).to(torch.float64)
@@ -56,6 +61,10 @@ def weight_betas(w2: torch.Tensor, qat: QATConfig) -> torch.Tensor:
 
 def encode_weight(w2: torch.Tensor, betas: torch.Tensor, qat: QATConfig):
     """Encode a ``(C_out, k)`` weight.
+
+    With ``granularity="fixed"`` the blocks go to :func:`coset.quant.encode` with the config's beta (so the
+    result is exactly coset.quant's); otherwise row c is divided by ``beta_c`` (in float32, or float64 for
+    float64 weights) and encoded with beta 1.
 
     Returns
     -------
@@ -66,18 +75,29 @@ def encode_weight(w2: torch.Tensor, betas: torch.Tensor, qat: QATConfig):
     cfg = qat.weight
     if not bool(torch.isfinite(w2).all()):
         raise ValueError("weight contains NaN or Inf; HNLQ cannot encode non-finite values")
-    blocks, _ = to_blocks(w2.detach().to(torch.float64), cfg.dim)
-    u = blocks / betas.reshape(-1, 1, 1)
+    blocks, _ = to_blocks(w2.detach().to(_work_dtype(w2)), cfg.dim)
+    if qat.granularity == "fixed":
+        return encode(blocks, config=cfg, backend=qat.backend, return_clamped=True)
+    u = blocks / betas.to(blocks.dtype).reshape(-1, 1, 1)
     return encode(u, config=_unit_config(cfg), backend=qat.backend, return_clamped=True)
 
 
-def decode_weight(labels: torch.Tensor, T: torch.Tensor, betas: torch.Tensor, qat: QATConfig, k: int) -> torch.Tensor:
-    """Decode codes from :func:`encode_weight` into the float64 ``(C_out, k)`` quantized weight."""
+def decode_weight(labels: torch.Tensor, T: torch.Tensor, betas: torch.Tensor, qat: QATConfig, k: int,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Decode codes from :func:`encode_weight` into the ``(C_out, k)`` quantized weight of ``dtype``.
+
+    "fixed": :func:`coset.quant.decode` with the config's beta. Otherwise the beta-1 decode (lattice
+    points times ``2^(alpha T)``, exact in float32) is multiplied by the float32 betas, one rounding.
+    """
     cfg = qat.weight
-    y = decode(labels, config=_unit_config(cfg), T=T, dtype=torch.float64, backend=qat.backend)
-    y = y * betas.reshape(-1, 1, 1)
+    wd = torch.float64 if dtype == torch.float64 else torch.float32
+    if qat.granularity == "fixed":
+        y = decode(labels, config=cfg, T=T, dtype=wd, backend=qat.backend)
+    else:
+        y = decode(labels, config=_unit_config(cfg), T=T, dtype=wd, backend=qat.backend)
+        y = y * betas.to(wd).reshape(-1, 1, 1)
     pad = labels.shape[-3] * cfg.dim - k
-    return from_blocks(y, pad)
+    return from_blocks(y, pad).to(dtype)
 
 
 def activation_beta(x: torch.Tensor, qat: QATConfig) -> float:

@@ -134,8 +134,8 @@ class QuantLayerMixin:
 
     @torch.no_grad()
     def _decode_cache(self) -> None:
-        w = decode_weight(self.w_labels, self.w_T, self._betas64(), self.qconfig, self.k)
-        self.qweight = w.reshape(self.weight.shape).to(self.weight.dtype)
+        w = decode_weight(self.w_labels, self.w_T, self._betas64(), self.qconfig, self.k, dtype=self.weight.dtype)
+        self.qweight = w.reshape(self.weight.shape)
         self._lut_cache = None
 
     @torch.no_grad()
