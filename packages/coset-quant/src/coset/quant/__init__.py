@@ -16,6 +16,7 @@ from .modq import ModqSumReport, add_modq, from_flat_code, mac_modq, modq_sum_re
 from .packing import pack_labels, packed_nbytes, unpack_labels
 from .quantize import quantize
 from .quantizer import Quantizer
+from .rd import constellation_centroid, entropy_bits, gaussian_data, hnlq_rd, scalar_rd
 
 __all__ = [
     "QuantizationConfig",
@@ -46,5 +47,10 @@ __all__ = [
     "unregister_backend",
     "available_backends",
     "get_backend",
+    "hnlq_rd",
+    "scalar_rd",
+    "gaussian_data",
+    "entropy_bits",
+    "constellation_centroid",
 ]
 __version__ = "0.1.0"
