@@ -4,7 +4,7 @@ Writes benchmarks/results/qat.json, benchmarks/results/qat.md and the curves
 benchmarks/results/qat_mnist1d.png, benchmarks/results/qat_digits.png.
 
     uv run python benchmarks/bench_qat.py                  # everything (a few minutes)
-    uv run python benchmarks/bench_qat.py --skip-accuracy  # step times only
+    uv run python benchmarks/bench_qat.py --skip-accuracy  # step times only (keeps the last accuracy tables)
 
 Step time: one SGD step (forward, backward, optimizer) of a 1024x1024 layer on a (256, 1024) batch, CPU,
 median of ``--reps`` steps after warm-up. QLinear (D4 q=4 M=2, per-channel beta) is timed with every
@@ -56,7 +56,7 @@ def bench_step(n: int, batch: int, reps: int, every: int, threads: int) -> dict:
     lin_ms = 1000 * statistics.median(t)
     rows.append({"layer": "nn.Linear", "backend": "-", "quantize_every": None, "step_ms": lin_ms, "ratio": 1.0})
     for be in available_backends():
-        for qe in (1, every):
+        for qe in sorted({1, 4, every}):
             q = QLinear(n, n, qconfig=QATConfig(backend=be, quantize_every=qe))
             q.load_state_dict(base.state_dict())
             # at least two full re-quantization periods are timed
@@ -123,6 +123,11 @@ def main() -> None:
            "load_average_at_start": list(os.getloadavg())}
     print("== training step time")
     res["step"] = bench_step(a.n, a.batch, a.reps, a.every, a.threads)
+    old = out / "qat.json"
+    if a.skip_accuracy and old.exists():  # keep the last accuracy tables
+        prev = json.loads(old.read_text())
+        if "accuracy" in prev:
+            res["accuracy"] = prev["accuracy"]
     if not a.skip_accuracy:
         res["accuracy"] = {}
         for name, ep in (("mnist1d", a.epochs_mnist1d), ("digits", a.epochs_digits)):

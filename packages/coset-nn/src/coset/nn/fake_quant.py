@@ -102,7 +102,8 @@ def decode_weight(labels: torch.Tensor, T: torch.Tensor, betas: torch.Tensor, qa
 
 def activation_beta(x: torch.Tensor, qat: QATConfig) -> float:
     """Per-tensor beta of an activation batch: ``act_beta_scale * beta_min(activation, rms(x))`` (float32-rounded)."""
-    rms = float(x.detach().to(torch.float64).pow(2).mean().sqrt()) if x.numel() else 0.0
+    xd = x.detach()
+    rms = float(xd.to(_work_dtype(xd)).pow(2).mean(dtype=torch.float64).sqrt()) if x.numel() else 0.0
     if not rms > 0 or rms != rms:
         return 1.0
     return float(torch.tensor(qat.act_beta_scale * beta_min(qat.activation, 1.0) * rms, dtype=torch.float32))
