@@ -359,3 +359,19 @@ def test_nn_state_dict_roundtrip_strict_identical_outputs(every):
     assert torch.equal(src(x), dst(x))
     with pytest.raises(RuntimeError):
         make().load_state_dict({k: v for k, v in sd.items() if k != "0.w_T"}, strict=True)
+
+
+def test_nn_torch_save_whole_model_pickles(tmp_path):
+    import io
+
+    m = nn.Sequential(QLinear(8, 6, qconfig=QATConfig(activation=D4)), nn.ReLU(), QConv1d(1, 2, 3))
+    x = torch.randn(4, 8)
+    m.train()
+    m[0](x)
+    m.eval()
+    y = m[0](x)
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    m2 = torch.load(buf, weights_only=False)
+    assert torch.equal(m2[0](x), y)
