@@ -87,16 +87,22 @@ def _md(res: dict) -> str:
         c = a["config"]
         out += ["", f"## {name}: FP32 vs HNLQ QAT ({c['lattice_type']} q={c['q']} M={c['M']}), "
                 f"{a['epochs']} epochs, batch {a['batch_size']}, lr {a['lr']}, seed {a['seed']}", "",
-                "| variant | final test acc % | gap to FP32 (pts) | effective bits/weight | file bytes | "
-                "weight blocks T>0 | act blocks T>0 | ms/step |", "|---|---|---|---|---|---|---|---|"]
+                "| variant | final test acc % | gap to FP32 (pts) | label bits/w | T bits/w | effective bits/w | "
+                "file bytes | weight blocks T>0 | act blocks T>0 | ms/step |", "|---|---|---|---|---|---|---|---|---|---|"]
         for v, e in a["variants"].items():
             gap = a.get("gap_points", {}).get(v, 0.0)
             step = f"{e['curves']['step_ms']:.2f}" if "curves" in e else "-"
             wo = e.get("weight_overload_rate", float("nan"))
             ao = e.get("act_overload_rate", float("nan"))
             f = lambda v: "-" if v != v else f"{100 * v:.1f}%"  # noqa: E731
-            out.append(f"| {v} | {e['final_test_acc']:.2f} | {gap:+.2f} | {e['bits_per_weight']:.2f} | "
+            ck = e.get("compressed")
+            lb = f"{ck['label_bits_per_weight']:.2f}" if ck else "-"
+            tb = f"{8 * ck['T_bytes'] / ck['num_quantized_weights']:.2f}" if ck else "-"
+            out.append(f"| {v} | {e['final_test_acc']:.2f} | {gap:+.2f} | {lb} | {tb} | {e['bits_per_weight']:.2f} | "
                        f"{e['size_bytes']} | {f(wo)} | {f(ao)} | {step} |")
+        out.append("")
+        out.append("effective bits/w = (labels + T + float32 betas + JSON metadata) / quantized weights; file bytes "
+                   "also hold the float biases. PTQ = the trained fp32 weights quantized after training.")
         out.append("")
         out.append(f"![curves](qat_{name}.png)")
     out.append("")
