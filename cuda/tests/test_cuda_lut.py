@@ -150,3 +150,34 @@ def test_cuda_lut_registry_and_bad_inputs():
     with pytest.raises(ValueError, match="iy"):
         cc.lut_two_sided(ix, sx, torch.zeros(3, 2, 3, dtype=torch.int32), sx, lut, 4)
     assert cc.lut_two_sided(ix[:0], sx[:0], ix, sx, lut, 4).shape == (0, 3)
+
+
+def test_cuda_lut_two_sided_int64_path():
+    """int32 LUT entries near 2^30 with q=16, M=4: inner sums beyond 2^53 take the int64 accumulator."""
+    g = torch.Generator().manual_seed(5)
+    q, M, K, Q = 16, 4, 3, 16
+    lut = torch.randint(-(2**30), 2**30, (Q, Q), generator=g, dtype=torch.int64).to(torch.int32)
+    ix = torch.randint(0, Q, (9, K, M), generator=g, dtype=torch.int32)
+    iy = torch.randint(0, Q, (11, K, M), generator=g, dtype=torch.int32)
+    sx, sy = torch.rand(9, K, generator=g) + 0.5, torch.rand(11, K, generator=g) + 0.5
+    out = cc.lut_two_sided(ix, sx, iy, sy, lut, q)
+    ref, absum = ref_two_sided(ix, sx, iy, sy, lut, q)
+    assert float(absum.max()) > 2.0**53  # really beyond float64's exact integers
+    _close(out, ref, absum, 1e-15)
+
+
+def test_cuda_lut_query_chunking():
+    """Large K * Q forces the kernels to process the queries in several chunks."""
+    g = torch.Generator().manual_seed(6)
+    q, M, K, Q = 4, 2, 600, 4096
+    ix = torch.randint(0, Q, (20, K, M), generator=g, dtype=torch.int32)
+    iy = torch.randint(0, Q, (7, K, M), generator=g, dtype=torch.int32)
+    sx, sy = torch.rand(20, K, generator=g), torch.rand(7, K, generator=g)
+    lut = torch.randint(-20, 21, (Q, Q), generator=g).to(torch.int8)
+    out = cc.lut_two_sided(ix, sx, iy, sy, lut, q)
+    ref, absum = ref_two_sided(ix, sx, iy, sy, lut, q)
+    _close(out, ref, absum, 1e-12)
+    tables = torch.randn(5, K, Q, generator=g)
+    out1 = cc.lut_one_sided(ix, sx, tables, q)
+    ref1, absum1 = ref_one_sided(ix, sx, tables, q)
+    _close(out1, ref1, absum1, 1e-12)
