@@ -82,8 +82,11 @@ def load_digits(test_fraction: float = 0.25, seed: int = 0) -> Dataset:
         raise ValueError(f"test_fraction must be a float in (0, 1), got {test_fraction!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    from sklearn.datasets import load_digits as _load
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.datasets import load_digits as _load
+        from sklearn.model_selection import train_test_split
+    except ImportError as e:  # scikit-learn is in the workspace dev group, not a coset-cli dependency
+        raise ImportError("load_digits needs scikit-learn: pip install scikit-learn") from e
 
     d = _load()
     x = d.data.astype(np.float32) / 16.0

@@ -50,9 +50,9 @@ def weight_betas(w2: torch.Tensor, qat: QATConfig) -> torch.Tensor:
         return torch.tensor([cfg.effective_beta], dtype=torch.float64, device=w2.device)
     w = w2.detach().to(_work_dtype(w2))
     if qat.granularity == "per_channel":
-        ms = w.pow(2).mean(dim=1, dtype=torch.float64)
+        ms = w.pow(2).mean(dim=1).to(torch.float64)
     else:
-        ms = w.pow(2).mean(dtype=torch.float64).reshape(1)
+        ms = w.pow(2).mean().to(torch.float64).reshape(1)
     rms = ms.sqrt()
     unit = qat.beta_scale * beta_min(cfg, 1.0)
     beta = torch.where(rms > 0, rms * unit, torch.ones_like(rms))
