@@ -114,7 +114,8 @@ def test_nn_padding_is_tracked_and_stripped():
     # the padded coordinates decode to 0 for blocks without overload
     from coset.quant import decode
 
-    last = decode(q.w_labels[:, -1], config=D4, T=q.w_T[:, -1], dtype=torch.float64)
+    labels, T, _ = q.codes()
+    last = decode(labels[:, -1], config=D4, T=T[:, -1], dtype=torch.float64)
     assert torch.equal(last[q.w_T[:, -1] == 0][:, 2:], torch.zeros_like(last[q.w_T[:, -1] == 0][:, 2:]))
     # bits/weight counts the padding: 3 blocks * (16 label bits + 4 T bits) per 10 weights + betas
     assert math.isclose(q.bits_per_weight(), (3 * 3 * 20 + 32 * 3) / 30)
@@ -375,3 +376,12 @@ def test_nn_torch_save_whole_model_pickles(tmp_path):
     buf.seek(0)
     m2 = torch.load(buf, weights_only=False)
     assert torch.equal(m2[0](x), y)
+
+
+def test_nn_overload_policy_error_propagates():
+    from coset.quant import OverloadError
+
+    cfg = QuantizationConfig(beta=1e-3, max_scaling_iterations=0, overload_policy="error")
+    q = QLinear(8, 2, qconfig=QATConfig(weight=cfg, granularity="fixed"))
+    with pytest.raises(OverloadError):
+        q(torch.randn(3, 8))

@@ -126,8 +126,7 @@ def save_compressed(model: nn.Module, path: PathLike) -> CheckpointReport:
         entry = {"kind": _KIND[type(layer)], "weight_shape": list(layer.weight.shape), "k": layer.k,
                  "pad": layer.pad, "config": configs.index(cdict)}
         if cfg is not None:
-            layer.quantized_weight()  # bring the codes up to date (as eval would)
-            labels, T = layer.w_labels, layer.w_T
+            labels, T, _ = layer.codes()  # brought up to date as an eval forward would
             tmax = int(T.max()) if T.numel() else 0
             t_q = max(tmax + 1, 2)
             tensors[f"{name}.labels"] = pack_labels(labels.cpu(), cfg.q)
@@ -206,6 +205,7 @@ def load_compressed(path: PathLike, model: nn.Module) -> nn.Module:
         labels = unpack_labels(tensors[f"{name}.labels"], cfg.weight.q, lshape).to(dev)
         T = unpack_labels(tensors[f"{name}.T"], int(entry["T_q"]), lshape[:2]).to(dev)
         with torch.no_grad():
+            mod._pending = None
             mod.w_labels = labels
             mod.w_T = T
             mod.w_clamped = torch.zeros_like(T, dtype=torch.bool)

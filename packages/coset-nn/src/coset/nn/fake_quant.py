@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import torch
 
-from coset.quant import QuantizationConfig, beta_min, decode, encode, from_blocks, quantize, to_blocks
+from coset.quant import OverloadError, QuantizationConfig, beta_min, decode, encode, from_blocks, quantize, to_blocks
 
 from .config import QATConfig
 
 __all__ = [
     "overload_radius",
     "weight_betas",
+    "scaled_weight_blocks",
     "encode_weight",
+    "quantize_weight",
     "decode_weight",
     "activation_beta",
     "quantize_activation",
@@ -59,12 +61,26 @@ def weight_betas(w2: torch.Tensor, qat: QATConfig) -> torch.Tensor:
     return beta.to(torch.float32).to(torch.float64)
 
 
-def encode_weight(w2: torch.Tensor, betas: torch.Tensor, qat: QATConfig):
-    """Encode a ``(C_out, k)`` weight.
+def scaled_weight_blocks(w2: torch.Tensor, betas: torch.Tensor, qat: QATConfig):
+    """The encoder input of a ``(C_out, k)`` weight and the config to encode it with.
 
-    With ``granularity="fixed"`` the blocks go to :func:`coset.quant.encode` with the config's beta (so the
-    result is exactly coset.quant's); otherwise row c is divided by ``beta_c`` (in float32, or float64 for
-    float64 weights) and encoded with beta 1.
+    "fixed": the d-blocks themselves and the weight config (beta applied inside coset.quant, so results are
+    exactly coset.quant's). Otherwise row c divided by ``beta_c`` (float32, or float64 for float64 weights)
+    and the config with beta 1.
+
+    Returns
+    -------
+    u : (C_out, nb, d) tensor; cfg : QuantizationConfig
+    """
+    cfg = qat.weight
+    blocks, _ = to_blocks(w2.detach().to(_work_dtype(w2)), cfg.dim)
+    if qat.granularity == "fixed":
+        return blocks, cfg
+    return blocks / betas.to(blocks.dtype).reshape(-1, 1, 1), _unit_config(cfg)
+
+
+def encode_weight(w2: torch.Tensor, betas: torch.Tensor, qat: QATConfig):
+    """Encode a ``(C_out, k)`` weight (see :func:`scaled_weight_blocks`).
 
     Returns
     -------
@@ -72,14 +88,36 @@ def encode_weight(w2: torch.Tensor, betas: torch.Tensor, qat: QATConfig):
     T : (C_out, nb) uint8
     clamped : (C_out, nb) bool
     """
-    cfg = qat.weight
-    if not bool(torch.isfinite(w2).all()):
-        raise ValueError("weight contains NaN or Inf; HNLQ cannot encode non-finite values")
-    blocks, _ = to_blocks(w2.detach().to(_work_dtype(w2)), cfg.dim)
-    if qat.granularity == "fixed":
-        return encode(blocks, config=cfg, backend=qat.backend, return_clamped=True)
-    u = blocks / betas.to(blocks.dtype).reshape(-1, 1, 1)
-    return encode(u, config=_unit_config(cfg), backend=qat.backend, return_clamped=True)
+    u, cfg = scaled_weight_blocks(w2, betas, qat)
+    try:
+        return encode(u, config=cfg, backend=qat.backend, return_clamped=True)
+    except OverloadError:
+        raise
+    except ValueError as e:  # coset.quant checks finiteness; say which tensor
+        raise ValueError(f"weight: {e}") from None
+
+
+def quantize_weight(w2: torch.Tensor, betas: torch.Tensor, qat: QATConfig, dtype: torch.dtype = torch.float32):
+    """Fused encode+decode of a ``(C_out, k)`` weight; equal to ``decode_weight(encode_weight(...))``.
+
+    Returns
+    -------
+    wq : (C_out, k) tensor of ``dtype``
+    T : (C_out, nb) uint8
+    clamped : (C_out, nb) bool
+    pending : (u, cfg), pass to :func:`coset.quant.encode` to get the labels later
+    """
+    u, cfg = scaled_weight_blocks(w2, betas, qat)
+    try:
+        xh, T, clamped = quantize(u, config=cfg, backend=qat.backend, return_info=True)
+    except OverloadError:
+        raise
+    except ValueError as e:  # coset.quant checks finiteness; say which tensor
+        raise ValueError(f"weight: {e}") from None
+    if qat.granularity != "fixed":
+        xh = xh * betas.to(xh.dtype).reshape(-1, 1, 1)
+    pad = u.shape[-2] * u.shape[-1] - w2.shape[-1]
+    return from_blocks(xh, pad).to(dtype), T, clamped, (u, cfg)
 
 
 def decode_weight(labels: torch.Tensor, T: torch.Tensor, betas: torch.Tensor, qat: QATConfig, k: int,

@@ -34,10 +34,12 @@ import torch
 from torch import nn
 
 from .config import QATConfig
+from coset.quant import encode
+
 from .fake_quant import (
     activation_beta,
     decode_weight,
-    encode_weight,
+    quantize_weight,
     overload_radius,
     quantize_activation,
     weight_betas,
@@ -73,6 +75,7 @@ class QuantLayerMixin:
         self.quant_enabled = True
         self._step = 0
         self._codes_valid = False
+        self._pending = None
         self._cache_version = -2
         self._lut_cache = None
         self._w_overload_rate = float("nan")
@@ -117,23 +120,48 @@ class QuantLayerMixin:
 
     @torch.no_grad()
     def requantize(self) -> None:
-        """Encode the current shadow weight now (codes, betas and the cached quantized weight)."""
+        """Quantize the current shadow weight now (T, betas and the cached quantized weight).
+
+        Uses the fused ``coset.quant.quantize``; the labels are encoded from the same scaled blocks only when
+        something needs them (state_dict, checkpoint, LUT, :meth:`codes`), which gives the same labels and
+        saves a decode per training step.
+        """
         if self.qconfig.weight is None:
             return
         w2 = self.weight.detach().reshape(self.weight.shape[0], -1)
         betas = weight_betas(w2, self.qconfig)
-        labels, T, clamped = encode_weight(w2, betas, self.qconfig)
-        self.w_labels = labels
+        wq, T, clamped, pending = quantize_weight(w2, betas, self.qconfig, dtype=self.weight.dtype)
+        self.qweight = wq.reshape(self.weight.shape)
+        self._pending = pending
         self.w_T = T
         self.w_clamped = clamped
         self.w_beta = betas.to(torch.float32).reshape(self.w_beta.shape)
         self._codes_valid = True
         self._cache_version = _version(self.weight)
         self._w_overload_rate = float(((T > 0) | clamped).float().mean()) if T.numel() else 0.0
-        self._decode_cache()
+        self._lut_cache = None
+
+    @torch.no_grad()
+    def _ensure_labels(self) -> None:
+        pending = self.__dict__.get("_pending")
+        if pending is not None:
+            u, cfg = pending
+            labels, _ = encode(u, config=cfg, backend=self.qconfig.backend)
+            self.w_labels = labels
+            self._pending = None
+
+    def codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(labels (C_out, nb, M, d) uint8, T (C_out, nb) uint8, betas float32)``: the codes an eval-mode
+        forward uses (re-quantized first if the shadow weight changed since the last quantization)."""
+        if self.qconfig.weight is None:
+            raise ValueError("this layer does not quantize its weight (qconfig.weight is None)")
+        self._refresh_for_eval()
+        self._ensure_labels()
+        return self.w_labels, self.w_T, self.w_beta
 
     @torch.no_grad()
     def _decode_cache(self) -> None:
+        self._ensure_labels()
         w = decode_weight(self.w_labels, self.w_T, self._betas64(), self.qconfig, self.k, dtype=self.weight.dtype)
         self.qweight = w.reshape(self.weight.shape)
         self._lut_cache = None
@@ -215,6 +243,7 @@ class QuantLayerMixin:
 
             cfg = self.qconfig.weight
             unit = cfg if cfg.beta == 1.0 else cfg.replace(beta=1.0)
+            self._ensure_labels()
             self._lut_cache = EncodedMatrix(labels=self.w_labels, T=self.w_T, config=unit, k=self.k)
         return self._lut_cache
 
@@ -249,6 +278,8 @@ class QuantLayerMixin:
 
     # ------------------------------------------------------------------ state_dict
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.qconfig.weight is not None and self._codes_valid:
+            self._ensure_labels()
         if self.q_state is not None:  # [training steps, codes current with the shadow weight]
             current = self._codes_valid and self._cache_version == _version(self.weight)
             self.q_state.copy_(torch.tensor([self._step, int(current)], dtype=torch.int64))
@@ -259,6 +290,7 @@ class QuantLayerMixin:
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        self._pending = None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         optional = _CODE_KEYS + ("act_beta",)
@@ -284,6 +316,8 @@ class QuantLayerMixin:
             self._lut_cache = None
 
     def _apply(self, fn, *args, **kwargs):
+        if self.qconfig.weight is not None and self._codes_valid:
+            self._ensure_labels()
         fresh = self._codes_valid and self._cache_version == _version(self.weight)
         dtype = self.weight.dtype
         out = super()._apply(fn, *args, **kwargs)
