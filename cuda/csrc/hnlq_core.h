@@ -51,7 +51,10 @@ struct QuantParams {
 constexpr double kTwo53 = 9007199254740992.0;
 
 // fmod(v, 2) != 0 for an integral double v: every double >= 2^53 in magnitude is even.
-COSET_HD bool is_odd(double v) { return fabs(v) < kTwo53 && (((int64_t)v) & 1); }
+COSET_HD bool is_odd(double v) {
+  const bool small = fabs(v) < kTwo53;
+  return small & (bool)(((int64_t)(small ? v : 0.0)) & 1);
+}
 
 // torch.remainder(c, q) for an integral double c (q > 0): integer arithmetic where exact, else fmod.
 COSET_HD double remainder_q(double c, int q) {
@@ -87,10 +90,9 @@ COSET_HD void cp_dn(const double* x, double* y, int d_rt) {
     y[i] = f;
     sum += f;
     const double a = fabs(x[i] - f);
-    if (a > best) {  // strict: the first maximal index, like torch.argmax
-      best = a;
-      k = i;
-    }
+    const bool gt = a > best;  // strict: the first maximal index, like torch.argmax (branch-free select)
+    best = gt ? a : best;
+    k = gt ? i : k;
   }
   if (is_odd(sum)) {
     const double dk = x[k] - y[k];

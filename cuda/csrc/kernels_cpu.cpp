@@ -182,6 +182,43 @@ COSET_CLONES static void axpy_f(double* __restrict__ acc, const float* __restric
 COSET_CLONES static void axpy_d(double* __restrict__ acc, const double* __restrict__ row, double w, int64_t n) {
   for (int64_t j = 0; j < n; ++j) acc[j] += w * row[j];
 }
+// One encoded row against a chunk of mc queries (tabT: (K, Q, mc) transposed tables); whole row per call so
+// the inner loops inline into the AVX2 clone.
+COSET_CLONES static void one_sided_row(double* __restrict__ acc, const int32_t* __restrict__ ir,
+                                       const float* __restrict__ sr, const float* __restrict__ tabT, int64_t K,
+                                       int M, int64_t Q, int64_t mc, double qd) {
+  for (int64_t j = 0; j < mc; ++j) acc[j] = 0.0;
+  for (int64_t k = 0; k < K; ++k) {
+    double w = (double)sr[k];
+    for (int mm = 0; mm < M; ++mm) {
+      const float* __restrict__ row = tabT + (k * Q + ir[k * M + mm]) * mc;
+      for (int64_t j = 0; j < mc; ++j) acc[j] += w * (double)row[j];
+      w *= qd;
+    }
+  }
+}
+
+// Two-sided, float64 inner sums (exact below 2^53): U (K, Q, mc) half tables, syT (K, mc).
+COSET_CLONES static void two_sided_row(double* __restrict__ acc, double* __restrict__ inner,
+                                       const int32_t* __restrict__ ir, const float* __restrict__ sr,
+                                       const double* __restrict__ U, const double* __restrict__ syT, int64_t K,
+                                       int M, int64_t Q, int64_t mc, double qd) {
+  for (int64_t j = 0; j < mc; ++j) acc[j] = 0.0;
+  for (int64_t k = 0; k < K; ++k) {
+    const double* __restrict__ u0 = U + (k * Q + ir[k * M]) * mc;
+    for (int64_t j = 0; j < mc; ++j) inner[j] = u0[j];
+    double wm = qd;
+    for (int mm = 1; mm < M; ++mm) {
+      const double* __restrict__ u = U + (k * Q + ir[k * M + mm]) * mc;
+      for (int64_t j = 0; j < mc; ++j) inner[j] += wm * u[j];
+      wm *= qd;
+    }
+    const double s = (double)sr[k];
+    const double* __restrict__ sk = syT + k * mc;
+    for (int64_t j = 0; j < mc; ++j) acc[j] += (s * sk[j]) * inner[j];
+  }
+}
+
 COSET_CLONES static void axpy_scaled(double* __restrict__ acc, const double* __restrict__ sy,
                                      const double* __restrict__ inner, double s, int64_t n) {
   for (int64_t j = 0; j < n; ++j) acc[j] += (s * sy[j]) * inner[j];
@@ -210,15 +247,8 @@ void lut_one_sided_cpu(const int32_t* ix, const float* sx, const float* tables, 
     parallel_for(n, grain, [&](int64_t lo, int64_t hi) {
       std::vector<double> acc((size_t)mc);
       for (int64_t r = lo; r < hi; ++r) {
-        std::fill(acc.begin(), acc.end(), 0.0);
-        const int32_t* ir = ix + r * (int64_t)K * M;
-        for (int64_t k = 0; k < K; ++k) {
-          double w = (double)sx[r * K + k];
-          for (int mm = 0; mm < M; ++mm) {
-            axpy_f(acc.data(), tabT.data() + (k * Q + ir[k * M + mm]) * mc, w, mc);
-            w *= (double)q;
-          }
-        }
+        one_sided_row(acc.data(), ix + r * (int64_t)K * M, sx + r * (int64_t)K, tabT.data(), K, M, Q, mc,
+                      (double)q);
         float* o = out + r * m + j0;
         for (int64_t jj = 0; jj < mc; ++jj) o[jj] = (float)acc[jj];
       }
@@ -260,8 +290,15 @@ static void lut_two_sided_impl(const int32_t* ix, const float* sx, const int32_t
       std::vector<Inner> inner((size_t)mc);
       std::vector<double> innerd((size_t)mc);
       for (int64_t r = lo; r < hi; ++r) {
-        std::fill(acc.begin(), acc.end(), 0.0);
         const int32_t* ir = ix + r * (int64_t)K * M;
+        if constexpr (std::is_same<Inner, double>::value) {
+          two_sided_row(acc.data(), innerd.data(), ir, sx + r * (int64_t)K, U.data(), syT.data(), K, M, Q, mc,
+                        (double)q);
+          float* o = out + r * m + j0;
+          for (int64_t jj = 0; jj < mc; ++jj) o[jj] = (float)acc[jj];
+          continue;
+        }
+        std::fill(acc.begin(), acc.end(), 0.0);
         for (int64_t k = 0; k < K; ++k) {
           const double s = (double)sx[r * K + k];
           const double* sk = syT.data() + k * mc;

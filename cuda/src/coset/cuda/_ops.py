@@ -82,11 +82,17 @@ def _stream(t: torch.Tensor) -> int:
 
 
 def _consts(lattice: Lattice, config: QuantizationConfig, dithered: bool):
+    if not isinstance(config, QuantizationConfig):
+        raise TypeError(f"config must be a QuantizationConfig, got {type(config).__name__}")
+    return _consts_cached(lattice, config, bool(dithered))
+
+
+@lru_cache(maxsize=128)
+def _consts_cached(lattice: Lattice, config: QuantizationConfig, dithered: bool):
+    """Kernel constants (read-only arrays shared between calls; the C++ side never writes them)."""
     kind = lattice_kind(lattice)
     if kind is None:
         raise ValueError(f"lattice: the native kernels support Z^n/D_n (n <= {MAX_DIM}) and E8, got {lattice!r}")
-    if not isinstance(config, QuantizationConfig):
-        raise TypeError(f"config must be a QuantizationConfig, got {type(config).__name__}")
     eps = np.ascontiguousarray(lattice._eps, dtype=np.float64) if config.with_tie_dither else None
     scales = np.asarray(config.scales, dtype=np.float64)
     rad = float(_safe_radius(lattice, config.q, config.M, dithered))
