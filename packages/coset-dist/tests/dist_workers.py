@@ -66,7 +66,42 @@ def one_step(model_fn, state_kwargs, xs_rank, dtype=torch.float32, bucket_cap_mb
     return state, outs
 
 
+def modular_expectation(state, cfg, xs, n, W, chunk):
+    """The same codes through the public pieces: every rank can compute every rank's lattice points."""
+    lat, modulus = cfg.lattice, cfg.q**cfg.M
+    s = state.bucket_scales[0]
+    bpc = chunk // lat.dim
+    lams, codes = [], []
+    for r in range(W):
+        c, lam = modular_encode(xs[r], s, lat, modulus, bpc)
+        lams.append(lam)
+        codes.append(c)
+    pk = choose_sum_packing(modulus, W)
+    summed = sum(pack_sum_fields(c, pk) for c in codes)
+    out = {"bpc": bpc, "packing": pk.kind}
+    out["decoded_sum"] = modular_decode(unpack_sum_fields(summed, codes[0].numel(), pk), lat, modulus)
+    out["sum_of_points"] = torch.stack(lams).sum(0)
+    s_blocks = s.repeat_interleave(bpc)[: lams[0].shape[0]].unsqueeze(-1)
+    out["expected_out"] = ((out["sum_of_points"] * s_blocks).reshape(-1)[:n] / W).to(torch.float32)
+    return out
+
+
 # ---------------------------------------------------------------------------------------- scenarios
+def scenario_modular_w(rank, W):
+    """Modular exactness at any world size (guard bits grow with W)."""
+    res = {}
+    for cname, cfg in (("q4M2", default_config(4, 2)), ("q16M2", default_config(16, 2))):
+        n = 1003
+        xs = [grad_of(r, n, seed=W) for r in range(W)]
+        kw = dict(config=cfg, mode="modular", error_feedback=False, start_iter=0, chunk_size=256)
+        state, outs = one_step(lambda: Vec(n), kw, lambda k: xs[rank])
+        entry = {"out": outs[0][0], "xs": xs, "stats": state.stats(), "scales": state.bucket_scales.get(0)}
+        entry.update(modular_expectation(state, cfg, xs, n, W, 256))
+        res[cname] = entry
+    return res
+
+
+
 def scenario_modes(rank, W):
     res = {}
     cfgs = {
@@ -86,23 +121,7 @@ def scenario_modes(rank, W):
                 out = outs[0][0]
                 entry = {"out": out, "xs": xs, "stats": state.stats(), "scales": state.bucket_scales.get(0)}
                 if mode == "modular":
-                    # the same codes through the public pieces: every rank can compute every rank's points
-                    lat, modulus = cfg.lattice, cfg.q**cfg.M
-                    s = state.bucket_scales[0]
-                    bpc = 256 // lat.dim
-                    lams, codes = [], []
-                    for r in range(W):
-                        c, lam = modular_encode(xs[r], s, lat, modulus, bpc)
-                        lams.append(lam)
-                        codes.append(c)
-                    pk = choose_sum_packing(modulus, W)
-                    summed = sum(pack_sum_fields(c, pk) for c in codes)
-                    entry["decoded_sum"] = modular_decode(unpack_sum_fields(summed, codes[0].numel(), pk), lat, modulus)
-                    entry["sum_of_points"] = torch.stack(lams).sum(0)
-                    nb = lams[0].shape[0]
-                    s_blocks = s.repeat_interleave(bpc)[:nb].unsqueeze(-1)
-                    entry["expected_out"] = ((entry["sum_of_points"] * s_blocks).reshape(-1)[:n] / W).to(torch.float32)
-                    entry["bpc"] = bpc
+                    entry.update(modular_expectation(state, cfg, xs, n, W, 256))
                 res[(mode, cname, n)] = entry
     # zero and all-equal gradients
     for mode in ("allgather", "modular", "decode"):
@@ -181,7 +200,12 @@ def scenario_all(rank, W):
     return {"modes": scenario_modes(rank, W), "errors": scenario_errors(rank, W)}
 
 
-SCENARIOS = {"modes": scenario_modes, "errors": scenario_errors, "all": scenario_all}
+SCENARIOS = {
+    "modes": scenario_modes,
+    "errors": scenario_errors,
+    "all": scenario_all,
+    "modular_w": scenario_modular_w,
+}
 
 
 def _worker(rank, scenario, outdir, W, initfile):

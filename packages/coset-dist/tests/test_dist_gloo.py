@@ -236,6 +236,25 @@ def test_dithered_hooks(modes, mode):
         assert bool((err <= bound * (1 + 1e-5) + 1e-7).all())
 
 
+def test_modular_sum_exact_with_three_ranks(tmp_path):
+    """W=3 in a real gloo run: 2 guard bits per int64 field (q^M=16) and uint8 wrap-around (q^M=256)."""
+    res = run_scenario("modular_w", tmp_path, world_size=3)
+    for cname, kind in (("q4M2", "int64"), ("q16M2", "uint8")):
+        cfg = CONFIGS[cname]
+        for r in range(3):
+            e = res[r][cname]
+            assert e["packing"] == kind
+            assert torch.equal(e["decoded_sum"], e["sum_of_points"])
+            assert torch.equal(e["out"], e["expected_out"])
+            assert torch.equal(e["out"], res[0][cname]["out"])
+        e = res[0][cname]
+        lat = cfg.lattice
+        s_b = e["scales"].repeat_interleave(e["bpc"])[: e["sum_of_points"].shape[0]]
+        avg = to_blocks(sum(x.double() for x in e["xs"]) / 3, 4)[0]
+        err = torch.linalg.vector_norm(to_blocks(e["out"].double(), 4)[0] - avg, dim=-1)
+        assert bool((err <= s_b * lat.covering_radius * (1 + 1e-5) + 1e-7).all())
+
+
 def test_modulus_too_small_rejected_at_construction(modes):
     msg = modes[0]["small_modulus_error"]
     assert msg is not None and "raise q or M" in msg
