@@ -72,16 +72,34 @@ def test_payload_bytes_match_rate():
     assert 4 * n / lay.nbytes > 6.5
 
 
-@pytest.mark.parametrize("q", [2, 3, 4, 5, 8, 16, 17, 256])
-@pytest.mark.parametrize("n", [0, 1, 7, 1001])
-def test_fast_packing_matches_pack_labels(q, n):
-    from coset.dist.codec import _pack, _unpack
-    from coset.quant import pack_labels
+def _bitstream(vals, k):
+    """Little-endian bit stream with value i at bits [i k, (i+1) k), built with one Python integer."""
+    acc = 0
+    for i, v in enumerate(vals):
+        acc |= int(v) << (i * k)
+    n = math.ceil(len(vals) * k / 8)
+    return acc.to_bytes(n, "little") if n else b""
 
-    lab = torch.randint(0, q, (n,), generator=torch.Generator().manual_seed(q * 1000 + n)).to(torch.uint8)
-    got = _pack(lab, q)
-    assert torch.equal(got, pack_labels(lab, q))
-    assert torch.equal(_unpack(got, q, (n,)), lab)
+
+@pytest.mark.parametrize("q", [2, 3, 4, 5, 8, 16])
+@pytest.mark.parametrize("n", [1, 7, 1001])
+def test_payload_bytes_are_the_quant_bit_stream(q, n):
+    """The payload stores labels and T with coset.quant's packer: check the bytes against an independent
+    big-integer bit stream, and the round trip of the labels through decode_payload."""
+    cfg = QuantizationConfig("D4", q, 2, beta=0.5, alpha=1.0, max_scaling_iterations=6)
+    x = heavy(n, 50 + q + n)
+    p, info = encode_payload(x, cfg)
+    lay = payload_layout(n, cfg)
+    blocks, _ = to_blocks(x / info["rho"], cfg.dim)
+    b, T = encode(blocks, config=cfg)
+    k = (q - 1).bit_length()
+    assert bytes(p[: lay.label_bytes].tolist()) == _bitstream(b.reshape(-1).tolist(), k)
+    kt = cfg.max_scaling_iterations.bit_length()
+    assert bytes(p[lay.label_bytes : lay.label_bytes + lay.t_bytes].tolist()) == _bitstream(T.tolist(), kt)
+    xh, flag = decode_payload(p, n, cfg)
+    rho32 = float(torch.tensor(info["rho"], dtype=torch.float32))  # the header stores rho as float32
+    ref = (decode(b, cfg.lattice, cfg, T, dtype=torch.float64) * rho32).reshape(-1)[:n]
+    assert not flag and torch.equal(xh, ref)
 
 
 def test_payload_zero_empty_and_nonfinite():

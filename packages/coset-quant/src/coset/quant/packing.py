@@ -1,4 +1,10 @@
-"""Bit-packing of labels: ``ceil(log2 q)`` bits per label, little-endian, so storage equals the rate."""
+"""Bit-packing of labels: ``ceil(log2 q)`` bits per label, little-endian, so storage equals the rate.
+
+Byte layout (all paths): label i occupies bits ``[i k, (i+1) k)`` of a little-endian bit stream,
+``k = ceil(log2 q)``, the last byte zero-padded. Bit widths dividing 8 (k = 1, 2, 4) use a vectorized
+shift-and-sum of ``8 // k`` labels per byte; k = 8 is a plain cast; the other widths (3, 5, 6, 7), whose
+labels straddle byte boundaries, go through a bit expansion.
+"""
 
 from __future__ import annotations
 
@@ -20,31 +26,88 @@ def packed_nbytes(numel: int, q: int) -> int:
     return math.ceil(numel * _bits(q) / 8)
 
 
-def pack_labels(b: torch.Tensor, q: int) -> torch.Tensor:
-    """Pack a label tensor (any shape, values in [0, q)) into a flat uint8 tensor of ``packed_nbytes`` bytes.
-
-    Label i occupies bits ``[i k, (i+1) k)`` of the little-endian bit stream, ``k = ceil(log2 q)``.
-    The shape is not stored: keep it beside the bytes and pass it to :func:`unpack_labels`.
-    """
-    k = _bits(q)
-    if not isinstance(b, torch.Tensor) or b.dtype.is_floating_point or b.dtype == torch.bool:
-        raise TypeError("b must be an integer tensor of labels")
-    flat = b.reshape(-1).to(torch.int64)
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= q):
-        raise ValueError(f"labels must lie in [0, q={q})")
-    if k == 8:
-        return flat.to(torch.uint8)
-    shifts = torch.arange(k, device=b.device)
+def _pack_bits(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """General path: int64 ``(n,)`` labels -> bytes through an ``(n k,)`` bit expansion (any k)."""
+    shifts = torch.arange(k, device=flat.device)
     bits = ((flat.unsqueeze(-1) >> shifts) & 1).reshape(-1).to(torch.uint8)
     pad = (-bits.numel()) % 8
     if pad:
         bits = torch.cat([bits, bits.new_zeros(pad)])
-    weights = (1 << torch.arange(8, device=b.device)).to(torch.uint8)
+    weights = (1 << torch.arange(8, device=flat.device)).to(torch.uint8)
     return (bits.reshape(-1, 8) * weights).sum(-1, dtype=torch.int64).to(torch.uint8)
 
 
+def _unpack_bits(packed: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`_pack_bits`: bytes -> uint8 ``(n,)`` labels."""
+    shifts = torch.arange(8, device=packed.device)
+    bits = ((packed.to(torch.int64).unsqueeze(-1) >> shifts) & 1).reshape(-1)[: n * k]
+    w = 1 << torch.arange(k, device=packed.device)
+    return (bits.reshape(n, k) * w).sum(-1).to(torch.uint8)
+
+
+def _pack_shift(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """Fast path for k in {1, 2, 4}: byte j = sum_i label[j per + i] << (i k), ``per = 8 // k``."""
+    per = 8 // k
+    flat = flat.to(torch.int32)
+    pad = (-flat.numel()) % per
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    shifts = torch.arange(per, device=flat.device, dtype=torch.int32) * k
+    return (flat.reshape(-1, per) << shifts).sum(-1, dtype=torch.int32).to(torch.uint8)
+
+
+def _unpack_shift(packed: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`_pack_shift`."""
+    per = 8 // k
+    shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * k
+    vals = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << k) - 1)
+    return vals.reshape(-1)[:n].to(torch.uint8)
+
+
+def pack_labels(b: torch.Tensor, q: int) -> torch.Tensor:
+    """Pack a label tensor into a flat uint8 tensor of ``packed_nbytes(b.numel(), q)`` bytes.
+
+    Parameters
+    ----------
+    b : (...) integer tensor, values in [0, q)
+    q : int in [2, 256]
+
+    Returns
+    -------
+    (ceil(b.numel() k / 8),) uint8, ``k = ceil(log2 q)``: label i (row-major) at bits ``[i k, (i+1) k)`` of
+    the little-endian bit stream. The shape is not stored: keep it beside the bytes and pass it to
+    :func:`unpack_labels`.
+
+    Raises
+    ------
+    TypeError if ``b`` is not an integer tensor; ValueError for a bad ``q`` or labels outside [0, q).
+    """
+    k = _bits(q)
+    if not isinstance(b, torch.Tensor) or b.dtype.is_floating_point or b.dtype.is_complex or b.dtype == torch.bool:
+        raise TypeError("b must be an integer tensor of labels")
+    flat = b.reshape(-1)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= q):
+        raise ValueError(f"labels must lie in [0, q={q})")
+    if k == 8:
+        return flat.to(torch.uint8)
+    if 8 % k == 0:
+        return _pack_shift(flat, k)
+    return _pack_bits(flat.to(torch.int64), k)
+
+
 def unpack_labels(packed: torch.Tensor, q: int, shape) -> torch.Tensor:
-    """Inverse of :func:`pack_labels`: bytes -> uint8 labels of ``shape``."""
+    """Inverse of :func:`pack_labels`.
+
+    Parameters
+    ----------
+    packed : (packed_nbytes(prod(shape), q),) uint8
+    q : int in [2, 256]
+    shape : the label tensor's shape
+
+    Returns
+    -------
+    uint8 tensor of ``shape``
+    """
     k = _bits(q)
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
         raise TypeError("packed must be a uint8 tensor")
@@ -52,9 +115,9 @@ def unpack_labels(packed: torch.Tensor, q: int, shape) -> torch.Tensor:
     n = math.prod(shape)
     if packed.numel() != packed_nbytes(n, q):
         raise ValueError(f"packed has {packed.numel()} bytes, expected {packed_nbytes(n, q)} for shape {shape}")
+    packed = packed.reshape(-1)
     if k == 8:
         return packed.reshape(shape).clone()
-    shifts = torch.arange(8, device=packed.device)
-    bits = ((packed.to(torch.int64).unsqueeze(-1) >> shifts) & 1).reshape(-1)[: n * k]
-    w = 1 << torch.arange(k, device=packed.device)
-    return (bits.reshape(n, k) * w).sum(-1).to(torch.uint8).reshape(shape)
+    if 8 % k == 0:
+        return _unpack_shift(packed, k, n).reshape(shape)
+    return _unpack_bits(packed, k, n).reshape(shape)
