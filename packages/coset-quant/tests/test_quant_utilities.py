@@ -329,11 +329,26 @@ def test_quant_beta_min_and_calibration():
     assert beta_min(cfg, sigma=3.0) == pytest.approx(3 * beta_min(cfg))
     x = torch.randn(1500, 4, generator=_gen(6))
     beta, mse = calibrate_beta(x, cfg)
-    grid = [beta_min(cfg, float(x.double().std())) * (1 + 0.05 * k) for k in range(40)]
+    grid = [beta_min(cfg, float(x.double().std())) * (1 + 0.05 * k) for k in range(-12, 40)]
     assert beta in grid
     mses = [float(((quantize(x, config=cfg.replace(beta=b)).double() - x.double()) ** 2).mean()) for b in grid]
     assert mse == pytest.approx(min(mses))
+    assert beta not in (grid[0], grid[-1])  # the MSE optimum lies inside the default grid
     assert 3e-3 < mse < 1e-2  # paper.md §9: HNLQ D4 q=4 M=2 MSE ~ 5.5e-3 at the best beta
+    # rate-aware: minimises mse * 2^(2 H(T)/d) over the same grid; it picks a larger beta (fewer T > 0)
+    beta_rd, mse_rd = calibrate_beta(x, cfg, objective="rd")
+    assert beta_rd >= beta and mse_rd >= mse
+
+    def f_rd(b):
+        xh, T, _ = quantize(x, config=cfg.replace(beta=b), return_info=True)
+        p = torch.bincount(T.long()).double() / T.numel()
+        p = p[p > 0]
+        m = float(((xh.double() - x.double()) ** 2).mean())
+        return m * 2.0 ** (2 * float(-(p * torch.log2(p)).sum()) / 4)
+
+    assert f_rd(beta_rd) == pytest.approx(min(f_rd(b) for b in grid))
+    with pytest.raises(ValueError, match="objective"):
+        calibrate_beta(x, cfg, objective="snr")
     # an explicit grid: the argmin of the MSE over it (MSE alone does not charge the rate of T, so a beta below
     # the default grid's start can win here -- the R-D benchmark charges H(T)/d, see coset.quant.rd)
     grid2 = [0.05, 0.1, beta, 0.4]

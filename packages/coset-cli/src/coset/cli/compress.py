@@ -61,7 +61,7 @@ def compress_tensor(w: torch.Tensor, config: QuantizationConfig):
     if float(sample.abs().max()) == 0.0:
         beta = 1.0
     else:
-        beta, _ = calibrate_beta(sample, config)
+        beta, _ = calibrate_beta(sample, config, objective="rd")
     cfg = config.replace(beta=beta)
     b, T = encode(blocks, config=cfg)
     w_hat = from_blocks(decode(b, config=cfg, T=T, dtype=torch.float32), pad).reshape(w.shape).to(w.dtype)
