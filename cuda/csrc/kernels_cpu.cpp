@@ -133,16 +133,159 @@ int64_t decode_cpu(const LatticeView& L, const QuantParams& P, const uint8_t* b,
   return bad.load();
 }
 
+// ------------------------------------------------------------------------------------------------------
+// Batched fast path of quantize: V vectors at a time, arrays laid out [i][v] so that every step is a loop
+// over v (independent vectors: instruction-level parallelism and SSE/AVX lanes). Exactly the operations of
+// hnlq_core.h, in the same order per vector; vectors that overload at t = 0 are redone by the scalar
+// quantize_vector (identical results: the encoder is deterministic).
+constexpr int kV = 8;
+
+template <int KIND, int D>
+static inline void cp_batch(const LatticeView& L, const double (*xin)[kV], double (*y)[kV]) {
+  double x[D][kV];
+  for (int i = 0; i < D; ++i)
+    for (int v = 0; v < kV; ++v) x[i][v] = xin[i][v] + L.eps[i];
+  auto dn = [](const double (*a)[kV], double (*o)[kV]) {
+    double sum[kV], best[kV];
+    int k[kV];
+    for (int v = 0; v < kV; ++v) {
+      sum[v] = 0.0;
+      best[v] = -1.0;
+      k[v] = 0;
+    }
+    for (int i = 0; i < D; ++i)
+      for (int v = 0; v < kV; ++v) {
+        const double f = floor(a[i][v] + 0.5);
+        o[i][v] = f;
+        sum[v] += f;
+        const double ab = fabs(a[i][v] - f);
+        const bool gt = ab > best[v];
+        best[v] = gt ? ab : best[v];
+        k[v] = gt ? i : k[v];
+      }
+    for (int i = 0; i < D; ++i)
+      for (int v = 0; v < kV; ++v) {
+        const bool flip = (i == k[v]) & is_odd(sum[v]);
+        const double dk = a[i][v] - o[i][v];
+        const double alt = o[i][v] + (dk >= 0.0 ? 1.0 : -1.0);
+        o[i][v] = flip ? alt : o[i][v];
+      }
+  };
+  if (KIND == kZn) {
+    for (int i = 0; i < D; ++i)
+      for (int v = 0; v < kV; ++v) y[i][v] = floor(x[i][v] + 0.5);
+  } else if (KIND == kDn) {
+    dn(x, y);
+  } else {
+    double y0[D][kV], y1[D][kV], xm[D][kV], d0[kV], d1[kV];
+    dn(x, y0);
+    for (int i = 0; i < D; ++i)
+      for (int v = 0; v < kV; ++v) xm[i][v] = x[i][v] - 0.5;
+    dn(xm, y1);
+    for (int i = 0; i < D; ++i)
+      for (int v = 0; v < kV; ++v) y1[i][v] = y1[i][v] + 0.5;
+    for (int v = 0; v < kV; ++v) {
+      double e = x[0][v] - y0[0][v];
+      d0[v] = e * e;
+      e = x[0][v] - y1[0][v];
+      d1[v] = e * e;
+    }
+    for (int i = 1; i < D; ++i)
+      for (int v = 0; v < kV; ++v) {
+        double e = x[i][v] - y0[i][v];
+        d0[v] = d0[v] + e * e;
+        e = x[i][v] - y1[i][v];
+        d1[v] = d1[v] + e * e;
+      }
+    for (int i = 0; i < D; ++i)
+      for (int v = 0; v < kV; ++v) y[i][v] = d0[v] <= d1[v] ? y0[i][v] : y1[i][v];
+  }
+}
+
+// Returns a bit mask of the vectors that need the scalar path (overload at t = 0).
+template <int KIND, int D, typename In>
+static inline unsigned quantize_batch(const LatticeView& L, const QuantParams& P, const In* x, const double* z,
+                                      double (*out)[kV]) {
+  const double s = P.scales[0];
+  const double qd = (double)P.q, inv_q = pow2_inverse(P.q);
+  double g[D][kV], lam[D][kV], lam0[D][kV];
+  for (int i = 0; i < D; ++i)
+    for (int v = 0; v < kV; ++v) {
+      const double u = (double)x[v * D + i] / s;
+      g[i][v] = z ? u + z[v * D + i] : u;
+    }
+  for (int m = 0; m < P.M; ++m) {
+    cp_batch<KIND, D>(L, g, lam);
+    if (m == 0)
+      for (int i = 0; i < D; ++i)
+        for (int v = 0; v < kV; ++v) lam0[i][v] = lam[i][v];
+    for (int i = 0; i < D; ++i)
+      for (int v = 0; v < kV; ++v) g[i][v] = div_q(lam[i][v], qd, inv_q);
+  }
+  cp_batch<KIND, D>(L, g, lam);
+  unsigned redo = 0;
+  for (int v = 0; v < kV; ++v) {
+    bool ovl = false;
+    for (int i = 0; i < D; ++i) ovl |= (lam[i][v] != 0.0);
+    redo |= (unsigned)ovl << v;
+  }
+  for (int i = 0; i < D; ++i)
+    for (int v = 0; v < kV; ++v) {
+      const double y = z ? lam0[i][v] - z[v * D + i] : lam0[i][v];
+      out[i][v] = y * s;
+    }
+  return redo;
+}
+
 int64_t quantize_cpu(const LatticeView& L, const QuantParams& P, const void* x, int x_is_double, const double* z,
                      int64_t N, void* out, int out_is_double, uint8_t* T, uint8_t* clamped) {
   std::atomic<int64_t> errors{0};
   dispatch_lattice(L.kind, L.d, [&](auto KI, auto DI) {
     constexpr int KIND = decltype(KI)::value, D = decltype(DI)::value;
     const int d = L.d;
+    // the batched fast path: compile-time d, tie offset on, overload protection on
+    // (not E8: its larger state and frequent t > 0 make the batch slower there, measured)
+    const bool batched = D > 0 && KIND != kE8 && L.eps != nullptr && !P.single_pass;
     parallel_for(N, kGrain, [&](int64_t lo, int64_t hi) {
       int64_t err = 0;
       double xv[kMaxDim], y[kMaxDim];  // labels never leave quantize_vector
-      for (int64_t r = lo; r < hi; ++r) {
+      int64_t r = lo;
+      if constexpr (D > 0) {
+        if (batched) {
+          double ob[D > 0 ? D : 1][kV];
+          for (; r + kV <= hi; r += kV) {
+            const double* zr = z ? z + r * D : nullptr;
+            unsigned redo = x_is_double
+                                ? quantize_batch<KIND, D>(L, P, (const double*)x + r * D, zr, ob)
+                                : quantize_batch<KIND, D>(L, P, (const float*)x + r * D, zr, ob);
+            for (int v = 0; v < kV; ++v) {
+              const int64_t rv = r + v;
+              if ((redo >> v) & 1u) {  // overloaded at t = 0: the scalar ramp
+                if (x_is_double)
+                  load_vec((const double*)x + rv * D, D, xv);
+                else
+                  load_vec((const float*)x + rv * D, D, xv);
+                EncodeResult res = quantize_vector<KIND, D>(L, P, xv, z ? z + rv * D : nullptr, y);
+                if (T) T[rv] = res.T;
+                if (clamped) clamped[rv] = res.clamped;
+                err += res.error;
+              } else {
+                for (int i = 0; i < D; ++i) y[i] = ob[i][v];
+                if (T) T[rv] = 0;
+                if (clamped) clamped[rv] = 0;
+              }
+              if (out_is_double) {
+                double* o = (double*)out + rv * D;
+                for (int i = 0; i < D; ++i) o[i] = y[i];
+              } else {
+                float* o = (float*)out + rv * D;
+                for (int i = 0; i < D; ++i) o[i] = (float)y[i];
+              }
+            }
+          }
+        }
+      }
+      for (; r < hi; ++r) {
         if (x_is_double)
           load_vec((const double*)x + r * d, d, xv);
         else

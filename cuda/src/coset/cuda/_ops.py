@@ -14,7 +14,7 @@ import torch
 
 from coset.lattice import DnLattice, E8Lattice, Lattice, ZnLattice
 from coset.quant import OverloadError, QuantizationConfig
-from coset.quant.encode import _safe_radius
+from coset.quant.encode import clamp_radius
 
 from . import _C
 
@@ -95,7 +95,7 @@ def _consts_cached(lattice: Lattice, config: QuantizationConfig, dithered: bool)
         raise ValueError(f"lattice: the native kernels support Z^n/D_n (n <= {MAX_DIM}) and E8, got {lattice!r}")
     eps = np.ascontiguousarray(lattice._eps, dtype=np.float64) if config.with_tie_dither else None
     scales = np.asarray(config.scales, dtype=np.float64)
-    rad = float(_safe_radius(lattice, config.q, config.M, dithered))
+    rad = float(clamp_radius(lattice, config, dithered))  # includes ||c|| when config.center
     return (
         kind,
         lattice.dim,
