@@ -11,7 +11,6 @@ import torch
 from coset.lattice import get_lattice
 from coset.quant import QuantizationConfig, decode_lattice_units
 from coset.quant.rd import (
-    constellation_centroid,
     entropy_bits,
     gaussian_data,
     hnlq_rd,
@@ -95,31 +94,9 @@ def test_quant_rd_hnlq_d4_matches_paper():
     assert m["mse"] == min(g["mse"] for g in m["grid"]) <= r["mse"]
 
 
-def _enumerate_constellation(name, q, M):
-    L = get_lattice(name)
-    labels = torch.tensor(list(itertools.product(range(q), repeat=L.dim * M)), dtype=torch.uint8)
-    return decode_lattice_units(labels.reshape(-1, M, L.dim), L, q)
-
-
-@pytest.mark.parametrize("name,q,M", [("Z2", 2, 4), ("Z2", 4, 2), ("Z2", 3, 2), ("D4", 3, 2), ("D4", 2, 3)])
-def test_quant_rd_constellation_centroid(name, q, M):
-    L = get_lattice(name)
-    c = constellation_centroid(L, q, M)
-    C = _enumerate_constellation(name, q, M)
-    torch.testing.assert_close(c, C.mean(0), rtol=0, atol=1e-9)
-    if q % 2 and name.startswith("Z"):
-        assert float(c.abs().max()) < 1e-9  # odd q on Z^n: no lattice point on the boundary of qV, A_q symmetric
-    if name == "D4":
-        assert float(c.abs().max()) > 0.1  # D4 has points of L/q on the boundary of V even for odd q
-    if name == "Z2" and q == 2:
-        assert torch.equal(c.abs(), torch.full((2,), 7.5, dtype=torch.float64))  # {0..15} per coordinate
-    with pytest.raises(ValueError, match="too large"):
-        constellation_centroid(get_lattice("E8"), 8, 2)
-
-
 def test_quant_rd_centering_fixes_q2():
     """For q = 2 the constellation is one-sided, so uncentred HNLQ is poor on symmetric data; centring it by
-    its centroid (an offset in place of the dither) recovers a normal SNR. Same result on every backend."""
+    its centroid (``config.center``) recovers a normal SNR. Same result on every backend."""
     kw = dict(n=1 << 13, seed=2, betas=[0.15, 0.2, 0.25, 0.3, 0.45])
     plain = hnlq_rd("D4", 2, 4, **kw)
     cent = hnlq_rd("D4", 2, 4, center=True, **kw)
@@ -142,8 +119,8 @@ def test_quant_rd_errors():
         hnlq_rd("D4", 1, 2, n=64)
     with pytest.raises(ValueError, match="disable_scaling"):
         hnlq_rd(n=64, config=QuantizationConfig(disable_scaling=True))
-    with pytest.raises(ValueError, match="center"):
-        hnlq_rd(n=64, config=QuantizationConfig(with_dither=True), center=True)
+    with pytest.raises(TypeError, match="center"):
+        hnlq_rd(n=64, center=1)
     with pytest.raises(TypeError, match="config"):
         hnlq_rd(config="D4")
     with pytest.raises(ValueError, match="at least d"):

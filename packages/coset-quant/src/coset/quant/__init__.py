@@ -12,11 +12,12 @@ from .config import MAX_T, OverloadError, QuantizationConfig
 from .decode import coset_representative, decode, decode_lattice_units
 from .dither import sample_dither
 from .encode import encode, encode_layers
+from .offset import constellation_offset
 from .modq import ModqSumReport, add_modq, from_flat_code, mac_modq, modq_sum_report, to_flat_code
 from .packing import pack_labels, packed_nbytes, unpack_labels
 from .quantize import quantize
 from .quantizer import Quantizer
-from .rd import constellation_centroid, entropy_bits, gaussian_data, hnlq_rd, scalar_rd
+from .rd import entropy_bits, gaussian_data, hnlq_rd, scalar_rd
 
 __all__ = [
     "QuantizationConfig",
@@ -51,6 +52,6 @@ __all__ = [
     "scalar_rd",
     "gaussian_data",
     "entropy_bits",
-    "constellation_centroid",
+    "constellation_offset",
 ]
 __version__ = "0.1.0"

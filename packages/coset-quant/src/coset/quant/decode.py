@@ -1,4 +1,8 @@
-"""Algorithm 2 (decoder): ``x_hat = s_T * (sum_m q^m (G b_m - q Q(G b_m / q)) - z)`` (paper.md §3)."""
+"""Algorithm 2 (decoder): ``x_hat = s_T * (sum_m q^m (G b_m - q Q(G b_m / q)) - z)`` (paper.md §3).
+
+``z`` is the random dither (or 0) plus, with ``config.center``, the constellation offset ``c``
+(:mod:`coset.quant.offset`).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from .backend import select_backend
 from .config import QuantizationConfig
 from .dither import sample_dither
 from .encode import resolve
+from .offset import effective_dither
 
 __all__ = ["decode", "coset_representative", "decode_lattice_units", "check_labels"]
 
@@ -91,6 +96,7 @@ def decode(
     N = bf.shape[0]
     Tf = None if T is None else T.reshape(N).to(torch.uint8)
     z = sample_dither(N, lattice, config.dither_seed, b.device) if config.with_dither else None
+    z = effective_dither(N, lattice, config, z, b.device)
     be = select_backend(backend, "decode", bf, lattice, config)
     if be is not None:
         if Tf is None:

@@ -3,11 +3,14 @@
 For one vector in lattice units ``g``: ``lambda_0 = Q(g)``, ``lambda_{m+1} = Q(lambda_m / q)``,
 ``b_m = G^{-1} lambda_m mod q``; overload iff ``Q(lambda_{M-1} / q) != 0``. The vector is scaled by
 ``1 / (beta 2^(alpha T))`` with the smallest T that does not overload. Everything runs in float64 on the
-whole batch; only the vectors still overloaded are re-encoded at the next step.
+whole batch; only the vectors still overloaded are re-encoded at the next step. With ``config.center`` the
+scaled vector is shifted by the constellation offset c before quantization (``g = x / s + c + z``,
+:mod:`coset.quant.offset`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -17,8 +20,9 @@ from coset.lattice import Lattice
 from .backend import select_backend
 from .config import OverloadError, QuantizationConfig
 from .dither import sample_dither
+from .offset import constellation_offset, effective_dither
 
-__all__ = ["encode", "encode_layers", "check_vectors", "resolve"]
+__all__ = ["encode", "encode_layers", "check_vectors", "resolve", "clamp_radius"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -68,16 +72,40 @@ def encode_layers(g: torch.Tensor, lattice: Lattice, q: int, M: int, tie_dither:
     return torch.stack(labels, dim=-2).to(torch.uint8), top
 
 
-def _safe_radius(lattice: Lattice, q: int, M: int, dithered: bool) -> float:
+def _safe_radius(lattice: Lattice, q: int, M: int, dithered: bool, offset_norm: float = 0.0) -> float:
     """Radius (lattice units) below which a vector cannot overload.
 
     Sandwich bound (paper.md §4): ``||lambda||_V <= q^M (1 - r)`` implies no overload, with
     ``r = (1 - q^(1-M)) / (q - 1)``. ``||.||_V <= ||.||_2 / rho`` (packing radius rho) and
-    ``||Q(x)|| <= ||x|| + R_cov``; a dither adds at most another R_cov. 1% margin for rounding.
+    ``||Q(x)|| <= ||x|| + R_cov``; a random dither adds at most another R_cov and a centring offset ``c``
+    (``config.center``) at most ``offset_norm = ||c||``. 1% margin for rounding.
     """
     r = (1.0 - q ** (1.0 - M)) / (q - 1.0)
-    rad = lattice.packing_radius * q**M * (1.0 - r) - lattice.covering_radius * (2.0 if dithered else 1.0)
+    rad = (
+        lattice.packing_radius * q**M * (1.0 - r)
+        - lattice.covering_radius * (2.0 if dithered else 1.0)
+        - float(offset_norm)
+    )
     return 0.99 * rad
+
+
+def clamp_radius(lattice: Lattice, config: QuantizationConfig, dithered: bool) -> float:
+    """The clamp radius of the encoder (and of every backend) for one call.
+
+    Parameters
+    ----------
+    lattice, config : the code
+    dithered : whether a ``dither`` tensor is passed to the encoder. With ``config.center`` the dither
+        tensor always holds the offset ``c``; it then contains a random part iff ``config.with_dither``.
+
+    Returns
+    -------
+    float, ``_safe_radius(lattice, q, M, random_dither, ||c||)`` (``||c|| = 0`` without centring)
+    """
+    if not config.center:
+        return _safe_radius(lattice, config.q, config.M, dithered)
+    c = constellation_offset(lattice, config.q, config.M, config.with_tie_dither)
+    return _safe_radius(lattice, config.q, config.M, config.with_dither, math.sqrt(float((c * c).sum())))
 
 
 def _seq_norm(u: torch.Tensor) -> torch.Tensor:
@@ -122,7 +150,7 @@ def _encode_flat(x64: torch.Tensor, lattice: Lattice, config: QuantizationConfig
                 )
             ub = u[ovl]
             zb = z.index_select(0, idx) if z is not None else None
-            rad = _safe_radius(lattice, q, M, z is not None)
+            rad = clamp_radius(lattice, config, z is not None)
             if rad > 0:
                 nrm = _seq_norm(ub)
                 factor = torch.clamp(rad / nrm, max=1.0)
@@ -177,6 +205,7 @@ def encode(
     xf = x.reshape(-1, lattice.dim)
     N = xf.shape[0]
     z = sample_dither(N, lattice, config.dither_seed, x.device) if config.with_dither else None
+    z = effective_dither(N, lattice, config, z, x.device)
     be = select_backend(backend, "encode", xf, lattice, config)
     if be is not None:
         b, T, clamped = be.encode(xf, lattice, config, z)

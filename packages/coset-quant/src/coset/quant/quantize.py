@@ -13,6 +13,7 @@ from .config import QuantizationConfig
 from .decode import _decode_flat
 from .dither import sample_dither
 from .encode import _encode_flat, check_vectors, resolve
+from .offset import effective_dither
 
 __all__ = ["quantize"]
 
@@ -42,6 +43,7 @@ def quantize(
     xf = x.reshape(-1, lattice.dim)
     N = xf.shape[0]
     z = sample_dither(N, lattice, config.dither_seed, x.device) if config.with_dither else None
+    z = effective_dither(N, lattice, config, z, x.device)
     be = select_backend(backend, "quantize", xf, lattice, config)
     if be is not None:
         xh, T, clamped = be.quantize(xf, lattice, config, z)

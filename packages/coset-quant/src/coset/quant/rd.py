@@ -27,14 +27,11 @@ import torch
 
 from coset.lattice import Lattice
 
-from .backend import select_backend
 from .calibrate import beta_min
 from .config import MAX_T, QuantizationConfig
-from .decode import _decode_flat, decode_lattice_units
-from .encode import _encode_flat
 from .quantize import quantize
 
-__all__ = ["gaussian_data", "entropy_bits", "hnlq_rd", "scalar_rd", "uniform_scalar_quantize", "constellation_centroid"]
+__all__ = ["gaussian_data", "entropy_bits", "hnlq_rd", "scalar_rd", "uniform_scalar_quantize"]
 
 _LOG10_4 = 20.0 * math.log10(2.0)  # 6.0206 dB per bit
 
@@ -60,34 +57,6 @@ def entropy_bits(T: torch.Tensor) -> float:
     return float(-(p * torch.log2(p)).sum())
 
 
-def constellation_centroid(lattice: Lattice, q: int, M: int) -> torch.Tensor:
-    """Centroid (float64, lattice units) of the HNLQ constellation ``sum_m q^m A_q`` with uniform labels.
-
-    When points of ``L/q`` lie on the boundary of V (always for even q; for D_n and E8 also for odd q) the
-    half-open Voronoi cell makes ``A_q`` lopsided (it holds only one of ``+-v`` whenever
-    ``v/2`` lies on the cell's boundary), so the constellation is not centred at 0: for q = 2 on Z^n it is ``{0..2^M-1}`` (up to sign)
-    per coordinate. ``centroid = mean(A_q) (q^M - 1)/(q - 1)``; ``A_q`` is enumerated (q^d <= 2^20).
-    """
-    d = lattice.dim
-    if q**d > 2**20:
-        raise ValueError(f"q^d = {q}^{d} is too large to enumerate A_q")
-    idx = torch.arange(q**d)
-    labels = torch.stack([(idx // q**i) % q for i in range(d)], dim=-1).to(torch.uint8).unsqueeze(-2)
-    a = decode_lattice_units(labels, lattice, q)
-    return a.mean(0) * ((q**M - 1) / (q - 1))
-
-
-def _quantize_with_offset(xv, cfg: QuantizationConfig, offset: torch.Tensor, backend: str):
-    """HNLQ with a fixed offset in lattice units, passed where the dither goes (encode ``x/s + c``, decode
-    ``s (x_hat - c)``): an experiment for centring the constellation, not a library convention."""
-    z = offset.to(torch.float64).expand(xv.shape[0], -1).contiguous()
-    be = select_backend(backend, "quantize", xv, cfg.lattice, cfg)
-    if be is not None:
-        return be.quantize(xv, cfg.lattice, cfg, z)
-    b, T, cl = _encode_flat(xv.to(torch.float64), cfg.lattice, cfg, z)
-    return _decode_flat(b, T, cfg.lattice, cfg, z, xv.dtype), T, cl
-
-
 def _snr(var: float, mse: float) -> float:
     return 10.0 * math.log10(var / mse) if mse > 0 else math.inf
 
@@ -106,7 +75,7 @@ def hnlq_rd(
     max_scaling_iterations: int = 30,
     x: Optional[torch.Tensor] = None,
     backend: str = "auto",
-    center: bool = False,
+    center: Optional[bool] = None,
     return_grid: bool = False,
 ) -> dict:
     """Distortion and rate of HNLQ on Gaussian data at the best beta of a grid.
@@ -121,8 +90,8 @@ def hnlq_rd(
     objective : ``"rd"`` (minimise ``f = mse / 2^(-2 rate_effective)``) or ``"mse"``
     max_scaling_iterations : cap of T (ignored when ``config`` is given)
     x : optional data (any shape, last dim a multiple of d) instead of ``gaussian_data(n, seed)``
-    center : experiment: shift the data by the constellation's centroid (:func:`constellation_centroid`) in
-        lattice units before encoding and back after decoding (a fixed offset in place of the dither)
+    center : sets ``config.center`` (centre the constellation, :func:`coset.quant.constellation_offset`);
+        ``None`` keeps the config's value (False for the default config)
     return_grid : also return every grid point under ``"grid"``
 
     Returns
@@ -139,6 +108,10 @@ def hnlq_rd(
         config = QuantizationConfig(lattice_type, q, M, max_scaling_iterations=max_scaling_iterations)
     elif not isinstance(config, QuantizationConfig):
         raise TypeError(f"config must be a QuantizationConfig, got {type(config).__name__}")
+    if center is not None:
+        if not isinstance(center, bool):
+            raise TypeError(f"center must be a bool or None, got {type(center).__name__}")
+        config = config.replace(center=center)
     if alpha is not None:
         config = config.replace(alpha=float(alpha) if not isinstance(alpha, bool) else alpha)
     if config.disable_scaling:
@@ -163,18 +136,10 @@ def hnlq_rd(
         betas = [float(b) for b in betas]
         if not betas or any(not math.isfinite(b) or b <= 0 for b in betas):
             raise ValueError("betas must be a non-empty sequence of finite numbers > 0")
-    offset = None
-    if center:
-        if config.with_dither:
-            raise ValueError("center=True replaces the dither; use a config with with_dither=False")
-        offset = constellation_centroid(config.lattice, config.q, config.M)
     grid = []
     for beta in betas:
         cfg = config.replace(beta=beta)
-        if offset is None:
-            xh, T, cl = quantize(xv, config=cfg, backend=backend, return_info=True)
-        else:
-            xh, T, cl = _quantize_with_offset(xv, cfg, offset, backend)
+        xh, T, cl = quantize(xv, config=cfg, backend=backend, return_info=True)
         mse = float(((xh.double() - xv.double()) ** 2).mean())
         H = entropy_bits(T)
         rate_eff = config.rate + H / d
@@ -199,7 +164,7 @@ def hnlq_rd(
         "alpha": config.alpha,
         "max_scaling_iterations": config.max_scaling_iterations,
         "with_dither": config.with_dither,
-        "center": bool(center),
+        "center": config.center,
         "objective": objective,
         "n_vectors": nv,
         "beta": best["beta"],
