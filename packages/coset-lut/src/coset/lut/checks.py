@@ -18,7 +18,8 @@ def check_config(config, argname: str = "config") -> QuantizationConfig:
         raise TypeError(f"{argname} must be a QuantizationConfig, got {type(config).__name__}")
     if config.with_dither:
         # The LUT identity <x̂,ŷ> = s_x s_y sum q^(m+l) <a,a'> holds for x̂ = s * sum q^m a_m, i.e. z = 0;
-        # a subtractive dither adds -<z_x,ŷ> - <x̂,z_y> + <z_x,z_y>, which no table holds.
+        # a random subtractive dither adds -<z_x,ŷ> - <x̂,z_y> + <z_x,z_y> with a different z per block, which
+        # no table holds. (The fixed centring offset of config.center is one vector: see coset.lut.center.)
         raise ValueError(
             f"{argname}.with_dither=True is not supported by the LUT paths: they assume dither z = 0 "
             "(x̂ = s * sum_m q^m a(b_m)); encode with with_dither=False"

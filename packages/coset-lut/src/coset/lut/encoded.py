@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from coset.quant import QuantizationConfig, encode, to_blocks
 
+from .center import code_offset
 from .checks import block_scales, check_codes, check_config
 from .index import label_index
 from .tables import representative_table
@@ -108,12 +109,17 @@ class EncodedMatrix:
 
         The representatives are integers or halves and ``sum_m q^m a_m`` is exact in float32 (|.| < 2^24);
         only the final scaling rounds. Works in ``dtype`` (float32 unless float64 is asked for), one
-        ``(n, K, d)`` buffer (an ``embedding_bag`` over the representative table).
+        ``(n, K, d)`` buffer (an ``embedding_bag`` over the representative table). Centred codes
+        (``config.center``) subtract the offset ``c`` before scaling, in float64 (as decode does).
+
+        Returns
+        -------
+        (n, k) tensor of ``dtype``
         """
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         c = self.config
-        wd = torch.float64 if dtype == torch.float64 else torch.float32
+        wd = torch.float64 if (dtype == torch.float64 or c.center) else torch.float32
         a = representative_table(c.lattice, c.q, c.with_tie_dither).to(device=self.labels.device, dtype=wd)
         n, K, M = self.indices.shape
         if n * K == 0:
@@ -122,7 +128,11 @@ class EncodedMatrix:
         lw = torch.tensor([float(c.q**m) for m in range(M)], dtype=wd, device=a.device).expand(n * K, M)
         pts = F.embedding_bag(self.indices.view(n * K, M), a, mode="sum", per_sample_weights=lw.contiguous())
         s = self.block_scales if wd == torch.float32 else block_scales(self.T, self.T.shape, c, wd, a.device)
-        pts = pts.view(n, K, c.dim) * s.unsqueeze(-1)
+        off = code_offset(c, a.device)
+        pts = pts.view(n, K, c.dim)
+        if off is not None:
+            pts = pts - off
+        pts = pts * s.unsqueeze(-1)
         return pts.reshape(n, -1)[:, : self.k].to(dtype)
 
     def __repr__(self) -> str:

@@ -3,6 +3,7 @@
 For one d-block: ``<x̂, ŷ> = s_x s_y sum_{m,l} q^(m+l) LUT[idx(bx_m), idx(by_l)]`` and
 ``<x̂, y> = s_x sum_m q^m <a(bx_m), y>``, with ``s = beta 2^(alpha T)``. For vectors split into K blocks
 pass ``(..., K, M, d)`` labels and sum the result over the K axis (or use :mod:`coset.lut.matmul`).
+Codes with ``config.center=True`` (x̂ = s (P - c)) get the corrections of :mod:`coset.lut.center`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 
 from coset.quant import QuantizationConfig
 
+from .center import code_offset, layer_dot, offset_dots
 from .checks import block_scales, check_codes, check_config
 from .index import label_index
 from .tables import TwoSidedLUT, build_one_sided_lut, build_two_sided_lut
@@ -62,7 +64,7 @@ def lut_inner_product(
     by : (..., M', d) integer labels of y; leading dims broadcast with ``bx``
     config : QuantizationConfig of x (``with_dither`` must be False)
     Tx, Ty : (...) integer scale steps, or None (all zero)
-    config_y : config of y if it differs (same lattice and q required; beta, alpha, M may differ)
+    config_y : config of y if it differs (same lattice and q required; beta, alpha, M, center may differ)
     lut : a :class:`TwoSidedLUT` for (lattice, q); built and cached when None
     dtype : result dtype (the integer part is exact; only the scaling rounds)
     backend : "auto" or "torch" (there is no native elementwise kernel)
@@ -89,7 +91,15 @@ def lut_inner_product(
     s = ((g * wy).sum(-1) * wx).sum(-1)  # exact integer sum of the M x M' table entries
     sx = block_scales(Tx, bx.shape[:-2], cx, torch.float64, ix.device)
     sy = block_scales(Ty, by.shape[:-2], cy, torch.float64, ix.device)
-    return (s.to(torch.float64) * sx * sy).to(dtype)
+    s = s.to(torch.float64)
+    ox, oy = code_offset(cx, ix.device), code_offset(cy, ix.device)
+    if oy is not None:
+        s = s - layer_dot(ix, offset_dots(cx, oy), q)  # <P_x, c_y>
+    if ox is not None:
+        s = s - layer_dot(iy, offset_dots(cy, ox), q)  # <c_x, P_y>
+    if ox is not None and oy is not None:
+        s = s + float(ox @ oy)
+    return (s * sx * sy).to(dtype)
 
 
 def lut_inner_product_one_sided(
@@ -100,7 +110,8 @@ def lut_inner_product_one_sided(
     *,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """One-sided ``<x̂, y>`` of an encoded d-block and an unquantized one: ``s_x sum_m q^m <a(bx_m), y>``.
+    """One-sided ``<x̂, y>`` of an encoded d-block and an unquantized one: ``s_x sum_m q^m <a(bx_m), y>``
+    (minus ``s_x <c, y>`` for centred codes).
 
     This builds a ``q^d`` table per ``y`` block, so it pays off only when each table is reused over many
     encoded rows (:func:`coset.lut.lut_matmul_one_sided`); it is the definition, batched.
@@ -128,4 +139,8 @@ def lut_inner_product_one_sided(
     vals = torch.gather(tables, -1, ix)  # (..., M)
     w = torch.tensor([float(cx.q**m) for m in range(cx.M)], dtype=tables.dtype, device=tables.device)
     sx = block_scales(Tx, bx.shape[:-2], cx, tables.dtype, tables.device)
-    return (vals * w).sum(-1) * sx
+    acc = (vals * w).sum(-1)
+    c = code_offset(cx, tables.device)
+    if c is not None:
+        acc = acc - (y.to(tables.dtype) @ c.to(tables.dtype)).expand(*lead)
+    return acc * sx

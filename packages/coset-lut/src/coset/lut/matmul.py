@@ -1,7 +1,8 @@
 """Matrix products from labels: two-sided ``X̂ Ŷ^T``, one-sided ``X̂ Y^T`` and ``lut_linear`` (``x Ŵ^T``).
 
 Rows are split into K d-blocks (``EncodedMatrix``); each block carries its own scale. The scoring itself
-runs in :mod:`coset.lut.kernels` (native backend when registered, else the PyTorch fallback).
+runs in :mod:`coset.lut.kernels` (native backend when registered, else the PyTorch fallback). Centred codes
+(``config.center``) add the small (n, K) x (K, m) corrections of :mod:`coset.lut.center` in float64.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import torch
 from coset.quant import to_blocks
 from coset.quant.backend import select_backend
 
+from .center import code_offset, layer_dot, offset_dots
+from .checks import block_scales
 from .encoded import EncodedMatrix
 from .kernels import one_sided_scores, two_sided_scores
 from .tables import DEFAULT_MAX_ENTRIES, build_one_sided_lut, build_two_sided_lut, representative_table
@@ -47,7 +50,14 @@ def _last_block(X: EncodedMatrix) -> torch.Tensor:
     ix = X.indices[:, -1].long()  # (n, M)
     w = torch.tensor([float(c.q**m) for m in range(c.M)], dtype=torch.float64, device=a.device)
     pts = (a[ix] * w.view(1, -1, 1)).sum(1)
+    off = code_offset(c, a.device)
+    if off is not None:
+        pts = pts - off
     return pts * X.block_scales[:, -1].to(torch.float64).unsqueeze(-1)
+
+
+def _scales64(X: EncodedMatrix) -> torch.Tensor:
+    return block_scales(X.T, X.T.shape, X.config, torch.float64, X.labels.device)
 
 
 def lut_matmul(
@@ -92,11 +102,23 @@ def lut_matmul(
         raise ValueError(f"backend {backend!r}: the native lut_two_sided op needs equal M and an integer table")
     out = two_sided_scores(ix, sx, iy, sy, lut.table if native_ok else lut.table_f32, cx.q,
                            backend if native_ok else "torch")
+    ox, oy = code_offset(cx, ix.device), code_offset(cy, ix.device)
+    if X.pad or ox is not None or oy is not None:
+        out = out.to(torch.float64)
+    if ox is not None or oy is not None:
+        # <x̂, ŷ> = s_x s_y (<P_x,P_y> - <P_x,c_y> - <c_x,P_y> + <c_x,c_y>), per block: (n,K) x (K,m) matmuls
+        sx64, sy64 = _scales64(X), _scales64(Y)
+        if oy is not None:
+            out = out - (sx64 * layer_dot(ix, offset_dots(cx, oy), cx.q)) @ sy64.T
+        if ox is not None:
+            out = out - sx64 @ (sy64 * layer_dot(iy, offset_dots(cy, ox), cy.q)).T
+        if ox is not None and oy is not None:
+            out = out + float(ox @ oy) * (sx64 @ sy64.T)
     if X.pad:
         d = cx.dim
         px, py = _last_block(X)[:, d - X.pad :], _last_block(Y)[:, d - Y.pad :]
-        out = (out.to(torch.float64) - px @ py.T).to(torch.float32)
-    return out
+        out = out - px @ py.T
+    return out.to(torch.float32)
 
 
 def lut_matmul_one_sided(X: EncodedMatrix, Y: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
@@ -135,12 +157,19 @@ def lut_matmul_one_sided(X: EncodedMatrix, Y: torch.Tensor, *, backend: str = "a
     step = max(1, _TABLE_BYTES // (K * Q * 4))
     if step >= m:
         tables = build_one_sided_lut(blocks, lat, c.q, c.with_tie_dither).contiguous()
-        return one_sided_scores(ix, sx, tables, c.q, backend)
-    cols = []
-    for j0 in range(0, m, step):  # bound the (m, K, Q) tables
-        tables = build_one_sided_lut(blocks[j0 : j0 + step], lat, c.q, c.with_tie_dither).contiguous()
-        cols.append(one_sided_scores(ix, sx, tables, c.q, backend))
-    return torch.cat(cols, dim=1)
+        out = one_sided_scores(ix, sx, tables, c.q, backend)
+    else:
+        cols = []
+        for j0 in range(0, m, step):  # bound the (m, K, Q) tables
+            tables = build_one_sided_lut(blocks[j0 : j0 + step], lat, c.q, c.with_tie_dither).contiguous()
+            cols.append(one_sided_scores(ix, sx, tables, c.q, backend))
+        out = torch.cat(cols, dim=1)
+    off = code_offset(c, blocks.device)
+    if off is not None:
+        # <x̂, y> = s_x (<P_x, y> - <c, y>) per block: subtract sx (n,K) @ <c, y_jk> (K,m), zero padding included
+        cy = blocks.to(torch.float64) @ off  # (m, K)
+        out = (out.to(torch.float64) - _scales64(X) @ cy.T).to(torch.float32)
+    return out
 
 
 def lut_linear(
