@@ -4,8 +4,9 @@
 
 Writes benchmarks/results/rd.json and rd.md. See coset.quant.rd for the definitions (SNR, H(T), effective
 rate, f, rate-adjusted SNR). beta is the best of LatticeQuant's grid (extended below beta_min) under the paper's
-objective f = MSE / 2^(-2 R_eff); alpha = 1/3 as in the paper. "centred" rows are an experiment: the data is
-shifted by the constellation's centroid (lattice units) before encoding, which the library does not do.
+objective f = MSE / 2^(-2 R_eff); alpha = 1/3 as in the paper. "centred" rows use the library option
+``QuantizationConfig(center=True)`` (``hnlq_rd(..., center=True)``): the code is shifted by the centroid of its
+constellation (coset.quant.constellation_offset).
 """
 
 from __future__ import annotations
@@ -108,8 +109,8 @@ def main() -> None:
         "SNR = 10 log10(var/MSE). R = M log2 q (labels); R_eff = R + H(T)/d (entropy of the per-block scale index, "
         "the paper's accounting). *adj SNR* = SNR - 6.02 H(T)/d: the side information paid back at 6.02 dB/bit, "
         "comparable with a quantizer of rate R and no side information. *scalar@R_eff*: best uniform scalar "
-        "quantizer interpolated to R_eff. *centred*: data shifted by the constellation centroid (experiment, "
-        "not the library's behaviour).",
+        "quantizer interpolated to R_eff. *centred*: `QuantizationConfig(center=True)` (code shifted by "
+        "the centroid of its constellation, `coset.quant.constellation_offset`); q = 2 needs it.",
         "",
         "| code | R | centred | beta | MSE | SNR dB | H(T) | R_eff | adj SNR dB | scalar@R dB | scalar@R_eff dB | f | overload |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
