@@ -9,6 +9,7 @@ from coset.cuda import ops
 from coset.quant import QuantizationConfig, decode, encode, quantize
 
 CFG = QuantizationConfig("D4", q=4, M=2, beta=0.3, with_dither=True, dither_seed=3)
+CFG_C = CFG.replace(q=2, M=3, center=True)
 
 
 @pytest.fixture(autouse=True)
@@ -69,4 +70,13 @@ def test_cuda_ops_bad_config():
     with pytest.raises(TypeError, match="config"):
         ops.quantize(torch.zeros(2, 4), {"q": 4})
     with pytest.raises(ValueError, match="q"):
-        torch.ops.coset.quantize(torch.zeros(2, 4), "D4", 99, 2, 1.0, 1.0, 4, True, False, False, False, "clamp", 0)
+        torch.ops.coset.quantize(
+            torch.zeros(2, 4), "D4", 99, 2, 1.0, 1.0, 4, True, False, False, False, "clamp", 0, False
+        )
+
+
+def test_cuda_ops_centered_config():
+    x = torch.randn(50, 4, generator=torch.Generator().manual_seed(4))
+    xh, T, cl = ops.quantize(x, CFG_C)
+    r = quantize(x, config=CFG_C, backend="torch", return_info=True)
+    assert torch.equal(xh, r[0]) and torch.equal(T, r[1]) and torch.equal(cl, r[2])

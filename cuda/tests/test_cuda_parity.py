@@ -265,3 +265,16 @@ def test_cuda_decode_rejects_bad_T_dtypes_and_values():
         cc.decode(b, torch.tensor([0, 0, 4, 0, 0], dtype=torch.uint8), cfg.lattice, cfg)
     ok = cc.decode(b, torch.tensor([0, 1, 2, 3, 3]), cfg.lattice, cfg)
     assert torch.equal(ok, torch.zeros(5, 4))  # label 0 in every layer is the origin
+
+
+@pytest.mark.parametrize("name,q,M", [("Z2", 2, 4), ("D4", 2, 3), ("D4", 4, 2), ("E8", 2, 2), ("E8", 3, 2)])
+def test_cuda_parity_centered(name, q, M):
+    """config.center: coset.quant passes the offset c inside the dither tensor and widens the clamp radius."""
+    if "center" not in QuantizationConfig.__dataclass_fields__:
+        pytest.skip("this coset.quant has no center option")
+    x64 = _inputs(name, q, M, 0.25, seed=77 + q + M)
+    for dtype, dither in itertools.product((torch.float32, torch.float64), (False, True)):
+        cfg = QuantizationConfig(name, q=q, M=M, beta=0.25, max_scaling_iterations=3, with_dither=dither, center=True)
+        _assert_parity(x64.to(dtype), cfg, f"{name} q={q} M={M} center {dtype} dither={dither}")
+        _, _, cl = quantize(x64, config=cfg, backend="native", return_info=True)
+        assert bool(cl.any())

@@ -37,6 +37,7 @@ _FIELDS = (
     "disable_overload_protection",
     "overload_policy",
     "dither_seed",
+    "center",
 )
 
 
@@ -67,9 +68,10 @@ def _quantize_op(
     disable_overload_protection: bool,
     overload_policy: str,
     dither_seed: int,
+    center: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     cfg = _config(lattice_type, q, M, beta, alpha, max_scaling_iterations, with_tie_dither, with_dither,
-                  disable_scaling, disable_overload_protection, overload_policy, dither_seed)
+                  disable_scaling, disable_overload_protection, overload_policy, dither_seed, center)
     xh, T, cl = _q_quantize(x, config=cfg, backend="auto", return_info=True)
     return xh, T, cl
 
@@ -107,16 +109,17 @@ def _encode_op(
     disable_overload_protection: bool,
     overload_policy: str,
     dither_seed: int,
+    center: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     cfg = _config(lattice_type, q, M, beta, alpha, max_scaling_iterations, with_tie_dither, with_dither,
-                  disable_scaling, disable_overload_protection, overload_policy, dither_seed)
+                  disable_scaling, disable_overload_protection, overload_policy, dither_seed, center)
     b, T, cl = _q_encode(x, config=cfg, backend="auto", return_clamped=True)
     return b, T, cl
 
 
 @_encode_op.register_fake
 def _(x, lattice_type, q, M, *args):
-    cfg_dim = _config(lattice_type, q, M, 1.0, 1.0, 0, True, False, False, False, "clamp", 0).dim
+    cfg_dim = _config(lattice_type, q, M, 1.0, 1.0, 0, True, False, False, False, "clamp", 0, False).dim
     lead = x.shape[:-1]
     return (
         x.new_empty((*lead, M, cfg_dim), dtype=torch.uint8),
@@ -142,9 +145,10 @@ def _decode_op(
     disable_overload_protection: bool,
     overload_policy: str,
     dither_seed: int,
+    center: bool,
 ) -> torch.Tensor:
     cfg = _config(lattice_type, q, M, beta, alpha, max_scaling_iterations, with_tie_dither, with_dither,
-                  disable_scaling, disable_overload_protection, overload_policy, dither_seed)
+                  disable_scaling, disable_overload_protection, overload_policy, dither_seed, center)
     return _q_decode(b, config=cfg, T=T, dtype=dtype, backend="auto")
 
 
