@@ -170,6 +170,17 @@ def _encode_flat(x64: torch.Tensor, lattice: Lattice, config: QuantizationConfig
     return b, T, clamped
 
 
+def prepare_vectors(x: torch.Tensor, lattice: Optional[Lattice], config: Optional[QuantizationConfig]):
+    """Shared prologue of encode/quantize: defaults, input checks, flattening to ``(N, d)`` and the dither
+    the backends receive (random dither and/or the centring offset, float64 ``(N, d)``, or ``None``)."""
+    lattice, config = resolve(lattice, config)
+    check_vectors(x, lattice.dim)
+    xf = x.reshape(-1, lattice.dim)
+    N = xf.shape[0]
+    z = sample_dither(N, lattice, config.dither_seed, x.device) if config.with_dither else None
+    return lattice, config, xf, effective_dither(N, lattice, config, z, x.device)
+
+
 def encode(
     x: torch.Tensor,
     lattice: Optional[Lattice] = None,
@@ -199,13 +210,8 @@ def encode(
     TypeError / ValueError for a non-tensor, non-float, wrong last dim or non-finite input;
     OverloadError past the cap with ``overload_policy="error"``.
     """
-    lattice, config = resolve(lattice, config)
-    check_vectors(x, lattice.dim)
+    lattice, config, xf, z = prepare_vectors(x, lattice, config)
     lead = x.shape[:-1]
-    xf = x.reshape(-1, lattice.dim)
-    N = xf.shape[0]
-    z = sample_dither(N, lattice, config.dither_seed, x.device) if config.with_dither else None
-    z = effective_dither(N, lattice, config, z, x.device)
     be = select_backend(backend, "encode", xf, lattice, config)
     if be is not None:
         b, T, clamped = be.encode(xf, lattice, config, z)

@@ -11,9 +11,7 @@ from coset.lattice import Lattice
 from .backend import select_backend
 from .config import QuantizationConfig
 from .decode import _decode_flat
-from .dither import sample_dither
-from .encode import _encode_flat, check_vectors, resolve
-from .offset import effective_dither
+from .encode import _encode_flat, prepare_vectors
 
 __all__ = ["quantize"]
 
@@ -37,13 +35,8 @@ def quantize(
     -------
     (..., d) tensor of x's dtype [, T uint8 (...), clamped bool (...)]
     """
-    lattice, config = resolve(lattice, config)
-    check_vectors(x, lattice.dim)
+    lattice, config, xf, z = prepare_vectors(x, lattice, config)
     lead = x.shape[:-1]
-    xf = x.reshape(-1, lattice.dim)
-    N = xf.shape[0]
-    z = sample_dither(N, lattice, config.dither_seed, x.device) if config.with_dither else None
-    z = effective_dither(N, lattice, config, z, x.device)
     be = select_backend(backend, "quantize", xf, lattice, config)
     if be is not None:
         xh, T, clamped = be.quantize(xf, lattice, config, z)
