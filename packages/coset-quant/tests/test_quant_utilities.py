@@ -423,6 +423,19 @@ def test_quant_backend_registry_selection(fake_backend):
     assert fake_backend.calls[-1] == "quantize"
 
 
+def test_quant_backend_auto_select_can_decline(fake_backend):
+    """auto_select(op, tensor) == False: "auto" passes the backend over, an explicit name still uses it."""
+    cfg = QuantizationConfig("D4", 4, 2, beta=0.3)
+    x = torch.randn(10, 4, generator=_gen(8))
+    fake_backend.auto_select = lambda op, t: op != "quantize"
+    quantize(x, config=cfg)
+    assert fake_backend.calls == []
+    encode(x, config=cfg)
+    assert fake_backend.calls == ["encode"]
+    quantize(x, config=cfg, backend="fake")
+    assert fake_backend.calls == ["encode", "quantize"]
+
+
 def test_quant_backend_registry_errors():
     with pytest.raises(ValueError, match="name"):
         register_backend(type("B", (), {"name": "torch", "supports": lambda *a: True})())

@@ -42,6 +42,14 @@ class NativeBackend:
             return tensor.dtype == torch.uint8
         return tensor.dtype in _FLOATS
 
+    def auto_select(self, op: str, tensor: Any) -> bool:
+        """Not picked by "auto" for LUT ops on CPU tensors: the CPU LUT kernels measured slower than
+        coset.lut's embedding_bag path (benchmarks/results/lut.md, native.md); ``backend="native"`` still
+        runs them. Everything else (and every op on CUDA tensors) is auto-selected."""
+        if op in ("lut_one_sided", "lut_two_sided"):
+            return bool(getattr(tensor, "is_cuda", False))
+        return True
+
     def encode(self, x, lattice, config, dither):
         return _ops.encode(x, lattice, config, dither)
 

@@ -9,7 +9,9 @@ A backend is any object with ``name: str``, ``priority: int`` and these methods 
     decode(b, T, lattice, config, dither, dtype) -> xhat                   # b (N, M, d) uint8, T (N,) uint8
     quantize(x, lattice, config, dither) -> (xhat, T, clamped)             # xhat in x.dtype
 
-``dither`` is ``None`` or the float64 ``(N, d)`` tensor the reference would use. Packages that ship
+``dither`` is ``None`` or the float64 ``(N, d)`` tensor the reference would use. An optional
+``auto_select(op, tensor) -> bool`` lets a backend that *can* run an op decline to be picked by "auto" for
+it (e.g. where it measured slower than the PyTorch path); naming it explicitly still uses it. Packages that ship
 kernels register themselves through the entry-point group ``coset.backends`` (value: a zero-argument
 callable returning the backend object), or by calling :func:`register_backend` directly. coset.quant never
 imports them: the dependency points one way only.
@@ -80,6 +82,12 @@ def get_backend(name: str) -> Optional[Any]:
     return _registry[name]
 
 
+def _auto_ok(backend: Any, op: str, tensor) -> bool:
+    """A backend may run an op yet not be the fastest choice for it (``auto_select(op, tensor) -> bool``)."""
+    f = getattr(backend, "auto_select", None)
+    return True if f is None else bool(f(op, tensor))
+
+
 def select_backend(backend: str, op: str, tensor, lattice, config) -> Optional[Any]:
     """Resolve ``backend`` ("auto", "torch" or a registered name) for one call; ``None`` means the reference.
 
@@ -94,7 +102,7 @@ def select_backend(backend: str, op: str, tensor, lattice, config) -> Optional[A
         _load_entry_points()
         for name in available_backends()[:-1]:
             b = _registry[name]
-            if hasattr(b, op) and b.supports(op, tensor, lattice, config):
+            if hasattr(b, op) and b.supports(op, tensor, lattice, config) and _auto_ok(b, op, tensor):
                 return b
         return None
     b = get_backend(backend)
