@@ -383,15 +383,22 @@ def print_report(result: dict) -> None:
     c = result["config"]
     print(f"{result['dataset']}: {result['epochs']} epochs, seed {result['seed']}, "
           f"HNLQ {c['lattice_type']} q={c['q']} M={c['M']}")
-    hdr = f"{'variant':<8}{'test acc %':>11}{'gap pts':>9}{'bits/w':>8}{'size B':>10}{'w-ovl %':>9}{'a-ovl %':>9}{'step ms':>9}"
+    hdr = (f"{'variant':<8}{'test acc %':>11}{'gap pts':>9}{'bits/w':>8}{'size B':>10}{'w-ovl %':>9}"
+           f"{'a-ovl %':>9}{'step ms':>9}")
     print(hdr)
     print("-" * len(hdr))
+
+    def cell(v, width, fmt=".1f", scale=1.0):  # "-" where a column does not apply to the variant
+        return f"{'-':>{width}}" if v is None or v != v else f"{scale * v:>{width}{fmt}}"
+
     for v, e in result["variants"].items():
         gap = result.get("gap_points", {}).get(v, 0.0)
-        wo = 100 * e.get("weight_overload_rate", float("nan"))
-        ao = 100 * e.get("act_overload_rate", float("nan"))
-        step = e["curves"]["step_ms"] if "curves" in e else float("nan")
+        step = e["curves"].get("step_ms") if "curves" in e else None
         print(f"{v:<8}{e['final_test_acc']:>11.2f}{gap:>9.2f}{e['bits_per_weight']:>8.2f}{e['size_bytes']:>10d}"
-              f"{wo:>9.1f}{ao:>9.1f}{step:>9.2f}")
+              f"{cell(e.get('weight_overload_rate'), 9, scale=100)}{cell(e.get('act_overload_rate'), 9, scale=100)}"
+              f"{cell(step, 9, '.2f')}")
+    print("variants: fp32 = float baseline; qat_w = QAT of the weights; qat_wa = weights and activations; "
+          "ptq_w = the fp32 model quantized after training. bits/w = labels + T + betas + metadata per weight; "
+          "w-/a-ovl = share of weight/activation blocks that needed T > 0.")
     for k, p in result.get("files", {}).items():
         print(f"{k}: {p}")
