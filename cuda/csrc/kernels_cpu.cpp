@@ -75,6 +75,17 @@ static inline void load_vec(const In* x, int d, double* out) {
   for (int i = 0; i < d; ++i) out[i] = (double)x[i];
 }
 
+// Row r of a float32 or float64 output (one rounding from double, like the reference's .to(dtype)).
+static inline void store_vec(void* out, int out_is_double, int64_t r, int d, const double* y) {
+  if (out_is_double) {
+    double* o = (double*)out + r * d;
+    for (int i = 0; i < d; ++i) o[i] = y[i];
+  } else {
+    float* o = (float*)out + r * d;
+    for (int i = 0; i < d; ++i) o[i] = (float)y[i];
+  }
+}
+
 int64_t encode_cpu(const LatticeView& L, const QuantParams& P, const void* x, int x_is_double, const double* z,
                    int64_t N, uint8_t* b, uint8_t* T, uint8_t* clamped) {
   std::atomic<int64_t> errors{0};
@@ -119,13 +130,7 @@ int64_t decode_cpu(const LatticeView& L, const QuantParams& P, const uint8_t* b,
         } else {
           decode_vector<KIND, D>(L, P, br, T[r], z ? z + r * d : nullptr, y);
         }
-        if (out_is_double) {
-          double* o = (double*)out + r * d;
-          for (int i = 0; i < d; ++i) o[i] = y[i];
-        } else {
-          float* o = (float*)out + r * d;
-          for (int i = 0; i < d; ++i) o[i] = (float)y[i];
-        }
+        store_vec(out, out_is_double, r, d, y);
       }
       if (nbad) bad += nbad;
     });
@@ -274,13 +279,7 @@ int64_t quantize_cpu(const LatticeView& L, const QuantParams& P, const void* x, 
                 if (T) T[rv] = 0;
                 if (clamped) clamped[rv] = 0;
               }
-              if (out_is_double) {
-                double* o = (double*)out + rv * D;
-                for (int i = 0; i < D; ++i) o[i] = y[i];
-              } else {
-                float* o = (float*)out + rv * D;
-                for (int i = 0; i < D; ++i) o[i] = (float)y[i];
-              }
+              store_vec(out, out_is_double, rv, D, y);
             }
           }
         }
@@ -295,13 +294,7 @@ int64_t quantize_cpu(const LatticeView& L, const QuantParams& P, const void* x, 
         if (T) T[r] = res.T;
         if (clamped) clamped[r] = res.clamped;
         err += res.error;
-        if (out_is_double) {
-          double* o = (double*)out + r * d;
-          for (int i = 0; i < d; ++i) o[i] = y[i];
-        } else {
-          float* o = (float*)out + r * d;
-          for (int i = 0; i < d; ++i) o[i] = (float)y[i];
-        }
+        store_vec(out, out_is_double, r, d, y);
       }
       if (err) errors += err;
     });
