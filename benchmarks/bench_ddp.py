@@ -220,7 +220,7 @@ def to_markdown(results, meta) -> str:
         f"world_size={meta['world_size']}, gloo on CPU ({meta['machine']}), torch {meta['torch']}, seeds {meta['seeds']}.",
         "Accuracy: test set, mean ± std over seeds (Δ: mean of the per-seed differences to fp32 with the same seed).",
         "bytes/step: sent per rank per step after the 10 warm-up steps (ring model; identical for every seed).",
-        "Step time: median wall time of forward+backward+optimizer on a shared, loaded 2-core VM (noisy).",
+        "Step time: median wall time of forward+backward+optimizer on this 2-core VM (noisy whenever other jobs share it).",
         "",
     ]
     for ds in dict.fromkeys(r["dataset"] for r in results):
