@@ -9,15 +9,6 @@ import coset.cuda as cc
 from coset.quant.backend import select_backend
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """The reference runs many tiny ops; torch's intra-op threads only add contention on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def ref_one_sided(ix, sx, tables, q):
     """float64: scores[r, j] = sum_k sx[r,k] sum_m q^m tables[j, k, ix[r,k,m]]; also sum of |terms|."""
     n, K, M = ix.shape

@@ -12,15 +12,6 @@ CFG = QuantizationConfig("D4", q=4, M=2, beta=0.3, with_dither=True, dither_seed
 CFG_C = CFG.replace(q=2, M=3, center=True)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """The reference runs many tiny ops; torch's intra-op threads only add contention on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_cuda_ops_match_library():
     x = torch.randn(64, 3, 4, generator=torch.Generator().manual_seed(0))
     xh, T, cl = ops.quantize(x, CFG)

@@ -24,15 +24,6 @@ QS = (2, 3, 4, 5, 8, 16)
 MS = (1, 2, 3, 4)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """The reference runs many tiny ops; torch's intra-op threads only add contention on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _inputs(name: str, q: int, M: int, beta: float, seed: int) -> torch.Tensor:
     """float64 test vectors: Gaussian at several scales (T > 0 and clamping) and boundary points."""
     L = get_lattice(name)
