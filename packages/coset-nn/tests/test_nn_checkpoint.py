@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from coset.nn import QATConfig, QLinear, load_compressed, quantize_model, save_compressed
-from coset.quant import QuantizationConfig, packed_nbytes
+from coset.quant import QuantizationConfig, codes_nbytes, pack_codes, packed_nbytes
 
 D4 = QuantizationConfig()
 
@@ -52,16 +52,16 @@ def test_nn_compressed_roundtrip_exact(tmp_path, cfg):
     y = m(x)
     rep = save_compressed(m, tmp_path / "m.safetensors")
     # into a float model of the same architecture: layers are swapped with the stored configs
-    m2 = load_compressed(tmp_path / "m.safetensors", _net())
+    m2 = load_compressed(_net(), tmp_path / "m.safetensors")
     m2.eval()
     assert torch.equal(m2(x), y)
     for n in ("0", "3", "5"):
         assert m2.get_submodule(n).qconfig == cfg
-        assert torch.equal(m2.get_submodule(n).weight, m.get_submodule(n).qweight)
+        assert torch.equal(m2.get_submodule(n).weight, m.get_submodule(n).weight_quantizer.qweight)
     # into an already quantized model
     m3 = _net()
     quantize_model(m3, cfg)
-    load_compressed(tmp_path / "m.safetensors", m3).eval()
+    load_compressed(m3, tmp_path / "m.safetensors").eval()
     assert torch.equal(m3(x), y)
     # it keeps training from the decoded weights
     m3.train()
@@ -76,8 +76,11 @@ def test_nn_compressed_size_matches_rate(tmp_path):
     nb = {"0": (16, 7), "3": (128, 64), "5": (10, 32)}
     labels = sum(packed_nbytes(c * b * 2 * 4, 4) for c, b in nb.values())
     assert rep.label_bytes == labels
-    meta = rep.layers
-    T_bytes = sum(packed_nbytes(c * b, meta[n]["T_q"]) for n, (c, b) in nb.items())
+    # T bytes: exactly what pack_codes makes of each layer's T (its one rule for storing T)
+    T_bytes = 0
+    for n in nb:
+        tensors, _ = pack_codes(*m.get_submodule(n).codes()[:2], QATConfig().weight)
+        T_bytes += codes_nbytes(tensors) - tensors["labels"].numel()
     assert rep.T_bytes == T_bytes
     assert rep.beta_bytes == 4 * (16 + 128 + 10)
     n = rep.num_quantized_weights
@@ -98,20 +101,20 @@ def test_nn_compressed_errors(tmp_path):
     with pytest.raises(ValueError, match="config"):
         other = _net()
         quantize_model(other, QATConfig(ste="clipped"))
-        load_compressed(p, other)
+        load_compressed(other, p)
     with pytest.raises(ValueError, match="not found"):
-        load_compressed(p, nn.Sequential())
+        load_compressed(nn.Sequential(), p)
     with pytest.raises(ValueError, match="conv2d"):
-        load_compressed(p, nn.Sequential(nn.Linear(3, 3)))
+        load_compressed(nn.Sequential(nn.Linear(3, 3)), p)
     with pytest.raises(ValueError, match="shape"):
         bad = _net()
         bad[5] = nn.Linear(128, 11)
         bad[6] = nn.LayerNorm(11)
-        load_compressed(p, bad)
+        load_compressed(bad, p)
     from safetensors.torch import save_file
 
     save_file({"a": torch.zeros(2)}, tmp_path / "plain.safetensors")
     with pytest.raises(ValueError, match="not a coset-nn"):
-        load_compressed(tmp_path / "plain.safetensors", _net())
+        load_compressed(_net(), tmp_path / "plain.safetensors")
     with pytest.raises(TypeError, match="model"):
         save_compressed("model", p)

@@ -56,13 +56,13 @@ def test_nn_fixed_beta_weight_equals_lattice_quantizer(lattice_type):
         q.weight.uniform_(-0.1, 0.1)  # |w/beta| <= 2 per coordinate: far inside q^M V, no overload
     x = torch.randn(4, 16)
     y = q(x)
-    assert int(q.w_T.max()) == 0
+    assert int(q.weight_quantizer.T.max()) == 0
     ref = _ql_reference(q.weight, 0.05, cfg.lattice)
-    assert torch.equal(q.qweight, ref)
+    assert torch.equal(q.weight_quantizer.qweight, ref)
     assert torch.equal(y, F.linear(x, ref, q.bias))
     # and it is coset.quant.quantize of the blocks, bit for bit
     blocks, pad = to_blocks(q.weight.detach(), cfg.dim)
-    assert torch.equal(q.qweight, from_blocks(quantize(blocks, config=cfg), pad))
+    assert torch.equal(q.weight_quantizer.qweight, from_blocks(quantize(blocks, config=cfg), pad))
 
 
 def test_nn_per_channel_beta_and_overload_blocks():
@@ -72,14 +72,14 @@ def test_nn_per_channel_beta_and_overload_blocks():
         q.weight[0, :4] = 50.0 * q.weight[0].abs().max()  # one outlier block
     q.eval()
     wq = q.quantized_weight()
-    betas = q.w_beta.double()
+    betas = q.weight_quantizer.beta.double()
     rms = q.weight.detach().double().pow(2).mean(1).sqrt()
     from coset.quant import beta_min
 
     assert torch.allclose(betas, rms * 1.25 * beta_min(D4, 1.0), rtol=1e-6)
-    assert bool(q.w_T[0, 0] > 0)  # the outlier used the overload ramp
+    assert bool(q.weight_quantizer.T[0, 0] > 0)  # the outlier used the overload ramp
     ref = torch.stack([_ql_reference(q.weight[c : c + 1], float(betas[c]), D4.lattice, f32=True)[0] for c in range(6)])
-    ok = (q.w_T == 0).repeat_interleave(4, dim=1)
+    ok = (q.weight_quantizer.T == 0).repeat_interleave(4, dim=1)
     assert bool(ok.any()) and torch.equal(wq[ok], ref[ok])
     # relative error per row is scale free
     err = ((wq - q.weight.detach()).pow(2).mean(1) / q.weight.detach().pow(2).mean(1))[1:]
@@ -93,9 +93,9 @@ def test_nn_conv2d_weight_blocks_along_flattened_rows():
         qc.weight.uniform_(-0.04, 0.04)
     x = torch.randn(2, 3, 8, 8)
     y = qc(x)
-    assert qc.k == 27 and qc.pad == 1 and qc.w_labels.shape == (5, 7, 2, 4)
+    assert qc.k == 27 and qc.pad == 1 and qc.weight_quantizer.labels.shape == (5, 7, 2, 4)
     ref = _ql_reference(qc.weight, 0.02, cfg.lattice)
-    assert torch.equal(qc.qweight, ref)
+    assert torch.equal(qc.weight_quantizer.qweight, ref)
     assert torch.equal(y, F.conv2d(x, ref, qc.bias, padding=1))
     q1 = QConv1d(3, 4, 5, padding=2)
     assert q1(torch.randn(2, 3, 11)).shape == (2, 4, 11)
@@ -106,28 +106,28 @@ def test_nn_padding_is_tracked_and_stripped():
     q = QLinear(10, 3)  # 10 = 2 blocks of 4 + 2 padded zeros
     x = torch.randn(2, 10)
     q(x)
-    assert q.pad == 2 and q.w_labels.shape == (3, 3, 2, 4) and q.qweight.shape == (3, 10)
+    assert q.pad == 2 and q.weight_quantizer.labels.shape == (3, 3, 2, 4) and q.weight_quantizer.qweight.shape == (3, 10)
     blocks, pad = to_blocks(q.weight.detach(), 4)
-    betas = q.w_beta.reshape(-1, 1, 1)
+    betas = q.weight_quantizer.beta.reshape(-1, 1, 1)
     unit = quantize(blocks / betas, config=D4) * betas
-    assert torch.equal(q.qweight, from_blocks(unit, pad))
+    assert torch.equal(q.weight_quantizer.qweight, from_blocks(unit, pad))
     # the padded coordinates decode to 0 for blocks without overload
     from coset.quant import decode
 
     labels, T, _ = q.codes()
     last = decode(labels[:, -1], config=D4, T=T[:, -1], dtype=torch.float64)
-    assert torch.equal(last[q.w_T[:, -1] == 0][:, 2:], torch.zeros_like(last[q.w_T[:, -1] == 0][:, 2:]))
+    assert torch.equal(last[q.weight_quantizer.T[:, -1] == 0][:, 2:], torch.zeros_like(last[q.weight_quantizer.T[:, -1] == 0][:, 2:]))
     # bits/weight counts the padding: 3 blocks * (16 label bits + 4 T bits) per 10 weights + betas
     assert math.isclose(q.bits_per_weight(), (3 * 3 * 20 + 32 * 3) / 30)
 
 
 def test_nn_activation_quantization_blocks_along_features():
-    cfg = QATConfig(weight=None, activation=QuantizationConfig(beta=0.1), act_beta_scale=1.0)
+    cfg = QATConfig(weight=None, activation=QuantizationConfig(), act_beta_scale=1.0)
     q = QLinear(6, 3, qconfig=cfg)
     q.eval()
     x = torch.randn(5, 6)
     y = q(x)
-    beta = float(q.act_beta) if float(q.act_beta) > 0 else None
+    beta = float(q.activation_quantizer.beta) if float(q.activation_quantizer.beta) > 0 else None
     assert beta is None  # never trained: eval used the batch's own beta
     from coset.nn.fake_quant import activation_beta
 
@@ -140,9 +140,9 @@ def test_nn_activation_quantization_blocks_along_features():
     qc.train()
     xc = torch.randn(2, 5, 3, 3)
     yc = qc(xc)
-    assert float(qc.act_beta) == activation_beta(xc.movedim(1, -1), cfg)
+    assert float(qc.activation_quantizer.beta) == activation_beta(xc.movedim(1, -1), cfg)
     blocks, pad = to_blocks(xc.movedim(1, -1), 4)
-    xq = from_blocks(quantize(blocks, config=QuantizationConfig(beta=float(qc.act_beta))), pad).movedim(-1, 1)
+    xq = from_blocks(quantize(blocks, config=QuantizationConfig(beta=float(qc.activation_quantizer.beta))), pad).movedim(-1, 1)
     assert torch.equal(yc, F.conv2d(xq, qc.weight, qc.bias))
 
 
@@ -161,19 +161,19 @@ def _grads(ste, act=None):
 
 def test_nn_identity_ste_gradient_is_dense_gradient_at_qweight():
     q, x, g = _grads("identity")
-    w = q.qweight.clone().requires_grad_(True)
+    w = q.weight_quantizer.qweight.clone().requires_grad_(True)
     F.linear(x.detach(), w, q.bias.detach()).backward(g)
     assert torch.allclose(q.weight.grad, w.grad, rtol=0, atol=1e-6)
     assert float(q.weight.grad.abs().sum()) > 0
     xr = x.detach().requires_grad_(True)
-    F.linear(xr, q.qweight, q.bias.detach()).backward(g)
+    F.linear(xr, q.weight_quantizer.qweight, q.bias.detach()).backward(g)
     assert torch.allclose(x.grad, xr.grad, atol=1e-6)
 
 
 def test_nn_clipped_ste_zeroes_exactly_the_overloaded_blocks():
     qi, _, _ = _grads("identity")
     qc, _, _ = _grads("clipped")
-    over = ((qc.w_T > 0) | qc.w_clamped).repeat_interleave(4, dim=1)
+    over = ((qc.weight_quantizer.T > 0) | qc.weight_quantizer.clamped).repeat_interleave(4, dim=1)
     assert bool(over.any()) and bool((~over).any())
     assert torch.equal(qc.weight.grad[over], torch.zeros_like(qc.weight.grad[over]))
     assert torch.equal(qc.weight.grad[~over], qi.weight.grad[~over])
@@ -186,7 +186,7 @@ def test_nn_smooth_ste_fades_with_block_norm():
     ratio = (qs.weight.grad / qi.weight.grad).reshape(8, 16, 4)
     assert bool((ratio > 0).all()) and bool((ratio <= 1 + 1e-6).all())
     norms = qi.weight.detach().reshape(8, 16, 4).norm(dim=-1)
-    r = (qi.w_beta.reshape(8, 1) * 16 * math.sqrt(0.5))
+    r = (qi.weight_quantizer.beta.reshape(8, 1) * 16 * math.sqrt(0.5))
     small, big = norms < 0.5 * r, norms > 2 * r
     assert bool(small.any()) and bool(big.any())
     assert float(ratio[small].min()) > 0.99 and float(ratio[big].max()) < 0.01
@@ -217,13 +217,14 @@ def test_nn_training_moves_shadow_weights():
 # ---------------------------------------------------------------------------------------------- caching
 def _spy(layer):
     calls = []
-    orig = layer.requantize
+    wq = layer.weight_quantizer
+    orig = wq.requantize
 
-    def wrapped():
+    def wrapped(weight):
         calls.append(1)
-        orig()
+        orig(weight)
 
-    layer.requantize = wrapped
+    wq.requantize = wrapped
     return calls
 
 
@@ -236,7 +237,7 @@ def test_nn_quantize_every_caches_between_requantizations():
     for step in range(7):
         opt.zero_grad()
         q(x).pow(2).sum().backward()
-        seen.append(q.qweight.clone())
+        seen.append(q.weight_quantizer.qweight.clone())
         opt.step()
     assert len(calls) == 3  # steps 0, 3, 6
     assert torch.equal(seen[0], seen[1]) and torch.equal(seen[1], seen[2])
@@ -257,13 +258,13 @@ def test_nn_eval_refreshes_after_in_place_weight_change():
     q = QLinear(8, 4).eval()
     x = torch.randn(3, 8)
     y1 = q(x)
-    qw1, beta1 = q.qweight.clone(), q.w_beta.clone()
+    qw1, beta1 = q.weight_quantizer.qweight.clone(), q.weight_quantizer.beta.clone()
     with torch.no_grad():
         q.weight.mul_(2.0)
     y2 = q(x)
     assert not torch.equal(y1, y2)
     # rms and hence beta double exactly, so the codes repeat and the quantized weight doubles exactly
-    assert torch.equal(q.w_beta, 2 * beta1) and torch.equal(q.qweight, 2 * qw1)
+    assert torch.equal(q.weight_quantizer.beta, 2 * beta1) and torch.equal(q.weight_quantizer.qweight, 2 * qw1)
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -332,7 +333,8 @@ def test_nn_state_dict_keys_and_float_checkpoint_loads():
     x = torch.randn(5, 8)
     expect = QLinear.from_float(lin).eval()(x)
     assert torch.equal(q(x), expect)
-    assert set(q.state_dict()) == {"weight", "bias", "w_labels", "w_T", "w_beta", "q_state"}
+    wq = {"labels", "T", "beta", "clamped", "q_state", "code"}
+    assert set(q.state_dict()) == {"weight", "bias"} | {f"weight_quantizer.{k}" for k in wq}
 
 
 @pytest.mark.parametrize("every", [1, 3])
@@ -359,7 +361,7 @@ def test_nn_state_dict_roundtrip_strict_identical_outputs(every):
     src.eval(), dst.eval()
     assert torch.equal(src(x), dst(x))
     with pytest.raises(RuntimeError):
-        make().load_state_dict({k: v for k, v in sd.items() if k != "0.w_T"}, strict=True)
+        make().load_state_dict({k: v for k, v in sd.items() if k != "0.weight_quantizer.T"}, strict=True)
 
 
 def test_nn_torch_save_whole_model_pickles(tmp_path):

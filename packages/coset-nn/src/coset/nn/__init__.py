@@ -6,7 +6,10 @@
   d-blocks along the input dimension.
 * :func:`quantize_model` / :func:`dequantize_model`: in-place module swap (torchao ``quantize_`` style) with a
   :class:`ConversionReport`; :func:`set_quantization_enabled`, :func:`quantized_layers`.
-* :func:`save_compressed` / :func:`load_compressed`: packed-label safetensors checkpoints
+* :class:`HNLQWeightQuantizer` / :class:`HNLQActivationQuantizer`: the quantizer submodules of a layer
+  (``layer.weight_quantizer``: codes, ``codes()``, ``load_codes()``, ``stats()``; ``layer.activation_quantizer``:
+  running activation beta); :class:`ClampWarning` when a quantization clamps.
+* :func:`save_compressed` / :func:`load_compressed`: packed-code safetensors checkpoints
   (:class:`CheckpointReport` gives effective bits/weight).
 * :func:`ste`: the straight-through estimator used by the layers.
 """
@@ -22,6 +25,7 @@ from .convert import (
     set_quantization_enabled,
 )
 from .qconv import QConv1d, QConv2d
+from .quantizer import ClampWarning, HNLQActivationQuantizer, HNLQWeightQuantizer
 from .qlinear import QLinear
 from .ste import ste
 
@@ -30,6 +34,9 @@ __all__ = [
     "QLinear",
     "QConv1d",
     "QConv2d",
+    "HNLQWeightQuantizer",
+    "HNLQActivationQuantizer",
+    "ClampWarning",
     "quantize_model",
     "dequantize_model",
     "set_quantization_enabled",

@@ -49,7 +49,9 @@ class QATConfig:
         How the weight's beta is chosen at each re-quantization. "per_channel": one beta per output
         channel, ``beta_c = beta_scale * beta_min(weight, rms(W[c]))``; "per_tensor": one beta from the
         rms of the whole weight; "fixed": ``weight.beta`` as given (then the quantized weight is exactly
-        ``coset.quant.quantize(W blocks, config=weight)``).
+        ``coset.quant.quantize(W blocks, config=weight)``). ``weight.beta`` is used only by "fixed": with the
+        other granularities a ``weight.beta`` other than 1.0 raises ``ValueError`` (it would be ignored), and
+        ``activation.beta`` must stay 1.0 (the activation beta is always estimated from the input).
     beta_scale : float
         Multiplier of :func:`coset.quant.beta_min` for the automatic betas (1.25 puts D4 q=4 M=2 at
         beta ~ 0.19 sigma: Gaussian MSE 0.0076 sigma^2 with ~25 % of the blocks on T > 0; the MSE optimum,
@@ -107,6 +109,18 @@ class QATConfig:
                 raise ValueError("use_lut=True needs a weight config (weight is None)")
             if self.weight.with_dither:
                 raise ValueError("use_lut=True needs weight.with_dither=False (LUT products assume no dither)")
+        # the code/scale seam: a beta the layer would ignore is refused, never silently dropped
+        if self.weight is not None and self.granularity != "fixed" and self.weight.beta != 1.0:
+            raise ValueError(
+                f"weight.beta={self.weight.beta!r} would be ignored: with granularity={self.granularity!r} the betas "
+                "come from the weight's rms (times beta_scale). Use granularity='fixed' to quantize with "
+                "weight.beta, or leave weight.beta at 1.0"
+            )
+        if self.activation is not None and self.activation.beta != 1.0:
+            raise ValueError(
+                f"activation.beta={self.activation.beta!r} would be ignored: the activation beta is a running "
+                "estimate from the input's rms (times act_beta_scale); leave activation.beta at 1.0"
+            )
         if not isinstance(self.backend, str) or not self.backend:
             raise TypeError(f"backend must be a non-empty str, got {self.backend!r}")
 

@@ -22,6 +22,7 @@ __all__ = [
     "quantized_layers",
     "LayerReport",
     "ConversionReport",
+    "module_names",
 ]
 
 _SWAP: dict[type, type] = {nn.Linear: QLinear, nn.Conv1d: QConv1d, nn.Conv2d: QConv2d}
@@ -33,7 +34,8 @@ ConfigSpec = Union[QATConfig, Mapping[str, Optional[QATConfig]]]
 
 @dataclass(frozen=True)
 class LayerReport:
-    """One swapped layer: name, kind ("linear"/"conv1d"/"conv2d"), weight shape, config and nominal bits/weight."""
+    """One swapped layer: name, kind ("linear"/"conv1d"/"conv2d"), weight shape, config, nominal bits/weight,
+    padding, and ``aliases``: the other names under which the same module object is used (all converted)."""
 
     name: str
     kind: str
@@ -41,6 +43,7 @@ class LayerReport:
     config: QATConfig
     bits_per_weight: float
     pad: int
+    aliases: tuple[str, ...] = ()
 
     @property
     def numel(self) -> int:
@@ -74,7 +77,8 @@ class ConversionReport:
     def __str__(self) -> str:
         lines = [f"{'layer':<32} {'kind':<7} {'weight shape':<22} {'bits/w':>7}  pad"]
         for r in self.layers:
-            lines.append(f"{r.name:<32} {r.kind:<7} {str(r.weight_shape):<22} {r.bits_per_weight:7.3f}  {r.pad}")
+            also = f"  (shared: also {', '.join(r.aliases)})" if r.aliases else ""
+            lines.append(f"{r.name:<32} {r.kind:<7} {str(r.weight_shape):<22} {r.bits_per_weight:7.3f}  {r.pad}{also}")
         lines.append(f"{len(self.layers)} layers, {self.num_weights} weights, {self.bits_per_weight:.3f} bits/weight")
         return "\n".join(lines)
 
@@ -126,7 +130,15 @@ def quantize_model(
 
     Returns
     -------
-    ConversionReport with one LayerReport per swapped layer (name, kind, weight shape, config, bits/weight).
+    ConversionReport with one LayerReport per swapped layer (name, kind, weight shape, config, bits/weight,
+    and the other names of a module object used at several places: every use is swapped for the same
+    quantized layer, so weight tying survives).
+
+    Raises
+    ------
+    TypeError for a model that is not an ``nn.Module`` or a config/selector of the wrong type; ValueError when
+    one module object used under several names would be treated differently at its uses (different configs,
+    or included at one and excluded at another): converting only some uses would leave the model half float.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -144,26 +156,59 @@ def quantize_model(
     exc = _matcher(exclude, "exclude")
     layers: list[LayerReport] = []
     skipped: dict[str, str] = {}
-    targets = [(n, m) for n, m in model.named_modules() if type(m) in _SWAP or isinstance(m, QuantLayerMixin)]
-    for name, mod in targets:
+    names = module_names(model)
+    for name, mod in list(model.named_modules()):  # first name of each module object, before any swap
+        if type(mod) not in _SWAP and not isinstance(mod, QuantLayerMixin):
+            continue
+        uses = names[id(mod)]
         if isinstance(mod, QuantLayerMixin):
-            skipped[name] = "already quantized"
+            for n in uses:
+                skipped[n] = "already quantized"
             continue
-        if inc is not None and not inc(name, mod):
-            skipped[name] = "not included"
+        # a module object used at several places is converted at all of them, or at none (never half)
+        decisions = {n: _decide(n, mod, config, inc, exc) for n in uses}
+        (first_cfg, first_reason) = decisions[name]
+        for n, (cfg, reason) in decisions.items():
+            if cfg != first_cfg:
+                raise ValueError(
+                    f"module object used as {name!r} and {n!r} gets different treatment ({first_reason or 'quantized'} "
+                    f"vs {reason or 'quantized'}); a shared module must be quantized with one config at all its uses"
+                )
+        if first_cfg is None:
+            for n in uses:
+                skipped[n] = decisions[n][1]
             continue
-        if exc is not None and exc(name, mod):
-            skipped[name] = "excluded"
-            continue
-        matched, cfg = _config_for(name, config)
-        if cfg is None:
-            skipped[name] = "no config" if not matched else "config is None"
-            continue
-        qmod = _SWAP[type(mod)].from_float(mod, cfg)
-        _set_submodule(model, name, qmod)
-        layers.append(LayerReport(name, _KIND[type(qmod)], tuple(qmod.weight.shape), cfg, qmod.bits_per_weight(),
-                                  qmod.pad))
+        qmod = _SWAP[type(mod)].from_float(mod, first_cfg)
+        if qmod.weight_quantizer is not None:
+            qmod.weight_quantizer.name = name
+        for n in uses:
+            _set_submodule(model, n, qmod)
+        layers.append(LayerReport(name, _KIND[type(qmod)], tuple(qmod.weight.shape), first_cfg,
+                                  qmod.bits_per_weight(), qmod.pad, tuple(uses[1:])))
     return ConversionReport(tuple(layers), skipped)
+
+
+def _decide(name: str, mod: nn.Module, config: ConfigSpec, inc, exc) -> tuple[Optional[QATConfig], str]:
+    """``(config, "")`` to quantize the module under ``name``, or ``(None, reason)`` to skip it."""
+    if inc is not None and not inc(name, mod):
+        return None, "not included"
+    if exc is not None and exc(name, mod):
+        return None, "excluded"
+    matched, cfg = _config_for(name, config)
+    if cfg is None:
+        return None, "no config" if not matched else "config is None"
+    return cfg, ""
+
+
+def module_names(model: nn.Module) -> dict[int, list[str]]:
+    """``{id(module): [every qualified name it is used under]}`` in module order (shared modules appear once
+    in ``named_modules()`` but may sit at several places)."""
+    out: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        lst = out.setdefault(id(mod), [])
+        if name not in lst:
+            lst.append(name)
+    return out
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -191,10 +236,13 @@ def dequantize_model(model: nn.Module, use_quantized: bool = False) -> list[str]
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     names = []
+    aliases = module_names(model)
     for name, mod in list(model.named_modules()):
         if isinstance(mod, QuantLayerMixin):
-            _set_submodule(model, name, mod.to_float(use_quantized=use_quantized))
-            names.append(name)
+            flt = mod.to_float(use_quantized=use_quantized)
+            for n in aliases[id(mod)]:  # one float module for every use of a shared layer
+                _set_submodule(model, n, flt)
+                names.append(n)
     return names
 
 

@@ -154,10 +154,11 @@ def quantize_activation(x: torch.Tensor, beta: float, qat: QATConfig):
     -------
     xq : tensor of x's shape and dtype
     blocks : (..., nb, d) the padded float blocks of x
-    overloaded : (..., nb) bool, blocks with T > 0 or clamped
+    T : (..., nb) uint8 scale steps
+    clamped : (..., nb) bool, blocks still overloaded at the cap (clamped)
     pad : int
     """
     cfg = qat.activation.replace(beta=float(beta))
     blocks, pad = to_blocks(x.detach(), cfg.dim)
     xh, T, clamped = quantize(blocks, config=cfg, backend=qat.backend, return_info=True)
-    return from_blocks(xh, pad), blocks, (T > 0) | clamped, pad
+    return from_blocks(xh, pad), blocks, T, clamped, pad

@@ -66,24 +66,14 @@ class _QConvMixin(QuantLayerMixin):
             )
         if not self.quant_enabled or not self.qconfig.enabled:
             return self._conv_forward(input, self.weight, self.bias)
-        x = self._quantize_input_c(input)
-        if self.qconfig.use_lut and not self.training and self.qconfig.weight is not None:
-            return self._lut_conv_c(x)
-        return self._conv_forward(x, self._effective_weight_c(), self.bias)
+        batched = input.ndim == nd + 2
+        x = self._qinput(input if batched else input.unsqueeze(0))  # features on dim 1
+        x = x if batched else x.squeeze(0)
+        if self._use_lut():
+            return self._lut_conv(x)
+        return self._conv_forward(x, self._qweight(), self.bias)
 
-    @torch.compiler.disable
-    def _quantize_input_c(self, x):
-        batched = x.ndim == len(self.kernel_size) + 2
-        xb = x if batched else x.unsqueeze(0)
-        out = self._quantize_input(xb)
-        return out if batched else out.squeeze(0)
-
-    @torch.compiler.disable
-    def _effective_weight_c(self):
-        return self._effective_weight()
-
-    @torch.compiler.disable
-    def _lut_conv_c(self, x):
+    def _lut_conv(self, x):
         """im2col + :func:`coset.lut.lut_linear`: the unfolded rows have the weight rows' (C_in, *kernel) order."""
         batched = x.ndim == len(self.kernel_size) + 2
         x4 = x if batched else x.unsqueeze(0)

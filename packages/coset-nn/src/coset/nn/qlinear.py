@@ -47,7 +47,7 @@ class QLinear(QuantLayerMixin, nn.Linear):
                 qconfig=qconfig)
         q.weight = mod.weight
         q.bias = mod.bias
-        q._init_quant(q.qconfig)  # buffers on the weight's device
+        q._init_quant(q.qconfig)  # quantizer buffers on the weight's device
         q.train(mod.training)
         return q
 
@@ -71,21 +71,8 @@ class QLinear(QuantLayerMixin, nn.Linear):
             raise ValueError(f"input must have last dimension in_features={self.in_features}, got {tuple(input.shape)}")
         if not self.quant_enabled or not self.qconfig.enabled:
             return F.linear(input, self.weight, self.bias)
-        x = self._quantize_input_c(input)
-        if self.qconfig.use_lut and not self.training and self.qconfig.weight is not None:
-            y = self._lut_c(x)
+        x = self._qinput(input)
+        if self._use_lut():
+            y = self._lut_matmul(x)
             return y + self.bias if self.bias is not None else y
-        return F.linear(x, self._effective_weight_c(), self.bias)
-
-    # the quantizer runs eagerly (data-dependent loops); torch.compile graph-breaks around it
-    @torch.compiler.disable
-    def _quantize_input_c(self, x):
-        return self._quantize_input(x)
-
-    @torch.compiler.disable
-    def _effective_weight_c(self):
-        return self._effective_weight()
-
-    @torch.compiler.disable
-    def _lut_c(self, x):
-        return self._lut_matmul(x)
+        return F.linear(x, self._qweight(), self.bias)

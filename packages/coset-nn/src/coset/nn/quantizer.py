@@ -1,0 +1,553 @@
+"""The two quantizer submodules of a QAT layer (torchao ``FakeQuantizedLinear`` style).
+
+* :class:`HNLQWeightQuantizer` owns the HNLQ code of one weight: labels, T, betas, the clamp mask, the step
+  counter and the staleness logic (``quantize_every``, re-quantize in eval only when the shadow weight
+  changed). Its forward maps the float shadow weight to the quantized weight with a straight-through gradient.
+* :class:`HNLQActivationQuantizer` owns the running activation beta and fake-quantizes a layer's input.
+
+State (``state_dict`` keys under ``weight_quantizer.`` / ``activation_quantizer.``)
+--------------------------------------------------------------------------------
+* ``labels`` (C_out, nb, M, d) uint8, ``T`` (C_out, nb) uint8, ``beta`` (C_out,) or (1,) float32, ``clamped``
+  (C_out, nb) bool: the code of the weight as last quantized. They appear only once the weight has been
+  quantized (a never-run layer round-trips exactly, and a float checkpoint without them loads with
+  ``strict=True``; they are then computed at the next forward).
+* ``q_state`` int64 ``[training steps, codes current with the shadow weight]``, so a loaded layer re-quantizes
+  when and only when the saved layer would have.
+* ``code`` uint8: the UTF-8 JSON of the code the labels belong to (lattice, q, M, alpha, cap, tie rule,
+  dither, centring; beta too with ``granularity="fixed"``; the beta granularity). Loading labels made with
+  another code raises ``ValueError`` naming the differing fields, instead of decoding them with the wrong code.
+* ``activation_quantizer.beta`` scalar float32: running beta of the input; 0 = not yet observed.
+
+When is the weight re-quantized?
+--------------------------------
+Training mode: at the first forward and then every ``quantize_every`` training forward passes. Eval mode: the
+codes are used as long as the shadow weight has not changed since they were computed (checked with the
+tensor's version counter). Codes from ``load_state_dict`` / :meth:`HNLQWeightQuantizer.load_codes` are used as
+they are: they are bound to the shadow weight at the next forward.
+
+Clamps
+------
+A block still overloaded at the largest scale step is clamped (data loss). Every quantization that clamps
+warns once per quantizer (:class:`ClampWarning`, naming the layer and the count) and ``stats()`` reports
+clamped blocks separately from blocks with ``T > 0``; the mask persists in the state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+from coset.quant import encode, to_blocks
+
+from .config import QATConfig
+from .fake_quant import (
+    activation_beta,
+    decode_weight,
+    overload_radius,
+    quantize_activation,
+    quantize_weight,
+    weight_betas,
+)
+from .ste import block_grad_scale, ste
+
+try:  # one warning class for every clamp in coset, when coset.quant provides it
+    from coset.quant import ClampWarning
+except ImportError:  # pragma: no cover - older coset-quant
+
+    class ClampWarning(UserWarning):
+        """A quantization clamped blocks (lost information) past the largest scale step."""
+
+
+__all__ = ["HNLQWeightQuantizer", "HNLQActivationQuantizer", "ClampWarning", "code_identity"]
+
+_CODE_KEYS = ("labels", "T", "beta", "q_state")  # required together; "clamped" and "code" are optional
+_ALL_KEYS = _CODE_KEYS + ("clamped", "code")
+_CODE_FIELDS = ("lattice_type", "q", "M", "alpha", "max_scaling_iterations", "with_tie_dither", "with_dither",
+                "dither_seed", "disable_scaling", "center")
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return int(t._version)
+    except Exception:  # inference tensors have no version counter
+        return -1
+
+
+def code_identity(qconfig: QATConfig) -> dict:
+    """What the stored labels of a weight depend on: the code fields of ``qconfig.weight``, the beta when it is
+    fixed, and the beta granularity. Two layers can exchange codes iff these dicts are equal."""
+    cfg = qconfig.weight
+    ident = {f: getattr(cfg, f) for f in _CODE_FIELDS}
+    ident["lattice_type"] = cfg.lattice_type.strip().upper()
+    ident["granularity"] = qconfig.granularity
+    if qconfig.granularity == "fixed":
+        ident["beta"] = cfg.beta
+    return ident
+
+
+def _ident_tensor(ident: dict, device) -> torch.Tensor:
+    raw = json.dumps(ident, sort_keys=True, separators=(",", ":")).encode()
+    return torch.tensor(list(raw), dtype=torch.uint8, device=device)
+
+
+class HNLQWeightQuantizer(nn.Module):
+    """Owns the HNLQ code of one ``(C_out, ...)`` weight (see the module docstring).
+
+    Parameters
+    ----------
+    qconfig : QATConfig with ``weight`` set
+    weight_shape : shape of the weight; rows are ``weight[c].flatten()`` (k values), split in d-blocks
+    device : device of the buffers
+    name : layer name used in warnings and errors (``quantize_model`` sets the qualified module name)
+
+    Forward: ``weight -> W_hat`` (the decoded weight, of the weight's shape and dtype; gradient to ``weight``
+    through the configured straight-through estimator).
+    """
+
+    def __init__(self, qconfig: QATConfig, weight_shape, device=None, name: str = "") -> None:
+        super().__init__()
+        if not isinstance(qconfig, QATConfig) or qconfig.weight is None:
+            raise ValueError("HNLQWeightQuantizer needs a QATConfig with a weight config")
+        self.qconfig = qconfig
+        self.name = name
+        cfg = qconfig.weight
+        shape = tuple(int(s) for s in weight_shape)
+        self.weight_shape = shape
+        self.k = math.prod(shape[1:])
+        C, d, M = shape[0], cfg.dim, cfg.M
+        nb = -(-self.k // d)
+        nbeta = C if qconfig.granularity == "per_channel" else 1
+        self.register_buffer("labels", torch.zeros((C, nb, M, d), dtype=torch.uint8, device=device))
+        self.register_buffer("T", torch.zeros((C, nb), dtype=torch.uint8, device=device))
+        self.register_buffer("beta", torch.ones((nbeta,), dtype=torch.float32, device=device))
+        self.register_buffer("clamped", torch.zeros((C, nb), dtype=torch.bool, device=device))
+        self.register_buffer("q_state", torch.zeros((2,), dtype=torch.int64, device=device))
+        self.register_buffer("qweight", None, persistent=False)
+        self._identity = code_identity(qconfig)
+        self._step = 0
+        self._valid = False  # labels/T/beta hold a code
+        self._key: Optional[int] = None  # weight version the code is current for; None: bind at next use
+        self._stale = False  # loaded codes marked as older than the weight: re-quantize at the next use
+        self._pending = None  # (u, cfg): labels are encoded lazily from these scaled blocks
+        self._lut_cache = None
+        self._warned = False
+        self._quantizations = 0
+        self._clamp_total = 0
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def pad(self) -> int:
+        """Zeros appended to each row to reach a multiple of d."""
+        return (-self.k) % self.qconfig.weight.dim
+
+    def bits_per_weight(self) -> float:
+        """Nominal storage per weight: labels (padding included), T at full width and float32 betas."""
+        cfg = self.qconfig.weight
+        C, nb = self.T.shape
+        t_bits = max(cfg.max_scaling_iterations, 1).bit_length()
+        bits = C * nb * (cfg.M * cfg.dim * cfg.bits_per_label + t_bits) + 32 * self.beta.numel()
+        return bits / (C * self.k)
+
+    # ------------------------------------------------------------------ staleness
+    def is_current(self, weight: torch.Tensor) -> bool:
+        """True when the stored code was computed from (or loaded for) the weight's present value."""
+        if not self._valid or self._stale:
+            return False
+        return self._key is None or self._key == _version(weight)
+
+    def bind(self, weight: torch.Tensor) -> None:
+        """Declare the stored code current for the weight's present value (after moving/casting it)."""
+        if self._valid:
+            self._key = _version(weight)
+            self._stale = False
+
+    def _betas64(self) -> torch.Tensor:
+        if self.qconfig.granularity == "fixed":
+            return torch.tensor([self.qconfig.weight.effective_beta], dtype=torch.float64, device=self.T.device)
+        return self.beta.to(torch.float64)
+
+    # ------------------------------------------------------------------ quantization
+    @torch.no_grad()
+    def requantize(self, weight: torch.Tensor) -> None:
+        """Quantize ``weight`` now (T, betas, clamp mask and the cached quantized weight; labels lazily)."""
+        self._check_weight(weight)
+        w2 = weight.detach().reshape(weight.shape[0], -1)
+        betas = weight_betas(w2, self.qconfig)
+        wq, T, clamped, pending = quantize_weight(w2, betas, self.qconfig, dtype=weight.dtype)
+        self.qweight = wq.reshape(weight.shape)
+        self._pending = pending
+        self.T = T
+        self.clamped = clamped
+        self.beta = betas.to(torch.float32).reshape(self.beta.shape)
+        self._valid, self._stale, self._key = True, False, _version(weight)
+        self._lut_cache = None
+        self._quantizations += 1
+        n = int(clamped.sum())
+        if n:
+            self._clamp_total += n
+            self._warn_clamp(n)
+
+    def _warn_clamp(self, n: int) -> None:
+        if self._warned:
+            return
+        self._warned = True
+        cfg = self.qconfig.weight
+        warnings.warn(
+            f"layer {self.name or '<unnamed>'}: {n} of {self.T.numel()} weight blocks were clamped (still "
+            f"overloaded at the largest scale step T={cfg.max_scaling_iterations}, so their large weights lost "
+            "magnitude); raise weight.max_scaling_iterations or weight.alpha, or beta_scale "
+            "(warned once per layer; see stats()['clamped_blocks'])",
+            ClampWarning,
+            stacklevel=3,
+        )
+
+    def _check_weight(self, weight: torch.Tensor) -> None:
+        if tuple(weight.shape) != self.weight_shape:
+            raise ValueError(f"weight must have shape {self.weight_shape}, got {tuple(weight.shape)}")
+
+    @torch.no_grad()
+    def _ensure_labels(self) -> None:
+        pending = self.__dict__.get("_pending")
+        if pending is not None:
+            u, cfg = pending
+            labels, _ = encode(u, config=cfg, backend=self.qconfig.backend)
+            self.labels = labels
+            self._pending = None
+
+    @torch.no_grad()
+    def _decode_cache(self, dtype: torch.dtype) -> None:
+        self.qweight = self.dequantize(dtype).reshape(self.weight_shape)
+
+    @torch.no_grad()
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The stored code decoded to a ``weight_shape`` tensor of ``dtype`` (no re-quantization)."""
+        if not self._valid:
+            raise ValueError(f"layer {self.name or '<unnamed>'}: no weight code yet (run a forward or load_codes)")
+        self._ensure_labels()
+        w = decode_weight(self.labels, self.T, self._betas64(), self.qconfig, self.k, dtype=dtype)
+        return w.reshape(self.weight_shape)
+
+    def refresh(self, weight: torch.Tensor) -> None:
+        """Bring the code up to date for an eval-mode use: re-quantize if the weight changed, else decode."""
+        if not self.is_current(weight):
+            self.requantize(weight)
+        else:
+            if self._key is None:
+                self._key = _version(weight)
+            if self.qweight is None or self.qweight.dtype != weight.dtype:
+                self._decode_cache(weight.dtype)
+
+    def codes(self, weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(labels (C_out, nb, M, d) uint8, T (C_out, nb) uint8, betas float32)``.
+
+        With ``weight``, the code is first brought up to date as an eval-mode forward would do; without it,
+        the stored code is returned as is (``ValueError`` if there is none).
+        """
+        if weight is not None:
+            self.refresh(weight)
+        elif not self._valid:
+            raise ValueError(f"layer {self.name or '<unnamed>'}: no weight code yet (pass the weight)")
+        self._ensure_labels()
+        return self.labels, self.T, self.beta
+
+    @torch.no_grad()
+    def load_codes(self, labels: torch.Tensor, T: torch.Tensor, betas: Optional[torch.Tensor] = None, *,
+                   clamped: Optional[torch.Tensor] = None, steps: int = 0) -> None:
+        """Use the given code as the weight's code (bound to the shadow weight at the next forward).
+
+        Parameters
+        ----------
+        labels : (C_out, nb, M, d) uint8 in [0, q)
+        T : (C_out, nb) uint8 in [0, max_scaling_iterations]
+        betas : (C_out,) (per_channel) or (1,) (per_tensor) finite positive floats; ignored (may be None) with
+            ``granularity="fixed"``
+        clamped : (C_out, nb) bool or None (no clamps)
+        steps : training-step counter to resume from
+
+        Raises
+        ------
+        TypeError / ValueError naming the argument for a wrong type, dtype, shape or value.
+        """
+        dev = self.T.device
+        want = {"labels": (self.labels.shape, torch.uint8), "T": (self.T.shape, torch.uint8)}
+        for arg, val in (("labels", labels), ("T", T)):
+            shp, dt = want[arg]
+            if not isinstance(val, torch.Tensor):
+                raise TypeError(f"{arg} must be a torch.Tensor, got {type(val).__name__}")
+            if val.dtype != dt or tuple(val.shape) != tuple(shp):
+                raise ValueError(f"{arg} must be a {dt} tensor of shape {tuple(shp)}, got {val.dtype} {tuple(val.shape)}")
+        cfg = self.qconfig.weight
+        if labels.numel() and int(labels.max()) >= cfg.q:
+            raise ValueError(f"labels must lie in [0, q={cfg.q})")
+        if T.numel() and int(T.max()) > cfg.max_scaling_iterations:
+            raise ValueError(f"T must lie in [0, max_scaling_iterations={cfg.max_scaling_iterations}]")
+        if self.qconfig.granularity != "fixed" or betas is not None:
+            if not isinstance(betas, torch.Tensor) or not betas.is_floating_point():
+                raise TypeError("betas must be a floating torch.Tensor")
+            if tuple(betas.shape) != tuple(self.beta.shape):
+                raise ValueError(f"betas must have shape {tuple(self.beta.shape)}, got {tuple(betas.shape)}")
+            b32 = betas.detach().to(torch.float32)
+            if not bool(torch.isfinite(b32).all()) or not bool((b32 > 0).all()):
+                raise ValueError("betas must be finite and > 0")
+            self.beta = b32.to(dev).clone()
+        if clamped is None:
+            clamped = torch.zeros_like(self.T, dtype=torch.bool)
+        elif not isinstance(clamped, torch.Tensor) or clamped.dtype != torch.bool or clamped.shape != self.T.shape:
+            raise ValueError(f"clamped must be a bool tensor of shape {tuple(self.T.shape)}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+        self.labels = labels.to(dev).clone()
+        self.T = T.to(dev).clone()
+        self.clamped = clamped.to(dev).clone()
+        self._pending = None
+        self.qweight = None
+        self._lut_cache = None
+        self._valid, self._stale, self._key = True, False, None
+        self._step = steps
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return self._forward(weight)
+
+    @torch.compiler.disable  # data-dependent loops: torch.compile graph-breaks around the quantizer
+    def _forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            if self._valid and self._key is None:  # loaded codes: bound to the weight they are first used with
+                self._key = _version(weight)
+            if not self._valid or self._step % self.qconfig.quantize_every == 0:
+                self.requantize(weight)
+            elif self.qweight is None or self.qweight.dtype != weight.dtype:
+                self._decode_cache(weight.dtype)
+            self._step += 1
+        else:
+            self.refresh(weight)
+        if not (torch.is_grad_enabled() and weight.requires_grad):
+            return self.qweight
+        scale = None
+        if self.qconfig.ste != "identity":
+            cfg = self.qconfig.weight
+            blocks, pad = to_blocks(weight.detach().reshape(weight.shape[0], -1), cfg.dim)
+            betas = self._betas64().to(blocks.dtype).reshape(-1, 1)
+            scale = block_grad_scale(
+                self.qconfig.ste, blocks, (self.T > 0) | self.clamped, betas * overload_radius(cfg), pad
+            ).reshape(weight.shape)
+        return ste(weight, self.qweight, scale)
+
+    # ------------------------------------------------------------------ LUT
+    def encoded_matrix(self):
+        """The code as a :class:`coset.lut.EncodedMatrix` with beta 1 (multiply the output by ``betas``)."""
+        if self._lut_cache is None:
+            from coset.lut import EncodedMatrix
+
+            cfg = self.qconfig.weight
+            unit = cfg if cfg.beta == 1.0 else cfg.replace(beta=1.0)
+            self._ensure_labels()
+            self._lut_cache = EncodedMatrix(labels=self.labels, T=self.T, config=unit, k=self.k)
+        return self._lut_cache
+
+    def lut_scale(self) -> torch.Tensor:
+        """Per-output factor applied after the beta-1 LUT product: the betas (float64)."""
+        return self._betas64()
+
+    # ------------------------------------------------------------------ statistics
+    def stats(self) -> dict:
+        """Statistics of the last quantization: ``blocks``, ``overloaded_blocks`` (T > 0 or clamped),
+        ``clamped_blocks`` (still overloaded at the cap and clamped), the rates ``weight_overload_rate`` and
+        ``weight_clamp_rate`` (nan before the first quantization), ``steps`` (training forwards),
+        ``quantizations`` and ``clamped_blocks_total`` (summed over this object's quantizations)."""
+        n = self.T.numel()
+        over = int(((self.T > 0) | self.clamped).sum()) if self._valid else 0
+        clamp = int(self.clamped.sum()) if self._valid else 0
+        nan = float("nan")
+        return {
+            "blocks": n,
+            "overloaded_blocks": over,
+            "clamped_blocks": clamp,
+            "weight_overload_rate": (over / n if n else 0.0) if self._valid else nan,
+            "weight_clamp_rate": (clamp / n if n else 0.0) if self._valid else nan,
+            "steps": self._step,
+            "quantizations": self._quantizations,
+            "clamped_blocks_total": self._clamp_total,
+        }
+
+    # ------------------------------------------------------------------ state_dict
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self._valid:
+            self._ensure_labels()
+        # [training steps, codes current with the shadow weight]; the owning layer notes the weight's state
+        # just before (see QuantLayerMixin._save_to_state_dict); alone, an unbound code counts as current
+        current = self.__dict__.pop("_current_at_save", self._valid and not self._stale)
+        self.q_state.copy_(torch.tensor([self._step, int(current)], dtype=torch.int64))
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not self._valid:
+            for key in _ALL_KEYS:
+                destination.pop(prefix + key, None)
+            return
+        destination[prefix + "code"] = _ident_tensor(self._identity, self.T.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        present = [prefix + key in state_dict for key in _CODE_KEYS]
+        if any(present) and not all(present):
+            error_msgs.append(f"{prefix}: incomplete weight codes (need all of {list(_CODE_KEYS)} or none)")
+            return
+        if all(present):
+            self._check_loaded(state_dict, prefix)
+        if prefix + "clamped" not in state_dict and all(present):  # version-1 state: no clamp mask stored
+            state_dict[prefix + "clamped"] = torch.zeros_like(self.clamped)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        for key in _ALL_KEYS:
+            if prefix + key in missing_keys:
+                missing_keys.remove(prefix + key)
+        if prefix + "code" in unexpected_keys:
+            unexpected_keys.remove(prefix + "code")
+        self._pending = None
+        self.qweight = None
+        self._lut_cache = None
+        if all(present):
+            step, current = (int(v) for v in self.q_state.tolist())
+            self._valid, self._stale, self._key = True, not current, None
+            self._step = step
+        else:
+            self._valid, self._stale, self._key = False, False, None
+
+    def _check_loaded(self, sd, prefix) -> None:
+        """Refuse a state made with another code, or tensors with a wrong dtype/shape/range (ValueError)."""
+        where = f"{prefix.rstrip('.') or 'weight_quantizer'}"
+        code = sd.get(prefix + "code")
+        if code is not None:
+            try:
+                got = json.loads(bytes(code.detach().cpu().to(torch.uint8).tolist()).decode())
+            except Exception:
+                raise ValueError(f"{where}.code: damaged code identity") from None
+            if got != self._identity:
+                diff = sorted(k for k in set(got) | set(self._identity) if got.get(k) != self._identity.get(k))
+                detail = ", ".join(f"{k}: state {got.get(k)!r} vs layer {self._identity.get(k)!r}" for k in diff)
+                raise ValueError(
+                    f"{where}: the stored weight code was made with another code ({detail}); its labels cannot be "
+                    "decoded by this layer. Load it into a layer with the same config, or drop the code keys "
+                    "from the state to re-quantize from the shadow weight"
+                )
+        cfg = self.qconfig.weight
+        specs = {"labels": (torch.uint8, self.labels.shape), "T": (torch.uint8, self.T.shape),
+                 "beta": (None, self.beta.shape), "clamped": (torch.bool, self.clamped.shape),
+                 "q_state": (torch.int64, self.q_state.shape)}
+        for key, (dt, shp) in specs.items():
+            t = sd.get(prefix + key)
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{where}.{key} must be a tensor, got {type(t).__name__}")
+            if tuple(t.shape) != tuple(shp):
+                raise ValueError(f"{where}.{key} has shape {tuple(t.shape)}, this layer needs {tuple(shp)}")
+            if dt is not None and t.dtype != dt:
+                raise ValueError(f"{where}.{key} has dtype {t.dtype}, expected {dt}")
+        if sd[prefix + "labels"].numel() and int(sd[prefix + "labels"].max()) >= cfg.q:
+            raise ValueError(f"{where}.labels holds labels >= q={cfg.q} (made with another code, or damaged)")
+        if sd[prefix + "T"].numel() and int(sd[prefix + "T"].max()) > cfg.max_scaling_iterations:
+            raise ValueError(f"{where}.T exceeds max_scaling_iterations={cfg.max_scaling_iterations}")
+        b = sd[prefix + "beta"]
+        if not b.is_floating_point() or not bool(torch.isfinite(b).all()) or not bool((b > 0).all()):
+            raise ValueError(f"{where}.beta must hold finite floats > 0")
+        if bool((sd[prefix + "q_state"] < 0).any()):
+            raise ValueError(f"{where}.q_state must be non-negative")
+
+    def _apply(self, fn, *args, **kwargs):
+        if self._valid:
+            self._ensure_labels()
+        out = super()._apply(fn, *args, **kwargs)
+        self._lut_cache = None
+        return out
+
+    def extra_repr(self) -> str:
+        c = self.qconfig.weight
+        return (f"{c.lattice_type} q={c.q} M={c.M}, granularity={self.qconfig.granularity}, ste={self.qconfig.ste}, "
+                f"quantize_every={self.qconfig.quantize_every}")
+
+
+class HNLQActivationQuantizer(nn.Module):
+    """Fake-quantizes a layer's input in d-blocks along ``feature_dim`` with a running per-tensor beta.
+
+    Parameters
+    ----------
+    qconfig : QATConfig with ``activation`` set
+    feature_dim : dimension of the input holding the features (-1 for Linear, 1 for convolutions)
+
+    Training forwards update ``beta`` (momentum ``qconfig.act_momentum``); eval forwards use it (or the batch's
+    own beta before any training forward). ``stats()`` counts blocks with T > 0 and clamped blocks separately.
+    """
+
+    def __init__(self, qconfig: QATConfig, feature_dim: int = -1, device=None) -> None:
+        super().__init__()
+        if not isinstance(qconfig, QATConfig) or qconfig.activation is None:
+            raise ValueError("HNLQActivationQuantizer needs a QATConfig with an activation config")
+        self.qconfig = qconfig
+        self.feature_dim = feature_dim
+        self.register_buffer("beta", torch.zeros((), dtype=torch.float32, device=device))
+        self._seen = self._overloaded = self._clamped = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(x)
+
+    @torch.compiler.disable
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError("input must be a floating torch.Tensor")
+        if x.numel() and not bool(torch.isfinite(x).all()):
+            raise ValueError("input contains NaN or Inf; HNLQ cannot quantize non-finite activations")
+        fd = self.feature_dim
+        xa = x.movedim(fd, -1) if fd != -1 else x
+        if self.training:
+            beta = activation_beta(xa, self.qconfig)
+            with torch.no_grad():
+                if float(self.beta) > 0:
+                    m = self.qconfig.act_momentum
+                    self.beta.mul_(1 - m).add_(m * beta)
+                else:
+                    self.beta.fill_(beta)
+        else:
+            beta = float(self.beta) if float(self.beta) > 0 else activation_beta(xa, self.qconfig)
+        xq, blocks, T, clamped, pad = quantize_activation(xa, beta, self.qconfig)
+        overloaded = (T > 0) | clamped
+        self._seen += overloaded.numel()
+        self._overloaded += int(overloaded.sum())
+        self._clamped += int(clamped.sum())
+        if torch.is_grad_enabled() and xa.requires_grad:
+            scale = block_grad_scale(
+                self.qconfig.ste, blocks, overloaded, beta * overload_radius(self.qconfig.activation), pad
+            )
+            xq = ste(xa, xq, scale)
+        return xq.movedim(-1, fd) if fd != -1 else xq
+
+    def stats(self) -> dict:
+        """``act_blocks`` seen, ``act_overload_rate`` (T > 0 or clamped) and ``act_clamp_rate`` (nan before any)."""
+        n = self._seen
+        return {
+            "act_blocks": n,
+            "act_overload_rate": self._overloaded / n if n else float("nan"),
+            "act_clamp_rate": self._clamped / n if n else float("nan"),
+        }
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        b = state_dict.get(prefix + "beta")
+        if b is not None:
+            if not isinstance(b, torch.Tensor) or b.numel() != 1 or not b.is_floating_point():
+                raise ValueError(f"{prefix}beta must be a float scalar tensor")
+            if not bool(torch.isfinite(b).all()) or float(b) < 0:
+                raise ValueError(f"{prefix}beta must be finite and >= 0, got {float(b)}")
+            state_dict[prefix + "beta"] = b.reshape(())
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if prefix + "beta" in missing_keys:  # a float checkpoint: observed at the next training forward
+            missing_keys.remove(prefix + "beta")
+
+    def extra_repr(self) -> str:
+        c = self.qconfig.activation
+        return f"{c.lattice_type} q={c.q} M={c.M}, feature_dim={self.feature_dim}"
