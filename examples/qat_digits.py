@@ -41,7 +41,7 @@ print(f"checkpoint: {ck.file_bytes} bytes, {ck.effective_bits_per_weight:.2f} ef
       f"({ck.label_bits_per_weight:.2f} labels), float32 weights would take {4 * ck.num_quantized_weights} bytes")
 
 # 4. load into a fresh *float* model: layers are swapped back in with the stored configs
-fresh = load_compressed(out / "digits_qat.safetensors", DigitsMLP()).eval()
+fresh = load_compressed(DigitsMLP(), out / "digits_qat.safetensors").eval()
 model.eval()
 with torch.no_grad():
     same = torch.equal(fresh(data.x_test), model(data.x_test))

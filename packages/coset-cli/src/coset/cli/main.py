@@ -68,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     rd = sub.add_parser("rd", help="rate-distortion table and plot: Z2/D4/E8 vs the best scalar quantizer")
     rd.add_argument("--n", type=_positive_int, default=1 << 16, help="N(0,1) samples (default 65536)")
-    rd.add_argument("--out", default="coset-results")
-    rd.add_argument("--seed", type=int, default=0)
+    # also accepted after the subcommand; SUPPRESS keeps the top-level value when it is not repeated here
+    rd.add_argument("--out", default=argparse.SUPPRESS, help="as the top-level --out")
+    rd.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="as the top-level --seed")
 
     be = sub.add_parser("bench", help="encode/decode/quantize/LUT throughput and the backend used")
     be.add_argument("--n", type=_positive_int, default=200000, help="vectors (default 200000)")
@@ -192,7 +193,7 @@ def _cmd_compress(args) -> int:
     cfg = _config(args)
     try:
         reports = compress_file(args.input, args.output, cfg)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # bad paths, unreadable input, name collisions
         raise CliError(str(e)) from None
     print(f"{'tensor':<40}{'shape':>18}{'bits/w':>8}{'rel.err':>10}{'overload':>9}")
     tot_in = tot_out = 0
@@ -241,14 +242,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as e:
         print(f"coset: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a path the user gave cannot be read or written (e.g. --out names a file)
+        print(f"coset: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 
 
-if __name__ == "__main__":
+def _entry() -> None:
+    """Console-script entry point."""
     sys.exit(main())
 
 
-def _entry() -> None:
-    """Console-script entry point."""
+if __name__ == "__main__":
     sys.exit(main())

@@ -198,8 +198,9 @@ def _overload_rates(model: nn.Module) -> tuple[float, float]:
     for m in quantized_layers(model).values():
         if m.qconfig.weight is not None:
             m.quantized_weight()
-            nb = m.w_T.numel()
-            w_num += m.stats()["weight_overload_rate"] * nb
+            st = m.stats()
+            nb = st["blocks"]
+            w_num += st["weight_overload_rate"] * nb
             w_den += nb
         r = m.stats()["act_overload_rate"]
         if r == r:
