@@ -18,8 +18,8 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from coset.dist import HNLQHookState, default_config, hnlq_hook, modular_decode, modular_encode, register
-from coset.dist.codec import choose_sum_packing, pack_sum_fields, unpack_sum_fields
+from coset.dist import HNLQHookState, default_config, hnlq_hook, register
+from coset.dist.codec import choose_sum_packing, modular_decode, modular_encode, pack_sum_fields, unpack_sum_fields
 from coset.quant import to_blocks
 
 

@@ -9,25 +9,23 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from coset.dist import (
-    HNLQHookState,
+from coset.dist import HNLQHookState, default_config, hnlq_hook, register
+from coset.dist.codec import (
     allgather_bytes,
     choose_sum_packing,
+    chunk_block_norms,
     decode_payload,
-    default_config,
     encode_payload,
-    hnlq_hook,
     modular_decode,
     modular_encode,
+    modular_margin,
     modular_scales,
     pack_sum_fields,
     payload_layout,
-    register,
     ring_allreduce_bytes,
     unpack_sum_fields,
 )
-from coset.dist.codec import chunk_block_norms, modular_margin
-from coset.quant import QuantizationConfig, decode, encode, packed_nbytes, sample_dither, to_blocks
+from coset.quant import QuantizationConfig, decode, encode, pack_codes, packed_nbytes, sample_dither, to_blocks
 
 
 def heavy(n, seed, scale=1.0):
@@ -94,8 +92,13 @@ def test_payload_bytes_are_the_quant_bit_stream(q, n):
     b, T = encode(blocks, config=cfg)
     k = (q - 1).bit_length()
     assert bytes(p[: lay.label_bytes].tolist()) == _bitstream(b.reshape(-1).tolist(), k)
-    kt = cfg.max_scaling_iterations.bit_length()
-    assert bytes(p[lay.label_bytes : lay.label_bytes + lay.t_bytes].tolist()) == _bitstream(T.tolist(), kt)
+    # then the T tensors of coset.quant.pack_codes (one packed-code format), zero-padded to the T section
+    tensors, meta = pack_codes(b, T, cfg)
+    t = b"".join(bytes(tensors[key].tolist()) for key in ("T", "T_index", "T_value") if key in tensors)
+    section = bytes(p[lay.label_bytes : lay.label_bytes + lay.t_bytes].tolist())
+    assert section == t + bytes(lay.t_bytes - len(t))
+    if meta["T_coding"] == "dense":
+        assert t == _bitstream(T.tolist(), meta["T_bits"])
     xh, flag = decode_payload(p, n, cfg)
     rho32 = float(torch.tensor(info["rho"], dtype=torch.float32))  # the header stores rho as float32
     ref = (decode(b, cfg, T, dtype=torch.float64) * rho32).reshape(-1)[:n]

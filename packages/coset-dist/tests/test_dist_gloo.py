@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from coset.dist import default_config, payload_layout, ring_allreduce_bytes, choose_sum_packing, allgather_bytes
+from coset.dist import default_config
+from coset.dist.codec import allgather_bytes, choose_sum_packing, payload_layout, ring_allreduce_bytes
 from coset.quant import to_blocks
 
 WORKERS = Path(__file__).with_name("dist_workers.py")

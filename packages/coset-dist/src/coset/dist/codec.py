@@ -6,10 +6,13 @@ Nothing here talks to a process group, so every function can be tested on one pr
 Two payloads
 ------------
 * **allgather** (:func:`encode_payload` / :func:`decode_payload`): one rank's bucket ``x`` (n,) is divided
-  by its RMS ``rho`` and encoded with HNLQ (blocks of d, zero padding stripped on decode). The payload is one
-  uint8 tensor: ``[labels bit-packed at ceil(log2 q) bits | T bit-packed at ceil(log2(T_max+1)) bits |
-  rho (float32) | non-finite flag (float32)]``. Its size depends only on (n, config), so every rank's payload
-  has the same size and ``all_gather`` needs no size exchange.
+  by its RMS ``rho`` and encoded with HNLQ (blocks of d, zero padding stripped on decode). The codes are
+  stored with :func:`coset.quant.pack_codes` (coset's one packed-code format). The payload is one uint8
+  tensor: ``[labels | T tensors of the chosen T coding, zero-padded to the T section | rho (float32) |
+  code word (int32)]``. The T section is as long as the largest T coding can be (every T at
+  ``bit_length(max_scaling_iterations)`` bits), so the payload size depends only on (n, config): every rank's
+  payload has the same size and ``all_gather`` needs no size exchange. The code word carries the non-finite
+  flag and the fields of the pack_codes metadata that are not implied by (n, config).
 * **modular** (:func:`modular_scales`, :func:`modular_encode`, :func:`modular_decode`,
   :func:`pack_sum_fields` / :func:`unpack_sum_fields`): the lattice point ``lam = Q_L(x / s + z)`` of every
   d-block is sent as its flat code ``c = G^{-1} lam mod q^M``. Flat codes are linear, so the sum of the
@@ -27,17 +30,18 @@ import torch
 
 from coset.lattice import Lattice
 from coset.quant import (
+    CODES_FORMAT,
     QuantizationConfig,
     decode,
     encode,
     from_blocks,
     from_flat_code,
-    pack_labels,
+    pack_codes,
     packed_nbytes,
     sample_dither,
     to_blocks,
     to_flat_code,
-    unpack_labels,
+    unpack_codes,
 )
 
 __all__ = [
@@ -93,31 +97,73 @@ class PayloadLayout:
     pad: int
     label_bytes: int
     t_bytes: int
-    header_bytes: int = 8  # rho (float32) + non-finite flag (float32)
+    header_bytes: int = 8  # rho (float32) + code word (int32)
 
     @property
     def nbytes(self) -> int:
         return self.label_bytes + self.t_bytes + self.header_bytes
 
 
-def _t_modulus(config: QuantizationConfig) -> int:
-    return max(2, config.max_scaling_iterations + 1)
+_CODINGS = ("zero", "dense", "sparse")
+_COUNT_BITS = 25  # the code word: flag (1 bit) | T coding (2) | T bit width (4) | sparse count (25)
 
 
 def payload_layout(numel: int, config: QuantizationConfig) -> PayloadLayout:
-    """Layout of the allgather payload of ``numel`` gradient values under ``config``."""
+    """Layout of the allgather payload of ``numel`` gradient values under ``config``.
+
+    Raises
+    ------
+    ValueError for a negative or non-int ``numel`` or a bucket of ``2^25`` blocks or more.
+    """
     if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
         raise ValueError(f"numel must be a non-negative int, got {numel!r}")
     d = config.dim
     nb = -(-numel // d)
+    if nb >= 1 << _COUNT_BITS:
+        raise ValueError(f"a bucket of {numel} values ({nb} blocks) is too large for one payload; lower bucket_cap_mb")
     pad = nb * d - numel
     return PayloadLayout(
         numel=numel,
         n_blocks=nb,
         pad=pad,
         label_bytes=packed_nbytes(nb * config.M * d, config.q),
-        t_bytes=packed_nbytes(nb, _t_modulus(config)),
+        # the largest T section pack_codes can produce: dense at full width (zero and sparse are never larger)
+        t_bytes=math.ceil(nb * config.max_scaling_iterations.bit_length() / 8),
     )
+
+
+def _code_word(meta: dict, nonfinite: bool) -> int:
+    coding = meta["T_coding"]
+    bits = {"zero": 0, "dense": meta.get("T_bits", 0), "sparse": meta.get("T_value_bits", 0)}[coding]
+    count = meta.get("T_count", 0)
+    return int(nonfinite) | (_CODINGS.index(coding) << 1) | (bits << 3) | (count << 7)
+
+
+def _codes_meta(word: int, n_blocks: int, config: QuantizationConfig) -> dict:
+    """The pack_codes metadata of a payload, from (n, config) and its code word."""
+    coding = _CODINGS[(word >> 1) & 3] if (word >> 1) & 3 < 3 else "invalid"
+    bits, count = (word >> 3) & 15, word >> 7
+    meta = {"format": CODES_FORMAT, "shape": [n_blocks], "q": config.q, "M": config.M, "d": config.dim,
+            "lattice": config.lattice_type, "max_T": config.max_scaling_iterations, "T_coding": coding}
+    if coding == "dense":
+        meta["T_bits"] = bits
+    elif coding == "sparse":
+        meta.update(T_count=count, T_index_bits=max(n_blocks - 1, 0).bit_length(), T_value_bits=bits)
+    return meta
+
+
+def _t_tensors(meta: dict, n_blocks: int) -> list[tuple[str, int]]:
+    """``(key, bytes)`` of the T tensors of a coding, in payload order."""
+    coding = meta["T_coding"]
+    if coding == "dense":
+        return [("T", math.ceil(n_blocks * meta["T_bits"] / 8))]
+    if coding == "sparse":
+        c = meta["T_count"]
+        out = [("T_index", math.ceil(c * meta["T_index_bits"] / 8))]
+        if meta["T_value_bits"]:
+            out.append(("T_value", math.ceil(c * meta["T_value_bits"] / 8)))
+        return out
+    return []
 
 
 def encode_payload(x: torch.Tensor, config: QuantizationConfig) -> tuple[torch.Tensor, dict]:
@@ -133,6 +179,10 @@ def encode_payload(x: torch.Tensor, config: QuantizationConfig) -> tuple[torch.T
     payload : (payload_layout(n, config).nbytes,) uint8
     info : dict with ``rho`` (float), ``nonfinite`` (bool), ``T`` ((n_blocks,) uint8), ``clamped``
         ((n_blocks,) bool). A non-finite ``x`` is not encoded: the payload carries zero labels and the flag.
+
+    Raises
+    ------
+    TypeError if ``x`` is not a 1-D floating tensor; ValueError for a bucket too large for one payload.
     """
     if not isinstance(x, torch.Tensor) or x.ndim != 1 or not x.dtype.is_floating_point:
         raise TypeError("x must be a 1-D floating tensor")
@@ -142,6 +192,9 @@ def encode_payload(x: torch.Tensor, config: QuantizationConfig) -> tuple[torch.T
     rho = 1.0
     if not nonfinite and x64.numel():
         r = float(torch.sqrt(torch.mean(x64 * x64)))
+        if not math.isfinite(r):  # x*x overflowed: scale by the largest magnitude first
+            m = x64.abs().max()
+            r = float(m * torch.sqrt(torch.mean((x64 / m) ** 2)))
         rho = r if r > 0 else 1.0
     if nonfinite or lay.n_blocks == 0:
         b = torch.zeros((lay.n_blocks, config.M, config.dim), dtype=torch.uint8, device=x.device)
@@ -150,9 +203,14 @@ def encode_payload(x: torch.Tensor, config: QuantizationConfig) -> tuple[torch.T
     else:
         blocks, _ = to_blocks(x64 / rho, config.dim)
         b, T, clamped = encode(blocks, config=config, return_clamped=True)
-    header = torch.tensor([rho, 1.0 if nonfinite else 0.0], dtype=torch.float32, device=x.device)
-    parts = [pack_labels(b, config.q), pack_labels(T, _t_modulus(config)), header.view(torch.uint8)]
-    payload = torch.cat(parts)
+    tensors, meta = pack_codes(b, T, config)
+    t_parts = [tensors[k] for k, _ in _t_tensors(meta, lay.n_blocks)]
+    t_len = sum(int(t.numel()) for t in t_parts)
+    assert t_len <= lay.t_bytes  # pack_codes never exceeds the dense coding at full width
+    filler = torch.zeros(lay.t_bytes - t_len, dtype=torch.uint8)
+    word = torch.tensor([_code_word(meta, nonfinite)], dtype=torch.int32)
+    header = torch.cat([torch.tensor([rho], dtype=torch.float32).view(torch.uint8), word.view(torch.uint8)])
+    payload = torch.cat([tensors["labels"], *t_parts, filler, header]).to(x.device)
     assert payload.numel() == lay.nbytes
     return payload, {"rho": rho, "nonfinite": nonfinite, "T": T, "clamped": clamped}
 
@@ -164,20 +222,37 @@ def decode_payload(payload: torch.Tensor, numel: int, config: QuantizationConfig
     -------
     x_hat : (numel,) float64
     nonfinite : bool, the sender's non-finite flag (``x_hat`` is then meaningless zeros)
+
+    Raises
+    ------
+    ValueError for a payload of the wrong dtype or size, or damaged contents (code word, labels, T, rho).
     """
     lay = payload_layout(numel, config)
     if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.numel() != lay.nbytes:
         raise ValueError(f"payload must be a uint8 tensor of {lay.nbytes} bytes for numel={numel}")
-    o = 0
-    b = unpack_labels(payload[o : o + lay.label_bytes], config.q, (lay.n_blocks, config.M, config.dim))
-    o += lay.label_bytes
-    T = unpack_labels(payload[o : o + lay.t_bytes], _t_modulus(config), (lay.n_blocks,))
-    o += lay.t_bytes
-    header = payload[o : o + 8].clone().view(torch.float32).to(torch.float64)
-    rho, flag = float(header[0]), bool(header[1] != 0)
+    flat = payload.reshape(-1).cpu()
+    header = flat[lay.nbytes - 8 :].clone()
+    rho = float(header[:4].view(torch.float32))
+    word = int(header[4:].view(torch.int32))
+    flag = bool(word & 1)
     if lay.n_blocks == 0:
         return torch.zeros(0, dtype=torch.float64, device=payload.device), flag
-    xb = decode(b, config, T, dtype=torch.float64)
+    if not math.isfinite(rho) or rho <= 0:
+        raise ValueError(f"payload is damaged: rho={rho} must be finite and > 0")
+    meta = _codes_meta(word, lay.n_blocks, config)
+    tensors = {"labels": flat[: lay.label_bytes]}
+    o = lay.label_bytes
+    try:
+        parts = _t_tensors(meta, lay.n_blocks)
+    except KeyError:
+        raise ValueError(f"payload is damaged: bad code word {word:#x}") from None
+    for key, nbytes in parts:
+        tensors[key] = flat[o : o + nbytes]
+        o += nbytes
+    if o > lay.label_bytes + lay.t_bytes:
+        raise ValueError(f"payload is damaged: its code word {word:#x} describes more T bytes than a payload holds")
+    b, T = unpack_codes(tensors, meta, config)
+    xb = decode(b.to(payload.device), config=config, T=T.to(payload.device), dtype=torch.float64)
     return from_blocks(xb * rho, lay.pad), flag
 
 

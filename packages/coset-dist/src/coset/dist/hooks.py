@@ -76,6 +76,9 @@ class HNLQHookState:
     config : QuantizationConfig, optional
         HNLQ parameters; default :func:`default_config` (D4, q=4, M=2). ``overload_policy`` must be
         "clamp" and ``disable_overload_protection`` False (a hook must never raise on one rank only).
+        In allgather/decode modes ``beta`` is in units of the bucket's RMS. The modular mode picks its own
+        scales, so there a ``beta`` other than 1.0 or :func:`default_config`'s (and ``center=True``) raises
+        ``ValueError`` instead of being ignored.
         ``with_dither=True`` turns on random subtractive dither (fresh per step, bucket and rank).
     mode : {"allgather", "modular", "decode"}
     error_feedback : bool
@@ -120,6 +123,15 @@ class HNLQHookState:
             raise ValueError("config.disable_overload_protection must be False in a comm hook (labels would wrap)")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "modular":  # fields the modular code does not use are refused, never silently ignored
+            default_beta = default_config(config.q, config.M, config.lattice_type).beta
+            if config.beta not in (1.0, default_beta):
+                raise ValueError(
+                    f"config.beta={config.beta!r} is not used in modular mode (each chunk's scale comes from the "
+                    "ranks' shared block norms); leave beta at its default or use mode='allgather'"
+                )
+            if config.center:
+                raise ValueError("config.center=True is not used in modular mode (flat codes are not centred)")
         _check_bool("error_feedback", error_feedback)
         _check_int("start_iter", start_iter, 0)
         if error_feedback and start_iter < 2:
@@ -229,7 +241,13 @@ class HNLQHookState:
         }
 
     def load_state_dict(self, sd: dict) -> None:
-        """Restore :meth:`state_dict` output (validated like the constructor; the process group is kept)."""
+        """Restore :meth:`state_dict` output (validated like the constructor; the process group is kept).
+
+        Raises
+        ------
+        TypeError / ValueError naming the key for a missing key, an invalid config or option, residuals that
+        are not finite 1-D float32 tensors, or unknown/negative counters.
+        """
         if not isinstance(sd, dict):
             raise TypeError(f"state dict must be a dict, got {type(sd).__name__}")
         missing = {"config", "mode", "iter", "residuals"} - set(sd)
@@ -249,12 +267,25 @@ class HNLQHookState:
         )
         _check_int("iter", sd["iter"], 0)
         self.iter = sd["iter"]
+        if not isinstance(sd["residuals"], dict):
+            raise TypeError("state dict 'residuals' must be a dict {bucket index: tensor}")
         for k, v in sd["residuals"].items():
             if not isinstance(v, torch.Tensor) or v.ndim != 1 or v.dtype != torch.float32:
                 raise TypeError(f"residuals[{k}] must be a 1-D float32 tensor")
+            if not bool(torch.isfinite(v).all()):  # would poison every later step of that bucket
+                raise ValueError(f"residuals[{k}] holds NaN or Inf")
+        for k, v in sd.get("bucket_scales", {}).items():
+            if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+                raise TypeError(f"bucket_scales[{k}] must be a float tensor")
+        counters = sd.get("counters", {})
+        unknown = set(counters) - set(self._counters)
+        if unknown:
+            raise ValueError(f"state dict 'counters' has unknown keys {sorted(unknown)}")
+        for k, v in counters.items():
+            _check_int(f"counters[{k!r}]", v, 0)
         self.residuals = {int(k): v.clone() for k, v in sd["residuals"].items()}
         self.bucket_scales = {int(k): v.clone() for k, v in sd.get("bucket_scales", {}).items()}
-        self._counters.update(sd.get("counters", {}))
+        self._counters.update(counters)
 
     def __getstate__(self) -> dict:
         """Pickle without the process group (like ``PowerSGDState``)."""
