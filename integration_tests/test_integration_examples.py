@@ -10,11 +10,7 @@ import pytest
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.py"))
 
 
-def test_there_are_examples():
-    names = {p.name for p in EXAMPLES}
-    assert "encode_decode.py" in names
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
 def test_example_runs(script, tmp_path):
     env = dict(os.environ, MPLBACKEND="Agg", COSET_EXAMPLE_OUT=str(tmp_path))

@@ -32,18 +32,21 @@ def _check(res, chance, fp32_min, close):
     assert len(v["qat_w"]["curves"]["test_acc"]) == res["epochs"]
 
 
+@pytest.mark.slow
 def test_integration_qat_mnist1d_short():
     res = run_qat_comparison("mnist1d", epochs=8, seed=0, progress=False, variants=("fp32", "qat_w", "qat_wa"),
                              data=load_mnist1d())
     _check(res, chance=10.0, fp32_min=60.0, close=5.0)
 
 
+@pytest.mark.slow
 def test_integration_qat_digits_short():
     res = run_qat_comparison("digits", epochs=10, seed=0, progress=False, data=load_digits())
     _check(res, chance=10.0, fp32_min=90.0, close=3.0)
     assert res["variants"]["ptq_w"]["final_test_acc"] > 80.0
 
 
+@pytest.mark.slow
 def test_integration_qat_main_job_writes_files(tmp_path):
     res = run_main_job(epochs=1, seed=0, progress=False, out_dir=tmp_path)
     assert set(res["variants"]) == {"fp32", "ptq_w", "qat_w", "qat_wa"}
@@ -56,6 +59,7 @@ def test_integration_qat_main_job_writes_files(tmp_path):
         run_qat_comparison("cifar10")
 
 
+@pytest.mark.slow
 def test_integration_qat_torch_compile_inductor():
     torch._dynamo.reset()
     torch.manual_seed(0)

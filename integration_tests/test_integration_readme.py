@@ -20,7 +20,3 @@ def test_readme_python_blocks_run():
     assert torch.equal(ns["x_hat"], ns["x_hat2"])
     assert ns["blocks"].shape == (64, 8, 4) and ns["pad"] == 2 and ns["w_hat"].shape == (64, 30)
 
-
-def test_readme_names_the_two_commands():
-    text = README.read_text()
-    assert "uv run coset " in text and "uv run pytest " in text

@@ -27,6 +27,8 @@ from coset.dist import default_config
 from coset.dist.codec import allgather_bytes, choose_sum_packing, payload_layout, ring_allreduce_bytes
 from coset.quant import to_blocks
 
+pytestmark = pytest.mark.slow  # subprocess gloo runs (tens of seconds)
+
 WORKERS = Path(__file__).with_name("dist_workers.py")
 TIMEOUT = 240  # seconds for a whole scenario (measured ~40 s on a loaded 2-core box)
 
