@@ -347,3 +347,20 @@ def test_nn_conv_layer_forward_is_the_composition():
     w = qc.weight_quantizer(qc.weight)
     xa = qc.activation_quantizer(x)
     assert torch.equal(y, torch.nn.functional.conv2d(xa, w, qc.bias))
+
+
+# ------------------------------------------------------------------------------------------ class 1
+def test_nn_huge_weights_and_inputs_do_not_overflow_the_beta():
+    # w*w overflows float32 for |w| > 1.8e19: the rms (and so beta) used to become inf and the weight decoded
+    # to garbage; the rms is now taken scaled by the largest magnitude
+    q = QLinear(8, 2).eval()
+    with torch.no_grad():
+        q.weight.copy_(torch.randn(2, 8) * 1e30)
+    w = q.quantized_weight().double()
+    ref = q.weight.detach().double()
+    assert bool(torch.isfinite(q.weight_quantizer.beta).all())
+    assert float((w - ref).norm() / ref.norm()) < 0.2
+    qa = QLinear(8, 2, qconfig=QATConfig(weight=None, activation=QuantizationConfig())).eval()
+    x = torch.randn(3, 8) * 1e25
+    xq = qa.activation_quantizer(x).double()
+    assert float((xq - x.double()).norm() / x.double().norm()) < 0.2

@@ -41,6 +41,17 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _scaled_rms(w: torch.Tensor, per_row: bool) -> torch.Tensor:
+    """rms in float64 of each row (or of the whole tensor, as a (1,) tensor), scaled by the largest magnitude
+    first so that it never overflows."""
+    w = w.to(torch.float64)
+    if not per_row:
+        w = w.reshape(1, -1)
+    m = w.abs().amax(dim=1, keepdim=True)
+    m = torch.where(m > 0, m, torch.ones_like(m))
+    return m.squeeze(1) * (w / m).pow(2).mean(dim=1).sqrt()
+
+
 def weight_betas(w2: torch.Tensor, qat: QATConfig) -> torch.Tensor:
     """Betas of a ``(C_out, k)`` weight: float64 ``(C_out,)`` (per_channel) or ``(1,)``.
 
@@ -56,6 +67,8 @@ def weight_betas(w2: torch.Tensor, qat: QATConfig) -> torch.Tensor:
     else:
         ms = w.pow(2).mean().to(torch.float64).reshape(1)
     rms = ms.sqrt()
+    if not bool(torch.isfinite(rms).all()) and bool(torch.isfinite(w).all()):
+        rms = _scaled_rms(w, per_row=qat.granularity == "per_channel")  # w*w overflowed: no silent inf beta
     unit = qat.beta_scale * beta_min(cfg, 1.0)
     beta = torch.where(rms > 0, rms * unit, torch.ones_like(rms))
     return beta.to(torch.float32).to(torch.float64)
@@ -142,6 +155,8 @@ def activation_beta(x: torch.Tensor, qat: QATConfig) -> float:
     """Per-tensor beta of an activation batch: ``act_beta_scale * beta_min(activation, rms(x))`` (float32-rounded)."""
     xd = x.detach()
     rms = float(xd.to(_work_dtype(xd)).pow(2).mean(dtype=torch.float64).sqrt()) if x.numel() else 0.0
+    if rms == float("inf"):  # x*x overflowed
+        rms = float(_scaled_rms(xd, per_row=False))
     if not rms > 0 or rms != rms:
         return 1.0
     return float(torch.tensor(qat.act_beta_scale * beta_min(qat.activation, 1.0) * rms, dtype=torch.float32))
