@@ -139,7 +139,7 @@ def train_one(rank, W, method, data, steps, batch, lr, hidden, seed, counter):
     gen = torch.Generator().manual_seed(seed)
     perm, pos = torch.randperm(len(Xtr), generator=gen), 0
     per_step_bytes, times = [], []
-    for step in range(steps):
+    for _ in range(steps):
         if pos + batch > len(perm):
             perm, pos = torch.randperm(len(Xtr), generator=gen), 0
         idx = perm[pos : pos + batch][rank::W]

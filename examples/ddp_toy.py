@@ -26,7 +26,7 @@ def worker(rank, world_size, initfile, mode, steps):
     state = cdist.register(ddp, mode=mode, start_iter=5, error_feedback=True)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(100 + rank)  # each rank sees its own data
-    for step in range(steps):
+    for _ in range(steps):
         x = torch.randn(64, 203, generator=g)
         y = x @ w_true + 0.01 * torch.randn(64, generator=g)
         loss = torch.nn.functional.mse_loss(ddp(x).squeeze(-1), y)

@@ -74,5 +74,5 @@ def test_integration_qat_torch_compile_inductor():
     y = compiled(x)
     y.sum().backward()
     torch.testing.assert_close(y, ref)
-    for g, p in zip(grads, model.parameters()):
+    for g, p in zip(grads, model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, g)

@@ -205,7 +205,7 @@ def _simulate_modular(xs, cfg, W, bpc, dither=False, scale_factor=1.0):
     s = modular_scales(norm_sum, lat, cfg.q, cfg.M, W, dither) * scale_factor
     nb = -(-xs[0].numel() // lat.dim)
     zs = [sample_dither(nb, lat, 100 + r) if dither else None for r in range(W)]
-    pairs = [modular_encode(x, s, lat, modulus, bpc, z) for x, z in zip(xs, zs)]
+    pairs = [modular_encode(x, s, lat, modulus, bpc, z) for x, z in zip(xs, zs, strict=True)]
     code_sum = torch.remainder(sum(c for c, _ in pairs), modulus)
     return s, [lam for _, lam in pairs], modular_decode(code_sum, lat, modulus), zs
 

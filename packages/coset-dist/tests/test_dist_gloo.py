@@ -13,7 +13,6 @@ Error bounds asserted (per d-block of the averaged gradient, W = 2 ranks, R = co
   HNLQ cannot overload (sandwich bound, paper.md section 4).
 """
 
-import math
 import os
 import signal
 import subprocess

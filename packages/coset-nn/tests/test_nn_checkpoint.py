@@ -1,13 +1,11 @@
 """Compressed checkpoints: exact round trip, size = rate + side information, errors."""
 
-import json
-import math
 
 import pytest
 import torch
 from torch import nn
 
-from coset.nn import QATConfig, QLinear, load_compressed, quantize_model, save_compressed
+from coset.nn import QATConfig, load_compressed, quantize_model, save_compressed
 from coset.quant import QuantizationConfig, codes_nbytes, pack_codes, packed_nbytes
 
 D4 = QuantizationConfig()

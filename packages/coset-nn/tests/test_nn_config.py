@@ -1,6 +1,8 @@
+import dataclasses
+
 import pytest
 
-from coset.nn import QATConfig, QLinear, QConv2d
+from coset.nn import QATConfig, QConv2d, QLinear
 from coset.quant import QuantizationConfig
 
 
@@ -31,7 +33,7 @@ def test_nn_bad_config_raises_naming_field(kw, exc, word):
 
 def test_nn_config_frozen_and_roundtrip():
     c = QATConfig(activation=QuantizationConfig(lattice_type="E8", q=2, M=3), ste="smooth", quantize_every=4)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         c.ste = "identity"  # frozen
     d = c.to_dict()
     assert d["activation"]["lattice_type"] == "E8"

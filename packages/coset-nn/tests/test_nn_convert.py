@@ -86,7 +86,7 @@ def test_nn_dequantize_model_undoes_and_exports():
     yq = m[0](x)
     names = dequantize_model(m)
     assert names == ["0", "2"] and type(m[0]) is nn.Linear and type(m[2]) is nn.Conv1d
-    assert all(a is b for a, b in zip(m.parameters(), params))
+    assert all(a is b for a, b in zip(m.parameters(), params, strict=True))
     assert not quantized_layers(m)
     # export with the quantized weights: a plain float model reproducing the quantized forward
     quantize_model(m)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coset.nn import QATConfig, QConv1d, QConv2d, QLinear, set_quantization_enabled
-from coset.quant import QuantizationConfig, quantize, to_blocks, from_blocks
+from coset.quant import QuantizationConfig, from_blocks, quantize, to_blocks
 
 D4 = QuantizationConfig()
 
@@ -234,7 +234,7 @@ def test_nn_quantize_every_caches_between_requantizations():
     opt = torch.optim.SGD(q.parameters(), lr=0.5)
     x = torch.randn(16, 8)
     seen = []
-    for step in range(7):
+    for _ in range(7):
         opt.zero_grad()
         q(x).pow(2).sum().backward()
         seen.append(q.weight_quantizer.qweight.clone())
@@ -319,7 +319,7 @@ def test_nn_torch_compile_forward_backward_matches_eager():
     y = compiled(x)
     y.sum().backward()
     assert torch.equal(y, ref)
-    for g, p in zip(grads, model.parameters()):
+    for g, p in zip(grads, model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, g)
 
 

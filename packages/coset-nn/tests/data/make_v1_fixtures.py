@@ -1,9 +1,11 @@
 """Writes the version-1 fixtures with the coset.nn of commit 8a5ea03 (before the quantizer refactor)."""
 import torch
-from torch import nn
 from safetensors.torch import save_file
+from torch import nn
+
 from coset.nn import QATConfig, quantize_model, save_compressed
 from coset.quant import QuantizationConfig
+
 
 def net():
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(16, 5))
@@ -14,7 +16,9 @@ quantize_model(m, {"0": QATConfig(), "2": QATConfig(activation=QuantizationConfi
 opt = torch.optim.SGD(m.parameters(), lr=0.1)
 x = torch.randn(6, 3, 4, 4)
 for _ in range(2):
-    opt.zero_grad(); m(x).pow(2).mean().backward(); opt.step()
+    opt.zero_grad()
+    m(x).pow(2).mean().backward()
+    opt.step()
 m.eval()
 with torch.no_grad():
     y = m(x)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 __all__ = ["main", "build_parser"]
 
@@ -49,7 +49,7 @@ def _add_config_args(p: argparse.ArgumentParser, lattice: str = "D4", q: int = 4
                    help="overload ramp step: scale beta*2^(alpha*T) (default 1/3)")
 
 
-def _config(args) -> "object":
+def _config(args) -> object:
     from coset.quant import QuantizationConfig
 
     try:

@@ -22,8 +22,8 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -208,7 +208,7 @@ def _overload_rates(model: nn.Module) -> tuple[float, float]:
     return (w_num / w_den if w_den else float("nan")), (sum(a) / len(a) if a else float("nan"))
 
 
-def _compressed(model: nn.Module, out_dir: Optional[Path], tag: str) -> dict:
+def _compressed(model: nn.Module, out_dir: Path | None, tag: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = (out_dir / f"{tag}.safetensors") if out_dir is not None else Path(tmp) / f"{tag}.safetensors"
         rep = save_compressed(model, path)
@@ -223,16 +223,16 @@ def _fp32_bytes(model: nn.Module) -> int:
 
 def run_qat_comparison(
     dataset: str = "mnist1d",
-    epochs: Optional[int] = None,
+    epochs: int | None = None,
     seed: int = 0,
-    config: Optional[QuantizationConfig] = None,
+    config: QuantizationConfig | None = None,
     progress: bool = True,
-    out_dir: Union[None, str, os.PathLike] = None,
+    out_dir: None | str | os.PathLike = None,
     variants: Iterable[str] = VARIANTS,
-    batch_size: Optional[int] = None,
-    lr: Optional[float] = None,
-    threads: Optional[int] = None,
-    data: Optional[Dataset] = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    threads: int | None = None,
+    data: Dataset | None = None,
 ) -> dict:
     """Train FP32 and HNLQ-QAT versions of the dataset's model with the same seed and budget.
 
@@ -334,7 +334,7 @@ def run_qat_comparison(
         torch.set_num_threads(old_threads)
 
 
-def plot_curves(result: dict, path: Union[str, os.PathLike]) -> Optional[Path]:
+def plot_curves(result: dict, path: str | os.PathLike) -> Path | None:
     """Test accuracy and train loss per epoch of every trained variant (PTQ as a dashed line). Returns the path."""
     import matplotlib
 
@@ -371,8 +371,8 @@ def plot_curves(result: dict, path: Union[str, os.PathLike]) -> Optional[Path]:
 MAIN_JOB_EPOCHS = 20
 
 
-def run_main_job(epochs: Optional[int] = None, seed: int = 0, progress: bool = True,
-                 out_dir: Union[None, str, os.PathLike] = None) -> dict:
+def run_main_job(epochs: int | None = None, seed: int = 0, progress: bool = True,
+                 out_dir: None | str | os.PathLike = None) -> dict:
     """The ``coset`` command's default run: :func:`run_qat_comparison` on MNIST-1D, D4 q=4 M=2, all four
     variants, ``MAIN_JOB_EPOCHS`` epochs unless given."""
     epochs = MAIN_JOB_EPOCHS if epochs is None else epochs

@@ -25,8 +25,8 @@ from .convert import (
     set_quantization_enabled,
 )
 from .qconv import QConv1d, QConv2d
-from .quantizer import ClampWarning, HNLQActivationQuantizer, HNLQWeightQuantizer
 from .qlinear import QLinear
+from .quantizer import ClampWarning, HNLQActivationQuantizer, HNLQWeightQuantizer
 from .ste import ste
 
 __all__ = [

@@ -33,7 +33,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,7 +50,7 @@ FORMAT = "coset-nn-compressed/2"
 #: older formats that still load
 OLD_FORMATS = ("coset-nn-compressed/1",)
 _CODE_TENSORS = ("labels", "T", "T_index", "T_value")
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 @dataclass(frozen=True)
@@ -355,7 +355,7 @@ def load_compressed(model: nn.Module, path: PathLike) -> nn.Module:
     if missing or res.unexpected_keys:
         raise ValueError(f"{path}: state mismatch; missing {missing}, unexpected {list(res.unexpected_keys)}")
     # the codes last: loading the plain tensors resets the quantizers of the layers it visits
-    for name, entry, mod in plan:
+    for name, _, mod in plan:
         if name not in codes:
             continue
         labels, T, betas, clamped, _ = codes[name]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Optional
+from typing import Any
 
 from coset.quant import QuantizationConfig
 
@@ -75,8 +75,8 @@ class QATConfig:
         Kernel backend passed to coset.quant / coset.lut ("auto", "torch" or a registered name).
     """
 
-    weight: Optional[QuantizationConfig] = field(default_factory=QuantizationConfig)
-    activation: Optional[QuantizationConfig] = None
+    weight: QuantizationConfig | None = field(default_factory=QuantizationConfig)
+    activation: QuantizationConfig | None = None
     granularity: str = "per_channel"
     beta_scale: float = 1.25
     act_beta_scale: float = 1.25
@@ -129,7 +129,7 @@ class QATConfig:
         """True when weights or activations are quantized."""
         return self.weight is not None or self.activation is not None
 
-    def replace(self, **changes) -> "QATConfig":
+    def replace(self, **changes) -> QATConfig:
         """A copy with some fields changed (validated again)."""
         from dataclasses import replace
 
@@ -141,7 +141,7 @@ class QATConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "QATConfig":
+    def from_dict(cls, d: dict[str, Any]) -> QATConfig:
         """Inverse of :meth:`to_dict` (unknown keys raise ``ValueError``)."""
         if not isinstance(d, dict):
             raise TypeError(f"d must be a dict, got {type(d).__name__}")

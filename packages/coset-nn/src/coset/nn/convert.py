@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Optional, Union
 
-import torch
 from torch import nn
 
 from .config import QATConfig
@@ -28,8 +27,8 @@ __all__ = [
 _SWAP: dict[type, type] = {nn.Linear: QLinear, nn.Conv1d: QConv1d, nn.Conv2d: QConv2d}
 _KIND = {QLinear: "linear", QConv1d: "conv1d", QConv2d: "conv2d"}
 
-Selector = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
-ConfigSpec = Union[QATConfig, Mapping[str, Optional[QATConfig]]]
+Selector = None | str | Iterable[str] | Callable[[str, nn.Module], bool]
+ConfigSpec = QATConfig | Mapping[str, QATConfig | None]
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,7 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def _matcher(sel: Selector, argname: str) -> Optional[Callable[[str, nn.Module], bool]]:
+def _matcher(sel: Selector, argname: str) -> Callable[[str, nn.Module], bool] | None:
     if sel is None:
         return None
     if callable(sel):
@@ -100,7 +99,7 @@ def _matcher(sel: Selector, argname: str) -> Optional[Callable[[str, nn.Module],
     return lambda name, mod: any(fnmatch.fnmatchcase(name, p) for p in pats)
 
 
-def _config_for(name: str, config: ConfigSpec) -> tuple[bool, Optional[QATConfig]]:
+def _config_for(name: str, config: ConfigSpec) -> tuple[bool, QATConfig | None]:
     if isinstance(config, QATConfig):
         return True, config
     for pat, cfg in config.items():
@@ -111,7 +110,7 @@ def _config_for(name: str, config: ConfigSpec) -> tuple[bool, Optional[QATConfig
 
 def quantize_model(
     model: nn.Module,
-    config: Optional[ConfigSpec] = None,
+    config: ConfigSpec | None = None,
     include: Selector = None,
     exclude: Selector = None,
 ) -> ConversionReport:
@@ -188,7 +187,7 @@ def quantize_model(
     return ConversionReport(tuple(layers), skipped)
 
 
-def _decide(name: str, mod: nn.Module, config: ConfigSpec, inc, exc) -> tuple[Optional[QATConfig], str]:
+def _decide(name: str, mod: nn.Module, config: ConfigSpec, inc, exc) -> tuple[QATConfig | None, str]:
     """``(config, "")`` to quantize the module under ``name``, or ``(None, reason)`` to skip it."""
     if inc is not None and not inc(name, mod):
         return None, "not included"
@@ -237,7 +236,7 @@ def dequantize_model(model: nn.Module, use_quantized: bool = False) -> list[str]
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     names = []
     aliases = module_names(model)
-    for name, mod in list(model.named_modules()):
+    for _, mod in list(model.named_modules()):
         if isinstance(mod, QuantLayerMixin):
             flt = mod.to_float(use_quantized=use_quantized)
             for n in aliases[id(mod)]:  # one float module for every use of a shared layer

@@ -23,10 +23,7 @@ stripped after decoding, so the quantized weight always has the weight's shape.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-from torch import nn
 
 from .config import QATConfig
 from .quantizer import HNLQActivationQuantizer, HNLQWeightQuantizer
@@ -48,14 +45,14 @@ class QuantLayerMixin:
 
     qconfig: QATConfig
     weight: torch.Tensor
-    weight_quantizer: Optional[HNLQWeightQuantizer]
-    activation_quantizer: Optional[HNLQActivationQuantizer]
+    weight_quantizer: HNLQWeightQuantizer | None
+    activation_quantizer: HNLQActivationQuantizer | None
     #: dimension of the input that holds the features (-1 for Linear, 1 for convolutions)
     _feature_dim: int = -1
     #: state_dict layout version (nn.Module records it in the state_dict metadata)
     _version: int = 2
 
-    def _init_quant(self, qconfig: Optional[QATConfig], name: str = "") -> None:
+    def _init_quant(self, qconfig: QATConfig | None, name: str = "") -> None:
         if qconfig is None:
             qconfig = QATConfig()
         if not isinstance(qconfig, QATConfig):

@@ -8,8 +8,6 @@ zero-padded to a multiple of d).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,7 +27,7 @@ class _QConvMixin(QuantLayerMixin):
             raise ValueError("use_lut=True for convolutions needs groups=1, padding_mode='zeros' and numeric padding")
 
     @classmethod
-    def from_float(cls, mod, qconfig: Optional[QATConfig] = None):
+    def from_float(cls, mod, qconfig: QATConfig | None = None):
         """A quantized convolution sharing ``mod``'s weight and bias Parameters."""
         if type(mod) is not cls._float_cls and not (isinstance(mod, cls._float_cls) and not isinstance(mod, QuantLayerMixin)):
             raise TypeError(f"mod must be an nn.{cls._float_cls.__name__}, got {type(mod).__name__}")
@@ -114,7 +112,7 @@ class QConv2d(_QConvMixin, nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None,
-                 qconfig: Optional[QATConfig] = None) -> None:
+                 qconfig: QATConfig | None = None) -> None:
         nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                            dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode, device=device,
                            dtype=dtype)
@@ -134,7 +132,7 @@ class QConv1d(_QConvMixin, nn.Conv1d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None,
-                 qconfig: Optional[QATConfig] = None) -> None:
+                 qconfig: QATConfig | None = None) -> None:
         nn.Conv1d.__init__(self, in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                            dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode, device=device,
                            dtype=dtype)

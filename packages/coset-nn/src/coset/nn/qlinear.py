@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,12 +32,12 @@ class QLinear(QuantLayerMixin, nn.Linear):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
-                 qconfig: Optional[QATConfig] = None) -> None:
+                 qconfig: QATConfig | None = None) -> None:
         nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_quant(qconfig)
 
     @classmethod
-    def from_float(cls, mod: nn.Linear, qconfig: Optional[QATConfig] = None) -> "QLinear":
+    def from_float(cls, mod: nn.Linear, qconfig: QATConfig | None = None) -> QLinear:
         """A QLinear sharing ``mod``'s weight and bias Parameters (same device and dtype)."""
         if not isinstance(mod, nn.Linear):
             raise TypeError(f"mod must be an nn.Linear, got {type(mod).__name__}")

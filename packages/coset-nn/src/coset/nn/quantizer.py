@@ -37,7 +37,6 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from typing import Optional
 
 import torch
 from torch import nn
@@ -131,7 +130,7 @@ class HNLQWeightQuantizer(nn.Module):
         self._identity = code_identity(qconfig)
         self._step = 0
         self._valid = False  # labels/T/beta hold a code
-        self._key: Optional[int] = None  # weight version the code is current for; None: bind at next use
+        self._key: int | None = None  # weight version the code is current for; None: bind at next use
         self._stale = False  # loaded codes marked as older than the weight: re-quantize at the next use
         self._pending = None  # (u, cfg): labels are encoded lazily from these scaled blocks
         self._lut_cache = None
@@ -242,7 +241,7 @@ class HNLQWeightQuantizer(nn.Module):
             if self.qweight is None or self.qweight.dtype != weight.dtype:
                 self._decode_cache(weight.dtype)
 
-    def codes(self, weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def codes(self, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(labels (C_out, nb, M, d) uint8, T (C_out, nb) uint8, betas float32)``.
 
         With ``weight``, the code is first brought up to date as an eval-mode forward would do; without it,
@@ -256,8 +255,8 @@ class HNLQWeightQuantizer(nn.Module):
         return self.labels, self.T, self.beta
 
     @torch.no_grad()
-    def load_codes(self, labels: torch.Tensor, T: torch.Tensor, betas: Optional[torch.Tensor] = None, *,
-                   clamped: Optional[torch.Tensor] = None, steps: int = 0) -> None:
+    def load_codes(self, labels: torch.Tensor, T: torch.Tensor, betas: torch.Tensor | None = None, *,
+                   clamped: torch.Tensor | None = None, steps: int = 0) -> None:
         """Use the given code as the weight's code (bound to the shadow weight at the next forward).
 
         Parameters

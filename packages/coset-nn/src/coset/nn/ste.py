@@ -8,8 +8,6 @@ to the float (shadow) tensor, optionally multiplied by a per-element factor.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from coset.quant import from_blocks
@@ -19,7 +17,7 @@ __all__ = ["ste", "block_grad_scale"]
 
 class _STE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, xq: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, xq: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
         ctx.has_scale = scale is not None
         if scale is not None:
             ctx.save_for_backward(scale)
@@ -33,7 +31,7 @@ class _STE(torch.autograd.Function):
         return g, None, None
 
 
-def ste(x: torch.Tensor, xq: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+def ste(x: torch.Tensor, xq: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """Straight-through estimator.
 
     Parameters
@@ -57,7 +55,7 @@ def block_grad_scale(
     overloaded: torch.Tensor,
     radius: torch.Tensor,
     pad: int,
-) -> Optional[torch.Tensor]:
+) -> torch.Tensor | None:
     """The per-element gradient factor of an STE mode, for a tensor viewed as d-blocks.
 
     Parameters
