@@ -13,6 +13,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from coset.quant import QuantizationConfig
 
 __all__ = ["main", "build_parser"]
 
@@ -49,7 +53,7 @@ def _add_config_args(p: argparse.ArgumentParser, lattice: str = "D4", q: int = 4
                    help="overload ramp step: scale beta*2^(alpha*T) (default 1/3)")
 
 
-def _config(args) -> object:
+def _config(args) -> QuantizationConfig:
     from coset.quant import QuantizationConfig
 
     try:

@@ -24,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -155,7 +156,7 @@ def train_model(
     n = len(data.x_train)
     steps_per_epoch = math.ceil(n / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
-    curves = {"epoch": [], "train_loss": [], "test_acc": [], "test_loss": []}
+    curves: dict[str, Any] = {"epoch": [], "train_loss": [], "test_acc": [], "test_loss": []}
     bar = None
     if progress:
         from tqdm import tqdm
@@ -270,9 +271,9 @@ def run_qat_comparison(
     if not isinstance(config, QuantizationConfig):
         raise TypeError(f"config must be a QuantizationConfig, got {type(config).__name__}")
     d = DEFAULTS[dataset]
-    epochs = d["epochs"] if epochs is None else epochs
-    batch_size = d["batch_size"] if batch_size is None else batch_size
-    lr = d["lr"] if lr is None else lr
+    epochs = int(d["epochs"]) if epochs is None else epochs
+    batch_size = int(d["batch_size"]) if batch_size is None else batch_size
+    lr = float(d["lr"]) if lr is None else lr
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -309,6 +310,7 @@ def run_qat_comparison(
         if "ptq_w" in variants:
             import copy
 
+            assert fp32_model is not None  # "ptq_w" needs "fp32", checked above
             model = copy.deepcopy(fp32_model)
             quantize_model(model, cfgs["qat_w"])
             acc, _ = evaluate(model, data.x_test, data.y_test)

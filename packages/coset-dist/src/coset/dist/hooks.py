@@ -211,7 +211,7 @@ class HNLQHookState:
         ``clamp_rate``: fraction clamped past the ramp. The modular mode cannot overload by construction.
         ``scales``: per bucket index, (min, max) of the last scale(s) used.
         """
-        c = dict(self._counters)
+        c: dict[str, Any] = dict(self._counters)
         c["iter"] = self.iter
         c["mode"] = self.mode
         c["compression_ratio"] = c["bytes_fp32_baseline"] / c["bytes_sent"] if c["bytes_sent"] else float("nan")
@@ -254,7 +254,7 @@ class HNLQHookState:
         if missing:
             raise ValueError(f"state dict is missing keys {sorted(missing)}")
         pg = self.process_group
-        self.__init__(
+        self.__init__(  # type: ignore[misc]  # re-validate everything exactly as the constructor does
             config=QuantizationConfig(**sd["config"]),
             mode=sd["mode"],
             error_feedback=sd.get("error_feedback", True),

@@ -145,7 +145,7 @@ def save_compressed(model: nn.Module, path: PathLike) -> CheckpointReport:
         wq = layer.weight_quantizer
         if wq is not None:
             labels, T, betas = layer.codes()  # brought up to date as an eval forward would
-            packed, cmeta = pack_codes(labels, T, layer.qconfig.weight)
+            packed, cmeta = pack_codes(labels, T, wq.cfg)
             p = f"{name}." if name else ""
             for key, t in packed.items():
                 tensors[p + key] = t
@@ -221,7 +221,8 @@ def _entry_field(path: str, name: str, entry: dict, key: str, kind: type):
 def _read_codes(path: str, name: str, fmt: str, entry: dict, tensors: dict, layer: QuantLayerMixin):
     """Validated ``(labels, T, betas, clamped, used keys)`` of one layer."""
     wq = layer.weight_quantizer
-    cfg = layer.qconfig.weight
+    assert wq is not None  # only layers that quantize their weight have codes
+    cfg = wq.cfg
     p = f"{name}." if name else ""
     lead = tuple(wq.T.shape)
     used: set[str] = set()

@@ -24,7 +24,11 @@ __all__ = [
     "module_names",
 ]
 
-_SWAP: dict[type, type] = {nn.Linear: QLinear, nn.Conv1d: QConv1d, nn.Conv2d: QConv2d}
+_SWAP: dict[type[nn.Module], type[QLinear] | type[QConv1d] | type[QConv2d]] = {
+    nn.Linear: QLinear,
+    nn.Conv1d: QConv1d,
+    nn.Conv2d: QConv2d,
+}
 _KIND = {QLinear: "linear", QConv1d: "conv1d", QConv2d: "conv2d"}
 
 Selector = None | str | Iterable[str] | Callable[[str, nn.Module], bool]

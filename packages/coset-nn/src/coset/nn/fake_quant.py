@@ -33,6 +33,18 @@ def overload_radius(cfg: QuantizationConfig) -> float:
     return float(cfg.q**cfg.M * cfg.lattice.packing_radius)
 
 
+def _wcfg(qat: QATConfig) -> QuantizationConfig:
+    if qat.weight is None:
+        raise ValueError("qconfig.weight is None: this layer does not quantize its weight")
+    return qat.weight
+
+
+def _acfg(qat: QATConfig) -> QuantizationConfig:
+    if qat.activation is None:
+        raise ValueError("qconfig.activation is None: this layer does not quantize its input")
+    return qat.activation
+
+
 def _unit_config(cfg: QuantizationConfig) -> QuantizationConfig:
     return cfg if cfg.beta == 1.0 else cfg.replace(beta=1.0)
 
@@ -58,7 +70,7 @@ def weight_betas(w2: torch.Tensor, qat: QATConfig) -> torch.Tensor:
     Automatic betas are ``beta_scale * beta_min(weight, rms)`` rounded to float32 (so a float32 copy is
     exact); an all-zero row gets beta 1. "fixed" returns the config's effective beta unchanged.
     """
-    cfg = qat.weight
+    cfg = _wcfg(qat)
     if qat.granularity == "fixed":
         return torch.tensor([cfg.effective_beta], dtype=torch.float64, device=w2.device)
     w = w2.detach().to(_work_dtype(w2))
@@ -85,7 +97,7 @@ def scaled_weight_blocks(w2: torch.Tensor, betas: torch.Tensor, qat: QATConfig):
     -------
     u : (C_out, nb, d) tensor; cfg : QuantizationConfig
     """
-    cfg = qat.weight
+    cfg = _wcfg(qat)
     blocks, _ = to_blocks(w2.detach().to(_work_dtype(w2)), cfg.dim)
     if qat.granularity == "fixed":
         return blocks, cfg
@@ -140,7 +152,7 @@ def decode_weight(labels: torch.Tensor, T: torch.Tensor, betas: torch.Tensor, qa
     "fixed": :func:`coset.quant.decode` with the config's beta. Otherwise the beta-1 decode (lattice
     points times ``2^(alpha T)``, exact in float32) is multiplied by the float32 betas, one rounding.
     """
-    cfg = qat.weight
+    cfg = _wcfg(qat)
     wd = torch.float64 if dtype == torch.float64 else torch.float32
     if qat.granularity == "fixed":
         y = decode(labels, config=cfg, T=T, dtype=wd, backend=qat.backend)
@@ -159,7 +171,7 @@ def activation_beta(x: torch.Tensor, qat: QATConfig) -> float:
         rms = float(_scaled_rms(xd, per_row=False))
     if not rms > 0 or rms != rms:
         return 1.0
-    return float(torch.tensor(qat.act_beta_scale * beta_min(qat.activation, 1.0) * rms, dtype=torch.float32))
+    return float(torch.tensor(qat.act_beta_scale * beta_min(_acfg(qat), 1.0) * rms, dtype=torch.float32))
 
 
 def quantize_activation(x: torch.Tensor, beta: float, qat: QATConfig):
@@ -173,7 +185,7 @@ def quantize_activation(x: torch.Tensor, beta: float, qat: QATConfig):
     clamped : (..., nb) bool, blocks still overloaded at the cap (clamped)
     pad : int
     """
-    cfg = qat.activation.replace(beta=float(beta))
+    cfg = _acfg(qat).replace(beta=float(beta))
     blocks, pad = to_blocks(x.detach(), cfg.dim)
     xh, T, clamped = quantize(blocks, config=cfg, backend=qat.backend, return_info=True)
     return from_blocks(xh, pad), blocks, T, clamped, pad

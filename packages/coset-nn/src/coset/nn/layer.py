@@ -23,7 +23,10 @@ stripped after decoding, so the quantized weight always has the weight's shape.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+from torch import nn
 
 from .config import QATConfig
 from .quantizer import HNLQActivationQuantizer, HNLQWeightQuantizer
@@ -40,7 +43,13 @@ _V1_KEYS = {
 }
 
 
-class QuantLayerMixin:
+if TYPE_CHECKING:  # the mixin always sits on an nn.Module
+    _Base = nn.Module
+else:
+    _Base = object
+
+
+class QuantLayerMixin(_Base):
     """Mixin for an ``nn.Module`` with ``weight``/``bias`` (see module docstring)."""
 
     qconfig: QATConfig
@@ -97,7 +106,13 @@ class QuantLayerMixin:
         if self.weight_quantizer is None:
             return self.weight.detach()
         self.weight_quantizer.refresh(self.weight)
-        return self.weight_quantizer.qweight
+        qw = self.weight_quantizer.qweight
+        assert qw is not None  # refresh() decodes it
+        return qw
+
+    def to_float(self, use_quantized: bool = False) -> nn.Module:
+        """The float module (shadow weight shared, or a copy of the quantized weight); see the subclasses."""
+        raise NotImplementedError
 
     def _use_lut(self) -> bool:
         return self.qconfig.use_lut and not self.training and self.weight_quantizer is not None

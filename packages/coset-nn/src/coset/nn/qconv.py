@@ -8,6 +8,8 @@ zero-padded to a multiple of d).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,8 +19,13 @@ from .layer import QuantLayerMixin
 
 __all__ = ["QConv1d", "QConv2d"]
 
+if TYPE_CHECKING:  # the mixin always sits on a convolution
+    from torch.nn.modules.conv import _ConvNd as _ConvBase
+else:
+    _ConvBase = object
 
-class _QConvMixin(QuantLayerMixin):
+
+class _QConvMixin(QuantLayerMixin, _ConvBase):
     _feature_dim = 1
     _float_cls: type = nn.Conv2d
 
@@ -27,17 +34,18 @@ class _QConvMixin(QuantLayerMixin):
             raise ValueError("use_lut=True for convolutions needs groups=1, padding_mode='zeros' and numeric padding")
 
     @classmethod
-    def from_float(cls, mod, qconfig: QATConfig | None = None):
+    def from_float(cls, mod: Any, qconfig: QATConfig | None = None) -> Any:
         """A quantized convolution sharing ``mod``'s weight and bias Parameters."""
         if type(mod) is not cls._float_cls and not (isinstance(mod, cls._float_cls) and not isinstance(mod, QuantLayerMixin)):
             raise TypeError(f"mod must be an nn.{cls._float_cls.__name__}, got {type(mod).__name__}")
-        q = cls(mod.in_channels, mod.out_channels, mod.kernel_size, stride=mod.stride, padding=mod.padding,
-                dilation=mod.dilation, groups=mod.groups, bias=mod.bias is not None, padding_mode=mod.padding_mode,
-                device="meta", dtype=mod.weight.dtype, qconfig=qconfig)
-        q.weight = mod.weight
-        q.bias = mod.bias
+        m: Any = mod  # a torch convolution (checked above)
+        q = cls(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
+                dilation=m.dilation, groups=m.groups, bias=m.bias is not None, padding_mode=m.padding_mode,
+                device="meta", dtype=m.weight.dtype, qconfig=qconfig)  # type: ignore[call-arg]
+        q.weight = m.weight
+        q.bias = m.bias
         q._init_quant(q.qconfig)
-        q.train(mod.training)
+        q.train(m.training)
         return q
 
     def to_float(self, use_quantized: bool = False):
@@ -111,7 +119,7 @@ class QConv2d(_QConvMixin, nn.Conv2d):
     _float_cls = nn.Conv2d
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None,
+                 groups: int = 1, bias: bool = True, padding_mode: Any = "zeros", device=None, dtype=None,
                  qconfig: QATConfig | None = None) -> None:
         nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                            dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode, device=device,
@@ -131,7 +139,7 @@ class QConv1d(_QConvMixin, nn.Conv1d):
     _float_cls = nn.Conv1d
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None,
+                 groups: int = 1, bias: bool = True, padding_mode: Any = "zeros", device=None, dtype=None,
                  qconfig: QATConfig | None = None) -> None:
         nn.Conv1d.__init__(self, in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                            dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode, device=device,

@@ -41,7 +41,7 @@ import warnings
 import torch
 from torch import nn
 
-from coset.quant import encode, to_blocks
+from coset.quant import QuantizationConfig, encode, to_blocks
 
 from .config import QATConfig
 from .fake_quant import (
@@ -55,10 +55,10 @@ from .fake_quant import (
 from .ste import block_grad_scale, ste
 
 try:  # one warning class for every clamp in coset, when coset.quant provides it
-    from coset.quant import ClampWarning
+    from coset.quant import ClampWarning  # type: ignore[attr-defined,unused-ignore]
 except ImportError:  # pragma: no cover - older coset-quant
 
-    class ClampWarning(UserWarning):
+    class ClampWarning(UserWarning):  # type: ignore[no-redef,unused-ignore]
         """A quantization clamped blocks (lost information) past the largest scale step."""
 
 
@@ -77,10 +77,16 @@ def _version(t: torch.Tensor) -> int:
         return -1
 
 
+def _weight_config(qconfig: QATConfig) -> QuantizationConfig:
+    if qconfig.weight is None:
+        raise ValueError("this quantizer needs a QATConfig with a weight config (qconfig.weight is None)")
+    return qconfig.weight
+
+
 def code_identity(qconfig: QATConfig) -> dict:
     """What the stored labels of a weight depend on: the code fields of ``qconfig.weight``, the beta when it is
     fixed, and the beta granularity. Two layers can exchange codes iff these dicts are equal."""
-    cfg = qconfig.weight
+    cfg = _weight_config(qconfig)
     ident = {f: getattr(cfg, f) for f in _CODE_FIELDS}
     ident["lattice_type"] = cfg.lattice_type.strip().upper()
     ident["granularity"] = qconfig.granularity
@@ -108,13 +114,21 @@ class HNLQWeightQuantizer(nn.Module):
     through the configured straight-through estimator).
     """
 
+    labels: torch.Tensor
+    T: torch.Tensor
+    beta: torch.Tensor
+    clamped: torch.Tensor
+    q_state: torch.Tensor
+    qweight: torch.Tensor | None
+
     def __init__(self, qconfig: QATConfig, weight_shape, device=None, name: str = "") -> None:
         super().__init__()
         if not isinstance(qconfig, QATConfig) or qconfig.weight is None:
             raise ValueError("HNLQWeightQuantizer needs a QATConfig with a weight config")
         self.qconfig = qconfig
+        self.cfg: QuantizationConfig = qconfig.weight  # the weight's HNLQ config
         self.name = name
-        cfg = qconfig.weight
+        cfg = self.cfg
         shape = tuple(int(s) for s in weight_shape)
         self.weight_shape = shape
         self.k = math.prod(shape[1:])
@@ -142,11 +156,11 @@ class HNLQWeightQuantizer(nn.Module):
     @property
     def pad(self) -> int:
         """Zeros appended to each row to reach a multiple of d."""
-        return (-self.k) % self.qconfig.weight.dim
+        return (-self.k) % self.cfg.dim
 
     def bits_per_weight(self) -> float:
         """Nominal storage per weight: labels (padding included), T at full width and float32 betas."""
-        cfg = self.qconfig.weight
+        cfg = self.cfg
         C, nb = self.T.shape
         t_bits = max(cfg.max_scaling_iterations, 1).bit_length()
         bits = C * nb * (cfg.M * cfg.dim * cfg.bits_per_label + t_bits) + 32 * self.beta.numel()
@@ -167,7 +181,7 @@ class HNLQWeightQuantizer(nn.Module):
 
     def _betas64(self) -> torch.Tensor:
         if self.qconfig.granularity == "fixed":
-            return torch.tensor([self.qconfig.weight.effective_beta], dtype=torch.float64, device=self.T.device)
+            return torch.tensor([self.cfg.effective_beta], dtype=torch.float64, device=self.T.device)
         return self.beta.to(torch.float64)
 
     # ------------------------------------------------------------------ quantization
@@ -195,7 +209,7 @@ class HNLQWeightQuantizer(nn.Module):
         if self._warned:
             return
         self._warned = True
-        cfg = self.qconfig.weight
+        cfg = self.cfg
         warnings.warn(
             f"layer {self.name or '<unnamed>'}: {n} of {self.T.numel()} weight blocks were clamped (still "
             f"overloaded at the largest scale step T={cfg.max_scaling_iterations}, so their large weights lost "
@@ -280,7 +294,7 @@ class HNLQWeightQuantizer(nn.Module):
                 raise TypeError(f"{arg} must be a torch.Tensor, got {type(val).__name__}")
             if val.dtype != dt or tuple(val.shape) != tuple(shp):
                 raise ValueError(f"{arg} must be a {dt} tensor of shape {tuple(shp)}, got {val.dtype} {tuple(val.shape)}")
-        cfg = self.qconfig.weight
+        cfg = self.cfg
         if labels.numel() and int(labels.max()) >= cfg.q:
             raise ValueError(f"labels must lie in [0, q={cfg.q})")
         if T.numel() and int(T.max()) > cfg.max_scaling_iterations:
@@ -325,17 +339,20 @@ class HNLQWeightQuantizer(nn.Module):
             self._step += 1
         else:
             self.refresh(weight)
+        qw = self.qweight
+        assert qw is not None  # set by requantize / _decode_cache above
         if not (torch.is_grad_enabled() and weight.requires_grad):
-            return self.qweight
+            return qw
         scale = None
         if self.qconfig.ste != "identity":
-            cfg = self.qconfig.weight
+            cfg = self.cfg
             blocks, pad = to_blocks(weight.detach().reshape(weight.shape[0], -1), cfg.dim)
             betas = self._betas64().to(blocks.dtype).reshape(-1, 1)
-            scale = block_grad_scale(
+            s = block_grad_scale(
                 self.qconfig.ste, blocks, (self.T > 0) | self.clamped, betas * overload_radius(cfg), pad
-            ).reshape(weight.shape)
-        return ste(weight, self.qweight, scale)
+            )
+            scale = None if s is None else s.reshape(weight.shape)
+        return ste(weight, qw, scale)
 
     # ------------------------------------------------------------------ LUT
     def encoded_matrix(self):
@@ -343,7 +360,7 @@ class HNLQWeightQuantizer(nn.Module):
         if self._lut_cache is None:
             from coset.lut import EncodedMatrix
 
-            cfg = self.qconfig.weight
+            cfg = self.cfg
             unit = cfg if cfg.beta == 1.0 else cfg.replace(beta=1.0)
             self._ensure_labels()
             self._lut_cache = EncodedMatrix(labels=self.labels, T=self.T, config=unit, k=self.k)
@@ -433,7 +450,7 @@ class HNLQWeightQuantizer(nn.Module):
                     "decoded by this layer. Load it into a layer with the same config, or drop the code keys "
                     "from the state to re-quantize from the shadow weight"
                 )
-        cfg = self.qconfig.weight
+        cfg = self.cfg
         specs = {"labels": (torch.uint8, self.labels.shape), "T": (torch.uint8, self.T.shape),
                  "beta": (None, self.beta.shape), "clamped": (torch.bool, self.clamped.shape),
                  "q_state": (torch.int64, self.q_state.shape)}
@@ -465,7 +482,7 @@ class HNLQWeightQuantizer(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        c = self.qconfig.weight
+        c = self.cfg
         return (f"{c.lattice_type} q={c.q} M={c.M}, granularity={self.qconfig.granularity}, ste={self.qconfig.ste}, "
                 f"quantize_every={self.qconfig.quantize_every}")
 
@@ -482,11 +499,14 @@ class HNLQActivationQuantizer(nn.Module):
     own beta before any training forward). ``stats()`` counts blocks with T > 0 and clamped blocks separately.
     """
 
+    beta: torch.Tensor
+
     def __init__(self, qconfig: QATConfig, feature_dim: int = -1, device=None) -> None:
         super().__init__()
         if not isinstance(qconfig, QATConfig) or qconfig.activation is None:
             raise ValueError("HNLQActivationQuantizer needs a QATConfig with an activation config")
         self.qconfig = qconfig
+        self.cfg: QuantizationConfig = qconfig.activation
         self.feature_dim = feature_dim
         self.register_buffer("beta", torch.zeros((), dtype=torch.float32, device=device))
         self._seen = self._overloaded = self._clamped = 0
@@ -519,7 +539,7 @@ class HNLQActivationQuantizer(nn.Module):
         self._clamped += int(clamped.sum())
         if torch.is_grad_enabled() and xa.requires_grad:
             scale = block_grad_scale(
-                self.qconfig.ste, blocks, overloaded, beta * overload_radius(self.qconfig.activation), pad
+                self.qconfig.ste, blocks, overloaded, torch.tensor(beta * overload_radius(self.cfg)), pad
             )
             xq = ste(xa, xq, scale)
         return xq.movedim(-1, fd) if fd != -1 else xq
@@ -548,5 +568,5 @@ class HNLQActivationQuantizer(nn.Module):
             missing_keys.remove(prefix + "beta")
 
     def extra_repr(self) -> str:
-        c = self.qconfig.activation
+        c = self.cfg
         return f"{c.lattice_type} q={c.q} M={c.M}, feature_dim={self.feature_dim}"
