@@ -12,7 +12,7 @@ from torch import nn
 from coset.nn import ClampWarning, QATConfig, QLinear, load_compressed
 from coset.quant import QuantizationConfig
 
-_FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+_FAST = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 _wcfg = st.builds(
     QuantizationConfig,

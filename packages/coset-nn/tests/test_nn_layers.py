@@ -307,6 +307,7 @@ def test_nn_lut_path_matches_dequantized_path():
 
 
 # ---------------------------------------------------------------------------------------------- compile
+@pytest.mark.slow
 def test_nn_torch_compile_forward_backward_matches_eager():
     torch._dynamo.reset()
     model = nn.Sequential(QLinear(16, 32, qconfig=QATConfig(activation=D4)), nn.ReLU(), QLinear(32, 10))
