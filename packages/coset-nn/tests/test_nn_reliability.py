@@ -364,3 +364,16 @@ def test_nn_huge_weights_and_inputs_do_not_overflow_the_beta():
     x = torch.randn(3, 8) * 1e25
     xq = qa.activation_quantizer(x).double()
     assert float((xq - x.double()).norm() / x.double().norm()) < 0.2
+
+
+def test_nn_from_dict_and_model_type_errors_are_clear():
+    with pytest.raises(ValueError, match="unknown weight"):
+        QATConfig.from_dict({"weight": {"qq": 3}})
+    with pytest.raises(TypeError, match="weight must be a dict"):
+        QATConfig.from_dict({"weight": 3})
+    from coset.nn import quantized_layers, set_quantization_enabled
+
+    with pytest.raises(TypeError, match="model"):
+        quantized_layers("model")
+    with pytest.raises(TypeError, match="model"):
+        set_quantization_enabled([], True)

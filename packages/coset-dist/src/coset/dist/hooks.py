@@ -274,6 +274,8 @@ class HNLQHookState:
                 raise TypeError(f"residuals[{k}] must be a 1-D float32 tensor")
             if not bool(torch.isfinite(v).all()):  # would poison every later step of that bucket
                 raise ValueError(f"residuals[{k}] holds NaN or Inf")
+        if not isinstance(sd.get("bucket_scales", {}), dict) or not isinstance(sd.get("counters", {}), dict):
+            raise TypeError("state dict 'bucket_scales' and 'counters' must be dicts")
         for k, v in sd.get("bucket_scales", {}).items():
             if not isinstance(v, torch.Tensor) or not v.is_floating_point():
                 raise TypeError(f"bucket_scales[{k}] must be a float tensor")

@@ -151,6 +151,14 @@ class QATConfig:
             raise ValueError(f"unknown QATConfig fields: {sorted(unknown)}")
         kw = dict(d)
         for key in ("weight", "activation"):
-            if kw.get(key) is not None:
-                kw[key] = QuantizationConfig(**kw[key])
+            v = kw.get(key)
+            if v is None:
+                continue
+            if not isinstance(v, dict):
+                raise TypeError(f"{key} must be a dict of QuantizationConfig fields or None, got {type(v).__name__}")
+            known_q = {f.name for f in fields(QuantizationConfig)}
+            bad = set(v) - known_q
+            if bad:
+                raise ValueError(f"unknown {key} (QuantizationConfig) fields: {sorted(bad)}")
+            kw[key] = QuantizationConfig(**v)
         return cls(**kw)

@@ -250,7 +250,10 @@ def dequantize_model(model: nn.Module, use_quantized: bool = False) -> list[str]
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLayerMixin]:
-    """``{name: layer}`` of the model's quantized layers, in module order."""
+    """``{name: layer}`` of the model's quantized layers, in module order (a shared layer once, under its first
+    name). Raises ``TypeError`` for a model that is not an ``nn.Module``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLayerMixin)}
 
 
