@@ -199,13 +199,13 @@ def _cmd_compress(args) -> int:
         reports = compress_file(args.input, args.output, cfg)
     except (OSError, ValueError) as e:  # bad paths, unreadable input, name collisions
         raise CliError(str(e)) from None
-    print(f"{'tensor':<40}{'shape':>18}{'bits/w':>8}{'rel.err':>10}{'overload':>9}")
+    print(f"{'tensor':<40}{'shape':>18}{'bits/w':>8}{'rel.err':>10}{'overload':>9}{'clamped':>9}")
     tot_in = tot_out = 0
     for r in reports:
         tot_in += r.bytes_in
         tot_out += r.bytes_out
         print(f"{r.name[:40]:<40}{str(list(r.shape)):>18}{r.bits_per_weight:>8.2f}{r.rel_error:>10.4f}"
-              f"{100 * r.overload_rate:>8.1f}%" + ("" if r.compressed else "  (kept)"))
+              f"{100 * r.overload_rate:>8.1f}%{100 * r.clamp_rate:>8.2f}%" + ("" if r.compressed else "  (kept)"))
     print(f"total: {tot_in} bytes -> {tot_out} bytes of tensors ({tot_in / max(tot_out, 1):.2f}x); "
           f"file {Path(args.output).stat().st_size} bytes")
     return 0
