@@ -225,28 +225,33 @@ def gptq_scalar(
         if zeros is not None:
             zeros[:, 0] = z
     bs = blocksize if per_channel else -(-blocksize // g) * g
-    Q = torch.empty_like(W)
-    ints = torch.empty((m, n), dtype=torch.uint8)
+    # column-major work copy: column i of W is the contiguous row i of Wc
+    Wc = W.t().contiguous()
+    Qc = torch.empty_like(Wc)
+    ints_c = torch.empty((n, m), dtype=torch.uint8)
     for i1 in range(0, n, bs):
         i2 = min(i1 + bs, n)
-        W1 = W[:, i1:i2].clone()
+        W1 = Wc[i1:i2].clone()
         Err1 = torch.empty_like(W1)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
             if not per_channel and col % g == 0:
-                s, z = group_params(W1[:, i : i + g], bits, sym)
+                s, z = group_params(W1[i : i + g].t(), bits, sym)
                 scales[:, col // g] = s
                 if zeros is not None:
                     zeros[:, col // g] = z
-            w = W1[:, i : i + 1]
-            lv, qv = _quant(w, s, z, bits)
-            Q[:, col] = qv[:, 0]
-            ints[:, col] = lv[:, 0].to(torch.uint8)
+            w = W1[i]
+            lv, qv = _quant(w[:, None], s, z, bits)
+            qv = qv[:, 0]
+            Qc[col] = qv
+            ints_c[col] = lv[:, 0].to(torch.uint8)
             e = (w - qv) / U1[i, i]
-            W1[:, i:] -= e @ U1[i : i + 1, i:]
-            Err1[:, i] = e[:, 0]
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+            W1[i:] -= U1[i, i:, None] * e[None, :]
+            Err1[i] = e
+        Wc[i2:] -= U[i1:i2, i2:].t() @ Err1
+    Q = Qc.t()
+    ints = ints_c.t().contiguous()
     if perm is not None:
         inv = torch.argsort(perm)
         Q = Q[:, inv]
