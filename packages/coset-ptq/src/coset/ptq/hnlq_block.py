@@ -309,12 +309,12 @@ def quantize_linear(
     else:
         _, labels, T, clamped = hnlq_quantize_rows(Wt.reshape(m, n // d, d), srow, code)
     codes = LinearCodes(code, labels, T, scale, rot_in, rot_out, n, m)
-    W_hat = codes.dequantize(torch.float64)
-    metrics = _metrics(W64, W_hat, H64, code.rate)
+    W_hat = codes.dequantize(torch.float32)
+    metrics = _metrics(W64, W_hat.double(), H64, code.rate)
     metrics.update(
         overload_frac=float((T > 0).double().mean()),
         t_entropy_bits=t_entropy_bits(T, d),
         clamped=int(clamped.sum()),
         scale_mult=float(mult),
     )
-    return W_hat.to(torch.float32), codes, metrics
+    return W_hat, codes, metrics
