@@ -96,3 +96,9 @@ def calib_ids():
 @pytest.fixture
 def tiny_tokenizer():
     return TinyTokenizer(special=True)
+
+
+@pytest.fixture
+def makers():
+    """{"llama": tiny_llama, "bert": tiny_bert} (test modules cannot import conftest under importlib mode)."""
+    return {"llama": tiny_llama, "bert": tiny_bert}

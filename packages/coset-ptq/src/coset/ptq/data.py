@@ -148,13 +148,23 @@ def text_fingerprint(texts: Sequence[str] | str) -> dict[str, Any]:
     }
 
 
+def _special_wrap(tokenizer: Callable[..., Any]) -> tuple[list[int], list[int]]:
+    """The special ids the tokenizer puts before / after a text (BERT: [CLS] / [SEP]; GPT-2-like: none)."""
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    full = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    for i in range(len(full) - len(plain) + 1):
+        if full[i : i + len(plain)] == plain:
+            return full[:i], full[i + len(plain) :]
+    raise ValueError("cannot locate the text inside the tokenizer's special-token wrapping")
+
+
 def token_windows(
     tokenizer: Callable[..., Any], texts: Sequence[str] | str, seqlen: int, n: int | None = None
 ) -> torch.Tensor:
     """Tokenize texts as one stream and cut it into contiguous windows of ``seqlen`` token ids.
 
     If the tokenizer adds special tokens (BERT's ``[CLS] ... [SEP]``), every window is wrapped with them
-    (``tokenizer.build_inputs_with_special_tokens``) and still has exactly ``seqlen`` ids.
+    and still has exactly ``seqlen`` ids.
 
     Parameters
     ----------
@@ -181,17 +191,14 @@ def token_windows(
     if len(texts) == 0:
         raise ValueError("texts is empty")
     ids = list(tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"])
-    n_special = int(tokenizer.num_special_tokens_to_add()) if hasattr(tokenizer, "num_special_tokens_to_add") else 0
-    body = seqlen - n_special
+    prefix, suffix = _special_wrap(tokenizer)
+    body = seqlen - len(prefix) - len(suffix)
     if body < 1:
-        raise ValueError(f"seqlen={seqlen} leaves no room next to {n_special} special tokens")
+        raise ValueError(f"seqlen={seqlen} leaves no room next to {len(prefix) + len(suffix)} special tokens")
     count = len(ids) // body
     if n is not None:
         count = min(count, n)
     if count == 0:
         raise ValueError(f"texts hold {len(ids)} tokens, fewer than one window of {body}")
-    rows = []
-    for i in range(count):
-        chunk = ids[i * body : (i + 1) * body]
-        rows.append(tokenizer.build_inputs_with_special_tokens(chunk) if n_special else chunk)
+    rows = [prefix + ids[i * body : (i + 1) * body] + suffix for i in range(count)]
     return torch.tensor(rows, dtype=torch.long)

@@ -56,7 +56,7 @@ def load_minilm() -> tuple[torch.nn.Module, Any]:
     from transformers import AutoModel, AutoTokenizer
 
     d = str(minilm_dir())
-    model = AutoModel.from_pretrained(d, local_files_only=True, torch_dtype=torch.float32)
+    model = AutoModel.from_pretrained(d, local_files_only=True, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
     return model.eval(), tok
 
