@@ -1,7 +1,7 @@
 """Orthonormal Hadamard transforms of order ``n = K_1 ... K_r 2^j`` in O(n log n).
 
 ``H_n = (Had_{K_1} ⊗ ... ⊗ Had_{K_r} ⊗ H_{2^j}) / sqrt(n)`` where ``H_{2^j}`` is the Sylvester matrix
-(applied by the fast Walsh-Hadamard butterfly) and each ``Had_K`` is a small Hadamard matrix from a Paley
+(applied as a radix-16 fast Walsh-Hadamard transform) and each ``Had_K`` is a small Hadamard matrix from a Paley
 construction (built from the maths, Paley 1933):
 
 * Paley I, ``K = p + 1`` with p prime, p ≡ 3 (mod 4): ``Q`` the Jacobsthal matrix ``Q_ij = χ(j - i)``
@@ -144,31 +144,45 @@ def is_supported(n: int) -> bool:
 _CACHE: dict = {}
 
 
-def _small(K: int, dtype, device, transpose: bool) -> torch.Tensor:
+#: radix of the fast transform: H_{2^j} = H_R ⊗ ... ⊗ H_R ⊗ H_{2^r}, each factor one small batched matmul,
+#: so a transform is ceil(j / 4) passes over memory instead of j butterfly passes (O(R n log_R n) flops)
+_RADIX = 16
+
+
+def _sylvester(P: int) -> torch.Tensor:
+    S = torch.ones((1, 1), dtype=torch.int64)
+    h2 = torch.tensor([[1, 1], [1, -1]], dtype=torch.int64)
+    while S.shape[0] < P:
+        S = torch.kron(S, h2)
+    return S
+
+
+def _factor(K: int, dtype, device, transpose: bool) -> torch.Tensor:
+    """The ±1 matrix of one Kronecker factor (Paley order K, or a power of two for Sylvester)."""
     key = (K, dtype, str(device), transpose)
     t = _CACHE.get(key)
     if t is None:
-        h = _paley_int(K).to(dtype=dtype, device=device)
-        t = h.t().contiguous() if transpose else h
+        h = _sylvester(K) if K & (K - 1) == 0 else _paley_int(K)
+        t = (h.t() if transpose else h).to(dtype=dtype, device=device).contiguous()
         _CACHE[key] = t
     return t
 
 
-def _fwht(x: torch.Tensor) -> torch.Tensor:
-    """Unnormalized Sylvester transform of the last dim (length 2^j), butterflies vectorized over rows."""
-    P = x.shape[-1]
-    lead = x.shape[:-1]
-    h = 1
-    while h < P:
-        y = x.reshape(*lead, P // (2 * h), 2, h)
-        a, b = y[..., 0, :], y[..., 1, :]
-        x = torch.stack((a + b, a - b), dim=-2).reshape(*lead, P)
-        h *= 2
-    return x
+def _kron_factors(ks: tuple[int, ...], P: int) -> list[int]:
+    out = list(ks)
+    while P > 1:
+        r = min(P, _RADIX)
+        out.append(r)
+        P //= r
+    return out
 
 
 def hadamard_transform(x: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
     """``x ↦ H_n x`` (or ``H_nᵀ x``) along the last dim, ``H_n`` the orthonormal Hadamard of order n.
+
+    ``H_n = (Had_{K_1} ⊗ ... ⊗ H_{2^j}) / sqrt(n)`` is applied factor by factor: for a factor of size r
+    with b = product of the later factors, ``x.view(-1, r, b) ↦ F @ x``; the 2^j part is split into
+    Sylvester factors of size ≤ 16 (a radix-16 fast Walsh-Hadamard transform).
 
     Parameters
     ----------
@@ -185,18 +199,14 @@ def hadamard_transform(x: torch.Tensor, *, transpose: bool = False) -> torch.Ten
         raise ValueError("x must have at least one dimension")
     n = x.shape[-1]
     ks, P = hadamard_factors(n)
-    lead = x.shape[:-1]
-    y = _fwht(x.reshape(-1, P)).reshape(-1, n) if P > 1 else x.reshape(-1, n)
-    if ks:
-        N = y.shape[0]
-        shape = (N,) + ks + (P,)
-        y = y.reshape(shape)
-        for i, K in enumerate(ks):
-            Hk = _small(K, y.dtype, y.device, transpose)
-            # contract axis i+1 of y with Hk: (Hk ⊗ I) on that factor
-            y = torch.movedim(torch.tensordot(y, Hk, dims=([i + 1], [1])), -1, i + 1)
-        y = y.reshape(N, n)
-    return (y * (1.0 / math.sqrt(n))).reshape(*lead, n)
+    y = x.reshape(-1, n)
+    N = y.shape[0]
+    b = n
+    for r in _kron_factors(ks, P):
+        b //= r
+        F = _factor(r, y.dtype, y.device, transpose)
+        y = torch.matmul(F, y.reshape(-1, r, b))
+    return (y.reshape(N, n) * (1.0 / math.sqrt(n))).reshape(x.shape)
 
 
 def hadamard_matrix(n: int, dtype=torch.float64) -> torch.Tensor:
@@ -205,8 +215,4 @@ def hadamard_matrix(n: int, dtype=torch.float64) -> torch.Tensor:
     H = torch.ones((1, 1), dtype=torch.float64)
     for K in ks:
         H = torch.kron(H, _paley_int(K).to(torch.float64))
-    S = torch.ones((1, 1), dtype=torch.float64)
-    h2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
-    while S.shape[0] < P:
-        S = torch.kron(S, h2)
-    return (torch.kron(H, S) / math.sqrt(n)).to(dtype)
+    return (torch.kron(H, _sylvester(P).to(torch.float64)) / math.sqrt(n)).to(dtype)
