@@ -186,7 +186,7 @@ def test_quant_add_modq_single_layer_adds_lattice_points(name):
     fits = (L.closest_point((px + py) / q) == 0).all(-1)  # px + py in qV (half-open)
     assert torch.equal((s == px + py).all(-1), fits)
     assert 0 < int(fits.sum()) < len(fits)
-    rep = modq_sum_report([bx, by], L, QuantizationConfig(name, q, 1))
+    rep = modq_sum_report([bx, by], QuantizationConfig(name, q, 1), lattice=L)
     assert torch.equal(rep.decoded_sum, s) and torch.equal(rep.mismatch, ~fits)
 
 
@@ -207,7 +207,7 @@ def test_quant_modq_sum_report(name, q, M):
     bs = [b[ok] for b, _ in enc]
     pts = [decode_lattice_units(b, L, q) for b in bs]
     assert torch.equal(pts[0], L.closest_point(xs[0][ok]))
-    rep = modq_sum_report(bs, L, cfg)
+    rep = modq_sum_report(bs, cfg, lattice=L)
     assert torch.equal(rep.real_sum, pts[0] + pts[1] + pts[2])
     inside = v_norm(rep.real_sum) < mod - 1e-9
     assert float(inside.float().mean()) > 0.95
@@ -219,7 +219,7 @@ def test_quant_modq_sum_report(name, q, M):
     # large vectors: many sums overload; mismatches are reported and the decoded sum is still congruent
     # (random labels: uniform over the whole constellation)
     bs = [torch.randint(0, q, (2000, M, L.dim), generator=_gen(10 + i)).to(torch.uint8) for i in range(3)]
-    rep = modq_sum_report(bs, L, cfg)
+    rep = modq_sum_report(bs, cfg, lattice=L)
     assert rep.mismatch_rate > 0.0
     assert rep.mismatch_rate == pytest.approx(float(rep.mismatch.float().mean()))
     assert torch.equal(rep.mismatch, (rep.decoded_sum != rep.real_sum).any(-1))
@@ -232,7 +232,7 @@ def test_quant_modq_sum_report(name, q, M):
     assert code.dtype == torch.int64 and int(code.min()) >= 0 and int(code.max()) < mod
     assert torch.equal(from_flat_code(code, L, mod), small.real_sum[ok])
     with pytest.raises(ValueError, match="at least one"):
-        modq_sum_report([], L, cfg)
+        modq_sum_report([], cfg, lattice=L)
 
 
 # --------------------------------------------------------------------------- config
@@ -385,7 +385,7 @@ class FakeBackend:
 
     def quantize(self, x, lattice, config, dither):
         self.calls.append("quantize")
-        xh, T, cl = cq.quantize(x, lattice, config, backend="torch", return_info=True)
+        xh, T, cl = cq.quantize(x, config, lattice=lattice, backend="torch", return_info=True)
         return xh, T, cl
 
 

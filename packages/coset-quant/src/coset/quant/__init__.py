@@ -8,6 +8,7 @@ through which native kernels (coset-cuda) plug in without being imported here.
 from .backend import available_backends, get_backend, register_backend, unregister_backend
 from .blocks import from_blocks, to_blocks
 from .calibrate import beta_min, calibrate_beta
+from .codes import CODES_FORMAT, codes_nbytes, pack_codes, unpack_codes
 from .config import MAX_T, OverloadError, QuantizationConfig
 from .decode import coset_representative, decode, decode_lattice_units
 from .dither import sample_dither
@@ -40,6 +41,10 @@ __all__ = [
     "pack_labels",
     "unpack_labels",
     "packed_nbytes",
+    "pack_codes",
+    "unpack_codes",
+    "codes_nbytes",
+    "CODES_FORMAT",
     "to_blocks",
     "from_blocks",
     "beta_min",

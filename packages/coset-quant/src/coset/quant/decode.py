@@ -67,10 +67,10 @@ def _decode_flat(b, T, lattice, config, z, dtype):
 
 def decode(
     b: torch.Tensor,
-    lattice: Optional[Lattice] = None,
     config: Optional[QuantizationConfig] = None,
     T: Optional[torch.Tensor] = None,
     *,
+    lattice: Optional[Lattice] = None,
     dtype: torch.dtype = torch.float32,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -79,15 +79,16 @@ def decode(
     Parameters
     ----------
     b : (..., M, d) integer labels in [0, q)
-    lattice, config : as for :func:`coset.quant.encode`
+    config : as for :func:`coset.quant.encode`
     T : (...) integer scale steps from the encoder; ``None`` means all zero
+    lattice : keyword-only, as for :func:`coset.quant.encode`
     dtype : output dtype
 
     Returns
     -------
     (..., d) tensor of ``dtype``
     """
-    lattice, config = resolve(lattice, config)
+    lattice, config = resolve(config, lattice)
     check_labels(b, T, lattice, config)
     lead = b.shape[:-2]
     bf = b.reshape(-1, config.M, lattice.dim)

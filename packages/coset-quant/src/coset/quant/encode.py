@@ -27,16 +27,25 @@ __all__ = ["encode", "encode_layers", "check_vectors", "resolve", "clamp_radius"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def resolve(lattice: Optional[Lattice], config: Optional[QuantizationConfig]) -> tuple[Lattice, QuantizationConfig]:
-    """Fill in defaults: ``config`` defaults to ``QuantizationConfig()``, ``lattice`` to ``config.lattice``."""
+def resolve(config: Optional[QuantizationConfig], lattice: Optional[Lattice] = None) -> tuple[Lattice, QuantizationConfig]:
+    """Fill in defaults: ``config`` defaults to ``QuantizationConfig()``, ``lattice`` to ``config.lattice``.
+
+    A ``lattice`` passed explicitly must be the one ``config.lattice_type`` names (compared by name,
+    case-insensitively); otherwise ``ValueError``: the labels would be decoded with another lattice.
+    """
     if config is None:
         config = QuantizationConfig()
     elif not isinstance(config, QuantizationConfig):
         raise TypeError(f"config must be a QuantizationConfig, got {type(config).__name__}")
     if lattice is None:
-        lattice = config.lattice
-    elif not isinstance(lattice, Lattice):
+        return config.lattice, config
+    if not isinstance(lattice, Lattice):
         raise TypeError(f"lattice must be a coset.lattice.Lattice, got {type(lattice).__name__}")
+    if lattice.name.strip().upper() != config.lattice_type.strip().upper():
+        raise ValueError(
+            f"lattice {lattice.name!r} disagrees with config.lattice_type={config.lattice_type!r}; "
+            "pass lattice=None (the config names the lattice) or a matching one"
+        )
     return lattice, config
 
 
@@ -170,10 +179,10 @@ def _encode_flat(x64: torch.Tensor, lattice: Lattice, config: QuantizationConfig
     return b, T, clamped
 
 
-def prepare_vectors(x: torch.Tensor, lattice: Optional[Lattice], config: Optional[QuantizationConfig]):
+def prepare_vectors(x: torch.Tensor, config: Optional[QuantizationConfig], lattice: Optional[Lattice]):
     """Shared prologue of encode/quantize: defaults, input checks, flattening to ``(N, d)`` and the dither
     the backends receive (random dither and/or the centring offset, float64 ``(N, d)``, or ``None``)."""
-    lattice, config = resolve(lattice, config)
+    lattice, config = resolve(config, lattice)
     check_vectors(x, lattice.dim)
     xf = x.reshape(-1, lattice.dim)
     N = xf.shape[0]
@@ -183,9 +192,9 @@ def prepare_vectors(x: torch.Tensor, lattice: Optional[Lattice], config: Optiona
 
 def encode(
     x: torch.Tensor,
-    lattice: Optional[Lattice] = None,
     config: Optional[QuantizationConfig] = None,
     *,
+    lattice: Optional[Lattice] = None,
     backend: str = "auto",
     return_clamped: bool = False,
 ):
@@ -194,8 +203,8 @@ def encode(
     Parameters
     ----------
     x : (..., d) float tensor, finite
-    lattice : Lattice, optional (default ``config.lattice``)
     config : QuantizationConfig, optional (default ``QuantizationConfig()``)
+    lattice : Lattice, optional, keyword-only (default ``config.lattice``); must match ``config.lattice_type``
     backend : "auto" (native kernels when registered), "torch" (reference) or a backend name
     return_clamped : also return the mask of vectors clamped past the scaling cap
 
@@ -207,10 +216,11 @@ def encode(
 
     Raises
     ------
-    TypeError / ValueError for a non-tensor, non-float, wrong last dim or non-finite input;
+    TypeError / ValueError for a non-tensor, non-float, wrong last dim or non-finite input, or a ``lattice``
+    that disagrees with ``config.lattice_type``;
     OverloadError past the cap with ``overload_policy="error"``.
     """
-    lattice, config, xf, z = prepare_vectors(x, lattice, config)
+    lattice, config, xf, z = prepare_vectors(x, config, lattice)
     lead = x.shape[:-1]
     be = select_backend(backend, "encode", xf, lattice, config)
     if be is not None:

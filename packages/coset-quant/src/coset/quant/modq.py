@@ -75,8 +75,9 @@ class ModqSumReport:
 
 def modq_sum_report(
     labels: Sequence[torch.Tensor],
-    lattice: Optional[Lattice] = None,
     config: Optional[QuantizationConfig] = None,
+    *,
+    lattice: Optional[Lattice] = None,
 ) -> ModqSumReport:
     """Add several label tensors in the code domain and compare with the real-domain sum.
 
@@ -85,7 +86,7 @@ def modq_sum_report(
     is exactly :func:`add_modq` on the labels. The sum is exact unless it leaves ``q^M V``; those vectors
     are reported in ``mismatch``.
     """
-    lattice, config = resolve(lattice, config)
+    lattice, config = resolve(config, lattice)
     if len(labels) == 0:
         raise ValueError("labels must contain at least one label tensor")
     modulus = config.q**config.M

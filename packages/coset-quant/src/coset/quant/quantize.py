@@ -18,9 +18,9 @@ __all__ = ["quantize"]
 
 def quantize(
     x: torch.Tensor,
-    lattice: Optional[Lattice] = None,
     config: Optional[QuantizationConfig] = None,
     *,
+    lattice: Optional[Lattice] = None,
     backend: str = "auto",
     return_info: bool = False,
 ):
@@ -29,13 +29,14 @@ def quantize(
     Parameters
     ----------
     x : (..., d) float tensor, finite
+    config, lattice, backend : as for :func:`coset.quant.encode`
     return_info : also return ``(T, clamped)``, each of shape ``(...)``
 
     Returns
     -------
     (..., d) tensor of x's dtype [, T uint8 (...), clamped bool (...)]
     """
-    lattice, config, xf, z = prepare_vectors(x, lattice, config)
+    lattice, config, xf, z = prepare_vectors(x, config, lattice)
     lead = x.shape[:-1]
     be = select_backend(backend, "quantize", xf, lattice, config)
     if be is not None:

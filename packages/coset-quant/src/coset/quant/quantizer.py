@@ -10,7 +10,7 @@ from coset.lattice import Lattice
 
 from .config import QuantizationConfig
 from .decode import decode
-from .encode import encode
+from .encode import encode, resolve
 from .quantize import quantize
 
 __all__ = ["Quantizer"]
@@ -23,12 +23,12 @@ class Quantizer:
     vectors clamped past the cap, and the mean of T. ``stats()`` returns them as a dict.
     """
 
-    def __init__(self, config: Optional[QuantizationConfig] = None, lattice: Optional[Lattice] = None,
-                 backend: str = "auto") -> None:
-        self.config = config if config is not None else QuantizationConfig()
-        if not isinstance(self.config, QuantizationConfig):
-            raise TypeError(f"config must be a QuantizationConfig, got {type(self.config).__name__}")
-        self.lattice = lattice if lattice is not None else self.config.lattice
+    def __init__(
+        self, config: Optional[QuantizationConfig] = None, *, lattice: Optional[Lattice] = None, backend: str = "auto"
+    ) -> None:
+        self.lattice, self.config = resolve(config, lattice)
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a str, got {type(backend).__name__}")
         self.backend = backend
         self.reset_stats()
 
@@ -60,17 +60,17 @@ class Quantizer:
 
     def encode(self, x: torch.Tensor):
         """``(..., d)`` -> ``(b (..., M, d) uint8, T (...) uint8)``."""
-        b, T, clamped = encode(x, self.lattice, self.config, backend=self.backend, return_clamped=True)
+        b, T, clamped = encode(x, self.config, lattice=self.lattice, backend=self.backend, return_clamped=True)
         self._record(T, clamped)
         return b, T
 
     def decode(self, b: torch.Tensor, T: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32):
         """``(..., M, d)`` labels (+ T) -> ``(..., d)``."""
-        return decode(b, self.lattice, self.config, T, dtype=dtype, backend=self.backend)
+        return decode(b, self.config, T, lattice=self.lattice, dtype=dtype, backend=self.backend)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., d)`` -> reconstruction of the same shape and dtype."""
-        xh, T, clamped = quantize(x, self.lattice, self.config, backend=self.backend, return_info=True)
+        xh, T, clamped = quantize(x, self.config, lattice=self.lattice, backend=self.backend, return_info=True)
         self._record(T, clamped)
         return xh
 
