@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coset.quant import QuantizationConfig, decode
+from coset.quant import QuantizationConfig, decode, pack_codes, unpack_codes
 
 from .codes import LinearCodes, Rotation, rotation_signs
 from .hadamard import hadamard_transform
@@ -248,8 +248,6 @@ class HNLQLinear(nn.Module):
         if bias is not None:
             if not isinstance(bias, torch.Tensor) or not bias.dtype.is_floating_point or tuple(bias.shape) != (m,):
                 raise ValueError(f"bias must be a float tensor of shape ({m},), got {getattr(bias, 'shape', type(bias))}")
-        from .serialize import pack_codes  # TEMP shim until coset.quant.pack_codes lands (branch core)
-
         tensors, meta = pack_codes(codes.labels, codes.T, codes.code)
         if LABELS_KEY not in tensors:
             raise RuntimeError(f"pack_codes returned no {LABELS_KEY!r} tensor (keys {sorted(tensors)})")
@@ -311,8 +309,6 @@ class HNLQLinear(nn.Module):
     @torch.compiler.disable
     def codes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Unpacked ``(labels (m, n/d, M, d) uint8, T (m, n/d))``."""
-        from .serialize import unpack_codes  # TEMP shim until coset.quant.unpack_codes lands (branch core)
-
         return unpack_codes(self.packed_tensors(), self.spec.packed_meta, self.code)
 
     @torch.compiler.disable

@@ -20,12 +20,11 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from coset.quant import QuantizationConfig, pack_labels, unpack_labels
 
 __all__ = [
     "save_quantized",
@@ -44,28 +43,6 @@ FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 _ALIASES_KEY = "coset_aliases"
-
-
-# ---------------------------------------------------------------------- TEMP shim (delete after `git merge core`)
-def pack_codes(b: torch.Tensor, T: torch.Tensor, config: QuantizationConfig):
-    """Stand-in for ``coset.quant.pack_codes`` (branch core): labels bit-packed, T dense-packed at its max width."""
-    tensors = {"labels": pack_labels(b, config.q)}
-    tmax = int(T.max()) if T.numel() else 0
-    meta: dict[str, Any] = {"labels_shape": list(b.shape), "q": config.q, "T_bits": tmax.bit_length()}
-    if tmax:
-        tensors["T"] = pack_labels(T.to(torch.int64), 1 << tmax.bit_length())
-    return tensors, meta
-
-
-def unpack_codes(tensors: dict, meta: dict, config: Optional[QuantizationConfig] = None):
-    """Stand-in for ``coset.quant.unpack_codes``."""
-    shape = tuple(meta["labels_shape"])
-    b = unpack_labels(tensors["labels"], meta["q"], shape)
-    if meta["T_bits"]:
-        T = unpack_labels(tensors["T"], 1 << meta["T_bits"], shape[:-2])
-    else:
-        T = torch.zeros(shape[:-2], dtype=torch.uint8, device=b.device)
-    return b, T
 
 
 # ---------------------------------------------------------------------- helpers
