@@ -103,3 +103,29 @@ def test_dead_columns_and_bad_input():
         quantize_linear(W, H, {"method": "rtn"})
     with pytest.raises(ValueError, match="NaN"):
         quantize_linear(W * float("nan"), H, MethodConfig())
+
+
+def test_t_stored_bits_follows_pack_codes_rules():
+    from coset.ptq.hnlq_block import t_stored_bits
+
+    T = torch.zeros(1000, dtype=torch.uint8)
+    assert t_stored_bits(T, 8) == 0.0
+    T[[3, 500, 999]] = 1  # sparse: 3 indices of ceil(log2 1000) = 10 bits, no value bits
+    assert t_stored_bits(T, 8) == 30 / 8000
+    T[500] = 5  # values T-1 <= 4 need 3 bits
+    assert t_stored_bits(T, 8) == 3 * 13 / 8000
+    T[:] = 1  # dense beats sparse: 1 bit per block
+    assert t_stored_bits(T, 8) == 1000 / 8000
+    # a row sample extrapolated to the layer: same overload fraction, wider indices
+    sample = torch.zeros(64, dtype=torch.uint8)
+    sample[10] = 1
+    assert t_stored_bits(sample, 4, n_blocks=4096) == 64 * 12 / (4096 * 4)
+    sample[:32] = 1  # half overloaded: dense (1 bit per block) is cheaper than 12-bit indices
+    assert t_stored_bits(sample, 4, n_blocks=4096) == 1 / 4
+
+
+def test_side_information_budget_is_respected():
+    W, H = _case(64, 256, 7)
+    for mt in (0.0, 0.05):
+        met = quantize_linear(W, H, MethodConfig(method="hnlq_rot", max_t_bits=mt), name="b")[2]
+        assert met["t_stored_bits"] <= mt + 0.02  # chosen on a row sample; allow sampling slack

@@ -31,7 +31,7 @@ from .ldlq import ldlq
 from .rotation import layer_rotations, rotate_hessian, rotate_weight, unrotate_weight
 from .scalar import ScalarCodes, gptq_scalar, rtn_scalar
 
-__all__ = ["MethodConfig", "METHODS", "quantize_linear", "hnlq_quantize_rows", "choose_scale"]
+__all__ = ["MethodConfig", "METHODS", "quantize_linear", "hnlq_quantize_rows", "choose_scale", "t_stored_bits", "t_entropy_bits"]
 
 METHODS = ("rtn", "gptq", "hnlq_rtn", "hnlq_rot", "hnlq_ldlq")
 
@@ -56,8 +56,11 @@ class MethodConfig:
 
     HNLQ fields: ``lattice`` ("Z2", "D4", "E8"), ``q``, ``M``, ``alpha``, ``max_scaling_iterations`` (the
     cap of T; 0 = no overload ramp, overloaded blocks are clamped), ``center``, ``scale`` ("layer" or
-    "row"), ``scale_grid`` (multipliers of β₀), ``scale_objective`` ("proxy" or "rd"), ``scale_rows``
-    (rows sampled by the scale search; 0 = all).
+    "row"), ``scale_grid`` (multipliers of β₀), ``scale_objective`` ("proxy" or "rd"), ``max_t_bits``
+    (budget of T's side information in bits/weight, None = no limit), ``t_cost`` ("stored": as
+    ``coset.quant.pack_codes`` stores T; "entropy": H(T)/d), ``scale_rows`` (rows sampled by the scale
+    search; 0 = all). Defaults (E8 q=4 M=2 centred, alpha 1/3, cap 6, layer scale, T ≤ 0.06 bit/weight
+    stored) are the measured best "4-bit" code within 4.10 bits/weight, see notes/ptq_math_results.md.
     Scalar fields (``rtn``/``gptq``): ``bits``, ``group_size`` (-1 = per channel), ``sym``, ``act_order``.
     Shared: ``damp`` (relative, > 0), ``tune_iters`` (LDLQ refinement passes), ``buffer_cols``, ``seed``
     (base seed of the rotations; each layer derives its own from its name).
@@ -72,8 +75,9 @@ class MethodConfig:
     center: bool = True
     scale: str = "layer"
     scale_grid: tuple = field(default=DEFAULT_GRID)
-    scale_objective: str = "rd"
-    max_t_bits: float | None = None
+    scale_objective: str = "proxy"
+    max_t_bits: float | None = 0.06
+    t_cost: str = "stored"
     scale_rows: int = 256
     bits: int = 4
     group_size: int = -1
@@ -95,6 +99,8 @@ class MethodConfig:
         if not grid or any(isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 0 for c in grid):
             raise ValueError(f"scale_grid must be a non-empty sequence of numbers > 0, got {self.scale_grid!r}")
         object.__setattr__(self, "scale_grid", tuple(float(c) for c in grid))
+        if self.t_cost not in ("stored", "entropy"):
+            raise ValueError(f"t_cost must be 'stored' or 'entropy', got {self.t_cost!r}")
         _int("scale_rows", self.scale_rows, 0)
         if self.max_t_bits is not None and (
             isinstance(self.max_t_bits, bool) or not isinstance(self.max_t_bits, (int, float)) or self.max_t_bits < 0
@@ -165,8 +171,28 @@ def _base_scale(Wt: torch.Tensor, code: QuantizationConfig, per_row: bool) -> to
 
 
 def t_entropy_bits(T: torch.Tensor, d: int) -> float:
-    """Empirical entropy of T per weight, ``H(T) / d`` bits (what an entropy coder of T would cost)."""
+    """Empirical entropy of T per weight, ``H(T) / d`` bits (what an ideal entropy coder of T would cost)."""
     return math.log2(_rd_factor(T, d)) / 2.0
+
+
+def t_stored_bits(T: torch.Tensor, d: int, n_blocks: int | None = None) -> float:
+    """Bits per weight that ``coset.quant.pack_codes`` spends on T (the cheapest of its codings).
+
+    zero: 0; dense: ``ceil(log2(max T + 1))`` bits per block; sparse: per block with T > 0, a
+    ``ceil(log2 n)``-bit index plus ``ceil(log2 max T)`` bits of ``T - 1``. With ``n_blocks`` (the layer's
+    block count) the counts of a row sample ``T`` are extrapolated to the whole layer.
+    """
+    k = T.numel()
+    if k == 0:
+        return 0.0
+    n = int(n_blocks) if n_blocks is not None else k
+    tmax = int(T.max())
+    if tmax == 0:
+        return 0.0
+    count = float((T > 0).sum()) * n / k
+    dense = n * tmax.bit_length()
+    sparse = count * (max(n - 1, 1).bit_length() + (tmax - 1).bit_length())
+    return min(dense, sparse) / (n * d)
 
 
 def choose_scale(Wt: torch.Tensor, hdiag: torch.Tensor, cfg: MethodConfig) -> tuple[torch.Tensor, float]:
@@ -174,9 +200,10 @@ def choose_scale(Wt: torch.Tensor, hdiag: torch.Tensor, cfg: MethodConfig) -> tu
 
     The coarse grid is ``cfg.scale_grid``; then the two log-midpoints around the best one are tried.
     Objective: ``Σ_rows Σ_j hdiag_j (W̃ - Q(W̃))²_ij`` on up to ``cfg.scale_rows`` evenly spaced rows, times
-    ``2^(2 H(T)/d)`` with ``scale_objective="rd"`` (the distortion at the rate the overload side information
-    adds when entropy-coded, at 6 dB/bit). Candidates with ``H(T)/d > cfg.max_t_bits`` are rejected (if all
-    are, the one with the least T entropy is taken).
+    ``2^(2 t)`` with ``scale_objective="rd"`` (the distortion at the rate the overload side information adds,
+    at 6 dB/bit), where t is T's cost in bits per weight: as stored by ``coset.quant.pack_codes``
+    (``cfg.t_cost="stored"``, :func:`t_stored_bits`) or its entropy (``"entropy"``). Candidates with
+    ``t > cfg.max_t_bits`` are rejected (if all are, the one with the cheapest T is taken).
 
     Returns
     -------
@@ -197,7 +224,7 @@ def choose_scale(Wt: torch.Tensor, hdiag: torch.Tensor, cfg: MethodConfig) -> tu
         if c not in seen:
             xh, _, T, _ = hnlq_quantize_rows(x, c * base[rows], code)
             f = float(((xh - x) ** 2 * w).sum())
-            tb = t_entropy_bits(T, d)
+            tb = t_entropy_bits(T, d) if cfg.t_cost == "entropy" else t_stored_bits(T, d, m * (n // d))
             if cfg.scale_objective == "rd":
                 f *= 2.0 ** (2.0 * tb)
             ok = cfg.max_t_bits is None or tb <= cfg.max_t_bits
@@ -314,6 +341,7 @@ def quantize_linear(
     metrics.update(
         overload_frac=float((T > 0).double().mean()),
         t_entropy_bits=t_entropy_bits(T, d),
+        t_stored_bits=t_stored_bits(T, d),
         clamped=int(clamped.sum()),
         scale_mult=float(mult),
     )
