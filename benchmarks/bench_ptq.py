@@ -135,10 +135,12 @@ def run_model(args) -> None:
 
         model, tok = load_minilm()
         calib = token_windows(tok, calib_texts, args.calib_seqlen or 128, args.nsamples or 128)
-        passages = pydoc_passages()
-        data["meta"]["eval"] = {"passages": text_fingerprint(passages)}
-        ref_emb = embed(model, tok, passages)
-        evaluate = lambda m: embedding_fidelity(None, m, tok, passages, k=10, ref_embeddings=ref_emb)  # noqa: E731
+        passages = pydoc_passages()[:: args.passage_stride]
+        data["meta"]["eval"] = {"passages": text_fingerprint(passages), "stride": args.passage_stride,
+                                "max_length": args.max_length}
+        ref_emb = embed(model, tok, passages, max_length=args.max_length)
+        evaluate = lambda m: embedding_fidelity(  # noqa: E731
+            None, m, tok, passages, k=10, ref_embeddings=ref_emb, max_length=args.max_length)
         data["reference"] = {"cos_mean": 1.0, "overlap_at_k": 1.0}
     else:
         from coset.ptq.models import load_smollm2
@@ -331,6 +333,8 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=0, help="calibration windows (default 128 MiniLM / 32 SmolLM2)")
     ap.add_argument("--calib-seqlen", type=int, default=0)
     ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--passage-stride", type=int, default=1, help="MiniLM: evaluate on every k-th passage")
+    ap.add_argument("--max-length", type=int, default=256, help="MiniLM: token cap per passage")
     ap.add_argument("--seq-bits", type=int, default=4)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--resume", action="store_true", help="keep finished runs of a previous (partial) file")

@@ -102,3 +102,8 @@ def tiny_tokenizer():
 def makers():
     """{"llama": tiny_llama, "bert": tiny_bert} (test modules cannot import conftest under importlib mode)."""
     return {"llama": tiny_llama, "bert": tiny_bert}
+
+
+def pytest_configure(config):
+    # the package's own pytest section does not list the workspace's markers
+    config.addinivalue_line("markers", "slow: long-running tests (still run in CI)")
