@@ -27,13 +27,17 @@ from coset.quant import QuantizationConfig, beta_min, decode, encode
 
 from .codes import LinearCodes
 from .ldlq import damp as damp_hessian
-from .ldlq import ldlq
+from .ldlq import block_ldl, ldlq
 from .rotation import layer_rotations, rotate_hessian, rotate_weight, unrotate_weight
 from .scalar import ScalarCodes, gptq_scalar, rtn_scalar
 
 __all__ = ["MethodConfig", "METHODS", "quantize_linear", "hnlq_quantize_rows", "choose_scale", "t_stored_bits", "t_entropy_bits"]
 
 METHODS = ("rtn", "gptq", "hnlq_rtn", "hnlq_rot", "hnlq_ldlq")
+
+#: scale step and its maximum count when LDLQ's overload exceeds the T budget
+_BUDGET_STEP = 1.05
+_MAX_BUDGET_STEPS = 8
 
 #: default coarse multipliers of β₀ tried by the scale search (geometric, 0.7 .. 3.3)
 DEFAULT_GRID = tuple(round(0.7 * 1.25**k, 4) for k in range(8))
@@ -198,7 +202,8 @@ def t_stored_bits(T: torch.Tensor, d: int, n_blocks: int | None = None) -> float
 def choose_scale(Wt: torch.Tensor, hdiag: torch.Tensor, cfg: MethodConfig) -> tuple[torch.Tensor, float]:
     """Scale of the HNLQ code on ``W̃`` (m, n) chosen by a coarse-to-fine search over multipliers c.
 
-    The coarse grid is ``cfg.scale_grid``; then the two log-midpoints around the best one are tried.
+    The coarse grid is ``cfg.scale_grid``; then the two log-midpoints around the best one are tried, and
+    when the T budget binds, three bisection steps towards the budget's boundary.
     Objective: ``Σ_rows Σ_j hdiag_j (W̃ - Q(W̃))²_ij`` on up to ``cfg.scale_rows`` evenly spaced rows, times
     ``2^(2 t)`` with ``scale_objective="rd"`` (the distortion at the rate the overload side information adds,
     at 6 dB/bit), where t is T's cost in bits per weight: as stored by ``coset.quant.pack_codes``
@@ -247,6 +252,18 @@ def choose_scale(Wt: torch.Tensor, hdiag: torch.Tensor, cfg: MethodConfig) -> tu
     if i + 1 < len(grid):
         evaluate(math.sqrt(grid[i + 1] * c0))
     c_best = best()
+    # the T budget usually binds: the proxy keeps falling for smaller c while T grows. Bisect (in log c)
+    # between the best feasible c and the next smaller infeasible candidate with a lower objective.
+    lower = [c for c, v in seen.items() if c < c_best and not v[0] and v[1] < seen[c_best][1]]
+    if seen[c_best][0] and lower:
+        lo, hi = max(lower), c_best
+        for _ in range(3):
+            mid = math.sqrt(lo * hi)
+            if evaluate(mid)[0]:
+                hi = mid
+            else:
+                lo = mid
+        c_best = best()
     s = (c_best * base).to(torch.float32)
     return (s[0].clone() if cfg.scale == "layer" else s), c_best
 
@@ -322,18 +339,35 @@ def quantize_linear(
     Wt = rotate_weight(Wq, rot_out, rot_in)
     Ht = rotate_hessian(Hd, rot_in)
     scale, mult = choose_scale(Wt, torch.diagonal(Ht), cfg)
-    srow = scale.expand(m) if scale.ndim == 0 else scale
     if cfg.method == "hnlq_ldlq":
+        L, _ = block_ldl(Ht, d)
 
-        def qblock(t, k):
-            xh, b, T, cl = hnlq_quantize_rows(t, srow, code)
-            return xh, (b, T, cl)
+        def run(Wrows, srows, tune):
+            def qblock(t, k):
+                xh, b, T, cl = hnlq_quantize_rows(t, srows, code)
+                return xh, (b, T, cl)
 
-        res = ldlq(Wt, Ht, qblock, d, buffer_cols=cfg.buffer_cols, tune_iters=cfg.tune_iters)
+            return ldlq(Wrows, Ht, qblock, d, buffer_cols=cfg.buffer_cols, tune_iters=tune, L=L)
+
+        if cfg.max_t_bits is not None:
+            # error feedback widens the targets, so LDLQ overloads more than the RTN-based search saw: check
+            # on a row sample (the proxy separates over rows) and raise the scale until T fits the budget
+            rows = torch.arange(m)
+            if cfg.scale_rows and m > cfg.scale_rows:
+                rows = torch.linspace(0, m - 1, cfg.scale_rows).round().long()
+            for _ in range(_MAX_BUDGET_STEPS):
+                s_rows = scale.expand(m)[rows] if scale.ndim == 0 else scale[rows]
+                Ts = torch.stack([c[1] for c in run(Wt[rows], s_rows, 0).codes], dim=1)
+                if t_stored_bits(Ts, d, m * (n // d)) <= cfg.max_t_bits:
+                    break
+                scale, mult = scale * _BUDGET_STEP, mult * _BUDGET_STEP
+        srow = scale.expand(m) if scale.ndim == 0 else scale
+        res = run(Wt, srow, cfg.tune_iters)
         labels = torch.stack([c[0] for c in res.codes], dim=1)  # (m, n/d, M, d)
         T = torch.stack([c[1] for c in res.codes], dim=1)
         clamped = torch.stack([c[2] for c in res.codes], dim=1)
     else:
+        srow = scale.expand(m) if scale.ndim == 0 else scale
         _, labels, T, clamped = hnlq_quantize_rows(Wt.reshape(m, n // d, d), srow, code)
     codes = LinearCodes(code, labels, T, scale, rot_in, rot_out, n, m)
     W_hat = codes.dequantize(torch.float32)

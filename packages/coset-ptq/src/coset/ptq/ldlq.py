@@ -162,6 +162,7 @@ def ldlq(
     *,
     buffer_cols: int = 128,
     tune_iters: int = 0,
+    L: torch.Tensor | None = None,
 ) -> LDLQResult:
     """Block LDLQ: reverse sweep over block columns with error feedback, then optional refinement.
 
@@ -177,6 +178,7 @@ def ldlq(
     tune_iters : refinement passes of block coordinate descent on the proxy: each block is re-quantized at
         its unconstrained optimum ``Ŵ_k + (W - Ŵ) H_{:,k} H_kk⁻¹`` and the new value is kept, per row, only
         where it lowers ``ℓ`` (so the proxy never increases)
+    L : optional precomputed ``block_ldl(H, b)[0]`` (reused across calls on the same H)
 
     Returns
     -------
@@ -196,7 +198,11 @@ def ldlq(
         raise ValueError(f"tune_iters must be a non-negative int, got {tune_iters!r}")
     W = W.to(torch.float64)
     H = H.to(torch.float64)
-    L, _ = block_ldl(H, b)
+    if L is None:
+        L, _ = block_ldl(H, b)
+    elif tuple(L.shape) != (n, n):
+        raise ValueError(f"L must be ({n}, {n}), got {tuple(L.shape)}")
+    L = L.to(torch.float64)
     nb = n // b
     buf = max(b, -(-buffer_cols // b) * b)
     W_hat = torch.zeros_like(W)
