@@ -30,10 +30,12 @@ def make_codes(m, n, cfg, *, rotate=True, per_row=False, seed=0, overload=False,
 
 
 E8 = QuantizationConfig(lattice_type="E8", q=4, M=2, beta=1.0)
-D4C = QuantizationConfig(lattice_type="D4", q=2, M=3, beta=1.0, center=True)
+D4C = QuantizationConfig(lattice_type="D4", q=2, M=3, beta=1.0, center=True)  # generic path (4-bit indices)
+D4 = QuantizationConfig(lattice_type="D4", q=4, M=2, beta=1.0)  # direct path, uint8 indices
+E8C = QuantizationConfig(lattice_type="E8", q=4, M=1, beta=1.0, center=True)  # direct path, centred
 
 
-@pytest.mark.parametrize("cfg", [E8, D4C], ids=["E8q4M2", "D4q2M3c"])
+@pytest.mark.parametrize("cfg", [E8, D4C, D4, E8C], ids=["E8q4M2", "D4q2M3c", "D4q4M2", "E8q4M1c"])
 @pytest.mark.parametrize("rotate,per_row,overload", [(True, False, False), (True, True, True), (False, True, False)])
 def test_forward_equals_linear_with_dequantized(cfg, rotate, per_row, overload):
     codes = make_codes(48, 96, cfg, rotate=rotate, per_row=per_row, overload=overload)

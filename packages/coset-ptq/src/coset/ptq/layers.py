@@ -224,7 +224,8 @@ class HNLQLinear(nn.Module):
         self.rot_in = Rotation(spec.in_features, spec.rot_in_seed) if spec.rot_in_seed is not None else None
         self.rot_out = Rotation(spec.out_features, spec.rot_out_seed) if spec.rot_out_seed is not None else None
         self._w_cache: Optional[torch.Tensor] = None
-        self._signs: dict = {}
+        self._T: Optional[torch.Tensor] = None
+        self._consts: dict = {}  # derived constants: sign vectors, representative table
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -293,11 +294,13 @@ class HNLQLinear(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         # .to()/.cuda() etc.: cached tensors live on the old device/dtype.
         self._w_cache = None
-        self._signs = {}
+        self._T = None
+        self._consts = {}
         return super()._apply(fn, *args, **kwargs)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         self._w_cache = None
+        self._T = None
         for side in ("in", "out"):
             want, key = getattr(self.spec, f"rot_{side}_seed"), f"{prefix}rot_{side}_seed"
             if want is not None and key in state_dict and _seed_from_i64(int(state_dict[key])) != want:
@@ -311,13 +314,65 @@ class HNLQLinear(nn.Module):
         """Unpacked ``(labels (m, n/d, M, d) uint8, T (m, n/d))``."""
         return unpack_codes(self.packed_tensors(), self.spec.packed_meta, self.code)
 
+    def _direct_index(self) -> bool:
+        """True when the packed label bytes are themselves the representative-table indices.
+
+        Labels are packed little-endian with k = log2 q bits (q a power of two), so the d labels of one
+        (block, layer) form the integer ``sum_j b_j q^j`` = the table index of coset.lut, and when ``d k`` is
+        8 or 16 bits each index is one uint8 / uint16 of the packed buffer (E8 q=2/4, D4 q=4/16, Z2 q=16).
+        """
+        c = self.code
+        k = c.bits_per_label
+        return c.q == 1 << k and c.dim * k in (8, 16) and not c.with_dither
+
+    def _block_scales(self, dtype) -> torch.Tensor:
+        """(m, n/d) per-block scale ``beta 2^(alpha T)`` (from the compact T; all ones for T_coding "zero")."""
+        m, K = self.out_features, self.in_features // self.code.dim
+        table = torch.tensor(self.code.scales, dtype=torch.float64, device=self.scale.device)
+        if self.spec.packed_meta.get("T_coding") == "zero":
+            return table[0].to(dtype).expand(m, K)
+        if self._T is None:
+            self._T = self.codes()[1].to(self.scale.device)  # 1 byte per d weights, derived from the packed T
+        return table[self._T.long()].to(dtype)
+
+    def _decode_direct(self) -> torch.Tensor:
+        """Table decode straight from the packed bytes: (m, n/d, d) float32 (equals coset.quant.decode)."""
+        from coset.lut.center import code_offset
+        from coset.lut.tables import representative_table
+
+        c = self.code
+        m, K, M, d = self.out_features, self.in_features // c.dim, c.M, c.dim
+        key = ("table", str(self.weight.device))
+        a = self._consts.get(key)
+        if a is None:
+            a = representative_table(c.lattice, c.q, c.with_tie_dither).to(device=self.weight.device, dtype=torch.float32)
+            self._consts[key] = a
+        raw = self.weight
+        idx = raw.to(torch.int64) if c.dim * c.bits_per_label == 8 else raw.view(torch.int16).to(torch.int64) & 0xFFFF
+        lw = torch.tensor([float(c.q**i) for i in range(M)], dtype=torch.float32, device=raw.device)
+        # sum_m q^m a(b_m): exact in float32 (integers/halves < 2^24), one bag of M lookups per block
+        pts = F.embedding_bag(idx.view(m * K, M), a, mode="sum", per_sample_weights=lw.expand(m * K, M).contiguous())
+        pts = pts.view(m, K, d)
+        off = code_offset(c, raw.device)
+        if off is not None:
+            pts = (pts.double() - off).float()
+        return pts * self._block_scales(torch.float32).unsqueeze(-1)
+
     @torch.compiler.disable
     def rotated_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Decoded ``Ŵ̃ = scale · decode(labels, T)`` in the rotated basis, (m, n) of ``dtype``."""
+        """Decoded ``Ŵ̃ = scale · decode(labels, T)`` in the rotated basis, (m, n) of ``dtype``.
+
+        Codes whose packed bytes are table indices (see :meth:`_direct_index`) are decoded by one table
+        lookup per (block, layer) straight from the buffer; others are unpacked and decoded by
+        :func:`coset.quant.decode` (native kernel when registered).
+        """
         if self._w_cache is not None and self._w_cache.dtype == dtype:
             return self._w_cache
-        b, T = self.codes()
-        w = decode(b, config=self.code, T=T, dtype=torch.float32)  # (m, n/d, d)
+        if self._direct_index():
+            w = self._decode_direct()
+        else:
+            b, T = self.codes()
+            w = decode(b, config=self.code, T=T, dtype=torch.float32)  # (m, n/d, d)
         s = self.scale
         w = (w * (s if s.ndim == 0 else s[:, None, None])).reshape(self.out_features, self.in_features).to(dtype)
         if self.cache_weight:
@@ -336,11 +391,11 @@ class HNLQLinear(nn.Module):
     @torch.compiler.disable
     def _sign(self, side: str, dtype, device) -> torch.Tensor:
         key = (side, dtype, str(device))
-        s = self._signs.get(key)
+        s = self._consts.get(key)
         if s is None:
             rot = self.rot_in if side == "in" else self.rot_out
             s = rotation_signs(rot.n, rot.seed, device).to(dtype)
-            self._signs[key] = s
+            self._consts[key] = s
         return s
 
     @torch.compiler.disable
