@@ -38,7 +38,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from coset.ptq.api import PTQConfig, peak_rss_mb, quantize_  # noqa: E402
+from coset.ptq.api import PTQConfig, cpu_seconds, peak_rss_mb, quantize_  # noqa: E402
 from coset.ptq.calib import collect_hessians  # noqa: E402
 from coset.ptq.data import pydoc_passages, pydoc_text, stdlib_docstrings, text_fingerprint, token_windows  # noqa: E402
 from coset.ptq.eval import embed, embedding_fidelity, lm_fidelity, lm_reference  # noqa: E402
@@ -89,7 +89,7 @@ def all_in_bytes(codes_by_name: dict, cfg: MethodConfig, biases: dict) -> tuple[
 
 def quantize_shared(model, hessians: dict, cfg: MethodConfig, originals: dict) -> dict:
     """Quantize every linear with its shared float-model Hessian; write W_hat into the model."""
-    codes, rel, wsum, t0 = {}, 0.0, 0, time.perf_counter()
+    codes, rel, wsum, t0, c0 = {}, 0.0, 0, time.perf_counter(), cpu_seconds()
     for name, H in hessians.items():
         lin = model.get_submodule(name)
         W_hat, c, met = quantize_linear(originals[name], H, cfg, name=name)
@@ -99,10 +99,10 @@ def quantize_shared(model, hessians: dict, cfg: MethodConfig, originals: dict) -
         w = W_hat.numel()
         rel += met["rel_proxy"] * w
         wsum += w
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     biases = {n: model.get_submodule(n).bias.detach() for n in hessians if model.get_submodule(n).bias is not None}
     nbytes, weights, nominal = all_in_bytes(codes, cfg, biases)
-    return {"quant_s": seconds, "rel_proxy": rel / wsum, "nbytes": nbytes, "weights": weights,
+    return {"quant_s": seconds, "quant_cpu_s": cpu, "rel_proxy": rel / wsum, "nbytes": nbytes, "weights": weights,
             "all_in_bits": 8.0 * nbytes / weights, "nominal_bits": nominal}
 
 
@@ -119,7 +119,7 @@ def _save(path: pathlib.Path, data: dict) -> None:
 
 
 def run_model(args) -> None:
-    out_path = RESULTS / f"ptq_{args.model}.json"
+    out_path = RESULTS / f"ptq_{args.model}{args.tag}.json"
     data = json.loads(out_path.read_text()) if out_path.exists() and args.resume else {}
     data.setdefault("runs", [])
     done = {(r["method"], r["bits_class"]) for r in data["runs"] if "error" not in r}
@@ -248,6 +248,13 @@ def report(args) -> None:
         if not p.exists():
             continue
         d = json.loads(p.read_text())
+        # merge the runs of parallel workers (ptq_<model>_<tag>.json with the same protocol)
+        have = {(r["method"], r["bits_class"]) for r in d["runs"] if "error" not in r}
+        for extra in sorted(RESULTS.glob(f"ptq_{model}_w*.json")):
+            for r in json.loads(extra.read_text()).get("runs", []):
+                if "error" not in r and (r["method"], r["bits_class"]) not in have:
+                    d["runs"].append(r)
+                    have.add((r["method"], r["bits_class"]))
         seq = RESULTS / f"ptq_{model}_sequential.json"
         if seq.exists():
             d["sequential"] = json.loads(seq.read_text())
@@ -260,9 +267,9 @@ def report(args) -> None:
                   f"{m.get('hessian_s', 0):.0f} s.", ""]
         if model == "minilm":
             lines += ["| bits | method | all-in b/w | cos mean | cos p5 | cos min | top-10 overlap | recall@10 | "
-                      "Spearman | rel. proxy | quant s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                      "Spearman | rel. proxy | quant CPU s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         else:
-            lines += ["| bits | method | all-in b/w | ppl | ppl ratio | KL | top-1 agree | rel. proxy | quant s |",
+            lines += ["| bits | method | all-in b/w | ppl | ppl ratio | KL | top-1 agree | rel. proxy | quant CPU s |",
                       "|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(d["runs"], key=lambda r: (-r["bits_class"], r["method"])):
             if "error" in r:
@@ -273,16 +280,17 @@ def report(args) -> None:
                 lines.append(f"| {r['bits_class']} | {r['method']} | {r['all_in_bits']:.3f} | {x['cos_mean']:.4f} | "
                              f"{x['cos_p5']:.4f} | {x['cos_min']:.4f} | {x['overlap_at_k']:.3f} | "
                              f"{x['recall_top1_at_k']:.3f} | {x['spearman']:.4f} | {r['rel_proxy']:.3g} | "
-                             f"{r['quant_s']:.0f} |")
+                             f"{r.get('quant_cpu_s', r['quant_s']):.0f} |")
             else:
                 lines.append(f"| {r['bits_class']} | {r['method']} | {r['all_in_bits']:.3f} | {x['ppl_q']:.3f} | "
                              f"{x['ppl_ratio']:.4f} | {x['kl']:.4f} | {x['top1_agree']:.3f} | {r['rel_proxy']:.3g} | "
-                             f"{r['quant_s']:.0f} |")
+                             f"{r.get('quant_cpu_s', r['quant_s']):.0f} |")
         if "sequential" in d:
             s = d["sequential"]
             rp = s["report"]
             lines += ["", f"Sequential user path (`coset.ptq.quantize_`, HNLQ+rot+LDLQ {s['bits_class']}-bit, "
-                      f"calibration {s['calib'][0]}×{s['calib'][1]}): quantize wall time {rp['wall_s']:.0f} s, "
+                      f"calibration {s['calib'][0]}×{s['calib'][1]}): quantize wall time {rp['wall_s']:.0f} s "
+                      f"(CPU time {rp.get('cpu_s', float('nan')):.0f} s, all threads), "
                       f"peak RSS {rp['peak_rss_mb']:.0f} MiB (after loading: {s['rss_after_load_mb']:.0f} MiB), "
                       f"all-in {rp['all_in_bits']:.3f} b/w; metrics {json.dumps(s.get('metrics'))}"]
         lines.append("")
@@ -337,6 +345,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256, help="MiniLM: token cap per passage")
     ap.add_argument("--seq-bits", type=int, default=4)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--tag", default="", help="suffix of the output file (parallel workers; --report merges)")
     ap.add_argument("--resume", action="store_true", help="keep finished runs of a previous (partial) file")
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()

@@ -105,7 +105,7 @@ def test_minilm_structure_and_embeddings(minilm):
 def test_smollm2_config_and_perplexity(smollm2):
     """The GGUF is read into a Llama of the right shape; q/k un-permutation is what makes it a language model."""
     from coset.ptq.data import pydoc_text
-    from coset.ptq.eval import lm_fidelity
+    from coset.ptq.eval import lm_reference
 
     model, tok = smollm2
     c = model.config
@@ -114,8 +114,8 @@ def test_smollm2_config_and_perplexity(smollm2):
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     ids = torch.tensor(tok(pydoc_text(), add_special_tokens=False)["input_ids"][:1024])
-    res = lm_fidelity(model, model, ids, seqlen=512)
-    assert 8.0 < res["ppl_ref"] < 25.0  # 14.70 on the first 4,096 tokens (TOOLCHAIN.md)
+    ppl = math.exp(lm_reference(model, ids, 512, dtype=torch.float16).nll)
+    assert 8.0 < ppl < 25.0  # 14.70 on the first 4,096 tokens (TOOLCHAIN.md)
     # put llama.cpp's q/k row order back: the model must get much worse
     broken = {}
     with torch.no_grad():
@@ -124,12 +124,12 @@ def test_smollm2_config_and_perplexity(smollm2):
                 broken[proj] = proj.weight.clone()
                 proj.weight.copy_(torch.from_numpy(llama_cpp_permute(proj.weight.numpy(), nh)))
     try:
-        bad = lm_fidelity(model, model, ids, seqlen=512)["ppl_ref"]
+        bad = math.exp(lm_reference(model, ids, 512, dtype=torch.float16).nll)
     finally:
         with torch.no_grad():
             for proj, w in broken.items():
                 proj.weight.copy_(w)
-    assert bad > 1.5 * res["ppl_ref"]
+    assert bad > 1.5 * ppl
 
 
 @pytest.mark.slow

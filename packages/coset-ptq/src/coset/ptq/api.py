@@ -24,7 +24,13 @@ from torch import nn
 from .calib import collect_hessians, find_blocks, sequential_quantize
 from .hnlq_block import MethodConfig, quantize_linear
 
-__all__ = ["PTQConfig", "PTQReport", "quantize_", "calibration_batches", "peak_rss_mb"]
+__all__ = ["PTQConfig", "PTQReport", "quantize_", "calibration_batches", "cpu_seconds", "peak_rss_mb"]
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far (robust to other load on the machine, unlike wall time)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def peak_rss_mb() -> float:
@@ -107,7 +113,8 @@ class PTQReport:
     ``layers``: one dict per quantized linear (name, shape, seconds, and ``quantize_linear``'s metrics:
     proxy, rel_proxy, sqnr_db, nominal_bits, overload_frac, ...; plus ``nbytes`` all-in bytes).
     ``bits``: all-in and nominal bits per quantized weight (from the bytes of the compressed state / packed
-    scalar codes). ``wall_s``: total wall time; ``peak_rss_mb``: process peak RSS after quantization.
+    scalar codes). ``wall_s``: total wall time; ``cpu_s``: process CPU time spent (all threads);
+    ``peak_rss_mb``: process peak RSS after quantization.
     """
 
     method: str
@@ -118,13 +125,14 @@ class PTQReport:
     nominal_bits: float = float("nan")
     rel_proxy_mean: float = float("nan")
     wall_s: float = 0.0
+    cpu_s: float = 0.0
     peak_rss_mb: float = 0.0
     skipped: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         return (f"{self.method}: {len(self.layers)} linears, {self.n_weights} weights, all-in "
                 f"{self.all_in_bits:.3f} b/w (nominal {self.nominal_bits:.3f}), mean rel. proxy "
-                f"{self.rel_proxy_mean:.4g}, {self.wall_s:.1f} s, peak RSS {self.peak_rss_mb:.0f} MiB")
+                f"{self.rel_proxy_mean:.4g}, {self.wall_s:.1f} s wall ({self.cpu_s:.1f} s CPU), peak RSS {self.peak_rss_mb:.0f} MiB")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -185,7 +193,7 @@ def quantize_(model: nn.Module, calib: Any, config: PTQConfig | None = None) -> 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     batches = _as_batches(calib, config)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     prefix, blocks = find_blocks(model)
     candidates = [f"{prefix}.{n}" for n, m in blocks.named_modules() if isinstance(m, nn.Linear) and n]
     report = PTQReport(method=config.method.method)
@@ -257,5 +265,6 @@ def quantize_(model: nn.Module, calib: Any, config: PTQConfig | None = None) -> 
     w = [r["shape"][0] * r["shape"][1] for r in report.layers]
     report.rel_proxy_mean = float(sum(r["rel_proxy"] * wi for r, wi in zip(report.layers, w)) / sum(w))
     report.wall_s = time.perf_counter() - t0
+    report.cpu_s = cpu_seconds() - c0
     report.peak_rss_mb = peak_rss_mb()
     return report
