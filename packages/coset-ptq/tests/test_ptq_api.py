@@ -1,0 +1,134 @@
+"""coset.ptq.api: PTQConfig validation and quantize_ end to end on tiny random models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from coset.ptq.api import PTQConfig, calibration_batches, quantize_
+from coset.ptq.hnlq_block import MethodConfig
+from coset.ptq.layers import HNLQLinear
+
+
+def calib(n=8, t=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 128, (n, t), generator=g)
+
+
+def cfg(**kw):
+    kw.setdefault("progress", False)
+    kw.setdefault("batch_size", 4)
+    return PTQConfig(**kw)
+
+
+@pytest.mark.parametrize(
+    "kw, exc, word",
+    [
+        (dict(nsamples=0), ValueError, "nsamples"),
+        (dict(seqlen=-3), ValueError, "seqlen"),
+        (dict(batch_size=True), ValueError, "batch_size"),
+        (dict(skip=[""]), ValueError, "skip"),
+        (dict(skip=[3]), ValueError, "skip"),
+        (dict(sequential="yes"), TypeError, "sequential"),
+        (dict(sequential=False, true_sequential=True), ValueError, "true_sequential"),
+        (dict(seed=-1), ValueError, "seed"),
+        (dict(method="hnlq_ldlq"), TypeError, "method"),
+    ],
+)
+def test_config_validation(kw, exc, word):
+    with pytest.raises(exc, match=word):
+        PTQConfig(**kw)
+
+
+def test_config_is_frozen_and_seed_reaches_the_method():
+    c = PTQConfig(seed=7, skip="lm_head")
+    assert c.method.seed == 7 and c.skip == ("lm_head",)
+    with pytest.raises(Exception):
+        c.nsamples = 3  # type: ignore[misc]
+    assert c.skipped("model.lm_head") and not c.skipped("model.layers.0.mlp.up_proj")
+    assert PTQConfig(skip=("*.mlp.*",)).skipped("model.layers.0.mlp.up_proj")
+
+
+def test_hnlq_ldlq_installs_compressed_modules_equal_to_w_hat(llama):
+    """compress=True swaps in HNLQLinear; the compressed model computes what the W_hat model computes."""
+    mc = MethodConfig(method="hnlq_ldlq", lattice="E8", q=4, M=2)
+    plain = copy.deepcopy(llama)
+    rep = quantize_(llama, calib(), cfg(method=mc))
+    rep2 = quantize_(plain, calib(), cfg(method=mc, compress=False))
+    lins = [n for n, m in llama.named_modules() if isinstance(m, HNLQLinear)]
+    assert len(lins) == 14 and len(rep.layers) == 14 and rep.skipped == []
+    assert not any(isinstance(m, HNLQLinear) for m in plain.modules())
+    assert all(isinstance(llama.get_submodule(n), HNLQLinear) for n in lins)
+    assert isinstance(llama.lm_head, nn.Linear)
+    x = calib(2, 16, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(llama(input_ids=x).logits, plain(input_ids=x).logits, rtol=1e-4, atol=1e-4)
+    # report: bytes-based all-in bits above the label rate (scales, T, metadata), per-layer metrics
+    assert rep.nominal_bits == pytest.approx(4.0)
+    assert rep.all_in_bits > 4.0 and rep.nbytes * 8 == pytest.approx(rep.all_in_bits * rep.n_weights)
+    assert rep.n_weights == sum(r["shape"][0] * r["shape"][1] for r in rep.layers)
+    assert sum(r["nbytes"] for r in rep.layers) == rep.nbytes
+    assert 0 < rep.rel_proxy_mean < 0.1 and rep.wall_s > 0 and rep.peak_rss_mb > 0
+    assert rep2.rel_proxy_mean == pytest.approx(rep.rel_proxy_mean)
+    assert "all-in" in rep.summary()
+
+
+def test_scalar_baseline_writes_w_hat_and_counts_bytes(llama):
+    ref = copy.deepcopy(llama)
+    rep = quantize_(llama, calib(), cfg(method=MethodConfig(method="rtn", bits=4, group_size=-1)))
+    assert not any(isinstance(m, HNLQLinear) for m in llama.modules())
+    # per-channel sym int4: 4 bits + one fp16 scale per row
+    expect = sum(r["shape"][0] * (4 * r["shape"][1] + 16) for r in rep.layers) / rep.n_weights
+    assert rep.all_in_bits == pytest.approx(expect)
+    q = llama.model.layers[0].self_attn.q_proj.weight
+    w = ref.model.layers[0].self_attn.q_proj.weight
+    assert not torch.equal(q, w)
+    assert max(len(torch.unique(row)) for row in q) <= 16  # at most 2^4 levels per row
+
+
+def test_skip_and_non_sequential(llama):
+    ref = copy.deepcopy(llama)
+    rep = quantize_(llama, calib(), cfg(method=MethodConfig(method="hnlq_rot", lattice="D4", q=4, M=1),
+                                        skip=("*mlp*",), sequential=False))
+    assert len(rep.skipped) == 6 and len(rep.layers) == 8
+    assert all("mlp" not in r["name"] for r in rep.layers)
+    assert torch.equal(llama.model.layers[1].mlp.down_proj.weight, ref.model.layers[1].mlp.down_proj.weight)
+    assert isinstance(llama.model.layers[1].self_attn.v_proj, HNLQLinear)
+
+
+def test_bert_works(bert):
+    rep = quantize_(bert, calib(), cfg(method=MethodConfig(method="gptq", bits=3, group_size=32)))
+    assert len(rep.layers) == 12 and rep.layers[0]["name"].startswith("encoder.layer.0.")
+
+
+def test_sequential_gptq_not_worse_than_rtn_on_the_proxy(llama):
+    """GPTQ minimizes the proxy layer by layer; with the same Hessians it never loses to RTN in total."""
+    r_rtn = quantize_(copy.deepcopy(llama), calib(16), cfg(method=MethodConfig(method="rtn", bits=3),
+                                                          sequential=False))
+    r_gptq = quantize_(copy.deepcopy(llama), calib(16), cfg(method=MethodConfig(method="gptq", bits=3),
+                                                           sequential=False))
+    assert r_gptq.rel_proxy_mean < r_rtn.rel_proxy_mean
+
+
+def test_bad_input(llama):
+    with pytest.raises(ValueError, match="calib is empty"):
+        quantize_(llama, [], cfg())
+    with pytest.raises(ValueError, match="calib must be an integer tensor"):
+        quantize_(llama, torch.randn(4, 8), cfg())
+    with pytest.raises(ValueError, match="calib"):
+        quantize_(llama, "some text", cfg())
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        quantize_(nn.Sequential(nn.ReLU()), calib(), cfg())
+    with pytest.raises(ValueError, match="all skipped"):
+        quantize_(llama, calib(), cfg(skip=("model",)))
+    with pytest.raises(TypeError, match="config"):
+        quantize_(llama, calib(), {"method": "rtn"})
+
+
+def test_calibration_batches(tiny_tokenizer):
+    texts = ["some calibration text, repeated. "] * 50
+    b = calibration_batches(tiny_tokenizer, texts, PTQConfig(nsamples=10, seqlen=20, batch_size=4))
+    assert [t.shape for t in b] == [(4, 20), (4, 20), (2, 20)]
