@@ -43,6 +43,7 @@ def test_cuda_ops_straight_through_gradient():
     assert torch.equal(x.grad, w)
 
 
+@pytest.mark.slow
 def test_cuda_ops_torch_compile_matches_eager():
     def fn(x):
         xh, T, _ = ops.quantize(x * 2.0, CFG)
