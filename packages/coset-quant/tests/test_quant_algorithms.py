@@ -304,7 +304,7 @@ def test_quant_bad_inputs_raise():
     with pytest.raises(ValueError, match="T must have shape"):
         decode(b, config=cfg, T=T[:2])
     with pytest.raises(ValueError, match="T must lie"):
-        decode(b, config=cfg, T=T + 11)
+        decode(b, config=cfg, T=T + cfg.max_scaling_iterations + 1)
     with pytest.raises(TypeError, match="T must be an integer"):
         decode(b, config=cfg, T=T.float())
     with pytest.raises(TypeError, match="backend"):

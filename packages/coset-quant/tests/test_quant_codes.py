@@ -128,7 +128,7 @@ def test_quant_codes_pack_refuses_bad_input():
     with pytest.raises(TypeError, match="T must be an integer tensor"):
         pack_codes(b, T.float(), cfg)
     with pytest.raises(ValueError, match="T must lie in"):
-        pack_codes(b, T + 11, cfg)
+        pack_codes(b, T + cfg.max_scaling_iterations + 1, cfg)
     with pytest.raises(ValueError, match="labels must lie"):
         pack_codes(b + 4, T, cfg)
 
@@ -161,7 +161,7 @@ def _packed():
         (lambda t, m: t.update(T_index=t["T_index"].flip(0)), "strictly increasing"),
         (lambda t, m: m.update(T_index_bits=9), "T_index_bits"),
         (lambda t, m: m.update(max_T=3), "exceeds meta\\['max_T'\\]=3"),
-        (lambda t, m: m.update(max_T=11), r"exceeds config.max_scaling_iterations"),
+        (lambda t, m: m.update(max_T=21), r"exceeds config.max_scaling_iterations"),
         (lambda t, m: m.update(q=4), r"meta\['q'\]=4 does not match config.q=5"),
         (lambda t, m: m.update(lattice="E8"), "does not match config.lattice_type"),
     ],

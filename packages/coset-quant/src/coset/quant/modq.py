@@ -16,25 +16,20 @@ import torch
 
 from coset.lattice import Lattice
 
+from coset.lattice.validate import check_int_tensor, check_q
+
+from ._core import decode_lattice_units, resolve
 from .config import QuantizationConfig
-from .decode import decode_lattice_units
-from .encode import resolve
 
 __all__ = ["add_modq", "mac_modq", "to_flat_code", "from_flat_code", "ModqSumReport", "modq_sum_report"]
 
 
 def _check_q(q) -> int:
-    if isinstance(q, bool) or not isinstance(q, int) or not 2 <= q <= 2**16:
-        raise ValueError(f"q must be an int in [2, 65536], got {q!r}")
-    return q
+    return check_q(q, 2**16)
 
 
 def _as_int(name: str, t) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
-    return t.to(torch.int64)
+    return check_int_tensor(name, t).to(torch.int64)
 
 
 def add_modq(a: torch.Tensor, b: torch.Tensor, q: int) -> torch.Tensor:

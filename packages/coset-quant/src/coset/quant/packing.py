@@ -9,16 +9,17 @@ labels straddle byte boundaries, go through a bit expansion.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
+
+from coset.lattice.validate import check_q
 
 __all__ = ["pack_labels", "unpack_labels", "packed_nbytes", "pack_uint", "unpack_uint"]
 
 
 def _bits(q) -> int:
-    if isinstance(q, bool) or not isinstance(q, int) or not 2 <= q <= 256:
-        raise ValueError(f"q must be an int in [2, 256], got {q!r}")
-    return (q - 1).bit_length()
+    return (check_q(q, 256) - 1).bit_length()
 
 
 def packed_nbytes(numel: int, q: int) -> int:
@@ -93,10 +94,16 @@ def _check_shape(shape) -> tuple[int, ...]:
         dims = tuple(shape)
     except TypeError:
         raise TypeError(f"shape must be a sequence of ints, got {type(shape).__name__}") from None
+    out = []
     for s in dims:
-        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+        try:
+            v = operator.index(s)  # ints, numpy ints, 0-d integer tensors
+        except TypeError:
+            raise TypeError(f"shape must hold ints, got {dims!r}") from None
+        if isinstance(s, bool) or v < 0:
             raise ValueError(f"shape must hold non-negative ints, got {dims!r}")
-    return dims
+        out.append(v)
+    return tuple(out)
 
 
 def pack_labels(b: torch.Tensor, q: int) -> torch.Tensor:

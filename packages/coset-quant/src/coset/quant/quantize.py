@@ -8,10 +8,10 @@ import torch
 
 from coset.lattice import Lattice
 
+from ._core import decode_flat, encode_flat, warn_clamped
 from .backend import select_backend
 from .config import QuantizationConfig
-from .decode import _decode_flat
-from .encode import _encode_flat, prepare_vectors
+from .encode import prepare_vectors
 
 __all__ = ["quantize"]
 
@@ -35,6 +35,10 @@ def quantize(
     Returns
     -------
     (..., d) tensor of x's dtype [, T uint8 (...), clamped bool (...)]
+
+    Raises / Warns
+    --------------
+    As :func:`coset.quant.encode` (including one ``ClampWarning`` per call that clamps).
     """
     lattice, config, xf, z = prepare_vectors(x, config, lattice)
     lead = x.shape[:-1]
@@ -42,8 +46,9 @@ def quantize(
     if be is not None:
         xh, T, clamped = be.quantize(xf, lattice, config, z)
     else:
-        b, T, clamped = _encode_flat(xf.to(torch.float64), lattice, config, z)
-        xh = _decode_flat(b, T, lattice, config, z, x.dtype)
+        b, T, clamped = encode_flat(xf.to(torch.float64), lattice, config, z)
+        xh = decode_flat(b, T, lattice, config, z, x.dtype)
+    warn_clamped(clamped, config, "quantize")
     xh = xh.reshape(x.shape)
     if return_info:
         return xh, T.reshape(lead), clamped.reshape(lead)

@@ -10,7 +10,8 @@ from coset.lattice import Lattice
 
 from .config import QuantizationConfig
 from .decode import decode
-from .encode import encode, resolve
+from ._core import resolve
+from .encode import encode
 from .quantize import quantize
 
 __all__ = ["Quantizer"]
@@ -19,8 +20,9 @@ __all__ = ["Quantizer"]
 class Quantizer:
     """HNLQ quantizer bound to one configuration.
 
-    Keeps running counts over every call: vectors seen, vectors that needed T > 0 (overload at beta),
-    vectors clamped past the cap, and the mean of T. ``stats()`` returns them as a dict.
+    Keeps running counts over every call: vectors seen, vectors that needed T > 0 and were encoded without
+    loss of range (overload at beta, resolved by the ramp), vectors clamped past the cap (counted separately:
+    a clamp loses data), and the mean of T. ``stats()`` returns them as a dict.
     """
 
     def __init__(
@@ -44,16 +46,23 @@ class Quantizer:
 
     def _record(self, T: torch.Tensor, clamped: torch.Tensor) -> None:
         self._n += T.numel()
-        self._n_overload += int((T > 0).sum())
+        self._n_overload += int(((T > 0) & ~clamped).sum())
         self._n_clamped += int(clamped.sum())
         self._sum_T += int(T.sum(dtype=torch.int64))
 
     def stats(self) -> dict:
-        """``{"vectors", "overload_rate", "clamp_rate", "mean_T"}`` since the last reset."""
+        """Counts since the last reset.
+
+        Returns
+        -------
+        dict: ``vectors``; ``overload_rate`` (share with T > 0 that the ramp resolved, clamped ones excluded);
+        ``clamped`` (count) and ``clamp_rate`` (share clamped past the cap); ``mean_T``.
+        """
         n = max(self._n, 1)
         return {
             "vectors": self._n,
             "overload_rate": self._n_overload / n,
+            "clamped": self._n_clamped,
             "clamp_rate": self._n_clamped / n,
             "mean_T": self._sum_T / n,
         }
