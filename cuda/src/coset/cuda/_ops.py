@@ -193,7 +193,8 @@ def decode(
     if not _device_ok(b):
         raise ValueError(f"b: device {b.device} is not supported by this build of coset.cuda")
     N = b.shape[0]
-    if not isinstance(T, torch.Tensor) or T.dtype.is_floating_point or tuple(T.shape) != (N,):
+    if not isinstance(T, torch.Tensor) or T.dtype.is_floating_point or T.dtype.is_complex or T.dtype == torch.bool \
+            or tuple(T.shape) != (N,):
         raise ValueError(f"T must be an integer tensor of shape ({N},)")
     if not isinstance(dtype, torch.dtype) or dtype not in _FLOATS:
         raise TypeError(f"dtype must be a floating dtype {tuple(str(t) for t in _FLOATS)}, got {dtype}")

@@ -6,13 +6,14 @@ Parameters (research/paper.md §2, §5):
 * ``q`` (2..16) and ``M`` (1..4): M layers of base-q labels, rate ``R = M log2 q`` bits per dimension.
 * ``beta``: base scale; a vector x is encoded as ``x / (beta 2^(alpha T))`` in lattice units.
 * ``alpha``: step of the geometric overload ramp; T = 0, 1, ... is the smallest step with no overload.
-* ``max_scaling_iterations``: the cap of T (default 20). A vector still overloaded at ``T = cap`` is handled by
+* ``max_scaling_iterations``: the cap of T (default 15). A vector still overloaded at ``T = cap`` is handled by
   ``overload_policy``: "clamp" shrinks it radially (in lattice units) into the ball where overload is
   impossible (sandwich bound, paper.md §4) and counts it as *clamped* (with a :class:`ClampWarning`); "error"
-  raises :class:`OverloadError`. The default 20 was chosen by measurement: with the paper's alpha = 1/3 and beta
+  raises :class:`OverloadError`. The default 15 was chosen by measurement: with the paper's alpha = 1/3 and beta
   calibrated on N(0, 1) rows of 384 weights, a weight at 10x / 40x / 100x its row's rms needs T = 8 / 13 / 17
-  (D4 q=4 M=2; E8 alike), so real outliers (~40x the rms in all-MiniLM-L6-v2) are not clamped; a larger cap costs
-  nothing unless used (T is stored with as many bits as its largest value needs, :func:`coset.quant.pack_codes`).
+  (D4 q=4 M=2; E8 alike), so 15 covers outliers up to ~60x the rms (real ones sit at ~40x in
+  all-MiniLM-L6-v2; the old default 10 clamped them), and T still fits the 4 bits that fixed-width
+  serialisers used for the old default (``pack_codes`` stores only the bits the largest T needs).
 * ``with_tie_dither``: the fixed tie offset inside Q_L (required for exact decoding with even q and E8).
 * ``with_dither`` / ``dither_seed``: random subtractive dither ``z ~ Unif(V)`` regenerated from the seed by
   the decoder, which makes the error uniform and independent of x when there is no overload.
@@ -68,7 +69,7 @@ class QuantizationConfig:
     M: int = 2
     beta: float = 1.0
     alpha: float = 1.0
-    max_scaling_iterations: int = 20
+    max_scaling_iterations: int = 15
     with_tie_dither: bool = True
     with_dither: bool = False
     disable_scaling: bool = False

@@ -18,7 +18,7 @@ from coset.lattice import Lattice
 
 from coset.lattice.validate import check_int_tensor, check_q
 
-from ._core import decode_lattice_units, resolve
+from ._core import coset_representative, decode_lattice_units, resolve
 from .config import QuantizationConfig
 
 __all__ = ["add_modq", "mac_modq", "to_flat_code", "from_flat_code", "ModqSumReport", "modq_sum_report"]
@@ -54,8 +54,7 @@ def to_flat_code(points: torch.Tensor, lattice: Lattice, modulus: int) -> torch.
 
 def from_flat_code(c: torch.Tensor, lattice: Lattice, modulus: int, tie_dither: bool = True) -> torch.Tensor:
     """Decode a flat code: the point of ``L ∩ modulus·V`` congruent to ``G c`` (float64 ``(..., d)``)."""
-    Gc = lattice.points64(_as_int("c", c))
-    return Gc - modulus * lattice.closest_point64(Gc / modulus, tie_dither)
+    return coset_representative(_as_int("c", c), lattice, modulus, tie_dither)  # a(c) with q = modulus
 
 
 @dataclass(frozen=True)
