@@ -38,8 +38,9 @@ def test_nn_quantize_model_swaps_and_reports():
         assert p is params[n]
     r0 = rep.layers[0]
     assert r0.kind == "conv2d" and r0.weight_shape == (8, 3, 3, 3) and r0.pad == 1
-    # bits/weight: 7 blocks * (16 label + 4 T bits) + 8 float32 betas per 8*27 weights
-    assert r0.bits_per_weight == pytest.approx((8 * 7 * 20 + 32 * 8) / (8 * 27))
+    # bits/weight: 7 blocks * (16 label + T bits at full width) + 8 float32 betas per 8*27 weights
+    t_bits = QATConfig().weight.max_scaling_iterations.bit_length()
+    assert r0.bits_per_weight == pytest.approx((8 * 7 * (16 + t_bits) + 32 * 8) / (8 * 27))
     assert rep.num_weights == sum(p.numel() for n, p in params.items() if n.endswith("weight") and "norm" not in n)
     assert "features.0" in str(rep)
     # a second call skips what is already quantized
@@ -60,7 +61,8 @@ def test_nn_quantize_model_include_exclude_and_per_layer_configs():
     assert rep.names == ["features.0", "head.0"]
     assert m.head[0].qconfig is e8 and m.features[0].qconfig.ste == "clipped"
     assert rep.skipped["head.2"] == "config is None" and rep.skipped["c1"] == "no config"
-    assert rep.layers[1].bits_per_weight == pytest.approx((16 * 2 * (16 + 4) + 32 * 16) / 160)
+    t_bits = QATConfig().weight.max_scaling_iterations.bit_length()
+    assert rep.layers[1].bits_per_weight == pytest.approx((16 * 2 * (16 + t_bits) + 32 * 16) / 160)
 
 
 def test_nn_quantize_model_bad_arguments():

@@ -117,8 +117,9 @@ def test_nn_padding_is_tracked_and_stripped():
     labels, T, _ = q.codes()
     last = decode(labels[:, -1], config=D4, T=T[:, -1], dtype=torch.float64)
     assert torch.equal(last[q.weight_quantizer.T[:, -1] == 0][:, 2:], torch.zeros_like(last[q.weight_quantizer.T[:, -1] == 0][:, 2:]))
-    # bits/weight counts the padding: 3 blocks * (16 label bits + 4 T bits) per 10 weights + betas
-    assert math.isclose(q.bits_per_weight(), (3 * 3 * 20 + 32 * 3) / 30)
+    # bits/weight counts the padding: 3 blocks * (16 label bits + T bits at full width) per 10 weights + betas
+    t_bits = D4.max_scaling_iterations.bit_length()
+    assert math.isclose(q.bits_per_weight(), (3 * 3 * (16 + t_bits) + 32 * 3) / 30)
 
 
 def test_nn_activation_quantization_blocks_along_features():

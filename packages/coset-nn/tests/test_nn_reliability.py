@@ -272,7 +272,7 @@ def _outlier_layer():
     m = nn.Sequential(nn.Linear(1024, 4))
     with torch.no_grad():
         m[0].weight[1, 0] = 200.0 * m[0].weight.std()
-    quantize_model(m, QATConfig(weight=QuantizationConfig(alpha=1 / 3)))
+    quantize_model(m, QATConfig(weight=QuantizationConfig(alpha=1 / 3, max_scaling_iterations=10)))
     return m
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from coset.lattice import Lattice
+from coset.lattice.validate import check_int
 from coset.quant import (
     CODES_FORMAT,
     QuantizationConfig,
@@ -115,8 +116,7 @@ def payload_layout(numel: int, config: QuantizationConfig) -> PayloadLayout:
     ------
     ValueError for a negative or non-int ``numel`` or a bucket of ``2^25`` blocks or more.
     """
-    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
-        raise ValueError(f"numel must be a non-negative int, got {numel!r}")
+    check_int("numel", numel, 0)
     d = config.dim
     nb = -(-numel // d)
     if nb >= 1 << _COUNT_BITS:
@@ -283,8 +283,7 @@ def choose_sum_packing(modulus: int, world_size: int, kind: str = "auto") -> Sum
 
     ``kind``: "auto" (fewest bytes), "uint8" (needs ``modulus | 256``) or "int64" (guard-bit fields).
     """
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    check_int("world_size", world_size, 1)
     if kind not in ("auto", "uint8", "int64"):
         raise ValueError(f"code_packing must be 'auto', 'uint8' or 'int64', got {kind!r}")
     k = (modulus - 1).bit_length()

@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from coset.lattice.validate import check_bool, check_int
 from coset.quant import QuantizationConfig, beta_min
 
 from .codec import (
@@ -54,18 +55,6 @@ def default_config(q: int = 4, M: int = 2, lattice_type: str = "D4") -> Quantiza
     """
     base = QuantizationConfig(lattice_type=lattice_type, q=q, M=M)
     return base.replace(beta=beta_min(base, 1.0), alpha=1.0, max_scaling_iterations=7)
-
-
-def _check_bool(name: str, v) -> None:
-    if not isinstance(v, bool):
-        raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
-
-
-def _check_int(name: str, v, lo: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {v}")
 
 
 class HNLQHookState:
@@ -132,22 +121,22 @@ class HNLQHookState:
                 )
             if config.center:
                 raise ValueError("config.center=True is not used in modular mode (flat codes are not centred)")
-        _check_bool("error_feedback", error_feedback)
-        _check_int("start_iter", start_iter, 0)
+        check_bool("error_feedback", error_feedback)
+        check_int("start_iter", start_iter, 0)
         if error_feedback and start_iter < 2:
             raise ValueError(
                 "start_iter must be >= 2 when error_feedback=True: DDP rebuilds its buckets after the first "
                 "iteration, so residuals keyed by bucket index are only valid from iteration 1 on"
             )
         if chunk_size is not None:
-            _check_int("chunk_size", chunk_size, 1)
+            check_int("chunk_size", chunk_size, 1)
             if chunk_size % config.dim:
                 raise ValueError(f"chunk_size must be a multiple of the lattice dimension {config.dim}, got {chunk_size}")
         if code_packing not in ("auto", "uint8", "int64"):
             raise ValueError(f"code_packing must be 'auto', 'uint8' or 'int64', got {code_packing!r}")
         if nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
-        _check_int("seed", seed, 0)
+        check_int("seed", seed, 0)
         if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
             raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got {type(process_group).__name__}")
         self.config = config
@@ -265,7 +254,7 @@ class HNLQHookState:
             nonfinite=sd.get("nonfinite", "raise"),
             seed=sd.get("seed", 0),
         )
-        _check_int("iter", sd["iter"], 0)
+        check_int("iter", sd["iter"], 0)
         self.iter = sd["iter"]
         if not isinstance(sd["residuals"], dict):
             raise TypeError("state dict 'residuals' must be a dict {bucket index: tensor}")
@@ -284,7 +273,7 @@ class HNLQHookState:
         if unknown:
             raise ValueError(f"state dict 'counters' has unknown keys {sorted(unknown)}")
         for k, v in counters.items():
-            _check_int(f"counters[{k!r}]", v, 0)
+            check_int(f"counters[{k!r}]", v, 0)
         self.residuals = {int(k): v.clone() for k, v in sd["residuals"].items()}
         self.bucket_scales = {int(k): v.clone() for k, v in sd.get("bucket_scales", {}).items()}
         self._counters.update(counters)

@@ -323,8 +323,7 @@ def load_compressed(model: nn.Module, path: PathLike) -> nn.Module:
                 raise ValueError(f"layer {name!r}: weight shape {tuple(mod.weight.shape)} != file {shape}")
             old = mod
             mod = _SWAP[type(mod)].from_float(old, cfg)
-            if mod.weight_quantizer is not None:
-                mod.weight_quantizer.name = name
+            mod.set_name(name)
             for alias in aliases.get(id(old), [name]):  # every use of a shared module object
                 _set_submodule(model, alias, mod)
         elif mod.qconfig != cfg:

@@ -9,10 +9,10 @@ re-quantized during training and whether inference goes through the LUT path of 
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from coset.lattice.validate import check_bool, check_int, check_pos
 from coset.quant import QuantizationConfig
 
 __all__ = ["QATConfig", "STE_MODES", "GRANULARITIES"]
@@ -26,13 +26,6 @@ GRANULARITIES = ("per_channel", "per_tensor", "fixed")
 def _check_qconfig(name: str, v) -> None:
     if v is not None and not isinstance(v, QuantizationConfig):
         raise TypeError(f"{name} must be a coset.quant.QuantizationConfig or None, got {type(v).__name__}")
-
-
-def _check_pos(name: str, v) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -91,19 +84,15 @@ class QATConfig:
         _check_qconfig("activation", self.activation)
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        _check_pos("beta_scale", self.beta_scale)
-        _check_pos("act_beta_scale", self.act_beta_scale)
-        _check_pos("act_momentum", self.act_momentum)
+        check_pos("beta_scale", self.beta_scale)
+        check_pos("act_beta_scale", self.act_beta_scale)
+        check_pos("act_momentum", self.act_momentum)
         if self.act_momentum > 1:
             raise ValueError(f"act_momentum must be in (0, 1], got {self.act_momentum!r}")
         if self.ste not in STE_MODES:
             raise ValueError(f"ste must be one of {STE_MODES}, got {self.ste!r}")
-        if isinstance(self.quantize_every, bool) or not isinstance(self.quantize_every, int):
-            raise TypeError(f"quantize_every must be an int, got {type(self.quantize_every).__name__}")
-        if self.quantize_every < 1:
-            raise ValueError(f"quantize_every must be >= 1, got {self.quantize_every}")
-        if not isinstance(self.use_lut, bool):
-            raise TypeError(f"use_lut must be a bool, got {type(self.use_lut).__name__}")
+        check_int("quantize_every", self.quantize_every, 1)
+        check_bool("use_lut", self.use_lut)
         if self.use_lut:
             if self.weight is None:
                 raise ValueError("use_lut=True needs a weight config (weight is None)")

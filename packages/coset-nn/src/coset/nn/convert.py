@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from coset.lattice.validate import check_bool
+
 from .config import QATConfig
 from .layer import QuantLayerMixin
 from .qconv import QConv1d, QConv2d
@@ -182,8 +184,7 @@ def quantize_model(
                 skipped[n] = decisions[n][1]
             continue
         qmod = _SWAP[type(mod)].from_float(mod, first_cfg)
-        if qmod.weight_quantizer is not None:
-            qmod.weight_quantizer.name = name
+        qmod.set_name(name)
         for n in uses:
             _set_submodule(model, n, qmod)
         layers.append(LayerReport(name, _KIND[type(qmod)], tuple(qmod.weight.shape), first_cfg,
@@ -259,8 +260,7 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantLayerMixin]:
 
 def set_quantization_enabled(model: nn.Module, enabled: bool) -> int:
     """Turn fake quantization on or off in every quantized layer (off: exact float forward). Returns the count."""
-    if not isinstance(enabled, bool):
-        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    check_bool("enabled", enabled)
     layers = quantized_layers(model)
     for m in layers.values():
         m.quant_enabled = enabled

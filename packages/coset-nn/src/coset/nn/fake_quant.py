@@ -9,9 +9,23 @@ coset.quant with the config's beta, so the result is bit-for-bit ``coset.quant.q
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
+
 import torch
 
-from coset.quant import OverloadError, QuantizationConfig, beta_min, decode, encode, from_blocks, quantize, to_blocks
+from coset.quant import (
+    ClampWarning,
+    OverloadError,
+    QuantizationConfig,
+    beta_min,
+    decode,
+    encode,
+    from_blocks,
+    quantize,
+    to_blocks,
+)
 
 from .config import QATConfig
 
@@ -31,6 +45,15 @@ def overload_radius(cfg: QuantizationConfig) -> float:
     """``q^M rho`` in lattice units (rho = packing radius): about half of the blocks of this norm overload
     at T = 0 for D4/E8 with q=4 (the inscribed radius of the code's Voronoi region ``q^M V``)."""
     return float(cfg.q**cfg.M * cfg.lattice.packing_radius)
+
+
+@contextlib.contextmanager
+def _layer_warns() -> Iterator[None]:
+    """Silence coset.quant's per-call ClampWarning: the layer quantizers warn once per layer instead (naming the
+    layer) and count every clamp in ``stats()``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ClampWarning)
+        yield
 
 
 def _wcfg(qat: QATConfig) -> QuantizationConfig:
@@ -115,7 +138,8 @@ def encode_weight(w2: torch.Tensor, betas: torch.Tensor, qat: QATConfig):
     """
     u, cfg = scaled_weight_blocks(w2, betas, qat)
     try:
-        return encode(u, config=cfg, backend=qat.backend, return_clamped=True)
+        with _layer_warns():
+            return encode(u, config=cfg, backend=qat.backend, return_clamped=True)
     except OverloadError:
         raise
     except ValueError as e:  # coset.quant checks finiteness; say which tensor
@@ -134,7 +158,8 @@ def quantize_weight(w2: torch.Tensor, betas: torch.Tensor, qat: QATConfig, dtype
     """
     u, cfg = scaled_weight_blocks(w2, betas, qat)
     try:
-        xh, T, clamped = quantize(u, config=cfg, backend=qat.backend, return_info=True)
+        with _layer_warns():
+            xh, T, clamped = quantize(u, config=cfg, backend=qat.backend, return_info=True)
     except OverloadError:
         raise
     except ValueError as e:  # coset.quant checks finiteness; say which tensor
@@ -187,5 +212,6 @@ def quantize_activation(x: torch.Tensor, beta: float, qat: QATConfig):
     """
     cfg = _acfg(qat).replace(beta=float(beta))
     blocks, pad = to_blocks(x.detach(), cfg.dim)
-    xh, T, clamped = quantize(blocks, config=cfg, backend=qat.backend, return_info=True)
+    with _layer_warns():
+        xh, T, clamped = quantize(blocks, config=cfg, backend=qat.backend, return_info=True)
     return from_blocks(xh, pad), blocks, T, clamped, pad

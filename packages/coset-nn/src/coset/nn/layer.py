@@ -70,7 +70,7 @@ class QuantLayerMixin(_Base):
         self.quant_enabled = True
         dev = self.weight.device
         wq = None if qconfig.weight is None else HNLQWeightQuantizer(qconfig, self.weight.shape, dev, name=name)
-        aq = None if qconfig.activation is None else HNLQActivationQuantizer(qconfig, self._feature_dim, dev)
+        aq = None if qconfig.activation is None else HNLQActivationQuantizer(qconfig, self._feature_dim, dev, name=name)
         self.register_module("weight_quantizer", wq)
         self.register_module("activation_quantizer", aq)
 
@@ -89,6 +89,12 @@ class QuantLayerMixin(_Base):
         if self.weight_quantizer is None:
             raise ValueError("this layer does not quantize its weight (qconfig.weight is None)")
         return self.weight_quantizer
+
+    def set_name(self, name: str) -> None:
+        """The name the quantizers use in warnings (``quantize_model`` passes the qualified module name)."""
+        for q in (self.weight_quantizer, self.activation_quantizer):
+            if q is not None:
+                q.name = name
 
     def requantize(self) -> None:
         """Quantize the current shadow weight now."""

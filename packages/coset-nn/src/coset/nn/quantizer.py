@@ -41,10 +41,12 @@ import warnings
 import torch
 from torch import nn
 
-from coset.quant import QuantizationConfig, encode, to_blocks
+from coset.lattice.validate import check_int
+from coset.quant import ClampWarning, QuantizationConfig, encode, to_blocks
 
 from .config import QATConfig
 from .fake_quant import (
+    _layer_warns,
     activation_beta,
     decode_weight,
     overload_radius,
@@ -53,14 +55,6 @@ from .fake_quant import (
     weight_betas,
 )
 from .ste import block_grad_scale, ste
-
-try:  # one warning class for every clamp in coset, when coset.quant provides it
-    from coset.quant import ClampWarning  # type: ignore[attr-defined,unused-ignore]
-except ImportError:  # pragma: no cover - older coset-quant
-
-    class ClampWarning(UserWarning):  # type: ignore[no-redef,unused-ignore]
-        """A quantization clamped blocks (lost information) past the largest scale step."""
-
 
 __all__ = ["HNLQWeightQuantizer", "HNLQActivationQuantizer", "ClampWarning", "code_identity"]
 
@@ -228,7 +222,8 @@ class HNLQWeightQuantizer(nn.Module):
         pending = self.__dict__.get("_pending")
         if pending is not None:
             u, cfg = pending
-            labels, _ = encode(u, config=cfg, backend=self.qconfig.backend)
+            with _layer_warns():  # the clamps were counted (and warned) when T was computed
+                labels, _ = encode(u, config=cfg, backend=self.qconfig.backend)
             self.labels = labels
             self._pending = None
 
@@ -312,8 +307,7 @@ class HNLQWeightQuantizer(nn.Module):
             clamped = torch.zeros_like(self.T, dtype=torch.bool)
         elif not isinstance(clamped, torch.Tensor) or clamped.dtype != torch.bool or clamped.shape != self.T.shape:
             raise ValueError(f"clamped must be a bool tensor of shape {tuple(self.T.shape)}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+        check_int("steps", steps, 0)
         self.labels = labels.to(dev).clone()
         self.T = T.to(dev).clone()
         self.clamped = clamped.to(dev).clone()
@@ -501,7 +495,7 @@ class HNLQActivationQuantizer(nn.Module):
 
     beta: torch.Tensor
 
-    def __init__(self, qconfig: QATConfig, feature_dim: int = -1, device=None) -> None:
+    def __init__(self, qconfig: QATConfig, feature_dim: int = -1, device=None, name: str = "") -> None:
         super().__init__()
         if not isinstance(qconfig, QATConfig) or qconfig.activation is None:
             raise ValueError("HNLQActivationQuantizer needs a QATConfig with an activation config")
@@ -510,6 +504,8 @@ class HNLQActivationQuantizer(nn.Module):
         self.feature_dim = feature_dim
         self.register_buffer("beta", torch.zeros((), dtype=torch.float32, device=device))
         self._seen = self._overloaded = self._clamped = 0
+        self.name = name  # layer name used in warnings (quantize_model sets the qualified module name)
+        self._warned = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward(x)
@@ -536,7 +532,18 @@ class HNLQActivationQuantizer(nn.Module):
         overloaded = (T > 0) | clamped
         self._seen += overloaded.numel()
         self._overloaded += int(overloaded.sum())
-        self._clamped += int(clamped.sum())
+        n_clamped = int(clamped.sum())
+        self._clamped += n_clamped
+        if n_clamped and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"layer {self.name or '<unnamed>'}: {n_clamped} of {clamped.numel()} input blocks were clamped "
+                f"(overloaded at the largest scale step T={self.cfg.max_scaling_iterations}); raise "
+                "activation.max_scaling_iterations, activation.alpha or act_beta_scale (warned once per layer; "
+                "see stats()['act_clamp_rate'])",
+                ClampWarning,
+                stacklevel=4,
+            )
         if torch.is_grad_enabled() and xa.requires_grad:
             scale = block_grad_scale(
                 self.qconfig.ste, blocks, overloaded, torch.tensor(beta * overload_radius(self.cfg)), pad
