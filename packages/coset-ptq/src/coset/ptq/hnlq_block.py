@@ -10,10 +10,12 @@
 
 HNLQ code: blocks of d along the input dim, ``W̃ ≈ s · decode(labels, T)`` with a beta = 1
 ``QuantizationConfig`` (the scale s lives outside the code). s is ``c · β₀ · rms`` with rms taken per layer
-or per row of ``W̃`` and ``β₀ = beta_min(code, 1)`` (the code's natural unit scale); the multiplier c is
-chosen from ``cfg.scale_grid`` by the Hessian-diagonal-weighted reconstruction error of the code on (a row
-sample of) ``W̃`` — optionally times ``2^(2 H(T)/d)``, the rate the overload side information costs
-(``scale_objective="rd"``).
+or per row of ``W̃`` and ``β₀ = beta_min(code, 1)`` (the code's natural unit scale). The multiplier c
+minimises the Hessian-diagonal-weighted reconstruction error of the code on a row sample of ``W̃``
+subject to a budget on the overload side information (T's bits/weight as ``coset.quant.pack_codes``
+stores it, ``cfg.max_t_bits``): the proxy keeps improving at smaller c while more blocks overload, so the
+budget is what sets c. For LDLQ the budget is re-checked with LDLQ itself on the row sample, because
+error feedback widens the targets.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ METHODS = ("rtn", "gptq", "hnlq_rtn", "hnlq_rot", "hnlq_ldlq")
 #: scale step and its maximum count when LDLQ's overload exceeds the T budget
 _BUDGET_STEP = 1.05
 _MAX_BUDGET_STEPS = 8
+_FINAL_STEP = 1.02
 
 #: default coarse multipliers of β₀ tried by the scale search (geometric, 0.7 .. 3.3)
 DEFAULT_GRID = tuple(round(0.7 * 1.25**k, 4) for k in range(8))
@@ -361,14 +364,25 @@ def quantize_linear(
                 if t_stored_bits(Ts, d, m * (n // d)) <= cfg.max_t_bits:
                     break
                 scale, mult = scale * _BUDGET_STEP, mult * _BUDGET_STEP
-        srow = scale.expand(m) if scale.ndim == 0 else scale
-        res = run(Wt, srow, cfg.tune_iters)
+        for _ in range(_MAX_BUDGET_STEPS):
+            srow = scale.expand(m) if scale.ndim == 0 else scale
+            res = run(Wt, srow, cfg.tune_iters)
+            if cfg.max_t_bits is None:
+                break
+            T_full = torch.stack([c[1] for c in res.codes], dim=1)
+            if t_stored_bits(T_full, d) <= cfg.max_t_bits:
+                break  # the sample can miss the budget by a little: the whole layer decides
+            scale, mult = scale * _FINAL_STEP, mult * _FINAL_STEP
         labels = torch.stack([c[0] for c in res.codes], dim=1)  # (m, n/d, M, d)
         T = torch.stack([c[1] for c in res.codes], dim=1)
         clamped = torch.stack([c[2] for c in res.codes], dim=1)
     else:
-        srow = scale.expand(m) if scale.ndim == 0 else scale
-        _, labels, T, clamped = hnlq_quantize_rows(Wt.reshape(m, n // d, d), srow, code)
+        for _ in range(_MAX_BUDGET_STEPS):
+            srow = scale.expand(m) if scale.ndim == 0 else scale
+            _, labels, T, clamped = hnlq_quantize_rows(Wt.reshape(m, n // d, d), srow, code)
+            if cfg.max_t_bits is None or t_stored_bits(T, d) <= cfg.max_t_bits:
+                break
+            scale, mult = scale * _FINAL_STEP, mult * _FINAL_STEP
     codes = LinearCodes(code, labels, T, scale, rot_in, rot_out, n, m)
     W_hat = codes.dequantize(torch.float32)
     metrics = _metrics(W64, W_hat.double(), H64, code.rate)
