@@ -68,7 +68,8 @@ class MethodConfig:
     ``coset.quant.pack_codes`` stores T; "entropy": H(T)/d), ``scale_rows`` (rows sampled by the scale
     search; 0 = all). Defaults (E8 q=4 M=2 centred, alpha 1/3, cap 6, layer scale, T ≤ 0.06 bit/weight
     stored) are the measured best "4-bit" code within 4.10 bits/weight, see notes/ptq_math_results.md.
-    Scalar fields (``rtn``/``gptq``): ``bits``, ``group_size`` (-1 = per channel), ``sym``, ``act_order``.
+    Scalar fields (``rtn``/``gptq``): ``bits``, ``group_size`` (-1 = per channel), ``sym``, ``act_order``,
+    ``clip_search`` (per-group clipping chosen by rounding error, GPTQ's ``mse`` option).
     Shared: ``damp`` (relative, > 0), ``tune_iters`` (LDLQ refinement passes), ``buffer_cols``, ``seed``
     (base seed of the rotations; each layer derives its own from its name).
     """
@@ -90,6 +91,7 @@ class MethodConfig:
     group_size: int = -1
     sym: bool = True
     act_order: bool = False
+    clip_search: bool = False
     damp: float = 0.01
     tune_iters: int = 0
     buffer_cols: int = 128
@@ -118,7 +120,7 @@ class MethodConfig:
             self.group_size == -1 or self.group_size >= 1
         ):
             raise ValueError(f"group_size must be -1 or a positive int, got {self.group_size!r}")
-        for name in ("sym", "act_order", "center"):
+        for name in ("sym", "act_order", "center", "clip_search"):
             _bool(name, getattr(self, name))
         if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not self.damp > 0:
             raise ValueError(f"damp must be a number > 0, got {self.damp!r}")
@@ -322,10 +324,12 @@ def quantize_linear(
     W64 = W.to(torch.float64)
     H64 = H.to(torch.float64)
     if cfg.method == "rtn":
-        W_hat, codes = rtn_scalar(W, cfg.bits, cfg.group_size, cfg.sym)
+        W_hat, codes = rtn_scalar(W, cfg.bits, cfg.group_size, cfg.sym, cfg.clip_search)
         return W_hat, codes, _metrics(W64, W_hat.double(), H64, cfg.bits) | {"overload_frac": 0.0, "clamped": 0}
     if cfg.method == "gptq":
-        W_hat, codes = gptq_scalar(W, H64, cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, damp=cfg.damp)
+        W_hat, codes = gptq_scalar(
+            W, H64, cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, damp=cfg.damp, clip_search=cfg.clip_search
+        )
         return W_hat, codes, _metrics(W64, W_hat.double(), H64, cfg.bits) | {"overload_frac": 0.0, "clamped": 0}
 
     code = cfg.code
