@@ -66,8 +66,10 @@ class MethodConfig:
     "row"), ``scale_grid`` (multipliers of β₀), ``scale_objective`` ("proxy" or "rd"), ``max_t_bits``
     (budget of T's side information in bits/weight, None = no limit), ``t_cost`` ("stored": as
     ``coset.quant.pack_codes`` stores T; "entropy": H(T)/d), ``scale_rows`` (rows sampled by the scale
-    search; 0 = all). Defaults (E8 q=4 M=2 centred, alpha 1/3, cap 6, layer scale, T ≤ 0.06 bit/weight
-    stored) are the measured best "4-bit" code within 4.10 bits/weight, see notes/ptq_math_results.md.
+    search; 0 = all). Defaults: E8 q=4 M=2 centred, alpha 1/3, cap 6, layer scale, T ≤ 0.06 bit/weight
+    stored — the best hierarchical (M = 2) "4-bit" code measured within 4.10 bits/weight; the single-level
+    E8 q=16 M=1 measured ~0.5 dB better in relative proxy (notes/ptq_math_results.md). Per-row scales gain
+    nothing after the two-sided rotation (they cost 16/n bits/weight) but matter without it (``hnlq_rtn``).
     Scalar fields (``rtn``/``gptq``): ``bits``, ``group_size`` (-1 = per channel), ``sym``, ``act_order``,
     ``clip_search`` (per-group clipping chosen by rounding error, GPTQ's ``mse`` option).
     Shared: ``damp`` (relative, > 0), ``tune_iters`` (LDLQ refinement passes), ``buffer_cols``, ``seed``
