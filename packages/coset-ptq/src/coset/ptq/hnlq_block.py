@@ -30,7 +30,7 @@ from coset.quant import QuantizationConfig, beta_min, decode, encode
 from .codes import LinearCodes
 from .ldlq import damp as damp_hessian
 from .ldlq import block_ldl, ldlq
-from .rotation import layer_rotations, rotate_hessian, rotate_weight, unrotate_weight
+from .rotation import layer_rotations, rotate_hessian, rotate_weight
 from .scalar import ScalarCodes, gptq_scalar, rtn_scalar
 
 __all__ = ["MethodConfig", "METHODS", "quantize_linear", "hnlq_quantize_rows", "choose_scale", "t_stored_bits", "t_entropy_bits"]
