@@ -124,6 +124,7 @@ def test_torch_compile_matches_eager():
     torch.testing.assert_close(y, eager, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_package_api_does_not_import_transformers():
     import subprocess
     import sys
