@@ -122,3 +122,18 @@ def test_torch_compile_matches_eager():
     eager = mod(x)
     y = torch.compile(mod)(x)
     torch.testing.assert_close(y, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_package_api_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, coset.ptq as p\n"
+        "missing = [n for n in p.__all__ if getattr(p, n, None) is None]\n"
+        "assert not missing, missing\n"
+        "assert 'transformers' not in sys.modules, 'coset.ptq imported transformers'\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr

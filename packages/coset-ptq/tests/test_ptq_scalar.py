@@ -89,3 +89,17 @@ def test_gptq_dead_column_and_perm_cost():
 def test_scalar_codes_validation():
     with pytest.raises(ValueError):
         ScalarCodes(torch.zeros(4, 8, dtype=torch.uint8), torch.ones(4, 3, dtype=torch.float16), None, 4, 4)
+
+
+def test_clip_search_never_increases_rounding_error():
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(64, 128, generator=g) ** 3  # heavy tails: clipping pays
+    for sym in (True, False):
+        for bits in (2, 3, 4):
+            a, _ = rtn_scalar(W, bits, 32, sym)
+            b, c = rtn_scalar(W, bits, 32, sym, clip_search=True)
+            ea = (a - W).pow(2).reshape(64, 4, 32).sum(-1)
+            eb = (b - W).pow(2).reshape(64, 4, 32).sum(-1)
+            assert bool((eb <= ea * (1 + 1e-6) + 1e-12).all())
+            assert float(eb.sum()) < float(ea.sum())
+            assert torch.equal(c.dequantize(), b)

@@ -4,6 +4,8 @@
 * :class:`HNLQLinear` — inference module holding only the compressed code (packed labels, compact T, scale, seeds).
 * :func:`save_quantized` / :func:`load_quantized` — ``model.safetensors`` + ``config.json`` (``quant_method: "coset"``).
 * :func:`bits_per_weight` — nominal and all-in bits/weight from the saved (or to-be-saved) bytes.
+* :func:`quantize_` (:class:`PTQConfig`, :class:`MethodConfig`) — quantize a model's linears in place;
+  :func:`quantize_linear` — one layer.
 * ``import coset.ptq.hf`` (extra ``[hf]``) registers ``quant_method "coset"`` with transformers' ``from_pretrained``.
 
 Submodules are imported on first attribute access, so ``import coset.ptq`` stays light and never imports
@@ -27,6 +29,11 @@ _LAZY = {
     "quantized_layers": "serialize",
     "bits_per_weight": "bits",
     "BitsReport": "bits",
+    "quantize_": "api",
+    "PTQConfig": "api",
+    "PTQReport": "api",
+    "MethodConfig": "hnlq_block",
+    "quantize_linear": "hnlq_block",
 }
 
 __all__ = sorted(_LAZY)

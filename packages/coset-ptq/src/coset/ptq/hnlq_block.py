@@ -10,10 +10,12 @@
 
 HNLQ code: blocks of d along the input dim, ``W̃ ≈ s · decode(labels, T)`` with a beta = 1
 ``QuantizationConfig`` (the scale s lives outside the code). s is ``c · β₀ · rms`` with rms taken per layer
-or per row of ``W̃`` and ``β₀ = beta_min(code, 1)`` (the code's natural unit scale); the multiplier c is
-chosen from ``cfg.scale_grid`` by the Hessian-diagonal-weighted reconstruction error of the code on (a row
-sample of) ``W̃`` — optionally times ``2^(2 H(T)/d)``, the rate the overload side information costs
-(``scale_objective="rd"``).
+or per row of ``W̃`` and ``β₀ = beta_min(code, 1)`` (the code's natural unit scale). The multiplier c
+minimises the Hessian-diagonal-weighted reconstruction error of the code on a row sample of ``W̃``
+subject to a budget on the overload side information (T's bits/weight as ``coset.quant.pack_codes``
+stores it, ``cfg.max_t_bits``): the proxy keeps improving at smaller c while more blocks overload, so the
+budget is what sets c. For LDLQ the budget is re-checked with LDLQ itself on the row sample, because
+error feedback widens the targets.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from coset.quant import QuantizationConfig, beta_min, decode, encode
 from .codes import LinearCodes
 from .ldlq import damp as damp_hessian
 from .ldlq import block_ldl, ldlq
-from .rotation import layer_rotations, rotate_hessian, rotate_weight, unrotate_weight
+from .rotation import layer_rotations, rotate_hessian, rotate_weight
 from .scalar import ScalarCodes, gptq_scalar, rtn_scalar
 
 __all__ = ["MethodConfig", "METHODS", "quantize_linear", "hnlq_quantize_rows", "choose_scale", "t_stored_bits", "t_entropy_bits"]
@@ -38,6 +40,7 @@ METHODS = ("rtn", "gptq", "hnlq_rtn", "hnlq_rot", "hnlq_ldlq")
 #: scale step and its maximum count when LDLQ's overload exceeds the T budget
 _BUDGET_STEP = 1.05
 _MAX_BUDGET_STEPS = 8
+_FINAL_STEP = 1.02
 
 #: default coarse multipliers of β₀ tried by the scale search (geometric, 0.7 .. 3.3)
 DEFAULT_GRID = tuple(round(0.7 * 1.25**k, 4) for k in range(8))
@@ -63,9 +66,12 @@ class MethodConfig:
     "row"), ``scale_grid`` (multipliers of β₀), ``scale_objective`` ("proxy" or "rd"), ``max_t_bits``
     (budget of T's side information in bits/weight, None = no limit), ``t_cost`` ("stored": as
     ``coset.quant.pack_codes`` stores T; "entropy": H(T)/d), ``scale_rows`` (rows sampled by the scale
-    search; 0 = all). Defaults (E8 q=4 M=2 centred, alpha 1/3, cap 6, layer scale, T ≤ 0.06 bit/weight
-    stored) are the measured best "4-bit" code within 4.10 bits/weight, see notes/ptq_math_results.md.
-    Scalar fields (``rtn``/``gptq``): ``bits``, ``group_size`` (-1 = per channel), ``sym``, ``act_order``.
+    search; 0 = all). Defaults: E8 q=4 M=2 centred, alpha 1/3, cap 6, layer scale, T ≤ 0.06 bit/weight
+    stored — the best hierarchical (M = 2) "4-bit" code measured within 4.10 bits/weight; the single-level
+    E8 q=16 M=1 measured ~0.5 dB better in relative proxy (notes/ptq_math_results.md). Per-row scales gain
+    nothing after the two-sided rotation (they cost 16/n bits/weight) but matter without it (``hnlq_rtn``).
+    Scalar fields (``rtn``/``gptq``): ``bits``, ``group_size`` (-1 = per channel), ``sym``, ``act_order``,
+    ``clip_search`` (per-group clipping chosen by rounding error, GPTQ's ``mse`` option).
     Shared: ``damp`` (relative, > 0), ``tune_iters`` (LDLQ refinement passes), ``buffer_cols``, ``seed``
     (base seed of the rotations; each layer derives its own from its name).
     """
@@ -87,6 +93,7 @@ class MethodConfig:
     group_size: int = -1
     sym: bool = True
     act_order: bool = False
+    clip_search: bool = False
     damp: float = 0.01
     tune_iters: int = 0
     buffer_cols: int = 128
@@ -115,7 +122,7 @@ class MethodConfig:
             self.group_size == -1 or self.group_size >= 1
         ):
             raise ValueError(f"group_size must be -1 or a positive int, got {self.group_size!r}")
-        for name in ("sym", "act_order", "center"):
+        for name in ("sym", "act_order", "center", "clip_search"):
             _bool(name, getattr(self, name))
         if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not self.damp > 0:
             raise ValueError(f"damp must be a number > 0, got {self.damp!r}")
@@ -319,10 +326,12 @@ def quantize_linear(
     W64 = W.to(torch.float64)
     H64 = H.to(torch.float64)
     if cfg.method == "rtn":
-        W_hat, codes = rtn_scalar(W, cfg.bits, cfg.group_size, cfg.sym)
+        W_hat, codes = rtn_scalar(W, cfg.bits, cfg.group_size, cfg.sym, cfg.clip_search)
         return W_hat, codes, _metrics(W64, W_hat.double(), H64, cfg.bits) | {"overload_frac": 0.0, "clamped": 0}
     if cfg.method == "gptq":
-        W_hat, codes = gptq_scalar(W, H64, cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, damp=cfg.damp)
+        W_hat, codes = gptq_scalar(
+            W, H64, cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, damp=cfg.damp, clip_search=cfg.clip_search
+        )
         return W_hat, codes, _metrics(W64, W_hat.double(), H64, cfg.bits) | {"overload_frac": 0.0, "clamped": 0}
 
     code = cfg.code
@@ -361,14 +370,25 @@ def quantize_linear(
                 if t_stored_bits(Ts, d, m * (n // d)) <= cfg.max_t_bits:
                     break
                 scale, mult = scale * _BUDGET_STEP, mult * _BUDGET_STEP
-        srow = scale.expand(m) if scale.ndim == 0 else scale
-        res = run(Wt, srow, cfg.tune_iters)
+        for _ in range(_MAX_BUDGET_STEPS):
+            srow = scale.expand(m) if scale.ndim == 0 else scale
+            res = run(Wt, srow, cfg.tune_iters)
+            if cfg.max_t_bits is None:
+                break
+            T_full = torch.stack([c[1] for c in res.codes], dim=1)
+            if t_stored_bits(T_full, d) <= cfg.max_t_bits:
+                break  # the sample can miss the budget by a little: the whole layer decides
+            scale, mult = scale * _FINAL_STEP, mult * _FINAL_STEP
         labels = torch.stack([c[0] for c in res.codes], dim=1)  # (m, n/d, M, d)
         T = torch.stack([c[1] for c in res.codes], dim=1)
         clamped = torch.stack([c[2] for c in res.codes], dim=1)
     else:
-        srow = scale.expand(m) if scale.ndim == 0 else scale
-        _, labels, T, clamped = hnlq_quantize_rows(Wt.reshape(m, n // d, d), srow, code)
+        for _ in range(_MAX_BUDGET_STEPS):
+            srow = scale.expand(m) if scale.ndim == 0 else scale
+            _, labels, T, clamped = hnlq_quantize_rows(Wt.reshape(m, n // d, d), srow, code)
+            if cfg.max_t_bits is None or t_stored_bits(T, d) <= cfg.max_t_bits:
+                break
+            scale, mult = scale * _FINAL_STEP, mult * _FINAL_STEP
     codes = LinearCodes(code, labels, T, scale, rot_in, rot_out, n, m)
     W_hat = codes.dequantize(torch.float32)
     metrics = _metrics(W64, W_hat.double(), H64, code.rate)

@@ -349,9 +349,11 @@ class HNLQLinear(nn.Module):
             self._consts[key] = a
         raw = self.weight
         idx = raw.to(torch.int64) if c.dim * c.bits_per_label == 8 else raw.view(torch.int16).to(torch.int64) & 0xFFFF
-        lw = torch.tensor([float(c.q**i) for i in range(M)], dtype=torch.float32, device=raw.device)
-        # sum_m q^m a(b_m): exact in float32 (integers/halves < 2^24), one bag of M lookups per block
-        pts = F.embedding_bag(idx.view(m * K, M), a, mode="sum", per_sample_weights=lw.expand(m * K, M).contiguous())
+        idx = idx.view(m * K, M)
+        # sum_m q^m a(b_m): exact in float32 (integers/halves < 2^24); one gather per layer
+        pts = a.index_select(0, idx[:, 0])
+        for i in range(1, M):
+            pts.add_(a.index_select(0, idx[:, i]), alpha=float(c.q**i))
         pts = pts.view(m, K, d)
         off = code_offset(c, raw.device)
         if off is not None:

@@ -10,6 +10,7 @@ b = 1 is GPTQ (on the reversed column order). Everything in float64.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -129,17 +130,22 @@ def proxy_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
     return float(((E @ H.to(torch.float64)) * E).sum())
 
 
+@dataclass
 class LDLQResult:
-    """``W_hat`` (m, n) float64, ``codes`` list (one entry per block column, from the callback),
-    ``proxy`` (float), ``proxy_trace`` (list: after the sweep, then after each refinement pass)."""
+    """Result of :func:`ldlq`.
 
-    __slots__ = ("W_hat", "codes", "proxy", "proxy_trace")
+    Attributes
+    ----------
+    W_hat : (m, n) float64 quantized weight
+    codes : list of the callback's codes, one per block column
+    proxy : final ``tr((W - Ŵ) H (W - Ŵ)ᵀ)``
+    proxy_trace : the proxy after the sweep, then after each refinement pass
+    """
 
-    def __init__(self, W_hat, codes, proxy, proxy_trace):
-        self.W_hat, self.codes, self.proxy, self.proxy_trace = W_hat, codes, proxy, proxy_trace
-
-    def __iter__(self):  # allows ``W_hat, codes = ldlq(...)[:2]``-style unpacking
-        return iter((self.W_hat, self.codes))
+    W_hat: torch.Tensor
+    codes: list
+    proxy: float
+    proxy_trace: list
 
 
 def _select_rows(mask: torch.Tensor, new: Any, old: Any) -> Any:

