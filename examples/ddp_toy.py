@@ -1,6 +1,6 @@
 """Toy 2-process DDP run with the HNLQ comm hook (CPU, gloo): least squares, every mode, printed stats.
 
-    uv run python examples/ddp_toy.py [--mode modular|allgather|decode] [--steps 200]
+uv run python examples/ddp_toy.py [--mode modular|allgather|decode] [--steps 200]
 """
 
 import argparse
@@ -17,8 +17,13 @@ import coset.dist as cdist
 
 
 def worker(rank, world_size, initfile, mode, steps):
-    dist.init_process_group("gloo", init_method=f"file://{initfile}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{initfile}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=60),
+    )
     torch.manual_seed(0)
     w_true = torch.randn(203)  # 203 is not a multiple of the block length 4: padding is tracked and stripped
     model = torch.nn.Linear(203, 1, bias=True)
@@ -37,8 +42,10 @@ def worker(rank, world_size, initfile, mode, steps):
     if rank == 0:
         s = state.stats()
         print(f"mode={mode}: final loss {loss.item():.4f}, relative weight error {err:.4f}")
-        print(f"  bytes sent {s['bytes_sent']} vs fp32 all-reduce {s['bytes_fp32_baseline']} "
-              f"-> {s['compression_ratio']:.2f}x fewer; overload rate {s['overload_rate']:.3f}")
+        print(
+            f"  bytes sent {s['bytes_sent']} vs fp32 all-reduce {s['bytes_fp32_baseline']} "
+            f"-> {s['compression_ratio']:.2f}x fewer; overload rate {s['overload_rate']:.3f}"
+        )
         torch.save({"comm_hook_state": state}, os.path.join(os.path.dirname(initfile), "hook_state.pt"))
     dist.barrier()
     dist.destroy_process_group()

@@ -12,9 +12,9 @@ from coset.quant import (
     calibrate_beta,
     decode,
     encode,
+    from_blocks,
     pack_labels,
     to_blocks,
-    from_blocks,
 )
 
 
@@ -31,9 +31,11 @@ def main() -> None:
         x_hat = from_blocks(qz.decode(b, T), pad)
         mse = float(((x_hat - x) ** 2).mean())
         packed = pack_labels(b, cfg.q)
-        print(f"{name}: beta={beta:.4f} rate={cfg.rate:.1f} bits/dim  MSE={mse:.5f}  SNR={10 * torch.log10(1 / torch.tensor(mse)):.2f} dB  "
-              f"labels {packed.numel()} bytes for {x.numel()} floats ({8 * packed.numel() / x.numel():.2f} bits/dim)  "
-              f"stats={ {k: round(v, 4) for k, v in qz.stats().items()} }")
+        print(
+            f"{name}: beta={beta:.4f} rate={cfg.rate:.1f} bits/dim  MSE={mse:.5f}  SNR={10 * torch.log10(1 / torch.tensor(mse)):.2f} dB  "
+            f"labels {packed.numel()} bytes for {x.numel()} floats ({8 * packed.numel() / x.numel():.2f} bits/dim)  "
+            f"stats={ {k: round(v, 4) for k, v in qz.stats().items()} }"
+        )
 
     # Algorithm 1/2 identity: without overload, decode(encode(x)) is exactly the nearest lattice point.
     L = get_lattice("D4")
@@ -41,8 +43,10 @@ def main() -> None:
     y = torch.randn(5, 4, dtype=torch.float64) * 3
     b, T = encode(y, cfg)
     print("labels of 5 D4 vectors (M=2 layers of base-4 digits):\n", b)
-    print("decode == Q_L(y) where T == 0:", bool(torch.equal(decode(b, cfg, T, dtype=torch.float64)[T == 0],
-                                                             L.closest_point(y)[T == 0])))
+    print(
+        "decode == Q_L(y) where T == 0:",
+        bool(torch.equal(decode(b, cfg, T, dtype=torch.float64)[T == 0], L.closest_point(y)[T == 0])),
+    )
 
 
 if __name__ == "__main__":

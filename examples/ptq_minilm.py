@@ -37,7 +37,9 @@ def main() -> None:
     ref = embed(model, tok, passages)
 
     qmodel = copy.deepcopy(model)
-    cfg = PTQConfig(method=MethodConfig(method="hnlq_ldlq", lattice="E8", **CODES[args.bits]), nsamples=args.nsamples, seqlen=128)
+    cfg = PTQConfig(
+        method=MethodConfig(method="hnlq_ldlq", lattice="E8", **CODES[args.bits]), nsamples=args.nsamples, seqlen=128
+    )
     report = quantize_(qmodel, calib, cfg)  # in place: nn.Linear -> HNLQLinear (compressed buffers only)
     print(report.summary())
 

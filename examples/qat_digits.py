@@ -37,13 +37,17 @@ print(f"QAT test accuracy after {a.epochs} epochs: {curves['test_acc'][-1]:.2f}%
 
 # 3. compressed checkpoint: packed labels + packed T + per-channel betas
 ck = save_compressed(model, out / "digits_qat.safetensors")
-print(f"checkpoint: {ck.file_bytes} bytes, {ck.effective_bits_per_weight:.2f} effective bits/weight "
-      f"({ck.label_bits_per_weight:.2f} labels), float32 weights would take {4 * ck.num_quantized_weights} bytes")
+print(
+    f"checkpoint: {ck.file_bytes} bytes, {ck.effective_bits_per_weight:.2f} effective bits/weight "
+    f"({ck.label_bits_per_weight:.2f} labels), float32 weights would take {4 * ck.num_quantized_weights} bytes"
+)
 
 # 4. load into a fresh *float* model: layers are swapped back in with the stored configs
 fresh = load_compressed(DigitsMLP(), out / "digits_qat.safetensors").eval()
 model.eval()
 with torch.no_grad():
     same = torch.equal(fresh(data.x_test), model(data.x_test))
-print(f"loaded model identical to the in-memory one: {same}; accuracy {evaluate(fresh, data.x_test, data.y_test)[0]:.2f}%")
+print(
+    f"loaded model identical to the in-memory one: {same}; accuracy {evaluate(fresh, data.x_test, data.y_test)[0]:.2f}%"
+)
 assert same

@@ -25,10 +25,27 @@ TIMEOUT = 300
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    cmd = [sys.executable, str(BENCH), "--dataset", "digits", "--steps", "200",
-           "--methods", "fp32,hnlq-allgather,hnlq-modular", "--out", str(out), "--name", "it"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    cmd = [
+        sys.executable,
+        str(BENCH),
+        "--dataset",
+        "digits",
+        "--steps",
+        "200",
+        "--methods",
+        "fp32,hnlq-allgather,hnlq-modular",
+        "--out",
+        str(out),
+        "--name",
+        "it",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     try:
         log, _ = proc.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:

@@ -34,8 +34,9 @@ def _check(res, chance, fp32_min, close):
 
 @pytest.mark.slow
 def test_integration_qat_mnist1d_short():
-    res = run_qat_comparison("mnist1d", epochs=8, seed=0, progress=False, variants=("fp32", "qat_w", "qat_wa"),
-                             data=load_mnist1d())
+    res = run_qat_comparison(
+        "mnist1d", epochs=8, seed=0, progress=False, variants=("fp32", "qat_w", "qat_wa"), data=load_mnist1d()
+    )
     _check(res, chance=10.0, fp32_min=60.0, close=5.0)
 
 
@@ -63,8 +64,9 @@ def test_integration_qat_main_job_writes_files(tmp_path):
 def test_integration_qat_torch_compile_inductor():
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = nn.Sequential(QConv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                          QLinear(4 * 6 * 6, 10, qconfig=QATConfig(ste="clipped")))
+    model = nn.Sequential(
+        QConv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), QLinear(4 * 6 * 6, 10, qconfig=QATConfig(ste="clipped"))
+    )
     x = torch.randn(3, 2, 6, 6)
     ref = model(x)
     ref.sum().backward()

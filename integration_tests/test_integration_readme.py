@@ -19,4 +19,3 @@ def test_readme_python_blocks_run():
     assert ns["T"].shape == (1000,)
     assert torch.equal(ns["x_hat"], ns["x_hat2"])
     assert ns["blocks"].shape == (64, 8, 4) and ns["pad"] == 2 and ns["w_hat"].shape == (64, 30)
-

@@ -20,9 +20,14 @@ def test_info_runs(capsys):
     assert "coset-quant" in out and "kernel backends" in out
 
 
-@pytest.mark.parametrize("argv", [["compress", "/nonexistent.safetensors", "/tmp/x.st"],
-                                  ["bench", "--q", "1", "--n", "10"],
-                                  ["bench", "--lattice", "A7", "--n", "10"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["compress", "/nonexistent.safetensors", "/tmp/x.st"],
+        ["bench", "--q", "1", "--n", "10"],
+        ["bench", "--lattice", "A7", "--n", "10"],
+    ],
+)
 def test_bad_arguments_give_exit_2_and_a_message(argv, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -44,8 +49,12 @@ def test_unreadable_file_is_a_clear_error(tmp_path, capsys):
 
 def test_compress_round_trip_matches_quantize(tmp_path):
     g = torch.Generator().manual_seed(0)
-    tensors = {"w": torch.randn(33, 10, generator=g) * 0.05, "b": torch.randn(7, generator=g),
-               "steps": torch.arange(5), "tiny": torch.randn(2, generator=g)}
+    tensors = {
+        "w": torch.randn(33, 10, generator=g) * 0.05,
+        "b": torch.randn(7, generator=g),
+        "steps": torch.arange(5),
+        "tiny": torch.randn(2, generator=g),
+    }
     src, dst = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
     save_file(tensors, str(src))
     cfg = QuantizationConfig(lattice_type="D4", q=4, M=2, alpha=1 / 3)
@@ -87,8 +96,9 @@ def test_installed_console_script_runs():
     r = subprocess.run([script, "info"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "kernel backends" in r.stdout
-    r = subprocess.run([script, "compress", "/nonexistent.safetensors", "/tmp/o.st"], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [script, "compress", "/nonexistent.safetensors", "/tmp/o.st"], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 2 and r.stderr.startswith("coset: error:") and "Traceback" not in r.stderr
 
 

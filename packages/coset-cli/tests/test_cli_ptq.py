@@ -54,14 +54,36 @@ def test_end_to_end_on_a_tiny_bert_directory(tmp_path, capsys):
     import torch
 
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
-                                  intermediate_size=128, max_position_embeddings=512)
+    cfg = transformers.BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=512,
+    )
     src = tmp_path / "tiny"
     transformers.BertModel(cfg).save_pretrained(str(src))
     tok.save_pretrained(str(src))
     out = tmp_path / "out"
-    rc = main(["ptq", "--model", str(src), "--bits", "4", "--method", "hnlq_rtn,rtn", "--nsamples", "4",
-               "--seqlen", "32", "--no-progress", "--out", str(out)])
+    rc = main(
+        [
+            "ptq",
+            "--model",
+            str(src),
+            "--bits",
+            "4",
+            "--method",
+            "hnlq_rtn,rtn",
+            "--nsamples",
+            "4",
+            "--seqlen",
+            "32",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert rc == 0, printed
     res = json.loads((out / "ptq_results.json").read_text())

@@ -158,8 +158,12 @@ def test_lattice_boundary_points_get_a_nearest_point(name):
 def test_lattice_output_is_in_lattice_and_idempotent(name):
     L = LATTICES[name]
     g = torch.Generator().manual_seed(3)
-    x = torch.cat([torch.randn(5000, L.dim, generator=g, dtype=torch.float64) * 10,
-                   boundary_points(name, np.random.default_rng(3))])
+    x = torch.cat(
+        [
+            torch.randn(5000, L.dim, generator=g, dtype=torch.float64) * 10,
+            boundary_points(name, np.random.default_rng(3)),
+        ]
+    )
     y = L.closest_point(x)
     c = y @ L.G_inv.T
     assert torch.equal(c, torch.round(c)), "G^-1 Q(x) is not integral"

@@ -28,19 +28,21 @@ SIGMA2 = {"Z2": 1 / 12, "D4": 13 / 120, "E8": 929 / 12960}
 # --------------------------------------------------------------------------- generators
 def test_lattice_generators_match_paper():
     d4 = np.array([[-1, 1, 0, 0], [-1, -1, 1, 0], [0, 0, -1, 1], [0, 0, 0, -1]], float)
-    d4_inv = np.array([[-.5, -.5, -.5, -.5], [.5, -.5, -.5, -.5], [0, 0, -1, -1], [0, 0, 0, -1]])
+    d4_inv = np.array([[-0.5, -0.5, -0.5, -0.5], [0.5, -0.5, -0.5, -0.5], [0, 0, -1, -1], [0, 0, 0, -1]])
     assert np.array_equal(get_lattice("D4").G.numpy(), d4)
     assert np.array_equal(get_lattice("D4").G_inv.numpy(), d4_inv)
-    e8_inv = np.array([
-        [.5, .5, .5, .5, .5, .5, .5, -3.5],
-        [0, 1, 1, 1, 1, 1, 1, -6],
-        [0, 0, 1, 1, 1, 1, 1, -5],
-        [0, 0, 0, 1, 1, 1, 1, -4],
-        [0, 0, 0, 0, 1, 1, 1, -3],
-        [0, 0, 0, 0, 0, 1, 1, -2],
-        [0, 0, 0, 0, 0, 0, 1, -1],
-        [0, 0, 0, 0, 0, 0, 0, 2],
-    ])
+    e8_inv = np.array(
+        [
+            [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, -3.5],
+            [0, 1, 1, 1, 1, 1, 1, -6],
+            [0, 0, 1, 1, 1, 1, 1, -5],
+            [0, 0, 0, 1, 1, 1, 1, -4],
+            [0, 0, 0, 0, 1, 1, 1, -3],
+            [0, 0, 0, 0, 0, 1, 1, -2],
+            [0, 0, 0, 0, 0, 0, 1, -1],
+            [0, 0, 0, 0, 0, 0, 0, 2],
+        ]
+    )
     G = get_lattice("E8").G.numpy()
     assert np.array_equal(G[:, 0], 2 * np.eye(8)[0])
     for j in range(1, 7):
@@ -51,8 +53,15 @@ def test_lattice_generators_match_paper():
 
 
 @pytest.mark.parametrize(
-    "L,det", [(Z2Lattice(), 1.0), (ZnLattice(5), 1.0), (D4Lattice(), 2.0), (DnLattice(3), 2.0),
-              (DnLattice(7), 2.0), (E8Lattice(), 1.0)]
+    "L,det",
+    [
+        (Z2Lattice(), 1.0),
+        (ZnLattice(5), 1.0),
+        (D4Lattice(), 2.0),
+        (DnLattice(3), 2.0),
+        (DnLattice(7), 2.0),
+        (E8Lattice(), 1.0),
+    ],
 )
 def test_lattice_determinant_and_inverse(L, det):
     G, Gi = L.G, L.G_inv
@@ -84,8 +93,9 @@ def test_lattice_minimal_vectors(name, count):
     assert L.packing_radius == pytest.approx(math.sqrt(float(norms[0])) / 2)
 
 
-@pytest.mark.parametrize("name,rho,rcov", [("Z2", 0.5, math.sqrt(2) / 2), ("D4", 1 / math.sqrt(2), 1.0),
-                                           ("E8", 1 / math.sqrt(2), 1.0)])
+@pytest.mark.parametrize(
+    "name,rho,rcov", [("Z2", 0.5, math.sqrt(2) / 2), ("D4", 1 / math.sqrt(2), 1.0), ("E8", 1 / math.sqrt(2), 1.0)]
+)
 def test_lattice_packing_and_covering_radius(name, rho, rcov):
     L = get_lattice(name)
     assert L.packing_radius == pytest.approx(rho)

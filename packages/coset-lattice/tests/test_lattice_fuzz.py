@@ -68,8 +68,13 @@ def test_lattice_fuzz_constructors(n):
 
 
 VALUES = st.one_of(
-    st.integers(-5, 300), st.floats(allow_nan=True, allow_infinity=True), st.booleans(), st.text(max_size=2),
-    st.none(), st.just(torch.zeros(2, 4)), st.just(torch.zeros(2, 4, dtype=torch.int32)),
+    st.integers(-5, 300),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.text(max_size=2),
+    st.none(),
+    st.just(torch.zeros(2, 4)),
+    st.just(torch.zeros(2, 4, dtype=torch.int32)),
 )
 
 
@@ -77,8 +82,13 @@ VALUES = st.one_of(
 @given(v=VALUES, lo=st.one_of(st.none(), st.integers(-3, 3)), hi=st.one_of(st.none(), st.integers(0, 300)))
 def test_lattice_fuzz_validate(v, lo, hi):
     """The shared checks accept exactly what they document and raise TypeError/ValueError naming 'v' otherwise."""
-    for fn in (lambda: check_int("v", v, lo, hi), lambda: check_pos("v", v), lambda: check_q(v, 256, "v"),
-               lambda: check_float_tensor("v", v, 4), lambda: check_int_tensor("v", v)):
+    for fn in (
+        lambda: check_int("v", v, lo, hi),
+        lambda: check_pos("v", v),
+        lambda: check_q(v, 256, "v"),
+        lambda: check_float_tensor("v", v, 4),
+        lambda: check_int_tensor("v", v),
+    ):
         try:
             fn()
         except Exception as e:  # noqa: BLE001

@@ -4,8 +4,6 @@ float64: Z2 (q = 2 and 4), D4, E8 (q = 2), M = 1..3, codes with T > 0; every reg
 import pytest
 import torch
 
-from coset.quant import QuantizationConfig, decode, encode, from_blocks
-from coset.quant import backend as qbackend
 from coset.lut import (
     EncodedMatrix,
     lut_inner_product,
@@ -13,13 +11,16 @@ from coset.lut import (
     lut_linear,
     lut_matmul,
     lut_matmul_one_sided,
+    matmul,
 )
-from coset.lut import matmul
+from coset.quant import QuantizationConfig, decode, encode, from_blocks
+from coset.quant import backend as qbackend
 
 CASES = [("Z2", 2), ("Z2", 4), ("D4", 4), ("E8", 2)]
 # backends that run the LUT ops on CPU tensors ("torch" always; coset-cuda's native ones only on CUDA tensors)
 BACKENDS = [
-    b for b in qbackend.available_backends()
+    b
+    for b in qbackend.available_backends()
     if b == "torch" or qbackend.get_backend(b).supports("lut_one_sided", torch.zeros(1, dtype=torch.int32), None, None)
 ]
 
@@ -130,7 +131,9 @@ def test_lut_center_inner_products_match_decode(name, q, M):
     c = _cfg(name, q, M)
     d = c.dim
     g = torch.Generator().manual_seed(M + 10 * q)
-    x = torch.randn(300, d, generator=g, dtype=torch.float64) * torch.exp(1.5 * torch.randn(300, 1, generator=g, dtype=torch.float64))
+    x = torch.randn(300, d, generator=g, dtype=torch.float64) * torch.exp(
+        1.5 * torch.randn(300, 1, generator=g, dtype=torch.float64)
+    )
     y = torch.randn(300, d, generator=g, dtype=torch.float64)
     bx, Tx = encode(x, config=c)
     assert bool((Tx > 0).any()) and bool((Tx == 0).any())

@@ -93,8 +93,12 @@ def test_lut_fuzz_index(q, d, shape, hi, seed):
 
 @FUZZ
 @given(
-    n=st.integers(0, 4), m=st.integers(0, 4), k=st.integers(0, 9), k2=st.integers(0, 9),
-    special=st.sampled_from([None, "nan"]), seed=st.integers(0, 2**16),
+    n=st.integers(0, 4),
+    m=st.integers(0, 4),
+    k=st.integers(0, 9),
+    k2=st.integers(0, 9),
+    special=st.sampled_from([None, "nan"]),
+    seed=st.integers(0, 2**16),
 )
 def test_lut_fuzz_matmul(n, m, k, k2, special, seed):
     g = torch.Generator().manual_seed(seed)

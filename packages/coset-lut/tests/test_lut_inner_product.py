@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from coset.lattice import get_lattice
-from coset.quant import QuantizationConfig, decode, encode
 from coset.lut import build_two_sided_lut, lut_inner_product, lut_inner_product_one_sided
+from coset.quant import QuantizationConfig, decode, encode
 
 CASES = [("Z2", 4), ("D4", 4), ("D4", 3), ("E8", 2)]
 
@@ -40,7 +40,9 @@ def test_lut_inner_product_two_sided_matches_decode(name, q, M):
     by1, Ty1 = encode(y[:50] / 8, config=c1)
     m = (Tx1 == 0) & (Ty1 == 0)
     assert int(m.sum()) >= 5
-    ref1 = (decode(bx1, config=c1, T=Tx1, dtype=torch.float64) * decode(by1, config=c1, T=Ty1, dtype=torch.float64)).sum(-1)
+    ref1 = (
+        decode(bx1, config=c1, T=Tx1, dtype=torch.float64) * decode(by1, config=c1, T=Ty1, dtype=torch.float64)
+    ).sum(-1)
     assert torch.equal(lut_inner_product(bx1, by1, c1, Tx1, Ty1)[m], ref1[m])
 
 

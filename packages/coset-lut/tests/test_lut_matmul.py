@@ -5,10 +5,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from coset.lut import EncodedMatrix, kernels, lut_linear, lut_matmul, lut_matmul_one_sided, matmul
 from coset.quant import QuantizationConfig, decode, from_blocks, to_blocks
 from coset.quant import backend as qbackend
-from coset.lut import EncodedMatrix, lut_linear, lut_matmul, lut_matmul_one_sided
-from coset.lut import kernels, matmul
 
 CASES = [("Z2", 4), ("D4", 4), ("E8", 2)]
 BETA = {"Z2": 0.3, "D4": 0.3, "E8": 1.0}  # each gives a mix of T = 0 and T > 0 blocks on _mat data
@@ -271,7 +270,8 @@ def test_lut_matmul_property_random_configs(case, M, beta, alpha, k, seed):
 
 
 _CPU_LUT_BACKENDS = [
-    b for b in qbackend.available_backends()
+    b
+    for b in qbackend.available_backends()
     if b == "torch" or qbackend.get_backend(b).supports("lut_one_sided", torch.zeros(1, dtype=torch.int32), None, None)
 ]
 

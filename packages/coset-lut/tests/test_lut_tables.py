@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from coset.lattice import Lattice, get_lattice
-from coset.quant import coset_representative
 from coset.lut import (
     TwoSidedLUT,
     build_one_sided_lut,
@@ -13,6 +12,7 @@ from coset.lut import (
     index_labels,
     representative_table,
 )
+from coset.quant import coset_representative
 
 
 def _brute_rep(lat, q, labels):

@@ -1,6 +1,5 @@
 """Compressed checkpoints: exact round trip, size = rate + side information, errors."""
 
-
 import pytest
 import torch
 from torch import nn

@@ -106,7 +106,9 @@ def test_nn_padding_is_tracked_and_stripped():
     q = QLinear(10, 3)  # 10 = 2 blocks of 4 + 2 padded zeros
     x = torch.randn(2, 10)
     q(x)
-    assert q.pad == 2 and q.weight_quantizer.labels.shape == (3, 3, 2, 4) and q.weight_quantizer.qweight.shape == (3, 10)
+    assert (
+        q.pad == 2 and q.weight_quantizer.labels.shape == (3, 3, 2, 4) and q.weight_quantizer.qweight.shape == (3, 10)
+    )
     blocks, pad = to_blocks(q.weight.detach(), 4)
     betas = q.weight_quantizer.beta.reshape(-1, 1, 1)
     unit = quantize(blocks / betas, config=D4) * betas
@@ -116,7 +118,9 @@ def test_nn_padding_is_tracked_and_stripped():
 
     labels, T, _ = q.codes()
     last = decode(labels[:, -1], config=D4, T=T[:, -1], dtype=torch.float64)
-    assert torch.equal(last[q.weight_quantizer.T[:, -1] == 0][:, 2:], torch.zeros_like(last[q.weight_quantizer.T[:, -1] == 0][:, 2:]))
+    assert torch.equal(
+        last[q.weight_quantizer.T[:, -1] == 0][:, 2:], torch.zeros_like(last[q.weight_quantizer.T[:, -1] == 0][:, 2:])
+    )
     # bits/weight counts the padding: 3 blocks * (16 label bits + T bits at full width) per 10 weights + betas
     t_bits = D4.max_scaling_iterations.bit_length()
     assert math.isclose(q.bits_per_weight(), (3 * 3 * (16 + t_bits) + 32 * 3) / 30)
@@ -143,7 +147,9 @@ def test_nn_activation_quantization_blocks_along_features():
     yc = qc(xc)
     assert float(qc.activation_quantizer.beta) == activation_beta(xc.movedim(1, -1), cfg)
     blocks, pad = to_blocks(xc.movedim(1, -1), 4)
-    xq = from_blocks(quantize(blocks, config=QuantizationConfig(beta=float(qc.activation_quantizer.beta))), pad).movedim(-1, 1)
+    xq = from_blocks(
+        quantize(blocks, config=QuantizationConfig(beta=float(qc.activation_quantizer.beta))), pad
+    ).movedim(-1, 1)
     assert torch.equal(yc, F.conv2d(xq, qc.weight, qc.bias))
 
 
@@ -187,7 +193,7 @@ def test_nn_smooth_ste_fades_with_block_norm():
     ratio = (qs.weight.grad / qi.weight.grad).reshape(8, 16, 4)
     assert bool((ratio > 0).all()) and bool((ratio <= 1 + 1e-6).all())
     norms = qi.weight.detach().reshape(8, 16, 4).norm(dim=-1)
-    r = (qi.weight_quantizer.beta.reshape(8, 1) * 16 * math.sqrt(0.5))
+    r = qi.weight_quantizer.beta.reshape(8, 1) * 16 * math.sqrt(0.5)
     small, big = norms < 0.5 * r, norms > 2 * r
     assert bool(small.any()) and bool(big.any())
     assert float(ratio[small].min()) > 0.99 and float(ratio[big].max()) < 0.01
@@ -294,7 +300,10 @@ def test_nn_lut_path_matches_dequantized_path():
     ref.load_state_dict(ql.state_dict())
     ref.eval()
     torch.testing.assert_close(ql(x), ref(x), rtol=1e-5, atol=1e-5)
-    for cls, shape, kw in [(QConv2d, (2, 3, 7, 6), dict(padding=1, stride=2)), (QConv1d, (2, 3, 9), dict(padding=2, dilation=2))]:
+    for cls, shape, kw in [
+        (QConv2d, (2, 3, 7, 6), dict(padding=1, stride=2)),
+        (QConv1d, (2, 3, 9), dict(padding=2, dilation=2)),
+    ]:
         c = cls(3, 5, 3, qconfig=QATConfig(use_lut=True), **kw).eval()
         r = cls(3, 5, 3, **kw)
         r.load_state_dict(c.state_dict())

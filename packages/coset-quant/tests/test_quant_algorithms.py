@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import math
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -76,11 +75,13 @@ def test_quant_telescoping_identity(name, q, M):
     n = 1500
     g = _gen(q * 10 + M)
     # Gaussian points around the code's size, lattice points, and points G b / q on Voronoi boundaries
-    x = torch.cat([
-        torch.randn(n, L.dim, generator=g, dtype=torch.float64) * (q**M / 4),
-        L.points64(torch.randint(-(q**M), q**M + 1, (n, L.dim), generator=g)) / 2,
-        L.points64(torch.randint(-(q**M), q**M + 1, (n, L.dim), generator=g)) / q,
-    ])
+    x = torch.cat(
+        [
+            torch.randn(n, L.dim, generator=g, dtype=torch.float64) * (q**M / 4),
+            L.points64(torch.randint(-(q**M), q**M + 1, (n, L.dim), generator=g)) / 2,
+            L.points64(torch.randint(-(q**M), q**M + 1, (n, L.dim), generator=g)) / q,
+        ]
+    )
     b, top = encode_layers(x, L, q, M)
     assert b.dtype == torch.uint8 and int(b.max()) < q
     xh = decode_lattice_units(b, L, q)
@@ -139,8 +140,13 @@ def test_quant_scaled_reconstruction_is_scaled_lattice_point(name):
 
 # --------------------------------------------------------------------------- idempotence
 @settings(max_examples=25, deadline=None)
-@given(name=st.sampled_from(NAMES), q=st.integers(2, 16), M=st.integers(1, 3), seed=st.integers(0, 10**6),
-       dtype=st.sampled_from([torch.float32, torch.float64]))
+@given(
+    name=st.sampled_from(NAMES),
+    q=st.integers(2, 16),
+    M=st.integers(1, 3),
+    seed=st.integers(0, 10**6),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
 def test_quant_idempotence(name, q, M, seed, dtype):
     cfg = QuantizationConfig(name, q, M, beta=1.0, alpha=1 / 3, max_scaling_iterations=12)
     L = cfg.lattice
@@ -198,11 +204,13 @@ def test_quant_sandwich_bound(name, q, M):
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("dither", [False, True])
 def test_quant_overload_ramp_is_minimal(name, dither):
-    cfg = QuantizationConfig(name, 4, 2, beta=0.15, alpha=1 / 3, max_scaling_iterations=40, with_dither=dither,
-                             dither_seed=11)
+    cfg = QuantizationConfig(
+        name, 4, 2, beta=0.15, alpha=1 / 3, max_scaling_iterations=40, with_dither=dither, dither_seed=11
+    )
     L = cfg.lattice
     x = torch.randn(3000, L.dim, generator=_gen(4), dtype=torch.float64) * torch.exp(
-        torch.randn(3000, 1, generator=_gen(5), dtype=torch.float64))
+        torch.randn(3000, 1, generator=_gen(5), dtype=torch.float64)
+    )
     b, T, cl = encode(x, config=cfg, return_clamped=True)
     assert not bool(cl.any())
     assert int((T > 0).sum()) > 100 and int((T == 0).sum()) > 100

@@ -171,12 +171,12 @@ def test_center_clamp_never_overloads(name, q, M, dither):
     """Vectors past the cap are shrunk into the ball of radius rad (sandwich bound minus ||c||); re-encoding
     the clamped vector plus the offset (and dither) in float64 never overloads and gives the same labels."""
     L = get_lattice(name)
-    cfg = QuantizationConfig(name, q, M, beta=0.05, alpha=1.0, max_scaling_iterations=2, center=True,
-                             with_dither=dither, dither_seed=3)
+    cfg = QuantizationConfig(
+        name, q, M, beta=0.05, alpha=1.0, max_scaling_iterations=2, center=True, with_dither=dither, dither_seed=3
+    )
     c = constellation_offset(L, q, M)
     r = (1 - q ** (1 - M)) / (q - 1)
-    rad = 0.99 * (L.packing_radius * q**M * (1 - r) - L.covering_radius * (2 if dither else 1)
-                  - float(c.norm()))
+    rad = 0.99 * (L.packing_radius * q**M * (1 - r) - L.covering_radius * (2 if dither else 1) - float(c.norm()))
     assert rad > 0
     x = torch.randn(3000, L.dim, generator=_gen(11), dtype=torch.float64) * 50.0
     b, T, cl = encode(x, config=cfg, return_clamped=True, backend="torch")

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
 import torch
 
-from coset.lattice import get_lattice
-from coset.quant import QuantizationConfig, decode_lattice_units
+from coset.quant import QuantizationConfig
 from coset.quant.rd import (
     entropy_bits,
     gaussian_data,
@@ -89,8 +87,17 @@ def test_quant_rd_hnlq_d4_matches_paper():
     s = scalar_rd(4, n=1 << 14, seed=0)
     assert r["snr_rate_adjusted_db"] > s["uniform"]["snr_db"]
     # the MSE objective takes the smallest MSE of the same grid
-    m = hnlq_rd("D4", 4, 2, n=1 << 14, seed=0, objective="mse", return_grid=True, max_scaling_iterations=12,
-                betas=[g["beta"] for g in r["grid"][::5]])
+    m = hnlq_rd(
+        "D4",
+        4,
+        2,
+        n=1 << 14,
+        seed=0,
+        objective="mse",
+        return_grid=True,
+        max_scaling_iterations=12,
+        betas=[g["beta"] for g in r["grid"][::5]],
+    )
     assert m["mse"] == min(g["mse"] for g in m["grid"]) <= r["mse"]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import math
 import pathlib
 import subprocess
@@ -150,13 +151,13 @@ def test_quant_add_mac_modq_vs_integers(q, a, w):
     at = torch.tensor(a) % q
     bt = torch.tensor(a[::-1]) % q
     s = add_modq(at, bt, q)
-    assert s.tolist() == [(x + y) % q for x, y in zip(at.tolist(), bt.tolist())]
+    assert s.tolist() == [(x + y) % q for x, y in zip(at.tolist(), bt.tolist(), strict=True)]
     assert s.dtype == (torch.uint8 if q <= 256 else torch.int64)
     m = mac_modq(at, bt, w, q)
-    assert m.tolist() == [(x + w * y) % q for x, y in zip(at.tolist(), bt.tolist())]
+    assert m.tolist() == [(x + w * y) % q for x, y in zip(at.tolist(), bt.tolist(), strict=True)]
     wt = torch.arange(len(a))
     m2 = mac_modq(at, bt, wt, q)
-    assert m2.tolist() == [(x + i * y) % q for i, (x, y) in enumerate(zip(at.tolist(), bt.tolist()))]
+    assert m2.tolist() == [(x + i * y) % q for i, (x, y) in enumerate(zip(at.tolist(), bt.tolist(), strict=True))]
 
 
 def test_quant_modq_errors():
@@ -250,7 +251,7 @@ def test_quant_config_defaults_and_derived():
     assert QuantizationConfig(beta=0.5, disable_scaling=True).scales[0] == 1.0
     c2 = c.replace(q=8)
     assert c2.q == 8 and c.q == 4
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         c.q = 5  # frozen
 
 

@@ -1,4 +1,5 @@
 """Writes the version-1 fixtures with the coset.nn of commit 8a5ea03 (before the quantizer refactor)."""
+
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -9,6 +10,7 @@ from coset.quant import QuantizationConfig
 
 def net():
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(16, 5))
+
 
 torch.manual_seed(0)
 m = net()

@@ -75,8 +75,15 @@ def compress_tensor(w: torch.Tensor, config: QuantizationConfig):
     w_hat = from_blocks(decode(b, config=cfg, T=T, dtype=torch.float32), pad).reshape(w.shape).to(w.dtype)
     tensors, cmeta = pack_codes(b, T, cfg)
     n = max(T.numel(), 1)
-    meta = {"shape": list(w.shape), "dtype": _dtype_name(w.dtype), "pad": pad, "beta": beta, "codes": cmeta,
-            "overload_rate": float(((T > 0) | clamped).sum()) / n, "clamp_rate": float(clamped.sum()) / n}
+    meta = {
+        "shape": list(w.shape),
+        "dtype": _dtype_name(w.dtype),
+        "pad": pad,
+        "beta": beta,
+        "codes": cmeta,
+        "overload_rate": float(((T > 0) | clamped).sum()) / n,
+        "clamp_rate": float(clamped.sum()) / n,
+    }
     return tensors, meta, w_hat
 
 
@@ -151,8 +158,19 @@ def compress_file(src: str | Path, dst: str | Path, config: QuantizationConfig) 
         meta["tensors"][name] = m
         size = codes_nbytes(packed)
         err = float((w_hat.double() - w.double()).norm() / max(float(w.double().norm()), 1e-300))
-        reports.append(TensorReport(name, tuple(w.shape), True, nbytes, size, 8.0 * size / w.numel(), err,
-                                    m["overload_rate"], m["clamp_rate"]))
+        reports.append(
+            TensorReport(
+                name,
+                tuple(w.shape),
+                True,
+                nbytes,
+                size,
+                8.0 * size / w.numel(),
+                err,
+                m["overload_rate"],
+                m["clamp_rate"],
+            )
+        )
     dst.parent.mkdir(parents=True, exist_ok=True)
     save_file(out, str(dst), metadata={_META_KEY: json.dumps(meta)})
     return reports
@@ -179,7 +197,11 @@ def decompress_file(path: str | Path) -> dict[str, torch.Tensor]:
         meta = json.loads(md[_META_KEY])
     except ValueError as e:
         raise _bad(path, f"metadata '{_META_KEY}' is not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or not isinstance(meta.get("tensors"), dict):
+    if (
+        not isinstance(meta, dict)
+        or not isinstance(meta.get("config"), dict)
+        or not isinstance(meta.get("tensors"), dict)
+    ):
         raise _bad(path, "metadata must hold 'config' and 'tensors' objects")
     fmt = meta.get("format", "coset-compress/1")
     if fmt not in (FORMAT, "coset-compress/1"):
@@ -199,10 +221,15 @@ def decompress_file(path: str | Path) -> dict[str, torch.Tensor]:
             if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not math.isfinite(beta) or beta <= 0:
                 raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
             cfg = base.replace(beta=float(beta))
-            if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype, None), torch.dtype) \
-                    or not getattr(torch, dtype).is_floating_point:
+            if (
+                not isinstance(dtype, str)
+                or not isinstance(getattr(torch, dtype, None), torch.dtype)
+                or not getattr(torch, dtype).is_floating_point
+            ):
                 raise ValueError(f"dtype must name a floating torch dtype, got {dtype!r}")
-            if not isinstance(shape, list) or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in shape):
+            if not isinstance(shape, list) or any(
+                isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in shape
+            ):
                 raise ValueError(f"shape must be a list of non-negative ints, got {shape!r}")
             numel = math.prod(shape)
             nb = -(-numel // d)
@@ -238,5 +265,3 @@ def decompress_file(path: str | Path) -> dict[str, torch.Tensor]:
             raise _bad(path, f"tensor {k!r} is stored both compressed and as is")
         result[k] = v
     return result
-
-

@@ -50,8 +50,12 @@ def _add_config_args(p: argparse.ArgumentParser, lattice: str = "D4", q: int = 4
     p.add_argument("--lattice", default=lattice, help=f"lattice: Z2, D4, E8, Z<n>, D<n> (default {lattice})")
     p.add_argument("--q", type=int, default=q, help=f"base of each layer, 2..16 (default {q})")
     p.add_argument("--M", type=int, default=M, help=f"number of layers, 1..4 (default {M})")
-    p.add_argument("--alpha", type=_positive_float, default=1.0 / 3.0,
-                   help="overload ramp step: scale beta*2^(alpha*T) (default 1/3)")
+    p.add_argument(
+        "--alpha",
+        type=_positive_float,
+        default=1.0 / 3.0,
+        help="overload ramp step: scale beta*2^(alpha*T) (default 1/3)",
+    )
 
 
 def _config(args) -> QuantizationConfig:
@@ -114,8 +118,10 @@ def _cmd_rd(args) -> int:
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        print(f"{r['scheme']:<22}{r['rate']:>9.2f}{r['effective_rate']:>10.2f}{r.get('beta', float('nan')):>9.4f}"
-              f"{r['mse']:>11.3e}{r['snr_db']:>8.2f}{100 * r.get('overload_rate', 0.0):>8.1f}%")
+        print(
+            f"{r['scheme']:<22}{r['rate']:>9.2f}{r['effective_rate']:>10.2f}{r.get('beta', float('nan')):>9.4f}"
+            f"{r['mse']:>11.3e}{r['snr_db']:>8.2f}{100 * r.get('overload_rate', 0.0):>8.1f}%"
+        )
     try:
         path = _plot_rd(rows, out)
         print(f"plot: {path}")
@@ -171,12 +177,15 @@ def _cmd_bench(args) -> int:
         return args.n / (time.perf_counter() - t)
 
     b, T = encode(x, config=cfg, backend=args.backend)
-    rows = [("encode", rate(lambda: encode(x, config=cfg, backend=args.backend))),
-            ("decode", rate(lambda: decode(b, config=cfg, T=T, backend=args.backend))),
-            ("quantize", rate(lambda: quantize(x, config=cfg, backend=args.backend)))]
+    rows = [
+        ("encode", rate(lambda: encode(x, config=cfg, backend=args.backend))),
+        ("decode", rate(lambda: decode(b, config=cfg, T=T, backend=args.backend))),
+        ("quantize", rate(lambda: quantize(x, config=cfg, backend=args.backend))),
+    ]
     scale = float(x.abs().max()) / 7.5
-    rows.append(("torch fake_quantize (4-bit scalar)",
-                 rate(lambda: torch.fake_quantize_per_tensor_affine(x, scale, 0, -8, 7))))
+    rows.append(
+        ("torch fake_quantize (4-bit scalar)", rate(lambda: torch.fake_quantize_per_tensor_affine(x, scale, 0, -8, 7)))
+    )
     try:
         from coset.lut import EncodedMatrix, lut_linear  # optional: coset-lut installed
 
@@ -209,10 +218,14 @@ def _cmd_compress(args) -> int:
     for r in reports:
         tot_in += r.bytes_in
         tot_out += r.bytes_out
-        print(f"{r.name[:40]:<40}{str(list(r.shape)):>18}{r.bits_per_weight:>8.2f}{r.rel_error:>10.4f}"
-              f"{100 * r.overload_rate:>8.1f}%{100 * r.clamp_rate:>8.2f}%" + ("" if r.compressed else "  (kept)"))
-    print(f"total: {tot_in} bytes -> {tot_out} bytes of tensors ({tot_in / max(tot_out, 1):.2f}x); "
-          f"file {Path(args.output).stat().st_size} bytes")
+        print(
+            f"{r.name[:40]:<40}{str(list(r.shape)):>18}{r.bits_per_weight:>8.2f}{r.rel_error:>10.4f}"
+            f"{100 * r.overload_rate:>8.1f}%{100 * r.clamp_rate:>8.2f}%" + ("" if r.compressed else "  (kept)")
+        )
+    print(
+        f"total: {tot_in} bytes -> {tot_out} bytes of tensors ({tot_in / max(tot_out, 1):.2f}x); "
+        f"file {Path(args.output).stat().st_size} bytes"
+    )
     return 0
 
 
@@ -251,8 +264,14 @@ def _cmd_ptq(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    cmds = {None: _cmd_main_job, "rd": _cmd_rd, "bench": _cmd_bench, "compress": _cmd_compress, "info": _cmd_info,
-            "ptq": _cmd_ptq}
+    cmds = {
+        None: _cmd_main_job,
+        "rd": _cmd_rd,
+        "bench": _cmd_bench,
+        "compress": _cmd_compress,
+        "info": _cmd_info,
+        "ptq": _cmd_ptq,
+    }
     try:
         return cmds[args.command](args)
     except CliError as e:

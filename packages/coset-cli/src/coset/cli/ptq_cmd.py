@@ -33,8 +33,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="minilm, smollm2, or a local transformers model directory")
     p.add_argument("--bits", type=int, choices=(2, 3, 4), default=4, help="rate class: 2, 3 or 4 bits/weight")
     p.add_argument("--lattice", default="E8", choices=("Z2", "D4", "E8"), help="lattice of the HNLQ methods")
-    p.add_argument("--method", default="hnlq_ldlq,gptq",
-                   help=f"comma-separated methods among {', '.join(_METHODS)} (default hnlq_ldlq,gptq)")
+    p.add_argument(
+        "--method",
+        default="hnlq_ldlq,gptq",
+        help=f"comma-separated methods among {', '.join(_METHODS)} (default hnlq_ldlq,gptq)",
+    )
     p.add_argument("--group-size", type=int, default=128, help="group size of the scalar baselines (-1 = per channel)")
     p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128 MiniLM, 32 LM)")
     p.add_argument("--seqlen", type=int, default=None, help="calibration window length (default 128 MiniLM, 512 LM)")
@@ -134,7 +137,12 @@ def _evaluator(model, tok, kind, args):
 
 
 _COLS = {
-    "embedding": (("cos_mean", "mean cos"), ("cos_p5", "p5 cos"), ("overlap_at_k", "top-10 overlap"), ("spearman", "Spearman")),
+    "embedding": (
+        ("cos_mean", "mean cos"),
+        ("cos_p5", "p5 cos"),
+        ("overlap_at_k", "top-10 overlap"),
+        ("spearman", "Spearman"),
+    ),
     "lm": (("ppl_ratio", "ppl ratio"), ("kl", "KL"), ("top1_agree", "top-1 agree")),
 }
 
@@ -146,7 +154,9 @@ def _table(rows, kind) -> list[str]:
     for r in rows:
         met = r.get("metrics") or {}
         vals = " | ".join(f"{met[k]:.4f}" if k in met else "-" for k, _ in cols)
-        lines.append(f"| {r['method']} | {r['nominal_bits']:.3f} | {r['all_in_bits']:.3f} | {vals} | {r['wall_s']:.1f} |")
+        lines.append(
+            f"| {r['method']} | {r['nominal_bits']:.3f} | {r['all_in_bits']:.3f} | {vals} | {r['wall_s']:.1f} |"
+        )
     return lines
 
 
@@ -162,7 +172,12 @@ def _plot(rows, kind, out: Path):
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
         if r.get("metrics") and key in r["metrics"]:
-            ax.plot([r["all_in_bits"]], [r["metrics"][key]], "o" if r["method"].startswith("hnlq") else "s", label=r["method"])
+            ax.plot(
+                [r["all_in_bits"]],
+                [r["metrics"][key]],
+                "o" if r["method"].startswith("hnlq") else "s",
+                label=r["method"],
+            )
     ax.set_xlabel("all-in bits / weight")
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
@@ -201,12 +216,20 @@ def run(args) -> int:
         qmodel = copy.deepcopy(model)
         t = time.perf_counter()
         try:
-            rep = quantize_(qmodel, calib, PTQConfig(method=mcfg, nsamples=nsamples, seqlen=seqlen,
-                                                      progress=not args.no_progress))
+            rep = quantize_(
+                qmodel, calib, PTQConfig(method=mcfg, nsamples=nsamples, seqlen=seqlen, progress=not args.no_progress)
+            )
         except ValueError as e:
             raise _error(f"{name}: {e}") from None
-        row = {"method": name, "bits_class": args.bits, "nominal_bits": rep.nominal_bits, "all_in_bits": rep.all_in_bits,
-               "rel_proxy_mean": rep.rel_proxy_mean, "wall_s": time.perf_counter() - t, "peak_rss_mb": rep.peak_rss_mb}
+        row = {
+            "method": name,
+            "bits_class": args.bits,
+            "nominal_bits": rep.nominal_bits,
+            "all_in_bits": rep.all_in_bits,
+            "rel_proxy_mean": rep.rel_proxy_mean,
+            "wall_s": time.perf_counter() - t,
+            "peak_rss_mb": rep.peak_rss_mb,
+        }
         print(rep.summary(), flush=True)
         if evaluate is not None:
             with __import__("torch").no_grad():
@@ -216,7 +239,9 @@ def run(args) -> int:
             saved = name
         rows.append(row)
         del qmodel
-    (out / "ptq_results.json").write_text(json.dumps({"model": args.model, "bits": args.bits, "saved": saved, "rows": rows}, indent=2))
+    (out / "ptq_results.json").write_text(
+        json.dumps({"model": args.model, "bits": args.bits, "saved": saved, "rows": rows}, indent=2)
+    )
     lines = _table(rows, kind)
     (out / "ptq_results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -284,9 +284,16 @@ def run_qat_comparison(
         torch.manual_seed(seed)
         init = make_model(dataset).state_dict()
         cfgs = variant_configs(make_model(dataset), config)
-        res: dict = {"dataset": dataset, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
-                     "config": QATConfig(weight=config).to_dict()["weight"], "threads": torch.get_num_threads(),
-                     "variants": {}}
+        res: dict = {
+            "dataset": dataset,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "seed": seed,
+            "config": QATConfig(weight=config).to_dict()["weight"],
+            "threads": torch.get_num_threads(),
+            "variants": {},
+        }
         fp32_model = None
         for v in variants:
             if v == "ptq_w":
@@ -296,16 +303,24 @@ def run_qat_comparison(
             if v != "fp32":
                 quantize_model(model, cfgs[v])
             curves = train_model(model, data, epochs, batch_size, lr, seed, progress, desc=f"{dataset} {v}")
-            entry = {"final_test_acc": curves["test_acc"][-1], "best_test_acc": max(curves["test_acc"]),
-                     "curves": curves}
+            entry = {
+                "final_test_acc": curves["test_acc"][-1],
+                "best_test_acc": max(curves["test_acc"]),
+                "curves": curves,
+            }
             if v == "fp32":
                 fp32_model = model
                 entry.update(bits_per_weight=32.0, size_bytes=_fp32_bytes(model))
             else:
                 comp = _compressed(model, out, f"qat_{dataset}_{v}")
                 wo, ao = _overload_rates(model)
-                entry.update(bits_per_weight=comp["effective_bits_per_weight"], size_bytes=comp["file_bytes"],
-                             compressed=comp, weight_overload_rate=wo, act_overload_rate=ao)
+                entry.update(
+                    bits_per_weight=comp["effective_bits_per_weight"],
+                    size_bytes=comp["file_bytes"],
+                    compressed=comp,
+                    weight_overload_rate=wo,
+                    act_overload_rate=ao,
+                )
             res["variants"][v] = entry
         if "ptq_w" in variants:
             import copy
@@ -316,10 +331,15 @@ def run_qat_comparison(
             acc, _ = evaluate(model, data.x_test, data.y_test)
             comp = _compressed(model, out, f"qat_{dataset}_ptq_w")
             wo, _ = _overload_rates(model)
-            res["variants"]["ptq_w"] = {"final_test_acc": acc, "best_test_acc": acc,
-                                        "bits_per_weight": comp["effective_bits_per_weight"],
-                                        "size_bytes": comp["file_bytes"], "compressed": comp,
-                                        "weight_overload_rate": wo, "act_overload_rate": float("nan")}
+            res["variants"]["ptq_w"] = {
+                "final_test_acc": acc,
+                "best_test_acc": acc,
+                "bits_per_weight": comp["effective_bits_per_weight"],
+                "size_bytes": comp["file_bytes"],
+                "compressed": comp,
+                "weight_overload_rate": wo,
+                "act_overload_rate": float("nan"),
+            }
         if "fp32" in res["variants"]:
             f = res["variants"]["fp32"]["final_test_acc"]
             res["gap_points"] = {v: f - e["final_test_acc"] for v, e in res["variants"].items() if v != "fp32"}
@@ -373,8 +393,9 @@ def plot_curves(result: dict, path: str | os.PathLike) -> Path | None:
 MAIN_JOB_EPOCHS = 20
 
 
-def run_main_job(epochs: int | None = None, seed: int = 0, progress: bool = True,
-                 out_dir: None | str | os.PathLike = None) -> dict:
+def run_main_job(
+    epochs: int | None = None, seed: int = 0, progress: bool = True, out_dir: None | str | os.PathLike = None
+) -> dict:
     """The ``coset`` command's default run: :func:`run_qat_comparison` on MNIST-1D, D4 q=4 M=2, all four
     variants, ``MAIN_JOB_EPOCHS`` epochs unless given."""
     epochs = MAIN_JOB_EPOCHS if epochs is None else epochs
@@ -384,10 +405,14 @@ def run_main_job(epochs: int | None = None, seed: int = 0, progress: bool = True
 def print_report(result: dict) -> None:
     """Print the per-variant table of a :func:`run_qat_comparison` result."""
     c = result["config"]
-    print(f"{result['dataset']}: {result['epochs']} epochs, seed {result['seed']}, "
-          f"HNLQ {c['lattice_type']} q={c['q']} M={c['M']}")
-    hdr = (f"{'variant':<8}{'test acc %':>11}{'gap pts':>9}{'bits/w':>8}{'size B':>10}{'w-ovl %':>9}"
-           f"{'a-ovl %':>9}{'step ms':>9}")
+    print(
+        f"{result['dataset']}: {result['epochs']} epochs, seed {result['seed']}, "
+        f"HNLQ {c['lattice_type']} q={c['q']} M={c['M']}"
+    )
+    hdr = (
+        f"{'variant':<8}{'test acc %':>11}{'gap pts':>9}{'bits/w':>8}{'size B':>10}{'w-ovl %':>9}"
+        f"{'a-ovl %':>9}{'step ms':>9}"
+    )
     print(hdr)
     print("-" * len(hdr))
 
@@ -397,11 +422,15 @@ def print_report(result: dict) -> None:
     for v, e in result["variants"].items():
         gap = result.get("gap_points", {}).get(v, 0.0)
         step = e["curves"].get("step_ms") if "curves" in e else None
-        print(f"{v:<8}{e['final_test_acc']:>11.2f}{gap:>9.2f}{e['bits_per_weight']:>8.2f}{e['size_bytes']:>10d}"
-              f"{cell(e.get('weight_overload_rate'), 9, scale=100)}{cell(e.get('act_overload_rate'), 9, scale=100)}"
-              f"{cell(step, 9, '.2f')}")
-    print("variants: fp32 = float baseline; qat_w = QAT of the weights; qat_wa = weights and activations; "
-          "ptq_w = the fp32 model quantized after training. bits/w = labels + T + betas + metadata per weight; "
-          "w-/a-ovl = share of weight/activation blocks that needed T > 0.")
+        print(
+            f"{v:<8}{e['final_test_acc']:>11.2f}{gap:>9.2f}{e['bits_per_weight']:>8.2f}{e['size_bytes']:>10d}"
+            f"{cell(e.get('weight_overload_rate'), 9, scale=100)}{cell(e.get('act_overload_rate'), 9, scale=100)}"
+            f"{cell(step, 9, '.2f')}"
+        )
+    print(
+        "variants: fp32 = float baseline; qat_w = QAT of the weights; qat_wa = weights and activations; "
+        "ptq_w = the fp32 model quantized after training. bits/w = labels + T + betas + metadata per weight; "
+        "w-/a-ovl = share of weight/activation blocks that needed T > 0."
+    )
     for k, p in result.get("files", {}).items():
         print(f"{k}: {p}")

@@ -22,13 +22,31 @@ def rd_table(n: int = 1 << 16, seed: int = 0, lattices=("Z2", "D4", "E8"), cente
     rows = []
     for rate, q, M in RD_CODES:
         s = scalar_rd(rate, x=x)["uniform"]
-        rows.append({"scheme": f"scalar {rate}-bit", "family": "uniform scalar", "rate": float(rate),
-                     "effective_rate": float(rate), "beta": s["step"], "mse": s["mse"], "snr_db": s["snr_db"],
-                     "overload_rate": 0.0})
+        rows.append(
+            {
+                "scheme": f"scalar {rate}-bit",
+                "family": "uniform scalar",
+                "rate": float(rate),
+                "effective_rate": float(rate),
+                "beta": s["step"],
+                "mse": s["mse"],
+                "snr_db": s["snr_db"],
+                "overload_rate": 0.0,
+            }
+        )
         for name in lattices:
             cfg = QuantizationConfig(lattice_type=name, q=q, M=M, alpha=1 / 3, max_scaling_iterations=30, center=center)
             r = hnlq_rd(config=cfg, x=x, alpha=None)
-            rows.append({"scheme": f"{name} q={q} M={M}", "family": f"HNLQ {name}", "rate": float(rate),
-                         "effective_rate": r["rate_effective"], "beta": r["beta"], "mse": r["mse"],
-                         "snr_db": r["snr_db"], "overload_rate": r["overload_rate"]})
+            rows.append(
+                {
+                    "scheme": f"{name} q={q} M={M}",
+                    "family": f"HNLQ {name}",
+                    "rate": float(rate),
+                    "effective_rate": r["rate_effective"],
+                    "beta": r["beta"],
+                    "mse": r["mse"],
+                    "snr_db": r["snr_db"],
+                    "overload_rate": r["overload_rate"],
+                }
+            )
     return rows

@@ -16,15 +16,12 @@ Conventions (research/paper.md §1, §7):
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 import torch
 
 from .validate import check_float_tensor
 
 __all__ = ["Lattice", "tie_offset"]
-
 
 
 def _primes(n: int) -> list[int]:
@@ -211,5 +208,3 @@ def _check_dim(n: int, lo: int, what: str) -> int:
     if n < lo:
         raise ValueError(f"{what} needs n >= {lo}, got {n}")
     return int(n)
-
-

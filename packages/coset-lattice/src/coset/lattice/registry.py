@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from functools import lru_cache
+from functools import cache
 
 from .base import Lattice
 from .dn import D4Lattice, DnLattice
@@ -16,7 +16,7 @@ __all__ = ["get_lattice", "LATTICE_NAMES"]
 LATTICE_NAMES = ("Z2", "D4", "E8")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _make(name: str) -> Lattice:
     if name == "Z2":
         return Z2Lattice()

@@ -8,7 +8,6 @@ int (``True`` is an ``int`` in Python).
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -26,7 +25,7 @@ __all__ = [
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_int(name: str, v, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
+def check_int(name: str, v, lo: int | None = None, hi: int | None = None) -> int:
     """``v`` as an int in ``[lo, hi]`` (either bound may be None)."""
     if isinstance(v, bool) or not isinstance(v, int):
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
@@ -59,7 +58,7 @@ def check_q(q, hi: int = 256, name: str = "q") -> int:
     return check_int(name, q, 2, hi)
 
 
-def check_float_tensor(name: str, x, d: Optional[int] = None, finite: bool = True) -> torch.Tensor:
+def check_float_tensor(name: str, x, d: int | None = None, finite: bool = True) -> torch.Tensor:
     """A floating tensor ``(..., d)`` (any ``d`` when None), with finite entries when ``finite``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")

@@ -11,8 +11,6 @@ A centred block decodes to ``x̂ = s (P - c)`` with ``P = sum_m q^m a(b_m)`` and
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from coset.quant import QuantizationConfig, constellation_offset
@@ -22,7 +20,7 @@ from .tables import representative_table
 __all__ = ["code_offset", "offset_dots", "layer_dot"]
 
 
-def code_offset(config: QuantizationConfig, device=None) -> Optional[torch.Tensor]:
+def code_offset(config: QuantizationConfig, device=None) -> torch.Tensor | None:
     """The offset ``c`` of the codes, float64 ``(d,)`` on ``device``, or None when ``config.center`` is False."""
     if not config.center:
         return None

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from coset.lattice.validate import check_int_tensor
@@ -26,7 +24,7 @@ def check_config(config, argname: str = "config") -> QuantizationConfig:
     return config
 
 
-def check_codes(b, T: Optional[torch.Tensor], config: QuantizationConfig, bname: str, tname: str) -> None:
+def check_codes(b, T: torch.Tensor | None, config: QuantizationConfig, bname: str, tname: str) -> None:
     """``b``: (..., M, d) integer labels in [0, q); ``T``: None or (...) integer in [0, cap]."""
     check_int_tensor(bname, b)
     d = config.dim
@@ -38,7 +36,9 @@ def check_codes(b, T: Optional[torch.Tensor], config: QuantizationConfig, bname:
         return
     check_int_tensor(tname, T)
     if T.shape != b.shape[:-2]:
-        raise ValueError(f"{tname} must have shape {tuple(b.shape[:-2])} (that of {bname} without M, d), got {tuple(T.shape)}")
+        raise ValueError(
+            f"{tname} must have shape {tuple(b.shape[:-2])} (that of {bname} without M, d), got {tuple(T.shape)}"
+        )
     cap = config.max_scaling_iterations
     if T.numel() and (int(T.min()) < 0 or int(T.max()) > cap):
         raise ValueError(f"{tname} must lie in [0, max_scaling_iterations={cap}]")
@@ -60,12 +60,10 @@ def broadcast_lead(a, b, aname: str, bname: str) -> tuple:
     try:
         return tuple(torch.broadcast_shapes(tuple(a), tuple(b)))
     except RuntimeError:
-        raise ValueError(
-            f"the leading dims of {aname} {tuple(a)} and {bname} {tuple(b)} do not broadcast"
-        ) from None
+        raise ValueError(f"the leading dims of {aname} {tuple(a)} and {bname} {tuple(b)} do not broadcast") from None
 
 
-def block_scales(T: Optional[torch.Tensor], shape, config: QuantizationConfig, dtype=torch.float32, device=None):
+def block_scales(T: torch.Tensor | None, shape, config: QuantizationConfig, dtype=torch.float32, device=None):
     """``s = config.scales[T]`` (``beta 2^(alpha T)``), shape ``shape``; T None means all zero."""
     scales = torch.tensor(config.scales, dtype=torch.float64, device=device)
     if T is None:

@@ -47,7 +47,7 @@ class EncodedMatrix:
         check_int("k", self.k, (K - 1) * d + 1, K * d)  # K blocks of d columns, the last one padded
 
     @classmethod
-    def from_dense(cls, W: torch.Tensor, config: QuantizationConfig, *, backend: str = "auto") -> "EncodedMatrix":
+    def from_dense(cls, W: torch.Tensor, config: QuantizationConfig, *, backend: str = "auto") -> EncodedMatrix:
         """Encode the rows of ``W``.
 
         Parameters

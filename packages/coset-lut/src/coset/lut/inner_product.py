@@ -8,8 +8,6 @@ Codes with ``config.center=True`` (x̂ = s (P - c)) get the corrections of :mod:
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from coset.quant import QuantizationConfig
@@ -48,11 +46,11 @@ def lut_inner_product(
     bx: torch.Tensor,
     by: torch.Tensor,
     config: QuantizationConfig,
-    Tx: Optional[torch.Tensor] = None,
-    Ty: Optional[torch.Tensor] = None,
+    Tx: torch.Tensor | None = None,
+    Ty: torch.Tensor | None = None,
     *,
-    config_y: Optional[QuantizationConfig] = None,
-    lut: Optional[TwoSidedLUT] = None,
+    config_y: QuantizationConfig | None = None,
+    lut: TwoSidedLUT | None = None,
     dtype: torch.dtype = torch.float64,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -106,7 +104,7 @@ def lut_inner_product_one_sided(
     bx: torch.Tensor,
     y: torch.Tensor,
     config: QuantizationConfig,
-    Tx: Optional[torch.Tensor] = None,
+    Tx: torch.Tensor | None = None,
     *,
     backend: str = "auto",
 ) -> torch.Tensor:

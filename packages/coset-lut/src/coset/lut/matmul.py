@@ -7,12 +7,9 @@ runs in :mod:`coset.lut.kernels` (native backend when registered, else the PyTor
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from coset.quant import to_blocks
-from coset.quant.backend import select_backend
 
 from .center import code_offset, layer_dot, offset_dots
 from .checks import block_scales, check_same_code
@@ -96,8 +93,9 @@ def lut_matmul(
     native_ok = cx.M == cy.M and not lut.table.dtype.is_floating_point
     if not native_ok and backend not in ("auto", "torch"):
         raise ValueError(f"backend {backend!r}: the native lut_two_sided op needs equal M and an integer table")
-    out = two_sided_scores(ix, sx, iy, sy, lut.table if native_ok else lut.table_f32, cx.q,
-                           backend if native_ok else "torch")
+    out = two_sided_scores(
+        ix, sx, iy, sy, lut.table if native_ok else lut.table_f32, cx.q, backend if native_ok else "torch"
+    )
     ox, oy = code_offset(cx, ix.device), code_offset(cy, ix.device)
     if X.pad or ox is not None or oy is not None:
         out = out.to(torch.float64)
@@ -169,7 +167,7 @@ def lut_matmul_one_sided(X: EncodedMatrix, Y: torch.Tensor, *, backend: str = "a
 
 
 def lut_linear(
-    x: torch.Tensor, W: EncodedMatrix, bias: Optional[torch.Tensor] = None, *, backend: str = "auto"
+    x: torch.Tensor, W: EncodedMatrix, bias: torch.Tensor | None = None, *, backend: str = "auto"
 ) -> torch.Tensor:
     """``x @ Ŵ.T (+ bias)`` with an encoded weight, by the one-sided LUT path (no dequantized weight).
 

@@ -26,7 +26,7 @@ DEFAULT_MAX_ENTRIES = 2**24
 
 _lock = threading.Lock()
 _rep_cache: dict[tuple, torch.Tensor] = {}
-_lut_cache: dict[tuple, "TwoSidedLUT"] = {}
+_lut_cache: dict[tuple, TwoSidedLUT] = {}
 
 
 def _check_lattice_q(lattice, q) -> None:

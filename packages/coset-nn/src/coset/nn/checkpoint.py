@@ -140,8 +140,13 @@ def save_compressed(model: nn.Module, path: PathLike) -> CheckpointReport:
         cdict = layer.qconfig.to_dict()
         if cdict not in configs:
             configs.append(cdict)
-        entry: dict[str, Any] = {"kind": _KIND[type(layer)], "weight_shape": list(layer.weight.shape), "k": layer.k,
-                                 "pad": layer.pad, "config": configs.index(cdict)}
+        entry: dict[str, Any] = {
+            "kind": _KIND[type(layer)],
+            "weight_shape": list(layer.weight.shape),
+            "k": layer.k,
+            "pad": layer.pad,
+            "config": configs.index(cdict),
+        }
         wq = layer.weight_quantizer
         if wq is not None:
             labels, T, betas = layer.codes()  # brought up to date as an eval forward would
@@ -172,8 +177,11 @@ def save_compressed(model: nn.Module, path: PathLike) -> CheckpointReport:
         t = val.detach().cpu().contiguous().clone()
         tensors[key] = t
         other_b += t.numel() * t.element_size()
-    meta = {"format": FORMAT, "configs": json.dumps(configs, separators=(",", ":")),
-            "layers": json.dumps(meta_layers, sort_keys=True, separators=(",", ":"))}
+    meta = {
+        "format": FORMAT,
+        "configs": json.dumps(configs, separators=(",", ":")),
+        "layers": json.dumps(meta_layers, sort_keys=True, separators=(",", ":")),
+    }
     save_file(tensors, path, metadata=meta)
     meta_b = sum(len(k) + len(v) for k, v in meta.items())
     return CheckpointReport(path, os.path.getsize(path), n_q, label_b, t_b, beta_b, meta_b, other_b, meta_layers)
@@ -282,8 +290,11 @@ def load_compressed(model: nn.Module, path: PathLike) -> nn.Module:
     non-finite value, names a layer the model lacks or one of another kind/shape/config, or an invalid config.
     """
     if isinstance(model, (str, os.PathLike)) and isinstance(path, nn.Module):
-        warnings.warn("load_compressed(path, model) is deprecated: call load_compressed(model, path)",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "load_compressed(path, model) is deprecated: call load_compressed(model, path)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         model, path = path, model
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -362,8 +373,12 @@ def load_compressed(model: nn.Module, path: PathLike) -> nn.Module:
         wq = mod.weight_quantizer
         dev = mod.weight.device
         try:
-            wq.load_codes(labels.to(dev), T.to(dev), None if betas is None else betas.to(dev),
-                          clamped=None if clamped is None else clamped.to(dev))
+            wq.load_codes(
+                labels.to(dev),
+                T.to(dev),
+                None if betas is None else betas.to(dev),
+                clamped=None if clamped is None else clamped.to(dev),
+            )
         except (TypeError, ValueError) as e:
             raise ValueError(f"{path}: layer {name!r}: {e}") from None
         with torch.no_grad():

@@ -187,8 +187,17 @@ def quantize_model(
         qmod.set_name(name)
         for n in uses:
             _set_submodule(model, n, qmod)
-        layers.append(LayerReport(name, _KIND[type(qmod)], tuple(qmod.weight.shape), first_cfg,
-                                  qmod.bits_per_weight(), qmod.pad, tuple(uses[1:])))
+        layers.append(
+            LayerReport(
+                name,
+                _KIND[type(qmod)],
+                tuple(qmod.weight.shape),
+                first_cfg,
+                qmod.bits_per_weight(),
+                qmod.pad,
+                tuple(uses[1:]),
+            )
+        )
     return ConversionReport(tuple(layers), skipped)
 
 

@@ -170,8 +170,14 @@ def quantize_weight(w2: torch.Tensor, betas: torch.Tensor, qat: QATConfig, dtype
     return from_blocks(xh, pad).to(dtype), T, clamped, (u, cfg)
 
 
-def decode_weight(labels: torch.Tensor, T: torch.Tensor, betas: torch.Tensor, qat: QATConfig, k: int,
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def decode_weight(
+    labels: torch.Tensor,
+    T: torch.Tensor,
+    betas: torch.Tensor,
+    qat: QATConfig,
+    k: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Decode codes from :func:`encode_weight` into the ``(C_out, k)`` quantized weight of ``dtype``.
 
     "fixed": :func:`coset.quant.decode` with the config's beta. Otherwise the beta-1 decode (lattice

@@ -145,8 +145,14 @@ class QuantLayerMixin(_Base):
         rates, steps) and activation statistics (:meth:`HNLQActivationQuantizer.stats`); nan when the layer does
         not quantize that tensor."""
         nan = float("nan")
-        out: dict = {"weight_overload_rate": nan, "weight_clamp_rate": nan, "clamped_blocks": 0, "steps": 0,
-                     "act_overload_rate": nan, "act_clamp_rate": nan}
+        out: dict = {
+            "weight_overload_rate": nan,
+            "weight_clamp_rate": nan,
+            "clamped_blocks": 0,
+            "steps": 0,
+            "act_overload_rate": nan,
+            "act_clamp_rate": nan,
+        }
         if self.weight_quantizer is not None:
             out.update(self.weight_quantizer.stats())
         if self.activation_quantizer is not None:
@@ -163,14 +169,16 @@ class QuantLayerMixin(_Base):
             self.weight_quantizer._current_at_save = self.weight_quantizer.is_current(self.weight)
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         for old, new in _V1_KEYS.items():  # version-1 layout: the code lived on the layer
             if prefix + old in state_dict:
                 value = state_dict.pop(prefix + old)
                 state_dict.setdefault(prefix + new, value)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _apply(self, fn, *args, **kwargs):
         wq = self.weight_quantizer
@@ -187,5 +195,7 @@ class QuantLayerMixin(_Base):
         c = self.qconfig
         w = "float" if c.weight is None else f"{c.weight.lattice_type} q={c.weight.q} M={c.weight.M}"
         a = "float" if c.activation is None else f"{c.activation.lattice_type} q={c.activation.q} M={c.activation.M}"
-        return (f"{super().extra_repr()}, weight={w}, act={a}, granularity={c.granularity}, ste={c.ste}, "
-                f"quantize_every={c.quantize_every}, use_lut={c.use_lut}")
+        return (
+            f"{super().extra_repr()}, weight={w}, act={a}, granularity={c.granularity}, ste={c.ste}, "
+            f"quantize_every={c.quantize_every}, use_lut={c.use_lut}"
+        )

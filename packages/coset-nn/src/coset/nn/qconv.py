@@ -36,12 +36,25 @@ class _QConvMixin(QuantLayerMixin, _ConvBase):
     @classmethod
     def from_float(cls, mod: Any, qconfig: QATConfig | None = None) -> Any:
         """A quantized convolution sharing ``mod``'s weight and bias Parameters."""
-        if type(mod) is not cls._float_cls and not (isinstance(mod, cls._float_cls) and not isinstance(mod, QuantLayerMixin)):
+        if type(mod) is not cls._float_cls and not (
+            isinstance(mod, cls._float_cls) and not isinstance(mod, QuantLayerMixin)
+        ):
             raise TypeError(f"mod must be an nn.{cls._float_cls.__name__}, got {type(mod).__name__}")
         m: Any = mod  # a torch convolution (checked above)
-        q = cls(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
-                dilation=m.dilation, groups=m.groups, bias=m.bias is not None, padding_mode=m.padding_mode,
-                device="meta", dtype=m.weight.dtype, qconfig=qconfig)  # type: ignore[call-arg]
+        q = cls(
+            m.in_channels,
+            m.out_channels,
+            m.kernel_size,
+            stride=m.stride,
+            padding=m.padding,
+            dilation=m.dilation,
+            groups=m.groups,
+            bias=m.bias is not None,
+            padding_mode=m.padding_mode,
+            device="meta",
+            dtype=m.weight.dtype,
+            qconfig=qconfig,
+        )  # type: ignore[call-arg]
         q.weight = m.weight
         q.bias = m.bias
         q._init_quant(q.qconfig)
@@ -50,10 +63,19 @@ class _QConvMixin(QuantLayerMixin, _ConvBase):
 
     def to_float(self, use_quantized: bool = False):
         """The float convolution with the shadow weight (shared) or a copy of the quantized weight."""
-        conv = self._float_cls(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
-                               padding=self.padding, dilation=self.dilation, groups=self.groups,
-                               bias=self.bias is not None, padding_mode=self.padding_mode, device="meta",
-                               dtype=self.weight.dtype)
+        conv = self._float_cls(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            bias=self.bias is not None,
+            padding_mode=self.padding_mode,
+            device="meta",
+            dtype=self.weight.dtype,
+        )
         if use_quantized and self.qconfig.weight is not None:
             conv.weight = nn.Parameter(self.quantized_weight().clone())
         else:
@@ -118,12 +140,35 @@ class QConv2d(_QConvMixin, nn.Conv2d):
 
     _float_cls = nn.Conv2d
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, padding_mode: Any = "zeros", device=None, dtype=None,
-                 qconfig: QATConfig | None = None) -> None:
-        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-                           dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode, device=device,
-                           dtype=dtype)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: Any = "zeros",
+        device=None,
+        dtype=None,
+        qconfig: QATConfig | None = None,
+    ) -> None:
+        nn.Conv2d.__init__(
+            self,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=bias,
+            padding_mode=padding_mode,
+            device=device,
+            dtype=dtype,
+        )
         self._init_quant(qconfig)
         self._check_lut_ok()
 
@@ -138,11 +183,34 @@ class QConv1d(_QConvMixin, nn.Conv1d):
 
     _float_cls = nn.Conv1d
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, padding_mode: Any = "zeros", device=None, dtype=None,
-                 qconfig: QATConfig | None = None) -> None:
-        nn.Conv1d.__init__(self, in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-                           dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode, device=device,
-                           dtype=dtype)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: Any = "zeros",
+        device=None,
+        dtype=None,
+        qconfig: QATConfig | None = None,
+    ) -> None:
+        nn.Conv1d.__init__(
+            self,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=bias,
+            padding_mode=padding_mode,
+            device=device,
+            dtype=dtype,
+        )
         self._init_quant(qconfig)
         self._check_lut_ok()

@@ -31,8 +31,15 @@ class QLinear(QuantLayerMixin, nn.Linear):
     See :mod:`coset.nn.layer` for caching, padding and state_dict behaviour.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
-                 qconfig: QATConfig | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        qconfig: QATConfig | None = None,
+    ) -> None:
         nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_quant(qconfig)
 
@@ -41,8 +48,14 @@ class QLinear(QuantLayerMixin, nn.Linear):
         """A QLinear sharing ``mod``'s weight and bias Parameters (same device and dtype)."""
         if not isinstance(mod, nn.Linear):
             raise TypeError(f"mod must be an nn.Linear, got {type(mod).__name__}")
-        q = cls(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta", dtype=mod.weight.dtype,
-                qconfig=qconfig)
+        q = cls(
+            mod.in_features,
+            mod.out_features,
+            bias=mod.bias is not None,
+            device="meta",
+            dtype=mod.weight.dtype,
+            qconfig=qconfig,
+        )
         q.weight = mod.weight
         q.bias = mod.bias
         q._init_quant(q.qconfig)  # quantizer buffers on the weight's device
@@ -52,8 +65,9 @@ class QLinear(QuantLayerMixin, nn.Linear):
     def to_float(self, use_quantized: bool = False) -> nn.Linear:
         """An ``nn.Linear`` with the shadow weight (shared Parameter) or, with ``use_quantized``, a copy of
         the quantized weight (then it reproduces this layer's weight-only quantized eval forward)."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta",
-                        dtype=self.weight.dtype)
+        lin = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device="meta", dtype=self.weight.dtype
+        )
         if use_quantized and self.qconfig.weight is not None:
             lin.weight = nn.Parameter(self.quantized_weight().clone())
         else:

@@ -60,8 +60,18 @@ __all__ = ["HNLQWeightQuantizer", "HNLQActivationQuantizer", "ClampWarning", "co
 
 _CODE_KEYS = ("labels", "T", "beta", "q_state")  # required together; "clamped" and "code" are optional
 _ALL_KEYS = _CODE_KEYS + ("clamped", "code")
-_CODE_FIELDS = ("lattice_type", "q", "M", "alpha", "max_scaling_iterations", "with_tie_dither", "with_dither",
-                "dither_seed", "disable_scaling", "center")
+_CODE_FIELDS = (
+    "lattice_type",
+    "q",
+    "M",
+    "alpha",
+    "max_scaling_iterations",
+    "with_tie_dither",
+    "with_dither",
+    "dither_seed",
+    "disable_scaling",
+    "center",
+)
 
 
 def _version(t: torch.Tensor) -> int:
@@ -264,8 +274,15 @@ class HNLQWeightQuantizer(nn.Module):
         return self.labels, self.T, self.beta
 
     @torch.no_grad()
-    def load_codes(self, labels: torch.Tensor, T: torch.Tensor, betas: torch.Tensor | None = None, *,
-                   clamped: torch.Tensor | None = None, steps: int = 0) -> None:
+    def load_codes(
+        self,
+        labels: torch.Tensor,
+        T: torch.Tensor,
+        betas: torch.Tensor | None = None,
+        *,
+        clamped: torch.Tensor | None = None,
+        steps: int = 0,
+    ) -> None:
         """Use the given code as the weight's code (bound to the shadow weight at the next forward).
 
         Parameters
@@ -288,7 +305,9 @@ class HNLQWeightQuantizer(nn.Module):
             if not isinstance(val, torch.Tensor):
                 raise TypeError(f"{arg} must be a torch.Tensor, got {type(val).__name__}")
             if val.dtype != dt or tuple(val.shape) != tuple(shp):
-                raise ValueError(f"{arg} must be a {dt} tensor of shape {tuple(shp)}, got {val.dtype} {tuple(val.shape)}")
+                raise ValueError(
+                    f"{arg} must be a {dt} tensor of shape {tuple(shp)}, got {val.dtype} {tuple(val.shape)}"
+                )
         cfg = self.cfg
         if labels.numel() and int(labels.max()) >= cfg.q:
             raise ValueError(f"labels must lie in [0, q={cfg.q})")
@@ -400,8 +419,9 @@ class HNLQWeightQuantizer(nn.Module):
             return
         destination[prefix + "code"] = _ident_tensor(self._identity, self.T.device)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         present = [prefix + key in state_dict for key in _CODE_KEYS]
         if any(present) and not all(present):
             error_msgs.append(f"{prefix}: incomplete weight codes (need all of {list(_CODE_KEYS)} or none)")
@@ -410,8 +430,9 @@ class HNLQWeightQuantizer(nn.Module):
             self._check_loaded(state_dict, prefix)
         if prefix + "clamped" not in state_dict and all(present):  # version-1 state: no clamp mask stored
             state_dict[prefix + "clamped"] = torch.zeros_like(self.clamped)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         for key in _ALL_KEYS:
             if prefix + key in missing_keys:
                 missing_keys.remove(prefix + key)
@@ -445,9 +466,13 @@ class HNLQWeightQuantizer(nn.Module):
                     "from the state to re-quantize from the shadow weight"
                 )
         cfg = self.cfg
-        specs = {"labels": (torch.uint8, self.labels.shape), "T": (torch.uint8, self.T.shape),
-                 "beta": (None, self.beta.shape), "clamped": (torch.bool, self.clamped.shape),
-                 "q_state": (torch.int64, self.q_state.shape)}
+        specs = {
+            "labels": (torch.uint8, self.labels.shape),
+            "T": (torch.uint8, self.T.shape),
+            "beta": (None, self.beta.shape),
+            "clamped": (torch.bool, self.clamped.shape),
+            "q_state": (torch.int64, self.q_state.shape),
+        }
         for key, (dt, shp) in specs.items():
             t = sd.get(prefix + key)
             if t is None:
@@ -477,8 +502,10 @@ class HNLQWeightQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.cfg
-        return (f"{c.lattice_type} q={c.q} M={c.M}, granularity={self.qconfig.granularity}, ste={self.qconfig.ste}, "
-                f"quantize_every={self.qconfig.quantize_every}")
+        return (
+            f"{c.lattice_type} q={c.q} M={c.M}, granularity={self.qconfig.granularity}, ste={self.qconfig.ste}, "
+            f"quantize_every={self.qconfig.quantize_every}"
+        )
 
 
 class HNLQActivationQuantizer(nn.Module):
@@ -560,8 +587,9 @@ class HNLQActivationQuantizer(nn.Module):
             "act_clamp_rate": self._clamped / n if n else float("nan"),
         }
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         b = state_dict.get(prefix + "beta")
         if b is not None:
             if not isinstance(b, torch.Tensor) or b.numel() != 1 or not b.is_floating_point():
@@ -569,8 +597,9 @@ class HNLQActivationQuantizer(nn.Module):
             if not bool(torch.isfinite(b).all()) or float(b) < 0:
                 raise ValueError(f"{prefix}beta must be finite and >= 0, got {float(b)}")
             state_dict[prefix + "beta"] = b.reshape(())
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         if prefix + "beta" in missing_keys:  # a float checkpoint: observed at the next training forward
             missing_keys.remove(prefix + "beta")
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import threading
 import warnings
-from typing import Optional
 
 import torch
 
@@ -48,7 +47,7 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------------------ arguments
-def resolve(config: Optional[QuantizationConfig], lattice: Optional[Lattice] = None) -> tuple[Lattice, QuantizationConfig]:
+def resolve(config: QuantizationConfig | None, lattice: Lattice | None = None) -> tuple[Lattice, QuantizationConfig]:
     """Fill in defaults: ``config`` defaults to ``QuantizationConfig()``, ``lattice`` to ``config.lattice``.
 
     A ``lattice`` passed explicitly must be the one ``config.lattice_type`` names (compared by name,
@@ -294,7 +293,7 @@ def _seq_norm(u: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------- flat reference encoder/decoder
-def encode_flat(x64: torch.Tensor, lattice: Lattice, config: QuantizationConfig, z: Optional[torch.Tensor]):
+def encode_flat(x64: torch.Tensor, lattice: Lattice, config: QuantizationConfig, z: torch.Tensor | None):
     """Reference encoder on float64 ``(N, d)`` (``z``: the backend's ``dither``): returns ``(b, T, clamped)``."""
     N, d = x64.shape
     q, M = config.q, config.M
@@ -349,7 +348,7 @@ def encode_flat(x64: torch.Tensor, lattice: Lattice, config: QuantizationConfig,
     return b, T, clamped
 
 
-def decode_flat(b, T, lattice: Lattice, config: QuantizationConfig, z: Optional[torch.Tensor], dtype):
+def decode_flat(b, T, lattice: Lattice, config: QuantizationConfig, z: torch.Tensor | None, dtype):
     """Reference decoder on ``(N, M, d)`` labels and ``(N,)`` T (or None): ``(N, d)`` of ``dtype``."""
     y = decode_lattice_units(b, lattice, config.q, config.with_tie_dither)
     if z is not None:
@@ -370,4 +369,3 @@ def warn_clamped(clamped: torch.Tensor, config: QuantizationConfig, what: str = 
             ClampWarning,
             stacklevel=stacklevel,
         )
-

@@ -32,7 +32,7 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import entry_points
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -77,7 +77,7 @@ class KernelConstants:
     M: int
     G: np.ndarray
     G_inv: np.ndarray
-    eps: Optional[np.ndarray]
+    eps: np.ndarray | None
     scales: np.ndarray
     clamp_radius: float
     max_abs_input: float
@@ -119,6 +119,7 @@ def kernel_constants(lattice: Lattice, config: QuantizationConfig, dithered: boo
     if not isinstance(dithered, bool):
         raise TypeError(f"dithered must be a bool, got {type(dithered).__name__}")
     return _kernel_constants(lattice, config, dithered)
+
 
 ENTRY_POINT_GROUP = "coset.backends"
 
@@ -167,7 +168,7 @@ def _load_entry_points() -> None:
                 if backend is not None and backend.name not in _registry:
                     register_backend(backend)
             except Exception as e:  # a broken optional plugin must not break the pure-Python path
-                warnings.warn(f"coset: could not load kernel backend {ep.name!r}: {e}", RuntimeWarning)
+                warnings.warn(f"coset: could not load kernel backend {ep.name!r}: {e}", RuntimeWarning, stacklevel=2)
         _loaded = True
 
 
@@ -178,7 +179,7 @@ def available_backends() -> list[str]:
     return names + ["torch"]
 
 
-def get_backend(name: str) -> Optional[Any]:
+def get_backend(name: str) -> Any | None:
     """The backend object called ``name`` (``None`` for ``"torch"``). Raises ``ValueError`` if unknown."""
     _load_entry_points()
     if name == "torch":
@@ -194,7 +195,7 @@ def _auto_ok(backend: Any, op: str, tensor) -> bool:
     return True if f is None else bool(f(op, tensor))
 
 
-def select_backend(backend: str, op: str, tensor, lattice, config) -> Optional[Any]:
+def select_backend(backend: str, op: str, tensor, lattice, config) -> Any | None:
     """Resolve ``backend`` ("auto", "torch" or a registered name) for one call; ``None`` means the reference.
 
     With "auto" the best registered backend that supports the call is used; with an explicit name the call
@@ -212,6 +213,6 @@ def select_backend(backend: str, op: str, tensor, lattice, config) -> Optional[A
                 return b
         return None
     b = get_backend(backend)
-    if not hasattr(b, op) or not b.supports(op, tensor, lattice, config):
+    if b is None or not hasattr(b, op) or not b.supports(op, tensor, lattice, config):
         raise ValueError(f"backend {backend!r} does not support {op} for this input/config")
     return b

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -51,8 +51,8 @@ def _objective(x: torch.Tensor, config: QuantizationConfig, beta: float, objecti
 
 def calibrate_beta(
     x: torch.Tensor,
-    config: Optional[QuantizationConfig] = None,
-    grid: Optional[Sequence[float]] = None,
+    config: QuantizationConfig | None = None,
+    grid: Sequence[float] | None = None,
     objective: str = "rd",
 ) -> tuple[float, float]:
     """Return ``(beta, mse)``: the beta of a grid that minimises ``objective`` for ``quantize`` on ``x`` (..., d).

@@ -25,7 +25,6 @@ widths/counts above.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -65,7 +64,7 @@ def _check_int_tensor(name: str, t) -> None:
 
 
 def pack_codes(
-    b: torch.Tensor, T: Optional[torch.Tensor], config: QuantizationConfig
+    b: torch.Tensor, T: torch.Tensor | None, config: QuantizationConfig
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Pack HNLQ codes into flat uint8 tensors plus JSON-serialisable metadata.
 
@@ -154,7 +153,7 @@ def _tensor(tensors: dict, key: str, nbytes: int) -> torch.Tensor:
 
 
 def unpack_codes(
-    tensors: dict, meta: dict, config: Optional[QuantizationConfig] = None
+    tensors: dict, meta: dict, config: QuantizationConfig | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`pack_codes`, validating everything it reads.
 
@@ -187,7 +186,9 @@ def unpack_codes(
     d = _meta_int(meta, "d", 1, 1 << 16)
     cap = _meta_int(meta, "max_T", 0, 255)
     shape = meta.get("shape")
-    if not isinstance(shape, (list, tuple)) or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in shape):
+    if not isinstance(shape, (list, tuple)) or any(
+        isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in shape
+    ):
         raise ValueError(f"codes meta['shape'] must be a list of non-negative ints, got {shape!r}")
     lead = tuple(shape)
     lattice = meta.get("lattice")
@@ -201,7 +202,9 @@ def unpack_codes(
             if meta[k] != v:
                 raise ValueError(f"codes meta[{k!r}]={meta[k]} does not match config.{k if k != 'd' else 'dim'}={v}")
         if lattice.strip().upper() != config.lattice_type.strip().upper():
-            raise ValueError(f"codes meta['lattice']={lattice!r} does not match config.lattice_type={config.lattice_type!r}")
+            raise ValueError(
+                f"codes meta['lattice']={lattice!r} does not match config.lattice_type={config.lattice_type!r}"
+            )
         if cap > config.max_scaling_iterations:
             raise ValueError(
                 f"codes meta['max_T']={cap} exceeds config.max_scaling_iterations={config.max_scaling_iterations}"
@@ -218,14 +221,16 @@ def unpack_codes(
     if coding == "zero":
         T = torch.zeros(n, dtype=torch.int64)
     elif coding == "dense":
-        k = _meta_int(meta, "T_bits", 1, 8)
-        T = unpack_uint(_tensor(tensors, "T", math.ceil(n * k / 8)), k, n)
+        t_bits = _meta_int(meta, "T_bits", 1, 8)
+        T = unpack_uint(_tensor(tensors, "T", math.ceil(n * t_bits / 8)), t_bits, n)
     else:
         count = _meta_int(meta, "T_count", 0, n)
         ib = _meta_int(meta, "T_index_bits", 0, 62)
         vb = _meta_int(meta, "T_value_bits", 0, 8)
         if ib != _width(max(n - 1, 0)):
-            raise ValueError(f"codes meta['T_index_bits']={ib} does not match {n} blocks (expected {_width(max(n - 1, 0))})")
+            raise ValueError(
+                f"codes meta['T_index_bits']={ib} does not match {n} blocks (expected {_width(max(n - 1, 0))})"
+            )
         idx = unpack_uint(_tensor(tensors, "T_index", math.ceil(count * ib / 8)), ib, count)
         if vb:
             val = unpack_uint(_tensor(tensors, "T_value", math.ceil(count * vb / 8)), vb, count) + 1

@@ -148,7 +148,7 @@ class QuantizationConfig:
         b = self.effective_beta
         return tuple(b * 2.0 ** (self.alpha * t) for t in range(self.max_scaling_iterations + 1))
 
-    def replace(self, **changes) -> "QuantizationConfig":
+    def replace(self, **changes) -> QuantizationConfig:
         """A copy with some fields changed (validated again)."""
         from dataclasses import replace
 

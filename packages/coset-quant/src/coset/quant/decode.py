@@ -6,8 +6,6 @@ labels and dispatches to a registered kernel or the reference.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from coset.lattice import Lattice
@@ -23,10 +21,10 @@ __all__ = ["decode"]
 
 def decode(
     b: torch.Tensor,
-    config: Optional[QuantizationConfig] = None,
-    T: Optional[torch.Tensor] = None,
+    config: QuantizationConfig | None = None,
+    T: torch.Tensor | None = None,
     *,
-    lattice: Optional[Lattice] = None,
+    lattice: Lattice | None = None,
     dtype: torch.dtype = torch.float32,
     backend: str = "auto",
 ) -> torch.Tensor:

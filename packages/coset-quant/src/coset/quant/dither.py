@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from coset.lattice.validate import check_int
-
 from coset.lattice import Lattice
+from coset.lattice.validate import check_int
 
 __all__ = ["sample_dither"]
 

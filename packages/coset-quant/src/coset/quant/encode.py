@@ -6,8 +6,6 @@ arguments, builds the dither the backends receive and dispatches to a registered
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from coset.lattice import Lattice
@@ -21,7 +19,7 @@ from .offset import effective_dither
 __all__ = ["encode", "prepare_vectors"]
 
 
-def prepare_vectors(x: torch.Tensor, config: Optional[QuantizationConfig], lattice: Optional[Lattice]):
+def prepare_vectors(x: torch.Tensor, config: QuantizationConfig | None, lattice: Lattice | None):
     """Shared prologue of encode/quantize: defaults, input checks, flattening to ``(N, d)`` and the dither
     the backends receive (random dither and/or the centring offset, float64 ``(N, d)``, or ``None``)."""
     lattice, config = resolve(config, lattice)
@@ -34,9 +32,9 @@ def prepare_vectors(x: torch.Tensor, config: Optional[QuantizationConfig], latti
 
 def encode(
     x: torch.Tensor,
-    config: Optional[QuantizationConfig] = None,
+    config: QuantizationConfig | None = None,
     *,
-    lattice: Optional[Lattice] = None,
+    lattice: Lattice | None = None,
     backend: str = "auto",
     return_clamped: bool = False,
 ):

@@ -9,13 +9,12 @@ not overload. Adding the M digit layers separately loses the carries between lay
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 
 from coset.lattice import Lattice
-
 from coset.lattice.validate import check_int_tensor, check_q
 
 from ._core import coset_representative, decode_lattice_units, resolve
@@ -69,9 +68,9 @@ class ModqSumReport:
 
 def modq_sum_report(
     labels: Sequence[torch.Tensor],
-    config: Optional[QuantizationConfig] = None,
+    config: QuantizationConfig | None = None,
     *,
-    lattice: Optional[Lattice] = None,
+    lattice: Lattice | None = None,
 ) -> ModqSumReport:
     """Add several label tensors in the code domain and compare with the real-domain sum.
 

@@ -13,8 +13,6 @@ the backend's ``dither`` argument with ``dither = z + c`` (:func:`effective_dith
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from coset.lattice import Lattice
@@ -26,8 +24,8 @@ __all__ = ["constellation_offset", "effective_dither", "ENUMERATE_LIMIT", "SAMPL
 
 
 def effective_dither(
-    n: int, lattice: Lattice, config: QuantizationConfig, z: Optional[torch.Tensor], device
-) -> Optional[torch.Tensor]:
+    n: int, lattice: Lattice, config: QuantizationConfig, z: torch.Tensor | None, device
+) -> torch.Tensor | None:
     """The ``dither`` a backend receives: ``z`` (random dither or None) plus the centring offset if any.
 
     Returns

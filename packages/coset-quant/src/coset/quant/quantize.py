@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from coset.lattice import Lattice
@@ -18,9 +16,9 @@ __all__ = ["quantize"]
 
 def quantize(
     x: torch.Tensor,
-    config: Optional[QuantizationConfig] = None,
+    config: QuantizationConfig | None = None,
     *,
-    lattice: Optional[Lattice] = None,
+    lattice: Lattice | None = None,
     backend: str = "auto",
     return_info: bool = False,
 ):

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from coset.lattice import Lattice
 
+from ._core import resolve
 from .config import QuantizationConfig
 from .decode import decode
-from ._core import resolve
 from .encode import encode
 from .quantize import quantize
 
@@ -26,7 +24,7 @@ class Quantizer:
     """
 
     def __init__(
-        self, config: Optional[QuantizationConfig] = None, *, lattice: Optional[Lattice] = None, backend: str = "auto"
+        self, config: QuantizationConfig | None = None, *, lattice: Lattice | None = None, backend: str = "auto"
     ) -> None:
         self.lattice, self.config = resolve(config, lattice)
         if not isinstance(backend, str):
@@ -73,7 +71,7 @@ class Quantizer:
         self._record(T, clamped)
         return b, T
 
-    def decode(self, b: torch.Tensor, T: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32):
+    def decode(self, b: torch.Tensor, T: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
         """``(..., M, d)`` labels (+ T) -> ``(..., d)``."""
         return decode(b, self.config, T, lattice=self.lattice, dtype=dtype, backend=self.backend)
 

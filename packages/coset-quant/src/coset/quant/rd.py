@@ -21,13 +21,12 @@ and therefore favours small beta and many overload steps).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from coset.lattice.validate import check_int
-
-from coset.lattice import Lattice
 
 from .calibrate import beta_min
 from .config import MAX_T, QuantizationConfig
@@ -67,15 +66,15 @@ def hnlq_rd(
     M: int = 2,
     n: int = 1 << 20,
     seed: int = 0,
-    alpha: Optional[float] = 1.0 / 3.0,
-    betas: Optional[Sequence[float]] = None,
+    alpha: float | None = 1.0 / 3.0,
+    betas: Sequence[float] | None = None,
     *,
-    config: Optional[QuantizationConfig] = None,
+    config: QuantizationConfig | None = None,
     objective: str = "rd",
     max_scaling_iterations: int = 30,
-    x: Optional[torch.Tensor] = None,
+    x: torch.Tensor | None = None,
     backend: str = "auto",
-    center: Optional[bool] = None,
+    center: bool | None = None,
     return_grid: bool = False,
 ) -> dict:
     """Distortion and rate of HNLQ on Gaussian data at the best beta of a grid.
@@ -140,16 +139,18 @@ def hnlq_rd(
         mse = float(((xh.double() - xv.double()) ** 2).mean())
         H = entropy_bits(T)
         rate_eff = config.rate + H / d
-        grid.append({
-            "beta": beta,
-            "mse": mse,
-            "H_T": H,
-            "overload_rate": float((T > 0).double().mean()),
-            "clamp_rate": float(cl.double().mean()),
-            "mean_T": float(T.double().mean()),
-            "rate_effective": rate_eff,
-            "f": mse / 2.0 ** (-2.0 * rate_eff),
-        })
+        grid.append(
+            {
+                "beta": beta,
+                "mse": mse,
+                "H_T": H,
+                "overload_rate": float((T > 0).double().mean()),
+                "clamp_rate": float(cl.double().mean()),
+                "mean_T": float(T.double().mean()),
+                "rate_effective": rate_eff,
+                "f": mse / 2.0 ** (-2.0 * rate_eff),
+            }
+        )
     key = "f" if objective == "rd" else "mse"
     best = min(grid, key=lambda r: r[key])
     snr = _snr(var, best["mse"])
@@ -211,11 +212,11 @@ def _search_step(x: torch.Tensor, fn, bits: int) -> tuple[float, float]:
     for _ in range(3):  # zoom in: each pass spans the previous spacing on both sides with 11 points
         lo2, hi2 = best[1] / ratio, best[1] * ratio
         best = min([best] + [(mse(s), s) for s in (lo2 + (hi2 - lo2) * i / 10 for i in range(11))])
-        ratio = ratio ** 0.2
+        ratio = ratio**0.2
     return best[1], best[0]
 
 
-def scalar_rd(bits: int, n: int = 1 << 20, seed: int = 0, x: Optional[torch.Tensor] = None) -> dict:
+def scalar_rd(bits: int, n: int = 1 << 20, seed: int = 0, x: torch.Tensor | None = None) -> dict:
     """Best uniform scalar quantizers with ``2^bits`` levels on the same Gaussian data as :func:`hnlq_rd`.
 
     Returns ``{"bits", "rate", "n", "uniform": {step, mse, snr_db}, "fake_quant": {step, mse, snr_db}}``:
@@ -229,7 +230,7 @@ def scalar_rd(bits: int, n: int = 1 << 20, seed: int = 0, x: Optional[torch.Tens
         raise TypeError("x must be a floating torch.Tensor")
     x = x.reshape(-1).float()
     var = float(x.double().var())
-    out = {"bits": bits, "rate": float(bits), "n": x.numel()}
+    out: dict[str, Any] = {"bits": bits, "rate": float(bits), "n": x.numel()}
     for name, fn in (("uniform", uniform_scalar_quantize), ("fake_quant", _fake_quant)):
         if name == "fake_quant" and bits > 8:
             continue
