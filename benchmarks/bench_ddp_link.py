@@ -393,9 +393,11 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write_report(out: Path, name: str, meta: dict) -> None:
-    jl = out / f"{name}.jsonl"
-    rows = [json.loads(line) for line in jl.read_text().splitlines() if line.strip()] if jl.exists() else []
+def write_report(out: Path, name: str, meta: dict, inputs: list[Path] | None = None) -> None:
+    rows = []
+    for jl in inputs or [out / f"{name}.jsonl"]:
+        if jl.exists():
+            rows += [json.loads(line) for line in jl.read_text().splitlines() if line.strip()]
     (out / f"{name}.json").write_text(json.dumps({"meta": meta, "summary": summarize(rows, meta["target_accuracy"]),
                                                   "runs": rows}, indent=1))
     (out / f"{name}.md").write_text(to_markdown(rows, meta))
@@ -428,6 +430,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--name", default="ddp_link")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--inputs", default="", help="with --report-only: comma list of .jsonl files to merge")
     a = ap.parse_args(argv)
     methods = [m for m in a.methods.split(",") if m]
     bad = [m for m in methods if m not in METHODS + EXTRA]
@@ -447,7 +450,12 @@ def main(argv=None) -> int:
     }
     meta_file = out / f"{a.name}.meta.json"
     if a.report_only:
-        write_report(out, a.name, json.loads(meta_file.read_text()) if meta_file.exists() else meta)
+        if a.load:
+            meta["load"] = a.load
+        inputs = [Path(p) for p in a.inputs.split(",") if p] or None
+        write_report(out, a.name, json.loads(meta_file.read_text()) if meta_file.exists() and not inputs else meta,
+                     inputs)
+        print((out / f"{a.name}.md").read_text())
         return 0
     if any(x != "loopback" for x in links) and netns_unavailable_reason():
         print(f"shaped links skipped: {netns_unavailable_reason()}", file=sys.stderr)

@@ -143,6 +143,41 @@ const RepTable* rep_table(const LatticeView& L, int q) {
   return &cache.emplace(key, std::move(t)).first->second;
 }
 
+// T = 0 fast path of Algorithm 1 for one block g = x / scales[0] (float64, lattice units): lambda_0 = Q(g)
+// by one closest-point search, then per layer b_m = G^{-1} lambda_m mod q and
+// lambda_{m+1} = (lambda_m - rep[b_m]) / q, which equals Q(lambda_m / q) exactly (rep[b] = G b - q Q(G b / q)
+// and Q(. + eps) is translation-equivariant on these dyadic points); the block overloads iff lambda_M != 0.
+// Writes the M layer indices (packed label bits) and returns false on overload (the caller then runs the
+// full ramp of hnlq_core.h, which gives the same labels for T = 0 and handles T > 0 and the clamp).
+template <int KIND, int D>
+inline bool fast_layers(const LatticeView& L, const QuantParams& P, const RepTable& tab, const double* g, int k,
+                        uint64_t* idx_out) {
+  const int d = D > 0 ? D : L.d;
+  const double inv_q = pow2_inverse(P.q), qd = (double)P.q;
+  double lam[kMaxDim];
+  closest_point<KIND, D>(L, g, lam);
+  for (int m = 0; m < P.M; ++m) {
+    uint64_t idx = 0;
+    for (int i = 0; i < d; ++i) {
+      double c;
+      if (KIND == kZn) {
+        c = lam[i];
+      } else {
+        double s = L.Ginv[i * d] * lam[0];
+        for (int j = 1; j < d; ++j) s = s + L.Ginv[i * d + j] * lam[j];
+        c = rint(s);
+      }
+      idx |= (uint64_t)remainder_q(c, P.q) << (k * i);
+    }
+    idx_out[m] = idx;
+    const double* rep = &tab.rep[idx * d];
+    for (int i = 0; i < d; ++i) lam[i] = div_q(lam[i] - rep[i], qd, inv_q);
+  }
+  bool zero = true;
+  for (int i = 0; i < d; ++i) zero &= lam[i] == 0.0;
+  return zero;
+}
+
 // Sum of squares of x (float32 -> float64) in fixed segments, so the result does not depend on threads.
 double sum_squares(const float* x, int64_t n) {
   constexpr int64_t kSeg = 1 << 16;
@@ -202,16 +237,33 @@ BucketEncodeStats bucket_encode_allgather(const LatticeView& L, const QuantParam
     }
     std::atomic<int64_t> n_ovl{0}, n_clamp{0};
     const double rho = st.rho;
+    // the table path needs the tie offset (translation equivariance) and a layer index of <= 16 bits
+    const RepTable* tab = (L.eps && !P.single_pass) ? rep_table(L, P.q) : nullptr;
     dispatch(L.kind, d, [&](auto KI, auto DI) {
       constexpr int KIND = decltype(KI)::value, D = decltype(DI)::value;
       parallel_for_aligned(nb, 8, kGrain, [&](int64_t lo, int64_t hi) {
         BitWriter wl(payload + lo * M * d * k / 8), wt(payload + label_bytes + lo * t_bits / 8);
-        double xb[kMaxDim];
+        double xb[kMaxDim], g[kMaxDim];
         uint8_t b[kMaxM * kMaxDim];
+        uint64_t lidx[kMaxM];
         int64_t ovl = 0, clamp = 0;
         for (int64_t r = lo; r < hi; ++r) {
           const int64_t base = r * d;
           for (int i = 0; i < d; ++i) xb[i] = base + i < n ? (double)xe[base + i] / rho : 0.0;
+          if (tab) {  // the whole ramp on the table path; only a block still overloaded at the cap goes on
+            int t = 0;
+            for (; t < P.n_scales; ++t) {
+              const double st = P.scales[t];
+              for (int i = 0; i < d; ++i) g[i] = xb[i] / st;
+              if (fast_layers<KIND, D>(L, P, *tab, g, k, lidx)) break;
+            }
+            if (t < P.n_scales) {
+              for (int m = 0; m < M; ++m) wl.put(lidx[m], k * d);
+              wt.put((uint64_t)t, t_bits);
+              ovl += t > 0;
+              continue;
+            }
+          }
           const EncodeResult res = encode_vector<KIND, D>(L, P, xb, nullptr, b);
           for (int i = 0; i < M * d; ++i) wl.put(b[i], k);
           wt.put(res.T, t_bits);
@@ -246,8 +298,10 @@ int bucket_decode_allgather(const LatticeView& L, const QuantParams& P, const ui
   }
   const RepTable* tab = rep_table(L, q);
   std::atomic<int> bad{0};
-  // Two passes over the blocks: validate everything first, so a corrupt payload writes nothing.
-  for (int pass = 0; pass < 2 && !bad.load(); ++pass) {
+  // Validate everything first (a corrupt payload writes nothing), unless every bit pattern is valid:
+  // q a power of two (k-bit labels are < q) and 2^t_bits <= len(scales) (every T indexes a scale).
+  const bool all_valid = (q & (q - 1)) == 0 && (1 << t_bits) <= P.n_scales;
+  for (int pass = all_valid ? 1 : 0; pass < 2 && !bad.load(); ++pass) {
     dispatch(L.kind, d, [&](auto KI, auto DI) {
       constexpr int KIND = decltype(KI)::value, D = decltype(DI)::value;
       parallel_for_aligned(nb, 8, kGrain, [&](int64_t lo, int64_t hi) {
@@ -259,7 +313,9 @@ int bucket_decode_allgather(const LatticeView& L, const QuantParams& P, const ui
         }
         double acc[kMaxDim], y[kMaxDim], own_v[kMaxDim];
         uint8_t b[kMaxM * kMaxDim];
-        const double qd = (double)q;
+        double wq[kMaxM];  // q^m, as decode_lattice_units accumulates it
+        wq[0] = 1.0;
+        for (int m = 1; m < M; ++m) wq[m] = wq[m - 1] * (double)q;
         for (int64_t blk = lo; blk < hi; ++blk) {
           for (int i = 0; i < d; ++i) acc[i] = 0.0;
           for (int r = 0; r < W; ++r) {
@@ -274,9 +330,7 @@ int bucket_decode_allgather(const LatticeView& L, const QuantParams& P, const ui
                 if (m == 0) {
                   for (int i = 0; i < d; ++i) y[i] = a[i];
                 } else {
-                  double w = 1.0;
-                  for (int mm = 0; mm < m; ++mm) w *= qd;
-                  for (int i = 0; i < d; ++i) y[i] = y[i] + w * a[i];
+                  for (int i = 0; i < d; ++i) y[i] = y[i] + wq[m] * a[i];
                 }
               }
             } else {
