@@ -143,8 +143,14 @@ class ShapedNetwork:
             return
         parent = ["root"]
         if delay:
-            _run("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "handle", "1:", "netem", "delay", f"{delay}ms",
-                 "limit", "100000")
+            try:
+                _run("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "handle", "1:", "netem", "delay",
+                     f"{delay}ms", "limit", "100000")
+            except RuntimeError as e:
+                if "unknown" in str(e).lower():
+                    raise RuntimeError("delay_ms needs the netem qdisc, which this kernel lacks (sch_netem); "
+                                       "use delay_ms=0") from e
+                raise
             parent = ["parent", "1:"]
         if rate is not None:
             bps = parse_rate(rate)
