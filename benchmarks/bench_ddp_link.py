@@ -330,8 +330,8 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
         "# DDP on a shaped link: time to accuracy and bytes on the wire",
         "",
         f"Model: MLP 64-{meta['hidden']}-{meta['hidden']}-10 ({summ[0]['numel'] if summ else '?'} parameters) on "
-        f"sklearn digits, Adam lr {meta['lr']}, global batch {meta['batch']}, {meta['steps']} steps "
-        f"({START_ITER} plain warm-up steps for PowerSGD and HNLQ), seeds {meta['seeds']}. gloo over TCP, one rank "
+        f"sklearn digits, Adam lr {meta['lr']}, global batch {meta['batch']}, steps per table heading "
+        f"({START_ITER} plain warm-up steps for PowerSGD and HNLQ), seeds per row. gloo over TCP, one rank "
         "per network namespace; links are veth pairs (2 ranks) or a bridge (4 ranks) shaped with tc tbf "
         "on every host's egress and every switch port; `loopback` = 127.0.0.1, no namespaces, unshaped.",
         f"Machine: {meta['machine']}, torch {meta['torch']}. **Load:** {meta['load']}",
@@ -349,7 +349,7 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
         for W in sorted({s["world_size"] for s in summ if s["link"] == link}):
             ss = [s for s in summ if s["link"] == link and s["world_size"] == W]
             base = next((s for s in ss if s["method"] == "fp32"), None)
-            L += [f"## {link}, {W} ranks", "",
+            L += [f"## {link}, {W} ranks ({ss[0]['steps']} steps, seeds {sorted({x for q in ss for x in q['seeds']})})", "",
                   f"| method | step (ms) | time to {100 * target:.0f}% (s) | vs fp32 | final acc (%) | Δ acc vs fp32 | "
                   "wire tx / step | wire rx / step | model / step | fp32 / wire tx | ranks identical |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
