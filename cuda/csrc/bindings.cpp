@@ -12,6 +12,8 @@
 #include "kernels.h"
 
 namespace py = pybind11;
+
+void coset_bind_bucket_codec(py::module_& m);  // bucket_codec_py.cpp (coset.dist's bucket codec)
 using darr = py::array_t<double, py::array::c_style | py::array::forcecast>;
 
 namespace {
@@ -61,6 +63,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "coset native HNLQ kernels (raw-pointer API; use coset.cuda instead)";
   m.def("get_num_threads", &coset::get_num_threads);
   m.def("set_num_threads", &coset::set_num_threads);
+  coset_bind_bucket_codec(m);
 
   // ---------------------------------------------------------------------------------------------- CPU
   m.def("encode_cpu", [](int kind, int d, darr G, darr Ginv, py::object eps, int q, int M, darr scales,

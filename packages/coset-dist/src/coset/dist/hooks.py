@@ -41,6 +41,7 @@ from .codec import (
     ring_allreduce_bytes,
     unpack_sum_fields,
 )
+from .fast_codec import native_hook
 
 __all__ = ["HNLQHookState", "hnlq_hook", "register", "default_config", "MODES"]
 
@@ -368,6 +369,9 @@ def hnlq_hook(state: HNLQHookState, bucket: dist.GradBucket) -> torch.futures.Fu
         state._counters["buckets_uncompressed"] += 1
         return _plain_allreduce(state, buf, W)
     state._counters["buckets_compressed"] += 1
+    fut = native_hook(state, buf, idx, W)  # one native call per bucket when coset-cuda is installed
+    if fut is not None:
+        return fut
     # a float32 copy (never an alias of the bucket, which the future overwrites in place)
     x = state._take_residual(idx, buf.detach().to(torch.float32, copy=True))
     if state.mode == "modular":

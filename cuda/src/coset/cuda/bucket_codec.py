@@ -1,0 +1,222 @@
+"""Native DDP bucket codec for coset.dist: one call per gradient bucket (CPU, multi-threaded).
+
+Bit-exact with the Python codec of ``coset.dist.codec`` (same payload bytes, same decoded values), with the
+error-feedback residual fused in: ``resid`` (float32, the bucket's shape) holds the old residual on entry;
+the encoders replace it by the corrected gradient ``x + resid`` and the decoders by ``x + resid - x_hat_own``
+(the new residual), exactly as the hook's Python path computes them.
+
+* allgather: :func:`encode_allgather` -> payload bytes; :func:`decode_allgather` averages the W gathered
+  payloads in rank order.
+* modular: :func:`modular_norms` (per-chunk largest block norm), :func:`modular_encode` (packed flat codes),
+  :func:`modular_decode` (the summed codes -> the average).
+
+coset.dist imports this module optionally (it never depends on coset-cuda).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from coset.quant import QuantizationConfig
+
+from . import _C
+from ._ops import _consts
+
+__all__ = [
+    "supports",
+    "encode_allgather",
+    "decode_allgather",
+    "modular_norms",
+    "modular_encode",
+    "modular_decode",
+]
+
+
+def supports(config: QuantizationConfig) -> bool:
+    """True when the native codec reproduces the Python codec for ``config`` (no random dither, no centring,
+    clamp policy with overload protection, a lattice the kernels cover)."""
+    if not isinstance(config, QuantizationConfig):
+        return False
+    if config.with_dither or config.center or config.disable_overload_protection or config.overload_policy != "clamp":
+        return False
+    try:
+        _consts(config.lattice, config, False)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_vec(name: str, t: Optional[torch.Tensor], n: Optional[int] = None, dtype=torch.float32) -> None:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
+        raise TypeError(f"{name} must be a contiguous CPU {dtype} tensor")
+    if t.ndim != 1 or (n is not None and t.numel() != n):
+        raise ValueError(f"{name} must be 1-D with {n} elements, got shape {tuple(t.shape)}")
+
+
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else int(t.data_ptr())
+
+
+def _t_bits(config: QuantizationConfig) -> int:
+    return (max(2, config.max_scaling_iterations + 1) - 1).bit_length()
+
+
+def _lat(config: QuantizationConfig, dithered: bool = False):
+    kind, d, G, Gi, eps, q, M, scales, rad = _consts(config.lattice, config, dithered)
+    return kind, d, G, Gi, eps, q, M, scales, rad
+
+
+def encode_allgather(
+    x: torch.Tensor, config: QuantizationConfig, payload: torch.Tensor, resid: Optional[torch.Tensor] = None,
+    rho: float = 0.0,
+) -> dict:
+    """Encode one rank's bucket into its allgather payload (``coset.dist.codec.encode_payload``'s bytes).
+
+    Parameters
+    ----------
+    x : (n,) float32 contiguous CPU tensor (the bucket)
+    config : QuantizationConfig (see :func:`supports`)
+    payload : (payload_layout(n, config).nbytes,) uint8, written
+    resid : (n,) float32 or None; replaced by ``x + resid`` (error feedback)
+    rho : > 0 forces the RMS divisor (tests); 0 computes it
+
+    Returns
+    -------
+    dict with ``rho``, ``nonfinite`` (bool), ``overloaded`` and ``clamped`` (block counts)
+    """
+    if not supports(config):
+        raise ValueError("config is not supported by the native bucket codec (see supports())")
+    _check_vec("x", x)
+    n = x.numel()
+    _check_vec("resid", resid, n)
+    _check_vec("payload", payload, dtype=torch.uint8)
+    kind, d, G, Gi, eps, q, M, scales, rad = _lat(config)
+    nb = -(-n // d)
+    need = -(-nb * M * d * ((q - 1).bit_length()) // 8) + -(-nb * _t_bits(config) // 8) + 8
+    if payload.numel() != need:
+        raise ValueError(f"payload must have {need} bytes for n={n}, got {payload.numel()}")
+    r, nonfinite, ovl, clamped = _C.bucket_encode_allgather(
+        kind, d, G, Gi, eps, q, M, scales, rad, _ptr(x), _ptr(resid), n, float(rho), _t_bits(config), _ptr(payload)
+    )
+    return {"rho": r, "nonfinite": bool(nonfinite), "overloaded": int(ovl), "clamped": int(clamped)}
+
+
+def decode_allgather(
+    payloads: torch.Tensor, n: int, config: QuantizationConfig, out: torch.Tensor,
+    own: int = -1, resid: Optional[torch.Tensor] = None,
+) -> int:
+    """Average W gathered payloads into ``out`` (float32, n): ``float(sum_r decode(payload_r) / W)``.
+
+    Parameters
+    ----------
+    payloads : (W, payload_bytes) uint8, rank order
+    own, resid : this rank's index and its (n,) float32 buffer from :func:`encode_allgather`, which becomes
+        the new residual ``x + old residual - x_hat_own``; ``own=-1`` skips it
+
+    Returns
+    -------
+    0 on success, 1 if some rank flagged a non-finite bucket (``out``/``resid`` untouched).
+    Raises ``ValueError`` on a corrupt payload (labels >= q or T > cap; nothing is written).
+    """
+    if not supports(config):
+        raise ValueError("config is not supported by the native bucket codec (see supports())")
+    if not isinstance(payloads, torch.Tensor) or payloads.dtype != torch.uint8 or payloads.ndim != 2:
+        raise TypeError("payloads must be a (W, payload_bytes) uint8 tensor")
+    payloads = payloads.contiguous()
+    W, pb = payloads.shape
+    _check_vec("out", out, n)
+    _check_vec("resid", resid, n)
+    if not -1 <= own < W:
+        raise ValueError(f"own must be in [-1, {W}), got {own}")
+    kind, d, G, Gi, eps, q, M, scales, _ = _lat(config)
+    nb = -(-n // d)
+    need = -(-nb * M * d * ((q - 1).bit_length()) // 8) + -(-nb * _t_bits(config) // 8) + 8
+    if pb != need:
+        raise ValueError(f"each payload must have {need} bytes for n={n}, got {pb}")
+    rc = _C.bucket_decode_allgather(kind, d, G, Gi, eps, q, M, scales, _ptr(payloads), pb, W, own, n,
+                                    _t_bits(config), _ptr(out), _ptr(resid))
+    if rc < 0:
+        raise ValueError("corrupt allgather payload: a label >= q or a scale step T > max_scaling_iterations")
+    return int(rc)
+
+
+def modular_norms(x: torch.Tensor, d: int, blocks_per_chunk: int, resid: Optional[torch.Tensor] = None):
+    """Per chunk of ``blocks_per_chunk`` d-blocks, the largest block norm (float64); resid <- x + resid.
+
+    Returns
+    -------
+    (norms (n_chunks,) float64, nonfinite: bool)
+    """
+    _check_vec("x", x)
+    n = x.numel()
+    _check_vec("resid", resid, n)
+    if blocks_per_chunk < 1:
+        raise ValueError(f"blocks_per_chunk must be >= 1, got {blocks_per_chunk}")
+    nb = -(-n // d)
+    norms = torch.zeros(-(-nb // blocks_per_chunk), dtype=torch.float64)
+    bad = _C.bucket_modular_norms(_ptr(x), _ptr(resid), n, d, blocks_per_chunk, _ptr(norms))
+    return norms, bool(bad)
+
+
+def _packing_args(packing) -> tuple[int, int, int]:
+    if packing.kind == "uint8":
+        return 0, 8, 1
+    return 1, int(packing.width), int(packing.fields)
+
+
+def modular_encode(
+    xe: torch.Tensor, scales: torch.Tensor, config: QuantizationConfig, blocks_per_chunk: int, packing,
+    resid: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Packed flat codes of ``lam = Q_L(x / s)`` (``pack_sum_fields(modular_encode(...)[0], packing)``).
+
+    Parameters
+    ----------
+    xe : (n,) float32, the corrected gradient; scales : (n_chunks,) float64 from ``modular_scales``
+    packing : coset.dist.codec.SumPacking
+    resid : (n,) float32 holding ``xe``; becomes ``xe - (float)(lam * s)``
+
+    Returns
+    -------
+    the summable buffer: (n_blocks d,) uint8 or (ceil(n_blocks d / fields),) int64
+    """
+    _check_vec("xe", xe)
+    n = xe.numel()
+    _check_vec("resid", resid, n)
+    _check_vec("scales", scales, dtype=torch.float64)
+    kind, d, G, Gi, eps, *_ = _lat(config)
+    nb = -(-n // d)
+    if scales.numel() != -(-nb // blocks_per_chunk):
+        raise ValueError(f"scales must have {-(-nb // blocks_per_chunk)} entries, got {scales.numel()}")
+    pk, width, fields = _packing_args(packing)
+    modulus = config.q**config.M
+    if pk == 0:
+        out = torch.empty(nb * d, dtype=torch.uint8)
+    else:
+        out = torch.empty(-(-(nb * d) // fields), dtype=torch.int64)
+    _C.bucket_modular_encode(kind, d, G, Gi, eps, modulus, _ptr(xe), _ptr(resid), n, _ptr(scales),
+                             blocks_per_chunk, pk, width, fields, _ptr(out))
+    return out
+
+
+def modular_decode(
+    packed: torch.Tensor, n: int, scales: torch.Tensor, config: QuantizationConfig, blocks_per_chunk: int,
+    packing, world_size: int, out: torch.Tensor,
+) -> torch.Tensor:
+    """``out = float((from_flat_code(sum mod q^M) * s) / W)`` from the all-reduced code buffer."""
+    _check_vec("out", out, n)
+    _check_vec("scales", scales, dtype=torch.float64)
+    kind, d, G, Gi, eps, *_ = _lat(config)
+    nb = -(-n // d)
+    pk, width, fields = _packing_args(packing)
+    want = (torch.uint8, nb * d) if pk == 0 else (torch.int64, -(-(nb * d) // fields))
+    if not isinstance(packed, torch.Tensor) or packed.dtype != want[0] or packed.numel() != want[1]:
+        raise ValueError(f"packed must be a {want[0]} tensor of {want[1]} elements")
+    packed = packed.contiguous()
+    _C.bucket_modular_decode(kind, d, G, Gi, eps, config.q**config.M, _ptr(packed), n, _ptr(scales),
+                             blocks_per_chunk, pk, width, fields, int(world_size), _ptr(out))
+    return out
