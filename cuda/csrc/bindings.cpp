@@ -74,11 +74,12 @@ PYBIND11_MODULE(_C, m) {
     coset::lut_build_tables_cpu(ptr<const float>(x), ldx, ptr<const float>(A), B, K, d, Q, ptr<float>(tab));
   });
   m.def("lut_gemv_tables_cpu", [](std::uintptr_t idx, int idx_bytes, std::uintptr_t T, std::uintptr_t scale_of,
-                                  std::uintptr_t sx, std::uintptr_t tab, int64_t n, int K, int M, int64_t Q, int q,
-                                  int B, std::uintptr_t out) {
+                                  int n_scales, std::uintptr_t sx, std::uintptr_t tab, int64_t n, int K, int M,
+                                  int64_t Q, int q, int B, std::uintptr_t out) {
     py::gil_scoped_release nogil;
     coset::lut_gemv_tables_cpu(ptr<const void>(idx), idx_bytes, ptr<const uint8_t>(T), ptr<const float>(scale_of),
-                               ptr<const float>(sx), ptr<const float>(tab), n, K, M, Q, q, B, ptr<float>(out));
+                               n_scales, ptr<const float>(sx), ptr<const float>(tab), n, K, M, Q, q, B,
+                               ptr<float>(out));
   });
   m.def("lut_gemv_codebook_cpu", [](std::uintptr_t idx, int idx_bytes, std::uintptr_t T, std::uintptr_t scale_of,
                                     std::uintptr_t sx, std::uintptr_t A, int d, std::uintptr_t x, int64_t ldx, int64_t n,

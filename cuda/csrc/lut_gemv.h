@@ -20,14 +20,14 @@ namespace lut {
 
 constexpr int kMaxB = 8;
 
-// One row, one-sided tables in [k][i][j] layout (Q entries per block, B queries). IdxT: uint8/int32.
-// Scales come from sx (float per block) if non-null, else from scale_of[T[k]].
+// One row, blocks [k0, k1), one-sided tables in [k][i][j] layout (Q entries per block, B queries), added
+// to acc. IdxT: uint8 / uint16 / int32. Scales from sx (float per block) if non-null, else scale_of[T[k]].
 template <typename IdxT, int B, int M>
 COSET_HD void row_tables(const IdxT* idx, const uint8_t* T, const float* scale_of, const float* sx,
-                         const float* tab, int K, int64_t Q, float q, float* acc) {
+                         const float* tab, int k0, int k1, int64_t Q, float q, float* acc) {
   float a[B];
   for (int j = 0; j < B; ++j) a[j] = 0.0f;
-  for (int k = 0; k < K; ++k) {
+  for (int k = k0; k < k1; ++k) {
     const float s = sx ? sx[k] : scale_of[T[k]];
     const float* tk = tab + (int64_t)k * Q * B;
     float v[B];
@@ -39,7 +39,7 @@ COSET_HD void row_tables(const IdxT* idx, const uint8_t* T, const float* scale_o
     }
     for (int j = 0; j < B; ++j) a[j] += s * v[j];
   }
-  for (int j = 0; j < B; ++j) acc[j] = a[j];
+  for (int j = 0; j < B; ++j) acc[j] += a[j];
 }
 
 // One row, codebook path: A (Q, D) int8 = h * a_i; x (B, K*D) float32, xs = x / h folded by the caller.
@@ -77,8 +77,9 @@ namespace coset {
 // CPU entry points (lut_gemv.cpp). idx: (n, K, M) uint8 / uint16 / int32 (idx_bytes 1, 2, 4); block scales
 // from sx (n, K) float32 when non-null, else scale_of[T[r, k]]; B in {1, 2, 4, 8}; out (n, B) float32.
 void lut_build_tables_cpu(const float* x, int64_t ldx, const float* A, int B, int K, int d, int64_t Q, float* tab);
-void lut_gemv_tables_cpu(const void* idx, int idx_bytes, const uint8_t* T, const float* scale_of, const float* sx,
-                         const float* tab, int64_t n, int K, int M, int64_t Q, int q, int B, float* out);
+void lut_gemv_tables_cpu(const void* idx, int idx_bytes, const uint8_t* T, const float* scale_of, int n_scales,
+                         const float* sx, const float* tab, int64_t n, int K, int M, int64_t Q, int q, int B,
+                         float* out);
 void lut_gemv_codebook_cpu(const void* idx, int idx_bytes, const uint8_t* T, const float* scale_of, const float* sx,
                            const int8_t* A, int d, const float* x, int64_t ldx, int64_t n, int K, int M, int q, int B,
                            float* out);

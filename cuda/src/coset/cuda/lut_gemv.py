@@ -205,8 +205,8 @@ def lut_gemv(x: torch.Tensor, W: CodedWeight, *, method: str = "auto") -> torch.
         if method == "tables":
             tab = torch.empty((K, Q, Bk), dtype=torch.float32)
             _C.lut_build_tables_cpu(xj.data_ptr(), K * d, af.data_ptr(), Bk, K, d, Q, tab.data_ptr())
-            _C.lut_gemv_tables_cpu(W.idx.data_ptr(), ib, W.T.data_ptr(), scales.data_ptr(), 0, tab.data_ptr(), n, K,
-                                   M, Q, c.q, Bk, res.data_ptr())
+            _C.lut_gemv_tables_cpu(W.idx.data_ptr(), ib, W.T.data_ptr(), scales.data_ptr(), scales.numel(), 0,
+                                   tab.data_ptr(), n, K, M, Q, c.q, Bk, res.data_ptr())
         else:
             xh = (xj / h).contiguous()  # exact (h is 1 or 2)
             _C.lut_gemv_codebook_cpu(W.idx.data_ptr(), ib, W.T.data_ptr(), scales.data_ptr(), 0, ai8.data_ptr(), d,
