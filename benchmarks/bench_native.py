@@ -5,7 +5,7 @@ Writes benchmarks/results/native.json and native.md.
     cd /work/main && uv run python benchmarks/bench_native.py [--n 1000000] [--reps 5]
 
 Measured: encode, decode, quantize for D4 q=4 M=2 and E8 q=4 M=2 on N(0,1) float32 data (beta calibrated),
-the LUT scoring ops, ``torch.fake_quantize_per_tensor_affine`` and ``clone`` on the same tensor (the
+``torch.fake_quantize_per_tensor_affine`` and ``clone`` on the same tensor (the
 memory-bandwidth yardstick: bytes in + out per second of the kernel vs of clone).
 Targets: >= 10x over the reference on quantize (D4 q=4 M=2); quantize within 2x of fake_quantize.
 """
@@ -70,7 +70,7 @@ def bench_lattice(name: str, n: int, reps: int, ref_reps: int) -> dict:
     x = torch.randn(n, d, generator=g)
     cfg0 = QuantizationConfig(name, q=4, M=2)
     # beta for N(0,1): 0.25 (in the 0.2-0.3 range of the brief); the MSE-optimal grid value is recorded too
-    beta_mse, _ = calibrate_beta(x[:20000], cfg0)
+    beta_mse, _ = calibrate_beta(x[:20000], cfg0, objective="mse")
     beta = 0.25
     cfg = cfg0.replace(beta=beta)
     b, T = encode(x, config=cfg, backend="native")
@@ -113,44 +113,6 @@ def bench_lattice(name: str, n: int, reps: int, ref_reps: int) -> dict:
     return r
 
 
-def bench_lut(reps: int) -> dict:
-    try:
-        from coset.lut.kernels import torch_one_sided, torch_two_sided
-    except Exception:  # coset.lut is optional for this benchmark
-        torch_one_sided = torch_two_sided = None
-    g = torch.Generator().manual_seed(1)
-    q, M, Q = 4, 2, 256  # D4 q=4 M=2
-    n, K, m = 4096, 64, 64  # 4096 encoded rows of length 256 against 64 queries
-    ix = torch.randint(0, Q, (n, K, M), generator=g, dtype=torch.int32)
-    sx = torch.rand(n, K, generator=g)
-    tables = torch.randn(m, K, Q, generator=g)
-    iy = torch.randint(0, Q, (m, K, M), generator=g, dtype=torch.int32)
-    sy = torch.rand(m, K, generator=g)
-    lut = torch.randint(-9, 17, (Q, Q), generator=g).to(torch.int8)
-    res = {"shape": {"n": n, "K": K, "m": m, "M": M, "Q": Q}}
-    t1 = timeit(lambda: cc.lut_one_sided(ix, sx, tables, q), reps)
-    t2 = timeit(lambda: cc.lut_two_sided(ix, sx, iy, sy, lut, q), reps)
-    with one_thread():
-        c1 = cputime(lambda: cc.lut_one_sided(ix, sx, tables, q), reps)
-        c2 = cputime(lambda: cc.lut_two_sided(ix, sx, iy, sy, lut, q), reps)
-    lookups1 = n * m * K * M
-    res["one_sided"] = {"native_s": t1, "native_cpu_s_1thread": c1, "Glookups_per_s": lookups1 / t1 / 1e9}
-    res["two_sided"] = {"native_s": t2, "native_cpu_s_1thread": c2, "Glookups_per_s": n * m * K * M * M / t2 / 1e9}
-    if torch_one_sided is not None:
-        r1 = timeit(lambda: torch_one_sided(ix, sx, tables, q), reps)
-        r2 = timeit(lambda: torch_two_sided(ix, sx, iy, sy, lut, q), reps)
-        with one_thread():
-            rc1 = cputime(lambda: torch_one_sided(ix, sx, tables, q), reps)
-            rc2 = cputime(lambda: torch_two_sided(ix, sx, iy, sy, lut, q), reps)
-        res["one_sided"].update(torch_ref_s=r1, speedup=r1 / t1, torch_ref_cpu_s_1thread=rc1, speedup_cpu=rc1 / c1)
-        res["two_sided"].update(torch_ref_s=r2, speedup=r2 / t2, torch_ref_cpu_s_1thread=rc2, speedup_cpu=rc2 / c2)
-    # dense float32 matmul of the decoded operands, for scale
-    A = torch.randn(n, K * 4)
-    B = torch.randn(m, K * 4)
-    res["dense_matmul_fp32_s"] = timeit(lambda: A @ B.T, reps)
-    return res
-
-
 def to_md(res: dict) -> str:
     lines = ["# coset.cuda native kernels (CPU) vs the PyTorch reference", "",
              f"Machine: {res['machine']}; torch {res['torch']}; CUDA kernels compiled: {res['with_cuda']}, "
@@ -182,19 +144,6 @@ def to_md(res: dict) -> str:
     lines += ["", f"Targets (D4 q=4 M=2, CPU time): quantize speedup over the reference {sp:.1f}x "
               f"(target >= 10x: {'met' if sp >= 10 else 'MISSED'}); quantize / fake_quantize {fq:.1f}x "
               f"(target <= 2x: {'met' if fq <= 2 else 'MISSED'})."]
-    L = res["lut"]
-    lines += ["", f"LUT scoring (D4 q=4 M=2, n={L['shape']['n']} rows x K={L['shape']['K']} blocks vs "
-              f"m={L['shape']['m']} queries); reference = coset.lut's torch fallback (float32 embedding_bag):", "",
-              "| op | native CPU (s) | ref CPU (s) | speedup CPU | native wall (s) | ref wall (s) | speedup wall |",
-              "|---|---|---|---|---|---|---|"]
-    for op in ("one_sided", "two_sided"):
-        o = L[op]
-        if "torch_ref_s" in o:
-            lines.append(f"| {op} | {o['native_cpu_s_1thread']:.4f} | {o['torch_ref_cpu_s_1thread']:.4f} | "
-                         f"{o['speedup_cpu']:.1f}x | {o['native_s']:.4f} | {o['torch_ref_s']:.4f} | {o['speedup']:.1f}x |")
-        else:
-            lines.append(f"| {op} | {o['native_cpu_s_1thread']:.4f} | n/a | n/a | {o['native_s']:.4f} | n/a | n/a |")
-    lines.append(f"\nDense fp32 matmul of the same sizes (decoded operands, wall): {L['dense_matmul_fp32_s']:.5f} s.")
     return "\n".join(lines) + "\n"
 
 
@@ -212,7 +161,6 @@ def main() -> None:
         "with_cuda": cc.WITH_CUDA,
         "cuda_available": cc.cuda_available(),
         "lattices": [bench_lattice(nm, args.n, args.reps, args.ref_reps) for nm in ("D4", "E8")],
-        "lut": bench_lut(args.reps),
     }
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "native.json").write_text(json.dumps(res, indent=2))

@@ -39,9 +39,9 @@ def main() -> None:
     L = get_lattice("D4")
     cfg = QuantizationConfig(lattice_type="D4", q=4, M=2, disable_scaling=True)
     y = torch.randn(5, 4, dtype=torch.float64) * 3
-    b, T = encode(y, L, cfg)
+    b, T = encode(y, cfg)
     print("labels of 5 D4 vectors (M=2 layers of base-4 digits):\n", b)
-    print("decode == Q_L(y) where T == 0:", bool(torch.equal(decode(b, L, cfg, T, dtype=torch.float64)[T == 0],
+    print("decode == Q_L(y) where T == 0:", bool(torch.equal(decode(b, cfg, T, dtype=torch.float64)[T == 0],
                                                              L.closest_point(y)[T == 0])))
 
 

@@ -116,20 +116,6 @@ PYBIND11_MODULE(_C, m) {
     return coset::quantize_cpu(c.L, c.P, ptr<const void>(x), x_is_double, ptr<const double>(z), N, ptr<void>(out),
                                out_is_double, ptr<uint8_t>(T), ptr<uint8_t>(clamped));
   });
-  m.def("lut_one_sided_cpu", [](std::uintptr_t ix, std::uintptr_t sx, std::uintptr_t tables, int64_t n, int64_t mm,
-                                int K, int M, int64_t Q, int q, std::uintptr_t out) {
-    py::gil_scoped_release nogil;
-    coset::lut_one_sided_cpu(ptr<const int32_t>(ix), ptr<const float>(sx), ptr<const float>(tables), n, mm, K, M, Q, q,
-                             ptr<float>(out));
-  });
-  m.def("lut_two_sided_cpu", [](std::uintptr_t ix, std::uintptr_t sx, std::uintptr_t iy, std::uintptr_t sy,
-                                std::uintptr_t lut, int lut_bytes, int64_t n, int64_t mm, int K, int M, int64_t Q,
-                                int q, std::uintptr_t out) {
-    if (lut_bytes != 1 && lut_bytes != 2 && lut_bytes != 4) throw std::invalid_argument("lut_bytes must be 1, 2 or 4");
-    py::gil_scoped_release nogil;
-    coset::lut_two_sided_cpu(ptr<const int32_t>(ix), ptr<const float>(sx), ptr<const int32_t>(iy),
-                             ptr<const float>(sy), ptr<const void>(lut), lut_bytes, n, mm, K, M, Q, q, ptr<float>(out));
-  });
   m.def("add_modq_cpu", [](std::uintptr_t a, std::uintptr_t b, std::uintptr_t out, int64_t n, int q) {
     py::gil_scoped_release nogil;
     coset::add_modq_cpu(ptr<const uint8_t>(a), ptr<const uint8_t>(b), ptr<uint8_t>(out), n, q);

@@ -173,6 +173,27 @@ COSET_HD bool encode_layers(const LatticeView& L, int q, int M, const double* gi
   return ovl;
 }
 
+// Euclidean norm, accumulated left to right like the reference (_core._seq_norm). Above 2^500 the vector
+// is first divided by the power of two of its largest entry (exact), so no square overflows: 1e200 has a
+// finite norm. Below, the plain formula (the numbers of every existing test are unchanged).
+COSET_HD double seq_norm(const double* u, int d) {
+  double m = 0.0;
+  for (int i = 0; i < d; ++i) m = fmax(m, fabs(u[i]));
+  double e = 1.0;
+  if (m > 0x1p500) {
+    int ex = 0;
+    frexp(m, &ex);
+    e = ldexp(1.0, ex);
+  }
+  double v0 = u[0] / e;
+  double sq = v0 * v0;
+  for (int i = 1; i < d; ++i) {
+    const double v = u[i] / e;
+    sq = sq + v * v;
+  }
+  return sqrt(sq) * e;
+}
+
 // Result flags of one vector.
 struct EncodeResult {
   uint8_t T;
@@ -211,9 +232,7 @@ COSET_HD EncodeResult encode_vector(const LatticeView& L, const QuantParams& P, 
   }
   res.clamped = true;
   if (P.safe_radius > 0.0) {
-    double sq = u[0] * u[0];
-    for (int i = 1; i < d; ++i) sq = sq + u[i] * u[i];
-    const double nrm = sqrt(sq);
+    const double nrm = seq_norm(u, d);
     double factor = P.safe_radius / nrm;
     if (factor > 1.0) factor = 1.0;
     for (int i = 0; i < d; ++i) u[i] = u[i] * factor;

@@ -1,20 +1,15 @@
-// kernels_cpu.cpp - multi-threaded CPU kernels (std::thread) around the per-vector logic of hnlq_core.h.
-//
-// std::thread rather than OpenMP: torch wheels bundle their own libgomp, and loading a second OpenMP
-// runtime into the same process is a known source of oversubscription and fork problems.
+// kernels_cpu.cpp - multi-threaded CPU kernels around the per-vector logic of hnlq_core.h.
 #include "kernels.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
-#include <atomic>
-#include <cstdlib>
 #include <thread>
-#include <type_traits>
-#include <vector>
 
 #include "fast_quant.h"
 #include "hnlq_core.h"
+#include "parallel.h"
 
 namespace coset {
 
@@ -30,44 +25,6 @@ static int g_num_threads = [] {
 
 int get_num_threads() { return g_num_threads; }
 void set_num_threads(int n) { g_num_threads = n > 0 ? n : 1; }
-
-// Run f(begin, end) over [0, n) in contiguous chunks on up to g_num_threads threads.
-template <typename F>
-static void parallel_for(int64_t n, int64_t grain, F&& f) {
-  if (n <= 0) return;
-  int64_t nt = std::min<int64_t>(g_num_threads, (n + grain - 1) / grain);
-  if (nt <= 1) {
-    f((int64_t)0, n);
-    return;
-  }
-  const int64_t chunk = (n + nt - 1) / nt;
-  std::vector<std::thread> pool;
-  pool.reserve(nt - 1);
-  for (int64_t t = 1; t < nt; ++t) {
-    const int64_t b = t * chunk, e = std::min(n, b + chunk);
-    if (b < e) pool.emplace_back([&f, b, e] { f(b, e); });
-  }
-  f((int64_t)0, std::min(n, chunk));
-  for (auto& th : pool) th.join();
-}
-
-// Call f(KIND, D) with compile-time constants for the common lattices, D = 0 (runtime d) otherwise.
-template <typename F>
-static void dispatch_lattice(int kind, int d, F&& f) {
-  using std::integral_constant;
-  if (kind == kZn) {
-    if (d == 2) return f(integral_constant<int, kZn>{}, integral_constant<int, 2>{});
-    if (d == 4) return f(integral_constant<int, kZn>{}, integral_constant<int, 4>{});
-    if (d == 8) return f(integral_constant<int, kZn>{}, integral_constant<int, 8>{});
-    return f(integral_constant<int, kZn>{}, integral_constant<int, 0>{});
-  }
-  if (kind == kDn) {
-    if (d == 4) return f(integral_constant<int, kDn>{}, integral_constant<int, 4>{});
-    if (d == 8) return f(integral_constant<int, kDn>{}, integral_constant<int, 8>{});
-    return f(integral_constant<int, kDn>{}, integral_constant<int, 0>{});
-  }
-  return f(integral_constant<int, kE8>{}, integral_constant<int, 8>{});
-}
 
 constexpr int64_t kGrain = 2048;
 
@@ -311,194 +268,6 @@ int64_t quantize_cpu(const LatticeView& L, const QuantParams& P, const void* x, 
     });
   });
   return errors.load();
-}
-
-// LUT scoring. Both ops are reorganised so that the innermost loop runs over a contiguous block of queries j
-// (like an embedding-bag): per encoded row r and lookup (k, m), one row of a (K, Q, m_chunk) table is added
-// to the row's accumulators. Accumulation is in float64 (one rounding to float32 at the end).
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
-#define COSET_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define COSET_CLONES
-#endif
-
-// Contiguous inner loops, compiled twice (AVX2 and baseline) and picked at load time (no FMA either way).
-COSET_CLONES static void axpy_f(double* __restrict__ acc, const float* __restrict__ row, double w, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) acc[j] += w * (double)row[j];
-}
-COSET_CLONES static void axpy_d(double* __restrict__ acc, const double* __restrict__ row, double w, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) acc[j] += w * row[j];
-}
-// One encoded row against a chunk of mc queries (tabT: (K, Q, mc) transposed tables); whole row per call so
-// the inner loops inline into the AVX2 clone.
-COSET_CLONES static void one_sided_row(double* __restrict__ acc, const int32_t* __restrict__ ir,
-                                       const float* __restrict__ sr, const float* __restrict__ tabT, int64_t K,
-                                       int M, int64_t Q, int64_t mc, double qd) {
-  for (int64_t j = 0; j < mc; ++j) acc[j] = 0.0;
-  for (int64_t k = 0; k < K; ++k) {
-    double w = (double)sr[k];
-    for (int mm = 0; mm < M; ++mm) {
-      const float* __restrict__ row = tabT + (k * Q + ir[k * M + mm]) * mc;
-      for (int64_t j = 0; j < mc; ++j) acc[j] += w * (double)row[j];
-      w *= qd;
-    }
-  }
-}
-
-// Two-sided, float64 inner sums (exact below 2^53): U (K, Q, mc) half tables, syT (K, mc).
-COSET_CLONES static void two_sided_row(double* __restrict__ acc, double* __restrict__ inner,
-                                       const int32_t* __restrict__ ir, const float* __restrict__ sr,
-                                       const double* __restrict__ U, const double* __restrict__ syT, int64_t K,
-                                       int M, int64_t Q, int64_t mc, double qd) {
-  for (int64_t j = 0; j < mc; ++j) acc[j] = 0.0;
-  for (int64_t k = 0; k < K; ++k) {
-    const double* __restrict__ u0 = U + (k * Q + ir[k * M]) * mc;
-    for (int64_t j = 0; j < mc; ++j) inner[j] = u0[j];
-    double wm = qd;
-    for (int mm = 1; mm < M; ++mm) {
-      const double* __restrict__ u = U + (k * Q + ir[k * M + mm]) * mc;
-      for (int64_t j = 0; j < mc; ++j) inner[j] += wm * u[j];
-      wm *= qd;
-    }
-    const double s = (double)sr[k];
-    const double* __restrict__ sk = syT + k * mc;
-    for (int64_t j = 0; j < mc; ++j) acc[j] += (s * sk[j]) * inner[j];
-  }
-}
-
-COSET_CLONES static void axpy_scaled(double* __restrict__ acc, const double* __restrict__ sy,
-                                     const double* __restrict__ inner, double s, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) acc[j] += (s * sy[j]) * inner[j];
-}
-
-static int64_t query_chunk(int64_t m, int64_t K, int64_t Q, int64_t budget) {
-  return std::max<int64_t>(1, std::min<int64_t>(m, budget / std::max<int64_t>(1, K * Q)));
-}
-
-void lut_one_sided_cpu(const int32_t* ix, const float* sx, const float* tables, int64_t n, int64_t m, int K, int M,
-                       int64_t Q, int q, float* out) {
-  const int64_t mc_max = query_chunk(m, K, Q, (int64_t)1 << 22);  // <= 16 MiB of transposed tables
-  std::vector<float> tabT((size_t)(K * Q * mc_max));
-  for (int64_t j0 = 0; j0 < m; j0 += mc_max) {
-    const int64_t mc = std::min(mc_max, m - j0);
-    // tabT[k, i, jj] = tables[j0 + jj, k, i]
-    parallel_for(K, 1, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k)
-        for (int64_t jj = 0; jj < mc; ++jj) {
-          const float* src = tables + ((j0 + jj) * K + k) * Q;
-          float* dst = tabT.data() + k * Q * mc + jj;
-          for (int64_t i = 0; i < Q; ++i) dst[i * mc] = src[i];
-        }
-    });
-    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, (int64_t)K * M * mc));
-    parallel_for(n, grain, [&](int64_t lo, int64_t hi) {
-      std::vector<double> acc((size_t)mc);
-      for (int64_t r = lo; r < hi; ++r) {
-        one_sided_row(acc.data(), ix + r * (int64_t)K * M, sx + r * (int64_t)K, tabT.data(), K, M, Q, mc,
-                      (double)q);
-        float* o = out + r * m + j0;
-        for (int64_t jj = 0; jj < mc; ++jj) o[jj] = (float)acc[jj];
-      }
-    });
-  }
-}
-
-template <typename LutT, typename Inner>
-static void lut_two_sided_impl(const int32_t* ix, const float* sx, const int32_t* iy, const float* sy,
-                               const LutT* lut, int64_t n, int64_t m, int K, int M, int64_t Q, int q, float* out) {
-  // U[k, i, jj] = sum_l q^l lut[i, iy[j0+jj, k, l]]: exact int64 "half tables" of a chunk of queries, so that
-  // the inner double sum sum_{m,l} q^(m+l) lut[.,.] = sum_m q^m U[k, ix[r,k,m], jj] stays exact.
-  const int64_t mc_max = query_chunk(m, K, Q, (int64_t)1 << 21);  // <= 16 MiB of int64
-  std::vector<Inner> U((size_t)(K * Q * mc_max));
-  std::vector<double> syT((size_t)(K * mc_max));
-  for (int64_t j0 = 0; j0 < m; j0 += mc_max) {
-    const int64_t mc = std::min(mc_max, m - j0);
-    parallel_for(K, 1, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) {
-        for (int64_t jj = 0; jj < mc; ++jj) syT[k * mc + jj] = (double)sy[(j0 + jj) * K + k];
-        for (int64_t i = 0; i < Q; ++i) {
-          const LutT* lrow = lut + i * Q;
-          Inner* u = U.data() + (k * Q + i) * mc;
-          for (int64_t jj = 0; jj < mc; ++jj) {
-            const int32_t* jy = iy + ((j0 + jj) * K + k) * M;
-            int64_t v = 0, wl = 1;
-            for (int l = 0; l < M; ++l) {
-              v += wl * (int64_t)lrow[jy[l]];
-              wl *= q;
-            }
-            u[jj] = (Inner)v;
-          }
-        }
-      }
-    });
-    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, (int64_t)K * M * mc));
-    parallel_for(n, grain, [&](int64_t lo, int64_t hi) {
-      std::vector<double> acc((size_t)mc);
-      std::vector<Inner> inner((size_t)mc);
-      std::vector<double> innerd((size_t)mc);
-      for (int64_t r = lo; r < hi; ++r) {
-        const int32_t* ir = ix + r * (int64_t)K * M;
-        if constexpr (std::is_same<Inner, double>::value) {
-          two_sided_row(acc.data(), innerd.data(), ir, sx + r * (int64_t)K, U.data(), syT.data(), K, M, Q, mc,
-                        (double)q);
-          float* o = out + r * m + j0;
-          for (int64_t jj = 0; jj < mc; ++jj) o[jj] = (float)acc[jj];
-          continue;
-        }
-        std::fill(acc.begin(), acc.end(), 0.0);
-        for (int64_t k = 0; k < K; ++k) {
-          const double s = (double)sx[r * K + k];
-          const double* sk = syT.data() + k * mc;
-          if constexpr (std::is_same<Inner, double>::value) {
-            // exact: every partial sum is an integer below 2^53 (checked by the caller)
-            std::fill(innerd.begin(), innerd.end(), 0.0);
-            double wm = 1.0;
-            for (int mm = 0; mm < M; ++mm) {
-              axpy_d(innerd.data(), U.data() + (k * Q + ir[k * M + mm]) * mc, wm, mc);
-              wm *= (double)q;
-            }
-          } else {
-            std::fill(inner.begin(), inner.end(), (Inner)0);
-            int64_t wm = 1;
-            for (int mm = 0; mm < M; ++mm) {
-              const Inner* u = U.data() + (k * Q + ir[k * M + mm]) * mc;
-              for (int64_t jj = 0; jj < mc; ++jj) inner[jj] += wm * u[jj];
-              wm *= q;
-            }
-            for (int64_t jj = 0; jj < mc; ++jj) innerd[jj] = (double)inner[jj];
-          }
-          axpy_scaled(acc.data(), sk, innerd.data(), s, mc);
-        }
-        float* o = out + r * m + j0;
-        for (int64_t jj = 0; jj < mc; ++jj) o[jj] = (float)acc[jj];
-      }
-    });
-  }
-}
-
-template <typename LutT>
-static void lut_two_sided_dispatch(const int32_t* ix, const float* sx, const int32_t* iy, const float* sy,
-                                   const LutT* lut, int64_t n, int64_t m, int K, int M, int64_t Q, int q,
-                                   float* out) {
-  // |inner| <= max|lut| * (sum_l q^l)^2: float64 sums are exact below 2^53, else use int64
-  int64_t mx = 0;
-  for (int64_t i = 0; i < Q * Q; ++i) mx = std::max<int64_t>(mx, std::abs((int64_t)lut[i]));
-  double geo = 0.0, w = 1.0;
-  for (int l = 0; l < M; ++l, w *= q) geo += w;
-  if ((double)mx * geo * geo < 9007199254740992.0)
-    lut_two_sided_impl<LutT, double>(ix, sx, iy, sy, lut, n, m, K, M, Q, q, out);
-  else
-    lut_two_sided_impl<LutT, int64_t>(ix, sx, iy, sy, lut, n, m, K, M, Q, q, out);
-}
-
-void lut_two_sided_cpu(const int32_t* ix, const float* sx, const int32_t* iy, const float* sy, const void* lut,
-                       int lut_bytes, int64_t n, int64_t m, int K, int M, int64_t Q, int q, float* out) {
-  if (lut_bytes == 1)
-    lut_two_sided_dispatch(ix, sx, iy, sy, (const int8_t*)lut, n, m, K, M, Q, q, out);
-  else if (lut_bytes == 2)
-    lut_two_sided_dispatch(ix, sx, iy, sy, (const int16_t*)lut, n, m, K, M, Q, q, out);
-  else
-    lut_two_sided_dispatch(ix, sx, iy, sy, (const int32_t*)lut, n, m, K, M, Q, q, out);
 }
 
 void add_modq_cpu(const uint8_t* a, const uint8_t* b, uint8_t* out, int64_t n, int q) {

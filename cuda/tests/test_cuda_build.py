@@ -20,6 +20,7 @@ def _cmake(*args, env=None, cwd=None, timeout=240):
     return subprocess.run(["cmake", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
 @pytest.mark.skipif(NVCC is None, reason="nvcc not installed: the CUDA build cannot be checked here")
 def test_cuda_build_cuda_sources_compile(tmp_path):
@@ -58,9 +59,14 @@ def test_cuda_build_on_without_nvcc_fails_clearly(tmp_path):
 
 
 def test_cuda_build_flags_reported():
-    """The installed module says whether it has CUDA kernels; with nvcc at build time it must."""
-    assert isinstance(cc.WITH_CUDA, bool)
-    if NVCC is not None and os.environ.get("COSET_CUDA", "AUTO").upper() != "OFF":
-        assert cc.WITH_CUDA
+    """The installed module says whether it has CUDA kernels: with nvcc at build time it must, and the CUDA
+    entry points of the extension exist exactly then."""
+    built_with_nvcc = NVCC is not None and os.environ.get("COSET_CUDA", "AUTO").upper() != "OFF"
+    if built_with_nvcc:
+        assert cc.WITH_CUDA is True
+    from coset.cuda import _C
+
+    assert hasattr(_C, "encode_cuda") == cc.WITH_CUDA
+    assert not hasattr(_C, "lut_one_sided_cpu")  # the CPU LUT kernels were removed
     if not cc.WITH_CUDA:
         assert not cc.cuda_available()

@@ -43,6 +43,7 @@ def test_cuda_ops_straight_through_gradient():
     assert torch.equal(x.grad, w)
 
 
+@pytest.mark.slow
 def test_cuda_ops_torch_compile_matches_eager():
     def fn(x):
         xh, T, _ = ops.quantize(x * 2.0, CFG)
@@ -71,3 +72,25 @@ def test_cuda_ops_centered_config():
     xh, T, cl = ops.quantize(x, CFG_C)
     r = quantize(x, config=CFG_C, backend="torch", return_info=True)
     assert torch.equal(xh, r[0]) and torch.equal(T, r[1]) and torch.equal(cl, r[2])
+
+
+def test_cuda_ops_schemas_follow_the_config_fields():
+    """The three op schemas carry every QuantizationConfig field, in order and with its type (issue 10 §4)."""
+    import dataclasses
+
+    from coset.cuda.ops import _check_schemas, _schema_config_args, config_args
+
+    want = [f.name for f in dataclasses.fields(QuantizationConfig)]
+    for op in (torch.ops.coset.quantize, torch.ops.coset.encode, torch.ops.coset.decode):
+        assert [n for n, _ in _schema_config_args(op)] == want
+    assert len(config_args(CFG)) == len(want)
+    _check_schemas()  # what runs at import
+
+
+def test_cuda_ops_schema_drift_is_detected(monkeypatch):
+    import coset.cuda.ops as ops_mod
+
+    real = ops_mod._schema_config_args
+    monkeypatch.setattr(ops_mod, "_schema_config_args", lambda op: real(op)[:-1])  # an op missing `center`
+    with pytest.raises(RuntimeError, match="QuantizationConfig has fields"):
+        ops_mod._check_schemas()

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import coset.cuda as cc
+from coset.cuda import _ops
 from coset.lattice import get_lattice
 from coset.quant import OverloadError, QuantizationConfig, decode, encode, quantize
 from coset.quant.backend import select_backend
@@ -179,9 +180,9 @@ def test_cuda_dither_regenerated_identically():
     cfg = QuantizationConfig("E8", q=4, M=2, beta=0.3, with_dither=True, dither_seed=42)
     x = torch.randn(2000, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     z = sample_dither(2000, cfg.lattice, 42)
-    b, T, cl = cc.encode(x, cfg.lattice, cfg, z)
-    xh = cc.decode(b, T, cfg.lattice, cfg, z, torch.float64)
-    assert torch.equal(xh, cc.quantize(x, cfg.lattice, cfg, z)[0])
+    b, T, cl = _ops.encode(x, cfg.lattice, cfg, z)
+    xh = _ops.decode(b, T, cfg.lattice, cfg, z, torch.float64)
+    assert torch.equal(xh, _ops.quantize(x, cfg.lattice, cfg, z)[0])
     # no overload: the error lies in the scaled Voronoi cell, |err| <= covering radius * scale
     err = (xh - x).norm(dim=-1) / torch.tensor(cfg.scales, dtype=torch.float64)[T.long()]
     assert float(err.max()) <= cfg.lattice.covering_radius + 1e-9
@@ -191,28 +192,69 @@ def test_cuda_bad_inputs():
     cfg = QuantizationConfig("D4", q=4, M=2)
     L = cfg.lattice
     with pytest.raises(TypeError, match="x"):
-        cc.encode([1.0, 2.0], L, cfg)
+        _ops.encode([1.0, 2.0], L, cfg)
     with pytest.raises(TypeError, match="x"):
-        cc.encode(torch.zeros(3, 4, dtype=torch.int32), L, cfg)
+        _ops.encode(torch.zeros(3, 4, dtype=torch.int32), L, cfg)
     with pytest.raises(ValueError, match="x"):
-        cc.encode(torch.zeros(3, 5), L, cfg)
+        _ops.encode(torch.zeros(3, 5), L, cfg)
     with pytest.raises(ValueError, match="dither"):
-        cc.encode(torch.zeros(3, 4), L, cfg, torch.zeros(3, 4))  # float32 dither
+        _ops.encode(torch.zeros(3, 4), L, cfg, torch.zeros(3, 4))  # float32 dither
     with pytest.raises(ValueError, match="b"):
-        cc.decode(torch.zeros(3, 2, 4, dtype=torch.int64), torch.zeros(3, dtype=torch.uint8), L, cfg)
+        _ops.decode(torch.zeros(3, 2, 4, dtype=torch.int64), torch.zeros(3, dtype=torch.uint8), L, cfg)
     with pytest.raises(ValueError, match="labels"):
-        cc.decode(torch.full((3, 2, 4), 4, dtype=torch.uint8), torch.zeros(3, dtype=torch.uint8), L, cfg)
+        _ops.decode(torch.full((3, 2, 4), 4, dtype=torch.uint8), torch.zeros(3, dtype=torch.uint8), L, cfg)
     with pytest.raises(ValueError, match="T"):
-        cc.decode(torch.zeros(3, 2, 4, dtype=torch.uint8), torch.full((3,), 99, dtype=torch.uint8), L, cfg)
+        _ops.decode(torch.zeros(3, 2, 4, dtype=torch.uint8), torch.full((3,), 99, dtype=torch.uint8), L, cfg)
     with pytest.raises(ValueError, match="lattice"):
-        cc.encode(torch.zeros(3, 17), get_lattice("Z17"), cfg.replace(lattice_type="Z17"))
+        _ops.encode(torch.zeros(3, 17), get_lattice("Z17"), cfg.replace(lattice_type="Z17"))
     with pytest.raises(TypeError, match="config"):
-        cc.encode(torch.zeros(3, 4), L, None)
+        _ops.encode(torch.zeros(3, 4), L, None)
     with pytest.raises(ValueError, match="n"):
         cc.set_num_threads(0)
     # non-finite input is rejected by coset.quant before any kernel runs
     with pytest.raises(ValueError, match="NaN"):
         quantize(torch.tensor([[float("nan"), 0, 0, 0]]), config=cfg, backend="native")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 1e300])
+def test_cuda_wrappers_refuse_what_coset_quant_refuses(bad):
+    """Issue 11 class 2: called directly, the native wrappers used to return zeros flagged as clamped for NaN/Inf.
+    Now they raise the same ValueError (same message) as coset.quant for NaN, Inf and |x| > beta 2^900."""
+    cfg = QuantizationConfig("D4", q=4, M=2)
+    x = torch.zeros(3, 4, dtype=torch.float64)
+    x[1, 2] = bad
+    with pytest.raises(ValueError) as ref:
+        encode(x, config=cfg, backend="torch")
+    for fn in (lambda: _ops.encode(x, cfg.lattice, cfg), lambda: _ops.quantize(x, cfg.lattice, cfg),
+               lambda: encode(x, config=cfg, backend="native"), lambda: quantize(x, config=cfg, backend="native")):
+        with pytest.raises(ValueError) as got:
+            fn()
+        assert str(got.value) == str(ref.value)
+
+
+def test_cuda_decode_to_int_dtype_refused_like_the_reference():
+    cfg = QuantizationConfig("D4", q=4, M=2)
+    b = torch.zeros(3, 2, 4, dtype=torch.uint8)
+    T = torch.zeros(3, dtype=torch.uint8)
+    for dt in (torch.int32, torch.int64, torch.uint8):
+        with pytest.raises(TypeError, match="dtype must be a floating dtype"):
+            _ops.decode(b, T, cfg.lattice, cfg, None, dt)
+        for be in ("torch", "native"):
+            with pytest.raises(TypeError, match="dtype must be a floating dtype"):
+                decode(b, config=cfg, T=T, dtype=dt, backend=be)
+
+
+@pytest.mark.parametrize("name", ["Z2", "D4", "E8"])
+def test_cuda_parity_huge_inputs_clamp_without_overflow(name):
+    """Issue 11 class 1: |u| > 2^500 takes the scaled norm in both implementations (bit-identical); 1e200 is
+    clamped along its direction, not to the origin."""
+    cfg = QuantizationConfig(name, q=4, M=2, max_scaling_iterations=5)
+    d = cfg.dim
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, d, generator=g, dtype=torch.float64) * torch.logspace(0, 260, 64, dtype=torch.float64)[:, None]
+    _assert_parity(x, cfg, f"{name} huge")
+    xh = quantize(x, config=cfg, backend="native")
+    assert bool(torch.isfinite(xh).all()) and bool((xh[8:].norm(dim=-1) > 0).all())  # rows 8.. are >= 1e32
 
 
 def test_cuda_thread_count_does_not_change_results():
@@ -221,9 +263,9 @@ def test_cuda_thread_count_does_not_change_results():
     n0 = cc.get_num_threads()
     try:
         cc.set_num_threads(1)
-        a = cc.quantize(x, cfg.lattice, cfg)
+        a = _ops.quantize(x, cfg.lattice, cfg)
         cc.set_num_threads(3)
-        b = cc.quantize(x, cfg.lattice, cfg)
+        b = _ops.quantize(x, cfg.lattice, cfg)
     finally:
         cc.set_num_threads(n0)
     assert all(torch.equal(u, v) for u, v in zip(a, b))
@@ -236,33 +278,31 @@ def test_cuda_add_modq_matches_reference():
     for q in (2, 3, 4, 5, 8, 16):
         a = torch.randint(0, q, (1000, 2, 4), generator=g, dtype=torch.uint8)
         b = torch.randint(0, q, (1000, 2, 4), generator=g, dtype=torch.uint8)
-        assert torch.equal(cc.add_modq(a, b, q), add_modq(a, b, q))
+        assert torch.equal(_ops.add_modq(a, b, q), add_modq(a, b, q))
     with pytest.raises(ValueError, match="q"):
-        cc.add_modq(a, b, 17)
+        _ops.add_modq(a, b, 17)
     with pytest.raises(ValueError, match="labels"):
-        cc.add_modq(a, b, 4)
+        _ops.add_modq(a, b, 4)
     with pytest.raises(ValueError, match="shape"):
-        cc.add_modq(a, b[:1], 16)
+        _ops.add_modq(a, b[:1], 16)
 
 
 def test_cuda_decode_rejects_bad_T_dtypes_and_values():
     cfg = QuantizationConfig("D4", q=4, M=2, max_scaling_iterations=3)
     b = torch.zeros(5, 2, 4, dtype=torch.uint8)
     with pytest.raises(ValueError, match="T must lie"):
-        cc.decode(b, torch.tensor([0, 0, -1, 0, 0]), cfg.lattice, cfg)
+        _ops.decode(b, torch.tensor([0, 0, -1, 0, 0]), cfg.lattice, cfg)
     with pytest.raises(ValueError, match="T must lie"):
-        cc.decode(b, torch.tensor([0, 0, 4, 0, 0]), cfg.lattice, cfg)
+        _ops.decode(b, torch.tensor([0, 0, 4, 0, 0]), cfg.lattice, cfg)
     with pytest.raises(ValueError, match="rows have labels"):
-        cc.decode(b, torch.tensor([0, 0, 4, 0, 0], dtype=torch.uint8), cfg.lattice, cfg)
-    ok = cc.decode(b, torch.tensor([0, 1, 2, 3, 3]), cfg.lattice, cfg)
+        _ops.decode(b, torch.tensor([0, 0, 4, 0, 0], dtype=torch.uint8), cfg.lattice, cfg)
+    ok = _ops.decode(b, torch.tensor([0, 1, 2, 3, 3]), cfg.lattice, cfg)
     assert torch.equal(ok, torch.zeros(5, 4))  # label 0 in every layer is the origin
 
 
 @pytest.mark.parametrize("name,q,M", [("Z2", 2, 4), ("D4", 2, 3), ("D4", 4, 2), ("E8", 2, 2), ("E8", 3, 2)])
 def test_cuda_parity_centered(name, q, M):
     """config.center: coset.quant passes the offset c inside the dither tensor and widens the clamp radius."""
-    if "center" not in QuantizationConfig.__dataclass_fields__:
-        pytest.skip("this coset.quant has no center option")
     x64 = _inputs(name, q, M, 0.25, seed=77 + q + M)
     for dtype, dither in itertools.product((torch.float32, torch.float64), (False, True)):
         cfg = QuantizationConfig(name, q=q, M=M, beta=0.25, max_scaling_iterations=3, with_dither=dither, center=True)

@@ -53,9 +53,9 @@ def test_payload_roundtrip_equals_quant_decode(n, lat):
     assert rho == pytest.approx(float(x.double().pow(2).mean().sqrt()))
     blocks, pad = to_blocks(x.double() / rho, cfg.dim)
     b, T = encode(blocks, config=cfg)
-    ref = decode(b, cfg.lattice, cfg, T, dtype=torch.float64).reshape(-1)[:n] * rho
+    ref = decode(b, cfg, T, dtype=torch.float64).reshape(-1)[:n] * rho
     rho32 = float(torch.tensor(rho, dtype=torch.float32))  # rho travels as float32
-    ref32 = decode(b, cfg.lattice, cfg, T, dtype=torch.float64).reshape(-1)[:n] * rho32
+    ref32 = decode(b, cfg, T, dtype=torch.float64).reshape(-1)[:n] * rho32
     assert torch.equal(xh, ref32)
     assert torch.equal(info["T"], T)
     assert torch.allclose(xh, ref, rtol=1e-6, atol=0)
@@ -98,7 +98,7 @@ def test_payload_bytes_are_the_quant_bit_stream(q, n):
     assert bytes(p[lay.label_bytes : lay.label_bytes + lay.t_bytes].tolist()) == _bitstream(T.tolist(), kt)
     xh, flag = decode_payload(p, n, cfg)
     rho32 = float(torch.tensor(info["rho"], dtype=torch.float32))  # the header stores rho as float32
-    ref = (decode(b, cfg.lattice, cfg, T, dtype=torch.float64) * rho32).reshape(-1)[:n]
+    ref = (decode(b, cfg, T, dtype=torch.float64) * rho32).reshape(-1)[:n]
     assert not flag and torch.equal(xh, ref)
 
 

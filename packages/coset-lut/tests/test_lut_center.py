@@ -17,7 +17,11 @@ from coset.lut import (
 from coset.lut import matmul
 
 CASES = [("Z2", 2), ("Z2", 4), ("D4", 4), ("E8", 2)]
-BACKENDS = qbackend.available_backends()
+# backends that run the LUT ops on CPU tensors ("torch" always; coset-cuda's native ones only on CUDA tensors)
+BACKENDS = [
+    b for b in qbackend.available_backends()
+    if b == "torch" or qbackend.get_backend(b).supports("lut_one_sided", torch.zeros(1, dtype=torch.int32), None, None)
+]
 
 
 def _mat(n, k, seed):

@@ -304,13 +304,38 @@ def test_quant_bad_inputs_raise():
     with pytest.raises(ValueError, match="T must have shape"):
         decode(b, config=cfg, T=T[:2])
     with pytest.raises(ValueError, match="T must lie"):
-        decode(b, config=cfg, T=T + 11)
+        decode(b, config=cfg, T=T + cfg.max_scaling_iterations + 1)
     with pytest.raises(TypeError, match="T must be an integer"):
         decode(b, config=cfg, T=T.float())
     with pytest.raises(TypeError, match="backend"):
         encode(torch.zeros(3, 4), config=cfg, backend=None)
     with pytest.raises(ValueError, match="unknown backend"):
         encode(torch.zeros(3, 4), config=cfg, backend="nope")
+
+
+def test_quant_lattice_is_keyword_only_and_must_match_config():
+    """One argument order: ``(x|b, config, [T], *, lattice=...)``; a lattice other than the config's is refused."""
+    from coset.quant import Quantizer, modq_sum_report
+
+    cfg = QuantizationConfig("D4", 4, 2)
+    x = torch.randn(5, 4, generator=_gen(3))
+    with pytest.raises(TypeError):
+        encode(x, get_lattice("D4"), cfg)  # the old positional order
+    b, T = encode(x, cfg, lattice=get_lattice("d4"))  # same lattice by name (case-insensitive): fine
+    assert torch.equal(decode(b, cfg, T, lattice=get_lattice("D4")), decode(b, cfg, T))
+    assert torch.equal(quantize(x, cfg, lattice=get_lattice("D4")), quantize(x, cfg))
+    assert torch.equal(Quantizer(cfg, lattice=get_lattice("D4")).quantize(x), quantize(x, cfg))
+    assert torch.equal(quantize(x, QuantizationConfig("d4", 4, 2), lattice=get_lattice("D4")), quantize(x, cfg))
+    z8 = get_lattice("Z4")
+    for call in (
+        lambda: encode(x, cfg, lattice=z8),
+        lambda: decode(b, cfg, T, lattice=z8),
+        lambda: quantize(x, cfg, lattice=z8),
+        lambda: Quantizer(cfg, lattice=z8),
+        lambda: modq_sum_report([b], cfg, lattice=z8),
+    ):
+        with pytest.raises(ValueError, match=r"lattice 'Z4' disagrees with config.lattice_type='D4'"):
+            call()
 
 
 # --------------------------------------------------------------------------- dither

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-import coset.quant.offset as offset_mod
+import coset.quant._core as core_mod
 from coset.lattice import get_lattice
 from coset.quant import (
     QuantizationConfig,
@@ -68,7 +68,7 @@ def test_center_offset_large_qd_is_a_deterministic_estimate():
     """E8 q=8: q^d = 2^24 > 2^20 labels, so mean(A_q) is estimated from a fixed-seed sample."""
     L = get_lattice("E8")
     c = constellation_offset(L, 8, 2)
-    offset_mod._cache.clear()
+    core_mod._offsets.clear()
     c2 = constellation_offset(L, 8, 2)
     assert torch.equal(c, c2) and c is not c2
     # independent sample of A_8 (different generator): the estimate is within a few standard errors
@@ -199,7 +199,7 @@ def test_center_clamp_never_overloads(name, q, M, dither):
 def test_center_clamp_with_no_safe_ball_goes_to_the_origin(name, q, M, dither):
     """When ||c|| exceeds the sandwich radius (q=2 always) the clamp radius is <= 0: clamped vectors are
     encoded as g = c (+ z), i.e. reconstructed near 0 (within R_cov, 2 R_cov with dither), without overload."""
-    from coset.quant.encode import clamp_radius
+    from coset.quant._core import clamp_radius
 
     L = get_lattice(name)
     cfg = QuantizationConfig(name, q, M, beta=0.05, max_scaling_iterations=1, center=True, with_dither=dither)

@@ -186,7 +186,7 @@ def test_quant_add_modq_single_layer_adds_lattice_points(name):
     fits = (L.closest_point((px + py) / q) == 0).all(-1)  # px + py in qV (half-open)
     assert torch.equal((s == px + py).all(-1), fits)
     assert 0 < int(fits.sum()) < len(fits)
-    rep = modq_sum_report([bx, by], L, QuantizationConfig(name, q, 1))
+    rep = modq_sum_report([bx, by], QuantizationConfig(name, q, 1), lattice=L)
     assert torch.equal(rep.decoded_sum, s) and torch.equal(rep.mismatch, ~fits)
 
 
@@ -207,7 +207,7 @@ def test_quant_modq_sum_report(name, q, M):
     bs = [b[ok] for b, _ in enc]
     pts = [decode_lattice_units(b, L, q) for b in bs]
     assert torch.equal(pts[0], L.closest_point(xs[0][ok]))
-    rep = modq_sum_report(bs, L, cfg)
+    rep = modq_sum_report(bs, cfg, lattice=L)
     assert torch.equal(rep.real_sum, pts[0] + pts[1] + pts[2])
     inside = v_norm(rep.real_sum) < mod - 1e-9
     assert float(inside.float().mean()) > 0.95
@@ -219,7 +219,7 @@ def test_quant_modq_sum_report(name, q, M):
     # large vectors: many sums overload; mismatches are reported and the decoded sum is still congruent
     # (random labels: uniform over the whole constellation)
     bs = [torch.randint(0, q, (2000, M, L.dim), generator=_gen(10 + i)).to(torch.uint8) for i in range(3)]
-    rep = modq_sum_report(bs, L, cfg)
+    rep = modq_sum_report(bs, cfg, lattice=L)
     assert rep.mismatch_rate > 0.0
     assert rep.mismatch_rate == pytest.approx(float(rep.mismatch.float().mean()))
     assert torch.equal(rep.mismatch, (rep.decoded_sum != rep.real_sum).any(-1))
@@ -232,7 +232,7 @@ def test_quant_modq_sum_report(name, q, M):
     assert code.dtype == torch.int64 and int(code.min()) >= 0 and int(code.max()) < mod
     assert torch.equal(from_flat_code(code, L, mod), small.real_sum[ok])
     with pytest.raises(ValueError, match="at least one"):
-        modq_sum_report([], L, cfg)
+        modq_sum_report([], cfg, lattice=L)
 
 
 # --------------------------------------------------------------------------- config
@@ -297,7 +297,7 @@ def test_quant_quantizer_stats():
     cfg = QuantizationConfig("D4", 4, 2, beta=0.2, alpha=1.0, max_scaling_iterations=3)
     qz = Quantizer(cfg)
     assert qz.dim == 4 and "D4" in repr(qz)
-    assert qz.stats() == {"vectors": 0, "overload_rate": 0.0, "clamp_rate": 0.0, "mean_T": 0.0}
+    assert qz.stats() == {"vectors": 0, "overload_rate": 0.0, "clamped": 0, "clamp_rate": 0.0, "mean_T": 0.0}
     x = torch.randn(1000, 4, generator=_gen(5))
     x[:10] *= 1e4  # clamped
     xh = qz.quantize(x)
@@ -309,7 +309,9 @@ def test_quant_quantizer_stats():
     clall = torch.cat([cl, cl[:500]])
     s = qz.stats()
     assert s["vectors"] == 1500
-    assert s["overload_rate"] == pytest.approx(float((Tall > 0).float().mean()))
+    # clamped vectors are counted apart from the ones the ramp resolved (issue 11 class 6)
+    assert s["overload_rate"] == pytest.approx(float(((Tall > 0) & ~clall).float().mean()))
+    assert s["clamped"] == 20
     assert s["clamp_rate"] == pytest.approx(float(clall.float().mean()))
     assert s["clamp_rate"] == pytest.approx(20 / 1500)
     assert s["mean_T"] == pytest.approx(float(Tall.float().mean()))
@@ -328,7 +330,7 @@ def test_quant_beta_min_and_calibration():
     assert beta_min(cfg) == pytest.approx(math.sqrt(4 / 6) / (16 * math.sqrt(sig2)))
     assert beta_min(cfg, sigma=3.0) == pytest.approx(3 * beta_min(cfg))
     x = torch.randn(1500, 4, generator=_gen(6))
-    beta, mse = calibrate_beta(x, cfg)
+    beta, mse = calibrate_beta(x, cfg, objective="mse")
     grid = [beta_min(cfg, float(x.double().std())) * (1 + 0.05 * k) for k in range(-12, 40)]
     assert beta in grid
     mses = [float(((quantize(x, config=cfg.replace(beta=b)).double() - x.double()) ** 2).mean()) for b in grid]
@@ -353,7 +355,7 @@ def test_quant_beta_min_and_calibration():
     # the default grid's start can win here -- the R-D benchmark charges H(T)/d, see coset.quant.rd)
     grid2 = [0.05, 0.1, beta, 0.4]
     mses2 = [float(((quantize(x, config=cfg.replace(beta=b)).double() - x.double()) ** 2).mean()) for b in grid2]
-    b2, m2 = calibrate_beta(x, cfg, grid=grid2)
+    b2, m2 = calibrate_beta(x, cfg, grid=grid2, objective="mse")
     assert b2 == grid2[int(np.argmin(mses2))] and m2 == pytest.approx(min(mses2))
 
 
@@ -363,6 +365,7 @@ class FakeBackend:
 
     name = "fake"
     priority = 10**9  # above any real backend installed alongside (coset-cuda's "native")
+    backend_api = 1
 
     def __init__(self, ops=("encode", "decode", "quantize")):
         self.calls: list[str] = []
@@ -373,19 +376,19 @@ class FakeBackend:
 
     def encode(self, x, lattice, config, dither):
         self.calls.append("encode")
-        from coset.quant.encode import _encode_flat
+        from coset.quant._core import encode_flat as _encode_flat
 
         return _encode_flat(x.to(torch.float64), lattice, config, dither)
 
     def decode(self, b, T, lattice, config, dither, dtype):
         self.calls.append("decode")
-        from coset.quant.decode import _decode_flat
+        from coset.quant._core import decode_flat as _decode_flat
 
         return _decode_flat(b, T, lattice, config, dither, dtype)
 
     def quantize(self, x, lattice, config, dither):
         self.calls.append("quantize")
-        xh, T, cl = cq.quantize(x, lattice, config, backend="torch", return_info=True)
+        xh, T, cl = cq.quantize(x, config, lattice=lattice, backend="torch", return_info=True)
         return xh, T, cl
 
 
@@ -443,12 +446,19 @@ def test_quant_backend_registry_errors():
         register_backend(object())
     with pytest.raises(TypeError, match="supports"):
         register_backend(type("B", (), {"name": "x"})())
+    # the protocol version is checked, as jax checks jaxlib's
+    with pytest.raises(ValueError, match="implements backend API None, but this coset.quant needs 1"):
+        register_backend(type("B", (), {"name": "x", "supports": lambda *a: True})())
+    with pytest.raises(ValueError, match="implements backend API 2"):
+        register_backend(type("B", (), {"name": "x", "supports": lambda *a: True, "backend_api": 2})())
+    assert "x" not in available_backends()
     with pytest.raises(ValueError, match="unknown backend"):
         get_backend("does-not-exist")
     unregister_backend("does-not-exist")  # no-op
     assert "torch" in available_backends()
 
 
+@pytest.mark.slow
 def test_quant_never_imports_coset_cuda():
     src = pathlib.Path(cq.__file__).parent
     for f in src.glob("*.py"):
@@ -469,30 +479,3 @@ def test_quant_never_imports_coset_cuda():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
-
-
-@pytest.mark.parametrize("name,q,M,dither", [("D4", 4, 2, False), ("E8", 4, 2, True), ("Z2", 3, 3, False),
-                                             ("E8", 2, 3, False), ("D4", 16, 1, True)])
-def test_quant_installed_backends_match_reference(name, q, M, dither):
-    """Every backend found at run time (e.g. coset-cuda's "native") reproduces the reference bit for bit;
-    "auto" is whichever of them is selected. With only the reference installed this compares it with itself."""
-    cfg = QuantizationConfig(name, q, M, beta=0.25, alpha=1 / 3, max_scaling_iterations=8, with_dither=dither,
-                             dither_seed=3)
-    g = _gen(q * M)
-    x = torch.randn(600, cfg.dim, generator=g) * torch.exp(torch.randn(600, 1, generator=g))
-    x[:5] *= 1e5  # clamped
-    ref_b, ref_T, ref_c = encode(x, config=cfg, backend="torch", return_clamped=True)
-    ref_xh = decode(ref_b, config=cfg, T=ref_T, backend="torch")
-    assert bool(ref_c[:5].all())
-    for be in ["auto"] + available_backends():
-        for dt in (torch.float32, torch.float64):
-            xd = x.to(dt)
-            b, T, c = encode(xd, config=cfg, backend=be, return_clamped=True)
-            rb, rT, rc = encode(xd, config=cfg, backend="torch", return_clamped=True)
-            assert torch.equal(b, rb) and torch.equal(T, rT) and torch.equal(c, rc), be
-            xh = decode(b, config=cfg, T=T, backend=be, dtype=dt)
-            assert torch.equal(xh, decode(rb, config=cfg, T=rT, backend="torch", dtype=dt)), be
-            xq, Tq, cq_ = quantize(xd, config=cfg, backend=be, return_info=True)
-            assert torch.equal(xq, quantize(xd, config=cfg, backend="torch")), be
-            assert torch.equal(Tq, rT) and torch.equal(cq_, rc), be
-    assert torch.equal(ref_xh, decode(ref_b, config=cfg, T=ref_T))

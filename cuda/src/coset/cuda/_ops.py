@@ -1,7 +1,10 @@
 """Validated torch-tensor wrappers around the raw-pointer extension ``coset.cuda._C``.
 
-Every function here checks shapes, dtypes, devices and index ranges, makes the inputs contiguous, allocates
-the outputs and calls the CPU or CUDA kernel. Nothing in the extension ever sees an unchecked pointer.
+Every function here checks shapes, dtypes, devices, values and index ranges exactly as :mod:`coset.quant` does
+(the same exception types for the same inputs: NaN/Inf, out-of-range magnitudes, integer output dtypes), makes
+the inputs contiguous, allocates the outputs and calls the CPU or CUDA kernel (with the tensor's device made
+current). Nothing in the extension ever sees an unchecked pointer. Constants come from coset.quant's public
+seam :func:`coset.quant.kernel_constants`.
 """
 
 from __future__ import annotations
@@ -9,12 +12,12 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Optional
 
-import numpy as np
 import torch
 
 from coset.lattice import DnLattice, E8Lattice, Lattice, ZnLattice
-from coset.quant import OverloadError, QuantizationConfig
-from coset.quant.encode import clamp_radius
+from coset.lattice.validate import check_int, check_q
+from coset.quant import OverloadError, QuantizationConfig, kernel_constants
+from coset.quant.backend import check_magnitude
 
 from . import _C
 
@@ -57,9 +60,7 @@ def get_num_threads() -> int:
 
 def set_num_threads(n: int) -> None:
     """Set the number of threads of the CPU kernels (``n >= 1``)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an int >= 1, got {n!r}")
-    _C.set_num_threads(n)
+    _C.set_num_threads(check_int("n", n, 1))
 
 
 def lattice_kind(lattice: Lattice) -> Optional[int]:
@@ -82,34 +83,20 @@ def _stream(t: torch.Tensor) -> int:
 
 
 def _consts(lattice: Lattice, config: QuantizationConfig, dithered: bool):
+    """Kernel constants from coset.quant's public seam (read-only arrays; the C++ side never writes them),
+    plus the largest accepted ``|x|``."""
     if not isinstance(config, QuantizationConfig):
         raise TypeError(f"config must be a QuantizationConfig, got {type(config).__name__}")
-    return _consts_cached(lattice, config, bool(dithered))
-
-
-@lru_cache(maxsize=128)
-def _consts_cached(lattice: Lattice, config: QuantizationConfig, dithered: bool):
-    """Kernel constants (read-only arrays shared between calls; the C++ side never writes them)."""
+    if not isinstance(lattice, Lattice):
+        raise TypeError(f"lattice must be a coset.lattice.Lattice, got {type(lattice).__name__}")
     kind = lattice_kind(lattice)
     if kind is None:
         raise ValueError(f"lattice: the native kernels support Z^n/D_n (n <= {MAX_DIM}) and E8, got {lattice!r}")
-    eps = np.ascontiguousarray(lattice._eps, dtype=np.float64) if config.with_tie_dither else None
-    scales = np.asarray(config.scales, dtype=np.float64)
-    rad = float(clamp_radius(lattice, config, dithered))  # includes ||c|| when config.center
-    return (
-        kind,
-        lattice.dim,
-        np.ascontiguousarray(lattice._G, dtype=np.float64),
-        np.ascontiguousarray(lattice._G_inv, dtype=np.float64),
-        eps,
-        config.q,
-        config.M,
-        scales,
-        rad,
-    )
+    k = kernel_constants(lattice, config, bool(dithered))
+    return kind, k.d, k.G, k.G_inv, k.eps, k.q, k.M, k.scales, k.clamp_radius, k.max_abs_input
 
 
-def _check_x(x, d: int, name: str = "x") -> None:
+def _check_x(x, d: int, max_abs: float, name: str = "x") -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOATS:
@@ -118,6 +105,7 @@ def _check_x(x, d: int, name: str = "x") -> None:
         raise ValueError(f"{name} must have shape (N, {d}), got {tuple(x.shape)}")
     if not _device_ok(x):
         raise ValueError(f"{name}: device {x.device} is not supported by this build of coset.cuda")
+    check_magnitude(x, max_abs, name)
 
 
 def _check_dither(z, x: torch.Tensor, d: int) -> Optional[torch.Tensor]:
@@ -153,8 +141,8 @@ def encode(x: torch.Tensor, lattice: Lattice, config: QuantizationConfig, dither
     -------
     b : (N, M, d) uint8 labels; T : (N,) uint8; clamped : (N,) bool
     """
-    kind, d, G, Gi, eps, q, M, scales, rad = _consts(lattice, config, dither is not None)
-    _check_x(x, d)
+    kind, d, G, Gi, eps, q, M, scales, rad, max_abs = _consts(lattice, config, dither is not None)
+    _check_x(x, d, max_abs)
     if x.dtype not in _NATIVE_FLOATS:
         x = x.to(torch.float32)  # exact for float16 / bfloat16
     x = x.contiguous()
@@ -167,10 +155,11 @@ def encode(x: torch.Tensor, lattice: Lattice, config: QuantizationConfig, dither
     perr = int(config.overload_policy == "error")
     x_dbl = int(x.dtype == torch.float64)
     if x.device.type == "cuda":
-        errs = torch.zeros(1, dtype=torch.int32, device=x.device)
-        _C.encode_cuda(kind, d, G, Gi, eps, q, M, scales, single, perr, rad, _ptr(x), x_dbl, _ptr(z), N,
-                       _ptr(b), _ptr(T), _ptr(clamped), _ptr(errs), _stream(x))
-        n_err = int(errs.item()) if perr else 0
+        with torch.cuda.device(x.device):
+            errs = torch.zeros(1, dtype=torch.int32, device=x.device)
+            _C.encode_cuda(kind, d, G, Gi, eps, q, M, scales, single, perr, rad, _ptr(x), x_dbl, _ptr(z), N,
+                           _ptr(b), _ptr(T), _ptr(clamped), _ptr(errs), _stream(x))
+            n_err = int(errs.item()) if perr else 0
     else:
         n_err = _C.encode_cpu(kind, d, G, Gi, eps, q, M, scales, single, perr, rad, _ptr(x), x_dbl, _ptr(z), N,
                               _ptr(b), _ptr(T), _ptr(clamped))
@@ -198,16 +187,17 @@ def decode(
     -------
     (N, d) tensor of ``dtype``
     """
-    kind, d, G, Gi, eps, q, M, scales, _ = _consts(lattice, config, dither is not None)
+    kind, d, G, Gi, eps, q, M, scales, _, _ = _consts(lattice, config, dither is not None)
     if not isinstance(b, torch.Tensor) or b.dtype != torch.uint8 or b.ndim != 3 or tuple(b.shape[1:]) != (M, d):
         raise ValueError(f"b must be a uint8 tensor of shape (N, {M}, {d})")
     if not _device_ok(b):
         raise ValueError(f"b: device {b.device} is not supported by this build of coset.cuda")
     N = b.shape[0]
-    if not isinstance(T, torch.Tensor) or T.dtype.is_floating_point or tuple(T.shape) != (N,):
+    if not isinstance(T, torch.Tensor) or T.dtype.is_floating_point or T.dtype.is_complex or T.dtype == torch.bool \
+            or tuple(T.shape) != (N,):
         raise ValueError(f"T must be an integer tensor of shape ({N},)")
-    if dtype not in _FLOATS:
-        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    if not isinstance(dtype, torch.dtype) or dtype not in _FLOATS:
+        raise TypeError(f"dtype must be a floating dtype {tuple(str(t) for t in _FLOATS)}, got {dtype}")
     if T.dtype != torch.uint8:  # uint8 T can only be too large, which the kernel checks
         if N and (int(T.min()) < 0 or int(T.max()) > config.max_scaling_iterations):
             raise ValueError(f"T must lie in [0, max_scaling_iterations={config.max_scaling_iterations}]")
@@ -219,10 +209,11 @@ def decode(
     o_dbl = int(out_dtype == torch.float64)
     # the kernels check labels < q and T <= cap on the fly (one pass) and count the bad rows
     if b.device.type == "cuda":
-        bad_t = torch.zeros(1, dtype=torch.int32, device=b.device)
-        _C.decode_cuda(kind, d, G, Gi, eps, q, M, scales, _ptr(b), _ptr(T), _ptr(z), N, _ptr(out), o_dbl,
-                       _ptr(bad_t), _stream(b))
-        bad = int(bad_t.item())
+        with torch.cuda.device(b.device):
+            bad_t = torch.zeros(1, dtype=torch.int32, device=b.device)
+            _C.decode_cuda(kind, d, G, Gi, eps, q, M, scales, _ptr(b), _ptr(T), _ptr(z), N, _ptr(out), o_dbl,
+                           _ptr(bad_t), _stream(b))
+            bad = int(bad_t.item())
     else:
         bad = _C.decode_cpu(kind, d, G, Gi, eps, q, M, scales, _ptr(b), _ptr(T), _ptr(z), N, _ptr(out), o_dbl)
     if bad:
@@ -243,8 +234,8 @@ def quantize(x: torch.Tensor, lattice: Lattice, config: QuantizationConfig, dith
     -------
     xhat : (N, d) in x.dtype; T : (N,) uint8; clamped : (N,) bool
     """
-    kind, d, G, Gi, eps, q, M, scales, rad = _consts(lattice, config, dither is not None)
-    _check_x(x, d)
+    kind, d, G, Gi, eps, q, M, scales, rad, max_abs = _consts(lattice, config, dither is not None)
+    _check_x(x, d, max_abs)
     in_dtype = x.dtype
     # float16/bfloat16: exact conversion to float64 in and out, rounded once at the end like the reference
     xin = x if in_dtype in _NATIVE_FLOATS else x.to(torch.float64)
@@ -259,10 +250,11 @@ def quantize(x: torch.Tensor, lattice: Lattice, config: QuantizationConfig, dith
     perr = int(config.overload_policy == "error")
     x_dbl, o_dbl = int(xin.dtype == torch.float64), int(out_dtype == torch.float64)
     if x.device.type == "cuda":
-        errs = torch.zeros(1, dtype=torch.int32, device=x.device)
-        _C.quantize_cuda(kind, d, G, Gi, eps, q, M, scales, single, perr, rad, _ptr(xin), x_dbl, _ptr(z), N,
-                         _ptr(out), o_dbl, _ptr(T), _ptr(clamped), _ptr(errs), _stream(x))
-        n_err = int(errs.item()) if perr else 0
+        with torch.cuda.device(x.device):
+            errs = torch.zeros(1, dtype=torch.int32, device=x.device)
+            _C.quantize_cuda(kind, d, G, Gi, eps, q, M, scales, single, perr, rad, _ptr(xin), x_dbl, _ptr(z), N,
+                             _ptr(out), o_dbl, _ptr(T), _ptr(clamped), _ptr(errs), _stream(x))
+            n_err = int(errs.item()) if perr else 0
     else:
         n_err = _C.quantize_cpu(kind, d, G, Gi, eps, q, M, scales, single, perr, rad, _ptr(xin), x_dbl, _ptr(z), N,
                                 _ptr(out), o_dbl, _ptr(T), _ptr(clamped))
@@ -273,9 +265,7 @@ def quantize(x: torch.Tensor, lattice: Lattice, config: QuantizationConfig, dith
 
 # ------------------------------------------------------------------------------------------------- LUT ops
 def _check_q(q) -> int:
-    if isinstance(q, bool) or not isinstance(q, int) or not 2 <= q <= 16:
-        raise ValueError(f"q must be an int in [2, 16], got {q!r}")
-    return q
+    return check_q(q, 16)
 
 
 def _check_idx(name: str, t, ndim: int) -> None:
@@ -311,8 +301,15 @@ def _same_device(*ts: torch.Tensor) -> torch.device:
     return dev
 
 
+def _cuda_only(op: str, dev: torch.device) -> None:
+    # The CPU LUT kernels lost to coset.lut's PyTorch path (benchmarks/results/lut.md) and were removed.
+    if dev.type != "cuda":
+        raise ValueError(f"{op}: the native LUT kernels run on CUDA tensors only; on the CPU use coset.lut "
+                         "(backend='auto' or 'torch')")
+
+
 def lut_one_sided(ix: torch.Tensor, sx: torch.Tensor, tables: torch.Tensor, q: int) -> torch.Tensor:
-    """One-sided LUT scores ``scores[r, j] = sum_k sx[r,k] sum_m q^m tables[j, k, ix[r,k,m]]``.
+    """(CUDA tensors only) One-sided LUT scores ``scores[r, j] = sum_k sx[r,k] sum_m q^m tables[j, k, ix[r,k,m]]``.
 
     Parameters
     ----------
@@ -323,7 +320,11 @@ def lut_one_sided(ix: torch.Tensor, sx: torch.Tensor, tables: torch.Tensor, q: i
 
     Returns
     -------
-    (n, m) float32 (accumulated in float64 on the CPU, float32 on the GPU)
+    (n, m) float32 (accumulated in float32)
+
+    Raises
+    ------
+    TypeError / ValueError for bad dtypes, shapes, devices (CPU tensors included) or label indices >= Q.
     """
     q = _check_q(q)
     _check_idx("ix", ix, 3)
@@ -335,6 +336,7 @@ def lut_one_sided(ix: torch.Tensor, sx: torch.Tensor, tables: torch.Tensor, q: i
     if K2 != K:
         raise ValueError(f"tables must have K={K} blocks (dim 1), got {K2}")
     dev = _same_device(ix, sx, tables)
+    _cuda_only("lut_one_sided", dev)
     _check_range("ix", ix, Q)
     ix, sx, tables = ix.contiguous(), sx.contiguous(), tables.contiguous()
     out = torch.empty((n, m), dtype=torch.float32, device=dev)
@@ -342,10 +344,8 @@ def lut_one_sided(ix: torch.Tensor, sx: torch.Tensor, tables: torch.Tensor, q: i
         return out
     if K == 0 or M == 0:
         return out.zero_()
-    if dev.type == "cuda":
+    with torch.cuda.device(dev):
         _C.lut_one_sided_cuda(_ptr(ix), _ptr(sx), _ptr(tables), n, m, K, M, Q, q, _ptr(out), _stream(ix))
-    else:
-        _C.lut_one_sided_cpu(_ptr(ix), _ptr(sx), _ptr(tables), n, m, K, M, Q, q, _ptr(out))
     return out
 
 
@@ -355,7 +355,7 @@ _LUT_BYTES = {torch.int8: 1, torch.int16: 2, torch.int32: 4}
 def lut_two_sided(
     ix: torch.Tensor, sx: torch.Tensor, iy: torch.Tensor, sy: torch.Tensor, lut: torch.Tensor, q: int
 ) -> torch.Tensor:
-    """Two-sided LUT inner products of two encoded sets.
+    """(CUDA tensors only) Two-sided LUT inner products of two encoded sets.
 
     ``out[r, j] = sum_k sx[r,k] sy[j,k] sum_{m,l} q^(m+l) lut[ix[r,k,m], iy[j,k,l]]`` with the inner double
     sum exact in integers (int64 accumulator).
@@ -384,6 +384,7 @@ def lut_two_sided(
         raise ValueError(f"lut must have shape (Q, Q), got {tuple(lut.shape)}")
     Q = lut.shape[0]
     dev = _same_device(ix, sx, iy, sy, lut)
+    _cuda_only("lut_two_sided", dev)
     _check_range("ix", ix, Q)
     _check_range("iy", iy, Q)
     ix, sx, iy, sy, lut = ix.contiguous(), sx.contiguous(), iy.contiguous(), sy.contiguous(), lut.contiguous()
@@ -393,11 +394,9 @@ def lut_two_sided(
     if K == 0 or M == 0:
         return out.zero_()
     nb = _LUT_BYTES[lut.dtype]
-    if dev.type == "cuda":
+    with torch.cuda.device(dev):
         _C.lut_two_sided_cuda(_ptr(ix), _ptr(sx), _ptr(iy), _ptr(sy), _ptr(lut), nb, n, m, K, M, Q, q, _ptr(out),
                               _stream(ix))
-    else:
-        _C.lut_two_sided_cpu(_ptr(ix), _ptr(sx), _ptr(iy), _ptr(sy), _ptr(lut), nb, n, m, K, M, Q, q, _ptr(out))
     return out
 
 
@@ -424,7 +423,8 @@ def add_modq(a: torch.Tensor, b: torch.Tensor, q: int) -> torch.Tensor:
     a, b = a.contiguous(), b.contiguous()
     out = torch.empty_like(a)
     if dev.type == "cuda":
-        _C.add_modq_cuda(_ptr(a), _ptr(b), _ptr(out), a.numel(), q, _stream(a))
+        with torch.cuda.device(dev):
+            _C.add_modq_cuda(_ptr(a), _ptr(b), _ptr(out), a.numel(), q, _stream(a))
     else:
         _C.add_modq_cpu(_ptr(a), _ptr(b), _ptr(out), a.numel(), q)
     return out

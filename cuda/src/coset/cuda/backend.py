@@ -20,18 +20,19 @@ class NativeBackend:
     """C++ (all CPU cores) / CUDA kernels with the exact semantics of the PyTorch reference.
 
     ``supports(op, tensor, lattice, config)`` is True for ``op`` in {"encode", "decode", "quantize"} on
-    Z^n / D_n (n <= 16) and E8 with any valid config, and for {"lut_one_sided", "lut_two_sided"}; always on
-    CPU tensors, on CUDA tensors when the extension was built with CUDA and a GPU is present.
+    Z^n / D_n (n <= 16) and E8 with any valid config (CPU tensors, and CUDA tensors when the extension was
+    built with CUDA and a GPU is present), and for {"lut_one_sided", "lut_two_sided"} on CUDA tensors only.
     """
 
     name = "native"
     priority = 100
+    backend_api = 1  # the coset.quant backend protocol this package implements (checked at registration)
 
     def supports(self, op: str, tensor: Any, lattice: Optional[Lattice], config: Optional[QuantizationConfig]) -> bool:
         if not isinstance(tensor, torch.Tensor) or not _ops._device_ok(tensor):
             return False
         if op in ("lut_one_sided", "lut_two_sided"):
-            return True
+            return tensor.device.type == "cuda"
         if op not in ("encode", "decode", "quantize"):
             return False
         if not isinstance(config, QuantizationConfig) or not isinstance(lattice, Lattice):
@@ -41,14 +42,6 @@ class NativeBackend:
         if op == "decode":
             return tensor.dtype == torch.uint8
         return tensor.dtype in _FLOATS
-
-    def auto_select(self, op: str, tensor: Any) -> bool:
-        """Not picked by "auto" for LUT ops on CPU tensors: the CPU LUT kernels measured slower than
-        coset.lut's embedding_bag path (benchmarks/results/lut.md, native.md); ``backend="native"`` still
-        runs them. Everything else (and every op on CUDA tensors) is auto-selected."""
-        if op in ("lut_one_sided", "lut_two_sided"):
-            return bool(getattr(tensor, "is_cuda", False))
-        return True
 
     def encode(self, x, lattice, config, dither):
         return _ops.encode(x, lattice, config, dither)

@@ -12,11 +12,13 @@ has zero gradient almost everywhere; STE is the usual choice for quantization-aw
 
 from __future__ import annotations
 
+import dataclasses
 from functools import lru_cache
 from typing import Optional
 
 import torch
 
+from coset.lattice import get_lattice
 from coset.quant import QuantizationConfig
 from coset.quant import decode as _q_decode
 from coset.quant import encode as _q_encode
@@ -24,21 +26,12 @@ from coset.quant import quantize as _q_quantize
 
 __all__ = ["quantize", "encode", "decode", "config_args"]
 
-_FIELDS = (
-    "lattice_type",
-    "q",
-    "M",
-    "beta",
-    "alpha",
-    "max_scaling_iterations",
-    "with_tie_dither",
-    "with_dither",
-    "disable_scaling",
-    "disable_overload_protection",
-    "overload_policy",
-    "dither_seed",
-    "center",
-)
+# Each op spells the config fields out (torch.library.custom_op infers the schema from the annotations);
+# _check_schemas() compares those schemas with dataclasses.fields(QuantizationConfig) at import.
+
+#: The config fields, in order: the ops' arguments after the tensors (checked against each op's schema at
+#: import by :func:`_check_schemas`, so a new config field cannot be silently dropped).
+_FIELDS = tuple(f.name for f in dataclasses.fields(QuantizationConfig))
 
 
 @lru_cache(maxsize=256)
@@ -119,10 +112,9 @@ def _encode_op(
 
 @_encode_op.register_fake
 def _(x, lattice_type, q, M, *args):
-    cfg_dim = _config(lattice_type, q, M, 1.0, 1.0, 0, True, False, False, False, "clamp", 0, False).dim
     lead = x.shape[:-1]
     return (
-        x.new_empty((*lead, M, cfg_dim), dtype=torch.uint8),
+        x.new_empty((*lead, M, get_lattice(lattice_type).dim), dtype=torch.uint8),
         x.new_empty(lead, dtype=torch.uint8),
         x.new_empty(lead, dtype=torch.bool),
     )
@@ -155,6 +147,26 @@ def _decode_op(
 @_decode_op.register_fake
 def _(b, T, dtype, *args):
     return b.new_empty(b.shape[:-2] + b.shape[-1:], dtype=dtype)
+
+
+def _schema_config_args(op) -> list[tuple[str, str]]:
+    """``(name, type)`` of the arguments of ``op`` that follow its tensor/dtype arguments."""
+    args = op.default._schema.arguments
+    return [(a.name, str(a.type)) for a in args if a.name not in ("x", "b", "T", "dtype")]
+
+
+def _check_schemas() -> None:
+    want = []
+    for f in dataclasses.fields(QuantizationConfig):
+        t = f.type if isinstance(f.type, str) else f.type.__name__
+        want.append((f.name, {"str": "str", "int": "int", "float": "float", "bool": "bool"}[t]))
+    for name in ("quantize", "encode", "decode"):
+        got = _schema_config_args(getattr(torch.ops.coset, name))
+        if got != want:
+            raise RuntimeError(f"torch.ops.coset.{name} takes {got}, but QuantizationConfig has fields {want}")
+
+
+_check_schemas()
 
 
 def quantize(x: torch.Tensor, config: QuantizationConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

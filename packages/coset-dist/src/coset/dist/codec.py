@@ -177,7 +177,7 @@ def decode_payload(payload: torch.Tensor, numel: int, config: QuantizationConfig
     rho, flag = float(header[0]), bool(header[1] != 0)
     if lay.n_blocks == 0:
         return torch.zeros(0, dtype=torch.float64, device=payload.device), flag
-    xb = decode(b, config.lattice, config, T, dtype=torch.float64)
+    xb = decode(b, config, T, dtype=torch.float64)
     return from_blocks(xb * rho, lay.pad), flag
 
 

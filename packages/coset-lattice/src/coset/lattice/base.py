@@ -21,9 +21,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .validate import check_float_tensor
+
 __all__ = ["Lattice", "tie_offset"]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _primes(n: int) -> list[int]:
@@ -93,6 +94,11 @@ class Lattice:
     def G_inv(self) -> torch.Tensor:
         """Inverse generator ``(d, d)`` float64."""
         return torch.from_numpy(self._G_inv.copy())
+
+    @property
+    def eps(self) -> torch.Tensor:
+        """The fixed tie offset ``(d,)`` float64 added inside :meth:`closest_point64` (``tie_dither=True``)."""
+        return torch.from_numpy(self._eps.copy())
 
     @property
     def volume(self) -> float:
@@ -184,10 +190,7 @@ class Lattice:
         return z.to(torch.float64) @ self._const("G", z.device).T
 
     def _check_input(self, x: torch.Tensor, argname: str) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{argname} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{argname} must be a floating tensor, got dtype {x.dtype}")
+        check_float_tensor(argname, x, finite=False)
         if x.ndim == 0 or x.shape[-1] != self.dim:
             raise ValueError(
                 f"{argname} must have last dimension {self.dim} for {self.name}, got shape {tuple(x.shape)}"

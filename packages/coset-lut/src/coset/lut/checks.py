@@ -6,11 +6,10 @@ from typing import Optional
 
 import torch
 
+from coset.lattice.validate import check_int_tensor
 from coset.quant import QuantizationConfig
 
-__all__ = ["check_config", "check_codes", "block_scales"]
-
-_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+__all__ = ["check_config", "check_codes", "check_same_code", "broadcast_lead", "block_scales"]
 
 
 def check_config(config, argname: str = "config") -> QuantizationConfig:
@@ -29,10 +28,7 @@ def check_config(config, argname: str = "config") -> QuantizationConfig:
 
 def check_codes(b, T: Optional[torch.Tensor], config: QuantizationConfig, bname: str, tname: str) -> None:
     """``b``: (..., M, d) integer labels in [0, q); ``T``: None or (...) integer in [0, cap]."""
-    if not isinstance(b, torch.Tensor):
-        raise TypeError(f"{bname} must be a torch.Tensor, got {type(b).__name__}")
-    if b.dtype not in _INT_DTYPES:
-        raise TypeError(f"{bname} must be an integer tensor of labels, got dtype {b.dtype}")
+    check_int_tensor(bname, b)
     d = config.dim
     if b.ndim < 2 or b.shape[-1] != d or b.shape[-2] != config.M:
         raise ValueError(f"{bname} must have shape (..., M={config.M}, d={d}), got {tuple(b.shape)}")
@@ -40,15 +36,33 @@ def check_codes(b, T: Optional[torch.Tensor], config: QuantizationConfig, bname:
         raise ValueError(f"labels in {bname} must lie in [0, q={config.q})")
     if T is None:
         return
-    if not isinstance(T, torch.Tensor):
-        raise TypeError(f"{tname} must be a torch.Tensor or None, got {type(T).__name__}")
-    if T.dtype not in _INT_DTYPES:
-        raise TypeError(f"{tname} must be an integer tensor, got dtype {T.dtype}")
+    check_int_tensor(tname, T)
     if T.shape != b.shape[:-2]:
         raise ValueError(f"{tname} must have shape {tuple(b.shape[:-2])} (that of {bname} without M, d), got {tuple(T.shape)}")
     cap = config.max_scaling_iterations
     if T.numel() and (int(T.min()) < 0 or int(T.max()) > cap):
         raise ValueError(f"{tname} must lie in [0, max_scaling_iterations={cap}]")
+
+
+def check_same_code(cx: QuantizationConfig, cy: QuantizationConfig, xname: str, yname: str) -> None:
+    """The two operands of a LUT product must share lattice (by name, case-insensitively), q and tie rule."""
+    kx = (cx.lattice.name, cx.q, cx.with_tie_dither)
+    ky = (cy.lattice.name, cy.q, cy.with_tie_dither)
+    if kx != ky:
+        raise ValueError(
+            f"{xname} and {yname} must share lattice_type, q and with_tie_dither; got ({cx.lattice_type}, {cx.q}, "
+            f"{cx.with_tie_dither}) and ({cy.lattice_type}, {cy.q}, {cy.with_tie_dither})"
+        )
+
+
+def broadcast_lead(a, b, aname: str, bname: str) -> tuple:
+    """``torch.broadcast_shapes(a, b)`` or a ValueError naming the two arguments."""
+    try:
+        return tuple(torch.broadcast_shapes(tuple(a), tuple(b)))
+    except RuntimeError:
+        raise ValueError(
+            f"the leading dims of {aname} {tuple(a)} and {bname} {tuple(b)} do not broadcast"
+        ) from None
 
 
 def block_scales(T: Optional[torch.Tensor], shape, config: QuantizationConfig, dtype=torch.float32, device=None):

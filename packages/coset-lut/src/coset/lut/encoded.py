@@ -8,6 +8,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
+from coset.lattice.validate import check_int
 from coset.quant import QuantizationConfig, encode, to_blocks
 
 from .center import code_offset
@@ -43,8 +44,7 @@ class EncodedMatrix:
         if self.T is None:
             raise TypeError("T must be a torch.Tensor of shape (n, K)")
         K, d = self.labels.shape[1], self.config.dim
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or not (K - 1) * d < self.k <= K * d:
-            raise ValueError(f"k must be an int in ({(K - 1) * d}, {K * d}] for K={K} blocks of d={d}, got {self.k!r}")
+        check_int("k", self.k, (K - 1) * d + 1, K * d)  # K blocks of d columns, the last one padded
 
     @classmethod
     def from_dense(cls, W: torch.Tensor, config: QuantizationConfig, *, backend: str = "auto") -> "EncodedMatrix":

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["label_index", "index_labels"]
+from coset.lattice.validate import check_int, check_int_tensor
 
-_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+__all__ = ["label_index", "index_labels"]
 
 
 def _check_q_d(q, d: int) -> None:
-    if isinstance(q, bool) or not isinstance(q, int) or q < 2:
-        raise ValueError(f"q must be an int >= 2, got {q!r}")
-    if isinstance(d, bool) or not isinstance(d, int) or d < 1:
-        raise ValueError(f"d must be a positive int, got {d!r}")
+    check_int("q", q, 2)
+    check_int("d", d, 1)
     if q**d > 2**62:  # indices are int64
         raise ValueError(f"q**d = {q}**{d} does not fit an int64 index")
 
@@ -30,10 +28,7 @@ def label_index(b: torch.Tensor, q: int) -> torch.Tensor:
     -------
     (...) int64 tensor
     """
-    if not isinstance(b, torch.Tensor):
-        raise TypeError(f"b must be a torch.Tensor, got {type(b).__name__}")
-    if b.dtype not in _INT_DTYPES:
-        raise TypeError(f"b must be an integer tensor of labels, got dtype {b.dtype}")
+    check_int_tensor("b", b)
     if b.ndim == 0:
         raise ValueError("b must have shape (..., d)")
     d = b.shape[-1]
@@ -49,10 +44,7 @@ def index_labels(idx: torch.Tensor, q: int, d: int) -> torch.Tensor:
 
     Returns uint8 labels for ``q <= 256`` (the dtype :func:`coset.quant.encode` uses), else int64.
     """
-    if not isinstance(idx, torch.Tensor):
-        raise TypeError(f"idx must be a torch.Tensor, got {type(idx).__name__}")
-    if idx.dtype not in _INT_DTYPES:
-        raise TypeError(f"idx must be an integer tensor, got dtype {idx.dtype}")
+    check_int_tensor("idx", idx)
     _check_q_d(q, d)
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= q**d):
         raise ValueError(f"idx must lie in [0, q**d = {q**d})")

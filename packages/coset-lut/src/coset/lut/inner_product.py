@@ -15,7 +15,7 @@ import torch
 from coset.quant import QuantizationConfig
 
 from .center import code_offset, layer_dot, offset_dots
-from .checks import block_scales, check_codes, check_config
+from .checks import block_scales, broadcast_lead, check_codes, check_config, check_same_code
 from .index import label_index
 from .tables import TwoSidedLUT, build_one_sided_lut, build_two_sided_lut
 
@@ -76,10 +76,10 @@ def lut_inner_product(
     _torch_only(backend)
     cx = check_config(config)
     cy = cx if config_y is None else check_config(config_y, "config_y")
-    if (cy.lattice_type, cy.q, cy.with_tie_dither) != (cx.lattice_type, cx.q, cx.with_tie_dither):
-        raise ValueError("config_y must use the same lattice_type, q and with_tie_dither as config")
+    check_same_code(cx, cy, "config", "config_y")
     check_codes(bx, Tx, cx, "bx", "Tx")
     check_codes(by, Ty, cy, "by", "Ty")
+    broadcast_lead(bx.shape[:-2], by.shape[:-2], "bx", "by")
     lut = _check_lut(lut, cx)
     q = cx.q
     ix = label_index(bx, q)  # (..., M)
@@ -132,6 +132,7 @@ def lut_inner_product_one_sided(
     cx = check_config(config)
     check_codes(bx, Tx, cx, "bx", "Tx")
     tables = build_one_sided_lut(y, cx.lattice, cx.q, cx.with_tie_dither)  # (..., Q)
+    broadcast_lead(bx.shape[:-2], y.shape[:-1], "bx", "y")
     ix = label_index(bx, cx.q)  # (..., M)
     lead = torch.broadcast_shapes(ix.shape[:-1], tables.shape[:-1])
     tables = tables.expand(*lead, tables.shape[-1])

@@ -15,7 +15,7 @@ from coset.quant import to_blocks
 from coset.quant.backend import select_backend
 
 from .center import code_offset, layer_dot, offset_dots
-from .checks import block_scales
+from .checks import block_scales, check_same_code
 from .encoded import EncodedMatrix
 from .kernels import one_sided_scores, two_sided_scores
 from .tables import DEFAULT_MAX_ENTRIES, build_one_sided_lut, build_two_sided_lut, representative_table
@@ -88,11 +88,7 @@ def lut_matmul(
     _check_encoded(X, "X")
     _check_encoded(Y, "Y")
     cx, cy = X.config, Y.config
-    if (cx.lattice_type, cx.q, cx.with_tie_dither) != (cy.lattice_type, cy.q, cy.with_tie_dither):
-        raise ValueError(
-            f"X and Y must share lattice_type, q and with_tie_dither; got ({cx.lattice_type}, {cx.q}, "
-            f"{cx.with_tie_dither}) and ({cy.lattice_type}, {cy.q}, {cy.with_tie_dither})"
-        )
+    check_same_code(cx, cy, "X", "Y")
     if X.k != Y.k:
         raise ValueError(f"X and Y must have the same number of columns k, got {X.k} and {Y.k}")
     lut = build_two_sided_lut(cx.lattice, cx.q, max_entries=max_entries, tie_dither=cx.with_tie_dither)

@@ -14,6 +14,7 @@ from functools import cached_property
 import torch
 
 from coset.lattice import Lattice
+from coset.lattice.validate import check_float_tensor, check_int, check_q
 from coset.quant import coset_representative
 
 from .index import index_labels
@@ -31,8 +32,7 @@ _lut_cache: dict[tuple, "TwoSidedLUT"] = {}
 def _check_lattice_q(lattice, q) -> None:
     if not isinstance(lattice, Lattice):
         raise TypeError(f"lattice must be a coset.lattice.Lattice, got {type(lattice).__name__}")
-    if isinstance(q, bool) or not isinstance(q, int) or not 2 <= q <= 256:
-        raise ValueError(f"q must be an int in [2, 256], got {q!r}")
+    check_q(q, 256)
 
 
 def _key(lattice: Lattice, q: int, tie_dither: bool) -> tuple:
@@ -136,8 +136,7 @@ def build_two_sided_lut(
     TwoSidedLUT with ``.table`` of shape ``(q**d, q**d)``
     """
     _check_lattice_q(lattice, q)
-    if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
-        raise ValueError(f"max_entries must be a positive int, got {max_entries!r}")
+    check_int("max_entries", max_entries, 1)
     Q = q**lattice.dim
     n = Q * Q
     if n > max_entries:
@@ -177,14 +176,7 @@ def build_one_sided_lut(y: torch.Tensor, lattice: Lattice, q: int, tie_dither: b
     (..., q**d) tensor, float64 for float64 ``y``, else float32
     """
     _check_lattice_q(lattice, q)
-    if not isinstance(y, torch.Tensor):
-        raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
-    if not y.dtype.is_floating_point:
-        raise TypeError(f"y must be a floating tensor, got dtype {y.dtype}")
-    if y.ndim == 0 or y.shape[-1] != lattice.dim:
-        raise ValueError(f"y must have shape (..., d={lattice.dim}), got {tuple(y.shape)}")
-    if y.numel() and not bool(torch.isfinite(y).all()):
-        raise ValueError("y contains NaN or Inf")
+    check_float_tensor("y", y, lattice.dim)
     dt = torch.float64 if y.dtype == torch.float64 else torch.float32
     a = representative_table(lattice, q, tie_dither).to(device=y.device, dtype=dt)
     return y.to(dt) @ a.T

@@ -1,27 +1,39 @@
 """coset.quant: hierarchical nested-lattice quantization (Kaplan & Ordentlich 2025, arXiv 2505.13164).
 
 Algorithm 1 (:func:`encode`) and Algorithm 2 (:func:`decode`) over the last dimension of any tensor, the
-beta/alpha overload ramp, subtractive and tie dither, mod-q label arithmetic, bit-packing, and a registry
-through which native kernels (coset-cuda) plug in without being imported here.
+beta/alpha overload ramp, subtractive dither and centring, mod-q label arithmetic, bit-packing and the packed
+code format, and a registry through which native kernels (coset-cuda) plug in without being imported here.
+The rate-distortion harness lives in :mod:`coset.quant.rd` (not exported here).
 """
 
-from .backend import available_backends, get_backend, register_backend, unregister_backend
+from ._core import coset_representative, decode_lattice_units, encode_layers
+from .backend import (
+    BACKEND_API,
+    KernelConstants,
+    available_backends,
+    get_backend,
+    kernel_constants,
+    register_backend,
+    unregister_backend,
+)
 from .blocks import from_blocks, to_blocks
 from .calibrate import beta_min, calibrate_beta
-from .config import MAX_T, OverloadError, QuantizationConfig
-from .decode import coset_representative, decode, decode_lattice_units
+from .codes import CODES_FORMAT, codes_nbytes, pack_codes, unpack_codes
+from .config import MAX_T, ClampWarning, DegenerateConfigWarning, OverloadError, QuantizationConfig
+from .decode import decode
 from .dither import sample_dither
-from .encode import encode, encode_layers
-from .offset import constellation_offset
+from .encode import encode
 from .modq import ModqSumReport, add_modq, from_flat_code, mac_modq, modq_sum_report, to_flat_code
+from .offset import constellation_offset
 from .packing import pack_labels, packed_nbytes, unpack_labels
 from .quantize import quantize
 from .quantizer import Quantizer
-from .rd import entropy_bits, gaussian_data, hnlq_rd, scalar_rd
 
 __all__ = [
     "QuantizationConfig",
     "OverloadError",
+    "ClampWarning",
+    "DegenerateConfigWarning",
     "MAX_T",
     "encode",
     "decode",
@@ -30,6 +42,7 @@ __all__ = [
     "encode_layers",
     "decode_lattice_units",
     "coset_representative",
+    "constellation_offset",
     "sample_dither",
     "add_modq",
     "mac_modq",
@@ -40,6 +53,10 @@ __all__ = [
     "pack_labels",
     "unpack_labels",
     "packed_nbytes",
+    "pack_codes",
+    "unpack_codes",
+    "codes_nbytes",
+    "CODES_FORMAT",
     "to_blocks",
     "from_blocks",
     "beta_min",
@@ -48,10 +65,8 @@ __all__ = [
     "unregister_backend",
     "available_backends",
     "get_backend",
-    "hnlq_rd",
-    "scalar_rd",
-    "gaussian_data",
-    "entropy_bits",
-    "constellation_offset",
+    "kernel_constants",
+    "KernelConstants",
+    "BACKEND_API",
 ]
 __version__ = "0.1.0"

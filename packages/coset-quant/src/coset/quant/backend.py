@@ -1,6 +1,8 @@
 """Kernel backends: how coset.quant finds native kernels without importing them.
 
-A backend is any object with ``name: str``, ``priority: int`` and these methods (all optional except
+A backend is any object with ``name: str``, ``priority: int``, ``backend_api: int`` (the version of this
+protocol it implements; :func:`register_backend` refuses any other than :data:`BACKEND_API`, as jax refuses a
+jaxlib of the wrong version) and these methods (all optional except
 ``supports``), each with *exactly* the semantics and bit-for-bit results of the PyTorch reference in
 :mod:`coset.quant.encode` / :mod:`coset.quant.decode`::
 
@@ -15,16 +17,108 @@ it (e.g. where it measured slower than the PyTorch path); naming it explicitly s
 kernels register themselves through the entry-point group ``coset.backends`` (value: a zero-argument
 callable returning the backend object), or by calling :func:`register_backend` directly. coset.quant never
 imports them: the dependency points one way only.
+
+Native code gets every constant of a call from :func:`kernel_constants` (the generator, its inverse, the tie
+offset, the scale table, the clamp radius), so that it reads nothing private of coset.lattice or coset.quant.
+
+Protocol versions: 1 = the methods above with ``(x, lattice, config, dither)`` arguments and
+:func:`kernel_constants`.
 """
 
 from __future__ import annotations
 
 import threading
 import warnings
+from dataclasses import dataclass
+from functools import lru_cache
 from importlib.metadata import entry_points
 from typing import Any, Optional
 
-__all__ = ["register_backend", "unregister_backend", "available_backends", "get_backend", "select_backend"]
+import numpy as np
+
+from coset.lattice import Lattice
+
+from ._core import check_magnitude, clamp_radius, max_abs_input
+from .config import QuantizationConfig
+
+__all__ = [
+    "BACKEND_API",
+    "KernelConstants",
+    "kernel_constants",
+    "check_magnitude",
+    "register_backend",
+    "unregister_backend",
+    "available_backends",
+    "get_backend",
+    "select_backend",
+]
+
+#: Version of the backend protocol (methods, their arguments, :class:`KernelConstants`).
+BACKEND_API = 1
+
+
+@dataclass(frozen=True, eq=False)
+class KernelConstants:
+    """Everything a kernel needs for one (lattice, config, dithered) triple; read-only float64 arrays.
+
+    Attributes
+    ----------
+    d, q, M : block length, modulus, layers
+    G, G_inv : (d, d) generator (basis in columns) and its inverse
+    eps : (d,) the fixed tie offset added inside Q_L, or None with ``with_tie_dither=False``
+    scales : (max_scaling_iterations + 1,) the table ``beta 2^(alpha t)`` every backend divides by
+    clamp_radius : radius (lattice units) to which a vector still overloaded at the cap is shrunk
+    max_abs_input : the largest ``|x|`` an encoder accepts (``beta 2^900``); larger entries, NaN and Inf are
+        refused with :func:`check_magnitude` (ValueError) by every backend
+    """
+
+    d: int
+    q: int
+    M: int
+    G: np.ndarray
+    G_inv: np.ndarray
+    eps: Optional[np.ndarray]
+    scales: np.ndarray
+    clamp_radius: float
+    max_abs_input: float
+
+
+def _frozen(a) -> np.ndarray:
+    a = np.ascontiguousarray(np.array(a, dtype=np.float64))
+    a.setflags(write=False)
+    return a
+
+
+@lru_cache(maxsize=256)
+def _kernel_constants(lattice: Lattice, config: QuantizationConfig, dithered: bool) -> KernelConstants:
+    return KernelConstants(
+        d=lattice.dim,
+        q=config.q,
+        M=config.M,
+        G=_frozen(lattice.G.numpy()),
+        G_inv=_frozen(lattice.G_inv.numpy()),
+        eps=_frozen(lattice.eps.numpy()) if config.with_tie_dither else None,
+        scales=_frozen(config.scales),
+        clamp_radius=float(clamp_radius(lattice, config, dithered)),  # includes ||c|| when config.center
+        max_abs_input=max_abs_input(config),
+    )
+
+
+def kernel_constants(lattice: Lattice, config: QuantizationConfig, dithered: bool) -> KernelConstants:
+    """The constants of one call (cached): what the torch reference uses, in the form kernels take.
+
+    Parameters
+    ----------
+    lattice, config : the code (the lattice must be the one the config names)
+    dithered : whether the call passes a ``dither`` tensor (it changes the clamp radius)
+    """
+    if not isinstance(lattice, Lattice):
+        raise TypeError(f"lattice must be a coset.lattice.Lattice, got {type(lattice).__name__}")
+    if not isinstance(config, QuantizationConfig):
+        raise TypeError(f"config must be a QuantizationConfig, got {type(config).__name__}")
+    if not isinstance(dithered, bool):
+        raise TypeError(f"dithered must be a bool, got {type(dithered).__name__}")
+    return _kernel_constants(lattice, config, dithered)
 
 ENTRY_POINT_GROUP = "coset.backends"
 
@@ -34,12 +128,24 @@ _lock = threading.Lock()
 
 
 def register_backend(backend: Any) -> None:
-    """Register a kernel backend object (see module docstring). Replaces one of the same name."""
+    """Register a kernel backend object (see module docstring). Replaces one of the same name.
+
+    Raises
+    ------
+    ValueError for a missing/reserved name or a ``backend_api`` other than :data:`BACKEND_API`; TypeError when
+    ``supports`` is missing.
+    """
     name = getattr(backend, "name", None)
     if not isinstance(name, str) or not name or name == "torch":
         raise ValueError("backend.name must be a non-empty str other than 'torch'")
     if not callable(getattr(backend, "supports", None)):
         raise TypeError("backend must define supports(op, tensor, lattice, config)")
+    api = getattr(backend, "backend_api", None)
+    if api != BACKEND_API:
+        raise ValueError(
+            f"backend {name!r} implements backend API {api!r}, but this coset.quant needs {BACKEND_API}; "
+            "install matching versions"
+        )
     _registry[name] = backend
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from coset.lattice.validate import check_int
+
 __all__ = ["to_blocks", "from_blocks"]
 
 
@@ -22,8 +24,7 @@ def to_blocks(x: torch.Tensor, d: int) -> tuple[torch.Tensor, int]:
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if isinstance(d, bool) or not isinstance(d, int) or d < 1:
-        raise ValueError(f"d must be a positive int, got {d!r}")
+    check_int("d", d, 1)
     if x.ndim == 0:
         raise ValueError("x must have at least one dimension")
     n = x.shape[-1]
@@ -38,7 +39,6 @@ def from_blocks(blocks: torch.Tensor, pad: int) -> torch.Tensor:
     if not isinstance(blocks, torch.Tensor) or blocks.ndim < 2:
         raise ValueError("blocks must be a tensor of shape (..., nb, d)")
     d = blocks.shape[-1]
-    if isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < d:
-        raise ValueError(f"pad must be an int in [0, {d}), got {pad!r}")
+    check_int("pad", pad, 0, d - 1)
     x = blocks.reshape(*blocks.shape[:-2], blocks.shape[-2] * d)
     return x[..., : x.shape[-1] - pad] if pad else x

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from coset.lattice.validate import check_int
+
 from coset.lattice import Lattice
 
 __all__ = ["sample_dither"]
@@ -16,8 +18,7 @@ __all__ = ["sample_dither"]
 
 def sample_dither(n: int, lattice: Lattice, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """``n`` dither vectors, float64 ``(n, d)``, identical for the same (n, lattice, seed) on any device."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    check_int("n", n, 0)
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     u = torch.rand((n, lattice.dim), generator=gen, dtype=torch.float64)
     p = lattice.points64(u)

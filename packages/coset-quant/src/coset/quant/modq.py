@@ -16,25 +16,20 @@ import torch
 
 from coset.lattice import Lattice
 
+from coset.lattice.validate import check_int_tensor, check_q
+
+from ._core import coset_representative, decode_lattice_units, resolve
 from .config import QuantizationConfig
-from .decode import decode_lattice_units
-from .encode import resolve
 
 __all__ = ["add_modq", "mac_modq", "to_flat_code", "from_flat_code", "ModqSumReport", "modq_sum_report"]
 
 
 def _check_q(q) -> int:
-    if isinstance(q, bool) or not isinstance(q, int) or not 2 <= q <= 2**16:
-        raise ValueError(f"q must be an int in [2, 65536], got {q!r}")
-    return q
+    return check_q(q, 2**16)
 
 
 def _as_int(name: str, t) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
-    return t.to(torch.int64)
+    return check_int_tensor(name, t).to(torch.int64)
 
 
 def add_modq(a: torch.Tensor, b: torch.Tensor, q: int) -> torch.Tensor:
@@ -59,8 +54,7 @@ def to_flat_code(points: torch.Tensor, lattice: Lattice, modulus: int) -> torch.
 
 def from_flat_code(c: torch.Tensor, lattice: Lattice, modulus: int, tie_dither: bool = True) -> torch.Tensor:
     """Decode a flat code: the point of ``L ∩ modulus·V`` congruent to ``G c`` (float64 ``(..., d)``)."""
-    Gc = lattice.points64(_as_int("c", c))
-    return Gc - modulus * lattice.closest_point64(Gc / modulus, tie_dither)
+    return coset_representative(_as_int("c", c), lattice, modulus, tie_dither)  # a(c) with q = modulus
 
 
 @dataclass(frozen=True)
@@ -75,8 +69,9 @@ class ModqSumReport:
 
 def modq_sum_report(
     labels: Sequence[torch.Tensor],
-    lattice: Optional[Lattice] = None,
     config: Optional[QuantizationConfig] = None,
+    *,
+    lattice: Optional[Lattice] = None,
 ) -> ModqSumReport:
     """Add several label tensors in the code domain and compare with the real-domain sum.
 
@@ -85,7 +80,7 @@ def modq_sum_report(
     is exactly :func:`add_modq` on the labels. The sum is exact unless it leaves ``q^M V``; those vectors
     are reported in ``mismatch``.
     """
-    lattice, config = resolve(lattice, config)
+    lattice, config = resolve(config, lattice)
     if len(labels) == 0:
         raise ValueError("labels must contain at least one label tensor")
     modulus = config.q**config.M

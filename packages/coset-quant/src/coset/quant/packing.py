@@ -9,16 +9,17 @@ labels straddle byte boundaries, go through a bit expansion.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
-__all__ = ["pack_labels", "unpack_labels", "packed_nbytes"]
+from coset.lattice.validate import check_q
+
+__all__ = ["pack_labels", "unpack_labels", "packed_nbytes", "pack_uint", "unpack_uint"]
 
 
 def _bits(q) -> int:
-    if isinstance(q, bool) or not isinstance(q, int) or not 2 <= q <= 256:
-        raise ValueError(f"q must be an int in [2, 256], got {q!r}")
-    return (q - 1).bit_length()
+    return (check_q(q, 256) - 1).bit_length()
 
 
 def packed_nbytes(numel: int, q: int) -> int:
@@ -38,11 +39,35 @@ def _pack_bits(flat: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _unpack_bits(packed: torch.Tensor, k: int, n: int) -> torch.Tensor:
-    """Inverse of :func:`_pack_bits`: bytes -> uint8 ``(n,)`` labels."""
+    """Inverse of :func:`_pack_bits`: bytes -> int64 ``(n,)`` values."""
     shifts = torch.arange(8, device=packed.device)
     bits = ((packed.to(torch.int64).unsqueeze(-1) >> shifts) & 1).reshape(-1)[: n * k]
-    w = 1 << torch.arange(k, device=packed.device)
-    return (bits.reshape(n, k) * w).sum(-1).to(torch.uint8)
+    w = 1 << torch.arange(k, device=packed.device, dtype=torch.int64)
+    return (bits.reshape(n, k) * w).sum(-1)
+
+
+def pack_uint(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Pack non-negative integers ``< 2^k`` (any k in [0, 62]) into ``ceil(n k / 8)`` bytes, same bit layout
+    as :func:`pack_labels`; k = 0 gives no bytes (every value is 0). No checks: callers validate."""
+    flat = values.reshape(-1).to(torch.int64)
+    if k == 0 or flat.numel() == 0:
+        return torch.zeros(0, dtype=torch.uint8, device=values.device)
+    if k == 8:
+        return flat.to(torch.uint8)
+    if 8 % k == 0:
+        return _pack_shift(flat, k)
+    return _pack_bits(flat, k)
+
+
+def unpack_uint(packed: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_uint`: ``ceil(n k / 8)`` bytes -> int64 ``(n,)`` (no checks)."""
+    if k == 0 or n == 0:
+        return torch.zeros(n, dtype=torch.int64, device=packed.device)
+    if k == 8:
+        return packed[:n].to(torch.int64)
+    if 8 % k == 0:
+        return _unpack_shift(packed, k, n).to(torch.int64)
+    return _unpack_bits(packed, k, n)
 
 
 def _pack_shift(flat: torch.Tensor, k: int) -> torch.Tensor:
@@ -62,6 +87,23 @@ def _unpack_shift(packed: torch.Tensor, k: int, n: int) -> torch.Tensor:
     shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * k
     vals = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << k) - 1)
     return vals.reshape(-1)[:n].to(torch.uint8)
+
+
+def _check_shape(shape) -> tuple[int, ...]:
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise TypeError(f"shape must be a sequence of ints, got {type(shape).__name__}") from None
+    out = []
+    for s in dims:
+        try:
+            v = operator.index(s)  # ints, numpy ints, 0-d integer tensors
+        except TypeError:
+            raise TypeError(f"shape must hold ints, got {dims!r}") from None
+        if isinstance(s, bool) or v < 0:
+            raise ValueError(f"shape must hold non-negative ints, got {dims!r}")
+        out.append(v)
+    return tuple(out)
 
 
 def pack_labels(b: torch.Tensor, q: int) -> torch.Tensor:
@@ -107,17 +149,21 @@ def unpack_labels(packed: torch.Tensor, q: int, shape) -> torch.Tensor:
     Returns
     -------
     uint8 tensor of ``shape``
+
+    Raises
+    ------
+    TypeError if ``packed`` is not a uint8 tensor or ``shape`` not a sequence of ints; ValueError for a bad
+    ``q``, a negative dimension, a byte count that does not match ``shape``, or bytes that decode to a label
+    ``>= q`` (possible when q is not a power of two: corrupted data).
     """
     k = _bits(q)
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
         raise TypeError("packed must be a uint8 tensor")
-    shape = tuple(int(s) for s in shape)
+    shape = _check_shape(shape)
     n = math.prod(shape)
     if packed.numel() != packed_nbytes(n, q):
         raise ValueError(f"packed has {packed.numel()} bytes, expected {packed_nbytes(n, q)} for shape {shape}")
-    packed = packed.reshape(-1)
-    if k == 8:
-        return packed.reshape(shape).clone()
-    if 8 % k == 0:
-        return _unpack_shift(packed, k, n).reshape(shape)
-    return _unpack_bits(packed, k, n).reshape(shape)
+    out = unpack_uint(packed.reshape(-1), k, n).reshape(shape)
+    if n and q != 1 << k and int(out.max()) >= q:
+        raise ValueError(f"packed holds labels >= q={q}: the bytes are corrupted or were packed with another q")
+    return out.to(torch.uint8)

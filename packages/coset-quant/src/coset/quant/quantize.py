@@ -8,19 +8,19 @@ import torch
 
 from coset.lattice import Lattice
 
+from ._core import decode_flat, encode_flat, warn_clamped
 from .backend import select_backend
 from .config import QuantizationConfig
-from .decode import _decode_flat
-from .encode import _encode_flat, prepare_vectors
+from .encode import prepare_vectors
 
 __all__ = ["quantize"]
 
 
 def quantize(
     x: torch.Tensor,
-    lattice: Optional[Lattice] = None,
     config: Optional[QuantizationConfig] = None,
     *,
+    lattice: Optional[Lattice] = None,
     backend: str = "auto",
     return_info: bool = False,
 ):
@@ -29,20 +29,26 @@ def quantize(
     Parameters
     ----------
     x : (..., d) float tensor, finite
+    config, lattice, backend : as for :func:`coset.quant.encode`
     return_info : also return ``(T, clamped)``, each of shape ``(...)``
 
     Returns
     -------
     (..., d) tensor of x's dtype [, T uint8 (...), clamped bool (...)]
+
+    Raises / Warns
+    --------------
+    As :func:`coset.quant.encode` (including one ``ClampWarning`` per call that clamps).
     """
-    lattice, config, xf, z = prepare_vectors(x, lattice, config)
+    lattice, config, xf, z = prepare_vectors(x, config, lattice)
     lead = x.shape[:-1]
     be = select_backend(backend, "quantize", xf, lattice, config)
     if be is not None:
         xh, T, clamped = be.quantize(xf, lattice, config, z)
     else:
-        b, T, clamped = _encode_flat(xf.to(torch.float64), lattice, config, z)
-        xh = _decode_flat(b, T, lattice, config, z, x.dtype)
+        b, T, clamped = encode_flat(xf.to(torch.float64), lattice, config, z)
+        xh = decode_flat(b, T, lattice, config, z, x.dtype)
+    warn_clamped(clamped, config, "quantize")
     xh = xh.reshape(x.shape)
     if return_info:
         return xh, T.reshape(lead), clamped.reshape(lead)

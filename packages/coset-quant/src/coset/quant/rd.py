@@ -25,6 +25,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from coset.lattice.validate import check_int
+
 from coset.lattice import Lattice
 
 from .calibrate import beta_min
@@ -38,10 +40,8 @@ _LOG10_4 = 20.0 * math.log10(2.0)  # 6.0206 dB per bit
 
 def gaussian_data(n: int, seed: int = 0) -> torch.Tensor:
     """``n`` i.i.d. N(0, 1) float32 samples from a fixed CPU generator (the same data for every quantizer)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    check_int("n", n, 1)
+    check_int("seed", seed, 0)
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, generator=g, dtype=torch.float32)
 
@@ -101,10 +101,7 @@ def hnlq_rd(
     n_vectors, objective.
     """
     if config is None:
-        if isinstance(max_scaling_iterations, bool) or not isinstance(max_scaling_iterations, int) or not (
-            0 <= max_scaling_iterations <= MAX_T
-        ):
-            raise ValueError(f"max_scaling_iterations must be an int in [0, {MAX_T}], got {max_scaling_iterations!r}")
+        check_int("max_scaling_iterations", max_scaling_iterations, 0, MAX_T)
         config = QuantizationConfig(lattice_type, q, M, max_scaling_iterations=max_scaling_iterations)
     elif not isinstance(config, QuantizationConfig):
         raise TypeError(f"config must be a QuantizationConfig, got {type(config).__name__}")
@@ -225,8 +222,7 @@ def scalar_rd(bits: int, n: int = 1 << 20, seed: int = 0, x: Optional[torch.Tens
     ``uniform`` is the symmetric mid-rise quantizer (:func:`uniform_scalar_quantize`), ``fake_quant`` is
     ``torch.fake_quantize_per_tensor_affine`` (mid-tread, int``bits``); both with the step minimising the MSE.
     """
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
-        raise ValueError(f"bits must be an int in [1, 16], got {bits!r}")
+    check_int("bits", bits, 1, 16)
     if x is None:
         x = gaussian_data(n, seed)
     elif not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:

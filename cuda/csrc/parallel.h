@@ -1,0 +1,56 @@
+// parallel.h - the CPU kernels' two helpers: a std::thread parallel_for and a compile-time lattice dispatch.
+//
+// std::thread rather than OpenMP: torch wheels bundle their own libgomp, and loading a second OpenMP
+// runtime into the same process is a known source of oversubscription and fork problems.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#include "hnlq_core.h"
+
+namespace coset {
+
+int get_num_threads();
+
+// Run f(begin, end) over [0, n) in contiguous chunks on up to get_num_threads() threads.
+template <typename F>
+static void parallel_for(int64_t n, int64_t grain, F&& f) {
+  if (n <= 0) return;
+  int64_t nt = std::min<int64_t>(get_num_threads(), (n + grain - 1) / grain);
+  if (nt <= 1) {
+    f((int64_t)0, n);
+    return;
+  }
+  const int64_t chunk = (n + nt - 1) / nt;
+  std::vector<std::thread> pool;
+  pool.reserve(nt - 1);
+  for (int64_t t = 1; t < nt; ++t) {
+    const int64_t b = t * chunk, e = std::min(n, b + chunk);
+    if (b < e) pool.emplace_back([&f, b, e] { f(b, e); });
+  }
+  f((int64_t)0, std::min(n, chunk));
+  for (auto& th : pool) th.join();
+}
+
+// Call f(KIND, D) with compile-time constants for the common lattices, D = 0 (runtime d) otherwise.
+template <typename F>
+static void dispatch_lattice(int kind, int d, F&& f) {
+  using std::integral_constant;
+  if (kind == kZn) {
+    if (d == 2) return f(integral_constant<int, kZn>{}, integral_constant<int, 2>{});
+    if (d == 4) return f(integral_constant<int, kZn>{}, integral_constant<int, 4>{});
+    if (d == 8) return f(integral_constant<int, kZn>{}, integral_constant<int, 8>{});
+    return f(integral_constant<int, kZn>{}, integral_constant<int, 0>{});
+  }
+  if (kind == kDn) {
+    if (d == 4) return f(integral_constant<int, kDn>{}, integral_constant<int, 4>{});
+    if (d == 8) return f(integral_constant<int, kDn>{}, integral_constant<int, 8>{});
+    return f(integral_constant<int, kDn>{}, integral_constant<int, 0>{});
+  }
+  return f(integral_constant<int, kE8>{}, integral_constant<int, 8>{});
+}
+
+}  // namespace coset
