@@ -45,6 +45,13 @@ class NativeBackend:
             return tensor.dtype == torch.uint8
         return tensor.dtype in _FLOATS
 
+    def auto_select(self, op: str, tensor: Any) -> bool:
+        """"auto" does not pick the CPU ``lut_one_sided`` (the GEMV kernel on int32 indices has not been
+        measured faster than coset.lut's embedding_bag path; ``backend="native"`` runs it)."""
+        if op == "lut_one_sided":
+            return bool(getattr(tensor, "is_cuda", False))
+        return True
+
     def encode(self, x, lattice, config, dither):
         return _ops.encode(x, lattice, config, dither)
 
