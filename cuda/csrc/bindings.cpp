@@ -9,7 +9,9 @@
 #include <stdexcept>
 #include <string>
 
+#include "fast_quant.h"
 #include "kernels.h"
+#include "lut_gemv.h"
 
 namespace py = pybind11;
 
@@ -64,6 +66,32 @@ PYBIND11_MODULE(_C, m) {
   m.def("get_num_threads", &coset::get_num_threads);
   m.def("set_num_threads", &coset::set_num_threads);
   coset_bind_bucket_codec(m);
+  // float32 + integer fast path of encode/decode/quantize (fast_quant.h): on/off switch and the ISA in use
+  m.def("set_fast_path", &coset::fq::set_enabled);
+  m.def("fast_path_enabled", &coset::fq::enabled);
+  m.def("fast_path_isa", []() { return std::string(coset::fq::isa()); });
+  // GEMV on codes (lut_gemv.h); coset/cuda/lut_gemv.py validates every argument
+  m.def("lut_build_tables_cpu", [](std::uintptr_t x, int64_t ldx, std::uintptr_t A, int B, int K, int d, int64_t Q,
+                                   std::uintptr_t tab) {
+    py::gil_scoped_release nogil;
+    coset::lut_build_tables_cpu(ptr<const float>(x), ldx, ptr<const float>(A), B, K, d, Q, ptr<float>(tab));
+  });
+  m.def("lut_gemv_tables_cpu", [](std::uintptr_t idx, int idx_bytes, std::uintptr_t T, std::uintptr_t scale_of,
+                                  int n_scales, std::uintptr_t sx, std::uintptr_t tab, int64_t n, int K, int M,
+                                  int64_t Q, int q, int B, std::uintptr_t out) {
+    py::gil_scoped_release nogil;
+    coset::lut_gemv_tables_cpu(ptr<const void>(idx), idx_bytes, ptr<const uint8_t>(T), ptr<const float>(scale_of),
+                               n_scales, ptr<const float>(sx), ptr<const float>(tab), n, K, M, Q, q, B,
+                               ptr<float>(out));
+  });
+  m.def("lut_gemv_codebook_cpu", [](std::uintptr_t idx, int idx_bytes, std::uintptr_t T, std::uintptr_t scale_of,
+                                    std::uintptr_t sx, std::uintptr_t A, int d, std::uintptr_t x, int64_t ldx, int64_t n,
+                                    int K, int M, int q, int B, std::uintptr_t out) {
+    py::gil_scoped_release nogil;
+    coset::lut_gemv_codebook_cpu(ptr<const void>(idx), idx_bytes, ptr<const uint8_t>(T), ptr<const float>(scale_of),
+                                 ptr<const float>(sx), ptr<const int8_t>(A), d, ptr<const float>(x), ldx, n, K, M, q, B,
+                                 ptr<float>(out));
+  });
 
   // ---------------------------------------------------------------------------------------------- CPU
   m.def("encode_cpu", [](int kind, int d, darr G, darr Ginv, py::object eps, int q, int M, darr scales,

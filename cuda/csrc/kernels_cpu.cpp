@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <thread>
 
+#include "fast_quant.h"
 #include "hnlq_core.h"
 #include "parallel.h"
 
@@ -45,6 +46,10 @@ static inline void store_vec(void* out, int out_is_double, int64_t r, int d, con
 
 int64_t encode_cpu(const LatticeView& L, const QuantParams& P, const void* x, int x_is_double, const double* z,
                    int64_t N, uint8_t* b, uint8_t* T, uint8_t* clamped) {
+  if (!x_is_double && fq::enabled() && fq::applicable(L, P, z)) {  // float32 + integer path (fast_quant.h)
+    const int64_t e = fq::encode_f32(L, P, (const float*)x, N, b, T, clamped);
+    if (e >= 0) return e;
+  }
   std::atomic<int64_t> errors{0};
   dispatch_lattice(L.kind, L.d, [&](auto KI, auto DI) {
     constexpr int KIND = decltype(KI)::value, D = decltype(DI)::value;
@@ -70,6 +75,8 @@ int64_t encode_cpu(const LatticeView& L, const QuantParams& P, const void* x, in
 
 int64_t decode_cpu(const LatticeView& L, const QuantParams& P, const uint8_t* b, const uint8_t* T, const double* z,
                    int64_t N, void* out, int out_is_double) {
+  if (!out_is_double && fq::enabled() && fq::decode_applicable(L, P, z))  // table path (fast_quant.h)
+    return fq::decode_f32(L, P, b, T, N, (float*)out);
   std::atomic<int64_t> bad{0};
   dispatch_lattice(L.kind, L.d, [&](auto KI, auto DI) {
     constexpr int KIND = decltype(KI)::value, D = decltype(DI)::value;
@@ -201,6 +208,10 @@ static inline unsigned quantize_batch(const LatticeView& L, const QuantParams& P
 
 int64_t quantize_cpu(const LatticeView& L, const QuantParams& P, const void* x, int x_is_double, const double* z,
                      int64_t N, void* out, int out_is_double, uint8_t* T, uint8_t* clamped) {
+  if (!x_is_double && !out_is_double && fq::enabled() && fq::applicable(L, P, z)) {  // fast_quant.h
+    const int64_t e = fq::quantize_f32(L, P, (const float*)x, N, (float*)out, T, clamped);
+    if (e >= 0) return e;
+  }
   std::atomic<int64_t> errors{0};
   dispatch_lattice(L.kind, L.d, [&](auto KI, auto DI) {
     constexpr int KIND = decltype(KI)::value, D = decltype(DI)::value;

@@ -309,7 +309,7 @@ def _cuda_only(op: str, dev: torch.device) -> None:
 
 
 def lut_one_sided(ix: torch.Tensor, sx: torch.Tensor, tables: torch.Tensor, q: int) -> torch.Tensor:
-    """(CUDA tensors only) One-sided LUT scores ``scores[r, j] = sum_k sx[r,k] sum_m q^m tables[j, k, ix[r,k,m]]``.
+    """One-sided LUT scores ``scores[r, j] = sum_k sx[r,k] sum_m q^m tables[j, k, ix[r,k,m]]``.
 
     Parameters
     ----------
@@ -320,11 +320,11 @@ def lut_one_sided(ix: torch.Tensor, sx: torch.Tensor, tables: torch.Tensor, q: i
 
     Returns
     -------
-    (n, m) float32 (accumulated in float32)
+    (n, m) float32 (accumulated in float32; on the CPU by the GEMV kernel of lut_gemv.h, 8 queries per pass)
 
     Raises
     ------
-    TypeError / ValueError for bad dtypes, shapes, devices (CPU tensors included) or label indices >= Q.
+    TypeError / ValueError for bad dtypes, shapes, devices or label indices >= Q.
     """
     q = _check_q(q)
     _check_idx("ix", ix, 3)
@@ -336,7 +336,6 @@ def lut_one_sided(ix: torch.Tensor, sx: torch.Tensor, tables: torch.Tensor, q: i
     if K2 != K:
         raise ValueError(f"tables must have K={K} blocks (dim 1), got {K2}")
     dev = _same_device(ix, sx, tables)
-    _cuda_only("lut_one_sided", dev)
     _check_range("ix", ix, Q)
     ix, sx, tables = ix.contiguous(), sx.contiguous(), tables.contiguous()
     out = torch.empty((n, m), dtype=torch.float32, device=dev)
@@ -344,6 +343,19 @@ def lut_one_sided(ix: torch.Tensor, sx: torch.Tensor, tables: torch.Tensor, q: i
         return out
     if K == 0 or M == 0:
         return out.zero_()
+    if dev.type == "cpu":  # GEMV kernel on codes (lut_gemv.h): tables as [k][i][query], 1/2/4/8 queries a pass
+        for j0 in range(0, m, 8):
+            tj = tables[j0 : j0 + 8]
+            B = tj.shape[0]
+            Bk = 1 if B == 1 else 2 if B == 2 else 4 if B <= 4 else 8
+            tab = tj.permute(1, 2, 0)
+            if Bk != B:
+                tab = torch.nn.functional.pad(tab, (0, Bk - B))
+            tab = tab.contiguous()
+            res = torch.empty((n, Bk), dtype=torch.float32)
+            _C.lut_gemv_tables_cpu(_ptr(ix), 4, 0, 0, 0, _ptr(sx), _ptr(tab), n, K, M, Q, q, Bk, _ptr(res))
+            out[:, j0 : j0 + B] = res[:, :B]
+        return out
     with torch.cuda.device(dev):
         _C.lut_one_sided_cuda(_ptr(ix), _ptr(sx), _ptr(tables), n, m, K, M, Q, q, _ptr(out), _stream(ix))
     return out

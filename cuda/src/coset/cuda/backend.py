@@ -21,7 +21,7 @@ class NativeBackend:
 
     ``supports(op, tensor, lattice, config)`` is True for ``op`` in {"encode", "decode", "quantize"} on
     Z^n / D_n (n <= 16) and E8 with any valid config (CPU tensors, and CUDA tensors when the extension was
-    built with CUDA and a GPU is present), and for {"lut_one_sided", "lut_two_sided"} on CUDA tensors only.
+    built with CUDA and a GPU is present), "lut_one_sided" on CPU and CUDA tensors, and "lut_two_sided" on CUDA tensors only.
     """
 
     name = "native"
@@ -31,7 +31,9 @@ class NativeBackend:
     def supports(self, op: str, tensor: Any, lattice: Optional[Lattice], config: Optional[QuantizationConfig]) -> bool:
         if not isinstance(tensor, torch.Tensor) or not _ops._device_ok(tensor):
             return False
-        if op in ("lut_one_sided", "lut_two_sided"):
+        if op == "lut_one_sided":  # CPU: the GEMV kernel of lut_gemv.h; CUDA: kernels_cuda.cu
+            return True
+        if op == "lut_two_sided":
             return tensor.device.type == "cuda"
         if op not in ("encode", "decode", "quantize"):
             return False
@@ -42,6 +44,13 @@ class NativeBackend:
         if op == "decode":
             return tensor.dtype == torch.uint8
         return tensor.dtype in _FLOATS
+
+    def auto_select(self, op: str, tensor: Any) -> bool:
+        """"auto" does not pick the CPU ``lut_one_sided`` (the GEMV kernel on int32 indices has not been
+        measured faster than coset.lut's embedding_bag path; ``backend="native"`` runs it)."""
+        if op == "lut_one_sided":
+            return bool(getattr(tensor, "is_cuda", False))
+        return True
 
     def encode(self, x, lattice, config, dither):
         return _ops.encode(x, lattice, config, dither)

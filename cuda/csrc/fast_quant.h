@@ -1,0 +1,255 @@
+// fast_quant.h - float32 + integer HNLQ path (D_n and E8, q a power of two), shared by CPU and CUDA.
+//
+// The float64 reference (coset.quant) computes every closest point as CP(g + eps) in float64. This path
+// reaches bit for bit the same lattice points with far cheaper arithmetic:
+//
+// * Layer 0 (the only layer on real data) runs in float32, u = x * (1/s). It is *certified*: every decision
+//   the closest-point algorithm takes (each rounding, the argmax when the parity is odd, E8's D8 vs D8+1/2)
+//   must clear a margin larger than the float32 error of u plus |eps|. A vector that comes closer than that
+//   to any decision boundary is "rejected" and the caller redoes it with the float64 kernels of
+//   hnlq_core.h, so the result is always the reference's (about 1e-5 of Gaussian vectors are rejected).
+// * Every later layer is exact integer arithmetic: lambda_m is an integer (D_n) or half-integer (E8) vector,
+//   lambda_m / q + eps sits on a Voronoi boundary only at exact ties, and the tiny generic eps then decides
+//   each tie exactly as in float64: rounding goes up iff eps_i > 0; among equal |delta| the argmax takes the
+//   larger signed perturbation; E8's equal distances are split by the sign of <eps, y1 - y0>. (eps ~ 1e-9
+//   is far above float64 resolution of these small values and far below the 1/(2q) spacing, so the float64
+//   reference takes exactly these decisions; tests/test_fast_quant.py checks it on every boundary class.)
+//
+// Integer convention: P = h * lambda with h = 1 (D_n) or 2 (E8), so P is always an integer vector.
+// Functions take arrays [coordinate][lane] with LANES vectors side by side; the CPU instantiates LANES = 8
+// (the lane loops auto-vectorize to one AVX2 register), CUDA instantiates LANES = 1 (one thread per vector).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "hnlq_core.h"
+
+#if defined(__CUDACC__)
+#define FQ_HD COSET_HD
+#else
+#define FQ_HD inline __attribute__((always_inline))
+#endif
+
+namespace coset {
+namespace fq {
+
+// Per-lattice constants of the integer layers (built once on the host from eps and G^-1).
+struct IntConsts {
+  int d;
+  int h;                 // 1 for D_n, 2 for E8
+  int32_t neg[kMaxDim];  // eps_i < 0: an exact rounding tie goes down
+  int32_t rk_pos[kMaxDim], rk_neg[kMaxDim], rk_abs[kMaxDim];  // rank of +eps_i, -eps_i, |eps_i| among {+-eps_j}
+  int32_t step0[kMaxDim];  // sign(eps_i) (the D_n fix direction when delta_i = eps_i)
+  int32_t H[kMaxDim * kMaxDim];  // 2 * G^-1 (integer for D_n and E8), row-major
+  int hshift;            // z = (H P) >> hshift: 1 for D_n (h*2 = 2), 2 for E8 (h*2 = 4)
+  float epsf[kMaxDim];   // 1e9 * eps (only the sign of <eps, v> is used, with a rejection margin)
+};
+
+// Float32 margin of layer 0: |u32 - u64| <= 2^-23 |u| (one rounding of 1/s, one of the product) and
+// |eps| < 1e-9; 2^-21 |u| + 2^-26 leaves a factor 4 and 15 on these.
+constexpr float kRel = 4.76837158203125e-07f;  // 2^-21
+constexpr float kAbs = 1.4901161193847656e-08f;  // 2^-26
+constexpr float kBig = 4194304.0f;                // 2^22: beyond this, reject (integers stay exact)
+
+// ------------------------------------------------------------------------------------------ lane packs
+// The functions below are written once for a "pack" of lanes: F = float, I = int32_t (one vector; CUDA) or
+// F = v8f, I = v8i (GCC vector extensions: 8 vectors in one AVX2 register on the CPU, two SSE registers in
+// the baseline build). Comparisons go through mask() (0 / -1 per lane) and selects are m ? a : b.
+FQ_HD float p_floor(float x) { return floorf(x); }
+FQ_HD float p_abs(float x) { return fabsf(x); }
+FQ_HD int32_t p_toi(float x) { return (int32_t)x; }
+FQ_HD float p_tof(int32_t x) { return (float)x; }
+FQ_HD int32_t mask(bool m) { return m ? -1 : 0; }
+#ifndef __CUDACC__
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+// floor through truncation (exact for |x| < 2^31; larger |x| is rejected before it matters)
+FQ_HD v8f p_floor(v8f x) {
+  const v8f t = __builtin_convertvector(__builtin_convertvector(x, v8i), v8f);
+  return t > x ? t - 1.0f : t;
+}
+FQ_HD v8f p_abs(v8f x) { return x < 0.0f ? -x : x; }
+FQ_HD v8i p_toi(v8f x) { return __builtin_convertvector(x, v8i); }
+FQ_HD v8f p_tof(v8i x) { return __builtin_convertvector(x, v8f); }
+FQ_HD v8i mask(v8i m) { return m; }
+#endif
+template <class T>
+FQ_HD T splat(float c) { return T{} + c; }
+template <class T>
+FQ_HD T splati(int32_t c) { return T{} + c; }
+
+// ------------------------------------------------------------------------------------------ layer 0 (float32)
+// Q_{D_n}(u) without eps; y = the integer lattice point, r = u - y (exact); bad |= lanes within the margin.
+template <int D, class F, class I>
+FQ_HD void dn_float(const F* u, F* y, F* r, I& bad) {
+  F best = splat<F>(-1.0f), second = splat<F>(-1.0f), mmax = splat<F>(0.0f), bdl = splat<F>(0.0f);
+  F kk = splat<F>(0.0f), sum = splat<F>(0.0f);
+  I b = splati<I>(0);
+  for (int i = 0; i < D; ++i) {
+    const F ui = u[i];
+    const F au = p_abs(ui);
+    const F f = p_floor(ui + 0.5f);
+    const F dl = ui - f;  // exact: u minus a nearby integer
+    const F ad = p_abs(dl);
+    const F m = au * kRel + kAbs;
+    b |= mask(p_abs(ad - 0.5f) <= m) | mask(au >= kBig);
+    y[i] = f;
+    r[i] = dl;
+    sum += f;  // exact: small integers
+    mmax = mask(m > mmax) ? m : mmax;
+    const I gt = mask(ad > best);
+    const F lo = mask(ad < best) ? ad : best;
+    second = mask(lo > second) ? lo : second;
+    best = gt ? ad : best;
+    kk = gt ? splat<F>((float)i) : kk;
+    bdl = gt ? dl : bdl;
+  }
+  const I odd = -(p_toi(sum) & 1);
+  // the argmax (and the sign of delta_k) only matters when the parity is odd
+  bad |= b | (odd & mask(best - second <= mmax * 2.0f));
+  const F st = odd ? (mask(bdl >= 0.0f) ? splat<F>(1.0f) : splat<F>(-1.0f)) : splat<F>(0.0f);
+  for (int i = 0; i < D; ++i) {
+    const F fix = mask(kk == (float)i) ? st : splat<F>(0.0f);
+    y[i] = y[i] + fix;
+    r[i] = r[i] - fix;
+  }
+}
+
+// Layer 0 of KIND (kDn or kE8) at scale 1/s: P = h * Q(x / s + eps), bad |= uncertain lanes.
+template <int KIND, int D, class F, class I>
+FQ_HD void first_layer(const F* x, float inv_s, I* P, I& bad) {
+  F u[D], y0[D], r0[D];
+  for (int i = 0; i < D; ++i) u[i] = x[i] * inv_s;
+  dn_float<D>(u, y0, r0, bad);
+  if (KIND == kDn) {
+    for (int i = 0; i < D; ++i) P[i] = p_toi(y0[i]);
+    return;
+  }
+  F um[D], y1[D], r1[D];
+  for (int i = 0; i < D; ++i) um[i] = u[i] - 0.5f;  // exact for |u| < 2^22
+  dn_float<D>(um, y1, r1, bad);
+  F d0 = splat<F>(0.0f), d1 = splat<F>(0.0f), mm = splat<F>(0.0f);
+  for (int i = 0; i < D; ++i) {
+    d0 += r0[i] * r0[i];
+    d1 += r1[i] * r1[i];  // u - (y1 + 1/2) = um - y1
+    const F m = p_abs(u[i]) * kRel + kAbs;
+    mm = mask(m > mm) ? m : mm;
+  }
+  // |r| <= 1 per coordinate: each distance moves by <= 2 * 8 * m; float32 sums of <= 8 terms in [0, 3]
+  const F margin = mm * 40.0f + (d0 + d1 + 1.0f) * 4.0e-6f;
+  bad |= mask(p_abs(d0 - d1) <= margin);
+  const I take0 = mask(d0 <= d1);
+  for (int i = 0; i < D; ++i) P[i] = take0 ? p_toi(y0[i]) * 2 : p_toi(y1[i]) * 2 + 1;
+}
+
+// ------------------------------------------------------------------------------------------ integer layers
+// D_n closest point of N / S + eps (S a power of two, log2(2S) = sh2): f and the residual numerator
+// R = N - S f (|R| <= S/2) after the parity fix. Exact.
+template <int D, class I>
+FQ_HD void dn_int(const IntConsts& C, const I* N, int32_t S, int sh2, I* f, I* R) {
+  I best = splati<I>(-1), kk = splati<I>(0), st = splati<I>(1), sum = splati<I>(0);
+  for (int i = 0; i < D; ++i) {
+    const I n = N[i];
+    const I fi = (n * 2 + (S - C.neg[i])) >> sh2;  // floor(N/S + 1/2 + eps): arithmetic shift = floor
+    const I r = n - fi * S;
+    f[i] = fi;
+    R[i] = r;
+    sum += fi;
+    const I mp = mask(r > 0), mn = mask(r < 0);
+    const I ar = mn ? -r : r;
+    const I rk = mp ? splati<I>(C.rk_pos[i]) : (mn ? splati<I>(C.rk_neg[i]) : splati<I>(C.rk_abs[i]));
+    const I key = ar * 64 + rk;  // |delta| first, then the signed eps perturbation (ranks < 2d <= 32)
+    const I gt = mask(key > best);
+    const I cand = mp ? splati<I>(1) : (mn ? splati<I>(-1) : splati<I>(C.step0[i]));
+    best = gt ? key : best;
+    kk = gt ? splati<I>(i) : kk;
+    st = gt ? cand : st;
+  }
+  const I odd = -(sum & 1);
+  for (int i = 0; i < D; ++i) {
+    const I fix = odd & mask(kk == i) & st;
+    f[i] += fix;
+    R[i] -= fix * S;
+  }
+}
+
+// One integer layer: Pout = h * Q(lambda / q + eps) for P = h * lambda, q = 2^lq. E8 lanes whose two
+// candidates are equally far and whose eps tie-break is too close to call in float32 join `bad`.
+template <int KIND, int D, class F, class I>
+FQ_HD void int_layer(const IntConsts& C, const I* P, int lq, I* Pout, I& bad) {
+  const int32_t q = 1 << lq;
+  if (KIND == kDn) {
+    I R[D];
+    dn_int<D>(C, P, q, lq + 1, Pout, R);
+    return;
+  }
+  // E8: x = P / (2q); y0 = Q_D8(x), y1 = Q_D8(x - 1/2) + 1/2 (numerator P - q, same denominator 2q).
+  I Nm[D], f0[D], R0[D], f1[D], R1[D];
+  for (int i = 0; i < D; ++i) Nm[i] = P[i] - q;
+  dn_int<D>(C, P, 2 * q, lq + 2, f0, R0);
+  dn_int<D>(C, Nm, 2 * q, lq + 2, f1, R1);
+  I e0 = splati<I>(0), e1 = splati<I>(0);
+  F s = splat<F>(0.0f), sa = splat<F>(0.0f);
+  for (int i = 0; i < D; ++i) {
+    e0 += R0[i] * R0[i];
+    e1 += R1[i] * R1[i];
+    // 2 (y1 - y0) = 2 f1 + 1 - 2 f0; the sign of <eps, y1 - y0> splits equal distances
+    const F t = p_tof((f1[i] - f0[i]) * 2 + 1) * C.epsf[i];
+    s += t;
+    sa += p_abs(t);
+  }
+  const I tie = mask(e0 == e1);
+  bad |= tie & mask(p_abs(s) <= sa * 1.0e-4f);
+  const I take0 = mask(e0 < e1) | (tie & mask(s <= 0.0f));
+  for (int i = 0; i < D; ++i) Pout[i] = take0 ? f0[i] * 2 : f1[i] * 2 + 1;
+}
+
+// Labels of one layer: b = (G^-1 lambda) mod q = ((H P) >> hshift) & (q - 1).
+template <int D, class I>
+FQ_HD void labels(const IntConsts& C, const I* P, int32_t qmask, I* b) {
+  for (int i = 0; i < D; ++i) {
+    I s = splati<I>(0);
+    for (int j = 0; j < D; ++j) s += P[j] * C.H[i * D + j];
+    b[i] = (s >> C.hshift) & qmask;  // exact division (G^-1 lambda is an integer), then floor mod q
+  }
+}
+
+// Layers 1..M and the overload test on lambda_0 (P0). Writes the labels of every layer when B != nullptr
+// (B[m * D + i]); ovl = lanes that overload (mask), bad |= lanes to redo in float64.
+template <int KIND, int D, class F, class I>
+FQ_HD void later_layers(const IntConsts& C, const I* P0, int lq, int M, I* B, I& ovl, I& bad) {
+  I A[D], Bn[D];
+  const int32_t qmask = (1 << lq) - 1;
+  for (int i = 0; i < D; ++i) A[i] = P0[i];
+  for (int m = 0; m < M; ++m) {
+    if (B) labels<D>(C, A, qmask, B + m * D);
+    int_layer<KIND, D, F>(C, A, lq, Bn, bad);
+    for (int i = 0; i < D; ++i) A[i] = Bn[i];
+  }
+  I o = splati<I>(0);
+  for (int i = 0; i < D; ++i) o |= A[i];
+  ovl = mask(o != 0);
+}
+
+#ifndef __CUDACC__
+// ------------------------------------------------------------------------------------------ CPU entry points
+// applicable(): D4, D8 or E8; q a power of two; tie offset on; no dither or centring; overload protection on.
+// The *_f32 functions take float32 in and out and return the number of "error"-policy failures (-1 if the
+// lattice constants do not suit the integer path; the caller then uses the float64 kernels).
+bool applicable(const LatticeView& L, const QuantParams& P, const double* z);
+bool decode_applicable(const LatticeView& L, const QuantParams& P, const double* z);
+bool build_consts(const LatticeView& L, IntConsts& C);
+const char* isa();
+bool enabled();            // default on; env COSET_FAST_PATH=0 or set_enabled(false) turns it off
+void set_enabled(bool on);
+int64_t quantize_f32(const LatticeView& L, const QuantParams& P, const float* x, int64_t N, float* out, uint8_t* T,
+                     uint8_t* clamped);
+int64_t encode_f32(const LatticeView& L, const QuantParams& P, const float* x, int64_t N, uint8_t* b, uint8_t* T,
+                   uint8_t* clamped);
+int64_t decode_f32(const LatticeView& L, const QuantParams& P, const uint8_t* b, const uint8_t* T, int64_t N,
+                   float* out);
+#endif
+
+}  // namespace fq
+}  // namespace coset

@@ -1,0 +1,215 @@
+"""GEMV on HNLQ codes: ``y = x @ Ŵ.T`` with ``Ŵ`` stored as labels, never dequantized (CPU kernel).
+
+``CodedWeight`` holds a weight ``(n, k)`` as compact codes: per row and d-block, M label indices
+``idx = sum_i b_i q^i`` (uint8 when ``q^d <= 256``, int16 holding uint16 values when ``q^d <= 65536``) and one
+uint8 scale step ``T`` (scale ``config.scales[T]``). :func:`lut_gemv` computes ``x @ Ŵ.T`` for 1..8
+queries at a time:
+
+* ``q^d <= 256`` (D4 q=4, E8 q=2, ...): one-sided tables ``tab[k, i, j] = <a_i, x_j,k>`` (paper.md §6)
+  built once per call (``K * q^d * B`` floats, 1 MiB for k = 4096, B = 1), then M lookups per block and
+  row; threads over rows.
+* larger ``q^d`` (E8 q=4: 65536 entries per block, too many for per-query tables): the codebook of
+  representatives ``h * a_i`` as int8 (512 KiB, shared by all blocks), ``v = sum_m q^m A[idx_m]`` exact in
+  int32, then ``<v, x_k>``.
+
+Both accumulate in float32 (the dense ``F.linear`` does too); the result equals ``x @ Ŵ.T`` up to float32
+summation order (tests: relative 1e-5 of ``|x| @ |Ŵ|.T``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from coset.quant import QuantizationConfig, coset_representative, encode, to_blocks
+
+from . import _C
+
+__all__ = ["CodedWeight", "lut_gemv", "representatives"]
+
+_MAX_B = 8
+
+
+@lru_cache(maxsize=32)
+def representatives(config: QuantizationConfig) -> torch.Tensor:
+    """``(q^d, d)`` float64 table of ``a(b)`` in index order (the reference decoder's representatives)."""
+    q, d = config.q, config.dim
+    Q = q**d
+    if Q > 2**16:
+        raise ValueError(f"q**d = {Q} representatives: the GEMV kernels support q**d <= 65536")
+    i = torch.arange(Q, dtype=torch.int64)
+    digits = torch.stack([(i // q**j) % q for j in range(d)], dim=-1).to(torch.uint8)
+    return coset_representative(digits, config.lattice, q, config.with_tie_dither)
+
+
+def _check_config(config) -> QuantizationConfig:
+    if not isinstance(config, QuantizationConfig):
+        raise TypeError(f"config must be a QuantizationConfig, got {type(config).__name__}")
+    if config.with_dither or config.center:
+        raise ValueError("config: lut_gemv needs codes without random dither and without centring (z = 0)")
+    if config.q ** config.dim > 2**16:
+        raise ValueError(f"config: q**d = {config.q ** config.dim} > 65536 is not supported by lut_gemv")
+    if len(config.scales) > 256:
+        raise ValueError("config: at most 256 scale steps")
+    return config
+
+
+@dataclass(frozen=True, eq=False)
+class CodedWeight:
+    """A weight ``(n, k)`` as HNLQ codes for :func:`lut_gemv`.
+
+    Attributes
+    ----------
+    idx : (n, K, M) uint8 (q^d <= 256) or int16 (uint16 bit pattern) label indices
+    T : (n, K) uint8 scale steps
+    config : QuantizationConfig (no dither, no centring)
+    k : columns before padding to K*d
+    """
+
+    idx: torch.Tensor
+    T: torch.Tensor
+    config: QuantizationConfig
+    k: int
+
+    def __post_init__(self) -> None:
+        c = _check_config(self.config)
+        if not isinstance(self.idx, torch.Tensor) or self.idx.ndim != 3 or self.idx.shape[2] != c.M:
+            raise ValueError(f"idx must be a tensor of shape (n, K, M={c.M})")
+        want = torch.uint8 if c.q**c.dim <= 256 else torch.int16
+        if self.idx.dtype != want:
+            raise TypeError(f"idx must have dtype {want} for q**d = {c.q ** c.dim}, got {self.idx.dtype}")
+        if not isinstance(self.T, torch.Tensor) or self.T.dtype != torch.uint8 or self.T.shape != self.idx.shape[:2]:
+            raise ValueError(f"T must be a uint8 tensor of shape {tuple(self.idx.shape[:2])}")
+        if self.idx.device.type != "cpu":
+            raise ValueError("lut_gemv runs on CPU tensors (the CUDA twin is compiled but not wired here)")
+        K = self.idx.shape[1]
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or not (K - 1) * c.dim < self.k <= K * c.dim:
+            raise ValueError(f"k must be an int in ({(K - 1) * c.dim}, {K * c.dim}], got {self.k!r}")
+        if self.T.numel() and int(self.T.max()) > c.max_scaling_iterations:
+            raise ValueError(f"T must lie in [0, {c.max_scaling_iterations}]")
+        Q = c.q**c.dim
+        if self.idx.numel() and int((self.idx.to(torch.int32) & 0xFFFF).max()) >= Q:
+            raise ValueError(f"idx entries must lie in [0, q**d = {Q})")
+
+    @classmethod
+    def from_labels(cls, labels: torch.Tensor, T: torch.Tensor, config: QuantizationConfig, k: int) -> "CodedWeight":
+        """From ``coset.quant.encode`` output on ``(n, K, d)`` blocks: labels (n, K, M, d), T (n, K)."""
+        c = _check_config(config)
+        if not isinstance(labels, torch.Tensor) or labels.ndim != 4 or tuple(labels.shape[2:]) != (c.M, c.dim):
+            raise ValueError(f"labels must have shape (n, K, M={c.M}, d={c.dim})")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= c.q):
+            raise ValueError(f"labels must lie in [0, q={c.q})")
+        w = torch.tensor([c.q**i for i in range(c.dim)], dtype=torch.int64)
+        ix = (labels.to(torch.int64) * w).sum(-1)  # (n, K, M)
+        if c.q**c.dim <= 256:
+            ix = ix.to(torch.uint8)
+        else:
+            ix = torch.where(ix >= 2**15, ix - 2**16, ix).to(torch.int16)  # uint16 bit pattern
+        if not isinstance(T, torch.Tensor) or T.shape != labels.shape[:2]:
+            raise ValueError(f"T must have shape {tuple(labels.shape[:2])}")
+        return cls(idx=ix.contiguous(), T=T.to(torch.uint8).contiguous(), config=c, k=k)
+
+    @classmethod
+    def from_dense(cls, W: torch.Tensor, config: QuantizationConfig) -> "CodedWeight":
+        """Encode the rows of ``W`` (n, k) in zero-padded d-blocks with :func:`coset.quant.encode`."""
+        c = _check_config(config)
+        if not isinstance(W, torch.Tensor) or W.ndim != 2 or W.shape[1] == 0:
+            raise ValueError("W must be a 2-D (n, k) tensor with k >= 1")
+        blocks, _ = to_blocks(W, c.dim)
+        b, T = encode(blocks, config=c)
+        return cls.from_labels(b, T, c, W.shape[1])
+
+    @property
+    def n(self) -> int:
+        return self.idx.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the kernel streams: the index tensor plus one T byte per block."""
+        return self.idx.numel() * self.idx.element_size() + self.T.numel()
+
+    def dequantize(self) -> torch.Tensor:
+        """``Ŵ`` (n, k) float32 (for tests and comparisons)."""
+        c = self.config
+        a = representatives(c)
+        ix = self.idx.to(torch.int64) & 0xFFFF
+        w = torch.tensor([float(c.q**m) for m in range(c.M)], dtype=torch.float64).view(1, 1, -1, 1)
+        pts = (a[ix] * w).sum(2)  # (n, K, d)
+        s = torch.tensor(c.scales, dtype=torch.float64)[self.T.long()]
+        return (pts * s.unsqueeze(-1)).reshape(self.n, -1)[:, : self.k].to(torch.float32)
+
+
+@lru_cache(maxsize=32)
+def _kernel_tables(config: QuantizationConfig):
+    a = representatives(config)
+    h = 2.0 if config.lattice.name == "E8" else 1.0
+    a_h = (a * h).round()
+    if not torch.equal(a_h / h, a) or a_h.abs().max() > 127:
+        a_i8 = None
+    else:
+        a_i8 = a_h.to(torch.int8).contiguous()
+    scales = torch.tensor(config.scales, dtype=torch.float64).to(torch.float32).contiguous()
+    return a.to(torch.float32).contiguous(), a_i8, h, scales
+
+
+def lut_gemv(x: torch.Tensor, W: CodedWeight, *, method: str = "auto") -> torch.Tensor:
+    """``x @ Ŵ.T`` from the codes of ``W``.
+
+    Parameters
+    ----------
+    x : (k,) or (B, k) float tensor (any B; the kernel runs 8 queries per pass), finite
+    W : CodedWeight (n, k)
+    method : "auto" (tables when q^d <= 256, else codebook), "tables" or "codebook"
+
+    Returns
+    -------
+    (n,) or (B, n) float32
+    """
+    if not isinstance(W, CodedWeight):
+        raise TypeError(f"W must be a CodedWeight, got {type(W).__name__}")
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+        raise TypeError("x must be a floating torch.Tensor")
+    if x.ndim not in (1, 2) or x.shape[-1] != W.k:
+        raise ValueError(f"x must have shape (k={W.k},) or (B, {W.k}), got {tuple(x.shape)}")
+    if x.device.type != "cpu":
+        raise ValueError("x must be a CPU tensor")
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError("x contains NaN or Inf")
+    if method not in ("auto", "tables", "codebook"):
+        raise ValueError(f"method must be 'auto', 'tables' or 'codebook', got {method!r}")
+    if x.ndim == 1:
+        return lut_gemv(x.unsqueeze(0), W, method=method)[0]
+    c = W.config
+    d, K, M, Q = c.dim, W.idx.shape[1], c.M, c.q**c.dim
+    af, ai8, h, scales = _kernel_tables(c)
+    if method == "auto":
+        method = "tables" if Q <= 256 else "codebook"
+    if method == "codebook" and ai8 is None:
+        raise ValueError("codebook method: the representatives do not fit int8")
+    xb = x.to(torch.float32)
+    if W.k != K * d:
+        xb = torch.nn.functional.pad(xb, (0, K * d - W.k))
+    Bt, n = xb.shape[0], W.n
+    out = torch.empty((Bt, n), dtype=torch.float32)
+    ib = W.idx.element_size()
+    for j0 in range(0, Bt, _MAX_B):
+        xj = xb[j0 : j0 + _MAX_B]
+        B = xj.shape[0]
+        Bk = 1 if B == 1 else 2 if B == 2 else 4 if B <= 4 else 8
+        if Bk != B:
+            xj = torch.nn.functional.pad(xj, (0, 0, 0, Bk - B))
+        xj = xj.contiguous()
+        res = torch.empty((n, Bk), dtype=torch.float32)
+        if method == "tables":
+            tab = torch.empty((K, Q, Bk), dtype=torch.float32)
+            _C.lut_build_tables_cpu(xj.data_ptr(), K * d, af.data_ptr(), Bk, K, d, Q, tab.data_ptr())
+            _C.lut_gemv_tables_cpu(W.idx.data_ptr(), ib, W.T.data_ptr(), scales.data_ptr(), scales.numel(), 0,
+                                   tab.data_ptr(), n, K, M, Q, c.q, Bk, res.data_ptr())
+        else:
+            xh = (xj / h).contiguous()  # exact (h is 1 or 2)
+            _C.lut_gemv_codebook_cpu(W.idx.data_ptr(), ib, W.T.data_ptr(), scales.data_ptr(), 0, ai8.data_ptr(), d,
+                                     xh.data_ptr(), K * d, n, K, M, c.q, Bk, res.data_ptr())
+        out[j0 : j0 + B] = res[:, :B].T
+    return out
