@@ -78,7 +78,9 @@ def load_data(name: str, seed: int):
 
 def make_model(d_in: int, hidden: int, seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+    return nn.Sequential(
+        nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10)
+    )
 
 
 class ByteCounter:
@@ -186,8 +188,11 @@ def run_method(rank, W, ds, seed, method, data, steps, batch, lr, hidden, counte
     res["max_param_diff_across_ranks"] = max(float((g - gathered[0]).abs().max()) for g in gathered)
     res.update(dataset=ds, seed=seed, steps=steps)
     if rank == 0:
-        print(f"[{ds} seed {seed}] {method:18s} acc={res['test_accuracy']:.4f} bytes/step={res['bytes_per_step']:.0f} "
-              f"step={res['step_time_ms_median']:.2f} ms", flush=True)
+        print(
+            f"[{ds} seed {seed}] {method:18s} acc={res['test_accuracy']:.4f} bytes/step={res['bytes_per_step']:.0f} "
+            f"step={res['step_time_ms_median']:.2f} ms",
+            flush=True,
+        )
     return res
 
 

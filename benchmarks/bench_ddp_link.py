@@ -92,8 +92,12 @@ def _register(ddp, method: str):
         ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
         return None
     if method.startswith("powersgd-r"):
-        st = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=int(method[len("powersgd-r"):]),
-                                         start_powerSGD_iter=START_ITER, random_seed=0)
+        st = powerSGD_hook.PowerSGDState(
+            process_group=None,
+            matrix_approximation_rank=int(method[len("powersgd-r") :]),
+            start_powerSGD_iter=START_ITER,
+            random_seed=0,
+        )
         ddp.register_comm_hook(st, powerSGD_hook.powerSGD_hook)
         return st
     kw = dict(error_feedback=True, start_iter=START_ITER)
@@ -187,8 +191,13 @@ def worker_main(rank: int, W: int, master: str, cfg: dict, iface: str | None, ou
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://{master}:{cfg['port']}", rank=rank, world_size=W,
-                            timeout=datetime.timedelta(seconds=cfg["timeout"]))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://{master}:{cfg['port']}",
+        rank=rank,
+        world_size=W,
+        timeout=datetime.timedelta(seconds=cfg["timeout"]),
+    )
     counter = _ByteCounter(W)
     try:
         for seed in cfg["seeds"]:
@@ -206,9 +215,12 @@ def worker_main(rank: int, W: int, master: str, cfg: dict, iface: str | None, ou
                 with open(outfile, "a") as f:
                     f.write(json.dumps(res) + "\n")
                 if rank == 0:
-                    print(f"[{cfg['link']} W={W} seed {seed}] {method:20s} acc={res['final_accuracy']:.4f} "
-                          f"step={res['step_time_ms_median']:.1f} ms model={res['model_bytes_per_step']:.0f} B "
-                          f"wire_tx={res.get('wire_tx_per_step', float('nan')):.0f} B", flush=True)
+                    print(
+                        f"[{cfg['link']} W={W} seed {seed}] {method:20s} acc={res['final_accuracy']:.4f} "
+                        f"step={res['step_time_ms_median']:.1f} ms model={res['model_bytes_per_step']:.0f} B "
+                        f"wire_tx={res.get('wire_tx_per_step', float('nan')):.0f} B",
+                        flush=True,
+                    )
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -245,8 +257,17 @@ def run_group(link: str, W: int, cfg: dict, outfile: Path, delay_ms: float, time
     env = dict(os.environ, OMP_NUM_THREADS="1", COSET_NUM_THREADS=str(cfg["codec_threads"]))
 
     def argv(rank, master, iface):
-        return [sys.executable, str(Path(__file__).resolve()), "--worker", str(rank), str(W), master,
-                str(cfgfile), iface or "", str(outfile)]
+        return [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--worker",
+            str(rank),
+            str(W),
+            master,
+            str(cfgfile),
+            iface or "",
+            str(outfile),
+        ]
 
     try:
         if link == "loopback":
@@ -301,21 +322,29 @@ def summarize(rows: list[dict], target: float) -> list[dict]:
         reached = [t for t in ttt if t is not None]
         tx = [r["wire_tx_per_step"] for r in rs if "wire_tx_per_step" in r]
         rx = [r["wire_rx_per_step"] for r in rs if "wire_rx_per_step" in r]
-        out.append({
-            "link": link, "world_size": W, "method": m, "seeds": sorted(r["seed"] for r in r0),
-            "acc_mean": statistics.mean(accs), "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            "accs": accs,
-            "step_ms": statistics.median(r["step_time_ms_median"] for r in r0),
-            "ttt_s": statistics.median(reached) if len(reached) == len(ttt) else None,
-            "ttt_reached": f"{len(reached)}/{len(ttt)}",
-            "wire_tx": statistics.mean(tx) if tx else None, "wire_rx": statistics.mean(rx) if rx else None,
-            "model_bytes": statistics.mean(r["model_bytes_per_step"] for r in rs),
-            "fp32_model": r0[0]["fp32_model_bytes_per_step"],
-            "identical": all(r["ranks_identical"] for r in rs),
-            "max_diff": max(r["max_param_diff_across_ranks"] for r in rs),
-            "native_buckets": max(r.get("native_buckets", 0) for r in rs),
-            "numel": r0[0]["numel"], "steps": r0[0]["steps"],
-        })
+        out.append(
+            {
+                "link": link,
+                "world_size": W,
+                "method": m,
+                "seeds": sorted(r["seed"] for r in r0),
+                "acc_mean": statistics.mean(accs),
+                "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                "accs": accs,
+                "step_ms": statistics.median(r["step_time_ms_median"] for r in r0),
+                "ttt_s": statistics.median(reached) if len(reached) == len(ttt) else None,
+                "ttt_reached": f"{len(reached)}/{len(ttt)}",
+                "wire_tx": statistics.mean(tx) if tx else None,
+                "wire_rx": statistics.mean(rx) if rx else None,
+                "model_bytes": statistics.mean(r["model_bytes_per_step"] for r in rs),
+                "fp32_model": r0[0]["fp32_model_bytes_per_step"],
+                "identical": all(r["ranks_identical"] for r in rs),
+                "max_diff": max(r["max_param_diff_across_ranks"] for r in rs),
+                "native_buckets": max(r.get("native_buckets", 0) for r in rs),
+                "numel": r0[0]["numel"],
+                "steps": r0[0]["steps"],
+            }
+        )
     return out
 
 
@@ -336,8 +365,8 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
         "on every host's egress and every switch port; `loopback` = 127.0.0.1, no namespaces, unshaped.",
         f"Machine: {meta['machine']}, torch {meta['torch']}. **Load:** {meta['load']}",
         "",
-        f"* step = median wall time of forward + backward (incl. hook and communication) + optimizer, rank 0, "
-        f"median over seeds.",
+        "* step = median wall time of forward + backward (incl. hook and communication) + optimizer, rank 0, "
+        "median over seeds.",
         f"* time to {100 * target:.0f}% = cumulative training wall-clock (evaluation excluded) until the test accuracy "
         "first reaches the target (evaluated every "
         f"{meta['eval_every']} steps); median over seeds, `—` if a seed never reached it.",
@@ -349,10 +378,13 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
         for W in sorted({s["world_size"] for s in summ if s["link"] == link}):
             ss = [s for s in summ if s["link"] == link and s["world_size"] == W]
             base = next((s for s in ss if s["method"] == "fp32"), None)
-            L += [f"## {link}, {W} ranks ({ss[0]['steps']} steps, seeds {sorted({x for q in ss for x in q['seeds']})})", "",
-                  f"| method | step (ms) | time to {100 * target:.0f}% (s) | vs fp32 | final acc (%) | Δ acc vs fp32 | "
-                  "wire tx / step | wire rx / step | model / step | fp32 / wire tx | ranks identical |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+            L += [
+                f"## {link}, {W} ranks ({ss[0]['steps']} steps, seeds {sorted({x for q in ss for x in q['seeds']})})",
+                "",
+                f"| method | step (ms) | time to {100 * target:.0f}% (s) | vs fp32 | final acc (%) | Δ acc vs fp32 | "
+                "wire tx / step | wire rx / step | model / step | fp32 / wire tx | ranks identical |",
+                "|---|---|---|---|---|---|---|---|---|---|---|",
+            ]
             for s in ss:
                 rel = (s["ttt_s"] / base["ttt_s"]) if (base and base["ttt_s"] and s["ttt_s"]) else None
                 dacc = s["acc_mean"] - base["acc_mean"] if base else None
@@ -386,9 +418,11 @@ def _targets(summ: list[dict]) -> list[str]:
             rel = s["ttt_s"] / f32["ttt_s"] if s["ttt_s"] else None
             below16 = bool(s["ttt_s"] and f16 and f16["ttt_s"] and s["ttt_s"] < f16["ttt_s"])
             dacc = s["acc_mean"] - f32["acc_mean"]
-            line(rel is not None and rel <= 0.4 and below16 and abs(dacc) <= 1.0,
-                 f"100 Mbit/s {m}: time to target {_fmt(rel, '.2f')}x fp32 (<= 0.4x), "
-                 f"{'below' if below16 else 'NOT below'} fp16, final accuracy {dacc:+.2f} points vs fp32 (within 1)")
+            line(
+                rel is not None and rel <= 0.4 and below16 and abs(dacc) <= 1.0,
+                f"100 Mbit/s {m}: time to target {_fmt(rel, '.2f')}x fp32 (<= 0.4x), "
+                f"{'below' if below16 else 'NOT below'} fp16, final accuracy {dacc:+.2f} points vs fp32 (within 1)",
+            )
     else:
         out.append("* 100 Mbit/s: no fp32 time-to-target yet")
     g16 = by.get(("1gbit", 2, "fp16"))
@@ -398,33 +432,46 @@ def _targets(summ: list[dict]) -> list[str]:
             if s:
                 faster = s["step_ms"] < g16["step_ms"]
                 t_ok = bool(s["ttt_s"] and g16["ttt_s"] and s["ttt_s"] < g16["ttt_s"])
-                line(faster and t_ok, f"1 Gbit/s {m}: step {s['step_ms']:.0f} ms vs fp16 {g16['step_ms']:.0f} ms; "
-                     f"time to target {_fmt(s['ttt_s'], '.1f')} s vs fp16 {_fmt(g16['ttt_s'], '.1f')} s")
+                line(
+                    faster and t_ok,
+                    f"1 Gbit/s {m}: step {s['step_ms']:.0f} ms vs fp16 {g16['step_ms']:.0f} ms; "
+                    f"time to target {_fmt(s['ttt_s'], '.1f')} s vs fp16 {_fmt(g16['ttt_s'], '.1f')} s",
+                )
     lb = by.get(("loopback", 2, "fp32"))
     if lb:
         for m in hnlq:
             s = by.get(("loopback", 2, m))
             if s:
                 r = s["step_ms"] / lb["step_ms"]
-                line(r <= 1.2, f"loopback {m} (native codec, {s['native_buckets']} native buckets): step "
-                     f"{s['step_ms']:.0f} ms = {r:.2f}x fp32 all-reduce ({lb['step_ms']:.0f} ms; target <= 1.2x)")
+                line(
+                    r <= 1.2,
+                    f"loopback {m} (native codec, {s['native_buckets']} native buckets): step "
+                    f"{s['step_ms']:.0f} ms = {r:.2f}x fp32 all-reduce ({lb['step_ms']:.0f} ms; target <= 1.2x)",
+                )
     for link in dict.fromkeys(s["link"] for s in summ):
         Ws = sorted({s["world_size"] for s in summ if s["link"] == link})
         if len(Ws) < 2:
             continue
-        out += ["", f"### Bytes per rank vs world size ({link}, wire tx per rank per step)", "",
-                "| method | " + " | ".join(f"W={w}" for w in Ws) + f" | W={Ws[-1]} / W={Ws[0]} | "
-                "ring-model factor 2(W-1)/W | fp32 / method at the largest W |",
-                "|---|" + "---|" * (len(Ws) + 3)]
+        out += [
+            "",
+            f"### Bytes per rank vs world size ({link}, wire tx per rank per step)",
+            "",
+            "| method | " + " | ".join(f"W={w}" for w in Ws) + f" | W={Ws[-1]} / W={Ws[0]} | "
+            "ring-model factor 2(W-1)/W | fp32 / method at the largest W |",
+            "|---|" + "---|" * (len(Ws) + 3),
+        ]
         for m in dict.fromkeys(s["method"] for s in summ if s["link"] == link):
             vals = [by.get((link, w, m)) for w in Ws]
             if any(v is None or v["wire_tx"] is None for v in vals):
                 continue
             fp = by.get((link, Ws[-1], "fp32"))
             ring = (2 * (Ws[-1] - 1) / Ws[-1]) / (2 * (Ws[0] - 1) / Ws[0])
-            out.append(f"| {m} | " + " | ".join(f"{v['wire_tx']:,.0f}" for v in vals) +
-                       f" | {vals[-1]['wire_tx'] / vals[0]['wire_tx']:.2f}x | {ring:.2f}x | "
-                       f"{_fmt(fp['wire_tx'] / vals[-1]['wire_tx'] if fp and fp['wire_tx'] else None, '.2f')}x |")
+            out.append(
+                f"| {m} | "
+                + " | ".join(f"{v['wire_tx']:,.0f}" for v in vals)
+                + f" | {vals[-1]['wire_tx'] / vals[0]['wire_tx']:.2f}x | {ring:.2f}x | "
+                f"{_fmt(fp['wire_tx'] / vals[-1]['wire_tx'] if fp and fp['wire_tx'] else None, '.2f')}x |"
+            )
     out.append("")
     return out
 
@@ -439,7 +486,7 @@ def plot(rows: list[dict], path: Path) -> None:
     if not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-    for ax, (link, W) in zip(axes[0], panels):
+    for ax, (link, W) in zip(axes[0], panels, strict=False):
         for m in dict.fromkeys(r["method"] for r in rows):
             rs = [r for r in rows if r["rank"] == 0 and r["link"] == link and r["world_size"] == W and r["method"] == m]
             if not rs:
@@ -462,8 +509,9 @@ def write_report(out: Path, name: str, meta: dict, inputs: list[Path] | None = N
     for jl in inputs or [out / f"{name}.jsonl"]:
         if jl.exists():
             rows += [json.loads(line) for line in jl.read_text().splitlines() if line.strip()]
-    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "summary": summarize(rows, meta["target_accuracy"]),
-                                                  "runs": rows}, indent=1))
+    (out / f"{name}.json").write_text(
+        json.dumps({"meta": meta, "summary": summarize(rows, meta["target_accuracy"]), "runs": rows}, indent=1)
+    )
     (out / f"{name}.md").write_text(to_markdown(rows, meta))
     try:
         plot(rows, out / f"{name}.png")
@@ -477,7 +525,9 @@ def main(argv=None) -> int:
         worker_main(int(rank), int(W), master, json.loads(Path(cfgfile).read_text()), iface or None, outfile)
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--links", default="loopback,1gbit,100mbit", help="comma list: loopback, or tc rates (1gbit, 100mbit)")
+    ap.add_argument(
+        "--links", default="loopback,1gbit,100mbit", help="comma list: loopback, or tc rates (1gbit, 100mbit)"
+    )
     ap.add_argument("--world-sizes", default="2")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--seeds", default="0,1,2")
@@ -507,28 +557,47 @@ def main(argv=None) -> int:
     import torch
 
     meta = {
-        "torch": torch.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "hidden": a.hidden, "lr": a.lr, "batch": a.batch, "steps": a.steps, "seeds": a.seeds,
-        "eval_every": a.eval_every, "target_accuracy": a.target, "delay_ms": a.delay_ms,
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "hidden": a.hidden,
+        "lr": a.lr,
+        "batch": a.batch,
+        "steps": a.steps,
+        "seeds": a.seeds,
+        "eval_every": a.eval_every,
+        "target_accuracy": a.target,
+        "delay_ms": a.delay_ms,
         "load": a.load or f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (shared machine)",
-        "codec_threads": a.codec_threads, "bucket_cap_mb": a.bucket_cap_mb,
+        "codec_threads": a.codec_threads,
+        "bucket_cap_mb": a.bucket_cap_mb,
     }
     meta_file = out / f"{a.name}.meta.json"
     if a.report_only:
         if a.load:
             meta["load"] = a.load
         inputs = [Path(p) for p in a.inputs.split(",") if p] or None
-        write_report(out, a.name, json.loads(meta_file.read_text()) if meta_file.exists() and not inputs else meta,
-                     inputs)
+        write_report(
+            out, a.name, json.loads(meta_file.read_text()) if meta_file.exists() and not inputs else meta, inputs
+        )
         print((out / f"{a.name}.md").read_text())
         return 0
     if any(x != "loopback" for x in links) and netns_unavailable_reason():
         print(f"shaped links skipped: {netns_unavailable_reason()}", file=sys.stderr)
         links = [x for x in links if x == "loopback"]
     meta_file.write_text(json.dumps(meta))
-    cfg = {"methods": methods, "seeds": [int(s) for s in a.seeds.split(",") if s], "steps": a.steps,
-           "hidden": a.hidden, "batch": a.batch, "lr": a.lr, "eval_every": a.eval_every, "port": PORT,
-           "timeout": 600, "codec_threads": a.codec_threads, "bucket_cap_mb": a.bucket_cap_mb}
+    cfg = {
+        "methods": methods,
+        "seeds": [int(s) for s in a.seeds.split(",") if s],
+        "steps": a.steps,
+        "hidden": a.hidden,
+        "batch": a.batch,
+        "lr": a.lr,
+        "eval_every": a.eval_every,
+        "port": PORT,
+        "timeout": 600,
+        "codec_threads": a.codec_threads,
+        "bucket_cap_mb": a.bucket_cap_mb,
+    }
     for link in links:
         for W in (int(w) for w in a.world_sizes.split(",") if w):
             t0 = time.time()

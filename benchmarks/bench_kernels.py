@@ -50,9 +50,15 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--n", type=int, default=1_000_000, help="number of scalars / 4 for the quantize tests")
     args = ap.parse_args()
-    out = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}".strip(", "),
-           "torch": torch.__version__, "isa": _C.fast_path_isa(), "command": " ".join(["python"] + sys.argv),
-           "load_avg": os.getloadavg(), "quant": [], "gemv": []}
+    out = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}".strip(", "),
+        "torch": torch.__version__,
+        "isa": _C.fast_path_isa(),
+        "command": " ".join(["python"] + sys.argv),
+        "load_avg": os.getloadavg(),
+        "quant": [],
+        "gemv": [],
+    }
     g = torch.Generator().manual_seed(0)
     for lat in ("D4", "E8"):
         cfg = QuantizationConfig(lattice_type=lat, q=4, M=2, beta=0.25)
@@ -80,35 +86,54 @@ def main() -> None:
             CW = CodedWeight.from_dense(W, cfg)
             for B in (1, 8):
                 xq = torch.randn(B, k, generator=g)
-                row = {"lattice": lat, "q": q, "M": M, "n": n, "k": k, "B": B, "code_bytes": CW.nbytes,
-                       "fp32_bytes": W.numel() * 4,
-                       "lut_gemv": both(lambda: lut_gemv(xq, CW), args.reps),
-                       "linear": both(lambda: F.linear(xq, W), args.reps)}
+                row = {
+                    "lattice": lat,
+                    "q": q,
+                    "M": M,
+                    "n": n,
+                    "k": k,
+                    "B": B,
+                    "code_bytes": CW.nbytes,
+                    "fp32_bytes": W.numel() * 4,
+                    "lut_gemv": both(lambda: lut_gemv(xq, CW), args.reps),
+                    "linear": both(lambda: F.linear(xq, W), args.reps),
+                }
                 out["gemv"].append(row)
                 print(row, flush=True)
             del W, CW
     res = Path(__file__).parent / "results"
     (res / "kernels.json").write_text(json.dumps(out, indent=1))
-    L = [f"# Native kernels (issue 14)\n",
-         f"Machine: {out['machine']}; torch {out['torch']}; fast path ISA {out['isa']}; load average at start "
-         f"{out['load_avg'][0]:.1f} (shared machine). Command: `uv run {out['command']}`.\n",
-         "CPU = process CPU s, 1 thread everywhere; wall = wall s, 2 threads; minimum of the repetitions.\n",
-         "| lattice | op | CPU (ms) | wall (ms) | CPU ratio to fake_quantize | wall ratio |",
-         "|---|---|---:|---:|---:|---:|"]
+    L = [
+        "# Native kernels (issue 14)\n",
+        f"Machine: {out['machine']}; torch {out['torch']}; fast path ISA {out['isa']}; load average at start "
+        f"{out['load_avg'][0]:.1f} (shared machine). Command: `uv run {out['command']}`.\n",
+        "CPU = process CPU s, 1 thread everywhere; wall = wall s, 2 threads; minimum of the repetitions.\n",
+        "| lattice | op | CPU (ms) | wall (ms) | CPU ratio to fake_quantize | wall ratio |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for r in out["quant"]:
         fq = r["fake_quantize"]
         for op in ("quantize", "quantize_float64_kernels", "encode", "decode", "fake_quantize", "clone"):
             c, w = r[op]
-            L.append(f"| {r['lattice']} | {op} | {c*1e3:.2f} | {w*1e3:.2f} | {c/fq[0]:.2f}x | {w/fq[1]:.2f}x |")
-    L += ["", "decode bandwidth fraction of clone (same bytes written; CPU / wall): " + ", ".join(
-        f"{r['lattice']} {r['clone'][0]/r['decode'][0]:.2f} / {r['clone'][1]/r['decode'][1]:.2f}" for r in out["quant"]), "",
-          "| lattice | q | M | n x k | B | codes MiB | fp32 MiB | lut_gemv CPU (ms) | F.linear CPU (ms) | speedup CPU | lut_gemv wall | F.linear wall | speedup wall |",
-          "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            L.append(f"| {r['lattice']} | {op} | {c * 1e3:.2f} | {w * 1e3:.2f} | {c / fq[0]:.2f}x | {w / fq[1]:.2f}x |")
+    L += [
+        "",
+        "decode bandwidth fraction of clone (same bytes written; CPU / wall): "
+        + ", ".join(
+            f"{r['lattice']} {r['clone'][0] / r['decode'][0]:.2f} / {r['clone'][1] / r['decode'][1]:.2f}"
+            for r in out["quant"]
+        ),
+        "",
+        "| lattice | q | M | n x k | B | codes MiB | fp32 MiB | lut_gemv CPU (ms) | F.linear CPU (ms) | speedup CPU | lut_gemv wall | F.linear wall | speedup wall |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in out["gemv"]:
         lc, lw = r["lut_gemv"]
         fc, fw = r["linear"]
-        L.append(f"| {r['lattice']} | {r['q']} | {r['M']} | {r['n']}x{r['k']} | {r['B']} | {r['code_bytes']/2**20:.1f} | "
-                 f"{r['fp32_bytes']/2**20:.0f} | {lc*1e3:.2f} | {fc*1e3:.2f} | {fc/lc:.2f}x | {lw*1e3:.2f} | {fw*1e3:.2f} | {fw/lw:.2f}x |")
+        L.append(
+            f"| {r['lattice']} | {r['q']} | {r['M']} | {r['n']}x{r['k']} | {r['B']} | {r['code_bytes'] / 2**20:.1f} | "
+            f"{r['fp32_bytes'] / 2**20:.0f} | {lc * 1e3:.2f} | {fc * 1e3:.2f} | {fc / lc:.2f}x | {lw * 1e3:.2f} | {fw * 1e3:.2f} | {fw / lw:.2f}x |"
+        )
     (res / "kernels.md").write_text("\n".join(L) + "\n")
 
 

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
+from coset.lut import EncodedMatrix, lut_matmul, lut_matmul_one_sided
 from coset.quant import QuantizationConfig, decode, from_blocks
 from coset.quant.backend import select_backend
-from coset.lut import EncodedMatrix, lut_matmul, lut_matmul_one_sided
 
 OUT = Path(__file__).resolve().parent / "results"
 
@@ -55,11 +55,22 @@ def random_codes(n: int, k: int, config: QuantizationConfig, seed: int) -> Encod
     return E
 
 
-METHODS = ("lut_one_sided", "lut_two_sided", "lut_one_sided_torch", "lut_two_sided_torch",
-           "decode_matmul", "dequant_matmul", "dense_matmul")
+METHODS = (
+    "lut_one_sided",
+    "lut_two_sided",
+    "lut_one_sided_torch",
+    "lut_two_sided_torch",
+    "decode_matmul",
+    "dequant_matmul",
+    "dense_matmul",
+)
 LABELS = {
-    "lut_one_sided": "one-sided auto", "lut_two_sided": "two-sided auto", "lut_one_sided_torch": "one-sided torch",
-    "lut_two_sided_torch": "two-sided torch", "decode_matmul": "decode+matmul", "dequant_matmul": "dequant+matmul",
+    "lut_one_sided": "one-sided auto",
+    "lut_two_sided": "two-sided auto",
+    "lut_one_sided_torch": "one-sided torch",
+    "lut_two_sided_torch": "two-sided torch",
+    "decode_matmul": "decode+matmul",
+    "dequant_matmul": "dequant+matmul",
 }
 SKIP_SECONDS = 20.0  # a run predicted (from the same k, m at smaller n) to take longer is skipped
 
@@ -89,7 +100,8 @@ def main() -> None:
             be_dec = select_backend("auto", "decode", X.labels.reshape(-1, 2, 4), config.lattice, config)
             t_decode = timeit(
                 lambda: from_blocks(decode(X.labels, config=config, T=X.T, dtype=torch.float32), X.pad),
-                budget=0.5, max_reps=3,
+                budget=0.5,
+                max_reps=3,
             )
             Wf = from_blocks(decode(X.labels, config=config, T=X.T, dtype=torch.float32), X.pad)
             t_dequant = timeit(lambda: X.dequantize(), budget=0.5, max_reps=3)
@@ -142,8 +154,13 @@ def main() -> None:
                 )
             del X, Wf
     meta = dict(
-        lattice="D4", q=4, M=2, torch=torch.__version__, threads=torch.get_num_threads(),
-        machine=platform.machine(), processor=platform.processor() or platform.platform(),
+        lattice="D4",
+        q=4,
+        M=2,
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        machine=platform.machine(),
+        processor=platform.processor() or platform.platform(),
         timing="min over up to 5 repeats, milliseconds in the .md, seconds in the .json; "
         "decode_matmul / dequant_matmul = one decode of X + the dense matmul",
         skipped=f"null = not run: predicted > {SKIP_SECONDS:.0f} s from the same k, m at smaller n",
@@ -174,16 +191,26 @@ def write_md(name: str, meta: dict, records: list, ms: list) -> None:
         best = LABELS[min(cands, key=cands.get)]
         lines.append(
             f"| {r['n']} | {r['k']} | {r['m']} | "
-            + " | ".join(_ms(r[a]) for a in ("lut_one_sided", "lut_one_sided_torch", "lut_two_sided",
-                                              "lut_two_sided_torch", "decode_matmul", "dequant_matmul",
-                                              "dense_matmul"))
+            + " | ".join(
+                _ms(r[a])
+                for a in (
+                    "lut_one_sided",
+                    "lut_one_sided_torch",
+                    "lut_two_sided",
+                    "lut_two_sided_torch",
+                    "decode_matmul",
+                    "dequant_matmul",
+                    "dense_matmul",
+                )
+            )
             + f" | {best} |"
         )
     lines += ["", "Decode of X alone (once per matrix):", ""]
     lines += [
         f"- n={r['n']} k={r['k']}: coset.quant.decode {_ms(r['decode_only'])} ms, "
         f"EncodedMatrix.dequantize {_ms(r['dequant_only'])} ms"
-        for r in records if r["m"] == ms[0]
+        for r in records
+        if r["m"] == ms[0]
     ]
     lines += [
         "",

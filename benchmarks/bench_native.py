@@ -74,14 +74,28 @@ def bench_lattice(name: str, n: int, reps: int, ref_reps: int) -> dict:
     beta = 0.25
     cfg = cfg0.replace(beta=beta)
     b, T = encode(x, config=cfg, backend="native")
-    r = {"lattice": name, "q": 4, "M": 2, "n_vectors": n, "dtype": "float32", "beta": beta,
-         "beta_mse_calibrated": beta_mse, "frac_T_gt_0": float((T > 0).float().mean())}
+    r = {
+        "lattice": name,
+        "q": 4,
+        "M": 2,
+        "n_vectors": n,
+        "dtype": "float32",
+        "beta": beta,
+        "beta_mse_calibrated": beta_mse,
+        "frac_T_gt_0": float((T > 0).float().mean()),
+    }
     ops = (
         ("encode", lambda: encode(x, config=cfg, backend="native"), lambda: encode(x, config=cfg, backend="torch")),
-        ("decode", lambda: decode(b, config=cfg, T=T, backend="native"),
-         lambda: decode(b, config=cfg, T=T, backend="torch")),
-        ("quantize", lambda: quantize(x, config=cfg, backend="native"),
-         lambda: quantize(x, config=cfg, backend="torch")),
+        (
+            "decode",
+            lambda: decode(b, config=cfg, T=T, backend="native"),
+            lambda: decode(b, config=cfg, T=T, backend="torch"),
+        ),
+        (
+            "quantize",
+            lambda: quantize(x, config=cfg, backend="native"),
+            lambda: quantize(x, config=cfg, backend="torch"),
+        ),
     )
     for op, f_nat, f_ref in ops:
         with one_thread():
@@ -89,9 +103,16 @@ def bench_lattice(name: str, n: int, reps: int, ref_reps: int) -> dict:
             c_ref = cputime(f_ref, ref_reps)
         w_nat = timeit(f_nat, reps)
         w_ref = timeit(f_ref, ref_reps)
-        r[op] = {"native_cpu_s_1thread": c_nat, "torch_ref_cpu_s_1thread": c_ref, "speedup_cpu": c_ref / c_nat,
-                 "native_wall_s": w_nat, "torch_ref_wall_s": w_ref, "speedup_wall": w_ref / w_nat,
-                 "native_Mvec_per_s_wall": n / w_nat / 1e6, "native_ns_per_vec_cpu": c_nat / n * 1e9}
+        r[op] = {
+            "native_cpu_s_1thread": c_nat,
+            "torch_ref_cpu_s_1thread": c_ref,
+            "speedup_cpu": c_ref / c_nat,
+            "native_wall_s": w_nat,
+            "torch_ref_wall_s": w_ref,
+            "speedup_wall": w_ref / w_nat,
+            "native_Mvec_per_s_wall": n / w_nat / 1e6,
+            "native_ns_per_vec_cpu": c_nat / n * 1e9,
+        }
     fq = lambda: torch.fake_quantize_per_tensor_affine(x, 0.05, 128, 0, 255)  # noqa: E731
     cl = lambda: x.clone()  # noqa: E731
     with one_thread():
@@ -109,41 +130,57 @@ def bench_lattice(name: str, n: int, reps: int, ref_reps: int) -> dict:
     r["quantize_bandwidth_fraction_wall"] = r["quantize_GBps_wall"] / r["clone_GBps_wall"]
     r["encode_bandwidth_fraction_wall"] = bytes_e / r["encode"]["native_wall_s"] / 1e9 / r["clone_GBps_wall"]
     r["quantize_bandwidth_fraction_cpu"] = (bytes_q / r["quantize"]["native_cpu_s_1thread"]) / (
-        bytes_clone / r["clone_cpu_s_1thread"])
+        bytes_clone / r["clone_cpu_s_1thread"]
+    )
     return r
 
 
 def to_md(res: dict) -> str:
-    lines = ["# coset.cuda native kernels (CPU) vs the PyTorch reference", "",
-             f"Machine: {res['machine']}; torch {res['torch']}; CUDA kernels compiled: {res['with_cuda']}, "
-             f"GPU present: {res['cuda_available']}. 1e6 float32 N(0,1) vectors, q=4, M=2, beta=0.25.", "",
-             "CPU = process CPU seconds with 1 thread for everything (robust to the other jobs on this shared "
-             "2-core machine); wall = wall-clock seconds with 2 threads, minimum over repetitions (noisy).", "",
-             "| lattice | op | native CPU (s) | ref CPU (s) | speedup CPU | native ns/vec | native wall (s) | "
-             "ref wall (s) | speedup wall |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# coset.cuda native kernels (CPU) vs the PyTorch reference",
+        "",
+        f"Machine: {res['machine']}; torch {res['torch']}; CUDA kernels compiled: {res['with_cuda']}, "
+        f"GPU present: {res['cuda_available']}. 1e6 float32 N(0,1) vectors, q=4, M=2, beta=0.25.",
+        "",
+        "CPU = process CPU seconds with 1 thread for everything (robust to the other jobs on this shared "
+        "2-core machine); wall = wall-clock seconds with 2 threads, minimum over repetitions (noisy).",
+        "",
+        "| lattice | op | native CPU (s) | ref CPU (s) | speedup CPU | native ns/vec | native wall (s) | "
+        "ref wall (s) | speedup wall |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in res["lattices"]:
         for op in ("encode", "decode", "quantize"):
             o = r[op]
-            lines.append(f"| {r['lattice']} | {op} | {o['native_cpu_s_1thread']:.4f} | {o['torch_ref_cpu_s_1thread']:.3f} | "
-                         f"{o['speedup_cpu']:.1f}x | {o['native_ns_per_vec_cpu']:.0f} | {o['native_wall_s']:.4f} | "
-                         f"{o['torch_ref_wall_s']:.3f} | {o['speedup_wall']:.1f}x |")
-    lines += ["", "| lattice | frac T>0 | fake_quantize CPU (s) | quantize / fake_quantize CPU | wall | "
-              "clone CPU (s) | clone wall (s) | clone GB/s wall | quantize GB/s wall | bandwidth fraction quantize "
-              "(wall / CPU) | encode (wall) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {r['lattice']} | {op} | {o['native_cpu_s_1thread']:.4f} | {o['torch_ref_cpu_s_1thread']:.3f} | "
+                f"{o['speedup_cpu']:.1f}x | {o['native_ns_per_vec_cpu']:.0f} | {o['native_wall_s']:.4f} | "
+                f"{o['torch_ref_wall_s']:.3f} | {o['speedup_wall']:.1f}x |"
+            )
+    lines += [
+        "",
+        "| lattice | frac T>0 | fake_quantize CPU (s) | quantize / fake_quantize CPU | wall | "
+        "clone CPU (s) | clone wall (s) | clone GB/s wall | quantize GB/s wall | bandwidth fraction quantize "
+        "(wall / CPU) | encode (wall) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in res["lattices"]:
-        lines.append(f"| {r['lattice']} | {r['frac_T_gt_0']:.3f} | {r['fake_quantize_cpu_s_1thread']:.5f} | "
-                     f"{r['quantize_vs_fake_quantize_cpu']:.1f}x | {r['quantize_vs_fake_quantize_wall']:.1f}x | "
-                     f"{r['clone_cpu_s_1thread']:.5f} | {r['clone_wall_s']:.5f} | {r['clone_GBps_wall']:.1f} | "
-                     f"{r['quantize_GBps_wall']:.2f} | {r['quantize_bandwidth_fraction_wall']:.3f} / "
-                     f"{r['quantize_bandwidth_fraction_cpu']:.3f} | {r['encode_bandwidth_fraction_wall']:.3f} |")
+        lines.append(
+            f"| {r['lattice']} | {r['frac_T_gt_0']:.3f} | {r['fake_quantize_cpu_s_1thread']:.5f} | "
+            f"{r['quantize_vs_fake_quantize_cpu']:.1f}x | {r['quantize_vs_fake_quantize_wall']:.1f}x | "
+            f"{r['clone_cpu_s_1thread']:.5f} | {r['clone_wall_s']:.5f} | {r['clone_GBps_wall']:.1f} | "
+            f"{r['quantize_GBps_wall']:.2f} | {r['quantize_bandwidth_fraction_wall']:.3f} / "
+            f"{r['quantize_bandwidth_fraction_cpu']:.3f} | {r['encode_bandwidth_fraction_wall']:.3f} |"
+        )
     d4 = res["lattices"][0]
     sp = d4["quantize"]["speedup_cpu"]
     fq = d4["quantize_vs_fake_quantize_cpu"]
-    lines += ["", f"Targets (D4 q=4 M=2, CPU time): quantize speedup over the reference {sp:.1f}x "
-              f"(target >= 10x: {'met' if sp >= 10 else 'MISSED'}); quantize / fake_quantize {fq:.1f}x "
-              f"(target <= 2x: {'met' if fq <= 2 else 'MISSED'})."]
+    lines += [
+        "",
+        f"Targets (D4 q=4 M=2, CPU time): quantize speedup over the reference {sp:.1f}x "
+        f"(target >= 10x: {'met' if sp >= 10 else 'MISSED'}); quantize / fake_quantize {fq:.1f}x "
+        f"(target <= 2x: {'met' if fq <= 2 else 'MISSED'}).",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -73,14 +73,20 @@ def bench_step(n: int, batch: int, reps: int, every: int, threads: int) -> dict:
 
 
 def _md(res: dict) -> str:
-    out = ["# QAT benchmark (coset.nn)", "",
-           f"Machine: {res['machine']}; torch {res['torch']}; backends {res['backends']}; load average at start "
-           f"{res['load_average_at_start'][0]:.1f} (other jobs were running on the 2 cores, so times are inflated).",
-           ""]
+    out = [
+        "# QAT benchmark (coset.nn)",
+        "",
+        f"Machine: {res['machine']}; torch {res['torch']}; backends {res['backends']}; load average at start "
+        f"{res['load_average_at_start'][0]:.1f} (other jobs were running on the 2 cores, so times are inflated).",
+        "",
+    ]
     for s in res["step"]:
-        out += [f"## Training step, {s['shape'][0]}x{s['shape'][1]} layer, batch {s['batch']}, {s['threads']} threads",
-                "", "| layer | backend | quantize_every | ms/step | x nn.Linear | re-quantize ms |",
-                "|---|---|---|---|---|---|"]
+        out += [
+            f"## Training step, {s['shape'][0]}x{s['shape'][1]} layer, batch {s['batch']}, {s['threads']} threads",
+            "",
+            "| layer | backend | quantize_every | ms/step | x nn.Linear | re-quantize ms |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in s["rows"]:
             qe = "-" if r["quantize_every"] is None else r["quantize_every"]
             rq = f"{r['requantize_ms']:.1f}" if "requantize_ms" in r else "-"
@@ -88,10 +94,15 @@ def _md(res: dict) -> str:
         out.append("")
     for name, a in res.get("accuracy", {}).items():
         c = a["config"]
-        out += ["", f"## {name}: FP32 vs HNLQ QAT ({c['lattice_type']} q={c['q']} M={c['M']}), "
-                f"{a['epochs']} epochs, batch {a['batch_size']}, lr {a['lr']}, seed {a['seed']}", "",
-                "| variant | final test acc % | gap to FP32 (pts) | label bits/w | T bits/w | effective bits/w | "
-                "file bytes | weight blocks T>0 | act blocks T>0 | ms/step |", "|---|---|---|---|---|---|---|---|---|---|"]
+        out += [
+            "",
+            f"## {name}: FP32 vs HNLQ QAT ({c['lattice_type']} q={c['q']} M={c['M']}), "
+            f"{a['epochs']} epochs, batch {a['batch_size']}, lr {a['lr']}, seed {a['seed']}",
+            "",
+            "| variant | final test acc % | gap to FP32 (pts) | label bits/w | T bits/w | effective bits/w | "
+            "file bytes | weight blocks T>0 | act blocks T>0 | ms/step |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for v, e in a["variants"].items():
             gap = a.get("gap_points", {}).get(v, 0.0)
             step = f"{e['curves']['step_ms']:.2f}" if "curves" in e else "-"
@@ -101,11 +112,15 @@ def _md(res: dict) -> str:
             ck = e.get("compressed")
             lb = f"{ck['label_bits_per_weight']:.2f}" if ck else "-"
             tb = f"{8 * ck['T_bytes'] / ck['num_quantized_weights']:.2f}" if ck else "-"
-            out.append(f"| {v} | {e['final_test_acc']:.2f} | {gap:+.2f} | {lb} | {tb} | {e['bits_per_weight']:.2f} | "
-                       f"{e['size_bytes']} | {f(wo)} | {f(ao)} | {step} |")
+            out.append(
+                f"| {v} | {e['final_test_acc']:.2f} | {gap:+.2f} | {lb} | {tb} | {e['bits_per_weight']:.2f} | "
+                f"{e['size_bytes']} | {f(wo)} | {f(ao)} | {step} |"
+            )
         out.append("")
-        out.append("effective bits/w = (labels + T + float32 betas + JSON metadata) / quantized weights; file bytes "
-                   "also hold the float biases. PTQ = the trained fp32 weights quantized after training.")
+        out.append(
+            "effective bits/w = (labels + T + float32 betas + JSON metadata) / quantized weights; file bytes "
+            "also hold the float biases. PTQ = the trained fp32 weights quantized after training."
+        )
         out.append("")
         out.append(f"![curves](qat_{name}.png)")
     out.append("")
@@ -127,9 +142,12 @@ def main() -> None:
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    res = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads max, {platform.processor() or 'cpu'}",
-           "torch": torch.__version__, "backends": available_backends(),
-           "load_average_at_start": list(os.getloadavg())}
+    res = {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads max, {platform.processor() or 'cpu'}",
+        "torch": torch.__version__,
+        "backends": available_backends(),
+        "load_average_at_start": list(os.getloadavg()),
+    }
     print("== training step time")
     res["step"] = []
     for th in (int(t) for t in a.threads.split(",")):
@@ -149,8 +167,10 @@ def main() -> None:
             r["wall_seconds"] = time.perf_counter() - t0
             plot_curves(r, out / f"qat_{name}.png")
             for v, e in r["variants"].items():
-                print(f"  {v:<7} acc {e['final_test_acc']:6.2f}%  bits/w {e['bits_per_weight']:.2f}  "
-                      f"bytes {e['size_bytes']}")
+                print(
+                    f"  {v:<7} acc {e['final_test_acc']:6.2f}%  bits/w {e['bits_per_weight']:.2f}  "
+                    f"bytes {e['size_bytes']}"
+                )
             res["accuracy"][name] = r
     (out / "qat.json").write_text(json.dumps(res, indent=1, default=float))
     (out / "qat.md").write_text(_md(res))

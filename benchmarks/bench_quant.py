@@ -52,8 +52,16 @@ def main() -> None:
         # baseline: 4-bit per-tensor fake quantization of the same numbers
         step = 0.3401  # best step for N(0,1) at 4 bits (benchmarks/results/rd.md)
         fq = _time(lambda: torch.fake_quantize_per_tensor_affine(x_full, step, 8, 0, 15), args.repeats)
-        rows.append({"lattice": lat, "op": "fake_quantize_per_tensor_affine (4 bit)", "backend": "torch",
-                     "n": args.n, "seconds": fq, "vectors_per_s": args.n / fq})
+        rows.append(
+            {
+                "lattice": lat,
+                "op": "fake_quantize_per_tensor_affine (4 bit)",
+                "backend": "torch",
+                "n": args.n,
+                "seconds": fq,
+                "vectors_per_s": args.n / fq,
+            }
+        )
         print(f"{lat} fake_quant: {args.n / fq:.3e} vectors/s", flush=True)
         ref = None
         for be in backends:
@@ -72,11 +80,24 @@ def main() -> None:
             if be != "torch" and ref is None:
                 ref = xh
             for op, s in (("encode", te), ("decode", td), ("quantize", tq)):
-                rows.append({"lattice": lat, "op": op, "backend": be, "n": n, "seconds": s, "vectors_per_s": n / s,
-                             "mse": mse, "overload_rate": float((T > 0).double().mean()),
-                             "matches_first_backend": same})
-            print(f"{lat} {be}: encode {n / te:.3e}/s decode {n / td:.3e}/s quantize {n / tq:.3e}/s "
-                  f"MSE={mse:.4e} same-as-native={same}", flush=True)
+                rows.append(
+                    {
+                        "lattice": lat,
+                        "op": op,
+                        "backend": be,
+                        "n": n,
+                        "seconds": s,
+                        "vectors_per_s": n / s,
+                        "mse": mse,
+                        "overload_rate": float((T > 0).double().mean()),
+                        "matches_first_backend": same,
+                    }
+                )
+            print(
+                f"{lat} {be}: encode {n / te:.3e}/s decode {n / td:.3e}/s quantize {n / tq:.3e}/s "
+                f"MSE={mse:.4e} same-as-native={same}",
+                flush=True,
+            )
         rows.append({"lattice": lat, "op": "beta", "beta": cal["beta"], "mse_calibration": cal["mse"]})
     out = {
         "benchmark": "quant",
@@ -90,16 +111,23 @@ def main() -> None:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "quant.json").write_text(json.dumps(out, indent=2))
-    md = ["# HNLQ throughput (vectors/s)", "",
-          f"`uv run python benchmarks/bench_quant.py` -- {out['config']}; backends {backends}; torch {out['torch']}, "
-          f"{out['threads']} threads; {out['seconds']} s in all. One vector = d numbers (d = 4 for D4, 8 for E8); "
-          "fake_quantize is timed on the same n*d numbers. Best of repeats (the torch reference: one run).", "",
-          "| lattice | op | backend | n | vectors/s | seconds | MSE |", "|---|---|---|---|---|---|---|"]
+    md = [
+        "# HNLQ throughput (vectors/s)",
+        "",
+        f"`uv run python benchmarks/bench_quant.py` -- {out['config']}; backends {backends}; torch {out['torch']}, "
+        f"{out['threads']} threads; {out['seconds']} s in all. One vector = d numbers (d = 4 for D4, 8 for E8); "
+        "fake_quantize is timed on the same n*d numbers. Best of repeats (the torch reference: one run).",
+        "",
+        "| lattice | op | backend | n | vectors/s | seconds | MSE |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r["op"] == "beta":
             continue
-        md.append(f"| {r['lattice']} | {r['op']} | {r['backend']} | {r['n']:,} | {r['vectors_per_s']:.3e} | "
-                  f"{r['seconds']:.3f} | {r.get('mse', float('nan')):.4e} |")
+        md.append(
+            f"| {r['lattice']} | {r['op']} | {r['backend']} | {r['n']:,} | {r['vectors_per_s']:.3e} | "
+            f"{r['seconds']:.3f} | {r.get('mse', float('nan')):.4e} |"
+        )
     md += ["", "beta: " + ", ".join(f"{r['lattice']} {r['beta']:.4f}" for r in rows if r["op"] == "beta"), ""]
     (RESULTS / "quant.md").write_text("\n".join(md))
     print(f"wrote {RESULTS / 'quant.json'} and quant.md")

@@ -37,7 +37,7 @@ CODES = [
     ("E8", 4, 1, "2-bit"),
 ]
 ANCHORS_2BIT = {"QuIP# E8P (2 bit, paper value)": 0.091, "Lloyd-Max 2 bit (Max 1960)": 0.1175}
-ANCHORS_4BIT = {"Lloyd-Max 4 bit (Max 1960)": 0.009497, "Shannon D(R) = 2^-2R": 2.0 ** -8}
+ANCHORS_4BIT = {"Lloyd-Max 4 bit (Max 1960)": 0.009497, "Shannon D(R) = 2^-2R": 2.0**-8}
 
 
 def main() -> None:
@@ -56,21 +56,38 @@ def main() -> None:
             r["label"] = label
             r["seconds"] = round(time.time() - t, 1)
             rows.append(r)
-            print(f"{lat} q={q} M={M} centre={center}: beta={r['beta']:.4f} MSE={r['mse']:.4e} SNR={r['snr_db']:.2f} dB "
-                  f"H(T)={r['H_T']:.3f} R_eff={r['rate_effective']:.3f} adj SNR={r['snr_rate_adjusted_db']:.2f} dB "
-                  f"({r['seconds']} s)", flush=True)
+            print(
+                f"{lat} q={q} M={M} centre={center}: beta={r['beta']:.4f} MSE={r['mse']:.4e} SNR={r['snr_db']:.2f} dB "
+                f"H(T)={r['H_T']:.3f} R_eff={r['rate_effective']:.3f} adj SNR={r['snr_rate_adjusted_db']:.2f} dB "
+                f"({r['seconds']} s)",
+                flush=True,
+            )
     # fixed rate: no side information at all (T = 0 always, overloaded vectors clamped)
     fixed = []
     for lat, q, M in (("D4", 4, 2), ("E8", 4, 2), ("E8", 4, 1)):
-        r = hnlq_rd(lat, q, M, x=x, alpha=1 / 3, max_scaling_iterations=0,
-                    betas=[0.05 * 1.05**k for k in range(90)], objective="mse")
+        r = hnlq_rd(
+            lat,
+            q,
+            M,
+            x=x,
+            alpha=1 / 3,
+            max_scaling_iterations=0,
+            betas=[0.05 * 1.05**k for k in range(90)],
+            objective="mse",
+        )
         fixed.append(r)
-        print(f"fixed-rate {lat} q={q} M={M}: beta={r['beta']:.4f} MSE={r['mse']:.4e} SNR={r['snr_db']:.2f} dB "
-              f"clamped={r['clamp_rate']:.4f}", flush=True)
+        print(
+            f"fixed-rate {lat} q={q} M={M}: beta={r['beta']:.4f} MSE={r['mse']:.4e} SNR={r['snr_db']:.2f} dB "
+            f"clamped={r['clamp_rate']:.4f}",
+            flush=True,
+        )
     scal = {b: scalar_rd(b, x=x) for b in (2, 3, 4, 5)}
     for b, s in scal.items():
-        print(f"scalar {b} bit: uniform MSE={s['uniform']['mse']:.4e} SNR={s['uniform']['snr_db']:.2f} dB; "
-              f"fake_quant MSE={s['fake_quant']['mse']:.4e} SNR={s['fake_quant']['snr_db']:.2f} dB", flush=True)
+        print(
+            f"scalar {b} bit: uniform MSE={s['uniform']['mse']:.4e} SNR={s['uniform']['snr_db']:.2f} dB; "
+            f"fake_quant MSE={s['fake_quant']['mse']:.4e} SNR={s['fake_quant']['snr_db']:.2f} dB",
+            flush=True,
+        )
 
     def scalar_at(rate: float) -> float:
         """SNR of the best uniform scalar quantizer interpolated (linearly in dB) at a fractional rate."""
@@ -123,20 +140,36 @@ def main() -> None:
             f"{r['scalar_snr_db_same_nominal_rate']:.2f} | {r['scalar_snr_db_same_effective_rate']:.2f} | "
             f"{r['f']:.3f} | {100 * r['overload_rate']:.1f}% |"
         )
-    md += ["", "Fixed rate (no side information: T = 0, overloaded vectors clamped radially; beta minimising MSE):", "",
-           "| code | R | beta | MSE | SNR dB | clamped |", "|---|---|---|---|---|---|"]
+    md += [
+        "",
+        "Fixed rate (no side information: T = 0, overloaded vectors clamped radially; beta minimising MSE):",
+        "",
+        "| code | R | beta | MSE | SNR dB | clamped |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in fixed:
-        md.append(f"| {r['lattice']} q={r['q']} M={r['M']} | {r['rate_nominal']:.0f} | {r['beta']:.4f} | "
-                  f"{r['mse']:.4e} | {r['snr_db']:.2f} | {100 * r['clamp_rate']:.2f}% |")
-    md += ["", "Scalar quantizers (2^bits levels, step searched on the same data):", "",
-           "| bits | uniform mid-rise step | MSE | SNR dB | torch fake_quantize step | MSE | SNR dB |",
-           "|---|---|---|---|---|---|---|"]
+        md.append(
+            f"| {r['lattice']} q={r['q']} M={r['M']} | {r['rate_nominal']:.0f} | {r['beta']:.4f} | "
+            f"{r['mse']:.4e} | {r['snr_db']:.2f} | {100 * r['clamp_rate']:.2f}% |"
+        )
+    md += [
+        "",
+        "Scalar quantizers (2^bits levels, step searched on the same data):",
+        "",
+        "| bits | uniform mid-rise step | MSE | SNR dB | torch fake_quantize step | MSE | SNR dB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for b, s in scal.items():
         u, f = s["uniform"], s["fake_quant"]
-        md.append(f"| {b} | {u['step']:.4f} | {u['mse']:.4e} | {u['snr_db']:.2f} | {f['step']:.4f} | {f['mse']:.4e} | "
-                  f"{f['snr_db']:.2f} |")
-    md += ["", "Anchors (MSE per dimension, N(0,1)): " + "; ".join(f"{k} {v:.4g}" for k, v in out["anchors_mse"].items()),
-           ""]
+        md.append(
+            f"| {b} | {u['step']:.4f} | {u['mse']:.4e} | {u['snr_db']:.2f} | {f['step']:.4f} | {f['mse']:.4e} | "
+            f"{f['snr_db']:.2f} |"
+        )
+    md += [
+        "",
+        "Anchors (MSE per dimension, N(0,1)): " + "; ".join(f"{k} {v:.4g}" for k, v in out["anchors_mse"].items()),
+        "",
+    ]
     (RESULTS / "rd.md").write_text("\n".join(md))
     print(f"wrote {RESULTS / 'rd.json'} and rd.md in {out['seconds']} s")
 

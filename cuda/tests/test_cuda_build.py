@@ -26,8 +26,16 @@ def _cmake(*args, env=None, cwd=None, timeout=240):
 def test_cuda_build_cuda_sources_compile(tmp_path):
     """Configure + build the kernel library with COSET_CUDA=ON for one arch (sm_80) into a temp dir."""
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-    r = _cmake("-S", str(ROOT), "-B", str(tmp_path), *gen, "-DCOSET_CUDA=ON", "-DCOSET_BUILD_PYTHON=OFF",
-               "-DCMAKE_CUDA_ARCHITECTURES=80-real")
+    r = _cmake(
+        "-S",
+        str(ROOT),
+        "-B",
+        str(tmp_path),
+        *gen,
+        "-DCOSET_CUDA=ON",
+        "-DCOSET_BUILD_PYTHON=OFF",
+        "-DCMAKE_CUDA_ARCHITECTURES=80-real",
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "building CUDA kernels for 80-real" in r.stdout
     r = _cmake("--build", str(tmp_path), "-j", "2")
@@ -48,12 +56,19 @@ def test_cuda_build_on_without_nvcc_fails_clearly(tmp_path):
     env.pop("CUDA_PATH", None)
     if shutil.which("nvcc", path=env["PATH"]):
         pytest.skip("nvcc is on the system PATH; cannot hide it")
-    r = _cmake("-S", str(ROOT), "-B", str(tmp_path), "-DCOSET_CUDA=ON", "-DCOSET_BUILD_PYTHON=OFF",
-               "-DCMAKE_CUDA_COMPILER=", env=env)
+    r = _cmake(
+        "-S",
+        str(ROOT),
+        "-B",
+        str(tmp_path),
+        "-DCOSET_CUDA=ON",
+        "-DCOSET_BUILD_PYTHON=OFF",
+        "-DCMAKE_CUDA_COMPILER=",
+        env=env,
+    )
     assert r.returncode != 0
     assert "COSET_CUDA=ON but no CUDA compiler" in r.stdout + r.stderr
-    r = _cmake("-S", str(ROOT), "-B", str(tmp_path / "auto"), "-DCOSET_CUDA=AUTO", "-DCOSET_BUILD_PYTHON=OFF",
-               env=env)
+    r = _cmake("-S", str(ROOT), "-B", str(tmp_path / "auto"), "-DCOSET_CUDA=AUTO", "-DCOSET_BUILD_PYTHON=OFF", env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "building the CPU kernels only" in r.stdout
 

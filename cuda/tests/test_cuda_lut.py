@@ -104,11 +104,10 @@ def test_cuda_lut_two_sided_large_inner_sum_is_exact():
 @gpu
 def test_cuda_lut_matches_decoded_inner_products():
     """End to end with real codes: <x_hat, y> and <x_hat, y_hat> from labels equal the decoded dot products."""
-    from coset.quant import QuantizationConfig, decode, encode
-    from coset.quant import coset_representative
+    from coset.quant import QuantizationConfig, coset_representative, decode, encode
 
     cfg = QuantizationConfig("D4", q=4, M=2, beta=0.3)
-    L, q, M, d = cfg.lattice, 4, 2, 4
+    L, q, d = cfg.lattice, 4, 4
     K = 6
     g = torch.Generator().manual_seed(11)
     x = torch.randn(40, K, d, generator=g)

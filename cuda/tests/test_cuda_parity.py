@@ -42,7 +42,7 @@ def _inputs(name: str, q: int, M: int, beta: float, seed: int) -> torch.Tensor:
     mids = 0.5 * (z1 @ G.T + z2 @ G.T)  # midpoints: on Voronoi facets or deep holes
     bq = torch.randint(0, q, (n, d), generator=g).double()
     gbq = (bq @ G.T) / q  # G b / q: ties of the decoder's Q(G b / q)
-    lam_q = (z1 @ G.T) / q**torch.randint(1, M + 1, (n, 1), generator=g)  # lambda / q^m
+    lam_q = (z1 @ G.T) / q ** torch.randint(1, M + 1, (n, 1), generator=g)  # lambda / q^m
     halves = torch.floor(rnd.clamp(-50, 50)) + 0.5  # coordinate ties of Z^n / D_n rounding
     small = torch.tensor([[0.0] * d, [0.5] * d, [-0.5] * d, [1e-300] * d], dtype=torch.float64)
     return torch.cat([rnd, beta * torch.cat([pts, mids, gbq, lam_q, halves, small])])
@@ -90,9 +90,7 @@ def test_cuda_parity_calibrated_beta(name):
         _assert_parity(x, cfg, f"{name} beta=0.3 dither={dither}")
 
 
-@pytest.mark.parametrize(
-    "name", ["Z1", "Z3", "Z8", "Z16", "D3", "D5", "D8", "D16"]
-)
+@pytest.mark.parametrize("name", ["Z1", "Z3", "Z8", "Z16", "D3", "D5", "D8", "D16"])
 def test_cuda_parity_other_dims(name):
     d = get_lattice(name).dim
     g = torch.Generator().manual_seed(d)
@@ -128,7 +126,8 @@ def test_cuda_parity_half_inputs(dtype):
     for dt in (torch.float16, torch.bfloat16):
         b, T = encode(x, config=cfg, backend="torch")
         assert torch.equal(
-            decode(b, config=cfg, T=T, dtype=dt, backend="torch"), decode(b, config=cfg, T=T, dtype=dt, backend="native")
+            decode(b, config=cfg, T=T, dtype=dt, backend="torch"),
+            decode(b, config=cfg, T=T, dtype=dt, backend="native"),
         )
 
 
@@ -225,8 +224,12 @@ def test_cuda_wrappers_refuse_what_coset_quant_refuses(bad):
     x[1, 2] = bad
     with pytest.raises(ValueError) as ref:
         encode(x, config=cfg, backend="torch")
-    for fn in (lambda: _ops.encode(x, cfg.lattice, cfg), lambda: _ops.quantize(x, cfg.lattice, cfg),
-               lambda: encode(x, config=cfg, backend="native"), lambda: quantize(x, config=cfg, backend="native")):
+    for fn in (
+        lambda: _ops.encode(x, cfg.lattice, cfg),
+        lambda: _ops.quantize(x, cfg.lattice, cfg),
+        lambda: encode(x, config=cfg, backend="native"),
+        lambda: quantize(x, config=cfg, backend="native"),
+    ):
         with pytest.raises(ValueError) as got:
             fn()
         assert str(got.value) == str(ref.value)
@@ -268,7 +271,7 @@ def test_cuda_thread_count_does_not_change_results():
         b = _ops.quantize(x, cfg.lattice, cfg)
     finally:
         cc.set_num_threads(n0)
-    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=False))
 
 
 def test_cuda_add_modq_matches_reference():

@@ -99,7 +99,6 @@ def scenario_modular_w(rank, W):
     return res
 
 
-
 def scenario_modes(rank, W):
     res = {}
     cfgs = {
@@ -133,7 +132,10 @@ def scenario_modes(rank, W):
             kw = dict(mode=mode, error_feedback=False, start_iter=0)
             state, outs = one_step(lambda: Vec(515), kw, lambda k: xs[rank].to(dt), dtype=dt)  # noqa: B023 (called at once)
             res[("half", mode, str(dt))] = {
-                "out": outs[0][0], "xs": xs, "scales": state.bucket_scales[0], "bpc": state.chunk_size // 4
+                "out": outs[0][0],
+                "xs": xs,
+                "scales": state.bucket_scales[0],
+                "bpc": state.chunk_size // 4,
             }
     # several buckets, warm-up, error feedback over steps, iteration count, checkpoint
     sizes = [3001, 777, 4096, 5]
@@ -162,7 +164,10 @@ def scenario_modes(rank, W):
         kw = dict(config=cfg, mode=mode, error_feedback=False, start_iter=0, seed=5)
         state, outs = one_step(lambda: Vec(999), kw, lambda k: xs[rank])  # noqa: B023 (called at once)
         res[("dither", mode)] = {
-            "out": outs[0][0], "xs": xs, "scales": state.bucket_scales[0], "bpc": state.chunk_size // 4
+            "out": outs[0][0],
+            "xs": xs,
+            "scales": state.bucket_scales[0],
+            "bpc": state.chunk_size // 4,
         }
     # construction-time rejection once the group exists (q^M too small for W ranks)
     try:

@@ -144,12 +144,28 @@ class ShapedNetwork:
         parent = ["root"]
         if delay:
             try:
-                _run("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "handle", "1:", "netem", "delay",
-                     f"{delay}ms", "limit", "100000")
+                _run(
+                    "tc",
+                    "-n",
+                    ns,
+                    "qdisc",
+                    "add",
+                    "dev",
+                    dev,
+                    "root",
+                    "handle",
+                    "1:",
+                    "netem",
+                    "delay",
+                    f"{delay}ms",
+                    "limit",
+                    "100000",
+                )
             except RuntimeError as e:
                 if "unknown" in str(e).lower():
-                    raise RuntimeError("delay_ms needs the netem qdisc, which this kernel lacks (sch_netem); "
-                                       "use delay_ms=0") from e
+                    raise RuntimeError(
+                        "delay_ms needs the netem qdisc, which this kernel lacks (sch_netem); use delay_ms=0"
+                    ) from e
                 raise
             parent = ["parent", "1:"]
         if rate is not None:
@@ -157,8 +173,25 @@ class ShapedNetwork:
             # burst: 2 ms of traffic but at least 64 KiB (a GSO segment must fit, or tbf drops it);
             # latency bounds the queue (excess packets are dropped and TCP backs off, as on a real NIC).
             burst = max(65536, int(bps / 8 * 0.002))
-            _run("tc", "-n", ns, "qdisc", "add", "dev", dev, *parent, "handle", "2:", "tbf", "rate", rate,
-                 "burst", str(burst), "latency", "50ms")
+            _run(
+                "tc",
+                "-n",
+                ns,
+                "qdisc",
+                "add",
+                "dev",
+                dev,
+                *parent,
+                "handle",
+                "2:",
+                "tbf",
+                "rate",
+                rate,
+                "burst",
+                str(burst),
+                "latency",
+                "50ms",
+            )
 
     def _build(self) -> None:
         t = self.tag
@@ -166,8 +199,21 @@ class ShapedNetwork:
             self._add_ns(self.netns(i))
         if self.hosts == 2:
             # one cable; both ends are created directly inside their namespaces (never in the root namespace)
-            _run("ip", "link", "add", f"cs{t}a", "netns", self.netns(0), "type", "veth",
-                 "peer", "name", f"cs{t}b", "netns", self.netns(1))
+            _run(
+                "ip",
+                "link",
+                "add",
+                f"cs{t}a",
+                "netns",
+                self.netns(0),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                f"cs{t}b",
+                "netns",
+                self.netns(1),
+            )
             ends = [(self.netns(0), f"cs{t}a"), (self.netns(1), f"cs{t}b")]
         else:
             sw = self.switch_ns
@@ -177,8 +223,21 @@ class ShapedNetwork:
             ends = []
             for i in range(self.hosts):
                 host_if, port = f"cs{t}h{i}", f"p{i}"
-                _run("ip", "link", "add", host_if, "netns", self.netns(i), "type", "veth",
-                     "peer", "name", port, "netns", sw)
+                _run(
+                    "ip",
+                    "link",
+                    "add",
+                    host_if,
+                    "netns",
+                    self.netns(i),
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    port,
+                    "netns",
+                    sw,
+                )
                 _run("ip", "-n", sw, "link", "set", port, "master", "br0")
                 _run("ip", "-n", sw, "link", "set", port, "up")
                 self._shape(sw, port)  # switch -> host direction
@@ -226,7 +285,7 @@ class ShapedNetwork:
                 signal.signal(s, h)  # type: ignore[arg-type]
         atexit.unregister(self.close)
 
-    def __enter__(self) -> "ShapedNetwork":
+    def __enter__(self) -> ShapedNetwork:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -247,11 +306,21 @@ class ShapedNetwork:
         """Per host: ``{"tx_bytes", "rx_bytes", "tx_packets", "rx_packets"}`` of its ``eth0`` (kernel counters)."""
         out = []
         for i in range(self.hosts):
-            r = subprocess.run(["ip", "-n", self.netns(i), "-j", "-s", "link", "show", "dev", "eth0"],
-                               capture_output=True, text=True, check=True)
+            r = subprocess.run(
+                ["ip", "-n", self.netns(i), "-j", "-s", "link", "show", "dev", "eth0"],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             st = json.loads(r.stdout)[0]["stats64"]
-            out.append({"tx_bytes": st["tx"]["bytes"], "rx_bytes": st["rx"]["bytes"],
-                        "tx_packets": st["tx"]["packets"], "rx_packets": st["rx"]["packets"]})
+            out.append(
+                {
+                    "tx_bytes": st["tx"]["bytes"],
+                    "rx_bytes": st["rx"]["bytes"],
+                    "tx_packets": st["tx"]["packets"],
+                    "rx_packets": st["rx"]["packets"],
+                }
+            )
         return out
 
     def exists(self) -> bool:

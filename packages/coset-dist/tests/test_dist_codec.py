@@ -63,7 +63,7 @@ def test_payload_bytes_match_rate():
     cfg = default_config(4, 2)  # 4 bits/label-coordinate, T in [0, 7] -> 3 bits per 4-block
     n = 1000
     lay = payload_layout(n, cfg)
-    assert lay.label_bytes == packed_nbytes(250 * 2 * 4, 2 ** 2) == 500
+    assert lay.label_bytes == packed_nbytes(250 * 2 * 4, 2**2) == 500
     assert lay.t_bytes == math.ceil(250 * 3 / 8) == 94
     assert lay.nbytes == 500 + 94 + 8
     # 4.75 bits per value + 8 bytes: more than 6x smaller than float32
@@ -212,7 +212,15 @@ def _simulate_modular(xs, cfg, W, bpc, dither=False, scale_factor=1.0):
 
 @pytest.mark.parametrize(
     "lat,q,M,W",
-    [("D4", 4, 2, 2), ("D4", 4, 2, 8), ("D4", 2, 4, 2), ("D4", 16, 2, 4), ("E8", 4, 2, 2), ("Z2", 4, 2, 2), ("E8", 8, 2, 16)],
+    [
+        ("D4", 4, 2, 2),
+        ("D4", 4, 2, 8),
+        ("D4", 2, 4, 2),
+        ("D4", 16, 2, 4),
+        ("E8", 4, 2, 2),
+        ("Z2", 4, 2, 2),
+        ("E8", 8, 2, 16),
+    ],
 )
 @pytest.mark.parametrize("dither", [False, True])
 def test_modular_sum_is_exact_and_bounded(lat, q, M, W, dither):

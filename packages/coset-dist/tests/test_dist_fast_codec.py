@@ -13,8 +13,8 @@ import torch.distributed as dist
 
 from coset.dist import HNLQHookState, default_config, hnlq_hook
 from coset.dist.codec import (
-    chunk_block_norms,
     choose_sum_packing,
+    chunk_block_norms,
     decode_payload,
     encode_payload,
     modular_decode,
@@ -130,7 +130,7 @@ def test_modular_bit_exact(q, chunk, W):
     nb = -(-n // d)
     xs = [grad(n, 20 + r) for r in range(W)]
     norms = [bc.modular_norms(x, d, bpc)[0] for x in xs]
-    for x, nr in zip(xs, norms):
+    for x, nr in zip(xs, norms, strict=False):
         assert torch.allclose(nr, chunk_block_norms(x, d, bpc), rtol=1e-15, atol=0)
     scales = modular_scales(sum(norms), lat, q, 2, W, False)
     pk = choose_sum_packing(m, W, "auto")
@@ -192,7 +192,7 @@ def test_hook_native_equals_python(one_rank_group, mode, kw):
         states[native] = (st, outs)
     (sn, on), (sp, op) = states[True], states[False]
     assert sn.native_buckets == 3 and getattr(sp, "native_buckets", 0) == 0
-    for a, b in zip(on, op):
+    for a, b in zip(on, op, strict=False):
         assert torch.equal(a, b)
     assert torch.equal(sn.residuals[0], sp.residuals[0])
     assert sn.stats()["bytes_sent"] == sp.stats()["bytes_sent"]

@@ -46,16 +46,19 @@ def _worker(rank: int, master: str, out: str) -> None:
         return {k: int((base / k).read_text()) for k in ("tx_bytes", "rx_bytes")}
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://{master}:29613", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://{master}:29613", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=120)
+    )
     res = {"rank": rank}
     probe = torch.ones(PROBE_BYTES // 4)
     dist.barrier()
     t0 = time.perf_counter()
     dist.all_reduce(probe)
     res["probe_seconds"] = time.perf_counter() - t0
-    for mode, cfg, kw in (("allgather", default_config(4, 2), {}),
-                          ("modular", default_config(4, 2), {"chunk_size": 64})):
+    for mode, cfg, kw in (
+        ("allgather", default_config(4, 2), {}),
+        ("modular", default_config(4, 2), {"chunk_size": 64}),
+    ):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
         ddp = DDP(model)
@@ -96,8 +99,10 @@ def test_hnlq_hook_over_shaped_veth(tmp_path):
         assert net.exists()
         env = dict(os.environ, OMP_NUM_THREADS="1", COSET_NUM_THREADS="1")
         outs = [tmp_path / f"rank{r}.json" for r in range(2)]
-        procs = [net.popen(r, [sys.executable, __file__, "worker", str(r), net.addr(0), str(outs[r])], env=env)
-                 for r in range(2)]
+        procs = [
+            net.popen(r, [sys.executable, __file__, "worker", str(r), net.addr(0), str(outs[r])], env=env)
+            for r in range(2)
+        ]
         t0 = time.time()
         while any(p.poll() is None for p in procs):
             if time.time() - t0 > TIMEOUT:
@@ -122,9 +127,11 @@ def test_hnlq_hook_over_shaped_veth(tmp_path):
             # real bytes on the wire vs the ring model of the hook (6 steps, 2 of them plain warm-up)
             assert m["tx"] >= m["bytes_model"], (mode, m)
             assert m["tx"] <= 1.25 * m["bytes_model"] + 200_000, (mode, m)
-        print(f"{mode}: model {res[0][mode]['bytes_model']} B, wire tx {res[0][mode]['tx']} B "
-              f"({res[0][mode]['tx'] / res[0][mode]['bytes_model']:.3f}x), native buckets "
-              f"{res[0][mode]['native_buckets']}")
+        print(
+            f"{mode}: model {res[0][mode]['bytes_model']} B, wire tx {res[0][mode]['tx']} B "
+            f"({res[0][mode]['tx'] / res[0][mode]['bytes_model']:.3f}x), native buckets "
+            f"{res[0][mode]['native_buckets']}"
+        )
 
 
 if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "worker":

@@ -10,7 +10,6 @@ seam :func:`coset.quant.kernel_constants`.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Optional
 
 import torch
 
@@ -19,7 +18,7 @@ from coset.lattice.validate import check_int, check_q
 from coset.quant import OverloadError, QuantizationConfig, kernel_constants
 from coset.quant.backend import check_magnitude
 
-from . import _C
+from . import _C  # type: ignore[attr-defined]  # compiled extension: in the wheel, not the source tree
 
 __all__ = [
     "WITH_CUDA",
@@ -63,7 +62,7 @@ def set_num_threads(n: int) -> None:
     _C.set_num_threads(check_int("n", n, 1))
 
 
-def lattice_kind(lattice: Lattice) -> Optional[int]:
+def lattice_kind(lattice: Lattice) -> int | None:
     """Kernel code of ``lattice`` (0 Z^n, 1 D_n, 2 E8) or ``None`` if the kernels do not cover it."""
     if isinstance(lattice, E8Lattice):
         return _KIND_E8
@@ -108,7 +107,7 @@ def _check_x(x, d: int, max_abs: float, name: str = "x") -> None:
     check_magnitude(x, max_abs, name)
 
 
-def _check_dither(z, x: torch.Tensor, d: int) -> Optional[torch.Tensor]:
+def _check_dither(z, x: torch.Tensor, d: int) -> torch.Tensor | None:
     if z is None:
         return None
     if not isinstance(z, torch.Tensor) or z.dtype != torch.float64 or tuple(z.shape) != (x.shape[0], d):
@@ -124,11 +123,11 @@ def _raise_overload(n_err: int, N: int, config: QuantizationConfig) -> None:
     )
 
 
-def _ptr(t: Optional[torch.Tensor]) -> int:
+def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else int(t.data_ptr())
 
 
-def encode(x: torch.Tensor, lattice: Lattice, config: QuantizationConfig, dither: Optional[torch.Tensor] = None):
+def encode(x: torch.Tensor, lattice: Lattice, config: QuantizationConfig, dither: torch.Tensor | None = None):
     """Fused HNLQ encoder (Algorithm 1 + overload ramp + clamp), bit-exact with ``coset.quant`` (torch).
 
     Parameters
@@ -157,12 +156,50 @@ def encode(x: torch.Tensor, lattice: Lattice, config: QuantizationConfig, dither
     if x.device.type == "cuda":
         with torch.cuda.device(x.device):
             errs = torch.zeros(1, dtype=torch.int32, device=x.device)
-            _C.encode_cuda(kind, d, G, Gi, eps, q, M, scales, single, perr, rad, _ptr(x), x_dbl, _ptr(z), N,
-                           _ptr(b), _ptr(T), _ptr(clamped), _ptr(errs), _stream(x))
+            _C.encode_cuda(
+                kind,
+                d,
+                G,
+                Gi,
+                eps,
+                q,
+                M,
+                scales,
+                single,
+                perr,
+                rad,
+                _ptr(x),
+                x_dbl,
+                _ptr(z),
+                N,
+                _ptr(b),
+                _ptr(T),
+                _ptr(clamped),
+                _ptr(errs),
+                _stream(x),
+            )
             n_err = int(errs.item()) if perr else 0
     else:
-        n_err = _C.encode_cpu(kind, d, G, Gi, eps, q, M, scales, single, perr, rad, _ptr(x), x_dbl, _ptr(z), N,
-                              _ptr(b), _ptr(T), _ptr(clamped))
+        n_err = _C.encode_cpu(
+            kind,
+            d,
+            G,
+            Gi,
+            eps,
+            q,
+            M,
+            scales,
+            single,
+            perr,
+            rad,
+            _ptr(x),
+            x_dbl,
+            _ptr(z),
+            N,
+            _ptr(b),
+            _ptr(T),
+            _ptr(clamped),
+        )
     if n_err:
         _raise_overload(n_err, N, config)
     return b, T, clamped
@@ -173,7 +210,7 @@ def decode(
     T: torch.Tensor,
     lattice: Lattice,
     config: QuantizationConfig,
-    dither: Optional[torch.Tensor] = None,
+    dither: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Fused HNLQ decoder (Algorithm 2, then ``(point - z) * scales[T]``), bit-exact with ``coset.quant``.
@@ -193,8 +230,13 @@ def decode(
     if not _device_ok(b):
         raise ValueError(f"b: device {b.device} is not supported by this build of coset.cuda")
     N = b.shape[0]
-    if not isinstance(T, torch.Tensor) or T.dtype.is_floating_point or T.dtype.is_complex or T.dtype == torch.bool \
-            or tuple(T.shape) != (N,):
+    if (
+        not isinstance(T, torch.Tensor)
+        or T.dtype.is_floating_point
+        or T.dtype.is_complex
+        or T.dtype == torch.bool
+        or tuple(T.shape) != (N,)
+    ):
         raise ValueError(f"T must be an integer tensor of shape ({N},)")
     if not isinstance(dtype, torch.dtype) or dtype not in _FLOATS:
         raise TypeError(f"dtype must be a floating dtype {tuple(str(t) for t in _FLOATS)}, got {dtype}")
@@ -211,8 +253,24 @@ def decode(
     if b.device.type == "cuda":
         with torch.cuda.device(b.device):
             bad_t = torch.zeros(1, dtype=torch.int32, device=b.device)
-            _C.decode_cuda(kind, d, G, Gi, eps, q, M, scales, _ptr(b), _ptr(T), _ptr(z), N, _ptr(out), o_dbl,
-                           _ptr(bad_t), _stream(b))
+            _C.decode_cuda(
+                kind,
+                d,
+                G,
+                Gi,
+                eps,
+                q,
+                M,
+                scales,
+                _ptr(b),
+                _ptr(T),
+                _ptr(z),
+                N,
+                _ptr(out),
+                o_dbl,
+                _ptr(bad_t),
+                _stream(b),
+            )
             bad = int(bad_t.item())
     else:
         bad = _C.decode_cpu(kind, d, G, Gi, eps, q, M, scales, _ptr(b), _ptr(T), _ptr(z), N, _ptr(out), o_dbl)
@@ -223,7 +281,7 @@ def decode(
     return out if out_dtype == dtype else out.to(dtype)  # double -> half directly, like the reference
 
 
-def quantize(x: torch.Tensor, lattice: Lattice, config: QuantizationConfig, dither: Optional[torch.Tensor] = None):
+def quantize(x: torch.Tensor, lattice: Lattice, config: QuantizationConfig, dither: torch.Tensor | None = None):
     """Fused encode + decode (no label tensor is materialized), bit-exact with ``coset.quant.quantize``.
 
     Parameters
@@ -252,12 +310,52 @@ def quantize(x: torch.Tensor, lattice: Lattice, config: QuantizationConfig, dith
     if x.device.type == "cuda":
         with torch.cuda.device(x.device):
             errs = torch.zeros(1, dtype=torch.int32, device=x.device)
-            _C.quantize_cuda(kind, d, G, Gi, eps, q, M, scales, single, perr, rad, _ptr(xin), x_dbl, _ptr(z), N,
-                             _ptr(out), o_dbl, _ptr(T), _ptr(clamped), _ptr(errs), _stream(x))
+            _C.quantize_cuda(
+                kind,
+                d,
+                G,
+                Gi,
+                eps,
+                q,
+                M,
+                scales,
+                single,
+                perr,
+                rad,
+                _ptr(xin),
+                x_dbl,
+                _ptr(z),
+                N,
+                _ptr(out),
+                o_dbl,
+                _ptr(T),
+                _ptr(clamped),
+                _ptr(errs),
+                _stream(x),
+            )
             n_err = int(errs.item()) if perr else 0
     else:
-        n_err = _C.quantize_cpu(kind, d, G, Gi, eps, q, M, scales, single, perr, rad, _ptr(xin), x_dbl, _ptr(z), N,
-                                _ptr(out), o_dbl, _ptr(T), _ptr(clamped))
+        n_err = _C.quantize_cpu(
+            kind,
+            d,
+            G,
+            Gi,
+            eps,
+            q,
+            M,
+            scales,
+            single,
+            perr,
+            rad,
+            _ptr(xin),
+            x_dbl,
+            _ptr(z),
+            N,
+            _ptr(out),
+            o_dbl,
+            _ptr(T),
+            _ptr(clamped),
+        )
     if n_err:
         _raise_overload(n_err, N, config)
     return (out if out_dtype == in_dtype else out.to(in_dtype)), T, clamped
@@ -304,8 +402,10 @@ def _same_device(*ts: torch.Tensor) -> torch.device:
 def _cuda_only(op: str, dev: torch.device) -> None:
     # The CPU LUT kernels lost to coset.lut's PyTorch path (benchmarks/results/lut.md) and were removed.
     if dev.type != "cuda":
-        raise ValueError(f"{op}: the native LUT kernels run on CUDA tensors only; on the CPU use coset.lut "
-                         "(backend='auto' or 'torch')")
+        raise ValueError(
+            f"{op}: the native LUT kernels run on CUDA tensors only; on the CPU use coset.lut "
+            "(backend='auto' or 'torch')"
+        )
 
 
 def lut_one_sided(ix: torch.Tensor, sx: torch.Tensor, tables: torch.Tensor, q: int) -> torch.Tensor:
@@ -407,8 +507,9 @@ def lut_two_sided(
         return out.zero_()
     nb = _LUT_BYTES[lut.dtype]
     with torch.cuda.device(dev):
-        _C.lut_two_sided_cuda(_ptr(ix), _ptr(sx), _ptr(iy), _ptr(sy), _ptr(lut), nb, n, m, K, M, Q, q, _ptr(out),
-                              _stream(ix))
+        _C.lut_two_sided_cuda(
+            _ptr(ix), _ptr(sx), _ptr(iy), _ptr(sy), _ptr(lut), nb, n, m, K, M, Q, q, _ptr(out), _stream(ix)
+        )
     return out
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -28,7 +28,7 @@ class NativeBackend:
     priority = 100
     backend_api = 1  # the coset.quant backend protocol this package implements (checked at registration)
 
-    def supports(self, op: str, tensor: Any, lattice: Optional[Lattice], config: Optional[QuantizationConfig]) -> bool:
+    def supports(self, op: str, tensor: Any, lattice: Lattice | None, config: QuantizationConfig | None) -> bool:
         if not isinstance(tensor, torch.Tensor) or not _ops._device_ok(tensor):
             return False
         if op == "lut_one_sided":  # CPU: the GEMV kernel of lut_gemv.h; CUDA: kernels_cuda.cu
@@ -46,7 +46,7 @@ class NativeBackend:
         return tensor.dtype in _FLOATS
 
     def auto_select(self, op: str, tensor: Any) -> bool:
-        """"auto" does not pick the CPU ``lut_one_sided`` (the GEMV kernel on int32 indices has not been
+        """ "auto" does not pick the CPU ``lut_one_sided`` (the GEMV kernel on int32 indices has not been
         measured faster than coset.lut's embedding_bag path; ``backend="native"`` runs it)."""
         if op == "lut_one_sided":
             return bool(getattr(tensor, "is_cuda", False))

@@ -15,13 +15,11 @@ coset.dist imports this module optionally (it never depends on coset-cuda).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from coset.quant import QuantizationConfig
 
-from . import _C
+from . import _C  # type: ignore[attr-defined]  # compiled extension: in the wheel, not the source tree
 from ._ops import _consts
 
 __all__ = [
@@ -48,7 +46,7 @@ def supports(config: QuantizationConfig) -> bool:
     return True
 
 
-def _check_vec(name: str, t: Optional[torch.Tensor], n: Optional[int] = None, dtype=torch.float32) -> None:
+def _check_vec(name: str, t: torch.Tensor | None, n: int | None = None, dtype=torch.float32) -> None:
     if t is None:
         return
     if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
@@ -57,7 +55,7 @@ def _check_vec(name: str, t: Optional[torch.Tensor], n: Optional[int] = None, dt
         raise ValueError(f"{name} must be 1-D with {n} elements, got shape {tuple(t.shape)}")
 
 
-def _ptr(t: Optional[torch.Tensor]) -> int:
+def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else int(t.data_ptr())
 
 
@@ -71,7 +69,10 @@ def _lat(config: QuantizationConfig, dithered: bool = False):
 
 
 def encode_allgather(
-    x: torch.Tensor, config: QuantizationConfig, payload: torch.Tensor, resid: Optional[torch.Tensor] = None,
+    x: torch.Tensor,
+    config: QuantizationConfig,
+    payload: torch.Tensor,
+    resid: torch.Tensor | None = None,
     rho: float = 0.0,
 ) -> dict:
     """Encode one rank's bucket into its allgather payload (``coset.dist.codec.encode_payload``'s bytes).
@@ -106,8 +107,12 @@ def encode_allgather(
 
 
 def decode_allgather(
-    payloads: torch.Tensor, n: int, config: QuantizationConfig, out: torch.Tensor,
-    own: int = -1, resid: Optional[torch.Tensor] = None,
+    payloads: torch.Tensor,
+    n: int,
+    config: QuantizationConfig,
+    out: torch.Tensor,
+    own: int = -1,
+    resid: torch.Tensor | None = None,
 ) -> int:
     """Average W gathered payloads into ``out`` (float32, n): ``float(sum_r decode(payload_r) / W)``.
 
@@ -137,14 +142,15 @@ def decode_allgather(
     need = -(-nb * M * d * ((q - 1).bit_length()) // 8) + -(-nb * _t_bits(config) // 8) + 8
     if pb != need:
         raise ValueError(f"each payload must have {need} bytes for n={n}, got {pb}")
-    rc = _C.bucket_decode_allgather(kind, d, G, Gi, eps, q, M, scales, _ptr(payloads), pb, W, own, n,
-                                    _t_bits(config), _ptr(out), _ptr(resid))
+    rc = _C.bucket_decode_allgather(
+        kind, d, G, Gi, eps, q, M, scales, _ptr(payloads), pb, W, own, n, _t_bits(config), _ptr(out), _ptr(resid)
+    )
     if rc < 0:
         raise ValueError("corrupt allgather payload: a label >= q or a scale step T > max_scaling_iterations")
     return int(rc)
 
 
-def modular_norms(x: torch.Tensor, d: int, blocks_per_chunk: int, resid: Optional[torch.Tensor] = None):
+def modular_norms(x: torch.Tensor, d: int, blocks_per_chunk: int, resid: torch.Tensor | None = None):
     """Per chunk of ``blocks_per_chunk`` d-blocks, the largest block norm (float64); resid <- x + resid.
 
     Returns
@@ -169,8 +175,12 @@ def _packing_args(packing) -> tuple[int, int, int]:
 
 
 def modular_encode(
-    xe: torch.Tensor, scales: torch.Tensor, config: QuantizationConfig, blocks_per_chunk: int, packing,
-    resid: Optional[torch.Tensor] = None,
+    xe: torch.Tensor,
+    scales: torch.Tensor,
+    config: QuantizationConfig,
+    blocks_per_chunk: int,
+    packing,
+    resid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Packed flat codes of ``lam = Q_L(x / s)`` (``pack_sum_fields(modular_encode(...)[0], packing)``).
 
@@ -198,14 +208,35 @@ def modular_encode(
         out = torch.empty(nb * d, dtype=torch.uint8)
     else:
         out = torch.empty(-(-(nb * d) // fields), dtype=torch.int64)
-    _C.bucket_modular_encode(kind, d, G, Gi, eps, modulus, _ptr(xe), _ptr(resid), n, _ptr(scales),
-                             blocks_per_chunk, pk, width, fields, _ptr(out))
+    _C.bucket_modular_encode(
+        kind,
+        d,
+        G,
+        Gi,
+        eps,
+        modulus,
+        _ptr(xe),
+        _ptr(resid),
+        n,
+        _ptr(scales),
+        blocks_per_chunk,
+        pk,
+        width,
+        fields,
+        _ptr(out),
+    )
     return out
 
 
 def modular_decode(
-    packed: torch.Tensor, n: int, scales: torch.Tensor, config: QuantizationConfig, blocks_per_chunk: int,
-    packing, world_size: int, out: torch.Tensor,
+    packed: torch.Tensor,
+    n: int,
+    scales: torch.Tensor,
+    config: QuantizationConfig,
+    blocks_per_chunk: int,
+    packing,
+    world_size: int,
+    out: torch.Tensor,
 ) -> torch.Tensor:
     """``out = float((from_flat_code(sum mod q^M) * s) / W)`` from the all-reduced code buffer."""
     _check_vec("out", out, n)
@@ -217,6 +248,21 @@ def modular_decode(
     if not isinstance(packed, torch.Tensor) or packed.dtype != want[0] or packed.numel() != want[1]:
         raise ValueError(f"packed must be a {want[0]} tensor of {want[1]} elements")
     packed = packed.contiguous()
-    _C.bucket_modular_decode(kind, d, G, Gi, eps, config.q**config.M, _ptr(packed), n, _ptr(scales),
-                             blocks_per_chunk, pk, width, fields, int(world_size), _ptr(out))
+    _C.bucket_modular_decode(
+        kind,
+        d,
+        G,
+        Gi,
+        eps,
+        config.q**config.M,
+        _ptr(packed),
+        n,
+        _ptr(scales),
+        blocks_per_chunk,
+        pk,
+        width,
+        fields,
+        int(world_size),
+        _ptr(out),
+    )
     return out

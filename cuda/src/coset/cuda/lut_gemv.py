@@ -25,7 +25,7 @@ import torch
 
 from coset.quant import QuantizationConfig, coset_representative, encode, to_blocks
 
-from . import _C
+from . import _C  # type: ignore[attr-defined]  # compiled extension: in the wheel, not the source tree
 
 __all__ = ["CodedWeight", "lut_gemv", "representatives"]
 
@@ -49,8 +49,8 @@ def _check_config(config) -> QuantizationConfig:
         raise TypeError(f"config must be a QuantizationConfig, got {type(config).__name__}")
     if config.with_dither or config.center:
         raise ValueError("config: lut_gemv needs codes without random dither and without centring (z = 0)")
-    if config.q ** config.dim > 2**16:
-        raise ValueError(f"config: q**d = {config.q ** config.dim} > 65536 is not supported by lut_gemv")
+    if config.q**config.dim > 2**16:
+        raise ValueError(f"config: q**d = {config.q**config.dim} > 65536 is not supported by lut_gemv")
     if len(config.scales) > 256:
         raise ValueError("config: at most 256 scale steps")
     return config
@@ -79,7 +79,7 @@ class CodedWeight:
             raise ValueError(f"idx must be a tensor of shape (n, K, M={c.M})")
         want = torch.uint8 if c.q**c.dim <= 256 else torch.int16
         if self.idx.dtype != want:
-            raise TypeError(f"idx must have dtype {want} for q**d = {c.q ** c.dim}, got {self.idx.dtype}")
+            raise TypeError(f"idx must have dtype {want} for q**d = {c.q**c.dim}, got {self.idx.dtype}")
         if not isinstance(self.T, torch.Tensor) or self.T.dtype != torch.uint8 or self.T.shape != self.idx.shape[:2]:
             raise ValueError(f"T must be a uint8 tensor of shape {tuple(self.idx.shape[:2])}")
         if self.idx.device.type != "cpu":
@@ -94,7 +94,7 @@ class CodedWeight:
             raise ValueError(f"idx entries must lie in [0, q**d = {Q})")
 
     @classmethod
-    def from_labels(cls, labels: torch.Tensor, T: torch.Tensor, config: QuantizationConfig, k: int) -> "CodedWeight":
+    def from_labels(cls, labels: torch.Tensor, T: torch.Tensor, config: QuantizationConfig, k: int) -> CodedWeight:
         """From ``coset.quant.encode`` output on ``(n, K, d)`` blocks: labels (n, K, M, d), T (n, K)."""
         c = _check_config(config)
         if not isinstance(labels, torch.Tensor) or labels.ndim != 4 or tuple(labels.shape[2:]) != (c.M, c.dim):
@@ -112,7 +112,7 @@ class CodedWeight:
         return cls(idx=ix.contiguous(), T=T.to(torch.uint8).contiguous(), config=c, k=k)
 
     @classmethod
-    def from_dense(cls, W: torch.Tensor, config: QuantizationConfig) -> "CodedWeight":
+    def from_dense(cls, W: torch.Tensor, config: QuantizationConfig) -> CodedWeight:
         """Encode the rows of ``W`` (n, k) in zero-padded d-blocks with :func:`coset.quant.encode`."""
         c = _check_config(config)
         if not isinstance(W, torch.Tensor) or W.ndim != 2 or W.shape[1] == 0:
@@ -205,11 +205,40 @@ def lut_gemv(x: torch.Tensor, W: CodedWeight, *, method: str = "auto") -> torch.
         if method == "tables":
             tab = torch.empty((K, Q, Bk), dtype=torch.float32)
             _C.lut_build_tables_cpu(xj.data_ptr(), K * d, af.data_ptr(), Bk, K, d, Q, tab.data_ptr())
-            _C.lut_gemv_tables_cpu(W.idx.data_ptr(), ib, W.T.data_ptr(), scales.data_ptr(), scales.numel(), 0,
-                                   tab.data_ptr(), n, K, M, Q, c.q, Bk, res.data_ptr())
+            _C.lut_gemv_tables_cpu(
+                W.idx.data_ptr(),
+                ib,
+                W.T.data_ptr(),
+                scales.data_ptr(),
+                scales.numel(),
+                0,
+                tab.data_ptr(),
+                n,
+                K,
+                M,
+                Q,
+                c.q,
+                Bk,
+                res.data_ptr(),
+            )
         else:
             xh = (xj / h).contiguous()  # exact (h is 1 or 2)
-            _C.lut_gemv_codebook_cpu(W.idx.data_ptr(), ib, W.T.data_ptr(), scales.data_ptr(), 0, ai8.data_ptr(), d,
-                                     xh.data_ptr(), K * d, n, K, M, c.q, Bk, res.data_ptr())
+            _C.lut_gemv_codebook_cpu(
+                W.idx.data_ptr(),
+                ib,
+                W.T.data_ptr(),
+                scales.data_ptr(),
+                0,
+                ai8.data_ptr(),
+                d,
+                xh.data_ptr(),
+                K * d,
+                n,
+                K,
+                M,
+                c.q,
+                Bk,
+                res.data_ptr(),
+            )
         out[j0 : j0 + B] = res[:, :B].T
     return out

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 from functools import lru_cache
-from typing import Optional
 
 import torch
 
@@ -36,7 +35,7 @@ _FIELDS = tuple(f.name for f in dataclasses.fields(QuantizationConfig))
 
 @lru_cache(maxsize=256)
 def _config(*fields) -> QuantizationConfig:
-    return QuantizationConfig(**dict(zip(_FIELDS, fields)))
+    return QuantizationConfig(**dict(zip(_FIELDS, fields, strict=False)))
 
 
 def config_args(config: QuantizationConfig) -> tuple:
@@ -63,8 +62,21 @@ def _quantize_op(
     dither_seed: int,
     center: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    cfg = _config(lattice_type, q, M, beta, alpha, max_scaling_iterations, with_tie_dither, with_dither,
-                  disable_scaling, disable_overload_protection, overload_policy, dither_seed, center)
+    cfg = _config(
+        lattice_type,
+        q,
+        M,
+        beta,
+        alpha,
+        max_scaling_iterations,
+        with_tie_dither,
+        with_dither,
+        disable_scaling,
+        disable_overload_protection,
+        overload_policy,
+        dither_seed,
+        center,
+    )
     xh, T, cl = _q_quantize(x, config=cfg, backend="auto", return_info=True)
     return xh, T, cl
 
@@ -104,8 +116,21 @@ def _encode_op(
     dither_seed: int,
     center: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    cfg = _config(lattice_type, q, M, beta, alpha, max_scaling_iterations, with_tie_dither, with_dither,
-                  disable_scaling, disable_overload_protection, overload_policy, dither_seed, center)
+    cfg = _config(
+        lattice_type,
+        q,
+        M,
+        beta,
+        alpha,
+        max_scaling_iterations,
+        with_tie_dither,
+        with_dither,
+        disable_scaling,
+        disable_overload_protection,
+        overload_policy,
+        dither_seed,
+        center,
+    )
     b, T, cl = _q_encode(x, config=cfg, backend="auto", return_clamped=True)
     return b, T, cl
 
@@ -139,8 +164,21 @@ def _decode_op(
     dither_seed: int,
     center: bool,
 ) -> torch.Tensor:
-    cfg = _config(lattice_type, q, M, beta, alpha, max_scaling_iterations, with_tie_dither, with_dither,
-                  disable_scaling, disable_overload_protection, overload_policy, dither_seed, center)
+    cfg = _config(
+        lattice_type,
+        q,
+        M,
+        beta,
+        alpha,
+        max_scaling_iterations,
+        with_tie_dither,
+        with_dither,
+        disable_scaling,
+        disable_overload_protection,
+        overload_policy,
+        dither_seed,
+        center,
+    )
     return _q_decode(b, config=cfg, T=T, dtype=dtype, backend="auto")
 
 
@@ -189,7 +227,7 @@ def encode(x: torch.Tensor, config: QuantizationConfig) -> tuple[torch.Tensor, t
 
 
 def decode(
-    b: torch.Tensor, T: torch.Tensor, config: QuantizationConfig, dtype: Optional[torch.dtype] = None
+    b: torch.Tensor, T: torch.Tensor, config: QuantizationConfig, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """``torch.ops.coset.decode``: ``(..., M, d)`` labels and ``(...)`` T -> ``(..., d)`` of ``dtype``."""
     return torch.ops.coset.decode(b, T, dtype or torch.float32, *config_args(config))
