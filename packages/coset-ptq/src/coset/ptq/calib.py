@@ -1,0 +1,399 @@
+"""Calibration: per-linear input Hessians and the block-sequential (GPTQ-style) quantization driver.
+
+``H = XᵀX / N`` of every linear's input ``X`` (N tokens × in_features), accumulated in float64 (each batch's
+product is formed in the activations' dtype, then added in float64). The model is walked **block by block**
+(transformer layers): the inputs of block 0 are captured once with a catcher, and each block is re-run on the
+stored activations, so memory stays bounded by one block's activations plus the Hessians of that block, and
+no LM head logits are ever materialized.
+
+- :func:`sequential_quantize` — per block: Hessians of its linears from the *current* activations (the
+  upstream blocks are already quantized), ``quantize_fn(name, linear, H)`` for each linear, install the
+  result, re-run the block to feed the next one. ``true_sequential=True`` also orders the linears inside a
+  block by their input (q/k/v → o → gate/up → down), re-collecting after each group.
+- :func:`collect_hessians` — the non-sequential variant: all Hessians from the float model in one pass (what
+  a benchmark can share across methods).
+
+Linears that read the *same* input tensor (q/k/v; gate/up) share one accumulator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "HessianAccumulator",
+    "find_blocks",
+    "capture_block_inputs",
+    "collect_hessians",
+    "sequential_quantize",
+    "SequentialResult",
+]
+
+QuantizeFn = Callable[[str, nn.Linear, torch.Tensor], "nn.Module | torch.Tensor | None"]
+
+
+class HessianAccumulator:
+    """Running ``Σ x xᵀ`` (float64) and token count of one linear's input.
+
+    Parameters
+    ----------
+    n : int
+        ``in_features`` of the linear.
+    """
+
+    def __init__(self, n: int):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        self.n = n
+        self.H = torch.zeros((n, n), dtype=torch.float64)
+        self.n_tokens = 0
+
+    @staticmethod
+    def product(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """``XᵀX`` (float64) and N for activations ``x`` of shape (..., n)."""
+        X = x.detach().reshape(-1, x.shape[-1])
+        if not X.dtype.is_floating_point or X.dtype in (torch.float16, torch.bfloat16):
+            X = X.float()
+        return (X.T @ X).to(torch.float64), X.shape[0]
+
+    def add(self, prod: torch.Tensor, count: int) -> None:
+        self.H += prod
+        self.n_tokens += count
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add the tokens of ``x`` (..., n)."""
+        if x.shape[-1] != self.n:
+            raise ValueError(f"x has last dim {x.shape[-1]}, expected {self.n}")
+        self.add(*self.product(x))
+
+    def finalize(self) -> torch.Tensor:
+        """``H = Σ x xᵀ / N`` (n, n) float64 (a new tensor)."""
+        if self.n_tokens == 0:
+            raise ValueError("no tokens were accumulated (did the linear run on the calibration data?)")
+        return self.H / self.n_tokens
+
+
+class _Hooks:
+    """Forward-pre-hooks on a set of linears; linears fed the same tensor object share one product."""
+
+    def __init__(self, linears: Mapping[str, nn.Module]):
+        self.acc: dict[str, HessianAccumulator] = {}
+        self.alias: dict[str, str] = {}  # name -> owner name (same input tensor in the first forward)
+        self._seen: list[tuple[torch.Tensor, str, torch.Tensor, int]] = []  # per forward: (x, owner, XᵀX, N)
+        self.order: list[str] = []  # call order in the first forward
+        self._handles = [lin.register_forward_pre_hook(self._make(name)) for name, lin in linears.items()]
+
+    def _make(self, name: str):
+        def hook(_mod, args):
+            x = args[0]
+            for xs, owner, prod, cnt in self._seen:
+                if xs is x:
+                    if name not in self.acc and name not in self.alias:
+                        self.alias[name] = owner
+                        self.order.append(name)
+                    elif name in self.acc:  # not shared this time after all: accumulate separately
+                        self.acc[name].add(prod, cnt)
+                    return None
+            if name in self.alias:  # was shared in the first forward but is not now: break the alias
+                raise RuntimeError(f"{name} no longer shares its input with {self.alias[name]}")
+            if name not in self.acc:
+                self.acc[name] = HessianAccumulator(x.shape[-1])
+                self.order.append(name)
+            prod, cnt = HessianAccumulator.product(x)
+            self.acc[name].add(prod, cnt)
+            self._seen.append((x, name, prod, cnt))
+            return None
+
+        return hook
+
+    def end_forward(self) -> None:
+        self._seen.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._seen.clear()
+
+    def hessian(self, name: str) -> torch.Tensor:
+        owner = self.alias.get(name, name)
+        if owner not in self.acc:
+            raise ValueError(f"linear {name!r} never ran on the calibration data")
+        return self.acc[owner].finalize()
+
+    def groups(self) -> list[list[str]]:
+        """Linears grouped by shared input, in call order."""
+        out: dict[str, list[str]] = {}
+        for name in self.order:
+            out.setdefault(self.alias.get(name, name), []).append(name)
+        return list(out.values())
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The transformer blocks of ``model``: the ``nn.ModuleList`` holding the most ``nn.Linear`` layers.
+
+    This is ``model.model.layers`` for Llama, ``encoder.layer`` for BERT, ``h`` for GPT-2-like models.
+
+    Returns
+    -------
+    (prefix, blocks) — ``prefix`` is the module path of the list (e.g. ``"model.layers"``).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            count = sum(isinstance(m, nn.Linear) for m in mod.modules())
+            if count and (best is None or count > best[0]):
+                best = (count, name, mod)
+    if best is None:
+        if not any(isinstance(m, nn.Linear) for m in model.modules()):
+            raise ValueError("model has no nn.Linear layers to quantize")
+        raise ValueError("model has no nn.ModuleList of blocks containing nn.Linear layers; pass blocks=")
+    return best[1], best[2]
+
+
+class _Stop(Exception):
+    pass
+
+
+def _check_batch(batch: Any, i: int) -> dict[str, Any]:
+    if isinstance(batch, torch.Tensor):
+        batch = {"input_ids": batch}
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        raise ValueError(
+            f"calib_batches[{i}] must be a LongTensor (batch, seq) of token ids or a mapping with 'input_ids', "
+            f"got {type(batch).__name__}"
+        )
+    ids = batch["input_ids"]
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            f"calib_batches[{i}]['input_ids'] must be an integer tensor of shape (batch, seq), got "
+            f"{tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__}"
+            + (f" {ids.dtype}" if isinstance(ids, torch.Tensor) else "")
+        )
+    if ids.numel() == 0:
+        raise ValueError(f"calib_batches[{i}] is empty (shape {tuple(ids.shape)})")
+    return dict(batch)
+
+
+@dataclass
+class _BlockInputs:
+    hidden: list[torch.Tensor]  # per batch (B, T, hidden)
+    rest: list[tuple[tuple, dict]]  # per batch: extra positional args and keyword args of the block call
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, block: nn.Module, calib_batches: Iterable[Any]) -> _BlockInputs:
+    """Run ``model`` on each batch until ``block`` is called; store that call's arguments (the "catcher")."""
+    if isinstance(calib_batches, (torch.Tensor, Mapping)):
+        calib_batches = [calib_batches]
+    hidden: list[torch.Tensor] = []
+    rest: list[tuple[tuple, dict]] = []
+
+    def hook(_mod, args, kwargs):
+        kwargs = dict(kwargs)
+        if args:
+            h, extra = args[0], tuple(args[1:])
+        else:
+            h, extra = kwargs.pop("hidden_states"), ()
+        hidden.append(h.detach())
+        rest.append((extra, kwargs))
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    cfg = getattr(model, "config", None)
+    old_cache = getattr(cfg, "use_cache", None)
+    if old_cache is not None:
+        cfg.use_cache = False  # no KV cache objects in the captured kwargs
+    try:
+        n = 0
+        for i, batch in enumerate(calib_batches):
+            batch = _check_batch(batch, i)
+            n += 1
+            try:
+                model(**batch)
+            except _Stop:
+                pass
+            if len(hidden) != n:
+                raise ValueError("the model finished without calling its first block (wrong blocks=?)")
+    finally:
+        handle.remove()
+        if old_cache is not None:
+            cfg.use_cache = old_cache
+    if not hidden:
+        raise ValueError("calib_batches is empty")
+    return _BlockInputs(hidden, rest)
+
+
+def _run_block(block: nn.Module, inp: _BlockInputs, hooks: _Hooks | None, keep: bool) -> list[torch.Tensor] | None:
+    outs: list[torch.Tensor] | None = [] if keep else None
+    for h, (extra, kw) in zip(inp.hidden, inp.rest):
+        out = block(h, *extra, **kw)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        if hooks is not None:
+            hooks.end_forward()
+        if outs is not None:
+            outs.append(out.detach())
+    return outs
+
+
+def _linears(block: nn.Module, prefix: str, include: Callable[[str], bool] | None) -> dict[str, nn.Linear]:
+    return {
+        f"{prefix}.{n}": m
+        for n, m in block.named_modules()
+        if isinstance(m, nn.Linear) and (include is None or include(f"{prefix}.{n}"))
+    }
+
+
+def _install(block: nn.Module, prefix: str, name: str, lin: nn.Linear, new: Any) -> None:
+    if new is None:
+        return
+    if isinstance(new, torch.Tensor):
+        if new.shape != lin.weight.shape:
+            raise ValueError(f"quantize_fn returned W_hat of shape {tuple(new.shape)} for {name} "
+                             f"{tuple(lin.weight.shape)}")
+        lin.weight.data.copy_(new.to(lin.weight.dtype))
+    elif isinstance(new, nn.Module):
+        block.set_submodule(name[len(prefix) + 1 :], new)
+    else:
+        raise TypeError(f"quantize_fn must return an nn.Module, a Tensor or None, got {type(new).__name__}")
+
+
+@dataclass
+class SequentialResult:
+    """What the driver did: layer names in quantization order, their token counts, and the block prefix."""
+
+    prefix: str
+    layers: list[str] = field(default_factory=list)
+    n_tokens: dict[str, int] = field(default_factory=dict)
+
+
+def _prepare(model, calib_batches, blocks):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not any(isinstance(m, nn.Linear) for m in model.modules()):
+        raise ValueError("model has no nn.Linear layers to quantize")
+    if blocks is None:
+        prefix, blocks = find_blocks(model)
+    else:
+        if not isinstance(blocks, (nn.ModuleList, list, tuple)) or len(blocks) == 0:
+            raise ValueError("blocks must be a non-empty nn.ModuleList (or list) of modules")
+        prefix = next((n for n, m in model.named_modules() if m is blocks), "blocks")
+    if isinstance(calib_batches, (torch.Tensor, Mapping)):
+        calib_batches = [calib_batches]
+    if calib_batches is None:
+        raise ValueError("calib_batches is empty")
+    inp = capture_block_inputs(model, blocks[0], calib_batches)
+    return prefix, blocks, inp
+
+
+@torch.no_grad()
+def sequential_quantize(
+    model: nn.Module,
+    calib_batches: Iterable[Any],
+    quantize_fn: QuantizeFn,
+    *,
+    blocks: nn.ModuleList | None = None,
+    true_sequential: bool = False,
+    include: Callable[[str], bool] | None = None,
+    on_layer: Callable[[str], None] | None = None,
+) -> SequentialResult:
+    """Quantize every linear of every block in order, each from Hessians of already-quantized upstream outputs.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Modified in place.
+    calib_batches : iterable
+        LongTensors (batch, seq) of token ids, or mappings of model kwargs with ``input_ids``.
+    quantize_fn : callable ``(name, linear, H) -> nn.Module | Tensor | None``
+        ``H`` is (in_features, in_features) float64 ``XᵀX/N``. A module replaces the linear, a tensor is
+        written into ``linear.weight`` (W_hat), ``None`` leaves it as is.
+    blocks : nn.ModuleList, optional
+        The transformer blocks (default :func:`find_blocks`).
+    true_sequential : bool
+        Inside a block, quantize the linears group by group (groups = linears reading the same input), each
+        group's Hessians collected after the previous groups were quantized.
+    include : callable ``name -> bool``, optional
+        Only linears for which it returns True are hooked and quantized.
+    on_layer : callable ``name -> None``, optional
+        Called after each linear is done (progress bars).
+    """
+    if not callable(quantize_fn):
+        raise TypeError("quantize_fn must be callable")
+    prefix, blocks, inp = _prepare(model, calib_batches, blocks)
+    result = SequentialResult(prefix)
+    for bi, block in enumerate(blocks):
+        bprefix = f"{prefix}.{bi}"
+        lins = _linears(block, bprefix, include)
+        if lins:
+            hooks = _Hooks(lins)
+            try:
+                _run_block(block, inp, hooks, keep=False)
+            finally:
+                hooks.remove()
+            groups = hooks.groups()
+            for gi, group in enumerate(groups):
+                if true_sequential and gi > 0:  # re-collect this group's Hessians after the previous groups
+                    hooks = _Hooks({n: lins[n] for n in group})
+                    try:
+                        _run_block(block, inp, hooks, keep=False)
+                    finally:
+                        hooks.remove()
+                for name in group:
+                    H = hooks.hessian(name)
+                    result.n_tokens[name] = hooks.acc[hooks.alias.get(name, name)].n_tokens
+                    new = quantize_fn(name, lins[name], H)
+                    _install(block, bprefix, name, lins[name], new)
+                    result.layers.append(name)
+                    if on_layer is not None:
+                        on_layer(name)
+            del hooks
+        if bi + 1 < len(blocks):
+            inp.hidden = _run_block(block, inp, None, keep=True)
+    return result
+
+
+@torch.no_grad()
+def collect_hessians(
+    model: nn.Module,
+    calib_batches: Iterable[Any],
+    *,
+    blocks: nn.ModuleList | None = None,
+    include: Callable[[str], bool] | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> dict[str, torch.Tensor]:
+    """All block linears' Hessians ``XᵀX/N`` from the (unmodified) model, in one block-by-block pass.
+
+    Linears sharing an input share the returned tensor object (q/k/v, gate/up), which keeps SmolLM2's 210
+    Hessians at ~0.8 GB in float64 (``dtype=torch.float32`` halves it).
+
+    Returns
+    -------
+    dict name -> (n, n) tensor, in call order.
+    """
+    prefix, blocks, inp = _prepare(model, calib_batches, blocks)
+    out: dict[str, torch.Tensor] = {}
+    for bi, block in enumerate(blocks):
+        lins = _linears(block, f"{prefix}.{bi}", include)
+        hooks = _Hooks(lins) if lins else None
+        try:
+            outs = _run_block(block, inp, hooks, keep=bi + 1 < len(blocks))
+        finally:
+            if hooks is not None:
+                hooks.remove()
+        if hooks is not None:
+            for group in hooks.groups():
+                H = hooks.hessian(group[0]).to(dtype)
+                for name in group:
+                    out[name] = H
+        if outs is not None:
+            inp.hidden = outs
+    if not out:
+        raise ValueError("no linear layer was selected (include= rejected all of them)")
+    return out

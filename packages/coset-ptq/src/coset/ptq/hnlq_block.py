@@ -1,0 +1,320 @@
+"""Quantize one linear layer by any of the five methods of issue 12, all in one code path.
+
+``quantize_linear(W, H, cfg)`` with ``cfg.method`` in
+
+* ``"rtn"``       scalar round-to-nearest (per channel or per group, sym or asym);
+* ``"gptq"``      scalar GPTQ (optionally act-order);
+* ``"hnlq_rtn"``  HNLQ round-to-nearest on W itself (no rotation, no error feedback);
+* ``"hnlq_rot"``  HNLQ round-to-nearest on the two-sided randomized-Hadamard rotated ``W̃ = U W Vᵀ``;
+* ``"hnlq_ldlq"`` HNLQ on ``W̃`` with block LDLQ (block = lattice dimension d) against ``H̃ = V H Vᵀ``.
+
+HNLQ code: blocks of d along the input dim, ``W̃ ≈ s · decode(labels, T)`` with a beta = 1
+``QuantizationConfig`` (the scale s lives outside the code). s is ``c · β₀ · rms`` with rms taken per layer
+or per row of ``W̃`` and ``β₀ = beta_min(code, 1)`` (the code's natural unit scale); the multiplier c is
+chosen from ``cfg.scale_grid`` by the Hessian-diagonal-weighted reconstruction error of the code on (a row
+sample of) ``W̃`` — optionally times ``2^(2 H(T)/d)``, the rate the overload side information costs
+(``scale_objective="rd"``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from coset.quant import QuantizationConfig, beta_min, decode, encode
+
+from .codes import LinearCodes
+from .ldlq import damp as damp_hessian
+from .ldlq import ldlq
+from .rotation import layer_rotations, rotate_hessian, rotate_weight, unrotate_weight
+from .scalar import ScalarCodes, gptq_scalar, rtn_scalar
+
+__all__ = ["MethodConfig", "METHODS", "quantize_linear", "hnlq_quantize_rows", "choose_scale"]
+
+METHODS = ("rtn", "gptq", "hnlq_rtn", "hnlq_rot", "hnlq_ldlq")
+
+#: default coarse multipliers of β₀ tried by the scale search (geometric, 0.7 .. 3.3)
+DEFAULT_GRID = tuple(round(0.7 * 1.25**k, 4) for k in range(8))
+
+
+def _int(name, v, lo, hi=None):
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be an int {rng}, got {v!r}")
+
+
+def _bool(name, v):
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """How to quantize one linear layer (frozen, validated; ``ValueError``/``TypeError`` name the field).
+
+    HNLQ fields: ``lattice`` ("Z2", "D4", "E8"), ``q``, ``M``, ``alpha``, ``max_scaling_iterations`` (the
+    cap of T; 0 = no overload ramp, overloaded blocks are clamped), ``center``, ``scale`` ("layer" or
+    "row"), ``scale_grid`` (multipliers of β₀), ``scale_objective`` ("proxy" or "rd"), ``scale_rows``
+    (rows sampled by the scale search; 0 = all).
+    Scalar fields (``rtn``/``gptq``): ``bits``, ``group_size`` (-1 = per channel), ``sym``, ``act_order``.
+    Shared: ``damp`` (relative, > 0), ``tune_iters`` (LDLQ refinement passes), ``buffer_cols``, ``seed``
+    (base seed of the rotations; each layer derives its own from its name).
+    """
+
+    method: str = "hnlq_ldlq"
+    lattice: str = "E8"
+    q: int = 4
+    M: int = 2
+    alpha: float = 1.0 / 3.0
+    max_scaling_iterations: int = 6
+    center: bool = True
+    scale: str = "layer"
+    scale_grid: tuple = field(default=DEFAULT_GRID)
+    scale_objective: str = "rd"
+    max_t_bits: float | None = None
+    scale_rows: int = 256
+    bits: int = 4
+    group_size: int = -1
+    sym: bool = True
+    act_order: bool = False
+    damp: float = 0.01
+    tune_iters: int = 0
+    buffer_cols: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.scale not in ("layer", "row"):
+            raise ValueError(f"scale must be 'layer' or 'row', got {self.scale!r}")
+        if self.scale_objective not in ("proxy", "rd"):
+            raise ValueError(f"scale_objective must be 'proxy' or 'rd', got {self.scale_objective!r}")
+        grid = tuple(self.scale_grid)
+        if not grid or any(isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 0 for c in grid):
+            raise ValueError(f"scale_grid must be a non-empty sequence of numbers > 0, got {self.scale_grid!r}")
+        object.__setattr__(self, "scale_grid", tuple(float(c) for c in grid))
+        _int("scale_rows", self.scale_rows, 0)
+        if self.max_t_bits is not None and (
+            isinstance(self.max_t_bits, bool) or not isinstance(self.max_t_bits, (int, float)) or self.max_t_bits < 0
+        ):
+            raise ValueError(f"max_t_bits must be None or a number >= 0, got {self.max_t_bits!r}")
+        _int("bits", self.bits, 1, 8)
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or not (
+            self.group_size == -1 or self.group_size >= 1
+        ):
+            raise ValueError(f"group_size must be -1 or a positive int, got {self.group_size!r}")
+        for name in ("sym", "act_order", "center"):
+            _bool(name, getattr(self, name))
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not self.damp > 0:
+            raise ValueError(f"damp must be a number > 0, got {self.damp!r}")
+        _int("tune_iters", self.tune_iters, 0)
+        _int("buffer_cols", self.buffer_cols, 1)
+        _int("seed", self.seed, 0, 2**63 - 1)
+        self.code  # validates lattice, q, M, alpha, max_scaling_iterations
+
+    @property
+    def is_hnlq(self) -> bool:
+        return self.method.startswith("hnlq")
+
+    @property
+    def code(self) -> QuantizationConfig:
+        """The beta = 1 HNLQ code (the scale is kept outside)."""
+        return QuantizationConfig(
+            lattice_type=self.lattice,
+            q=self.q,
+            M=self.M,
+            beta=1.0,
+            alpha=float(self.alpha),
+            max_scaling_iterations=self.max_scaling_iterations,
+            center=self.center,
+        )
+
+    @property
+    def nominal_bits(self) -> float:
+        """Label bits per weight (M log2 q) for HNLQ, ``bits`` for scalar methods."""
+        return self.code.rate if self.is_hnlq else float(self.bits)
+
+
+# ---------------------------------------------------------------------------------------- HNLQ pieces
+def hnlq_quantize_rows(x: torch.Tensor, s: torch.Tensor, code: QuantizationConfig):
+    """HNLQ of ``x`` (m, ..., d) with per-row scale ``s`` (m,): returns ``(x_hat float64, labels, T, clamped)``."""
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    sv = s.to(torch.float64).reshape(shape)
+    u = x.to(torch.float64) / sv
+    b, T, clamped = encode(u, config=code, return_clamped=True)
+    xh = decode(b, config=code, T=T, dtype=torch.float64) * sv
+    return xh, b, T, clamped
+
+
+def _rd_factor(T: torch.Tensor, d: int) -> float:
+    if T.numel() == 0:
+        return 1.0
+    counts = torch.bincount(T.reshape(-1).long()).double()
+    p = counts[counts > 0] / T.numel()
+    return 2.0 ** (2.0 * float(-(p * torch.log2(p)).sum()) / d)
+
+
+def _base_scale(Wt: torch.Tensor, code: QuantizationConfig, per_row: bool) -> torch.Tensor:
+    """``β₀ · rms`` per row (m,) or per layer (broadcast to (m,)), float64, never 0."""
+    W64 = Wt.to(torch.float64)
+    rms = W64.pow(2).mean(dim=1).sqrt() if per_row else W64.pow(2).mean().sqrt().expand(W64.shape[0])
+    rms = torch.where(rms > 0, rms, torch.ones_like(rms))
+    return rms * beta_min(code, 1.0)
+
+
+def t_entropy_bits(T: torch.Tensor, d: int) -> float:
+    """Empirical entropy of T per weight, ``H(T) / d`` bits (what an entropy coder of T would cost)."""
+    return math.log2(_rd_factor(T, d)) / 2.0
+
+
+def choose_scale(Wt: torch.Tensor, hdiag: torch.Tensor, cfg: MethodConfig) -> tuple[torch.Tensor, float]:
+    """Scale of the HNLQ code on ``W̃`` (m, n) chosen by a coarse-to-fine search over multipliers c.
+
+    The coarse grid is ``cfg.scale_grid``; then the two log-midpoints around the best one are tried.
+    Objective: ``Σ_rows Σ_j hdiag_j (W̃ - Q(W̃))²_ij`` on up to ``cfg.scale_rows`` evenly spaced rows, times
+    ``2^(2 H(T)/d)`` with ``scale_objective="rd"`` (the distortion at the rate the overload side information
+    adds when entropy-coded, at 6 dB/bit). Candidates with ``H(T)/d > cfg.max_t_bits`` are rejected (if all
+    are, the one with the least T entropy is taken).
+
+    Returns
+    -------
+    scale : () float32 (``scale="layer"``) or (m,) float32 (``"row"``); multiplier : the chosen c
+    """
+    code = cfg.code
+    m, n = Wt.shape
+    d = code.dim
+    base = _base_scale(Wt, code, cfg.scale == "row")
+    rows = torch.arange(m)
+    if cfg.scale_rows and m > cfg.scale_rows:
+        rows = torch.linspace(0, m - 1, cfg.scale_rows).round().long()
+    x = Wt[rows].to(torch.float64).reshape(len(rows), n // d, d)
+    w = hdiag.to(torch.float64).reshape(n // d, d)
+    seen: dict[float, tuple[bool, float, float]] = {}
+
+    def evaluate(c: float):
+        if c not in seen:
+            xh, _, T, _ = hnlq_quantize_rows(x, c * base[rows], code)
+            f = float(((xh - x) ** 2 * w).sum())
+            tb = t_entropy_bits(T, d)
+            if cfg.scale_objective == "rd":
+                f *= 2.0 ** (2.0 * tb)
+            ok = cfg.max_t_bits is None or tb <= cfg.max_t_bits
+            seen[c] = (ok, f, tb)
+        return seen[c]
+
+    def best():
+        ok = [c for c, v in seen.items() if v[0]]
+        if ok:
+            return min(ok, key=lambda c: seen[c][1])
+        return min(seen, key=lambda c: (seen[c][2], seen[c][1]))
+
+    grid = sorted(cfg.scale_grid)
+    for c in grid:
+        evaluate(c)
+    c0 = best()
+    i = grid.index(c0)
+    if i > 0:
+        evaluate(math.sqrt(grid[i - 1] * c0))
+    if i + 1 < len(grid):
+        evaluate(math.sqrt(grid[i + 1] * c0))
+    c_best = best()
+    s = (c_best * base).to(torch.float32)
+    return (s[0].clone() if cfg.scale == "layer" else s), c_best
+
+
+# ---------------------------------------------------------------------------------------- metrics
+def _metrics(W64, W_hat64, H64, nominal):
+    E = W64 - W_hat64
+    proxy = float(((E @ H64) * E).sum())
+    ref = float(((W64 @ H64) * W64).sum())
+    err = float((E * E).sum())
+    sig = float((W64 * W64).sum())
+    return {
+        "proxy": proxy,
+        "rel_proxy": proxy / ref if ref > 0 else float("nan"),
+        "sqnr_db": 10.0 * math.log10(sig / err) if err > 0 and sig > 0 else float("inf"),
+        "nominal_bits": float(nominal),
+    }
+
+
+def _check_inputs(W, H):
+    if not isinstance(W, torch.Tensor) or W.ndim != 2 or not W.dtype.is_floating_point:
+        raise ValueError("W must be a floating 2-D tensor (out_features, in_features)")
+    if not isinstance(H, torch.Tensor) or H.ndim != 2 or H.shape != (W.shape[1], W.shape[1]):
+        raise ValueError(f"H must be ({W.shape[1]}, {W.shape[1]}) for W of shape {tuple(W.shape)}, got "
+                         f"{tuple(H.shape) if isinstance(H, torch.Tensor) else type(H).__name__}")
+    if not bool(torch.isfinite(W).all()):
+        raise ValueError("W contains NaN or Inf")
+
+
+def quantize_linear(
+    W: torch.Tensor, H: torch.Tensor, cfg: MethodConfig, *, name: str = ""
+) -> tuple[torch.Tensor, LinearCodes | ScalarCodes, dict]:
+    """Quantize one linear layer.
+
+    Parameters
+    ----------
+    W : (m, n) weight of ``y = W x``
+    H : (n, n) Hessian ``E[x xᵀ]`` (undamped; damping ``cfg.damp`` is applied once here)
+    cfg : MethodConfig
+    name : layer name; with ``cfg.seed`` it determines the rotation seeds (different per layer)
+
+    Returns
+    -------
+    W_hat : (m, n) float32 in the original basis
+    codes : LinearCodes (HNLQ methods) or ScalarCodes (rtn, gptq); ``codes.dequantize()`` equals W_hat
+    metrics : dict — proxy, rel_proxy (``tr(ΔW H ΔWᵀ)/tr(W H Wᵀ)``, undamped H), sqnr_db, nominal_bits,
+        overload_frac (fraction of blocks with T > 0), clamped (count), scale_mult (HNLQ)
+    """
+    if not isinstance(cfg, MethodConfig):
+        raise TypeError(f"cfg must be a MethodConfig, got {type(cfg).__name__}")
+    _check_inputs(W, H)
+    m, n = W.shape
+    W64 = W.to(torch.float64)
+    H64 = H.to(torch.float64)
+    if cfg.method == "rtn":
+        W_hat, codes = rtn_scalar(W, cfg.bits, cfg.group_size, cfg.sym)
+        return W_hat, codes, _metrics(W64, W_hat.double(), H64, cfg.bits) | {"overload_frac": 0.0, "clamped": 0}
+    if cfg.method == "gptq":
+        W_hat, codes = gptq_scalar(W, H64, cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, damp=cfg.damp)
+        return W_hat, codes, _metrics(W64, W_hat.double(), H64, cfg.bits) | {"overload_frac": 0.0, "clamped": 0}
+
+    code = cfg.code
+    d = code.dim
+    if n % d:
+        raise ValueError(f"in_features={n} is not a multiple of the lattice dimension d={d} ({cfg.lattice})")
+    Hd, dead = damp_hessian(H64, cfg.damp)
+    Wq = W64.clone()
+    if cfg.method == "hnlq_ldlq" and bool(dead.any()):
+        Wq[:, dead] = 0.0  # GPTQ's dead-column rule: the inputs are always 0
+    rot_out = rot_in = None
+    if cfg.method in ("hnlq_rot", "hnlq_ldlq"):
+        rot_out, rot_in = layer_rotations(m, n, cfg.seed, name)
+    Wt = rotate_weight(Wq, rot_out, rot_in)
+    Ht = rotate_hessian(Hd, rot_in)
+    scale, mult = choose_scale(Wt, torch.diagonal(Ht), cfg)
+    srow = scale.expand(m) if scale.ndim == 0 else scale
+    if cfg.method == "hnlq_ldlq":
+
+        def qblock(t, k):
+            xh, b, T, cl = hnlq_quantize_rows(t, srow, code)
+            return xh, (b, T, cl)
+
+        res = ldlq(Wt, Ht, qblock, d, buffer_cols=cfg.buffer_cols, tune_iters=cfg.tune_iters)
+        labels = torch.stack([c[0] for c in res.codes], dim=1)  # (m, n/d, M, d)
+        T = torch.stack([c[1] for c in res.codes], dim=1)
+        clamped = torch.stack([c[2] for c in res.codes], dim=1)
+    else:
+        _, labels, T, clamped = hnlq_quantize_rows(Wt.reshape(m, n // d, d), srow, code)
+    codes = LinearCodes(code, labels, T, scale, rot_in, rot_out, n, m)
+    W_hat = codes.dequantize(torch.float32)
+    metrics = _metrics(W64, W_hat.double(), H64, code.rate)
+    metrics.update(
+        overload_frac=float((T > 0).double().mean()),
+        t_entropy_bits=t_entropy_bits(T, d),
+        clamped=int(clamped.sum()),
+        scale_mult=float(mult),
+    )
+    return W_hat, codes, metrics
