@@ -19,12 +19,12 @@ from functools import lru_cache
 import torch
 
 from coset.lut import representative_table
-from coset.quant import constellation_offset, decode, encode, pack_labels, unpack_labels
+from coset.quant import constellation_offset, decode, encode, pack_labels
 
 from .config import BLOCK, KVQuantConfig
 from .rotation import HeadRotation
 
-__all__ = ["KVCodes", "encode_states", "decode_states", "block_scales", "code_tables"]
+__all__ = ["KVCodes", "encode_states", "decode_states", "block_scales", "code_tables", "step_table", "unpack_t"]
 
 _FP16_MAX = float(torch.finfo(torch.float16).max)
 
@@ -115,20 +115,31 @@ def encode_states(x: torch.Tensor, rotation: HeadRotation, config: KVQuantConfig
 
 
 def unpack_t(t: torch.Tensor, config: KVQuantConfig, K: int) -> torch.Tensor:
-    """``(..., t_bytes)`` packed T -> ``(..., K)`` uint8 T."""
+    """``(..., t_bytes)`` packed T -> ``(..., K)`` uint8 T (the layout of ``coset.quant.pack_labels``: T of
+    block k at bits ``[k t_bits, (k+1) t_bits)`` of the vector's little-endian bit stream)."""
     lead = t.shape[:-1]
-    if not config.t_bits:
+    tb = config.t_bits
+    if not tb:
         return torch.zeros((*lead, K), dtype=torch.uint8, device=t.device)
-    per = 8 // config.t_bits
-    Kp = t.shape[-1] * per
-    T = unpack_labels(t.reshape(-1), 2**config.t_bits, (*lead, Kp))
-    return T[..., :K]
+    shifts = torch.arange(0, 8, tb, dtype=torch.uint8, device=t.device)
+    T = (t.unsqueeze(-1) >> shifts) & ((1 << tb) - 1)
+    return T.reshape(*lead, -1)[..., :K]
+
+
+@lru_cache(maxsize=None)
+def _steps(config: KVQuantConfig) -> torch.Tensor:
+    return torch.tensor(config.quant_config().scales, dtype=torch.float32)
+
+
+def step_table(config: KVQuantConfig) -> torch.Tensor:
+    """``(2^t_bits,)`` float32 ``beta 2^(alpha t)``: the block factor of overload step t (read-only, cached)."""
+    return _steps(config)
 
 
 def block_scales(codes: KVCodes, config: KVQuantConfig, K: int) -> torch.Tensor:
     """``w[..., k] = rho * beta 2^(alpha T_k)``: the float32 factor of block k of each coded vector."""
     T = unpack_t(codes.t, config, K)
-    steps = torch.tensor(config.quant_config().scales, dtype=torch.float32, device=T.device)
+    steps = step_table(config).to(T.device)
     return codes.scale.to(torch.float32).unsqueeze(-1) * steps[T.long()]
 
 

@@ -25,7 +25,7 @@ import torch
 from coset.lut.kernels import torch_one_sided
 
 from . import native
-from .codes import KVCodes, block_scales, code_tables, decode_rotated
+from .codes import KVCodes, block_scales, code_tables, decode_rotated, step_table
 from .config import BLOCK, KVQuantConfig
 
 __all__ = ["query_tables", "scores_lut", "scores_lut_torch", "scores_reference", "values_from_codes"]
@@ -57,8 +57,8 @@ def query_tables(qr: torch.Tensor, config: KVQuantConfig) -> tuple[torch.Tensor,
     a, c = code_tables(config, qr.device)
     B, H, n, D = qr.shape
     y = qr.to(torch.float32).reshape(B, H, n, D // BLOCK, BLOCK)
-    tab = torch.einsum("bhnkd,jd->bhkjn", y, a).contiguous()
-    cy = torch.einsum("bhnkd,d->bhkn", y, c)
+    tab = (y @ a.T).permute(0, 1, 3, 4, 2).contiguous()  # (B,H,n,K,256) -> (B,H,K,256,n)
+    cy = (y @ c).permute(0, 1, 3, 2)
     return tab, cy
 
 
@@ -108,8 +108,7 @@ def scores_lut(qr: torch.Tensor, codes: KVCodes, config: KVQuantConfig, *, backe
     if not native.available():
         raise ValueError("backend='native' but coset.cuda._C has no kv_scores kernel (see docs/kv.md)")
     tab, cy = query_tables(qr, config)
-    K = codes.idx.shape[3]
-    return native.kv_scores(codes.idx, block_scales(codes, config, K), tab, cy)
+    return native.kv_scores(codes, step_table(config), config.t_bits, tab, cy)
 
 
 def values_from_codes(
@@ -140,5 +139,5 @@ def values_from_codes(
         if not native.available():
             raise ValueError("backend='native' but coset.cuda._C has no kv_values kernel (see docs/kv.md)")
         a, c = code_tables(config, p.device)
-        return native.kv_values(codes.idx, block_scales(codes, config, K), p.to(torch.float32), a, c)
+        return native.kv_values(codes, step_table(config), config.t_bits, p.to(torch.float32), a, c)
     return p.to(torch.float32) @ decode_rotated(codes, config)

@@ -43,8 +43,8 @@ def load_library(path) -> None:
         if not hasattr(lib, name):
             raise ValueError(f"{path} does not export {name}")
     i64, i32, p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-    lib.kv_scores_cpu.argtypes = [p, p, p, p, p, i64, i64, i32, i32, i32, i32]
-    lib.kv_values_cpu.argtypes = [p, p, p, p, p, p, i64, i64, i32, i32, i32, i32]
+    lib.kv_scores_cpu.argtypes = [p, p, p, p, i32, p, p, p, i64, i64, i32, i32, i32, i32]
+    lib.kv_values_cpu.argtypes = [p, p, p, p, i32, p, p, p, p, i64, i64, i32, i32, i32, i32]
     lib.kv_scores_cpu.restype = lib.kv_values_cpu.restype = i32
     _lib = lib
 
@@ -88,11 +88,26 @@ def _call(fn, *args) -> None:
         raise ValueError(f"native kv kernel rejected its arguments (code {rc})")
 
 
-def kv_scores(idx: torch.Tensor, w: torch.Tensor, tab: torch.Tensor, cy: torch.Tensor) -> torch.Tensor:
-    """Native LUT scores.
+def _code_args(codes, steps: torch.Tensor, t_bits: int):
+    B, H, L, K, M = codes.idx.shape
+    tb = -(-K * t_bits // 8)
+    if codes.t.shape != (B, H, L, tb) or codes.scale.shape != (B, H, L):
+        raise ValueError("codes: inconsistent shapes of idx, t, scale")
+    if steps.numel() != 2**t_bits:
+        raise ValueError(f"steps must have 2**t_bits = {2**t_bits} entries, got {steps.numel()}")
+    return (_c(codes.idx, torch.uint8), _c(codes.t, torch.uint8), _c(codes.scale, torch.float32),
+            _c(steps, torch.float32))
 
-    idx (B, H, L, K, M) uint8, w (B, H, L, K), tab (B, H, K, 256, n), cy (B, H, K, n) float32
-    -> (B, H, n, L) float32, ``out[.., i, t] = sum_k w[t,k] (sum_m 2^m tab[k, idx[t,k,m], i] - cy[k, i])``.
+
+def kv_scores(codes, steps: torch.Tensor, t_bits: int, tab: torch.Tensor, cy: torch.Tensor) -> torch.Tensor:
+    """Native LUT scores of key codes.
+
+    codes : KVCodes, idx (B, H, L, K, M) uint8, t (B, H, L, ceil(K t_bits / 8)) uint8, scale (B, H, L)
+    steps : (2^t_bits,) float32, ``beta 2^(alpha t)``
+    tab (B, H, K, 256, n), cy (B, H, K, n) float32: the query tables (:func:`coset.kv.lut.query_tables`)
+
+    Returns (B, H, n, L) float32, ``out[.., i, t] = sum_k w[t,k] (sum_m 2^m tab[k, idx[t,k,m], i] - cy[k, i])``
+    with ``w[t,k] = scale[t] steps[T[t,k]]``.
 
     Raises
     ------
@@ -101,33 +116,36 @@ def kv_scores(idx: torch.Tensor, w: torch.Tensor, tab: torch.Tensor, cy: torch.T
     impl = _impl()
     if impl is None:
         raise ValueError("no native kv kernel: build cuda/csrc/kv_cpu.cpp and call load_library (docs/kv.md)")
-    B, H, L, K, M = idx.shape
+    B, H, L, K, M = codes.idx.shape
     n = tab.shape[-1]
-    if w.shape != (B, H, L, K) or tab.shape != (B, H, K, 256, n) or cy.shape != (B, H, K, n):
-        raise ValueError("kv_scores: inconsistent shapes of idx, w, tab, cy")
-    idx, w, tab, cy = _c(idx, torch.uint8), _c(w, torch.float32), _c(tab, torch.float32), _c(cy, torch.float32)
+    if tab.shape != (B, H, K, 256, n) or cy.shape != (B, H, K, n):
+        raise ValueError("kv_scores: tab and cy do not match the codes")
+    idx, t, rho, st = _code_args(codes, steps, t_bits)
+    tab, cy = _c(tab, torch.float32), _c(cy, torch.float32)
     out = torch.empty((B, H, n, L), dtype=torch.float32)
-    _call(impl.kv_scores_cpu, idx.data_ptr(), w.data_ptr(), tab.data_ptr(), cy.data_ptr(), out.data_ptr(),
-          B * H, L, K, M, n, torch.get_num_threads())
+    _call(impl.kv_scores_cpu, idx.data_ptr(), t.data_ptr(), rho.data_ptr(), st.data_ptr(), t_bits, tab.data_ptr(),
+          cy.data_ptr(), out.data_ptr(), B * H, L, K, M, n, torch.get_num_threads())
     return out
 
 
-def kv_values(idx: torch.Tensor, w: torch.Tensor, p: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Native value accumulation.
+def kv_values(codes, steps: torch.Tensor, t_bits: int, p: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Native value accumulation from value codes.
 
-    idx (B, H, L, K, M) uint8, w (B, H, L, K), p (B, H, n, L), a (256, 8), c (8,) float32
-    -> (B, H, n, K*8) float32, ``out[.., i, 8k:8k+8] = sum_t p[i,t] w[t,k] (sum_m 2^m a[idx[t,k,m]] - c)``.
+    codes, steps, t_bits : as for :func:`kv_scores`; p (B, H, n, L) float32 weights; a (256, 8), c (8,) the
+    code's representatives and centring offset (:func:`coset.kv.code_tables`)
+
+    Returns (B, H, n, K*8) float32, ``out[.., i, 8k:8k+8] = sum_t p[i,t] w[t,k] (sum_m 2^m a[idx[t,k,m]] - c)``.
     """
     impl = _impl()
     if impl is None:
         raise ValueError("no native kv kernel: build cuda/csrc/kv_cpu.cpp and call load_library (docs/kv.md)")
-    B, H, L, K, M = idx.shape
+    B, H, L, K, M = codes.idx.shape
     n = p.shape[2]
-    if w.shape != (B, H, L, K) or p.shape != (B, H, n, L) or a.shape != (256, 8) or c.shape != (8,):
-        raise ValueError("kv_values: inconsistent shapes of idx, w, p, a, c")
-    idx, w, p = _c(idx, torch.uint8), _c(w, torch.float32), _c(p, torch.float32)
-    a, c = _c(a, torch.float32), _c(c, torch.float32)
+    if p.shape != (B, H, n, L) or a.shape != (256, 8) or c.shape != (8,):
+        raise ValueError("kv_values: p, a or c do not match the codes")
+    idx, t, rho, st = _code_args(codes, steps, t_bits)
+    p, a, c = _c(p, torch.float32), _c(a, torch.float32), _c(c, torch.float32)
     out = torch.empty((B, H, n, K * 8), dtype=torch.float32)
-    _call(impl.kv_values_cpu, idx.data_ptr(), w.data_ptr(), p.data_ptr(), a.data_ptr(), c.data_ptr(), out.data_ptr(),
-          B * H, L, K, M, n, torch.get_num_threads())
+    _call(impl.kv_values_cpu, idx.data_ptr(), t.data_ptr(), rho.data_ptr(), st.data_ptr(), t_bits, p.data_ptr(),
+          a.data_ptr(), c.data_ptr(), out.data_ptr(), B * H, L, K, M, n, torch.get_num_threads())
     return out
