@@ -92,9 +92,9 @@ def run_ppl(model, windows, kind, cfg):
 
 
 @torch.no_grad()
-def run_gen(model, tok, kind, cfg, new_tokens=64):
+def run_gen(model, tok, kind, cfg, prompts, new_tokens=64):
     outs = []
-    for p in PROMPTS:
+    for p in prompts:
         ids = tok(p, return_tensors="pt")["input_ids"]
         cache = make_cache(kind, cfg, model.config)
         g = model.generate(ids, past_key_values=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -123,11 +123,57 @@ def decode_steps(model, cache, start_token, steps):
     return times[len(times) // 2]
 
 
-def write(results: dict) -> None:
+def attn_layer_bench(ctx: int, steps: int) -> dict:
+    """One attention layer of SmolLM2's shape (9 query heads, 3 KV heads, D = 64), one decoding step at
+    ``ctx`` cached tokens: cache update with the new token + attention. Random states (the timing does not
+    depend on the data). Median over ``steps``."""
+    from transformers.cache_utils import DynamicLayer
+
+    from coset.kv.hf_cache import CosetKVLayer, coset_kv_attention
+
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 3, ctx, 64, generator=g)
+    v = torch.randn(1, 3, ctx, 64, generator=g)
+    rows = {}
+
+    def med(fn):
+        fn()
+        ts = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return 1e3 * sorted(ts)[len(ts) // 2]
+
+    q = torch.randn(1, 9, 1, 64, generator=g)
+    k1, v1 = torch.randn(1, 3, 1, 64, generator=g), torch.randn(1, 3, 1, 64, generator=g)
+    dyn = DynamicLayer()
+    dyn.update(k, v)
+
+    def step_dyn():
+        K, V = dyn.update(k1, v1)
+        torch.nn.functional.scaled_dot_product_attention(q, K, V, enable_gqa=True)
+
+    rows["fp32 DynamicLayer + SDPA"] = {"ms": med(step_dyn), "bytes_per_token": 2 * 3 * 64 * 4}
+    for bits in (4, 2):
+        for be in (("native",) if native.available() else ()) + ("torch",):
+            layer = CosetKVLayer(KVQuantConfig(bits=bits), backend=be)
+            layer.update(k, v)
+
+            def step_coset():
+                hk, hv = layer.update(k1, v1)
+                coset_kv_attention(None, q, hk, hv, None, scaling=0.125)
+
+            rows[f"hnlq{bits} CosetKVLayer + LUT ({be})"] = {
+                "ms": med(step_coset), "bytes_per_token": layer.nbytes / layer.get_seq_length()}
+    return rows
+
+
+def write(results: dict, name: str = "kv") -> None:
     OUT.mkdir(exist_ok=True)
-    (OUT / "kv.json").write_text(json.dumps(results, indent=1))
+    (OUT / f"{name}.json").write_text(json.dumps(results, indent=1))
     L = ["# coset-kv: SmolLM2-135M-Instruct KV cache in HNLQ codes vs fp32 and KIVI-style scalar", ""]
-    L.append(f"Machine: {results['machine']}. Command: `{results['command']}`.")
+    L.append(f"Machine: {results['machine']}. Commands: " + "; ".join(f"`{c}`" for c in results.get("commands", [])) + ".")
     L.append("")
     ppl = results.get("ppl", {})
     if ppl:
@@ -143,12 +189,24 @@ def write(results: dict) -> None:
         L.append("")
     gen = results.get("gen", {})
     if gen:
-        L.append(f"## Greedy generation, {len(PROMPTS)} prompts x 64 new tokens, agreement with the fp32 cache")
+        L.append(f"## Greedy generation, {results.get('gen_prompts', len(PROMPTS))} prompts x 64 new tokens, agreement with the fp32 cache")
         L.append("")
         L.append("| cache | tokens equal (mean over prompts) | first divergence per prompt |")
         L.append("|---|---|---|")
         for name, r in gen.items():
             L.append(f"| {name} | {r['agreement']:.3f} | {r['first_diff']} |")
+        L.append("")
+    at = results.get("attn", {})
+    if at:
+        L.append("## One attention layer, one decoding step (cache update + attention), median, ms")
+        L.append("")
+        L.append("SmolLM2 shape: 9 query heads, 3 KV heads, head dim 64. x30 layers for the model's attention share.")
+        L.append("")
+        L.append("| context | method | ms / step / layer | cache bytes / token / layer |")
+        L.append("|---|---|---|---|")
+        for ctx, rows in at.items():
+            for name, r in rows.items():
+                L.append(f"| {ctx} | {name} | {r['ms']:.2f} | {r['bytes_per_token']:.0f} |")
         L.append("")
     sp = results.get("speed", {})
     if sp:
@@ -160,7 +218,7 @@ def write(results: dict) -> None:
             for name, r in rows.items():
                 L.append(f"| {ctx} | {name} | {r['ms']:.1f} | {r['bytes_per_token']:.0f} |")
         L.append("")
-    (OUT / "kv.md").write_text("\n".join(L))
+    (OUT / f"{name}.md").write_text("\n".join(L))
 
 
 def plot(results: dict) -> None:
@@ -197,20 +255,39 @@ def main() -> None:
     ap.add_argument("--contexts", default="2048,8192")
     ap.add_argument("--native", default=None, help="shared library built from cuda/csrc/kv_cpu.cpp")
     ap.add_argument("--only", default=None, help="comma-separated method names")
+    ap.add_argument("--prompts", type=int, default=len(PROMPTS))
+    ap.add_argument("--out", default="kv", help="results name (kv -> kv.json/md/png); 'report' merges kv_*.json")
     args = ap.parse_args()
     if args.native:
         native.load_library(args.native)
     torch.manual_seed(0)
-    path = OUT / "kv.json"
+    path = OUT / f"{args.out}.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     results["machine"] = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    results["command"] = "nice -n 5 uv run python benchmarks/bench_kv.py " + " ".join(
+    cmd = "nice -n 5 uv run python benchmarks/bench_kv.py " + " ".join(
         f"--{k} {v}" for k, v in vars(args).items() if v is not None)
-    model, tok = load_smollm2()
-    use_coset_attention(model)  # "coset_kv": the LUT/code path for CosetKVLayer, plain SDPA otherwise
+    if args.sections == "report":  # merge the partial result files into kv.json / kv.md / kv.png
+        if "command" in results:
+            results["commands"] = [results.pop("command")] + results.get("commands", [])
+        for part in sorted(OUT.glob("kv_*.json")):
+            extra = json.loads(part.read_text())
+            for key, val in extra.items():
+                if key == "commands":
+                    results["commands"] = list(dict.fromkeys(results.get("commands", []) + val))
+                elif isinstance(val, dict):
+                    results.setdefault(key, {}).update(val)
+        write(results, args.out)
+        plot(results)
+        return
+    results["commands"] = list(dict.fromkeys(results.get("commands", []) + [cmd]))
+    sections = args.sections.split(",")
+    if "ppl" not in sections and "gen" not in sections and "speed" not in sections:  # no model needed
+        model = tok = None
+    else:
+        model, tok = load_smollm2()
+        use_coset_attention(model)  # "coset_kv": the LUT/code path for CosetKVLayer, plain SDPA otherwise
     sel = set(args.only.split(",")) if args.only else None
     todo = [m for m in methods() if sel is None or m[0] in sel]
-    sections = args.sections.split(",")
     if "ppl" in sections:
         ids = token_windows(tok, pydoc_text(), args.seqlen, args.windows)
         results["ppl_setup"] = f"{ids.shape[0]} windows x {args.seqlen} tokens of pydoc_data.topics, no full-precision window"
@@ -221,20 +298,28 @@ def main() -> None:
             results["ppl"][name] = {"ppl": p, "bytes_per_token": bpt, "bits_per_element": bits_per_element(kind, cfg),
                                     "seconds": time.time() - t0}
             print(name, results["ppl"][name], flush=True)
-            write(results)
+            write(results, args.out)
             plot(results)
     if "gen" in sections:
         results.setdefault("gen", {})
-        ref = run_gen(model, tok, "fp32", None)
+        results["gen_prompts"] = args.prompts
+        prompts = PROMPTS[: args.prompts]
+        ref = run_gen(model, tok, "fp32", None, prompts)
         for name, kind, cfg in todo:
             if kind == "fp32":
                 continue
-            outs = run_gen(model, tok, kind, cfg)
+            outs = run_gen(model, tok, kind, cfg, prompts)
             eq = [sum(a == b for a, b in zip(o, r)) / len(r) for o, r in zip(outs, ref)]
             first = [next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), len(r)) for o, r in zip(outs, ref)]
             results["gen"][name] = {"agreement": sum(eq) / len(eq), "first_diff": first}
             print(name, results["gen"][name], flush=True)
-            write(results)
+            write(results, args.out)
+    if "attn" in sections:
+        results.setdefault("attn", {})
+        for ctx in [int(c) for c in args.contexts.split(",")]:
+            results["attn"][str(ctx)] = attn_layer_bench(ctx, args.steps)
+            print(ctx, results["attn"][str(ctx)], flush=True)
+            write(results, args.out)
     if "speed" in sections:
         results.setdefault("speed", {})
         text_ids = token_windows(tok, pydoc_text(), 8192, 1)
@@ -250,9 +335,9 @@ def main() -> None:
                 ms = 1e3 * decode_steps(model, cache, ids[:, -1:], args.steps)
                 rows[name] = {"ms": ms, "bytes_per_token": cache_bytes(kind, cache) / cache.get_seq_length()}
                 print(ctx, name, rows[name], flush=True)
-                write(results)
+                write(results, args.out)
                 del cache
-    write(results)
+    write(results, args.out)
     plot(results)
 
 
