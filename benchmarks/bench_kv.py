@@ -28,19 +28,19 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
 
 from coset.kv import KVQuantConfig, ScalarKVConfig, native
 from coset.kv.hf_cache import CosetQuantizedCache, ScalarQuantizedCache, use_coset_attention
 from coset.ptq.data import pydoc_text, token_windows
 from coset.ptq.models import load_smollm2
-from transformers import DynamicCache
 
 OUT = Path(__file__).resolve().parent / "results"
 HEAD_DIM = 64
 
 PROMPTS = [
     "The Python for statement iterates over",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
     "A context manager in Python is",
     "The capital of France is Paris. The capital of Germany is",
 ]
@@ -73,7 +73,9 @@ def bits_per_element(kind: str, cfg) -> float:
 
 def cache_bytes(kind: str, cache) -> int:
     if kind == "fp32":
-        return sum(l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size() for l in cache.layers)
+        return sum(
+            l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size() for l in cache.layers
+        )
     return cache.nbytes
 
 
@@ -97,9 +99,15 @@ def run_gen(model, tok, kind, cfg, prompts, new_tokens=64):
     for p in prompts:
         ids = tok(p, return_tensors="pt")["input_ids"]
         cache = make_cache(kind, cfg, model.config)
-        g = model.generate(ids, past_key_values=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                           do_sample=False, pad_token_id=tok.eos_token_id)
-        outs.append(g[0, ids.shape[1]:].tolist())
+        g = model.generate(
+            ids,
+            past_key_values=cache,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tok.eos_token_id,
+        )
+        outs.append(g[0, ids.shape[1] :].tolist())
     return outs
 
 
@@ -160,12 +168,14 @@ def attn_layer_bench(ctx: int, steps: int) -> dict:
             layer = CosetKVLayer(KVQuantConfig(bits=bits), backend=be)
             layer.update(k, v)
 
-            def step_coset():
+            def step_coset(layer=layer):
                 hk, hv = layer.update(k1, v1)
                 coset_kv_attention(None, q, hk, hv, None, scaling=0.125)
 
             rows[f"hnlq{bits} CosetKVLayer + LUT ({be})"] = {
-                "ms": med(step_coset), "bytes_per_token": layer.nbytes / layer.get_seq_length()}
+                "ms": med(step_coset),
+                "bytes_per_token": layer.nbytes / layer.get_seq_length(),
+            }
     return rows
 
 
@@ -173,7 +183,9 @@ def write(results: dict, name: str = "kv") -> None:
     OUT.mkdir(exist_ok=True)
     (OUT / f"{name}.json").write_text(json.dumps(results, indent=1))
     L = ["# coset-kv: SmolLM2-135M-Instruct KV cache in HNLQ codes vs fp32 and KIVI-style scalar", ""]
-    L.append(f"Machine: {results['machine']}. Commands: " + "; ".join(f"`{c}`" for c in results.get("commands", [])) + ".")
+    L.append(
+        f"Machine: {results['machine']}. Commands: " + "; ".join(f"`{c}`" for c in results.get("commands", [])) + "."
+    )
     L.append("")
     ppl = results.get("ppl", {})
     if ppl:
@@ -185,11 +197,15 @@ def write(results: dict, name: str = "kv") -> None:
         for name, r in ppl.items():
             ratio = f"{r['ppl'] / ref:.4f}" if ref else "-"
             fewer = f"{ppl['fp32']['bytes_per_token'] / r['bytes_per_token']:.2f}" if "fp32" in ppl else "-"
-            L.append(f"| {name} | {r['bits_per_element']:.3f} | {r['bytes_per_token']:.0f} | {fewer} | {r['ppl']:.3f} | {ratio} |")
+            L.append(
+                f"| {name} | {r['bits_per_element']:.3f} | {r['bytes_per_token']:.0f} | {fewer} | {r['ppl']:.3f} | {ratio} |"
+            )
         L.append("")
     gen = results.get("gen", {})
     if gen:
-        L.append(f"## Greedy generation, {results.get('gen_prompts', len(PROMPTS))} prompts x 64 new tokens, agreement with the fp32 cache")
+        L.append(
+            f"## Greedy generation, {results.get('gen_prompts', len(PROMPTS))} prompts x 64 new tokens, agreement with the fp32 cache"
+        )
         L.append("")
         L.append("| cache | tokens equal (mean over prompts) | first divergence per prompt |")
         L.append("|---|---|---|")
@@ -235,7 +251,12 @@ def plot(results: dict) -> None:
     for kind, mk in (("hnlq", "o-"), ("kivi", "s--")):
         pts = sorted((r["bits_per_element"], r["ppl"] / ref) for n, r in ppl.items() if n.startswith(kind))
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], mk, label={"hnlq": "HNLQ (E8, q=2) + LUT", "kivi": "KIVI-style scalar"}[kind])
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                mk,
+                label={"hnlq": "HNLQ (E8, q=2) + LUT", "kivi": "KIVI-style scalar"}[kind],
+            )
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xlabel("bits per cached element, all-in")
     ax.set_ylabel("perplexity / fp32-cache perplexity")
@@ -263,9 +284,12 @@ def main() -> None:
     torch.manual_seed(0)
     path = OUT / f"{args.out}.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    results["machine"] = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    results["machine"] = (
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     cmd = "nice -n 5 uv run python benchmarks/bench_kv.py " + " ".join(
-        f"--{k} {v}" for k, v in vars(args).items() if v is not None)
+        f"--{k} {v}" for k, v in vars(args).items() if v is not None
+    )
     if args.sections == "report":  # merge the partial result files into kv.json / kv.md / kv.png
         if "command" in results:
             results["commands"] = [results.pop("command")] + results.get("commands", [])
@@ -290,13 +314,19 @@ def main() -> None:
     todo = [m for m in methods() if sel is None or m[0] in sel]
     if "ppl" in sections:
         ids = token_windows(tok, pydoc_text(), args.seqlen, args.windows)
-        results["ppl_setup"] = f"{ids.shape[0]} windows x {args.seqlen} tokens of pydoc_data.topics, no full-precision window"
+        results["ppl_setup"] = (
+            f"{ids.shape[0]} windows x {args.seqlen} tokens of pydoc_data.topics, no full-precision window"
+        )
         results.setdefault("ppl", {})
         for name, kind, cfg in todo:
             t0 = time.time()
             p, bpt = run_ppl(model, ids, kind, cfg)
-            results["ppl"][name] = {"ppl": p, "bytes_per_token": bpt, "bits_per_element": bits_per_element(kind, cfg),
-                                    "seconds": time.time() - t0}
+            results["ppl"][name] = {
+                "ppl": p,
+                "bytes_per_token": bpt,
+                "bits_per_element": bits_per_element(kind, cfg),
+                "seconds": time.time() - t0,
+            }
             print(name, results["ppl"][name], flush=True)
             write(results, args.out)
             plot(results)
@@ -309,8 +339,11 @@ def main() -> None:
             if kind == "fp32":
                 continue
             outs = run_gen(model, tok, kind, cfg, prompts)
-            eq = [sum(a == b for a, b in zip(o, r)) / len(r) for o, r in zip(outs, ref)]
-            first = [next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), len(r)) for o, r in zip(outs, ref)]
+            eq = [sum(a == b for a, b in zip(o, r, strict=True)) / len(r) for o, r in zip(outs, ref, strict=True)]
+            first = [
+                next((i for i, (a, b) in enumerate(zip(o, r, strict=True)) if a != b), len(r))
+                for o, r in zip(outs, ref, strict=True)
+            ]
             results["gen"][name] = {"agreement": sum(eq) / len(eq), "first_diff": first}
             print(name, results["gen"][name], flush=True)
             write(results, args.out)
@@ -326,10 +359,13 @@ def main() -> None:
         for ctx in [int(c) for c in args.contexts.split(",")]:
             ids = text_ids[:, :ctx]
             rows = results["speed"].setdefault(str(ctx), {})
-            runs = [("fp32 DynamicCache + SDPA", "fp32", None, "auto"),
-                    ("hnlq4 LUT " + ("native" if native.available() else "torch"), "hnlq", KVQuantConfig(bits=4), "auto"),
-                    ("hnlq2 LUT " + ("native" if native.available() else "torch"), "hnlq", KVQuantConfig(bits=2), "auto")]
-            for name, kind, cfg, be in runs:
+            lut = "native" if native.available() else "torch"
+            runs = [
+                ("fp32 DynamicCache + SDPA", "fp32", None),
+                (f"hnlq4 LUT {lut}", "hnlq", KVQuantConfig(bits=4)),
+                (f"hnlq2 LUT {lut}", "hnlq", KVQuantConfig(bits=2)),
+            ]
+            for name, kind, cfg in runs:
                 cache = make_cache(kind, cfg, model.config)
                 fill_cache(model, cache, ids)
                 ms = 1e3 * decode_steps(model, cache, ids[:, -1:], args.steps)

@@ -8,7 +8,7 @@ transformers = pytest.importorskip("transformers")
 
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from coset.kv import CodedKVStore, KVQuantConfig, ScalarKVConfig, decode_states  # noqa: E402
+from coset.kv import CodedKVStore, KVQuantConfig, ScalarKVConfig  # noqa: E402
 from coset.kv.hf_cache import (  # noqa: E402
     CodedKV,
     CosetKVLayer,
@@ -20,8 +20,16 @@ from coset.kv.hf_cache import (  # noqa: E402
 
 
 def tiny_config(layers=2):
-    return LlamaConfig(vocab_size=96, hidden_size=576, intermediate_size=128, num_hidden_layers=layers,
-                       num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=256)
+    return LlamaConfig(
+        vocab_size=96,
+        hidden_size=576,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        max_position_embeddings=256,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +51,7 @@ def codes_of(layer):
 
 
 def same_codes(a, b):
-    return all(torch.equal(x, y) for x, y in zip(a, b))
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_append_token_by_token_equals_one_chunk():
@@ -166,14 +174,21 @@ def test_model_logits_with_codes_equal_sdpa_on_decoded_cache(model):
 def test_generate_runs_and_high_rate_matches_fp32_greedy(model):
     ids = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        ref = model.generate(ids, past_key_values=DynamicCache(config=model.config), max_new_tokens=16,
-                             do_sample=False)
-        hi = model.generate(ids, past_key_values=CosetQuantizedCache(model.config, KVQuantConfig(bits=4, t_bits=4)),
-                            max_new_tokens=16, do_sample=False)
+        ref = model.generate(ids, past_key_values=DynamicCache(config=model.config), max_new_tokens=16, do_sample=False)
+        hi = model.generate(
+            ids,
+            past_key_values=CosetQuantizedCache(model.config, KVQuantConfig(bits=4, t_bits=4)),
+            max_new_tokens=16,
+            do_sample=False,
+        )
         lo_cache = CosetQuantizedCache(model.config, KVQuantConfig(bits=1, window=2))
         lo = model.generate(ids, past_key_values=lo_cache, max_new_tokens=16, do_sample=False)
-        kivi = model.generate(ids, past_key_values=ScalarQuantizedCache(model.config, ScalarKVConfig(bits=8, group_size=4)),
-                              max_new_tokens=16, do_sample=False)
+        kivi = model.generate(
+            ids,
+            past_key_values=ScalarQuantizedCache(model.config, ScalarKVConfig(bits=8, group_size=4)),
+            max_new_tokens=16,
+            do_sample=False,
+        )
     assert torch.equal(hi, ref)
     assert torch.equal(kivi, ref)
     assert lo.shape == ref.shape and lo_cache.get_seq_length() == 6 + 15
@@ -204,8 +219,9 @@ def test_bad_inputs(model):
     with pytest.raises(ValueError, match="does not fit"):
         layer.store.attend(torch.randn(1, 4, 1, 64))
     with pytest.raises(ValueError, match="dropout"):
-        coset_kv_attention(None, torch.randn(1, 9, 1, 64), CodedKV(layer.store), CodedKV(layer.store), None,
-                           dropout=0.1)
+        coset_kv_attention(
+            None, torch.randn(1, 9, 1, 64), CodedKV(layer.store), CodedKV(layer.store), None, dropout=0.1
+        )
     sc = ScalarQuantizedCache(1, ScalarKVConfig(bits=4, group_size=4))
     sc.update(*kv(L=6), 0)
     with pytest.raises(ValueError, match="cannot crop"):

@@ -77,8 +77,21 @@ def native_lib(tmp_path_factory):
     if cxx is None:
         pytest.skip("no C++ compiler to build cuda/csrc/kv_cpu.cpp")
     out = tmp_path_factory.mktemp("kvnative") / "libcosetkv.so"
-    subprocess.run([cxx, "-O2", "-std=c++17", "-shared", "-fPIC", f"-I{CSRC}", str(CSRC / "kv_cpu.cpp"), "-o",
-                    str(out), "-lpthread"], check=True)
+    subprocess.run(
+        [
+            cxx,
+            "-O2",
+            "-std=c++17",
+            "-shared",
+            "-fPIC",
+            f"-I{CSRC}",
+            str(CSRC / "kv_cpu.cpp"),
+            "-o",
+            str(out),
+            "-lpthread",
+        ],
+        check=True,
+    )
     native.load_library(out)
     yield out
     native.unload_library()
@@ -92,8 +105,7 @@ def test_native_kernel_equals_torch_reference(native_lib, bits, t_bits):
     got = scores_lut(qr, codes, cfg, backend="native")
     assert torch.allclose(got, ref, atol=1e-4, rtol=1e-5)
     p = torch.softmax(ref, -1)
-    assert torch.allclose(values_from_codes(p, codes, cfg, backend="native"), p @ decode_rotated(codes, cfg),
-                          atol=1e-5)
+    assert torch.allclose(values_from_codes(p, codes, cfg, backend="native"), p @ decode_rotated(codes, cfg), atol=1e-5)
     old = torch.get_num_threads()
     try:  # the multi-threaded split gives the same numbers
         torch.set_num_threads(1)

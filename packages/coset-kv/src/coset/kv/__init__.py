@@ -12,8 +12,8 @@ The transformers ``Cache`` classes and the ``"coset_kv"`` attention function liv
 :mod:`coset.kv.hf_cache` (extra ``[hf]``); importing :mod:`coset.kv` does not import transformers.
 """
 
-from .codes import KVCodes, code_tables, decode_states, encode_states
 from .coded_store import CodedKVStore
+from .codes import KVCodes, code_tables, decode_states, encode_states
 from .config import BLOCK, KVQuantConfig, ScalarKVConfig, calibrated_beta
 from .lut import query_tables, scores_lut, scores_lut_torch, scores_reference, values_from_codes
 from .rotation import HeadRotation, fwht

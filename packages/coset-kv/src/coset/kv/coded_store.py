@@ -43,7 +43,9 @@ class CodedKVStore:
             raise ValueError(f"backend must be 'auto', 'torch' or 'native', got {backend!r}")
         self.config, self.seed, self.backend = config, seed, backend
         self.rotation: HeadRotation | None = None
-        self._bufs = {n: TokenBuffer() for n in ("k_idx", "k_t", "k_scale", "v_idx", "v_t", "v_scale", "k_win", "v_win")}
+        self._bufs = {
+            n: TokenBuffer() for n in ("k_idx", "k_t", "k_scale", "v_idx", "v_t", "v_scale", "k_win", "v_win")
+        }
         self.dtype: torch.dtype | None = None
 
     # ------------------------------------------------------------------ contents
@@ -61,7 +63,9 @@ class CodedKVStore:
     def _codes(self, which: str) -> KVCodes | None:
         if not self.num_coded:
             return None
-        return KVCodes(self._bufs[f"{which}_idx"].data, self._bufs[f"{which}_t"].data, self._bufs[f"{which}_scale"].data)
+        return KVCodes(
+            self._bufs[f"{which}_idx"].data, self._bufs[f"{which}_t"].data, self._bufs[f"{which}_scale"].data
+        )
 
     @property
     def key_codes(self) -> KVCodes | None:
@@ -194,7 +198,9 @@ class CodedKVStore:
         if self.num_coded:
             qr = self.rotation.rotate(q)
             kc = self.key_codes
-            parts.append(scores_lut(qr, kc, self.config, backend=backend) if lut else scores_reference(qr, kc, self.config))
+            parts.append(
+                scores_lut(qr, kc, self.config, backend=backend) if lut else scores_reference(qr, kc, self.config)
+            )
         if self.num_window:
             parts.append(q @ self._bufs["k_win"].data.to(torch.float32).transpose(-1, -2))
         s = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]

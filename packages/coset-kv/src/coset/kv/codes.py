@@ -14,7 +14,7 @@ of E8 mod 2E8, ``c`` the centring offset and ``s_T = beta 2^(alpha T)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -43,7 +43,7 @@ class KVCodes:
         return sum(x.numel() * x.element_size() for x in (self.idx, self.t, self.scale))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tables(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     qc = KVQuantConfig(bits=bits, beta=1.0).quant_config()
     a = representative_table(qc.lattice, 2, qc.with_tie_dither).to(device=device, dtype=torch.float32)
@@ -102,7 +102,7 @@ def encode_states(x: torch.Tensor, rotation: HeadRotation, config: KVQuantConfig
     u = (xr / div.unsqueeze(-1)).reshape(B, H, L, K, BLOCK)
     qc = config.quant_config()
     b, T = encode(u, config=qc)  # b (B,H,L,K,M,8) uint8 in {0,1}; T (B,H,L,K) uint8
-    w = (1 << torch.arange(BLOCK, dtype=torch.int32, device=x.device))
+    w = 1 << torch.arange(BLOCK, dtype=torch.int32, device=x.device)
     idx = (b.to(torch.int32) * w).sum(-1).to(torch.uint8)
     if config.t_bits:
         per = 8 // config.t_bits
@@ -126,7 +126,7 @@ def unpack_t(t: torch.Tensor, config: KVQuantConfig, K: int) -> torch.Tensor:
     return T.reshape(*lead, -1)[..., :K]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _steps(config: KVQuantConfig) -> torch.Tensor:
     return torch.tensor(config.quant_config().scales, dtype=torch.float32)
 
@@ -164,7 +164,7 @@ def decode_states(codes: KVCodes, rotation: HeadRotation, config: KVQuantConfig)
 def decode_reference(codes: KVCodes, rotation: HeadRotation, config: KVQuantConfig) -> torch.Tensor:
     """The same through ``coset.quant.decode`` (slow; the oracle of the tests)."""
     B, H, L, K, M = codes.idx.shape
-    bits = ((codes.idx.to(torch.int32).unsqueeze(-1) >> torch.arange(BLOCK, device=codes.idx.device)) & 1)
+    bits = (codes.idx.to(torch.int32).unsqueeze(-1) >> torch.arange(BLOCK, device=codes.idx.device)) & 1
     b = bits.to(torch.uint8)  # (B,H,L,K,M,8)
     T = unpack_t(codes.t, config, K)
     u = decode(b, config=config.quant_config(), T=T, dtype=torch.float64)

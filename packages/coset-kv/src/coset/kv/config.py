@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -44,9 +44,21 @@ def _int(name: str, v, lo: int, hi: int) -> None:
 #: ``calibrated_beta(bits, t_bits, alpha)`` for the common settings, computed once by its grid search (~15 s
 #: each here); tests/test_kv_config.py recomputes entries. Other settings are computed on first use.
 _BETA_TABLE: dict[tuple[int, int, float], float] = {
-    (2, 0, 0.5): 1.7094, (2, 1, 0.5): 1.2925, (2, 1, 1.0): 1.1674, (2, 2, 0.5): 0.8339, (2, 2, 1.0): 0.4169,
-    (3, 0, 0.5): 1.0215, (3, 1, 0.5): 0.7713, (3, 1, 1.0): 0.6671, (3, 2, 0.5): 0.5003, (3, 2, 1.0): 0.3961,
-    (4, 0, 0.5): 0.5733, (4, 1, 0.5): 0.3961, (4, 1, 1.0): 0.3544, (4, 2, 0.5): 0.2606, (4, 2, 1.0): 0.1980,
+    (2, 0, 0.5): 1.7094,
+    (2, 1, 0.5): 1.2925,
+    (2, 1, 1.0): 1.1674,
+    (2, 2, 0.5): 0.8339,
+    (2, 2, 1.0): 0.4169,
+    (3, 0, 0.5): 1.0215,
+    (3, 1, 0.5): 0.7713,
+    (3, 1, 1.0): 0.6671,
+    (3, 2, 0.5): 0.5003,
+    (3, 2, 1.0): 0.3961,
+    (4, 0, 0.5): 0.5733,
+    (4, 1, 0.5): 0.3961,
+    (4, 1, 1.0): 0.3544,
+    (4, 2, 0.5): 0.2606,
+    (4, 2, 1.0): 0.1980,
 }
 
 
@@ -59,7 +71,7 @@ def calibrated_beta(bits: int, t_bits: int, alpha: float) -> float:
     return hit if hit is not None else search_beta(bits, t_bits, alpha)
 
 
-@lru_cache(maxsize=None)
+@cache
 def search_beta(bits: int, t_bits: int, alpha: float) -> float:
     """Grid search (``coset.quant.calibrate_beta``, MSE) on 16384 seeded N(0, 1) blocks, rounded to 4 decimals."""
     cfg = QuantizationConfig(

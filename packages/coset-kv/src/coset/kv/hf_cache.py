@@ -24,8 +24,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .codes import decode_states, encode_states
 from .coded_store import CodedKVStore
+from .codes import decode_states, encode_states
 from .config import KVQuantConfig, ScalarKVConfig
 from .scalar_store import ScalarKVStore
 
@@ -107,8 +107,9 @@ class CosetKVLayer(_StoreLayer):
     backend : LUT kernel, ``"auto"`` | ``"torch"`` | ``"native"``
     """
 
-    def __init__(self, config: KVQuantConfig | None = None, layer_idx: int = 0, return_codes: bool = True,
-                 backend: str = "auto"):
+    def __init__(
+        self, config: KVQuantConfig | None = None, layer_idx: int = 0, return_codes: bool = True, backend: str = "auto"
+    ):
         super().__init__()
         config = KVQuantConfig() if config is None else config
         self.store = CodedKVStore(config, seed=config.seed + int(layer_idx), backend=backend)
@@ -193,8 +194,9 @@ class CosetQuantizedCache(_BytesMixin, Cache):
     return_codes, backend : see :class:`CosetKVLayer`
     """
 
-    def __init__(self, model_config, config: KVQuantConfig | None = None, *, return_codes: bool = True,
-                 backend: str = "auto"):
+    def __init__(
+        self, model_config, config: KVQuantConfig | None = None, *, return_codes: bool = True, backend: str = "auto"
+    ):
         config = KVQuantConfig() if config is None else config
         if not isinstance(config, KVQuantConfig):
             raise TypeError(f"config must be a KVQuantConfig, got {type(config).__name__}")

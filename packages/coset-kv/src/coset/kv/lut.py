@@ -111,9 +111,7 @@ def scores_lut(qr: torch.Tensor, codes: KVCodes, config: KVQuantConfig, *, backe
     return native.kv_scores(codes, step_table(config), config.t_bits, tab, cy)
 
 
-def values_from_codes(
-    p: torch.Tensor, codes: KVCodes, config: KVQuantConfig, *, backend: str = "auto"
-) -> torch.Tensor:
+def values_from_codes(p: torch.Tensor, codes: KVCodes, config: KVQuantConfig, *, backend: str = "auto") -> torch.Tensor:
     """``sum_t p[..., i, t] v_hat_t`` in the rotated domain, from the value codes.
 
     Parameters

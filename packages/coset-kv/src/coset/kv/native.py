@@ -95,8 +95,12 @@ def _code_args(codes, steps: torch.Tensor, t_bits: int):
         raise ValueError("codes: inconsistent shapes of idx, t, scale")
     if steps.numel() != 2**t_bits:
         raise ValueError(f"steps must have 2**t_bits = {2**t_bits} entries, got {steps.numel()}")
-    return (_c(codes.idx, torch.uint8), _c(codes.t, torch.uint8), _c(codes.scale, torch.float32),
-            _c(steps, torch.float32))
+    return (
+        _c(codes.idx, torch.uint8),
+        _c(codes.t, torch.uint8),
+        _c(codes.scale, torch.float32),
+        _c(steps, torch.float32),
+    )
 
 
 def kv_scores(codes, steps: torch.Tensor, t_bits: int, tab: torch.Tensor, cy: torch.Tensor) -> torch.Tensor:
@@ -123,12 +127,29 @@ def kv_scores(codes, steps: torch.Tensor, t_bits: int, tab: torch.Tensor, cy: to
     idx, t, rho, st = _code_args(codes, steps, t_bits)
     tab, cy = _c(tab, torch.float32), _c(cy, torch.float32)
     out = torch.empty((B, H, n, L), dtype=torch.float32)
-    _call(impl.kv_scores_cpu, idx.data_ptr(), t.data_ptr(), rho.data_ptr(), st.data_ptr(), t_bits, tab.data_ptr(),
-          cy.data_ptr(), out.data_ptr(), B * H, L, K, M, n, torch.get_num_threads())
+    _call(
+        impl.kv_scores_cpu,
+        idx.data_ptr(),
+        t.data_ptr(),
+        rho.data_ptr(),
+        st.data_ptr(),
+        t_bits,
+        tab.data_ptr(),
+        cy.data_ptr(),
+        out.data_ptr(),
+        B * H,
+        L,
+        K,
+        M,
+        n,
+        torch.get_num_threads(),
+    )
     return out
 
 
-def kv_values(codes, steps: torch.Tensor, t_bits: int, p: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+def kv_values(
+    codes, steps: torch.Tensor, t_bits: int, p: torch.Tensor, a: torch.Tensor, c: torch.Tensor
+) -> torch.Tensor:
     """Native value accumulation from value codes.
 
     codes, steps, t_bits : as for :func:`kv_scores`; p (B, H, n, L) float32 weights; a (256, 8), c (8,) the
@@ -146,6 +167,22 @@ def kv_values(codes, steps: torch.Tensor, t_bits: int, p: torch.Tensor, a: torch
     idx, t, rho, st = _code_args(codes, steps, t_bits)
     p, a, c = _c(p, torch.float32), _c(a, torch.float32), _c(c, torch.float32)
     out = torch.empty((B, H, n, K * 8), dtype=torch.float32)
-    _call(impl.kv_values_cpu, idx.data_ptr(), t.data_ptr(), rho.data_ptr(), st.data_ptr(), t_bits, p.data_ptr(),
-          a.data_ptr(), c.data_ptr(), out.data_ptr(), B * H, L, K, M, n, torch.get_num_threads())
+    _call(
+        impl.kv_values_cpu,
+        idx.data_ptr(),
+        t.data_ptr(),
+        rho.data_ptr(),
+        st.data_ptr(),
+        t_bits,
+        p.data_ptr(),
+        a.data_ptr(),
+        c.data_ptr(),
+        out.data_ptr(),
+        B * H,
+        L,
+        K,
+        M,
+        n,
+        torch.get_num_threads(),
+    )
     return out

@@ -68,7 +68,6 @@ class HeadRotation:
         self.num_heads, self.head_dim, self.seed = num_heads, head_dim, seed
         gen = torch.Generator().manual_seed(seed)
         self.signs = (torch.randint(0, 2, (num_heads, head_dim), generator=gen) * 2 - 1).to(torch.float64)
-        eye = torch.eye(head_dim, dtype=torch.float64)
         # R[h] = H diag(s_h): column j of R is H e_j s_j, i.e. (H diag(s))^T rows = fwht(diag(s)) rows
         self.matrix = fwht(torch.diag_embed(self.signs)).transpose(-1, -2).contiguous().to(torch.float32)
         self._cache: dict = {}

@@ -64,7 +64,9 @@ class ScalarKVStore:
         V = dequantize_tokens(b["v_code"].data, b["v_scale"].data, b["v_zero"].data, bits, D).to(self.dtype)
         parts = []
         if b["k_code"].length:
-            parts.append(dequantize_channels(b["k_code"].data, b["k_scale"].data, b["k_zero"].data, bits, D).to(self.dtype))
+            parts.append(
+                dequantize_channels(b["k_code"].data, b["k_scale"].data, b["k_zero"].data, bits, D).to(self.dtype)
+            )
         if b["k_res"].length:
             parts.append(b["k_res"].data)
         return torch.cat(parts, dim=2), V
