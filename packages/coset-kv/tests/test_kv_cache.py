@@ -57,8 +57,10 @@ def same_codes(a, b):
 def test_append_token_by_token_equals_one_chunk():
     k, v = kv(B=2, L=11)
     one, many = CosetKVLayer(KVQuantConfig()), CosetKVLayer(KVQuantConfig())
-    one.update(k, v)
-    for t in range(11):
+    one.update(k[:, :, :3], v[:, :, :3])  # the first coded chunk fixes the per-head means
+    many.update(k[:, :, :3], v[:, :, :3])
+    one.update(k[:, :, 3:], v[:, :, 3:])
+    for t in range(3, 11):
         h, h2 = many.update(k[:, :, t : t + 1], v[:, :, t : t + 1])
     assert isinstance(h, CodedKV) and h is not None and h2.store is many.store
     assert one.get_seq_length() == many.get_seq_length() == 11
@@ -84,7 +86,8 @@ def test_window_keeps_the_newest_tokens_exact():
 def test_crop_removes_the_newest_tokens(window):
     k, v = kv(L=10)
     layer, ref = CosetKVLayer(KVQuantConfig(window=window)), CosetKVLayer(KVQuantConfig(window=window))
-    layer.update(k, v)
+    layer.update(k[:, :, :6], v[:, :, :6])  # e.g. the prompt, then 4 speculative tokens that are rejected
+    layer.update(k[:, :, 6:], v[:, :, 6:])
     layer.crop(-4)
     assert layer.get_seq_length() == 6
     ref.update(k[:, :, :6], v[:, :, :6])
@@ -117,6 +120,19 @@ def test_reorder_select_repeat_batch():
     assert layer.get_seq_length() == 0 and layer.store.nbytes == 0
 
 
+def test_mean_subtraction_helps_offset_keys():
+    k, v = kv(L=64)
+    k = k * 0.1 + torch.linspace(-4, 4, 64)  # a large fixed per-channel bias, small token-varying part
+    errs = {}
+    for mean in (True, False):
+        store = CodedKVStore(KVQuantConfig(bits=3, subtract_mean=mean))
+        store.append(k, v)
+        K, _ = store.dequantized()
+        d = (K - k) - (K - k).mean(dim=2, keepdim=True)  # the part of the error that changes scores
+        errs[mean] = float(d.pow(2).mean())
+    assert errs[True] < 0.1 * errs[False]
+
+
 def test_bytes_accounting():
     mc = tiny_config(layers=3)
     cfg = KVQuantConfig(bits=3, t_bits=1, window=2)
@@ -125,7 +141,7 @@ def test_bytes_accounting():
     for i in range(3):
         cache.update(k, v, i)
     coded, win = 5, 2
-    per_layer = 2 * 3 * (coded * cfg.bytes_per_vector(64) + win * 64 * 4)
+    per_layer = 2 * 3 * (coded * cfg.bytes_per_vector(64) + win * 64 * 4) + 2 * 3 * 64 * 4  # + the two means
     assert cache.nbytes == 3 * per_layer
     sc = ScalarQuantizedCache(mc, ScalarKVConfig(bits=4, group_size=4))
     for i in range(3):
@@ -136,12 +152,14 @@ def test_bytes_accounting():
     assert sc.nbytes == 3 * (keys + values)
 
 
-@pytest.mark.parametrize("window, path", [(0, "lut"), (0, "decode"), (3, "lut"), (3, "auto")])
-def test_attention_from_codes_equals_sdpa_on_decoded_states(window, path):
-    cfg = KVQuantConfig(bits=2, window=window, score_path=path)
+@pytest.mark.parametrize(
+    "window, path, mean", [(0, "lut", True), (0, "decode", True), (3, "lut", True), (3, "auto", False)]
+)
+def test_attention_from_codes_equals_sdpa_on_decoded_states(window, path, mean):
+    cfg = KVQuantConfig(bits=2, window=window, score_path=path, subtract_mean=mean)
     store = CodedKVStore(cfg, seed=4)
     k, v = kv(B=2, L=12, seed=1)
-    store.append(k, v)
+    store.append(k + 3.0, v - 1.0)  # offsets: the mean subtraction must be undone exactly
     K, V = store.dequantized()
     q = torch.randn(2, 9, 4, 64)
     mask = torch.ones(2, 1, 4, 12, dtype=torch.bool)

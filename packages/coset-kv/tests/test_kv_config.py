@@ -15,6 +15,7 @@ from coset.kv.config import _BETA_TABLE, search_beta
         ({"beta": -1.0}, ValueError),
         ({"window": -1}, ValueError),
         ({"score_path": "fast"}, ValueError),
+        ({"subtract_mean": 1}, TypeError),
     ],
 )
 def test_bad_config(kw, exc):

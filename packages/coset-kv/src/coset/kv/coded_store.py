@@ -47,6 +47,8 @@ class CodedKVStore:
             n: TokenBuffer() for n in ("k_idx", "k_t", "k_scale", "v_idx", "v_t", "v_scale", "k_win", "v_win")
         }
         self.dtype: torch.dtype | None = None
+        self.k_mean: torch.Tensor | None = None  # (H, D) float32, frozen at the first coded chunk
+        self.v_mean: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ contents
     @property
@@ -77,8 +79,10 @@ class CodedKVStore:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: labels, T and scales of the coded tokens plus the window in its own dtype."""
-        return sum(b.nbytes for b in self._bufs.values())
+        """Bytes held: labels, T and scales of the coded tokens, the window in its own dtype, and the two
+        frozen per-head means (float32) when ``config.subtract_mean``."""
+        means = sum(m.numel() * m.element_size() for m in (self.k_mean, self.v_mean) if m is not None)
+        return sum(b.nbytes for b in self._bufs.values()) + means
 
     # ------------------------------------------------------------------ updates
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -124,8 +128,15 @@ class CodedKVStore:
         return -1
 
     def _encode_append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        kc = encode_states(keys.detach(), self.rotation, self.config)
-        vc = encode_states(values.detach(), self.rotation, self.config)
+        keys, values = keys.detach().to(torch.float32), values.detach().to(torch.float32)
+        if self.config.subtract_mean:
+            if self.k_mean is None:
+                self.k_mean = keys.mean(dim=(0, 2))
+                self.v_mean = values.mean(dim=(0, 2))
+            keys = keys - self.k_mean.unsqueeze(1)
+            values = values - self.v_mean.unsqueeze(1)
+        kc = encode_states(keys, self.rotation, self.config)
+        vc = encode_states(values, self.rotation, self.config)
         for which, c in (("k", kc), ("v", vc)):
             self._bufs[f"{which}_idx"].append(c.idx)
             self._bufs[f"{which}_t"].append(c.t)
@@ -149,14 +160,19 @@ class CodedKVStore:
     def reset(self) -> None:
         for b in self._bufs.values():
             b.clear()
+        self.k_mean = self.v_mean = None
 
     # ------------------------------------------------------------------ reads
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Reconstructed keys and values ``(B, H, L, D)`` in the states' dtype (decoded codes + window)."""
         parts_k, parts_v = [], []
         if self.num_coded:
-            parts_k.append(decode_states(self.key_codes, self.rotation, self.config).to(self.dtype))
-            parts_v.append(decode_states(self.value_codes, self.rotation, self.config).to(self.dtype))
+            k = decode_states(self.key_codes, self.rotation, self.config)
+            v = decode_states(self.value_codes, self.rotation, self.config)
+            if self.k_mean is not None:
+                k, v = k + self.k_mean.unsqueeze(1), v + self.v_mean.unsqueeze(1)
+            parts_k.append(k.to(self.dtype))
+            parts_v.append(v.to(self.dtype))
         if self.num_window:
             parts_k.append(self._bufs["k_win"].data)
             parts_v.append(self._bufs["v_win"].data)
@@ -198,9 +214,10 @@ class CodedKVStore:
         if self.num_coded:
             qr = self.rotation.rotate(q)
             kc = self.key_codes
-            parts.append(
-                scores_lut(qr, kc, self.config, backend=backend) if lut else scores_reference(qr, kc, self.config)
-            )
+            sc = scores_lut(qr, kc, self.config, backend=backend) if lut else scores_reference(qr, kc, self.config)
+            if self.k_mean is not None:  # the codes hold k - mu_k: add <q, mu_k> back (same for every token)
+                sc = sc + q @ self.k_mean.unsqueeze(-1)
+            parts.append(sc)
         if self.num_window:
             parts.append(q @ self._bufs["k_win"].data.to(torch.float32).transpose(-1, -2))
         s = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
@@ -209,8 +226,10 @@ class CodedKVStore:
         out = torch.zeros((B, H, G * Lq, D), dtype=torch.float32, device=query.device)
         Lc = self.num_coded
         if Lc:
-            vr = values_from_codes(p[..., :Lc].contiguous(), self.value_codes, self.config, backend=backend)
-            out = self.rotation.unrotate(vr)
+            pc = p[..., :Lc].contiguous()
+            out = self.rotation.unrotate(values_from_codes(pc, self.value_codes, self.config, backend=backend))
+            if self.v_mean is not None:  # the codes hold v - mu_v
+                out = out + pc.sum(-1, keepdim=True) * self.v_mean.unsqueeze(1)
         if self.num_window:
             out = out + p[..., Lc:] @ self._bufs["v_win"].data.to(torch.float32)
         return out.view(B, H, G, Lq, D).reshape(B, Hq, Lq, D).transpose(1, 2).to(query.dtype)

@@ -99,6 +99,10 @@ class KVQuantConfig:
         native kernel when available), ``"decode"`` (dequantize, then matmul) or ``"auto"`` (LUT when at most
         ``lut_max_queries`` queries per KV head, i.e. decoding steps; decode for prefill)
     lut_max_queries : threshold of ``"auto"``
+    subtract_mean : code ``x - mu`` with ``mu`` the per-head mean of the first coded chunk (frozen, float32,
+        counted in the bytes). Exact for attention: a fixed key offset shifts every score of a query by the
+        same ``<q, mu_k>`` (added back), a fixed value offset adds ``mu_v`` to the output (the weights sum to
+        1). It removes the per-channel bias of keys (RoPE'd outlier channels) from what the code must carry.
     """
 
     bits: int = 4
@@ -109,6 +113,7 @@ class KVQuantConfig:
     seed: int = 0
     score_path: str = "auto"
     lut_max_queries: int = 16
+    subtract_mean: bool = True
 
     def __post_init__(self) -> None:
         _int("bits", self.bits, 1, 4)
@@ -123,6 +128,8 @@ class KVQuantConfig:
         if self.score_path not in ("auto", "lut", "decode"):
             raise ValueError(f"score_path must be 'auto', 'lut' or 'decode', got {self.score_path!r}")
         _int("lut_max_queries", self.lut_max_queries, 0, 2**31 - 1)
+        if not isinstance(self.subtract_mean, bool):
+            raise TypeError(f"subtract_mean must be a bool, got {type(self.subtract_mean).__name__}")
 
     @property
     def resolved_beta(self) -> float:
