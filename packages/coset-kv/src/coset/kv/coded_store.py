@@ -100,6 +100,9 @@ class CodedKVStore:
                 raise ValueError(f"{name} must have shape (batch, kv_heads, seq_len, head_dim), got {tuple(x.shape)}")
         if keys.shape != values.shape:
             raise ValueError(f"key_states {tuple(keys.shape)} and value_states {tuple(values.shape)} differ")
+        for name, x in (("key_states", keys), ("value_states", values)):
+            if x.numel() and not bool(torch.isfinite(x).all()):
+                raise ValueError(f"{name} contains NaN or Inf")
         B, H, L, D = keys.shape
         if self.rotation is None:
             self.rotation = HeadRotation(H, D, self.seed)
@@ -129,14 +132,15 @@ class CodedKVStore:
 
     def _encode_append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         keys, values = keys.detach().to(torch.float32), values.detach().to(torch.float32)
+        k_mean, v_mean = self.k_mean, self.v_mean
         if self.config.subtract_mean:
-            if self.k_mean is None:
-                self.k_mean = keys.mean(dim=(0, 2))
-                self.v_mean = values.mean(dim=(0, 2))
-            keys = keys - self.k_mean.unsqueeze(1)
-            values = values - self.v_mean.unsqueeze(1)
+            if k_mean is None:
+                k_mean, v_mean = keys.mean(dim=(0, 2)), values.mean(dim=(0, 2))
+            keys = keys - k_mean.unsqueeze(1)
+            values = values - v_mean.unsqueeze(1)
         kc = encode_states(keys, self.rotation, self.config)
         vc = encode_states(values, self.rotation, self.config)
+        self.k_mean, self.v_mean = k_mean, v_mean  # only once both encoded: bad input leaves no trace
         for which, c in (("k", kc), ("v", vc)):
             self._bufs[f"{which}_idx"].append(c.idx)
             self._bufs[f"{which}_t"].append(c.t)
