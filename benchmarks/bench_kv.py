@@ -179,9 +179,9 @@ def attn_layer_bench(ctx: int, steps: int) -> dict:
     return rows
 
 
-def write(results: dict, name: str = "kv") -> None:
+def write(results: dict, out_name: str = "kv") -> None:
     OUT.mkdir(exist_ok=True)
-    (OUT / f"{name}.json").write_text(json.dumps(results, indent=1))
+    (OUT / f"{out_name}.json").write_text(json.dumps(results, indent=1))
     L = ["# coset-kv: SmolLM2-135M-Instruct KV cache in HNLQ codes vs fp32 and KIVI-style scalar", ""]
     L.append(
         f"Machine: {results['machine']}. Commands: " + "; ".join(f"`{c}`" for c in results.get("commands", [])) + "."
@@ -234,7 +234,7 @@ def write(results: dict, name: str = "kv") -> None:
             for name, r in rows.items():
                 L.append(f"| {ctx} | {name} | {r['ms']:.1f} | {r['bytes_per_token']:.0f} |")
         L.append("")
-    (OUT / f"{name}.md").write_text("\n".join(L))
+    (OUT / f"{out_name}.md").write_text("\n".join(L))
 
 
 def plot(results: dict) -> None:
@@ -300,6 +300,8 @@ def main() -> None:
                     results["commands"] = list(dict.fromkeys(results.get("commands", []) + val))
                 elif isinstance(val, dict):
                     results.setdefault(key, {}).update(val)
+                else:
+                    results.setdefault(key, val)
         write(results, args.out)
         plot(results)
         return
