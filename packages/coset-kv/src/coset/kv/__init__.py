@@ -1,0 +1,41 @@
+"""coset.kv: a key/value cache in nested-lattice (HNLQ) codes, attention scores straight from the key codes.
+
+* :class:`KVQuantConfig` (E8, q = 2, M = bits; per-token/per-head scale, T per block, optional full-precision
+  window) and :class:`ScalarKVConfig` (the KIVI-style scalar baseline);
+* :class:`HeadRotation` / :func:`fwht`: per-KV-head Hadamard rotation with random signs;
+* :func:`encode_states` / :func:`decode_states`: head vectors <-> bytes (:class:`KVCodes`);
+* :func:`query_tables`, :func:`scores_lut`, :func:`scores_reference`, :func:`values_from_codes`: attention
+  scores from the key codes through one-sided lookup tables, values accumulated from the value codes;
+* :class:`CodedKVStore` / :class:`ScalarKVStore`: per-layer caches, independent of transformers.
+
+The transformers ``Cache`` classes and the ``"coset_kv"`` attention function live in
+:mod:`coset.kv.hf_cache` (extra ``[hf]``); importing :mod:`coset.kv` does not import transformers.
+"""
+
+from .coded_store import CodedKVStore
+from .codes import KVCodes, code_tables, decode_states, encode_states
+from .config import BLOCK, KVQuantConfig, ScalarKVConfig, calibrated_beta
+from .lut import query_tables, scores_lut, scores_lut_torch, scores_reference, values_from_codes
+from .rotation import HeadRotation, fwht
+from .scalar_store import ScalarKVStore
+
+__all__ = [
+    "KVQuantConfig",
+    "ScalarKVConfig",
+    "BLOCK",
+    "calibrated_beta",
+    "HeadRotation",
+    "fwht",
+    "KVCodes",
+    "encode_states",
+    "decode_states",
+    "code_tables",
+    "query_tables",
+    "scores_lut",
+    "scores_lut_torch",
+    "scores_reference",
+    "values_from_codes",
+    "CodedKVStore",
+    "ScalarKVStore",
+]
+__version__ = "0.1.0"

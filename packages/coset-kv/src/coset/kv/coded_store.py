@@ -1,0 +1,239 @@
+"""``CodedKVStore``: the per-layer KV cache in HNLQ codes, and attention computed from it.
+
+Independent of transformers (the Cache adapter is :mod:`coset.kv.hf_cache`). Tokens are appended once and
+never re-quantized: each new key/value head vector is rotated, normalised, encoded (:mod:`coset.kv.codes`)
+and its bytes appended. With ``config.window = W > 0`` the W most recent tokens stay in full precision and
+are encoded when they leave the window.
+
+Attention for queries ``(B, Hq, Lq, D)`` (grouped-query: KV head h serves query heads ``h G .. h G + G - 1``):
+scores of the coded tokens from the key codes (one-sided LUT or decode-then-dot,
+``config.score_path``), scores of the window tokens by a plain matmul, one softmax over both, values
+accumulated from the value codes in the rotated domain and rotated back once per query.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import masked_softmax
+from .codes import KVCodes, decode_states, encode_states
+from .config import KVQuantConfig
+from .lut import scores_lut, scores_reference, values_from_codes
+from .rotation import HeadRotation
+from .store import TokenBuffer
+
+__all__ = ["CodedKVStore"]
+
+
+class CodedKVStore:
+    """Keys and values of one attention layer as HNLQ codes (plus an optional full-precision window).
+
+    Parameters
+    ----------
+    config : KVQuantConfig
+    seed : seed of this layer's rotation signs
+    backend : kernel of the LUT path, ``"auto"`` | ``"torch"`` | ``"native"``
+    """
+
+    def __init__(self, config: KVQuantConfig | None = None, seed: int = 0, backend: str = "auto"):
+        config = KVQuantConfig() if config is None else config
+        if not isinstance(config, KVQuantConfig):
+            raise TypeError(f"config must be a KVQuantConfig, got {type(config).__name__}")
+        if backend not in ("auto", "torch", "native"):
+            raise ValueError(f"backend must be 'auto', 'torch' or 'native', got {backend!r}")
+        self.config, self.seed, self.backend = config, seed, backend
+        self.rotation: HeadRotation | None = None
+        self._bufs = {
+            n: TokenBuffer() for n in ("k_idx", "k_t", "k_scale", "v_idx", "v_t", "v_scale", "k_win", "v_win")
+        }
+        self.dtype: torch.dtype | None = None
+        self.k_mean: torch.Tensor | None = None  # (H, D) float32, frozen at the first coded chunk
+        self.v_mean: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ contents
+    @property
+    def num_coded(self) -> int:
+        return self._bufs["k_idx"].length
+
+    @property
+    def num_window(self) -> int:
+        return self._bufs["k_win"].length
+
+    def __len__(self) -> int:
+        return self.num_coded + self.num_window
+
+    def _codes(self, which: str) -> KVCodes | None:
+        if not self.num_coded:
+            return None
+        return KVCodes(
+            self._bufs[f"{which}_idx"].data, self._bufs[f"{which}_t"].data, self._bufs[f"{which}_scale"].data
+        )
+
+    @property
+    def key_codes(self) -> KVCodes | None:
+        return self._codes("k")
+
+    @property
+    def value_codes(self) -> KVCodes | None:
+        return self._codes("v")
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: labels, T and scales of the coded tokens, the window in its own dtype, and the two
+        frozen per-head means (float32) when ``config.subtract_mean``."""
+        means = sum(m.numel() * m.element_size() for m in (self.k_mean, self.v_mean) if m is not None)
+        return sum(b.nbytes for b in self._bufs.values()) + means
+
+    # ------------------------------------------------------------------ updates
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append new tokens ``(B, H, L, D)`` (keys and values of the same shape).
+
+        Raises
+        ------
+        TypeError / ValueError for non-float, non-finite or mismatched tensors, or a change of batch size,
+        head count or head dim.
+        """
+        for name, x in (("key_states", keys), ("value_states", values)):
+            if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+                raise TypeError(f"{name} must be a floating torch.Tensor")
+            if x.ndim != 4:
+                raise ValueError(f"{name} must have shape (batch, kv_heads, seq_len, head_dim), got {tuple(x.shape)}")
+        if keys.shape != values.shape:
+            raise ValueError(f"key_states {tuple(keys.shape)} and value_states {tuple(values.shape)} differ")
+        for name, x in (("key_states", keys), ("value_states", values)):
+            if x.numel() and not bool(torch.isfinite(x).all()):
+                raise ValueError(f"{name} contains NaN or Inf")
+        B, H, L, D = keys.shape
+        if self.rotation is None:
+            self.rotation = HeadRotation(H, D, self.seed)
+            self.dtype = keys.dtype
+        elif (H, D) != (self.rotation.num_heads, self.rotation.head_dim):
+            raise ValueError(
+                f"states have {H} heads of dim {D}; this cache holds {self.rotation.num_heads} heads of dim "
+                f"{self.rotation.head_dim}"
+            )
+        elif len(self) and B != self._batch():
+            raise ValueError(f"states have batch size {B}, the cache holds {self._batch()}")
+        W = self.config.window
+        if W == 0:
+            self._encode_append(keys, values)
+            return
+        self._bufs["k_win"].append(keys.detach())
+        self._bufs["v_win"].append(values.detach())
+        over = self.num_window - W
+        if over > 0:
+            self._encode_append(self._bufs["k_win"].pop_front(over), self._bufs["v_win"].pop_front(over))
+
+    def _batch(self) -> int:
+        for b in self._bufs.values():
+            if b.data is not None:
+                return b.data.shape[0]
+        return -1
+
+    def _encode_append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        keys, values = keys.detach().to(torch.float32), values.detach().to(torch.float32)
+        k_mean, v_mean = self.k_mean, self.v_mean
+        if self.config.subtract_mean:
+            if k_mean is None:
+                k_mean, v_mean = keys.mean(dim=(0, 2)), values.mean(dim=(0, 2))
+            keys = keys - k_mean.unsqueeze(1)
+            values = values - v_mean.unsqueeze(1)
+        kc = encode_states(keys, self.rotation, self.config)
+        vc = encode_states(values, self.rotation, self.config)
+        self.k_mean, self.v_mean = k_mean, v_mean  # only once both encoded: bad input leaves no trace
+        for which, c in (("k", kc), ("v", vc)):
+            self._bufs[f"{which}_idx"].append(c.idx)
+            self._bufs[f"{which}_t"].append(c.t)
+            self._bufs[f"{which}_scale"].append(c.scale)
+
+    def crop(self, n: int) -> None:
+        """Drop the ``n`` most recent tokens (window first, then codes): exact, codes are per token."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be an int >= 0, got {n!r}")
+        w = min(n, self.num_window)
+        self._bufs["k_win"].crop(w)
+        self._bufs["v_win"].crop(w)
+        for name in ("k_idx", "k_t", "k_scale", "v_idx", "v_t", "v_scale"):
+            self._bufs[name].crop(n - w)
+
+    def map_batch(self, fn) -> None:
+        """Apply ``fn`` to the batch axis of every buffer (reorder, select, repeat)."""
+        for b in self._bufs.values():
+            b.map_batch(fn)
+
+    def reset(self) -> None:
+        for b in self._bufs.values():
+            b.clear()
+        self.k_mean = self.v_mean = None
+
+    # ------------------------------------------------------------------ reads
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstructed keys and values ``(B, H, L, D)`` in the states' dtype (decoded codes + window)."""
+        parts_k, parts_v = [], []
+        if self.num_coded:
+            k = decode_states(self.key_codes, self.rotation, self.config)
+            v = decode_states(self.value_codes, self.rotation, self.config)
+            if self.k_mean is not None:
+                k, v = k + self.k_mean.unsqueeze(1), v + self.v_mean.unsqueeze(1)
+            parts_k.append(k.to(self.dtype))
+            parts_v.append(v.to(self.dtype))
+        if self.num_window:
+            parts_k.append(self._bufs["k_win"].data)
+            parts_v.append(self._bufs["v_win"].data)
+        return torch.cat(parts_k, dim=2), torch.cat(parts_v, dim=2)
+
+    def use_lut(self, n_queries: int) -> bool:
+        p = self.config.score_path
+        return p == "lut" or (p == "auto" and n_queries <= self.config.lut_max_queries)
+
+    def attend(self, query: torch.Tensor, attention_mask=None, scaling: float | None = None) -> torch.Tensor:
+        """Attention of ``query (B, Hq, Lq, D)`` over the whole cache.
+
+        Returns
+        -------
+        (B, Lq, Hq, D) tensor in the query's dtype (the layout transformers' attention functions return)
+
+        Raises
+        ------
+        ValueError for an empty cache, a query whose batch, head dim or head count does not fit the cache
+        (Hq must be a multiple of the KV heads), or a bad mask.
+        """
+        if not isinstance(query, torch.Tensor) or not query.dtype.is_floating_point or query.ndim != 4:
+            raise TypeError("query must be a floating tensor (batch, heads, q_len, head_dim)")
+        if not len(self):
+            raise ValueError("the cache is empty: append keys and values before attending")
+        B, Hq, Lq, D = query.shape
+        H = self.rotation.num_heads
+        if D != self.rotation.head_dim or Hq % H or B != self._batch():
+            raise ValueError(
+                f"query {tuple(query.shape)} does not fit a cache of batch {self._batch()}, {H} KV heads, "
+                f"head dim {self.rotation.head_dim}"
+            )
+        G = Hq // H
+        scaling = D**-0.5 if scaling is None else float(scaling)
+        q = query.to(torch.float32).reshape(B, H, G * Lq, D)  # row g*Lq + i = query head h*G+g, position i
+        parts = []
+        lut = self.use_lut(G * Lq)
+        backend = self.backend if lut else "torch"
+        if self.num_coded:
+            qr = self.rotation.rotate(q)
+            kc = self.key_codes
+            sc = scores_lut(qr, kc, self.config, backend=backend) if lut else scores_reference(qr, kc, self.config)
+            if self.k_mean is not None:  # the codes hold k - mu_k: add <q, mu_k> back (same for every token)
+                sc = sc + q @ self.k_mean.unsqueeze(-1)
+            parts.append(sc)
+        if self.num_window:
+            parts.append(q @ self._bufs["k_win"].data.to(torch.float32).transpose(-1, -2))
+        s = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+        Lk = s.shape[-1]
+        p = masked_softmax((s * scaling).view(B, H, G, Lq, Lk), attention_mask, H).view(B, H, G * Lq, Lk)
+        out = torch.zeros((B, H, G * Lq, D), dtype=torch.float32, device=query.device)
+        Lc = self.num_coded
+        if Lc:
+            pc = p[..., :Lc].contiguous()
+            out = self.rotation.unrotate(values_from_codes(pc, self.value_codes, self.config, backend=backend))
+            if self.v_mean is not None:  # the codes hold v - mu_v
+                out = out + pc.sum(-1, keepdim=True) * self.v_mean.unsqueeze(1)
+        if self.num_window:
+            out = out + p[..., Lc:] @ self._bufs["v_win"].data.to(torch.float32)
+        return out.view(B, H, G, Lq, D).reshape(B, Hq, Lq, D).transpose(1, 2).to(query.dtype)

@@ -1,0 +1,172 @@
+"""HNLQ codes of head vectors: encode ``(B, H, L, D)`` keys or values into bytes, decode them back.
+
+Layout of one coded tensor (:class:`KVCodes`), ``K = D / 8`` blocks per head vector:
+
+* ``idx`` ``(B, H, L, K, M)`` uint8: label of layer m of block k, read as the 8 bits ``b_0 .. b_7`` of the
+  E8/q=2 label (little-endian), i.e. its index in the block's 256-entry tables (:mod:`coset.lut.index`);
+* ``t`` ``(B, H, L, ceil(K t_bits / 8))`` uint8: the packed overload steps T (empty with ``t_bits = 0``);
+* ``scale`` ``(B, H, L)`` float16: ``rho = rms`` of the head vector.
+
+Decoding: ``x = R^T (rho * s_T * (sum_m 2^m a(b_m) - c))`` per block, with ``a`` the coset representatives
+of E8 mod 2E8, ``c`` the centring offset and ``s_T = beta 2^(alpha T)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+
+from coset.lut import representative_table
+from coset.quant import constellation_offset, decode, encode, pack_labels
+
+from .config import BLOCK, KVQuantConfig
+from .rotation import HeadRotation
+
+__all__ = ["KVCodes", "encode_states", "decode_states", "block_scales", "code_tables", "step_table", "unpack_t"]
+
+_FP16_MAX = float(torch.finfo(torch.float16).max)
+
+
+@dataclass
+class KVCodes:
+    """Coded head vectors (see the module docstring); all tensors share the leading ``(B, H, L)``."""
+
+    idx: torch.Tensor
+    t: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        """Stored bytes: every label, T and scale byte."""
+        return sum(x.numel() * x.element_size() for x in (self.idx, self.t, self.scale))
+
+
+@cache
+def _tables(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    qc = KVQuantConfig(bits=bits, beta=1.0).quant_config()
+    a = representative_table(qc.lattice, 2, qc.with_tie_dither).to(device=device, dtype=torch.float32)
+    c = constellation_offset(qc.lattice, 2, bits, qc.with_tie_dither).to(device=device, dtype=torch.float32)
+    return a, c
+
+
+def code_tables(config: KVQuantConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a, c)``: the ``(256, 8)`` coset representatives ``a_j`` (index order) and the ``(8,)`` centring offset
+    of the code, float32 (exact: E8 points are integers or halves)."""
+    return _tables(config.bits, torch.device(device if device is not None else "cpu"))
+
+
+def _check_states(x, head_dim: int | None = None, name: str = "states") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating tensor, got dtype {x.dtype}")
+    if x.ndim != 4:
+        raise ValueError(f"{name} must have shape (batch, kv_heads, seq_len, head_dim), got {tuple(x.shape)}")
+    D = x.shape[-1]
+    if head_dim is not None and D != head_dim:
+        raise ValueError(f"{name} must have head_dim={head_dim}, got {D}")
+    if D % BLOCK or D & (D - 1):
+        raise ValueError(f"head_dim must be a power of two and a multiple of {BLOCK}, got {D}")
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def encode_states(x: torch.Tensor, rotation: HeadRotation, config: KVQuantConfig) -> KVCodes:
+    """Encode key or value states.
+
+    Parameters
+    ----------
+    x : (B, H, L, D) float tensor, finite; H = ``rotation.num_heads``, D = ``rotation.head_dim``
+    rotation : the layer's :class:`HeadRotation`
+    config : KVQuantConfig
+
+    Returns
+    -------
+    KVCodes with ``idx (B, H, L, D/8, bits)``, ``t (B, H, L, t_bytes)``, ``scale (B, H, L)`` float16
+
+    Raises
+    ------
+    TypeError for a non-float tensor; ValueError for a wrong shape, head count or non-finite values.
+    """
+    _check_states(x, rotation.head_dim)
+    if x.shape[1] != rotation.num_heads:
+        raise ValueError(f"states have {x.shape[1]} heads, the rotation was built for {rotation.num_heads}")
+    B, H, L, D = x.shape
+    K = D // BLOCK
+    xr = rotation.rotate(x.to(torch.float32))
+    rms = xr.pow(2).mean(-1).sqrt()
+    scale = rms.clamp(max=_FP16_MAX).to(torch.float16)
+    div = torch.where(scale > 0, scale.to(torch.float32), torch.ones_like(rms))
+    u = (xr / div.unsqueeze(-1)).reshape(B, H, L, K, BLOCK)
+    qc = config.quant_config()
+    b, T = encode(u, config=qc)  # b (B,H,L,K,M,8) uint8 in {0,1}; T (B,H,L,K) uint8
+    w = 1 << torch.arange(BLOCK, dtype=torch.int32, device=x.device)
+    idx = (b.to(torch.int32) * w).sum(-1).to(torch.uint8)
+    if config.t_bits:
+        per = 8 // config.t_bits
+        Kp = -(-K // per) * per
+        Tp = T if Kp == K else torch.nn.functional.pad(T, (0, Kp - K))
+        t = pack_labels(Tp, 2**config.t_bits).view(B, H, L, Kp // per)
+    else:
+        t = torch.zeros((B, H, L, 0), dtype=torch.uint8, device=x.device)
+    return KVCodes(idx=idx, t=t, scale=scale)
+
+
+def unpack_t(t: torch.Tensor, config: KVQuantConfig, K: int) -> torch.Tensor:
+    """``(..., t_bytes)`` packed T -> ``(..., K)`` uint8 T (the layout of ``coset.quant.pack_labels``: T of
+    block k at bits ``[k t_bits, (k+1) t_bits)`` of the vector's little-endian bit stream)."""
+    lead = t.shape[:-1]
+    tb = config.t_bits
+    if not tb:
+        return torch.zeros((*lead, K), dtype=torch.uint8, device=t.device)
+    shifts = torch.arange(0, 8, tb, dtype=torch.uint8, device=t.device)
+    T = (t.unsqueeze(-1) >> shifts) & ((1 << tb) - 1)
+    return T.reshape(*lead, -1)[..., :K]
+
+
+@cache
+def _steps(config: KVQuantConfig) -> torch.Tensor:
+    return torch.tensor(config.quant_config().scales, dtype=torch.float32)
+
+
+def step_table(config: KVQuantConfig) -> torch.Tensor:
+    """``(2^t_bits,)`` float32 ``beta 2^(alpha t)``: the block factor of overload step t (read-only, cached)."""
+    return _steps(config)
+
+
+def block_scales(codes: KVCodes, config: KVQuantConfig, K: int) -> torch.Tensor:
+    """``w[..., k] = rho * beta 2^(alpha T_k)``: the float32 factor of block k of each coded vector."""
+    T = unpack_t(codes.t, config, K)
+    steps = step_table(config).to(T.device)
+    return codes.scale.to(torch.float32).unsqueeze(-1) * steps[T.long()]
+
+
+def decode_rotated(codes: KVCodes, config: KVQuantConfig) -> torch.Tensor:
+    """Decoded vectors in the rotated domain, ``(B, H, L, D)`` float32 (``R x`` up to quantization)."""
+    B, H, L, K, M = codes.idx.shape
+    a, c = code_tables(config, codes.idx.device)
+    pts = a[codes.idx.long()]  # (B,H,L,K,M,8)
+    lw = (2.0 ** torch.arange(M, dtype=torch.float32, device=a.device)).view(M, 1)
+    p = (pts * lw).sum(-2) - c  # (B,H,L,K,8)
+    return (p * block_scales(codes, config, K).unsqueeze(-1)).reshape(B, H, L, K * BLOCK)
+
+
+def decode_states(codes: KVCodes, rotation: HeadRotation, config: KVQuantConfig) -> torch.Tensor:
+    """Inverse of :func:`encode_states` up to quantization: ``(B, H, L, D)`` float32.
+
+    Equals ``coset.quant.decode`` of the labels (tested), computed from the representative table.
+    """
+    return rotation.unrotate(decode_rotated(codes, config))
+
+
+def decode_reference(codes: KVCodes, rotation: HeadRotation, config: KVQuantConfig) -> torch.Tensor:
+    """The same through ``coset.quant.decode`` (slow; the oracle of the tests)."""
+    B, H, L, K, M = codes.idx.shape
+    bits = (codes.idx.to(torch.int32).unsqueeze(-1) >> torch.arange(BLOCK, device=codes.idx.device)) & 1
+    b = bits.to(torch.uint8)  # (B,H,L,K,M,8)
+    T = unpack_t(codes.t, config, K)
+    u = decode(b, config=config.quant_config(), T=T, dtype=torch.float64)
+    y = u.reshape(B, H, L, K * BLOCK) * codes.scale.to(torch.float64).unsqueeze(-1)
+    return rotation.unrotate(y.to(torch.float32))

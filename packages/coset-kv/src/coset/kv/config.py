@@ -1,0 +1,189 @@
+"""Frozen, validated configurations of the two KV codes: HNLQ (:class:`KVQuantConfig`) and the KIVI-style
+scalar baseline (:class:`ScalarKVConfig`), with their all-in storage cost in bits per cached element.
+
+HNLQ code of one head vector ``x`` (D = head_dim, K = D / 8 blocks):
+
+* ``rho = rms(x)`` stored as float16 (the per-token, per-head scale);
+* ``u = R x / rho`` (rotation of :mod:`coset.kv.rotation`) cut into K blocks of 8 and encoded with HNLQ on
+  **E8, q = 2, M = bits** (centred, ``center=True``: q = 2 needs it). With q = 2 a label of one layer of one
+  block is 8 bits = **one byte, which is also the index of the block's 256-entry lookup table**: the codes are
+  bit-packed and LUT-addressable at once, with no packing or unpacking step;
+* ``T`` (the overload-ramp step) per block in ``t_bits`` bits (``max_scaling_iterations = 2^t_bits - 1``),
+  bit-packed per vector.
+
+All-in bits per element = ``bits + t_bits / 8 + 16 / D`` (D = 64, bits = 4, t_bits = 2: 4.5).
+
+KIVI baseline (Liu et al. 2024): keys quantized per channel over groups of ``group_size`` tokens, values per
+token over the head dimension, asymmetric ``bits``-bit integers with a float16 scale and zero point per group:
+``(bits + 32 / group_size + bits + 32 / D) / 2`` bits per element (D = 64, G = 64, 4 bits: 4.5).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+
+from coset.quant import QuantizationConfig, calibrate_beta
+
+__all__ = ["KVQuantConfig", "ScalarKVConfig", "BLOCK", "calibrated_beta", "search_beta"]
+
+#: Block length: the E8 lattice dimension.
+BLOCK = 8
+
+
+def _int(name: str, v, lo: int, hi: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if not lo <= v <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {v}")
+
+
+#: ``calibrated_beta(bits, t_bits, alpha)`` for the common settings, computed once by its grid search (~15 s
+#: each here); tests/test_kv_config.py recomputes entries. Other settings are computed on first use.
+_BETA_TABLE: dict[tuple[int, int, float], float] = {
+    (2, 0, 0.5): 1.7094,
+    (2, 1, 0.5): 1.2925,
+    (2, 1, 1.0): 1.1674,
+    (2, 2, 0.5): 0.8339,
+    (2, 2, 1.0): 0.4169,
+    (3, 0, 0.5): 1.0215,
+    (3, 1, 0.5): 0.7713,
+    (3, 1, 1.0): 0.6671,
+    (3, 2, 0.5): 0.5003,
+    (3, 2, 1.0): 0.3961,
+    (4, 0, 0.5): 0.5733,
+    (4, 1, 0.5): 0.3961,
+    (4, 1, 1.0): 0.3544,
+    (4, 2, 0.5): 0.2606,
+    (4, 2, 1.0): 0.1980,
+}
+
+
+def calibrated_beta(bits: int, t_bits: int, alpha: float) -> float:
+    """MSE-optimal beta of the E8/q=2 code for unit-variance Gaussian coordinates (what the rotation and the
+    rms normalisation produce): the table entry, else :func:`search_beta`."""
+    if t_bits == 0:
+        alpha = 0.5  # alpha is unused without T
+    hit = _BETA_TABLE.get((bits, t_bits, float(alpha)))
+    return hit if hit is not None else search_beta(bits, t_bits, alpha)
+
+
+@cache
+def search_beta(bits: int, t_bits: int, alpha: float) -> float:
+    """Grid search (``coset.quant.calibrate_beta``, MSE) on 16384 seeded N(0, 1) blocks, rounded to 4 decimals."""
+    cfg = QuantizationConfig(
+        "E8", q=2, M=bits, alpha=alpha, max_scaling_iterations=2**t_bits - 1, center=True, overload_policy="clamp"
+    )
+    x = torch.randn(16384, BLOCK, generator=torch.Generator().manual_seed(1234), dtype=torch.float64)
+    beta, _ = calibrate_beta(x, config=cfg, objective="mse")
+    return round(beta, 4)
+
+
+@dataclass(frozen=True)
+class KVQuantConfig:
+    """HNLQ KV code (see the module docstring).
+
+    Parameters
+    ----------
+    bits : 1..4, HNLQ layers M of the E8/q=2 code = label bits per element
+    t_bits : 0, 1, 2 or 4, bits of the overload step T per 8-dim block (0: no T, vectors past the code are
+        clamped radially)
+    alpha : step of the overload ramp, ``scale_T = beta 2^(alpha T)``
+    beta : base scale in units of the per-vector rms; ``None`` = :func:`calibrated_beta`
+    window : number of most recent tokens kept in full precision (0: every token is coded at once)
+    seed : seed of the per-head random signs of the rotation (layer ``l`` uses ``seed + l``)
+    score_path : how attention scores are computed from the key codes: ``"lut"`` (one-sided lookup tables,
+        native kernel when available), ``"decode"`` (dequantize, then matmul) or ``"auto"`` (LUT when at most
+        ``lut_max_queries`` queries per KV head, i.e. decoding steps; decode for prefill)
+    lut_max_queries : threshold of ``"auto"``
+    subtract_mean : code ``x - mu`` with ``mu`` the per-head mean of the first coded chunk (frozen, float32,
+        counted in the bytes). Exact for attention: a fixed key offset shifts every score of a query by the
+        same ``<q, mu_k>`` (added back), a fixed value offset adds ``mu_v`` to the output (the weights sum to
+        1). It removes the per-channel bias of keys (RoPE'd outlier channels) from what the code must carry.
+    """
+
+    bits: int = 4
+    t_bits: int = 2
+    alpha: float = 0.5
+    beta: float | None = None
+    window: int = 0
+    seed: int = 0
+    score_path: str = "auto"
+    lut_max_queries: int = 16
+    subtract_mean: bool = True
+
+    def __post_init__(self) -> None:
+        _int("bits", self.bits, 1, 4)
+        if isinstance(self.t_bits, bool) or self.t_bits not in (0, 1, 2, 4):
+            raise ValueError(f"t_bits must be 0, 1, 2 or 4, got {self.t_bits!r}")
+        for name in ("alpha",) + (("beta",) if self.beta is not None else ()):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        _int("window", self.window, 0, 2**31 - 1)
+        _int("seed", self.seed, 0, 2**62)
+        if self.score_path not in ("auto", "lut", "decode"):
+            raise ValueError(f"score_path must be 'auto', 'lut' or 'decode', got {self.score_path!r}")
+        _int("lut_max_queries", self.lut_max_queries, 0, 2**31 - 1)
+        if not isinstance(self.subtract_mean, bool):
+            raise TypeError(f"subtract_mean must be a bool, got {type(self.subtract_mean).__name__}")
+
+    @property
+    def resolved_beta(self) -> float:
+        return float(self.beta) if self.beta is not None else calibrated_beta(self.bits, self.t_bits, float(self.alpha))
+
+    def quant_config(self) -> QuantizationConfig:
+        """The coset.quant configuration of the block code."""
+        return QuantizationConfig(
+            "E8",
+            q=2,
+            M=self.bits,
+            beta=self.resolved_beta,
+            alpha=float(self.alpha),
+            max_scaling_iterations=2**self.t_bits - 1,
+            center=True,
+            overload_policy="clamp",
+        )
+
+    def t_bytes(self, head_dim: int) -> int:
+        """Bytes of the packed T of one head vector."""
+        return math.ceil(head_dim // BLOCK * self.t_bits / 8)
+
+    def bytes_per_vector(self, head_dim: int) -> int:
+        """Stored bytes of one coded head vector: labels + T + float16 scale."""
+        return head_dim // BLOCK * self.bits + self.t_bytes(head_dim) + 2
+
+    def bits_per_element(self, head_dim: int) -> float:
+        """All-in stored bits per cached element (keys and values alike)."""
+        return 8.0 * self.bytes_per_vector(head_dim) / head_dim
+
+
+@dataclass(frozen=True)
+class ScalarKVConfig:
+    """KIVI-style scalar KV code: keys per channel over ``group_size`` tokens, values per token.
+
+    Parameters
+    ----------
+    bits : 1..8, integer bits per element
+    group_size : tokens per key group (the last, incomplete group stays in full precision until it fills)
+    """
+
+    bits: int = 4
+    group_size: int = 64
+
+    def __post_init__(self) -> None:
+        _int("bits", self.bits, 1, 8)
+        _int("group_size", self.group_size, 1, 2**20)
+
+    def key_bits_per_element(self) -> float:
+        return self.bits + 32.0 / self.group_size
+
+    def value_bits_per_element(self, head_dim: int) -> float:
+        return self.bits + 32.0 / head_dim
+
+    def bits_per_element(self, head_dim: int) -> float:
+        """All-in bits per element, averaged over keys and values (full groups; the fp residual not counted)."""
+        return (self.key_bits_per_element() + self.value_bits_per_element(head_dim)) / 2

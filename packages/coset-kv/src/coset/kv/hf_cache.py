@@ -1,0 +1,243 @@
+"""transformers adapters: ``Cache`` classes over the stores, and the ``"coset_kv"`` attention function.
+
+Import this module only with the ``[hf]`` extra (it imports transformers). Usage::
+
+    from coset.kv import KVQuantConfig
+    from coset.kv.hf_cache import CosetQuantizedCache, use_coset_attention
+
+    use_coset_attention(model)                      # registers "coset_kv" and switches the model to it
+    cache = CosetQuantizedCache(model.config, KVQuantConfig(bits=4))
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=64)
+
+With the ``"coset_kv"`` attention, :class:`CosetKVLayer` hands the attention function a :class:`CodedKV`
+handle instead of dense tensors, and scores are computed from the key codes. With any other attention
+implementation pass ``return_codes=False``: the layer then returns the decoded keys and values (the HF
+``QuantizedCache`` behaviour, no LUT). Layers follow the appendable ``Fp8QuantizedLayer`` pattern of
+``BaseQuantizedLayer``: a token is quantized once, when it arrives (or leaves the window).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import BaseQuantizedLayer, Cache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .coded_store import CodedKVStore
+from .codes import decode_states, encode_states
+from .config import KVQuantConfig, ScalarKVConfig
+from .scalar_store import ScalarKVStore
+
+__all__ = [
+    "CodedKV",
+    "CosetKVLayer",
+    "ScalarKVLayer",
+    "CosetQuantizedCache",
+    "ScalarQuantizedCache",
+    "coset_kv_attention",
+    "register_coset_attention",
+    "use_coset_attention",
+    "ATTN_NAME",
+]
+
+ATTN_NAME = "coset_kv"
+
+
+class CodedKV:
+    """What :meth:`CosetKVLayer.update` returns in place of dense keys and values: a handle on the store."""
+
+    __slots__ = ("store",)
+
+    def __init__(self, store: CodedKVStore):
+        self.store = store
+
+    def __repr__(self) -> str:
+        return f"CodedKV(tokens={len(self.store)}, nbytes={self.store.nbytes})"
+
+
+class _StoreLayer(BaseQuantizedLayer):
+    """Shared plumbing of the two layers: the store does the work, the layer speaks the Cache API."""
+
+    store: CodedKVStore | ScalarKVStore
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def get_seq_length(self) -> int:
+        return len(self.store)
+
+    def reset(self) -> None:
+        self.store.reset()
+        super().reset()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.store.map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.store.map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.store.map_batch(lambda t: t[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove tokens: a negative value removes that many of the newest, a positive one keeps that many
+        (the legacy convention of ``DynamicLayer``)."""
+        if isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, int):
+            raise TypeError(f"tokens_to_remove must be an int, got {type(tokens_to_remove).__name__}")
+        n = -tokens_to_remove if tokens_to_remove < 0 else max(0, len(self.store) - tokens_to_remove)
+        self.store.crop(min(n, len(self.store)))
+        self.cumulative_length = len(self.store)
+
+    @property
+    def nbytes(self) -> int:
+        return self.store.nbytes
+
+
+class CosetKVLayer(_StoreLayer):
+    """One layer of the HNLQ KV cache (:class:`coset.kv.CodedKVStore` behind the ``CacheLayerMixin`` API).
+
+    Parameters
+    ----------
+    config : KVQuantConfig
+    layer_idx : int, offsets the rotation seed (``config.seed + layer_idx``)
+    return_codes : return a :class:`CodedKV` handle (for the ``"coset_kv"`` attention) instead of decoded
+        dense states
+    backend : LUT kernel, ``"auto"`` | ``"torch"`` | ``"native"``
+    """
+
+    def __init__(
+        self, config: KVQuantConfig | None = None, layer_idx: int = 0, return_codes: bool = True, backend: str = "auto"
+    ):
+        super().__init__()
+        config = KVQuantConfig() if config is None else config
+        self.store = CodedKVStore(config, seed=config.seed + int(layer_idx), backend=backend)
+        self.return_codes = bool(return_codes)
+
+    @property
+    def is_croppable(self) -> bool:  # type: ignore[override]
+        # codes are per token, so dropping the newest is exact; with a window the split between coded and
+        # full-precision tokens would differ from a run that never saw the dropped tokens
+        return self.store.config.window == 0
+
+    def _quantize(self, tensor):
+        return encode_states(tensor, self.store.rotation, self.store.config)
+
+    def _dequantize(self, q_tensor):
+        return decode_states(q_tensor, self.store.rotation, self.store.config)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append the new tokens' codes; return a :class:`CodedKV` handle twice, or the decoded states."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.store.append(key_states, value_states)
+        self.cumulative_length = len(self.store)
+        if self.return_codes:
+            h = CodedKV(self.store)
+            return h, h
+        return self.store.dequantized()
+
+
+class ScalarKVLayer(_StoreLayer):
+    """One layer of the KIVI-style baseline; returns decoded dense states (any attention implementation)."""
+
+    def __init__(self, config: ScalarKVConfig | None = None):
+        super().__init__()
+        self.store = ScalarKVStore(config)
+
+    def _quantize(self, tensor):
+        raise NotImplementedError("ScalarKVLayer quantizes keys and values differently; see ScalarKVStore")
+
+    def _dequantize(self, q_tensor):
+        raise NotImplementedError("ScalarKVLayer quantizes keys and values differently; see ScalarKVStore")
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.store.append(key_states, value_states)
+        self.cumulative_length = len(self.store)
+        return self.store.dequantized()
+
+
+def _num_layers(model_config) -> int:
+    if isinstance(model_config, bool):
+        raise TypeError("model_config must be a transformers config or an int number of layers")
+    if isinstance(model_config, int):
+        n = model_config
+    else:
+        cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+        n = getattr(cfg, "num_hidden_layers", None)
+        if not isinstance(n, int):
+            raise TypeError("model_config must be a transformers config with num_hidden_layers, or an int")
+    if n < 1:
+        raise ValueError(f"the number of layers must be >= 1, got {n}")
+    return n
+
+
+class _BytesMixin:
+    layers: list
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cache (codes, side information, full-precision residuals/windows)."""
+        return sum(layer.nbytes for layer in self.layers)
+
+
+class CosetQuantizedCache(_BytesMixin, Cache):
+    """KV cache storing keys and values as HNLQ codes, one :class:`CosetKVLayer` per model layer.
+
+    Parameters
+    ----------
+    model_config : the model's ``PretrainedConfig`` (``num_hidden_layers``) or the number of layers
+    config : KVQuantConfig (default ``KVQuantConfig()``: 4 bits, 4.5 bits per element all-in at D = 64)
+    return_codes, backend : see :class:`CosetKVLayer`
+    """
+
+    def __init__(
+        self, model_config, config: KVQuantConfig | None = None, *, return_codes: bool = True, backend: str = "auto"
+    ):
+        config = KVQuantConfig() if config is None else config
+        if not isinstance(config, KVQuantConfig):
+            raise TypeError(f"config must be a KVQuantConfig, got {type(config).__name__}")
+        n = _num_layers(model_config)
+        self.kv_config = config
+        super().__init__(layers=[CosetKVLayer(config, i, return_codes, backend) for i in range(n)])
+
+
+class ScalarQuantizedCache(_BytesMixin, Cache):
+    """The KIVI-style baseline cache (:class:`ScalarKVLayer` per layer); works with any attention."""
+
+    def __init__(self, model_config, config: ScalarKVConfig | None = None):
+        config = ScalarKVConfig() if config is None else config
+        if not isinstance(config, ScalarKVConfig):
+            raise TypeError(f"config must be a ScalarKVConfig, got {type(config).__name__}")
+        self.kv_config = config
+        super().__init__(layers=[ScalarKVLayer(config) for _ in range(_num_layers(model_config))])
+
+
+def coset_kv_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """Attention function for ``AttentionInterface``: reads the codes when handed a :class:`CodedKV`, and is
+    plain SDPA for dense keys and values (no cache, or another cache class)."""
+    if isinstance(key, CodedKV):
+        if dropout:
+            raise ValueError("coset_kv attention has no dropout (inference only); got dropout > 0")
+        return key.store.attend(query, attention_mask, scaling), None
+    if isinstance(value, CodedKV):
+        raise TypeError("value is a CodedKV handle but key is not")
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def register_coset_attention() -> str:
+    """Register ``"coset_kv"`` (attention function + SDPA-style mask) with transformers; idempotent."""
+    ALL_ATTENTION_FUNCTIONS[ATTN_NAME] = coset_kv_attention
+    ALL_MASK_ATTENTION_FUNCTIONS[ATTN_NAME] = sdpa_mask
+    return ATTN_NAME
+
+
+def use_coset_attention(model) -> None:
+    """Register the attention function and switch ``model`` to it (``model.set_attn_implementation``)."""
+    register_coset_attention()
+    if not hasattr(model, "set_attn_implementation"):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    model.set_attn_implementation(ATTN_NAME)

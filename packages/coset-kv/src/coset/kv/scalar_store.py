@@ -1,0 +1,99 @@
+"""``ScalarKVStore``: the KIVI-style baseline cache of one layer (:mod:`coset.kv.scalar`).
+
+Values are quantized per token as they arrive. Keys are quantized per channel once a group of
+``group_size`` tokens is complete; the incomplete group stays in full precision (and is counted in
+:attr:`nbytes` at its own dtype). Nothing is ever re-quantized.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ScalarKVConfig
+from .scalar import dequantize_channels, dequantize_tokens, quantize_channels, quantize_tokens
+from .store import TokenBuffer
+
+__all__ = ["ScalarKVStore"]
+
+
+class ScalarKVStore:
+    """Keys per channel (groups of tokens), values per token, ``config.bits`` each."""
+
+    def __init__(self, config: ScalarKVConfig | None = None):
+        config = ScalarKVConfig() if config is None else config
+        if not isinstance(config, ScalarKVConfig):
+            raise TypeError(f"config must be a ScalarKVConfig, got {type(config).__name__}")
+        self.config = config
+        self._bufs = {n: TokenBuffer() for n in ("k_code", "k_scale", "k_zero", "k_res", "v_code", "v_scale", "v_zero")}
+        self.head_dim: int | None = None
+        self.dtype: torch.dtype | None = None
+
+    def __len__(self) -> int:
+        return self._bufs["k_code"].length + self._bufs["k_res"].length
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self._bufs.values())
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append new tokens ``(B, H, L, D)``; raises like :meth:`CodedKVStore.append`."""
+        if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
+            raise TypeError("key_states and value_states must be torch.Tensors")
+        if keys.shape != values.shape or keys.ndim != 4:
+            raise ValueError(f"key_states {tuple(keys.shape)} and value_states {tuple(values.shape)} must be equal 4-d")
+        if self.head_dim is None:
+            self.head_dim, self.dtype = keys.shape[-1], keys.dtype
+        elif keys.shape[-1] != self.head_dim:
+            raise ValueError(f"head_dim changed from {self.head_dim} to {keys.shape[-1]}")
+        bits, G = self.config.bits, self.config.group_size
+        vc, vs, vz = quantize_tokens(values.detach(), bits)
+        self._bufs["v_code"].append(vc)
+        self._bufs["v_scale"].append(vs)
+        self._bufs["v_zero"].append(vz)
+        self._bufs["k_res"].append(keys.detach())
+        while self._bufs["k_res"].length >= G:
+            grp = self._bufs["k_res"].pop_front(G)
+            kc, ks, kz = quantize_channels(grp, bits)
+            self._bufs["k_code"].append(kc)
+            self._bufs["k_scale"].append(ks)
+            self._bufs["k_zero"].append(kz)
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        bits, D = self.config.bits, self.head_dim
+        b = self._bufs
+        V = dequantize_tokens(b["v_code"].data, b["v_scale"].data, b["v_zero"].data, bits, D).to(self.dtype)
+        parts = []
+        if b["k_code"].length:
+            parts.append(
+                dequantize_channels(b["k_code"].data, b["k_scale"].data, b["k_zero"].data, bits, D).to(self.dtype)
+            )
+        if b["k_res"].length:
+            parts.append(b["k_res"].data)
+        return torch.cat(parts, dim=2), V
+
+    def crop(self, n: int) -> None:
+        """Drop the ``n`` newest tokens; only possible within the full-precision key residual.
+
+        Raises
+        ------
+        ValueError if ``n`` reaches into a quantized key group (its per-channel scales cover tokens that
+        would stay).
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be an int >= 0, got {n!r}")
+        if n > self._bufs["k_res"].length:
+            raise ValueError(
+                f"cannot crop {n} tokens: only the {self._bufs['k_res'].length} newest keys are unquantized; "
+                "per-channel key groups cannot be split"
+            )
+        self._bufs["k_res"].crop(n)
+        for name in ("v_code", "v_scale", "v_zero"):
+            self._bufs[name].crop(n)
+
+    def map_batch(self, fn) -> None:
+        for b in self._bufs.values():
+            b.map_batch(fn)
+
+    def reset(self) -> None:
+        for b in self._bufs.values():
+            b.clear()

@@ -1,0 +1,69 @@
+"""``TokenBuffer``: a tensor that grows along its token axis (dim 2) with amortised O(1) appends.
+
+``torch.cat`` on every decoding step copies the whole cache each time (O(L^2) bytes over a generation);
+the buffer doubles its capacity instead and hands out a view of the used part.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["TokenBuffer"]
+
+
+class TokenBuffer:
+    """Growable ``(B, H, L, ...)`` tensor; :attr:`data` is the used part ``[:, :, :length]`` (a view)."""
+
+    def __init__(self) -> None:
+        self._buf: torch.Tensor | None = None
+        self.length = 0
+
+    @property
+    def data(self) -> torch.Tensor | None:
+        return None if self._buf is None else self._buf[:, :, : self.length]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the used part (the spare capacity is an allocation detail, at most the same again)."""
+        d = self.data
+        return 0 if d is None else d.numel() * d.element_size()
+
+    def append(self, x: torch.Tensor) -> None:
+        if self._buf is None:
+            cap = max(16, x.shape[2])
+            self._buf = x.new_empty((x.shape[0], x.shape[1], cap, *x.shape[3:]))
+        elif x.shape[:2] != self._buf.shape[:2] or x.shape[3:] != self._buf.shape[3:] or x.dtype != self._buf.dtype:
+            raise ValueError(
+                f"cannot append a {tuple(x.shape)} {x.dtype} chunk to a buffer of "
+                f"{tuple(self._buf.shape[:2])} x L x {tuple(self._buf.shape[3:])} {self._buf.dtype}"
+            )
+        n = self.length + x.shape[2]
+        if n > self._buf.shape[2]:
+            cap = max(n, 2 * self._buf.shape[2])
+            new = self._buf.new_empty((self._buf.shape[0], self._buf.shape[1], cap, *self._buf.shape[3:]))
+            new[:, :, : self.length] = self._buf[:, :, : self.length]
+            self._buf = new
+        self._buf[:, :, self.length : n] = x
+        self.length = n
+
+    def pop_front(self, n: int) -> torch.Tensor:
+        """Remove and return the ``n`` oldest tokens (a copy)."""
+        out = self._buf[:, :, :n].clone()
+        rest = self._buf[:, :, n : self.length].clone()
+        self._buf[:, :, : rest.shape[2]] = rest
+        self.length -= n
+        return out
+
+    def crop(self, n: int) -> None:
+        """Drop the ``n`` newest tokens."""
+        self.length = max(0, self.length - n)
+
+    def map_batch(self, fn) -> None:
+        """Replace the buffer by ``fn(data)`` (batch reorder / select / repeat)."""
+        if self._buf is not None:
+            self._buf = fn(self.data).contiguous()
+            self.length = self._buf.shape[2]
+
+    def clear(self) -> None:
+        self._buf = None
+        self.length = 0

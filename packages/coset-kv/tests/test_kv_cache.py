@@ -1,0 +1,248 @@
+"""The transformers adapters on a tiny random Llama with SmolLM2's attention shape (9 query heads, 3 KV
+heads, head dim 64): append/reorder/crop, attention from codes == attention on the decoded states, generate."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from coset.kv import CodedKVStore, KVQuantConfig, ScalarKVConfig  # noqa: E402
+from coset.kv.hf_cache import (  # noqa: E402
+    CodedKV,
+    CosetKVLayer,
+    CosetQuantizedCache,
+    ScalarQuantizedCache,
+    coset_kv_attention,
+    use_coset_attention,
+)
+
+
+def tiny_config(layers=2):
+    return LlamaConfig(
+        vocab_size=96,
+        hidden_size=576,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        max_position_embeddings=256,
+    )
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(tiny_config()).eval()
+    use_coset_attention(m)
+    return m
+
+
+def kv(B=1, L=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, 3, L, 64, generator=g), torch.randn(B, 3, L, 64, generator=g)
+
+
+def codes_of(layer):
+    k = layer.store.key_codes
+    return None if k is None else (k.idx.clone(), k.t.clone(), k.scale.clone())
+
+
+def same_codes(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_append_token_by_token_equals_one_chunk():
+    k, v = kv(B=2, L=11)
+    one, many = CosetKVLayer(KVQuantConfig()), CosetKVLayer(KVQuantConfig())
+    one.update(k[:, :, :3], v[:, :, :3])  # the first coded chunk fixes the per-head means
+    many.update(k[:, :, :3], v[:, :, :3])
+    one.update(k[:, :, 3:], v[:, :, 3:])
+    for t in range(3, 11):
+        h, h2 = many.update(k[:, :, t : t + 1], v[:, :, t : t + 1])
+    assert isinstance(h, CodedKV) and h is not None and h2.store is many.store
+    assert one.get_seq_length() == many.get_seq_length() == 11
+    assert same_codes(codes_of(one), codes_of(many))
+    assert one.get_mask_sizes(1) == (12, 0)
+
+
+def test_window_keeps_the_newest_tokens_exact():
+    k, v = kv(L=9)
+    layer = CosetKVLayer(KVQuantConfig(window=4), return_codes=False)
+    K, V = layer.update(k, v)
+    assert layer.store.num_coded == 5 and layer.store.num_window == 4
+    assert torch.equal(K[:, :, 5:], k[:, :, 5:]) and torch.equal(V[:, :, 5:], v[:, :, 5:])
+    assert not torch.equal(K[:, :, :5], k[:, :, :5])
+    # a token leaving the window is coded exactly as if it had been coded on arrival
+    ref = CosetKVLayer(KVQuantConfig())
+    ref.update(k[:, :, :5], v[:, :, :5])
+    assert same_codes(codes_of(layer), codes_of(ref))
+    assert not layer.is_croppable and ref.is_croppable
+
+
+@pytest.mark.parametrize("window", [0, 3])
+def test_crop_removes_the_newest_tokens(window):
+    k, v = kv(L=10)
+    layer, ref = CosetKVLayer(KVQuantConfig(window=window)), CosetKVLayer(KVQuantConfig(window=window))
+    layer.update(k[:, :, :6], v[:, :, :6])  # e.g. the prompt, then 4 speculative tokens that are rejected
+    layer.update(k[:, :, 6:], v[:, :, 6:])
+    layer.crop(-4)
+    assert layer.get_seq_length() == 6
+    ref.update(k[:, :, :6], v[:, :, :6])
+    K1, V1 = layer.store.dequantized()
+    K2, V2 = ref.store.dequantized()
+    if window == 0:
+        assert torch.equal(K1, K2) and torch.equal(V1, V2)
+    else:  # 7 coded + 3 window, minus 4 = 6 coded; the reference codes 3 and keeps 3 exact
+        assert layer.store.num_window == 0 and ref.store.num_window == 3
+        assert torch.equal(K1[:, :, :3], K2[:, :, :3]) and torch.equal(V1[:, :, :3], V2[:, :, :3])
+        assert torch.equal(K2[:, :, 3:], k[:, :, 3:6])
+    layer.crop(2)  # legacy convention: keep 2
+    assert layer.get_seq_length() == 2
+    with pytest.raises(TypeError):
+        layer.crop(1.5)
+
+
+def test_reorder_select_repeat_batch():
+    k, v = kv(B=3, L=6)
+    layer = CosetKVLayer(KVQuantConfig(window=2), return_codes=False)
+    K, V = layer.update(k, v)
+    layer.reorder_cache(torch.tensor([2, 0, 1]))
+    K2, V2 = layer.store.dequantized()
+    assert torch.equal(K2, K[[2, 0, 1]]) and torch.equal(V2, V[[2, 0, 1]])
+    layer.batch_select_indices(torch.tensor([1]))
+    assert torch.equal(layer.store.dequantized()[0], K[[0]])
+    layer.batch_repeat_interleave(2)
+    assert torch.equal(layer.store.dequantized()[1], V[[0, 0]])
+    layer.reset()
+    assert layer.get_seq_length() == 0 and layer.store.nbytes == 0
+
+
+def test_mean_subtraction_helps_offset_keys():
+    k, v = kv(L=64)
+    k = k * 0.1 + torch.linspace(-4, 4, 64)  # a large fixed per-channel bias, small token-varying part
+    errs = {}
+    for mean in (True, False):
+        store = CodedKVStore(KVQuantConfig(bits=3, subtract_mean=mean))
+        store.append(k, v)
+        K, _ = store.dequantized()
+        d = (K - k) - (K - k).mean(dim=2, keepdim=True)  # the part of the error that changes scores
+        errs[mean] = float(d.pow(2).mean())
+    assert errs[True] < 0.1 * errs[False]
+
+
+def test_bytes_accounting():
+    mc = tiny_config(layers=3)
+    cfg = KVQuantConfig(bits=3, t_bits=1, window=2)
+    cache = CosetQuantizedCache(mc, cfg)
+    k, v = kv(L=7)
+    for i in range(3):
+        cache.update(k, v, i)
+    coded, win = 5, 2
+    per_layer = 2 * 3 * (coded * cfg.bytes_per_vector(64) + win * 64 * 4) + 2 * 3 * 64 * 4  # + the two means
+    assert cache.nbytes == 3 * per_layer
+    sc = ScalarQuantizedCache(mc, ScalarKVConfig(bits=4, group_size=4))
+    for i in range(3):
+        sc.update(k, v, i)
+    # keys: one group of 4 (4*64*4/8 code bytes + 2*64*2 scale/zero bytes) + 3 fp32 tokens; values per token
+    keys = 3 * (4 * 32 + 2 * 64 * 2 + 3 * 64 * 4)
+    values = 3 * 7 * (32 + 4)
+    assert sc.nbytes == 3 * (keys + values)
+
+
+@pytest.mark.parametrize(
+    "window, path, mean", [(0, "lut", True), (0, "decode", True), (3, "lut", True), (3, "auto", False)]
+)
+def test_attention_from_codes_equals_sdpa_on_decoded_states(window, path, mean):
+    cfg = KVQuantConfig(bits=2, window=window, score_path=path, subtract_mean=mean)
+    store = CodedKVStore(cfg, seed=4)
+    k, v = kv(B=2, L=12, seed=1)
+    store.append(k + 3.0, v - 1.0)  # offsets: the mean subtraction must be undone exactly
+    K, V = store.dequantized()
+    q = torch.randn(2, 9, 4, 64)
+    mask = torch.ones(2, 1, 4, 12, dtype=torch.bool)
+    mask[1, :, :, :3] = False  # left padding of the second row
+    out = store.attend(q, mask, scaling=0.125)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, K, V, attn_mask=mask, scale=0.125, enable_gqa=True)
+    assert torch.allclose(out, ref.transpose(1, 2), atol=1e-5)
+    # no mask + several queries = causal, the queries being the newest positions
+    out = store.attend(q, None, scaling=0.125)
+    causal = torch.ones(4, 12, dtype=torch.bool).tril(diagonal=8)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, K, V, attn_mask=causal, scale=0.125, enable_gqa=True)
+    assert torch.allclose(out, ref.transpose(1, 2), atol=1e-5)
+
+
+def test_model_logits_with_codes_equal_sdpa_on_decoded_cache(model):
+    ids = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(3))
+    cfg = KVQuantConfig(bits=2)
+    a = CosetQuantizedCache(model.config, cfg)  # CodedKV handles -> coset_kv attention from codes
+    b = CosetQuantizedCache(model.config, cfg, return_codes=False)  # decoded dense states -> plain SDPA
+    with torch.no_grad():
+        la = [model(ids[:, :8], past_key_values=a).logits]
+        lb = [model(ids[:, :8], past_key_values=b).logits]
+        for t in range(8, 12):  # decoding steps: the LUT path
+            la.append(model(ids[:, t : t + 1], past_key_values=a).logits)
+            lb.append(model(ids[:, t : t + 1], past_key_values=b).logits)
+    assert torch.allclose(torch.cat(la, 1), torch.cat(lb, 1), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_generate_runs_and_high_rate_matches_fp32_greedy(model):
+    ids = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = model.generate(ids, past_key_values=DynamicCache(config=model.config), max_new_tokens=16, do_sample=False)
+        hi = model.generate(
+            ids,
+            past_key_values=CosetQuantizedCache(model.config, KVQuantConfig(bits=4, t_bits=4)),
+            max_new_tokens=16,
+            do_sample=False,
+        )
+        lo_cache = CosetQuantizedCache(model.config, KVQuantConfig(bits=1, window=2))
+        lo = model.generate(ids, past_key_values=lo_cache, max_new_tokens=16, do_sample=False)
+        kivi = model.generate(
+            ids,
+            past_key_values=ScalarQuantizedCache(model.config, ScalarKVConfig(bits=8, group_size=4)),
+            max_new_tokens=16,
+            do_sample=False,
+        )
+    assert torch.equal(hi, ref)
+    assert torch.equal(kivi, ref)
+    assert lo.shape == ref.shape and lo_cache.get_seq_length() == 6 + 15
+
+
+def test_bad_inputs(model):
+    with pytest.raises(TypeError):
+        CosetQuantizedCache("llama")
+    with pytest.raises(ValueError):
+        CosetQuantizedCache(0)
+    with pytest.raises(TypeError):
+        CosetQuantizedCache(2, ScalarKVConfig())
+    with pytest.raises(TypeError):
+        ScalarQuantizedCache(2, KVQuantConfig())
+    layer = CosetKVLayer()
+    k, v = kv()
+    with pytest.raises(ValueError, match="NaN"):
+        layer.update(k * float("nan"), v)
+    layer.update(k, v)
+    with pytest.raises(ValueError, match="heads"):
+        layer.update(torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64))
+    with pytest.raises(ValueError, match="batch"):
+        layer.update(torch.randn(2, 3, 1, 64), torch.randn(2, 3, 1, 64))
+    with pytest.raises(ValueError, match="differ"):
+        layer.update(torch.randn(1, 3, 1, 64), torch.randn(1, 3, 2, 64))
+    with pytest.raises(ValueError, match="empty"):
+        CodedKVStore().attend(torch.randn(1, 9, 1, 64))
+    with pytest.raises(ValueError, match="does not fit"):
+        layer.store.attend(torch.randn(1, 4, 1, 64))
+    with pytest.raises(ValueError, match="dropout"):
+        coset_kv_attention(
+            None, torch.randn(1, 9, 1, 64), CodedKV(layer.store), CodedKV(layer.store), None, dropout=0.1
+        )
+    sc = ScalarQuantizedCache(1, ScalarKVConfig(bits=4, group_size=4))
+    sc.update(*kv(L=6), 0)
+    with pytest.raises(ValueError, match="cannot crop"):
+        sc.crop(-3)
+    sc.crop(-2)
+    assert sc.get_seq_length() == 4

@@ -1,0 +1,43 @@
+import pytest
+
+from coset.kv import KVQuantConfig, ScalarKVConfig
+from coset.kv.config import _BETA_TABLE, search_beta
+
+
+@pytest.mark.parametrize(
+    "kw, exc",
+    [
+        ({"bits": 5}, ValueError),
+        ({"bits": 0}, ValueError),
+        ({"bits": 2.0}, TypeError),
+        ({"t_bits": 3}, ValueError),
+        ({"alpha": 0.0}, ValueError),
+        ({"beta": -1.0}, ValueError),
+        ({"window": -1}, ValueError),
+        ({"score_path": "fast"}, ValueError),
+        ({"subtract_mean": 1}, TypeError),
+    ],
+)
+def test_bad_config(kw, exc):
+    with pytest.raises(exc):
+        KVQuantConfig(**kw)
+
+
+def test_scalar_config_bits():
+    assert ScalarKVConfig(bits=4, group_size=64).bits_per_element(64) == 4.5
+    assert ScalarKVConfig(bits=2, group_size=128).bits_per_element(64) == (2.25 + 2.5) / 2
+    with pytest.raises(ValueError):
+        ScalarKVConfig(bits=9)
+    with pytest.raises(ValueError):
+        ScalarKVConfig(group_size=0)
+
+
+def test_quant_config_is_e8_q2_centred():
+    qc = KVQuantConfig(bits=3, t_bits=2, alpha=0.5).quant_config()
+    assert (qc.lattice_type, qc.q, qc.M, qc.center, qc.max_scaling_iterations) == ("E8", 2, 3, True, 3)
+    assert qc.beta == _BETA_TABLE[(3, 2, 0.5)]
+
+
+@pytest.mark.slow
+def test_beta_table_entry_is_the_grid_search_result():
+    assert search_beta(4, 2, 0.5) == _BETA_TABLE[(4, 2, 0.5)]
