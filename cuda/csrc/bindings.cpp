@@ -15,6 +15,24 @@
 
 namespace py = pybind11;
 
+// coset.kv attention kernels (cuda/csrc/kv_cpu.cpp, kv_cuda.cu): plain C ABI
+extern "C" {
+int kv_scores_cpu(const uint8_t* idx, const uint8_t* tpack, const float* rho, const float* steps, int t_bits,
+                  const float* tab, const float* cy, float* out, int64_t BH, int64_t L, int K, int M, int n,
+                  int threads);
+int kv_values_cpu(const uint8_t* idx, const uint8_t* tpack, const float* rho, const float* steps, int t_bits,
+                  const float* p, const float* a, const float* c, float* out, int64_t BH, int64_t L, int K, int M,
+                  int n, int threads);
+#ifdef COSET_WITH_CUDA
+int kv_scores_cuda(const uint8_t* idx, const uint8_t* tpack, const float* rho, const float* steps, int t_bits,
+                   const float* tab, const float* cy, float* out, int64_t BH, int64_t L, int K, int M, int n,
+                   std::uintptr_t stream);
+int kv_values_cuda(const uint8_t* idx, const uint8_t* tpack, const float* rho, const float* steps, int t_bits,
+                   const float* p, const float* a, const float* c, float* out, int64_t BH, int64_t L, int K, int M,
+                   int n, std::uintptr_t stream);
+#endif
+}
+
 void coset_bind_bucket_codec(py::module_& m);  // bucket_codec_py.cpp (coset.dist's bucket codec)
 using darr = py::array_t<double, py::array::c_style | py::array::forcecast>;
 
@@ -66,6 +84,23 @@ PYBIND11_MODULE(_C, m) {
   m.def("get_num_threads", &coset::get_num_threads);
   m.def("set_num_threads", &coset::set_num_threads);
   coset_bind_bucket_codec(m);
+  // coset.kv attention from key/value codes (kv_cpu.cpp; per-token logic in kv_scores.h, shared with kv_cuda.cu)
+  m.def("kv_scores_cpu", [](std::uintptr_t idx, std::uintptr_t t, std::uintptr_t rho, std::uintptr_t steps,
+                            int t_bits, std::uintptr_t tab, std::uintptr_t cy, std::uintptr_t out, int64_t BH,
+                            int64_t L, int K, int M, int n, int threads) {
+    py::gil_scoped_release nogil;
+    return kv_scores_cpu(ptr<const uint8_t>(idx), ptr<const uint8_t>(t), ptr<const float>(rho),
+                         ptr<const float>(steps), t_bits, ptr<const float>(tab), ptr<const float>(cy),
+                         ptr<float>(out), BH, L, K, M, n, threads);
+  });
+  m.def("kv_values_cpu", [](std::uintptr_t idx, std::uintptr_t t, std::uintptr_t rho, std::uintptr_t steps,
+                            int t_bits, std::uintptr_t p, std::uintptr_t a, std::uintptr_t c, std::uintptr_t out,
+                            int64_t BH, int64_t L, int K, int M, int n, int threads) {
+    py::gil_scoped_release nogil;
+    return kv_values_cpu(ptr<const uint8_t>(idx), ptr<const uint8_t>(t), ptr<const float>(rho),
+                         ptr<const float>(steps), t_bits, ptr<const float>(p), ptr<const float>(a),
+                         ptr<const float>(c), ptr<float>(out), BH, L, K, M, n, threads);
+  });
   // float32 + integer fast path of encode/decode/quantize (fast_quant.h): on/off switch and the ISA in use
   m.def("set_fast_path", &coset::fq::set_enabled);
   m.def("fast_path_enabled", &coset::fq::enabled);

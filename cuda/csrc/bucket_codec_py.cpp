@@ -45,26 +45,6 @@ T* ptr(std::uintptr_t p) {
 }  // namespace
 
 void coset_bind_bucket_codec(py::module_& m) {
-  m.def("bucket_encode_allgather", [](int kind, int d, darr G, darr Ginv, py::object eps, int q, int M, darr scales,
-                                      double safe_radius, std::uintptr_t x, std::uintptr_t resid, int64_t n,
-                                      double rho_in, int t_bits, std::uintptr_t payload) {
-    View v = make_view(kind, d, G, Ginv, eps, q, M, scales, safe_radius);
-    coset::BucketEncodeStats st;
-    {
-      py::gil_scoped_release nogil;
-      st = coset::bucket_encode_allgather(v.L, v.P, ptr<const float>(x), ptr<float>(resid), n, rho_in, t_bits,
-                                          ptr<uint8_t>(payload));
-    }
-    return py::make_tuple(st.rho, st.nonfinite, st.overloaded, st.clamped);
-  });
-  m.def("bucket_decode_allgather", [](int kind, int d, darr G, darr Ginv, py::object eps, int q, int M, darr scales,
-                                      std::uintptr_t payloads, int64_t payload_bytes, int W, int own, int64_t n,
-                                      int t_bits, std::uintptr_t out, std::uintptr_t resid) {
-    View v = make_view(kind, d, G, Ginv, eps, q, M, scales, 0.0);
-    py::gil_scoped_release nogil;
-    return coset::bucket_decode_allgather(v.L, v.P, ptr<const uint8_t>(payloads), payload_bytes, W, own, n, t_bits,
-                                          ptr<float>(out), ptr<float>(resid));
-  });
   m.def("bucket_modular_norms", [](std::uintptr_t x, std::uintptr_t resid, int64_t n, int d, int64_t bpc,
                                    std::uintptr_t norms) {
     py::gil_scoped_release nogil;

@@ -1,13 +1,11 @@
 """Native DDP bucket codec for coset.dist: one call per gradient bucket (CPU, multi-threaded).
 
-Bit-exact with the Python codec of ``coset.dist.codec`` (same payload bytes, same decoded values), with the
+Bit-exact with the modular mode of ``coset.dist.codec`` (same packed codes, same decoded values), with the
 error-feedback residual fused in: ``resid`` (float32, the bucket's shape) holds the old residual on entry;
-the encoders replace it by the corrected gradient ``x + resid`` and the decoders by ``x + resid - x_hat_own``
-(the new residual), exactly as the hook's Python path computes them.
+the encoder replaces it by the corrected gradient ``x + resid``, exactly as the hook's Python path computes it.
+(The allgather payload stores T with ``coset.quant.pack_codes``' coding and is written by the Python codec.)
 
-* allgather: :func:`encode_allgather` -> payload bytes; :func:`decode_allgather` averages the W gathered
-  payloads in rank order.
-* modular: :func:`modular_norms` (per-chunk largest block norm), :func:`modular_encode` (packed flat codes),
+* :func:`modular_norms` (per-chunk largest block norm), :func:`modular_encode` (packed flat codes),
   :func:`modular_decode` (the summed codes -> the average).
 
 coset.dist imports this module optionally (it never depends on coset-cuda).
@@ -24,8 +22,6 @@ from ._ops import _consts
 
 __all__ = [
     "supports",
-    "encode_allgather",
-    "decode_allgather",
     "modular_norms",
     "modular_encode",
     "modular_decode",
@@ -59,95 +55,10 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else int(t.data_ptr())
 
 
-def _t_bits(config: QuantizationConfig) -> int:
-    return (max(2, config.max_scaling_iterations + 1) - 1).bit_length()
-
-
 def _lat(config: QuantizationConfig, dithered: bool = False):
-    kind, d, G, Gi, eps, q, M, scales, rad = _consts(config.lattice, config, dithered)
+    # the bucket is normalised by its RMS before coding, so the magnitude bound of _consts cannot bind here
+    kind, d, G, Gi, eps, q, M, scales, rad, _max_abs = _consts(config.lattice, config, dithered)
     return kind, d, G, Gi, eps, q, M, scales, rad
-
-
-def encode_allgather(
-    x: torch.Tensor,
-    config: QuantizationConfig,
-    payload: torch.Tensor,
-    resid: torch.Tensor | None = None,
-    rho: float = 0.0,
-) -> dict:
-    """Encode one rank's bucket into its allgather payload (``coset.dist.codec.encode_payload``'s bytes).
-
-    Parameters
-    ----------
-    x : (n,) float32 contiguous CPU tensor (the bucket)
-    config : QuantizationConfig (see :func:`supports`)
-    payload : (payload_layout(n, config).nbytes,) uint8, written
-    resid : (n,) float32 or None; replaced by ``x + resid`` (error feedback)
-    rho : > 0 forces the RMS divisor (tests); 0 computes it
-
-    Returns
-    -------
-    dict with ``rho``, ``nonfinite`` (bool), ``overloaded`` and ``clamped`` (block counts)
-    """
-    if not supports(config):
-        raise ValueError("config is not supported by the native bucket codec (see supports())")
-    _check_vec("x", x)
-    n = x.numel()
-    _check_vec("resid", resid, n)
-    _check_vec("payload", payload, dtype=torch.uint8)
-    kind, d, G, Gi, eps, q, M, scales, rad = _lat(config)
-    nb = -(-n // d)
-    need = -(-nb * M * d * ((q - 1).bit_length()) // 8) + -(-nb * _t_bits(config) // 8) + 8
-    if payload.numel() != need:
-        raise ValueError(f"payload must have {need} bytes for n={n}, got {payload.numel()}")
-    r, nonfinite, ovl, clamped = _C.bucket_encode_allgather(
-        kind, d, G, Gi, eps, q, M, scales, rad, _ptr(x), _ptr(resid), n, float(rho), _t_bits(config), _ptr(payload)
-    )
-    return {"rho": r, "nonfinite": bool(nonfinite), "overloaded": int(ovl), "clamped": int(clamped)}
-
-
-def decode_allgather(
-    payloads: torch.Tensor,
-    n: int,
-    config: QuantizationConfig,
-    out: torch.Tensor,
-    own: int = -1,
-    resid: torch.Tensor | None = None,
-) -> int:
-    """Average W gathered payloads into ``out`` (float32, n): ``float(sum_r decode(payload_r) / W)``.
-
-    Parameters
-    ----------
-    payloads : (W, payload_bytes) uint8, rank order
-    own, resid : this rank's index and its (n,) float32 buffer from :func:`encode_allgather`, which becomes
-        the new residual ``x + old residual - x_hat_own``; ``own=-1`` skips it
-
-    Returns
-    -------
-    0 on success, 1 if some rank flagged a non-finite bucket (``out``/``resid`` untouched).
-    Raises ``ValueError`` on a corrupt payload (labels >= q or T > cap; nothing is written).
-    """
-    if not supports(config):
-        raise ValueError("config is not supported by the native bucket codec (see supports())")
-    if not isinstance(payloads, torch.Tensor) or payloads.dtype != torch.uint8 or payloads.ndim != 2:
-        raise TypeError("payloads must be a (W, payload_bytes) uint8 tensor")
-    payloads = payloads.contiguous()
-    W, pb = payloads.shape
-    _check_vec("out", out, n)
-    _check_vec("resid", resid, n)
-    if not -1 <= own < W:
-        raise ValueError(f"own must be in [-1, {W}), got {own}")
-    kind, d, G, Gi, eps, q, M, scales, _ = _lat(config)
-    nb = -(-n // d)
-    need = -(-nb * M * d * ((q - 1).bit_length()) // 8) + -(-nb * _t_bits(config) // 8) + 8
-    if pb != need:
-        raise ValueError(f"each payload must have {need} bytes for n={n}, got {pb}")
-    rc = _C.bucket_decode_allgather(
-        kind, d, G, Gi, eps, q, M, scales, _ptr(payloads), pb, W, own, n, _t_bits(config), _ptr(out), _ptr(resid)
-    )
-    if rc < 0:
-        raise ValueError("corrupt allgather payload: a label >= q or a scale step T > max_scaling_iterations")
-    return int(rc)
 
 
 def modular_norms(x: torch.Tensor, d: int, blocks_per_chunk: int, resid: torch.Tensor | None = None):

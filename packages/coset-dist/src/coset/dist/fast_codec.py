@@ -1,10 +1,12 @@
 """The hook's native path: one native call per bucket to encode (+ pack) and one to decode (+ unpack).
 
-When coset-cuda is installed, ``coset.cuda.bucket_codec`` encodes a whole float32 CPU bucket into the exact
-bytes of :mod:`coset.dist.codec` (allgather payload, or packed modular codes) and decodes the gathered /
-summed buffer straight into the bucket, with the error-feedback residual fused in. Results are bit-identical
-to the Python path, so ranks may even mix the two. coset-dist does not depend on coset-cuda: without it (or
-for what the native codec does not cover: fp16/bf16 or GPU buckets, random dither, the ``decode`` mode)
+When coset-cuda is installed, ``coset.cuda.bucket_codec`` encodes a whole float32 CPU bucket of the modular
+mode into the exact packed codes of :mod:`coset.dist.codec` and decodes the summed buffer straight into the
+bucket, with the error-feedback residual fused in. Results are bit-identical to the Python path, so ranks may
+even mix the two. The allgather mode always takes the Python codec: its payload stores T with
+``coset.quant.pack_codes``' coding, which the native codec does not write. coset-dist does not depend on
+coset-cuda: without it (or for what the native codec does not cover: fp16/bf16 or GPU buckets, random dither,
+the allgather and ``decode`` modes)
 :func:`native_hook` returns ``None`` and the hook takes its Python path.
 
 ``state.native = False`` (an attribute of :class:`~coset.dist.HNLQHookState`, default True) forces the
@@ -12,12 +14,12 @@ Python path; ``state.native_buckets`` counts the buckets that took the native on
 """
 
 import importlib
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .codec import allgather_bytes, choose_sum_packing, modular_scales, payload_layout, ring_allreduce_bytes
+from .codec import choose_sum_packing, modular_scales, ring_allreduce_bytes
 
 __all__ = ["native_available", "native_hook"]
 
@@ -36,7 +38,8 @@ def _usable(state, buf: torch.Tensor) -> bool:
     return (
         _native is not None
         and getattr(state, "native", True)
-        and state.mode in ("allgather", "modular")
+        # allgather payloads carry pack_codes' T coding, which only the Python codec writes
+        and state.mode == "modular"
         and buf.dtype == torch.float32
         and buf.device.type == "cpu"
         and buf.is_contiguous()
@@ -44,7 +47,7 @@ def _usable(state, buf: torch.Tensor) -> bool:
     )
 
 
-def _residual(state, idx: int, n: int) -> Optional[torch.Tensor]:
+def _residual(state, idx: int, n: int) -> torch.Tensor | None:
     """This bucket's residual buffer (zeros when missing or stale), or None without error feedback."""
     if not state.error_feedback:
         return None
@@ -54,7 +57,7 @@ def _residual(state, idx: int, n: int) -> Optional[torch.Tensor]:
     return r
 
 
-def native_hook(state, buf: torch.Tensor, idx: int, W: int) -> Optional[torch.futures.Future]:
+def native_hook(state, buf: torch.Tensor, idx: int, W: int) -> torch.futures.Future | None:
     """Run one compressed bucket through the native codec; ``None`` if it cannot (caller falls back).
 
     Parameters
@@ -64,8 +67,6 @@ def native_hook(state, buf: torch.Tensor, idx: int, W: int) -> Optional[torch.fu
     if not _usable(state, buf):
         return None
     state.native_buckets = getattr(state, "native_buckets", 0) + 1
-    if state.mode == "allgather":
-        return _allgather(state, buf, idx, W)
     return _modular(state, buf, idx, W)
 
 
@@ -79,34 +80,6 @@ def _fail_or_allreduce(state, buf: torch.Tensor, idx: int, W: int):
     state._counters["bytes_sent"] += ring_allreduce_bytes(buf.numel() * buf.element_size(), W)
     dist.all_reduce(buf, group=state.group)  # synchronous, inside the callback (like the Python path)
     return buf.div_(W)
-
-
-def _allgather(state, buf, idx, W):
-    cfg = state.config
-    n = buf.numel()
-    rank = dist.get_rank(state.group)
-    lay = payload_layout(n, cfg)
-    resid = _residual(state, idx, n)
-    payload = torch.empty(lay.nbytes, dtype=torch.uint8)
-    info = _native.encode_allgather(buf, cfg, payload, resid=resid)
-    if not info["nonfinite"]:
-        state._counters["blocks"] += lay.n_blocks
-        state._counters["blocks_overloaded"] += info["overloaded"]
-        state._counters["blocks_clamped"] += info["clamped"]
-    state.bucket_scales[idx] = torch.tensor([info["rho"] * cfg.beta], dtype=torch.float64)
-    state._counters["bytes_sent"] += allgather_bytes(lay.nbytes, W)
-    gathered = torch.empty((W, lay.nbytes), dtype=torch.uint8)
-    fut = dist.all_gather(list(gathered.unbind(0)), payload, group=state.group, async_op=True).get_future()
-
-    def finish(f):
-        f.wait()
-        if _native.decode_allgather(gathered, n, cfg, buf, own=rank, resid=resid):
-            return _fail_or_allreduce(state, buf, idx, W)
-        if resid is not None:
-            state.residuals[idx] = resid
-        return buf
-
-    return fut.then(finish)
 
 
 def _modular(state, buf, idx, W):
