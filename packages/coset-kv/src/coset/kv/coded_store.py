@@ -13,6 +13,8 @@ accumulated from the value codes in the rotated domain and rotated back once per
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .attention import masked_softmax
@@ -65,9 +67,29 @@ class CodedKVStore:
     def _codes(self, which: str) -> KVCodes | None:
         if not self.num_coded:
             return None
-        return KVCodes(
-            self._bufs[f"{which}_idx"].data, self._bufs[f"{which}_t"].data, self._bufs[f"{which}_scale"].data
-        )
+        return self._require_codes(which)
+
+    def _require_codes(self, which: str) -> KVCodes:
+        """The ``"k"`` or ``"v"`` codes; raises RuntimeError when no token is coded."""
+        if not self.num_coded:
+            raise RuntimeError("no coded tokens in the cache")
+        b = self._bufs
+        return KVCodes(b[f"{which}_idx"].tensor, b[f"{which}_t"].tensor, b[f"{which}_scale"].tensor)
+
+    def _require_rotation(self) -> HeadRotation:
+        """The rotation, created by the first :meth:`append`; raises RuntimeError before that."""
+        if self.rotation is None:
+            raise RuntimeError("the cache is empty: append keys and values first")
+        return self.rotation
+
+    def _means(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(k_mean, v_mean)``, or None; the two are set together (:meth:`_encode_append`) and cleared
+        together (:meth:`reset`)."""
+        if self.k_mean is None and self.v_mean is None:
+            return None
+        if self.k_mean is None or self.v_mean is None:
+            raise RuntimeError("inconsistent cache state: only one of k_mean / v_mean is set")
+        return self.k_mean, self.v_mean
 
     @property
     def key_codes(self) -> KVCodes | None:
@@ -132,15 +154,17 @@ class CodedKVStore:
 
     def _encode_append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         keys, values = keys.detach().to(torch.float32), values.detach().to(torch.float32)
-        k_mean, v_mean = self.k_mean, self.v_mean
+        rotation = self._require_rotation()
+        means = self._means()
         if self.config.subtract_mean:
-            if k_mean is None:
-                k_mean, v_mean = keys.mean(dim=(0, 2)), values.mean(dim=(0, 2))
-            keys = keys - k_mean.unsqueeze(1)
-            values = values - v_mean.unsqueeze(1)
-        kc = encode_states(keys, self.rotation, self.config)
-        vc = encode_states(values, self.rotation, self.config)
-        self.k_mean, self.v_mean = k_mean, v_mean  # only once both encoded: bad input leaves no trace
+            if means is None:
+                means = keys.mean(dim=(0, 2)), values.mean(dim=(0, 2))
+            keys = keys - means[0].unsqueeze(1)
+            values = values - means[1].unsqueeze(1)
+        kc = encode_states(keys, rotation, self.config)
+        vc = encode_states(values, rotation, self.config)
+        if means is not None:  # only once both encoded: bad input leaves no trace
+            self.k_mean, self.v_mean = means
         for which, c in (("k", kc), ("v", vc)):
             self._bufs[f"{which}_idx"].append(c.idx)
             self._bufs[f"{which}_t"].append(c.t)
@@ -156,7 +180,7 @@ class CodedKVStore:
         for name in ("k_idx", "k_t", "k_scale", "v_idx", "v_t", "v_scale"):
             self._bufs[name].crop(n - w)
 
-    def map_batch(self, fn) -> None:
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply ``fn`` to the batch axis of every buffer (reorder, select, repeat)."""
         for b in self._bufs.values():
             b.map_batch(fn)
@@ -169,17 +193,20 @@ class CodedKVStore:
     # ------------------------------------------------------------------ reads
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Reconstructed keys and values ``(B, H, L, D)`` in the states' dtype (decoded codes + window)."""
-        parts_k, parts_v = [], []
+        parts_k: list[torch.Tensor] = []
+        parts_v: list[torch.Tensor] = []
         if self.num_coded:
-            k = decode_states(self.key_codes, self.rotation, self.config)
-            v = decode_states(self.value_codes, self.rotation, self.config)
-            if self.k_mean is not None:
-                k, v = k + self.k_mean.unsqueeze(1), v + self.v_mean.unsqueeze(1)
+            rotation = self._require_rotation()
+            k = decode_states(self._require_codes("k"), rotation, self.config)
+            v = decode_states(self._require_codes("v"), rotation, self.config)
+            means = self._means()
+            if means is not None:
+                k, v = k + means[0].unsqueeze(1), v + means[1].unsqueeze(1)
             parts_k.append(k.to(self.dtype))
             parts_v.append(v.to(self.dtype))
         if self.num_window:
-            parts_k.append(self._bufs["k_win"].data)
-            parts_v.append(self._bufs["v_win"].data)
+            parts_k.append(self._bufs["k_win"].tensor)
+            parts_v.append(self._bufs["v_win"].tensor)
         return torch.cat(parts_k, dim=2), torch.cat(parts_v, dim=2)
 
     def use_lut(self, n_queries: int) -> bool:
@@ -203,27 +230,29 @@ class CodedKVStore:
         if not len(self):
             raise ValueError("the cache is empty: append keys and values before attending")
         B, Hq, Lq, D = query.shape
-        H = self.rotation.num_heads
-        if D != self.rotation.head_dim or Hq % H or B != self._batch():
+        rotation = self._require_rotation()
+        H = rotation.num_heads
+        if D != rotation.head_dim or Hq % H or B != self._batch():
             raise ValueError(
                 f"query {tuple(query.shape)} does not fit a cache of batch {self._batch()}, {H} KV heads, "
-                f"head dim {self.rotation.head_dim}"
+                f"head dim {rotation.head_dim}"
             )
         G = Hq // H
         scaling = D**-0.5 if scaling is None else float(scaling)
         q = query.to(torch.float32).reshape(B, H, G * Lq, D)  # row g*Lq + i = query head h*G+g, position i
-        parts = []
+        parts: list[torch.Tensor] = []
         lut = self.use_lut(G * Lq)
         backend = self.backend if lut else "torch"
+        means = self._means()
         if self.num_coded:
-            qr = self.rotation.rotate(q)
-            kc = self.key_codes
+            qr = rotation.rotate(q)
+            kc = self._require_codes("k")
             sc = scores_lut(qr, kc, self.config, backend=backend) if lut else scores_reference(qr, kc, self.config)
-            if self.k_mean is not None:  # the codes hold k - mu_k: add <q, mu_k> back (same for every token)
-                sc = sc + q @ self.k_mean.unsqueeze(-1)
+            if means is not None:  # the codes hold k - mu_k: add <q, mu_k> back (same for every token)
+                sc = sc + q @ means[0].unsqueeze(-1)
             parts.append(sc)
         if self.num_window:
-            parts.append(q @ self._bufs["k_win"].data.to(torch.float32).transpose(-1, -2))
+            parts.append(q @ self._bufs["k_win"].tensor.to(torch.float32).transpose(-1, -2))
         s = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
         Lk = s.shape[-1]
         p = masked_softmax((s * scaling).view(B, H, G, Lq, Lk), attention_mask, H).view(B, H, G * Lq, Lk)
@@ -231,9 +260,9 @@ class CodedKVStore:
         Lc = self.num_coded
         if Lc:
             pc = p[..., :Lc].contiguous()
-            out = self.rotation.unrotate(values_from_codes(pc, self.value_codes, self.config, backend=backend))
-            if self.v_mean is not None:  # the codes hold v - mu_v
-                out = out + pc.sum(-1, keepdim=True) * self.v_mean.unsqueeze(1)
+            out = rotation.unrotate(values_from_codes(pc, self._require_codes("v"), self.config, backend=backend))
+            if means is not None:  # the codes hold v - mu_v
+                out = out + pc.sum(-1, keepdim=True) * means[1].unsqueeze(1)
         if self.num_window:
-            out = out + p[..., Lc:] @ self._bufs["v_win"].data.to(torch.float32)
+            out = out + p[..., Lc:] @ self._bufs["v_win"].tensor.to(torch.float32)
         return out.view(B, H, G, Lq, D).reshape(B, Hq, Lq, D).transpose(1, 2).to(query.dtype)

@@ -25,7 +25,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .coded_store import CodedKVStore
-from .codes import decode_states, encode_states
+from .codes import KVCodes, decode_states, encode_states
 from .config import KVQuantConfig, ScalarKVConfig
 from .scalar_store import ScalarKVStore
 
@@ -107,6 +107,8 @@ class CosetKVLayer(_StoreLayer):
     backend : LUT kernel, ``"auto"`` | ``"torch"`` | ``"native"``
     """
 
+    store: CodedKVStore
+
     def __init__(
         self, config: KVQuantConfig | None = None, layer_idx: int = 0, return_codes: bool = True, backend: str = "auto"
     ):
@@ -121,11 +123,11 @@ class CosetKVLayer(_StoreLayer):
         # full-precision tokens would differ from a run that never saw the dropped tokens
         return self.store.config.window == 0
 
-    def _quantize(self, tensor):
-        return encode_states(tensor, self.store.rotation, self.store.config)
+    def _quantize(self, tensor: torch.Tensor) -> KVCodes:
+        return encode_states(tensor, self.store._require_rotation(), self.store.config)
 
-    def _dequantize(self, q_tensor):
-        return decode_states(q_tensor, self.store.rotation, self.store.config)
+    def _dequantize(self, q_tensor: KVCodes) -> torch.Tensor:
+        return decode_states(q_tensor, self.store._require_rotation(), self.store.config)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append the new tokens' codes; return a :class:`CodedKV` handle twice, or the decoded states."""
@@ -141,6 +143,8 @@ class CosetKVLayer(_StoreLayer):
 
 class ScalarKVLayer(_StoreLayer):
     """One layer of the KIVI-style baseline; returns decoded dense states (any attention implementation)."""
+
+    store: ScalarKVStore
 
     def __init__(self, config: ScalarKVConfig | None = None):
         super().__init__()
@@ -167,9 +171,10 @@ def _num_layers(model_config) -> int:
         n = model_config
     else:
         cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-        n = getattr(cfg, "num_hidden_layers", None)
-        if not isinstance(n, int):
+        num_hidden_layers = getattr(cfg, "num_hidden_layers", None)
+        if not isinstance(num_hidden_layers, int):
             raise TypeError("model_config must be a transformers config with num_hidden_layers, or an int")
+        n = num_hidden_layers
     if n < 1:
         raise ValueError(f"the number of layers must be >= 1, got {n}")
     return n

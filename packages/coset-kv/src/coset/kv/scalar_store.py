@@ -7,6 +7,8 @@ Values are quantized per token as they arrive. Keys are quantized per channel on
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .config import ScalarKVConfig
@@ -59,16 +61,24 @@ class ScalarKVStore:
             self._bufs["k_zero"].append(kz)
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstructed keys and values ``(B, H, L, D)`` in the states' dtype.
+
+        Raises
+        ------
+        RuntimeError if nothing was appended yet (or since :meth:`reset`).
+        """
         bits, D = self.config.bits, self.head_dim
         b = self._bufs
-        V = dequantize_tokens(b["v_code"].data, b["v_scale"].data, b["v_zero"].data, bits, D).to(self.dtype)
-        parts = []
+        if D is None:
+            raise RuntimeError("the cache is empty: append keys and values before reading them")
+        V = dequantize_tokens(b["v_code"].tensor, b["v_scale"].tensor, b["v_zero"].tensor, bits, D).to(self.dtype)
+        parts: list[torch.Tensor] = []
         if b["k_code"].length:
             parts.append(
-                dequantize_channels(b["k_code"].data, b["k_scale"].data, b["k_zero"].data, bits, D).to(self.dtype)
+                dequantize_channels(b["k_code"].tensor, b["k_scale"].tensor, b["k_zero"].tensor, bits, D).to(self.dtype)
             )
         if b["k_res"].length:
-            parts.append(b["k_res"].data)
+            parts.append(b["k_res"].tensor)
         return torch.cat(parts, dim=2), V
 
     def crop(self, n: int) -> None:
@@ -90,7 +100,7 @@ class ScalarKVStore:
         for name in ("v_code", "v_scale", "v_zero"):
             self._bufs[name].crop(n)
 
-    def map_batch(self, fn) -> None:
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         for b in self._bufs.values():
             b.map_batch(fn)
 

@@ -6,6 +6,8 @@ the buffer doubles its capacity instead and hands out a view of the used part.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 __all__ = ["TokenBuffer"]
@@ -21,6 +23,21 @@ class TokenBuffer:
     @property
     def data(self) -> torch.Tensor | None:
         return None if self._buf is None else self._buf[:, :, : self.length]
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """:attr:`data` for a buffer that has been appended to.
+
+        Raises
+        ------
+        RuntimeError if nothing was appended since creation or the last :meth:`clear`.
+        """
+        return self._require()[:, :, : self.length]
+
+    def _require(self) -> torch.Tensor:
+        if self._buf is None:
+            raise RuntimeError("the TokenBuffer is empty: append before reading it")
+        return self._buf
 
     @property
     def nbytes(self) -> int:
@@ -48,9 +65,10 @@ class TokenBuffer:
 
     def pop_front(self, n: int) -> torch.Tensor:
         """Remove and return the ``n`` oldest tokens (a copy)."""
-        out = self._buf[:, :, :n].clone()
-        rest = self._buf[:, :, n : self.length].clone()
-        self._buf[:, :, : rest.shape[2]] = rest
+        buf = self._require()
+        out = buf[:, :, :n].clone()
+        rest = buf[:, :, n : self.length].clone()
+        buf[:, :, : rest.shape[2]] = rest
         self.length -= n
         return out
 
@@ -58,10 +76,10 @@ class TokenBuffer:
         """Drop the ``n`` newest tokens."""
         self.length = max(0, self.length - n)
 
-    def map_batch(self, fn) -> None:
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Replace the buffer by ``fn(data)`` (batch reorder / select / repeat)."""
         if self._buf is not None:
-            self._buf = fn(self.data).contiguous()
+            self._buf = fn(self._buf[:, :, : self.length]).contiguous()
             self.length = self._buf.shape[2]
 
     def clear(self) -> None:
