@@ -102,8 +102,15 @@ def quantize_shared(model, hessians: dict, cfg: MethodConfig, originals: dict) -
     seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     biases = {n: model.get_submodule(n).bias.detach() for n in hessians if model.get_submodule(n).bias is not None}
     nbytes, weights, nominal = all_in_bytes(codes, cfg, biases)
-    return {"quant_s": seconds, "quant_cpu_s": cpu, "rel_proxy": rel / wsum, "nbytes": nbytes, "weights": weights,
-            "all_in_bits": 8.0 * nbytes / weights, "nominal_bits": nominal}
+    return {
+        "quant_s": seconds,
+        "quant_cpu_s": cpu,
+        "rel_proxy": rel / wsum,
+        "nbytes": nbytes,
+        "weights": weights,
+        "all_in_bits": 8.0 * nbytes / weights,
+        "nominal_bits": nominal,
+    }
 
 
 def restore(model, originals: dict) -> None:
@@ -124,8 +131,11 @@ def run_model(args) -> None:
     data.setdefault("runs", [])
     done = {(r["method"], r["bits_class"]) for r in data["runs"] if "error" not in r}
     data["meta"] = {
-        "model": args.model, "python": platform.python_version(), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "machine": platform.machine(),
+        "model": args.model,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
         "hessians": "one pass of the float model, shared by all methods and rates",
     }
     t = time.perf_counter()
@@ -136,11 +146,15 @@ def run_model(args) -> None:
         model, tok = load_minilm()
         calib = token_windows(tok, calib_texts, args.calib_seqlen or 128, args.nsamples or 128)
         passages = pydoc_passages()[:: args.passage_stride]
-        data["meta"]["eval"] = {"passages": text_fingerprint(passages), "stride": args.passage_stride,
-                                "max_length": args.max_length}
+        data["meta"]["eval"] = {
+            "passages": text_fingerprint(passages),
+            "stride": args.passage_stride,
+            "max_length": args.max_length,
+        }
         ref_emb = embed(model, tok, passages, max_length=args.max_length)
         evaluate = lambda m: embedding_fidelity(  # noqa: E731
-            None, m, tok, passages, k=10, ref_embeddings=ref_emb, max_length=args.max_length)
+            None, m, tok, passages, k=10, ref_embeddings=ref_emb, max_length=args.max_length
+        )
         data["reference"] = {"cos_mean": 1.0, "overlap_at_k": 1.0}
     else:
         from coset.ptq.models import load_smollm2
@@ -155,8 +169,9 @@ def run_model(args) -> None:
         data["reference"] = {"ppl": math.exp(ref.nll)}
     data["meta"]["calibration"] = {"docstrings": text_fingerprint(calib_texts), "windows": list(calib.shape)}
     data["meta"]["load_s"] = time.perf_counter() - t
-    print(f"[{args.model}] loaded + reference in {data['meta']['load_s']:.0f} s; calib {tuple(calib.shape)}",
-          flush=True)
+    print(
+        f"[{args.model}] loaded + reference in {data['meta']['load_s']:.0f} s; calib {tuple(calib.shape)}", flush=True
+    )
     t = time.perf_counter()
     hessians = collect_hessians(model, list(calib.split(8)), dtype=torch.float32)
     data["meta"]["hessian_s"] = time.perf_counter() - t
@@ -188,8 +203,7 @@ def run_model(args) -> None:
         row["peak_rss_mb"] = peak_rss_mb()
         data["runs"] = [r for r in data["runs"] if (r["method"], r["bits_class"]) != (label, b)] + [row]
         _save(out_path, data)
-        print(f"[{args.model}] {label} {b}b: {json.dumps({k: v for k, v in row.items() if k != 'config'})}",
-              flush=True)
+        print(f"[{args.model}] {label} {b}b: {json.dumps({k: v for k, v in row.items() if k != 'config'})}", flush=True)
 
 
 def run_sequential(args) -> None:
@@ -211,11 +225,22 @@ def run_sequential(args) -> None:
     load_s = time.perf_counter() - t0
     rss_loaded = peak_rss_mb()
     b = args.seq_bits
-    cfg = PTQConfig(method=MethodConfig(method="hnlq_ldlq", **HNLQ_CODES[b]), nsamples=n, seqlen=seqlen,
-                    batch_size=8, progress=False)
+    cfg = PTQConfig(
+        method=MethodConfig(method="hnlq_ldlq", **HNLQ_CODES[b]),
+        nsamples=n,
+        seqlen=seqlen,
+        batch_size=8,
+        progress=False,
+    )
     rep = quantize_(model, calib, cfg)
-    row = {"model": args.model, "bits_class": b, "calib": [n, seqlen], "load_s": load_s,
-           "rss_after_load_mb": rss_loaded, "report": {k: v for k, v in rep.to_dict().items() if k != "layers"}}
+    row = {
+        "model": args.model,
+        "bits_class": b,
+        "calib": [n, seqlen],
+        "load_s": load_s,
+        "rss_after_load_mb": rss_loaded,
+        "report": {k: v for k, v in rep.to_dict().items() if k != "layers"},
+    }
     if args.model == "smollm2":
         from coset.ptq.models import load_smollm2
 
@@ -239,8 +264,11 @@ def run_layers(args) -> None:
     out_path = RESULTS / f"ptq_{args.model}_layers.json"
     model, tok = load_smollm2()
     calib = token_windows(tok, stdlib_docstrings(), 512, args.nsamples or 4)
-    picks = [f"model.layers.{i}.{p}" for i in (0, 15, 29) for p in ("self_attn.q_proj", "self_attn.o_proj",
-                                                                     "mlp.up_proj", "mlp.down_proj")]
+    picks = [
+        f"model.layers.{i}.{p}"
+        for i in (0, 15, 29)
+        for p in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")
+    ]
     hs = collect_hessians(model, list(calib.split(4)), include=set(picks).__contains__)
     rows = []
     for b in (4, 3, 2):
@@ -250,8 +278,15 @@ def run_layers(args) -> None:
             for name in picks:
                 t = time.perf_counter()
                 _, c, met = quantize_linear(model.get_submodule(name).weight.detach(), hs[name], cfg, name=name)
-                rows.append({"bits_class": b, "method": label, "layer": name, "rel_proxy": met["rel_proxy"],
-                             "seconds": time.perf_counter() - t})
+                rows.append(
+                    {
+                        "bits_class": b,
+                        "method": label,
+                        "layer": name,
+                        "rel_proxy": met["rel_proxy"],
+                        "seconds": time.perf_counter() - t,
+                    }
+                )
             _save(out_path, {"calib": list(calib.shape), "rows": rows})
             print(f"[layers] {label} {b}b done", flush=True)
 
@@ -263,11 +298,15 @@ def _fmt(v, nd=4):
 
 def report(args) -> None:
     out = {"models": {}}
-    lines = ["# coset-ptq: post-training quantization of real models (issue 12)", "",
-             "Generated by `benchmarks/bench_ptq.py` (see its docstring for the protocol). Hessians: one pass of "
-             "the float model on stdlib docstrings, **shared by every method and rate** (GPTQ and HNLQ+LDLQ use "
-             "the same Hessians); evaluation on pydoc_data.topics. All-in bits = bytes of the quantized linears' "
-             "compressed state / their number of weights.", ""]
+    lines = [
+        "# coset-ptq: post-training quantization of real models (issue 12)",
+        "",
+        "Generated by `benchmarks/bench_ptq.py` (see its docstring for the protocol). Hessians: one pass of "
+        "the float model on stdlib docstrings, **shared by every method and rate** (GPTQ and HNLQ+LDLQ use "
+        "the same Hessians); evaluation on pydoc_data.topics. All-in bits = bytes of the quantized linears' "
+        "compressed state / their number of weights.",
+        "",
+    ]
     for model in ("minilm", "smollm2"):
         p = RESULTS / f"ptq_{model}.json"
         if not p.exists():
@@ -285,47 +324,68 @@ def report(args) -> None:
             d["sequential"] = json.loads(seq.read_text())
         out["models"][model] = d
         m = d["meta"]
-        lines += [f"## {model}", "",
-                  f"Python {m['python']}, torch {m['torch']}, {m['threads']} thread(s); calibration windows "
-                  f"{m['calibration']['windows']} (docstrings sha256 {m['calibration']['docstrings']['sha256'][:12]}); "
-                  f"eval {json.dumps(m['eval'])[:200]}; reference {json.dumps(d.get('reference'))}; Hessians "
-                  f"{m.get('hessian_s', 0):.0f} s.", ""]
+        lines += [
+            f"## {model}",
+            "",
+            f"Python {m['python']}, torch {m['torch']}, {m['threads']} thread(s); calibration windows "
+            f"{m['calibration']['windows']} (docstrings sha256 {m['calibration']['docstrings']['sha256'][:12]}); "
+            f"eval {json.dumps(m['eval'])[:200]}; reference {json.dumps(d.get('reference'))}; Hessians "
+            f"{m.get('hessian_s', 0):.0f} s.",
+            "",
+        ]
         if model == "minilm":
-            lines += ["| bits | method | all-in b/w | cos mean | cos p5 | cos min | top-10 overlap | recall@10 | "
-                      "Spearman | rel. proxy | quant wall s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+            lines += [
+                "| bits | method | all-in b/w | cos mean | cos p5 | cos min | top-10 overlap | recall@10 | "
+                "Spearman | rel. proxy | quant wall s |",
+                "|---|---|---|---|---|---|---|---|---|---|---|",
+            ]
         else:
-            lines += ["| bits | method | all-in b/w | ppl | ppl ratio | KL | top-1 agree | rel. proxy | quant wall s |",
-                      "|---|---|---|---|---|---|---|---|---|"]
+            lines += [
+                "| bits | method | all-in b/w | ppl | ppl ratio | KL | top-1 agree | rel. proxy | quant wall s |",
+                "|---|---|---|---|---|---|---|---|---|",
+            ]
         for r in sorted(d["runs"], key=lambda r: (-r["bits_class"], r["method"])):
             if "error" in r:
                 lines.append(f"| {r['bits_class']} | {r['method']} | error: {r['error'][:80]} |")
                 continue
             x = r["metrics"]
             if model == "minilm":
-                lines.append(f"| {r['bits_class']} | {r['method']} | {r['all_in_bits']:.3f} | {x['cos_mean']:.4f} | "
-                             f"{x['cos_p5']:.4f} | {x['cos_min']:.4f} | {x['overlap_at_k']:.3f} | "
-                             f"{x['recall_top1_at_k']:.3f} | {x['spearman']:.4f} | {r['rel_proxy']:.3g} | "
-                             f"{r['quant_s']:.0f} |")
+                lines.append(
+                    f"| {r['bits_class']} | {r['method']} | {r['all_in_bits']:.3f} | {x['cos_mean']:.4f} | "
+                    f"{x['cos_p5']:.4f} | {x['cos_min']:.4f} | {x['overlap_at_k']:.3f} | "
+                    f"{x['recall_top1_at_k']:.3f} | {x['spearman']:.4f} | {r['rel_proxy']:.3g} | "
+                    f"{r['quant_s']:.0f} |"
+                )
             else:
-                lines.append(f"| {r['bits_class']} | {r['method']} | {r['all_in_bits']:.3f} | {x['ppl_q']:.3f} | "
-                             f"{x['ppl_ratio']:.4f} | {x['kl']:.4f} | {x['top1_agree']:.3f} | {r['rel_proxy']:.3g} | "
-                             f"{r['quant_s']:.0f} |")
+                lines.append(
+                    f"| {r['bits_class']} | {r['method']} | {r['all_in_bits']:.3f} | {x['ppl_q']:.3f} | "
+                    f"{x['ppl_ratio']:.4f} | {x['kl']:.4f} | {x['top1_agree']:.3f} | {r['rel_proxy']:.3g} | "
+                    f"{r['quant_s']:.0f} |"
+                )
         if "sequential" in d:
             s = d["sequential"]
             rp = s["report"]
-            lines += ["", f"Sequential user path (`coset.ptq.quantize_`, HNLQ+rot+LDLQ {s['bits_class']}-bit, "
-                      f"calibration {s['calib'][0]}×{s['calib'][1]}): quantize wall time {rp['wall_s']:.0f} s "
-                      f"(CPU time {rp.get('cpu_s', float('nan')):.0f} s, all threads), "
-                      f"peak RSS {rp['peak_rss_mb']:.0f} MiB (after loading: {s['rss_after_load_mb']:.0f} MiB), "
-                      f"all-in {rp['all_in_bits']:.3f} b/w; metrics {json.dumps(s.get('metrics'))}"]
+            lines += [
+                "",
+                f"Sequential user path (`coset.ptq.quantize_`, HNLQ+rot+LDLQ {s['bits_class']}-bit, "
+                f"calibration {s['calib'][0]}×{s['calib'][1]}): quantize wall time {rp['wall_s']:.0f} s "
+                f"(CPU time {rp.get('cpu_s', float('nan')):.0f} s, all threads), "
+                f"peak RSS {rp['peak_rss_mb']:.0f} MiB (after loading: {s['rss_after_load_mb']:.0f} MiB), "
+                f"all-in {rp['all_in_bits']:.3f} b/w; metrics {json.dumps(s.get('metrics'))}",
+            ]
         lp = RESULTS / f"ptq_{model}_layers.json"
         if lp.exists():
             L = json.loads(lp.read_text())
             d["layers"] = L
-            lines += ["", f"Layer-level proxy (stage `layers`: Hessians from {L['calib'][0]}×{L['calib'][1]} calibration "
-                      "tokens of the float model, 12 layers = q/o/up/down of blocks 0, 15, 29; no evaluation pass): "
-                      "geometric mean of the relative proxy loss tr(ΔW H ΔWᵀ)/tr(W H Wᵀ), lower is better.", "",
-                      "| bits | method | geo-mean rel. proxy | layers |", "|---|---|---|---|"]
+            lines += [
+                "",
+                f"Layer-level proxy (stage `layers`: Hessians from {L['calib'][0]}×{L['calib'][1]} calibration "
+                "tokens of the float model, 12 layers = q/o/up/down of blocks 0, 15, 29; no evaluation pass): "
+                "geometric mean of the relative proxy loss tr(ΔW H ΔWᵀ)/tr(W H Wᵀ), lower is better.",
+                "",
+                "| bits | method | geo-mean rel. proxy | layers |",
+                "|---|---|---|---|",
+            ]
             groups: dict = {}
             for r in L["rows"]:
                 groups.setdefault((r["bits_class"], r["method"]), []).append(r["rel_proxy"])
@@ -350,7 +410,7 @@ def _plot(out: dict) -> None:
 
     models = [m for m in ("minilm", "smollm2") if m in out["models"]]
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.8), squeeze=False)
-    for ax, model in zip(axes[0], models):
+    for ax, model in zip(axes[0], models, strict=True):
         runs = [r for r in out["models"][model]["runs"] if "error" not in r]
         for label in dict.fromkeys(r["method"] for r in runs):
             pts = sorted((r["all_in_bits"], r["metrics"]) for r in runs if r["method"] == label)
@@ -363,7 +423,9 @@ def _plot(out: dict) -> None:
             ax.plot(xs, ys, style, label=label, lw=2.2 if label == "HNLQ+rot+LDLQ" else 1.2)
         ax.set_yscale("log")
         ax.set_xlabel("all-in bits / weight")
-        ax.set_ylabel("1 − mean cosine (lower is better)" if model == "minilm" else "perplexity ratio − 1 (lower is better)")
+        ax.set_ylabel(
+            "1 − mean cosine (lower is better)" if model == "minilm" else "perplexity ratio − 1 (lower is better)"
+        )
         ax.set_title("all-MiniLM-L6-v2 (embeddings)" if model == "minilm" else "SmolLM2-135M (pydoc topics)")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)

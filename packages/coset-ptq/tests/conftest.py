@@ -21,9 +21,15 @@ VOCAB = 128
 def tiny_llama(seed: int = 0, layers: int = 2) -> torch.nn.Module:
     """LlamaForCausalLM: hidden 64, 4 heads (2 KV), MLP 96, vocab 128, tied embeddings, eval mode."""
     cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=True, attn_implementation="eager",
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        attn_implementation="eager",
     )
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(cfg).eval()
@@ -32,8 +38,13 @@ def tiny_llama(seed: int = 0, layers: int = 2) -> torch.nn.Module:
 def tiny_bert(seed: int = 0, layers: int = 2) -> torch.nn.Module:
     """BertModel: hidden 64, 4 heads, MLP 96, vocab 128, eval mode (no dropout)."""
     cfg = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-        num_attention_heads=4, max_position_embeddings=128, attn_implementation="eager",
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        attn_implementation="eager",
     )
     torch.manual_seed(seed)
     return transformers.BertModel(cfg).eval()
@@ -55,8 +66,9 @@ class TinyTokenizer:
     def _encode(self, text: str) -> list[int]:
         return [3 + (b % (VOCAB - 3)) for b in text.encode("utf-8")]
 
-    def __call__(self, text, add_special_tokens=True, padding=False, truncation=False, max_length=None,
-                 return_tensors=None):
+    def __call__(
+        self, text, add_special_tokens=True, padding=False, truncation=False, max_length=None, return_tensors=None
+    ):
         if isinstance(text, str):
             ids = self._encode(text)
             if add_special_tokens:

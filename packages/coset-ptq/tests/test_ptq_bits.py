@@ -33,7 +33,9 @@ E8_2 = QuantizationConfig(lattice_type="E8", q=4, M=1, beta=1.0, center=True)
 
 
 def test_directory_and_memory_give_the_same_bytes(tmp_path):
-    model = nn.Sequential(_layer(48, 96, E8, scale_mul=8.0), nn.ReLU(), _layer(32, 48, E8_2, per_row=False, seed=1), nn.LayerNorm(32))
+    model = nn.Sequential(
+        _layer(48, 96, E8, scale_mul=8.0), nn.ReLU(), _layer(32, 48, E8_2, per_row=False, seed=1), nn.LayerNorm(32)
+    )
     save_quantized(model, tmp_path)
     a, b = bits_per_weight(model), bits_per_weight(tmp_path)
     assert a.nbytes == b.nbytes and a.all_in == b.all_in and a.nominal == b.nominal
@@ -45,7 +47,12 @@ def test_directory_and_memory_give_the_same_bytes(tmp_path):
     hdr_len = int.from_bytes((tmp_path / "model.safetensors").read_bytes()[:8], "little")
     hdr = json.loads((tmp_path / "model.safetensors").read_bytes()[8 : 8 + hdr_len])
     data = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in hdr.items() if k != "__metadata__"}
-    counted_data = sum(v for k, v in data.items() if k.split(".")[1] in ("weight", "weight_T", "scale", "rot_in_seed", "rot_out_seed") and k.split(".")[0] in ("0", "2"))
+    counted_data = sum(
+        v
+        for k, v in data.items()
+        if k.split(".")[1] in ("weight", "weight_T", "scale", "rot_in_seed", "rot_out_seed")
+        and k.split(".")[0] in ("0", "2")
+    )
     assert counted_data < a.nbytes < counted_data + 2 * 2048  # data plus a bounded header/spec overhead
 
 
@@ -55,7 +62,9 @@ def test_large_layer_approaches_nominal_and_t_costs_bits():
     r = bits_per_weight(big)
     assert int(big.codes()[1].max()) == 0
     # labels are exactly 4 bits/weight; scale, seeds, header entries and the layer spec add < 1 KiB per layer
-    assert r.nbytes - 256 * 1024 // 2 == pytest.approx(bits_per_weight(_layer(8, 16, E8, scale_mul=1.0, per_row=False)).nbytes - 8 * 16 // 2, abs=40)  # only digits differ
+    assert r.nbytes - 256 * 1024 // 2 == pytest.approx(
+        bits_per_weight(_layer(8, 16, E8, scale_mul=1.0, per_row=False)).nbytes - 8 * 16 // 2, abs=40
+    )  # only digits differ
     assert 4.0 < r.all_in < 4.0 + 8 * 1024 / (256 * 1024)
     # Overload (T > 0) must show up in the all-in figure.
     over = _layer(256, 1024, E8, scale_mul=12.0, per_row=False)

@@ -18,8 +18,12 @@ from coset.ptq.calib import (
 def brute_hessians(model, batches, names):
     """XᵀX/N of each named linear's input, by storing every input (float64)."""
     xs = {n: [] for n in names}
-    hs = [model.get_submodule(n).register_forward_pre_hook(
-        lambda mod, a, n=n: xs[n].append(a[0].detach().reshape(-1, a[0].shape[-1]).double())) for n in names]
+    hs = [
+        model.get_submodule(n).register_forward_pre_hook(
+            lambda mod, a, n=n: xs[n].append(a[0].detach().reshape(-1, a[0].shape[-1]).double())
+        )
+        for n in names
+    ]
     with torch.no_grad():
         for b in batches:
             model(input_ids=b)
@@ -124,7 +128,7 @@ def test_true_sequential_orders_groups_inside_a_block(calib_ids, makers):
     for ts in (False, True):
         model, got = makers["llama"](), {}
 
-        def qfn(name, lin, H):
+        def qfn(name, lin, H, got=got):
             got[name] = H
             return coarse(name, lin, H)
 
@@ -140,7 +144,9 @@ def test_true_sequential_orders_groups_inside_a_block(calib_ids, makers):
 def test_quantize_fn_module_replacement_and_include(calib_ids, makers):
     model = makers["llama"]()
     res = sequential_quantize(
-        model, calib_ids, lambda n, lin, H: nn.Sequential(lin) if n.endswith("down_proj") else None,
+        model,
+        calib_ids,
+        lambda n, lin, H: nn.Sequential(lin) if n.endswith("down_proj") else None,
         include=lambda n: "mlp" in n,
     )
     assert all("mlp" in n for n in res.layers) and len(res.layers) == 6

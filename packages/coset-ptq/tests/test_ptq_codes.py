@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from coset.quant import QuantizationConfig, encode
 from coset.ptq.codes import LinearCodes, Rotation
+from coset.quant import QuantizationConfig, encode
 
 
 def test_rotation_orthogonal_and_inverse():

@@ -10,8 +10,11 @@ import torch
 
 from coset.ptq.eval import embed, embedding_fidelity, lm_fidelity, lm_reference, spearman
 
-TEXTS = [f"passage {i}: " + " ".join(["alpha", "beta", "gamma", "delta", "eps"][j % 5] * (1 + (i * j) % 3)
-                                    for j in range(3 + i % 7)) for i in range(40)]
+TEXTS = [
+    f"passage {i}: "
+    + " ".join(["alpha", "beta", "gamma", "delta", "eps"][j % 5] * (1 + (i * j) % 3) for j in range(3 + i % 7))
+    for i in range(40)
+]
 
 
 def perturbed(model, scale, seed=0):

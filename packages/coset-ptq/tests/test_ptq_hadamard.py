@@ -21,8 +21,17 @@ def test_paley_is_hadamard(K):
 
 @pytest.mark.parametrize(
     "n,ks,P",
-    [(1, (), 1), (2, (), 2), (64, (), 64), (12, (12,), 1), (192, (12,), 16), (384, (12,), 32),
-     (576, (36,), 16), (1536, (12,), 128), (1360, (20, 68), 1)],
+    [
+        (1, (), 1),
+        (2, (), 2),
+        (64, (), 64),
+        (12, (12,), 1),
+        (192, (12,), 16),
+        (384, (12,), 32),
+        (576, (36,), 16),
+        (1536, (12,), 128),
+        (1360, (20, 68), 1),
+    ],
 )
 def test_factors_of_real_widths(n, ks, P):
     assert hadamard_factors(n) == (ks, P)
@@ -52,7 +61,9 @@ def test_matches_dense_kronecker_and_is_orthonormal(n):
 
 def test_dense_sylvester_entries():
     H4 = hadamard_matrix(4) * 2
-    assert torch.equal(H4, torch.tensor([[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]], dtype=torch.float64))
+    assert torch.equal(
+        H4, torch.tensor([[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]], dtype=torch.float64)
+    )
 
 
 def test_float32_and_bad_input():

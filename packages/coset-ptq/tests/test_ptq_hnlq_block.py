@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -12,7 +13,11 @@ from coset.ptq.scalar import ScalarCodes
 def _case(m, n, seed):
     g = torch.Generator().manual_seed(seed)
     A = torch.randn(n, n, dtype=torch.float64, generator=g) / n**0.5 + torch.eye(n, dtype=torch.float64)
-    X = torch.randn(4 * n, n, dtype=torch.float64, generator=g) @ A * (0.2 + torch.rand(n, dtype=torch.float64, generator=g))
+    X = (
+        torch.randn(4 * n, n, dtype=torch.float64, generator=g)
+        @ A
+        * (0.2 + torch.rand(n, dtype=torch.float64, generator=g))
+    )
     H = X.t() @ X / (4 * n)
     W = torch.randn(m, n, generator=g) * 0.05
     return W, H
@@ -20,14 +25,25 @@ def _case(m, n, seed):
 
 def test_config_validation():
     MethodConfig()
-    for kw in [dict(method="awq"), dict(scale="group"), dict(q=1), dict(lattice="A2"), dict(damp=0.0),
-               dict(scale_grid=()), dict(scale_grid=(1.0, -1.0)), dict(tune_iters=-1), dict(bits=9),
-               dict(group_size=0), dict(max_t_bits=-0.1), dict(scale_objective="mse")]:
+    for kw in [
+        dict(method="awq"),
+        dict(scale="group"),
+        dict(q=1),
+        dict(lattice="A2"),
+        dict(damp=0.0),
+        dict(scale_grid=()),
+        dict(scale_grid=(1.0, -1.0)),
+        dict(tune_iters=-1),
+        dict(bits=9),
+        dict(group_size=0),
+        dict(max_t_bits=-0.1),
+        dict(scale_objective="mse"),
+    ]:
         with pytest.raises(ValueError):
             MethodConfig(**kw)
     with pytest.raises(TypeError):
         MethodConfig(center=1)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         MethodConfig().q = 8  # frozen
 
 

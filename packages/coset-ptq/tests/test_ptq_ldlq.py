@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from coset.ptq.ldlq import block_ldl, cholesky_with_retry, damp, ldlq, proxy_loss
-from coset.ptq.scalar import _quant, group_params, gptq_scalar
+from coset.ptq.scalar import _quant, gptq_scalar, group_params
 
 
 def _spd(n, seed, N=None):
@@ -108,7 +108,7 @@ def test_refinement_never_increases_proxy(seed):
     res = ldlq(W, H, _scalar_quantizer(W, 2), 4, tune_iters=4)
     tr = res.proxy_trace
     assert len(tr) == 5
-    assert all(b <= a + 1e-12 for a, b in zip(tr, tr[1:]))
+    assert all(b <= a + 1e-12 for a, b in zip(tr, tr[1:], strict=False))
     assert res.proxy == pytest.approx(proxy_loss(W, res.W_hat, H))
 
 

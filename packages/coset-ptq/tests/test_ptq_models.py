@@ -95,8 +95,9 @@ def test_minilm_structure_and_embeddings(minilm):
     lins = [m for m in model.encoder.modules() if isinstance(m, torch.nn.Linear)]
     assert len(lins) == 36 and sum(m.weight.numel() for m in lins) == 10_616_832
     assert next(model.parameters()).dtype == torch.float32 and not model.training
-    e = embed(model, tok, ["A cat sits on the mat.", "A kitten is sitting on a rug.",
-                           "The stock market fell sharply today."])
+    e = embed(
+        model, tok, ["A cat sits on the mat.", "A kitten is sitting on a rug.", "The stock market fell sharply today."]
+    )
     sim = e @ e.T
     assert sim[0, 1] > sim[0, 2] + 0.2  # a real sentence encoder, not random weights
 
@@ -109,8 +110,14 @@ def test_smollm2_config_and_perplexity(smollm2):
 
     model, tok = smollm2
     c = model.config
-    assert (c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads,
-            c.num_key_value_heads, c.vocab_size) == (30, 576, 1536, 9, 3, 49152)
+    assert (
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.vocab_size,
+    ) == (30, 576, 1536, 9, 3, 49152)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     ids = torch.tensor(tok(pydoc_text(), add_special_tokens=False)["input_ids"][:1024])
@@ -140,8 +147,12 @@ def test_smollm2_rtn_int4_group32_asym_reproduces_the_q4_1_weights(smollm2):
 
     model, _ = smollm2
     layers = model.model.layers
-    for lin in (layers[0].self_attn.q_proj, layers[0].self_attn.k_proj, layers[14].mlp.up_proj,
-                layers[29].mlp.down_proj):
+    for lin in (
+        layers[0].self_attn.q_proj,
+        layers[0].self_attn.k_proj,
+        layers[14].mlp.up_proj,
+        layers[29].mlp.down_proj,
+    ):
         W = lin.weight.detach()
         W_hat, codes = rtn_scalar(W, 4, 32, sym=False)
         err = (W_hat - W).abs().max().item()

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from coset.quant import pack_labels
 from coset.ptq.ldlq import damp, proxy_loss
 from coset.ptq.scalar import ScalarCodes, gptq_scalar, rtn_scalar
+from coset.quant import pack_labels
 
 
 def _q4_1_matrix(m, n, seed):

@@ -41,8 +41,14 @@ def quantize_by_hand(model: nn.Module, cfg=CFG, skip=("lm_head",), base_seed=0) 
 def tiny_llama():
     torch.manual_seed(0)
     c = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
     )
     return transformers.LlamaForCausalLM(c).eval()
 
@@ -50,7 +56,11 @@ def tiny_llama():
 def tiny_bert():
     torch.manual_seed(0)
     c = transformers.BertConfig(
-        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
         max_position_embeddings=64,
     )
     return transformers.BertModel(c).eval()
@@ -217,4 +227,6 @@ def test_refuses_wrong_shape(tmp_path):
 def test_refuses_factory_model_of_other_shape(tmp_path):
     d = _saved_plain(tmp_path)
     with pytest.raises(ValueError, match="module '0'"):
-        load_quantized(d, lambda: nn.Sequential(nn.Linear(24, 64), nn.ReLU(), nn.Linear(64, 16, bias=False), nn.LayerNorm(16)))
+        load_quantized(
+            d, lambda: nn.Sequential(nn.Linear(24, 64), nn.ReLU(), nn.Linear(64, 16, bias=False), nn.LayerNorm(16))
+        )

@@ -130,9 +130,11 @@ class PTQReport:
     skipped: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return (f"{self.method}: {len(self.layers)} linears, {self.n_weights} weights, all-in "
-                f"{self.all_in_bits:.3f} b/w (nominal {self.nominal_bits:.3f}), mean rel. proxy "
-                f"{self.rel_proxy_mean:.4g}, {self.wall_s:.1f} s wall ({self.cpu_s:.1f} s CPU), peak RSS {self.peak_rss_mb:.0f} MiB")
+        return (
+            f"{self.method}: {len(self.layers)} linears, {self.n_weights} weights, all-in "
+            f"{self.all_in_bits:.3f} b/w (nominal {self.nominal_bits:.3f}), mean rel. proxy "
+            f"{self.rel_proxy_mean:.4g}, {self.wall_s:.1f} s wall ({self.cpu_s:.1f} s CPU), peak RSS {self.peak_rss_mb:.0f} MiB"
+        )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -150,8 +152,10 @@ def calibration_batches(tokenizer: Any, texts: Sequence[str], config: PTQConfig)
 def _as_batches(calib: Any, config: PTQConfig) -> list[Any]:
     if isinstance(calib, torch.Tensor):
         if calib.ndim != 2 or calib.numel() == 0 or calib.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"calib must be an integer tensor (n, seqlen) of token ids, got shape "
-                             f"{tuple(calib.shape)} {calib.dtype}")
+            raise ValueError(
+                f"calib must be an integer tensor (n, seqlen) of token ids, got shape "
+                f"{tuple(calib.shape)} {calib.dtype}"
+            )
         return list(calib[: config.nsamples].split(config.batch_size))
     if isinstance(calib, (str, bytes)) or not isinstance(calib, Iterable):
         raise ValueError("calib must be a (n, seqlen) token tensor or an iterable of batches")
@@ -169,6 +173,14 @@ def _progress(total: int, enabled: bool, desc: str):
     except ImportError:  # optional dependency
         return None
     return tqdm(total=total, desc=desc, unit="layer", leave=False)
+
+
+def _linear(model: nn.Module, name: str) -> nn.Linear:
+    """``model.get_submodule(name)``, which must be an ``nn.Linear`` (the calibration only visits those)."""
+    lin = model.get_submodule(name)
+    if not isinstance(lin, nn.Linear):
+        raise TypeError(f"{name} is a {type(lin).__name__}, expected an nn.Linear")
+    return lin
 
 
 def quantize_(model: nn.Module, calib: Any, config: PTQConfig | None = None) -> PTQReport:
@@ -209,8 +221,9 @@ def quantize_(model: nn.Module, calib: Any, config: PTQConfig | None = None) -> 
         t = time.perf_counter()
         W_hat, codes, metrics = quantize_linear(lin.weight.detach(), H, cfg, name=name)
         codes_by_name[name] = codes
-        report.layers.append({"name": name, "shape": list(lin.weight.shape),
-                              "seconds": time.perf_counter() - t, **metrics})
+        report.layers.append(
+            {"name": name, "shape": list(lin.weight.shape), "seconds": time.perf_counter() - t, **metrics}
+        )
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(f"{name.split('.', 2)[-1]} rel {metrics['rel_proxy']:.2e}")
@@ -219,12 +232,13 @@ def quantize_(model: nn.Module, calib: Any, config: PTQConfig | None = None) -> 
     include = chosen.__contains__
     try:
         if config.sequential:
-            sequential_quantize(model, batches, qfn, blocks=blocks, true_sequential=config.true_sequential,
-                                include=include)
+            sequential_quantize(
+                model, batches, qfn, blocks=blocks, true_sequential=config.true_sequential, include=include
+            )
         else:
             hessians = collect_hessians(model, batches, blocks=blocks, include=include)
             for name, H in hessians.items():
-                lin = model.get_submodule(name)
+                lin = _linear(model, name)
                 with torch.no_grad():
                     lin.weight.copy_(qfn(name, lin, H))
             del hessians
@@ -234,14 +248,14 @@ def quantize_(model: nn.Module, calib: Any, config: PTQConfig | None = None) -> 
 
     # Bytes: compressed modules for HNLQ (exactly what save_quantized writes), packed ints + fp16 scales for
     # scalar baselines.
-    nbytes = {}
+    nbytes: dict[str, int | None] = {}
     if cfg.is_hnlq:
         from .bits import bits_per_weight
         from .layers import HNLQLinear
 
         mods = {}
         for name, codes in codes_by_name.items():
-            lin = model.get_submodule(name)
+            lin = _linear(model, name)
             mod = HNLQLinear.from_codes(codes, None if lin.bias is None else lin.bias.detach())
             mods[name] = mod
             if config.compress:
@@ -254,16 +268,16 @@ def quantize_(model: nn.Module, calib: Any, config: PTQConfig | None = None) -> 
         report.nbytes, report.all_in_bits, report.nominal_bits = bits.nbytes, bits.all_in, bits.nominal
         report.n_weights = bits.weights
     else:
-        for name, codes in codes_by_name.items():
-            nbytes[name] = int(codes.nbytes())
+        scalar_nbytes = {name: int(codes.nbytes()) for name, codes in codes_by_name.items()}
+        nbytes.update(scalar_nbytes)
         report.n_weights = sum(int(codes.dequantize().numel()) for codes in codes_by_name.values())
-        report.nbytes = sum(nbytes.values())
+        report.nbytes = sum(scalar_nbytes.values())
         report.all_in_bits = 8.0 * report.nbytes / report.n_weights
         report.nominal_bits = float(cfg.bits)
     for row in report.layers:
         row["nbytes"] = nbytes.get(row["name"])
     w = [r["shape"][0] * r["shape"][1] for r in report.layers]
-    report.rel_proxy_mean = float(sum(r["rel_proxy"] * wi for r, wi in zip(report.layers, w)) / sum(w))
+    report.rel_proxy_mean = float(sum(r["rel_proxy"] * wi for r, wi in zip(report.layers, w, strict=True)) / sum(w))
     report.wall_s = time.perf_counter() - t0
     report.cpu_s = cpu_seconds() - c0
     report.peak_rss_mb = peak_rss_mb()

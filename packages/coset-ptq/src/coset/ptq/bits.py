@@ -63,8 +63,18 @@ def _layer_nbytes(tensors: dict[str, tuple[tuple, torch.dtype]], spec_json: dict
     return n + len(json.dumps(spec_json, separators=(",", ":"), sort_keys=True).encode())
 
 
-_FROM_ST = {"U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-            "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "BOOL": torch.bool}
+_FROM_ST = {
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "BOOL": torch.bool,
+}
 
 
 def _collect_dir(d: Path):

@@ -208,7 +208,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, calib_batches: Iter
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     cfg = getattr(model, "config", None)
     old_cache = getattr(cfg, "use_cache", None)
-    if old_cache is not None:
+    if cfg is not None and old_cache is not None:
         cfg.use_cache = False  # no KV cache objects in the captured kwargs
     try:
         n = 0
@@ -223,7 +223,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, calib_batches: Iter
                 raise ValueError("the model finished without calling its first block (wrong blocks=?)")
     finally:
         handle.remove()
-        if old_cache is not None:
+        if cfg is not None and old_cache is not None:
             cfg.use_cache = old_cache
     if not hidden:
         raise ValueError("calib_batches is empty")
@@ -232,7 +232,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, calib_batches: Iter
 
 def _run_block(block: nn.Module, inp: _BlockInputs, hooks: _Hooks | None, keep: bool) -> list[torch.Tensor] | None:
     outs: list[torch.Tensor] | None = [] if keep else None
-    for h, (extra, kw) in zip(inp.hidden, inp.rest):
+    for h, (extra, kw) in zip(inp.hidden, inp.rest, strict=True):
         out = block(h, *extra, **kw)
         out = out[0] if isinstance(out, (tuple, list)) else out
         if hooks is not None:
@@ -255,8 +255,9 @@ def _install(block: nn.Module, prefix: str, name: str, lin: nn.Linear, new: Any)
         return
     if isinstance(new, torch.Tensor):
         if new.shape != lin.weight.shape:
-            raise ValueError(f"quantize_fn returned W_hat of shape {tuple(new.shape)} for {name} "
-                             f"{tuple(lin.weight.shape)}")
+            raise ValueError(
+                f"quantize_fn returned W_hat of shape {tuple(new.shape)} for {name} {tuple(lin.weight.shape)}"
+            )
         lin.weight.data.copy_(new.to(lin.weight.dtype))
     elif isinstance(new, nn.Module):
         block.set_submodule(name[len(prefix) + 1 :], new)

@@ -32,8 +32,9 @@ def _texts(texts: Any) -> list[str]:
 
 
 @torch.no_grad()
-def embed(model: nn.Module, tokenizer: Any, texts: Sequence[str], *, batch_size: int = 64,
-          max_length: int = 256) -> torch.Tensor:
+def embed(
+    model: nn.Module, tokenizer: Any, texts: Sequence[str], *, batch_size: int = 64, max_length: int = 256
+) -> torch.Tensor:
     """Sentence embeddings (N, hidden) float32, L2-normalized, in the order of ``texts``.
 
     Texts are batched by length (less padding); padding is excluded by the attention mask.
@@ -44,8 +45,9 @@ def embed(model: nn.Module, tokenizer: Any, texts: Sequence[str], *, batch_size:
     chunks = []
     for s in range(0, len(texts), batch_size):
         idx = order[s : s + batch_size]
-        enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
+        enc = tokenizer(
+            [texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
         enc = {k: v for k, v in dict(enc).items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         hidden = model(**enc).last_hidden_state.float()
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -72,9 +74,17 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
-def embedding_fidelity(ref_model: nn.Module, q_model: nn.Module, tokenizer: Any, texts: Sequence[str],
-                       k: int = 10, *, ref_embeddings: torch.Tensor | None = None,
-                       batch_size: int = 64, max_length: int = 256) -> dict[str, float]:
+def embedding_fidelity(
+    ref_model: nn.Module,
+    q_model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    k: int = 10,
+    *,
+    ref_embeddings: torch.Tensor | None = None,
+    batch_size: int = 64,
+    max_length: int = 256,
+) -> dict[str, float]:
     """Agreement of the quantized model's sentence embeddings with the reference's.
 
     Parameters
@@ -166,8 +176,9 @@ def _nll(lp: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def lm_reference(ref: nn.Module, ids: torch.Tensor, seqlen: int = 512,
-                 dtype: torch.dtype = torch.float16) -> LMReference:
+def lm_reference(
+    ref: nn.Module, ids: torch.Tensor, seqlen: int = 512, dtype: torch.dtype = torch.float16
+) -> LMReference:
     """Run the reference once and keep its log-probs (``dtype``; fp16 halves the memory: 4k tokens ×
     49k vocab ≈ 0.4 GB)."""
     W = _windows(ids, seqlen)
@@ -180,8 +191,7 @@ def lm_reference(ref: nn.Module, ids: torch.Tensor, seqlen: int = 512,
 
 
 @torch.no_grad()
-def lm_fidelity(ref: nn.Module | LMReference, q: nn.Module, ids: torch.Tensor,
-                seqlen: int = 512) -> dict[str, float]:
+def lm_fidelity(ref: nn.Module | LMReference, q: nn.Module, ids: torch.Tensor, seqlen: int = 512) -> dict[str, float]:
     """Perplexities, their ratio, mean token ``KL(p_ref ‖ p_q)`` (nats) and top-1 agreement.
 
     Parameters
@@ -199,21 +209,21 @@ def lm_fidelity(ref: nn.Module | LMReference, q: nn.Module, ids: torch.Tensor,
     tokens per model).
     """
     if isinstance(ref, LMReference):
-        W, ref_lps = ref.windows, ref.logprobs
+        W = ref.windows
     else:
         if not isinstance(ref, nn.Module):
             raise TypeError(f"ref must be an nn.Module or an LMReference, got {type(ref).__name__}")
-        W, ref_lps = _windows(ids, seqlen), None
+        W = _windows(ids, seqlen)
     nll_r, nll_q, kls, agree = [], [], [], []
     for i, w in enumerate(W):
-        lr = (_logprobs(ref, w) if ref_lps is None else ref_lps[i].float())
+        lr = ref.logprobs[i].float() if isinstance(ref, LMReference) else _logprobs(ref, w)
         lq = _logprobs(q, w)
         nll_r.append(_nll(lr, w))
         nll_q.append(_nll(lq, w))
         kls.append((lr.exp() * (lr - lq)).sum(-1).double())
         agree.append((lr.argmax(-1) == lq.argmax(-1)).double())
     mr, mq = float(torch.cat(nll_r).mean()), float(torch.cat(nll_q).mean())
-    if ref_lps is not None:
+    if isinstance(ref, LMReference):
         mr = ref.nll  # exact (float32) reference NLL, not the one from the stored low-precision log-probs
     ppl_r, ppl_q = float(torch.exp(torch.tensor(mr))), float(torch.exp(torch.tensor(mq)))
     return {

@@ -17,7 +17,7 @@ Orders 1, 2 and 2^j are the plain Sylvester case. Unsupported n raises ``ValueEr
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -49,7 +49,7 @@ def _paley_kind(K: int) -> tuple[int, int] | None:
     return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def _paley_int(K: int) -> torch.Tensor:
     kind_p = _paley_kind(K)
     if kind_p is None:
@@ -83,7 +83,7 @@ def _split_pow2(n: int) -> tuple[int, int]:
     return n >> v, v
 
 
-@lru_cache(maxsize=None)
+@cache
 def _factors(odd: int, v: int) -> tuple[int, ...] | None:
     """Paley orders whose odd parts multiply to ``odd`` using at most ``v`` factors of two in total,
     fewest factors first (then the smallest total power of two, leaving the most to the FWHT)."""

@@ -51,7 +51,9 @@ class CosetQuantizationConfig(QuantizationConfigMixin):
 
     def post_init(self):
         if self.format_version != FORMAT_VERSION:
-            raise ValueError(f"coset quantization_config format_version {self.format_version!r} is not supported (expected {FORMAT_VERSION})")
+            raise ValueError(
+                f"coset quantization_config format_version {self.format_version!r} is not supported (expected {FORMAT_VERSION})"
+            )
         if not isinstance(self.layers, dict) or not self.layers:
             raise ValueError("coset quantization_config.layers must be a non-empty object {module name: layer spec}")
 
@@ -59,7 +61,12 @@ class CosetQuantizationConfig(QuantizationConfigMixin):
         return {n: HNLQSpec.from_json(s) for n, s in self.layers.items()}
 
     def to_dict(self):
-        return {"quant_method": QUANT_METHOD, "format_version": self.format_version, "layers": self.layers, **self._extra}
+        return {
+            "quant_method": QUANT_METHOD,
+            "format_version": self.format_version,
+            "layers": self.layers,
+            **self._extra,
+        }
 
 
 class CosetHfQuantizer(HfQuantizer):
@@ -99,7 +106,7 @@ if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is None:
     register_quantizer(QUANT_METHOD)(CosetHfQuantizer)
 
 
-def load_pretrained_checked(out_dir) -> "transformers.PreTrainedModel":
+def load_pretrained_checked(out_dir) -> transformers.PreTrainedModel:
     """``<architecture>.from_pretrained(out_dir)`` that raises ``ValueError`` on any missing/unexpected/mismatched key.
 
     (transformers itself only warns about missing keys and initializes them randomly.)
@@ -113,10 +120,13 @@ def load_pretrained_checked(out_dir) -> "transformers.PreTrainedModel":
     if cls is None or not hasattr(cls, "from_pretrained"):
         raise ValueError(f"{d / 'config.json'}: unknown architecture {arch!r} for this transformers version")
     model, info = cls.from_pretrained(str(d), output_loading_info=True)
-    bad = {k: sorted(map(str, v)) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    bad = {
+        k: sorted(map(str, v))
+        for k, v in info.items()
+        if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
+    }
     if bad:
         raise ValueError(f"{d / 'model.safetensors'}: does not match {arch}: {bad}")
     if not quantized_layers(model):
         raise ValueError(f"{d}: loaded without HNLQLinear layers")
     return model.eval()
-

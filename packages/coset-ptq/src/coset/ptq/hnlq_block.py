@@ -28,12 +28,20 @@ import torch
 from coset.quant import QuantizationConfig, beta_min, decode, encode
 
 from .codes import LinearCodes
-from .ldlq import damp as damp_hessian
 from .ldlq import block_ldl, ldlq
+from .ldlq import damp as damp_hessian
 from .rotation import layer_rotations, rotate_hessian, rotate_weight
 from .scalar import ScalarCodes, gptq_scalar, rtn_scalar
 
-__all__ = ["MethodConfig", "METHODS", "quantize_linear", "hnlq_quantize_rows", "choose_scale", "t_stored_bits", "t_entropy_bits"]
+__all__ = [
+    "MethodConfig",
+    "METHODS",
+    "quantize_linear",
+    "hnlq_quantize_rows",
+    "choose_scale",
+    "t_stored_bits",
+    "t_entropy_bits",
+]
 
 METHODS = ("rtn", "gptq", "hnlq_rtn", "hnlq_rot", "hnlq_ldlq")
 
@@ -118,8 +126,10 @@ class MethodConfig:
         ):
             raise ValueError(f"max_t_bits must be None or a number >= 0, got {self.max_t_bits!r}")
         _int("bits", self.bits, 1, 8)
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or not (
-            self.group_size == -1 or self.group_size >= 1
+        if (
+            isinstance(self.group_size, bool)
+            or not isinstance(self.group_size, int)
+            or not (self.group_size == -1 or self.group_size >= 1)
         ):
             raise ValueError(f"group_size must be -1 or a positive int, got {self.group_size!r}")
         for name in ("sym", "act_order", "center", "clip_search"):
@@ -129,7 +139,7 @@ class MethodConfig:
         _int("tune_iters", self.tune_iters, 0)
         _int("buffer_cols", self.buffer_cols, 1)
         _int("seed", self.seed, 0, 2**63 - 1)
-        self.code  # validates lattice, q, M, alpha, max_scaling_iterations
+        _ = self.code  # building the code validates lattice, q, M, alpha, max_scaling_iterations
 
     @property
     def is_hnlq(self) -> bool:
@@ -294,8 +304,10 @@ def _check_inputs(W, H):
     if not isinstance(W, torch.Tensor) or W.ndim != 2 or not W.dtype.is_floating_point:
         raise ValueError("W must be a floating 2-D tensor (out_features, in_features)")
     if not isinstance(H, torch.Tensor) or H.ndim != 2 or H.shape != (W.shape[1], W.shape[1]):
-        raise ValueError(f"H must be ({W.shape[1]}, {W.shape[1]}) for W of shape {tuple(W.shape)}, got "
-                         f"{tuple(H.shape) if isinstance(H, torch.Tensor) else type(H).__name__}")
+        raise ValueError(
+            f"H must be ({W.shape[1]}, {W.shape[1]}) for W of shape {tuple(W.shape)}, got "
+            f"{tuple(H.shape) if isinstance(H, torch.Tensor) else type(H).__name__}"
+        )
     if not bool(torch.isfinite(W).all()):
         raise ValueError("W contains NaN or Inf")
 
@@ -326,13 +338,13 @@ def quantize_linear(
     W64 = W.to(torch.float64)
     H64 = H.to(torch.float64)
     if cfg.method == "rtn":
-        W_hat, codes = rtn_scalar(W, cfg.bits, cfg.group_size, cfg.sym, cfg.clip_search)
-        return W_hat, codes, _metrics(W64, W_hat.double(), H64, cfg.bits) | {"overload_frac": 0.0, "clamped": 0}
+        W_hat, scalar_codes = rtn_scalar(W, cfg.bits, cfg.group_size, cfg.sym, cfg.clip_search)
+        return W_hat, scalar_codes, _metrics(W64, W_hat.double(), H64, cfg.bits) | {"overload_frac": 0.0, "clamped": 0}
     if cfg.method == "gptq":
-        W_hat, codes = gptq_scalar(
+        W_hat, scalar_codes = gptq_scalar(
             W, H64, cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, damp=cfg.damp, clip_search=cfg.clip_search
         )
-        return W_hat, codes, _metrics(W64, W_hat.double(), H64, cfg.bits) | {"overload_frac": 0.0, "clamped": 0}
+        return W_hat, scalar_codes, _metrics(W64, W_hat.double(), H64, cfg.bits) | {"overload_frac": 0.0, "clamped": 0}
 
     code = cfg.code
     d = code.dim

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,17 @@ DEFAULT_LUT_MAX_ROWS = 0
 #: The pack_codes tensor holding the labels; stored under the buffer name ``weight``.
 LABELS_KEY = "labels"
 
-_SPEC_FIELDS = ("in_features", "out_features", "code", "packed_meta", "packed", "scale_shape", "rot_in_seed", "rot_out_seed", "bias")
+_SPEC_FIELDS = (
+    "in_features",
+    "out_features",
+    "code",
+    "packed_meta",
+    "packed",
+    "scale_shape",
+    "rot_in_seed",
+    "rot_out_seed",
+    "bias",
+)
 
 
 def _buffer_name(key: str) -> str:
@@ -94,8 +104,8 @@ class HNLQSpec:
     packed_meta: dict = field(hash=False)
     packed: dict = field(hash=False)
     scale_shape: tuple = ()
-    rot_in_seed: Optional[int] = None
-    rot_out_seed: Optional[int] = None
+    rot_in_seed: int | None = None
+    rot_out_seed: int | None = None
     bias: bool = False
 
     def __post_init__(self) -> None:
@@ -106,7 +116,9 @@ class HNLQSpec:
         if not isinstance(self.code, QuantizationConfig):
             raise TypeError(f"code must be a QuantizationConfig, got {type(self.code).__name__}")
         if self.in_features % self.code.dim:
-            raise ValueError(f"in_features={self.in_features} is not a multiple of the lattice dimension {self.code.dim}")
+            raise ValueError(
+                f"in_features={self.in_features} is not a multiple of the lattice dimension {self.code.dim}"
+            )
         if tuple(self.scale_shape) not in ((), (self.out_features,)):
             raise ValueError(f"scale_shape must be () or ({self.out_features},), got {self.scale_shape!r}")
         if not isinstance(self.packed, dict) or LABELS_KEY not in self.packed:
@@ -154,7 +166,7 @@ class HNLQSpec:
         }
 
     @classmethod
-    def from_json(cls, d: Any) -> "HNLQSpec":
+    def from_json(cls, d: Any) -> HNLQSpec:
         """Validate and rebuild; ``ValueError`` names the missing or bad field."""
         if not isinstance(d, dict):
             raise ValueError(f"layer spec must be a JSON object, got {type(d).__name__}")
@@ -195,7 +207,14 @@ class HNLQLinear(nn.Module):
     device : device of the empty buffers
     """
 
-    def __init__(self, spec: HNLQSpec, *, cache_weight: bool = False, lut_max_rows: Optional[int] = None, device=None):
+    # Buffers registered in __init__, declared for type checkers (nn.Module.__getattr__ returns Tensor | Module).
+    # The packed tensors other than the labels ("weight_<key>") are reached by name via getattr.
+    weight: torch.Tensor
+    scale: torch.Tensor
+    rot_in_seed: torch.Tensor  # only registered when spec.rot_in_seed is not None
+    rot_out_seed: torch.Tensor  # only registered when spec.rot_out_seed is not None
+
+    def __init__(self, spec: HNLQSpec, *, cache_weight: bool = False, lut_max_rows: int | None = None, device=None):
         super().__init__()
         if not isinstance(spec, HNLQSpec):
             raise TypeError(f"spec must be an HNLQSpec, got {type(spec).__name__}")
@@ -223,15 +242,20 @@ class HNLQLinear(nn.Module):
             self.register_parameter("bias", None)
         self.rot_in = Rotation(spec.in_features, spec.rot_in_seed) if spec.rot_in_seed is not None else None
         self.rot_out = Rotation(spec.out_features, spec.rot_out_seed) if spec.rot_out_seed is not None else None
-        self._w_cache: Optional[torch.Tensor] = None
-        self._T: Optional[torch.Tensor] = None
+        self._w_cache: torch.Tensor | None = None
+        self._T: torch.Tensor | None = None
         self._consts: dict = {}  # derived constants: sign vectors, representative table
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_codes(
-        cls, codes: LinearCodes, bias: Optional[torch.Tensor] = None, *, cache_weight: bool = False, lut_max_rows: Optional[int] = None
-    ) -> "HNLQLinear":
+        cls,
+        codes: LinearCodes,
+        bias: torch.Tensor | None = None,
+        *,
+        cache_weight: bool = False,
+        lut_max_rows: int | None = None,
+    ) -> HNLQLinear:
         """Compress a :class:`~coset.ptq.codes.LinearCodes` into a module.
 
         Parameters
@@ -248,7 +272,9 @@ class HNLQLinear(nn.Module):
         m = codes.out_features
         if bias is not None:
             if not isinstance(bias, torch.Tensor) or not bias.dtype.is_floating_point or tuple(bias.shape) != (m,):
-                raise ValueError(f"bias must be a float tensor of shape ({m},), got {getattr(bias, 'shape', type(bias))}")
+                raise ValueError(
+                    f"bias must be a float tensor of shape ({m},), got {getattr(bias, 'shape', type(bias))}"
+                )
         tensors, meta = pack_codes(codes.labels, codes.T, codes.code)
         if LABELS_KEY not in tensors:
             raise RuntimeError(f"pack_codes returned no {LABELS_KEY!r} tensor (keys {sorted(tensors)})")
@@ -298,7 +324,9 @@ class HNLQLinear(nn.Module):
         self._consts = {}
         return super()._apply(fn, *args, **kwargs)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         self._w_cache = None
         self._T = None
         for side in ("in", "out"):
@@ -306,7 +334,9 @@ class HNLQLinear(nn.Module):
             if want is not None and key in state_dict and _seed_from_i64(int(state_dict[key])) != want:
                 # The Rotation objects follow the spec: a state with other seeds belongs to another layer.
                 error_msgs.append(f"{key}: {_seed_from_i64(int(state_dict[key]))} != the layer's seed {want}")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     # ------------------------------------------------------------------ decoding
     @torch.compiler.disable
@@ -345,7 +375,9 @@ class HNLQLinear(nn.Module):
         key = ("table", str(self.weight.device))
         a = self._consts.get(key)
         if a is None:
-            a = representative_table(c.lattice, c.q, c.with_tie_dither).to(device=self.weight.device, dtype=torch.float32)
+            a = representative_table(c.lattice, c.q, c.with_tie_dither).to(
+                device=self.weight.device, dtype=torch.float32
+            )
             self._consts[key] = a
         raw = self.weight
         idx = raw.to(torch.int64) if c.dim * c.bits_per_label == 8 else raw.view(torch.int16).to(torch.int64) & 0xFFFF
@@ -396,6 +428,8 @@ class HNLQLinear(nn.Module):
         s = self._consts.get(key)
         if s is None:
             rot = self.rot_in if side == "in" else self.rot_out
+            if rot is None:
+                raise RuntimeError(f"layer has no {side!r} rotation")
             s = rotation_signs(rot.n, rot.seed, device).to(dtype)
             self._consts[key] = s
         return s

@@ -10,8 +10,9 @@ b = 1 is GPTQ (on the reversed column order). Everything in float64.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -126,7 +127,7 @@ def block_ldl(H: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def proxy_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
     """``tr((W - Ŵ) H (W - Ŵ)ᵀ)`` in float64."""
-    E = (W.to(torch.float64) - W_hat.to(torch.float64))
+    E = W.to(torch.float64) - W_hat.to(torch.float64)
     return float(((E @ H.to(torch.float64)) * E).sum())
 
 
@@ -156,7 +157,7 @@ def _select_rows(mask: torch.Tensor, new: Any, old: Any) -> Any:
         mk = mask.reshape((-1,) + (1,) * (new.ndim - 1))
         return torch.where(mk, new, old)
     if isinstance(new, (tuple, list)):
-        return type(new)(_select_rows(mask, a, b) for a, b in zip(new, old))
+        return type(new)(_select_rows(mask, a, b) for a, b in zip(new, old, strict=True))
     raise TypeError("codes returned by quantize_block must be tensors with leading dim m, tuples of them, or None")
 
 

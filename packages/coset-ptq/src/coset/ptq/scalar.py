@@ -19,7 +19,8 @@ import torch
 
 from coset.quant import packed_nbytes
 
-from .ldlq import _check_h, cholesky_with_retry, damp as damp_hessian
+from .ldlq import _check_h, cholesky_with_retry
+from .ldlq import damp as damp_hessian
 
 __all__ = ["ScalarCodes", "group_params", "rtn_scalar", "gptq_scalar"]
 
@@ -61,7 +62,8 @@ class ScalarCodes:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.ints.shape)
+        m, n = self.ints.shape  # (m, n), checked in __post_init__
+        return m, n
 
     def group_index(self) -> torch.Tensor:
         """(n,) int64 group of each original column."""
@@ -109,7 +111,14 @@ def _check_bits(bits, group_size, n):
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
 
-def _params(w32: torch.Tensor, bits: int, sym: bool, shrink: float):
+def _zero(z: torch.Tensor | None) -> torch.Tensor:
+    """The zero point of an asymmetric code (:func:`group_params` returns one whenever ``sym`` is False)."""
+    if z is None:
+        raise RuntimeError("group_params returned no zero point for an asymmetric code")
+    return z
+
+
+def _params(w32: torch.Tensor, bits: int, sym: bool, shrink: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     maxq = (1 << bits) - 1
     if sym:
         amax = w32.abs().amax(dim=1) * shrink
@@ -135,17 +144,15 @@ def group_params(
     w32 = w.to(torch.float32)
     if not clip_search:
         return _params(w32, bits, sym, 1.0)
-    best_s, best_z, best_e = None, None, None
-    for p in CLIP_GRID:
+    best_s, best_z = _params(w32, bits, sym, CLIP_GRID[0])
+    best_e = (_quant(w32, best_s, best_z, bits)[1] - w32).pow(2).sum(dim=1)
+    for p in CLIP_GRID[1:]:
         s, z = _params(w32, bits, sym, p)
         e = (_quant(w32, s, z, bits)[1] - w32).pow(2).sum(dim=1)
-        if best_e is None:
-            best_s, best_z, best_e = s, z, e
-            continue
         better = e < best_e
         best_s = torch.where(better, s, best_s)
         if z is not None:
-            best_z = torch.where(better, z, best_z)
+            best_z = torch.where(better, z, _zero(best_z))
         best_e = torch.where(better, e, best_e)
     return best_s, best_z
 
@@ -191,7 +198,7 @@ def rtn_scalar(
         W_hat[:, c0:c1] = wq
         scales[:, j] = s
         if zeros is not None:
-            zeros[:, j] = z
+            zeros[:, j] = _zero(z)
     return W_hat, ScalarCodes(ints, scales, zeros, bits, g)
 
 
@@ -255,7 +262,7 @@ def gptq_scalar(
         s, z = group_params(W, bits, sym, clip_search)
         scales[:, 0] = s
         if zeros is not None:
-            zeros[:, 0] = z
+            zeros[:, 0] = _zero(z)
     bs = blocksize if per_channel else -(-blocksize // g) * g
     # column-major work copy: column i of W is the contiguous row i of Wc
     Wc = W.t().contiguous()
@@ -272,7 +279,7 @@ def gptq_scalar(
                 s, z = group_params(W1[i : i + g].t(), bits, sym, clip_search)
                 scales[:, col // g] = s
                 if zeros is not None:
-                    zeros[:, col // g] = z
+                    zeros[:, col // g] = _zero(z)
             w = W1[i]
             lv, qv = _quant(w[:, None], s, z, bits)
             qv = qv[:, 0]

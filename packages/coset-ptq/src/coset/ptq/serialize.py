@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from .layers import HNLQLinear
 
 __all__ = [
     "save_quantized",
@@ -46,7 +49,7 @@ _ALIASES_KEY = "coset_aliases"
 
 
 # ---------------------------------------------------------------------- helpers
-def quantized_layers(model: nn.Module) -> dict[str, "nn.Module"]:
+def quantized_layers(model: nn.Module) -> dict[str, HNLQLinear]:
     """{qualified name: module} of every HNLQLinear in ``model`` (``model`` itself under the name "")."""
     from .layers import HNLQLinear
 
@@ -77,7 +80,9 @@ def swap_linears(model: nn.Module, specs: dict, *, device=None) -> None:
             raise ValueError(f"the model has no module {name!r} listed in quantization_config") from None
         if not isinstance(old, (nn.Linear, HNLQLinear)):
             raise ValueError(f"module {name!r} is a {type(old).__name__}, expected nn.Linear")
-        if (old.in_features, old.out_features) != (spec.in_features, spec.out_features) or (old.bias is not None) != spec.bias:
+        if (old.in_features, old.out_features) != (spec.in_features, spec.out_features) or (
+            old.bias is not None
+        ) != spec.bias:
             raise ValueError(
                 f"module {name!r} is ({old.in_features} -> {old.out_features}, bias={old.bias is not None}), "
                 f"the quantization_config says ({spec.in_features} -> {spec.out_features}, bias={spec.bias})"
@@ -156,7 +161,8 @@ def save_quantized(model: nn.Module, out_dir, tokenizer=None) -> Path:
         "files": {WEIGHTS_NAME: {"bytes": st_path.stat().st_size, "sha256": _sha256(st_path)}},
     }
     if _is_transformers_model(model):
-        cfg = model.config.to_dict()
+        hf_config: Any = model.config  # a transformers PretrainedConfig (checked by _is_transformers_model)
+        cfg = hf_config.to_dict()
         cfg["architectures"] = [type(model).__name__]
     else:
         cfg = {}
@@ -198,7 +204,9 @@ def read_quantization_config(out_dir) -> tuple[dict, dict, dict]:
     if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
         raise ValueError(f"{cp}: no quantization_config with quant_method {QUANT_METHOD!r}; not a coset model")
     if qc.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{cp}: format_version {qc.get('format_version')!r} is not supported (expected {FORMAT_VERSION})")
+        raise ValueError(
+            f"{cp}: format_version {qc.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
+        )
     layers = qc.get("layers")
     if not isinstance(layers, dict) or not layers:
         raise ValueError(f"{cp}: quantization_config.layers must be a non-empty object")
@@ -246,8 +254,18 @@ def _read_header(st: Path) -> tuple[dict[str, tuple[tuple, str]], dict]:
     return {k: (tuple(v["shape"]), v["dtype"]) for k, v in hdr.items()}, meta
 
 
-_ST_DTYPES = {torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
-              torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64", torch.bool: "BOOL"}
+_ST_DTYPES = {
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.int16: "I16",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.bool: "BOOL",
+}
 
 
 def _check_layer_keys(st: Path, header: dict, specs: dict) -> None:
@@ -258,14 +276,16 @@ def _check_layer_keys(st: Path, header: dict, specs: dict) -> None:
                 raise ValueError(f"{st}: missing key {key!r}")
             got_shape, got_dt = header[key]
             if tuple(got_shape) != tuple(shape) or got_dt != _ST_DTYPES[dt]:
-                raise ValueError(f"{st}: key {key!r} is {got_dt}{list(got_shape)}, expected {_ST_DTYPES[dt]}{list(shape)}")
+                raise ValueError(
+                    f"{st}: key {key!r} is {got_dt}{list(got_shape)}, expected {_ST_DTYPES[dt]}{list(shape)}"
+                )
         if spec.bias:
             key = f"{name}.bias" if name else "bias"
             if key not in header:
                 raise ValueError(f"{st}: missing key {key!r}")
 
 
-def load_quantized(out_dir, model_factory: Optional[Callable[[], nn.Module]] = None, *, verify: bool = True) -> nn.Module:
+def load_quantized(out_dir, model_factory: Callable[[], nn.Module] | None = None, *, verify: bool = True) -> nn.Module:
     """Rebuild a model saved by :func:`save_quantized`.
 
     Parameters
