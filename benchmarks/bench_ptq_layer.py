@@ -1,6 +1,6 @@
 """HNLQLinear forward on a 576×1536 layer: decode + matmul vs the one-sided LUT path, vs nn.Linear.
 
-    uv run python benchmarks/bench_ptq_layer.py [--lut-max-rows 64]   # markdown table (min of repeats, ms/call)
+uv run python benchmarks/bench_ptq_layer.py [--lut-max-rows 64]   # markdown table (min of repeats, ms/call)
 """
 
 from __future__ import annotations
