@@ -17,12 +17,21 @@ from coset.quant import QuantizationConfig, decode, encode, from_blocks
 from coset.quant import backend as qbackend
 
 CASES = [("Z2", 2), ("Z2", 4), ("D4", 4), ("E8", 2)]
-# backends that run the LUT ops on CPU tensors ("torch" always; coset-cuda's native ones only on CUDA tensors)
-BACKENDS = [
-    b
-    for b in qbackend.available_backends()
-    if b == "torch" or qbackend.get_backend(b).supports("lut_one_sided", torch.zeros(1, dtype=torch.int32), None, None)
-]
+
+
+def _cpu_backends(op: str) -> list[str]:
+    """Backends that run ``op`` on CPU tensors ("torch" always; coset-cuda's native one-sided GEMV on CPU, its
+    two-sided kernel only on CUDA tensors)."""
+    probe = torch.zeros(1, dtype=torch.int32)
+    return [
+        b
+        for b in qbackend.available_backends()
+        if b == "torch" or qbackend.get_backend(b).supports(op, probe, None, None)
+    ]
+
+
+BACKENDS = _cpu_backends("lut_one_sided")
+TWO_SIDED = _cpu_backends("lut_two_sided")
 
 
 def _mat(n, k, seed):
@@ -82,8 +91,9 @@ def test_lut_center_matmuls_match_decode_then_matmul(backend, name, q, M):
     assert bool((X.T > 0).any())
     Yf = _mat(11, k, 4)
     Xh, Yh = _dense(X), _dense(Y)
-    _close(lut_matmul(X, Y, backend=backend), Xh @ Yh.T, _absref(X, Y))
-    _close(lut_matmul(Y, X, backend=backend), Yh @ Xh.T, _absref(Y, X))
+    two = backend if backend in TWO_SIDED else "torch"
+    _close(lut_matmul(X, Y, backend=two), Xh @ Yh.T, _absref(X, Y))
+    _close(lut_matmul(Y, X, backend=two), Yh @ Xh.T, _absref(Y, X))
     _close(lut_matmul_one_sided(X, Yf, backend=backend), Xh @ Yf.T, _absref(X, Yf))
     _close(lut_matmul_one_sided(X, Yf[0], backend=backend), Xh @ Yf[0], _absref(X, Yf[:1])[:, 0])
     b = torch.randn(23, dtype=torch.float64)
