@@ -72,11 +72,16 @@ def resolve(config: QuantizationConfig | None, lattice: Lattice | None = None) -
 #: ``|x| / beta`` above this is refused: the encoder's float64 arithmetic (``G^{-1} x``, the sums of Q_L)
 #: would overflow. Norms are computed overflow-free below it (:func:`_seq_norm`).
 MAX_LATTICE_UNITS = 2.0**900
+#: With ``disable_overload_protection`` the vector is quantized at T = 0 with no ramp and no clamp; float64 holds
+#: lattice points (half-integers) exactly only below 2^52, so beyond 2^50 backends could round differently.
+MAX_UNPROTECTED_LATTICE_UNITS = 2.0**50
 
 
 def max_abs_input(config: QuantizationConfig) -> float:
-    """The largest ``|x|`` an encoder accepts under ``config``: ``beta * 2^900`` (inf when that overflows)."""
-    return config.scales[0] * MAX_LATTICE_UNITS
+    """The largest ``|x|`` an encoder accepts under ``config``: ``beta * 2^900`` (inf when that overflows), or
+    ``beta * 2^50`` when ``disable_overload_protection`` leaves the float64 closest-point search no scaling."""
+    units = MAX_UNPROTECTED_LATTICE_UNITS if config.disable_overload_protection else MAX_LATTICE_UNITS
+    return config.scales[0] * units
 
 
 def check_magnitude(x: torch.Tensor, max_abs: float, argname: str = "x") -> None:
@@ -89,8 +94,9 @@ def check_magnitude(x: torch.Tensor, max_abs: float, argname: str = "x") -> None
         raise ValueError(f"{argname} contains NaN or Inf; HNLQ cannot encode non-finite values")
     if m > max_abs:
         raise ValueError(
-            f"{argname} has an entry of magnitude {m:.4g} > beta * 2^900 = {max_abs:.4g}: x / beta would overflow "
-            "the encoder's float64 arithmetic; use a larger beta"
+            f"{argname} has an entry of magnitude {m:.4g} > {max_abs:.4g} (beta * 2^900, or beta * 2^50 with "
+            "disable_overload_protection): x / beta would leave the range of the encoder's exact float64 arithmetic; "
+            "use a larger beta"
         )
 
 
