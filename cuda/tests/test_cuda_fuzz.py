@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from coset.cuda import _ops
 from coset.quant import QuantizationConfig, decode, encode, quantize
 
-FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomized: CI runs the same 150 examples every time (a new failing example is found locally, not in a landing run)
+FUZZ = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _outcome(fn):
