@@ -60,9 +60,17 @@ def methods(bits: int) -> list[tuple[str, MethodConfig]]:
         ("GPTQ g128", MethodConfig(method="gptq", bits=bits, group_size=128)),
         ("GPTQ per-channel", MethodConfig(method="gptq", bits=bits, group_size=-1)),
         ("GPTQ g128 act-order", MethodConfig(method="gptq", bits=bits, group_size=128, act_order=True)),
+        (
+            "GPTQ g128 act-order+clip",
+            MethodConfig(method="gptq", bits=bits, group_size=128, act_order=True, clip_search=True),
+        ),
         ("HNLQ+rot", MethodConfig(method="hnlq_rot", **h)),
         ("HNLQ RTN", MethodConfig(method="hnlq_rtn", **h)),
-    ]
+    ] + (
+        [("HNLQ+rot+LDLQ E8 q16 M1", MethodConfig(method="hnlq_ldlq", lattice="E8", q=16, M=1, center=False))]
+        if bits == 4
+        else []
+    )
 
 
 def _cfg_dict(cfg: MethodConfig) -> dict:
@@ -184,7 +192,7 @@ def run_model(args) -> None:
     if args.only:
         plan = [p for p in plan if any(s in p[0] for s in args.only.split(","))]
     # priority: every rate of the compared methods before the extra baselines
-    order = {lab: i for i, (lab, _) in enumerate(methods(4))}
+    order = {lab: i for i, (lab, _) in enumerate(methods(4))}  # methods(4) lists every label
     plan.sort(key=lambda p: (order[p[0]], -p[1]))
     for label, b, cfg in plan:
         if (label, b) in done:

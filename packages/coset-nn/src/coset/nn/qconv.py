@@ -8,7 +8,7 @@ zero-padded to a multiple of d).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,38 @@ else:
 class _QConvMixin(QuantLayerMixin, _ConvBase):
     _feature_dim = 1
     _float_cls: type = nn.Conv2d
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: Any = "zeros",
+        device=None,
+        dtype=None,
+        qconfig: QATConfig | None = None,
+    ) -> None:
+        cast(Any, self._float_cls).__init__(  # the torch convolution this class quantizes
+            self,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=bias,
+            padding_mode=padding_mode,
+            device=device,
+            dtype=dtype,
+        )
+        self._init_quant(qconfig)
+        self._check_lut_ok()
 
     def _check_lut_ok(self) -> None:
         if self.qconfig.use_lut and (self.groups != 1 or self.padding_mode != "zeros" or isinstance(self.padding, str)):
@@ -54,7 +86,7 @@ class _QConvMixin(QuantLayerMixin, _ConvBase):
             device="meta",
             dtype=m.weight.dtype,
             qconfig=qconfig,
-        )  # type: ignore[call-arg]
+        )
         q.weight = m.weight
         q.bias = m.bias
         q._init_quant(q.qconfig)
@@ -140,38 +172,6 @@ class QConv2d(_QConvMixin, nn.Conv2d):
 
     _float_cls = nn.Conv2d
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: Any = "zeros",
-        device=None,
-        dtype=None,
-        qconfig: QATConfig | None = None,
-    ) -> None:
-        nn.Conv2d.__init__(
-            self,
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
-            groups=groups,
-            bias=bias,
-            padding_mode=padding_mode,
-            device=device,
-            dtype=dtype,
-        )
-        self._init_quant(qconfig)
-        self._check_lut_ok()
-
 
 class QConv1d(_QConvMixin, nn.Conv1d):
     """``nn.Conv1d`` with an FP32 shadow weight quantized by HNLQ (see module docstring).
@@ -182,35 +182,3 @@ class QConv1d(_QConvMixin, nn.Conv1d):
     """
 
     _float_cls = nn.Conv1d
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: Any = "zeros",
-        device=None,
-        dtype=None,
-        qconfig: QATConfig | None = None,
-    ) -> None:
-        nn.Conv1d.__init__(
-            self,
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
-            groups=groups,
-            bias=bias,
-            padding_mode=padding_mode,
-            device=device,
-            dtype=dtype,
-        )
-        self._init_quant(qconfig)
-        self._check_lut_ok()
