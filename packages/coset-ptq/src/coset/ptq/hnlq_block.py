@@ -21,11 +21,12 @@ error feedback widens the targets.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
-from coset.quant import QuantizationConfig, beta_min, decode, encode
+from coset.quant import ClampWarning, QuantizationConfig, beta_min, decode, encode
 
 from .codes import LinearCodes
 from .ldlq import block_ldl, ldlq
@@ -170,7 +171,10 @@ def hnlq_quantize_rows(x: torch.Tensor, s: torch.Tensor, code: QuantizationConfi
     shape = (-1,) + (1,) * (x.ndim - 1)
     sv = s.to(torch.float64).reshape(shape)
     u = x.to(torch.float64) / sv
-    b, T, clamped = encode(u, config=code, return_clamped=True)
+    with warnings.catch_warnings():
+        # clamping is part of the rate budget here (max_t_bits): it is counted and reported, not a surprise
+        warnings.simplefilter("ignore", ClampWarning)
+        b, T, clamped = encode(u, config=code, return_clamped=True)
     xh = decode(b, config=code, T=T, dtype=torch.float64) * sv
     return xh, b, T, clamped
 
