@@ -47,27 +47,24 @@ from coset.ptq.hnlq_block import MethodConfig, quantize_linear  # noqa: E402
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 # HNLQ code per rate class (label bits M log2 q); scalar baselines use the same integer bit width.
-HNLQ_CODES = {4: dict(lattice="E8", q=4, M=2), 3: dict(lattice="E8", q=8, M=1), 2: dict(lattice="E8", q=4, M=1)}
 
 
 def methods(bits: int) -> list[tuple[str, MethodConfig]]:
     """(label, config) in priority order (the ones the targets compare come first)."""
-    h = HNLQ_CODES[bits]
     return [
         ("RTN per-channel", MethodConfig(method="rtn", bits=bits, group_size=-1)),
         ("RTN g128", MethodConfig(method="rtn", bits=bits, group_size=128)),
-        ("HNLQ+rot+LDLQ", MethodConfig(method="hnlq_ldlq", **h)),
+        ("HNLQ+rot+LDLQ", MethodConfig.for_bits(bits, method="hnlq_ldlq")),
         ("GPTQ g128", MethodConfig(method="gptq", bits=bits, group_size=128)),
         ("GPTQ per-channel", MethodConfig(method="gptq", bits=bits, group_size=-1)),
-        ("GPTQ g128 act-order", MethodConfig(method="gptq", bits=bits, group_size=128, act_order=True)),
         (
             "GPTQ g128 act-order+clip",
             MethodConfig(method="gptq", bits=bits, group_size=128, act_order=True, clip_search=True),
         ),
-        ("HNLQ+rot", MethodConfig(method="hnlq_rot", **h)),
-        ("HNLQ RTN", MethodConfig(method="hnlq_rtn", **h)),
+        ("HNLQ+rot", MethodConfig.for_bits(bits, method="hnlq_rot")),
+        ("HNLQ RTN", MethodConfig.for_bits(bits, method="hnlq_rtn")),
     ] + (
-        [("HNLQ+rot+LDLQ E8 q16 M1", MethodConfig(method="hnlq_ldlq", lattice="E8", q=16, M=1, center=False))]
+        [("HNLQ+rot+LDLQ E8 q4 M2", MethodConfig.for_bits(4, q=4, M=2, center=True))]  # the hierarchical code
         if bits == 4
         else []
     )
@@ -181,8 +178,24 @@ def run_model(args) -> None:
         f"[{args.model}] loaded + reference in {data['meta']['load_s']:.0f} s; calib {tuple(calib.shape)}", flush=True
     )
     t = time.perf_counter()
-    hessians = collect_hessians(model, list(calib.split(8)), dtype=torch.float32)
-    data["meta"]["hessian_s"] = time.perf_counter() - t
+    cache = pathlib.Path(args.hessian_cache) if args.hessian_cache else None
+    if cache is not None and cache.exists():  # same model and calibration (checked), e.g. parallel workers
+        saved = torch.load(cache)
+        if saved["calibration"] != data["meta"]["calibration"]:
+            raise SystemExit(f"{cache} holds Hessians of another calibration set")
+        hessians, data["meta"]["hessian_s"] = saved["hessians"], saved["seconds"]
+    else:
+        hessians = collect_hessians(model, list(calib.split(8)), dtype=torch.float32)
+        data["meta"]["hessian_s"] = time.perf_counter() - t
+        if cache is not None:
+            torch.save(
+                {
+                    "calibration": data["meta"]["calibration"],
+                    "hessians": hessians,
+                    "seconds": data["meta"]["hessian_s"],
+                },
+                cache,
+            )
     print(f"[{args.model}] {len(hessians)} Hessians in {data['meta']['hessian_s']:.0f} s", flush=True)
     originals = {n: model.get_submodule(n).weight.detach().clone() for n in hessians}
     _save(out_path, data)
@@ -234,7 +247,7 @@ def run_sequential(args) -> None:
     rss_loaded = peak_rss_mb()
     b = args.seq_bits
     cfg = PTQConfig(
-        method=MethodConfig(method="hnlq_ldlq", **HNLQ_CODES[b]),
+        method=MethodConfig.for_bits(b),
         nsamples=n,
         seqlen=seqlen,
         batch_size=8,
@@ -304,6 +317,14 @@ def _fmt(v, nd=4):
     return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
 
 
+def _code(cfg: dict) -> str:
+    """Short name of a run's code: ``E8 q16 M1``, ``E8 q4 M2 c`` (centred), ``int4 g128 act clip``."""
+    if cfg["method"].startswith("hnlq"):
+        return f"{cfg['lattice']} q{cfg['q']} M{cfg['M']}" + (" c" if cfg["center"] else "")
+    g = "per-ch" if cfg["group_size"] == -1 else f"g{cfg['group_size']}"
+    return f"int{cfg['bits']} {g}" + (" act" if cfg["act_order"] else "") + (" clip" if cfg["clip_search"] else "")
+
+
 def report(args) -> None:
     out = {"models": {}}
     lines = [
@@ -343,14 +364,14 @@ def report(args) -> None:
         ]
         if model == "minilm":
             lines += [
-                "| bits | method | all-in b/w | cos mean | cos p5 | cos min | top-10 overlap | recall@10 | "
-                "Spearman | rel. proxy | quant wall s |",
-                "|---|---|---|---|---|---|---|---|---|---|---|",
+                "| bits | method | code | all-in b/w | cos mean | cos p5 | cos min | top-10 overlap | recall@10 | "
+                "Spearman | rel. proxy | quant CPU s |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|",
             ]
         else:
             lines += [
-                "| bits | method | all-in b/w | ppl | ppl ratio | KL | top-1 agree | rel. proxy | quant wall s |",
-                "|---|---|---|---|---|---|---|---|---|",
+                "| bits | method | code | all-in b/w | ppl | ppl ratio | KL | top-1 agree | rel. proxy | quant CPU s |",
+                "|---|---|---|---|---|---|---|---|---|---|",
             ]
         for r in sorted(d["runs"], key=lambda r: (-r["bits_class"], r["method"])):
             if "error" in r:
@@ -359,16 +380,18 @@ def report(args) -> None:
             x = r["metrics"]
             if model == "minilm":
                 lines.append(
-                    f"| {r['bits_class']} | {r['method']} | {r['all_in_bits']:.3f} | {x['cos_mean']:.4f} | "
+                    f"| {r['bits_class']} | {r['method']} | {_code(r['config'])} | {r['all_in_bits']:.3f} | "
+                    f"{x['cos_mean']:.4f} | "
                     f"{x['cos_p5']:.4f} | {x['cos_min']:.4f} | {x['overlap_at_k']:.3f} | "
                     f"{x['recall_top1_at_k']:.3f} | {x['spearman']:.4f} | {r['rel_proxy']:.3g} | "
-                    f"{r['quant_s']:.0f} |"
+                    f"{r['quant_cpu_s']:.0f} |"
                 )
             else:
                 lines.append(
-                    f"| {r['bits_class']} | {r['method']} | {r['all_in_bits']:.3f} | {x['ppl_q']:.3f} | "
+                    f"| {r['bits_class']} | {r['method']} | {_code(r['config'])} | {r['all_in_bits']:.3f} | "
+                    f"{x['ppl_q']:.3f} | "
                     f"{x['ppl_ratio']:.4f} | {x['kl']:.4f} | {x['top1_agree']:.3f} | {r['rel_proxy']:.3g} | "
-                    f"{r['quant_s']:.0f} |"
+                    f"{r['quant_cpu_s']:.0f} |"
                 )
         if "sequential" in d:
             s = d["sequential"]
@@ -454,6 +477,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256, help="MiniLM: token cap per passage")
     ap.add_argument("--seq-bits", type=int, default=4)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--hessian-cache", default="", help="file to reuse (or store) the float-model Hessians")
     ap.add_argument("--tag", default="", help="suffix of the output file (parallel workers; --report merges)")
     ap.add_argument("--resume", action="store_true", help="keep finished runs of a previous (partial) file")
     ap.add_argument("--report", action="store_true")

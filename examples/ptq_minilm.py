@@ -21,8 +21,6 @@ from coset.ptq.eval import embed, embedding_fidelity
 from coset.ptq.hnlq_block import MethodConfig
 from coset.ptq.models import load_minilm
 
-CODES = {4: dict(q=4, M=2), 3: dict(q=8, M=1), 2: dict(q=4, M=1)}  # E8 label bits M log2 q
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,9 +38,7 @@ def main() -> None:
     ref = embed(model, tok, passages)
 
     qmodel = copy.deepcopy(model)
-    cfg = PTQConfig(
-        method=MethodConfig(method="hnlq_ldlq", lattice="E8", **CODES[args.bits]), nsamples=args.nsamples, seqlen=128
-    )
+    cfg = PTQConfig(method=MethodConfig.for_bits(args.bits), nsamples=args.nsamples, seqlen=128)
     report = quantize_(qmodel, calib, cfg)  # in place: nn.Linear -> HNLQLinear (compressed buffers only)
     print(report.summary())
 

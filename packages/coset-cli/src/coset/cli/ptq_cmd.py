@@ -19,11 +19,10 @@ import os
 import time
 from pathlib import Path
 
-__all__ = ["add_parser", "run", "HNLQ_CODES"]
+__all__ = ["add_parser", "run"]
 
 #: Nested-lattice code per rate class (label bits M log2 q = 4 / 3 / 2); the scale, T budget and centring come
 #: from :class:`coset.ptq.hnlq_block.MethodConfig`'s measured defaults.
-HNLQ_CODES = {4: dict(q=4, M=2), 3: dict(q=8, M=1), 2: dict(q=4, M=1)}
 _METHODS = ("hnlq_ldlq", "hnlq_rot", "hnlq_rtn", "gptq", "rtn")
 
 
@@ -67,7 +66,7 @@ def _methods(args):
             raise _error(f"--method: unknown method {name!r}; choose among {', '.join(_METHODS)}")
         try:
             if name.startswith("hnlq"):
-                cfg = MethodConfig(method=name, lattice=args.lattice, seed=args.seed, **HNLQ_CODES[args.bits])
+                cfg = MethodConfig.for_bits(args.bits, method=name, lattice=args.lattice, seed=args.seed)
             else:
                 cfg = MethodConfig(method=name, bits=args.bits, group_size=args.group_size, seed=args.seed)
         except (TypeError, ValueError) as e:

@@ -50,7 +50,8 @@ class PTQConfig:
     Attributes
     ----------
     method : MethodConfig
-        Per-linear method and code (``coset.ptq.hnlq_block``); default HNLQ E8 q=4 M=2 + rotation + LDLQ.
+        Per-linear method and code (``coset.ptq.hnlq_block``); default ``MethodConfig.for_bits(4)``: HNLQ E8
+        q=16 M=1 + rotation + LDLQ.
     skip : tuple of str
         fnmatch patterns (or substrings) of linear names left in float (default ``("lm_head",)``; only
         linears inside the transformer blocks are ever candidates).
@@ -72,7 +73,7 @@ class PTQConfig:
         Per-layer progress bar (tqdm, when installed).
     """
 
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: MethodConfig = field(default_factory=lambda: MethodConfig.for_bits(4))
     skip: tuple[str, ...] = ("lm_head",)
     nsamples: int = 64
     seqlen: int = 512
