@@ -2,7 +2,7 @@
 the fp32 cache and vs a KIVI-style scalar cache at equal all-in bytes per token.
 
 Run:  nice -n 5 uv run python benchmarks/bench_kv.py [--sections ppl,gen,speed] [--windows 4] [--seqlen 1024]
-      [--native /path/libcosetkv.so]
+      [--contexts 2048,8192] [--steps 12]
 Writes benchmarks/results/kv.json, kv.md (updated after every measurement) and kv.png.
 
 * ppl   - perplexity on pydoc_data.topics (coset.ptq.data.pydoc_text), ``--windows`` windows of ``--seqlen``
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -123,16 +124,25 @@ def fill_cache(model, cache, ids, chunk=512):
 
 @torch.no_grad()
 def decode_steps(model, cache, start_token, steps):
-    times, tokn = [], start_token
-    pos = cache.get_seq_length()
+    """Median wall and process-CPU seconds of one decoding step (full model, batch 1)."""
+    walls, cpus, tokn = [], [], start_token
     for _ in range(steps):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         out = model(tokn, past_key_values=cache, use_cache=True)
-        times.append(time.perf_counter() - t0)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
         tokn = out.logits[:, -1:].argmax(-1)
-        pos += 1
-    times.sort()
-    return times[len(times) // 2]
+    return sorted(walls)[len(walls) // 2], sorted(cpus)[len(cpus) // 2]
+
+
+def set_threads(n: int) -> None:
+    torch.set_num_threads(n)
+    try:  # the native kv kernels' own pool (coset-cuda); the benchmark may import it, coset.kv does not
+        import coset.cuda
+
+        coset.cuda.set_num_threads(n)
+    except ImportError:
+        pass
 
 
 def attn_layer_bench(ctx: int, steps: int) -> dict:
@@ -232,11 +242,16 @@ def write(results: dict, out_name: str = "kv") -> None:
     if sp:
         L.append("## Decode time per token (full model, batch 1, median of steps)")
         L.append("")
-        L.append("| context | cache | ms / token | cache bytes / token |")
-        L.append("|---|---|---|---|")
+        L.append(
+            "| context | cache, threads | wall ms / token | process CPU ms / token | load (1 min) | cache bytes / token |"
+        )
+        L.append("|---|---|---|---|---|---|")
         for ctx, rows in sp.items():
             for name, r in rows.items():
-                L.append(f"| {ctx} | {name} | {r['ms']:.1f} | {r['bytes_per_token']:.0f} |")
+                L.append(
+                    f"| {ctx} | {name} | {r['ms']:.1f} | {r.get('cpu_ms', float('nan')):.1f} | "
+                    f"{r.get('load', float('nan')):.1f} | {r['bytes_per_token']:.0f} |"
+                )
         L.append("")
     (OUT / f"{out_name}.md").write_text("\n".join(L))
 
@@ -278,13 +293,10 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--contexts", default="2048,8192")
-    ap.add_argument("--native", default=None, help="shared library built from cuda/csrc/kv_cpu.cpp")
     ap.add_argument("--only", default=None, help="comma-separated method names")
     ap.add_argument("--prompts", type=int, default=len(PROMPTS))
     ap.add_argument("--out", default="kv", help="results name (kv -> kv.json/md/png); 'report' merges kv_*.json")
     args = ap.parse_args()
-    if args.native:
-        native.load_library(args.native)
     torch.manual_seed(0)
     path = OUT / f"{args.out}.json"
     results = json.loads(path.read_text()) if path.exists() else {}
@@ -362,22 +374,33 @@ def main() -> None:
     if "speed" in sections:
         results.setdefault("speed", {})
         text_ids = token_windows(tok, pydoc_text(), 8192, 1)
+        lut = "native" if native.available() else "torch"
+        runs = [
+            ("fp32 DynamicCache + SDPA", "fp32", None),
+            (f"hnlq4_s1 LUT {lut}", "hnlq", KVQuantConfig(bits=4, sink=1)),
+            (f"hnlq2_s1 LUT {lut}", "hnlq", KVQuantConfig(bits=2, sink=1)),
+        ]
         for ctx in [int(c) for c in args.contexts.split(",")]:
             ids = text_ids[:, :ctx]
             rows = results["speed"].setdefault(str(ctx), {})
-            lut = "native" if native.available() else "torch"
-            runs = [
-                ("fp32 DynamicCache + SDPA", "fp32", None),
-                (f"hnlq4 LUT {lut}", "hnlq", KVQuantConfig(bits=4)),
-                (f"hnlq2 LUT {lut}", "hnlq", KVQuantConfig(bits=2)),
-            ]
             for name, kind, cfg in runs:
+                set_threads(2)
                 cache = make_cache(kind, cfg, model.config)
                 fill_cache(model, cache, ids)
-                ms = 1e3 * decode_steps(model, cache, ids[:, -1:], args.steps)
-                rows[name] = {"ms": ms, "bytes_per_token": cache_bytes(kind, cache) / cache.get_seq_length()}
-                print(ctx, name, rows[name], flush=True)
-                write(results, args.out)
+                bpt = cache_bytes(kind, cache) / cache.get_seq_length()
+                for threads in (1, 2):
+                    set_threads(threads)
+                    load = os.getloadavg()[0]
+                    ms, cpu = decode_steps(model, cache, ids[:, -1:], args.steps)
+                    cache.crop(ctx)  # back to the context length for the next thread count
+                    rows[f"{name}, {threads} thr"] = {
+                        "ms": 1e3 * ms,
+                        "cpu_ms": 1e3 * cpu,
+                        "load": load,
+                        "bytes_per_token": bpt,
+                    }
+                    print(ctx, name, threads, rows[f"{name}, {threads} thr"], flush=True)
+                    write(results, args.out)
                 del cache
     write(results, args.out)
     plot(results)

@@ -82,6 +82,20 @@ def search_beta(bits: int, t_bits: int, alpha: float) -> float:
     return round(beta, 4)
 
 
+@cache
+def _quant_config(bits: int, beta: float, alpha: float, t_bits: int) -> QuantizationConfig:
+    return QuantizationConfig(
+        "E8",
+        q=2,
+        M=bits,
+        beta=beta,
+        alpha=alpha,
+        max_scaling_iterations=2**t_bits - 1,
+        center=True,
+        overload_policy="clamp",
+    )
+
+
 @dataclass(frozen=True)
 class KVQuantConfig:
     """HNLQ KV code (see the module docstring).
@@ -141,17 +155,8 @@ class KVQuantConfig:
         return float(self.beta) if self.beta is not None else calibrated_beta(self.bits, self.t_bits, float(self.alpha))
 
     def quant_config(self) -> QuantizationConfig:
-        """The coset.quant configuration of the block code."""
-        return QuantizationConfig(
-            "E8",
-            q=2,
-            M=self.bits,
-            beta=self.resolved_beta,
-            alpha=float(self.alpha),
-            max_scaling_iterations=2**self.t_bits - 1,
-            center=True,
-            overload_policy="clamp",
-        )
+        """The coset.quant configuration of the block code (built once per config: it is on the decode path)."""
+        return _quant_config(self.bits, self.resolved_beta, float(self.alpha), self.t_bits)
 
     def t_bytes(self, head_dim: int) -> int:
         """Bytes of the packed T of one head vector."""
