@@ -267,15 +267,20 @@ def plot(results: dict) -> None:
         return
     ref = ppl["fp32"]["ppl"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for kind, mk in (("hnlq", "o-"), ("kivi", "s--")):
-        pts = sorted((r["bits_per_element"], r["ppl"] / ref) for n, r in ppl.items() if n.startswith(kind))
+    import re
+
+    series = {
+        "HNLQ E8 q=2, t2": (r"hnlq\d$", "o-"),
+        "HNLQ t2 + sink": (r"hnlq\d_s1$", "o-"),
+        "HNLQ t4 + sink": (r"hnlq\d_t4_s1$", "o-"),
+        "KIVI g64": (r"kivi\d$", "s--"),
+        "KIVI g64 + sink": (r"kivi\d_s1$", "s--"),
+        "KIVI g32 + sink": (r"kivi\d_g32_s1$", "s--"),
+    }
+    for label, (pat, mk) in series.items():
+        pts = sorted((r["bits_per_element"], r["ppl"] / ref) for n, r in ppl.items() if re.match(pat, n))
         if pts:
-            ax.plot(
-                [p[0] for p in pts],
-                [p[1] for p in pts],
-                mk,
-                label={"hnlq": "HNLQ (E8, q=2) + LUT", "kivi": "KIVI-style scalar"}[kind],
-            )
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], mk, label=label)
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xlabel("bits per cached element, all-in")
     ax.set_ylabel("perplexity / fp32-cache perplexity")
@@ -392,7 +397,7 @@ def main() -> None:
                     set_threads(threads)
                     load = os.getloadavg()[0]
                     ms, cpu = decode_steps(model, cache, ids[:, -1:], args.steps)
-                    cache.crop(ctx)  # back to the context length for the next thread count
+                    cache.crop(ctx - cache.get_seq_length())  # back to the context length (negative = drop newest)
                     rows[f"{name}, {threads} thr"] = {
                         "ms": 1e3 * ms,
                         "cpu_ms": 1e3 * cpu,
