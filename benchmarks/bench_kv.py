@@ -2,7 +2,7 @@
 the fp32 cache and vs a KIVI-style scalar cache at equal all-in bytes per token.
 
 Run:  nice -n 5 uv run python benchmarks/bench_kv.py [--sections ppl,gen,speed] [--windows 4] [--seqlen 1024]
-      [--native /path/libcosetkv.so]
+      [--contexts 2048,8192] [--steps 12]
 Writes benchmarks/results/kv.json, kv.md (updated after every measurement) and kv.png.
 
 * ppl   - perplexity on pydoc_data.topics (coset.ptq.data.pydoc_text), ``--windows`` windows of ``--seqlen``
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -47,13 +48,17 @@ PROMPTS = [
 
 
 def methods() -> list[tuple[str, str, object]]:
+    """Every method at every rate, measured in one run with the same protocol. ``_s1``: token 0 (the attention
+    sink) kept in full precision, the same for both codes. ``t4``: 4 bits of overload step per 8-dim block
+    (alpha 0.25), 0.25 bits/element more than t2; its rate-matched baseline is KIVI with 32-token key groups."""
     out: list[tuple[str, str, object]] = [("fp32", "fp32", None)]
     for bits in (4, 3, 2):
         out.append((f"hnlq{bits}", "hnlq", KVQuantConfig(bits=bits, t_bits=2, alpha=0.5)))
         out.append((f"kivi{bits}", "kivi", ScalarKVConfig(bits=bits, group_size=64)))
-    for bits in (4, 3, 2):  # second rate point of each: cheaper side information
-        out.append((f"hnlq{bits}_t1", "hnlq", KVQuantConfig(bits=bits, t_bits=1, alpha=1.0)))
-        out.append((f"kivi{bits}_g128", "kivi", ScalarKVConfig(bits=bits, group_size=128)))
+        out.append((f"hnlq{bits}_s1", "hnlq", KVQuantConfig(bits=bits, t_bits=2, alpha=0.5, sink=1)))
+        out.append((f"kivi{bits}_s1", "kivi", ScalarKVConfig(bits=bits, group_size=64, sink=1)))
+        out.append((f"hnlq{bits}_t4_s1", "hnlq", KVQuantConfig(bits=bits, t_bits=4, alpha=0.25, sink=1)))
+        out.append((f"kivi{bits}_g32_s1", "kivi", ScalarKVConfig(bits=bits, group_size=32, sink=1)))
     return out
 
 
@@ -119,16 +124,25 @@ def fill_cache(model, cache, ids, chunk=512):
 
 @torch.no_grad()
 def decode_steps(model, cache, start_token, steps):
-    times, tokn = [], start_token
-    pos = cache.get_seq_length()
+    """Median wall and process-CPU seconds of one decoding step (full model, batch 1)."""
+    walls, cpus, tokn = [], [], start_token
     for _ in range(steps):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         out = model(tokn, past_key_values=cache, use_cache=True)
-        times.append(time.perf_counter() - t0)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
         tokn = out.logits[:, -1:].argmax(-1)
-        pos += 1
-    times.sort()
-    return times[len(times) // 2]
+    return sorted(walls)[len(walls) // 2], sorted(cpus)[len(cpus) // 2]
+
+
+def set_threads(n: int) -> None:
+    torch.set_num_threads(n)
+    try:  # the native kv kernels' own pool (coset-cuda); the benchmark may import it, coset.kv does not
+        import coset.cuda
+
+        coset.cuda.set_num_threads(n)
+    except ImportError:
+        pass
 
 
 def attn_layer_bench(ctx: int, steps: int) -> dict:
@@ -228,11 +242,16 @@ def write(results: dict, out_name: str = "kv") -> None:
     if sp:
         L.append("## Decode time per token (full model, batch 1, median of steps)")
         L.append("")
-        L.append("| context | cache | ms / token | cache bytes / token |")
-        L.append("|---|---|---|---|")
+        L.append(
+            "| context | cache, threads | wall ms / token | process CPU ms / token | load (1 min) | cache bytes / token |"
+        )
+        L.append("|---|---|---|---|---|---|")
         for ctx, rows in sp.items():
             for name, r in rows.items():
-                L.append(f"| {ctx} | {name} | {r['ms']:.1f} | {r['bytes_per_token']:.0f} |")
+                L.append(
+                    f"| {ctx} | {name} | {r['ms']:.1f} | {r.get('cpu_ms', float('nan')):.1f} | "
+                    f"{r.get('load', float('nan')):.1f} | {r['bytes_per_token']:.0f} |"
+                )
         L.append("")
     (OUT / f"{out_name}.md").write_text("\n".join(L))
 
@@ -248,15 +267,20 @@ def plot(results: dict) -> None:
         return
     ref = ppl["fp32"]["ppl"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for kind, mk in (("hnlq", "o-"), ("kivi", "s--")):
-        pts = sorted((r["bits_per_element"], r["ppl"] / ref) for n, r in ppl.items() if n.startswith(kind))
+    import re
+
+    series = {
+        "HNLQ E8 q=2, t2": (r"hnlq\d$", "o-"),
+        "HNLQ t2 + sink": (r"hnlq\d_s1$", "o-"),
+        "HNLQ t4 + sink": (r"hnlq\d_t4_s1$", "o-"),
+        "KIVI g64": (r"kivi\d$", "s--"),
+        "KIVI g64 + sink": (r"kivi\d_s1$", "s--"),
+        "KIVI g32 + sink": (r"kivi\d_g32_s1$", "s--"),
+    }
+    for label, (pat, mk) in series.items():
+        pts = sorted((r["bits_per_element"], r["ppl"] / ref) for n, r in ppl.items() if re.match(pat, n))
         if pts:
-            ax.plot(
-                [p[0] for p in pts],
-                [p[1] for p in pts],
-                mk,
-                label={"hnlq": "HNLQ (E8, q=2) + LUT", "kivi": "KIVI-style scalar"}[kind],
-            )
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], mk, label=label)
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xlabel("bits per cached element, all-in")
     ax.set_ylabel("perplexity / fp32-cache perplexity")
@@ -274,13 +298,10 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--contexts", default="2048,8192")
-    ap.add_argument("--native", default=None, help="shared library built from cuda/csrc/kv_cpu.cpp")
     ap.add_argument("--only", default=None, help="comma-separated method names")
     ap.add_argument("--prompts", type=int, default=len(PROMPTS))
     ap.add_argument("--out", default="kv", help="results name (kv -> kv.json/md/png); 'report' merges kv_*.json")
     args = ap.parse_args()
-    if args.native:
-        native.load_library(args.native)
     torch.manual_seed(0)
     path = OUT / f"{args.out}.json"
     results = json.loads(path.read_text()) if path.exists() else {}
@@ -358,22 +379,33 @@ def main() -> None:
     if "speed" in sections:
         results.setdefault("speed", {})
         text_ids = token_windows(tok, pydoc_text(), 8192, 1)
+        lut = "native" if native.available() else "torch"
+        runs = [
+            ("fp32 DynamicCache + SDPA", "fp32", None),
+            (f"hnlq4_s1 LUT {lut}", "hnlq", KVQuantConfig(bits=4, sink=1)),
+            (f"hnlq2_s1 LUT {lut}", "hnlq", KVQuantConfig(bits=2, sink=1)),
+        ]
         for ctx in [int(c) for c in args.contexts.split(",")]:
             ids = text_ids[:, :ctx]
             rows = results["speed"].setdefault(str(ctx), {})
-            lut = "native" if native.available() else "torch"
-            runs = [
-                ("fp32 DynamicCache + SDPA", "fp32", None),
-                (f"hnlq4 LUT {lut}", "hnlq", KVQuantConfig(bits=4)),
-                (f"hnlq2 LUT {lut}", "hnlq", KVQuantConfig(bits=2)),
-            ]
             for name, kind, cfg in runs:
+                set_threads(2)
                 cache = make_cache(kind, cfg, model.config)
                 fill_cache(model, cache, ids)
-                ms = 1e3 * decode_steps(model, cache, ids[:, -1:], args.steps)
-                rows[name] = {"ms": ms, "bytes_per_token": cache_bytes(kind, cache) / cache.get_seq_length()}
-                print(ctx, name, rows[name], flush=True)
-                write(results, args.out)
+                bpt = cache_bytes(kind, cache) / cache.get_seq_length()
+                for threads in (1, 2):
+                    set_threads(threads)
+                    load = os.getloadavg()[0]
+                    ms, cpu = decode_steps(model, cache, ids[:, -1:], args.steps)
+                    cache.crop(ctx - cache.get_seq_length())  # back to the context length (negative = drop newest)
+                    rows[f"{name}, {threads} thr"] = {
+                        "ms": 1e3 * ms,
+                        "cpu_ms": 1e3 * cpu,
+                        "load": load,
+                        "bytes_per_token": bpt,
+                    }
+                    print(ctx, name, threads, rows[f"{name}, {threads} thr"], flush=True)
+                    write(results, args.out)
                 del cache
     write(results, args.out)
     plot(results)

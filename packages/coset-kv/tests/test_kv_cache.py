@@ -105,6 +105,35 @@ def test_crop_removes_the_newest_tokens(window):
         layer.crop(1.5)
 
 
+def test_sink_keeps_the_first_tokens_exact_in_both_stores():
+    from coset.kv import ScalarKVStore
+
+    k, v = kv(L=9)
+    layer = CosetKVLayer(KVQuantConfig(sink=2, window=3), return_codes=False)
+    layer.update(k[:, :, :1], v[:, :, :1])  # the sink fills across chunks
+    K, V = layer.update(k[:, :, 1:], v[:, :, 1:])
+    st = layer.store
+    assert (st.num_sink, st.num_coded, st.num_window) == (2, 4, 3)
+    assert torch.equal(K[:, :, :2], k[:, :, :2]) and torch.equal(V[:, :, 7:], v[:, :, 7:])
+    # the coded tokens are coded as if the sink were not there (means over the coded tokens only)
+    ref = CosetKVLayer(KVQuantConfig())
+    ref.update(k[:, :, 2:6], v[:, :, 2:6])
+    assert same_codes(codes_of(layer), codes_of(ref))
+    layer.crop(-8)  # window, codes, then one sink token
+    assert layer.get_seq_length() == 1 and st.num_coded == 0
+    assert torch.equal(st.dequantized()[0], k[:, :, :1])
+    sc = ScalarKVStore(ScalarKVConfig(bits=2, group_size=4, sink=1))
+    sc.append(k, v)
+    K2, V2 = sc.dequantized()
+    assert torch.equal(K2[:, :, :1], k[:, :, :1]) and torch.equal(V2[:, :, :1], v[:, :, :1])
+    assert not torch.equal(V2[:, :, 1:], v[:, :, 1:]) and len(sc) == 9
+    nb = sc.nbytes
+    assert nb == 2 * 3 * 64 * 4 + 3 * (2 * (4 * 16 + 2 * 64 * 2) + 8 * (16 + 4))  # sink fp32 + 2 key groups + 8 values
+    with pytest.raises(ValueError, match="finite"):
+        sc.append(k[:, :, :1] * float("nan"), v[:, :, :1])
+    assert sc.nbytes == nb
+
+
 def test_reorder_select_repeat_batch():
     k, v = kv(B=3, L=6)
     layer = CosetKVLayer(KVQuantConfig(window=2), return_codes=False)
@@ -153,10 +182,18 @@ def test_bytes_accounting():
 
 
 @pytest.mark.parametrize(
-    "window, path, mean", [(0, "lut", True), (0, "decode", True), (3, "lut", True), (3, "auto", False)]
+    "window, path, mean, sink",
+    [
+        (0, "lut", True, 0),
+        (0, "decode", True, 0),
+        (3, "lut", True, 0),
+        (3, "auto", False, 0),
+        (0, "lut", True, 2),
+        (3, "lut", True, 1),
+    ],
 )
-def test_attention_from_codes_equals_sdpa_on_decoded_states(window, path, mean):
-    cfg = KVQuantConfig(bits=2, window=window, score_path=path, subtract_mean=mean)
+def test_attention_from_codes_equals_sdpa_on_decoded_states(window, path, mean, sink):
+    cfg = KVQuantConfig(bits=2, window=window, score_path=path, subtract_mean=mean, sink=sink)
     store = CodedKVStore(cfg, seed=4)
     k, v = kv(B=2, L=12, seed=1)
     store.append(k + 3.0, v - 1.0)  # offsets: the mean subtraction must be undone exactly

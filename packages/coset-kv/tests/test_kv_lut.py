@@ -1,5 +1,3 @@
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,8 +17,6 @@ from coset.kv import (
     values_from_codes,
 )
 from coset.kv.codes import decode_rotated
-
-CSRC = Path(__file__).resolve().parents[3] / "cuda" / "csrc"
 
 
 def setup(bits=4, t_bits=2, L=37, n=5, seed=0):
@@ -71,34 +67,15 @@ def test_bad_arguments():
 
 
 @pytest.fixture(scope="module")
-def native_lib(tmp_path_factory):
-    """Build cuda/csrc/kv_cpu.cpp on its own (the file is self-contained) and load it through ctypes."""
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler to build cuda/csrc/kv_cpu.cpp")
-    out = tmp_path_factory.mktemp("kvnative") / "libcosetkv.so"
-    subprocess.run(
-        [
-            cxx,
-            "-O2",
-            "-std=c++17",
-            "-shared",
-            "-fPIC",
-            f"-I{CSRC}",
-            str(CSRC / "kv_cpu.cpp"),
-            "-o",
-            str(out),
-            "-lpthread",
-        ],
-        check=True,
-    )
-    native.load_library(out)
-    yield out
-    native.unload_library()
+def native_backend():
+    """The kv kernels of a registered backend (coset-cuda's "native", found through the coset.quant registry)."""
+    if not native.available():
+        pytest.skip("no registered backend provides kv_scores/kv_values (coset-cuda not installed)")
+    return native
 
 
 @pytest.mark.parametrize("bits, t_bits", [(4, 2), (3, 1), (2, 0), (1, 4)])
-def test_native_kernel_equals_torch_reference(native_lib, bits, t_bits):
+def test_native_kernel_equals_torch_reference(native_backend, bits, t_bits):
     cfg, rot, codes, q = setup(bits, t_bits, L=301, n=3)
     qr = rot.rotate(q)
     ref = scores_reference(qr, codes, cfg)
@@ -106,17 +83,33 @@ def test_native_kernel_equals_torch_reference(native_lib, bits, t_bits):
     assert torch.allclose(got, ref, atol=1e-4, rtol=1e-5)
     p = torch.softmax(ref, -1)
     assert torch.allclose(values_from_codes(p, codes, cfg, backend="native"), p @ decode_rotated(codes, cfg), atol=1e-5)
-    old = torch.get_num_threads()
+    cuda = pytest.importorskip("coset.cuda")  # the kernels' own thread count (not torch's)
+    old = cuda.get_num_threads()
     try:  # the multi-threaded split gives the same numbers
-        torch.set_num_threads(1)
+        cuda.set_num_threads(1)
         one = values_from_codes(p, codes, cfg, backend="native")
+        one_s = scores_lut(qr, codes, cfg, backend="native")
     finally:
-        torch.set_num_threads(old)
-    assert torch.allclose(one, values_from_codes(p, codes, cfg, backend="native"), atol=1e-6)
+        cuda.set_num_threads(old)
+    cuda.set_num_threads(2)
+    try:
+        assert torch.allclose(one, values_from_codes(p, codes, cfg, backend="native"), atol=1e-6)
+        assert torch.equal(one_s, scores_lut(qr, codes, cfg, backend="native"))
+    finally:
+        cuda.set_num_threads(old)
 
 
-def test_native_loader_errors(tmp_path):
-    with pytest.raises(ValueError, match="no such file"):
-        native.load_library(tmp_path / "missing.so")
-    with pytest.raises(TypeError):
-        native.load_library(3)
+def test_native_found_through_the_registry_only():
+    """coset.kv reaches the kernels through coset.quant's registry: no ctypes loader, no coset.cuda import."""
+    assert not hasattr(native, "load_library")
+    src = (Path(native.__file__)).read_text()
+    assert "import ctypes" not in src and "from coset.cuda" not in src and "import coset.cuda" not in src
+
+
+def test_native_bad_arguments(native_backend):
+    cfg, rot, codes, q = setup()
+    tab, cy = query_tables(rot.rotate(q), cfg)
+    with pytest.raises(ValueError, match="do not match"):
+        native.kv_scores(codes, torch.ones(4), cfg.t_bits, tab[..., :3], cy)
+    with pytest.raises(ValueError, match="steps"):
+        native.kv_scores(codes, torch.ones(3), cfg.t_bits, tab, cy)

@@ -9,7 +9,7 @@ import torch
 from coset.lattice import Lattice
 from coset.quant import QuantizationConfig
 
-from . import _ops
+from . import _ops, kv
 
 __all__ = ["NativeBackend", "backend"]
 
@@ -35,6 +35,8 @@ class NativeBackend:
             return True
         if op == "lut_two_sided":
             return tensor.device.type == "cuda"
+        if op in ("kv_scores", "kv_values"):  # coset.kv attention from codes (kv.py): CPU only so far
+            return tensor.device.type == "cpu"
         if op not in ("encode", "decode", "quantize"):
             return False
         if not isinstance(config, QuantizationConfig) or not isinstance(lattice, Lattice):
@@ -66,6 +68,12 @@ class NativeBackend:
 
     def lut_two_sided(self, ix, sx, iy, sy, lut, q):
         return _ops.lut_two_sided(ix, sx, iy, sy, lut, q)
+
+    def kv_scores(self, idx, t, rho, steps, t_bits, tab, cy):
+        return kv.kv_scores(idx, t, rho, steps, t_bits, tab, cy)
+
+    def kv_values(self, idx, t, rho, steps, t_bits, p, a, c):
+        return kv.kv_values(idx, t, rho, steps, t_bits, p, a, c)
 
     def __repr__(self) -> str:
         return f"NativeBackend(cuda={_ops.cuda_available()}, threads={_ops.get_num_threads()})"

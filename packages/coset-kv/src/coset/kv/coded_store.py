@@ -2,12 +2,13 @@
 
 Independent of transformers (the Cache adapter is :mod:`coset.kv.hf_cache`). Tokens are appended once and
 never re-quantized: each new key/value head vector is rotated, normalised, encoded (:mod:`coset.kv.codes`)
-and its bytes appended. With ``config.window = W > 0`` the W most recent tokens stay in full precision and
-are encoded when they leave the window.
+and its bytes appended. With ``config.sink = S > 0`` the first S tokens of the sequence stay in full precision
+for good (attention sinks); with ``config.window = W > 0`` the W most recent tokens stay in full precision and
+are encoded when they leave the window. Token order in the cache: sink, coded, window.
 
 Attention for queries ``(B, Hq, Lq, D)`` (grouped-query: KV head h serves query heads ``h G .. h G + G - 1``):
 scores of the coded tokens from the key codes (one-sided LUT or decode-then-dot,
-``config.score_path``), scores of the window tokens by a plain matmul, one softmax over both, values
+``config.score_path``), scores of the sink and window tokens by a plain matmul, one softmax over both, values
 accumulated from the value codes in the rotated domain and rotated back once per query.
 """
 
@@ -46,7 +47,8 @@ class CodedKVStore:
         self.config, self.seed, self.backend = config, seed, backend
         self.rotation: HeadRotation | None = None
         self._bufs = {
-            n: TokenBuffer() for n in ("k_idx", "k_t", "k_scale", "v_idx", "v_t", "v_scale", "k_win", "v_win")
+            n: TokenBuffer()
+            for n in ("k_idx", "k_t", "k_scale", "v_idx", "v_t", "v_scale", "k_win", "v_win", "k_sink", "v_sink")
         }
         self.dtype: torch.dtype | None = None
         self.k_mean: torch.Tensor | None = None  # (H, D) float32, frozen at the first coded chunk
@@ -61,8 +63,12 @@ class CodedKVStore:
     def num_window(self) -> int:
         return self._bufs["k_win"].length
 
+    @property
+    def num_sink(self) -> int:
+        return self._bufs["k_sink"].length
+
     def __len__(self) -> int:
-        return self.num_coded + self.num_window
+        return self.num_sink + self.num_coded + self.num_window
 
     def _codes(self, which: str) -> KVCodes | None:
         if not self.num_coded:
@@ -136,6 +142,13 @@ class CodedKVStore:
             )
         elif len(self) and B != self._batch():
             raise ValueError(f"states have batch size {B}, the cache holds {self._batch()}")
+        S = self.config.sink - self.num_sink
+        if S > 0:  # the first tokens of the sequence: kept as they are
+            self._bufs["k_sink"].append(keys[:, :, :S].detach())
+            self._bufs["v_sink"].append(values[:, :, :S].detach())
+            keys, values = keys[:, :, S:], values[:, :, S:]
+            if not keys.shape[2]:
+                return
         W = self.config.window
         if W == 0:
             self._encode_append(keys, values)
@@ -171,14 +184,17 @@ class CodedKVStore:
             self._bufs[f"{which}_scale"].append(c.scale)
 
     def crop(self, n: int) -> None:
-        """Drop the ``n`` most recent tokens (window first, then codes): exact, codes are per token."""
+        """Drop the ``n`` most recent tokens (window first, then codes, then sink): exact, codes are per token."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"n must be an int >= 0, got {n!r}")
         w = min(n, self.num_window)
         self._bufs["k_win"].crop(w)
         self._bufs["v_win"].crop(w)
+        c = min(n - w, self.num_coded)
         for name in ("k_idx", "k_t", "k_scale", "v_idx", "v_t", "v_scale"):
-            self._bufs[name].crop(n - w)
+            self._bufs[name].crop(c)
+        self._bufs["k_sink"].crop(n - w - c)
+        self._bufs["v_sink"].crop(n - w - c)
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply ``fn`` to the batch axis of every buffer (reorder, select, repeat)."""
@@ -195,6 +211,9 @@ class CodedKVStore:
         """Reconstructed keys and values ``(B, H, L, D)`` in the states' dtype (decoded codes + window)."""
         parts_k: list[torch.Tensor] = []
         parts_v: list[torch.Tensor] = []
+        if self.num_sink:
+            parts_k.append(self._bufs["k_sink"].tensor)
+            parts_v.append(self._bufs["v_sink"].tensor)
         if self.num_coded:
             rotation = self._require_rotation()
             k = decode_states(self._require_codes("k"), rotation, self.config)
@@ -244,6 +263,9 @@ class CodedKVStore:
         lut = self.use_lut(G * Lq)
         backend = self.backend if lut else "torch"
         means = self._means()
+        Ls = self.num_sink
+        if Ls:
+            parts.append(q @ self._bufs["k_sink"].tensor.to(torch.float32).transpose(-1, -2))
         if self.num_coded:
             qr = rotation.rotate(q)
             kc = self._require_codes("k")
@@ -259,10 +281,12 @@ class CodedKVStore:
         out = torch.zeros((B, H, G * Lq, D), dtype=torch.float32, device=query.device)
         Lc = self.num_coded
         if Lc:
-            pc = p[..., :Lc].contiguous()
+            pc = p[..., Ls : Ls + Lc].contiguous()
             out = rotation.unrotate(values_from_codes(pc, self._require_codes("v"), self.config, backend=backend))
             if means is not None:  # the codes hold v - mu_v
                 out = out + pc.sum(-1, keepdim=True) * means[1].unsqueeze(1)
+        if Ls:
+            out = out + p[..., :Ls] @ self._bufs["v_sink"].tensor.to(torch.float32)
         if self.num_window:
-            out = out + p[..., Lc:] @ self._bufs["v_win"].tensor.to(torch.float32)
+            out = out + p[..., Ls + Lc :] @ self._bufs["v_win"].tensor.to(torch.float32)
         return out.view(B, H, G, Lq, D).reshape(B, Hq, Lq, D).transpose(1, 2).to(query.dtype)

@@ -82,6 +82,20 @@ def search_beta(bits: int, t_bits: int, alpha: float) -> float:
     return round(beta, 4)
 
 
+@cache
+def _quant_config(bits: int, beta: float, alpha: float, t_bits: int) -> QuantizationConfig:
+    return QuantizationConfig(
+        "E8",
+        q=2,
+        M=bits,
+        beta=beta,
+        alpha=alpha,
+        max_scaling_iterations=2**t_bits - 1,
+        center=True,
+        overload_policy="clamp",
+    )
+
+
 @dataclass(frozen=True)
 class KVQuantConfig:
     """HNLQ KV code (see the module docstring).
@@ -94,6 +108,9 @@ class KVQuantConfig:
     alpha : step of the overload ramp, ``scale_T = beta 2^(alpha T)``
     beta : base scale in units of the per-vector rms; ``None`` = :func:`calibrated_beta`
     window : number of most recent tokens kept in full precision (0: every token is coded at once)
+    sink : number of first tokens of the sequence kept in full precision (the "attention sinks": token 0
+        draws much of the attention mass of most heads and has outlier keys; coding it costs more in
+        perplexity than its bytes are worth)
     seed : seed of the per-head random signs of the rotation (layer ``l`` uses ``seed + l``)
     score_path : how attention scores are computed from the key codes: ``"lut"`` (one-sided lookup tables,
         native kernel when available), ``"decode"`` (dequantize, then matmul) or ``"auto"`` (LUT when at most
@@ -110,6 +127,7 @@ class KVQuantConfig:
     alpha: float = 0.5
     beta: float | None = None
     window: int = 0
+    sink: int = 0
     seed: int = 0
     score_path: str = "auto"
     lut_max_queries: int = 16
@@ -124,6 +142,7 @@ class KVQuantConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
         _int("window", self.window, 0, 2**31 - 1)
+        _int("sink", self.sink, 0, 2**31 - 1)
         _int("seed", self.seed, 0, 2**62)
         if self.score_path not in ("auto", "lut", "decode"):
             raise ValueError(f"score_path must be 'auto', 'lut' or 'decode', got {self.score_path!r}")
@@ -136,17 +155,8 @@ class KVQuantConfig:
         return float(self.beta) if self.beta is not None else calibrated_beta(self.bits, self.t_bits, float(self.alpha))
 
     def quant_config(self) -> QuantizationConfig:
-        """The coset.quant configuration of the block code."""
-        return QuantizationConfig(
-            "E8",
-            q=2,
-            M=self.bits,
-            beta=self.resolved_beta,
-            alpha=float(self.alpha),
-            max_scaling_iterations=2**self.t_bits - 1,
-            center=True,
-            overload_policy="clamp",
-        )
+        """The coset.quant configuration of the block code (built once per config: it is on the decode path)."""
+        return _quant_config(self.bits, self.resolved_beta, float(self.alpha), self.t_bits)
 
     def t_bytes(self, head_dim: int) -> int:
         """Bytes of the packed T of one head vector."""
@@ -169,14 +179,17 @@ class ScalarKVConfig:
     ----------
     bits : 1..8, integer bits per element
     group_size : tokens per key group (the last, incomplete group stays in full precision until it fills)
+    sink : number of first tokens kept in full precision (as :attr:`KVQuantConfig.sink`)
     """
 
     bits: int = 4
     group_size: int = 64
+    sink: int = 0
 
     def __post_init__(self) -> None:
         _int("bits", self.bits, 1, 8)
         _int("group_size", self.group_size, 1, 2**20)
+        _int("sink", self.sink, 0, 2**31 - 1)
 
     def key_bits_per_element(self) -> float:
         return self.bits + 32.0 / self.group_size

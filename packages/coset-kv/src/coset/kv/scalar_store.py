@@ -2,7 +2,8 @@
 
 Values are quantized per token as they arrive. Keys are quantized per channel once a group of
 ``group_size`` tokens is complete; the incomplete group stays in full precision (and is counted in
-:attr:`nbytes` at its own dtype). Nothing is ever re-quantized.
+:attr:`nbytes` at its own dtype). With ``config.sink = S`` the first S tokens stay in full precision for good
+(as in :class:`coset.kv.CodedKVStore`). Nothing is ever re-quantized.
 """
 
 from __future__ import annotations
@@ -26,12 +27,15 @@ class ScalarKVStore:
         if not isinstance(config, ScalarKVConfig):
             raise TypeError(f"config must be a ScalarKVConfig, got {type(config).__name__}")
         self.config = config
-        self._bufs = {n: TokenBuffer() for n in ("k_code", "k_scale", "k_zero", "k_res", "v_code", "v_scale", "v_zero")}
+        self._bufs = {
+            n: TokenBuffer()
+            for n in ("k_code", "k_scale", "k_zero", "k_res", "v_code", "v_scale", "v_zero", "k_sink", "v_sink")
+        }
         self.head_dim: int | None = None
         self.dtype: torch.dtype | None = None
 
     def __len__(self) -> int:
-        return self._bufs["k_code"].length + self._bufs["k_res"].length
+        return self._bufs["k_sink"].length + self._bufs["k_code"].length + self._bufs["k_res"].length
 
     @property
     def nbytes(self) -> int:
@@ -43,11 +47,21 @@ class ScalarKVStore:
             raise TypeError("key_states and value_states must be torch.Tensors")
         if keys.shape != values.shape or keys.ndim != 4:
             raise ValueError(f"key_states {tuple(keys.shape)} and value_states {tuple(values.shape)} must be equal 4-d")
+        for name, x in (("key_states", keys), ("value_states", values)):
+            if not x.dtype.is_floating_point or (x.numel() and not bool(torch.isfinite(x).all())):
+                raise ValueError(f"{name} must be a finite floating tensor")
         if self.head_dim is None:
             self.head_dim, self.dtype = keys.shape[-1], keys.dtype
         elif keys.shape[-1] != self.head_dim:
             raise ValueError(f"head_dim changed from {self.head_dim} to {keys.shape[-1]}")
         bits, G = self.config.bits, self.config.group_size
+        S = self.config.sink - self._bufs["k_sink"].length
+        if S > 0:
+            self._bufs["k_sink"].append(keys[:, :, :S].detach())
+            self._bufs["v_sink"].append(values[:, :, :S].detach())
+            keys, values = keys[:, :, S:], values[:, :, S:]
+            if not keys.shape[2]:
+                return
         vc, vs, vz = quantize_tokens(values.detach(), bits)
         self._bufs["v_code"].append(vc)
         self._bufs["v_scale"].append(vs)
@@ -71,15 +85,22 @@ class ScalarKVStore:
         b = self._bufs
         if D is None:
             raise RuntimeError("the cache is empty: append keys and values before reading them")
-        V = dequantize_tokens(b["v_code"].tensor, b["v_scale"].tensor, b["v_zero"].tensor, bits, D).to(self.dtype)
         parts: list[torch.Tensor] = []
+        vparts: list[torch.Tensor] = []
+        if b["k_sink"].length:
+            parts.append(b["k_sink"].tensor)
+            vparts.append(b["v_sink"].tensor)
+        if b["v_code"].length:
+            vparts.append(
+                dequantize_tokens(b["v_code"].tensor, b["v_scale"].tensor, b["v_zero"].tensor, bits, D).to(self.dtype)
+            )
         if b["k_code"].length:
             parts.append(
                 dequantize_channels(b["k_code"].tensor, b["k_scale"].tensor, b["k_zero"].tensor, bits, D).to(self.dtype)
             )
         if b["k_res"].length:
             parts.append(b["k_res"].tensor)
-        return torch.cat(parts, dim=2), V
+        return torch.cat(parts, dim=2), torch.cat(vparts, dim=2)
 
     def crop(self, n: int) -> None:
         """Drop the ``n`` newest tokens; only possible within the full-precision key residual.
@@ -91,14 +112,18 @@ class ScalarKVStore:
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"n must be an int >= 0, got {n!r}")
-        if n > self._bufs["k_res"].length:
+        res = self._bufs["k_res"].length
+        sink = self._bufs["k_sink"].length if not self._bufs["k_code"].length else 0
+        if n > res + sink:
             raise ValueError(
-                f"cannot crop {n} tokens: only the {self._bufs['k_res'].length} newest keys are unquantized; "
+                f"cannot crop {n} tokens: only the {res} newest keys are unquantized; "
                 "per-channel key groups cannot be split"
             )
         self._bufs["k_res"].crop(n)
         for name in ("v_code", "v_scale", "v_zero"):
-            self._bufs[name].crop(n)
+            self._bufs[name].crop(min(n, res))
+        self._bufs["k_sink"].crop(n - min(n, res))
+        self._bufs["v_sink"].crop(n - min(n, res))
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         for b in self._bufs.values():
