@@ -209,6 +209,49 @@ double sum_squares(const float* x, int64_t n) {
   return s;
 }
 
+// sum_squares of xe = x + resid (float32 add, as torch), fused with resid <- xe: one pass over the bucket.
+double sum_squares_apply(const float* x, float* resid, int64_t n) {
+  if (!resid) return sum_squares(x, n);
+  constexpr int64_t kSeg = 1 << 16;
+  const int64_t nseg = (n + kSeg - 1) / kSeg;
+  std::vector<double> part(nseg, 0.0);
+  parallel_for_aligned(nseg, 1, 4, [&](int64_t lo, int64_t hi) {
+    for (int64_t s = lo; s < hi; ++s) {
+      const int64_t b = s * kSeg, e = std::min(n, b + kSeg);
+      double a[4] = {0.0, 0.0, 0.0, 0.0};
+      int64_t i = b;
+      for (; i + 4 <= e; i += 4) {
+        for (int j = 0; j < 4; ++j) {
+          const float v = x[i + j] + resid[i + j];
+          resid[i + j] = v;
+          a[j] += (double)v * (double)v;
+        }
+      }
+      for (; i < e; ++i) {
+        const float v = x[i] + resid[i];
+        resid[i] = v;
+        a[(i - b) & 3] += (double)v * (double)v;
+      }
+      part[s] = (a[0] + a[1]) + (a[2] + a[3]);
+    }
+  });
+  double t = 0.0;
+  for (double p : part) t += p;
+  return t;
+}
+
+// Scratch buffers of the allgather encoder, kept between calls (a bucket's size repeats every step, and
+// fresh pages would be faulted in and zeroed each time).
+struct EncodeScratch {
+  std::mutex mu;
+  std::vector<float> xn;
+  std::vector<uint8_t> b, T, cl;
+};
+EncodeScratch& encode_scratch() {
+  static EncodeScratch s;
+  return s;
+}
+
 // resid <- x + resid (float32, as torch); returns the effective input pointer.
 const float* apply_residual(const float* x, float* resid, int64_t n) {
   if (!resid) return x;
@@ -286,8 +329,8 @@ AllgatherStats bucket_allgather_encode(const LatticeView& L, const QuantParams& 
   const int64_t nb = lay.n_blocks;
   AllgatherStats st{1.0f, 0, 0, 0};
   uint8_t* header = payload + lay.label_bytes + lay.t_bytes;
-  const float* xe = apply_residual(x, resid, n);
-  const double ss = sum_squares(xe, n);
+  const double ss = sum_squares_apply(x, resid, n);
+  const float* xe = resid ? resid : x;
   if (!std::isfinite(ss) || nb == 0) {  // float32 squares cannot overflow float64: only NaN/Inf get here
     st.nonfinite = nb > 0;
     std::memset(payload, 0, (size_t)(lay.label_bytes + lay.t_bytes));
@@ -299,13 +342,20 @@ AllgatherStats bucket_allgather_encode(const LatticeView& L, const QuantParams& 
   st.rho = rho;
   // the RMS-normalized, zero-padded float32 blocks, then coset.quant's encoder (kernels_cpu.cpp: the
   // certified float32 path where it applies, else the float64 kernels): the reference's codes of these floats
-  std::unique_ptr<float[]> xn(new float[nb * d]);
+  EncodeScratch& sc = encode_scratch();
+  std::lock_guard<std::mutex> lock(sc.mu);
+  sc.xn.resize((size_t)(nb * d));
+  sc.b.resize((size_t)(nb * M * d));
+  sc.T.resize((size_t)nb);
+  sc.cl.resize((size_t)nb);
+  float* xn = sc.xn.data();
+  const uint8_t* T = sc.T.data();
+  const uint8_t* cl = sc.cl.data();
   parallel_for_aligned(nb * d, 64, kGrain * 4, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) xn[i] = i < n ? xe[i] / rho : 0.0f;
   });
-  std::unique_ptr<uint8_t[]> b(new uint8_t[nb * M * d]), T(new uint8_t[nb]), cl(new uint8_t[nb]);
-  encode_cpu(L, P, xn.get(), 0, nullptr, nb, b.get(), T.get(), cl.get());
-  pack_label_stream(b.get(), nb, M * d, k, payload);
+  encode_cpu(L, P, xn, 0, nullptr, nb, sc.b.data(), sc.T.data(), sc.cl.data());
+  pack_label_stream(sc.b.data(), nb, M * d, k, payload);
   // T with pack_codes' coding: the fewest bytes of zero / dense / sparse (ties to the earlier one)
   int tmax = 0;
   int64_t count = 0, clamped = 0;
