@@ -466,6 +466,7 @@ int bucket_allgather_decode(const LatticeView& L, const QuantParams& P, const ui
     });
     if (bad.load()) return *why = "a label >= q", -1;
   }
+  const double inv_w = (W & (W - 1)) == 0 ? 1.0 / (double)W : 0.0;  // x / 2^j == x * 2^-j exactly
   dispatch(L.kind, d, [&](auto KI, auto DI) {
     constexpr int KIND = decltype(KI)::value, D = decltype(DI)::value;
     parallel_for_aligned(nb, 8, kGrain, [&](int64_t lo, int64_t hi) {
@@ -476,12 +477,14 @@ int bucket_allgather_decode(const LatticeView& L, const QuantParams& P, const ui
       double wq[kMaxM];  // q^m, as decode_lattice_units accumulates it
       wq[0] = 1.0;
       for (int m = 1; m < M; ++m) wq[m] = wq[m - 1] * (double)q;
+      const bool bytes = k * d == 8;  // one layer index per byte (D4 with q = 4): plain loads
       for (int64_t blk = lo; blk < hi; ++blk) {
         for (int i = 0; i < d; ++i) acc[i] = 0.0;
         for (int r = 0; r < W; ++r) {
           if (tab) {  // decode_lattice_units' per-layer summands, read from the table
+            const uint8_t* pb8 = payloads + r * pb + blk * M;
             for (int m = 0; m < M; ++m) {
-              const double* a = &tab->rep[rl[r].get(k * d) * d];
+              const double* a = &tab->rep[(bytes ? (uint64_t)pb8[m] : rl[r].get(k * d)) * d];
               if (m == 0) {
                 for (int i = 0; i < d; ++i) y[i] = a[i];
               } else {
@@ -501,7 +504,7 @@ int bucket_allgather_decode(const LatticeView& L, const QuantParams& P, const ui
         }
         const int64_t base = blk * d;
         for (int i = 0; i < d && base + i < n; ++i) {
-          out[base + i] = (float)(acc[i] / (double)W);
+          out[base + i] = (float)div_q(acc[i], (double)W, inv_w);
           if (resid && own >= 0) resid[base + i] = resid[base + i] - (float)own_v[i];
         }
       }
@@ -568,8 +571,7 @@ void bucket_modular_encode(const LatticeView& L, int64_t modulus, const float* x
               for (int j = 1; j < d; ++j) acc = acc + L.Ginv[i * d + j] * lam[j];
               c = rint(acc);
             }
-            int64_t ci = (int64_t)c % modulus;
-            if (ci < 0) ci += modulus;
+            const int64_t ci = (int64_t)remainder_q(c, (int)modulus);  // hnlq_core.h (a mask for 2^k: no idiv)
             codes[f * d + i] = ci;
             if (base + i < n && resid) resid[base + i] = resid[base + i] - (float)(lam[i] * s);
           }
@@ -601,22 +603,27 @@ void bucket_modular_decode(const LatticeView& L, int64_t modulus, const void* pa
   const double md = (double)modulus;
   const double inv_m = (modulus & (modulus - 1)) == 0 ? 1.0 / md : 0.0;
   const int64_t mask = width >= 63 ? -1 : ((int64_t(1) << width) - 1);
+  const bool pow2 = (modulus & (modulus - 1)) == 0;
+  const int64_t mmask = modulus - 1;
+  const double inv_w = (W & (W - 1)) == 0 ? 1.0 / (double)W : 0.0;  // x / 2^j == x * 2^-j exactly
   dispatch(L.kind, d, [&](auto KI, auto DI) {
     constexpr int KIND = decltype(KI)::value, D = decltype(DI)::value;
     parallel_for_aligned(ngroups, 1, std::max<int64_t>(1, kGrain / F), [&](int64_t lo, int64_t hi) {
       double Gc[kMaxDim], v[kMaxDim], Qv[kMaxDim];
       std::vector<int64_t> codes((size_t)F * d);
       for (int64_t grp = lo; grp < hi; ++grp) {
+        // codes mod q^M (a mask when q^M is a power of two: an integer division per code costs more than
+        // the rest of the decoder)
         if (kind == 0) {
           const uint8_t* p = static_cast<const uint8_t*>(packed) + grp * d;
-          for (int i = 0; i < d; ++i) codes[i] = (int64_t)p[i] % modulus;
+          for (int i = 0; i < d; ++i) codes[i] = pow2 ? (int64_t)(p[i] & mmask) : (int64_t)p[i] % modulus;
         } else {
           const int64_t* p = static_cast<const int64_t*>(packed) + grp * d;
           for (int w = 0; w < d; ++w)
             for (int f = 0; f < F; ++f) {
               const int64_t word = grp * d + w < n_words ? p[w] : 0;
-              int64_t c = ((word >> (f * width)) & mask) % modulus;
-              codes[w * F + f] = c < 0 ? c + modulus : c;
+              const int64_t c = (word >> (f * width)) & mask;  // in [0, 2^width): non-negative
+              codes[w * F + f] = pow2 ? (c & mmask) : c % modulus;
             }
         }
         for (int f = 0; f < F; ++f) {
@@ -634,7 +641,7 @@ void bucket_modular_decode(const LatticeView& L, int64_t modulus, const void* pa
           const int64_t base = blk * d;
           for (int i = 0; i < d && base + i < n; ++i) {
             const double lam = Gc[i] - md * Qv[i];
-            out[base + i] = (float)((lam * sc) / (double)W);
+            out[base + i] = (float)div_q(lam * sc, (double)W, inv_w);
           }
         }
       }

@@ -10,9 +10,12 @@ for what it does not cover: fp16/bf16 or GPU buckets, random dither, the ``decod
 :func:`native_hook` returns ``None`` and the hook takes its Python path.
 
 ``state.native = False`` (an attribute of :class:`~coset.dist.HNLQHookState`, default True) forces the
-Python path; ``state.native_buckets`` counts the buckets that took the native one.
+Python path; ``state.native_buckets`` counts the buckets that took the native one and ``state.native_cpu_s``
+(dict: "encode", "decode") sums the CPU time of the calling thread spent in the native calls (the codec's own
+work when it runs on one thread, ``COSET_NUM_THREADS=1``).
 """
 
+import time
 from typing import Any
 
 import torch
@@ -53,6 +56,11 @@ def _codec(state, buf: torch.Tensor) -> Any | None:
     if key not in cache:
         cache[key] = native_codec(state.config)
     return cache[key]
+
+
+def _cpu(state, stage: str, t0: float) -> None:
+    acc = state.__dict__.setdefault("native_cpu_s", {"encode": 0.0, "decode": 0.0})
+    acc[stage] += time.thread_time() - t0
 
 
 def _residual(state, idx: int, n: int) -> torch.Tensor | None:
@@ -100,7 +108,9 @@ def _allgather(codec, state, buf, idx, W):
     lay = payload_layout(n, cfg)
     resid = _residual(state, idx, n)
     payload = torch.empty(lay.nbytes, dtype=torch.uint8)
+    t0 = time.thread_time()
     info = codec.allgather_encode(buf, cfg, payload, resid=resid)
+    _cpu(state, "encode", t0)
     if not info["nonfinite"]:
         state._counters["blocks"] += lay.n_blocks
         state._counters["blocks_overloaded"] += info["overloaded"]
@@ -112,7 +122,10 @@ def _allgather(codec, state, buf, idx, W):
 
     def finish(f):
         f.wait()
-        if codec.allgather_decode(gathered, n, cfg, buf, own=rank, resid=resid):
+        t0 = time.thread_time()
+        rc = codec.allgather_decode(gathered, n, cfg, buf, own=rank, resid=resid)
+        _cpu(state, "decode", t0)
+        if rc:
             return _fail_or_allreduce(state, buf, idx, W)
         if resid is not None:
             state.residuals[idx] = resid
@@ -127,7 +140,9 @@ def _modular(codec, state, buf, idx, W):
     nb = -(-n // d)
     bpc = nb if state.chunk_size is None else max(1, state.chunk_size // d)
     resid = _residual(state, idx, n)
+    t0 = time.thread_time()
     norms, bad = codec.modular_norms(buf, d, max(bpc, 1), resid=resid)
+    _cpu(state, "encode", t0)
     xe = resid if resid is not None else buf
     if bad:
         norms.zero_()
@@ -141,7 +156,9 @@ def _modular(codec, state, buf, idx, W):
     scales = modular_scales(hdr[:-1].to(torch.float64), cfg.lattice, cfg.q, cfg.M, W, cfg.with_dither)
     state.bucket_scales[idx] = scales.clone()
     packing = choose_sum_packing(cfg.q**cfg.M, W, state.code_packing)
+    t0 = time.thread_time()
     packed = codec.modular_encode(xe, scales, cfg, max(bpc, 1), packing, resid=resid)
+    _cpu(state, "encode", t0)
     if resid is not None:
         state.residuals[idx] = resid
     state._counters["blocks"] += nb
@@ -150,7 +167,9 @@ def _modular(codec, state, buf, idx, W):
 
     def finish(f):
         f.wait()
+        t0 = time.thread_time()
         codec.modular_decode(packed, n, scales, cfg, max(bpc, 1), packing, W, buf)
+        _cpu(state, "decode", t0)
         return buf
 
     return fut.then(finish)
