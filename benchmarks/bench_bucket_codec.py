@@ -47,7 +47,9 @@ print(f"reference: one float32 pass x + r: {tm(lambda: x + r):.1f} ms")
 print(f"allgather q=4 encode + pack: {tm(lambda: bc.allgather_encode(x, cfg, p, resid=r)):.1f} ms")
 P = torch.stack([p, p])
 out = torch.empty(n)
-print(f"allgather q=4 unpack + decode + average, W=2: {tm(lambda: bc.allgather_decode(P, n, cfg, out, own=0, resid=r)):.1f} ms")
+print(
+    f"allgather q=4 unpack + decode + average, W=2: {tm(lambda: bc.allgather_decode(P, n, cfg, out, own=0, resid=r)):.1f} ms"
+)
 for q, chunk in ((4, 64), (8, 256)):
     cfg = default_config(q, 2)
     bpc = chunk // 4
@@ -55,6 +57,8 @@ for q, chunk in ((4, 64), (8, 256)):
     nr, _ = bc.modular_norms(x, 4, bpc)
     sc = modular_scales(nr * 2, cfg.lattice, q, 2, 2, False)
     pk = choose_sum_packing(q * q, 2)
-    print(f"modular q={q} encode + pack ({pk.kind}): {tm(lambda: bc.modular_encode(x, sc, cfg, bpc, pk, resid=r)):.1f} ms")
+    print(
+        f"modular q={q} encode + pack ({pk.kind}): {tm(lambda: bc.modular_encode(x, sc, cfg, bpc, pk, resid=r)):.1f} ms"
+    )
     pkd = bc.modular_encode(x, sc, cfg, bpc, pk)
     print(f"modular q={q} unpack + decode: {tm(lambda: bc.modular_decode(pkd, n, sc, cfg, bpc, pk, 2, out)):.1f} ms")

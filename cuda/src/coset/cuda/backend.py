@@ -37,7 +37,12 @@ class NativeBackend:
         if op == "bucket_codec":  # coset.dist's DDP bucket codec: float32 CPU buckets
             from . import bucket_codec
 
-            return tensor.device.type == "cpu" and tensor.dtype == torch.float32 and bucket_codec.supports(config)
+            return (
+                isinstance(config, QuantizationConfig)
+                and tensor.device.type == "cpu"
+                and tensor.dtype == torch.float32
+                and bucket_codec.supports(config)
+            )
         if op == "lut_two_sided":
             return tensor.device.type == "cuda"
         if op not in ("encode", "decode", "quantize"):
