@@ -134,7 +134,7 @@ def _train(rank, W, method, seed, cfg, data, counter, iface):
     gen = torch.Generator().manual_seed(seed)
     perm, pos = torch.randperm(len(Xtr), generator=gen), 0
     batch, steps = cfg["batch"], cfg["steps"]
-    times, curve, model_bytes = [], [], 0
+    times, cpu_times, curve, model_bytes = [], [], [], 0
     clock = 0.0
     wire0 = None
 
@@ -149,12 +149,13 @@ def _train(rank, W, method, seed, cfg, data, counter, iface):
             perm, pos = torch.randperm(len(Xtr), generator=gen), 0
         idx = perm[pos : pos + batch][rank::W]
         pos += batch
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(ddp(Xtr[idx]), ytr[idx]).backward()
         opt.step()
         dt = time.perf_counter() - t0
         times.append(dt)
+        cpu_times.append(time.process_time() - c0)
         clock += dt
         if (step + 1) % cfg["eval_every"] == 0 or step + 1 == steps:
             curve.append((step + 1, clock, evaluate()))
@@ -171,6 +172,8 @@ def _train(rank, W, method, seed, cfg, data, counter, iface):
         "final_accuracy": curve[-1][2],
         "curve": curve,
         "step_time_ms_median": 1000 * statistics.median(times[START_ITER:]),
+        # process CPU time per step (all threads: compute, gloo, codec), far less sensitive to load than wall
+        "step_cpu_ms_median": 1000 * statistics.median(cpu_times[START_ITER:]),
         "train_seconds": clock,
         "model_bytes_per_step": model_bytes,
         "fp32_model_bytes_per_step": fp32_model,
@@ -182,6 +185,9 @@ def _train(rank, W, method, seed, cfg, data, counter, iface):
         s = state.stats()
         res["hnlq"] = {k: s[k] for k in ("compression_ratio", "overload_rate", "clamp_rate")}
         res["native_buckets"] = int(getattr(state, "native_buckets", 0))
+        ncs = getattr(state, "native_cpu_s", None)
+        if ncs and res["native_buckets"]:  # codec CPU time of the hook thread, per compressed step
+            res["codec_cpu_ms_per_step"] = {k: 1000 * v / (steps - START_ITER) for k, v in ncs.items()}
     params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     return res, params
 
@@ -332,6 +338,16 @@ def summarize(rows: list[dict], target: float) -> list[dict]:
                 "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                 "accs": accs,
                 "step_ms": statistics.median(r["step_time_ms_median"] for r in r0),
+                "cpu_ms": (
+                    statistics.median(r["step_cpu_ms_median"] for r in r0)
+                    if all("step_cpu_ms_median" in r for r in r0)
+                    else None
+                ),
+                "codec_ms": (
+                    statistics.median(sum(r["codec_cpu_ms_per_step"].values()) for r in r0)
+                    if all("codec_cpu_ms_per_step" in r for r in r0)
+                    else None
+                ),
                 "ttt_s": statistics.median(reached) if len(reached) == len(ttt) else None,
                 "ttt_reached": f"{len(reached)}/{len(ttt)}",
                 "wire_tx": statistics.mean(tx) if tx else None,
@@ -366,7 +382,9 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
         f"Machine: {meta['machine']}, torch {meta['torch']}. **Load:** {meta['load']}",
         "",
         "* step = median wall time of forward + backward (incl. hook and communication) + optimizer, rank 0, "
-        "median over seeds.",
+        "median over seeds; step CPU = the same step's process CPU time (all threads: compute, gloo, codec); "
+        "codec CPU = CPU time of the native encode + decode calls per compressed step (hook thread, 1 codec "
+        "thread).",
         f"* time to {100 * target:.0f}% = cumulative training wall-clock (evaluation excluded) until the test accuracy "
         "first reaches the target (evaluated every "
         f"{meta['eval_every']} steps); median over seeds, `—` if a seed never reached it.",
@@ -381,16 +399,18 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
             L += [
                 f"## {link}, {W} ranks ({ss[0]['steps']} steps, seeds {sorted({x for q in ss for x in q['seeds']})})",
                 "",
-                f"| method | step (ms) | time to {100 * target:.0f}% (s) | vs fp32 | final acc (%) | Δ acc vs fp32 | "
-                "wire tx / step | wire rx / step | model / step | fp32 / wire tx | ranks identical |",
-                "|---|---|---|---|---|---|---|---|---|---|---|",
+                f"| method | step (ms) | step CPU (ms) | codec CPU (ms) | time to {100 * target:.0f}% (s) | vs fp32 | "
+                "final acc (%) | Δ acc vs fp32 | wire tx / step | wire rx / step | model / step | fp32 / wire tx | "
+                "ranks identical |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
             ]
             for s in ss:
                 rel = (s["ttt_s"] / base["ttt_s"]) if (base and base["ttt_s"] and s["ttt_s"]) else None
                 dacc = s["acc_mean"] - base["acc_mean"] if base else None
                 ratio = (base["wire_tx"] / s["wire_tx"]) if (base and base["wire_tx"] and s["wire_tx"]) else None
                 L.append(
-                    f"| {s['method']} | {s['step_ms']:.1f} | {_fmt(s['ttt_s'], '.1f')} ({s['ttt_reached']}) | "
+                    f"| {s['method']} | {s['step_ms']:.1f} | {_fmt(s['cpu_ms'], '.1f')} | {_fmt(s['codec_ms'], '.1f')} | "
+                    f"{_fmt(s['ttt_s'], '.1f')} ({s['ttt_reached']}) | "
                     f"{_fmt(rel, '.2f')}x | {s['acc_mean']:.2f} ± {s['acc_std']:.2f} | {_fmt(dacc, '+.2f')} | "
                     f"{_fmt(s['wire_tx'], ',.0f')} | {_fmt(s['wire_rx'], ',.0f')} | {s['model_bytes']:,.0f} | "
                     f"{_fmt(ratio, '.2f')}x | {'yes' if s['identical'] else 'NO'} ({s['max_diff']:.0e}) |"
@@ -443,10 +463,12 @@ def _targets(summ: list[dict]) -> list[str]:
             s = by.get(("loopback", 2, m))
             if s:
                 r = s["step_ms"] / lb["step_ms"]
+                rc = s["cpu_ms"] / lb["cpu_ms"] if s["cpu_ms"] and lb["cpu_ms"] else None
                 line(
                     r <= 1.2,
                     f"loopback {m} (native codec, {s['native_buckets']} native buckets): step "
-                    f"{s['step_ms']:.0f} ms = {r:.2f}x fp32 all-reduce ({lb['step_ms']:.0f} ms; target <= 1.2x)",
+                    f"{s['step_ms']:.0f} ms = {r:.2f}x fp32 all-reduce ({lb['step_ms']:.0f} ms; target <= 1.2x); "
+                    f"step CPU {_fmt(rc, '.2f')}x, codec CPU {_fmt(s['codec_ms'], '.0f')} ms per step",
                 )
     for link in dict.fromkeys(s["link"] for s in summ):
         Ws = sorted({s["world_size"] for s in summ if s["link"] == link})

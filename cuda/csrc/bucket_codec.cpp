@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <tuple>
@@ -178,7 +179,10 @@ inline bool fast_layers(const LatticeView& L, const QuantParams& P, const RepTab
   return zero;
 }
 
-// Sum of squares of x (float32 -> float64) in fixed segments, so the result does not depend on threads.
+// Sum of squares of x (float32 -> float64, every square exact) in a fixed order, so the result depends on
+// neither the number of threads nor the machine: segments of 2^16 values; in each, four lanes (value i goes
+// to lane i mod 4) summed left to right, combined as (l0 + l1) + (l2 + l3); the segments summed left to
+// right. coset.dist.codec.sum_squares computes the same order with torch.cumsum.
 double sum_squares(const float* x, int64_t n) {
   constexpr int64_t kSeg = 1 << 16;
   const int64_t nseg = (n + kSeg - 1) / kSeg;
@@ -195,12 +199,56 @@ double sum_squares(const float* x, int64_t n) {
         a2 += v2 * v2;
         a3 += v3 * v3;
       }
-      for (; i < e; ++i) a0 += (double)x[i] * (double)x[i];
+      double* lane[4] = {&a0, &a1, &a2, &a3};  // the tail keeps its lanes (as zero padding would)
+      for (; i < e; ++i) *lane[(i - b) & 3] += (double)x[i] * (double)x[i];
       part[s] = (a0 + a1) + (a2 + a3);
     }
   });
   double s = 0.0;
   for (double p : part) s += p;
+  return s;
+}
+
+// sum_squares of xe = x + resid (float32 add, as torch), fused with resid <- xe: one pass over the bucket.
+double sum_squares_apply(const float* x, float* resid, int64_t n) {
+  if (!resid) return sum_squares(x, n);
+  constexpr int64_t kSeg = 1 << 16;
+  const int64_t nseg = (n + kSeg - 1) / kSeg;
+  std::vector<double> part(nseg, 0.0);
+  parallel_for_aligned(nseg, 1, 4, [&](int64_t lo, int64_t hi) {
+    for (int64_t s = lo; s < hi; ++s) {
+      const int64_t b = s * kSeg, e = std::min(n, b + kSeg);
+      double a[4] = {0.0, 0.0, 0.0, 0.0};
+      int64_t i = b;
+      for (; i + 4 <= e; i += 4) {
+        for (int j = 0; j < 4; ++j) {
+          const float v = x[i + j] + resid[i + j];
+          resid[i + j] = v;
+          a[j] += (double)v * (double)v;
+        }
+      }
+      for (; i < e; ++i) {
+        const float v = x[i] + resid[i];
+        resid[i] = v;
+        a[(i - b) & 3] += (double)v * (double)v;
+      }
+      part[s] = (a[0] + a[1]) + (a[2] + a[3]);
+    }
+  });
+  double t = 0.0;
+  for (double p : part) t += p;
+  return t;
+}
+
+// Scratch buffers of the allgather encoder, kept between calls (a bucket's size repeats every step, and
+// fresh pages would be faulted in and zeroed each time).
+struct EncodeScratch {
+  std::mutex mu;
+  std::vector<float> xn;
+  std::vector<uint8_t> b, T, cl;
+};
+EncodeScratch& encode_scratch() {
+  static EncodeScratch s;
   return s;
 }
 
@@ -214,6 +262,256 @@ const float* apply_residual(const float* x, float* resid, int64_t n) {
 }
 
 }  // namespace
+
+// -------------------------------------------------------------------------------------------- allgather
+namespace {
+
+int bit_length(uint64_t v) {
+  int k = 0;
+  while (v) {
+    ++k;
+    v >>= 1;
+  }
+  return k;
+}
+
+// Labels (N, M, d) uint8 -> the little-endian k-bit stream of pack_labels; blocks split on byte boundaries.
+void pack_label_stream(const uint8_t* b, int64_t nb, int Md, int k, uint8_t* out) {
+  parallel_for_aligned(nb, 8, kGrain, [&](int64_t lo, int64_t hi) {
+    const uint8_t* src = b + lo * Md;
+    const int64_t cnt = (hi - lo) * Md;
+    uint8_t* dst = out + lo * Md * k / 8;
+    if (k == 8) {
+      std::memcpy(dst, src, (size_t)cnt);
+    } else if (8 % k == 0) {  // k in {1, 2, 4}: 8 / k labels per byte
+      const int per = 8 / k;
+      const int64_t full = cnt / per;
+      for (int64_t j = 0; j < full; ++j) {
+        unsigned v = 0;
+        for (int i = 0; i < per; ++i) v |= (unsigned)src[j * per + i] << (i * k);
+        dst[j] = (uint8_t)v;
+      }
+      if (cnt % per) {
+        unsigned v = 0;
+        for (int64_t i = 0; i < cnt % per; ++i) v |= (unsigned)src[full * per + i] << (i * k);
+        dst[full] = (uint8_t)v;
+      }
+    } else {
+      BitWriter w(dst);
+      for (int64_t j = 0; j < cnt; ++j) w.put(src[j], k);
+      w.flush();
+    }
+  });
+}
+
+void write_word(uint8_t* p, float rho, uint32_t word) {
+  std::memcpy(p, &rho, 4);
+  std::memcpy(p + 4, &word, 4);
+}
+
+constexpr uint32_t kCodingZero = 0, kCodingDense = 1, kCodingSparse = 2;
+
+}  // namespace
+
+AllgatherLayout allgather_layout(int64_t n, int d, int M, int q, int max_T) {
+  AllgatherLayout lay;
+  lay.n_blocks = (n + d - 1) / d;
+  lay.label_bytes = (lay.n_blocks * M * d * bits_of(q) + 7) / 8;
+  lay.t_bytes = (lay.n_blocks * bit_length((uint64_t)max_T) + 7) / 8;
+  lay.nbytes = lay.label_bytes + lay.t_bytes + 8;
+  return lay;
+}
+
+AllgatherStats bucket_allgather_encode(const LatticeView& L, const QuantParams& P, const float* x, float* resid,
+                                       int64_t n, uint8_t* payload) {
+  const int d = L.d, M = P.M, k = bits_of(P.q), max_T = P.n_scales - 1;
+  const AllgatherLayout lay = allgather_layout(n, d, M, P.q, max_T);
+  const int64_t nb = lay.n_blocks;
+  AllgatherStats st{1.0f, 0, 0, 0};
+  uint8_t* header = payload + lay.label_bytes + lay.t_bytes;
+  const double ss = sum_squares_apply(x, resid, n);
+  const float* xe = resid ? resid : x;
+  if (!std::isfinite(ss) || nb == 0) {  // float32 squares cannot overflow float64: only NaN/Inf get here
+    st.nonfinite = nb > 0;
+    std::memset(payload, 0, (size_t)(lay.label_bytes + lay.t_bytes));
+    write_word(header, 1.0f, (uint32_t)st.nonfinite);
+    return st;
+  }
+  float rho = (float)std::sqrt(ss / (double)n);
+  if (!(rho > 0.0f)) rho = 1.0f;
+  st.rho = rho;
+  // the RMS-normalized, zero-padded float32 blocks, then coset.quant's encoder (kernels_cpu.cpp: the
+  // certified float32 path where it applies, else the float64 kernels): the reference's codes of these floats
+  EncodeScratch& sc = encode_scratch();
+  std::lock_guard<std::mutex> lock(sc.mu);
+  sc.xn.resize((size_t)(nb * d));
+  sc.b.resize((size_t)(nb * M * d));
+  sc.T.resize((size_t)nb);
+  sc.cl.resize((size_t)nb);
+  float* xn = sc.xn.data();
+  const uint8_t* T = sc.T.data();
+  const uint8_t* cl = sc.cl.data();
+  parallel_for_aligned(nb * d, 64, kGrain * 4, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) xn[i] = i < n ? xe[i] / rho : 0.0f;
+  });
+  encode_cpu(L, P, xn, 0, nullptr, nb, sc.b.data(), sc.T.data(), sc.cl.data());
+  pack_label_stream(sc.b.data(), nb, M * d, k, payload);
+  // T with pack_codes' coding: the fewest bytes of zero / dense / sparse (ties to the earlier one)
+  int tmax = 0;
+  int64_t count = 0, clamped = 0;
+  for (int64_t i = 0; i < nb; ++i) {
+    tmax = T[i] > tmax ? T[i] : tmax;
+    count += T[i] != 0;
+    clamped += cl[i];
+  }
+  st.overloaded = count;
+  st.clamped = clamped;
+  uint8_t* ts = payload + lay.label_bytes;
+  std::memset(ts, 0, (size_t)lay.t_bytes);
+  uint32_t coding = kCodingZero, bits = 0;
+  if (tmax > 0) {
+    const int idx_bits = bit_length((uint64_t)(nb - 1)), val_bits = bit_length((uint64_t)(tmax - 1)),
+              t_bits = bit_length((uint64_t)tmax);
+    const int64_t dense_bytes = (nb * t_bits + 7) / 8;
+    const int64_t sparse_bytes = (count * idx_bits + 7) / 8 + (count * val_bits + 7) / 8;
+    if (dense_bytes <= sparse_bytes) {
+      coding = kCodingDense;
+      bits = (uint32_t)t_bits;
+      parallel_for_aligned(nb, 8, kGrain, [&](int64_t lo, int64_t hi) {
+        BitWriter w(ts + lo * t_bits / 8);
+        for (int64_t i = lo; i < hi; ++i) w.put(T[i], t_bits);
+        w.flush();
+      });
+    } else {
+      coding = kCodingSparse;
+      bits = (uint32_t)val_bits;
+      BitWriter wi(ts), wv(ts + (count * idx_bits + 7) / 8);
+      for (int64_t i = 0; i < nb; ++i) {
+        if (!T[i]) continue;
+        wi.put((uint64_t)i, idx_bits);
+        if (val_bits) wv.put((uint64_t)(T[i] - 1), val_bits);
+      }
+      wi.flush();
+      wv.flush();
+    }
+  }
+  const uint32_t cnt = coding == kCodingSparse ? (uint32_t)count : 0u;
+  write_word(header, rho, (coding << 1) | (bits << 3) | (cnt << 7));
+  return st;
+}
+
+int bucket_allgather_decode(const LatticeView& L, const QuantParams& P, const uint8_t* payloads, int W, int own,
+                            int64_t n, float* out, float* resid, const char** why) {
+  const int d = L.d, M = P.M, q = P.q, k = bits_of(q), max_T = P.n_scales - 1;
+  const AllgatherLayout lay = allgather_layout(n, d, M, q, max_T);
+  const int64_t nb = lay.n_blocks, pb = lay.nbytes;
+  *why = nullptr;
+  std::vector<double> rhos(W);
+  std::vector<uint8_t> Ts((size_t)(W * nb), 0);
+  int flagged = 0;
+  for (int r = 0; r < W; ++r) {  // headers and T sections first: a damaged payload writes nothing
+    const uint8_t* p = payloads + r * pb;
+    float rho;
+    uint32_t word;
+    std::memcpy(&rho, p + pb - 8, 4);
+    std::memcpy(&word, p + pb - 4, 4);
+    flagged |= (int)(word & 1);
+    if (nb == 0) continue;
+    if (!std::isfinite(rho) || !(rho > 0.0f)) return *why = "rho must be finite and > 0", -1;
+    rhos[r] = (double)rho;
+    const uint32_t coding = (word >> 1) & 3, bits = (word >> 3) & 15;
+    const int64_t count = word >> 7;
+    const uint8_t* ts = p + lay.label_bytes;
+    uint8_t* T = &Ts[r * nb];
+    if (coding == kCodingDense) {
+      if (bits < 1 || bits > 8) return *why = "bad T width in the code word", -1;
+      if ((nb * bits + 7) / 8 > lay.t_bytes) return *why = "the code word describes more T bytes than a payload holds", -1;
+      BitReader rd(ts);
+      for (int64_t i = 0; i < nb; ++i) {
+        const int t = (int)rd.get((int)bits);
+        if (t > max_T) return *why = "T exceeds max_scaling_iterations", -1;
+        T[i] = (uint8_t)t;
+      }
+    } else if (coding == kCodingSparse) {
+      const int ib = bit_length((uint64_t)(nb - 1));
+      if (bits > 8 || count > nb) return *why = "bad sparse T fields in the code word", -1;
+      const int64_t ibytes = (count * ib + 7) / 8, vbytes = (count * (int64_t)bits + 7) / 8;
+      if (ibytes + vbytes > lay.t_bytes) return *why = "the code word describes more T bytes than a payload holds", -1;
+      BitReader ri(ts), rv(ts + ibytes);
+      int64_t prev = -1;
+      for (int64_t c = 0; c < count; ++c) {
+        const int64_t i = ib ? (int64_t)ri.get(ib) : 0;
+        const int t = (bits ? (int)rv.get((int)bits) : 0) + 1;
+        if (i <= prev || i >= nb) return *why = "sparse T indices must increase and stay below the block count", -1;
+        if (t > max_T) return *why = "T exceeds max_scaling_iterations", -1;
+        T[i] = (uint8_t)t;
+        prev = i;
+      }
+    } else if (coding != kCodingZero) {
+      return *why = "bad T coding in the code word", -1;
+    }
+  }
+  if (flagged) return 1;
+  if (nb == 0) return 0;
+  const RepTable* tab = k * d <= 16 ? rep_table(L, q) : nullptr;
+  // labels >= q are possible only when q is not a power of two: validate them before writing anything
+  if ((q & (q - 1)) != 0) {
+    std::atomic<int> bad{0};
+    parallel_for_aligned(nb, 8, kGrain, [&](int64_t lo, int64_t hi) {
+      for (int r = 0; r < W; ++r) {
+        BitReader rd(payloads + r * pb + lo * M * d * k / 8);
+        for (int64_t j = 0; j < (hi - lo) * M * d; ++j)
+          if ((int)rd.get(k) >= q) bad = 1;
+      }
+    });
+    if (bad.load()) return *why = "a label >= q", -1;
+  }
+  const double inv_w = (W & (W - 1)) == 0 ? 1.0 / (double)W : 0.0;  // x / 2^j == x * 2^-j exactly
+  dispatch(L.kind, d, [&](auto KI, auto DI) {
+    constexpr int KIND = decltype(KI)::value, D = decltype(DI)::value;
+    parallel_for_aligned(nb, 8, kGrain, [&](int64_t lo, int64_t hi) {
+      std::vector<BitReader> rl;
+      for (int r = 0; r < W; ++r) rl.emplace_back(payloads + r * pb + lo * M * d * k / 8);
+      double acc[kMaxDim], y[kMaxDim], own_v[kMaxDim];
+      uint8_t bl[kMaxM * kMaxDim];
+      double wq[kMaxM];  // q^m, as decode_lattice_units accumulates it
+      wq[0] = 1.0;
+      for (int m = 1; m < M; ++m) wq[m] = wq[m - 1] * (double)q;
+      const bool bytes = k * d == 8;  // one layer index per byte (D4 with q = 4): plain loads
+      for (int64_t blk = lo; blk < hi; ++blk) {
+        for (int i = 0; i < d; ++i) acc[i] = 0.0;
+        for (int r = 0; r < W; ++r) {
+          if (tab) {  // decode_lattice_units' per-layer summands, read from the table
+            const uint8_t* pb8 = payloads + r * pb + blk * M;
+            for (int m = 0; m < M; ++m) {
+              const double* a = &tab->rep[(bytes ? (uint64_t)pb8[m] : rl[r].get(k * d)) * d];
+              if (m == 0) {
+                for (int i = 0; i < d; ++i) y[i] = a[i];
+              } else {
+                for (int i = 0; i < d; ++i) y[i] = y[i] + wq[m] * a[i];
+              }
+            }
+          } else {
+            for (int i = 0; i < M * d; ++i) bl[i] = (uint8_t)rl[r].get(k);
+            decode_lattice_units<KIND, D>(L, q, M, bl, y);
+          }
+          const double s = P.scales[Ts[r * nb + blk]];
+          for (int i = 0; i < d; ++i) {
+            const double v = (y[i] * s) * rhos[r];  // decode(b, T) * rho, as coset.dist.codec.decode_payload
+            acc[i] = acc[i] + v;
+            if (r == own) own_v[i] = v;
+          }
+        }
+        const int64_t base = blk * d;
+        for (int i = 0; i < d && base + i < n; ++i) {
+          out[base + i] = (float)div_q(acc[i], (double)W, inv_w);
+          if (resid && own >= 0) resid[base + i] = resid[base + i] - (float)own_v[i];
+        }
+      }
+    });
+  });
+  return 0;
+}
 
 // -------------------------------------------------------------------------------------------- modular
 int bucket_modular_norms(const float* x, float* resid, int64_t n, int d, int64_t bpc, double* norms) {
@@ -273,8 +571,7 @@ void bucket_modular_encode(const LatticeView& L, int64_t modulus, const float* x
               for (int j = 1; j < d; ++j) acc = acc + L.Ginv[i * d + j] * lam[j];
               c = rint(acc);
             }
-            int64_t ci = (int64_t)c % modulus;
-            if (ci < 0) ci += modulus;
+            const int64_t ci = (int64_t)remainder_q(c, (int)modulus);  // hnlq_core.h (a mask for 2^k: no idiv)
             codes[f * d + i] = ci;
             if (base + i < n && resid) resid[base + i] = resid[base + i] - (float)(lam[i] * s);
           }
@@ -306,22 +603,27 @@ void bucket_modular_decode(const LatticeView& L, int64_t modulus, const void* pa
   const double md = (double)modulus;
   const double inv_m = (modulus & (modulus - 1)) == 0 ? 1.0 / md : 0.0;
   const int64_t mask = width >= 63 ? -1 : ((int64_t(1) << width) - 1);
+  const bool pow2 = (modulus & (modulus - 1)) == 0;
+  const int64_t mmask = modulus - 1;
+  const double inv_w = (W & (W - 1)) == 0 ? 1.0 / (double)W : 0.0;  // x / 2^j == x * 2^-j exactly
   dispatch(L.kind, d, [&](auto KI, auto DI) {
     constexpr int KIND = decltype(KI)::value, D = decltype(DI)::value;
     parallel_for_aligned(ngroups, 1, std::max<int64_t>(1, kGrain / F), [&](int64_t lo, int64_t hi) {
       double Gc[kMaxDim], v[kMaxDim], Qv[kMaxDim];
       std::vector<int64_t> codes((size_t)F * d);
       for (int64_t grp = lo; grp < hi; ++grp) {
+        // codes mod q^M (a mask when q^M is a power of two: an integer division per code costs more than
+        // the rest of the decoder)
         if (kind == 0) {
           const uint8_t* p = static_cast<const uint8_t*>(packed) + grp * d;
-          for (int i = 0; i < d; ++i) codes[i] = (int64_t)p[i] % modulus;
+          for (int i = 0; i < d; ++i) codes[i] = pow2 ? (int64_t)(p[i] & mmask) : (int64_t)p[i] % modulus;
         } else {
           const int64_t* p = static_cast<const int64_t*>(packed) + grp * d;
           for (int w = 0; w < d; ++w)
             for (int f = 0; f < F; ++f) {
               const int64_t word = grp * d + w < n_words ? p[w] : 0;
-              int64_t c = ((word >> (f * width)) & mask) % modulus;
-              codes[w * F + f] = c < 0 ? c + modulus : c;
+              const int64_t c = (word >> (f * width)) & mask;  // in [0, 2^width): non-negative
+              codes[w * F + f] = pow2 ? (c & mmask) : c % modulus;
             }
         }
         for (int f = 0; f < F; ++f) {
@@ -339,7 +641,7 @@ void bucket_modular_decode(const LatticeView& L, int64_t modulus, const void* pa
           const int64_t base = blk * d;
           for (int i = 0; i < d && base + i < n; ++i) {
             const double lam = Gc[i] - md * Qv[i];
-            out[base + i] = (float)((lam * sc) / (double)W);
+            out[base + i] = (float)div_q(lam * sc, (double)W, inv_w);
           }
         }
       }

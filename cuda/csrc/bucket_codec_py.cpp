@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <stdexcept>
+#include <string>
 
 #include "bucket_codec.h"
 
@@ -45,6 +46,33 @@ T* ptr(std::uintptr_t p) {
 }  // namespace
 
 void coset_bind_bucket_codec(py::module_& m) {
+  m.def("bucket_allgather_encode", [](int kind, int d, darr G, darr Ginv, py::object eps, int q, int M, darr scales,
+                                      double rad, std::uintptr_t x, std::uintptr_t resid, int64_t n,
+                                      std::uintptr_t payload) {
+    View v = make_view(kind, d, G, Ginv, eps, q, M, scales, rad);
+    coset::AllgatherStats st;
+    {
+      py::gil_scoped_release nogil;
+      st = coset::bucket_allgather_encode(v.L, v.P, ptr<const float>(x), ptr<float>(resid), n, ptr<uint8_t>(payload));
+    }
+    return py::make_tuple((double)st.rho, st.nonfinite, st.overloaded, st.clamped);
+  });
+  m.def("bucket_allgather_decode", [](int kind, int d, darr G, darr Ginv, py::object eps, int q, int M, darr scales,
+                                      std::uintptr_t payloads, int W, int own, int64_t n, std::uintptr_t out,
+                                      std::uintptr_t resid) {
+    View v = make_view(kind, d, G, Ginv, eps, q, M, scales, 0.0);
+    const char* why = nullptr;
+    int rc;
+    {
+      py::gil_scoped_release nogil;
+      rc = coset::bucket_allgather_decode(v.L, v.P, ptr<const uint8_t>(payloads), W, own, n, ptr<float>(out),
+                                          ptr<float>(resid), &why);
+    }
+    return py::make_tuple(rc, why ? std::string(why) : std::string());
+  });
+  m.def("bucket_allgather_nbytes", [](int64_t n, int d, int M, int q, int max_T) {
+    return coset::allgather_layout(n, d, M, q, max_T).nbytes;
+  });
   m.def("bucket_modular_norms", [](std::uintptr_t x, std::uintptr_t resid, int64_t n, int d, int64_t bpc,
                                    std::uintptr_t norms) {
     py::gil_scoped_release nogil;

@@ -23,6 +23,7 @@ from coset.dist.codec import (
     pack_sum_fields,
     payload_layout,
     ring_allreduce_bytes,
+    sum_squares,
     unpack_sum_fields,
 )
 from coset.quant import QuantizationConfig, decode, encode, pack_codes, packed_nbytes, sample_dither, to_blocks
@@ -48,8 +49,9 @@ def test_payload_roundtrip_equals_quant_decode(n, lat):
     assert not flag and xh.shape == (n,)
     # the same numbers as coset.quant on the RMS-normalized, zero-padded blocks
     rho = info["rho"]
-    assert rho == pytest.approx(float(x.double().pow(2).mean().sqrt()))
-    blocks, pad = to_blocks(x.double() / rho, cfg.dim)
+    assert rho == pytest.approx(float(x.double().pow(2).mean().sqrt()), rel=1e-7)  # the float32 RMS
+    assert rho == float(torch.tensor(rho, dtype=torch.float32))
+    blocks, pad = to_blocks(x / torch.tensor(rho, dtype=torch.float32), cfg.dim)  # divided in float32
     b, T = encode(blocks, config=cfg)
     ref = decode(b, cfg, T, dtype=torch.float64).reshape(-1)[:n] * rho
     rho32 = float(torch.tensor(rho, dtype=torch.float32))  # rho travels as float32
@@ -57,6 +59,23 @@ def test_payload_roundtrip_equals_quant_decode(n, lat):
     assert torch.equal(xh, ref32)
     assert torch.equal(info["T"], T)
     assert torch.allclose(xh, ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("n", [1, 5, 65_536, 65_539, 200_003])
+def test_sum_squares_fixed_order(n):
+    """sum_squares is the documented order (four lanes per 2^16-segment, segments left to right), checked
+    against a plain Python loop of float64 additions."""
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(n, generator=g) * torch.rand(n, generator=g) ** 8).float()
+    v = [float(t) ** 2 for t in x.double()]
+    total = 0.0
+    for s0 in range(0, n, 1 << 16):
+        lanes = [0.0, 0.0, 0.0, 0.0]
+        for i in range(s0, min(n, s0 + (1 << 16))):
+            lanes[(i - s0) % 4] += v[i]
+        total += (lanes[0] + lanes[1]) + (lanes[2] + lanes[3])
+    assert sum_squares(x) == total
+    assert sum_squares(x) == pytest.approx(math.fsum(v), rel=1e-12)
 
 
 def test_payload_bytes_match_rate():
@@ -88,7 +107,7 @@ def test_payload_bytes_are_the_quant_bit_stream(q, n):
     x = heavy(n, 50 + q + n)
     p, info = encode_payload(x, cfg)
     lay = payload_layout(n, cfg)
-    blocks, _ = to_blocks(x / info["rho"], cfg.dim)
+    blocks, _ = to_blocks(x.float() / torch.tensor(info["rho"], dtype=torch.float32), cfg.dim)
     b, T = encode(blocks, config=cfg)
     k = (q - 1).bit_length()
     assert bytes(p[: lay.label_bytes].tolist()) == _bitstream(b.reshape(-1).tolist(), k)

@@ -1,7 +1,8 @@
-"""The native bucket codec (coset-cuda) against the Python codec of coset.dist: bit for bit.
+"""The native bucket codec (served by coset-cuda through coset.quant's backend registry) against the Python
+codec of coset.dist: bit for bit.
 
-Skipped when coset-cuda is not installed (coset-dist does not depend on it; the hook then takes the Python
-path, which the other tests cover).
+Skipped when no backend serves the op "bucket_codec" (coset-dist does not depend on coset-cuda; the hook then
+takes the Python path, which the other tests cover).
 """
 
 import os
@@ -15,15 +16,20 @@ from coset.dist import HNLQHookState, default_config, hnlq_hook
 from coset.dist.codec import (
     choose_sum_packing,
     chunk_block_norms,
+    decode_payload,
+    encode_payload,
     modular_decode,
     modular_encode,
     modular_scales,
     pack_sum_fields,
+    payload_layout,
     unpack_sum_fields,
 )
-from coset.dist.fast_codec import native_available
+from coset.dist.fast_codec import native_available, native_codec
 
-bc = pytest.importorskip("coset.cuda.bucket_codec", reason="coset-cuda (native kernels) is not installed")
+bc = native_codec(default_config())
+if bc is None:
+    pytest.skip("no backend serves the bucket codec (coset-cuda is not installed)", allow_module_level=True)
 
 CONFIGS = {
     "D4q4M2": default_config(4, 2),
@@ -48,6 +54,118 @@ def grad(n, seed, scale=1e-3):
 
 def test_native_available():
     assert native_available()
+
+
+def test_codec_comes_from_the_registry_not_an_import():
+    """coset.dist finds the codec through coset.quant's backend registry and never names coset.cuda."""
+    from coset.quant.backend import select_backend
+
+    cfg = default_config()
+    be = select_backend("auto", "bucket_codec", torch.zeros(3), cfg.lattice, cfg)
+    assert be is not None and be.bucket_codec() is bc
+    assert select_backend("auto", "bucket_codec", torch.zeros(3, dtype=torch.float64), cfg.lattice, cfg) is None
+    assert native_codec(cfg.replace(with_dither=True)) is None  # random dither: Python path
+    import coset.dist as pkg
+
+    src = os.path.dirname(pkg.__file__)
+    for name in os.listdir(src):
+        if name.endswith(".py"):
+            with open(os.path.join(src, name)) as f:
+                assert "coset.cuda" not in f.read(), name
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("n", [1, 7, 4096, 10_003])
+def test_allgather_payload_bit_exact(name, n):
+    cfg = CONFIGS[name]
+    x = grad(n, n)
+    ref, info = encode_payload(x, cfg)
+    out = torch.empty(payload_layout(n, cfg).nbytes, dtype=torch.uint8)
+    st = bc.allgather_encode(x, cfg, out)
+    assert torch.equal(out, ref)  # labels, T coding, rho and code word: the same bytes
+    assert st["rho"] == info["rho"]
+    assert st["overloaded"] == int((info["T"] > 0).sum())
+    assert st["clamped"] == int(info["clamped"].sum())
+    if name.endswith("cap1") and n > 1000:
+        assert st["clamped"] > 0  # the clamp branch was exercised
+
+
+@pytest.mark.parametrize("scale,coding", [(1e-3, "sparse"), (None, "zero"), (0.0, "dense")])
+def test_allgather_every_t_coding_bit_exact(scale, coding):
+    """The three T codings of pack_codes: zero (T all 0), sparse (few T > 0), dense (many T > 0)."""
+    n = 8_191
+    if scale is None:  # a flat bucket: every block at its RMS, no overload
+        x = torch.full((n,), 0.25)
+        x[1::2] = -0.25
+    elif scale == 0.0:  # a short ramp with a large beta/overload mix: most blocks need T > 0
+        x = grad(n, 5, 1.0)
+    else:
+        x = grad(n, 3, scale)
+    cfg = default_config(4, 2)
+    if coding == "dense":
+        cfg = cfg.replace(beta=cfg.beta / 8)
+    ref, info = encode_payload(x, cfg)
+    word = int(ref[-4:].view(torch.int32))
+    assert ("zero", "dense", "sparse")[(word >> 1) & 3] == coding
+    out = torch.empty_like(ref)
+    bc.allgather_encode(x, cfg, out)
+    assert torch.equal(out, ref)
+    dst = torch.empty(n)
+    assert bc.allgather_decode(out.unsqueeze(0), n, cfg, dst) == 0
+    assert torch.equal(dst, decode_payload(ref, n, cfg)[0].to(torch.float32))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_allgather_decode_and_residual_bit_exact(name):
+    cfg, n, W = CONFIGS[name], 5_001, 3
+    xs = [grad(n, 10 + r) for r in range(W)]
+    pays = torch.stack([encode_payload(x, cfg)[0] for x in xs])
+    decs = [decode_payload(pays[r], n, cfg)[0] for r in range(W)]
+    total = torch.zeros(n, dtype=torch.float64)
+    for dcd in decs:
+        total += dcd  # rank order, as the hook's Python path
+    out = torch.empty(n)
+    resid = xs[1].clone()  # holds x + old residual after encode
+    assert bc.allgather_decode(pays, n, cfg, out, own=1, resid=resid) == 0
+    assert torch.equal(out, (total / W).to(torch.float32))
+    assert torch.equal(resid, xs[1] - decs[1].to(torch.float32))
+
+
+def test_allgather_encode_fuses_error_feedback():
+    cfg, n = CONFIGS["D4q4M2"], 999
+    x, r = grad(n, 1), grad(n, 2, 1e-4)
+    ref, _ = encode_payload(x + r, cfg)
+    resid = r.clone()
+    out = torch.empty(payload_layout(n, cfg).nbytes, dtype=torch.uint8)
+    bc.allgather_encode(x, cfg, out, resid=resid)
+    assert torch.equal(resid, x + r)  # float32 add, as torch does it
+    assert torch.equal(out, ref)  # the payload of the corrected gradient
+
+
+def test_allgather_nonfinite_flag_and_damaged_payload():
+    cfg, n = CONFIGS["D4q3M3"], 64
+    x = grad(n, 3)
+    x[5] = float("nan")
+    out = torch.empty(payload_layout(n, cfg).nbytes, dtype=torch.uint8)
+    assert bc.allgather_encode(x, cfg, out)["nonfinite"]
+    ref, _ = encode_payload(x, cfg)
+    assert torch.equal(out, ref)
+    dst = torch.full((n,), 7.0)
+    assert bc.allgather_decode(out.unsqueeze(0), n, cfg, dst) == 1
+    assert torch.equal(dst, torch.full((n,), 7.0))  # untouched
+    good, _ = encode_payload(grad(n, 4), cfg)
+    bad = good.clone()
+    bad[0] = 0xFF  # 2-bit labels of q=3: 3 is out of range
+    for p in (bad, torch.cat([good[:-8], torch.tensor([0, 0, 0x80, 0xFF], dtype=torch.uint8), good[-4:]])):
+        with pytest.raises(ValueError):
+            decode_payload(p, n, cfg)  # the Python codec refuses it too
+        with pytest.raises(ValueError, match="damaged"):
+            bc.allgather_decode(p.unsqueeze(0), n, cfg, dst)
+        assert torch.equal(dst, torch.full((n,), 7.0))  # nothing written
+    with pytest.raises(ValueError, match="bytes"):
+        bc.allgather_decode(good[:-1].unsqueeze(0), n, cfg, dst)
+    with pytest.raises(TypeError):
+        bc.allgather_encode(x.double(), cfg, out)
 
 
 @pytest.mark.parametrize("q,chunk,W", [(4, 64, 2), (8, 256, 2), (16, 256, 2), (4, 64, 3), (16, 128, 5)])
@@ -106,7 +224,9 @@ def one_rank_group():
             dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode,kw", [("modular", {"chunk_size": 64}), ("modular", {"chunk_size": 256})])
+@pytest.mark.parametrize(
+    "mode,kw", [("allgather", {}), ("modular", {"chunk_size": 64}), ("modular", {"chunk_size": 256})]
+)
 def test_hook_native_equals_python(one_rank_group, mode, kw):
     """The hook's two paths give identical buckets, residuals and byte counts, step after step."""
     states = {}

@@ -21,7 +21,8 @@ class NativeBackend:
 
     ``supports(op, tensor, lattice, config)`` is True for ``op`` in {"encode", "decode", "quantize"} on
     Z^n / D_n (n <= 16) and E8 with any valid config (CPU tensors, and CUDA tensors when the extension was
-    built with CUDA and a GPU is present), "lut_one_sided" on CPU and CUDA tensors, and "lut_two_sided" on CUDA tensors only.
+    built with CUDA and a GPU is present), "lut_one_sided" on CPU and CUDA tensors, "lut_two_sided" on CUDA tensors only,
+    and "bucket_codec" (coset.dist's DDP bucket codec) on float32 CPU buckets.
     """
 
     name = "native"
@@ -33,6 +34,15 @@ class NativeBackend:
             return False
         if op == "lut_one_sided":  # CPU: the GEMV kernel of lut_gemv.h; CUDA: kernels_cuda.cu
             return True
+        if op == "bucket_codec":  # coset.dist's DDP bucket codec: float32 CPU buckets
+            from . import bucket_codec
+
+            return (
+                isinstance(config, QuantizationConfig)
+                and tensor.device.type == "cpu"
+                and tensor.dtype == torch.float32
+                and bucket_codec.supports(config)
+            )
         if op == "lut_two_sided":
             return tensor.device.type == "cuda"
         if op in ("kv_scores", "kv_values"):  # coset.kv attention from codes (kv.py): CPU only so far
@@ -62,6 +72,12 @@ class NativeBackend:
 
     def quantize(self, x, lattice, config, dither):
         return _ops.quantize(x, lattice, config, dither)
+
+    def bucket_codec(self):
+        """coset.dist's bucket codec (the module :mod:`coset.cuda.bucket_codec`): one call per DDP bucket."""
+        from . import bucket_codec
+
+        return bucket_codec
 
     def lut_one_sided(self, ix, sx, tables, q):
         return _ops.lut_one_sided(ix, sx, tables, q)

@@ -1,14 +1,17 @@
 """Native DDP bucket codec for coset.dist: one call per gradient bucket (CPU, multi-threaded).
 
-Bit-exact with the modular mode of ``coset.dist.codec`` (same packed codes, same decoded values), with the
+Bit-exact with ``coset.dist.codec`` (same payload bytes / packed codes, same decoded values), with the
 error-feedback residual fused in: ``resid`` (float32, the bucket's shape) holds the old residual on entry;
-the encoder replaces it by the corrected gradient ``x + resid``, exactly as the hook's Python path computes it.
-(The allgather payload stores T with ``coset.quant.pack_codes``' coding and is written by the Python codec.)
+the encoders replace it by the corrected gradient ``x + resid`` and the allgather decoder by
+``x + resid - x_hat_own`` (the new residual), exactly as the hook's Python path computes them.
 
-* :func:`modular_norms` (per-chunk largest block norm), :func:`modular_encode` (packed flat codes),
+* allgather: :func:`allgather_encode` (RMS, encode, pack_labels + pack_codes' T coding: the payload bytes),
+  :func:`allgather_decode` (unpack + decode + average of the W gathered payloads, in rank order);
+* modular: :func:`modular_norms` (per-chunk largest block norm), :func:`modular_encode` (packed flat codes),
   :func:`modular_decode` (the summed codes -> the average).
 
-coset.dist imports this module optionally (it never depends on coset-cuda).
+coset.dist reaches this module through coset.quant's backend registry (``NativeBackend.bucket_codec``),
+never by importing coset.cuda.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from ._ops import _consts
 
 __all__ = [
     "supports",
+    "allgather_nbytes",
+    "allgather_encode",
+    "allgather_decode",
     "modular_norms",
     "modular_encode",
     "modular_decode",
@@ -59,6 +65,88 @@ def _lat(config: QuantizationConfig, dithered: bool = False):
     # the bucket is normalised by its RMS before coding, so the magnitude bound of _consts cannot bind here
     kind, d, G, Gi, eps, q, M, scales, rad, _max_abs = _consts(config.lattice, config, dithered)
     return kind, d, G, Gi, eps, q, M, scales, rad
+
+
+def allgather_nbytes(n: int, config: QuantizationConfig) -> int:
+    """Payload bytes of a bucket of ``n`` values (``coset.dist.codec.payload_layout(n, config).nbytes``)."""
+    return int(_C.bucket_allgather_nbytes(int(n), config.dim, config.M, config.q, config.max_scaling_iterations))
+
+
+def allgather_encode(
+    x: torch.Tensor, config: QuantizationConfig, payload: torch.Tensor, resid: torch.Tensor | None = None
+) -> dict:
+    """Encode one rank's bucket into its allgather payload (``coset.dist.codec.encode_payload``'s bytes).
+
+    Parameters
+    ----------
+    x : (n,) float32 contiguous CPU tensor (the bucket)
+    config : QuantizationConfig (see :func:`supports`)
+    payload : (allgather_nbytes(n, config),) uint8, written
+    resid : (n,) float32 or None; replaced by ``x + resid`` (error feedback), which is what gets encoded
+
+    Returns
+    -------
+    dict with ``rho`` (the float32 RMS), ``nonfinite`` (bool), ``overloaded`` and ``clamped`` (block counts)
+    """
+    if not supports(config):
+        raise ValueError("config is not supported by the native bucket codec (see supports())")
+    _check_vec("x", x)
+    n = x.numel()
+    _check_vec("resid", resid, n)
+    _check_vec("payload", payload, allgather_nbytes(n, config), dtype=torch.uint8)
+    kind, d, G, Gi, eps, q, M, scales, rad = _lat(config)
+    rho, bad, ovl, clamped = _C.bucket_allgather_encode(
+        kind, d, G, Gi, eps, q, M, scales, rad, _ptr(x), _ptr(resid), n, _ptr(payload)
+    )
+    return {"rho": float(rho), "nonfinite": bool(bad), "overloaded": int(ovl), "clamped": int(clamped)}
+
+
+def allgather_decode(
+    payloads: torch.Tensor,
+    n: int,
+    config: QuantizationConfig,
+    out: torch.Tensor,
+    own: int = -1,
+    resid: torch.Tensor | None = None,
+) -> int:
+    """Average W gathered payloads into ``out`` (float32, n): ``float(sum_r decode(payload_r) / W)``.
+
+    Parameters
+    ----------
+    payloads : (W, payload_bytes) uint8, rank order
+    own, resid : this rank's index and its (n,) float32 buffer from :func:`allgather_encode`, which becomes
+        the new residual ``x + old residual - x_hat_own``; ``own=-1`` skips it
+
+    Returns
+    -------
+    0 on success, 1 if some rank flagged a non-finite bucket (``out``/``resid`` untouched).
+
+    Raises
+    ------
+    ValueError for a damaged payload (nothing is written) or payloads of the wrong size.
+    """
+    if not supports(config):
+        raise ValueError("config is not supported by the native bucket codec (see supports())")
+    if not isinstance(payloads, torch.Tensor) or payloads.dtype != torch.uint8 or payloads.ndim != 2:
+        raise TypeError("payloads must be a (W, payload_bytes) uint8 tensor")
+    if payloads.device.type != "cpu":
+        raise TypeError("payloads must be a CPU tensor")
+    payloads = payloads.contiguous()
+    W, pb = payloads.shape
+    _check_vec("out", out, n)
+    _check_vec("resid", resid, n)
+    if not -1 <= own < W:
+        raise ValueError(f"own must be in [-1, {W}), got {own}")
+    need = allgather_nbytes(n, config)
+    if pb != need:
+        raise ValueError(f"each payload must have {need} bytes for n={n}, got {pb}")
+    kind, d, G, Gi, eps, q, M, scales, _ = _lat(config)
+    rc, why = _C.bucket_allgather_decode(
+        kind, d, G, Gi, eps, q, M, scales, _ptr(payloads), W, own, n, _ptr(out), _ptr(resid)
+    )
+    if rc < 0:
+        raise ValueError(f"allgather payload is damaged: {why}")
+    return int(rc)
 
 
 def modular_norms(x: torch.Tensor, d: int, blocks_per_chunk: int, resid: torch.Tensor | None = None):

@@ -5,8 +5,10 @@ Nothing here talks to a process group, so every function can be tested on one pr
 
 Two payloads
 ------------
-* **allgather** (:func:`encode_payload` / :func:`decode_payload`): one rank's bucket ``x`` (n,) is divided
-  by its RMS ``rho`` and encoded with HNLQ (blocks of d, zero padding stripped on decode). The codes are
+* **allgather** (:func:`encode_payload` / :func:`decode_payload`): one rank's bucket ``x`` (n,), in float32,
+  is divided (in float32) by its RMS ``rho`` (a float32 number, from the float64 sum of squares of
+  :func:`sum_squares`, whose fixed order the native codec repeats) and encoded with HNLQ (blocks of d, zero
+  padding stripped on decode). The codes are
   stored with :func:`coset.quant.pack_codes` (coset's one packed-code format). The payload is one uint8
   tensor: ``[labels | T tensors of the chosen T coding, zero-padded to the T section | rho (float32) |
   code word (int32)]``. The T section is as long as the largest T coding can be (every T at
@@ -59,6 +61,7 @@ __all__ = [
     "modular_encode",
     "modular_decode",
     "chunk_block_norms",
+    "sum_squares",
     "ring_allreduce_bytes",
     "allgather_bytes",
     "rank_seed",
@@ -166,19 +169,49 @@ def _t_tensors(meta: dict, n_blocks: int) -> list[tuple[str, int]]:
     return []
 
 
+_SEGMENT = 1 << 16  # sum_squares: values per segment (the native codec's threads take whole segments)
+
+
+def sum_squares(x: torch.Tensor) -> float:
+    """Sum of squares of a float32 vector in float64, in one fixed order (the native codec's).
+
+    Every square of a float32 is exact in float64; the sums are then ordered as follows: segments of 2^16
+    values; in each, four lanes (value ``i`` goes to lane ``i mod 4``) summed left to right and combined as
+    ``(l0 + l1) + (l2 + l3)``; the segments summed left to right. ``torch.cumsum`` adds sequentially, so this
+    is bit-for-bit the C++ loop, on any number of threads.
+
+    Parameters
+    ----------
+    x : (n,) float32
+    """
+    if not isinstance(x, torch.Tensor) or x.ndim != 1 or x.dtype != torch.float32:
+        raise TypeError("x must be a 1-D float32 tensor")
+    n = x.numel()
+    if n == 0:
+        return 0.0
+    nseg = -(-n // _SEGMENT)
+    sq = torch.zeros(nseg * _SEGMENT, dtype=torch.float64, device=x.device)
+    sq[:n] = x.to(torch.float64).square()
+    lanes = torch.cumsum(sq.view(nseg, _SEGMENT // 4, 4), dim=1)[:, -1, :]
+    parts = (lanes[:, 0] + lanes[:, 1]) + (lanes[:, 2] + lanes[:, 3])
+    return float(torch.cumsum(parts, dim=0)[-1])
+
+
 def encode_payload(x: torch.Tensor, config: QuantizationConfig) -> tuple[torch.Tensor, dict]:
     """Encode one rank's flat bucket into its allgather payload.
 
     Parameters
     ----------
-    x : (n,) float tensor (any float dtype; computed in float64)
+    x : (n,) float tensor, coded as float32 (the gradients' wire precision: larger values, as NaN/Inf, are
+        flagged non-finite)
     config : QuantizationConfig; ``beta`` is in units of the bucket RMS (x is divided by its RMS first)
 
     Returns
     -------
     payload : (payload_layout(n, config).nbytes,) uint8
-    info : dict with ``rho`` (float), ``nonfinite`` (bool), ``T`` ((n_blocks,) uint8), ``clamped``
-        ((n_blocks,) bool). A non-finite ``x`` is not encoded: the payload carries zero labels and the flag.
+    info : dict with ``rho`` (float, the float32 RMS the payload carries), ``nonfinite`` (bool), ``T``
+        ((n_blocks,) uint8), ``clamped`` ((n_blocks,) bool). A non-finite ``x`` is not encoded: the payload
+        carries zero labels and the flag.
 
     Raises
     ------
@@ -187,21 +220,21 @@ def encode_payload(x: torch.Tensor, config: QuantizationConfig) -> tuple[torch.T
     if not isinstance(x, torch.Tensor) or x.ndim != 1 or not x.dtype.is_floating_point:
         raise TypeError("x must be a 1-D floating tensor")
     lay = payload_layout(x.numel(), config)
-    x64 = x.detach().to(torch.float64)
-    nonfinite = bool(x64.numel()) and not bool(torch.isfinite(x64).all())
+    x32 = x.detach().to(torch.float32)
+    nonfinite = bool(x32.numel()) and not bool(torch.isfinite(x32).all())
     rho = 1.0
-    if not nonfinite and x64.numel():
-        r = float(torch.sqrt(torch.mean(x64 * x64)))
-        if not math.isfinite(r):  # x*x overflowed: scale by the largest magnitude first
-            m = x64.abs().max()
-            r = float(m * torch.sqrt(torch.mean((x64 / m) ** 2)))
+    if not nonfinite and x32.numel():
+        # float32 rho: what the header carries, so sender and receivers scale by the same number
+        r = float(torch.tensor(math.sqrt(sum_squares(x32.cpu()) / x32.numel()), dtype=torch.float32))
         rho = r if r > 0 else 1.0
     if nonfinite or lay.n_blocks == 0:
         b = torch.zeros((lay.n_blocks, config.M, config.dim), dtype=torch.uint8, device=x.device)
         T = torch.zeros(lay.n_blocks, dtype=torch.uint8, device=x.device)
         clamped = torch.zeros(lay.n_blocks, dtype=torch.bool, device=x.device)
     else:
-        blocks, _ = to_blocks(x64 / rho, config.dim)
+        # divided in float32 (as the native codec does), then coset.quant's codes of those floats
+        xn = x32 / torch.tensor(rho, dtype=torch.float32, device=x.device)
+        blocks, _ = to_blocks(xn, config.dim)
         b, T, clamped = encode(blocks, config=config, return_clamped=True)
     tensors, meta = pack_codes(b, T, config)
     t_parts = [tensors[k] for k, _ in _t_tensors(meta, lay.n_blocks)]

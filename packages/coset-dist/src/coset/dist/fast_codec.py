@@ -1,50 +1,66 @@
 """The hook's native path: one native call per bucket to encode (+ pack) and one to decode (+ unpack).
 
-When coset-cuda is installed, ``coset.cuda.bucket_codec`` encodes a whole float32 CPU bucket of the modular
-mode into the exact packed codes of :mod:`coset.dist.codec` and decodes the summed buffer straight into the
-bucket, with the error-feedback residual fused in. Results are bit-identical to the Python path, so ranks may
-even mix the two. The allgather mode always takes the Python codec: its payload stores T with
-``coset.quant.pack_codes``' coding, which the native codec does not write. coset-dist does not depend on
-coset-cuda: without it (or for what the native codec does not cover: fp16/bf16 or GPU buckets, random dither,
-the allgather and ``decode`` modes)
+A kernel package registered with coset.quant's backend registry may serve the op ``"bucket_codec"``
+(``select_backend("auto", "bucket_codec", bucket, lattice, config)``; coset-cuda's ``NativeBackend`` does):
+its ``bucket_codec()`` object encodes a whole float32 CPU bucket into the exact bytes of
+:mod:`coset.dist.codec` (the allgather payload, or the packed modular codes) and decodes the gathered / summed
+buffer straight into the bucket, with the error-feedback residual fused in. Results are bit-identical to the
+Python path, so ranks may even mix the two. coset-dist depends on coset-quant only: without such a backend (or
+for what it does not cover: fp16/bf16 or GPU buckets, random dither, the ``decode`` mode)
 :func:`native_hook` returns ``None`` and the hook takes its Python path.
 
 ``state.native = False`` (an attribute of :class:`~coset.dist.HNLQHookState`, default True) forces the
-Python path; ``state.native_buckets`` counts the buckets that took the native one.
+Python path; ``state.native_buckets`` counts the buckets that took the native one and ``state.native_cpu_s``
+(dict: "encode", "decode") sums the CPU time of the calling thread spent in the native calls (the codec's own
+work when it runs on one thread, ``COSET_NUM_THREADS=1``).
 """
 
-import importlib
+import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .codec import choose_sum_packing, modular_scales, ring_allreduce_bytes
+from coset.quant.backend import select_backend
 
-__all__ = ["native_available", "native_hook"]
+from .codec import allgather_bytes, choose_sum_packing, modular_scales, payload_layout, ring_allreduce_bytes
 
-try:  # optional: coset-cuda sits beside coset-dist, not below it in the dependency graph of the wheels
-    _native: Any = importlib.import_module("coset.cuda.bucket_codec")
-except Exception:  # ImportError, or an extension built without the bucket codec
-    _native = None
+__all__ = ["native_available", "native_codec", "native_hook"]
+
+_PROBE = torch.zeros(1, dtype=torch.float32)
+
+
+def native_codec(config) -> Any | None:
+    """The registered bucket codec for ``config`` on float32 CPU buckets, or ``None`` (Python path)."""
+    try:
+        be = select_backend("auto", "bucket_codec", _PROBE, config.lattice, config)
+    except Exception:  # a broken optional plugin must not break the Python path
+        return None
+    return None if be is None else be.bucket_codec()
 
 
 def native_available() -> bool:
-    """True when coset-cuda's bucket codec is importable."""
-    return _native is not None
+    """True when a registered backend serves the bucket codec for the hooks' default config."""
+    from .hooks import default_config
+
+    return native_codec(default_config()) is not None
 
 
-def _usable(state, buf: torch.Tensor) -> bool:
-    return (
-        _native is not None
-        and getattr(state, "native", True)
-        # allgather payloads carry pack_codes' T coding, which only the Python codec writes
-        and state.mode == "modular"
-        and buf.dtype == torch.float32
-        and buf.device.type == "cpu"
-        and buf.is_contiguous()
-        and _native.supports(state.config)
-    )
+def _codec(state, buf: torch.Tensor) -> Any | None:
+    if not getattr(state, "native", True) or state.mode not in ("allgather", "modular"):
+        return None
+    if buf.dtype != torch.float32 or buf.device.type != "cpu" or not buf.is_contiguous():
+        return None
+    cache = state.__dict__.setdefault("_native_codec", {})  # one registry lookup per config
+    key = state.config
+    if key not in cache:
+        cache[key] = native_codec(state.config)
+    return cache[key]
+
+
+def _cpu(state, stage: str, t0: float) -> None:
+    acc = state.__dict__.setdefault("native_cpu_s", {"encode": 0.0, "decode": 0.0})
+    acc[stage] += time.thread_time() - t0
 
 
 def _residual(state, idx: int, n: int) -> torch.Tensor | None:
@@ -64,10 +80,13 @@ def native_hook(state, buf: torch.Tensor, idx: int, W: int) -> torch.futures.Fut
     ----------
     state : HNLQHookState; buf : the bucket's flat buffer (n,); idx : bucket index; W : world size
     """
-    if not _usable(state, buf):
+    codec = _codec(state, buf)
+    if codec is None:
         return None
     state.native_buckets = getattr(state, "native_buckets", 0) + 1
-    return _modular(state, buf, idx, W)
+    if state.mode == "allgather":
+        return _allgather(codec, state, buf, idx, W)
+    return _modular(codec, state, buf, idx, W)
 
 
 def _fail_or_allreduce(state, buf: torch.Tensor, idx: int, W: int):
@@ -82,13 +101,48 @@ def _fail_or_allreduce(state, buf: torch.Tensor, idx: int, W: int):
     return buf.div_(W)
 
 
-def _modular(state, buf, idx, W):
+def _allgather(codec, state, buf, idx, W):
+    cfg = state.config
+    n = buf.numel()
+    rank = dist.get_rank(state.group)
+    lay = payload_layout(n, cfg)
+    resid = _residual(state, idx, n)
+    payload = torch.empty(lay.nbytes, dtype=torch.uint8)
+    t0 = time.thread_time()
+    info = codec.allgather_encode(buf, cfg, payload, resid=resid)
+    _cpu(state, "encode", t0)
+    if not info["nonfinite"]:
+        state._counters["blocks"] += lay.n_blocks
+        state._counters["blocks_overloaded"] += info["overloaded"]
+        state._counters["blocks_clamped"] += info["clamped"]
+    state.bucket_scales[idx] = torch.tensor([info["rho"] * cfg.beta], dtype=torch.float64)
+    state._counters["bytes_sent"] += allgather_bytes(lay.nbytes, W)
+    gathered = torch.empty((W, lay.nbytes), dtype=torch.uint8)
+    fut = dist.all_gather(list(gathered.unbind(0)), payload, group=state.group, async_op=True).get_future()
+
+    def finish(f):
+        f.wait()
+        t0 = time.thread_time()
+        rc = codec.allgather_decode(gathered, n, cfg, buf, own=rank, resid=resid)
+        _cpu(state, "decode", t0)
+        if rc:
+            return _fail_or_allreduce(state, buf, idx, W)
+        if resid is not None:
+            state.residuals[idx] = resid
+        return buf
+
+    return fut.then(finish)
+
+
+def _modular(codec, state, buf, idx, W):
     cfg = state.config
     d, n = cfg.dim, buf.numel()
     nb = -(-n // d)
     bpc = nb if state.chunk_size is None else max(1, state.chunk_size // d)
     resid = _residual(state, idx, n)
-    norms, bad = _native.modular_norms(buf, d, max(bpc, 1), resid=resid)
+    t0 = time.thread_time()
+    norms, bad = codec.modular_norms(buf, d, max(bpc, 1), resid=resid)
+    _cpu(state, "encode", t0)
     xe = resid if resid is not None else buf
     if bad:
         norms.zero_()
@@ -102,7 +156,9 @@ def _modular(state, buf, idx, W):
     scales = modular_scales(hdr[:-1].to(torch.float64), cfg.lattice, cfg.q, cfg.M, W, cfg.with_dither)
     state.bucket_scales[idx] = scales.clone()
     packing = choose_sum_packing(cfg.q**cfg.M, W, state.code_packing)
-    packed = _native.modular_encode(xe, scales, cfg, max(bpc, 1), packing, resid=resid)
+    t0 = time.thread_time()
+    packed = codec.modular_encode(xe, scales, cfg, max(bpc, 1), packing, resid=resid)
+    _cpu(state, "encode", t0)
     if resid is not None:
         state.residuals[idx] = resid
     state._counters["blocks"] += nb
@@ -111,7 +167,9 @@ def _modular(state, buf, idx, W):
 
     def finish(f):
         f.wait()
-        _native.modular_decode(packed, n, scales, cfg, max(bpc, 1), packing, W, buf)
+        t0 = time.thread_time()
+        codec.modular_decode(packed, n, scales, cfg, max(bpc, 1), packing, W, buf)
+        _cpu(state, "decode", t0)
         return buf
 
     return fut.then(finish)

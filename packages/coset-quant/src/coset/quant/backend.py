@@ -11,6 +11,10 @@ jaxlib of the wrong version) and these methods (all optional except
     decode(b, T, lattice, config, dither, dtype) -> xhat                   # b (N, M, d) uint8, T (N,) uint8
     quantize(x, lattice, config, dither) -> (xhat, T, clamped)             # xhat in x.dtype
 
+Higher packages look up their own ops the same way (``select_backend("auto", op, tensor, lattice, config)``
+then ``getattr(backend, op)``): coset.lut's ``lut_one_sided`` / ``lut_two_sided``, and coset.dist's
+``bucket_codec`` (``bucket_codec()`` returns the object holding its one-call-per-bucket codec functions).
+
 ``dither`` is ``None`` or the float64 ``(N, d)`` tensor the reference would use. An optional
 ``auto_select(op, tensor) -> bool`` lets a backend that *can* run an op decline to be picked by "auto" for
 it (e.g. where it measured slower than the PyTorch path); naming it explicitly still uses it. Packages that ship
