@@ -56,6 +56,7 @@ METHODS = [
     "hnlq-modular-q8",
 ]
 EXTRA = ["hnlq-allgather-py", "hnlq-modular-q4-py"]  # the pure-Python codec (native bucket codec disabled)
+EXTRA += [m + "-s0" for m in METHODS if m.startswith("hnlq")]  # no fp32 warm-up steps
 PORT = 29611
 
 
@@ -100,8 +101,9 @@ def _register(ddp, method: str):
         )
         ddp.register_comm_hook(st, powerSGD_hook.powerSGD_hook)
         return st
-    kw = dict(error_feedback=True, start_iter=START_ITER)
-    base = method.removesuffix("-py")
+    # "-s0": compress from the first step (HNLQ with error feedback needs no fp32 warm-up, unlike PowerSGD)
+    kw = dict(error_feedback=True, start_iter=0 if method.endswith("-s0") else START_ITER)
+    base = method.removesuffix("-s0").removesuffix("-py")
     if base == "hnlq-allgather":
         st = HNLQHookState(config=default_config(4, 2), mode="allgather", **kw)
     elif base == "hnlq-modular-q4":
@@ -110,7 +112,7 @@ def _register(ddp, method: str):
         st = HNLQHookState(config=default_config(8, 2), mode="modular", chunk_size=256, **kw)
     else:
         raise ValueError(f"unknown method {method!r}")
-    st.native = not method.endswith("-py")  # read by coset.dist.fast_codec (native bucket codec when built)
+    st.native = not method.removesuffix("-s0").endswith("-py")  # read by coset.dist.fast_codec (native bucket codec when built)
     ddp.register_comm_hook(st, hnlq_hook)
     return st
 
