@@ -66,3 +66,21 @@ def test_decode_rejects_bad_labels():
     b[1, 0, 2] = 4
     with pytest.raises(ValueError):
         decode(b, config=cfg, backend="native")
+
+
+@pytest.mark.parametrize("lat", ["D4", "D8", "E8"])
+@pytest.mark.parametrize("q,M,beta", [(4, 2, 0.25), (2, 4, 0.5), (16, 1, 0.125), (4, 3, 0.3)])
+def test_decode_table_path_equals_reference(lat, q, M, beta):
+    # beta a power of two: every scales[t] / h is a float32 value, so the decoder multiplies in float32 (one
+    # rounding of the exact product); beta = 0.3 takes the float64 lanes. Random labels cover every index.
+    cfg = QuantizationConfig(lattice_type=lat, q=q, M=M, beta=beta, max_scaling_iterations=6)
+    g = torch.Generator().manual_seed(q * 10 + M)
+    n = 5000
+    b = torch.randint(0, q, (n, M, cfg.dim), generator=g, dtype=torch.uint8)
+    T = torch.randint(0, 7, (n,), generator=g, dtype=torch.uint8)
+    yn = decode(b, config=cfg, T=T, backend="native")
+    yt = decode(b, config=cfg, T=T, backend="torch")
+    assert torch.equal(yn, yt)
+    x = _inputs(cfg.dim, q, beta, seed=q + M)
+    bt, Tt = encode(x, config=cfg, backend="torch")
+    assert torch.equal(decode(bt, config=cfg, T=Tt, backend="native"), decode(bt, config=cfg, T=Tt, backend="torch"))

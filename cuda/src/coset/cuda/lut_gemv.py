@@ -5,12 +5,13 @@
 uint8 scale step ``T`` (scale ``config.scales[T]``). :func:`lut_gemv` computes ``x @ Ŵ.T`` for 1..8
 queries at a time:
 
-* ``q^d <= 256`` (D4 q=4, E8 q=2, ...): one-sided tables ``tab[k, i, j] = <a_i, x_j,k>`` (paper.md §6)
-  built once per call (``K * q^d * B`` floats, 1 MiB for k = 4096, B = 1), then M lookups per block and
-  row; threads over rows.
-* larger ``q^d`` (E8 q=4: 65536 entries per block, too many for per-query tables): the codebook of
-  representatives ``h * a_i`` as int8 (512 KiB, shared by all blocks), ``v = sum_m q^m A[idx_m]`` exact in
-  int32, then ``<v, x_k>``.
+* codebook (the default whenever ``h * a_i`` fits int8, which covers D4/E8 with q <= 16): the
+  representatives ``h * a_i`` as int8 (1 KiB for D4 q=4, 2 KiB for E8 q=2, 512 KiB for E8 q=4; shared by all
+  blocks and queries), ``v = sum_m q^m A[idx_m]`` exact in int32 lanes (one pmovsx per lookup), then one
+  vertical FMA per query with ``x_k`` (D4: two blocks per 8-lane vector); threads over rows. Measured faster
+  than the tables below on every benchmark shape (benchmarks/results/kernels.md).
+* one-sided tables ``tab[k, i, j] = <a_i, x_j,k>`` (paper.md §6, ``q^d <= 256``; ``method="tables"``) built
+  once per call (``K * q^d * B`` floats), then M lookups per block and row.
 
 Both accumulate in float32 (the dense ``F.linear`` does too); the result equals ``x @ Ŵ.T`` up to float32
 summation order (tests: relative 1e-5 of ``|x| @ |Ŵ|.T``).
@@ -161,7 +162,7 @@ def lut_gemv(x: torch.Tensor, W: CodedWeight, *, method: str = "auto") -> torch.
     ----------
     x : (k,) or (B, k) float tensor (any B; the kernel runs 8 queries per pass), finite
     W : CodedWeight (n, k)
-    method : "auto" (tables when q^d <= 256, else codebook), "tables" or "codebook"
+    method : "auto" (codebook when the representatives fit int8, else tables), "tables" or "codebook"
 
     Returns
     -------
@@ -184,8 +185,8 @@ def lut_gemv(x: torch.Tensor, W: CodedWeight, *, method: str = "auto") -> torch.
     c = W.config
     d, K, M, Q = c.dim, W.idx.shape[1], c.M, c.q**c.dim
     af, ai8, h, scales = _kernel_tables(c)
-    if method == "auto":
-        method = "tables" if Q <= 256 else "codebook"
+    if method == "auto":  # the int8 codebook kernel is the faster one wherever it applies (benchmarks/results)
+        method = "codebook" if ai8 is not None else "tables"
     if method == "codebook" and ai8 is None:
         raise ValueError("codebook method: the representatives do not fit int8")
     xb = x.to(torch.float32)
