@@ -116,6 +116,44 @@ int64_t quantize_f32(const LatticeView& L, const QuantParams& P, const float* x,
   return run_mode<0>(L, P, x, N, out, nullptr, T, clamped);
 }
 
+int64_t quantize_f32_lanes1(const LatticeView& L, const QuantParams& P, const float* x, int64_t N, float* out,
+                            uint8_t* T, uint8_t* clamped) {
+  IntConsts C;
+  if (!build_consts(L, C)) return -1;
+  int lq = 0;
+  while ((1 << lq) < P.q) ++lq;
+  float inv_s[65];
+  for (int t = 0; t < P.n_scales; ++t) inv_s[t] = (float)(1.0 / P.scales[t]);
+  int64_t err = 0;
+  for (int64_t r = 0; r < N; ++r) {
+    const float* xr = x + r * L.d;
+    float* o = out + r * L.d;
+    bool ok;
+    if (L.kind == kE8)
+      ok = quantize_one<kE8, 8>(C, xr, inv_s, P.scales, P.n_scales, lq, P.M, o, T[r]);
+    else if (L.d == 4)
+      ok = quantize_one<kDn, 4>(C, xr, inv_s, P.scales, P.n_scales, lq, P.M, o, T[r]);
+    else
+      ok = quantize_one<kDn, 8>(C, xr, inv_s, P.scales, P.n_scales, lq, P.M, o, T[r]);
+    clamped[r] = 0;
+    if (ok) continue;
+    double xv[kMaxDim], y[kMaxDim];  // the float64 kernels, as the CUDA kernel does
+    for (int i = 0; i < L.d; ++i) xv[i] = (double)xr[i];
+    EncodeResult res;
+    if (L.kind == kE8)
+      res = quantize_vector<kE8, 8>(L, P, xv, nullptr, y);
+    else if (L.d == 4)
+      res = quantize_vector<kDn, 4>(L, P, xv, nullptr, y);
+    else
+      res = quantize_vector<kDn, 8>(L, P, xv, nullptr, y);
+    for (int i = 0; i < L.d; ++i) o[i] = (float)y[i];
+    T[r] = res.T;
+    clamped[r] = res.clamped;
+    err += res.error;
+  }
+  return err;
+}
+
 int64_t encode_f32(const LatticeView& L, const QuantParams& P, const float* x, int64_t N, uint8_t* b, uint8_t* T,
                    uint8_t* clamped) {
   return run_mode<1>(L, P, x, N, nullptr, b, T, clamped);

@@ -84,3 +84,24 @@ def test_decode_table_path_equals_reference(lat, q, M, beta):
     x = _inputs(cfg.dim, q, beta, seed=q + M)
     bt, Tt = encode(x, config=cfg, backend="torch")
     assert torch.equal(decode(bt, config=cfg, T=Tt, backend="native"), decode(bt, config=cfg, T=Tt, backend="torch"))
+
+
+@pytest.mark.parametrize("lat", ["D4", "D8", "E8"])
+@pytest.mark.parametrize("q,M", [(2, 3), (4, 2), (8, 2)])
+def test_quantize_one_lane_equals_reference(lat, q, M):
+    # fast_quant.h's quantize_one (the CUDA kernel's per-thread body) run on the CPU, one vector at a time
+    from coset.cuda import _ops
+    from coset.quant import quantize as qz
+
+    cfg = QuantizationConfig(lattice_type=lat, q=q, M=M, beta=0.3, max_scaling_iterations=4)
+    x = _inputs(cfg.dim, q, cfg.beta, n=3000, seed=q * M)
+    kind, d, G, Gi, eps, q_, M_, scales, rad, _ = _ops._consts(cfg.lattice, cfg, False)
+    out = torch.empty_like(x)
+    T = torch.empty(x.shape[0], dtype=torch.uint8)
+    cl = torch.empty(x.shape[0], dtype=torch.bool)
+    err = _C.quantize_lanes1_cpu(kind, d, G, Gi, eps, q_, M_, scales, rad, x.data_ptr(), x.shape[0], out.data_ptr(),
+                                 T.data_ptr(), cl.data_ptr())
+    assert err == 0
+    xt, Tt, ct = qz(x, config=cfg, backend="torch", return_info=True)
+    assert torch.equal(out, xt) and torch.equal(T, Tt) and torch.equal(cl, ct)
+    assert bool((Tt > 0).any()) and bool(ct.any())
