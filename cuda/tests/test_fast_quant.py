@@ -105,3 +105,15 @@ def test_quantize_one_lane_equals_reference(lat, q, M):
     xt, Tt, ct = qz(x, config=cfg, backend="torch", return_info=True)
     assert torch.equal(out, xt) and torch.equal(T, Tt) and torch.equal(cl, ct)
     assert bool((Tt > 0).any()) and bool(ct.any())
+
+
+@pytest.mark.parametrize("lat", ["D4", "D8", "E8"])
+@pytest.mark.parametrize("q,M,beta", [(4, 2, 0.25), (2, 3, 0.5), (8, 2, 2.0**-7)])
+def test_fast_quantize_float32_product_equals_reference(lat, q, M, beta):
+    # beta a power of two: the output product runs in float32 (scales[t] is a float32 value), incl. the ramp
+    cfg = QuantizationConfig(lattice_type=lat, q=q, M=M, beta=beta, max_scaling_iterations=4)
+    x = _inputs(cfg.dim, q, beta, seed=M)
+    xn, Tn, cn = quantize(x, config=cfg, backend="native", return_info=True)
+    xt, Tt, ct = quantize(x, config=cfg, backend="torch", return_info=True)
+    assert torch.equal(xn, xt) and torch.equal(Tn, Tt) and torch.equal(cn, ct)
+    assert bool((Tt > 0).any())
