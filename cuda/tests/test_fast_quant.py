@@ -99,8 +99,9 @@ def test_quantize_one_lane_equals_reference(lat, q, M):
     out = torch.empty_like(x)
     T = torch.empty(x.shape[0], dtype=torch.uint8)
     cl = torch.empty(x.shape[0], dtype=torch.bool)
-    err = _C.quantize_lanes1_cpu(kind, d, G, Gi, eps, q_, M_, scales, rad, x.data_ptr(), x.shape[0], out.data_ptr(),
-                                 T.data_ptr(), cl.data_ptr())
+    err = _C.quantize_lanes1_cpu(
+        kind, d, G, Gi, eps, q_, M_, scales, rad, x.data_ptr(), x.shape[0], out.data_ptr(), T.data_ptr(), cl.data_ptr()
+    )
     assert err == 0
     xt, Tt, ct = qz(x, config=cfg, backend="torch", return_info=True)
     assert torch.equal(out, xt) and torch.equal(T, Tt) and torch.equal(cl, ct)
