@@ -49,6 +49,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--n", type=int, default=1_000_000, help="number of scalars / 4 for the quantize tests")
+    ap.add_argument("--n-big", type=int, default=16_000_000, help="scalars of the DRAM-sized decode/clone test")
     args = ap.parse_args()
     out = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}".strip(", "),
@@ -77,6 +78,14 @@ def main() -> None:
         _C.set_fast_path(False)
         row["quantize_float64_kernels"] = both(lambda: quantize(x, config=cfg), args.reps)
         _C.set_fast_path(True)
+        # decode vs clone once more at a DRAM-sized tensor (the 1M-scalar tensors above stay in L3)
+        xb = torch.randn(args.n_big // d, d, generator=g)
+        bb, Tb = encode(xb, config=cfg)
+        row["big_vectors"] = xb.shape[0]
+        row["decode_big"] = both(lambda: decode(bb, config=cfg, T=Tb), max(2, args.reps // 2))
+        row["clone_big"] = both(lambda: xb.clone(), max(2, args.reps // 2))
+        del xb, bb, Tb
+        row["load_avg"] = os.getloadavg()[0]
         out["quant"].append(row)
         print(row, flush=True)
     for lat, q, M in (("D4", 4, 2), ("E8", 2, 4), ("E8", 4, 2)):
@@ -97,6 +106,7 @@ def main() -> None:
                     "fp32_bytes": W.numel() * 4,
                     "lut_gemv": both(lambda: lut_gemv(xq, CW), args.reps),
                     "linear": both(lambda: F.linear(xq, W), args.reps),
+                    "load_avg": os.getloadavg()[0],
                 }
                 out["gemv"].append(row)
                 print(row, flush=True)
@@ -118,21 +128,31 @@ def main() -> None:
             L.append(f"| {r['lattice']} | {op} | {c * 1e3:.2f} | {w * 1e3:.2f} | {c / fq[0]:.2f}x | {w / fq[1]:.2f}x |")
     L += [
         "",
-        "decode bandwidth fraction of clone (same bytes written; CPU / wall): "
+        "decode bandwidth fraction of clone (same bytes written; CPU 1 thread / wall 2 threads), "
+        f"{args.n * 4} scalars (16 MB in, 16 MB out; L3 is 32 MB): "
         + ", ".join(
             f"{r['lattice']} {r['clone'][0] / r['decode'][0]:.2f} / {r['clone'][1] / r['decode'][1]:.2f}"
             for r in out["quant"]
         ),
         "",
-        "| lattice | q | M | n x k | B | codes MiB | fp32 MiB | lut_gemv CPU (ms) | F.linear CPU (ms) | speedup CPU | lut_gemv wall | F.linear wall | speedup wall |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"same at {args.n_big} scalars (DRAM; ms decode / clone CPU): "
+        + ", ".join(
+            f"{r['lattice']} {r['clone_big'][0] / r['decode_big'][0]:.2f} / {r['clone_big'][1] / r['decode_big'][1]:.2f}"
+            f" ({r['decode_big'][0] * 1e3:.1f} / {r['clone_big'][0] * 1e3:.1f})"
+            for r in out["quant"]
+        ),
+        "",
+        "load average per lattice row: " + ", ".join(f"{r['lattice']} {r['load_avg']:.1f}" for r in out["quant"]),
+        "",
+        "| lattice | q | M | n x k | B | codes MiB | fp32 MiB | lut_gemv CPU (ms) | F.linear CPU (ms) | speedup CPU | lut_gemv wall | F.linear wall | speedup wall | load |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in out["gemv"]:
         lc, lw = r["lut_gemv"]
         fc, fw = r["linear"]
         L.append(
             f"| {r['lattice']} | {r['q']} | {r['M']} | {r['n']}x{r['k']} | {r['B']} | {r['code_bytes'] / 2**20:.1f} | "
-            f"{r['fp32_bytes'] / 2**20:.0f} | {lc * 1e3:.2f} | {fc * 1e3:.2f} | {fc / lc:.2f}x | {lw * 1e3:.2f} | {fw * 1e3:.2f} | {fw / lw:.2f}x |"
+            f"{r['fp32_bytes'] / 2**20:.0f} | {lc * 1e3:.2f} | {fc * 1e3:.2f} | {fc / lc:.2f}x | {lw * 1e3:.2f} | {fw * 1e3:.2f} | {fw / lw:.2f}x | {r['load_avg']:.1f} |"
         )
     (res / "kernels.md").write_text("\n".join(L) + "\n")
 

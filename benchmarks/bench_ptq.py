@@ -61,6 +61,7 @@ def methods(bits: int) -> list[tuple[str, MethodConfig]]:
             "GPTQ g128 act-order+clip",
             MethodConfig(method="gptq", bits=bits, group_size=128, act_order=True, clip_search=True),
         ),
+        ("HNLQ+rot+LDLQ+2 passes", MethodConfig.for_bits(bits, tune_iters=2)),
         ("HNLQ+rot", MethodConfig.for_bits(bits, method="hnlq_rot")),
         ("HNLQ RTN", MethodConfig.for_bits(bits, method="hnlq_rtn")),
     ] + (

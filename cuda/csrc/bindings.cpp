@@ -104,6 +104,16 @@ PYBIND11_MODULE(_C, m) {
   // float32 + integer fast path of encode/decode/quantize (fast_quant.h): on/off switch and the ISA in use
   m.def("set_fast_path", &coset::fq::set_enabled);
   m.def("fast_path_enabled", &coset::fq::enabled);
+  // quantize through fast_quant.h's quantize_one, one vector at a time (the CUDA kernel's path; for tests)
+  m.def("quantize_lanes1_cpu", [](int kind, int d, darr G, darr Ginv, py::object eps, int q, int M, darr scales,
+                                  double safe_radius, std::uintptr_t x, int64_t N, std::uintptr_t out,
+                                  std::uintptr_t T, std::uintptr_t clamped) {
+    Consts c = make_consts(kind, d, G, Ginv, eps, q, M, scales, 0, 0, safe_radius);
+    if (!coset::fq::applicable(c.L, c.P, nullptr)) throw std::invalid_argument("the fast path does not apply");
+    py::gil_scoped_release nogil;
+    return coset::fq::quantize_f32_lanes1(c.L, c.P, ptr<const float>(x), N, ptr<float>(out), ptr<uint8_t>(T),
+                                          ptr<uint8_t>(clamped));
+  });
   m.def("fast_path_isa", []() { return std::string(coset::fq::isa()); });
   // GEMV on codes (lut_gemv.h); coset/cuda/lut_gemv.py validates every argument
   m.def("lut_build_tables_cpu", [](std::uintptr_t x, int64_t ldx, std::uintptr_t A, int B, int K, int d, int64_t Q,

@@ -159,17 +159,7 @@ inline bool fast_layers(const LatticeView& L, const QuantParams& P, const RepTab
   closest_point<KIND, D>(L, g, lam);
   for (int m = 0; m < P.M; ++m) {
     uint64_t idx = 0;
-    for (int i = 0; i < d; ++i) {
-      double c;
-      if (KIND == kZn) {
-        c = lam[i];
-      } else {
-        double s = L.Ginv[i * d] * lam[0];
-        for (int j = 1; j < d; ++j) s = s + L.Ginv[i * d + j] * lam[j];
-        c = rint(s);
-      }
-      idx |= (uint64_t)remainder_q(c, P.q) << (k * i);
-    }
+    for (int i = 0; i < d; ++i) idx |= (uint64_t)remainder_q(basis_coord<KIND>(L, lam, d, i), P.q) << (k * i);
     idx_out[m] = idx;
     const double* rep = &tab.rep[idx * d];
     for (int i = 0; i < d; ++i) lam[i] = div_q(lam[i] - rep[i], qd, inv_q);
@@ -563,14 +553,7 @@ void bucket_modular_encode(const LatticeView& L, int64_t modulus, const float* x
           for (int i = 0; i < d; ++i) g[i] = (base + i < n ? (double)xe[base + i] : 0.0) / s;
           closest_point<KIND, D>(L, g, lam);
           for (int i = 0; i < d; ++i) {
-            double c;
-            if (KIND == kZn) {
-              c = lam[i];
-            } else {
-              double acc = L.Ginv[i * d] * lam[0];
-              for (int j = 1; j < d; ++j) acc = acc + L.Ginv[i * d + j] * lam[j];
-              c = rint(acc);
-            }
+            const double c = basis_coord<KIND>(L, lam, d, i);
             const int64_t ci = (int64_t)remainder_q(c, (int)modulus);  // hnlq_core.h (a mask for 2^k: no idiv)
             codes[f * d + i] = ci;
             if (base + i < n && resid) resid[base + i] = resid[base + i] - (float)(lam[i] * s);

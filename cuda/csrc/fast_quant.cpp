@@ -12,29 +12,15 @@
 #include <tuple>
 #include <vector>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
 #include "kernels.h"
+#include "parallel.h"
 
 namespace coset {
 namespace fq {
-
-// Run f(begin, end) over [0, n) in contiguous chunks on up to get_num_threads() threads.
-template <typename F>
-static void fq_parallel_for(int64_t n, int64_t grain, F&& f) {
-  if (n <= 0) return;
-  const int64_t nt = std::min<int64_t>(get_num_threads(), (n + grain - 1) / grain);
-  if (nt <= 1) {
-    f((int64_t)0, n);
-    return;
-  }
-  const int64_t chunk = (n + nt - 1) / nt;
-  std::vector<std::thread> pool;
-  for (int64_t t = 1; t < nt; ++t) {
-    const int64_t b = t * chunk, e = std::min(n, b + chunk);
-    if (b < e) pool.emplace_back([&f, b, e] { f(b, e); });
-  }
-  f((int64_t)0, std::min(n, chunk));
-  for (auto& th : pool) th.join();
-}
 
 namespace base {
 #include "fast_quant_impl.inc"
@@ -43,16 +29,21 @@ namespace base {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
 #define COSET_FQ_AVX2 1
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,bmi2")
+#define COSET_FQ_BMI2 1
+#define COSET_SIMD_AVX2 1  // (__AVX2__ is not defined by the target pragma)
 namespace avx2 {
 #include "fast_quant_impl.inc"
 }  // namespace avx2
+#undef COSET_SIMD_AVX2
+#undef COSET_FQ_BMI2
 #pragma GCC pop_options
 #endif
 
 static bool use_avx2() {
 #ifdef COSET_FQ_AVX2
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool ok =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
   return ok;
 #else
   return false;
@@ -125,17 +116,59 @@ int64_t quantize_f32(const LatticeView& L, const QuantParams& P, const float* x,
   return run_mode<0>(L, P, x, N, out, nullptr, T, clamped);
 }
 
+int64_t quantize_f32_lanes1(const LatticeView& L, const QuantParams& P, const float* x, int64_t N, float* out,
+                            uint8_t* T, uint8_t* clamped) {
+  IntConsts C;
+  if (!build_consts(L, C)) return -1;
+  int lq = 0;
+  while ((1 << lq) < P.q) ++lq;
+  float inv_s[65];
+  for (int t = 0; t < P.n_scales; ++t) inv_s[t] = (float)(1.0 / P.scales[t]);
+  int64_t err = 0;
+  for (int64_t r = 0; r < N; ++r) {
+    const float* xr = x + r * L.d;
+    float* o = out + r * L.d;
+    bool ok;
+    if (L.kind == kE8)
+      ok = quantize_one<kE8, 8>(C, xr, inv_s, P.scales, P.n_scales, lq, P.M, o, T[r]);
+    else if (L.d == 4)
+      ok = quantize_one<kDn, 4>(C, xr, inv_s, P.scales, P.n_scales, lq, P.M, o, T[r]);
+    else
+      ok = quantize_one<kDn, 8>(C, xr, inv_s, P.scales, P.n_scales, lq, P.M, o, T[r]);
+    clamped[r] = 0;
+    if (ok) continue;
+    double xv[kMaxDim], y[kMaxDim];  // the float64 kernels, as the CUDA kernel does
+    for (int i = 0; i < L.d; ++i) xv[i] = (double)xr[i];
+    EncodeResult res;
+    if (L.kind == kE8)
+      res = quantize_vector<kE8, 8>(L, P, xv, nullptr, y);
+    else if (L.d == 4)
+      res = quantize_vector<kDn, 4>(L, P, xv, nullptr, y);
+    else
+      res = quantize_vector<kDn, 8>(L, P, xv, nullptr, y);
+    for (int i = 0; i < L.d; ++i) o[i] = (float)y[i];
+    T[r] = res.T;
+    clamped[r] = res.clamped;
+    err += res.error;
+  }
+  return err;
+}
+
 int64_t encode_f32(const LatticeView& L, const QuantParams& P, const float* x, int64_t N, uint8_t* b, uint8_t* T,
                    uint8_t* clamped) {
   return run_mode<1>(L, P, x, N, nullptr, b, T, clamped);
 }
 
 // Representative tables h * a(b) for every label index, built with the float64 decoder of hnlq_core.h
-// (so they are the reference's representatives by construction) and cached per (lattice, q).
+// (so they are the reference's representatives by construction) and cached per (lattice, q), as int8 (every
+// entry fits for D4/D8/E8 with q <= 16, |h a_i| <= 2q; otherwise a8 stays empty and decode is not applicable).
+struct RepTable {
+  std::vector<int8_t> a8;
+};
 static std::mutex g_rep_mu;
-static std::map<std::tuple<int, int, int, std::vector<double>>, std::vector<int16_t>> g_reps;
+static std::map<std::tuple<int, int, int, std::vector<double>>, RepTable> g_reps;
 
-static const int16_t* rep_table(const LatticeView& L, int q) {
+static const RepTable& rep_table(const LatticeView& L, int q) {
   const int d = L.d;
   int64_t Q = 1;
   for (int i = 0; i < d; ++i) Q *= q;
@@ -143,11 +176,13 @@ static const int16_t* rep_table(const LatticeView& L, int q) {
   auto key = std::make_tuple(L.kind, d, q, key_eps);
   std::lock_guard<std::mutex> lock(g_rep_mu);
   auto it = g_reps.find(key);
-  if (it != g_reps.end()) return it->second.data();
-  std::vector<int16_t> A((size_t)(Q * d));
+  if (it != g_reps.end()) return it->second;
+  RepTable R;
+  std::vector<int16_t> a16((size_t)(Q * d));
   const double h = L.kind == kE8 ? 2.0 : 1.0;
   uint8_t b[kMaxDim];
   double a[kMaxDim];
+  bool fits8 = true;
   for (int64_t idx = 0; idx < Q; ++idx) {
     int64_t v = idx;
     for (int i = 0; i < d; ++i) {
@@ -160,9 +195,14 @@ static const int16_t* rep_table(const LatticeView& L, int q) {
       decode_lattice_units<kDn, 4>(L, q, 1, b, a);
     else
       decode_lattice_units<kDn, 8>(L, q, 1, b, a);
-    for (int i = 0; i < d; ++i) A[(size_t)(idx * d + i)] = (int16_t)(a[i] * h);
+    for (int i = 0; i < d; ++i) {
+      const int16_t e = (int16_t)(a[i] * h);
+      a16[(size_t)(idx * d + i)] = e;
+      fits8 &= e >= -128 && e <= 127;
+    }
   }
-  return g_reps.emplace(key, std::move(A)).first->second.data();
+  if (fits8) R.a8.assign(a16.begin(), a16.end());
+  return g_reps.emplace(key, std::move(R)).first->second;
 }
 
 bool decode_applicable(const LatticeView& L, const QuantParams& P, const double* z) {
@@ -171,12 +211,13 @@ bool decode_applicable(const LatticeView& L, const QuantParams& P, const double*
   for (int i = 0; i < L.d; ++i) Q *= P.q;
   int64_t span = 1;
   for (int m = 0; m < P.M; ++m) span *= P.q;
-  return Q <= 65536 && span * P.q * 4 < (1 << 30);  // the table stays small; int32 sums cannot overflow
+  // the table stays small; int32 sums cannot overflow; the representatives fit int8
+  return Q <= 65536 && span * P.q * 4 < (1 << 30) && !rep_table(L, P.q).a8.empty();
 }
 
 int64_t decode_f32(const LatticeView& L, const QuantParams& P, const uint8_t* b, const uint8_t* T, int64_t N,
                    float* out) {
-  const int16_t* A = rep_table(L, P.q);
+  const int8_t* A = rep_table(L, P.q).a8.data();
   const int h = L.kind == kE8 ? 2 : 1;
 #ifdef COSET_FQ_AVX2
   if (use_avx2()) return avx2::decode(L, P, A, h, b, T, N, out);

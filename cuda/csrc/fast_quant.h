@@ -232,17 +232,46 @@ FQ_HD void later_layers(const IntConsts& C, const I* P0, int lq, int M, I* B, I&
   ovl = mask(o != 0);
 }
 
+// ------------------------------------------------------------------------------------------ one vector
+// The whole float32 + integer path for one vector (LANES = 1): the CUDA kernel's per-thread body, also run on
+// the CPU by quantize_f32_lanes1 (tests compare it with the reference). x: D floats; inv_s[t] = float(1 /
+// scales[t]). Writes out (D floats) and T and returns true, or returns false when the vector must be redone
+// by the float64 kernels (a decision too close to call in float32, or still overloaded at the cap).
+template <int KIND, int D>
+FQ_HD bool quantize_one(const IntConsts& C, const float* x, const float* inv_s, const double* scales, int n_scales,
+                        int lq, int M, float* out, uint8_t& T) {
+  for (int t = 0; t < n_scales; ++t) {
+    int32_t P0[D];
+    int32_t bad = 0, ovl = 0;
+    first_layer<KIND, D, float, int32_t>(x, inv_s[t], P0, bad);
+    later_layers<KIND, D, float, int32_t>(C, P0, lq, M, (int32_t*)nullptr, ovl, bad);
+    if (bad) return false;
+    if (!ovl) {
+      const double s = scales[t] * (KIND == kE8 ? 0.5 : 1.0);  // P0 = h * lambda_0; 0.5 * s is exact
+      for (int i = 0; i < D; ++i) out[i] = (float)((double)P0[i] * s);
+      T = (uint8_t)t;
+      return true;
+    }
+  }
+  return false;
+}
+
+// Host helpers shared by the CPU drivers and the CUDA launcher (fast_quant.cpp).
+// applicable(): D4, D8 or E8; q a power of two; tie offset on; no dither or centring; overload protection on.
+bool applicable(const LatticeView& L, const QuantParams& P, const double* z);
+bool build_consts(const LatticeView& L, IntConsts& C);
+bool enabled();            // default on; env COSET_FAST_PATH=0 or set_enabled(false) turns it off
+
 #ifndef __CUDACC__
 // ------------------------------------------------------------------------------------------ CPU entry points
-// applicable(): D4, D8 or E8; q a power of two; tie offset on; no dither or centring; overload protection on.
 // The *_f32 functions take float32 in and out and return the number of "error"-policy failures (-1 if the
 // lattice constants do not suit the integer path; the caller then uses the float64 kernels).
-bool applicable(const LatticeView& L, const QuantParams& P, const double* z);
 bool decode_applicable(const LatticeView& L, const QuantParams& P, const double* z);
-bool build_consts(const LatticeView& L, IntConsts& C);
 const char* isa();
-bool enabled();            // default on; env COSET_FAST_PATH=0 or set_enabled(false) turns it off
 void set_enabled(bool on);
+// quantize_f32 through quantize_one, one vector at a time (the CUDA kernel's code path, for tests)
+int64_t quantize_f32_lanes1(const LatticeView& L, const QuantParams& P, const float* x, int64_t N, float* out,
+                            uint8_t* T, uint8_t* clamped);
 int64_t quantize_f32(const LatticeView& L, const QuantParams& P, const float* x, int64_t N, float* out, uint8_t* T,
                      uint8_t* clamped);
 int64_t encode_f32(const LatticeView& L, const QuantParams& P, const float* x, int64_t N, uint8_t* b, uint8_t* T,

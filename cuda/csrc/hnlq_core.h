@@ -138,6 +138,16 @@ COSET_HD void closest_point(const LatticeView& L, const double* xin, double* y) 
 }
 
 // ------------------------------------------------------------------------------------------ encode
+// Coordinate i of the lattice point lam in the basis: rint((G^-1 lam)_i), summed left to right (exact: G^-1 is
+// dyadic), or lam_i itself on Z^n. The labels are these coordinates mod q.
+template <int KIND>
+COSET_HD double basis_coord(const LatticeView& L, const double* lam, int d, int i) {
+  if (KIND == kZn) return lam[i];
+  double s = L.Ginv[i * d] * lam[0];
+  for (int j = 1; j < d; ++j) s = s + L.Ginv[i * d + j] * lam[j];
+  return rint(s);
+}
+
 // Algorithm 1 on g (lattice units, float64). Writes M*d labels (as uint8, only if LABELS) and returns true
 // on overload. lam0 (optional) receives lambda_0 = Q(g).
 template <int KIND, int D, bool LABELS = true>
@@ -151,17 +161,7 @@ COSET_HD bool encode_layers(const LatticeView& L, int q, int M, const double* gi
   for (int m = 0; m < M; ++m) {
     closest_point<KIND, D>(L, g, lam);
     if (LABELS) {
-      for (int i = 0; i < d; ++i) {
-        double c;
-        if (KIND == kZn) {
-          c = lam[i];
-        } else {
-          double s = L.Ginv[i * d] * lam[0];
-          for (int j = 1; j < d; ++j) s = s + L.Ginv[i * d + j] * lam[j];
-          c = rint(s);
-        }
-        b[m * d + i] = (uint8_t)remainder_q(c, q);
-      }
+      for (int i = 0; i < d; ++i) b[m * d + i] = (uint8_t)remainder_q(basis_coord<KIND>(L, lam, d, i), q);
     }
     if (m == 0 && lam0)
       for (int i = 0; i < d; ++i) lam0[i] = lam[i];

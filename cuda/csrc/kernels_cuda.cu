@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "fast_quant.h"
 #include "kernels.h"
 
 namespace coset {
@@ -167,6 +168,43 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(const DevConsts c, c
   store_tile(out, N, d, row0, tile);
 }
 
+// The float32 + integer path (fast_quant.h): quantize_one per thread, the float64 kernels for the vectors it
+// hands back. The same per-vector code runs on the CPU in fq::quantize_f32_lanes1 (tests/test_fast_quant.py).
+struct FastScales {
+  float inv_s[kMaxScales];
+  int lq;
+};
+
+template <int KIND, int D>
+__global__ void __launch_bounds__(kThreads) fast_quantize_kernel(const DevConsts c, const fq::IntConsts C,
+                                                                 const FastScales fs, const float* __restrict__ x,
+                                                                 int64_t N, float* __restrict__ out,
+                                                                 uint8_t* __restrict__ T,
+                                                                 uint8_t* __restrict__ clamped, int32_t* errors) {
+  __shared__ DevConsts sc;
+  LatticeView L;
+  QuantParams P;
+  load_consts(c, sc, L, P);
+  const int64_t r = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (r >= N) return;
+  float xv[D], o[D];
+  for (int i = 0; i < D; ++i) xv[i] = x[r * D + i];
+  uint8_t t = 0;
+  if (fq::quantize_one<KIND, D>(C, xv, fs.inv_s, P.scales, P.n_scales, fs.lq, P.M, o, t)) {
+    for (int i = 0; i < D; ++i) out[r * D + i] = o[i];
+    if (T) T[r] = t;
+    if (clamped) clamped[r] = 0;
+    return;
+  }
+  double xd[D], y[D];
+  for (int i = 0; i < D; ++i) xd[i] = (double)xv[i];
+  const EncodeResult res = quantize_vector<KIND, D>(L, P, xd, nullptr, y);
+  for (int i = 0; i < D; ++i) out[r * D + i] = (float)y[i];
+  if (T) T[r] = res.T;
+  if (clamped) clamped[r] = res.clamped;
+  if (res.error) atomicAdd(errors, 1);
+}
+
 template <typename F>
 void dispatch_lattice(int kind, int d, F&& f) {
   if (kind == kZn) {
@@ -297,6 +335,21 @@ int quantize_cuda(const LatticeView& L, const QuantParams& P, const void* x, int
   const DevConsts c = pack(L, P);
   cudaStream_t st = (cudaStream_t)stream;
   const unsigned blocks = blocks_for(N, kThreads);
+  fq::IntConsts C;
+  if (!x_is_double && fq::enabled() && fq::applicable(L, P, z) && fq::build_consts(L, C)) {
+    FastScales fs{};
+    while ((1 << fs.lq) < P.q) ++fs.lq;
+    for (int t = 0; t < P.n_scales && t < kMaxScales; ++t) fs.inv_s[t] = (float)(1.0 / P.scales[t]);
+    const float* xf = (const float*)x;
+    float* of = (float*)out;
+    if (L.kind == kE8)
+      fast_quantize_kernel<kE8, 8><<<blocks, kThreads, 0, st>>>(c, C, fs, xf, N, of, T, clamped, errors);
+    else if (L.d == 4)
+      fast_quantize_kernel<kDn, 4><<<blocks, kThreads, 0, st>>>(c, C, fs, xf, N, of, T, clamped, errors);
+    else
+      fast_quantize_kernel<kDn, 8><<<blocks, kThreads, 0, st>>>(c, C, fs, xf, N, of, T, clamped, errors);
+    return (int)cudaGetLastError();
+  }
   dispatch_lattice(L.kind, L.d, [&](auto KI, auto DI) {
     constexpr int KIND = decltype(KI)::value, D = decltype(DI)::value;
     // the Python side always passes out dtype == in dtype (float32 or float64)

@@ -66,3 +66,55 @@ def test_decode_rejects_bad_labels():
     b[1, 0, 2] = 4
     with pytest.raises(ValueError):
         decode(b, config=cfg, backend="native")
+
+
+@pytest.mark.parametrize("lat", ["D4", "D8", "E8"])
+@pytest.mark.parametrize("q,M,beta", [(4, 2, 0.25), (2, 4, 0.5), (16, 1, 0.125), (4, 3, 0.3)])
+def test_decode_table_path_equals_reference(lat, q, M, beta):
+    # beta a power of two: every scales[t] / h is a float32 value, so the decoder multiplies in float32 (one
+    # rounding of the exact product); beta = 0.3 takes the float64 lanes. Random labels cover every index.
+    cfg = QuantizationConfig(lattice_type=lat, q=q, M=M, beta=beta, max_scaling_iterations=6)
+    g = torch.Generator().manual_seed(q * 10 + M)
+    n = 5000
+    b = torch.randint(0, q, (n, M, cfg.dim), generator=g, dtype=torch.uint8)
+    T = torch.randint(0, 7, (n,), generator=g, dtype=torch.uint8)
+    yn = decode(b, config=cfg, T=T, backend="native")
+    yt = decode(b, config=cfg, T=T, backend="torch")
+    assert torch.equal(yn, yt)
+    x = _inputs(cfg.dim, q, beta, seed=q + M)
+    bt, Tt = encode(x, config=cfg, backend="torch")
+    assert torch.equal(decode(bt, config=cfg, T=Tt, backend="native"), decode(bt, config=cfg, T=Tt, backend="torch"))
+
+
+@pytest.mark.parametrize("lat", ["D4", "D8", "E8"])
+@pytest.mark.parametrize("q,M", [(2, 3), (4, 2), (8, 2)])
+def test_quantize_one_lane_equals_reference(lat, q, M):
+    # fast_quant.h's quantize_one (the CUDA kernel's per-thread body) run on the CPU, one vector at a time
+    from coset.cuda import _ops
+    from coset.quant import quantize as qz
+
+    cfg = QuantizationConfig(lattice_type=lat, q=q, M=M, beta=0.3, max_scaling_iterations=4)
+    x = _inputs(cfg.dim, q, cfg.beta, n=3000, seed=q * M)
+    kind, d, G, Gi, eps, q_, M_, scales, rad, _ = _ops._consts(cfg.lattice, cfg, False)
+    out = torch.empty_like(x)
+    T = torch.empty(x.shape[0], dtype=torch.uint8)
+    cl = torch.empty(x.shape[0], dtype=torch.bool)
+    err = _C.quantize_lanes1_cpu(
+        kind, d, G, Gi, eps, q_, M_, scales, rad, x.data_ptr(), x.shape[0], out.data_ptr(), T.data_ptr(), cl.data_ptr()
+    )
+    assert err == 0
+    xt, Tt, ct = qz(x, config=cfg, backend="torch", return_info=True)
+    assert torch.equal(out, xt) and torch.equal(T, Tt) and torch.equal(cl, ct)
+    assert bool((Tt > 0).any()) and bool(ct.any())
+
+
+@pytest.mark.parametrize("lat", ["D4", "D8", "E8"])
+@pytest.mark.parametrize("q,M,beta", [(4, 2, 0.25), (2, 3, 0.5), (8, 2, 2.0**-7)])
+def test_fast_quantize_float32_product_equals_reference(lat, q, M, beta):
+    # beta a power of two: the output product runs in float32 (scales[t] is a float32 value), incl. the ramp
+    cfg = QuantizationConfig(lattice_type=lat, q=q, M=M, beta=beta, max_scaling_iterations=4)
+    x = _inputs(cfg.dim, q, beta, seed=M)
+    xn, Tn, cn = quantize(x, config=cfg, backend="native", return_info=True)
+    xt, Tt, ct = quantize(x, config=cfg, backend="torch", return_info=True)
+    assert torch.equal(xn, xt) and torch.equal(Tn, Tt) and torch.equal(cn, ct)
+    assert bool((Tt > 0).any())

@@ -33,6 +33,20 @@ def test_lut_gemv_matches_dequantized(lat, q, M, B):
     _check(lut_gemv(x[0], CW).unsqueeze(0), x[:1], Wd)
 
 
+@pytest.mark.parametrize("lat,q,M,k", [("D4", 4, 2, 18), ("D4", 3, 2, 17), ("E8", 2, 4, 41), ("E8", 3, 1, 16)])
+@pytest.mark.parametrize("B", [1, 2, 4, 8])
+def test_lut_gemv_codebook_and_tables_agree(lat, q, M, k, B):
+    # odd number of D4 blocks (the pair kernel's tail), q not a power of two (Horner by multiplication)
+    cfg = QuantizationConfig(lattice_type=lat, q=q, M=M, beta=0.25)
+    g = torch.Generator().manual_seed(k + B)
+    CW = CodedWeight.from_dense(torch.randn(23, k, generator=g) * 2, cfg)
+    x = torch.randn(B, k, generator=g)
+    Wd = CW.dequantize()
+    _check(lut_gemv(x, CW, method="codebook"), x, Wd)
+    if q**cfg.dim <= 256:
+        _check(lut_gemv(x, CW, method="tables"), x, Wd)
+
+
 def test_dequantize_equals_reference_decode():
     from coset.quant import decode, to_blocks
 

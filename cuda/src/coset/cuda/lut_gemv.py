@@ -5,12 +5,13 @@
 uint8 scale step ``T`` (scale ``config.scales[T]``). :func:`lut_gemv` computes ``x @ Ŵ.T`` for 1..8
 queries at a time:
 
-* ``q^d <= 256`` (D4 q=4, E8 q=2, ...): one-sided tables ``tab[k, i, j] = <a_i, x_j,k>`` (paper.md §6)
-  built once per call (``K * q^d * B`` floats, 1 MiB for k = 4096, B = 1), then M lookups per block and
-  row; threads over rows.
-* larger ``q^d`` (E8 q=4: 65536 entries per block, too many for per-query tables): the codebook of
-  representatives ``h * a_i`` as int8 (512 KiB, shared by all blocks), ``v = sum_m q^m A[idx_m]`` exact in
-  int32, then ``<v, x_k>``.
+* codebook (the default whenever ``h * a_i`` fits int8, which covers D4/E8 with q <= 16): the
+  representatives ``h * a_i`` as int8 (1 KiB for D4 q=4, 2 KiB for E8 q=2, 512 KiB for E8 q=4; shared by all
+  blocks and queries), ``v = sum_m q^m A[idx_m]`` exact in int32 lanes (one pmovsx per lookup), then one
+  vertical FMA per query with ``x_k`` (D4: two blocks per 8-lane vector); threads over rows. Measured faster
+  than the tables below on every benchmark shape (benchmarks/results/kernels.md).
+* one-sided tables ``tab[k, i, j] = <a_i, x_j,k>`` (paper.md §6, ``q^d <= 256``; ``method="tables"``) built
+  once per call (``K * q^d * B`` floats), then M lookups per block and row.
 
 Both accumulate in float32 (the dense ``F.linear`` does too); the result equals ``x @ Ŵ.T`` up to float32
 summation order (tests: relative 1e-5 of ``|x| @ |Ŵ|.T``).
@@ -151,7 +152,22 @@ def _kernel_tables(config: QuantizationConfig):
     else:
         a_i8 = a_h.to(torch.int8).contiguous()
     scales = torch.tensor(config.scales, dtype=torch.float64).to(torch.float32).contiguous()
-    return a.to(torch.float32).contiguous(), a_i8, h, scales
+    return a.to(torch.float32).contiguous(), a_i8, h, scales, _pair_table(config, a_i8)
+
+
+def _pair_table(config: QuantizationConfig, a_i8: torch.Tensor | None) -> torch.Tensor | None:
+    """Codebook of two layers at once, ``A2[i0 + 256 i1] = A[i0] + q A[i1]`` (int8), when ``q^d <= 256``, M is
+    even and the sums fit int8: then the uint8 indices of layers (2m, 2m+1) read as one little-endian uint16
+    index and the kernel does M/2 lookups per block with ``q^2`` in place of ``q`` (same exact integers)."""
+    Q = config.q**config.dim
+    if a_i8 is None or Q > 256 or config.M % 2:
+        return None
+    a = a_i8.to(torch.int32)
+    a2 = torch.zeros(256, 256, config.dim, dtype=torch.int32)
+    a2[:Q, :Q] = a.unsqueeze(0) + config.q * a.unsqueeze(1)  # [i1, i0]: index i0 + 256 i1
+    if a2.abs().max() > 127:
+        return None
+    return a2.reshape(65536, config.dim).to(torch.int8).contiguous()
 
 
 def lut_gemv(x: torch.Tensor, W: CodedWeight, *, method: str = "auto") -> torch.Tensor:
@@ -161,7 +177,7 @@ def lut_gemv(x: torch.Tensor, W: CodedWeight, *, method: str = "auto") -> torch.
     ----------
     x : (k,) or (B, k) float tensor (any B; the kernel runs 8 queries per pass), finite
     W : CodedWeight (n, k)
-    method : "auto" (tables when q^d <= 256, else codebook), "tables" or "codebook"
+    method : "auto" (codebook when the representatives fit int8, else tables), "tables" or "codebook"
 
     Returns
     -------
@@ -183,9 +199,9 @@ def lut_gemv(x: torch.Tensor, W: CodedWeight, *, method: str = "auto") -> torch.
         return lut_gemv(x.unsqueeze(0), W, method=method)[0]
     c = W.config
     d, K, M, Q = c.dim, W.idx.shape[1], c.M, c.q**c.dim
-    af, ai8, h, scales = _kernel_tables(c)
-    if method == "auto":
-        method = "tables" if Q <= 256 else "codebook"
+    af, ai8, h, scales, a2 = _kernel_tables(c)
+    if method == "auto":  # the int8 codebook kernel is the faster one wherever it applies (benchmarks/results)
+        method = "codebook" if ai8 is not None else "tables"
     if method == "codebook" and ai8 is None:
         raise ValueError("codebook method: the representatives do not fit int8")
     xb = x.to(torch.float32)
@@ -223,20 +239,24 @@ def lut_gemv(x: torch.Tensor, W: CodedWeight, *, method: str = "auto") -> torch.
             )
         else:
             xh = (xj / h).contiguous()  # exact (h is 1 or 2)
+            if a2 is not None and W.idx.is_contiguous():  # two layers per lookup (see _pair_table)
+                idx, ibk, Mk, qk, A = W.idx.view(torch.int16), 2, M // 2, c.q * c.q, a2
+            else:
+                idx, ibk, Mk, qk, A = W.idx, ib, M, c.q, ai8
             _C.lut_gemv_codebook_cpu(
-                W.idx.data_ptr(),
-                ib,
+                idx.data_ptr(),
+                ibk,
                 W.T.data_ptr(),
                 scales.data_ptr(),
                 0,
-                ai8.data_ptr(),
+                A.data_ptr(),
                 d,
                 xh.data_ptr(),
                 K * d,
                 n,
                 K,
-                M,
-                c.q,
+                Mk,
+                qk,
                 Bk,
                 res.data_ptr(),
             )
