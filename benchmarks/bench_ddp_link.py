@@ -112,7 +112,8 @@ def _register(ddp, method: str):
         st = HNLQHookState(config=default_config(8, 2), mode="modular", chunk_size=256, **kw)
     else:
         raise ValueError(f"unknown method {method!r}")
-    st.native = not method.removesuffix("-s0").endswith("-py")  # read by coset.dist.fast_codec (native bucket codec when built)
+    # read by coset.dist.fast_codec (the native bucket codec when built)
+    st.native = not method.removesuffix("-s0").endswith("-py")
     ddp.register_comm_hook(st, hnlq_hook)
     return st
 
