@@ -56,7 +56,7 @@ METHODS = [
     "hnlq-modular-q8",
 ]
 EXTRA = ["hnlq-allgather-py", "hnlq-modular-q4-py"]  # the pure-Python codec (native bucket codec disabled)
-EXTRA += [m + "-s0" for m in METHODS if m.startswith("hnlq")]  # no fp32 warm-up steps
+EXTRA += [m + "-s2" for m in METHODS if m.startswith("hnlq")]  # 2 fp32 warm-up steps instead of 10
 PORT = 29611
 
 
@@ -101,9 +101,10 @@ def _register(ddp, method: str):
         )
         ddp.register_comm_hook(st, powerSGD_hook.powerSGD_hook)
         return st
-    # "-s0": compress from the first step (HNLQ with error feedback needs no fp32 warm-up, unlike PowerSGD)
-    kw = dict(error_feedback=True, start_iter=0 if method.endswith("-s0") else START_ITER)
-    base = method.removesuffix("-s0").removesuffix("-py")
+    # "-s2": compress from step 2, the earliest coset.dist allows (DDP rebuilds its buckets after step 0); HNLQ with
+    # error feedback needs no longer fp32 warm-up, unlike PowerSGD
+    kw = dict(error_feedback=True, start_iter=2 if method.endswith("-s2") else START_ITER)
+    base = method.removesuffix("-s2").removesuffix("-py")
     if base == "hnlq-allgather":
         st = HNLQHookState(config=default_config(4, 2), mode="allgather", **kw)
     elif base == "hnlq-modular-q4":
@@ -113,7 +114,7 @@ def _register(ddp, method: str):
     else:
         raise ValueError(f"unknown method {method!r}")
     # read by coset.dist.fast_codec (the native bucket codec when built)
-    st.native = not method.removesuffix("-s0").endswith("-py")
+    st.native = not method.removesuffix("-s2").endswith("-py")
     ddp.register_comm_hook(st, hnlq_hook)
     return st
 

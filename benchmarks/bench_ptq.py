@@ -326,6 +326,39 @@ def _code(cfg: dict) -> str:
     return f"int{cfg['bits']} {g}" + (" act" if cfg["act_order"] else "") + (" clip" if cfg["clip_search"] else "")
 
 
+def _table(model: str, runs: list) -> list[str]:
+    if model == "minilm":
+        lines = [
+            "| bits | method | code | all-in b/w | cos mean | cos p5 | cos min | top-10 overlap | recall@10 | "
+            "Spearman | rel. proxy | quant CPU s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+    else:
+        lines = [
+            "| bits | method | code | all-in b/w | ppl | ppl ratio | KL | top-1 agree | rel. proxy | quant CPU s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+    for r in sorted(runs, key=lambda r: (-r["bits_class"], r["method"])):
+        if "error" in r:
+            lines.append(f"| {r['bits_class']} | {r['method']} | error: {r['error'][:80]} |")
+            continue
+        x, head = (
+            r["metrics"],
+            f"| {r['bits_class']} | {r['method']} | {_code(r['config'])} | {r['all_in_bits']:.3f} | ",
+        )
+        if model == "minilm":
+            lines.append(
+                head + f"{x['cos_mean']:.4f} | {x['cos_p5']:.4f} | {x['cos_min']:.4f} | {x['overlap_at_k']:.3f} | "
+                f"{x['recall_top1_at_k']:.3f} | {x['spearman']:.4f} | {r['rel_proxy']:.3g} | {r['quant_cpu_s']:.0f} |"
+            )
+        else:
+            lines.append(
+                head + f"{x['ppl_q']:.3f} | {x['ppl_ratio']:.4f} | {x['kl']:.4f} | {x['top1_agree']:.3f} | "
+                f"{r['rel_proxy']:.3g} | {r['quant_cpu_s']:.0f} |"
+            )
+    return lines
+
+
 def report(args) -> None:
     out = {"models": {}}
     lines = [
@@ -363,37 +396,17 @@ def report(args) -> None:
             f"{m.get('hessian_s', 0):.0f} s.",
             "",
         ]
-        if model == "minilm":
+        lines += _table(model, d["runs"])
+        for extra in sorted(RESULTS.glob(f"ptq_{model}_n*.json")):  # the same protocol with more calibration
+            e = json.loads(extra.read_text())
             lines += [
-                "| bits | method | code | all-in b/w | cos mean | cos p5 | cos min | top-10 overlap | recall@10 | "
-                "Spearman | rel. proxy | quant CPU s |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|",
+                "",
+                f"Same protocol, calibration windows {e['meta']['calibration']['windows']} ({extra.name}; Hessians "
+                f"{e['meta'].get('hessian_s', 0):.0f} s):",
+                "",
+                *_table(model, e["runs"]),
             ]
-        else:
-            lines += [
-                "| bits | method | code | all-in b/w | ppl | ppl ratio | KL | top-1 agree | rel. proxy | quant CPU s |",
-                "|---|---|---|---|---|---|---|---|---|---|",
-            ]
-        for r in sorted(d["runs"], key=lambda r: (-r["bits_class"], r["method"])):
-            if "error" in r:
-                lines.append(f"| {r['bits_class']} | {r['method']} | error: {r['error'][:80]} |")
-                continue
-            x = r["metrics"]
-            if model == "minilm":
-                lines.append(
-                    f"| {r['bits_class']} | {r['method']} | {_code(r['config'])} | {r['all_in_bits']:.3f} | "
-                    f"{x['cos_mean']:.4f} | "
-                    f"{x['cos_p5']:.4f} | {x['cos_min']:.4f} | {x['overlap_at_k']:.3f} | "
-                    f"{x['recall_top1_at_k']:.3f} | {x['spearman']:.4f} | {r['rel_proxy']:.3g} | "
-                    f"{r['quant_cpu_s']:.0f} |"
-                )
-            else:
-                lines.append(
-                    f"| {r['bits_class']} | {r['method']} | {_code(r['config'])} | {r['all_in_bits']:.3f} | "
-                    f"{x['ppl_q']:.3f} | "
-                    f"{x['ppl_ratio']:.4f} | {x['kl']:.4f} | {x['top1_agree']:.3f} | {r['rel_proxy']:.3g} | "
-                    f"{r['quant_cpu_s']:.0f} |"
-                )
+            d.setdefault("more_calibration", []).append(e)
         if "sequential" in d:
             s = d["sequential"]
             rp = s["report"]
