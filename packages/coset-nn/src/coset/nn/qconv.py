@@ -25,6 +25,23 @@ else:
     _ConvBase = object
 
 
+def _meta_conv_args(m: Any) -> dict[str, Any]:
+    """Constructor arguments of a convolution like ``m`` (float or quantized), on the meta device."""
+    return dict(
+        in_channels=m.in_channels,
+        out_channels=m.out_channels,
+        kernel_size=m.kernel_size,
+        stride=m.stride,
+        padding=m.padding,
+        dilation=m.dilation,
+        groups=m.groups,
+        bias=m.bias is not None,
+        padding_mode=m.padding_mode,
+        device="meta",
+        dtype=m.weight.dtype,
+    )
+
+
 class _QConvMixin(QuantLayerMixin, _ConvBase):
     _feature_dim = 1
     _float_cls: type = nn.Conv2d
@@ -73,20 +90,7 @@ class _QConvMixin(QuantLayerMixin, _ConvBase):
         ):
             raise TypeError(f"mod must be an nn.{cls._float_cls.__name__}, got {type(mod).__name__}")
         m: Any = mod  # a torch convolution (checked above)
-        q = cls(
-            m.in_channels,
-            m.out_channels,
-            m.kernel_size,
-            stride=m.stride,
-            padding=m.padding,
-            dilation=m.dilation,
-            groups=m.groups,
-            bias=m.bias is not None,
-            padding_mode=m.padding_mode,
-            device="meta",
-            dtype=m.weight.dtype,
-            qconfig=qconfig,
-        )
+        q = cls(**_meta_conv_args(m), qconfig=qconfig)
         q.weight = m.weight
         q.bias = m.bias
         q._init_quant(q.qconfig)
@@ -95,19 +99,7 @@ class _QConvMixin(QuantLayerMixin, _ConvBase):
 
     def to_float(self, use_quantized: bool = False):
         """The float convolution with the shadow weight (shared) or a copy of the quantized weight."""
-        conv = self._float_cls(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            groups=self.groups,
-            bias=self.bias is not None,
-            padding_mode=self.padding_mode,
-            device="meta",
-            dtype=self.weight.dtype,
-        )
+        conv = self._float_cls(**_meta_conv_args(self))
         if use_quantized and self.qconfig.weight is not None:
             conv.weight = nn.Parameter(self.quantized_weight().clone())
         else:
