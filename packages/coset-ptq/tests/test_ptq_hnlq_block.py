@@ -148,3 +148,15 @@ def test_side_information_budget_is_respected():
         for mt in (0.0, 0.05):
             met = quantize_linear(W, H, MethodConfig(method=method, max_t_bits=mt, scale_rows=16), name="b")[2]
             assert met["t_stored_bits"] <= mt
+
+
+def test_for_bits_codes_have_the_rate_and_refuse_other_rates():
+    from coset.ptq.hnlq_block import MethodConfig
+
+    for bits in (2, 3, 4):
+        assert MethodConfig.for_bits(bits).nominal_bits == bits  # M log2 q label bits per weight
+    assert MethodConfig.for_bits(4, q=4, M=2, center=True).nominal_bits == 4
+    assert MethodConfig.for_bits(3, method="gptq").method == "gptq"
+    for bad in (1, 5, "4", 4.0):
+        with pytest.raises(ValueError, match="bits"):
+            MethodConfig.for_bits(bad)

@@ -171,7 +171,7 @@ class MethodConfig:
         rate, and SmolLM2-135M perplexity ratio 1.047 vs 1.079; docs/ptq.md), 3: q=8 M=1, 2: q=4 M=1 centred.
         ``overrides`` go to the constructor (e.g. ``q=4, M=2`` for the hierarchical 4-bit code).
         """
-        if bits not in RATE_CODES:
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in RATE_CODES:
             raise ValueError(f"bits must be one of {sorted(RATE_CODES)}, got {bits!r}")
         return cls(method=method, lattice=lattice, **(RATE_CODES[bits] | overrides))
 
