@@ -6,6 +6,8 @@
 * :func:`bits_per_weight` — nominal and all-in bits/weight from the saved (or to-be-saved) bytes.
 * :func:`quantize_` (:class:`PTQConfig`, :class:`MethodConfig`) — quantize a model's linears in place;
   :func:`quantize_linear` — one layer.
+* :func:`finetune_` (:class:`FinetuneConfig`) — tune the norms and per-layer scales end to end against the float
+  model (:func:`clone_reference`), at no cost in bits.
 * ``import coset.ptq.hf`` (extra ``[hf]``) registers ``quant_method "coset"`` with transformers' ``from_pretrained``.
 
 Submodules are imported on first attribute access, so ``import coset.ptq`` stays light and never imports
@@ -34,6 +36,10 @@ _LAZY = {
     "PTQReport": "api",
     "MethodConfig": "hnlq_block",
     "quantize_linear": "hnlq_block",
+    "finetune_": "finetune",
+    "FinetuneConfig": "finetune",
+    "FinetuneReport": "finetune",
+    "clone_reference": "finetune",
 }
 
 __all__ = sorted(_LAZY)

@@ -1,0 +1,282 @@
+"""End-to-end tuning of the free continuous parameters of a quantized model against its float original.
+
+After post-training quantization every code is fixed, but some numbers remain continuous and cost nothing
+extra on disk: the normalisation weights (RMSNorm / LayerNorm, stored in float anyway) and the one float
+scale per quantized layer (``HNLQLinear.scale``). QuIP# (Tseng et al. 2024, §5 "fine-tuning") tunes such
+parameters end to end against the float model's soft outputs; this is that step restricted to parameters
+that do not change the all-in bits.
+
+Objective on each calibration batch: ``KL(p_float ‖ p_quantized)`` of the next-token distributions when the
+model returns ``logits``, otherwise the mean squared error of ``last_hidden_state`` relative to the float
+model's mean square (encoders). Adam on the chosen parameters; a held-out part of the calibration data is
+scored before and after, and the parameters are restored when tuning did not lower the held-out loss — the
+call never leaves the model worse on its own validation data.
+
+Each tunable layer gets a multiplicative gain ``g`` (initialised to 1) on its output ``W x``; afterwards the
+gain is folded into the layer: ``HNLQLinear.scale *= g`` (exact: the labels are unchanged) or, for a float
+``nn.Linear`` holding a dequantized weight, ``weight *= g``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import HNLQLinear
+
+__all__ = ["FinetuneConfig", "FinetuneReport", "clone_reference", "finetune_"]
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """How to tune (frozen, validated).
+
+    Attributes
+    ----------
+    steps : optimizer steps (each on one calibration batch, cycling)
+    lr : Adam learning rate of the norm weights and of the log-gains
+    norms : tune the weights of normalisation layers (modules with ``Norm`` in their class name)
+    scales : tune one gain per quantized linear (folded into its scale)
+    holdout : calibration batches kept aside to score the tuning (at least 1)
+    """
+
+    steps: int = 64
+    lr: float = 5e-4
+    norms: bool = True
+    scales: bool = True
+    holdout: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "holdout"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, int | float) or not (0 < self.lr < math.inf):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        for name in ("norms", "scales"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+        if not (self.norms or self.scales):
+            raise ValueError("at least one of norms / scales must be tuned")
+
+
+@dataclass
+class FinetuneReport:
+    """Held-out loss before/after, the training losses, and what was tuned."""
+
+    holdout_before: float = math.nan
+    holdout_after: float = math.nan
+    kept: bool = False
+    train_losses: list[float] = field(default_factory=list)
+    n_norm_params: int = 0
+    n_gains: int = 0
+    seconds: float = 0.0
+    objective: str = ""
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _ids(batch: Any) -> dict[str, torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        if batch.dtype != torch.long or batch.ndim != 2:
+            raise ValueError(
+                f"calibration batches must be (b, seqlen) LongTensors, got {batch.dtype} {tuple(batch.shape)}"
+            )
+        return {"input_ids": batch}
+    if isinstance(batch, dict) and "input_ids" in batch:
+        return dict(batch)
+    raise TypeError(f"a calibration batch must be a LongTensor or a mapping with input_ids, got {type(batch).__name__}")
+
+
+def _output(out: Any) -> tuple[str, torch.Tensor]:
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, dict):
+        logits = out.get("logits")
+    if logits is not None:
+        return "kl", logits
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None and isinstance(out, dict):
+        hidden = out.get("last_hidden_state")
+    if hidden is None and isinstance(out, torch.Tensor):
+        hidden = out
+    if hidden is None:
+        raise TypeError("the model output has neither logits nor last_hidden_state")
+    return "mse", hidden
+
+
+def _loss(kind: str, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    if kind == "kl":
+        # logits (b, s, V): predict the next token, so every position counts
+        lq = F.log_softmax(student.float().flatten(0, -2), dim=-1)
+        lp = F.log_softmax(teacher.float().flatten(0, -2), dim=-1)
+        return F.kl_div(lq, lp, log_target=True, reduction="batchmean")
+    t = teacher.float()
+    return (student.float() - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-30)
+
+
+class _Gain:
+    """A forward hook multiplying ``W x`` (the output minus the bias) by a trainable gain ``exp(log_g)``."""
+
+    def __init__(self, mod: nn.Module):
+        self.mod = mod
+        self.log_g = nn.Parameter(torch.zeros((), dtype=torch.float32))
+        self.handle = mod.register_forward_hook(self._hook)
+
+    def _hook(self, mod: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        g = self.log_g.exp().to(out.dtype)
+        b = getattr(mod, "bias", None)
+        return out * g if b is None else (out - b) * g + b
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        g = float(self.log_g.exp())
+        if isinstance(self.mod, HNLQLinear):
+            self.mod.scale.mul_(g)
+            self.mod._w_cache = None
+        else:
+            weight = self.mod.weight
+            assert isinstance(weight, torch.Tensor)
+            weight.mul_(g)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def finetune_(
+    model: nn.Module,
+    reference: nn.Module,
+    batches: Sequence[Any] | Iterable[Any],
+    config: FinetuneConfig | None = None,
+    *,
+    layers: Sequence[str] | None = None,
+) -> FinetuneReport:
+    """Tune ``model``'s norm weights and per-layer gains in place to match ``reference``'s outputs.
+
+    Parameters
+    ----------
+    model : the quantized model (``HNLQLinear`` layers, or ``nn.Linear`` holding dequantized weights)
+    reference : the float model it was quantized from (same architecture and inputs; not modified)
+    batches : calibration batches, (b, seqlen) LongTensors or mappings with ``input_ids``; the last
+        ``config.holdout`` are held out
+    config : FinetuneConfig
+    layers : names of the linears that get a gain (default: every ``HNLQLinear`` in ``model``)
+
+    Returns
+    -------
+    FinetuneReport. The model is changed in place only when the held-out loss went down.
+    """
+    config = FinetuneConfig() if config is None else config
+    if not isinstance(config, FinetuneConfig):
+        raise TypeError(f"config must be a FinetuneConfig, got {type(config).__name__}")
+    for name, m in (("model", model), ("reference", reference)):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"{name} must be an nn.Module, got {type(m).__name__}")
+    if model is reference:
+        raise ValueError("reference must be a separate float model, not the quantized model itself")
+    data = [_ids(b) for b in batches]
+    if len(data) <= config.holdout:
+        raise ValueError(f"need more than holdout={config.holdout} calibration batches, got {len(data)}")
+    train, held = data[: -config.holdout], data[-config.holdout :]
+    if layers is None:
+        layers = [n for n, m in model.named_modules() if isinstance(m, HNLQLinear)]
+    mods = dict(model.named_modules())
+    for n in layers:
+        if n not in mods or not isinstance(mods[n], nn.Linear | HNLQLinear):
+            raise ValueError(f"layers: {n!r} is not a linear of the model")
+
+    t0 = time.perf_counter()
+    report = FinetuneReport()
+    was_training = model.training
+    req = {n: p.requires_grad for n, p in model.named_parameters()}
+    norm_params: list[nn.Parameter] = []
+    if config.norms:
+        for m in model.modules():
+            w = getattr(m, "weight", None)
+            if "Norm" in type(m).__name__ and isinstance(w, nn.Parameter):
+                norm_params.append(w)
+    gains = [_Gain(mods[n]) for n in layers] if config.scales else []
+    # decode each compressed weight once for the whole tuning, not at every forward
+    cached = [m for m in model.modules() if isinstance(m, HNLQLinear) and not m.cache_weight]
+    for m in cached:
+        m.cache_weight = True
+    if not norm_params and not gains:
+        for g in gains:
+            g.remove()
+        raise ValueError("nothing to tune: the model has no norm layer and no quantized linear")
+    saved_norms = [p.detach().clone() for p in norm_params]
+    report.n_norm_params, report.n_gains = sum(p.numel() for p in norm_params), len(gains)
+    params = norm_params + [g.log_g for g in gains]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in norm_params:
+            p.requires_grad_(True)
+        model.eval()  # no dropout: the objective is the deterministic inference model
+        reference.eval()
+
+        with torch.no_grad():
+            targets_held = [reference(**b) for b in held]
+            kinds = {_output(o)[0] for o in targets_held}
+            report.objective = kinds.pop()
+
+            def held_loss() -> float:
+                return float(
+                    sum(
+                        _loss(report.objective, _output(model(**b))[1], _output(t)[1])
+                        for b, t in zip(held, targets_held, strict=True)
+                    )
+                    / len(held)
+                )
+
+            report.holdout_before = held_loss()
+        opt = torch.optim.Adam(params, lr=config.lr)
+        for step in range(config.steps):
+            b = train[step % len(train)]
+            with torch.no_grad():
+                target = _output(reference(**b))[1]
+            loss = _loss(report.objective, _output(model(**b))[1], target)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"finetune_: non-finite loss at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            report.train_losses.append(float(loss.detach()))
+        with torch.no_grad():
+            report.holdout_after = held_loss()
+        report.kept = report.holdout_after < report.holdout_before
+        if report.kept:
+            for g in gains:
+                g.fold()
+        else:
+            with torch.no_grad():
+                for p, s in zip(norm_params, saved_norms, strict=True):
+                    p.copy_(s)
+    finally:
+        for g in gains:
+            g.remove()
+        for m in cached:
+            m.cache_weight = False
+            m._w_cache = None
+        for n, p in model.named_parameters():
+            p.requires_grad_(req[n])
+        model.train(was_training)
+        del saved_norms
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def clone_reference(model: nn.Module) -> nn.Module:
+    """A frozen deep copy of ``model`` to serve as ``reference`` (call before quantizing)."""
+    ref = copy.deepcopy(model)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref.eval()

@@ -1,0 +1,141 @@
+"""coset.ptq.finetune: end-to-end tuning of norms and per-layer gains, at no cost in bits."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from coset.ptq.api import PTQConfig, quantize_
+from coset.ptq.bits import bits_per_weight
+from coset.ptq.finetune import FinetuneConfig, clone_reference, finetune_
+from coset.ptq.hnlq_block import MethodConfig
+from coset.ptq.layers import HNLQLinear
+from coset.ptq.serialize import load_quantized, save_quantized
+
+
+def batches(n=6, t=32, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (2, t), generator=g) for _ in range(n)]
+
+
+def quantized(model, bits=2):
+    ref = clone_reference(model)
+    cfg = PTQConfig(method=MethodConfig.for_bits(bits), progress=False, batch_size=4)
+    quantize_(model, torch.cat(batches(4, seed=1)), cfg)
+    return model, ref
+
+
+def kl(model, ref, data):
+    with torch.no_grad():
+        tot = 0.0
+        for b in data:
+            lq = F.log_softmax(model(input_ids=b).logits.flatten(0, -2), -1)
+            lp = F.log_softmax(ref(input_ids=b).logits.flatten(0, -2), -1)
+            tot += float(F.kl_div(lq, lp, log_target=True, reduction="batchmean"))
+    return tot / len(data)
+
+
+@pytest.mark.parametrize(
+    "kw, exc, word",
+    [
+        (dict(steps=0), ValueError, "steps"),
+        (dict(holdout=True), ValueError, "holdout"),
+        (dict(lr=0.0), ValueError, "lr"),
+        (dict(lr=float("nan")), ValueError, "lr"),
+        (dict(norms="yes"), TypeError, "norms"),
+        (dict(norms=False, scales=False), ValueError, "norms"),
+    ],
+)
+def test_config_validation(kw, exc, word):
+    with pytest.raises(exc, match=word):
+        FinetuneConfig(**kw)
+
+
+def test_tuning_lowers_held_out_kl_without_touching_codes_or_bits(llama, tmp_path):
+    model, ref = quantized(llama)
+    data = batches()
+    kl_q = kl(model, ref, data[-2:])
+    with torch.no_grad():  # mis-scale the codes: a loss the per-layer gains can undo exactly
+        for m in model.modules():
+            if isinstance(m, HNLQLinear):
+                m.scale.mul_(0.6)
+    packed = {
+        n: {k: v.clone() for k, v in m.packed_tensors().items()}
+        for n, m in model.named_modules()
+        if isinstance(m, HNLQLinear)
+    }
+    bits0 = bits_per_weight(model).nbytes
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "norm" not in n}
+    scales0 = {n: m.scale.clone() for n, m in model.named_modules() if isinstance(m, HNLQLinear)}
+    kl0 = kl(model, ref, data[-2:])
+
+    rep = finetune_(model, ref, data, FinetuneConfig(steps=30, lr=5e-2, holdout=2))
+
+    # the report's held-out loss is the KL of the folded model (gains folded exactly into the scales)
+    assert rep.objective == "kl" and rep.kept and rep.n_gains == 14
+    assert rep.holdout_before == pytest.approx(kl0, rel=1e-5)
+    assert rep.holdout_after == pytest.approx(kl(model, ref, data[-2:]), rel=1e-4)
+    assert rep.holdout_before > 1.5 * kl_q and rep.holdout_after < kl_q  # the mis-scaling undone, and more
+    # codes, bytes and every non-norm parameter unchanged; scales moved; no hooks or caches left behind
+    for n, m in model.named_modules():
+        if isinstance(m, HNLQLinear):
+            for k, v in m.packed_tensors().items():
+                assert torch.equal(v, packed[n][k]), (n, k)
+            assert not m._forward_hooks and m._w_cache is None and not m.cache_weight
+    assert any(not torch.equal(m.scale, scales0[n]) for n, m in model.named_modules() if isinstance(m, HNLQLinear))
+    assert bits_per_weight(model).nbytes == bits0
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    assert all(not p.requires_grad for p in ref.parameters())
+    # the tuned scales and norms survive save / load
+    save_quantized(model, tmp_path)
+    loaded = load_quantized(tmp_path)
+    x = data[0]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits)
+
+
+def test_no_gain_leaves_the_model_exactly_as_it_was(llama):
+    """A model equal to its reference has held-out loss 0: tuning cannot lower it, so nothing changes."""
+    model, ref = llama, clone_reference(llama)
+    before = copy.deepcopy(model.state_dict())
+    lins = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n]
+    rep = finetune_(model, ref, batches(), FinetuneConfig(steps=3, lr=1e-2), layers=lins)
+    assert rep.holdout_before == pytest.approx(0.0, abs=1e-6) and not rep.kept
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_encoder_objective_is_hidden_state_mse(bert):
+    ref = clone_reference(bert)
+    model = copy.deepcopy(bert)
+    with torch.no_grad():  # a crude perturbation the gains and norms can partly undo
+        for n, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear) and "encoder" in n:
+                m.weight.mul_(0.8)
+    lins = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "encoder" in n]
+    rep = finetune_(model, ref, batches(), FinetuneConfig(steps=30, lr=2e-2), layers=lins)
+    assert rep.objective == "mse" and rep.kept and rep.holdout_after < 0.8 * rep.holdout_before
+
+
+def test_bad_input(llama):
+    ref = clone_reference(llama)
+    with pytest.raises(ValueError, match="reference"):
+        finetune_(llama, llama, batches())
+    with pytest.raises(ValueError, match="holdout"):
+        finetune_(llama, ref, batches(2), FinetuneConfig(holdout=2))
+    with pytest.raises(ValueError, match="layers"):
+        finetune_(llama, ref, batches(), layers=["model.nope"])
+    with pytest.raises(ValueError, match="LongTensor"):
+        finetune_(llama, ref, [torch.zeros(2, 4)] * 4)
+    with pytest.raises(TypeError, match="config"):
+        finetune_(llama, ref, batches(), config={"steps": 3})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="model"):
+        finetune_("llama", ref, batches())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="nothing to tune"):
+        finetune_(llama, ref, batches(), FinetuneConfig(norms=False))  # no HNLQLinear and no layers given
