@@ -42,6 +42,7 @@ from coset.ptq.api import PTQConfig, cpu_seconds, peak_rss_mb, quantize_  # noqa
 from coset.ptq.calib import collect_hessians  # noqa: E402
 from coset.ptq.data import pydoc_passages, pydoc_text, stdlib_docstrings, text_fingerprint, token_windows  # noqa: E402
 from coset.ptq.eval import embed, embedding_fidelity, lm_fidelity, lm_reference  # noqa: E402
+from coset.ptq.finetune import FinetuneConfig, clone_reference, finetune_  # noqa: E402
 from coset.ptq.hnlq_block import MethodConfig, quantize_linear  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -64,6 +65,7 @@ def methods(bits: int) -> list[tuple[str, MethodConfig]]:
         ("HNLQ+rot+LDLQ+2 passes", MethodConfig.for_bits(bits, tune_iters=2)),
         ("HNLQ+rot", MethodConfig.for_bits(bits, method="hnlq_rot")),
         ("HNLQ RTN", MethodConfig.for_bits(bits, method="hnlq_rtn")),
+        ("HNLQ+rot+LDLQ+FT", MethodConfig.for_bits(bits)),  # + finetune_ of norms and per-layer scales
     ] + (
         [("HNLQ+rot+LDLQ E8 q4 M2", MethodConfig.for_bits(4, q=4, M=2, center=True))]  # the hierarchical code
         if bits == 4
@@ -120,9 +122,10 @@ def quantize_shared(model, hessians: dict, cfg: MethodConfig, originals: dict) -
 
 
 def restore(model, originals: dict) -> None:
+    params = dict(model.named_parameters())
     with torch.no_grad():
         for name, W in originals.items():
-            model.get_submodule(name).weight.copy_(W)
+            (params[name] if name in params else model.get_submodule(name).weight).copy_(W)
 
 
 def _save(path: pathlib.Path, data: dict) -> None:
@@ -199,6 +202,8 @@ def run_model(args) -> None:
             )
     print(f"[{args.model}] {len(hessians)} Hessians in {data['meta']['hessian_s']:.0f} s", flush=True)
     originals = {n: model.get_submodule(n).weight.detach().clone() for n in hessians}
+    # finetune_ also moves the norm weights: they are restored with the linears after every run
+    originals.update({n: p.detach().clone() for n, p in model.named_parameters() if "norm" in n.lower()})
     _save(out_path, data)
 
     rates = [int(b) for b in args.bits.split(",")]
@@ -208,12 +213,20 @@ def run_model(args) -> None:
     # priority: every rate of the compared methods before the extra baselines
     order = {lab: i for i, (lab, _) in enumerate(methods(4))}  # methods(4) lists every label
     plan.sort(key=lambda p: (order[p[0]], -p[1]))
+    reference = clone_reference(model) if any(p[0].endswith("+FT") for p in plan) else None
     for label, b, cfg in plan:
         if (label, b) in done:
             continue
         row = {"method": label, "bits_class": b, "config": _cfg_dict(cfg)}
         try:
             row.update(quantize_shared(model, hessians, cfg, originals))
+            if label.endswith("+FT"):
+                # train on the calibration windows (halved in length), hold out the last ones; eval text unseen
+                ft_batches = list(calib.reshape(-1, calib.shape[1] // 2).split(1))
+                ftc = FinetuneConfig(steps=args.ft_steps, lr=args.ft_lr, holdout=4)
+                c0 = cpu_seconds()
+                rep = finetune_(model, reference, ft_batches, ftc, layers=list(hessians))
+                row["finetune"] = {**rep.to_dict(), "cpu_s": cpu_seconds() - c0, "config": dataclasses.asdict(ftc)}
             t = time.perf_counter()
             row["metrics"] = evaluate(model)
             row["eval_s"] = time.perf_counter() - t
@@ -494,6 +507,8 @@ def main() -> None:
     ap.add_argument("--hessian-cache", default="", help="file to reuse (or store) the float-model Hessians")
     ap.add_argument("--tag", default="", help="suffix of the output file (parallel workers; --report merges)")
     ap.add_argument("--resume", action="store_true", help="keep finished runs of a previous (partial) file")
+    ap.add_argument("--ft-steps", type=int, default=64, help="finetune_ steps of the +FT method")
+    ap.add_argument("--ft-lr", type=float, default=5e-4)
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
     if args.threads:
