@@ -16,6 +16,8 @@ from coset.cli.main import main
         (["ptq", "--model", "minilm", "--method", "foo", "--out", "OUT"], "unknown method 'foo'"),
         (["ptq", "--model", "minilm", "--method", ",", "--out", "OUT"], "at least one method"),
         (["ptq", "--model", "minilm", "--nsamples", "0", "--out", "OUT"], "--nsamples must be >= 2"),
+        (["ptq", "--model", "minilm", "--finetune-steps", "-1", "--out", "OUT"], "--finetune-steps must be >= 0"),
+        (["ptq", "--model", "minilm", "--finetune-lr", "0", "--out", "OUT"], "--finetune-lr must be a positive"),
     ],
 )
 def test_user_errors_exit_2(argv, msg, tmp_path, capsys):
@@ -77,6 +79,8 @@ def test_end_to_end_on_a_tiny_bert_directory(tmp_path, capsys):
             "hnlq_rtn,rtn",
             "--nsamples",
             "4",
+            "--finetune-steps",
+            "3",
             "--seqlen",
             "32",
             "--no-progress",
@@ -90,6 +94,9 @@ def test_end_to_end_on_a_tiny_bert_directory(tmp_path, capsys):
     assert [r["method"] for r in res["rows"]] == ["hnlq_rtn", "rtn"] and res["saved"] == "hnlq_rtn"
     for r in res["rows"]:
         assert 0.9 < r["metrics"]["cos_mean"] <= 1.0 + 1e-6
+    ft = res["rows"][0]["finetune"]  # HNLQ methods only; the saved model is the tuned one when it helped
+    assert ft["objective"] == "mse" and ft["n_gains"] == 6
+    assert "finetune" not in res["rows"][1] and ft["kept"] == (ft["holdout_after"] < ft["holdout_before"])
     assert "| hnlq_rtn |" in printed and "| rtn |" in printed
     assert (out / "ptq.png").is_file() and (out / "ptq_results.md").is_file()
     from coset.ptq import bits_per_weight, load_quantized

@@ -43,6 +43,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--eval-tokens", type=int, default=4096, help="causal LM: evaluation tokens (default 4096)")
     p.add_argument("--no-eval", action="store_true", help="skip the comparison with the float model")
     p.add_argument("--seed", type=int, default=0, help="base seed of the rotations")
+    p.add_argument(
+        "--finetune-steps",
+        type=int,
+        default=0,
+        help="after quantizing, tune norms and per-layer scales end to end for this many steps (HNLQ methods; 0 = off)",
+    )
+    p.add_argument("--finetune-lr", type=float, default=2e-3, help="learning rate of --finetune-steps")
     p.add_argument("--out", required=True, help="output directory (quantized model + results + plot)")
     p.add_argument("--no-progress", action="store_true", help="no per-layer progress bar")
     return p
@@ -197,6 +204,10 @@ def run(args) -> int:
         v = getattr(args, name)
         if v is not None and v < 2:
             raise _error(f"--{name.replace('_', '-')} must be >= 2, got {v}")
+    if args.finetune_steps < 0:
+        raise _error(f"--finetune-steps must be >= 0, got {args.finetune_steps}")
+    if not (0 < args.finetune_lr < float("inf")):
+        raise _error(f"--finetune-lr must be a positive number, got {args.finetune_lr}")
     methods = _methods(args)
     model, tok, kind = _load(args.model)
 
@@ -230,6 +241,24 @@ def run(args) -> int:
             "peak_rss_mb": rep.peak_rss_mb,
         }
         print(rep.summary(), flush=True)
+        if args.finetune_steps and mcfg.is_hnlq:
+            from coset.ptq.finetune import FinetuneConfig, finetune_
+
+            holdout = max(1, min(4, len(calib) // 8))
+            if len(calib) <= holdout:
+                raise _error(f"--finetune-steps needs --nsamples >= {holdout + 1}")
+            ft = finetune_(
+                qmodel,
+                model,
+                list(calib.split(1)),
+                FinetuneConfig(steps=args.finetune_steps, lr=args.finetune_lr, holdout=holdout),
+            )
+            row["finetune"] = {k: v for k, v in ft.to_dict().items() if k != "train_losses"}
+            print(
+                f"finetune: held-out {ft.objective} {ft.holdout_before:.4g} -> {ft.holdout_after:.4g} "
+                f"({'kept' if ft.kept else 'not kept'}, {ft.seconds:.0f} s)",
+                flush=True,
+            )
         if evaluate is not None:
             with __import__("torch").no_grad():
                 row["metrics"] = evaluate(qmodel)
