@@ -54,6 +54,7 @@ def test_config_validation(kw, exc, word):
         FinetuneConfig(**kw)
 
 
+@pytest.mark.slow
 def test_tuning_lowers_held_out_kl_without_touching_codes_or_bits(llama, tmp_path):
     model, ref = quantized(llama)
     data = batches()
@@ -111,6 +112,7 @@ def test_no_gain_leaves_the_model_exactly_as_it_was(llama):
     assert all(not m._forward_hooks for m in model.modules())
 
 
+@pytest.mark.slow
 def test_encoder_objective_is_hidden_state_mse(bert):
     ref = clone_reference(bert)
     model = copy.deepcopy(bert)
@@ -139,3 +141,20 @@ def test_bad_input(llama):
         finetune_("llama", ref, batches())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="nothing to tune"):
         finetune_(llama, ref, batches(), FinetuneConfig(norms=False))  # no HNLQLinear and no layers given
+
+
+@pytest.mark.slow
+def test_an_exception_leaves_the_model_unchanged(llama):
+    """A non-finite loss aborts the tuning with FloatingPointError; norms, weights and hooks are as before."""
+    ref = clone_reference(llama)
+    model = copy.deepcopy(llama)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(0.5)
+    before = copy.deepcopy(model.state_dict())
+    lins = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n]
+    # a huge learning rate sends the gains to inf within a few steps
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        finetune_(model, ref, batches(), FinetuneConfig(steps=40, lr=1e3), layers=lins)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(not m._forward_hooks for m in model.modules())

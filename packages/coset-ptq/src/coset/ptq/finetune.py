@@ -256,11 +256,11 @@ def finetune_(
         if report.kept:
             for g in gains:
                 g.fold()
-        else:
+    finally:
+        if not report.kept:  # no gain, or an exception: the model is left exactly as it came in
             with torch.no_grad():
                 for p, s in zip(norm_params, saved_norms, strict=True):
                     p.copy_(s)
-    finally:
         for g in gains:
             g.remove()
         for m in cached:
