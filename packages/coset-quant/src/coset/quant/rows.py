@@ -55,7 +55,7 @@ def quantize_rows(
 
     Returns
     -------
-    (R, k) tensor of the work dtype [, T uint8 (R, nb), clamped bool (R, nb)]
+    (R, k) contiguous tensor of the work dtype [, T uint8 (R, nb), clamped bool (R, nb)]
 
     Raises / Warns
     --------------
@@ -88,7 +88,7 @@ def quantize_rows(
         xh, T, clamped = quantize(blocks, config, lattice=lattice, backend=backend, return_info=True)
         if bw is not None:
             xh = xh * bw.reshape(-1, 1, 1)
-        out = from_blocks(xh, pad)
+        out = from_blocks(xh, pad).contiguous()  # the layout of the fused op (a matmul's rounding depends on it)
     if return_info:
         return out, T, clamped
     return out
