@@ -217,9 +217,11 @@ def decode_weight(
 
 
 def activation_beta(x: torch.Tensor, qat: QATConfig) -> float:
-    """Per-tensor beta of an activation batch: ``act_beta_scale * beta_min(activation, rms(x))`` (float32-rounded)."""
+    """Per-tensor beta of an activation batch: ``act_beta_scale * beta_min(activation, rms(x))`` (float32-rounded;
+    rms = ``torch.linalg.vector_norm(x) / sqrt(n)`` in the work dtype)."""
     xd = x.detach()
-    rms = float(xd.to(_work_dtype(xd)).pow(2).mean(dtype=torch.float64).sqrt()) if x.numel() else 0.0
+    # one pass, no x*x temporary: rms = ||x|| / sqrt(n)
+    rms = float(torch.linalg.vector_norm(xd.to(_work_dtype(xd)))) / math.sqrt(x.numel()) if x.numel() else 0.0
     if rms == float("inf"):  # x*x overflowed
         rms = float(_scaled_rms(xd, per_row=False))
     if not rms > 0 or rms != rms:

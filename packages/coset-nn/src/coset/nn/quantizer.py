@@ -546,21 +546,23 @@ class HNLQActivationQuantizer(nn.Module):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError("input must be a floating torch.Tensor")
-        if x.numel() and not bool(torch.isfinite(x).all()):
-            raise ValueError("input contains NaN or Inf; HNLQ cannot quantize non-finite activations")
         fd = self.feature_dim
         xa = x.movedim(fd, -1) if fd != -1 else x
-        if self.training:
-            beta = activation_beta(xa, self.qconfig)
+        running = float(self.beta)
+        beta = activation_beta(xa, self.qconfig) if self.training or not running > 0 else running
+        try:  # the quantizer checks finiteness in its own pass (no separate isfinite pass over the input)
+            xq, blocks, T, clamped, pad = quantize_activation(xa, beta, self.qconfig)
+        except ValueError:
+            if x.numel() and not bool(torch.isfinite(x).all()):
+                raise ValueError("input contains NaN or Inf; HNLQ cannot quantize non-finite activations") from None
+            raise
+        if self.training:  # the running beta moves only once the batch quantized
             with torch.no_grad():
-                if float(self.beta) > 0:
+                if running > 0:
                     m = self.qconfig.act_momentum
                     self.beta.mul_(1 - m).add_(m * beta)
                 else:
                     self.beta.fill_(beta)
-        else:
-            beta = float(self.beta) if float(self.beta) > 0 else activation_beta(xa, self.qconfig)
-        xq, blocks, T, clamped, pad = quantize_activation(xa, beta, self.qconfig)
         overloaded = (T > 0) | clamped
         self._seen += overloaded.numel()
         self._overloaded += int(overloaded.sum())
