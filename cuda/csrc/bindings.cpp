@@ -5,6 +5,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -163,6 +164,23 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release nogil;
     return coset::quantize_cpu(c.L, c.P, ptr<const void>(x), x_is_double, ptr<const double>(z), N, ptr<void>(out),
                                out_is_double, ptr<uint8_t>(T), ptr<uint8_t>(clamped));
+  });
+  // the fused per-row fake quantizer (fast_quant.h quantize_rows_f32): returns (errors, nonfinite); errors = -1
+  // when the float32 + integer path does not apply to this code (the caller then composes the reference ops)
+  m.def("quantize_rows_cpu", [](int kind, int d, darr G, darr Ginv, py::object eps, int q, int M, darr scales,
+                                int policy_error, double safe_radius, std::uintptr_t x, std::uintptr_t betas, int64_t R,
+                                int64_t k, double lim, std::uintptr_t out, std::uintptr_t T, std::uintptr_t clamped) {
+    Consts c = make_consts(kind, d, G, Ginv, eps, q, M, scales, 0, policy_error, safe_radius);
+    if (R < 0 || k < 0) throw std::invalid_argument("R and k must be >= 0");
+    int64_t nonfinite = 0, err = -1;
+    {
+      py::gil_scoped_release nogil;
+      if (coset::fq::enabled() && coset::fq::applicable(c.L, c.P, nullptr))
+        err = coset::fq::quantize_rows_f32(c.L, c.P, ptr<const float>(x), ptr<const float>(betas), R, k,
+                                           (float)std::min(lim, 3.4028234663852886e38), ptr<float>(out),
+                                           ptr<uint8_t>(T), ptr<uint8_t>(clamped), &nonfinite);
+    }
+    return py::make_tuple(err, nonfinite);
   });
   m.def("add_modq_cpu", [](std::uintptr_t a, std::uintptr_t b, std::uintptr_t out, int64_t n, int q) {
     py::gil_scoped_release nogil;

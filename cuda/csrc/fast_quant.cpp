@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <thread>
@@ -111,9 +112,24 @@ static int64_t run_mode(const LatticeView& L, const QuantParams& P, const float*
   return base::run<MODE>(L, P, C, x, N, outq, outb, T, clamped);
 }
 
+int64_t quantize_rows_f32(const LatticeView& L, const QuantParams& P, const float* x, const float* betas, int64_t R,
+                          int64_t k, float lim, float* out, uint8_t* T, uint8_t* clamped, int64_t* nonfinite) {
+  IntConsts C;
+  *nonfinite = 0;
+  if (!build_consts(L, C)) return -1;
+  if (R <= 0 || k <= 0) return 0;
+#ifdef COSET_FQ_AVX2
+  if (use_avx2()) return avx2::run_rows_scaled(L, P, C, x, betas, R, k, lim, out, T, clamped, nonfinite);
+#endif
+  return base::run_rows_scaled(L, P, C, x, betas, R, k, lim, out, T, clamped, nonfinite);
+}
+
+// (N, d) is one row of N blocks without a scale: the row driver's contiguous packs (the inputs were checked).
 int64_t quantize_f32(const LatticeView& L, const QuantParams& P, const float* x, int64_t N, float* out, uint8_t* T,
                      uint8_t* clamped) {
-  return run_mode<0>(L, P, x, N, out, nullptr, T, clamped);
+  int64_t nonfinite = 0;
+  return quantize_rows_f32(L, P, x, nullptr, 1, N * L.d, std::numeric_limits<float>::infinity(), out, T, clamped,
+                           &nonfinite);
 }
 
 int64_t quantize_f32_lanes1(const LatticeView& L, const QuantParams& P, const float* x, int64_t N, float* out,

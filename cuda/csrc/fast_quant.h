@@ -274,6 +274,12 @@ int64_t quantize_f32_lanes1(const LatticeView& L, const QuantParams& P, const fl
                             uint8_t* T, uint8_t* clamped);
 int64_t quantize_f32(const LatticeView& L, const QuantParams& P, const float* x, int64_t N, float* out, uint8_t* T,
                      uint8_t* clamped);
+// Row-scaled quantize of a (R, k) float32 matrix in d-blocks (the last block of a row zero padded):
+// out[r, :] = beta_r * Q(x[r, :] / beta_r) with u = x / beta_r and the product by beta_r rounded once each in
+// float32 (betas == nullptr: beta_r = 1); T, clamped per block (R, ceil(k/d)). Entries with |u| > lim (or NaN)
+// are counted in *nonfinite and the outputs are then unspecified. Returns the "error"-policy failures, or -1.
+int64_t quantize_rows_f32(const LatticeView& L, const QuantParams& P, const float* x, const float* betas, int64_t R,
+                          int64_t k, float lim, float* out, uint8_t* T, uint8_t* clamped, int64_t* nonfinite);
 int64_t encode_f32(const LatticeView& L, const QuantParams& P, const float* x, int64_t N, uint8_t* b, uint8_t* T,
                    uint8_t* clamped);
 int64_t decode_f32(const LatticeView& L, const QuantParams& P, const uint8_t* b, const uint8_t* T, int64_t N,

@@ -27,6 +27,8 @@ __all__ = [
     "encode",
     "decode",
     "quantize",
+    "quantize_rows",
+    "rows_applicable",
     "lut_one_sided",
     "lut_two_sided",
     "add_modq",
@@ -359,6 +361,94 @@ def quantize(x: torch.Tensor, lattice: Lattice, config: QuantizationConfig, dith
     if n_err:
         _raise_overload(n_err, N, config)
     return (out if out_dtype == in_dtype else out.to(in_dtype)), T, clamped
+
+
+def rows_applicable(lattice: Lattice, config: QuantizationConfig) -> bool:
+    """True when the fused row kernel (fast_quant.h, float32 + integer) covers the code: D4, D8 or E8, q a
+    power of two, the tie offset on, no dither or centring, overload protection on, <= 65 scale steps."""
+    kind = lattice_kind(lattice)
+    lat = kind == _KIND_E8 or (kind == _KIND_D and lattice.dim in (4, 8))
+    q = config.q
+    return (
+        lat
+        and q & (q - 1) == 0
+        and config.with_tie_dither
+        and not config.with_dither
+        and not config.center
+        and not config.disable_overload_protection
+        and len(config.scales) <= 65
+    )
+
+
+def quantize_rows(x: torch.Tensor, betas: torch.Tensor | None, lattice: Lattice, config: QuantizationConfig):
+    """Fused per-row fake quantizer ``out[r] = beta_r * Q(x[r] / beta_r)`` in d-blocks (last block zero padded),
+    bit-exact with :func:`coset.quant.quantize_rows`'s composition; one pass, all CPU threads.
+
+    Parameters
+    ----------
+    x : (R, k) float32 CPU tensor; betas : (R,) float32 or None (beta 1)
+
+    Returns
+    -------
+    out : (R, k) float32; T : (R, nb) uint8; clamped : (R, nb) bool, nb = ceil(k / d)
+
+    Raises
+    ------
+    TypeError / ValueError for bad arguments or non-finite / too large ``x / beta`` (as coset.quant), OverloadError.
+    """
+    kind, d, G, Gi, eps, q, M, scales, rad, max_abs = _consts(lattice, config, False)
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.ndim != 2 or x.device.type != "cpu":
+        raise TypeError("x must be a float32 CPU tensor of shape (R, k)")
+    R, k = x.shape
+    if betas is not None and (
+        not isinstance(betas, torch.Tensor)
+        or betas.dtype != torch.float32
+        or tuple(betas.shape) != (R,)
+        or betas.device.type != "cpu"
+    ):
+        raise TypeError(f"betas must be None or a float32 CPU tensor of shape ({R},)")
+    if not rows_applicable(lattice, config):
+        raise ValueError("quantize_rows: this code is not covered by the fused kernel (see rows_applicable)")
+    nb = -(-k // d)
+    xc = x.contiguous()
+    bc = None if betas is None else betas.contiguous()
+    out = torch.empty((R, k), dtype=torch.float32)
+    T = torch.empty((R, nb), dtype=torch.uint8)
+    clamped = torch.empty((R, nb), dtype=torch.bool)
+    err, nonfinite = _C.quantize_rows_cpu(
+        kind,
+        d,
+        G,
+        Gi,
+        eps,
+        q,
+        M,
+        scales,
+        int(config.overload_policy == "error"),
+        rad,
+        _ptr(xc),
+        _ptr(bc),
+        R,
+        k,
+        float(max_abs),
+        _ptr(out),
+        _ptr(T),
+        _ptr(clamped),
+    )
+    if nonfinite:  # the reference's check and message on the scaled blocks (float32 limit: compose if it passes)
+        check_magnitude(xc if bc is None else xc / bc.reshape(-1, 1), max_abs)
+        err = -1
+    if err < 0:  # the float32 + integer path is switched off (COSET_FAST_PATH=0): compose the native ops
+        blocks = torch.nn.functional.pad(xc, (0, nb * d - k)).reshape(R, nb, d)
+        if bc is not None:
+            blocks = blocks / bc.reshape(-1, 1, 1)
+        xh, Tf, cf = quantize(blocks.reshape(-1, d), lattice, config)
+        if bc is not None:
+            xh = xh.reshape(R, nb, d) * bc.reshape(-1, 1, 1)
+        return xh.reshape(R, nb * d)[:, :k].contiguous(), Tf.reshape(R, nb), cf.reshape(R, nb)
+    if err:
+        _raise_overload(int(err), R * nb, config)
+    return out, T, clamped
 
 
 # ------------------------------------------------------------------------------------------------- LUT ops

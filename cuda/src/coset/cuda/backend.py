@@ -22,7 +22,8 @@ class NativeBackend:
     ``supports(op, tensor, lattice, config)`` is True for ``op`` in {"encode", "decode", "quantize"} on
     Z^n / D_n (n <= 16) and E8 with any valid config (CPU tensors, and CUDA tensors when the extension was
     built with CUDA and a GPU is present), "lut_one_sided" on CPU and CUDA tensors, "lut_two_sided" on CUDA tensors only,
-    and "bucket_codec" (coset.dist's DDP bucket codec) on float32 CPU buckets.
+    "bucket_codec" (coset.dist's DDP bucket codec) on float32 CPU buckets, and "quantize_rows" (coset.quant's
+    per-row fake quantizer, fused) on float32 CPU matrices for the codes of the float32 + integer path.
     """
 
     name = "native"
@@ -47,6 +48,14 @@ class NativeBackend:
             return tensor.device.type == "cuda"
         if op in ("kv_scores", "kv_values"):  # coset.kv attention from codes (kv.py): CPU only so far
             return tensor.device.type == "cpu"
+        if op == "quantize_rows":  # coset.quant.quantize_rows: the fused per-row fake quantizer, float32 CPU
+            return (
+                tensor.device.type == "cpu"
+                and tensor.dtype == torch.float32
+                and isinstance(config, QuantizationConfig)
+                and isinstance(lattice, Lattice)
+                and _ops.rows_applicable(lattice, config)
+            )
         if op not in ("encode", "decode", "quantize"):
             return False
         if not isinstance(config, QuantizationConfig) or not isinstance(lattice, Lattice):
@@ -72,6 +81,9 @@ class NativeBackend:
 
     def quantize(self, x, lattice, config, dither):
         return _ops.quantize(x, lattice, config, dither)
+
+    def quantize_rows(self, x, betas, lattice, config):
+        return _ops.quantize_rows(x, betas, lattice, config)
 
     def bucket_codec(self):
         """coset.dist's bucket codec (the module :mod:`coset.cuda.bucket_codec`): one call per DDP bucket."""

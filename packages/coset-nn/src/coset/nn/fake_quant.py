@@ -10,6 +10,7 @@ coset.quant with the config's beta, so the result is bit-for-bit ``coset.quant.q
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Iterator
 
@@ -24,6 +25,7 @@ from coset.quant import (
     encode,
     from_blocks,
     quantize,
+    quantize_rows,
     to_blocks,
 )
 
@@ -90,18 +92,20 @@ def _scaled_rms(w: torch.Tensor, per_row: bool) -> torch.Tensor:
 def weight_betas(w2: torch.Tensor, qat: QATConfig) -> torch.Tensor:
     """Betas of a ``(C_out, k)`` weight: float64 ``(C_out,)`` (per_channel) or ``(1,)``.
 
-    Automatic betas are ``beta_scale * beta_min(weight, rms)`` rounded to float32 (so a float32 copy is
+    Automatic betas are ``beta_scale * beta_min(weight, rms)`` (rms = norm / sqrt(k), the norm accumulated by
+    ``torch.linalg.vector_norm`` in the weight's work dtype) rounded to float32 (so a float32 copy is
     exact); an all-zero row gets beta 1. "fixed" returns the config's effective beta unchanged.
     """
     cfg = _wcfg(qat)
     if qat.granularity == "fixed":
         return torch.tensor([cfg.effective_beta], dtype=torch.float64, device=w2.device)
     w = w2.detach().to(_work_dtype(w2))
+    # one pass, no w*w temporary: rms = ||row|| / sqrt(k)
     if qat.granularity == "per_channel":
-        ms = w.pow(2).mean(dim=1).to(torch.float64)
+        nrm, count = torch.linalg.vector_norm(w, dim=1), w.shape[1]
     else:
-        ms = w.pow(2).mean().to(torch.float64).reshape(1)
-    rms = ms.sqrt()
+        nrm, count = torch.linalg.vector_norm(w).reshape(1), w.numel()
+    rms = nrm.to(torch.float64) / math.sqrt(max(count, 1))
     if not bool(torch.isfinite(rms).all()) and bool(torch.isfinite(w).all()):
         rms = _scaled_rms(w, per_row=qat.granularity == "per_channel")  # w*w overflowed: no silent inf beta
     unit = qat.beta_scale * beta_min(cfg, 1.0)
@@ -146,28 +150,46 @@ def encode_weight(w2: torch.Tensor, betas: torch.Tensor, qat: QATConfig):
         raise ValueError(f"weight: {e}") from None
 
 
-def quantize_weight(w2: torch.Tensor, betas: torch.Tensor, qat: QATConfig, dtype: torch.dtype = torch.float32):
+def quantize_weight(
+    w2: torch.Tensor,
+    betas: torch.Tensor,
+    qat: QATConfig,
+    dtype: torch.dtype = torch.float32,
+    snapshot: torch.Tensor | None = None,
+):
     """Fused encode+decode of a ``(C_out, k)`` weight; equal to ``decode_weight(encode_weight(...))``.
+
+    One :func:`coset.quant.quantize_rows` call (a single pass in the native backend): row c divided by
+    ``beta_c``, quantized with beta 1 and multiplied back (or, "fixed", quantized with the config's beta).
 
     Returns
     -------
     wq : (C_out, k) tensor of ``dtype``
     T : (C_out, nb) uint8
     clamped : (C_out, nb) bool
-    pending : (u, cfg), pass to :func:`coset.quant.encode` to get the labels later
+    pending : (w, betas), a snapshot of the weight (copied into ``snapshot`` when given, a tensor of w2's
+        shape, dtype and device, else a clone); pass to :func:`encode_weight` to get the labels later
     """
-    u, cfg = scaled_weight_blocks(w2, betas, qat)
+    cfg = _wcfg(qat)
+    fixed = qat.granularity == "fixed"
     try:
         with _layer_warns():
-            xh, T, clamped = quantize(u, config=cfg, backend=qat.backend, return_info=True)
+            wq, T, clamped = quantize_rows(
+                w2.detach(),
+                None if fixed else betas.reshape(-1).expand(w2.shape[0]),  # per_tensor: one beta for all rows
+                cfg if fixed else _unit_config(cfg),
+                backend=qat.backend,
+                return_info=True,
+            )
     except OverloadError:
         raise
     except ValueError as e:  # coset.quant checks finiteness; say which tensor
         raise ValueError(f"weight: {e}") from None
-    if qat.granularity != "fixed":
-        xh = xh * betas.to(xh.dtype).reshape(-1, 1, 1)
-    pad = u.shape[-2] * u.shape[-1] - w2.shape[-1]
-    return from_blocks(xh, pad).to(dtype), T, clamped, (u, cfg)
+    if snapshot is None:
+        snapshot = w2.detach().clone()
+    else:
+        snapshot.copy_(w2.detach())
+    return wq.to(dtype), T, clamped, (snapshot, betas)
 
 
 def decode_weight(
@@ -195,9 +217,11 @@ def decode_weight(
 
 
 def activation_beta(x: torch.Tensor, qat: QATConfig) -> float:
-    """Per-tensor beta of an activation batch: ``act_beta_scale * beta_min(activation, rms(x))`` (float32-rounded)."""
+    """Per-tensor beta of an activation batch: ``act_beta_scale * beta_min(activation, rms(x))`` (float32-rounded;
+    rms = ``torch.linalg.vector_norm(x) / sqrt(n)`` in the work dtype)."""
     xd = x.detach()
-    rms = float(xd.to(_work_dtype(xd)).pow(2).mean(dtype=torch.float64).sqrt()) if x.numel() else 0.0
+    # one pass, no x*x temporary: rms = ||x|| / sqrt(n)
+    rms = float(torch.linalg.vector_norm(xd.to(_work_dtype(xd)))) / math.sqrt(x.numel()) if x.numel() else 0.0
     if rms == float("inf"):  # x*x overflowed
         rms = float(_scaled_rms(xd, per_row=False))
     if not rms > 0 or rms != rms:
@@ -217,7 +241,14 @@ def quantize_activation(x: torch.Tensor, beta: float, qat: QATConfig):
     pad : int
     """
     cfg = _acfg(qat).replace(beta=float(beta))
-    blocks, pad = to_blocks(x.detach(), cfg.dim)
-    with _layer_warns():
-        xh, T, clamped = quantize(blocks, config=cfg, backend=qat.backend, return_info=True)
-    return from_blocks(xh, pad), blocks, T, clamped, pad
+    xd = x.detach()
+    blocks, pad = to_blocks(xd, cfg.dim)
+    if x.dtype not in (torch.float32, torch.float64):  # half inputs: one rounding from float64, as quantize does
+        with _layer_warns():
+            xh, T, clamped = quantize(blocks, config=cfg, backend=qat.backend, return_info=True)
+        return from_blocks(xh, pad), blocks, T, clamped, pad
+    k, lead = x.shape[-1], x.shape[:-1]
+    with _layer_warns():  # one fused pass over the (rows, k) view: quantize_rows(None) == quantize of the blocks
+        xh, T, clamped = quantize_rows(xd.reshape(-1, k), None, cfg, backend=qat.backend, return_info=True)
+    nb = blocks.shape[-2]
+    return xh.reshape(x.shape), blocks, T.reshape(*lead, nb), clamped.reshape(*lead, nb), pad

@@ -42,13 +42,14 @@ import torch
 from torch import nn
 
 from coset.lattice.validate import check_int
-from coset.quant import ClampWarning, QuantizationConfig, encode, to_blocks
+from coset.quant import ClampWarning, QuantizationConfig, to_blocks
 
 from .config import QATConfig
 from .fake_quant import (
     _layer_warns,
     activation_beta,
     decode_weight,
+    encode_weight,
     overload_radius,
     quantize_activation,
     quantize_weight,
@@ -150,7 +151,8 @@ class HNLQWeightQuantizer(nn.Module):
         self._valid = False  # labels/T/beta hold a code
         self._key: int | None = None  # weight version the code is current for; None: bind at next use
         self._stale = False  # loaded codes marked as older than the weight: re-quantize at the next use
-        self._pending = None  # (u, cfg): labels are encoded lazily from these scaled blocks
+        self._pending = None  # (weight snapshot, betas): labels are encoded lazily from these
+        self._snapshot: torch.Tensor | None = None  # the snapshot buffer, reused across re-quantizations
         self._lut_cache = None
         self._warned = False
         self._quantizations = 0
@@ -195,7 +197,10 @@ class HNLQWeightQuantizer(nn.Module):
         self._check_weight(weight)
         w2 = weight.detach().reshape(weight.shape[0], -1)
         betas = weight_betas(w2, self.qconfig)
-        wq, T, clamped, pending = quantize_weight(w2, betas, self.qconfig, dtype=weight.dtype)
+        snap = self.__dict__.get("_snapshot")  # reused: a fresh 4 MB tensor per step costs page faults
+        if snap is None or snap.shape != w2.shape or snap.dtype != w2.dtype or snap.device != w2.device:
+            snap = self._snapshot = torch.empty_like(w2)
+        wq, T, clamped, pending = quantize_weight(w2, betas, self.qconfig, dtype=weight.dtype, snapshot=snap)
         self.qweight = wq.reshape(weight.shape)
         self._pending = pending
         self.T = T
@@ -204,7 +209,7 @@ class HNLQWeightQuantizer(nn.Module):
         self._valid, self._stale, self._key = True, False, _version(weight)
         self._lut_cache = None
         self._quantizations += 1
-        n = int(clamped.sum())
+        n = int(clamped.sum()) if bool(clamped.any()) else 0
         if n:
             self._clamp_total += n
             self._warn_clamp(n)
@@ -231,9 +236,9 @@ class HNLQWeightQuantizer(nn.Module):
     def _ensure_labels(self) -> None:
         pending = self.__dict__.get("_pending")
         if pending is not None:
-            u, cfg = pending
+            w, betas = pending
             with _layer_warns():  # the clamps were counted (and warned) when T was computed
-                labels, _ = encode(u, config=cfg, backend=self.qconfig.backend)
+                labels, _, _ = encode_weight(w, betas, self.qconfig)
             self.labels = labels
             self._pending = None
 
@@ -541,21 +546,23 @@ class HNLQActivationQuantizer(nn.Module):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError("input must be a floating torch.Tensor")
-        if x.numel() and not bool(torch.isfinite(x).all()):
-            raise ValueError("input contains NaN or Inf; HNLQ cannot quantize non-finite activations")
         fd = self.feature_dim
         xa = x.movedim(fd, -1) if fd != -1 else x
-        if self.training:
-            beta = activation_beta(xa, self.qconfig)
+        running = float(self.beta)
+        beta = activation_beta(xa, self.qconfig) if self.training or not running > 0 else running
+        try:  # the quantizer checks finiteness in its own pass (no separate isfinite pass over the input)
+            xq, blocks, T, clamped, pad = quantize_activation(xa, beta, self.qconfig)
+        except ValueError:
+            if x.numel() and not bool(torch.isfinite(x).all()):
+                raise ValueError("input contains NaN or Inf; HNLQ cannot quantize non-finite activations") from None
+            raise
+        if self.training:  # the running beta moves only once the batch quantized
             with torch.no_grad():
-                if float(self.beta) > 0:
+                if running > 0:
                     m = self.qconfig.act_momentum
                     self.beta.mul_(1 - m).add_(m * beta)
                 else:
                     self.beta.fill_(beta)
-        else:
-            beta = float(self.beta) if float(self.beta) > 0 else activation_beta(xa, self.qconfig)
-        xq, blocks, T, clamped, pad = quantize_activation(xa, beta, self.qconfig)
         overloaded = (T > 0) | clamped
         self._seen += overloaded.numel()
         self._overloaded += int(overloaded.sum())

@@ -21,7 +21,8 @@ class _STE(torch.autograd.Function):
         ctx.has_scale = scale is not None
         if scale is not None:
             ctx.save_for_backward(scale)
-        return xq.clone()
+        # no copy: autograd returns an input as a view of it with this node as grad_fn
+        return xq
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):

@@ -28,6 +28,7 @@ from .offset import constellation_offset
 from .packing import pack_labels, packed_nbytes, unpack_labels
 from .quantize import quantize
 from .quantizer import Quantizer
+from .rows import quantize_rows
 
 __all__ = [
     "QuantizationConfig",
@@ -38,6 +39,7 @@ __all__ = [
     "encode",
     "decode",
     "quantize",
+    "quantize_rows",
     "Quantizer",
     "encode_layers",
     "decode_lattice_units",

@@ -366,7 +366,7 @@ def decode_flat(b, T, lattice: Lattice, config: QuantizationConfig, z: torch.Ten
 
 def warn_clamped(clamped: torch.Tensor, config: QuantizationConfig, what: str = "encode", stacklevel: int = 3) -> None:
     """One :class:`ClampWarning` per call that clamped any vector, with the count (a clamp loses data)."""
-    n = int(clamped.sum()) if clamped.numel() else 0
+    n = int(clamped.sum()) if clamped.numel() and bool(clamped.any()) else 0  # any(): no int64 sum when none
     if n:
         warnings.warn(
             f"{what}: {n} of {clamped.numel()} vectors overloaded even at T = max_scaling_iterations="
