@@ -21,6 +21,7 @@ Writes benchmarks/results/kv.json, kv.md (updated after every measurement) and k
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -47,6 +48,17 @@ PROMPTS = [
 ]
 
 
+def pydoc_prompts(n: int, chars: int = 600) -> list[str]:
+    """``n`` stdlib-documentation prompts: ``chars`` characters of pydoc_data.topics from evenly spaced
+    offsets, each starting at a line start (offline, deterministic)."""
+    text = pydoc_text()
+    out = []
+    for i in range(n):
+        at = text.find("\n", (i + 1) * len(text) // (n + 1)) + 1
+        out.append(text[at : at + chars])
+    return out
+
+
 def methods() -> list[tuple[str, str, object]]:
     """Every method at every rate, measured in one run with the same protocol. ``_s1``: token 0 (the attention
     sink) kept in full precision, the same for both codes. ``t4``: 4 bits of overload step per 8-dim block
@@ -59,14 +71,25 @@ def methods() -> list[tuple[str, str, object]]:
         out.append((f"kivi{bits}_s1", "kivi", ScalarKVConfig(bits=bits, group_size=64, sink=1)))
         out.append((f"hnlq{bits}_t4_s1", "hnlq", KVQuantConfig(bits=bits, t_bits=4, alpha=0.25, sink=1)))
         out.append((f"kivi{bits}_g32_s1", "kivi", ScalarKVConfig(bits=bits, group_size=32, sink=1)))
+        for e, tag in ((0.5, "kc05"), (1.0, "kc1")):  # per-channel key scale std^e (KVQuantConfig docs)
+            out.append((f"hnlq{bits}_s1_{tag}", "hnlq", KVQuantConfig(bits=bits, sink=1, key_channel_scale=e)))
+            out.append(
+                (
+                    f"hnlq{bits}_t4_s1_{tag}",
+                    "hnlq",
+                    KVQuantConfig(bits=bits, t_bits=4, alpha=0.25, sink=1, key_channel_scale=e),
+                )
+            )
     return out
 
 
-def make_cache(kind: str, cfg, model_config):
+def make_cache(kind: str, cfg, model_config, prefill: str = "float"):
+    """``prefill="codes"``: the HNLQ cache attends over its codes in the forward that fills it (the ppl
+    protocol: every position reads the quantized cache, as with the KIVI cache, which always does)."""
     if kind == "fp32":
         return DynamicCache(config=model_config)
     if kind == "hnlq":
-        return CosetQuantizedCache(model_config, cfg)
+        return CosetQuantizedCache(model_config, dataclasses.replace(cfg, prefill=prefill))
     return ScalarQuantizedCache(model_config, cfg)
 
 
@@ -88,7 +111,7 @@ def cache_bytes(kind: str, cache) -> int:
 def run_ppl(model, windows, kind, cfg):
     nll, count, nbytes, ntok = 0.0, 0, 0, 0
     for w in windows:
-        cache = make_cache(kind, cfg, model.config)
+        cache = make_cache(kind, cfg, model.config, prefill="codes")
         logits = model(w.unsqueeze(0), past_key_values=cache, use_cache=True).logits[0]
         lp = torch.log_softmax(logits[:-1].double(), -1)
         nll += float(-lp.gather(-1, w[1:].unsqueeze(-1)).sum())
@@ -123,16 +146,19 @@ def fill_cache(model, cache, ids, chunk=512):
 
 
 @torch.no_grad()
-def decode_steps(model, cache, start_token, steps):
-    """Median wall and process-CPU seconds of one decoding step (full model, batch 1)."""
-    walls, cpus, tokn = [], [], start_token
+def decode_steps(model, cache, start_token, steps, every: bool = False):
+    """Wall and process-CPU seconds of ``steps`` decoding steps (full model, batch 1): their medians, or
+    (``every``) the list of ``(wall, cpu)`` pairs."""
+    out_times, tokn = [], start_token
     for _ in range(steps):
         c0, t0 = time.process_time(), time.perf_counter()
         out = model(tokn, past_key_values=cache, use_cache=True)
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
+        out_times.append((time.perf_counter() - t0, time.process_time() - c0))
         tokn = out.logits[:, -1:].argmax(-1)
-    return sorted(walls)[len(walls) // 2], sorted(cpus)[len(cpus) // 2]
+    if every:
+        return out_times
+    walls, cpus = sorted(w for w, _ in out_times), sorted(c for _, c in out_times)
+    return walls[len(walls) // 2], cpus[len(cpus) // 2]
 
 
 def set_threads(n: int) -> None:
@@ -273,6 +299,10 @@ def plot(results: dict) -> None:
         "HNLQ E8 q=2, t2": (r"hnlq\d$", "o-"),
         "HNLQ t2 + sink": (r"hnlq\d_s1$", "o-"),
         "HNLQ t4 + sink": (r"hnlq\d_t4_s1$", "o-"),
+        "HNLQ t2 + sink + key scale std^0.5": (r"hnlq\d_s1_kc05$", "^-"),
+        "HNLQ t2 + sink + key scale std": (r"hnlq\d_s1_kc1$", "^-"),
+        "HNLQ t4 + sink + key scale std^0.5": (r"hnlq\d_t4_s1_kc05$", "v-"),
+        "HNLQ t4 + sink + key scale std": (r"hnlq\d_t4_s1_kc1$", "v-"),
         "KIVI g64": (r"kivi\d$", "s--"),
         "KIVI g64 + sink": (r"kivi\d_s1$", "s--"),
         "KIVI g32 + sink": (r"kivi\d_g32_s1$", "s--"),
@@ -296,10 +326,12 @@ def main() -> None:
     ap.add_argument("--sections", default="ppl,gen,speed")
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=6, help="decoding steps per round (speed)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds alternating between the caches (speed)")
     ap.add_argument("--contexts", default="2048,8192")
     ap.add_argument("--only", default=None, help="comma-separated method names")
-    ap.add_argument("--prompts", type=int, default=len(PROMPTS))
+    ap.add_argument("--prompts", type=int, default=2, help="hand-written prompts (gen)")
+    ap.add_argument("--pydoc-prompts", type=int, default=3, help="pydoc_data.topics prompts (gen)")
     ap.add_argument("--out", default="kv", help="results name (kv -> kv.json/md/png); 'report' merges kv_*.json")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -355,8 +387,8 @@ def main() -> None:
             plot(results)
     if "gen" in sections:
         results.setdefault("gen", {})
-        results["gen_prompts"] = args.prompts
-        prompts = PROMPTS[: args.prompts]
+        prompts = PROMPTS[: args.prompts] + pydoc_prompts(args.pydoc_prompts)
+        results["gen_prompts"] = len(prompts)
         ref = run_gen(model, tok, "fp32", None, prompts)
         for name, kind, cfg in todo:
             if kind == "fp32":
@@ -378,35 +410,59 @@ def main() -> None:
             write(results, args.out)
     if "speed" in sections:
         results.setdefault("speed", {})
-        text_ids = token_windows(tok, pydoc_text(), 8192, 1)
+        text_ids = token_windows(tok, pydoc_text(), max(int(c) for c in args.contexts.split(",")), 1)
         lut = "native" if native.available() else "torch"
         runs = [
             ("fp32 DynamicCache + SDPA", "fp32", None),
             (f"hnlq4_s1 LUT {lut}", "hnlq", KVQuantConfig(bits=4, sink=1)),
             (f"hnlq2_s1 LUT {lut}", "hnlq", KVQuantConfig(bits=2, sink=1)),
         ]
+        set_threads(1)
         for ctx in [int(c) for c in args.contexts.split(",")]:
             ids = text_ids[:, :ctx]
             rows = results["speed"].setdefault(str(ctx), {})
+            caches = {}
+            # One-shot prefill of ctx - 1 tokens into the fp32 cache. The HNLQ caches are filled with the same
+            # per-layer states: what their float prefill (config.prefill="float") stores, without paying for
+            # the 8k-token forward three times.
+            dense = make_cache("fp32", None, model.config)
+            c0, t0 = time.process_time(), time.perf_counter()
+            with torch.no_grad():
+                model(ids[:, :-1], past_key_values=dense, use_cache=True, logits_to_keep=1)
+            pre = (time.perf_counter() - t0, time.process_time() - c0)
+            print(ctx, "prefill s (wall, cpu)", pre, flush=True)
             for name, kind, cfg in runs:
-                set_threads(2)
+                if kind == "fp32":
+                    caches[name] = (dense, kind, pre)
+                    continue
                 cache = make_cache(kind, cfg, model.config)
-                fill_cache(model, cache, ids)
-                bpt = cache_bytes(kind, cache) / cache.get_seq_length()
-                for threads in (1, 2):
-                    set_threads(threads)
-                    load = os.getloadavg()[0]
-                    ms, cpu = decode_steps(model, cache, ids[:, -1:], args.steps)
-                    cache.crop(ctx - cache.get_seq_length())  # back to the context length (negative = drop newest)
-                    rows[f"{name}, {threads} thr"] = {
-                        "ms": 1e3 * ms,
-                        "cpu_ms": 1e3 * cpu,
-                        "load": load,
-                        "bytes_per_token": bpt,
-                    }
-                    print(ctx, name, threads, rows[f"{name}, {threads} thr"], flush=True)
-                    write(results, args.out)
-                del cache
+                c0, t0 = time.process_time(), time.perf_counter()
+                for layer, src in zip(cache.layers, dense.layers, strict=True):
+                    layer.update(src.keys, src.values)
+                caches[name] = (cache, kind, (time.perf_counter() - t0, time.process_time() - c0))
+            # rounds alternate between the caches so that they share the load of the moment
+            meas: dict[str, list] = {name: [] for name in caches}
+            loads = []
+            for _ in range(args.rounds):
+                for name, (cache, _kind, _pre) in caches.items():
+                    loads.append(os.getloadavg()[0])
+                    meas[name] += decode_steps(model, cache, ids[:, -1:], args.steps, every=True)
+                    cache.crop(ctx - 1 - cache.get_seq_length())  # back to the prefix (negative = drop newest)
+            for name, (cache, kind, pre) in caches.items():
+                ws = sorted(w for w, _ in meas[name])
+                cs = sorted(c for _, c in meas[name])
+                rows[f"{name}, 1 thr"] = {
+                    "ms": 1e3 * ws[len(ws) // 2],
+                    "cpu_ms": 1e3 * cs[len(cs) // 2],
+                    "tokens_per_s": 1.0 / ws[len(ws) // 2],
+                    "load": sum(loads) / len(loads),
+                    "bytes_per_token": cache_bytes(kind, cache) / cache.get_seq_length(),
+                    "prefill_s": pre[0],  # fp32: the forward; hnlq: encoding the prefilled states
+                    "n_steps": len(ws),
+                }
+                print(ctx, name, rows[f"{name}, 1 thr"], flush=True)
+            write(results, args.out)
+            del caches
     write(results, args.out)
     plot(results)
 

@@ -25,7 +25,16 @@ from coset.quant import ClampWarning, constellation_offset, decode, encode, pack
 from .config import BLOCK, KVQuantConfig
 from .rotation import HeadRotation
 
-__all__ = ["KVCodes", "encode_states", "decode_states", "block_scales", "code_tables", "step_table", "unpack_t"]
+__all__ = [
+    "KVCodes",
+    "encode_states",
+    "encode_checked",
+    "decode_states",
+    "block_scales",
+    "code_tables",
+    "step_table",
+    "unpack_t",
+]
 
 _FP16_MAX = float(torch.finfo(torch.float16).max)
 
@@ -94,6 +103,12 @@ def encode_states(x: torch.Tensor, rotation: HeadRotation, config: KVQuantConfig
     _check_states(x, rotation.head_dim)
     if x.shape[1] != rotation.num_heads:
         raise ValueError(f"states have {x.shape[1]} heads, the rotation was built for {rotation.num_heads}")
+    return encode_checked(x, rotation, config)
+
+
+def encode_checked(x: torch.Tensor, rotation: HeadRotation, config: KVQuantConfig) -> KVCodes:
+    """:func:`encode_states` without the argument checks (for callers that made them: it runs once per layer
+    and decoding step)."""
     B, H, L, D = x.shape
     K = D // BLOCK
     xr = rotation.rotate(x.to(torch.float32))
