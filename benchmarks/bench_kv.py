@@ -2,20 +2,24 @@
 the fp32 cache and vs a KIVI-style scalar cache at equal all-in bytes per token.
 
 Run:  nice -n 5 uv run python benchmarks/bench_kv.py [--sections ppl,gen,speed] [--windows 4] [--seqlen 1024]
-      [--contexts 2048,8192] [--steps 12]
-Writes benchmarks/results/kv.json, kv.md (updated after every measurement) and kv.png.
+      [--contexts 2048,8192] [--steps 6] [--rounds 3] [--only names] [--out kv_x]
+      nice -n 5 uv run python benchmarks/bench_kv.py --sections report   # merge kv_*.json -> kv.json/md/png
+Writes benchmarks/results/<out>.json and <out>.md (updated after every measurement) and kv.png.
 
 * ppl   - perplexity on pydoc_data.topics (coset.ptq.data.pydoc_text), ``--windows`` windows of ``--seqlen``
           tokens, each a fresh cache: one forward whose attention reads the quantized cache for every
-          position (prefill path = the codes decoded, which equals the LUT scores: tests/test_kv_lut.py).
-          Ratio = ppl / ppl(fp32 DynamicCache).
+          position (HNLQ with ``prefill="codes"``; its prefill path = the codes decoded, which equals the LUT
+          scores: tests/test_kv_lut.py). Ratio = ppl / ppl(fp32 DynamicCache).
 * bytes - cache bytes per token (all layers, keys + values, every side-information byte), measured on the
           filled caches of the ppl run, and bits per cached element.
-* gen   - greedy generation of 64 tokens from a few prompts: fraction of the 64 tokens equal to the
-          fp32-cache run and the first position where they differ.
-* speed - time per decoding step (one token, full model) at 2k and 8k tokens of context: DynamicCache +
-          SDPA vs the HNLQ cache with LUT scoring (native kernel if available, else torch). Median of
-          ``--steps`` steps; the machine is shared, so the medians carry the load of the moment.
+* gen   - greedy generation of 64 tokens (1 thread) from ``--prompts`` hand-written prompts and
+          ``--pydoc-prompts`` 600-character pydoc_data.topics prompts, each cache in its generation mode (HNLQ:
+          float prefill, then codes): fraction of the 64 tokens equal to the fp32-cache run and the first
+          position where they differ.
+* speed - time per decoding step (one token, full model, 1 thread) at each of ``--contexts`` tokens of context:
+          DynamicCache + SDPA vs the HNLQ cache with LUT scoring (native kernel if available, else torch).
+          One-shot prefill; ``--rounds`` rounds of ``--steps`` steps alternating between the caches (so they
+          share the load of the moment); medians of wall and process CPU time, 1-min load average recorded.
 """
 
 from __future__ import annotations
@@ -269,14 +273,18 @@ def write(results: dict, out_name: str = "kv") -> None:
         L.append("## Decode time per token (full model, batch 1, median of steps)")
         L.append("")
         L.append(
-            "| context | cache, threads | wall ms / token | process CPU ms / token | load (1 min) | cache bytes / token |"
+            "| context | cache, threads | tokens / s | wall ms / token | process CPU ms / token | CPU vs fp32 "
+            "| load (1 min) | cache bytes / token | x fewer bytes |"
         )
-        L.append("|---|---|---|---|---|---|")
+        L.append("|---|---|---|---|---|---|---|---|---|")
         for ctx, rows in sp.items():
+            ref = next((r for n, r in rows.items() if n.startswith("fp32")), None)
             for name, r in rows.items():
+                rel = f"{r['cpu_ms'] / ref['cpu_ms']:.2f}" if ref and "cpu_ms" in r else "-"
+                fewer = f"{ref['bytes_per_token'] / r['bytes_per_token']:.2f}" if ref else "-"
                 L.append(
-                    f"| {ctx} | {name} | {r['ms']:.1f} | {r.get('cpu_ms', float('nan')):.1f} | "
-                    f"{r.get('load', float('nan')):.1f} | {r['bytes_per_token']:.0f} |"
+                    f"| {ctx} | {name} | {1e3 / r['ms']:.2f} | {r['ms']:.1f} | {r.get('cpu_ms', float('nan')):.1f} | "
+                    f"{rel} | {r.get('load', float('nan')):.1f} | {r['bytes_per_token']:.0f} | {fewer} |"
                 )
         L.append("")
     (OUT / f"{out_name}.md").write_text("\n".join(L))
@@ -386,6 +394,7 @@ def main() -> None:
             write(results, args.out)
             plot(results)
     if "gen" in sections:
+        set_threads(1)  # two threads on a shared, loaded 2-core machine spin more than they compute
         results.setdefault("gen", {})
         prompts = PROMPTS[: args.prompts] + pydoc_prompts(args.pydoc_prompts)
         results["gen_prompts"] = len(prompts)

@@ -17,6 +17,10 @@
 
 #include "kv_scores.h"
 
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
+#include <immintrin.h>
+#endif
+
 namespace {
 
 template <typename F>
@@ -44,9 +48,11 @@ namespace base {
 #define COSET_KV_AVX2 1
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+#define COSET_KV_FMA 1
 namespace avx2 {
 #include "kv_cpu_impl.inc"
 }  // namespace avx2
+#undef COSET_KV_FMA
 #pragma GCC pop_options
 #endif
 

@@ -61,6 +61,11 @@ def _tables(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor
     return a, c
 
 
+@cache
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    return 1 << torch.arange(BLOCK, dtype=torch.int32, device=device)
+
+
 def code_tables(config: KVQuantConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(a, c)``: the ``(256, 8)`` coset representatives ``a_j`` (index order) and the ``(8,)`` centring offset
     of the code, float32 (exact: E8 points are integers or halves)."""
@@ -120,8 +125,7 @@ def encode_checked(x: torch.Tensor, rotation: HeadRotation, config: KVQuantConfi
     with warnings.catch_warnings():  # overload_policy="clamp" is the design: the rare clamped block is counted
         warnings.simplefilter("ignore", ClampWarning)  # in the measured quality, not worth a warning per token
         b, T = encode(u, config=qc)  # b (B,H,L,K,M,8) uint8 in {0,1}; T (B,H,L,K) uint8
-    w = 1 << torch.arange(BLOCK, dtype=torch.int32, device=x.device)
-    idx = (b.to(torch.int32) * w).sum(-1).to(torch.uint8)
+    idx = (b.to(torch.int32) * _bit_weights(x.device)).sum(-1).to(torch.uint8)
     if config.t_bits:
         per = 8 // config.t_bits
         Kp = -(-K // per) * per
