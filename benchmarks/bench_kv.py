@@ -238,7 +238,10 @@ def write(results: dict, out_name: str = "kv") -> None:
         L.append("| cache | bits/element all-in | bytes/token (30 layers) | x fewer than fp32 | ppl | ratio vs fp32 |")
         L.append("|---|---|---|---|---|---|")
         ref = ppl.get("fp32", {}).get("ppl")
-        for name, r in ppl.items():
+        # fp32 first, then by rate (high to low), codes of one rate together
+        order = sorted(ppl, key=lambda n: (n != "fp32", -ppl[n]["bits_per_element"], n.startswith("kivi"), n))
+        for name in order:
+            r = ppl[name]
             ratio = f"{r['ppl'] / ref:.4f}" if ref else "-"
             fewer = f"{ppl['fp32']['bytes_per_token'] / r['bytes_per_token']:.2f}" if "fp32" in ppl else "-"
             L.append(
