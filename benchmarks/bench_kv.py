@@ -2,25 +2,30 @@
 the fp32 cache and vs a KIVI-style scalar cache at equal all-in bytes per token.
 
 Run:  nice -n 5 uv run python benchmarks/bench_kv.py [--sections ppl,gen,speed] [--windows 4] [--seqlen 1024]
-      [--contexts 2048,8192] [--steps 12]
-Writes benchmarks/results/kv.json, kv.md (updated after every measurement) and kv.png.
+      [--contexts 2048,8192] [--steps 6] [--rounds 3] [--only names] [--out kv_x]
+      nice -n 5 uv run python benchmarks/bench_kv.py --sections report   # merge kv_*.json -> kv.json/md/png
+Writes benchmarks/results/<out>.json and <out>.md (updated after every measurement) and kv.png.
 
 * ppl   - perplexity on pydoc_data.topics (coset.ptq.data.pydoc_text), ``--windows`` windows of ``--seqlen``
           tokens, each a fresh cache: one forward whose attention reads the quantized cache for every
-          position (prefill path = the codes decoded, which equals the LUT scores: tests/test_kv_lut.py).
-          Ratio = ppl / ppl(fp32 DynamicCache).
+          position (HNLQ with ``prefill="codes"``; its prefill path = the codes decoded, which equals the LUT
+          scores: tests/test_kv_lut.py). Ratio = ppl / ppl(fp32 DynamicCache).
 * bytes - cache bytes per token (all layers, keys + values, every side-information byte), measured on the
           filled caches of the ppl run, and bits per cached element.
-* gen   - greedy generation of 64 tokens from a few prompts: fraction of the 64 tokens equal to the
-          fp32-cache run and the first position where they differ.
-* speed - time per decoding step (one token, full model) at 2k and 8k tokens of context: DynamicCache +
-          SDPA vs the HNLQ cache with LUT scoring (native kernel if available, else torch). Median of
-          ``--steps`` steps; the machine is shared, so the medians carry the load of the moment.
+* gen   - greedy generation of 64 tokens (1 thread) from ``--prompts`` hand-written prompts and
+          ``--pydoc-prompts`` 600-character pydoc_data.topics prompts, each cache in its generation mode (HNLQ:
+          float prefill, then codes): fraction of the 64 tokens equal to the fp32-cache run and the first
+          position where they differ.
+* speed - time per decoding step (one token, full model, 1 thread) at each of ``--contexts`` tokens of context:
+          DynamicCache + SDPA vs the HNLQ cache with LUT scoring (native kernel if available, else torch).
+          One-shot prefill; ``--rounds`` rounds of ``--steps`` steps alternating between the caches (so they
+          share the load of the moment); medians of wall and process CPU time, 1-min load average recorded.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -47,6 +52,17 @@ PROMPTS = [
 ]
 
 
+def pydoc_prompts(n: int, chars: int = 600) -> list[str]:
+    """``n`` stdlib-documentation prompts: ``chars`` characters of pydoc_data.topics from evenly spaced
+    offsets, each starting at a line start (offline, deterministic)."""
+    text = pydoc_text()
+    out = []
+    for i in range(n):
+        at = text.find("\n", (i + 1) * len(text) // (n + 1)) + 1
+        out.append(text[at : at + chars])
+    return out
+
+
 def methods() -> list[tuple[str, str, object]]:
     """Every method at every rate, measured in one run with the same protocol. ``_s1``: token 0 (the attention
     sink) kept in full precision, the same for both codes. ``t4``: 4 bits of overload step per 8-dim block
@@ -59,14 +75,25 @@ def methods() -> list[tuple[str, str, object]]:
         out.append((f"kivi{bits}_s1", "kivi", ScalarKVConfig(bits=bits, group_size=64, sink=1)))
         out.append((f"hnlq{bits}_t4_s1", "hnlq", KVQuantConfig(bits=bits, t_bits=4, alpha=0.25, sink=1)))
         out.append((f"kivi{bits}_g32_s1", "kivi", ScalarKVConfig(bits=bits, group_size=32, sink=1)))
+        for e, tag in ((0.5, "kc05"), (1.0, "kc1")):  # per-channel key scale std^e (KVQuantConfig docs)
+            out.append((f"hnlq{bits}_s1_{tag}", "hnlq", KVQuantConfig(bits=bits, sink=1, key_channel_scale=e)))
+            out.append(
+                (
+                    f"hnlq{bits}_t4_s1_{tag}",
+                    "hnlq",
+                    KVQuantConfig(bits=bits, t_bits=4, alpha=0.25, sink=1, key_channel_scale=e),
+                )
+            )
     return out
 
 
-def make_cache(kind: str, cfg, model_config):
+def make_cache(kind: str, cfg, model_config, prefill: str = "float"):
+    """``prefill="codes"``: the HNLQ cache attends over its codes in the forward that fills it (the ppl
+    protocol: every position reads the quantized cache, as with the KIVI cache, which always does)."""
     if kind == "fp32":
         return DynamicCache(config=model_config)
     if kind == "hnlq":
-        return CosetQuantizedCache(model_config, cfg)
+        return CosetQuantizedCache(model_config, dataclasses.replace(cfg, prefill=prefill))
     return ScalarQuantizedCache(model_config, cfg)
 
 
@@ -88,7 +115,7 @@ def cache_bytes(kind: str, cache) -> int:
 def run_ppl(model, windows, kind, cfg):
     nll, count, nbytes, ntok = 0.0, 0, 0, 0
     for w in windows:
-        cache = make_cache(kind, cfg, model.config)
+        cache = make_cache(kind, cfg, model.config, prefill="codes")
         logits = model(w.unsqueeze(0), past_key_values=cache, use_cache=True).logits[0]
         lp = torch.log_softmax(logits[:-1].double(), -1)
         nll += float(-lp.gather(-1, w[1:].unsqueeze(-1)).sum())
@@ -123,16 +150,19 @@ def fill_cache(model, cache, ids, chunk=512):
 
 
 @torch.no_grad()
-def decode_steps(model, cache, start_token, steps):
-    """Median wall and process-CPU seconds of one decoding step (full model, batch 1)."""
-    walls, cpus, tokn = [], [], start_token
+def decode_steps(model, cache, start_token, steps, every: bool = False):
+    """Wall and process-CPU seconds of ``steps`` decoding steps (full model, batch 1): their medians, or
+    (``every``) the list of ``(wall, cpu)`` pairs."""
+    out_times, tokn = [], start_token
     for _ in range(steps):
         c0, t0 = time.process_time(), time.perf_counter()
         out = model(tokn, past_key_values=cache, use_cache=True)
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
+        out_times.append((time.perf_counter() - t0, time.process_time() - c0))
         tokn = out.logits[:, -1:].argmax(-1)
-    return sorted(walls)[len(walls) // 2], sorted(cpus)[len(cpus) // 2]
+    if every:
+        return out_times
+    walls, cpus = sorted(w for w, _ in out_times), sorted(c for _, c in out_times)
+    return walls[len(walls) // 2], cpus[len(cpus) // 2]
 
 
 def set_threads(n: int) -> None:
@@ -208,7 +238,10 @@ def write(results: dict, out_name: str = "kv") -> None:
         L.append("| cache | bits/element all-in | bytes/token (30 layers) | x fewer than fp32 | ppl | ratio vs fp32 |")
         L.append("|---|---|---|---|---|---|")
         ref = ppl.get("fp32", {}).get("ppl")
-        for name, r in ppl.items():
+        # fp32 first, then by rate (high to low), codes of one rate together
+        order = sorted(ppl, key=lambda n: (n != "fp32", -ppl[n]["bits_per_element"], n.startswith("kivi"), n))
+        for name in order:
+            r = ppl[name]
             ratio = f"{r['ppl'] / ref:.4f}" if ref else "-"
             fewer = f"{ppl['fp32']['bytes_per_token'] / r['bytes_per_token']:.2f}" if "fp32" in ppl else "-"
             L.append(
@@ -243,14 +276,18 @@ def write(results: dict, out_name: str = "kv") -> None:
         L.append("## Decode time per token (full model, batch 1, median of steps)")
         L.append("")
         L.append(
-            "| context | cache, threads | wall ms / token | process CPU ms / token | load (1 min) | cache bytes / token |"
+            "| context | cache, threads | tokens / s | wall ms / token | process CPU ms / token | CPU vs fp32 "
+            "| load (1 min) | cache bytes / token | x fewer bytes |"
         )
-        L.append("|---|---|---|---|---|---|")
+        L.append("|---|---|---|---|---|---|---|---|---|")
         for ctx, rows in sp.items():
+            ref = next((r for n, r in rows.items() if n.startswith("fp32")), None)
             for name, r in rows.items():
+                rel = f"{r['cpu_ms'] / ref['cpu_ms']:.2f}" if ref and "cpu_ms" in r else "-"
+                fewer = f"{ref['bytes_per_token'] / r['bytes_per_token']:.2f}" if ref else "-"
                 L.append(
-                    f"| {ctx} | {name} | {r['ms']:.1f} | {r.get('cpu_ms', float('nan')):.1f} | "
-                    f"{r.get('load', float('nan')):.1f} | {r['bytes_per_token']:.0f} |"
+                    f"| {ctx} | {name} | {1e3 / r['ms']:.2f} | {r['ms']:.1f} | {r.get('cpu_ms', float('nan')):.1f} | "
+                    f"{rel} | {r.get('load', float('nan')):.1f} | {r['bytes_per_token']:.0f} | {fewer} |"
                 )
         L.append("")
     (OUT / f"{out_name}.md").write_text("\n".join(L))
@@ -273,6 +310,10 @@ def plot(results: dict) -> None:
         "HNLQ E8 q=2, t2": (r"hnlq\d$", "o-"),
         "HNLQ t2 + sink": (r"hnlq\d_s1$", "o-"),
         "HNLQ t4 + sink": (r"hnlq\d_t4_s1$", "o-"),
+        "HNLQ t2 + sink + key scale std^0.5": (r"hnlq\d_s1_kc05$", "^-"),
+        "HNLQ t2 + sink + key scale std": (r"hnlq\d_s1_kc1$", "^-"),
+        "HNLQ t4 + sink + key scale std^0.5": (r"hnlq\d_t4_s1_kc05$", "v-"),
+        "HNLQ t4 + sink + key scale std": (r"hnlq\d_t4_s1_kc1$", "v-"),
         "KIVI g64": (r"kivi\d$", "s--"),
         "KIVI g64 + sink": (r"kivi\d_s1$", "s--"),
         "KIVI g32 + sink": (r"kivi\d_g32_s1$", "s--"),
@@ -296,10 +337,12 @@ def main() -> None:
     ap.add_argument("--sections", default="ppl,gen,speed")
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=6, help="decoding steps per round (speed)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds alternating between the caches (speed)")
     ap.add_argument("--contexts", default="2048,8192")
     ap.add_argument("--only", default=None, help="comma-separated method names")
-    ap.add_argument("--prompts", type=int, default=len(PROMPTS))
+    ap.add_argument("--prompts", type=int, default=2, help="hand-written prompts (gen)")
+    ap.add_argument("--pydoc-prompts", type=int, default=3, help="pydoc_data.topics prompts (gen)")
     ap.add_argument("--out", default="kv", help="results name (kv -> kv.json/md/png); 'report' merges kv_*.json")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -354,9 +397,10 @@ def main() -> None:
             write(results, args.out)
             plot(results)
     if "gen" in sections:
+        set_threads(1)  # two threads on a shared, loaded 2-core machine spin more than they compute
         results.setdefault("gen", {})
-        results["gen_prompts"] = args.prompts
-        prompts = PROMPTS[: args.prompts]
+        prompts = PROMPTS[: args.prompts] + pydoc_prompts(args.pydoc_prompts)
+        results["gen_prompts"] = len(prompts)
         ref = run_gen(model, tok, "fp32", None, prompts)
         for name, kind, cfg in todo:
             if kind == "fp32":
@@ -378,35 +422,59 @@ def main() -> None:
             write(results, args.out)
     if "speed" in sections:
         results.setdefault("speed", {})
-        text_ids = token_windows(tok, pydoc_text(), 8192, 1)
+        text_ids = token_windows(tok, pydoc_text(), max(int(c) for c in args.contexts.split(",")), 1)
         lut = "native" if native.available() else "torch"
         runs = [
             ("fp32 DynamicCache + SDPA", "fp32", None),
             (f"hnlq4_s1 LUT {lut}", "hnlq", KVQuantConfig(bits=4, sink=1)),
             (f"hnlq2_s1 LUT {lut}", "hnlq", KVQuantConfig(bits=2, sink=1)),
         ]
+        set_threads(1)
         for ctx in [int(c) for c in args.contexts.split(",")]:
             ids = text_ids[:, :ctx]
             rows = results["speed"].setdefault(str(ctx), {})
+            caches = {}
+            # One-shot prefill of ctx - 1 tokens into the fp32 cache. The HNLQ caches are filled with the same
+            # per-layer states: what their float prefill (config.prefill="float") stores, without paying for
+            # the 8k-token forward three times.
+            dense = make_cache("fp32", None, model.config)
+            c0, t0 = time.process_time(), time.perf_counter()
+            with torch.no_grad():
+                model(ids[:, :-1], past_key_values=dense, use_cache=True, logits_to_keep=1)
+            pre = (time.perf_counter() - t0, time.process_time() - c0)
+            print(ctx, "prefill s (wall, cpu)", pre, flush=True)
             for name, kind, cfg in runs:
-                set_threads(2)
+                if kind == "fp32":
+                    caches[name] = (dense, kind, pre)
+                    continue
                 cache = make_cache(kind, cfg, model.config)
-                fill_cache(model, cache, ids)
-                bpt = cache_bytes(kind, cache) / cache.get_seq_length()
-                for threads in (1, 2):
-                    set_threads(threads)
-                    load = os.getloadavg()[0]
-                    ms, cpu = decode_steps(model, cache, ids[:, -1:], args.steps)
-                    cache.crop(ctx - cache.get_seq_length())  # back to the context length (negative = drop newest)
-                    rows[f"{name}, {threads} thr"] = {
-                        "ms": 1e3 * ms,
-                        "cpu_ms": 1e3 * cpu,
-                        "load": load,
-                        "bytes_per_token": bpt,
-                    }
-                    print(ctx, name, threads, rows[f"{name}, {threads} thr"], flush=True)
-                    write(results, args.out)
-                del cache
+                c0, t0 = time.process_time(), time.perf_counter()
+                for layer, src in zip(cache.layers, dense.layers, strict=True):
+                    layer.update(src.keys, src.values)
+                caches[name] = (cache, kind, (time.perf_counter() - t0, time.process_time() - c0))
+            # rounds alternate between the caches so that they share the load of the moment
+            meas: dict[str, list] = {name: [] for name in caches}
+            loads = []
+            for _ in range(args.rounds):
+                for name, (cache, _kind, _pre) in caches.items():
+                    loads.append(os.getloadavg()[0])
+                    meas[name] += decode_steps(model, cache, ids[:, -1:], args.steps, every=True)
+                    cache.crop(ctx - 1 - cache.get_seq_length())  # back to the prefix (negative = drop newest)
+            for name, (cache, kind, pre) in caches.items():
+                ws = sorted(w for w, _ in meas[name])
+                cs = sorted(c for _, c in meas[name])
+                rows[f"{name}, 1 thr"] = {
+                    "ms": 1e3 * ws[len(ws) // 2],
+                    "cpu_ms": 1e3 * cs[len(cs) // 2],
+                    "tokens_per_s": 1.0 / ws[len(ws) // 2],
+                    "load": sum(loads) / len(loads),
+                    "bytes_per_token": cache_bytes(kind, cache) / cache.get_seq_length(),
+                    "prefill_s": pre[0],  # fp32: the forward; hnlq: encoding the prefilled states
+                    "n_steps": len(ws),
+                }
+                print(ctx, name, rows[f"{name}, 1 thr"], flush=True)
+            write(results, args.out)
+            del caches
     write(results, args.out)
     plot(results)
 

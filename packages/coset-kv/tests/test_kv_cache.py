@@ -70,7 +70,7 @@ def test_append_token_by_token_equals_one_chunk():
 
 def test_window_keeps_the_newest_tokens_exact():
     k, v = kv(L=9)
-    layer = CosetKVLayer(KVQuantConfig(window=4), return_codes=False)
+    layer = CosetKVLayer(KVQuantConfig(window=4, prefill="codes"), return_codes=False)
     K, V = layer.update(k, v)
     assert layer.store.num_coded == 5 and layer.store.num_window == 4
     assert torch.equal(K[:, :, 5:], k[:, :, 5:]) and torch.equal(V[:, :, 5:], v[:, :, 5:])
@@ -136,7 +136,7 @@ def test_sink_keeps_the_first_tokens_exact_in_both_stores():
 
 def test_reorder_select_repeat_batch():
     k, v = kv(B=3, L=6)
-    layer = CosetKVLayer(KVQuantConfig(window=2), return_codes=False)
+    layer = CosetKVLayer(KVQuantConfig(window=2, prefill="codes"), return_codes=False)
     K, V = layer.update(k, v)
     layer.reorder_cache(torch.tensor([2, 0, 1]))
     K2, V2 = layer.store.dequantized()
@@ -190,10 +190,14 @@ def test_bytes_accounting():
         (3, "auto", False, 0),
         (0, "lut", True, 2),
         (3, "lut", True, 1),
+        (0, "lut", True, 1.0),
+        (2, "decode", False, 0.5),
     ],
 )
 def test_attention_from_codes_equals_sdpa_on_decoded_states(window, path, mean, sink):
-    cfg = KVQuantConfig(bits=2, window=window, score_path=path, subtract_mean=mean, sink=sink)
+    chan = sink if isinstance(sink, float) else 0.0  # the float cases: per-channel key scale, no sink
+    sink = sink if isinstance(sink, int) else 0
+    cfg = KVQuantConfig(bits=2, window=window, score_path=path, subtract_mean=mean, sink=sink, key_channel_scale=chan)
     store = CodedKVStore(cfg, seed=4)
     k, v = kv(B=2, L=12, seed=1)
     store.append(k + 3.0, v - 1.0)  # offsets: the mean subtraction must be undone exactly
@@ -213,7 +217,7 @@ def test_attention_from_codes_equals_sdpa_on_decoded_states(window, path, mean, 
 
 def test_model_logits_with_codes_equal_sdpa_on_decoded_cache(model):
     ids = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(3))
-    cfg = KVQuantConfig(bits=2)
+    cfg = KVQuantConfig(bits=2, prefill="codes")  # the first forward reads the codes too
     a = CosetQuantizedCache(model.config, cfg)  # CodedKV handles -> coset_kv attention from codes
     b = CosetQuantizedCache(model.config, cfg, return_codes=False)  # decoded dense states -> plain SDPA
     with torch.no_grad():
@@ -223,6 +227,49 @@ def test_model_logits_with_codes_equal_sdpa_on_decoded_cache(model):
             la.append(model(ids[:, t : t + 1], past_key_values=a).logits)
             lb.append(model(ids[:, t : t + 1], past_key_values=b).logits)
     assert torch.allclose(torch.cat(la, 1), torch.cat(lb, 1), atol=1e-4)
+
+
+def test_float_prefill_attends_in_float_and_stores_the_same_codes(model):
+    ids = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(4))
+    cfg = KVQuantConfig(bits=2, sink=1)
+    f = CosetQuantizedCache(model.config, cfg)  # prefill="float", the default
+    c = CosetQuantizedCache(model.config, KVQuantConfig(bits=2, sink=1, prefill="codes"))
+    d = DynamicCache(config=model.config)
+    with torch.no_grad():
+        lf, lc, ld = (model(ids[:, :10], past_key_values=x).logits for x in (f, c, d))
+        assert torch.allclose(lf, ld, atol=1e-5)  # the prompt saw its float keys and values
+        assert not torch.allclose(lc, ld, atol=1e-3)  # (2-bit codes do change the logits)
+        # every layer stored the codes of the float states of the prompt: those of the fp32 run
+        ref = CosetQuantizedCache(model.config, KVQuantConfig(bits=2, sink=1, prefill="codes"))
+        for i, (lf_, lr, ld_) in enumerate(zip(f.layers, ref.layers, d.layers, strict=True)):
+            lr.update(ld_.keys, ld_.values)
+            assert same_codes(codes_of(lf_), codes_of(lr)), i
+        assert same_codes(codes_of(f.layers[0]), codes_of(c.layers[0]))  # layer 0 sees the same input
+        # later steps read the codes: equal to the cache filled with the same codes
+        lf2 = model(ids[:, 10:11], past_key_values=f).logits
+        assert torch.allclose(lf2, model(ids[:, 10:11], past_key_values=ref).logits, atol=1e-5)
+
+
+def test_key_channel_scale_is_frozen_counted_and_helps_outlier_channels():
+    k, v = kv(L=64)
+    k = k * torch.cat((torch.full((8,), 8.0), torch.full((56,), 0.25)))  # 8 outlier channels
+    q = torch.randn(1, 9, 1, 64) * torch.cat((torch.full((8,), 0.25), torch.ones(56)))
+    errs = {}
+    for e in (0.0, 1.0):
+        store = CodedKVStore(KVQuantConfig(bits=3, key_channel_scale=e))
+        store.append(k, v)
+        K, _ = store.dequantized()
+        kr = K.repeat_interleave(3, dim=1)
+        errs[e] = float(((q @ (kr - k.repeat_interleave(3, dim=1)).transpose(-1, -2)) ** 2).mean())
+        if e:
+            chan = store.k_chan
+            assert chan is not None and chan.shape == (3, 64)
+            assert store.nbytes == 2 * 3 * 64 * KVQuantConfig(bits=3).bytes_per_vector(64) + 3 * (
+                3 * 64 * 4
+            )  # + mu_k, mu_v, s
+            store.append(*kv(L=3, seed=9))
+            assert store.k_chan is chan  # frozen at the first coded chunk
+    assert errs[1.0] < 0.5 * errs[0.0]
 
 
 @pytest.mark.slow

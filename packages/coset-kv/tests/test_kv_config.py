@@ -16,6 +16,10 @@ from coset.kv.config import _BETA_TABLE, search_beta
         ({"window": -1}, ValueError),
         ({"score_path": "fast"}, ValueError),
         ({"subtract_mean": 1}, TypeError),
+        ({"prefill": "dense"}, ValueError),
+        ({"key_channel_scale": -0.5}, ValueError),
+        ({"key_channel_scale": float("nan")}, ValueError),
+        ({"key_channel_scale": True}, ValueError),
     ],
 )
 def test_bad_config(kw, exc):

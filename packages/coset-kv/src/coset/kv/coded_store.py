@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from .attention import masked_softmax
-from .codes import KVCodes, decode_states, encode_states
+from .codes import KVCodes, decode_states, encode_checked
 from .config import KVQuantConfig
 from .lut import scores_lut, scores_reference, values_from_codes
 from .rotation import HeadRotation
@@ -53,6 +53,7 @@ class CodedKVStore:
         self.dtype: torch.dtype | None = None
         self.k_mean: torch.Tensor | None = None  # (H, D) float32, frozen at the first coded chunk
         self.v_mean: torch.Tensor | None = None
+        self.k_chan: torch.Tensor | None = None  # (H, D) float32 per-channel key scale (key_channel_scale > 0)
 
     # ------------------------------------------------------------------ contents
     @property
@@ -108,8 +109,9 @@ class CodedKVStore:
     @property
     def nbytes(self) -> int:
         """Bytes held: labels, T and scales of the coded tokens, the window in its own dtype, and the two
-        frozen per-head means (float32) when ``config.subtract_mean``."""
-        means = sum(m.numel() * m.element_size() for m in (self.k_mean, self.v_mean) if m is not None)
+        frozen per-head means (float32) when ``config.subtract_mean`` and the per-channel key scale when
+        ``config.key_channel_scale``."""
+        means = sum(m.numel() * m.element_size() for m in (self.k_mean, self.v_mean, self.k_chan) if m is not None)
         return sum(b.nbytes for b in self._bufs.values()) + means
 
     # ------------------------------------------------------------------ updates
@@ -174,14 +176,24 @@ class CodedKVStore:
                 means = keys.mean(dim=(0, 2)), values.mean(dim=(0, 2))
             keys = keys - means[0].unsqueeze(1)
             values = values - means[1].unsqueeze(1)
-        kc = encode_states(keys, rotation, self.config)
-        vc = encode_states(values, rotation, self.config)
-        if means is not None:  # only once both encoded: bad input leaves no trace
+        chan = self.k_chan
+        if self.config.key_channel_scale and chan is None:
+            std = keys.std(dim=(0, 2), correction=0) if keys.shape[0] * keys.shape[2] > 1 else keys.abs()[0, :, 0]
+            std = std.clamp(min=1e-6 * float(std.max().clamp(min=1e-30)))
+            chan = (std / std.pow(2).mean(-1, keepdim=True).sqrt()).pow(self.config.key_channel_scale)
+        if chan is not None:
+            keys = keys / chan.unsqueeze(1)
+        # keys and values share the layer's rotation: one encode call for both (its fixed cost, ~0.4 ms of
+        # torch dispatch, is paid per layer and decoding step); append() has checked them
+        B = keys.shape[0]
+        both = encode_checked(torch.cat((keys, values)), rotation, self.config)
+        if means is not None:  # only once encoded: bad input leaves no trace
             self.k_mean, self.v_mean = means
-        for which, c in (("k", kc), ("v", vc)):
-            self._bufs[f"{which}_idx"].append(c.idx)
-            self._bufs[f"{which}_t"].append(c.t)
-            self._bufs[f"{which}_scale"].append(c.scale)
+        self.k_chan = chan
+        for which, sl in (("k", slice(0, B)), ("v", slice(B, 2 * B))):
+            self._bufs[f"{which}_idx"].append(both.idx[sl])
+            self._bufs[f"{which}_t"].append(both.t[sl])
+            self._bufs[f"{which}_scale"].append(both.scale[sl])
 
     def crop(self, n: int) -> None:
         """Drop the ``n`` most recent tokens (window first, then codes, then sink): exact, codes are per token."""
@@ -204,7 +216,7 @@ class CodedKVStore:
     def reset(self) -> None:
         for b in self._bufs.values():
             b.clear()
-        self.k_mean = self.v_mean = None
+        self.k_mean = self.v_mean = self.k_chan = None
 
     # ------------------------------------------------------------------ reads
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,6 +230,8 @@ class CodedKVStore:
             rotation = self._require_rotation()
             k = decode_states(self._require_codes("k"), rotation, self.config)
             v = decode_states(self._require_codes("v"), rotation, self.config)
+            if self.k_chan is not None:
+                k = k * self.k_chan.unsqueeze(1)
             means = self._means()
             if means is not None:
                 k, v = k + means[0].unsqueeze(1), v + means[1].unsqueeze(1)
@@ -267,7 +281,7 @@ class CodedKVStore:
         if Ls:
             parts.append(q @ self._bufs["k_sink"].tensor.to(torch.float32).transpose(-1, -2))
         if self.num_coded:
-            qr = rotation.rotate(q)
+            qr = rotation.rotate(q if self.k_chan is None else q * self.k_chan.unsqueeze(1))
             kc = self._require_codes("k")
             sc = scores_lut(qr, kc, self.config, backend=backend) if lut else scores_reference(qr, kc, self.config)
             if means is not None:  # the codes hold k - mu_k: add <q, mu_k> back (same for every token)

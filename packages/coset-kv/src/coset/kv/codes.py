@@ -25,7 +25,16 @@ from coset.quant import ClampWarning, constellation_offset, decode, encode, pack
 from .config import BLOCK, KVQuantConfig
 from .rotation import HeadRotation
 
-__all__ = ["KVCodes", "encode_states", "decode_states", "block_scales", "code_tables", "step_table", "unpack_t"]
+__all__ = [
+    "KVCodes",
+    "encode_states",
+    "encode_checked",
+    "decode_states",
+    "block_scales",
+    "code_tables",
+    "step_table",
+    "unpack_t",
+]
 
 _FP16_MAX = float(torch.finfo(torch.float16).max)
 
@@ -50,6 +59,11 @@ def _tables(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor
     a = representative_table(qc.lattice, 2, qc.with_tie_dither).to(device=device, dtype=torch.float32)
     c = constellation_offset(qc.lattice, 2, bits, qc.with_tie_dither).to(device=device, dtype=torch.float32)
     return a, c
+
+
+@cache
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    return 1 << torch.arange(BLOCK, dtype=torch.int32, device=device)
 
 
 def code_tables(config: KVQuantConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,6 +108,12 @@ def encode_states(x: torch.Tensor, rotation: HeadRotation, config: KVQuantConfig
     _check_states(x, rotation.head_dim)
     if x.shape[1] != rotation.num_heads:
         raise ValueError(f"states have {x.shape[1]} heads, the rotation was built for {rotation.num_heads}")
+    return encode_checked(x, rotation, config)
+
+
+def encode_checked(x: torch.Tensor, rotation: HeadRotation, config: KVQuantConfig) -> KVCodes:
+    """:func:`encode_states` without the argument checks (for callers that made them: it runs once per layer
+    and decoding step)."""
     B, H, L, D = x.shape
     K = D // BLOCK
     xr = rotation.rotate(x.to(torch.float32))
@@ -105,8 +125,7 @@ def encode_states(x: torch.Tensor, rotation: HeadRotation, config: KVQuantConfig
     with warnings.catch_warnings():  # overload_policy="clamp" is the design: the rare clamped block is counted
         warnings.simplefilter("ignore", ClampWarning)  # in the measured quality, not worth a warning per token
         b, T = encode(u, config=qc)  # b (B,H,L,K,M,8) uint8 in {0,1}; T (B,H,L,K) uint8
-    w = 1 << torch.arange(BLOCK, dtype=torch.int32, device=x.device)
-    idx = (b.to(torch.int32) * w).sum(-1).to(torch.uint8)
+    idx = (b.to(torch.int32) * _bit_weights(x.device)).sum(-1).to(torch.uint8)
     if config.t_bits:
         per = 8 // config.t_bits
         Kp = -(-K // per) * per

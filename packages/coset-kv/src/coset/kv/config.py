@@ -116,10 +116,19 @@ class KVQuantConfig:
         native kernel when available), ``"decode"`` (dequantize, then matmul) or ``"auto"`` (LUT when at most
         ``lut_max_queries`` queries per KV head, i.e. decoding steps; decode for prefill)
     lut_max_queries : threshold of ``"auto"``
+    prefill : how a call that brings several tokens to an **empty** cache (the prompt) attends: ``"float"``
+        (default) with the float keys and values it was given, through SDPA, while only their codes are stored
+        (transformers' ``QuantizedCache`` does the same); ``"codes"``: over the stored codes like every later
+        call (the perplexity benchmark uses it, so that every position reads the quantized cache)
     subtract_mean : code ``x - mu`` with ``mu`` the per-head mean of the first coded chunk (frozen, float32,
         counted in the bytes). Exact for attention: a fixed key offset shifts every score of a query by the
         same ``<q, mu_k>`` (added back), a fixed value offset adds ``mu_v`` to the output (the weights sum to
         1). It removes the per-channel bias of keys (RoPE'd outlier channels) from what the code must carry.
+    key_channel_scale : exponent ``e`` of a per-head, per-channel key scale ``s_c = std_c^e`` (std of channel c
+        of the first coded chunk, frozen, float32, counted in the bytes; 0 = off): keys are coded as
+        ``(k - mu) / s`` and queries scaled by ``s`` instead (exact: ``<q, s * k'> = <s * q, k'>``), so the
+        quantization error of a channel follows its spread (KIVI's per-channel insight) for ``e = 1``, or
+        sits between that and white error for ``0 < e < 1``.
     """
 
     bits: int = 4
@@ -131,7 +140,9 @@ class KVQuantConfig:
     seed: int = 0
     score_path: str = "auto"
     lut_max_queries: int = 16
+    prefill: str = "float"
     subtract_mean: bool = True
+    key_channel_scale: float = 0.0
 
     def __post_init__(self) -> None:
         _int("bits", self.bits, 1, 4)
@@ -147,6 +158,11 @@ class KVQuantConfig:
         if self.score_path not in ("auto", "lut", "decode"):
             raise ValueError(f"score_path must be 'auto', 'lut' or 'decode', got {self.score_path!r}")
         _int("lut_max_queries", self.lut_max_queries, 0, 2**31 - 1)
+        if self.prefill not in ("float", "codes"):
+            raise ValueError(f"prefill must be 'float' or 'codes', got {self.prefill!r}")
+        v = self.key_channel_scale
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= 2:
+            raise ValueError(f"key_channel_scale must be a number in [0, 2], got {v!r}")
         if not isinstance(self.subtract_mean, bool):
             raise TypeError(f"subtract_mean must be a bool, got {type(self.subtract_mean).__name__}")
 

@@ -130,11 +130,15 @@ class CosetKVLayer(_StoreLayer):
         return decode_states(q_tensor, self.store._require_rotation(), self.store.config)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Append the new tokens' codes; return a :class:`CodedKV` handle twice, or the decoded states."""
+        """Append the new tokens' codes; return a :class:`CodedKV` handle twice, or the decoded states, or
+        (``config.prefill == "float"``, several tokens into an empty cache) the given states themselves."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        fresh = len(self.store) == 0
         self.store.append(key_states, value_states)
         self.cumulative_length = len(self.store)
+        if fresh and key_states.shape[2] > 1 and self.store.config.prefill == "float":
+            return key_states, value_states  # the prompt attends with what it has; only its codes are kept
         if self.return_codes:
             h = CodedKV(self.store)
             return h, h
