@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--gains", choices=("layer", "row"), default="layer", help="row: fp16 per-channel out_scale")
     ap.add_argument("--seqlen", type=int, default=256, help="tuning batch length (calibration windows are cut)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--cache", default="/tmp/coset-ptq-cache")
@@ -75,7 +76,11 @@ def main() -> None:
     batches = list(calib.reshape(-1, args.seqlen).split(1))
     c0, t0 = cpu_seconds(), time.perf_counter()
     rep = finetune_(
-        model, reference, batches, FinetuneConfig(steps=args.steps, lr=args.lr, holdout=4), layers=list(what)
+        model,
+        reference,
+        batches,
+        FinetuneConfig(steps=args.steps, lr=args.lr, gains=args.gains, holdout=4),
+        layers=list(what),
     )
     cpu, wall = cpu_seconds() - c0, time.perf_counter() - t0
     after = lm_fidelity(ref, model, ids, 512)
@@ -86,6 +91,7 @@ def main() -> None:
         "bits_class": args.bits,
         "steps": args.steps,
         "lr": args.lr,
+        "gains": args.gains,
         "seqlen": args.seqlen,
         "threads": torch.get_num_threads(),
         "load": os.getloadavg(),

@@ -47,6 +47,7 @@ def kl(model, ref, data):
         (dict(lr=float("nan")), ValueError, "lr"),
         (dict(norms="yes"), TypeError, "norms"),
         (dict(norms=False, scales=False), ValueError, "norms"),
+        (dict(gains="channel"), ValueError, "gains"),
     ],
 )
 def test_config_validation(kw, exc, word):
@@ -158,3 +159,32 @@ def test_an_exception_leaves_the_model_unchanged(llama):
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert all(not m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.slow
+def test_row_gains_are_stored_as_float16_out_scale_and_counted(llama, tmp_path):
+    """gains="row": per-output-channel gains undo a per-channel mis-scaling; stored as fp16, 2 bytes per row."""
+    model, ref = quantized(llama)
+    data = batches()
+    kl_q = kl(model, ref, data[-2:])
+    bits0 = bits_per_weight(model)
+    g = torch.Generator().manual_seed(0)
+    rows = 0
+    for m in model.modules():
+        if isinstance(m, HNLQLinear):
+            m.enable_out_scale()  # all ones: the output is unchanged ...
+            rows += m.out_features
+            with torch.no_grad():  # ... until the channels are mis-scaled
+                m.out_scale.copy_((0.6 + 0.8 * torch.rand(m.out_features, generator=g)).half())
+    assert bits_per_weight(model).nbytes >= bits0.nbytes + 2 * rows
+    rep = finetune_(model, ref, data, FinetuneConfig(steps=30, lr=5e-2, gains="row", holdout=2))
+    assert rep.kept and rep.holdout_before > 1.2 * kl_q and rep.holdout_after < kl_q
+    assert rep.holdout_after == pytest.approx(kl(model, ref, data[-2:]), rel=1e-4)  # the fp16 values it trained
+    for m in model.modules():
+        if isinstance(m, HNLQLinear):
+            assert m.spec.out_scale and m.out_scale.dtype == torch.float16 and not m._forward_hooks
+    save_quantized(model, tmp_path)
+    loaded = load_quantized(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=data[0]).logits, model(input_ids=data[0]).logits)
+    assert bits_per_weight(tmp_path).nbytes == bits_per_weight(model).nbytes

@@ -137,3 +137,33 @@ def test_package_api_does_not_import_transformers():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+
+
+def test_out_scale_is_a_float16_channel_gain_after_the_inverse_rotation():
+    codes = make_codes(48, 96, E8, overload=True)
+    bias = torch.randn(48)
+    mod = HNLQLinear.from_codes(codes, bias)
+    x = torch.randn(3, 96)
+    y0 = mod(x)
+    n0 = mod.compressed_nbytes()
+    mod.enable_out_scale()
+    mod.enable_out_scale()  # idempotent
+    assert mod.spec.out_scale and mod.out_scale.dtype == torch.float16
+    torch.testing.assert_close(mod(x), y0)  # all ones: unchanged
+    assert mod.compressed_nbytes() == n0 + 2 * 48
+    g = torch.linspace(0.5, 1.5, 48).half()
+    with torch.no_grad():
+        mod.out_scale.copy_(g)
+    W = codes.dequantize(torch.float64) * g.double()[:, None]
+    ref = F.linear(x.double(), W, bias.double())
+    for path in ("decode", "lut"):
+        torch.testing.assert_close(mod(x, path=path).double(), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mod.dequantize(torch.float64), W, rtol=1e-6, atol=1e-6)
+    # the spec says so, round-trips through JSON, and a fresh module from it has the buffer
+    assert mod.spec.to_json()["out_scale"] is True and HNLQSpec.from_json(mod.spec.to_json()) == mod.spec
+    fresh = HNLQLinear(mod.spec)
+    fresh.load_state_dict(mod.state_dict())
+    torch.testing.assert_close(fresh(x), mod(x))
+    assert "out_scale" not in HNLQLinear.from_codes(codes).spec.to_json()  # absent unless enabled
+    with pytest.raises(TypeError, match="out_scale"):
+        HNLQSpec(**{**HNLQSpec.from_json(mod.spec.to_json()).__dict__, "out_scale": 1})

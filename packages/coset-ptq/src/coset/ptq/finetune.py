@@ -12,9 +12,10 @@ model's mean square (encoders). Adam on the chosen parameters; a held-out part o
 scored before and after, and the parameters are restored when tuning did not lower the held-out loss — the
 call never leaves the model worse on its own validation data.
 
-Each tunable layer gets a multiplicative gain ``g`` (initialised to 1) on its output ``W x``; afterwards the
-gain is folded into the layer: ``HNLQLinear.scale *= g`` (exact: the labels are unchanged) or, for a float
-``nn.Linear`` holding a dequantized weight, ``weight *= g``.
+Each tunable layer gets a multiplicative gain ``g`` (initialised to 1) on its output ``W x`` — one per layer, or
+one per output channel (``gains="row"``); afterwards the gain is folded into the layer: ``HNLQLinear.scale *= g``
+(exact: the labels are unchanged) or the float16 ``HNLQLinear.out_scale`` (per channel: 16 bits per row, the
+only option that adds bytes), or, for a float ``nn.Linear`` holding a dequantized weight, ``weight *= g``.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ class FinetuneConfig:
     steps : optimizer steps (each on one calibration batch, cycling)
     lr : Adam learning rate of the norm weights and of the log-gains
     norms : tune the weights of normalisation layers (modules with ``Norm`` in their class name)
-    scales : tune one gain per quantized linear (folded into its scale)
+    scales : tune gains of the quantized linears
+    gains : "layer" — one gain per linear, folded into its float32 scale (no extra bits); "row" — one gain
+        per output channel, stored as a float16 ``out_scale`` (16 bits per row: 16/in_features bits/weight)
     holdout : calibration batches kept aside to score the tuning (at least 1)
     """
 
@@ -52,6 +55,7 @@ class FinetuneConfig:
     lr: float = 5e-4
     norms: bool = True
     scales: bool = True
+    gains: str = "layer"
     holdout: int = 2
 
     def __post_init__(self) -> None:
@@ -64,6 +68,8 @@ class FinetuneConfig:
         for name in ("norms", "scales"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+        if self.gains not in ("layer", "row"):
+            raise ValueError(f"gains must be 'layer' or 'row', got {self.gains!r}")
         if not (self.norms or self.scales):
             raise ValueError("at least one of norms / scales must be tuned")
 
@@ -124,28 +130,51 @@ def _loss(kind: str, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tens
 
 
 class _Gain:
-    """A forward hook multiplying ``W x`` (the output minus the bias) by a trainable gain ``exp(log_g)``."""
+    """A forward hook multiplying ``W x`` (the output minus the bias) by a trainable gain ``exp(log_g)``:
+    a scalar, or one per output channel rounded to float16 as it will be stored (straight-through)."""
 
-    def __init__(self, mod: nn.Module):
+    def __init__(self, mod: nn.Module, per_row: bool):
         self.mod = mod
-        self.log_g = nn.Parameter(torch.zeros((), dtype=torch.float32))
+        self.per_row = per_row
+        shape: tuple[int, ...] = (int(getattr(mod, "out_features")),) if per_row else ()  # noqa: B009
+        self.log_g = nn.Parameter(torch.zeros(shape, dtype=torch.float32))
+        if per_row and isinstance(mod, HNLQLinear) and mod.spec.out_scale:
+            with torch.no_grad():  # continue from the stored gains
+                self.log_g.copy_(mod.get_buffer("out_scale").float().log())
         self.handle = mod.register_forward_hook(self._hook)
 
+    def gain(self) -> torch.Tensor:
+        g = self.log_g.exp()
+        if self.per_row:
+            g = g + (g.half().float() - g).detach()
+        return g
+
     def _hook(self, mod: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
-        g = self.log_g.exp().to(out.dtype)
+        if isinstance(mod, HNLQLinear) and mod.spec.out_scale:
+            out_scale = mod.get_buffer("out_scale").to(out.dtype)  # the hook's gain replaces the stored one
+        else:
+            out_scale = None
         b = getattr(mod, "bias", None)
-        return out * g if b is None else (out - b) * g + b
+        core = out if b is None else out - b
+        if out_scale is not None:
+            core = core / out_scale
+        y = core * self.gain().to(out.dtype)
+        return y if b is None else y + b
 
     @torch.no_grad()
     def fold(self) -> None:
-        g = float(self.log_g.exp())
+        g = self.gain().detach()
         if isinstance(self.mod, HNLQLinear):
-            self.mod.scale.mul_(g)
+            if self.per_row:
+                self.mod.enable_out_scale()
+                self.mod.get_buffer("out_scale").copy_(g.half())
+            else:
+                self.mod.scale.mul_(float(g))
             self.mod._w_cache = None
         else:
             weight = self.mod.weight
             assert isinstance(weight, torch.Tensor)
-            weight.mul_(g)
+            weight.mul_(g[:, None] if self.per_row else float(g))
 
     def remove(self) -> None:
         self.handle.remove()
@@ -203,7 +232,7 @@ def finetune_(
             w = getattr(m, "weight", None)
             if "Norm" in type(m).__name__ and isinstance(w, nn.Parameter):
                 norm_params.append(w)
-    gains = [_Gain(mods[n]) for n in layers] if config.scales else []
+    gains = [_Gain(mods[n], config.gains == "row") for n in layers] if config.scales else []
     # decode each compressed weight once for the whole tuning, not at every forward
     cached = [m for m in model.modules() if isinstance(m, HNLQLinear) and not m.cache_weight]
     for m in cached:

@@ -8,6 +8,8 @@ The module's state is exactly what :func:`coset.ptq.save_quantized` writes for i
 * ``weight_<name>`` — the other tensors of :func:`coset.quant.pack_codes` (compact T).
 * ``scale`` — float32, () per layer or (out_features,) per row.
 * ``rot_in_seed`` / ``rot_out_seed`` — int64 scalars, the seeds of the randomized Hadamard rotations.
+* ``out_scale`` — float16 (out_features,), optional: one gain per output channel in the original basis (set by
+  :func:`coset.ptq.finetune_` with ``gains="row"``; 16 bits per row, counted in the all-in bits).
 * ``bias`` — the float bias (a Parameter), when the layer has one.
 
 No float copy of the weight is kept. Forward (``W = Uᵀ W̃ V``, PTQ_PLAN.md):
@@ -24,7 +26,7 @@ m·n float32 more memory for no per-call decode.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -96,6 +98,7 @@ class HNLQSpec:
     scale_shape : () (per layer) or (m,) (per row)
     rot_in_seed, rot_out_seed : rotation seeds in [0, 2^64), or None (no rotation on that side)
     bias : whether the layer has a bias
+    out_scale : whether the layer holds a float16 per-output-channel gain (applied after the inverse rotation)
     """
 
     in_features: int
@@ -107,6 +110,7 @@ class HNLQSpec:
     rot_in_seed: int | None = None
     rot_out_seed: int | None = None
     bias: bool = False
+    out_scale: bool = False
 
     def __post_init__(self) -> None:
         for name in ("in_features", "out_features"):
@@ -136,6 +140,8 @@ class HNLQSpec:
                 raise ValueError(f"{name} must be None or an int in [0, 2^64), got {v!r}")
         if not isinstance(self.bias, bool):
             raise TypeError(f"bias must be a bool, got {type(self.bias).__name__}")
+        if not isinstance(self.out_scale, bool):
+            raise TypeError(f"out_scale must be a bool, got {type(self.out_scale).__name__}")
 
     @property
     def num_weights(self) -> int:
@@ -149,11 +155,13 @@ class HNLQSpec:
             out["rot_in_seed"] = ((), torch.int64)
         if self.rot_out_seed is not None:
             out["rot_out_seed"] = ((), torch.int64)
+        if self.out_scale:
+            out["out_scale"] = ((self.out_features,), torch.float16)
         return out
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serializable dict (inverse: :meth:`from_json`)."""
-        return {
+        d = {
             "in_features": self.in_features,
             "out_features": self.out_features,
             "code": asdict(self.code),
@@ -164,6 +172,9 @@ class HNLQSpec:
             "rot_out_seed": self.rot_out_seed,
             "bias": self.bias,
         }
+        if self.out_scale:  # written only when present: specs without it read as before
+            d["out_scale"] = True
+        return d
 
     @classmethod
     def from_json(cls, d: Any) -> HNLQSpec:
@@ -186,6 +197,7 @@ class HNLQSpec:
                 rot_in_seed=d["rot_in_seed"],
                 rot_out_seed=d["rot_out_seed"],
                 bias=d["bias"],
+                out_scale=d.get("out_scale", False),
             )
         except (TypeError, KeyError, IndexError, AttributeError) as e:
             raise ValueError(f"bad layer spec: {e}") from None
@@ -236,6 +248,8 @@ class HNLQLinear(nn.Module):
             self.rot_in_seed.fill_(_seed_to_i64(spec.rot_in_seed))
         if spec.rot_out_seed is not None:
             self.rot_out_seed.fill_(_seed_to_i64(spec.rot_out_seed))
+        if spec.out_scale:
+            self.get_buffer("out_scale").fill_(1.0)
         if spec.bias:
             self.bias = nn.Parameter(torch.zeros(spec.out_features, device=device))
         else:
@@ -316,6 +330,13 @@ class HNLQLinear(nn.Module):
                 got = _seed_from_i64(int(getattr(self, f"rot_{side}_seed")))
                 if got != want:
                     raise ValueError(f"rot_{side}_seed buffer is {got}, the layer spec says {want}")
+
+    def enable_out_scale(self) -> None:
+        """Add the per-output-channel gain buffer (all ones: the layer's output is unchanged); no-op if present."""
+        if self.spec.out_scale:
+            return
+        self.spec = replace(self.spec, out_scale=True)
+        self.register_buffer("out_scale", torch.ones(self.out_features, dtype=torch.float16, device=self.scale.device))
 
     def _apply(self, fn, *args, **kwargs):
         # .to()/.cuda() etc.: cached tensors live on the old device/dtype.
@@ -420,6 +441,8 @@ class HNLQLinear(nn.Module):
             w = self.rot_in.inverse(w)
         if self.rot_out is not None:
             w = self.rot_out.inverse(w.t()).t()
+        if self.spec.out_scale:
+            w = w * self.get_buffer("out_scale").to(w.dtype)[:, None]
         return w.to(dtype).contiguous()
 
     @torch.compiler.disable
@@ -469,6 +492,8 @@ class HNLQLinear(nn.Module):
             y = F.linear(x, self.rotated_weight(x.dtype))
         if self.rot_out is not None:
             y = hadamard_transform(y, transpose=True) * self._sign("out", y.dtype, y.device)
+        if self.spec.out_scale:
+            y = y * self.get_buffer("out_scale").to(y.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
