@@ -188,3 +188,8 @@ def test_row_gains_are_stored_as_float16_out_scale_and_counted(llama, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=data[0]).logits, model(input_ids=data[0]).logits)
     assert bits_per_weight(tmp_path).nbytes == bits_per_weight(model).nbytes
+    # per-layer gains on top of stored row gains: they multiply, and the report matches the folded model
+    rep2 = finetune_(model, ref, data, FinetuneConfig(steps=3, lr=1e-2, gains="layer", holdout=2))
+    assert rep2.holdout_before == pytest.approx(rep.holdout_after, rel=1e-4)
+    kept_loss = rep2.holdout_after if rep2.kept else rep2.holdout_before  # not kept: the model is restored
+    assert kept_loss == pytest.approx(kl(model, ref, data[-2:]), rel=1e-4)

@@ -150,8 +150,8 @@ class _Gain:
         return g
 
     def _hook(self, mod: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
-        if isinstance(mod, HNLQLinear) and mod.spec.out_scale:
-            out_scale = mod.get_buffer("out_scale").to(out.dtype)  # the hook's gain replaces the stored one
+        if self.per_row and isinstance(mod, HNLQLinear) and mod.spec.out_scale:
+            out_scale = mod.get_buffer("out_scale").to(out.dtype)  # the row gain replaces the stored one
         else:
             out_scale = None
         b = getattr(mod, "bias", None)
