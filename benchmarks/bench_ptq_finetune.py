@@ -1,6 +1,11 @@
 """SmolLM2-135M: HNLQ + rotation + LDLQ, then ``coset.ptq.finetune_`` of the norms and per-layer scales.
 
     uv run python benchmarks/bench_ptq_finetune.py --bits 4 --steps 48 --lr 2e-3 [--threads 1]
+    uv run python benchmarks/bench_ptq_finetune.py --bits 3 --alloc 3.07 --rates 2,3,4 --gains row ...
+
+``--alloc B``: mixed precision first (``coset.ptq.allocate``): every linear quantized at every rate of
+``--rates``, costs ½ΣFΔW² from the float model's diagonal Fisher (12 calibration windows), rates chosen by
+``allocate_rates`` so the codes average at most B bits/weight all-in (per-row gains add 16 bits per row).
 
 Same protocol as ``bench_ptq.py --model smollm2`` (float-model Hessians of 64×512 stdlib-docstring tokens,
 shared; evaluation on the first 4,096 tokens of pydoc_data.topics in 512-token windows, never seen in tuning).
@@ -21,12 +26,14 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from coset.ptq.allocate import allocate_rates, fisher_costs, fisher_diagonal  # noqa: E402
 from coset.ptq.api import cpu_seconds  # noqa: E402
 from coset.ptq.calib import collect_hessians  # noqa: E402
 from coset.ptq.data import pydoc_text, stdlib_docstrings, token_windows  # noqa: E402
 from coset.ptq.eval import lm_fidelity, lm_reference  # noqa: E402
 from coset.ptq.finetune import FinetuneConfig, clone_reference, finetune_  # noqa: E402
 from coset.ptq.hnlq_block import MethodConfig, quantize_linear  # noqa: E402
+from coset.ptq.layers import HNLQLinear  # noqa: E402
 from coset.ptq.models import load_smollm2  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -41,6 +48,9 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256, help="tuning batch length (calibration windows are cut)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--cache", default="/tmp/coset-ptq-cache")
+    ap.add_argument("--alloc", type=float, default=0.0, help="mixed precision: all-in bits target of the codes")
+    ap.add_argument("--rates", default="2,3,4")
+    ap.add_argument("--fisher-windows", type=int, default=12)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -53,21 +63,36 @@ def main() -> None:
     p = cache / "smol_lmref.pt"
     ref = torch.load(p, weights_only=False) if p.exists() else lm_reference(model, ids, 512)
     torch.save(ref, p)
-    p = cache / f"smol_what{args.bits}.pt"
-    if p.exists():
-        what = torch.load(p)
-    else:
-        hp = cache / "smol_h64.pt"
-        if hp.exists():
-            hessians = torch.load(hp)["hessians"]
+    alloc_row: dict = {}
+    if args.alloc:
+        rates = [int(r) for r in args.rates.split(",")]
+        whats = {r: quantized(model, calib, cache, r) for r in rates}
+        nbytes_r = {r: torch.load(cache / f"smol_bytes{r}.pt") for r in rates}
+        fp = cache / "smol_fisher.pt"
+        if fp.exists():
+            fisher = torch.load(fp)
         else:
-            hessians = collect_hessians(model, list(calib.split(8)), dtype=torch.float32)
-            torch.save({"hessians": hessians}, hp)
-        cfg = MethodConfig.for_bits(args.bits)
-        what = {}
-        for name, H in hessians.items():
-            what[name] = quantize_linear(model.get_submodule(name).weight.detach(), H, cfg, name=name)[0].float()
-        torch.save(what, p)
+            fisher = fisher_diagonal(model, list(calib[: args.fisher_windows].split(1)), list(whats[rates[0]]))
+            torch.save(fisher, fp)
+        names = list(fisher)
+        W0 = {n: model.get_submodule(n).weight.detach() for n in names}
+        cost = fisher_costs(fisher, W0, whats)
+        nbytes = {n: {r: nbytes_r[r][n] for r in rates} for n in names}
+        n_w = sum(w.numel() for w in W0.values())
+        choice = allocate_rates(cost, nbytes, int(args.alloc * n_w / 8))
+        what = {n: whats[r][n] for n, r in choice.items()}
+        used = sum(nbytes[n][r] for n, r in choice.items())
+        hist = {r: sum(1 for v in choice.values() if v == r) for r in rates}
+        alloc_row = {
+            "alloc_target": args.alloc,
+            "rates": rates,
+            "alloc_bits": 8 * used / n_w,
+            "hist": hist,
+            "choice": choice,
+        }
+        print("allocation", {k: v for k, v in alloc_row.items() if k != "choice"}, flush=True)
+    else:
+        what = quantized(model, calib, cache, args.bits)
     with torch.no_grad():
         for n, w in what.items():
             model.get_submodule(n).weight.copy_(w)
@@ -100,10 +125,33 @@ def main() -> None:
         "before": before,
         "after": after,
         "report": rep.to_dict(),
+        **alloc_row,
     }
     RESULTS.mkdir(exist_ok=True)
     with (RESULTS / "ptq_finetune.jsonl").open("a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def quantized(model, calib, cache: pathlib.Path, bits: int) -> dict:
+    """W_hat of every block linear at one rate class (float Hessians shared), cached with its all-in bytes."""
+    p, bp = cache / f"smol_what{bits}.pt", cache / f"smol_bytes{bits}.pt"
+    if p.exists() and bp.exists():
+        return torch.load(p)
+    hp = cache / "smol_h64.pt"
+    if hp.exists():
+        hessians = torch.load(hp)["hessians"]
+    else:
+        hessians = collect_hessians(model, list(calib.split(8)), dtype=torch.float32)
+        torch.save({"hessians": hessians}, hp)
+    cfg = MethodConfig.for_bits(bits)
+    what, nbytes = {}, {}
+    for name, H in hessians.items():
+        W_hat, codes, _ = quantize_linear(model.get_submodule(name).weight.detach(), H, cfg, name=name)
+        what[name] = W_hat.float()
+        nbytes[name] = HNLQLinear.from_codes(codes, None).compressed_nbytes()
+    torch.save(what, p)
+    torch.save(nbytes, bp)
+    return what
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from coset.cli.main import main
         (["ptq", "--model", "minilm", "--nsamples", "0", "--out", "OUT"], "--nsamples must be >= 2"),
         (["ptq", "--model", "minilm", "--finetune-steps", "-1", "--out", "OUT"], "--finetune-steps must be >= 0"),
         (["ptq", "--model", "minilm", "--finetune-lr", "0", "--out", "OUT"], "--finetune-lr must be a positive"),
+        (["ptq", "--model", "minilm", "--alloc-bits", "-1", "--out", "OUT"], "--alloc-bits must be a positive"),
+        (["ptq", "--model", "minilm", "--alloc-bits", "nan", "--out", "OUT"], "--alloc-bits must be a positive"),
     ],
 )
 def test_user_errors_exit_2(argv, msg, tmp_path, capsys):
@@ -81,6 +83,10 @@ def test_end_to_end_on_a_tiny_bert_directory(tmp_path, capsys):
             "4",
             "--finetune-steps",
             "3",
+            "--finetune-gains",
+            "row",
+            "--alloc-bits",
+            "3.5",
             "--seqlen",
             "32",
             "--no-progress",
@@ -96,6 +102,8 @@ def test_end_to_end_on_a_tiny_bert_directory(tmp_path, capsys):
         assert 0.9 < r["metrics"]["cos_mean"] <= 1.0 + 1e-6
     ft = res["rows"][0]["finetune"]  # HNLQ methods only; the saved model is the tuned one when it helped
     assert ft["objective"] == "mse" and ft["n_gains"] == 6
+    rates = res["rows"][0]["rates"]  # mixed precision: 6 linears over the 2/3/4-bit codes
+    assert sum(rates.values()) == 6 and set(rates) <= {"2", "3", "4"} and "rates" not in res["rows"][1]
     assert "finetune" not in res["rows"][1] and ft["kept"] == (ft["holdout_after"] < ft["holdout_before"])
     assert "| hnlq_rtn |" in printed and "| rtn |" in printed
     assert (out / "ptq.png").is_file() and (out / "ptq_results.md").is_file()
@@ -103,4 +111,5 @@ def test_end_to_end_on_a_tiny_bert_directory(tmp_path, capsys):
 
     assert bits_per_weight(out).all_in == pytest.approx(res["rows"][0]["all_in_bits"])
     m = load_quantized(out)
-    assert len([1 for mod in m.modules() if type(mod).__name__ == "HNLQLinear"]) == 6
+    hm = [mod for mod in m.modules() if type(mod).__name__ == "HNLQLinear"]
+    assert len(hm) == 6 and all(mod.spec.out_scale == ft["kept"] for mod in hm)  # row gains saved when kept

@@ -136,3 +136,51 @@ def test_calibration_batches(tiny_tokenizer):
     texts = ["some calibration text, repeated. "] * 50
     b = calibration_batches(tiny_tokenizer, texts, PTQConfig(nsamples=10, seqlen=20, batch_size=4))
     assert [t.shape for t in b] == [(4, 20), (4, 20), (2, 20)]
+
+
+def test_layer_methods_validation(llama):
+    q8 = MethodConfig.for_bits(3)
+    with pytest.raises(TypeError, match="layer_methods"):
+        PTQConfig(layer_methods=[("a", q8)])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="layer_methods"):
+        PTQConfig(layer_methods={"a": "q8"})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="layer_methods"):
+        PTQConfig(layer_methods={"": q8})
+    with pytest.raises(ValueError, match="both HNLQ"):
+        PTQConfig(layer_methods={"a": MethodConfig(method="rtn", bits=3)})
+    c = PTQConfig(layer_methods={"a": q8}, seed=5)
+    assert c.method_for("a").seed == 5 and c.method_for("a").q == 8 and c.method_for("b") is c.method
+    with pytest.raises(TypeError):
+        c.layer_methods["b"] = q8  # type: ignore[index]  # read-only view: the config stays frozen
+    with pytest.raises(ValueError, match="not quantized linears"):
+        quantize_(llama, calib(), cfg(layer_methods={"model.layers.0.mlp.nope": q8}))
+    with pytest.raises(ValueError, match="not quantized linears"):
+        quantize_(llama, calib(), cfg(layer_methods={"lm_head": q8}))
+
+
+@pytest.mark.slow
+def test_layer_methods_mixed_precision(llama):
+    """Overridden layers get their own code; the bytes and the nominal rate follow the per-layer codes."""
+    names = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.v_proj"]
+    over = {names[0]: MethodConfig.for_bits(2), names[1]: MethodConfig.for_bits(3)}
+    rep = quantize_(llama, calib(), cfg(method=MethodConfig.for_bits(4), layer_methods=over, sequential=False))
+    qs = {n: m.spec.code.q for n, m in llama.named_modules() if isinstance(m, HNLQLinear)}
+    assert qs[names[0]] == 4 and qs[names[1]] == 8
+    assert {q for n, q in qs.items() if n not in names} == {16}
+    nw = {r["name"]: r["shape"][0] * r["shape"][1] for r in rep.layers}
+    label_bits = {n: 2 if n == names[0] else 3 if n == names[1] else 4 for n in nw}
+    assert rep.nominal_bits == pytest.approx(sum(label_bits[n] * k for n, k in nw.items()) / sum(nw.values()))
+    assert sum(r["nbytes"] for r in rep.layers) == rep.nbytes
+
+
+def test_layer_methods_scalar_nominal_bits(llama):
+    name = "model.layers.0.self_attn.q_proj"
+    rep = quantize_(
+        llama,
+        calib(),
+        cfg(method=MethodConfig(method="rtn", bits=4), layer_methods={name: MethodConfig(method="rtn", bits=2)}),
+    )
+    nw = {r["name"]: r["shape"][0] * r["shape"][1] for r in rep.layers}
+    assert rep.nominal_bits == pytest.approx(sum((2 if n == name else 4) * k for n, k in nw.items()) / sum(nw.values()))
+    w = llama.get_submodule(name).weight
+    assert max(len(torch.unique(row)) for row in w) <= 4

@@ -50,6 +50,19 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="after quantizing, tune norms and per-layer scales end to end for this many steps (HNLQ methods; 0 = off)",
     )
     p.add_argument("--finetune-lr", type=float, default=2e-3, help="learning rate of --finetune-steps")
+    p.add_argument(
+        "--finetune-gains",
+        choices=("layer", "row"),
+        default="layer",
+        help="tuned gains: one per layer (free) or one float16 gain per output channel (16 bits per row)",
+    )
+    p.add_argument(
+        "--alloc-bits",
+        type=float,
+        default=None,
+        help="mixed precision (HNLQ methods): choose 2/3/4-bit codes per layer by Fisher-weighted error so the "
+        "codes average at most this many bits/weight all-in (ignores --bits)",
+    )
     p.add_argument("--out", required=True, help="output directory (quantized model + results + plot)")
     p.add_argument("--no-progress", action="store_true", help="no per-layer progress bar")
     return p
@@ -208,6 +221,8 @@ def run(args) -> int:
         raise _error(f"--finetune-steps must be >= 0, got {args.finetune_steps}")
     if not (0 < args.finetune_lr < float("inf")):
         raise _error(f"--finetune-lr must be a positive number, got {args.finetune_lr}")
+    if args.alloc_bits is not None and not (0 < args.alloc_bits < float("inf")):
+        raise _error(f"--alloc-bits must be a positive number, got {args.alloc_bits}")
     methods = _methods(args)
     model, tok, kind = _load(args.model)
 
@@ -225,9 +240,31 @@ def run(args) -> int:
     for name, mcfg in methods:
         qmodel = copy.deepcopy(model)
         t = time.perf_counter()
+        layer_methods, plan = None, None
         try:
+            if args.alloc_bits is not None and mcfg.is_hnlq:
+                from coset.ptq.allocate import plan_rates
+
+                plan = plan_rates(
+                    model,
+                    list(calib.split(8)),
+                    args.alloc_bits,
+                    method=name,
+                    seed=args.seed,
+                    fisher_batches=list(calib[:16].split(1)),
+                )
+                layer_methods = plan.methods
+                print(f"{name}: rates per layer {plan.histogram()} (codes {plan.all_in_bits:.3f} b/w)", flush=True)
             rep = quantize_(
-                qmodel, calib, PTQConfig(method=mcfg, nsamples=nsamples, seqlen=seqlen, progress=not args.no_progress)
+                qmodel,
+                calib,
+                PTQConfig(
+                    method=mcfg,
+                    nsamples=nsamples,
+                    seqlen=seqlen,
+                    progress=not args.no_progress,
+                    layer_methods=layer_methods,
+                ),
             )
         except ValueError as e:
             raise _error(f"{name}: {e}") from None
@@ -240,6 +277,8 @@ def run(args) -> int:
             "wall_s": time.perf_counter() - t,
             "peak_rss_mb": rep.peak_rss_mb,
         }
+        if plan is not None:
+            row["rates"] = {str(k): v for k, v in plan.histogram().items()}
         print(rep.summary(), flush=True)
         if args.finetune_steps and mcfg.is_hnlq:
             from coset.ptq.finetune import FinetuneConfig, finetune_
@@ -251,7 +290,9 @@ def run(args) -> int:
                 qmodel,
                 model,
                 list(calib.split(1)),
-                FinetuneConfig(steps=args.finetune_steps, lr=args.finetune_lr, holdout=holdout),
+                FinetuneConfig(
+                    steps=args.finetune_steps, lr=args.finetune_lr, gains=args.finetune_gains, holdout=holdout
+                ),
             )
             row["finetune"] = {k: v for k, v in ft.to_dict().items() if k != "train_losses"}
             print(

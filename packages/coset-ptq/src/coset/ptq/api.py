@@ -14,8 +14,9 @@ import dataclasses
 import fnmatch
 import resource
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -71,6 +72,9 @@ class PTQConfig:
         Install compressed ``HNLQLinear`` modules for HNLQ methods (False keeps ``nn.Linear`` with W_hat).
     progress : bool
         Per-layer progress bar (tqdm, when installed).
+    layer_methods : mapping of str to MethodConfig, optional
+        Per-layer overrides of ``method`` (exact linear names, e.g. :attr:`coset.ptq.allocate.RatePlan.methods`
+        for mixed precision); all must be HNLQ if ``method`` is, scalar if it is not.
     """
 
     method: MethodConfig = field(default_factory=lambda: MethodConfig.for_bits(4))
@@ -83,6 +87,7 @@ class PTQConfig:
     seed: int | None = None
     compress: bool = True
     progress: bool = True
+    layer_methods: Mapping[str, MethodConfig] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, MethodConfig):
@@ -102,9 +107,31 @@ class PTQConfig:
             if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
                 raise ValueError(f"seed must be a non-negative int or None, got {self.seed!r}")
             object.__setattr__(self, "method", dataclasses.replace(self.method, seed=self.seed))
+        if self.layer_methods is not None:
+            if not isinstance(self.layer_methods, Mapping):
+                raise TypeError(f"layer_methods must be a mapping name -> MethodConfig, got {self.layer_methods!r}")
+            lm = {}
+            for k, v in self.layer_methods.items():
+                if not isinstance(k, str) or not k:
+                    raise ValueError(f"layer_methods keys must be non-empty layer names, got {k!r}")
+                if not isinstance(v, MethodConfig):
+                    raise TypeError(f"layer_methods[{k!r}] must be a MethodConfig, got {type(v).__name__}")
+                if v.is_hnlq != self.method.is_hnlq:
+                    raise ValueError(
+                        f"layer_methods[{k!r}] ({v.method}) and method ({self.method.method}) must be "
+                        "both HNLQ or both scalar"
+                    )
+                lm[k] = v if self.seed is None else dataclasses.replace(v, seed=self.seed)
+            object.__setattr__(self, "layer_methods", MappingProxyType(lm))
 
     def skipped(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) or p in name for p in self.skip)
+
+    def method_for(self, name: str) -> MethodConfig:
+        """The method of linear ``name``: its ``layer_methods`` entry, else ``method``."""
+        if self.layer_methods is not None and name in self.layer_methods:
+            return self.layer_methods[name]
+        return self.method
 
 
 @dataclass
@@ -214,13 +241,19 @@ def quantize_(model: nn.Module, calib: Any, config: PTQConfig | None = None) -> 
     chosen = set(candidates) - set(report.skipped)
     if not chosen:
         raise ValueError("no linear layer left to quantize (all skipped by config.skip)")
+    if config.layer_methods is not None:
+        unknown = sorted(set(config.layer_methods) - chosen)
+        if unknown:
+            raise ValueError(
+                f"layer_methods names {unknown[:3]} that are not quantized linears of this model (or are skipped)"
+            )
     cfg = config.method
     codes_by_name: dict[str, Any] = {}
     bar = _progress(len(chosen), config.progress, f"coset ptq {cfg.method}")
 
     def qfn(name: str, lin: nn.Linear, H: torch.Tensor) -> torch.Tensor:
         t = time.perf_counter()
-        W_hat, codes, metrics = quantize_linear(lin.weight.detach(), H, cfg, name=name)
+        W_hat, codes, metrics = quantize_linear(lin.weight.detach(), H, config.method_for(name), name=name)
         codes_by_name[name] = codes
         report.layers.append(
             {"name": name, "shape": list(lin.weight.shape), "seconds": time.perf_counter() - t, **metrics}
@@ -274,7 +307,8 @@ def quantize_(model: nn.Module, calib: Any, config: PTQConfig | None = None) -> 
         report.n_weights = sum(int(codes.dequantize().numel()) for codes in codes_by_name.values())
         report.nbytes = sum(scalar_nbytes.values())
         report.all_in_bits = 8.0 * report.nbytes / report.n_weights
-        report.nominal_bits = float(cfg.bits)
+        nb = [(config.method_for(n).bits, int(c.dequantize().numel())) for n, c in codes_by_name.items()]
+        report.nominal_bits = sum(b * k for b, k in nb) / sum(k for _, k in nb)
     for row in report.layers:
         row["nbytes"] = nbytes.get(row["name"])
     w = [r["shape"][0] * r["shape"][1] for r in report.layers]
