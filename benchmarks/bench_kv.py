@@ -37,7 +37,7 @@ import torch
 from transformers import DynamicCache
 
 from coset.kv import KVQuantConfig, ScalarKVConfig, native
-from coset.kv.hf_cache import CosetQuantizedCache, ScalarQuantizedCache, use_coset_attention
+from coset.kv.hf_cache import CosetQuantizedCache, ScalarQuantizedCache, calibrate_key_scales, use_coset_attention
 from coset.ptq.data import pydoc_text, token_windows
 from coset.ptq.models import load_smollm2
 
@@ -84,7 +84,21 @@ def methods() -> list[tuple[str, str, object]]:
                     KVQuantConfig(bits=bits, t_bits=4, alpha=0.25, sink=1, key_channel_scale=e),
                 )
             )
+    # Exact integer rates: keys get one label bit more than values (keys M at M + 0.5 b all-in, values M - 1
+    # at M - 0.5 b, mean exactly M); KIVI at the same split (keys M, values M - 1, 64-token key groups) and
+    # the other split. ``_kq``: calibrated per-channel key scales (calibrate_key_scales on a pydoc window that
+    # is not evaluated).
+    for kb, vb in ((4, 3), (3, 2), (2, 1), (4, 1)):
+        tag = f"{kb}{vb}"
+        out.append((f"hnlq{tag}_s1", "hnlq", KVQuantConfig(bits=kb, value_bits=vb, sink=1)))
+        out.append((f"hnlq{tag}_s1_kq", "hnlq_kq", KVQuantConfig(bits=kb, value_bits=vb, sink=1)))
+        out.append((f"kivi{tag}_s1", "kivi", ScalarKVConfig(bits=kb, value_bits=vb, sink=1)))
+        out.append((f"kivi{vb}{kb}_s1", "kivi", ScalarKVConfig(bits=vb, value_bits=kb, sink=1)))
     return out
+
+
+#: per-layer key scales of the ``hnlq_kq`` caches, set by main() (calibrate_key_scales on held-out text)
+KEY_SCALES: list[torch.Tensor] | None = None
 
 
 def make_cache(kind: str, cfg, model_config, prefill: str = "float"):
@@ -92,15 +106,18 @@ def make_cache(kind: str, cfg, model_config, prefill: str = "float"):
     protocol: every position reads the quantized cache, as with the KIVI cache, which always does)."""
     if kind == "fp32":
         return DynamicCache(config=model_config)
-    if kind == "hnlq":
-        return CosetQuantizedCache(model_config, dataclasses.replace(cfg, prefill=prefill))
+    if kind in ("hnlq", "hnlq_kq"):
+        scales = KEY_SCALES if kind == "hnlq_kq" else None
+        if kind == "hnlq_kq" and scales is None:
+            raise RuntimeError("KEY_SCALES not calibrated")
+        return CosetQuantizedCache(model_config, dataclasses.replace(cfg, prefill=prefill), key_scales=scales)
     return ScalarQuantizedCache(model_config, cfg)
 
 
 def bits_per_element(kind: str, cfg) -> float:
     if kind == "fp32":
         return 32.0
-    return cfg.bits_per_element(HEAD_DIM)
+    return cfg.bits_per_element(HEAD_DIM)  # HNLQ: exact; KIVI: full groups (the fp residual not counted)
 
 
 def cache_bytes(kind: str, cache) -> int:
@@ -314,6 +331,9 @@ def plot(results: dict) -> None:
         "HNLQ t2 + sink + key scale std": (r"hnlq\d_s1_kc1$", "^-"),
         "HNLQ t4 + sink + key scale std^0.5": (r"hnlq\d_t4_s1_kc05$", "v-"),
         "HNLQ t4 + sink + key scale std": (r"hnlq\d_t4_s1_kc1$", "v-"),
+        "HNLQ keys M / values M-1 + sink": (r"hnlq(43|32|21)_s1$", "D-"),
+        "HNLQ keys M / values M-1 + sink + calibrated key scale": (r"hnlq(43|32|21)_s1_kq$", "D-"),
+        "KIVI keys M / values M-1 + sink": (r"kivi(43|32|21)_s1$", "x--"),
         "KIVI g64": (r"kivi\d$", "s--"),
         "KIVI g64 + sink": (r"kivi\d_s1$", "s--"),
         "KIVI g32 + sink": (r"kivi\d_g32_s1$", "s--"),
@@ -378,6 +398,12 @@ def main() -> None:
         use_coset_attention(model)  # "coset_kv": the LUT/code path for CosetKVLayer, plain SDPA otherwise
     sel = set(args.only.split(",")) if args.only else None
     todo = [m for m in methods() if sel is None or m[0] in sel]
+    if any(kind == "hnlq_kq" for _, kind, _ in todo):
+        global KEY_SCALES
+        # calibration text: the pydoc window right after the evaluated ones (never evaluated itself)
+        calib = token_windows(tok, pydoc_text(), args.seqlen, args.windows + 1)[-1:]
+        KEY_SCALES = calibrate_key_scales(model, calib)
+        results["key_scales"] = f"calibrate_key_scales on pydoc window {args.windows} ({args.seqlen} tokens)"
     if "ppl" in sections:
         ids = token_windows(tok, pydoc_text(), args.seqlen, args.windows)
         results["ppl_setup"] = (
