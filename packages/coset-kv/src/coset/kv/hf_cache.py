@@ -19,6 +19,7 @@ implementation pass ``return_codes=False``: the layer then returns the decoded k
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from transformers.cache_utils import BaseQuantizedLayer, Cache
@@ -41,6 +42,7 @@ __all__ = [
     "register_coset_attention",
     "use_coset_attention",
     "calibrate_key_scales",
+    "layer_sensitivity",
     "ATTN_NAME",
 ]
 
@@ -329,3 +331,32 @@ def calibrate_key_scales(model, input_ids: torch.Tensor, exponent: float = 0.25)
         s = (ek.clamp(min=tiny) / eq.clamp(min=tiny)).pow(exponent)
         out.append(s / s.pow(2).mean(-1, keepdim=True).sqrt())
     return out
+
+
+@torch.no_grad()
+def layer_sensitivity(
+    model, input_ids: torch.Tensor, config: KVQuantConfig, key_scales: Sequence[torch.Tensor | None] | None = None
+) -> list[float]:
+    """Per layer, the increase of the mean next-token log-loss on ``input_ids`` (calibration text) when only
+    that layer's keys and values are coded with ``config`` (every position reading the codes, as the ppl
+    benchmark does) and every other layer keeps them exact: the input of
+    :func:`coset.kv.allocation.allocate_layers`. One forward per layer plus one reference forward.
+
+    ``model`` must use the ``"coset_kv"`` attention (:func:`use_coset_attention`). Negative increases (noise)
+    are returned as measured.
+    """
+    if not isinstance(config, KVQuantConfig):
+        raise TypeError(f"config must be a KVQuantConfig, got {type(config).__name__}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[1] < 2:
+        raise ValueError("input_ids must be a (batch, seq_len >= 2) tensor of token ids")
+    n = _num_layers(model.config)
+    coded = replace(config, prefill="codes")
+    exact = replace(coded, window=2**31 - 1, sink=0)  # every token stays in the full-precision window
+
+    def loss(configs) -> float:
+        cache = CosetQuantizedCache(model.config, configs, key_scales=key_scales)
+        logits = model(input_ids, past_key_values=cache, use_cache=True).logits[:, :-1].double()
+        return float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:]))
+
+    ref = loss([exact] * n)
+    return [loss([coded if i == l else exact for i in range(n)]) - ref for l in range(n)]
