@@ -36,8 +36,14 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from coset.kv import KVQuantConfig, ScalarKVConfig, native
-from coset.kv.hf_cache import CosetQuantizedCache, ScalarQuantizedCache, use_coset_attention
+from coset.kv import CodedKVStore, KVQuantConfig, ScalarKVConfig, ScalarKVStore, allocate_layers, native
+from coset.kv.hf_cache import (
+    CosetQuantizedCache,
+    ScalarQuantizedCache,
+    calibrate_key_scales,
+    layer_sensitivity,
+    use_coset_attention,
+)
 from coset.ptq.data import pydoc_text, token_windows
 from coset.ptq.models import load_smollm2
 
@@ -84,7 +90,41 @@ def methods() -> list[tuple[str, str, object]]:
                     KVQuantConfig(bits=bits, t_bits=4, alpha=0.25, sink=1, key_channel_scale=e),
                 )
             )
+    # Exact integer rates: keys get one label bit more than values (keys M at M + 0.5 b all-in, values M - 1
+    # at M - 0.5 b, mean exactly M); KIVI at the same split (keys M, values M - 1, 64-token key groups) and
+    # the other split. ``_kq``: calibrated per-channel key scales (calibrate_key_scales on a pydoc window that
+    # is not evaluated).
+    for kb, vb in ((4, 3), (3, 2), (2, 1), (4, 1)):
+        tag = f"{kb}{vb}"
+        out.append((f"hnlq{tag}_s1", "hnlq", KVQuantConfig(bits=kb, value_bits=vb, sink=1)))
+        out.append((f"hnlq{tag}_s1_kq", "hnlq_kq", KVQuantConfig(bits=kb, value_bits=vb, sink=1)))
+        out.append((f"kivi{tag}_s1", "kivi", ScalarKVConfig(bits=kb, value_bits=vb, sink=1)))
+        out.append((f"kivi{vb}{kb}_s1", "kivi", ScalarKVConfig(bits=vb, value_bits=kb, sink=1)))
+    # per-layer allocation at exact 2 / 3 / 4 bits (allocate_layers from layer_sensitivity measured with keys 2 /
+    # values 1 on held-out text), calibrated key scales, sink
+    for target, opts in ALLOC_OPTIONS.items():
+        out.append((f"hnlq_alloc{target}_s1_kq", "hnlq_alloc", (target, opts)))
     return out
+
+
+def _kv(kb: int, vb: int, **kw) -> KVQuantConfig:
+    return KVQuantConfig(bits=kb, value_bits=vb if vb != kb else None, sink=1, **kw)
+
+
+#: the candidate codes of the per-layer allocation at each target rate (all-in bits in the comments)
+ALLOC_OPTIONS = {
+    2: [_kv(1, 1), _kv(2, 1), _kv(2, 2), _kv(3, 2)],  # 1.5, 2.0, 2.5, 3.0
+    3: [_kv(2, 1), _kv(2, 2), _kv(3, 2), _kv(4, 3), _kv(4, 4)],  # 2.0, 2.5, 3.0, 4.0, 4.5
+    4: [_kv(3, 2), _kv(3, 3), _kv(4, 3), _kv(4, 4), _kv(4, 4, t_bits=4, alpha=0.25)],  # 3.0 .. 4.5, 4.75
+}
+#: reference code of the layer sensitivities (keys 2 / values 1, 2.0 bits)
+SENS_CONFIG = _kv(2, 1)
+#: per-layer configs of the ``hnlq_alloc`` caches, set by main()
+ALLOCATIONS: dict[int, list[KVQuantConfig]] = {}
+
+
+#: per-layer key scales of the ``hnlq_kq`` caches, set by main() (calibrate_key_scales on held-out text)
+KEY_SCALES: list[torch.Tensor] | None = None
 
 
 def make_cache(kind: str, cfg, model_config, prefill: str = "float"):
@@ -92,15 +132,24 @@ def make_cache(kind: str, cfg, model_config, prefill: str = "float"):
     protocol: every position reads the quantized cache, as with the KIVI cache, which always does)."""
     if kind == "fp32":
         return DynamicCache(config=model_config)
-    if kind == "hnlq":
-        return CosetQuantizedCache(model_config, dataclasses.replace(cfg, prefill=prefill))
+    if kind == "hnlq_alloc":
+        cfgs = [dataclasses.replace(c, prefill=prefill) for c in ALLOCATIONS[cfg[0]]]
+        return CosetQuantizedCache(model_config, cfgs, key_scales=KEY_SCALES)
+    if kind in ("hnlq", "hnlq_kq"):
+        scales = KEY_SCALES if kind == "hnlq_kq" else None
+        if kind == "hnlq_kq" and scales is None:
+            raise RuntimeError("KEY_SCALES not calibrated")
+        return CosetQuantizedCache(model_config, dataclasses.replace(cfg, prefill=prefill), key_scales=scales)
     return ScalarQuantizedCache(model_config, cfg)
 
 
 def bits_per_element(kind: str, cfg) -> float:
     if kind == "fp32":
         return 32.0
-    return cfg.bits_per_element(HEAD_DIM)
+    if kind == "hnlq_alloc":
+        cfgs = ALLOCATIONS[cfg[0]]
+        return sum(c.bits_per_element(HEAD_DIM) for c in cfgs) / len(cfgs)
+    return cfg.bits_per_element(HEAD_DIM)  # HNLQ: exact; KIVI: full groups (the fp residual not counted)
 
 
 def cache_bytes(kind: str, cache) -> int:
@@ -123,6 +172,42 @@ def run_ppl(model, windows, kind, cfg):
         nbytes += cache_bytes(kind, cache)
         ntok += w.numel()
     return math.exp(nll / count), nbytes / ntok
+
+
+class _OneSideCache(DynamicCache):
+    """fp32 cache whose keys (``side="k"``) or values (``"v"``) are replaced by their coded-then-decoded
+    version (the other side exact): where the perplexity loss comes from. Decoded states + SDPA equal the
+    codes' attention (tests/test_kv_cache.py)."""
+
+    def __init__(self, model_config, kind: str, cfg, side: str):
+        super().__init__(config=model_config)
+        self.kind, self.cfg, self.side = kind, cfg, side
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        x = key_states if self.side == "k" else value_states
+        store: CodedKVStore | ScalarKVStore
+        if self.kind == "kivi":
+            store = ScalarKVStore(self.cfg)
+        else:
+            scales = KEY_SCALES[layer_idx] if self.kind == "hnlq_kq" and KEY_SCALES is not None else None
+            store = CodedKVStore(self.cfg, seed=self.cfg.seed + layer_idx, key_scale=scales)  # the layer's rotation
+        store.append(x, x)  # keys per channel / values per token (KIVI): pick the matching half
+        xq = store.dequantized()[0 if self.side == "k" else 1]
+        if self.side == "k":
+            return super().update(xq, value_states, layer_idx, *args, **kwargs)
+        return super().update(key_states, xq, layer_idx, *args, **kwargs)
+
+
+@torch.no_grad()
+def run_side_ppl(model, windows, kind, cfg, side):
+    nll, count = 0.0, 0
+    for w in windows:
+        cache = _OneSideCache(model.config, kind, cfg, side)
+        logits = model(w.unsqueeze(0), past_key_values=cache, use_cache=True).logits[0]
+        lp = torch.log_softmax(logits[:-1].double(), -1)
+        nll += float(-lp.gather(-1, w[1:].unsqueeze(-1)).sum())
+        count += w.numel() - 1
+    return math.exp(nll / count)
 
 
 @torch.no_grad()
@@ -248,6 +333,15 @@ def write(results: dict, out_name: str = "kv") -> None:
                 f"| {name} | {r['bits_per_element']:.3f} | {r['bytes_per_token']:.0f} | {fewer} | {r['ppl']:.3f} | {ratio} |"
             )
         L.append("")
+    sides = results.get("sides", {})
+    if sides:
+        L.append("## Where the loss comes from: only the keys or only the values coded (ppl ratio vs fp32)")
+        L.append("")
+        L.append("| cache | keys only | values only |")
+        L.append("|---|---|---|")
+        for name, r in sides.items():
+            L.append(f"| {name} | {r['k']:.4f} | {r['v']:.4f} |")
+        L.append("")
     gen = results.get("gen", {})
     if gen:
         L.append(
@@ -314,6 +408,10 @@ def plot(results: dict) -> None:
         "HNLQ t2 + sink + key scale std": (r"hnlq\d_s1_kc1$", "^-"),
         "HNLQ t4 + sink + key scale std^0.5": (r"hnlq\d_t4_s1_kc05$", "v-"),
         "HNLQ t4 + sink + key scale std": (r"hnlq\d_t4_s1_kc1$", "v-"),
+        "HNLQ keys M / values M-1 + sink": (r"hnlq(43|32|21)_s1$", "D-"),
+        "HNLQ keys M / values M-1 + sink + calibrated key scale": (r"hnlq(43|32|21)_s1_kq$", "D-"),
+        "KIVI keys M / values M-1 + sink": (r"kivi(43|32|21)_s1$", "x--"),
+        "HNLQ per-layer allocation + sink + calibrated key scale": (r"hnlq_alloc\d_s1_kq$", "*-"),
         "KIVI g64": (r"kivi\d$", "s--"),
         "KIVI g64 + sink": (r"kivi\d_s1$", "s--"),
         "KIVI g32 + sink": (r"kivi\d_g32_s1$", "s--"),
@@ -371,13 +469,32 @@ def main() -> None:
         return
     results["commands"] = list(dict.fromkeys(results.get("commands", []) + [cmd]))
     sections = args.sections.split(",")
-    if "ppl" not in sections and "gen" not in sections and "speed" not in sections:  # no model needed
+    if not {"ppl", "gen", "speed", "sides"} & set(sections):  # no model needed
         model = tok = None
     else:
         model, tok = load_smollm2()
         use_coset_attention(model)  # "coset_kv": the LUT/code path for CosetKVLayer, plain SDPA otherwise
     sel = set(args.only.split(",")) if args.only else None
     todo = [m for m in methods() if sel is None or m[0] in sel]
+    if any(kind in ("hnlq_kq", "hnlq_alloc") for _, kind, _ in todo):
+        global KEY_SCALES
+        # calibration text: the pydoc window right after the evaluated ones (never evaluated itself)
+        calib = token_windows(tok, pydoc_text(), args.seqlen, args.windows + 1)[-1:]
+        KEY_SCALES = calibrate_key_scales(model, calib)
+        results["key_scales"] = f"calibrate_key_scales on pydoc window {args.windows} ({args.seqlen} tokens)"
+    if any(kind == "hnlq_alloc" for _, kind, _ in todo):
+        # layer sensitivities on the first 512 tokens of the same held-out window
+        calib = token_windows(tok, pydoc_text(), args.seqlen, args.windows + 1)[-1:, :512]
+        t0 = time.time()
+        sens = layer_sensitivity(model, calib, SENS_CONFIG, key_scales=KEY_SCALES)
+        results["layer_sensitivity"] = {"config": repr(SENS_CONFIG), "seconds": time.time() - t0, "nll": sens}
+        print("layer sensitivity", [round(x, 4) for x in sens], flush=True)
+        for target, opts in ALLOC_OPTIONS.items():
+            ALLOCATIONS[target] = allocate_layers([max(x, 0.0) for x in sens], opts, float(target), 2.0, HEAD_DIM)
+            results.setdefault("allocations", {})[str(target)] = [
+                f"K{c.bits}V{c.resolved_value_bits}t{c.t_bits}" for c in ALLOCATIONS[target]
+            ]
+            print(target, results["allocations"][str(target)], flush=True)
     if "ppl" in sections:
         ids = token_windows(tok, pydoc_text(), args.seqlen, args.windows)
         results["ppl_setup"] = (
@@ -396,6 +513,17 @@ def main() -> None:
             print(name, results["ppl"][name], flush=True)
             write(results, args.out)
             plot(results)
+    if "sides" in sections:  # keys only / values only coded
+        ids = token_windows(tok, pydoc_text(), args.seqlen, args.windows)
+        results.setdefault("sides", {})
+        ref = run_ppl(model, ids, "fp32", None)[0]
+        for name, kind, cfg in todo:
+            if kind not in ("hnlq", "hnlq_kq", "kivi"):
+                continue
+            row = {side: run_side_ppl(model, ids, kind, cfg, side) / ref for side in ("k", "v")}
+            results["sides"][name] = row
+            print(name, "keys only / values only", row, flush=True)
+            write(results, args.out)
     if "gen" in sections:
         set_threads(1)  # two threads on a shared, loaded 2-core machine spin more than they compute
         results.setdefault("gen", {})

@@ -14,6 +14,7 @@ from coset.kv.hf_cache import (  # noqa: E402
     CosetKVLayer,
     CosetQuantizedCache,
     ScalarQuantizedCache,
+    calibrate_key_scales,
     coset_kv_attention,
     use_coset_attention,
 )
@@ -192,13 +193,29 @@ def test_bytes_accounting():
         (3, "lut", True, 1),
         (0, "lut", True, 1.0),
         (2, "decode", False, 0.5),
+        (0, "lut", True, "split"),
+        (3, "decode", True, "split"),
+        (0, "lut", True, "fixed"),
+        (2, "auto", False, "fixed"),
     ],
 )
 def test_attention_from_codes_equals_sdpa_on_decoded_states(window, path, mean, sink):
-    chan = sink if isinstance(sink, float) else 0.0  # the float cases: per-channel key scale, no sink
-    sink = sink if isinstance(sink, int) else 0
-    cfg = KVQuantConfig(bits=2, window=window, score_path=path, subtract_mean=mean, sink=sink, key_channel_scale=chan)
-    store = CodedKVStore(cfg, seed=4)
+    # float cases: per-channel key scale std^e, no sink; "split": keys 3 / values 1 bits with a sink;
+    # "fixed": a given key_scale (calibrated scales) with keys 2 / values 3 bits
+    chan = sink if isinstance(sink, float) else 0.0
+    bits, vbits = {"split": (3, 1), "fixed": (2, 3)}.get(sink, (2, None))  # type: ignore[call-overload]
+    key_scale = torch.rand(3, 64, generator=torch.Generator().manual_seed(5)) + 0.2 if sink == "fixed" else None
+    sink = sink if isinstance(sink, int) else (1 if sink == "split" else 0)
+    cfg = KVQuantConfig(
+        bits=bits,
+        value_bits=vbits,
+        window=window,
+        score_path=path,
+        subtract_mean=mean,
+        sink=sink,
+        key_channel_scale=chan,
+    )
+    store = CodedKVStore(cfg, seed=4, key_scale=key_scale)
     k, v = kv(B=2, L=12, seed=1)
     store.append(k + 3.0, v - 1.0)  # offsets: the mean subtraction must be undone exactly
     K, V = store.dequantized()
@@ -270,6 +287,149 @@ def test_key_channel_scale_is_frozen_counted_and_helps_outlier_channels():
             store.append(*kv(L=3, seed=9))
             assert store.k_chan is chan  # frozen at the first coded chunk
     assert errs[1.0] < 0.5 * errs[0.0]
+
+
+def test_value_bits_store_codes_bytes_crop_and_reorder():
+    cfg = KVQuantConfig(bits=4, value_bits=2, t_bits=2, sink=1)
+    store = CodedKVStore(cfg, seed=2)
+    k, v = kv(B=2, L=9, seed=3)
+    store.append(k, v)
+    kc, vc = store.key_codes, store.value_codes
+    assert kc is not None and vc is not None
+    assert kc.idx.shape == (2, 3, 8, 8, 4) and vc.idx.shape == (2, 3, 8, 8, 2)
+    # bytes counted from the buffers: the formula per vector, + the fp32 sink token, + the two means
+    coded = 2 * 3 * 8 * (cfg.bytes_per_vector(64, "k") + cfg.bytes_per_vector(64, "v"))
+    assert store.nbytes == coded + 2 * 2 * 3 * 64 * 4 + 2 * 3 * 64 * 4
+    assert kc.nbytes + vc.nbytes == coded
+    # each half equals a store of the matching single-rate code (same rotation seed, same means)
+    for bits, which in ((4, 0), (2, 1)):
+        ref = CodedKVStore(KVQuantConfig(bits=bits, t_bits=2, sink=1), seed=2)
+        ref.append(k, v)
+        assert torch.equal(store.dequantized()[which], ref.dequantized()[which])
+    # the 4-bit keys are more accurate than the 2-bit values (same kind of Gaussian data)
+    K, V = store.dequantized()
+    assert float((K - k).pow(2).mean()) < 0.25 * float((V - v).pow(2).mean())
+    before = store.dequantized()
+    store.append(*kv(B=2, L=3, seed=4))
+    store.crop(3)
+    assert all(torch.equal(a, b) for a, b in zip(store.dequantized(), before, strict=True))
+    store.map_batch(lambda t: t.flip(0))
+    assert all(torch.equal(a, b.flip(0)) for a, b in zip(store.dequantized(), before, strict=True))
+
+
+def test_fixed_key_scale_is_kept_counted_and_validated():
+    s = torch.rand(3, 64, generator=torch.Generator().manual_seed(0)) + 0.5
+    store = CodedKVStore(KVQuantConfig(bits=3), key_scale=s)
+    k, v = kv(L=6)
+    store.append(k, v)
+    assert torch.equal(store.k_chan, s)
+    assert store.nbytes == 2 * 3 * 6 * KVQuantConfig(bits=3).bytes_per_vector(64) + 3 * 3 * 64 * 4
+    store.reset()
+    assert torch.equal(store.k_chan, s)  # a given scale survives reset (it belongs to the model, not the text)
+    # keys coded as k / s: the key error follows s channel by channel
+    big = torch.cat((torch.full((3, 32), 4.0), torch.full((3, 32), 0.25)), dim=1)
+    errs = {}
+    for name, ks in (("white", None), ("scaled", big)):
+        st = CodedKVStore(KVQuantConfig(bits=3), key_scale=ks)
+        kk, vv = kv(L=256, seed=1)
+        st.append(kk, vv)
+        e = (st.dequantized()[0] - kk).pow(2).mean(dim=(0, 2))
+        errs[name] = (float(e[:, :32].mean()), float(e[:, 32:].mean()))
+    assert errs["scaled"][0] > 20 * errs["scaled"][1]
+    assert 0.5 < errs["white"][0] / errs["white"][1] < 2
+    with pytest.raises(ValueError, match="key_scale"):
+        CodedKVStore(KVQuantConfig(), key_scale=torch.ones(2, 64)).append(k, v)
+    with pytest.raises(ValueError, match="key_scale"):
+        CodedKVStore(KVQuantConfig(), key_scale=-torch.ones(3, 64))
+    with pytest.raises(ValueError, match="key_scale"):
+        CodedKVStore(KVQuantConfig(key_channel_scale=0.5), key_scale=torch.ones(3, 64))
+    with pytest.raises(TypeError, match="key_scale"):
+        CodedKVStore(KVQuantConfig(), key_scale=torch.ones(3, 64, dtype=torch.int64))
+
+
+def test_calibrated_key_scales_follow_key_and_query_energy(model):
+    ids = torch.randint(0, 96, (1, 24), generator=torch.Generator().manual_seed(7))
+    impl = model.config._attn_implementation
+    scales = calibrate_key_scales(model, ids)
+    assert model.config._attn_implementation == impl  # restored
+    assert len(scales) == 2 and all(s.shape == (3, 64) for s in scales)
+    for s in scales:
+        assert torch.allclose(s.pow(2).mean(-1), torch.ones(3), atol=1e-5) and bool((s > 0).all())
+    # brute force for layer 0: E[k_c^2] (centred, token 0 left out) and E[q_c^2] of the post-RoPE states
+    rec = {}
+
+    def grab(module, query, key, value, attention_mask, **kw):
+        if module.layer_idx == 0:
+            rec["q"], rec["k"] = query.detach(), key.detach()
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, key.repeat_interleave(3, 1), value.repeat_interleave(3, 1), is_causal=True
+        ).transpose(1, 2), None
+
+    transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS["grab_test"] = grab
+    transformers.masking_utils.ALL_MASK_ATTENTION_FUNCTIONS["grab_test"] = transformers.masking_utils.sdpa_mask
+    model.set_attn_implementation("grab_test")
+    try:
+        with torch.no_grad():
+            model(ids, use_cache=False)
+    finally:
+        model.set_attn_implementation(impl)
+    k = rec["k"][0, :, 1:]
+    ek = (k - k.mean(1, keepdim=True)).pow(2).mean(1)
+    eq = rec["q"][0].reshape(3, 3 * 24, 64).pow(2).mean(1)
+    want = (ek / eq).pow(0.25)
+    want = want / want.pow(2).mean(-1, keepdim=True).sqrt()
+    assert torch.allclose(scales[0], want, rtol=1e-4)
+    assert all(torch.allclose(s, torch.ones(3, 64)) for s in calibrate_key_scales(model, ids, exponent=0.0))
+    with pytest.raises(ValueError):
+        calibrate_key_scales(model, ids, exponent=2.0)
+    with pytest.raises(ValueError):
+        calibrate_key_scales(model, ids[0])
+    # a cache built with them: attention from codes equals SDPA on the decoded cache
+    cfg = KVQuantConfig(bits=2, value_bits=1, prefill="codes", sink=1)
+    a = CosetQuantizedCache(model.config, cfg, key_scales=scales)
+    b = CosetQuantizedCache(model.config, cfg, return_codes=False, key_scales=scales)
+    with torch.no_grad():
+        la, lb = model(ids[:, :10], past_key_values=a).logits, model(ids[:, :10], past_key_values=b).logits
+        la2, lb2 = model(ids[:, 10:11], past_key_values=a).logits, model(ids[:, 10:11], past_key_values=b).logits
+    assert torch.allclose(la, lb, atol=1e-4) and torch.allclose(la2, lb2, atol=1e-4)
+    assert all(torch.equal(layer.store.k_chan, s) for layer, s in zip(a.layers, scales, strict=True))
+
+
+def test_per_layer_configs():
+    mc = tiny_config(layers=3)
+    cfgs = [KVQuantConfig(bits=4, value_bits=3), KVQuantConfig(bits=2), KVQuantConfig(bits=3, t_bits=0)]
+    cache = CosetQuantizedCache(mc, cfgs)
+    k, v = kv(L=5)
+    for i in range(3):
+        cache.update(k, v, i)
+    for layer, c in zip(cache.layers, cfgs, strict=True):
+        assert layer.store.config is c
+        assert layer.store.key_codes.idx.shape[-1] == c.bits
+        assert layer.store.value_codes.idx.shape[-1] == c.resolved_value_bits
+    assert cache.nbytes == sum(
+        3 * 5 * (c.bytes_per_vector(64, "k") + c.bytes_per_vector(64, "v")) + 2 * 3 * 64 * 4 for c in cfgs
+    )
+    with pytest.raises(TypeError):
+        CosetQuantizedCache(mc, cfgs[:2])
+    with pytest.raises(TypeError):
+        CosetQuantizedCache(mc, [cfgs[0], cfgs[1], ScalarKVConfig()])
+    with pytest.raises(ValueError):
+        CosetQuantizedCache(mc, cfgs, key_scales=[None])
+
+
+def test_scalar_value_bits():
+    k, v = kv(L=8)
+    st = ScalarQuantizedCache(tiny_config(layers=1), ScalarKVConfig(bits=4, value_bits=2, group_size=4))
+    st.update(k, v, 0)
+    s = st.layers[0].store
+    assert s._bufs["v_code"].tensor.shape[-1] == 64 * 2 // 8 and s._bufs["k_code"].tensor.shape[-1] == 64 * 4 // 8
+    K, V = s.dequantized()
+    ref = ScalarQuantizedCache(tiny_config(layers=1), ScalarKVConfig(bits=2, group_size=4))
+    ref.update(k, v, 0)
+    assert torch.equal(V, ref.layers[0].store.dequantized()[1])  # values: the 2-bit per-token code
+    # per-token 2-bit values: error within half a step (range / 3 / 2) per element
+    step = (v.amax(-1, keepdim=True) - v.amin(-1, keepdim=True)) / 3
+    assert bool(((V - v).abs() <= step / 2 + 1e-2).all())
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from coset.kv import HeadRotation, KVQuantConfig, decode_states, encode_states
-from coset.kv.codes import decode_reference, unpack_t
+from coset.kv.codes import decode_reference, scale_values, unpack_t
 from coset.quant import encode
 
 
@@ -12,9 +12,9 @@ def states(B=2, H=3, L=9, D=64, seed=0):
     return torch.randn(B, H, L, D, generator=g) * torch.linspace(0.05, 4.0, D)
 
 
-@pytest.mark.parametrize("bits, t_bits", [(4, 2), (3, 1), (2, 0), (1, 4)])
-def test_decode_equals_coset_quant_decode(bits, t_bits):
-    cfg = KVQuantConfig(bits=bits, t_bits=t_bits)
+@pytest.mark.parametrize("bits, t_bits, scale_bits", [(4, 2, 16), (3, 1, 16), (2, 0, 16), (1, 4, 16), (4, 4, 8)])
+def test_decode_equals_coset_quant_decode(bits, t_bits, scale_bits):
+    cfg = KVQuantConfig(bits=bits, t_bits=t_bits, scale_bits=scale_bits)
     rot = HeadRotation(3, 64, seed=1)
     c = encode_states(states(), rot, cfg)
     assert torch.allclose(decode_states(c, rot, cfg), decode_reference(c, rot, cfg), atol=1e-4)
@@ -47,6 +47,30 @@ def test_error_falls_with_rate_and_codes_are_per_token():
     cfg = KVQuantConfig()
     full, part = encode_states(x, rot, cfg), encode_states(x[:, :, :10], rot, cfg)
     assert torch.equal(full.idx[:, :, :10], part.idx) and torch.equal(full.t[:, :, :10], part.t)
+
+
+def test_eight_bit_log_scale():
+    x = states(L=40)
+    x[0, 0, 3] = 0.0  # a zero vector: code 0, decoded exactly
+    rot = HeadRotation(3, 64, seed=2)
+    c8 = encode_states(x, rot, KVQuantConfig(bits=4, scale_bits=8))
+    c16 = encode_states(x, rot, KVQuantConfig(bits=4))
+    assert c8.scale.dtype == torch.uint8 and c16.scale.dtype == torch.float16
+    assert c8.nbytes == c16.nbytes - c16.scale.numel()  # one byte a vector less
+    assert KVQuantConfig(bits=4, scale_bits=8).bits_per_element(64) == 4.375
+    assert int(c8.scale[0, 0, 3]) == 0 and bool((scale_values(c8.scale[0, 0, 3:4]) == 0).all())
+    rms = x.pow(2).mean(-1).sqrt()  # the rotation keeps the rms
+    rho = scale_values(c8.scale)
+    nz = rms > 0
+    # the nearest step of 2^(1/8): within a factor 2^(1/16) of the rms
+    assert bool((rho[nz] / rms[nz]).log2().abs().max() <= 1 / 16 + 1e-6)
+    assert torch.equal(decode_states(c8, rot, KVQuantConfig(bits=4, scale_bits=8))[0, 0, 3], torch.zeros(64))
+    # the scale code costs little accuracy at 4 bits
+    e8 = float((decode_states(c8, rot, KVQuantConfig(bits=4, scale_bits=8)) - x).pow(2).sum())
+    e16 = float((decode_states(c16, rot, KVQuantConfig(bits=4)) - x).pow(2).sum())
+    assert e8 < 1.1 * e16
+    with pytest.raises(ValueError):
+        KVQuantConfig(scale_bits=12)
 
 
 def test_nbytes_counts_every_byte():

@@ -20,6 +20,9 @@ from coset.kv.config import _BETA_TABLE, search_beta
         ({"key_channel_scale": -0.5}, ValueError),
         ({"key_channel_scale": float("nan")}, ValueError),
         ({"key_channel_scale": True}, ValueError),
+        ({"value_bits": 0}, ValueError),
+        ({"value_bits": 5}, ValueError),
+        ({"value_bits": 3.0}, TypeError),
     ],
 )
 def test_bad_config(kw, exc):
@@ -34,6 +37,25 @@ def test_scalar_config_bits():
         ScalarKVConfig(bits=9)
     with pytest.raises(ValueError):
         ScalarKVConfig(group_size=0)
+
+
+def test_value_bits_split_reaches_integer_rates_exactly():
+    # keys M and values M - 1 at t_bits = 2 (0.5 b of side information each): exactly M all-in
+    for kb, vb, want in ((4, 3, 4.0), (3, 2, 3.0), (2, 1, 2.0), (4, 4, 4.5)):
+        cfg = KVQuantConfig(bits=kb, value_bits=vb)
+        assert cfg.bits_per_element(64) == want
+        assert cfg.bytes_per_vector(64, "k") == 8 * kb + 2 + 2 and cfg.bytes_per_vector(64, "v") == 8 * vb + 4
+        assert cfg.key_config().bits == kb and cfg.value_config().bits == vb
+        assert cfg.value_config().value_bits is None and cfg.value_config().t_bits == cfg.t_bits
+    one = KVQuantConfig(bits=4)
+    assert one.value_config() is one and one.key_config() is one  # the store then encodes K and V in one call
+    with pytest.raises(ValueError):
+        KVQuantConfig().bytes_per_vector(64, "q")
+    # KIVI: (4 + 32/64 + 3 + 32/64) / 2 = 4.0
+    assert ScalarKVConfig(bits=4, value_bits=3).bits_per_element(64) == 4.0
+    assert ScalarKVConfig(bits=2, value_bits=1).bits_per_element(64) == 2.0
+    with pytest.raises(ValueError):
+        ScalarKVConfig(value_bits=9)
 
 
 def test_quant_config_is_e8_q2_centred():

@@ -19,9 +19,9 @@ from coset.kv import (
 from coset.kv.codes import decode_rotated
 
 
-def setup(bits=4, t_bits=2, L=37, n=5, seed=0):
+def setup(bits=4, t_bits=2, L=37, n=5, seed=0, scale_bits=16):
     g = torch.Generator().manual_seed(seed)
-    cfg = KVQuantConfig(bits=bits, t_bits=t_bits)
+    cfg = KVQuantConfig(bits=bits, t_bits=t_bits, scale_bits=scale_bits)
     rot = HeadRotation(3, 64, seed=seed)
     x = torch.randn(2, 3, L, 64, generator=g) * torch.linspace(0.1, 3, 64)
     q = torch.randn(2, 3, n, 64, generator=g)
@@ -37,9 +37,9 @@ def test_query_tables_brute_force():
     assert torch.allclose(cy[0, 1, 7, 2], (c * q[0, 1, 2, 56:64]).sum(), atol=1e-5)
 
 
-@pytest.mark.parametrize("bits, t_bits", [(4, 2), (3, 1), (2, 0), (1, 4)])
-def test_lut_scores_equal_decode_then_dot(bits, t_bits):
-    cfg, rot, codes, q = setup(bits, t_bits)
+@pytest.mark.parametrize("bits, t_bits, scale_bits", [(4, 2, 16), (3, 1, 16), (2, 0, 16), (1, 4, 16), (3, 2, 8)])
+def test_lut_scores_equal_decode_then_dot(bits, t_bits, scale_bits):
+    cfg, rot, codes, q = setup(bits, t_bits, scale_bits=scale_bits)
     qr = rot.rotate(q)
     ref = q @ decode_states(codes, rot, cfg).transpose(-1, -2)  # unrotated: <q, k_hat>
     assert torch.allclose(scores_reference(qr, codes, cfg), ref, atol=1e-4, rtol=1e-5)
@@ -76,9 +76,11 @@ def native_backend():
 
 # n: queries per KV head (the kernel takes them 4 at a time: 1, 3, 5 and 9 leave 1..3 in the last group);
 # L = 301 leaves a partial tile of tokens
-@pytest.mark.parametrize("bits, t_bits, n", [(4, 2, 3), (3, 1, 9), (2, 0, 5), (1, 4, 1)])
-def test_native_kernel_equals_torch_reference(native_backend, bits, t_bits, n):
-    cfg, rot, codes, q = setup(bits, t_bits, L=301, n=n)
+@pytest.mark.parametrize(
+    "bits, t_bits, n, scale_bits", [(4, 2, 3, 16), (3, 1, 9, 16), (2, 0, 5, 16), (1, 4, 1, 16), (4, 4, 3, 8)]
+)
+def test_native_kernel_equals_torch_reference(native_backend, bits, t_bits, n, scale_bits):
+    cfg, rot, codes, q = setup(bits, t_bits, L=301, n=n, scale_bits=scale_bits)
     qr = rot.rotate(q)
     ref = scores_reference(qr, codes, cfg)
     got = scores_lut(qr, codes, cfg, backend="native")

@@ -6,12 +6,14 @@
 * :func:`encode_states` / :func:`decode_states`: head vectors <-> bytes (:class:`KVCodes`);
 * :func:`query_tables`, :func:`scores_lut`, :func:`scores_reference`, :func:`values_from_codes`: attention
   scores from the key codes through one-sided lookup tables, values accumulated from the value codes;
-* :class:`CodedKVStore` / :class:`ScalarKVStore`: per-layer caches, independent of transformers.
+* :class:`CodedKVStore` / :class:`ScalarKVStore`: per-layer caches, independent of transformers;
+* :func:`allocate_layers`: per-layer codes at an exact mean rate from measured layer sensitivities.
 
 The transformers ``Cache`` classes and the ``"coset_kv"`` attention function live in
 :mod:`coset.kv.hf_cache` (extra ``[hf]``); importing :mod:`coset.kv` does not import transformers.
 """
 
+from .allocation import allocate_layers
 from .coded_store import CodedKVStore
 from .codes import KVCodes, code_tables, decode_states, encode_states
 from .config import BLOCK, KVQuantConfig, ScalarKVConfig, calibrated_beta
@@ -37,5 +39,6 @@ __all__ = [
     "values_from_codes",
     "CodedKVStore",
     "ScalarKVStore",
+    "allocate_layers",
 ]
 __version__ = "0.1.0"

@@ -36,15 +36,36 @@ class CodedKVStore:
     config : KVQuantConfig
     seed : seed of this layer's rotation signs
     backend : kernel of the LUT path, ``"auto"`` | ``"torch"`` | ``"native"``
+    key_scale : optional ``(H, D)`` positive per-channel key scale ``s`` fixed in advance (e.g. by
+        :func:`coset.kv.hf_cache.calibrate_key_scales` from the queries' and keys' channel energies): keys are
+        coded as ``(k - mu) / s`` and queries scaled by ``s`` (exact for the scores, as with
+        ``config.key_channel_scale``, which it replaces; the two cannot be combined). Counted in the bytes.
     """
 
-    def __init__(self, config: KVQuantConfig | None = None, seed: int = 0, backend: str = "auto"):
+    def __init__(
+        self,
+        config: KVQuantConfig | None = None,
+        seed: int = 0,
+        backend: str = "auto",
+        key_scale: torch.Tensor | None = None,
+    ):
         config = KVQuantConfig() if config is None else config
         if not isinstance(config, KVQuantConfig):
             raise TypeError(f"config must be a KVQuantConfig, got {type(config).__name__}")
         if backend not in ("auto", "torch", "native"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'native', got {backend!r}")
+        if key_scale is not None:
+            if not isinstance(key_scale, torch.Tensor) or not key_scale.dtype.is_floating_point or key_scale.ndim != 2:
+                raise TypeError("key_scale must be a floating (num_kv_heads, head_dim) tensor")
+            if not bool(torch.isfinite(key_scale).all()) or not bool((key_scale > 0).all()):
+                raise ValueError("key_scale must be finite and > 0")
+            if config.key_channel_scale:
+                raise ValueError("key_scale and config.key_channel_scale cannot be combined")
+            key_scale = key_scale.detach().to(torch.float32).clone()
         self.config, self.seed, self.backend = config, seed, backend
+        # the key and value codes (they differ in label bits when config.value_bits is set)
+        self.kcfg, self.vcfg = config.key_config(), config.value_config()
+        self.key_scale = key_scale
         self.rotation: HeadRotation | None = None
         self._bufs = {
             n: TokenBuffer()
@@ -53,7 +74,8 @@ class CodedKVStore:
         self.dtype: torch.dtype | None = None
         self.k_mean: torch.Tensor | None = None  # (H, D) float32, frozen at the first coded chunk
         self.v_mean: torch.Tensor | None = None
-        self.k_chan: torch.Tensor | None = None  # (H, D) float32 per-channel key scale (key_channel_scale > 0)
+        # (H, D) float32 per-channel key scale (key_channel_scale > 0, or the fixed key_scale)
+        self.k_chan: torch.Tensor | None = key_scale
 
     # ------------------------------------------------------------------ contents
     @property
@@ -135,6 +157,10 @@ class CodedKVStore:
                 raise ValueError(f"{name} contains NaN or Inf")
         B, H, L, D = keys.shape
         if self.rotation is None:
+            if self.key_scale is not None and tuple(self.key_scale.shape) != (H, D):
+                raise ValueError(
+                    f"key_scale has shape {tuple(self.key_scale.shape)}; the states have {H} heads of dim {D}"
+                )
             self.rotation = HeadRotation(H, D, self.seed)
             self.dtype = keys.dtype
         elif (H, D) != (self.rotation.num_heads, self.rotation.head_dim):
@@ -183,17 +209,23 @@ class CodedKVStore:
             chan = (std / std.pow(2).mean(-1, keepdim=True).sqrt()).pow(self.config.key_channel_scale)
         if chan is not None:
             keys = keys / chan.unsqueeze(1)
-        # keys and values share the layer's rotation: one encode call for both (its fixed cost, ~0.4 ms of
-        # torch dispatch, is paid per layer and decoding step); append() has checked them
+        # keys and values share the layer's rotation: one encode call for both when they share the code (its
+        # fixed cost, ~0.4 ms of torch dispatch, is paid per layer and decoding step); append() has checked them
         B = keys.shape[0]
-        both = encode_checked(torch.cat((keys, values)), rotation, self.config)
+        if self.kcfg is self.vcfg:
+            both = encode_checked(torch.cat((keys, values)), rotation, self.config)
+            kc = KVCodes(both.idx[:B], both.t[:B], both.scale[:B])
+            vc = KVCodes(both.idx[B:], both.t[B:], both.scale[B:])
+        else:
+            kc = encode_checked(keys, rotation, self.kcfg)
+            vc = encode_checked(values, rotation, self.vcfg)
         if means is not None:  # only once encoded: bad input leaves no trace
             self.k_mean, self.v_mean = means
         self.k_chan = chan
-        for which, sl in (("k", slice(0, B)), ("v", slice(B, 2 * B))):
-            self._bufs[f"{which}_idx"].append(both.idx[sl])
-            self._bufs[f"{which}_t"].append(both.t[sl])
-            self._bufs[f"{which}_scale"].append(both.scale[sl])
+        for which, c in (("k", kc), ("v", vc)):
+            self._bufs[f"{which}_idx"].append(c.idx)
+            self._bufs[f"{which}_t"].append(c.t)
+            self._bufs[f"{which}_scale"].append(c.scale)
 
     def crop(self, n: int) -> None:
         """Drop the ``n`` most recent tokens (window first, then codes, then sink): exact, codes are per token."""
@@ -216,7 +248,8 @@ class CodedKVStore:
     def reset(self) -> None:
         for b in self._bufs.values():
             b.clear()
-        self.k_mean = self.v_mean = self.k_chan = None
+        self.k_mean = self.v_mean = None
+        self.k_chan = self.key_scale
 
     # ------------------------------------------------------------------ reads
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,8 +261,8 @@ class CodedKVStore:
             parts_v.append(self._bufs["v_sink"].tensor)
         if self.num_coded:
             rotation = self._require_rotation()
-            k = decode_states(self._require_codes("k"), rotation, self.config)
-            v = decode_states(self._require_codes("v"), rotation, self.config)
+            k = decode_states(self._require_codes("k"), rotation, self.kcfg)
+            v = decode_states(self._require_codes("v"), rotation, self.vcfg)
             if self.k_chan is not None:
                 k = k * self.k_chan.unsqueeze(1)
             means = self._means()
@@ -283,7 +316,7 @@ class CodedKVStore:
         if self.num_coded:
             qr = rotation.rotate(q if self.k_chan is None else q * self.k_chan.unsqueeze(1))
             kc = self._require_codes("k")
-            sc = scores_lut(qr, kc, self.config, backend=backend) if lut else scores_reference(qr, kc, self.config)
+            sc = scores_lut(qr, kc, self.kcfg, backend=backend) if lut else scores_reference(qr, kc, self.kcfg)
             if means is not None:  # the codes hold k - mu_k: add <q, mu_k> back (same for every token)
                 sc = sc + q @ means[0].unsqueeze(-1)
             parts.append(sc)
@@ -296,7 +329,7 @@ class CodedKVStore:
         Lc = self.num_coded
         if Lc:
             pc = p[..., Ls : Ls + Lc].contiguous()
-            out = rotation.unrotate(values_from_codes(pc, self._require_codes("v"), self.config, backend=backend))
+            out = rotation.unrotate(values_from_codes(pc, self._require_codes("v"), self.vcfg, backend=backend))
             if means is not None:  # the codes hold v - mu_v
                 out = out + pc.sum(-1, keepdim=True) * means[1].unsqueeze(1)
         if Ls:

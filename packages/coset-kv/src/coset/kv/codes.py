@@ -5,7 +5,9 @@ Layout of one coded tensor (:class:`KVCodes`), ``K = D / 8`` blocks per head vec
 * ``idx`` ``(B, H, L, K, M)`` uint8: label of layer m of block k, read as the 8 bits ``b_0 .. b_7`` of the
   E8/q=2 label (little-endian), i.e. its index in the block's 256-entry tables (:mod:`coset.lut.index`);
 * ``t`` ``(B, H, L, ceil(K t_bits / 8))`` uint8: the packed overload steps T (empty with ``t_bits = 0``);
-* ``scale`` ``(B, H, L)`` float16: ``rho = rms`` of the head vector.
+* ``scale`` ``(B, H, L)``: ``rho = rms`` of the head vector, float16 (``config.scale_bits = 16``) or an 8-bit
+  log code ``e`` (``scale_bits = 8``, uint8): ``rho = 2^((e - 128) / 8)`` (steps of 9%, range 2^-16 .. 2^16),
+  ``e = 0`` for a zero vector. The dtype of the stored tensor says which (:func:`scale_values`).
 
 Decoding: ``x = R^T (rho * s_T * (sum_m 2^m a(b_m) - c))`` per block, with ``a`` the coset representatives
 of E8 mod 2E8, ``c`` the centring offset and ``s_T = beta 2^(alpha T)``.
@@ -34,6 +36,7 @@ __all__ = [
     "code_tables",
     "step_table",
     "unpack_t",
+    "scale_values",
 ]
 
 _FP16_MAX = float(torch.finfo(torch.float16).max)
@@ -118,8 +121,15 @@ def encode_checked(x: torch.Tensor, rotation: HeadRotation, config: KVQuantConfi
     K = D // BLOCK
     xr = rotation.rotate(x.to(torch.float32))
     rms = xr.pow(2).mean(-1).sqrt()
-    scale = rms.clamp(max=_FP16_MAX).to(torch.float16)
-    div = torch.where(scale > 0, scale.to(torch.float32), torch.ones_like(rms))
+    if config.scale_bits == 8:
+        # nearest log step (not the next one up: T absorbs the rare overload, a scale rounded up would coarsen
+        # every vector); vectors below 2^-16 rms get the smallest step, exact zeros the code 0
+        e = torch.round(8.0 * torch.log2(rms.clamp(min=2.0**-20)) + 128.0).clamp_(1, 255)
+        scale = torch.where(rms > 0, e, torch.zeros_like(e)).to(torch.uint8)
+    else:
+        scale = rms.clamp(max=_FP16_MAX).to(torch.float16)
+    rho = scale_values(scale)
+    div = torch.where(rho > 0, rho, torch.ones_like(rms))
     u = (xr / div.unsqueeze(-1)).reshape(B, H, L, K, BLOCK)
     qc = config.quant_config()
     with warnings.catch_warnings():  # overload_policy="clamp" is the design: the rare clamped block is counted
@@ -134,6 +144,15 @@ def encode_checked(x: torch.Tensor, rotation: HeadRotation, config: KVQuantConfi
     else:
         t = torch.zeros((B, H, L, 0), dtype=torch.uint8, device=x.device)
     return KVCodes(idx=idx, t=t, scale=scale)
+
+
+def scale_values(scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The per-vector scales ``rho`` of stored ``scale`` codes: float16 as they are, uint8 8-bit log codes as
+    ``2^((e - 128) / 8)`` (0 for ``e = 0``)."""
+    if scale.dtype == torch.uint8:
+        e = scale.to(dtype)
+        return torch.where(e > 0, torch.exp2((e - 128.0) / 8.0), torch.zeros_like(e))
+    return scale.to(dtype)
 
 
 def unpack_t(t: torch.Tensor, config: KVQuantConfig, K: int) -> torch.Tensor:
@@ -162,7 +181,7 @@ def block_scales(codes: KVCodes, config: KVQuantConfig, K: int) -> torch.Tensor:
     """``w[..., k] = rho * beta 2^(alpha T_k)``: the float32 factor of block k of each coded vector."""
     T = unpack_t(codes.t, config, K)
     steps = step_table(config).to(T.device)
-    return codes.scale.to(torch.float32).unsqueeze(-1) * steps[T.long()]
+    return scale_values(codes.scale).unsqueeze(-1) * steps[T.long()]
 
 
 def decode_rotated(codes: KVCodes, config: KVQuantConfig) -> torch.Tensor:
@@ -190,5 +209,5 @@ def decode_reference(codes: KVCodes, rotation: HeadRotation, config: KVQuantConf
     b = bits.to(torch.uint8)  # (B,H,L,K,M,8)
     T = unpack_t(codes.t, config, K)
     u = decode(b, config=config.quant_config(), T=T, dtype=torch.float64)
-    y = u.reshape(B, H, L, K * BLOCK) * codes.scale.to(torch.float64).unsqueeze(-1)
+    y = u.reshape(B, H, L, K * BLOCK) * scale_values(codes.scale, torch.float64).unsqueeze(-1)
     return rotation.unrotate(y.to(torch.float32))

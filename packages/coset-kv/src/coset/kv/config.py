@@ -11,17 +11,20 @@ HNLQ code of one head vector ``x`` (D = head_dim, K = D / 8 blocks):
 * ``T`` (the overload-ramp step) per block in ``t_bits`` bits (``max_scaling_iterations = 2^t_bits - 1``),
   bit-packed per vector.
 
-All-in bits per element = ``bits + t_bits / 8 + 16 / D`` (D = 64, bits = 4, t_bits = 2: 4.5).
+All-in bits per element = ``bits + t_bits / 8 + scale_bits / D`` (D = 64, bits = 4, t_bits = 2: 4.5). Keys and values
+may use different label bits (``value_bits``): the all-in figure is then the mean of the two, e.g. keys 4 and
+values 3 bits at t_bits = 2: ``(4.5 + 3.5) / 2 = 4.0`` exactly.
 
 KIVI baseline (Liu et al. 2024): keys quantized per channel over groups of ``group_size`` tokens, values per
 token over the head dimension, asymmetric ``bits``-bit integers with a float16 scale and zero point per group:
-``(bits + 32 / group_size + bits + 32 / D) / 2`` bits per element (D = 64, G = 64, 4 bits: 4.5).
+``(bits + 32 / group_size + value_bits + 32 / D) / 2`` bits per element (D = 64, G = 64, 4 bits: 4.5; keys 4
+and values 3 bits: 4.0).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 import torch
@@ -124,6 +127,11 @@ class KVQuantConfig:
         counted in the bytes). Exact for attention: a fixed key offset shifts every score of a query by the
         same ``<q, mu_k>`` (added back), a fixed value offset adds ``mu_v`` to the output (the weights sum to
         1). It removes the per-channel bias of keys (RoPE'd outlier channels) from what the code must carry.
+    scale_bits : 16 (the per-vector rms scale in float16) or 8 (an 8-bit log code, steps of 2^(1/8) = 9%:
+        0.125 bits/element less side information at D = 64; :mod:`coset.kv.codes`)
+    value_bits : label bits of the values (1..4; ``None`` = ``bits``). Keys carry the attention logits, whose
+        errors the softmax amplifies, values only a convex combination: at equal average bits, keys 4 / values 3
+        beats 4 / 4 with a cheaper code (docs/kv.md). ``beta`` (when given) applies to both.
     key_channel_scale : exponent ``e`` of a per-head, per-channel key scale ``s_c = std_c^e`` (std of channel c
         of the first coded chunk, frozen, float32, counted in the bytes; 0 = off): keys are coded as
         ``(k - mu) / s`` and queries scaled by ``s`` instead (exact: ``<q, s * k'> = <s * q, k'>``), so the
@@ -143,9 +151,15 @@ class KVQuantConfig:
     prefill: str = "float"
     subtract_mean: bool = True
     key_channel_scale: float = 0.0
+    value_bits: int | None = None
+    scale_bits: int = 16
 
     def __post_init__(self) -> None:
         _int("bits", self.bits, 1, 4)
+        if isinstance(self.scale_bits, bool) or self.scale_bits not in (8, 16):
+            raise ValueError(f"scale_bits must be 8 or 16, got {self.scale_bits!r}")
+        if self.value_bits is not None:
+            _int("value_bits", self.value_bits, 1, 4)
         if isinstance(self.t_bits, bool) or self.t_bits not in (0, 1, 2, 4):
             raise ValueError(f"t_bits must be 0, 1, 2 or 4, got {self.t_bits!r}")
         for name in ("alpha",) + (("beta",) if self.beta is not None else ()):
@@ -167,6 +181,18 @@ class KVQuantConfig:
             raise TypeError(f"subtract_mean must be a bool, got {type(self.subtract_mean).__name__}")
 
     @property
+    def resolved_value_bits(self) -> int:
+        return self.bits if self.value_bits is None else self.value_bits
+
+    def key_config(self) -> KVQuantConfig:
+        """The configuration of the key code alone (``bits``; ``value_bits`` cleared)."""
+        return self if self.value_bits is None else replace(self, value_bits=None)
+
+    def value_config(self) -> KVQuantConfig:
+        """The configuration of the value code alone (``bits = value_bits``; ``value_bits`` cleared)."""
+        return self if self.value_bits is None else replace(self, bits=self.value_bits, value_bits=None)
+
+    @property
     def resolved_beta(self) -> float:
         return float(self.beta) if self.beta is not None else calibrated_beta(self.bits, self.t_bits, float(self.alpha))
 
@@ -178,13 +204,16 @@ class KVQuantConfig:
         """Bytes of the packed T of one head vector."""
         return math.ceil(head_dim // BLOCK * self.t_bits / 8)
 
-    def bytes_per_vector(self, head_dim: int) -> int:
-        """Stored bytes of one coded head vector: labels + T + float16 scale."""
-        return head_dim // BLOCK * self.bits + self.t_bytes(head_dim) + 2
+    def bytes_per_vector(self, head_dim: int, which: str = "k") -> int:
+        """Stored bytes of one coded key (``which="k"``) or value (``"v"``) head vector: labels + T + scale."""
+        if which not in ("k", "v"):
+            raise ValueError(f"which must be 'k' or 'v', got {which!r}")
+        bits = self.bits if which == "k" else self.resolved_value_bits
+        return head_dim // BLOCK * bits + self.t_bytes(head_dim) + self.scale_bits // 8
 
     def bits_per_element(self, head_dim: int) -> float:
-        """All-in stored bits per cached element (keys and values alike)."""
-        return 8.0 * self.bytes_per_vector(head_dim) / head_dim
+        """All-in stored bits per cached element, averaged over keys and values."""
+        return 4.0 * (self.bytes_per_vector(head_dim, "k") + self.bytes_per_vector(head_dim, "v")) / head_dim
 
 
 @dataclass(frozen=True)
@@ -193,7 +222,8 @@ class ScalarKVConfig:
 
     Parameters
     ----------
-    bits : 1..8, integer bits per element
+    bits : 1..8, integer bits per element of the keys (and of the values unless ``value_bits``)
+    value_bits : 1..8 bits of the values, ``None`` = ``bits`` (keys 4 / values 3 at G = 64: 4.0 bits all-in)
     group_size : tokens per key group (the last, incomplete group stays in full precision until it fills)
     sink : number of first tokens kept in full precision (as :attr:`KVQuantConfig.sink`)
     """
@@ -201,17 +231,24 @@ class ScalarKVConfig:
     bits: int = 4
     group_size: int = 64
     sink: int = 0
+    value_bits: int | None = None
 
     def __post_init__(self) -> None:
         _int("bits", self.bits, 1, 8)
+        if self.value_bits is not None:
+            _int("value_bits", self.value_bits, 1, 8)
         _int("group_size", self.group_size, 1, 2**20)
         _int("sink", self.sink, 0, 2**31 - 1)
 
     def key_bits_per_element(self) -> float:
         return self.bits + 32.0 / self.group_size
 
+    @property
+    def resolved_value_bits(self) -> int:
+        return self.bits if self.value_bits is None else self.value_bits
+
     def value_bits_per_element(self, head_dim: int) -> float:
-        return self.bits + 32.0 / head_dim
+        return self.resolved_value_bits + 32.0 / head_dim
 
     def bits_per_element(self, head_dim: int) -> float:
         """All-in bits per element, averaged over keys and values (full groups; the fp residual not counted)."""

@@ -18,6 +18,9 @@ implementation pass ``return_codes=False``: the layer then returns the decoded k
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import replace
+
 import torch
 from transformers.cache_utils import BaseQuantizedLayer, Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -38,6 +41,8 @@ __all__ = [
     "coset_kv_attention",
     "register_coset_attention",
     "use_coset_attention",
+    "calibrate_key_scales",
+    "layer_sensitivity",
     "ATTN_NAME",
 ]
 
@@ -110,11 +115,16 @@ class CosetKVLayer(_StoreLayer):
     store: CodedKVStore
 
     def __init__(
-        self, config: KVQuantConfig | None = None, layer_idx: int = 0, return_codes: bool = True, backend: str = "auto"
+        self,
+        config: KVQuantConfig | None = None,
+        layer_idx: int = 0,
+        return_codes: bool = True,
+        backend: str = "auto",
+        key_scale: torch.Tensor | None = None,
     ):
         super().__init__()
         config = KVQuantConfig() if config is None else config
-        self.store = CodedKVStore(config, seed=config.seed + int(layer_idx), backend=backend)
+        self.store = CodedKVStore(config, seed=config.seed + int(layer_idx), backend=backend, key_scale=key_scale)
         self.return_codes = bool(return_codes)
 
     @property
@@ -199,19 +209,35 @@ class CosetQuantizedCache(_BytesMixin, Cache):
     Parameters
     ----------
     model_config : the model's ``PretrainedConfig`` (``num_hidden_layers``) or the number of layers
-    config : KVQuantConfig (default ``KVQuantConfig()``: 4 bits, 4.5 bits per element all-in at D = 64)
+    config : KVQuantConfig (default ``KVQuantConfig()``: 4 bits, 4.5 bits per element all-in at D = 64), or a
+        sequence of one KVQuantConfig per layer (a per-layer bit allocation)
     return_codes, backend : see :class:`CosetKVLayer`
+    key_scales : optional sequence of one ``(H, D)`` per-channel key scale (or None) per layer, e.g. from
+        :func:`calibrate_key_scales` (see :class:`coset.kv.CodedKVStore`)
     """
 
     def __init__(
-        self, model_config, config: KVQuantConfig | None = None, *, return_codes: bool = True, backend: str = "auto"
+        self,
+        model_config,
+        config: KVQuantConfig | Sequence[KVQuantConfig] | None = None,
+        *,
+        return_codes: bool = True,
+        backend: str = "auto",
+        key_scales: Sequence[torch.Tensor | None] | None = None,
     ):
-        config = KVQuantConfig() if config is None else config
-        if not isinstance(config, KVQuantConfig):
-            raise TypeError(f"config must be a KVQuantConfig, got {type(config).__name__}")
         n = _num_layers(model_config)
-        self.kv_config = config
-        super().__init__(layers=[CosetKVLayer(config, i, return_codes, backend) for i in range(n)])
+        config = KVQuantConfig() if config is None else config
+        configs = [config] * n if isinstance(config, KVQuantConfig) else list(config)
+        if len(configs) != n or not all(isinstance(c, KVQuantConfig) for c in configs):
+            raise TypeError(f"config must be a KVQuantConfig or a sequence of {n} KVQuantConfig (one per layer)")
+        scales = [None] * n if key_scales is None else list(key_scales)
+        if len(scales) != n:
+            raise ValueError(f"key_scales must have one entry per layer ({n}), got {len(scales)}")
+        self.kv_config = config if isinstance(config, KVQuantConfig) else configs[0]
+        self.kv_configs = configs
+        super().__init__(
+            layers=[CosetKVLayer(configs[i], i, return_codes, backend, key_scale=scales[i]) for i in range(n)]
+        )
 
 
 class ScalarQuantizedCache(_BytesMixin, Cache):
@@ -250,3 +276,87 @@ def use_coset_attention(model) -> None:
     if not hasattr(model, "set_attn_implementation"):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     model.set_attn_implementation(ATTN_NAME)
+
+
+@torch.no_grad()
+def calibrate_key_scales(model, input_ids: torch.Tensor, exponent: float = 0.25) -> list[torch.Tensor]:
+    """Per-layer, per-KV-head, per-channel key scales ``s_c = (E[k_c^2] / E[q_c^2])^exponent`` (rms-normalised
+    over the channels) from one forward of ``model`` on ``input_ids`` (calibration text, not the evaluation
+    text), for ``CosetQuantizedCache(..., key_scales=...)``.
+
+    Why: keys are coded as ``k / s`` with white error ``e`` after the rotation, and scored as ``<s q, k / s>``,
+    so the score error is ``<s q, e>`` with variance ``sigma^2 sum_c s_c^2 E[q_c^2]`` while ``sigma^2`` (the
+    code's error at a fixed rate) scales with ``sum_c E[k_c^2] / s_c^2``. The product is smallest (Cauchy-
+    Schwarz) at ``s_c^4 = E[k_c^2] / E[q_c^2]``: the default exponent 1/4. Keys are centred (as the cache codes
+    ``k - mu``); token 0 (the attention sink, often an outlier) is left out of the key statistics. Queries of
+    the ``G`` heads of a group are pooled.
+
+    Returns
+    -------
+    list of ``num_hidden_layers`` float32 tensors ``(num_kv_heads, head_dim)``
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[1] < 3:
+        raise ValueError("input_ids must be a (batch, seq_len >= 3) tensor of token ids")
+    if isinstance(exponent, bool) or not isinstance(exponent, (int, float)) or not 0 <= exponent <= 1:
+        raise ValueError(f"exponent must be a number in [0, 1], got {exponent!r}")
+    n = _num_layers(model.config)
+    stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def record(module, query, key, value, attention_mask, **kwargs):
+        B, Hq, L, D = query.shape
+        H = key.shape[1]
+        q = query.detach().to(torch.float32).reshape(B, H, Hq // H * L, D)
+        k = key.detach().to(torch.float32)[:, :, 1:]
+        stats[int(module.layer_idx)] = (
+            (k - k.mean(dim=(0, 2), keepdim=True)).pow(2).mean(dim=(0, 2)),
+            q.pow(2).mean(dim=(0, 2)),
+        )
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    name = "coset_kv_calibrate"
+    ALL_ATTENTION_FUNCTIONS[name] = record
+    ALL_MASK_ATTENTION_FUNCTIONS[name] = sdpa_mask
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        model(input_ids, use_cache=False)
+    finally:
+        model.set_attn_implementation(previous)
+    if sorted(stats) != list(range(n)):
+        raise RuntimeError(f"recorded {len(stats)} of {n} attention layers (is this a transformers decoder?)")
+    out = []
+    for i in range(n):
+        ek, eq = stats[i]
+        tiny = 1e-12 * float(torch.maximum(ek.max(), eq.max()).clamp(min=1e-30))
+        s = (ek.clamp(min=tiny) / eq.clamp(min=tiny)).pow(exponent)
+        out.append(s / s.pow(2).mean(-1, keepdim=True).sqrt())
+    return out
+
+
+@torch.no_grad()
+def layer_sensitivity(
+    model, input_ids: torch.Tensor, config: KVQuantConfig, key_scales: Sequence[torch.Tensor | None] | None = None
+) -> list[float]:
+    """Per layer, the increase of the mean next-token log-loss on ``input_ids`` (calibration text) when only
+    that layer's keys and values are coded with ``config`` (every position reading the codes, as the ppl
+    benchmark does) and every other layer keeps them exact: the input of
+    :func:`coset.kv.allocation.allocate_layers`. One forward per layer plus one reference forward.
+
+    ``model`` must use the ``"coset_kv"`` attention (:func:`use_coset_attention`). Negative increases (noise)
+    are returned as measured.
+    """
+    if not isinstance(config, KVQuantConfig):
+        raise TypeError(f"config must be a KVQuantConfig, got {type(config).__name__}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[1] < 2:
+        raise ValueError("input_ids must be a (batch, seq_len >= 2) tensor of token ids")
+    n = _num_layers(model.config)
+    coded = replace(config, prefill="codes")
+    exact = replace(coded, window=2**31 - 1, sink=0)  # every token stays in the full-precision window
+
+    def loss(configs) -> float:
+        cache = CosetQuantizedCache(model.config, configs, key_scales=key_scales)
+        logits = model(input_ids, past_key_values=cache, use_cache=True).logits[:, :-1].double()
+        return float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:]))
+
+    ref = loss([exact] * n)
+    return [loss([coded if i == l else exact for i in range(n)]) - ref for l in range(n)]

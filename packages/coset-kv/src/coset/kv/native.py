@@ -15,6 +15,8 @@ import torch
 
 from coset.quant.backend import available_backends, select_backend
 
+from .codes import scale_values
+
 __all__ = ["available", "kv_scores", "kv_values"]
 
 
@@ -66,7 +68,7 @@ def _flat(codes, steps: torch.Tensor, t_bits: int):
     return (
         codes.idx.reshape(B * H, L, K, M),
         codes.t.reshape(B * H, L, tb),
-        codes.scale.to(torch.float32).reshape(B * H, L),
+        scale_values(codes.scale).reshape(B * H, L),
         steps.to(torch.float32),
     )
 

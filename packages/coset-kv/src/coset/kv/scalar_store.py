@@ -20,7 +20,7 @@ __all__ = ["ScalarKVStore"]
 
 
 class ScalarKVStore:
-    """Keys per channel (groups of tokens), values per token, ``config.bits`` each."""
+    """Keys per channel (groups of tokens) in ``config.bits``, values per token in ``config.value_bits``."""
 
     def __init__(self, config: ScalarKVConfig | None = None):
         config = ScalarKVConfig() if config is None else config
@@ -62,7 +62,7 @@ class ScalarKVStore:
             keys, values = keys[:, :, S:], values[:, :, S:]
             if not keys.shape[2]:
                 return
-        vc, vs, vz = quantize_tokens(values.detach(), bits)
+        vc, vs, vz = quantize_tokens(values.detach(), self.config.resolved_value_bits)
         self._bufs["v_code"].append(vc)
         self._bufs["v_scale"].append(vs)
         self._bufs["v_zero"].append(vz)
@@ -92,7 +92,9 @@ class ScalarKVStore:
             vparts.append(b["v_sink"].tensor)
         if b["v_code"].length:
             vparts.append(
-                dequantize_tokens(b["v_code"].tensor, b["v_scale"].tensor, b["v_zero"].tensor, bits, D).to(self.dtype)
+                dequantize_tokens(
+                    b["v_code"].tensor, b["v_scale"].tensor, b["v_zero"].tensor, self.config.resolved_value_bits, D
+                ).to(self.dtype)
             )
         if b["k_code"].length:
             parts.append(
