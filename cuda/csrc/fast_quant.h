@@ -85,12 +85,19 @@ FQ_HD T splat(float c) { return T{} + c; }
 template <class T>
 FQ_HD T splati(int32_t c) { return T{} + c; }
 #ifndef __CUDACC__
-// An explicit all-equal initializer is one vpbroadcastd; GCC 12 expanded `T{} + c` of a loaded value (the
-// per-coordinate constants of dn_int) to eight vpinsrd.
+// Broadcast as a shuffle of lane 0 (vpbroadcastd in the AVX2 build): GCC 12 expanded `T{} + c` and the
+// all-equal initializer of a loaded value (dn_int's per-coordinate constants) to eight vpinsrd, because these
+// header functions are compiled for the baseline target before they are inlined into the AVX2 drivers.
 template <>
-FQ_HD v8f splat<v8f>(float c) { return v8f{c, c, c, c, c, c, c, c}; }
+FQ_HD v8f splat<v8f>(float c) {
+  const v8f t = {c};
+  return __builtin_shufflevector(t, t, 0, 0, 0, 0, 0, 0, 0, 0);
+}
 template <>
-FQ_HD v8i splati<v8i>(int32_t c) { return v8i{c, c, c, c, c, c, c, c}; }
+FQ_HD v8i splati<v8i>(int32_t c) {
+  const v8i t = {c};
+  return __builtin_shufflevector(t, t, 0, 0, 0, 0, 0, 0, 0, 0);
+}
 #endif
 // The coordinate loops of the closest-point functions unrolled (D <= 8): the index i becomes a constant, so
 // splat(i) and the per-coordinate constants are immediates / broadcasts instead of built each iteration.
