@@ -138,6 +138,23 @@ PYBIND11_MODULE(_C, m) {
                                  ptr<const float>(sx), ptr<const int8_t>(A), d, ptr<const float>(x), ldx, n, K, M, q, B,
                                  ptr<float>(out));
   });
+  // the CUDA GEMV's shared core in the GPU's order on the CPU (lut_gemv.h, lut_gemv_cuda.cu), for the tests
+  m.def("lut_build_tables_core_cpu", [](std::uintptr_t x, int64_t ldx, std::uintptr_t A, int B, int K, int d,
+                                        int64_t Q, std::uintptr_t tab) {
+    py::gil_scoped_release nogil;
+    coset::lut_build_tables_core_cpu(ptr<const float>(x), ldx, ptr<const float>(A), B, K, d, Q, ptr<float>(tab));
+  });
+  m.def("lut_gemv_core_cpu", [](std::uintptr_t idx, int idx_bytes, std::uintptr_t T, std::uintptr_t scale_of,
+                                std::uintptr_t sx, std::uintptr_t A, int d, std::uintptr_t x, int64_t ldx,
+                                std::uintptr_t tab, int64_t Q, int64_t n, int K, int M, int q, int B,
+                                std::uintptr_t out) {
+    if (B != 1 && B != 2 && B != 4 && B != 8) throw std::invalid_argument("B must be 1, 2, 4 or 8");
+    if (A && d != 4 && d != 8) throw std::invalid_argument("codebook: d must be 4 or 8");
+    py::gil_scoped_release nogil;
+    coset::lut_gemv_core_cpu(ptr<const void>(idx), idx_bytes, ptr<const uint8_t>(T), ptr<const float>(scale_of),
+                             ptr<const float>(sx), ptr<const int8_t>(A), d, ptr<const float>(x), ldx,
+                             ptr<const float>(tab), Q, n, K, M, q, B, ptr<float>(out));
+  });
 
   // ---------------------------------------------------------------------------------------------- CPU
   m.def("encode_cpu", [](int kind, int d, darr G, darr Ginv, py::object eps, int q, int M, darr scales,
@@ -223,12 +240,21 @@ PYBIND11_MODULE(_C, m) {
                                     ptr<int32_t>(errors), ptr<void>(stream)),
                "quantize kernel");
   });
-  m.def("lut_one_sided_cuda", [](std::uintptr_t ix, std::uintptr_t sx, std::uintptr_t tables, int64_t n,
-                                 int64_t mm, int K, int M, int64_t Q, int q, std::uintptr_t out,
-                                 std::uintptr_t stream) {
-    check_cuda(coset::lut_one_sided_cuda(ptr<const int32_t>(ix), ptr<const float>(sx), ptr<const float>(tables), n,
-                                         mm, K, M, Q, q, ptr<float>(out), ptr<void>(stream)),
-               "lut_one_sided kernel");
+  // GEMV on codes (lut_gemv_cuda.cu); also the one-sided LUT op on CUDA tensors (int32 indices, float scales)
+  m.def("lut_build_tables_cuda", [](std::uintptr_t x, int64_t ldx, std::uintptr_t A, int B, int K, int d, int64_t Q,
+                                    std::uintptr_t tab, std::uintptr_t stream) {
+    check_cuda(coset::lut_build_tables_cuda(ptr<const float>(x), ldx, ptr<const float>(A), B, K, d, Q,
+                                            ptr<float>(tab), ptr<void>(stream)),
+               "lut_build_tables kernel");
+  });
+  m.def("lut_gemv_cuda", [](std::uintptr_t idx, int idx_bytes, std::uintptr_t T, std::uintptr_t scale_of,
+                            std::uintptr_t sx, std::uintptr_t A, int d, std::uintptr_t x, int64_t ldx,
+                            std::uintptr_t tab, int64_t Q, int64_t n, int K, int M, int q, int B, std::uintptr_t out,
+                            std::uintptr_t stream) {
+    check_cuda(coset::lut_gemv_cuda(ptr<const void>(idx), idx_bytes, ptr<const uint8_t>(T), ptr<const float>(scale_of),
+                                    ptr<const float>(sx), ptr<const int8_t>(A), d, ptr<const float>(x), ldx,
+                                    ptr<const float>(tab), Q, n, K, M, q, B, ptr<float>(out), ptr<void>(stream)),
+               "lut_gemv kernel");
   });
   m.def("lut_two_sided_cuda", [](std::uintptr_t ix, std::uintptr_t sx, std::uintptr_t iy, std::uintptr_t sy,
                                  std::uintptr_t lut, int lut_bytes, int64_t n, int64_t mm, int K, int M, int64_t Q,

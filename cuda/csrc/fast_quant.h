@@ -73,11 +73,39 @@ FQ_HD v8f p_abs(v8f x) { return x < 0.0f ? -x : x; }
 FQ_HD v8i p_toi(v8f x) { return __builtin_convertvector(x, v8i); }
 FQ_HD v8f p_tof(v8i x) { return __builtin_convertvector(x, v8f); }
 FQ_HD v8i mask(v8i m) { return m; }
+// Unaligned whole-vector load / store (one vmovups). A __builtin_memcpy into a v8f on the stack compiles to two
+// 16-byte moves and a 32-byte reload: a failed store-to-load forward per vector (measured: ~20% of
+// quantize_rows' time sat on the reload and the division by beta that waits for it).
+typedef float v8f_u __attribute__((vector_size(32), aligned(4), may_alias));
+FQ_HD v8f loadu8(const float* p) { return *(const v8f_u*)p; }
+FQ_HD void storeu8(float* p, v8f v) { *(v8f_u*)p = v; }
 #endif
 template <class T>
 FQ_HD T splat(float c) { return T{} + c; }
 template <class T>
 FQ_HD T splati(int32_t c) { return T{} + c; }
+#ifndef __CUDACC__
+// Broadcast as a shuffle of lane 0 (vpbroadcastd in the AVX2 build): GCC 12 expanded `T{} + c` and the
+// all-equal initializer of a loaded value (dn_int's per-coordinate constants) to eight vpinsrd, because these
+// header functions are compiled for the baseline target before they are inlined into the AVX2 drivers.
+template <>
+FQ_HD v8f splat<v8f>(float c) {
+  const v8f t = {c};
+  return __builtin_shufflevector(t, t, 0, 0, 0, 0, 0, 0, 0, 0);
+}
+template <>
+FQ_HD v8i splati<v8i>(int32_t c) {
+  const v8i t = {c};
+  return __builtin_shufflevector(t, t, 0, 0, 0, 0, 0, 0, 0, 0);
+}
+#endif
+// The coordinate loops of the closest-point functions unrolled (D <= 8): the index i becomes a constant, so
+// splat(i) and the per-coordinate constants are immediates / broadcasts instead of built each iteration.
+#if defined(__CUDACC__)
+#define FQ_UNROLL _Pragma("unroll")
+#else
+#define FQ_UNROLL _Pragma("GCC unroll 8")
+#endif
 
 // ------------------------------------------------------------------------------------------ layer 0 (float32)
 // Q_{D_n}(u) without eps; y = the integer lattice point, r = u - y (exact); bad |= lanes within the margin.
@@ -86,6 +114,7 @@ FQ_HD void dn_float(const F* u, F* y, F* r, I& bad) {
   F best = splat<F>(-1.0f), second = splat<F>(-1.0f), mmax = splat<F>(0.0f), bdl = splat<F>(0.0f);
   F kk = splat<F>(0.0f), sum = splat<F>(0.0f);
   I b = splati<I>(0);
+  FQ_UNROLL
   for (int i = 0; i < D; ++i) {
     const F ui = u[i];
     const F au = p_abs(ui);
@@ -109,6 +138,7 @@ FQ_HD void dn_float(const F* u, F* y, F* r, I& bad) {
   // the argmax (and the sign of delta_k) only matters when the parity is odd
   bad |= b | (odd & mask(best - second <= mmax * 2.0f));
   const F st = odd ? (mask(bdl >= 0.0f) ? splat<F>(1.0f) : splat<F>(-1.0f)) : splat<F>(0.0f);
+  FQ_UNROLL
   for (int i = 0; i < D; ++i) {
     const F fix = mask(kk == (float)i) ? st : splat<F>(0.0f);
     y[i] = y[i] + fix;
@@ -149,6 +179,7 @@ FQ_HD void first_layer(const F* x, float inv_s, I* P, I& bad) {
 template <int D, class I>
 FQ_HD void dn_int(const IntConsts& C, const I* N, int32_t S, int sh2, I* f, I* R) {
   I best = splati<I>(-1), kk = splati<I>(0), st = splati<I>(1), sum = splati<I>(0);
+  FQ_UNROLL
   for (int i = 0; i < D; ++i) {
     const I n = N[i];
     const I fi = (n * 2 + (S - C.neg[i])) >> sh2;  // floor(N/S + 1/2 + eps): arithmetic shift = floor
@@ -167,6 +198,7 @@ FQ_HD void dn_int(const IntConsts& C, const I* N, int32_t S, int sh2, I* f, I* R
     st = gt ? cand : st;
   }
   const I odd = -(sum & 1);
+  FQ_UNROLL
   for (int i = 0; i < D; ++i) {
     const I fix = odd & mask(kk == i) & st;
     f[i] += fix;

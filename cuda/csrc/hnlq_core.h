@@ -319,24 +319,6 @@ COSET_HD EncodeResult quantize_vector(const LatticeView& L, const QuantParams& P
 }
 
 // ------------------------------------------------------------------------------------------ LUT sums
-// One-sided: sum_k sx[k] * sum_m q^m table_k[ix[k, m]], table_k = tables + k * Q.
-template <typename Acc>
-COSET_HD Acc lut_one_sided_row(const int32_t* ix, const float* sx, const float* tables, int K, int M, int64_t Q,
-                               Acc qd) {
-  Acc acc = 0;
-  for (int k = 0; k < K; ++k) {
-    const int32_t* ik = ix + (int64_t)k * M;
-    const float* tk = tables + (int64_t)k * Q;
-    Acc inner = 0, w = 1;
-    for (int m = 0; m < M; ++m) {
-      inner += w * (Acc)tk[ik[m]];
-      w *= qd;
-    }
-    acc += (Acc)sx[k] * inner;
-  }
-  return acc;
-}
-
 // Two-sided: sum_k sx[k] sy[k] * sum_{m,l} q^(m+l) lut[ix[k,m], iy[k,l]]; the inner sum is exact (int64,
 // a superset of the agreed int32, so it cannot overflow for q = 16, M = 4).
 template <typename LutT, typename Acc>

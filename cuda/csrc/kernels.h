@@ -22,8 +22,8 @@ int64_t quantize_cpu(const LatticeView& L, const QuantParams& P, const void* x, 
 void add_modq_cpu(const uint8_t* a, const uint8_t* b, uint8_t* out, int64_t n, int q);
 
 #ifdef COSET_WITH_CUDA
-// The LUT scoring ops exist only on the GPU: on the CPU coset.lut's PyTorch path is faster than the C++
-// kernels were (benchmarks/results/lut.md), so they were removed rather than kept unused.
+// The two-sided LUT op exists only on the GPU (on the CPU coset.lut's PyTorch path was faster); the one-sided
+// op runs on the GEMV kernels (lut_gemv.h: lut_gemv_tables_cpu / lut_gemv_cuda).
 // Device pointers; small constant arrays (G, Ginv, eps, scales) are host pointers copied by the launcher.
 // Return a cudaError_t as int (0 = success). stream is a cudaStream_t.
 int cuda_device_count(int* err);
@@ -35,8 +35,6 @@ int decode_cuda(const LatticeView& L, const QuantParams& P, const uint8_t* b, co
 int quantize_cuda(const LatticeView& L, const QuantParams& P, const void* x, int x_is_double, const double* z,
                   int64_t N, void* out, int out_is_double, uint8_t* T, uint8_t* clamped, int32_t* errors,
                   void* stream);
-int lut_one_sided_cuda(const int32_t* ix, const float* sx, const float* tables, int64_t n, int64_t m, int K, int M,
-                       int64_t Q, int q, float* out, void* stream);
 int lut_two_sided_cuda(const int32_t* ix, const float* sx, const int32_t* iy, const float* sy, const void* lut,
                        int lut_bytes, int64_t n, int64_t m, int K, int M, int64_t Q, int q, float* out,
                        void* stream);

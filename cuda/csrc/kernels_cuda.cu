@@ -5,7 +5,8 @@
 // * Vector tiles are staged through shared memory so that global loads and stores are coalesced (a thread
 //   owns a row of d elements, which would otherwise be a strided access).
 // * Built with --fmad=false: the float64 arithmetic is the same as the CPU kernels and the PyTorch reference.
-// * LUT kernels: one thread per output element; the two-sided LUT goes to shared memory when it fits.
+// * Two-sided LUT kernel: one thread per output element; the LUT goes to shared memory when it fits. (The
+//   one-sided op runs on the GEMV kernel of lut_gemv_cuda.cu.)
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -221,17 +222,6 @@ void dispatch_lattice(int kind, int d, F&& f) {
 unsigned blocks_for(int64_t n, int threads) { return (unsigned)((n + threads - 1) / threads); }
 
 // ------------------------------------------------------------------------------------------------ LUT
-__global__ void lut_one_sided_kernel(const int32_t* __restrict__ ix, const float* __restrict__ sx,
-                                     const float* __restrict__ tables, int64_t n, int64_t m, int K, int M,
-                                     int64_t Q, int q, float* __restrict__ out) {
-  // consecutive threads take consecutive j for the same row r: ix/sx of row r are broadcast loads
-  const int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (t >= n * m) return;
-  const int64_t r = t / m, j = t % m;
-  out[t] = lut_one_sided_row<float>(ix + r * (int64_t)K * M, sx + r * (int64_t)K, tables + j * (int64_t)K * Q, K, M,
-                                    Q, (float)q);
-}
-
 template <typename LutT, bool kShared>
 __global__ void lut_two_sided_kernel(const int32_t* __restrict__ ix, const float* __restrict__ sx,
                                      const int32_t* __restrict__ iy, const float* __restrict__ sy,
@@ -360,15 +350,6 @@ int quantize_cuda(const LatticeView& L, const QuantParams& P, const void* x, int
       quantize_kernel<KIND, D, float, float><<<blocks, kThreads, 0, st>>>(c, (const float*)x, z, N, (float*)out, T,
                                                                           clamped, errors);
   });
-  return (int)cudaGetLastError();
-}
-
-int lut_one_sided_cuda(const int32_t* ix, const float* sx, const float* tables, int64_t n, int64_t m, int K, int M,
-                       int64_t Q, int q, float* out, void* stream) {
-  if (n * m <= 0) return 0;
-  const int threads = 256;
-  lut_one_sided_kernel<<<blocks_for(n * m, threads), threads, 0, (cudaStream_t)stream>>>(ix, sx, tables, n, m, K, M,
-                                                                                         Q, q, out);
   return (int)cudaGetLastError();
 }
 

@@ -160,4 +160,66 @@ void lut_gemv_codebook_cpu(const void* idx, int idx_bytes, const uint8_t* T, con
   lut::run_rows(a);
 }
 
+// ------------------------------------------------------------------ the CUDA kernels' core, in the GPU's order
+namespace lut {
+namespace {
+
+template <typename IdxT, int B>
+void core_rows(const IdxT* idx, const uint8_t* T, const float* scale_of, const float* sx, const int8_t* A, int d,
+               const float* x, int64_t ldx, const float* tab, int64_t Q, int64_t lo, int64_t hi, int K, int M, int q,
+               float* out) {
+  for (int64_t r = lo; r < hi; ++r) {
+    const IdxT* ir = idx + r * (int64_t)K * M;
+    const uint8_t* Tr = T ? T + r * (int64_t)K : nullptr;
+    const float* sr = sx ? sx + r * (int64_t)K : nullptr;
+    float p[kWarp][B];
+    for (int l = 0; l < kWarp; ++l) {  // what lane l of the row's warp computes
+      for (int j = 0; j < B; ++j) p[l][j] = 0.0f;
+      if (A == nullptr)
+        lane_tables<IdxT, B>(ir, Tr, scale_of, sr, tab, Q, K, M, (float)q, l, p[l]);
+      else if (d == 4)
+        lane_codebook<IdxT, 4, B>(ir, Tr, scale_of, sr, A, x, ldx, K, M, q, l, p[l]);
+      else
+        lane_codebook<IdxT, 8, B>(ir, Tr, scale_of, sr, A, x, ldx, K, M, q, l, p[l]);
+    }
+    lane_tree<B>(p);
+    for (int j = 0; j < B; ++j) out[r * B + j] = p[0][j];
+  }
+}
+
+template <typename IdxT>
+void core_B(const IdxT* idx, const uint8_t* T, const float* scale_of, const float* sx, const int8_t* A, int d,
+            const float* x, int64_t ldx, const float* tab, int64_t Q, int64_t lo, int64_t hi, int K, int M, int q,
+            int B, float* out) {
+  switch (B) {
+    case 1: return core_rows<IdxT, 1>(idx, T, scale_of, sx, A, d, x, ldx, tab, Q, lo, hi, K, M, q, out);
+    case 2: return core_rows<IdxT, 2>(idx, T, scale_of, sx, A, d, x, ldx, tab, Q, lo, hi, K, M, q, out);
+    case 4: return core_rows<IdxT, 4>(idx, T, scale_of, sx, A, d, x, ldx, tab, Q, lo, hi, K, M, q, out);
+    default: return core_rows<IdxT, 8>(idx, T, scale_of, sx, A, d, x, ldx, tab, Q, lo, hi, K, M, q, out);
+  }
+}
+
+}  // namespace
+}  // namespace lut
+
+void lut_build_tables_core_cpu(const float* x, int64_t ldx, const float* A, int B, int K, int d, int64_t Q,
+                               float* tab) {
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t i = 0; i < Q; ++i)
+      for (int j = 0; j < B; ++j) tab[(k * Q + i) * B + j] = lut::table_entry(A + i * d, x + j * ldx + k * d, d);
+}
+
+void lut_gemv_core_cpu(const void* idx, int idx_bytes, const uint8_t* T, const float* scale_of, const float* sx,
+                       const int8_t* A, int d, const float* x, int64_t ldx, const float* tab, int64_t Q, int64_t n,
+                       int K, int M, int q, int B, float* out) {
+  parallel_for(n, 16, [&](int64_t lo, int64_t hi) {
+    if (idx_bytes == 1)
+      lut::core_B((const uint8_t*)idx, T, scale_of, sx, A, d, x, ldx, tab, Q, lo, hi, K, M, q, B, out);
+    else if (idx_bytes == 2)
+      lut::core_B((const int16_t*)idx, T, scale_of, sx, A, d, x, ldx, tab, Q, lo, hi, K, M, q, B, out);
+    else
+      lut::core_B((const int32_t*)idx, T, scale_of, sx, A, d, x, ldx, tab, Q, lo, hi, K, M, q, B, out);
+  });
+}
+
 }  // namespace coset

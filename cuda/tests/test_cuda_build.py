@@ -41,12 +41,44 @@ def test_cuda_build_cuda_sources_compile(tmp_path):
     # nvcc on kernels_cuda.cu alone takes minutes on a loaded 2-core machine (measured ~6 min at load 9)
     r = _cmake("--build", str(tmp_path), "-j", "2", timeout=1500)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    objs = list(tmp_path.rglob("kernels_cuda.cu.o"))
-    assert objs and objs[0].stat().st_size > 10_000
-    # the object really holds sm_80 device code for the kernels
+    for name in ("kernels_cuda.cu.o", "lut_gemv_cuda.cu.o"):  # quantize twin, GEMV twin
+        objs = list(tmp_path.rglob(name))
+        assert objs and objs[0].stat().st_size > 10_000, name
+        # the object really holds sm_80 device code for the kernels
+        if shutil.which("cuobjdump"):
+            r = subprocess.run(["cuobjdump", "--list-elf", str(objs[0])], capture_output=True, text=True)
+            assert "sm_80" in r.stdout, name
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(NVCC is None, reason="nvcc not installed: the CUDA build cannot be checked here")
+def test_lut_gemv_cuda_compiles_for_sm80_and_sm90(tmp_path):
+    """The GEMV twin alone (lut_gemv_cuda.cu + the shared lut_gemv.h), SASS for both A100 and H100, with the
+    module's flags (--fmad=false, C++17); cuobjdump lists the gemv kernels in both ELFs."""
+    obj = tmp_path / "lut_gemv_cuda.o"
+    cmd = [
+        NVCC,
+        "-c",
+        str(ROOT / "csrc" / "lut_gemv_cuda.cu"),
+        "-o",
+        str(obj),
+        "-std=c++17",
+        "-O3",
+        "--fmad=false",
+        "-I",
+        str(ROOT / "csrc"),
+        "-gencode",
+        "arch=compute_80,code=sm_80",
+        "-gencode",
+        "arch=compute_90,code=sm_90",
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     if shutil.which("cuobjdump"):
-        r = subprocess.run(["cuobjdump", "--list-elf", str(objs[0])], capture_output=True, text=True)
-        assert "sm_80" in r.stdout
+        r = subprocess.run(["cuobjdump", "--list-elf", str(obj)], capture_output=True, text=True)
+        assert "sm_80" in r.stdout and "sm_90" in r.stdout
+        r = subprocess.run(["cuobjdump", "--dump-resource-usage", str(obj)], capture_output=True, text=True)
+        assert "gemv_codebook_kernel" in r.stdout and "gemv_tables_kernel" in r.stdout
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
@@ -83,6 +115,8 @@ def test_cuda_build_flags_reported():
     from coset.cuda import _C
 
     assert hasattr(_C, "encode_cuda") == cc.WITH_CUDA
+    assert hasattr(_C, "lut_gemv_cuda") == cc.WITH_CUDA  # the GEMV twin (also the one-sided LUT op on CUDA)
     assert not hasattr(_C, "lut_one_sided_cpu")  # the CPU LUT kernels were removed
+    assert not hasattr(_C, "lut_one_sided_cuda")  # replaced by lut_gemv_cuda
     if not cc.WITH_CUDA:
         assert not cc.cuda_available()

@@ -37,3 +37,17 @@ def test_cuda_gpu_add_modq():
 
     a = torch.randint(0, 4, (1000,), dtype=torch.uint8)
     assert torch.equal(_ops.add_modq(a, a, 4), _ops.add_modq(a.cuda(), a.cuda(), 4).cpu())
+
+
+@pytest.mark.parametrize("lat,q,M", [("D4", 4, 2), ("E8", 2, 4), ("E8", 4, 2)])
+@pytest.mark.parametrize("B", [1, 5, 8])
+def test_cuda_gpu_lut_gemv_equals_reference(lat, q, M, B):
+    from coset.cuda.lut_gemv import CodedWeight, gemv_reference, lut_gemv
+
+    cfg = QuantizationConfig(lattice_type=lat, q=q, M=M, beta=0.25)
+    g = torch.Generator().manual_seed(B)
+    CW = CodedWeight.from_dense(torch.randn(300, 1000, generator=g) * 2, cfg)
+    x = torch.randn(B, 1000, generator=g)
+    for method in ["codebook", "tables"] if q**cfg.dim <= 256 else ["codebook"]:
+        y = lut_gemv(x.cuda(), CW.to("cuda"), method=method).cpu()
+        assert torch.equal(y, gemv_reference(x, CW, method))

@@ -86,3 +86,65 @@ def test_bad_inputs():
         lut_gemv(torch.randn(8), "W")
     with pytest.raises(ValueError):
         CodedWeight(idx=CW.idx, T=CW.T, config=cfg, k=99)
+
+
+# ---------------------------------------------------------------- the CUDA twin's shared core (lut_gemv_cuda.cu)
+# The GPU kernel runs lut_gemv.h's __host__ __device__ block functions, one warp per row (lane l: blocks l, l+32,
+# ...; then a fixed shuffle tree). _gemv_core_cpu runs those very functions in that order on the CPU, and
+# gemv_reference spells the order out in torch: equal bit for bit means the GPU result is pinned down too.
+from coset.cuda import _C  # noqa: E402
+from coset.cuda.lut_gemv import _gemv_core_cpu, _lane_sum, _tables_blocks, gemv_reference  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "lat,q,M,k",
+    [("D4", 4, 2, 150), ("D4", 3, 3, 9), ("D4", 8, 1, 260), ("E8", 2, 4, 301), ("E8", 4, 2, 77), ("E8", 3, 2, 8)],
+)
+@pytest.mark.parametrize("B", [1, 3, 8, 11])
+def test_gpu_core_equals_torch_reference_bit_for_bit(lat, q, M, k, B):
+    # K from 1 to 65 blocks: lanes with 0, 1, 2 and 3 blocks, the tree over all 32 lanes; T > 0 present;
+    # E8 q=4 has uint16 indices in an int16 tensor (>= 2^15 included) and a 512 KiB codebook (global memory)
+    cfg = QuantizationConfig(lattice_type=lat, q=q, M=M, beta=0.25)
+    g = torch.Generator().manual_seed(k * 16 + B)
+    CW = CodedWeight.from_dense(torch.randn(45, k, generator=g) * 2, cfg)
+    assert bool((CW.T > 0).any())
+    x = torch.randn(B, k, generator=g)
+    methods = ["codebook", "tables"] if q**cfg.dim <= 256 else ["codebook"]
+    if cfg.q**cfg.dim > 2**15:
+        assert int((CW.idx.to(torch.int32) & 0xFFFF).max()) >= 2**15
+    Wd = CW.dequantize()
+    for method in methods:
+        y = _gemv_core_cpu(x, CW, method)
+        assert torch.equal(y, gemv_reference(x, CW, method)), method
+        _check(y, x, Wd)
+
+
+def test_gpu_core_one_sided_int32_scales_bit_for_bit():
+    # the registry op lut_one_sided on CUDA tensors: int32 indices, float per-block scales, tables given
+    g = torch.Generator().manual_seed(5)
+    n, K, M, Q, q = 29, 70, 3, 16, 2
+    ix = torch.randint(0, Q, (n, K, M), generator=g, dtype=torch.int32)
+    sx = torch.rand(n, K, generator=g) * 3
+    for B in (1, 2, 4, 8):
+        tab = torch.randn(K, Q, B, generator=g)
+        res = torch.empty(n, B)
+        _C.lut_gemv_core_cpu(
+            ix.data_ptr(), 4, 0, 0, sx.data_ptr(), 0, 0, 0, 0, tab.data_ptr(), Q, n, K, M, q, B, res.data_ptr()
+        )
+        ref = _lane_sum(_tables_blocks(ix.long(), sx, tab, q))
+        assert torch.equal(res, ref)
+        # and the value: sum_k sx * sum_m q^m tab[k, ix]
+        kk = torch.arange(K).view(1, K, 1)
+        w = torch.tensor([float(q) ** m for m in range(M)]).view(1, 1, M, 1)
+        exact = (sx.double().unsqueeze(-1) * (tab.double()[kk, ix.long()] * w.double()).sum(2)).sum(1)
+        assert torch.allclose(res.double(), exact, rtol=1e-5, atol=1e-4)
+
+
+def test_coded_weight_device_checks():
+    cfg = QuantizationConfig(lattice_type="D4", q=4, M=2, beta=0.25)
+    CW = CodedWeight.from_dense(torch.randn(4, 8), cfg)
+    with pytest.raises(ValueError, match="device"):
+        lut_gemv(torch.randn(8, device="meta"), CW)
+    with pytest.raises(ValueError, match="reference|method"):
+        gemv_reference(torch.randn(1, 8), CW, method="auto")
+    assert torch.equal(CW.to("cpu").idx, CW.idx)

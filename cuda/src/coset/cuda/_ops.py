@@ -510,7 +510,7 @@ def lut_one_sided(ix: torch.Tensor, sx: torch.Tensor, tables: torch.Tensor, q: i
 
     Returns
     -------
-    (n, m) float32 (accumulated in float32; on the CPU by the GEMV kernel of lut_gemv.h, 8 queries per pass)
+    (n, m) float32 (accumulated in float32 by the GEMV kernels of lut_gemv.h / lut_gemv_cuda.cu, 8 queries per pass)
 
     Raises
     ------
@@ -533,21 +533,24 @@ def lut_one_sided(ix: torch.Tensor, sx: torch.Tensor, tables: torch.Tensor, q: i
         return out
     if K == 0 or M == 0:
         return out.zero_()
-    if dev.type == "cpu":  # GEMV kernel on codes (lut_gemv.h): tables as [k][i][query], 1/2/4/8 queries a pass
-        for j0 in range(0, m, 8):
-            tj = tables[j0 : j0 + 8]
-            B = tj.shape[0]
-            Bk = 1 if B == 1 else 2 if B == 2 else 4 if B <= 4 else 8
-            tab = tj.permute(1, 2, 0)
-            if Bk != B:
-                tab = torch.nn.functional.pad(tab, (0, Bk - B))
-            tab = tab.contiguous()
-            res = torch.empty((n, Bk), dtype=torch.float32)
+    # GEMV kernel on codes (lut_gemv.h; CUDA: lut_gemv_cuda.cu): tables as [k][i][query], 1/2/4/8 queries a pass
+    for j0 in range(0, m, 8):
+        tj = tables[j0 : j0 + 8]
+        B = tj.shape[0]
+        Bk = 1 if B == 1 else 2 if B == 2 else 4 if B <= 4 else 8
+        tab = tj.permute(1, 2, 0)
+        if Bk != B:
+            tab = torch.nn.functional.pad(tab, (0, Bk - B))
+        tab = tab.contiguous()
+        res = torch.empty((n, Bk), dtype=torch.float32, device=dev)
+        if dev.type == "cpu":
             _C.lut_gemv_tables_cpu(_ptr(ix), 4, 0, 0, 0, _ptr(sx), _ptr(tab), n, K, M, Q, q, Bk, _ptr(res))
-            out[:, j0 : j0 + B] = res[:, :B]
-        return out
-    with torch.cuda.device(dev):
-        _C.lut_one_sided_cuda(_ptr(ix), _ptr(sx), _ptr(tables), n, m, K, M, Q, q, _ptr(out), _stream(ix))
+        else:
+            with torch.cuda.device(dev):
+                _C.lut_gemv_cuda(
+                    _ptr(ix), 4, 0, 0, _ptr(sx), 0, 0, 0, 0, _ptr(tab), Q, n, K, M, q, Bk, _ptr(res), _stream(ix)
+                )
+        out[:, j0 : j0 + B] = res[:, :B]
     return out
 
 

@@ -33,7 +33,7 @@ class NativeBackend:
     def supports(self, op: str, tensor: Any, lattice: Lattice | None, config: QuantizationConfig | None) -> bool:
         if not isinstance(tensor, torch.Tensor) or not _ops._device_ok(tensor):
             return False
-        if op == "lut_one_sided":  # CPU: the GEMV kernel of lut_gemv.h; CUDA: kernels_cuda.cu
+        if op == "lut_one_sided":  # the GEMV kernels: lut_gemv.h (CPU), lut_gemv_cuda.cu (CUDA)
             return True
         if op == "bucket_codec":  # coset.dist's DDP bucket codec: float32 CPU buckets
             from . import bucket_codec

@@ -15,6 +15,11 @@ queries at a time:
 
 Both accumulate in float32 (the dense ``F.linear`` does too); the result equals ``x @ Ŵ.T`` up to float32
 summation order (tests: relative 1e-5 of ``|x| @ |Ŵ|.T``).
+
+On CUDA tensors (``CodedWeight.to("cuda")``) the same call runs the GPU twin (``csrc/lut_gemv_cuda.cu``: one warp
+per row, lanes over blocks, a fixed shuffle tree). Its order of float operations is spelled out in torch by
+:func:`gemv_reference`, and the CPU runs the kernel's own ``__host__ __device__`` code in that order
+(``_C.lut_gemv_core_cpu``); the tests check the two are equal bit for bit (no GPU was available to run it).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from coset.quant import QuantizationConfig, coset_representative, encode, to_blo
 
 from . import _C  # type: ignore[attr-defined]  # compiled extension: in the wheel, not the source tree
 
-__all__ = ["CodedWeight", "lut_gemv", "representatives"]
+__all__ = ["CodedWeight", "gemv_reference", "lut_gemv", "representatives"]
 
 _MAX_B = 8
 
@@ -83,8 +88,8 @@ class CodedWeight:
             raise TypeError(f"idx must have dtype {want} for q**d = {c.q**c.dim}, got {self.idx.dtype}")
         if not isinstance(self.T, torch.Tensor) or self.T.dtype != torch.uint8 or self.T.shape != self.idx.shape[:2]:
             raise ValueError(f"T must be a uint8 tensor of shape {tuple(self.idx.shape[:2])}")
-        if self.idx.device.type != "cpu":
-            raise ValueError("lut_gemv runs on CPU tensors (the CUDA twin is compiled but not wired here)")
+        if self.T.device != self.idx.device:
+            raise ValueError(f"idx and T must be on the same device, got {self.idx.device} and {self.T.device}")
         K = self.idx.shape[1]
         if isinstance(self.k, bool) or not isinstance(self.k, int) or not (K - 1) * c.dim < self.k <= K * c.dim:
             raise ValueError(f"k must be an int in ({(K - 1) * c.dim}, {K * c.dim}], got {self.k!r}")
@@ -102,7 +107,7 @@ class CodedWeight:
             raise ValueError(f"labels must have shape (n, K, M={c.M}, d={c.dim})")
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= c.q):
             raise ValueError(f"labels must lie in [0, q={c.q})")
-        w = torch.tensor([c.q**i for i in range(c.dim)], dtype=torch.int64)
+        w = torch.tensor([c.q**i for i in range(c.dim)], dtype=torch.int64, device=labels.device)
         ix = (labels.to(torch.int64) * w).sum(-1)  # (n, K, M)
         if c.q**c.dim <= 256:
             ix = ix.to(torch.uint8)
@@ -122,6 +127,10 @@ class CodedWeight:
         b, T = encode(blocks, config=c)
         return cls.from_labels(b, T, c, W.shape[1])
 
+    def to(self, device: torch.device | str) -> CodedWeight:
+        """The same codes on ``device`` (a CUDA device runs :func:`lut_gemv`'s GPU kernel)."""
+        return CodedWeight(idx=self.idx.to(device), T=self.T.to(device), config=self.config, k=self.k)
+
     @property
     def n(self) -> int:
         return self.idx.shape[0]
@@ -135,10 +144,10 @@ class CodedWeight:
         """``Ŵ`` (n, k) float32 (for tests and comparisons)."""
         c = self.config
         a = representatives(c)
-        ix = self.idx.to(torch.int64) & 0xFFFF
+        ix = self.idx.cpu().to(torch.int64) & 0xFFFF
         w = torch.tensor([float(c.q**m) for m in range(c.M)], dtype=torch.float64).view(1, 1, -1, 1)
         pts = (a[ix] * w).sum(2)  # (n, K, d)
-        s = torch.tensor(c.scales, dtype=torch.float64)[self.T.long()]
+        s = torch.tensor(c.scales, dtype=torch.float64)[self.T.cpu().long()]
         return (pts * s.unsqueeze(-1)).reshape(self.n, -1)[:, : self.k].to(torch.float32)
 
 
@@ -189,8 +198,12 @@ def lut_gemv(x: torch.Tensor, W: CodedWeight, *, method: str = "auto") -> torch.
         raise TypeError("x must be a floating torch.Tensor")
     if x.ndim not in (1, 2) or x.shape[-1] != W.k:
         raise ValueError(f"x must have shape (k={W.k},) or (B, {W.k}), got {tuple(x.shape)}")
-    if x.device.type != "cpu":
-        raise ValueError("x must be a CPU tensor")
+    if x.device != W.idx.device:
+        raise ValueError(f"x must be on the device of W's codes ({W.idx.device}), got {x.device}")
+    if x.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"lut_gemv runs on CPU and CUDA tensors, got {x.device}")
+    if x.device.type == "cuda" and not _gpu_ok():
+        raise ValueError("lut_gemv on CUDA tensors needs coset.cuda built with CUDA (nvcc) and a visible GPU")
     if x.numel() and not bool(torch.isfinite(x).all()):
         raise ValueError("x contains NaN or Inf")
     if method not in ("auto", "tables", "codebook"):
@@ -208,7 +221,7 @@ def lut_gemv(x: torch.Tensor, W: CodedWeight, *, method: str = "auto") -> torch.
     if W.k != K * d:
         xb = torch.nn.functional.pad(xb, (0, K * d - W.k))
     Bt, n = xb.shape[0], W.n
-    out = torch.empty((Bt, n), dtype=torch.float32)
+    out = torch.empty((Bt, n), dtype=torch.float32, device=x.device)
     ib = W.idx.element_size()
     for j0 in range(0, Bt, _MAX_B):
         xj = xb[j0 : j0 + _MAX_B]
@@ -217,6 +230,11 @@ def lut_gemv(x: torch.Tensor, W: CodedWeight, *, method: str = "auto") -> torch.
         if Bk != B:
             xj = torch.nn.functional.pad(xj, (0, 0, 0, Bk - B))
         xj = xj.contiguous()
+        if x.device.type == "cuda":
+            with torch.cuda.device(x.device):
+                res = _twin_pass(xj, W, method, gpu=True)
+            out[j0 : j0 + B] = res[:, :B].T
+            continue
         res = torch.empty((n, Bk), dtype=torch.float32)
         if method == "tables":
             tab = torch.empty((K, Q, Bk), dtype=torch.float32)
@@ -239,7 +257,9 @@ def lut_gemv(x: torch.Tensor, W: CodedWeight, *, method: str = "auto") -> torch.
             )
         else:
             xh = (xj / h).contiguous()  # exact (h is 1 or 2)
-            if a2 is not None and W.idx.is_contiguous():  # two layers per lookup (see _pair_table)
+            # two layers per lookup (see _pair_table), except E8 at one query: there the 2 KiB single-layer table
+            # (L1) with twice the lookups beat the 512 KiB pair table (L2), 3.6-3.8 vs 3.8-4.5 ms at 4096x4096
+            if a2 is not None and W.idx.is_contiguous() and not (Bk == 1 and d == 8):
                 idx, ibk, Mk, qk, A = W.idx.view(torch.int16), 2, M // 2, c.q * c.q, a2
             else:
                 idx, ibk, Mk, qk, A = W.idx, ib, M, c.q, ai8
@@ -262,3 +282,150 @@ def lut_gemv(x: torch.Tensor, W: CodedWeight, *, method: str = "auto") -> torch.
             )
         out[j0 : j0 + B] = res[:, :B].T
     return out
+
+
+# ------------------------------------------------------------------------------- the GPU twin and its order
+def _gpu_ok() -> bool:
+    from ._ops import cuda_available
+
+    return cuda_available()
+
+
+@lru_cache(maxsize=64)
+def _twin_tables(config: QuantizationConfig, device: str):
+    af, ai8, h, scales, _ = _kernel_tables(config)
+    return af.to(device), None if ai8 is None else ai8.to(device), h, scales.to(device)
+
+
+def _twin_pass(xj: torch.Tensor, W: CodedWeight, method: str, *, gpu: bool) -> torch.Tensor:
+    """One pass of 1/2/4/8 queries ``xj`` (B, K*d) float32 through the CUDA kernels (``gpu=True``, tensors on
+    the GPU) or through the same ``__host__ __device__`` code in the GPU's order on the CPU (``gpu=False``:
+    ``_C.lut_gemv_core_cpu``). Returns (n, B) float32."""
+    c = W.config
+    d, K, M, Q, n, Bk = c.dim, W.idx.shape[1], c.M, c.q**c.dim, W.n, xj.shape[0]
+    af, ai8, h, scales = _twin_tables(c, str(xj.device))
+    res = torch.empty((n, Bk), dtype=torch.float32, device=xj.device)
+    st: tuple[int, ...] = ()
+    if gpu:
+        st = (int(torch.cuda.current_stream(xj.device).cuda_stream),)
+        build, gemv = _C.lut_build_tables_cuda, _C.lut_gemv_cuda
+    else:
+        build, gemv = _C.lut_build_tables_core_cpu, _C.lut_gemv_core_cpu
+    idx, ib, T, sc = W.idx.data_ptr(), W.idx.element_size(), W.T.data_ptr(), scales.data_ptr()
+    if method == "tables":
+        tab = torch.empty((K, Q, Bk), dtype=torch.float32, device=xj.device)
+        build(xj.data_ptr(), K * d, af.data_ptr(), Bk, K, d, Q, tab.data_ptr(), *st)
+        gemv(idx, ib, T, sc, 0, 0, d, 0, 0, tab.data_ptr(), Q, n, K, M, c.q, Bk, res.data_ptr(), *st)
+    else:
+        if ai8 is None:
+            raise ValueError("codebook method: the representatives do not fit int8")
+        xh = (xj / h).contiguous()  # exact (h is 1 or 2)
+        gemv(idx, ib, T, sc, 0, ai8.data_ptr(), d, xh.data_ptr(), K * d, 0, Q, n, K, M, c.q, Bk, res.data_ptr(), *st)
+    return res
+
+
+_WARP = 32  # lanes per row in lut_gemv_cuda.cu
+
+
+def _lane_sum(dot: torch.Tensor) -> torch.Tensor:
+    """(n, K, B) block contributions -> (n, B) in the GPU's order: lane l sums blocks l, l + 32, ... from +0.0
+    (missing blocks add +0.0, which changes nothing: a lane sum is never -0.0), then lane i += lane i + h for
+    h = 16, 8, 4, 2, 1."""
+    n, K, B = dot.shape
+    Kp = -(-K // _WARP) * _WARP
+    dot = torch.nn.functional.pad(dot, (0, 0, 0, Kp - K)).view(n, Kp // _WARP, _WARP, B)
+    acc = torch.zeros((n, _WARP, B), dtype=torch.float32)
+    for t in range(Kp // _WARP):
+        acc = acc + dot[:, t]
+    while acc.shape[1] > 1:
+        h = acc.shape[1] // 2
+        acc = acc[:, :h] + acc[:, h:]
+    return acc[:, 0]
+
+
+def _codebook_blocks(idx: torch.Tensor, s: torch.Tensor, A: torch.Tensor, xh: torch.Tensor, q: int) -> torch.Tensor:
+    """Block contributions of the codebook kernel: idx (n, K, M) int64, s (n, K) float32, A (Q, d) int8, xh
+    (B, K*d) float32 (queries / h) -> (n, K, B): ``v = sum_m q^m A[idx_m]`` (exact), ``w = float(v) * s``,
+    ``dot = ((w_0 x_0 + w_1 x_1) + ...)``, one float32 rounding per operation."""
+    M, d = idx.shape[-1], A.shape[1]
+    A = A.to(torch.int64)
+    v = A[idx[..., M - 1]]
+    for m in range(M - 2, -1, -1):
+        v = v * q + A[idx[..., m]]
+    w = v.to(torch.float32) * s.unsqueeze(-1)  # (n, K, d)
+    xk = xh.view(xh.shape[0], -1, d).permute(1, 2, 0)  # (K, d, B)
+    dot = w[..., 0, None] * xk[None, :, 0, :]
+    for c in range(1, d):
+        dot = dot + w[..., c, None] * xk[None, :, c, :]
+    return dot
+
+
+def _tables_blocks(idx: torch.Tensor, s: torch.Tensor, tab: torch.Tensor, q: int) -> torch.Tensor:
+    """Block contributions of the tables kernel: tab (K, Q, B) -> (n, K, B), ``v = (t_{M-1} q + ...) + t_0``,
+    ``s * v``."""
+    M, K = idx.shape[-1], tab.shape[0]
+    kk = torch.arange(K).view(1, K)
+    qf = torch.tensor(float(q), dtype=torch.float32)
+    v = tab[kk, idx[..., M - 1]]
+    for m in range(M - 2, -1, -1):
+        v = v * qf + tab[kk, idx[..., m]]
+    return s.unsqueeze(-1) * v
+
+
+def _build_tables(xb: torch.Tensor, af: torch.Tensor) -> torch.Tensor:
+    """``tab[k, i, j] = ((a_i0 x_j,k0 + a_i1 x_j,k1) + ...)`` in float32: (B, K*d) x (Q, d) -> (K, Q, B)."""
+    d = af.shape[1]
+    xk = xb.view(xb.shape[0], -1, d).permute(1, 2, 0)  # (K, d, B)
+    tab = af[None, :, 0, None] * xk[:, None, 0, :]
+    for c in range(1, d):
+        tab = tab + af[None, :, c, None] * xk[:, None, c, :]
+    return tab
+
+
+def gemv_reference(x: torch.Tensor, W: CodedWeight, method: str = "codebook") -> torch.Tensor:
+    """The GPU kernel's result, spelled out in torch (float32, the kernel's order of operations).
+
+    ``lut_gemv`` on CUDA tensors returns exactly this (bit for bit); on the CPU it agrees to float32 rounding.
+
+    Parameters
+    ----------
+    x : (B, k) float tensor (CPU)
+    W : CodedWeight (CPU)
+    method : "codebook" or "tables"
+
+    Returns
+    -------
+    (B, n) float32
+    """
+    if method not in ("codebook", "tables"):
+        raise ValueError(f"method must be 'codebook' or 'tables', got {method!r}")
+    if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != W.k:
+        raise ValueError(f"x must have shape (B, k={W.k})")
+    c = W.config
+    d, K = c.dim, W.idx.shape[1]
+    af, ai8, h, scales, _ = _kernel_tables(c)
+    xb = torch.nn.functional.pad(x.cpu().to(torch.float32), (0, K * d - W.k))
+    idx = W.idx.cpu().to(torch.int64) & 0xFFFF
+    s = scales[W.T.cpu().long()]
+    if method == "codebook":
+        if ai8 is None:
+            raise ValueError("codebook method: the representatives do not fit int8")
+        dot = _codebook_blocks(idx, s, ai8, xb / h, c.q)
+    else:
+        dot = _tables_blocks(idx, s, _build_tables(xb, af), c.q)
+    return _lane_sum(dot).T.contiguous()
+
+
+def _gemv_core_cpu(x: torch.Tensor, W: CodedWeight, method: str) -> torch.Tensor:
+    """(tests) ``lut_gemv`` through the CUDA kernel's shared code run on the CPU in the GPU's order."""
+    c = W.config
+    K, d = W.idx.shape[1], c.dim
+    xb = torch.nn.functional.pad(x.to(torch.float32), (0, K * d - W.k))
+    outs = []
+    for j0 in range(0, xb.shape[0], _MAX_B):
+        xj = xb[j0 : j0 + _MAX_B]
+        B = xj.shape[0]
+        Bk = 1 if B == 1 else 2 if B == 2 else 4 if B <= 4 else 8
+        xj = torch.nn.functional.pad(xj, (0, 0, 0, Bk - B)).contiguous()
+        outs.append(_twin_pass(xj, W, method, gpu=False)[:, :B].T)
+    return torch.cat(outs)
