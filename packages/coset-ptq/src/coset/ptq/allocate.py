@@ -148,23 +148,16 @@ def _sample_loss(out: Any, generator: torch.Generator) -> torch.Tensor:
     """A loss whose gradient has the output distribution's Fisher as its covariance: cross-entropy against
     labels drawn from the model's own softmax (logits), or ``<y, ε>`` with ``ε ~ N(0, I)`` for a hidden-state
     output (the Fisher of a unit-variance Gaussian around ``y``)."""
-    logits = getattr(out, "logits", None)
-    if logits is None and isinstance(out, dict):
-        logits = out.get("logits")
-    if logits is not None:
-        flat = logits.float().flatten(0, -2)
+    from .finetune import _output
+
+    kind, y = _output(out)
+    if kind == "kl":
+        flat = y.float().flatten(0, -2)
         with torch.no_grad():
-            y = torch.multinomial(torch.softmax(flat, -1), 1, generator=generator)[:, 0]
-        return nn.functional.cross_entropy(flat, y, reduction="sum")
-    hidden = getattr(out, "last_hidden_state", None)
-    if hidden is None and isinstance(out, dict):
-        hidden = out.get("last_hidden_state")
-    if hidden is None and isinstance(out, torch.Tensor):
-        hidden = out
-    if hidden is None:
-        raise TypeError("the model output has neither logits nor last_hidden_state")
-    eps = torch.randn(hidden.shape, generator=generator, dtype=torch.float32).to(hidden.device)
-    return (hidden.float() * eps).sum()
+            labels = torch.multinomial(torch.softmax(flat, -1), 1, generator=generator)[:, 0]
+        return nn.functional.cross_entropy(flat, labels, reduction="sum")
+    eps = torch.randn(y.shape, generator=generator, dtype=torch.float32).to(y.device)
+    return (y.float() * eps).sum()
 
 
 def fisher_diagonal(
