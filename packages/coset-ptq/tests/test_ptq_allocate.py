@@ -183,12 +183,12 @@ def test_plan_rates_on_a_tiny_llama(llama, calib_ids):
     from coset.ptq.layers import HNLQLinear
 
     rows = [b[i : i + 1] for b in calib_ids for i in range(b.shape[0])]
-    plan = plan_rates(llama, calib_ids, 3.3, fisher_batches=rows)
-    assert plan.all_in_bits <= 3.3
+    plan = plan_rates(llama, calib_ids, 5.0, fisher_batches=rows)  # tiny layers: ~2 b/w of spec
+    assert plan.all_in_bits <= 5.0
     assert set(plan.histogram()) <= {2, 3, 4} and sum(plan.histogram().values()) == 14
     for r, kl in plan.uniform_kl.items():
         assert plan.predicted_kl <= kl + 1e-12, r
-    assert 2 in plan.uniform_kl and 4 not in plan.uniform_kl  # 2-bit fits 3.3, 4-bit does not
+    assert 2 in plan.uniform_kl and 4 not in plan.uniform_kl  # 2-bit fits 5.0 all-in, 4-bit does not
     # costs fall with the rate on every layer (more bits, less error)
     assert all(c[2] > c[4] for c in plan.cost.values())
     x = calib_ids[0]
@@ -197,9 +197,7 @@ def test_plan_rates_on_a_tiny_llama(llama, calib_ids):
     plan.install_(llama)
     q = {n: m.spec.code.q for n, m in llama.named_modules() if isinstance(m, HNLQLinear)}
     assert q == {n: {2: 4, 3: 8, 4: 16}[r] for n, r in plan.rates.items()}
-    mods = [m for m in llama.modules() if isinstance(m, HNLQLinear)]
-    assert 8 * sum(m.compressed_nbytes() for m in mods) / plan.n_weights == pytest.approx(plan.all_in_bits)
-    assert bits_per_weight(llama).all_in > plan.all_in_bits  # the saved form adds each layer's spec (JSON)
+    assert bits_per_weight(llama).all_in == pytest.approx(plan.all_in_bits, rel=1e-12)  # the saved bytes
     with torch.no_grad():
         after = llama(input_ids=x).logits
     assert not torch.equal(before, after) and torch.isfinite(after).all()

@@ -304,7 +304,8 @@ def plan_rates(
     """Mixed-precision plan: one rate per linear so that the all-in bits average at most ``target_bits``.
 
     Every selected linear is quantized at every rate (``MethodConfig.for_bits(rate, method=method)``, float
-    Hessians of ``calib`` shared by all rates), its all-in bytes measured from the compressed module, and its
+    Hessians of ``calib`` shared by all rates), its all-in bytes measured as :func:`bits_per_weight` counts them
+    (what ``save_quantized`` writes: tensors, header, spec; a bias is not counted), and its
     cost estimated as ``½ Σ F ΔW²`` with the diagonal Fisher of the float model; :func:`allocate_rates` then
     picks the rates. The model is not modified (see :meth:`RatePlan.install_`).
 
@@ -330,6 +331,7 @@ def plan_rates(
     seed : int
         Rotation seed base and Fisher sampling seed.
     """
+    from .bits import bits_per_weight
     from .calib import collect_hessians
     from .codes import LinearCodes
     from .hnlq_block import RATE_CODES, MethodConfig, quantize_linear
@@ -365,7 +367,9 @@ def plan_rates(
             W_hat, codes, _ = quantize_linear(W, hessians[n], methods[r], name=n)
             assert isinstance(codes, LinearCodes)  # HNLQ methods return lattice codes
             all_codes[r][n] = codes
-            nbytes[n][r] = HNLQLinear.from_codes(codes, None).compressed_nbytes()
+            # the bytes save_quantized writes for this layer (tensors + safetensors header + spec JSON)
+            holder = nn.ModuleDict({n.replace(".", "/"): HNLQLinear.from_codes(codes, None)})
+            nbytes[n][r] = bits_per_weight(holder).nbytes
             cost[n][r] = 0.5 * float((f * (W_hat.float() - W.float()).pow(2)).sum())
     n_weights = sum(w.numel() for w in weights.values())
     budget = int(target_bits * n_weights / 8)
