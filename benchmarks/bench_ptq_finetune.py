@@ -5,7 +5,7 @@
 
 ``--alloc B``: mixed precision first (``coset.ptq.allocate``): every linear quantized at every rate of
 ``--rates``, costs ½ΣFΔW² from the float model's diagonal Fisher (12 calibration windows), rates chosen by
-``allocate_rates`` so the codes average at most B bits/weight all-in (per-row gains add 16 bits per row).
+``allocate_rates`` so the codes average at most B bits/weight all-in as saved (per-row gains add 16 bits per row).
 
 Same protocol as ``bench_ptq.py --model smollm2`` (float-model Hessians of 64×512 stdlib-docstring tokens,
 shared; evaluation on the first 4,096 tokens of pydoc_data.topics in 512-token windows, never seen in tuning).
@@ -28,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from coset.ptq.allocate import allocate_rates, fisher_costs, fisher_diagonal  # noqa: E402
 from coset.ptq.api import cpu_seconds  # noqa: E402
+from coset.ptq.bits import bits_per_weight  # noqa: E402
 from coset.ptq.calib import collect_hessians  # noqa: E402
 from coset.ptq.data import pydoc_text, stdlib_docstrings, token_windows  # noqa: E402
 from coset.ptq.eval import lm_fidelity, lm_reference  # noqa: E402
@@ -148,7 +149,9 @@ def quantized(model, calib, cache: pathlib.Path, bits: int) -> dict:
     for name, H in hessians.items():
         W_hat, codes, _ = quantize_linear(model.get_submodule(name).weight.detach(), H, cfg, name=name)
         what[name] = W_hat.float()
-        nbytes[name] = HNLQLinear.from_codes(codes, None).compressed_nbytes()
+        # as bits_per_weight counts a saved layer: tensors + safetensors header + spec JSON
+        holder = torch.nn.ModuleDict({name.replace(".", "/"): HNLQLinear.from_codes(codes, None)})
+        nbytes[name] = bits_per_weight(holder).nbytes
     torch.save(what, p)
     torch.save(nbytes, bp)
     return what
