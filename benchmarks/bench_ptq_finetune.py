@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--gains", choices=("layer", "row"), default="layer", help="row: fp16 per-channel out_scale")
+    ap.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
     ap.add_argument("--seqlen", type=int, default=256, help="tuning batch length (calibration windows are cut)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--cache", default="/tmp/coset-ptq-cache")
@@ -105,7 +106,7 @@ def main() -> None:
         model,
         reference,
         batches,
-        FinetuneConfig(steps=args.steps, lr=args.lr, gains=args.gains, holdout=4),
+        FinetuneConfig(steps=args.steps, lr=args.lr, gains=args.gains, holdout=4, schedule=args.schedule),
         layers=list(what),
     )
     cpu, wall = cpu_seconds() - c0, time.perf_counter() - t0
@@ -118,6 +119,8 @@ def main() -> None:
         "steps": args.steps,
         "lr": args.lr,
         "gains": args.gains,
+        "schedule": args.schedule,
+        "t_codings": "zero/dense/sparse/elias_fano",
         "seqlen": args.seqlen,
         "threads": torch.get_num_threads(),
         "load": os.getloadavg(),

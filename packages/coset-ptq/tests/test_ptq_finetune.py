@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -48,11 +49,28 @@ def kl(model, ref, data):
         (dict(norms="yes"), TypeError, "norms"),
         (dict(norms=False, scales=False), ValueError, "norms"),
         (dict(gains="channel"), ValueError, "gains"),
+        (dict(schedule="linear"), ValueError, "schedule"),
     ],
 )
 def test_config_validation(kw, exc, word):
     with pytest.raises(exc, match=word):
         FinetuneConfig(**kw)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_schedule_sets_the_learning_rate_of_every_step(llama, monkeypatch, schedule):
+    model, ref = quantized(llama)
+    seen: list[float] = []
+    step = torch.optim.Adam.step
+
+    def spy(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    finetune_(model, ref, batches(), FinetuneConfig(steps=5, lr=1e-2, holdout=2, schedule=schedule))
+    want = [1e-2 * (0.5 + 0.5 * math.cos(math.pi * t / 5)) if schedule == "cosine" else 1e-2 for t in range(5)]
+    assert seen == pytest.approx(want, rel=1e-12)
 
 
 @pytest.mark.slow

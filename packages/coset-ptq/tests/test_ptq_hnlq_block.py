@@ -124,20 +124,32 @@ def test_dead_columns_and_bad_input():
 
 def test_t_stored_bits_follows_pack_codes_rules():
     from coset.ptq.hnlq_block import t_stored_bits
+    from coset.quant import QuantizationConfig, codes_nbytes, pack_codes
+
+    cfg = QuantizationConfig("E8", 8, 1, max_scaling_iterations=10)
+
+    def packed_t_bits(T):  # what pack_codes really spends on T, per weight
+        t, _ = pack_codes(torch.zeros(T.numel(), 1, 8, dtype=torch.uint8), T, cfg)
+        return 8 * (codes_nbytes(t) - t["labels"].numel()) / (T.numel() * 8)
 
     T = torch.zeros(1000, dtype=torch.uint8)
     assert t_stored_bits(T, 8) == 0.0
-    T[[3, 500, 999]] = 1  # sparse: 3 indices of ceil(log2 1000) = 10 bits, no value bits
-    assert t_stored_bits(T, 8) == 30 / 8000
-    T[500] = 5  # values T-1 <= 4 need 3 bits
-    assert t_stored_bits(T, 8) == 3 * 13 / 8000
-    T[:] = 1  # dense beats sparse: 1 bit per block
-    assert t_stored_bits(T, 8) == 1000 / 8000
-    # a row sample extrapolated to the layer: same overload fraction, wider indices
+    T[[3, 500, 999]] = 1  # sparse: 3 indices of 10 bits = 4 bytes (Elias-Fano also 4: the tie keeps sparse)
+    assert t_stored_bits(T, 8) == 32 / 8000 == packed_t_bits(T)
+    T[500] = 5  # + values T-1 <= 4 in 3 bits: 4 + 2 bytes
+    assert t_stored_bits(T, 8) == 48 / 8000 == packed_t_bits(T)
+    T[:] = 1  # dense beats both: 1 bit per block
+    assert t_stored_bits(T, 8) == 1000 / 8000 == packed_t_bits(T)
+    big = torch.zeros(65536, dtype=torch.uint8)
+    big[::40] = 1  # 2.5% overloaded: Elias-Fano, <= 2 + log2(n / count) bits per index (16 as a plain list)
+    assert t_stored_bits(big, 8) == packed_t_bits(big) < (2 + math.log2(65536 / 1639)) * 1639 / (65536 * 8)
+    # a row sample extrapolated to the layer: same overload fraction, 64 of 4096 blocks, wider indices
     sample = torch.zeros(64, dtype=torch.uint8)
     sample[10] = 1
-    assert t_stored_bits(sample, 4, n_blocks=4096) == 64 * 12 / (4096 * 4)
-    sample[:32] = 1  # half overloaded: dense (1 bit per block) is cheaper than 12-bit indices
+    layer = torch.zeros(4096, dtype=torch.uint8)
+    layer[::64] = 1
+    assert t_stored_bits(sample, 4, n_blocks=4096) == t_stored_bits(layer, 4)
+    sample[:32] = 1  # half overloaded: dense (1 bit per block) is cheapest
     assert t_stored_bits(sample, 4, n_blocks=4096) == 1 / 4
 
 

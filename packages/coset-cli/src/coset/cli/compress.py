@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from coset.quant import (
+    CODE_TENSORS,
     QuantizationConfig,
     calibrate_beta,
     codes_nbytes,
@@ -39,7 +40,7 @@ __all__ = ["TensorReport", "compress_file", "decompress_file", "compress_tensor"
 FORMAT = "coset-compress/2"
 _META_KEY = "coset"
 _CALIB_BLOCKS = 1 << 14  # beta is calibrated on at most this many blocks (a strided sample)
-_CODE_KEYS = ("labels", "T", "T_index", "T_value")
+_CODE_KEYS = CODE_TENSORS
 
 
 @dataclass(frozen=True)

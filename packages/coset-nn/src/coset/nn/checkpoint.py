@@ -7,7 +7,8 @@ For every quantized layer ``name`` with weight quantization:
 * the tensors of :func:`coset.quant.pack_codes` of its ``(C_out, nb, M, d)`` labels and ``(C_out, nb)`` T,
   each under ``name.<key>``: ``name.labels`` (``ceil(log2 q)`` bits per label; 4 bits per weight for D4 q=4
   M=2 up to padding) and, depending on the T coding pack_codes chose, ``name.T`` or
-  ``name.T_index``/``name.T_value`` (nothing when every T is 0);
+  the sparse tensors (``name.T_index`` or ``name.T_low``/``name.T_high``, with ``name.T_value``; nothing when
+  every T is 0);
 * ``name.beta``: float32 ``(C_out,)`` or ``(1,)`` betas (absent for ``granularity="fixed"``: the beta is in
   the config);
 * ``name.clamped``: 1 bit per block, only when blocks were clamped (so ``stats()`` still counts them).
@@ -38,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from coset.quant import pack_codes, pack_labels, unpack_codes, unpack_labels
+from coset.quant import CODE_TENSORS, pack_codes, pack_labels, unpack_codes, unpack_labels
 
 from .config import QATConfig
 from .convert import _KIND, _SWAP, _set_submodule, module_names, quantized_layers
@@ -49,7 +50,7 @@ __all__ = ["save_compressed", "load_compressed", "CheckpointReport", "FORMAT"]
 FORMAT = "coset-nn-compressed/2"
 #: older formats that still load
 OLD_FORMATS = ("coset-nn-compressed/1",)
-_CODE_TENSORS = ("labels", "T", "T_index", "T_value")
+_CODE_TENSORS = CODE_TENSORS
 PathLike = str | os.PathLike
 
 

@@ -49,6 +49,7 @@ class FinetuneConfig:
     gains : "layer" — one gain per linear, folded into its float32 scale (no extra bits); "row" — one gain
         per output channel, stored as a float16 ``out_scale`` (16 bits per row: 16/in_features bits/weight)
     holdout : calibration batches kept aside to score the tuning (at least 1)
+    schedule : "constant" learning rate, or "cosine" decay from ``lr`` to 0 over ``steps``
     """
 
     steps: int = 64
@@ -57,6 +58,7 @@ class FinetuneConfig:
     scales: bool = True
     gains: str = "layer"
     holdout: int = 2
+    schedule: str = "constant"
 
     def __post_init__(self) -> None:
         for name in ("steps", "holdout"):
@@ -70,6 +72,8 @@ class FinetuneConfig:
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         if self.gains not in ("layer", "row"):
             raise ValueError(f"gains must be 'layer' or 'row', got {self.gains!r}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
         if not (self.norms or self.scales):
             raise ValueError("at least one of norms / scales must be tuned")
 
@@ -277,6 +281,9 @@ def finetune_(
                 raise FloatingPointError(f"finetune_: non-finite loss at step {step}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if config.schedule == "cosine":
+                for group in opt.param_groups:
+                    group["lr"] = config.lr * 0.5 * (1.0 + math.cos(math.pi * step / config.steps))
             opt.step()
             report.train_losses.append(float(loss.detach()))
         with torch.no_grad():

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from coset.quant import ClampWarning, QuantizationConfig, beta_min, decode, encode
+from coset.quant import ClampWarning, QuantizationConfig, beta_min, decode, encode, t_coding_nbytes
 
 from .codes import LinearCodes
 from .ldlq import block_ldl, ldlq
@@ -217,11 +217,11 @@ def t_entropy_bits(T: torch.Tensor, d: int) -> float:
 
 
 def t_stored_bits(T: torch.Tensor, d: int, n_blocks: int | None = None) -> float:
-    """Bits per weight that ``coset.quant.pack_codes`` spends on T (the cheapest of its codings).
+    """Bits per weight that ``coset.quant.pack_codes`` spends on T: the cheapest of its codings
+    (``coset.quant.t_coding_nbytes``: zero, dense, sparse index list, Elias–Fano), in whole bytes.
 
-    zero: 0; dense: ``ceil(log2(max T + 1))`` bits per block; sparse: per block with T > 0, a
-    ``ceil(log2 n)``-bit index plus ``ceil(log2 max T)`` bits of ``T - 1``. With ``n_blocks`` (the layer's
-    block count) the counts of a row sample ``T`` are extrapolated to the whole layer.
+    With ``n_blocks`` (the layer's block count) the overload count of a row sample ``T`` is extrapolated
+    to the whole layer.
     """
     k = T.numel()
     if k == 0:
@@ -230,10 +230,8 @@ def t_stored_bits(T: torch.Tensor, d: int, n_blocks: int | None = None) -> float
     tmax = int(T.max())
     if tmax == 0:
         return 0.0
-    count = float((T > 0).sum()) * n / k
-    dense = n * tmax.bit_length()
-    sparse = count * (max(n - 1, 1).bit_length() + (tmax - 1).bit_length())
-    return min(dense, sparse) / (n * d)
+    count = min(n, max(1, round(int((T > 0).sum()) * n / k)))
+    return 8.0 * min(t_coding_nbytes(n, count, tmax).values()) / (n * d)
 
 
 def choose_scale(Wt: torch.Tensor, hdiag: torch.Tensor, cfg: MethodConfig) -> tuple[torch.Tensor, float]:

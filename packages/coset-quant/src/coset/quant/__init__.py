@@ -18,7 +18,7 @@ from .backend import (
 )
 from .blocks import from_blocks, to_blocks
 from .calibrate import beta_min, calibrate_beta
-from .codes import CODES_FORMAT, codes_nbytes, pack_codes, unpack_codes
+from .codes import CODE_TENSORS, CODES_FORMAT, T_CODINGS, codes_nbytes, pack_codes, t_coding_nbytes, unpack_codes
 from .config import MAX_T, ClampWarning, DegenerateConfigWarning, OverloadError, QuantizationConfig
 from .decode import decode
 from .dither import sample_dither
@@ -58,6 +58,9 @@ __all__ = [
     "pack_codes",
     "unpack_codes",
     "codes_nbytes",
+    "CODE_TENSORS",
+    "T_CODINGS",
+    "t_coding_nbytes",
     "CODES_FORMAT",
     "to_blocks",
     "from_blocks",
