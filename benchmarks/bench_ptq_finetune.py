@@ -26,15 +26,13 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from coset.ptq.allocate import allocate_rates, fisher_costs, fisher_diagonal  # noqa: E402
+from coset.ptq.allocate import allocate_rates, fisher_costs, fisher_diagonal, saved_nbytes  # noqa: E402
 from coset.ptq.api import cpu_seconds  # noqa: E402
-from coset.ptq.bits import bits_per_weight  # noqa: E402
 from coset.ptq.calib import collect_hessians  # noqa: E402
 from coset.ptq.data import pydoc_text, stdlib_docstrings, token_windows  # noqa: E402
 from coset.ptq.eval import lm_fidelity, lm_reference  # noqa: E402
 from coset.ptq.finetune import FinetuneConfig, clone_reference, finetune_  # noqa: E402
 from coset.ptq.hnlq_block import MethodConfig, quantize_linear  # noqa: E402
-from coset.ptq.layers import HNLQLinear  # noqa: E402
 from coset.ptq.models import load_smollm2  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -152,9 +150,7 @@ def quantized(model, calib, cache: pathlib.Path, bits: int) -> dict:
     for name, H in hessians.items():
         W_hat, codes, _ = quantize_linear(model.get_submodule(name).weight.detach(), H, cfg, name=name)
         what[name] = W_hat.float()
-        # as bits_per_weight counts a saved layer: tensors + safetensors header + spec JSON
-        holder = torch.nn.ModuleDict({name.replace(".", "/"): HNLQLinear.from_codes(codes, None)})
-        nbytes[name] = bits_per_weight(holder).nbytes
+        nbytes[name] = saved_nbytes(name, codes)
     torch.save(what, p)
     torch.save(nbytes, bp)
     return what

@@ -20,12 +20,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-__all__ = ["allocate_rates", "fisher_diagonal", "fisher_costs", "plan_rates", "RatePlan"]
+if TYPE_CHECKING:
+    from .codes import LinearCodes
+
+__all__ = ["allocate_rates", "fisher_diagonal", "fisher_costs", "plan_rates", "saved_nbytes", "RatePlan"]
 
 
 def _check_table(name: str, table: Mapping[str, Mapping[Any, float]], integer: bool) -> None:
@@ -247,8 +250,23 @@ def fisher_costs(
                 raise ValueError(f"quantized[{r!r}] has no entry for {n!r}")
             if what[n].shape != w.shape or f.shape != w.shape:
                 raise ValueError(f"shape mismatch for {n!r}: {tuple(what[n].shape)} vs {tuple(w.shape)}")
-            out[n][r] = 0.5 * float((f.float() * (what[n].detach().float() - w).pow(2)).sum())
+            out[n][r] = _fisher_cost(f, w, what[n])
     return out
+
+
+def _fisher_cost(f: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    """``½ Σ F (W_hat − W)²``: the second-order KL of one layer's quantization error."""
+    return 0.5 * float((f.float() * (w_hat.detach().float() - w.detach().float()).pow(2)).sum())
+
+
+def saved_nbytes(name: str, codes: LinearCodes) -> int:
+    """The bytes ``save_quantized`` writes for one layer's codes (tensors + safetensors header + spec JSON),
+    counted as :func:`~coset.ptq.bits.bits_per_weight` counts them."""
+    from .bits import bits_per_weight
+    from .layers import HNLQLinear
+
+    holder = nn.ModuleDict({name.replace(".", "/"): HNLQLinear.from_codes(codes, None)})
+    return bits_per_weight(holder).nbytes
 
 
 @dataclass
@@ -331,11 +349,9 @@ def plan_rates(
     seed : int
         Rotation seed base and Fisher sampling seed.
     """
-    from .bits import bits_per_weight
     from .calib import collect_hessians
     from .codes import LinearCodes
     from .hnlq_block import RATE_CODES, MethodConfig, quantize_linear
-    from .layers import HNLQLinear
 
     if isinstance(target_bits, bool) or not isinstance(target_bits, (int, float)) or not target_bits > 0:
         raise ValueError(f"target_bits must be a number > 0, got {target_bits!r}")
@@ -367,10 +383,8 @@ def plan_rates(
             W_hat, codes, _ = quantize_linear(W, hessians[n], methods[r], name=n)
             assert isinstance(codes, LinearCodes)  # HNLQ methods return lattice codes
             all_codes[r][n] = codes
-            # the bytes save_quantized writes for this layer (tensors + safetensors header + spec JSON)
-            holder = nn.ModuleDict({n.replace(".", "/"): HNLQLinear.from_codes(codes, None)})
-            nbytes[n][r] = bits_per_weight(holder).nbytes
-            cost[n][r] = 0.5 * float((f * (W_hat.float() - W.float()).pow(2)).sum())
+            nbytes[n][r] = saved_nbytes(n, codes)
+            cost[n][r] = _fisher_cost(f, W, W_hat)
     n_weights = sum(w.numel() for w in weights.values())
     budget = int(target_bits * n_weights / 8)
     chosen = allocate_rates(cost, nbytes, budget)
