@@ -112,7 +112,7 @@ def test_payload_bytes_are_the_quant_bit_stream(q, n):
     k = (q - 1).bit_length()
     assert bytes(p[: lay.label_bytes].tolist()) == _bitstream(b.reshape(-1).tolist(), k)
     # then the T tensors of coset.quant.pack_codes (one packed-code format), zero-padded to the T section
-    tensors, meta = pack_codes(b, T, cfg)
+    tensors, meta = pack_codes(b, T, cfg, codings=("zero", "dense", "sparse"))
     t = b"".join(bytes(tensors[key].tolist()) for key in ("T", "T_index", "T_value") if key in tensors)
     section = bytes(p[lay.label_bytes : lay.label_bytes + lay.t_bytes].tolist())
     assert section == t + bytes(lay.t_bytes - len(t))

@@ -189,6 +189,19 @@ def test_quant_codes_unpack_refuses_corrupted_elias_fano(corrupt, match):
         unpack_codes(tensors, meta, cfg)
 
 
+def test_quant_codes_restricted_codings():
+    """A wire format with a fixed coding field (coset.dist) can exclude Elias-Fano: the smallest allowed wins."""
+    cfg, b, T = _packed_ef()
+    assert pack_codes(b, T, cfg)[1]["T_coding"] == "elias_fano"
+    t, m = pack_codes(b, T, cfg, codings=("zero", "dense", "sparse"))
+    assert m["T_coding"] == "sparse" and torch.equal(unpack_codes(t, m, cfg)[1], T)
+    t, m = pack_codes(b, T, cfg, codings=("zero", "dense"))
+    assert m["T_coding"] == "dense" and torch.equal(unpack_codes(t, m, cfg)[1], T)
+    for bad in (("zero", "sparse"), ["zero", "dense"], ("zero", "dense", "rle")):
+        with pytest.raises(ValueError, match="codings"):
+            pack_codes(b, T, cfg, codings=bad)
+
+
 def test_quant_codes_pack_refuses_bad_input():
     cfg = QuantizationConfig("D4", 4, 2)
     b = torch.zeros(3, 2, 4, dtype=torch.uint8)

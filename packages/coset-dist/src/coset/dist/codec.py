@@ -236,7 +236,7 @@ def encode_payload(x: torch.Tensor, config: QuantizationConfig) -> tuple[torch.T
         xn = x32 / torch.tensor(rho, dtype=torch.float32, device=x.device)
         blocks, _ = to_blocks(xn, config.dim)
         b, T, clamped = encode(blocks, config=config, return_clamped=True)
-    tensors, meta = pack_codes(b, T, config)
+    tensors, meta = pack_codes(b, T, config, codings=_CODINGS)  # the code word has room for these three
     t_parts = [tensors[k] for k, _ in _t_tensors(meta, lay.n_blocks)]
     t_len = sum(int(t.numel()) for t in t_parts)
     assert t_len <= lay.t_bytes  # pack_codes never exceeds the dense coding at full width

@@ -101,7 +101,7 @@ def _check_int_tensor(name: str, t) -> None:
 
 
 def pack_codes(
-    b: torch.Tensor, T: torch.Tensor | None, config: QuantizationConfig
+    b: torch.Tensor, T: torch.Tensor | None, config: QuantizationConfig, *, codings: tuple[str, ...] = T_CODINGS
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Pack HNLQ codes into flat uint8 tensors plus JSON-serialisable metadata.
 
@@ -110,6 +110,8 @@ def pack_codes(
     b : (..., M, d) integer labels in [0, q)
     T : (...) integer scale steps in [0, max_scaling_iterations], or None (all zero)
     config : the QuantizationConfig the codes were made with
+    codings : the T codings allowed (a subset of :data:`T_CODINGS` holding "zero" and "dense", e.g. a wire
+        format with a fixed coding field); the smallest of them is chosen
 
     Returns
     -------
@@ -123,6 +125,8 @@ def pack_codes(
     """
     if not isinstance(config, QuantizationConfig):
         raise TypeError(f"config must be a QuantizationConfig, got {type(config).__name__}")
+    if not isinstance(codings, tuple) or not {"zero", "dense"} <= set(codings) <= set(T_CODINGS):
+        raise ValueError(f"codings must be a tuple of T_CODINGS holding 'zero' and 'dense', got {codings!r}")
     _check_int_tensor("b", b)
     M, d, q = config.M, config.dim, config.q
     if b.ndim < 2 or b.shape[-2] != M or b.shape[-1] != d:
@@ -154,7 +158,7 @@ def pack_codes(
         return tensors, meta
     nz = torch.nonzero(Tf, as_tuple=True)[0]
     count = int(nz.numel())
-    sizes = t_coding_nbytes(n, count, tmax)
+    sizes = {k: v for k, v in t_coding_nbytes(n, count, tmax).items() if k in codings}
     coding = min(sizes, key=sizes.__getitem__)  # dicts keep T_CODINGS order: ties go to the earlier coding
     val_bits = _width(tmax - 1)
     if coding == "dense":
