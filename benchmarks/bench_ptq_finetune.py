@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--alloc", type=float, default=0.0, help="mixed precision: all-in bits target of the codes")
     ap.add_argument("--rates", default="2,3,4")
     ap.add_argument("--fisher-windows", type=int, default=12)
+    ap.add_argument("--seed", type=int, default=0, help="rotation seed base of the codes (cached per seed)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -66,8 +67,8 @@ def main() -> None:
     alloc_row: dict = {}
     if args.alloc:
         rates = [int(r) for r in args.rates.split(",")]
-        whats = {r: quantized(model, calib, cache, r) for r in rates}
-        nbytes_r = {r: torch.load(cache / f"smol_bytes{r}.pt") for r in rates}
+        whats = {r: quantized(model, calib, cache, r, args.seed) for r in rates}
+        nbytes_r = {r: torch.load(cache / f"smol_bytes{r}{_tag(args.seed)}.pt") for r in rates}
         fp = cache / "smol_fisher.pt"
         if fp.exists():
             fisher = torch.load(fp)
@@ -92,7 +93,7 @@ def main() -> None:
         }
         print("allocation", {k: v for k, v in alloc_row.items() if k != "choice"}, flush=True)
     else:
-        what = quantized(model, calib, cache, args.bits)
+        what = quantized(model, calib, cache, args.bits, args.seed)
     with torch.no_grad():
         for n, w in what.items():
             model.get_submodule(n).weight.copy_(w)
@@ -115,6 +116,7 @@ def main() -> None:
         "code": f"MethodConfig.for_bits({args.bits}), HNLQ+rot+LDLQ",
         "bits_class": args.bits,
         "steps": args.steps,
+        "seed": args.seed,
         "lr": args.lr,
         "gains": args.gains,
         "schedule": args.schedule,
@@ -134,9 +136,13 @@ def main() -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def quantized(model, calib, cache: pathlib.Path, bits: int) -> dict:
+def _tag(seed: int) -> str:
+    return f"_s{seed}" if seed else ""
+
+
+def quantized(model, calib, cache: pathlib.Path, bits: int, seed: int = 0) -> dict:
     """W_hat of every block linear at one rate class (float Hessians shared), cached with its all-in bytes."""
-    p, bp = cache / f"smol_what{bits}.pt", cache / f"smol_bytes{bits}.pt"
+    p, bp = cache / f"smol_what{bits}{_tag(seed)}.pt", cache / f"smol_bytes{bits}{_tag(seed)}.pt"
     if p.exists() and bp.exists():
         return torch.load(p)
     hp = cache / "smol_h64.pt"
@@ -145,7 +151,7 @@ def quantized(model, calib, cache: pathlib.Path, bits: int) -> dict:
     else:
         hessians = collect_hessians(model, list(calib.split(8)), dtype=torch.float32)
         torch.save({"hessians": hessians}, hp)
-    cfg = MethodConfig.for_bits(bits)
+    cfg = MethodConfig.for_bits(bits, seed=seed)
     what, nbytes = {}, {}
     for name, H in hessians.items():
         W_hat, codes, _ = quantize_linear(model.get_submodule(name).weight.detach(), H, cfg, name=name)
