@@ -9,7 +9,8 @@
 
 Same protocol as ``bench_ptq.py --model smollm2`` (float-model Hessians of 64×512 stdlib-docstring tokens,
 shared; evaluation on the first 4,096 tokens of pydoc_data.topics in 512-token windows, never seen in tuning).
-Tuning data: the same 64 calibration windows cut into 256-token batches, the last 4 held out. Appends one row
+Tuning data: the same 64 calibration windows (or ``--tune-windows N`` docstring windows, the first 64 being the
+calibration ones) cut into 256-token batches, the last 4 held out. Appends one row
 per run to ``results/ptq_finetune.jsonl`` (before / after metrics, held-out KL, CPU seconds). ``--cache DIR``
 keeps the reference log-probs, Hessians and W_hat between runs (several hundred MB each).
 """
@@ -52,6 +53,9 @@ def main() -> None:
     ap.add_argument("--rates", default="2,3,4")
     ap.add_argument("--fisher-windows", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0, help="rotation seed base of the codes (cached per seed)")
+    ap.add_argument(
+        "--tune-windows", type=int, default=64, help="512-token docstring windows to tune on (the first 64 calibrate)"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,7 +103,8 @@ def main() -> None:
             model.get_submodule(n).weight.copy_(w)
     before = lm_fidelity(ref, model, ids, 512)
     print("before", before, flush=True)
-    batches = list(calib.reshape(-1, args.seqlen).split(1))
+    tune = calib if args.tune_windows == 64 else token_windows(tok, stdlib_docstrings(), 512, args.tune_windows)
+    batches = list(tune.reshape(-1, args.seqlen).split(1))
     c0, t0 = cpu_seconds(), time.perf_counter()
     rep = finetune_(
         model,
@@ -122,6 +127,7 @@ def main() -> None:
         "schedule": args.schedule,
         "t_codings": "zero/dense/sparse/elias_fano",
         "seqlen": args.seqlen,
+        "tune_windows": len(tune),
         "threads": torch.get_num_threads(),
         "load": os.getloadavg(),
         "finetune_cpu_s": cpu,

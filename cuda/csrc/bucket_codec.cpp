@@ -21,6 +21,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "fast_quant.h"
 #include "kernels.h"
 
 namespace coset {
@@ -529,46 +530,59 @@ int bucket_modular_norms(const float* x, float* resid, int64_t n, int d, int64_t
   return nonfinite.load();
 }
 
+// Groups of F blocks are packed into d words (or d bytes); threads take contiguous ranges of groups and work
+// through them in spans of kSpan groups: the codes of a span's whole blocks come from the float32 + integer path
+// of fast_quant.h where it applies (8 blocks per pass, bit for bit the float64 kernels; blocks it cannot
+// certify, and the zero-padded last block, go through closest_point below), then the span is packed.
+constexpr int64_t kSpan = 512;
+
 void bucket_modular_encode(const LatticeView& L, int64_t modulus, const float* xe, float* resid, int64_t n,
                            const double* scales, int64_t bpc, int kind, int width, int fields, void* packed) {
   const int d = L.d;
-  const int64_t nb = (n + d - 1) / d;
+  const int64_t nb = (n + d - 1) / d, nfull = n / d;
   const int F = kind == 0 ? 1 : fields;  // blocks per group: a group's F*d codes fill exactly d words
   const int64_t ngroups = (nb + F - 1) / F;
   const int64_t n_words = (nb * d + F - 1) / F;
+  const fq::ModularPlan plan = fq::modular_plan(L, modulus);
   dispatch(L.kind, d, [&](auto KI, auto DI) {
     constexpr int KIND = decltype(KI)::value, D = decltype(DI)::value;
     parallel_for_aligned(ngroups, 1, std::max<int64_t>(1, kGrain / F), [&](int64_t lo, int64_t hi) {
       double g[kMaxDim], lam[kMaxDim];
-      std::vector<int64_t> codes((size_t)F * d);
-      for (int64_t grp = lo; grp < hi; ++grp) {
-        for (int f = 0; f < F; ++f) {
-          const int64_t blk = grp * F + f;
-          if (blk >= nb) {
-            for (int i = 0; i < d; ++i) codes[f * d + i] = 0;
-            continue;
-          }
-          const double s = scales[blk / bpc];
-          const int64_t base = blk * d;
-          for (int i = 0; i < d; ++i) g[i] = (base + i < n ? (double)xe[base + i] : 0.0) / s;
-          closest_point<KIND, D>(L, g, lam);
-          for (int i = 0; i < d; ++i) {
-            const double c = basis_coord<KIND>(L, lam, d, i);
-            const int64_t ci = (int64_t)remainder_q(c, (int)modulus);  // hnlq_core.h (a mask for 2^k: no idiv)
-            codes[f * d + i] = ci;
-            if (base + i < n && resid) resid[base + i] = resid[base + i] - (float)(lam[i] * s);
-          }
+      std::vector<int64_t> codes((size_t)(kSpan * F * d)), rej;
+      // the float64 kernels for one block: its codes at c, its residual
+      auto exact_block = [&](int64_t blk, int64_t* c) {
+        const double s = scales[blk / bpc];
+        const int64_t base = blk * d;
+        for (int i = 0; i < d; ++i) g[i] = (base + i < n ? (double)xe[base + i] : 0.0) / s;
+        closest_point<KIND, D>(L, g, lam);
+        for (int i = 0; i < d; ++i) {
+          const double cb = basis_coord<KIND>(L, lam, d, i);
+          c[i] = (int64_t)remainder_q(cb, (int)modulus);  // hnlq_core.h (a mask for 2^k: no idiv)
+          if (base + i < n && resid) resid[base + i] = resid[base + i] - (float)(lam[i] * s);
         }
-        if (kind == 0) {
-          uint8_t* o = static_cast<uint8_t*>(packed) + grp * d;
-          for (int i = 0; i < d; ++i) o[i] = (uint8_t)codes[i];
-        } else {
-          // the buffer holds ceil(nb d / F) words (pack_sum_fields): the last group may have fewer
-          int64_t* o = static_cast<int64_t*>(packed) + grp * d;
-          for (int w = 0; w < d && grp * d + w < n_words; ++w) {
-            int64_t word = 0;
-            for (int f = 0; f < F; ++f) word += codes[w * F + f] << (f * width);
-            o[w] = word;
+      };
+      for (int64_t g0 = lo; g0 < hi; g0 += kSpan) {
+        const int64_t g1 = std::min(hi, g0 + kSpan), b0 = g0 * F, b1 = std::min(nb, g1 * F);
+        int64_t* cs = codes.data();
+        std::fill(cs, cs + (g1 - g0) * F * d, 0);  // blocks past nb: zero codes
+        rej.clear();
+        const int64_t fe = plan.ok ? std::min(b1, nfull) : b0;
+        if (fe > b0) fq::modular_encode_f32(plan, L, xe, resid, scales, bpc, b0, fe, cs, rej);
+        for (int64_t blk = std::max(b0, fe); blk < b1; ++blk) rej.push_back(blk);
+        for (int64_t blk : rej) exact_block(blk, cs + (blk - b0) * d);
+        for (int64_t grp = g0; grp < g1; ++grp) {
+          const int64_t* cg = cs + (grp - g0) * F * d;
+          if (kind == 0) {
+            uint8_t* o = static_cast<uint8_t*>(packed) + grp * d;
+            for (int i = 0; i < d; ++i) o[i] = (uint8_t)cg[i];
+          } else {
+            // the buffer holds ceil(nb d / F) words (pack_sum_fields): the last group may have fewer
+            int64_t* o = static_cast<int64_t*>(packed) + grp * d;
+            for (int w = 0; w < d && grp * d + w < n_words; ++w) {
+              int64_t word = 0;
+              for (int f = 0; f < F; ++f) word += cg[w * F + f] << (f * width);
+              o[w] = word;
+            }
           }
         }
       }
@@ -589,30 +603,39 @@ void bucket_modular_decode(const LatticeView& L, int64_t modulus, const void* pa
   const bool pow2 = (modulus & (modulus - 1)) == 0;
   const int64_t mmask = modulus - 1;
   const double inv_w = (W & (W - 1)) == 0 ? 1.0 / (double)W : 0.0;  // x / 2^j == x * 2^-j exactly
+  const fq::ModularPlan plan = fq::modular_plan(L, modulus);
   dispatch(L.kind, d, [&](auto KI, auto DI) {
     constexpr int KIND = decltype(KI)::value, D = decltype(DI)::value;
     parallel_for_aligned(ngroups, 1, std::max<int64_t>(1, kGrain / F), [&](int64_t lo, int64_t hi) {
       double Gc[kMaxDim], v[kMaxDim], Qv[kMaxDim];
-      std::vector<int64_t> codes((size_t)F * d);
-      for (int64_t grp = lo; grp < hi; ++grp) {
-        // codes mod q^M (a mask when q^M is a power of two: an integer division per code costs more than
-        // the rest of the decoder)
-        if (kind == 0) {
-          const uint8_t* p = static_cast<const uint8_t*>(packed) + grp * d;
-          for (int i = 0; i < d; ++i) codes[i] = pow2 ? (int64_t)(p[i] & mmask) : (int64_t)p[i] % modulus;
-        } else {
-          const int64_t* p = static_cast<const int64_t*>(packed) + grp * d;
-          for (int w = 0; w < d; ++w)
-            for (int f = 0; f < F; ++f) {
-              const int64_t word = grp * d + w < n_words ? p[w] : 0;
-              const int64_t c = (word >> (f * width)) & mask;  // in [0, 2^width): non-negative
-              codes[w * F + f] = pow2 ? (c & mmask) : c % modulus;
-            }
+      std::vector<int64_t> codes((size_t)(kSpan * F * d)), rej;
+      for (int64_t g0 = lo; g0 < hi; g0 += kSpan) {
+        const int64_t g1 = std::min(hi, g0 + kSpan), b0 = g0 * F, b1 = std::min(nb, g1 * F);
+        int64_t* cs = codes.data();
+        for (int64_t grp = g0; grp < g1; ++grp) {
+          // codes mod q^M (a mask when q^M is a power of two: an integer division per code costs more than
+          // the rest of the decoder)
+          int64_t* cg = cs + (grp - g0) * F * d;
+          if (kind == 0) {
+            const uint8_t* p = static_cast<const uint8_t*>(packed) + grp * d;
+            for (int i = 0; i < d; ++i) cg[i] = pow2 ? (int64_t)(p[i] & mmask) : (int64_t)p[i] % modulus;
+          } else {
+            const int64_t* p = static_cast<const int64_t*>(packed) + grp * d;
+            for (int w = 0; w < d; ++w)
+              for (int f = 0; f < F; ++f) {
+                const int64_t word = grp * d + w < n_words ? p[w] : 0;
+                const int64_t c = (word >> (f * width)) & mask;  // in [0, 2^width): non-negative
+                cg[w * F + f] = pow2 ? (c & mmask) : c % modulus;
+              }
+          }
         }
-        for (int f = 0; f < F; ++f) {
-          const int64_t blk = grp * F + f;
-          if (blk >= nb) break;
-          const int64_t* c = &codes[f * d];
+        rej.clear();
+        if (plan.ok)
+          fq::modular_decode_f32(plan, L, cs, scales, bpc, W, b0, b1, n, out, rej);
+        else
+          for (int64_t blk = b0; blk < b1; ++blk) rej.push_back(blk);
+        for (int64_t blk : rej) {  // the float64 kernels
+          const int64_t* c = cs + (blk - b0) * d;
           for (int i = 0; i < d; ++i) {
             double s = L.G[i * d] * (double)c[0];
             for (int j = 1; j < d; ++j) s = s + L.G[i * d + j] * (double)c[j];

@@ -242,5 +242,46 @@ int64_t decode_f32(const LatticeView& L, const QuantParams& P, const uint8_t* b,
   return base::decode(L, P, A, h, b, T, N, out);
 }
 
+ModularPlan modular_plan(const LatticeView& L, int64_t modulus) {
+  ModularPlan p;
+  if (!enabled()) return p;
+  const bool lat = L.kind == kE8 || (L.kind == kDn && (L.d == 4 || L.d == 8));
+  if (!lat || L.eps == nullptr || modulus < 2 || modulus > (1 << 16) || (modulus & (modulus - 1)) != 0) return p;
+  if (!build_consts(L, p.C)) return p;
+  const int d = L.d;
+  const double h = L.kind == kE8 ? 2.0 : 1.0;
+  for (int i = 0; i < d * d; ++i) {
+    const double v = h * L.G[i];
+    if (v != std::nearbyint(v) || std::fabs(v) > 64.0) return p;
+    p.HG[i] = (int32_t)v;
+  }
+  while ((int64_t(1) << p.lm) < modulus) ++p.lm;
+  p.ok = true;
+  return p;
+}
+
+void modular_encode_f32(const ModularPlan& p, const LatticeView& L, const float* xe, float* resid,
+                        const double* scales, int64_t bpc, int64_t b0, int64_t b1, int64_t* codes,
+                        std::vector<int64_t>& rej) {
+#ifdef COSET_FQ_AVX2
+  if (use_avx2()) {
+    avx2::modular_encode(L, p.C, p.lm, xe, resid, scales, bpc, b0, b1, codes, rej);
+    return;
+  }
+#endif
+  base::modular_encode(L, p.C, p.lm, xe, resid, scales, bpc, b0, b1, codes, rej);
+}
+
+void modular_decode_f32(const ModularPlan& p, const LatticeView& L, const int64_t* codes, const double* scales,
+                        int64_t bpc, int W, int64_t b0, int64_t b1, int64_t n, float* out, std::vector<int64_t>& rej) {
+#ifdef COSET_FQ_AVX2
+  if (use_avx2()) {
+    avx2::modular_decode(L, p.C, p.HG, p.lm, codes, scales, bpc, W, b0, b1, n, out, rej);
+    return;
+  }
+#endif
+  base::modular_decode(L, p.C, p.HG, p.lm, codes, scales, bpc, W, b0, b1, n, out, rej);
+}
+
 }  // namespace fq
 }  // namespace coset

@@ -22,6 +22,9 @@
 
 #include <cmath>
 #include <cstdint>
+#ifndef __CUDACC__
+#include <vector>
+#endif
 
 #include "hnlq_core.h"
 
@@ -316,6 +319,25 @@ int64_t encode_f32(const LatticeView& L, const QuantParams& P, const float* x, i
                    uint8_t* clamped);
 int64_t decode_f32(const LatticeView& L, const QuantParams& P, const uint8_t* b, const uint8_t* T, int64_t N,
                    float* out);
+// coset.dist's modular codec (bucket_codec.cpp) through this path: the constants of a lattice and a modulus
+// 2^lm, or nothing (ok = false) when the path does not apply (the caller keeps the float64 kernels).
+struct ModularPlan {
+  bool ok = false;
+  int lm = 0;
+  IntConsts C;
+  int32_t HG[kMaxDim * kMaxDim];  // h * G (integer for D_n and E8)
+};
+ModularPlan modular_plan(const LatticeView& L, int64_t modulus);
+// Whole blocks [b0, b1) of xe (n >= b1 * d floats): codes (G^-1 lam) mod 2^lm of lam = Q(xe / s_c + eps) into
+// codes[(blk - b0) * d + i], resid[blk * d + i] -= (float)(lam_i * s_c) (if resid), bit for bit the float64
+// kernels; blocks it cannot certify are appended to rej (codes and resid untouched).
+void modular_encode_f32(const ModularPlan& p, const LatticeView& L, const float* xe, float* resid,
+                        const double* scales, int64_t bpc, int64_t b0, int64_t b1, int64_t* codes,
+                        std::vector<int64_t>& rej);
+// Blocks [b0, b1) of codes (< 2^lm): out[blk * d + i] = (float)(((G c - 2^lm Q(G c / 2^lm + eps))_i * s_c) / W)
+// for blk * d + i < n; blocks too close to an E8 tie to certify are appended to rej (out untouched).
+void modular_decode_f32(const ModularPlan& p, const LatticeView& L, const int64_t* codes, const double* scales,
+                        int64_t bpc, int W, int64_t b0, int64_t b1, int64_t n, float* out, std::vector<int64_t>& rej);
 #endif
 
 }  // namespace fq

@@ -5,6 +5,7 @@ Skipped when no backend serves the op "bucket_codec" (coset-dist does not depend
 takes the Python path, which the other tests cover).
 """
 
+import importlib
 import os
 import tempfile
 
@@ -168,9 +169,25 @@ def test_allgather_nonfinite_flag_and_damaged_payload():
         bc.allgather_encode(x.double(), cfg, out)
 
 
-@pytest.mark.parametrize("q,chunk,W", [(4, 64, 2), (8, 256, 2), (16, 256, 2), (4, 64, 3), (16, 128, 5)])
-def test_modular_bit_exact(q, chunk, W):
-    cfg = default_config(q, 2)
+@pytest.mark.parametrize(
+    "q,chunk,W,lattice",
+    [(4, 64, 2, "D4"), (8, 256, 2, "D4"), (16, 256, 2, "D4"), (4, 64, 3, "D4"), (16, 128, 5, "D4")]
+    + [(4, 64, 2, "E8"), (8, 256, 3, "E8"), (3, 96, 2, "D4"), (4, 64, 2, "D8")],
+)
+@pytest.mark.parametrize("fast", [True, False])
+def test_modular_bit_exact(q, chunk, W, lattice, fast):
+    """Native modular encode / decode equal the Python codec bit for bit, on the float32 + integer path (D4, D8,
+    E8 with q^M a power of two; blocks it cannot certify fall back to float64) and on the float64 kernels."""
+    native = importlib.import_module("coset.cuda._C")  # only to switch its fast path off (test only)
+    native.set_fast_path(fast)
+    try:
+        _modular_bit_exact(q, chunk, W, lattice)
+    finally:
+        native.set_fast_path(True)
+
+
+def _modular_bit_exact(q, chunk, W, lattice):
+    cfg = default_config(q, 2, lattice)
     lat, d, m, n = cfg.lattice, cfg.dim, q**2, 10_001
     bpc = chunk // d
     nb = -(-n // d)
@@ -198,6 +215,34 @@ def test_modular_bit_exact(q, chunk, W):
     out = torch.empty(n)
     bc.modular_decode(summed, n, scales, cfg, bpc, pk, W, out)
     assert torch.equal(out, ((lam_sum * s_blocks).reshape(-1)[:n] / W).to(torch.float32))
+
+
+@pytest.mark.parametrize("lattice,q", [("D4", 4), ("E8", 4), ("D8", 8)])
+def test_modular_ties_and_arbitrary_codes_bit_exact(lattice, q):
+    """Inputs on decision boundaries (every coordinate a multiple of s/4: rounding ties, D_n parity ties, E8's
+    equal-distance cosets) and uniformly random summed codes (any point of the coset table, far from the sums of
+    real gradients): the float32 + integer path must certify or hand over, never decide a tie differently."""
+    cfg = default_config(q, 2, lattice)
+    lat, d, m = cfg.lattice, cfg.dim, q**2
+    bpc, nb = 4, 4096
+    n = nb * d - 1  # a zero-padded last block too
+    g = torch.Generator().manual_seed(7)
+    scales = torch.tensor([0.5, 0.25, 1.0, 2.0**-9, 3.0, 1e-3] * (nb // bpc // 6 + 1), dtype=torch.float64)
+    scales = scales[: -(-nb // bpc)]
+    s_blocks = scales.repeat_interleave(bpc)[:nb].unsqueeze(-1)
+    k = torch.randint(-12, 13, (nb, d), generator=g).double()
+    x = (k / 4 * s_blocks).reshape(-1)[:n].to(torch.float32)
+    pk = choose_sum_packing(m, 1, "auto")
+    codes, lam = modular_encode(x, scales, lat, m, bpc, None, True)
+    resid = x.clone()
+    assert torch.equal(bc.modular_encode(x, scales, cfg, bpc, pk, resid=resid), pack_sum_fields(codes, pk))
+    assert torch.equal(resid, x - (lam * s_blocks).reshape(-1)[:n].to(torch.float32))
+    c = torch.randint(0, m, (nb * d,), generator=g)
+    for W in (1, 2, 3):
+        out = torch.empty(n)
+        bc.modular_decode(pack_sum_fields(c, pk), n, scales, cfg, bpc, pk, W, out)
+        ref = (modular_decode(c, lat, m, True) * s_blocks).reshape(-1)[:n] / W
+        assert torch.equal(out, ref.to(torch.float32))
 
 
 class _Bucket:
