@@ -59,6 +59,13 @@ void dispatch(int kind, int d, F&& f) {
   return f(integral_constant<int, kZn>{}, integral_constant<int, 0>{});
 }
 
+typedef double v4d __attribute__((vector_size(32)));
+inline v4d ld4(const double* p) {
+  v4d v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
 int bits_of(int64_t q) {
   int k = 0;
   while ((int64_t(1) << k) < q) ++k;
@@ -469,6 +476,40 @@ int bucket_allgather_decode(const LatticeView& L, const QuantParams& P, const ui
       wq[0] = 1.0;
       for (int m = 1; m < M; ++m) wq[m] = wq[m - 1] * (double)q;
       const bool bytes = k * d == 8;  // one layer index per byte (D4 with q = 4): plain loads
+      if constexpr (D == 4 || D == 8) {
+        // the same float64 operations, element by element, on 4-double vectors (bit-identical: IEEE
+        // arithmetic is per element and -ffp-contract=off forbids fused multiply-adds)
+        if (tab) {
+          constexpr int NV = D / 4;
+          for (int64_t blk = lo; blk < hi; ++blk) {
+            v4d acc[NV], ownv[NV];
+            for (int v = 0; v < NV; ++v) acc[v] = v4d{} + 0.0, ownv[v] = acc[v];
+            for (int r = 0; r < W; ++r) {
+              const uint8_t* pb8 = payloads + r * pb + blk * M;
+              v4d y[NV];
+              for (int m = 0; m < M; ++m) {
+                const double* a = &tab->rep[(bytes ? (uint64_t)pb8[m] : rl[r].get(k * d)) * d];
+                for (int v = 0; v < NV; ++v) y[v] = m == 0 ? ld4(a + 4 * v) : y[v] + wq[m] * ld4(a + 4 * v);
+              }
+              const double s = P.scales[Ts[r * nb + blk]], rh = rhos[r];
+              for (int v = 0; v < NV; ++v) {
+                const v4d t = (y[v] * s) * rh;
+                acc[v] = acc[v] + t;
+                if (r == own) ownv[v] = t;
+              }
+            }
+            const int64_t base = blk * d;
+            for (int v = 0; v < NV; ++v) {
+              const v4d o = inv_w != 0.0 ? acc[v] * inv_w : acc[v] / (double)W;  // div_q
+              for (int l = 0; l < 4 && base + 4 * v + l < n; ++l) {
+                out[base + 4 * v + l] = (float)o[l];
+                if (resid && own >= 0) resid[base + 4 * v + l] = resid[base + 4 * v + l] - (float)ownv[v][l];
+              }
+            }
+          }
+          return;
+        }
+      }
       for (int64_t blk = lo; blk < hi; ++blk) {
         for (int i = 0; i < d; ++i) acc[i] = 0.0;
         for (int r = 0; r < W; ++r) {
