@@ -89,7 +89,10 @@ def check_magnitude(x: torch.Tensor, max_abs: float, argname: str = "x") -> None
     every backend)."""
     if x.numel() == 0:
         return
-    m = float(x.detach().abs().amax())  # NaN propagates through amax
+    # one read of x and no temporary (x.abs().amax() wrote a full-size |x| first: twice the time); NaN
+    # propagates through aminmax, -inf shows as -lo
+    lo, hi = torch.aminmax(x.detach())
+    m = max(-float(lo), float(hi))
     if not math.isfinite(m):
         raise ValueError(f"{argname} contains NaN or Inf; HNLQ cannot encode non-finite values")
     if m > max_abs:
