@@ -63,7 +63,9 @@ def main() -> None:
     cache.mkdir(parents=True, exist_ok=True)
     model, tok = load_smollm2()
     reference = clone_reference(model)
-    calib = token_windows(tok, stdlib_docstrings(), 512, 64)
+    # one tokenization: the first 64 windows calibrate, the first --tune-windows tune
+    windows = token_windows(tok, stdlib_docstrings(), 512, max(64, args.tune_windows))
+    calib, tune = windows[:64], windows[: args.tune_windows]
     ids = torch.tensor(tok(pydoc_text(), add_special_tokens=False)["input_ids"][:4096])
     p = cache / "smol_lmref.pt"
     ref = torch.load(p, weights_only=False) if p.exists() else lm_reference(model, ids, 512)
@@ -103,7 +105,6 @@ def main() -> None:
             model.get_submodule(n).weight.copy_(w)
     before = lm_fidelity(ref, model, ids, 512)
     print("before", before, flush=True)
-    tune = calib if args.tune_windows == 64 else token_windows(tok, stdlib_docstrings(), 512, args.tune_windows)
     batches = list(tune.reshape(-1, args.seqlen).split(1))
     c0, t0 = cpu_seconds(), time.perf_counter()
     rep = finetune_(

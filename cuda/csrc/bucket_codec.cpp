@@ -605,7 +605,7 @@ void bucket_modular_encode(const LatticeView& L, int64_t modulus, const float* x
       for (int64_t g0 = lo; g0 < hi; g0 += kSpan) {
         const int64_t g1 = std::min(hi, g0 + kSpan), b0 = g0 * F, b1 = std::min(nb, g1 * F);
         int64_t* cs = codes.data();
-        std::fill(cs, cs + (g1 - g0) * F * d, 0);  // blocks past nb: zero codes
+        std::fill(cs + (b1 - b0) * d, cs + (g1 - g0) * F * d, 0);  // blocks past nb (last group): zero codes
         rej.clear();
         const int64_t fe = plan.ok ? std::min(b1, nfull) : b0;
         if (fe > b0) fq::modular_encode_f32(plan, L, xe, resid, scales, bpc, b0, fe, cs, rej);
