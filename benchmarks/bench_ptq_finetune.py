@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--gains", choices=("layer", "row"), default="layer", help="row: fp16 per-channel out_scale")
     ap.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
+    ap.add_argument("--head-lr", type=float, default=0.0, help="> 0: also tune the (tied) float lm_head at this lr")
     ap.add_argument("--seqlen", type=int, default=256, help="tuning batch length (calibration windows are cut)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--cache", default="/tmp/coset-ptq-cache")
@@ -111,7 +112,15 @@ def main() -> None:
         model,
         reference,
         batches,
-        FinetuneConfig(steps=args.steps, lr=args.lr, gains=args.gains, holdout=4, schedule=args.schedule),
+        FinetuneConfig(
+            steps=args.steps,
+            lr=args.lr,
+            gains=args.gains,
+            holdout=4,
+            schedule=args.schedule,
+            head=args.head_lr > 0,
+            head_lr=args.head_lr or 1e-5,
+        ),
         layers=list(what),
     )
     cpu, wall = cpu_seconds() - c0, time.perf_counter() - t0
@@ -126,6 +135,7 @@ def main() -> None:
         "lr": args.lr,
         "gains": args.gains,
         "schedule": args.schedule,
+        "head_lr": args.head_lr,
         "t_codings": "zero/dense/sparse/elias_fano",
         "seqlen": args.seqlen,
         "tune_windows": len(tune),

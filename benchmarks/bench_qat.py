@@ -207,11 +207,13 @@ def bench_breakdown(n: int, batch: int, rounds: int) -> dict:
 
 
 def _md(res: dict) -> str:
+    load = res["load_average_at_start"][0]
+    busy = " (other jobs were running on the 2 cores, so times are inflated)" if load > 1.0 else " (quiet machine)"
     out = [
         "# QAT benchmark (coset.nn)",
         "",
         f"Machine: {res['machine']}; torch {res['torch']}; backends {res['backends']}; load average at start "
-        f"{res['load_average_at_start'][0]:.1f} (other jobs were running on the 2 cores, so times are inflated).",
+        f"{load:.1f}{busy}.",
         "",
     ]
     for s in res["step"]:

@@ -48,6 +48,8 @@ def kl(model, ref, data):
         (dict(lr=float("nan")), ValueError, "lr"),
         (dict(norms="yes"), TypeError, "norms"),
         (dict(norms=False, scales=False), ValueError, "norms"),
+        (dict(head_lr=-1e-5), ValueError, "head_lr"),
+        (dict(head="yes"), TypeError, "head"),
         (dict(gains="channel"), ValueError, "gains"),
         (dict(schedule="linear"), ValueError, "schedule"),
     ],
@@ -213,3 +215,37 @@ def test_row_gains_are_stored_as_float16_out_scale_and_counted(llama, tmp_path):
     assert rep2.holdout_before == pytest.approx(rep.holdout_after, rel=1e-4)
     kept_loss = rep2.holdout_after if rep2.kept else rep2.holdout_before  # not kept: the model is restored
     assert kept_loss == pytest.approx(kl(model, ref, data[-2:]), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_head_tuning_undoes_damage_to_the_tied_head_and_is_saved(llama, tmp_path):
+    """head=True tunes the float lm_head (tied to the input embedding): a random perturbation of it is mostly
+    undone, the tie survives, the code bytes are unchanged and the saved model has the tuned head."""
+    model, ref = quantized(llama)
+    data = batches()
+    kl_q = kl(model, ref, data[-2:])
+    bits0 = bits_per_weight(model).nbytes
+    head = model.get_output_embeddings().weight
+    assert head is model.get_input_embeddings().weight
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # a shift along one direction: learnable from a few batches (noise per entry is not)
+        u = torch.randn(head.shape[1], generator=g)
+        head.add_(0.5 * head.std() * u / u.norm() * head.shape[1] ** 0.5)
+    cfg = FinetuneConfig(steps=60, lr=1e-2, norms=False, scales=False, head=True, head_lr=1e-2, holdout=2)
+    rep = finetune_(model, ref, data, cfg)
+    assert rep.n_head_params == head.numel() and rep.n_norm_params == 0 and rep.n_gains == 0
+    assert rep.kept and rep.holdout_before > 2 * kl_q
+    assert rep.holdout_after - kl_q < 0.5 * (rep.holdout_before - kl_q)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert rep.holdout_after == pytest.approx(kl(model, ref, data[-2:]), rel=1e-4)
+    assert bits_per_weight(model).nbytes == bits0  # the head is not a quantized weight
+    save_quantized(model, tmp_path)
+    loaded = load_quantized(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=data[0]).logits, model(input_ids=data[0]).logits)
+
+
+def test_head_tuning_needs_a_float_head(bert):
+    ref = clone_reference(bert)
+    with pytest.raises(ValueError, match="output head"):  # BertModel has no output embeddings
+        finetune_(bert, ref, batches(), FinetuneConfig(norms=False, scales=False, head=True))

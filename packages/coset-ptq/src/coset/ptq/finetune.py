@@ -1,10 +1,11 @@
 """End-to-end tuning of the free continuous parameters of a quantized model against its float original.
 
 After post-training quantization every code is fixed, but some numbers remain continuous and cost nothing
-extra on disk: the normalisation weights (RMSNorm / LayerNorm, stored in float anyway) and the one float
-scale per quantized layer (``HNLQLinear.scale``). QuIP# (Tseng et al. 2024, §5 "fine-tuning") tunes such
-parameters end to end against the float model's soft outputs; this is that step restricted to parameters
-that do not change the all-in bits.
+extra on disk: the normalisation weights (RMSNorm / LayerNorm, stored in float anyway), the one float
+scale per quantized layer (``HNLQLinear.scale``) and, optionally, the output head (``head=True``: the
+language-model head, which is not quantized and stays in float — with tied embeddings, the shared embedding
+matrix). QuIP# (Tseng et al. 2024, §5 "fine-tuning") tunes such parameters end to end against the float
+model's soft outputs; this is that step restricted to parameters that do not change the all-in bits.
 
 Objective on each calibration batch: ``KL(p_float ‖ p_quantized)`` of the next-token distributions when the
 model returns ``logits``, otherwise the mean squared error of ``last_hidden_state`` relative to the float
@@ -50,6 +51,9 @@ class FinetuneConfig:
         per output channel, stored as a float16 ``out_scale`` (16 bits per row: 16/in_features bits/weight)
     holdout : calibration batches kept aside to score the tuning (at least 1)
     schedule : "constant" learning rate, or "cosine" decay from ``lr`` to 0 over ``steps``
+    head : also tune the float output head (``model.get_output_embeddings()``; tied to the input embedding
+        when the model ties them), at learning rate ``head_lr``
+    head_lr : Adam learning rate of the head (its entries are ~100x smaller than a norm weight)
     """
 
     steps: int = 64
@@ -59,23 +63,27 @@ class FinetuneConfig:
     gains: str = "layer"
     holdout: int = 2
     schedule: str = "constant"
+    head: bool = False
+    head_lr: float = 1e-5
 
     def __post_init__(self) -> None:
         for name in ("steps", "holdout"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, int | float) or not (0 < self.lr < math.inf):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
-        for name in ("norms", "scales"):
+        for name in ("lr", "head_lr"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not (0 < v < math.inf):
+                raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+        for name in ("norms", "scales", "head"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         if self.gains not in ("layer", "row"):
             raise ValueError(f"gains must be 'layer' or 'row', got {self.gains!r}")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
-        if not (self.norms or self.scales):
-            raise ValueError("at least one of norms / scales must be tuned")
+        if not (self.norms or self.scales or self.head):
+            raise ValueError("at least one of norms / scales / head must be tuned")
 
 
 @dataclass
@@ -88,6 +96,7 @@ class FinetuneReport:
     train_losses: list[float] = field(default_factory=list)
     n_norm_params: int = 0
     n_gains: int = 0
+    n_head_params: int = 0
     seconds: float = 0.0
     objective: str = ""
 
@@ -236,22 +245,33 @@ def finetune_(
             w = getattr(m, "weight", None)
             if "Norm" in type(m).__name__ and isinstance(w, nn.Parameter):
                 norm_params.append(w)
+    head_params: list[nn.Parameter] = []
+    if config.head:
+        get_head = getattr(model, "get_output_embeddings", None)
+        head = get_head() if callable(get_head) else None
+        w = getattr(head, "weight", None)
+        if not isinstance(w, nn.Parameter):
+            raise ValueError("head=True needs a float output head (model.get_output_embeddings() with a weight)")
+        if not any(w is p for p in norm_params):
+            head_params.append(w)
     gains = [_Gain(mods[n], config.gains == "row") for n in layers] if config.scales else []
+    if not norm_params and not gains and not head_params:
+        raise ValueError("nothing to tune: the model has no norm layer and no quantized linear")
     # decode each compressed weight once for the whole tuning, not at every forward
     cached = [m for m in model.modules() if isinstance(m, HNLQLinear) and not m.cache_weight]
     for m in cached:
         m.cache_weight = True
-    if not norm_params and not gains:
-        for g in gains:
-            g.remove()
-        raise ValueError("nothing to tune: the model has no norm layer and no quantized linear")
-    saved_norms = [p.detach().clone() for p in norm_params]
+    floats = norm_params + head_params  # tuned in place; restored from these copies unless kept
+    saved_floats = [p.detach().clone() for p in floats]
     report.n_norm_params, report.n_gains = sum(p.numel() for p in norm_params), len(gains)
-    params = norm_params + [g.log_g for g in gains]
+    report.n_head_params = sum(p.numel() for p in head_params)
+    groups = [{"params": norm_params + [g.log_g for g in gains], "lr": config.lr}]
+    if head_params:
+        groups.append({"params": head_params, "lr": config.head_lr})
     try:
         for p in model.parameters():
             p.requires_grad_(False)
-        for p in norm_params:
+        for p in floats:
             p.requires_grad_(True)
         model.eval()  # no dropout: the objective is the deterministic inference model
         reference.eval()
@@ -271,7 +291,8 @@ def finetune_(
                 )
 
             report.holdout_before = held_loss()
-        opt = torch.optim.Adam(params, lr=config.lr)
+        opt = torch.optim.Adam(groups)
+        base_lr = [g["lr"] for g in opt.param_groups]
         for step in range(config.steps):
             b = train[step % len(train)]
             with torch.no_grad():
@@ -282,8 +303,8 @@ def finetune_(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if config.schedule == "cosine":
-                for group in opt.param_groups:
-                    group["lr"] = config.lr * 0.5 * (1.0 + math.cos(math.pi * step / config.steps))
+                for group, lr in zip(opt.param_groups, base_lr, strict=True):
+                    group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / config.steps))
             opt.step()
             report.train_losses.append(float(loss.detach()))
         with torch.no_grad():
@@ -295,7 +316,7 @@ def finetune_(
     finally:
         if not report.kept:  # no gain, or an exception: the model is left exactly as it came in
             with torch.no_grad():
-                for p, s in zip(norm_params, saved_norms, strict=True):
+                for p, s in zip(floats, saved_floats, strict=True):
                     p.copy_(s)
         for g in gains:
             g.remove()
@@ -305,7 +326,7 @@ def finetune_(
         for n, p in model.named_parameters():
             p.requires_grad_(req[n])
         model.train(was_training)
-        del saved_norms
+        del saved_floats
     report.seconds = time.perf_counter() - t0
     return report
 

@@ -37,6 +37,7 @@ __all__ = [
     "decode_flat",
     "check_out_dtype",
     "check_magnitude",
+    "check_vector_shape",
     "max_abs_input",
     "MAX_LATTICE_UNITS",
     "warn_clamped",
@@ -105,6 +106,12 @@ def check_magnitude(x: torch.Tensor, max_abs: float, argname: str = "x") -> None
 
 def check_vectors(x, d: int, argname: str = "x", max_abs: float = math.inf) -> None:
     """Validate a float tensor ``(..., d)`` with finite entries of magnitude <= ``max_abs``."""
+    check_vector_shape(x, d, argname)
+    check_magnitude(x, max_abs, argname)
+
+
+def check_vector_shape(x, d: int, argname: str = "x") -> None:
+    """Validate a float tensor ``(..., d)`` (type, dtype and shape only: no pass over the values)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{argname} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
@@ -114,7 +121,6 @@ def check_vectors(x, d: int, argname: str = "x", max_abs: float = math.inf) -> N
             f"{argname} must have last dimension d={d} (use coset.quant.to_blocks for other lengths), "
             f"got shape {tuple(x.shape)}"
         )
-    check_magnitude(x, max_abs, argname)
 
 
 def check_labels(b, T, lattice: Lattice, config: QuantizationConfig) -> None:

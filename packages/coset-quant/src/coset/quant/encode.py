@@ -10,24 +10,34 @@ import torch
 
 from coset.lattice import Lattice
 
-from ._core import check_vectors, encode_flat, max_abs_input, resolve, warn_clamped
+from ._core import check_magnitude, check_vector_shape, encode_flat, max_abs_input, resolve, warn_clamped
 from .backend import select_backend
 from .config import QuantizationConfig
 from .dither import sample_dither
 from .offset import effective_dither
 
-__all__ = ["encode", "prepare_vectors"]
+__all__ = ["check_reference_input", "encode", "prepare_vectors"]
 
 
 def prepare_vectors(x: torch.Tensor, config: QuantizationConfig | None, lattice: Lattice | None):
-    """Shared prologue of encode/quantize: defaults, input checks, flattening to ``(N, d)`` and the dither
-    the backends receive (random dither and/or the centring offset, float64 ``(N, d)``, or ``None``)."""
+    """Shared prologue of encode/quantize: defaults, type and shape checks, flattening to ``(N, d)`` and the
+    dither the backends receive (random dither and/or the centring offset, float64 ``(N, d)``, or ``None``).
+
+    The values (NaN/Inf, magnitude) are checked once, where they are read: by the backend that runs the call
+    (its protocol duty, :class:`coset.quant.backend.KernelConstants`), or by :func:`check_reference_input`
+    before the reference path — not a second full pass here.
+    """
     lattice, config = resolve(config, lattice)
-    check_vectors(x, lattice.dim, max_abs=max_abs_input(config))
+    check_vector_shape(x, lattice.dim)
     xf = x.reshape(-1, lattice.dim)
     N = xf.shape[0]
     z = sample_dither(N, lattice, config.dither_seed, x.device) if config.with_dither else None
     return lattice, config, xf, effective_dither(N, lattice, config, z, x.device)
+
+
+def check_reference_input(xf: torch.Tensor, config: QuantizationConfig) -> None:
+    """The value check of the reference path (the backends run their own): finite, ``|x| <= max_abs_input``."""
+    check_magnitude(xf, max_abs_input(config), "x")
 
 
 def encode(
@@ -69,6 +79,7 @@ def encode(
     if be is not None:
         b, T, clamped = be.encode(xf, lattice, config, z)
     else:
+        check_reference_input(xf, config)
         b, T, clamped = encode_flat(xf.to(torch.float64), lattice, config, z)
     warn_clamped(clamped, config, "encode")
     b = b.reshape(*lead, config.M, lattice.dim)

@@ -9,7 +9,7 @@ from coset.lattice import Lattice
 from ._core import decode_flat, encode_flat, warn_clamped
 from .backend import select_backend
 from .config import QuantizationConfig
-from .encode import prepare_vectors
+from .encode import check_reference_input, prepare_vectors
 
 __all__ = ["quantize"]
 
@@ -44,6 +44,7 @@ def quantize(
     if be is not None:
         xh, T, clamped = be.quantize(xf, lattice, config, z)
     else:
+        check_reference_input(xf, config)
         b, T, clamped = encode_flat(xf.to(torch.float64), lattice, config, z)
         xh = decode_flat(b, T, lattice, config, z, x.dtype)
     warn_clamped(clamped, config, "quantize")
