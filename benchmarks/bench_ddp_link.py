@@ -39,6 +39,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "packages" / "coset-dist" / "tests"))
@@ -57,6 +58,7 @@ METHODS = [
 ]
 EXTRA = ["hnlq-allgather-py", "hnlq-modular-q4-py"]  # the pure-Python codec (native bucket codec disabled)
 EXTRA += [m + "-s2" for m in METHODS if m.startswith("hnlq")]  # 2 fp32 warm-up steps instead of 10
+EXTRA += ["hnlq-modular-q4-u8", "hnlq-modular-q8-u8"]  # code_packing="uint8": 1 B/value at every world size
 PORT = 29611
 
 
@@ -103,8 +105,11 @@ def _register(ddp, method: str):
         return st
     # "-s2": compress from step 2, the earliest coset.dist allows (DDP rebuilds its buckets after step 0); HNLQ with
     # error feedback needs no longer fp32 warm-up, unlike PowerSGD
-    kw = dict(error_feedback=True, start_iter=2 if method.endswith("-s2") else START_ITER)
+    kw: dict[str, Any] = dict(error_feedback=True, start_iter=2 if method.endswith("-s2") else START_ITER)
     base = method.removesuffix("-s2").removesuffix("-py")
+    if base.endswith("-u8"):
+        kw["code_packing"] = "uint8"
+        base = base.removesuffix("-u8")
     if base == "hnlq-allgather":
         st = HNLQHookState(config=default_config(4, 2), mode="allgather", **kw)
     elif base == "hnlq-modular-q4":
