@@ -29,11 +29,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from coset.ptq.allocate import allocate_rates, fisher_costs, fisher_diagonal, saved_nbytes  # noqa: E402
 from coset.ptq.api import cpu_seconds  # noqa: E402
+from coset.ptq.bits import bits_per_weight  # noqa: E402
 from coset.ptq.calib import collect_hessians  # noqa: E402
 from coset.ptq.data import pydoc_text, stdlib_docstrings, token_windows  # noqa: E402
 from coset.ptq.eval import lm_fidelity, lm_reference  # noqa: E402
 from coset.ptq.finetune import FinetuneConfig, clone_reference, finetune_  # noqa: E402
 from coset.ptq.hnlq_block import MethodConfig, quantize_linear  # noqa: E402
+from coset.ptq.layers import HNLQLinear  # noqa: E402
 from coset.ptq.models import load_smollm2  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -47,6 +49,8 @@ def main() -> None:
     ap.add_argument("--gains", choices=("layer", "row"), default="layer", help="row: fp16 per-channel out_scale")
     ap.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
     ap.add_argument("--head-lr", type=float, default=0.0, help="> 0: also tune the (tied) float lm_head at this lr")
+    ap.add_argument("--code-lr", type=float, default=0.0, help="> 0: also tune the codes (straight-through latents)")
+    ap.add_argument("--code-every", type=int, default=4, help="re-quantize the latents every N steps")
     ap.add_argument("--seqlen", type=int, default=256, help="tuning batch length (calibration windows are cut)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--cache", default="/tmp/coset-ptq-cache")
@@ -99,11 +103,18 @@ def main() -> None:
             "choice": choice,
         }
         print("allocation", {k: v for k, v in alloc_row.items() if k != "choice"}, flush=True)
+    elif args.code_lr > 0:  # the tuning moves the codes: the layers must be the compressed HNLQLinear modules
+        codes = quantized_codes(model, calib, cache, args.bits, args.seed)
+        what = dict.fromkeys(codes)
+        for n, c in codes.items():
+            model.set_submodule(n, HNLQLinear.from_codes(c))
+        alloc_row = {"bits_before": bits_per_weight(model).all_in}
     else:
         what = quantized(model, calib, cache, args.bits, args.seed)
     with torch.no_grad():
         for n, w in what.items():
-            model.get_submodule(n).weight.copy_(w)
+            if w is not None:
+                model.get_submodule(n).weight.copy_(w)
     before = lm_fidelity(ref, model, ids, 512)
     print("before", before, flush=True)
     batches = list(tune.reshape(-1, args.seqlen).split(1))
@@ -120,6 +131,9 @@ def main() -> None:
             schedule=args.schedule,
             head=args.head_lr > 0,
             head_lr=args.head_lr or 1e-5,
+            codes=args.code_lr > 0,
+            code_lr=args.code_lr or 1e-4,
+            code_every=args.code_every,
         ),
         layers=list(what),
     )
@@ -136,6 +150,8 @@ def main() -> None:
         "gains": args.gains,
         "schedule": args.schedule,
         "head_lr": args.head_lr,
+        "code_lr": args.code_lr,
+        "code_every": args.code_every,
         "t_codings": "zero/dense/sparse/elias_fano",
         "seqlen": args.seqlen,
         "tune_windows": len(tune),
@@ -148,6 +164,9 @@ def main() -> None:
         "report": rep.to_dict(),
         **alloc_row,
     }
+    if args.code_lr > 0:  # all-in bits of the tuned codes (T may have changed), fp16 row gains included
+        row["bits_after"] = bits_per_weight(model).all_in
+        print("bits", row["bits_before"], "->", row["bits_after"], flush=True)
     RESULTS.mkdir(exist_ok=True)
     with (RESULTS / "ptq_finetune.jsonl").open("a") as f:
         f.write(json.dumps(row) + "\n")
@@ -157,17 +176,35 @@ def _tag(seed: int) -> str:
     return f"_s{seed}" if seed else ""
 
 
+def quantized_codes(model, calib, cache: pathlib.Path, bits: int, seed: int = 0) -> dict:
+    """LinearCodes of every block linear at one rate class (float Hessians shared), cached."""
+    p = cache / f"smol_codes{bits}{_tag(seed)}.pt"
+    if p.exists():
+        return torch.load(p, weights_only=False)
+    hessians = _hessians(model, calib, cache)
+    cfg = MethodConfig.for_bits(bits, seed=seed)
+    codes = {}
+    for name, H in hessians.items():
+        codes[name] = quantize_linear(model.get_submodule(name).weight.detach(), H, cfg, name=name)[1]
+    torch.save(codes, p)
+    return codes
+
+
+def _hessians(model, calib, cache: pathlib.Path) -> dict:
+    hp = cache / "smol_h64.pt"
+    if hp.exists():
+        return torch.load(hp)["hessians"]
+    hessians = collect_hessians(model, list(calib.split(8)), dtype=torch.float32)
+    torch.save({"hessians": hessians}, hp)
+    return hessians
+
+
 def quantized(model, calib, cache: pathlib.Path, bits: int, seed: int = 0) -> dict:
     """W_hat of every block linear at one rate class (float Hessians shared), cached with its all-in bytes."""
     p, bp = cache / f"smol_what{bits}{_tag(seed)}.pt", cache / f"smol_bytes{bits}{_tag(seed)}.pt"
     if p.exists() and bp.exists():
         return torch.load(p)
-    hp = cache / "smol_h64.pt"
-    if hp.exists():
-        hessians = torch.load(hp)["hessians"]
-    else:
-        hessians = collect_hessians(model, list(calib.split(8)), dtype=torch.float32)
-        torch.save({"hessians": hessians}, hp)
+    hessians = _hessians(model, calib, cache)
     cfg = MethodConfig.for_bits(bits, seed=seed)
     what, nbytes = {}, {}
     for name, H in hessians.items():

@@ -50,6 +50,9 @@ def kl(model, ref, data):
         (dict(norms=False, scales=False), ValueError, "norms"),
         (dict(head_lr=-1e-5), ValueError, "head_lr"),
         (dict(head="yes"), TypeError, "head"),
+        (dict(code_lr=0), ValueError, "code_lr"),
+        (dict(code_every=0), ValueError, "code_every"),
+        (dict(codes=1), TypeError, "codes"),
         (dict(gains="channel"), ValueError, "gains"),
         (dict(schedule="linear"), ValueError, "schedule"),
     ],
@@ -249,3 +252,35 @@ def test_head_tuning_needs_a_float_head(bert):
     ref = clone_reference(bert)
     with pytest.raises(ValueError, match="output head"):  # BertModel has no output embeddings
         finetune_(bert, ref, batches(), FinetuneConfig(norms=False, scales=False, head=True))
+
+
+@pytest.mark.slow
+def test_code_tuning_lowers_the_loss_and_stores_what_it_scored(llama, tmp_path):
+    """codes=True: straight-through latents move the codes of every HNLQLinear; the rebuilt layers hold exactly
+    the codes of the final latents (their KL is the reported held-out loss), the label bytes are unchanged and
+    a save/load round trip keeps the outputs."""
+    model, ref = quantized(llama)
+    data = batches(1, t=64, seed=7) * 6  # one batch: the objective the latents descend is the one scored
+    lins = {n: m for n, m in model.named_modules() if isinstance(m, HNLQLinear)}
+    labels0 = {n: m.weight.numel() for n, m in lins.items()}
+    cfg = FinetuneConfig(steps=40, norms=False, scales=False, codes=True, code_lr=1e-4, code_every=2, holdout=2)
+    rep = finetune_(model, ref, data, cfg)
+    assert rep.n_code_params == sum(m.in_features * m.out_features for m in lins.values())
+    assert rep.kept and rep.holdout_after < 0.9 * rep.holdout_before
+    assert 0.0 < rep.blocks_changed < 1.0
+    assert rep.holdout_after == pytest.approx(kl(model, ref, data[-2:]), rel=1e-4)
+    new = {n: m for n, m in model.named_modules() if isinstance(m, HNLQLinear)}
+    assert set(new) == set(lins) and all(new[n] is not lins[n] for n in new)  # rebuilt from the final codes
+    assert all(new[n].weight.numel() == labels0[n] for n in new) and not any(m.cache_weight for m in new.values())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    save_quantized(model, tmp_path)
+    loaded = load_quantized(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=data[0]).logits, model(input_ids=data[0]).logits)
+
+
+def test_code_tuning_needs_hnlq_layers(llama):
+    ref = clone_reference(llama)
+    lins = [n for n, m in llama.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n]
+    with pytest.raises(ValueError, match="HNLQLinear"):
+        finetune_(llama, ref, batches(), FinetuneConfig(codes=True), layers=lins)

@@ -7,6 +7,13 @@ language-model head, which is not quantized and stays in float — with tied emb
 matrix). QuIP# (Tseng et al. 2024, §5 "fine-tuning") tunes such parameters end to end against the float
 model's soft outputs; this is that step restricted to parameters that do not change the all-in bits.
 
+``codes=True`` goes one step further and tunes the codes themselves (PV-Tuning's straight-through "V step",
+Malinovskii et al. 2024): each ``HNLQLinear`` gets a float latent ``Z`` in its rotated basis, initialised to its
+decoded weight; the forward uses ``scale · Q(Z / scale)`` — the layer's own code (lattice, q, M, overload ramp),
+recomputed every ``code_every`` steps — and the gradient of the output reaches ``Z`` unchanged (straight
+through). Afterwards ``Z`` is encoded once more and the layer is rebuilt from those labels and T: the label
+bits are unchanged, the compact T may grow or shrink a little (the report gives the new layer bytes).
+
 Objective on each calibration batch: ``KL(p_float ‖ p_quantized)`` of the next-token distributions when the
 model returns ``logits``, otherwise the mean squared error of ``last_hidden_state`` relative to the float
 model's mean square (encoders). Adam on the chosen parameters; a held-out part of the calibration data is
@@ -24,6 +31,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from coset.quant import ClampWarning, encode, quantize
+
+from .codes import LinearCodes
 from .layers import HNLQLinear
 
 __all__ = ["FinetuneConfig", "FinetuneReport", "clone_reference", "finetune_"]
@@ -54,6 +65,10 @@ class FinetuneConfig:
     head : also tune the float output head (``model.get_output_embeddings()``; tied to the input embedding
         when the model ties them), at learning rate ``head_lr``
     head_lr : Adam learning rate of the head (its entries are ~100x smaller than a norm weight)
+    codes : also tune the codes of the ``HNLQLinear`` layers (straight-through latents, see the module doc)
+    code_lr : Adam learning rate of the latents (in weight units: a code changes when its latent has moved
+        about half a lattice cell, ~0.5 scale)
+    code_every : re-quantize the latents every this many steps (the forward uses the last quantization)
     """
 
     steps: int = 64
@@ -65,25 +80,28 @@ class FinetuneConfig:
     schedule: str = "constant"
     head: bool = False
     head_lr: float = 1e-5
+    codes: bool = False
+    code_lr: float = 1e-4
+    code_every: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("steps", "holdout"):
+        for name in ("steps", "holdout", "code_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("lr", "head_lr"):
+        for name in ("lr", "head_lr", "code_lr"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not (0 < v < math.inf):
                 raise ValueError(f"{name} must be a positive finite number, got {v!r}")
-        for name in ("norms", "scales", "head"):
+        for name in ("norms", "scales", "head", "codes"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         if self.gains not in ("layer", "row"):
             raise ValueError(f"gains must be 'layer' or 'row', got {self.gains!r}")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
-        if not (self.norms or self.scales or self.head):
-            raise ValueError("at least one of norms / scales / head must be tuned")
+        if not (self.norms or self.scales or self.head or self.codes):
+            raise ValueError("at least one of norms / scales / head / codes must be tuned")
 
 
 @dataclass
@@ -97,6 +115,8 @@ class FinetuneReport:
     n_norm_params: int = 0
     n_gains: int = 0
     n_head_params: int = 0
+    n_code_params: int = 0
+    blocks_changed: float = 0.0
     seconds: float = 0.0
     objective: str = ""
 
@@ -193,6 +213,58 @@ class _Gain:
         self.handle.remove()
 
 
+class _Latent:
+    """Straight-through latent of one ``HNLQLinear``'s codes: ``Z`` (m, n) float32 in the rotated basis; the
+    layer's forward sees ``Z + (Q(Z) - Z).detach()`` through its weight cache (value ``Q(Z)``, gradient to Z)."""
+
+    def __init__(self, mod: HNLQLinear):
+        self.mod = mod
+        with torch.no_grad():
+            w = mod.rotated_weight(torch.float32).detach().clone()
+        self.z = nn.Parameter(w)
+        self.q = w.clone()
+        self.handle = mod.register_forward_pre_hook(self._pre)
+
+    def _scale(self) -> torch.Tensor:
+        s = self.mod.scale.detach().to(torch.float64)
+        return s if s.ndim == 0 else s[:, None, None]
+
+    @torch.no_grad()
+    def requantize(self) -> None:
+        m, n, d = self.mod.out_features, self.mod.in_features, self.mod.code.dim
+        s = self._scale()
+        u = self.z.detach().to(torch.float64).reshape(m, n // d, d) / s
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ClampWarning)  # as in quantization: the ramp cap is the code's
+            self.q = (quantize(u, config=self.mod.code) * s).reshape(m, n).to(torch.float32)
+
+    def _pre(self, mod: nn.Module, args: Any) -> None:
+        mod._w_cache = self.z + (self.q - self.z).detach()
+
+    @torch.no_grad()
+    def rebuilt(self, cache_weight: bool) -> tuple[HNLQLinear, float]:
+        """A new module holding the codes of the final latent, and the fraction of blocks whose code changed."""
+        mod = self.mod
+        m, n, d = mod.out_features, mod.in_features, mod.code.dim
+        s = self._scale()
+        u = self.z.detach().to(torch.float64).reshape(m, n // d, d) / s
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ClampWarning)
+            labels, T = encode(u, config=mod.code)
+        old_labels, old_T = mod.codes()
+        changed = ((labels != old_labels).flatten(2).any(-1) | (T != old_T)).double().mean()
+        codes = LinearCodes(mod.code, labels, T, mod.scale.detach().clone(), mod.rot_in, mod.rot_out, n, m)
+        new = HNLQLinear.from_codes(codes, mod.bias, cache_weight=cache_weight, lut_max_rows=mod.lut_max_rows)
+        if mod.spec.out_scale:
+            new.enable_out_scale()
+            new.get_buffer("out_scale").copy_(mod.get_buffer("out_scale"))
+        return new, float(changed)
+
+    def remove(self) -> None:
+        self.handle.remove()
+        self.mod._w_cache = None
+
+
 def finetune_(
     model: nn.Module,
     reference: nn.Module,
@@ -255,19 +327,27 @@ def finetune_(
         if not any(w is p for p in norm_params):
             head_params.append(w)
     gains = [_Gain(mods[n], config.gains == "row") for n in layers] if config.scales else []
-    if not norm_params and not gains and not head_params:
+    if config.codes and not any(isinstance(mods[n], HNLQLinear) for n in layers):
+        for g in gains:
+            g.remove()
+        raise ValueError("codes=True needs HNLQLinear layers (the compressed modules of quantize_)")
+    if not norm_params and not gains and not head_params and not config.codes:
         raise ValueError("nothing to tune: the model has no norm layer and no quantized linear")
     # decode each compressed weight once for the whole tuning, not at every forward
     cached = [m for m in model.modules() if isinstance(m, HNLQLinear) and not m.cache_weight]
     for m in cached:
         m.cache_weight = True
+    latents = {n: _Latent(mods[n]) for n in layers if config.codes and isinstance(mods[n], HNLQLinear)}
     floats = norm_params + head_params  # tuned in place; restored from these copies unless kept
     saved_floats = [p.detach().clone() for p in floats]
     report.n_norm_params, report.n_gains = sum(p.numel() for p in norm_params), len(gains)
     report.n_head_params = sum(p.numel() for p in head_params)
+    report.n_code_params = sum(lat.z.numel() for lat in latents.values())
     groups = [{"params": norm_params + [g.log_g for g in gains], "lr": config.lr}]
     if head_params:
         groups.append({"params": head_params, "lr": config.head_lr})
+    if latents:
+        groups.append({"params": [lat.z for lat in latents.values()], "lr": config.code_lr})
     try:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -294,6 +374,9 @@ def finetune_(
         opt = torch.optim.Adam(groups)
         base_lr = [g["lr"] for g in opt.param_groups]
         for step in range(config.steps):
+            if latents and step and step % config.code_every == 0:
+                for lat in latents.values():
+                    lat.requantize()
             b = train[step % len(train)]
             with torch.no_grad():
                 target = _output(reference(**b))[1]
@@ -307,10 +390,26 @@ def finetune_(
                     group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / config.steps))
             opt.step()
             report.train_losses.append(float(loss.detach()))
+        for lat in latents.values():  # the model scored is the one stored: the codes of the final latents
+            lat.requantize()
         with torch.no_grad():
             report.holdout_after = held_loss()
         report.kept = report.holdout_after < report.holdout_before
         if report.kept:
+            changed, total = 0.0, 0
+            for name, lat in latents.items():
+                new, frac = lat.rebuilt(cache_weight=lat.mod not in cached)
+                lat.remove()
+                for g in gains:
+                    if g.mod is lat.mod:
+                        g.remove()
+                        g.mod = new
+                model.set_submodule(name, new)
+                changed, total = (
+                    changed + frac * new.in_features * new.out_features,
+                    total + new.in_features * new.out_features,
+                )
+            report.blocks_changed = changed / max(total, 1)
             for g in gains:
                 g.fold()
     finally:
@@ -320,6 +419,8 @@ def finetune_(
                     p.copy_(s)
         for g in gains:
             g.remove()
+        for lat in latents.values():
+            lat.remove()
         for m in cached:
             m.cache_weight = False
             m._w_cache = None
