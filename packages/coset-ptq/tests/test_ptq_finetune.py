@@ -263,7 +263,7 @@ def test_code_tuning_lowers_the_loss_and_stores_what_it_scored(llama, tmp_path):
     data = batches(1, t=64, seed=7) * 6  # one batch: the objective the latents descend is the one scored
     lins = {n: m for n, m in model.named_modules() if isinstance(m, HNLQLinear)}
     labels0 = {n: m.weight.numel() for n, m in lins.items()}
-    cfg = FinetuneConfig(steps=40, norms=False, scales=False, codes=True, code_lr=1e-4, code_every=2, holdout=2)
+    cfg = FinetuneConfig(steps=40, norms=False, scales=False, codes=True, code_lr=4e-3, code_every=2, holdout=2)
     rep = finetune_(model, ref, data, cfg)
     assert rep.n_code_params == sum(m.in_features * m.out_features for m in lins.values())
     assert rep.kept and rep.holdout_after < 0.9 * rep.holdout_before

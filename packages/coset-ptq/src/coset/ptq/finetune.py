@@ -66,8 +66,8 @@ class FinetuneConfig:
         when the model ties them), at learning rate ``head_lr``
     head_lr : Adam learning rate of the head (its entries are ~100x smaller than a norm weight)
     codes : also tune the codes of the ``HNLQLinear`` layers (straight-through latents, see the module doc)
-    code_lr : Adam learning rate of the latents (in weight units: a code changes when its latent has moved
-        about half a lattice cell, ~0.5 scale)
+    code_lr : Adam learning rate of the latents in units of each layer's code scale (a code changes when its
+        latent has moved about half a lattice cell, ~0.5 scale; layers' scales differ by 10x)
     code_every : re-quantize the latents every this many steps (the forward uses the last quantization)
     """
 
@@ -81,7 +81,7 @@ class FinetuneConfig:
     head: bool = False
     head_lr: float = 1e-5
     codes: bool = False
-    code_lr: float = 1e-4
+    code_lr: float = 2e-3
     code_every: int = 4
 
     def __post_init__(self) -> None:
@@ -226,17 +226,18 @@ class _Latent:
         self.handle = mod.register_forward_pre_hook(self._pre)
 
     def _scale(self) -> torch.Tensor:
-        s = self.mod.scale.detach().to(torch.float64)
+        # float32 throughout: the fast native path (the codes are those of the float32 latent, in both places)
+        s = self.mod.scale.detach().to(torch.float32)
         return s if s.ndim == 0 else s[:, None, None]
 
     @torch.no_grad()
     def requantize(self) -> None:
         m, n, d = self.mod.out_features, self.mod.in_features, self.mod.code.dim
         s = self._scale()
-        u = self.z.detach().to(torch.float64).reshape(m, n // d, d) / s
+        u = self.z.detach().reshape(m, n // d, d) / s
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ClampWarning)  # as in quantization: the ramp cap is the code's
-            self.q = (quantize(u, config=self.mod.code) * s).reshape(m, n).to(torch.float32)
+            self.q = (quantize(u, config=self.mod.code) * s).reshape(m, n)
 
     def _pre(self, mod: nn.Module, args: Any) -> None:
         mod._w_cache = self.z + (self.q - self.z).detach()
@@ -247,7 +248,7 @@ class _Latent:
         mod = self.mod
         m, n, d = mod.out_features, mod.in_features, mod.code.dim
         s = self._scale()
-        u = self.z.detach().to(torch.float64).reshape(m, n // d, d) / s
+        u = self.z.detach().reshape(m, n // d, d) / s
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ClampWarning)
             labels, T = encode(u, config=mod.code)
@@ -346,8 +347,8 @@ def finetune_(
     groups = [{"params": norm_params + [g.log_g for g in gains], "lr": config.lr}]
     if head_params:
         groups.append({"params": head_params, "lr": config.head_lr})
-    if latents:
-        groups.append({"params": [lat.z for lat in latents.values()], "lr": config.code_lr})
+    for lat in latents.values():
+        groups.append({"params": [lat.z], "lr": config.code_lr * float(lat.mod.scale.float().mean())})
     try:
         for p in model.parameters():
             p.requires_grad_(False)
