@@ -49,7 +49,12 @@ def main() -> None:
     ap.add_argument("--gains", choices=("layer", "row"), default="layer", help="row: fp16 per-channel out_scale")
     ap.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
     ap.add_argument("--head-lr", type=float, default=0.0, help="> 0: also tune the (tied) float lm_head at this lr")
-    ap.add_argument("--code-lr", type=float, default=0.0, help="> 0: also tune the codes (straight-through latents), lr in units of each layer's scale")
+    ap.add_argument(
+        "--code-lr",
+        type=float,
+        default=0.0,
+        help="> 0: also tune the codes (straight-through latents), lr in units of each layer's scale",
+    )
     ap.add_argument("--code-every", type=int, default=4, help="re-quantize the latents every N steps")
     ap.add_argument("--seqlen", type=int, default=256, help="tuning batch length (calibration windows are cut)")
     ap.add_argument("--threads", type=int, default=0)
