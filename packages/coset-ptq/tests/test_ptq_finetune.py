@@ -29,6 +29,14 @@ def quantized(model, bits=2):
     return model, ref
 
 
+def assert_round_trip(model, path, batch):
+    """save_quantized + load_quantized give the same logits."""
+    save_quantized(model, path)
+    loaded = load_quantized(path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=batch).logits, model(input_ids=batch).logits)
+
+
 def kl(model, ref, data):
     with torch.no_grad():
         tot = 0.0
@@ -117,11 +125,7 @@ def test_tuning_lowers_held_out_kl_without_touching_codes_or_bits(llama, tmp_pat
             assert torch.equal(p, frozen[n]), n
     assert all(not p.requires_grad for p in ref.parameters())
     # the tuned scales and norms survive save / load
-    save_quantized(model, tmp_path)
-    loaded = load_quantized(tmp_path)
-    x = data[0]
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits)
+    assert_round_trip(model, tmp_path, data[0])
 
 
 def test_no_gain_leaves_the_model_exactly_as_it_was(llama):
@@ -208,10 +212,7 @@ def test_row_gains_are_stored_as_float16_out_scale_and_counted(llama, tmp_path):
     for m in model.modules():
         if isinstance(m, HNLQLinear):
             assert m.spec.out_scale and m.out_scale.dtype == torch.float16 and not m._forward_hooks
-    save_quantized(model, tmp_path)
-    loaded = load_quantized(tmp_path)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=data[0]).logits, model(input_ids=data[0]).logits)
+    assert_round_trip(model, tmp_path, data[0])
     assert bits_per_weight(tmp_path).nbytes == bits_per_weight(model).nbytes
     # per-layer gains on top of stored row gains: they multiply, and the report matches the folded model
     rep2 = finetune_(model, ref, data, FinetuneConfig(steps=3, lr=1e-2, gains="layer", holdout=2))
@@ -242,10 +243,7 @@ def test_head_tuning_undoes_damage_to_the_tied_head_and_is_saved(llama, tmp_path
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert rep.holdout_after == pytest.approx(kl(model, ref, data[-2:]), rel=1e-4)
     assert bits_per_weight(model).nbytes == bits0  # the head is not a quantized weight
-    save_quantized(model, tmp_path)
-    loaded = load_quantized(tmp_path)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=data[0]).logits, model(input_ids=data[0]).logits)
+    assert_round_trip(model, tmp_path, data[0])
 
 
 def test_head_tuning_needs_a_float_head(bert):
@@ -273,10 +271,7 @@ def test_code_tuning_lowers_the_loss_and_stores_what_it_scored(llama, tmp_path):
     assert set(new) == set(lins) and all(new[n] is not lins[n] for n in new)  # rebuilt from the final codes
     assert all(new[n].weight.numel() == labels0[n] for n in new) and not any(m.cache_weight for m in new.values())
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
-    save_quantized(model, tmp_path)
-    loaded = load_quantized(tmp_path)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=data[0]).logits, model(input_ids=data[0]).logits)
+    assert_round_trip(model, tmp_path, data[0])
 
 
 def test_code_tuning_needs_hnlq_layers(llama):
