@@ -26,7 +26,6 @@ from .config import ClampWarning, OverloadError, QuantizationConfig
 
 __all__ = [
     "resolve",
-    "check_vectors",
     "check_labels",
     "encode_layers",
     "coset_representative",
@@ -102,12 +101,6 @@ def check_magnitude(x: torch.Tensor, max_abs: float, argname: str = "x") -> None
             "disable_overload_protection): x / beta would leave the range of the encoder's exact float64 arithmetic; "
             "use a larger beta"
         )
-
-
-def check_vectors(x, d: int, argname: str = "x", max_abs: float = math.inf) -> None:
-    """Validate a float tensor ``(..., d)`` with finite entries of magnitude <= ``max_abs``."""
-    check_vector_shape(x, d, argname)
-    check_magnitude(x, max_abs, argname)
 
 
 def check_vector_shape(x, d: int, argname: str = "x") -> None:
