@@ -36,11 +36,12 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from coset.kv import CodedKVStore, KVQuantConfig, ScalarKVConfig, ScalarKVStore, allocate_layers, native
+from coset.kv import CodedKVStore, KeyTransform, KVQuantConfig, ScalarKVConfig, ScalarKVStore, allocate_layers, native
 from coset.kv.hf_cache import (
     CosetQuantizedCache,
     ScalarQuantizedCache,
     calibrate_key_scales,
+    calibrate_key_transforms,
     layer_sensitivity,
     use_coset_attention,
 )
@@ -98,12 +99,16 @@ def methods() -> list[tuple[str, str, object]]:
         tag = f"{kb}{vb}"
         out.append((f"hnlq{tag}_s1", "hnlq", KVQuantConfig(bits=kb, value_bits=vb, sink=1)))
         out.append((f"hnlq{tag}_s1_kq", "hnlq_kq", KVQuantConfig(bits=kb, value_bits=vb, sink=1)))
+        out.append((f"hnlq{tag}_s1_kf", "hnlq_kf", KVQuantConfig(bits=kb, value_bits=vb, sink=1)))
+        for r in (16, 64):  # the key transform at other ranks (kf: the default, 8)
+            out.append((f"hnlq{tag}_s1_kf{r}", f"hnlq_kf{r}", KVQuantConfig(bits=kb, value_bits=vb, sink=1)))
         out.append((f"kivi{tag}_s1", "kivi", ScalarKVConfig(bits=kb, value_bits=vb, sink=1)))
         out.append((f"kivi{vb}{kb}_s1", "kivi", ScalarKVConfig(bits=vb, value_bits=kb, sink=1)))
     # per-layer allocation at exact 2 / 3 / 4 bits (allocate_layers from layer_sensitivity measured with keys 2 /
     # values 1 on held-out text), calibrated key scales, sink
     for target, opts in ALLOC_OPTIONS.items():
         out.append((f"hnlq_alloc{target}_s1_kq", "hnlq_alloc", (target, opts)))
+        out.append((f"hnlq_alloc{target}_s1_kf", "hnlq_alloc_kf", (target, opts)))
     return out
 
 
@@ -119,12 +124,23 @@ ALLOC_OPTIONS = {
 }
 #: reference code of the layer sensitivities (keys 2 / values 1, 2.0 bits)
 SENS_CONFIG = _kv(2, 1)
-#: per-layer configs of the ``hnlq_alloc`` caches, set by main()
-ALLOCATIONS: dict[int, list[KVQuantConfig]] = {}
+#: per-layer configs of the ``hnlq_alloc`` / ``hnlq_alloc_kf`` caches by kind and target rate, set by main()
+ALLOCATIONS: dict[str, dict[int, list[KVQuantConfig]]] = {}
 
 
 #: per-layer key scales of the ``hnlq_kq`` caches, set by main() (calibrate_key_scales on held-out text)
 KEY_SCALES: list[torch.Tensor] | None = None
+#: per-layer key transforms of the ``hnlq_kf<rank>`` caches by rank (calibrate_key_transforms on the same text)
+KEY_TRANSFORMS: dict[str, list[KeyTransform]] | None = None
+
+
+def key_scales_of(kind: str) -> list | None:
+    """The per-layer key scales (``hnlq_kq``) or key transforms (``hnlq_kf<rank>``, rank 8 if none) of a kind."""
+    if kind == "hnlq_kq":
+        return KEY_SCALES
+    if kind.startswith("hnlq_kf") and KEY_TRANSFORMS is not None:
+        return KEY_TRANSFORMS[kind[len("hnlq_kf") :] or "8"]
+    return None
 
 
 def make_cache(kind: str, cfg, model_config, prefill: str = "float"):
@@ -132,13 +148,17 @@ def make_cache(kind: str, cfg, model_config, prefill: str = "float"):
     protocol: every position reads the quantized cache, as with the KIVI cache, which always does)."""
     if kind == "fp32":
         return DynamicCache(config=model_config)
-    if kind == "hnlq_alloc":
-        cfgs = [dataclasses.replace(c, prefill=prefill) for c in ALLOCATIONS[cfg[0]]]
-        return CosetQuantizedCache(model_config, cfgs, key_scales=KEY_SCALES)
-    if kind in ("hnlq", "hnlq_kq"):
-        scales = KEY_SCALES if kind == "hnlq_kq" else None
-        if kind == "hnlq_kq" and scales is None:
-            raise RuntimeError("KEY_SCALES not calibrated")
+    if kind in ("hnlq_alloc", "hnlq_alloc_kf"):
+        cfgs = [dataclasses.replace(c, prefill=prefill) for c in ALLOCATIONS[kind][cfg[0]]]
+        return CosetQuantizedCache(
+            model_config,
+            cfgs,
+            key_scales=KEY_TRANSFORMS["8"] if kind == "hnlq_alloc_kf" and KEY_TRANSFORMS else KEY_SCALES,
+        )
+    if kind in ("hnlq", "hnlq_kq") or kind.startswith("hnlq_kf"):
+        scales = key_scales_of(kind)
+        if kind != "hnlq" and scales is None:
+            raise RuntimeError(f"key scales of {kind} not calibrated")
         return CosetQuantizedCache(model_config, dataclasses.replace(cfg, prefill=prefill), key_scales=scales)
     return ScalarQuantizedCache(model_config, cfg)
 
@@ -146,8 +166,8 @@ def make_cache(kind: str, cfg, model_config, prefill: str = "float"):
 def bits_per_element(kind: str, cfg) -> float:
     if kind == "fp32":
         return 32.0
-    if kind == "hnlq_alloc":
-        cfgs = ALLOCATIONS[cfg[0]]
+    if kind in ("hnlq_alloc", "hnlq_alloc_kf"):
+        cfgs = ALLOCATIONS[kind][cfg[0]]
         return sum(c.bits_per_element(HEAD_DIM) for c in cfgs) / len(cfgs)
     return cfg.bits_per_element(HEAD_DIM)  # HNLQ: exact; KIVI: full groups (the fp residual not counted)
 
@@ -189,7 +209,8 @@ class _OneSideCache(DynamicCache):
         if self.kind == "kivi":
             store = ScalarKVStore(self.cfg)
         else:
-            scales = KEY_SCALES[layer_idx] if self.kind == "hnlq_kq" and KEY_SCALES is not None else None
+            per_layer = key_scales_of(self.kind)
+            scales = per_layer[layer_idx] if per_layer is not None else None
             store = CodedKVStore(self.cfg, seed=self.cfg.seed + layer_idx, key_scale=scales)  # the layer's rotation
         store.append(x, x)  # keys per channel / values per token (KIVI): pick the matching half
         xq = store.dequantized()[0 if self.side == "k" else 1]
@@ -476,25 +497,32 @@ def main() -> None:
         use_coset_attention(model)  # "coset_kv": the LUT/code path for CosetKVLayer, plain SDPA otherwise
     sel = set(args.only.split(",")) if args.only else None
     todo = [m for m in methods() if sel is None or m[0] in sel]
-    if any(kind in ("hnlq_kq", "hnlq_alloc") for _, kind, _ in todo):
-        global KEY_SCALES
+    if any(kind.startswith(("hnlq_kq", "hnlq_kf", "hnlq_alloc")) for _, kind, _ in todo):
+        global KEY_SCALES, KEY_TRANSFORMS
         # calibration text: the pydoc window right after the evaluated ones (never evaluated itself)
         calib = token_windows(tok, pydoc_text(), args.seqlen, args.windows + 1)[-1:]
         KEY_SCALES = calibrate_key_scales(model, calib)
-        results["key_scales"] = f"calibrate_key_scales on pydoc window {args.windows} ({args.seqlen} tokens)"
-    if any(kind == "hnlq_alloc" for _, kind, _ in todo):
-        # layer sensitivities on the first 512 tokens of the same held-out window
+        KEY_TRANSFORMS = {str(r): calibrate_key_transforms(model, calib, rank=r) for r in (8, 16, 64)}
+        results["key_scales"] = (
+            f"calibrate_key_scales / calibrate_key_transforms on pydoc window {args.windows} ({args.seqlen} tokens)"
+        )
+    for akind in sorted({kind for _, kind, _ in todo if kind in ("hnlq_alloc", "hnlq_alloc_kf")}):
+        # layer sensitivities on the first 512 tokens of the same held-out window, with the key scales
+        # (hnlq_alloc) or key transforms (hnlq_alloc_kf) the caches use
         calib = token_windows(tok, pydoc_text(), args.seqlen, args.windows + 1)[-1:, :512]
+        keys = KEY_TRANSFORMS["8"] if akind == "hnlq_alloc_kf" else KEY_SCALES
         t0 = time.time()
-        sens = layer_sensitivity(model, calib, SENS_CONFIG, key_scales=KEY_SCALES)
-        results["layer_sensitivity"] = {"config": repr(SENS_CONFIG), "seconds": time.time() - t0, "nll": sens}
-        print("layer sensitivity", [round(x, 4) for x in sens], flush=True)
+        sens = layer_sensitivity(model, calib, SENS_CONFIG, key_scales=keys)
+        tag = "" if akind == "hnlq_alloc" else "_kf"
+        results[f"layer_sensitivity{tag}"] = {"config": repr(SENS_CONFIG), "seconds": time.time() - t0, "nll": sens}
+        print("layer sensitivity", akind, [round(x, 4) for x in sens], flush=True)
         for target, opts in ALLOC_OPTIONS.items():
-            ALLOCATIONS[target] = allocate_layers([max(x, 0.0) for x in sens], opts, float(target), 2.0, HEAD_DIM)
-            results.setdefault("allocations", {})[str(target)] = [
-                f"K{c.bits}V{c.resolved_value_bits}t{c.t_bits}" for c in ALLOCATIONS[target]
+            alloc = allocate_layers([max(x, 0.0) for x in sens], opts, float(target), 2.0, HEAD_DIM)
+            ALLOCATIONS.setdefault(akind, {})[target] = alloc
+            results.setdefault(f"allocations{tag}", {})[str(target)] = [
+                f"K{c.bits}V{c.resolved_value_bits}t{c.t_bits}" for c in alloc
             ]
-            print(target, results["allocations"][str(target)], flush=True)
+            print(akind, target, results[f"allocations{tag}"][str(target)], flush=True)
     if "ppl" in sections:
         ids = token_windows(tok, pydoc_text(), args.seqlen, args.windows)
         results["ppl_setup"] = (
@@ -518,7 +546,7 @@ def main() -> None:
         results.setdefault("sides", {})
         ref = run_ppl(model, ids, "fp32", None)[0]
         for name, kind, cfg in todo:
-            if kind not in ("hnlq", "hnlq_kq", "kivi"):
+            if kind not in ("hnlq", "hnlq_kq", "hnlq_kf", "hnlq_kf16", "hnlq_kf64", "kivi"):
                 continue
             row = {side: run_side_ppl(model, ids, kind, cfg, side) / ref for side in ("k", "v")}
             results["sides"][name] = row

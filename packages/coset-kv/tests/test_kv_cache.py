@@ -8,13 +8,14 @@ transformers = pytest.importorskip("transformers")
 
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from coset.kv import CodedKVStore, KVQuantConfig, ScalarKVConfig  # noqa: E402
+from coset.kv import CodedKVStore, KeyTransform, KVQuantConfig, ScalarKVConfig  # noqa: E402
 from coset.kv.hf_cache import (  # noqa: E402
     CodedKV,
     CosetKVLayer,
     CosetQuantizedCache,
     ScalarQuantizedCache,
     calibrate_key_scales,
+    calibrate_key_transforms,
     coset_kv_attention,
     use_coset_attention,
 )
@@ -39,6 +40,13 @@ def model():
     m = LlamaForCausalLM(tiny_config()).eval()
     use_coset_attention(m)
     return m
+
+
+def random_transform(H, D, r, g):
+    """A KeyTransform with random orthonormal directions and gains in [0.25, 4]."""
+    v = torch.linalg.qr(torch.randn(H, D, r, generator=g))[0]
+    gains = torch.exp2(4 * torch.rand(H, r, generator=g) - 2)
+    return KeyTransform(v.to(torch.float16), gains.to(torch.float16))
 
 
 def kv(B=1, L=5, seed=0):
@@ -197,15 +205,22 @@ def test_bytes_accounting():
         (3, "decode", True, "split"),
         (0, "lut", True, "fixed"),
         (2, "auto", False, "fixed"),
+        (0, "lut", True, "matrix"),
+        (3, "decode", False, "matrix"),
     ],
 )
 def test_attention_from_codes_equals_sdpa_on_decoded_states(window, path, mean, sink):
     # float cases: per-channel key scale std^e, no sink; "split": keys 3 / values 1 bits with a sink;
-    # "fixed": a given key_scale (calibrated scales) with keys 2 / values 3 bits
+    # "fixed": a given key_scale (calibrated scales) with keys 2 / values 3 bits; "matrix": a given key
+    # transform (3, 64, 64) with a sink
     chan = sink if isinstance(sink, float) else 0.0
-    bits, vbits = {"split": (3, 1), "fixed": (2, 3)}.get(sink, (2, None))  # type: ignore[call-overload]
-    key_scale = torch.rand(3, 64, generator=torch.Generator().manual_seed(5)) + 0.2 if sink == "fixed" else None
-    sink = sink if isinstance(sink, int) else (1 if sink == "split" else 0)
+    bits, vbits = {"split": (3, 1), "fixed": (2, 3), "matrix": (3, 2)}.get(sink, (2, None))  # type: ignore[call-overload]
+    g5 = torch.Generator().manual_seed(5)
+    key_scale = {
+        "fixed": torch.rand(3, 64, generator=g5) + 0.2,
+        "matrix": random_transform(3, 64, 12, g5),
+    }.get(sink)  # type: ignore[call-overload]
+    sink = {"split": 1, "matrix": 1}.get(sink, 0) if not isinstance(sink, int) else sink  # type: ignore[call-overload]
     cfg = KVQuantConfig(
         bits=bits,
         value_bits=vbits,
@@ -393,6 +408,78 @@ def test_calibrated_key_scales_follow_key_and_query_energy(model):
         la2, lb2 = model(ids[:, 10:11], past_key_values=a).logits, model(ids[:, 10:11], past_key_values=b).logits
     assert torch.allclose(la, lb, atol=1e-4) and torch.allclose(la2, lb2, atol=1e-4)
     assert all(torch.equal(layer.store.k_chan, s) for layer, s in zip(a.layers, scales, strict=True))
+
+
+def test_key_transform_is_used_as_stored_counted_and_validated():
+    t = random_transform(3, 64, 16, torch.Generator().manual_seed(3))
+    store = CodedKVStore(KVQuantConfig(bits=4), key_scale=t, backend="torch")
+    k, v = kv(L=256, seed=2)
+    store.append(k, v)
+    assert torch.equal(store.k_mat, t.matrix())  # T from the float16 vectors and gains as stored
+    assert torch.allclose(store.q_mat @ store.k_mat, torch.eye(64).expand(3, 64, 64), atol=1e-5)
+    codes = 2 * 3 * 256 * KVQuantConfig(bits=4).bytes_per_vector(64)
+    assert t.nbytes == 3 * 16 * 65 * 2
+    assert store.nbytes == codes + 2 * 3 * 64 * 4 + t.nbytes  # codes, the two means, the transform
+    store.reset()
+    assert torch.equal(store.k_mat, t.matrix())  # belongs to the model: kept
+    # keys coded as T k: the key error is white in the T domain, i.e. shaped by T^-1 in the key domain.
+    # Gain 4 on channels 0..31 leaves them 16x less error than the others
+    eye = torch.eye(64, dtype=torch.float16)[:, :32].expand(3, 64, 32)
+    stretch = KeyTransform(eye.contiguous(), torch.full((3, 32), 4.0, dtype=torch.float16))
+    st = CodedKVStore(KVQuantConfig(bits=3), key_scale=stretch)
+    st.append(k, v)
+    e = (st.dequantized()[0] - k).pow(2).mean(dim=(0, 2))
+    assert float(e[:, 32:].mean()) > 8 * float(e[:, :32].mean())
+    tiny = torch.full((3, 1), 1e-7, dtype=torch.float16)  # gain ~1e-7 along e_0: cond(T) ~1e7
+    with pytest.raises(ValueError, match="key_scale"):
+        CodedKVStore(KVQuantConfig(), key_scale=KeyTransform(eye[..., :1].contiguous(), tiny))
+    with pytest.raises(ValueError, match="key_scale"):  # wrong head count, found at the first append
+        CodedKVStore(KVQuantConfig(), key_scale=random_transform(2, 64, 4, torch.Generator())).append(k, v)
+    with pytest.raises(ValueError, match="key_scale"):  # one transform, not one per head
+        CodedKVStore(KVQuantConfig(), key_scale=KeyTransform(eye[0], torch.ones(32, dtype=torch.float16)))
+    with pytest.raises(ValueError, match="key_scale"):
+        CodedKVStore(KVQuantConfig(key_channel_scale=0.5), key_scale=t)
+    with pytest.raises(ValueError, match="key_scale"):
+        CodedKVStore(KVQuantConfig(), key_scale=torch.ones(3, 64, 64))
+    with pytest.raises(TypeError, match="vectors"):
+        KeyTransform(eye.float(), torch.ones(3, 32, dtype=torch.float16))
+    with pytest.raises(ValueError, match="gains"):
+        KeyTransform(eye, -torch.ones(3, 32, dtype=torch.float16))
+    with pytest.raises(ValueError, match="match"):
+        KeyTransform(eye, torch.ones(3, 31, dtype=torch.float16))
+    with pytest.raises(ValueError, match="finite"):
+        KeyTransform(eye * float("nan"), torch.ones(3, 32, dtype=torch.float16))
+
+
+def test_calibrated_key_transforms_beat_diagonal_scales_on_the_score_error(model):
+    from coset.kv import score_error_factor
+    from coset.kv.hf_cache import _attention_moments
+
+    ids = torch.randint(0, 96, (1, 40), generator=torch.Generator().manual_seed(8))
+    impl = model.config._attn_implementation
+    mats = calibrate_key_transforms(model, ids)  # rank 8
+    assert model.config._attn_implementation == impl
+    full = calibrate_key_transforms(model, ids, rank=None)
+    scales = calibrate_key_scales(model, ids)
+    assert len(mats) == 2 and all(m.vectors.shape == (3, 64, 8) and m.gains.shape == (3, 8) for m in mats)
+    assert all(m.rank == 64 for m in full)
+    for m, f, s, st in zip(mats, full, scales, _attention_moments(model, ids), strict=True):
+        e_full = score_error_factor(st["k"], st["q"], f)
+        e_r8 = score_error_factor(st["k"], st["q"], m)
+        diag = score_error_factor(st["k"], st["q"], 1 / s)  # keys coded as k / s
+        none = score_error_factor(st["k"], st["q"], None)
+        # float16 storage costs well under 1%
+        assert bool((e_full <= diag * 1.01).all()) and bool((diag <= none * 1.0001).all())
+        assert bool((e_full <= e_r8 * 1.01).all()) and bool((e_r8 < none).all())
+    cfg = KVQuantConfig(bits=2, value_bits=1, prefill="codes", sink=1)
+    a = CosetQuantizedCache(model.config, cfg, key_scales=mats)
+    b = CosetQuantizedCache(model.config, cfg, return_codes=False, key_scales=mats)
+    with torch.no_grad():
+        la, lb = model(ids[:, :10], past_key_values=a).logits, model(ids[:, :10], past_key_values=b).logits
+        la2, lb2 = model(ids[:, 10:11], past_key_values=a).logits, model(ids[:, 10:11], past_key_values=b).logits
+    assert torch.allclose(la, lb, atol=1e-4) and torch.allclose(la2, lb2, atol=1e-4)
+    with pytest.raises(ValueError):
+        calibrate_key_transforms(model, ids, ridge=0.0)
 
 
 def test_per_layer_configs():

@@ -7,6 +7,8 @@
 * :func:`query_tables`, :func:`scores_lut`, :func:`scores_reference`, :func:`values_from_codes`: attention
   scores from the key codes through one-sided lookup tables, values accumulated from the value codes;
 * :class:`CodedKVStore` / :class:`ScalarKVStore`: per-layer caches, independent of transformers;
+* :func:`key_transform`: the linear map of the keys (and, inverted, of the queries) that minimises the score
+  error of the code, from the keys' and queries' second moments;
 * :func:`allocate_layers`: per-layer codes at an exact mean rate from measured layer sensitivities.
 
 The transformers ``Cache`` classes and the ``"coset_kv"`` attention function live in
@@ -17,6 +19,7 @@ from .allocation import allocate_layers
 from .coded_store import CodedKVStore
 from .codes import KVCodes, code_tables, decode_states, encode_states
 from .config import BLOCK, KVQuantConfig, ScalarKVConfig, calibrated_beta
+from .key_transform import KeyTransform, key_transform, score_error_factor
 from .lut import query_tables, scores_lut, scores_lut_torch, scores_reference, values_from_codes
 from .rotation import HeadRotation, fwht
 from .scalar_store import ScalarKVStore
@@ -40,5 +43,8 @@ __all__ = [
     "CodedKVStore",
     "ScalarKVStore",
     "allocate_layers",
+    "KeyTransform",
+    "key_transform",
+    "score_error_factor",
 ]
 __version__ = "0.1.0"

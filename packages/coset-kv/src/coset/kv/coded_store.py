@@ -21,11 +21,21 @@ import torch
 from .attention import masked_softmax
 from .codes import KVCodes, decode_states, encode_checked
 from .config import KVQuantConfig
+from .key_transform import KeyTransform
 from .lut import scores_lut, scores_reference, values_from_codes
 from .rotation import HeadRotation
 from .store import TokenBuffer
 
 __all__ = ["CodedKVStore"]
+
+
+def _inverse(t: torch.Tensor, name: str) -> torch.Tensor:
+    """``t^-1`` of ``(H, D, D)`` float32 matrices, computed in float64; a calibrated transform has cond ~1e1-1e3,
+    a (near) singular one (float16 vectors far from orthonormal) is rejected."""
+    t64 = t.to(torch.float64)
+    if not float(torch.linalg.cond(t64).max()) <= 1e6:  # NaN (a zero matrix) fails too
+        raise ValueError(f"{name} is singular or ill-conditioned (cond > 1e6)")
+    return torch.linalg.inv(t64).to(torch.float32)
 
 
 class CodedKVStore:
@@ -36,10 +46,12 @@ class CodedKVStore:
     config : KVQuantConfig
     seed : seed of this layer's rotation signs
     backend : kernel of the LUT path, ``"auto"`` | ``"torch"`` | ``"native"``
-    key_scale : optional ``(H, D)`` positive per-channel key scale ``s`` fixed in advance (e.g. by
-        :func:`coset.kv.hf_cache.calibrate_key_scales` from the queries' and keys' channel energies): keys are
-        coded as ``(k - mu) / s`` and queries scaled by ``s`` (exact for the scores, as with
-        ``config.key_channel_scale``, which it replaces; the two cannot be combined). Counted in the bytes.
+    key_scale : optional key transform fixed in advance, counted in the bytes; replaces
+        ``config.key_channel_scale`` (the two cannot be combined). Either ``(H, D)`` positive per-channel scales
+        ``s`` (e.g. :func:`coset.kv.hf_cache.calibrate_key_scales`): keys coded as ``(k - mu) / s``, queries
+        scaled by ``s``; or a :class:`coset.kv.KeyTransform` ``T`` per head (vectors ``(H, D, r)``, e.g.
+        :func:`coset.kv.hf_cache.calibrate_key_transforms`): keys coded as ``T (k - mu)``, queries mapped to
+        ``T^-T q``. Both are exact for the scores.
     """
 
     def __init__(
@@ -47,16 +59,29 @@ class CodedKVStore:
         config: KVQuantConfig | None = None,
         seed: int = 0,
         backend: str = "auto",
-        key_scale: torch.Tensor | None = None,
+        key_scale: torch.Tensor | KeyTransform | None = None,
     ):
         config = KVQuantConfig() if config is None else config
         if not isinstance(config, KVQuantConfig):
             raise TypeError(f"config must be a KVQuantConfig, got {type(config).__name__}")
         if backend not in ("auto", "torch", "native"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'native', got {backend!r}")
-        if key_scale is not None:
-            if not isinstance(key_scale, torch.Tensor) or not key_scale.dtype.is_floating_point or key_scale.ndim != 2:
-                raise TypeError("key_scale must be a floating (num_kv_heads, head_dim) tensor")
+        k_mat = q_mat = None
+        if isinstance(key_scale, KeyTransform):
+            if key_scale.vectors.ndim != 3:
+                raise ValueError(
+                    f"key_scale (a KeyTransform) must hold one transform per KV head: vectors (H, D, r), got "
+                    f"{tuple(key_scale.vectors.shape)}"
+                )
+            if config.key_channel_scale:
+                raise ValueError("key_scale and config.key_channel_scale cannot be combined")
+            k_mat = key_scale.matrix()
+            q_mat = _inverse(k_mat, "key_scale")
+        elif key_scale is not None:
+            if not isinstance(key_scale, torch.Tensor) or not key_scale.dtype.is_floating_point:
+                raise TypeError("key_scale must be a floating torch.Tensor or a KeyTransform")
+            if key_scale.ndim != 2:
+                raise ValueError(f"key_scale must have shape (num_kv_heads, head_dim), got {tuple(key_scale.shape)}")
             if not bool(torch.isfinite(key_scale).all()) or not bool((key_scale > 0).all()):
                 raise ValueError("key_scale must be finite and > 0")
             if config.key_channel_scale:
@@ -74,8 +99,10 @@ class CodedKVStore:
         self.dtype: torch.dtype | None = None
         self.k_mean: torch.Tensor | None = None  # (H, D) float32, frozen at the first coded chunk
         self.v_mean: torch.Tensor | None = None
-        # (H, D) float32 per-channel key scale (key_channel_scale > 0, or the fixed key_scale)
-        self.k_chan: torch.Tensor | None = key_scale
+        # (H, D) float32 per-channel key scale (key_channel_scale > 0, or a fixed (H, D) key_scale)
+        self.k_chan: torch.Tensor | None = key_scale if isinstance(key_scale, torch.Tensor) else None
+        # (H, D, D) float32 key transform T and T^-1 of a KeyTransform key_scale (derived, not counted)
+        self.k_mat, self.q_mat = k_mat, q_mat
 
     # ------------------------------------------------------------------ contents
     @property
@@ -131,9 +158,12 @@ class CodedKVStore:
     @property
     def nbytes(self) -> int:
         """Bytes held: labels, T and scales of the coded tokens, the window in its own dtype, and the two
-        frozen per-head means (float32) when ``config.subtract_mean`` and the per-channel key scale when
-        ``config.key_channel_scale``."""
-        means = sum(m.numel() * m.element_size() for m in (self.k_mean, self.v_mean, self.k_chan) if m is not None)
+        frozen per-head means (float32) when ``config.subtract_mean``, and the key scale (float32) or
+        :class:`KeyTransform` (float16; the dense T and T^-1 derived from it are not counted)."""
+        side = (self.k_mean, self.v_mean, self.k_chan)
+        means = sum(m.numel() * m.element_size() for m in side if m is not None)
+        if isinstance(self.key_scale, KeyTransform):
+            means += self.key_scale.nbytes
         return sum(b.nbytes for b in self._bufs.values()) + means
 
     # ------------------------------------------------------------------ updates
@@ -157,10 +187,12 @@ class CodedKVStore:
                 raise ValueError(f"{name} contains NaN or Inf")
         B, H, L, D = keys.shape
         if self.rotation is None:
-            if self.key_scale is not None and tuple(self.key_scale.shape) != (H, D):
-                raise ValueError(
-                    f"key_scale has shape {tuple(self.key_scale.shape)}; the states have {H} heads of dim {D}"
-                )
+            ks = self.key_scale
+            shape = (
+                tuple(ks.vectors.shape[:2] if isinstance(ks, KeyTransform) else ks.shape) if ks is not None else None
+            )
+            if shape is not None and shape != (H, D):
+                raise ValueError(f"key_scale is for {shape[0]} heads of dim {shape[1]}; the states have {H} of dim {D}")
             self.rotation = HeadRotation(H, D, self.seed)
             self.dtype = keys.dtype
         elif (H, D) != (self.rotation.num_heads, self.rotation.head_dim):
@@ -209,6 +241,8 @@ class CodedKVStore:
             chan = (std / std.pow(2).mean(-1, keepdim=True).sqrt()).pow(self.config.key_channel_scale)
         if chan is not None:
             keys = keys / chan.unsqueeze(1)
+        if self.k_mat is not None:  # row vectors: k' = k T^T
+            keys = keys @ self.k_mat.transpose(-1, -2).unsqueeze(0)
         # keys and values share the layer's rotation: one encode call for both when they share the code (its
         # fixed cost, ~0.4 ms of torch dispatch, is paid per layer and decoding step); append() has checked them
         B = keys.shape[0]
@@ -249,7 +283,7 @@ class CodedKVStore:
         for b in self._bufs.values():
             b.clear()
         self.k_mean = self.v_mean = None
-        self.k_chan = self.key_scale
+        self.k_chan = self.key_scale if isinstance(self.key_scale, torch.Tensor) else None
 
     # ------------------------------------------------------------------ reads
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,6 +299,8 @@ class CodedKVStore:
             v = decode_states(self._require_codes("v"), rotation, self.vcfg)
             if self.k_chan is not None:
                 k = k * self.k_chan.unsqueeze(1)
+            if self.q_mat is not None:  # k = k' T^-T
+                k = k @ self.q_mat.transpose(-1, -2).unsqueeze(0)
             means = self._means()
             if means is not None:
                 k, v = k + means[0].unsqueeze(1), v + means[1].unsqueeze(1)
@@ -314,7 +350,8 @@ class CodedKVStore:
         if Ls:
             parts.append(q @ self._bufs["k_sink"].tensor.to(torch.float32).transpose(-1, -2))
         if self.num_coded:
-            qr = rotation.rotate(q if self.k_chan is None else q * self.k_chan.unsqueeze(1))
+            qk = q if self.k_chan is None else q * self.k_chan.unsqueeze(1)
+            qr = rotation.rotate(qk if self.q_mat is None else qk @ self.q_mat.unsqueeze(0))  # q' = q T^-1
             kc = self._require_codes("k")
             sc = scores_lut(qr, kc, self.kcfg, backend=backend) if lut else scores_reference(qr, kc, self.kcfg)
             if means is not None:  # the codes hold k - mu_k: add <q, mu_k> back (same for every token)

@@ -30,6 +30,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .coded_store import CodedKVStore
 from .codes import KVCodes, decode_states, encode_states
 from .config import KVQuantConfig, ScalarKVConfig
+from .key_transform import KeyTransform, key_transform
 from .scalar_store import ScalarKVStore
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "register_coset_attention",
     "use_coset_attention",
     "calibrate_key_scales",
+    "calibrate_key_transforms",
     "layer_sensitivity",
     "ATTN_NAME",
 ]
@@ -120,11 +122,16 @@ class CosetKVLayer(_StoreLayer):
         layer_idx: int = 0,
         return_codes: bool = True,
         backend: str = "auto",
-        key_scale: torch.Tensor | None = None,
+        key_scale: torch.Tensor | KeyTransform | None = None,
     ):
         super().__init__()
         config = KVQuantConfig() if config is None else config
-        self.store = CodedKVStore(config, seed=config.seed + int(layer_idx), backend=backend, key_scale=key_scale)
+        self.store = CodedKVStore(
+            config,
+            seed=config.seed + int(layer_idx),
+            backend=backend,
+            key_scale=key_scale,
+        )
         self.return_codes = bool(return_codes)
 
     @property
@@ -212,8 +219,9 @@ class CosetQuantizedCache(_BytesMixin, Cache):
     config : KVQuantConfig (default ``KVQuantConfig()``: 4 bits, 4.5 bits per element all-in at D = 64), or a
         sequence of one KVQuantConfig per layer (a per-layer bit allocation)
     return_codes, backend : see :class:`CosetKVLayer`
-    key_scales : optional sequence of one ``(H, D)`` per-channel key scale (or None) per layer, e.g. from
-        :func:`calibrate_key_scales` (see :class:`coset.kv.CodedKVStore`)
+    key_scales : optional sequence of one key scale (or None) per layer: ``(H, D)`` per-channel scales from
+        :func:`calibrate_key_scales` or :class:`coset.kv.KeyTransform` from :func:`calibrate_key_transforms` (see
+        :class:`coset.kv.CodedKVStore`)
     """
 
     def __init__(
@@ -223,7 +231,7 @@ class CosetQuantizedCache(_BytesMixin, Cache):
         *,
         return_codes: bool = True,
         backend: str = "auto",
-        key_scales: Sequence[torch.Tensor | None] | None = None,
+        key_scales: Sequence[torch.Tensor | KeyTransform | None] | None = None,
     ):
         n = _num_layers(model_config)
         config = KVQuantConfig() if config is None else config
@@ -279,6 +287,43 @@ def use_coset_attention(model) -> None:
 
 
 @torch.no_grad()
+def _attention_moments(model, input_ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """Per layer, ``(num_kv_heads, D, D)`` float64 second moments from one forward of ``model`` on
+    ``input_ids``: ``"k"`` of the centred keys (token 0, the attention sink, left out) and ``"q"`` of the
+    queries (uncentred: a constant query component scores every key; the ``G`` query heads of a group
+    pooled)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[1] < 3:
+        raise ValueError("input_ids must be a (batch, seq_len >= 3) tensor of token ids")
+    n = _num_layers(model.config)
+    stats: dict[int, dict[str, torch.Tensor]] = {}
+
+    def record(module, query, key, value, attention_mask, **kwargs):
+        B, Hq, L, D = query.shape
+        H = key.shape[1]
+        q = query.detach().to(torch.float64).reshape(B, H, Hq // H * L, D).transpose(0, 1).reshape(H, -1, D)
+        k = key.detach().to(torch.float64)[:, :, 1:].transpose(0, 1).reshape(H, -1, D)
+        k = k - k.mean(dim=1, keepdim=True)
+        stats[int(module.layer_idx)] = {
+            "k": k.transpose(1, 2) @ k / k.shape[1],
+            "q": q.transpose(1, 2) @ q / q.shape[1],
+        }
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    name = "coset_kv_calibrate"
+    ALL_ATTENTION_FUNCTIONS[name] = record
+    ALL_MASK_ATTENTION_FUNCTIONS[name] = sdpa_mask
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        with torch.no_grad():
+            model(input_ids, use_cache=False)
+    finally:
+        model.set_attn_implementation(previous)
+    if sorted(stats) != list(range(n)):
+        raise RuntimeError(f"recorded {len(stats)} of {n} attention layers (is this a transformers decoder?)")
+    return [stats[i] for i in range(n)]
+
+
 def calibrate_key_scales(model, input_ids: torch.Tensor, exponent: float = 0.25) -> list[torch.Tensor]:
     """Per-layer, per-KV-head, per-channel key scales ``s_c = (E[k_c^2] / E[q_c^2])^exponent`` (rms-normalised
     over the channels) from one forward of ``model`` on ``input_ids`` (calibration text, not the evaluation
@@ -289,53 +334,46 @@ def calibrate_key_scales(model, input_ids: torch.Tensor, exponent: float = 0.25)
     code's error at a fixed rate) scales with ``sum_c E[k_c^2] / s_c^2``. The product is smallest (Cauchy-
     Schwarz) at ``s_c^4 = E[k_c^2] / E[q_c^2]``: the default exponent 1/4. Keys are centred (as the cache codes
     ``k - mu``); token 0 (the attention sink, often an outlier) is left out of the key statistics. Queries of
-    the ``G`` heads of a group are pooled.
+    the ``G`` heads of a group are pooled. :func:`calibrate_key_transforms` is the full-matrix optimum.
 
     Returns
     -------
     list of ``num_hidden_layers`` float32 tensors ``(num_kv_heads, head_dim)``
     """
-    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[1] < 3:
-        raise ValueError("input_ids must be a (batch, seq_len >= 3) tensor of token ids")
     if isinstance(exponent, bool) or not isinstance(exponent, (int, float)) or not 0 <= exponent <= 1:
         raise ValueError(f"exponent must be a number in [0, 1], got {exponent!r}")
-    n = _num_layers(model.config)
-    stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def record(module, query, key, value, attention_mask, **kwargs):
-        B, Hq, L, D = query.shape
-        H = key.shape[1]
-        q = query.detach().to(torch.float32).reshape(B, H, Hq // H * L, D)
-        k = key.detach().to(torch.float32)[:, :, 1:]
-        stats[int(module.layer_idx)] = (
-            (k - k.mean(dim=(0, 2), keepdim=True)).pow(2).mean(dim=(0, 2)),
-            q.pow(2).mean(dim=(0, 2)),
-        )
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-    name = "coset_kv_calibrate"
-    ALL_ATTENTION_FUNCTIONS[name] = record
-    ALL_MASK_ATTENTION_FUNCTIONS[name] = sdpa_mask
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(name)
-    try:
-        model(input_ids, use_cache=False)
-    finally:
-        model.set_attn_implementation(previous)
-    if sorted(stats) != list(range(n)):
-        raise RuntimeError(f"recorded {len(stats)} of {n} attention layers (is this a transformers decoder?)")
     out = []
-    for i in range(n):
-        ek, eq = stats[i]
+    for st in _attention_moments(model, input_ids):
+        ek, eq = torch.diagonal(st["k"], dim1=-2, dim2=-1), torch.diagonal(st["q"], dim1=-2, dim2=-1)
         tiny = 1e-12 * float(torch.maximum(ek.max(), eq.max()).clamp(min=1e-30))
         s = (ek.clamp(min=tiny) / eq.clamp(min=tiny)).pow(exponent)
-        out.append(s / s.pow(2).mean(-1, keepdim=True).sqrt())
+        out.append((s / s.pow(2).mean(-1, keepdim=True).sqrt()).to(torch.float32))
     return out
+
+
+def calibrate_key_transforms(
+    model, input_ids: torch.Tensor, ridge: float = 1e-3, rank: int | None = 8
+) -> list[KeyTransform]:
+    """Per-layer, per-KV-head key transforms ``T`` (:func:`coset.kv.key_transform`: the matrix geometric mean
+    of the keys' and queries' second moments, which minimises the expected squared score error of the code over
+    all linear maps) from one forward of ``model`` on ``input_ids`` (calibration text, not the evaluation text),
+    for ``CosetQuantizedCache(..., key_scales=...)``. Same statistics as :func:`calibrate_key_scales`, whose
+    diagonal optimum it generalises; ``rank`` eigen-directions of it are kept, ``rank (D + 1)`` float16 per KV
+    head and layer (counted in the cache bytes; SmolLM2-135M, rank 8: 94 KB for the model).
+
+    Returns
+    -------
+    list of ``num_hidden_layers`` :class:`coset.kv.KeyTransform` with vectors ``(num_kv_heads, head_dim, rank)``
+    """
+    return [key_transform(st["k"], st["q"], ridge, rank) for st in _attention_moments(model, input_ids)]
 
 
 @torch.no_grad()
 def layer_sensitivity(
-    model, input_ids: torch.Tensor, config: KVQuantConfig, key_scales: Sequence[torch.Tensor | None] | None = None
+    model,
+    input_ids: torch.Tensor,
+    config: KVQuantConfig,
+    key_scales: Sequence[torch.Tensor | KeyTransform | None] | None = None,
 ) -> list[float]:
     """Per layer, the increase of the mean next-token log-loss on ``input_ids`` (calibration text) when only
     that layer's keys and values are coded with ``config`` (every position reading the codes, as the ppl

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
 
 from coset.lattice.validate import check_float_tensor, check_pos
 
-from .config import QuantizationConfig
+from .config import ClampWarning, QuantizationConfig
 from .quantize import quantize
 
 __all__ = ["beta_min", "calibrate_beta", "DEFAULT_GRID_K", "EXTEND_STEPS", "EXTEND_FACTOR"]
@@ -40,7 +41,9 @@ def beta_min(config: QuantizationConfig, sigma: float = 1.0) -> float:
 
 
 def _objective(x: torch.Tensor, config: QuantizationConfig, beta: float, objective: str, d: int):
-    xh, T, _ = quantize(x, config=config.replace(beta=beta), return_info=True)
+    with warnings.catch_warnings():  # a candidate beta that clamps is scored by its MSE, not reported
+        warnings.simplefilter("ignore", ClampWarning)
+        xh, T, _ = quantize(x, config=config.replace(beta=beta), return_info=True)
     mse = float(((xh.double() - x.double()) ** 2).mean())
     if objective == "mse" or T.numel() == 0:
         return mse, mse
