@@ -100,6 +100,9 @@ def methods() -> list[tuple[str, str, object]]:
         out.append((f"hnlq{tag}_s1", "hnlq", KVQuantConfig(bits=kb, value_bits=vb, sink=1)))
         out.append((f"hnlq{tag}_s1_kq", "hnlq_kq", KVQuantConfig(bits=kb, value_bits=vb, sink=1)))
         out.append((f"hnlq{tag}_s1_kf", "hnlq_kf", KVQuantConfig(bits=kb, value_bits=vb, sink=1)))
+        # keys with 4 T bits, values with 2, both with 8-bit scales: the same exact rate, side bits moved to the keys
+        split = {"t_bits": 4, "alpha": 0.25, "scale_bits": 8, "value_t_bits": 2, "value_alpha": 0.5}
+        out.append((f"hnlq{tag}_s1_kf_t42", "hnlq_kf", KVQuantConfig(bits=kb, value_bits=vb, sink=1, **split)))
         for r in (16, 64):  # the key transform at other ranks (kf: the default, 8)
             out.append((f"hnlq{tag}_s1_kf{r}", f"hnlq_kf{r}", KVQuantConfig(bits=kb, value_bits=vb, sink=1)))
         out.append((f"kivi{tag}_s1", "kivi", ScalarKVConfig(bits=kb, value_bits=vb, sink=1)))

@@ -215,6 +215,8 @@ def test_attention_from_codes_equals_sdpa_on_decoded_states(window, path, mean, 
     # transform (3, 64, 64) with a sink
     chan = sink if isinstance(sink, float) else 0.0
     bits, vbits = {"split": (3, 1), "fixed": (2, 3), "matrix": (3, 2)}.get(sink, (2, None))  # type: ignore[call-overload]
+    # "matrix" also gives the values their own ramp (4 T bits, alpha 1/4) and 8-bit scales
+    vt = {"value_t_bits": 4, "value_alpha": 0.25, "scale_bits": 8} if sink == "matrix" else {}
     g5 = torch.Generator().manual_seed(5)
     key_scale = {
         "fixed": torch.rand(3, 64, generator=g5) + 0.2,
@@ -229,6 +231,7 @@ def test_attention_from_codes_equals_sdpa_on_decoded_states(window, path, mean, 
         subtract_mean=mean,
         sink=sink,
         key_channel_scale=chan,
+        **vt,  # type: ignore[arg-type]
     )
     store = CodedKVStore(cfg, seed=4, key_scale=key_scale)
     k, v = kv(B=2, L=12, seed=1)

@@ -23,6 +23,10 @@ from coset.kv.config import _BETA_TABLE, search_beta
         ({"value_bits": 0}, ValueError),
         ({"value_bits": 5}, ValueError),
         ({"value_bits": 3.0}, TypeError),
+        ({"value_t_bits": 3}, ValueError),
+        ({"value_t_bits": True}, ValueError),
+        ({"value_alpha": 0.0}, ValueError),
+        ({"value_alpha": float("inf")}, ValueError),
     ],
 )
 def test_bad_config(kw, exc):
@@ -56,6 +60,23 @@ def test_value_bits_split_reaches_integer_rates_exactly():
     assert ScalarKVConfig(bits=2, value_bits=1).bits_per_element(64) == 2.0
     with pytest.raises(ValueError):
         ScalarKVConfig(value_bits=9)
+
+
+def test_value_t_bits_and_alpha_give_the_values_their_own_ramp():
+    # keys 4 label bits + 4 T bits + 8-bit scale (4.625), values 3 + 2 T bits + 8-bit scale (3.375): 4.0
+    cfg = KVQuantConfig(bits=4, t_bits=4, alpha=0.25, scale_bits=8, value_bits=3, value_t_bits=2, value_alpha=0.5)
+    assert cfg.bits_per_element(64) == 4.0
+    assert cfg.bytes_per_vector(64, "k") == 32 + 4 + 1 and cfg.bytes_per_vector(64, "v") == 24 + 2 + 1
+    k, v = cfg.key_config(), cfg.value_config()
+    assert (k.bits, k.t_bits, k.alpha) == (4, 4, 0.25) and (v.bits, v.t_bits, v.alpha) == (3, 2, 0.5)
+    assert all(c.value_bits is None and c.value_t_bits is None and c.value_alpha is None for c in (k, v))
+    assert k.quant_config().max_scaling_iterations == 15 and v.quant_config().max_scaling_iterations == 3
+    # the calibrated beta follows each side's own code
+    assert v.resolved_beta == KVQuantConfig(bits=3, t_bits=2, alpha=0.5).resolved_beta
+    # T bits alone differ: same label bits, different T bytes
+    only_t = KVQuantConfig(bits=3, value_t_bits=4, value_alpha=0.25)
+    assert only_t.key_config() is not only_t.value_config()
+    assert only_t.bytes_per_vector(64, "v") - only_t.bytes_per_vector(64, "k") == 2
 
 
 def test_quant_config_is_e8_q2_centred():

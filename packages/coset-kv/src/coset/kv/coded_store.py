@@ -88,7 +88,7 @@ class CodedKVStore:
                 raise ValueError("key_scale and config.key_channel_scale cannot be combined")
             key_scale = key_scale.detach().to(torch.float32).clone()
         self.config, self.seed, self.backend = config, seed, backend
-        # the key and value codes (they differ in label bits when config.value_bits is set)
+        # the key and value codes (they differ when config.value_bits / value_t_bits / value_alpha are set)
         self.kcfg, self.vcfg = config.key_config(), config.value_config()
         self.key_scale = key_scale
         self.rotation: HeadRotation | None = None

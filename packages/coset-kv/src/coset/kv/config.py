@@ -132,6 +132,10 @@ class KVQuantConfig:
     value_bits : label bits of the values (1..4; ``None`` = ``bits``). Keys carry the attention logits, whose
         errors the softmax amplifies, values only a convex combination: at equal average bits, keys 4 / values 3
         beats 4 / 4 with a cheaper code (docs/kv.md). ``beta`` (when given) applies to both.
+    value_t_bits, value_alpha : T bits and ramp step of the values (``None`` = ``t_bits`` / ``alpha``); the ramp
+        needs ``alpha ~ 1 / t_bits`` (1, 0.5, 0.25 for 1, 2, 4 T bits) to reach the same top scale. Keys with
+        4 T bits and values with 2, both with 8-bit scales, land on the same exact rates as the default split
+        (keys 4.625 + values 3.375 = 2 x 4.0) and measured better (docs/kv.md).
     key_channel_scale : exponent ``e`` of a per-head, per-channel key scale ``s_c = std_c^e`` (std of channel c
         of the first coded chunk, frozen, float32, counted in the bytes; 0 = off): keys are coded as
         ``(k - mu) / s`` and queries scaled by ``s`` instead (exact: ``<q, s * k'> = <s * q, k'>``), so the
@@ -153,6 +157,8 @@ class KVQuantConfig:
     key_channel_scale: float = 0.0
     value_bits: int | None = None
     scale_bits: int = 16
+    value_t_bits: int | None = None
+    value_alpha: float | None = None
 
     def __post_init__(self) -> None:
         _int("bits", self.bits, 1, 4)
@@ -160,9 +166,12 @@ class KVQuantConfig:
             raise ValueError(f"scale_bits must be 8 or 16, got {self.scale_bits!r}")
         if self.value_bits is not None:
             _int("value_bits", self.value_bits, 1, 4)
-        if isinstance(self.t_bits, bool) or self.t_bits not in (0, 1, 2, 4):
-            raise ValueError(f"t_bits must be 0, 1, 2 or 4, got {self.t_bits!r}")
-        for name in ("alpha",) + (("beta",) if self.beta is not None else ()):
+        for name in ("t_bits",) + (("value_t_bits",) if self.value_t_bits is not None else ()):
+            v = getattr(self, name)
+            if isinstance(v, bool) or v not in (0, 1, 2, 4):
+                raise ValueError(f"{name} must be 0, 1, 2 or 4, got {v!r}")
+        optional = tuple(n for n in ("beta", "value_alpha") if getattr(self, n) is not None)
+        for name in ("alpha",) + optional:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
@@ -184,13 +193,30 @@ class KVQuantConfig:
     def resolved_value_bits(self) -> int:
         return self.bits if self.value_bits is None else self.value_bits
 
+    @property
+    def _values_differ(self) -> bool:
+        return self.value_bits is not None or self.value_t_bits is not None or self.value_alpha is not None
+
     def key_config(self) -> KVQuantConfig:
-        """The configuration of the key code alone (``bits``; ``value_bits`` cleared)."""
-        return self if self.value_bits is None else replace(self, value_bits=None)
+        """The configuration of the key code alone (the ``value_*`` fields cleared)."""
+        if not self._values_differ:
+            return self
+        return replace(self, value_bits=None, value_t_bits=None, value_alpha=None)
 
     def value_config(self) -> KVQuantConfig:
-        """The configuration of the value code alone (``bits = value_bits``; ``value_bits`` cleared)."""
-        return self if self.value_bits is None else replace(self, bits=self.value_bits, value_bits=None)
+        """The configuration of the value code alone (``bits``, ``t_bits``, ``alpha`` from the ``value_*`` fields
+        that are set; those fields cleared)."""
+        if not self._values_differ:
+            return self
+        return replace(
+            self,
+            bits=self.resolved_value_bits,
+            t_bits=self.t_bits if self.value_t_bits is None else self.value_t_bits,
+            alpha=self.alpha if self.value_alpha is None else self.value_alpha,
+            value_bits=None,
+            value_t_bits=None,
+            value_alpha=None,
+        )
 
     @property
     def resolved_beta(self) -> float:
@@ -208,8 +234,8 @@ class KVQuantConfig:
         """Stored bytes of one coded key (``which="k"``) or value (``"v"``) head vector: labels + T + scale."""
         if which not in ("k", "v"):
             raise ValueError(f"which must be 'k' or 'v', got {which!r}")
-        bits = self.bits if which == "k" else self.resolved_value_bits
-        return head_dim // BLOCK * bits + self.t_bytes(head_dim) + self.scale_bits // 8
+        cfg = self.key_config() if which == "k" else self.value_config()
+        return head_dim // BLOCK * cfg.bits + cfg.t_bytes(head_dim) + cfg.scale_bits // 8
 
     def bits_per_element(self, head_dim: int) -> float:
         """All-in stored bits per cached element, averaged over keys and values."""
