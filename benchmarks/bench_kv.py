@@ -101,8 +101,8 @@ def methods() -> list[tuple[str, str, object]]:
         out.append((f"hnlq{tag}_s1_kq", "hnlq_kq", KVQuantConfig(bits=kb, value_bits=vb, sink=1)))
         out.append((f"hnlq{tag}_s1_kf", "hnlq_kf", KVQuantConfig(bits=kb, value_bits=vb, sink=1)))
         # keys with 4 T bits, values with 2, both with 8-bit scales: the same exact rate, side bits moved to the keys
-        split = {"t_bits": 4, "alpha": 0.25, "scale_bits": 8, "value_t_bits": 2, "value_alpha": 0.5}
-        out.append((f"hnlq{tag}_s1_kf_t42", "hnlq_kf", KVQuantConfig(bits=kb, value_bits=vb, sink=1, **split)))
+        t42 = KVQuantConfig(bits=kb, value_bits=vb, sink=1, **T42)  # type: ignore[arg-type]
+        out.append((f"hnlq{tag}_s1_kf_t42", "hnlq_kf", t42))
         for r in (16, 64):  # the key transform at other ranks (kf: the default, 8)
             out.append((f"hnlq{tag}_s1_kf{r}", f"hnlq_kf{r}", KVQuantConfig(bits=kb, value_bits=vb, sink=1)))
         out.append((f"kivi{tag}_s1", "kivi", ScalarKVConfig(bits=kb, value_bits=vb, sink=1)))
@@ -112,6 +112,7 @@ def methods() -> list[tuple[str, str, object]]:
     for target, opts in ALLOC_OPTIONS.items():
         out.append((f"hnlq_alloc{target}_s1_kq", "hnlq_alloc", (target, opts)))
         out.append((f"hnlq_alloc{target}_s1_kf", "hnlq_alloc_kf", (target, opts)))
+        out.append((f"hnlq_alloc{target}_s1_kf_t42", "hnlq_alloc_kf_t42", (target, opts)))
     return out
 
 
@@ -127,6 +128,20 @@ ALLOC_OPTIONS = {
 }
 #: reference code of the layer sensitivities (keys 2 / values 1, 2.0 bits)
 SENS_CONFIG = _kv(2, 1)
+#: the keys-4-T-bits / values-2-T-bits split with 8-bit scales (same exact rates as the default split)
+T42 = {"t_bits": 4, "alpha": 0.25, "scale_bits": 8, "value_t_bits": 2, "value_alpha": 0.5}
+
+
+def t42_options(opts: list[KVQuantConfig]) -> list[KVQuantConfig]:
+    """The options of ``hnlq_alloc_kf_t42``: each option with the T42 split, one per rate (the 4.75-bit t4 option
+    becomes a second 4.5)."""
+    out: dict[float, KVQuantConfig] = {}
+    for c in opts:
+        c = dataclasses.replace(c, **T42)  # type: ignore[arg-type]
+        out.setdefault(c.bits_per_element(HEAD_DIM), c)
+    return list(out.values())
+
+
 #: per-layer configs of the ``hnlq_alloc`` / ``hnlq_alloc_kf`` caches by kind and target rate, set by main()
 ALLOCATIONS: dict[str, dict[int, list[KVQuantConfig]]] = {}
 
@@ -151,12 +166,12 @@ def make_cache(kind: str, cfg, model_config, prefill: str = "float"):
     protocol: every position reads the quantized cache, as with the KIVI cache, which always does)."""
     if kind == "fp32":
         return DynamicCache(config=model_config)
-    if kind in ("hnlq_alloc", "hnlq_alloc_kf"):
+    if kind.startswith("hnlq_alloc"):
         cfgs = [dataclasses.replace(c, prefill=prefill) for c in ALLOCATIONS[kind][cfg[0]]]
         return CosetQuantizedCache(
             model_config,
             cfgs,
-            key_scales=KEY_TRANSFORMS["8"] if kind == "hnlq_alloc_kf" and KEY_TRANSFORMS else KEY_SCALES,
+            key_scales=KEY_TRANSFORMS["8"] if kind != "hnlq_alloc" and KEY_TRANSFORMS else KEY_SCALES,
         )
     if kind in ("hnlq", "hnlq_kq") or kind.startswith("hnlq_kf"):
         scales = key_scales_of(kind)
@@ -169,7 +184,7 @@ def make_cache(kind: str, cfg, model_config, prefill: str = "float"):
 def bits_per_element(kind: str, cfg) -> float:
     if kind == "fp32":
         return 32.0
-    if kind in ("hnlq_alloc", "hnlq_alloc_kf"):
+    if kind.startswith("hnlq_alloc"):
         cfgs = ALLOCATIONS[kind][cfg[0]]
         return sum(c.bits_per_element(HEAD_DIM) for c in cfgs) / len(cfgs)
     return cfg.bits_per_element(HEAD_DIM)  # HNLQ: exact; KIVI: full groups (the fp residual not counted)
@@ -509,17 +524,20 @@ def main() -> None:
         results["key_scales"] = (
             f"calibrate_key_scales / calibrate_key_transforms on pydoc window {args.windows} ({args.seqlen} tokens)"
         )
-    for akind in sorted({kind for _, kind, _ in todo if kind in ("hnlq_alloc", "hnlq_alloc_kf")}):
+    for akind in sorted({kind for _, kind, _ in todo if kind.startswith("hnlq_alloc")}):
         # layer sensitivities on the first 512 tokens of the same held-out window, with the key scales
-        # (hnlq_alloc) or key transforms (hnlq_alloc_kf) the caches use
+        # (hnlq_alloc) or key transforms (hnlq_alloc_kf*) and the code split the caches use
         calib = token_windows(tok, pydoc_text(), args.seqlen, args.windows + 1)[-1:, :512]
-        keys = KEY_TRANSFORMS["8"] if akind == "hnlq_alloc_kf" else KEY_SCALES
+        keys = KEY_TRANSFORMS["8"] if akind != "hnlq_alloc" and KEY_TRANSFORMS else KEY_SCALES
+        t42 = akind.endswith("_t42")
+        sens_cfg = dataclasses.replace(SENS_CONFIG, **T42) if t42 else SENS_CONFIG  # type: ignore[arg-type]
         t0 = time.time()
-        sens = layer_sensitivity(model, calib, SENS_CONFIG, key_scales=keys)
-        tag = "" if akind == "hnlq_alloc" else "_kf"
-        results[f"layer_sensitivity{tag}"] = {"config": repr(SENS_CONFIG), "seconds": time.time() - t0, "nll": sens}
+        sens = layer_sensitivity(model, calib, sens_cfg, key_scales=keys)
+        tag = akind[len("hnlq_alloc") :]
+        results[f"layer_sensitivity{tag}"] = {"config": repr(sens_cfg), "seconds": time.time() - t0, "nll": sens}
         print("layer sensitivity", akind, [round(x, 4) for x in sens], flush=True)
         for target, opts in ALLOC_OPTIONS.items():
+            opts = t42_options(opts) if t42 else opts
             alloc = allocate_layers([max(x, 0.0) for x in sens], opts, float(target), 2.0, HEAD_DIM)
             ALLOCATIONS.setdefault(akind, {})[target] = alloc
             results.setdefault(f"allocations{tag}", {})[str(target)] = [
