@@ -365,6 +365,19 @@ def test_fixed_key_scale_is_kept_counted_and_validated():
         CodedKVStore(KVQuantConfig(), key_scale=torch.ones(3, 64, dtype=torch.int64))
 
 
+def assert_codes_equal_decoded(model, ids, key_scales):
+    """A cache built with ``key_scales``: logits with attention from the codes equal SDPA on the decoded cache
+    (prefill over the codes, then one decoding step). Returns the coded cache."""
+    cfg = KVQuantConfig(bits=2, value_bits=1, prefill="codes", sink=1)
+    a = CosetQuantizedCache(model.config, cfg, key_scales=key_scales)
+    b = CosetQuantizedCache(model.config, cfg, return_codes=False, key_scales=key_scales)
+    with torch.no_grad():
+        la, lb = model(ids[:, :10], past_key_values=a).logits, model(ids[:, :10], past_key_values=b).logits
+        la2, lb2 = model(ids[:, 10:11], past_key_values=a).logits, model(ids[:, 10:11], past_key_values=b).logits
+    assert torch.allclose(la, lb, atol=1e-4) and torch.allclose(la2, lb2, atol=1e-4)
+    return a
+
+
 def test_calibrated_key_scales_follow_key_and_query_energy(model):
     ids = torch.randint(0, 96, (1, 24), generator=torch.Generator().manual_seed(7))
     impl = model.config._attn_implementation
@@ -403,13 +416,7 @@ def test_calibrated_key_scales_follow_key_and_query_energy(model):
     with pytest.raises(ValueError):
         calibrate_key_scales(model, ids[0])
     # a cache built with them: attention from codes equals SDPA on the decoded cache
-    cfg = KVQuantConfig(bits=2, value_bits=1, prefill="codes", sink=1)
-    a = CosetQuantizedCache(model.config, cfg, key_scales=scales)
-    b = CosetQuantizedCache(model.config, cfg, return_codes=False, key_scales=scales)
-    with torch.no_grad():
-        la, lb = model(ids[:, :10], past_key_values=a).logits, model(ids[:, :10], past_key_values=b).logits
-        la2, lb2 = model(ids[:, 10:11], past_key_values=a).logits, model(ids[:, 10:11], past_key_values=b).logits
-    assert torch.allclose(la, lb, atol=1e-4) and torch.allclose(la2, lb2, atol=1e-4)
+    a = assert_codes_equal_decoded(model, ids, scales)
     assert all(torch.equal(layer.store.k_chan, s) for layer, s in zip(a.layers, scales, strict=True))
 
 
@@ -474,13 +481,7 @@ def test_calibrated_key_transforms_beat_diagonal_scales_on_the_score_error(model
         # float16 storage costs well under 1%
         assert bool((e_full <= diag * 1.01).all()) and bool((diag <= none * 1.0001).all())
         assert bool((e_full <= e_r8 * 1.01).all()) and bool((e_r8 < none).all())
-    cfg = KVQuantConfig(bits=2, value_bits=1, prefill="codes", sink=1)
-    a = CosetQuantizedCache(model.config, cfg, key_scales=mats)
-    b = CosetQuantizedCache(model.config, cfg, return_codes=False, key_scales=mats)
-    with torch.no_grad():
-        la, lb = model(ids[:, :10], past_key_values=a).logits, model(ids[:, :10], past_key_values=b).logits
-        la2, lb2 = model(ids[:, 10:11], past_key_values=a).logits, model(ids[:, 10:11], past_key_values=b).logits
-    assert torch.allclose(la, lb, atol=1e-4) and torch.allclose(la2, lb2, atol=1e-4)
+    assert_codes_equal_decoded(model, ids, mats)
     with pytest.raises(ValueError):
         calibrate_key_transforms(model, ids, ridge=0.0)
 
