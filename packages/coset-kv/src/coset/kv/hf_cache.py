@@ -126,12 +126,7 @@ class CosetKVLayer(_StoreLayer):
     ):
         super().__init__()
         config = KVQuantConfig() if config is None else config
-        self.store = CodedKVStore(
-            config,
-            seed=config.seed + int(layer_idx),
-            backend=backend,
-            key_scale=key_scale,
-        )
+        self.store = CodedKVStore(config, seed=config.seed + int(layer_idx), backend=backend, key_scale=key_scale)
         self.return_codes = bool(return_codes)
 
     @property
