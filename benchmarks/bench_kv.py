@@ -606,6 +606,9 @@ def main() -> None:
             (f"hnlq4_s1 LUT {lut}", "hnlq", KVQuantConfig(bits=4, sink=1)),
             (f"hnlq2_s1 LUT {lut}", "hnlq", KVQuantConfig(bits=2, sink=1)),
         ]
+        if KEY_TRANSFORMS is not None:  # the exact-4-bit code with key transforms (--only ...hnlq43_s1_kf_t42)
+            t42 = KVQuantConfig(bits=4, value_bits=3, sink=1, **T42)  # type: ignore[arg-type]
+            runs.append((f"hnlq43_s1_kf_t42 LUT {lut}", "hnlq_kf", t42))
         set_threads(1)
         for ctx in [int(c) for c in args.contexts.split(",")]:
             ids = text_ids[:, :ctx]
