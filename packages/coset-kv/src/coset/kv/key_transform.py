@@ -13,7 +13,7 @@ matrices, where the optimum is ``p_c = (E[q_c^2] / E[k_c^2])^1/2``.
 The overall scale of ``T`` does not matter (the code normalises every vector), so ``T = I + V diag(g - 1) V^T``
 keeps only the ``r`` eigen-directions of ``P^1/2`` whose gains ``g`` (relative to the median eigenvalue) are
 furthest from 1: ``r (D + 1)`` numbers per head instead of ``D^2``. On SmolLM2-135M the default rank 8 scores
-within 8% of the full optimum (rank 16: 4%), the best diagonal 2.2x worse; in perplexity ranks 8, 16 and 64 are
+within 8% of the full optimum (rank 16: 4%), the best diagonal 1.33x worse, no transform 2.24x; in perplexity ranks 8, 16 and 64 are
 alike (``benchmarks/results/kv.md``).
 """
 
