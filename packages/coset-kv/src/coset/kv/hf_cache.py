@@ -30,7 +30,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .coded_store import CodedKVStore
 from .codes import KVCodes, decode_states, encode_states
 from .config import KVQuantConfig, ScalarKVConfig
-from .key_transform import KeyTransform, key_transform
+from .key_transform import KeyTransform, check_options, key_transform
 from .scalar_store import ScalarKVStore
 
 __all__ = [
@@ -360,6 +360,7 @@ def calibrate_key_transforms(
     -------
     list of ``num_hidden_layers`` :class:`coset.kv.KeyTransform` with vectors ``(num_kv_heads, head_dim, rank)``
     """
+    check_options(ridge, rank)  # before the forward
     return [key_transform(st["k"], st["q"], ridge, rank) for st in _attention_moments(model, input_ids)]
 
 

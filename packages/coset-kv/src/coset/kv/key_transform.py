@@ -13,8 +13,8 @@ matrices, where the optimum is ``p_c = (E[q_c^2] / E[k_c^2])^1/2``.
 The overall scale of ``T`` does not matter (the code normalises every vector), so ``T = I + V diag(g - 1) V^T``
 keeps only the ``r`` eigen-directions of ``P^1/2`` whose gains ``g`` (relative to the median eigenvalue) are
 furthest from 1: ``r (D + 1)`` numbers per head instead of ``D^2``. On SmolLM2-135M the default rank 8 scores
-within 8% of the full optimum (rank 16: 4%), the best diagonal 1.33x worse, no transform 2.24x; in perplexity ranks 8, 16 and 64 are
-alike (``benchmarks/results/kv.md``).
+within 8% of the full optimum (rank 16: 4%), the best diagonal 1.33x worse, no transform 2.24x; in perplexity
+ranks 8, 16 and 64 are alike (``benchmarks/results/kv.md``).
 """
 
 from __future__ import annotations
@@ -92,6 +92,16 @@ def _regularised(s: torch.Tensor, ridge: float) -> torch.Tensor:
     return s + (ridge * mean)[..., None, None] * torch.eye(d, dtype=s.dtype, device=s.device)
 
 
+def check_options(ridge: float, rank: int | None, head_dim: int | None = None) -> None:
+    """ValueError unless ``0 < ridge < 1`` and ``rank`` is None or an int in ``[1, head_dim]`` (``>= 1`` when the
+    head dim is not known yet: callers check before the calibration forward, not after it)."""
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0 < ridge < 1:
+        raise ValueError(f"ridge must be a number in (0, 1), got {ridge!r}")
+    top = head_dim if head_dim is not None else float("inf")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= top):
+        raise ValueError(f"rank must be an int in [1, {head_dim or 'head_dim'}] or None, got {rank!r}")
+
+
 def geometric_mean_p(sigma_k: torch.Tensor, sigma_q: torch.Tensor, ridge: float) -> torch.Tensor:
     """``P = S_k^-1 # S_q`` of the regularised moments, ``(..., D, D)`` float64 (symmetric)."""
     sk = _regularised(sigma_k.to(torch.float64), ridge)
@@ -122,12 +132,9 @@ def key_transform(
     KeyTransform with ``vectors (..., D, rank)``, ``gains (..., rank)``
     """
     _check_moments(sigma_k, sigma_q)
-    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0 < ridge < 1:
-        raise ValueError(f"ridge must be a number in (0, 1), got {ridge!r}")
     D = sigma_k.shape[-1]
+    check_options(ridge, rank, D)
     rank = D if rank is None else rank
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= D:
-        raise ValueError(f"rank must be an int in [1, {D}] or None, got {rank!r}")
     w, v = torch.linalg.eigh(geometric_mean_p(sigma_k, sigma_q, ridge))
     logg = 0.5 * w.clamp(min=torch.finfo(w.dtype).tiny).log()  # eigenvalues of T = P^1/2, in log
     logg = logg - logg.median(dim=-1, keepdim=True).values  # T up to scale: the median direction gets gain 1
