@@ -21,6 +21,7 @@ from .codes import KVCodes, code_tables, decode_states, encode_states
 from .config import BLOCK, KVQuantConfig, ScalarKVConfig, calibrated_beta
 from .key_transform import KeyTransform, key_transform, score_error_factor
 from .lut import query_tables, scores_lut, scores_lut_torch, scores_reference, values_from_codes
+from .rope import RotaryTable
 from .rotation import HeadRotation, fwht
 from .scalar_store import ScalarKVStore
 
@@ -46,5 +47,6 @@ __all__ = [
     "KeyTransform",
     "key_transform",
     "score_error_factor",
+    "RotaryTable",
 ]
 __version__ = "0.1.0"

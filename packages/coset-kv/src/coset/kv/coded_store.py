@@ -23,6 +23,7 @@ from .codes import KVCodes, decode_states, encode_checked
 from .config import KVQuantConfig
 from .key_transform import KeyTransform
 from .lut import scores_lut, scores_reference, values_from_codes
+from .rope import RotaryTable, apply_rotary, unapply_rotary
 from .rotation import HeadRotation
 from .store import TokenBuffer
 
@@ -52,6 +53,9 @@ class CodedKVStore:
         scaled by ``s``; or a :class:`coset.kv.KeyTransform` ``T`` per head (vectors ``(H, D, r)``, e.g.
         :func:`coset.kv.hf_cache.calibrate_key_transforms`): keys coded as ``T (k - mu)``, queries mapped to
         ``T^-T q``. Both are exact for the scores.
+    rope : optional :class:`coset.kv.RotaryTable` of the model: the key mean is taken *before* the rotary
+        embedding and subtracted as ``R_p μ`` at each token's position ``p`` (:mod:`coset.kv.rope`; needs
+        ``config.subtract_mean``). Positions count from the first token of the cache (sink, then coded tokens).
     """
 
     def __init__(
@@ -60,10 +64,16 @@ class CodedKVStore:
         seed: int = 0,
         backend: str = "auto",
         key_scale: torch.Tensor | KeyTransform | None = None,
+        rope: RotaryTable | None = None,
     ):
         config = KVQuantConfig() if config is None else config
         if not isinstance(config, KVQuantConfig):
             raise TypeError(f"config must be a KVQuantConfig, got {type(config).__name__}")
+        if rope is not None:
+            if not isinstance(rope, RotaryTable):
+                raise TypeError(f"rope must be a coset.kv.RotaryTable, got {type(rope).__name__}")
+            if not config.subtract_mean:
+                raise ValueError("rope centres the keys on their pre-RoPE mean: it needs config.subtract_mean=True")
         if backend not in ("auto", "torch", "native"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'native', got {backend!r}")
         k_mat = q_mat = None
@@ -87,7 +97,7 @@ class CodedKVStore:
             if config.key_channel_scale:
                 raise ValueError("key_scale and config.key_channel_scale cannot be combined")
             key_scale = key_scale.detach().to(torch.float32).clone()
-        self.config, self.seed, self.backend = config, seed, backend
+        self.config, self.seed, self.backend, self.rope = config, seed, backend, rope
         # the key and value codes (they differ when config.value_bits / value_t_bits / value_alpha are set)
         self.kcfg, self.vcfg = config.key_config(), config.value_config()
         self.key_scale = key_scale
@@ -97,7 +107,8 @@ class CodedKVStore:
             for n in ("k_idx", "k_t", "k_scale", "v_idx", "v_t", "v_scale", "k_win", "v_win", "k_sink", "v_sink")
         }
         self.dtype: torch.dtype | None = None
-        self.k_mean: torch.Tensor | None = None  # (H, D) float32, frozen at the first coded chunk
+        # (H, D) float32, frozen at the first coded chunk (with rope: the pre-RoPE mean, rotated per position)
+        self.k_mean: torch.Tensor | None = None
         self.v_mean: torch.Tensor | None = None
         # (H, D) float32 per-channel key scale (key_channel_scale > 0, or a fixed (H, D) key_scale)
         self.k_chan: torch.Tensor | None = key_scale if isinstance(key_scale, torch.Tensor) else None
@@ -131,6 +142,18 @@ class CodedKVStore:
             raise RuntimeError("no coded tokens in the cache")
         b = self._bufs
         return KVCodes(b[f"{which}_idx"].tensor, b[f"{which}_t"].tensor, b[f"{which}_scale"].tensor)
+
+    def _coded_rotary(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin`` (n, D) of coded tokens ``start .. stop-1`` (positions after the sink)."""
+        assert self.rope is not None
+        return self.rope.get(self.num_sink + start, self.num_sink + stop)
+
+    def _key_mean_at(self, mean: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """The key mean of coded tokens ``start .. stop-1``: ``(H, 1, D)``, or ``(H, n, D)`` rotated with rope."""
+        if self.rope is None:
+            return mean.unsqueeze(1)
+        cos, sin = self._coded_rotary(start, stop)
+        return apply_rotary(mean.unsqueeze(1), cos.to(mean.device), sin.to(mean.device))
 
     def _require_rotation(self) -> HeadRotation:
         """The rotation, created by the first :meth:`append`; raises RuntimeError before that."""
@@ -230,9 +253,14 @@ class CodedKVStore:
         rotation = self._require_rotation()
         means = self._means()
         if self.config.subtract_mean:
+            c0, c1 = self.num_coded, self.num_coded + keys.shape[2]
             if means is None:
-                means = keys.mean(dim=(0, 2)), values.mean(dim=(0, 2))
-            keys = keys - means[0].unsqueeze(1)
+                kp = keys
+                if self.rope is not None:
+                    cos, sin = self._coded_rotary(c0, c1)
+                    kp = unapply_rotary(keys, cos.to(keys.device), sin.to(keys.device))
+                means = kp.mean(dim=(0, 2)), values.mean(dim=(0, 2))
+            keys = keys - self._key_mean_at(means[0], c0, c1)
             values = values - means[1].unsqueeze(1)
         chan = self.k_chan
         if self.config.key_channel_scale and chan is None:
@@ -303,7 +331,7 @@ class CodedKVStore:
                 k = k @ self.q_mat.transpose(-1, -2).unsqueeze(0)
             means = self._means()
             if means is not None:
-                k, v = k + means[0].unsqueeze(1), v + means[1].unsqueeze(1)
+                k, v = k + self._key_mean_at(means[0], 0, self.num_coded), v + means[1].unsqueeze(1)
             parts_k.append(k.to(self.dtype))
             parts_v.append(v.to(self.dtype))
         if self.num_window:
@@ -354,7 +382,10 @@ class CodedKVStore:
             qr = rotation.rotate(qk if self.q_mat is None else qk @ self.q_mat.unsqueeze(0))  # q' = q T^-1
             kc = self._require_codes("k")
             sc = scores_lut(qr, kc, self.kcfg, backend=backend) if lut else scores_reference(qr, kc, self.kcfg)
-            if means is not None:  # the codes hold k - mu_k: add <q, mu_k> back (same for every token)
+            if means is not None and self.rope is not None:
+                # the codes hold k - R_p mu: add <q, R_p mu> = (q*mu) . cos_p + (q*rot(mu)) . sin_p back
+                sc = sc + self.rope.mean_scores(q, means[0].unsqueeze(1), self.num_sink, self.num_sink + self.num_coded)
+            elif means is not None:  # the codes hold k - mu_k: add <q, mu_k> back (same for every token)
                 sc = sc + q @ means[0].unsqueeze(-1)
             parts.append(sc)
         if self.num_window:

@@ -31,6 +31,7 @@ from .coded_store import CodedKVStore
 from .codes import KVCodes, decode_states, encode_states
 from .config import KVQuantConfig, ScalarKVConfig
 from .key_transform import KeyTransform, check_options, key_transform
+from .rope import RotaryTable, apply_rotary, unapply_rotary
 from .scalar_store import ScalarKVStore
 
 __all__ = [
@@ -123,10 +124,13 @@ class CosetKVLayer(_StoreLayer):
         return_codes: bool = True,
         backend: str = "auto",
         key_scale: torch.Tensor | KeyTransform | None = None,
+        rope: RotaryTable | None = None,
     ):
         super().__init__()
         config = KVQuantConfig() if config is None else config
-        self.store = CodedKVStore(config, seed=config.seed + int(layer_idx), backend=backend, key_scale=key_scale)
+        self.store = CodedKVStore(
+            config, seed=config.seed + int(layer_idx), backend=backend, key_scale=key_scale, rope=rope
+        )
         self.return_codes = bool(return_codes)
 
     @property
@@ -217,6 +221,9 @@ class CosetQuantizedCache(_BytesMixin, Cache):
     key_scales : optional sequence of one key scale (or None) per layer: ``(H, D)`` per-channel scales from
         :func:`calibrate_key_scales` or :class:`coset.kv.KeyTransform` from :func:`calibrate_key_transforms` (see
         :class:`coset.kv.CodedKVStore`)
+    rope : optional :class:`coset.kv.RotaryTable` (``RotaryTable.from_model(model)``), shared by the layers:
+        centre the keys on their pre-RoPE mean (:mod:`coset.kv.rope`); calibrate the key scales / transforms
+        with the same ``rope``
     """
 
     def __init__(
@@ -227,6 +234,7 @@ class CosetQuantizedCache(_BytesMixin, Cache):
         return_codes: bool = True,
         backend: str = "auto",
         key_scales: Sequence[torch.Tensor | KeyTransform | None] | None = None,
+        rope: RotaryTable | None = None,
     ):
         n = _num_layers(model_config)
         config = KVQuantConfig() if config is None else config
@@ -239,7 +247,9 @@ class CosetQuantizedCache(_BytesMixin, Cache):
         self.kv_config = config if isinstance(config, KVQuantConfig) else configs[0]
         self.kv_configs = configs
         super().__init__(
-            layers=[CosetKVLayer(configs[i], i, return_codes, backend, key_scale=scales[i]) for i in range(n)]
+            layers=[
+                CosetKVLayer(configs[i], i, return_codes, backend, key_scale=scales[i], rope=rope) for i in range(n)
+            ]
         )
 
 
@@ -282,11 +292,15 @@ def use_coset_attention(model) -> None:
 
 
 @torch.no_grad()
-def _attention_moments(model, input_ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+def _attention_moments(
+    model, input_ids: torch.Tensor, rope: RotaryTable | None = None
+) -> list[dict[str, torch.Tensor]]:
     """Per layer, ``(num_kv_heads, D, D)`` float64 second moments from one forward of ``model`` on
-    ``input_ids``: ``"k"`` of the centred keys (token 0, the attention sink, left out) and ``"q"`` of the
-    queries (uncentred: a constant query component scores every key; the ``G`` query heads of a group
-    pooled)."""
+    ``input_ids``: ``"k"`` of the centred keys (token 0, the attention sink, left out; with ``rope``, centred
+    on the rotated pre-RoPE mean ``R_p μ`` as the cache codes them) and ``"q"`` of the queries (uncentred: a
+    constant query component scores every key; the ``G`` query heads of a group pooled)."""
+    if rope is not None and not isinstance(rope, RotaryTable):
+        raise TypeError(f"rope must be a coset.kv.RotaryTable, got {type(rope).__name__}")
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[1] < 3:
         raise ValueError("input_ids must be a (batch, seq_len >= 3) tensor of token ids")
     n = _num_layers(model.config)
@@ -296,8 +310,15 @@ def _attention_moments(model, input_ids: torch.Tensor) -> list[dict[str, torch.T
         B, Hq, L, D = query.shape
         H = key.shape[1]
         q = query.detach().to(torch.float64).reshape(B, H, Hq // H * L, D).transpose(0, 1).reshape(H, -1, D)
-        k = key.detach().to(torch.float64)[:, :, 1:].transpose(0, 1).reshape(H, -1, D)
-        k = k - k.mean(dim=1, keepdim=True)
+        k = key.detach().to(torch.float64)[:, :, 1:]  # (B, H, L - 1, D) at positions 1 .. L-1
+        if rope is not None:
+            cos, sin = (t.to(torch.float64) for t in rope.get(1, key.shape[2]))
+            mu = unapply_rotary(k, cos, sin).mean(dim=(0, 2))
+            k = k - apply_rotary(mu.unsqueeze(1), cos, sin)
+            k = k.transpose(0, 1).reshape(H, -1, D)
+        else:
+            k = k.transpose(0, 1).reshape(H, -1, D)
+            k = k - k.mean(dim=1, keepdim=True)
         stats[int(module.layer_idx)] = {
             "k": k.transpose(1, 2) @ k / k.shape[1],
             "q": q.transpose(1, 2) @ q / q.shape[1],
@@ -319,7 +340,9 @@ def _attention_moments(model, input_ids: torch.Tensor) -> list[dict[str, torch.T
     return [stats[i] for i in range(n)]
 
 
-def calibrate_key_scales(model, input_ids: torch.Tensor, exponent: float = 0.25) -> list[torch.Tensor]:
+def calibrate_key_scales(
+    model, input_ids: torch.Tensor, exponent: float = 0.25, rope: RotaryTable | None = None
+) -> list[torch.Tensor]:
     """Per-layer, per-KV-head, per-channel key scales ``s_c = (E[k_c^2] / E[q_c^2])^exponent`` (rms-normalised
     over the channels) from one forward of ``model`` on ``input_ids`` (calibration text, not the evaluation
     text), for ``CosetQuantizedCache(..., key_scales=...)``.
@@ -329,7 +352,8 @@ def calibrate_key_scales(model, input_ids: torch.Tensor, exponent: float = 0.25)
     code's error at a fixed rate) scales with ``sum_c E[k_c^2] / s_c^2``. The product is smallest (Cauchy-
     Schwarz) at ``s_c^4 = E[k_c^2] / E[q_c^2]``: the default exponent 1/4. Keys are centred (as the cache codes
     ``k - mu``); token 0 (the attention sink, often an outlier) is left out of the key statistics. Queries of
-    the ``G`` heads of a group are pooled. :func:`calibrate_key_transforms` is the full-matrix optimum.
+    the ``G`` heads of a group are pooled. :func:`calibrate_key_transforms` is the full-matrix optimum. With
+    ``rope`` the keys are centred on their rotated pre-RoPE mean, as a cache with the same ``rope`` codes them.
 
     Returns
     -------
@@ -338,7 +362,7 @@ def calibrate_key_scales(model, input_ids: torch.Tensor, exponent: float = 0.25)
     if isinstance(exponent, bool) or not isinstance(exponent, (int, float)) or not 0 <= exponent <= 1:
         raise ValueError(f"exponent must be a number in [0, 1], got {exponent!r}")
     out = []
-    for st in _attention_moments(model, input_ids):
+    for st in _attention_moments(model, input_ids, rope):
         ek, eq = torch.diagonal(st["k"], dim1=-2, dim2=-1), torch.diagonal(st["q"], dim1=-2, dim2=-1)
         tiny = 1e-12 * float(torch.maximum(ek.max(), eq.max()).clamp(min=1e-30))
         s = (ek.clamp(min=tiny) / eq.clamp(min=tiny)).pow(exponent)
@@ -347,21 +371,22 @@ def calibrate_key_scales(model, input_ids: torch.Tensor, exponent: float = 0.25)
 
 
 def calibrate_key_transforms(
-    model, input_ids: torch.Tensor, ridge: float = 1e-3, rank: int | None = 8
+    model, input_ids: torch.Tensor, ridge: float = 1e-3, rank: int | None = 8, rope: RotaryTable | None = None
 ) -> list[KeyTransform]:
     """Per-layer, per-KV-head key transforms ``T`` (:func:`coset.kv.key_transform`: the matrix geometric mean
     of the keys' and queries' second moments, which minimises the expected squared score error of the code over
     all linear maps) from one forward of ``model`` on ``input_ids`` (calibration text, not the evaluation text),
     for ``CosetQuantizedCache(..., key_scales=...)``. Same statistics as :func:`calibrate_key_scales`, whose
     diagonal optimum it generalises; ``rank`` eigen-directions of it are kept, ``rank (D + 1)`` float16 per KV
-    head and layer (counted in the cache bytes; SmolLM2-135M, rank 8: 94 KB for the model).
+    head and layer (counted in the cache bytes; SmolLM2-135M, rank 8: 94 KB for the model). With ``rope``
+    (the cache's :class:`coset.kv.RotaryTable`) the key moments are those of ``k - R_p μ`` the cache codes.
 
     Returns
     -------
     list of ``num_hidden_layers`` :class:`coset.kv.KeyTransform` with vectors ``(num_kv_heads, head_dim, rank)``
     """
     check_options(ridge, rank)  # before the forward
-    return [key_transform(st["k"], st["q"], ridge, rank) for st in _attention_moments(model, input_ids)]
+    return [key_transform(st["k"], st["q"], ridge, rank) for st in _attention_moments(model, input_ids, rope)]
 
 
 @torch.no_grad()
@@ -370,6 +395,7 @@ def layer_sensitivity(
     input_ids: torch.Tensor,
     config: KVQuantConfig,
     key_scales: Sequence[torch.Tensor | KeyTransform | None] | None = None,
+    rope: RotaryTable | None = None,
 ) -> list[float]:
     """Per layer, the increase of the mean next-token log-loss on ``input_ids`` (calibration text) when only
     that layer's keys and values are coded with ``config`` (every position reading the codes, as the ppl
@@ -377,7 +403,7 @@ def layer_sensitivity(
     :func:`coset.kv.allocation.allocate_layers`. One forward per layer plus one reference forward.
 
     ``model`` must use the ``"coset_kv"`` attention (:func:`use_coset_attention`). Negative increases (noise)
-    are returned as measured.
+    are returned as measured. ``key_scales`` and ``rope`` go to the caches (:class:`CosetQuantizedCache`).
     """
     if not isinstance(config, KVQuantConfig):
         raise TypeError(f"config must be a KVQuantConfig, got {type(config).__name__}")
@@ -388,7 +414,7 @@ def layer_sensitivity(
     exact = replace(coded, window=2**31 - 1, sink=0)  # every token stays in the full-precision window
 
     def loss(configs) -> float:
-        cache = CosetQuantizedCache(model.config, configs, key_scales=key_scales)
+        cache = CosetQuantizedCache(model.config, configs, key_scales=key_scales, rope=rope)
         logits = model(input_ids, past_key_values=cache, use_cache=True).logits[:, :-1].double()
         return float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:]))
 
