@@ -18,6 +18,7 @@ keeps the reference log-probs, Hessians and W_hat between runs (several hundred 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import pathlib
@@ -30,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from coset.ptq.allocate import allocate_rates, fisher_costs, fisher_diagonal, saved_nbytes  # noqa: E402
 from coset.ptq.api import cpu_seconds  # noqa: E402
 from coset.ptq.bits import bits_per_weight  # noqa: E402
-from coset.ptq.calib import collect_hessians  # noqa: E402
+from coset.ptq.calib import collect_hessians, sequential_quantize  # noqa: E402
 from coset.ptq.data import pydoc_text, stdlib_docstrings, token_windows  # noqa: E402
 from coset.ptq.eval import lm_fidelity, lm_reference  # noqa: E402
 from coset.ptq.finetune import FinetuneConfig, clone_reference, finetune_  # noqa: E402
@@ -63,6 +64,12 @@ def main() -> None:
     ap.add_argument("--rates", default="2,3,4")
     ap.add_argument("--fisher-windows", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0, help="rotation seed base of the codes (cached per seed)")
+    ap.add_argument(
+        "--calibration",
+        choices=("shared", "sequential", "asym"),
+        default="shared",
+        help="Hessians: shared float-model ones, GPTQ-style sequential, or sequential + asymmetric target",
+    )
     ap.add_argument(
         "--tune-windows", type=int, default=64, help="512-token docstring windows to tune on (the first 64 calibrate)"
     )
@@ -115,7 +122,11 @@ def main() -> None:
             model.set_submodule(n, HNLQLinear.from_codes(c))
         alloc_row = {"bits_before": bits_per_weight(model).all_in}
     else:
-        what = quantized(model, calib, cache, args.bits, args.seed)
+        what = quantized(model, calib, cache, args.bits, args.seed, args.calibration)
+        nb = torch.load(cache / f"smol_bytes{args.bits}{_what_tag(args.seed, args.calibration)}.pt")
+        n_w = sum(model.get_submodule(n).weight.numel() for n in nb)
+        alloc_row = {"code_bits": 8 * sum(nb.values()) / n_w}  # saved bytes of the codes (row gains not included)
+        print("code bits", alloc_row["code_bits"], flush=True)
     with torch.no_grad():
         for n, w in what.items():
             if w is not None:
@@ -148,6 +159,7 @@ def main() -> None:
     row = {
         "model": "smollm2",
         "code": f"MethodConfig.for_bits({args.bits}), HNLQ+rot+LDLQ",
+        "calibration": args.calibration,
         "bits_class": args.bits,
         "steps": args.steps,
         "seed": args.seed,
@@ -181,6 +193,11 @@ def _tag(seed: int) -> str:
     return f"_s{seed}" if seed else ""
 
 
+def _what_tag(seed: int, calibration: str) -> str:
+    """Cache-file tag of the W_hat / bytes of one rotation seed and calibration mode."""
+    return _tag(seed) + ("" if calibration == "shared" else f"_{calibration}")
+
+
 def quantized_codes(model, calib, cache: pathlib.Path, bits: int, seed: int = 0) -> dict:
     """LinearCodes of every block linear at one rate class (float Hessians shared), cached."""
     p = cache / f"smol_codes{bits}{_tag(seed)}.pt"
@@ -204,18 +221,30 @@ def _hessians(model, calib, cache: pathlib.Path) -> dict:
     return hessians
 
 
-def quantized(model, calib, cache: pathlib.Path, bits: int, seed: int = 0) -> dict:
-    """W_hat of every block linear at one rate class (float Hessians shared), cached with its all-in bytes."""
-    p, bp = cache / f"smol_what{bits}{_tag(seed)}.pt", cache / f"smol_bytes{bits}{_tag(seed)}.pt"
+def quantized(model, calib, cache: pathlib.Path, bits: int, seed: int = 0, calibration: str = "shared") -> dict:
+    """W_hat of every block linear at one rate class, cached with its all-in bytes. ``calibration``: "shared"
+    float-model Hessians, or the GPTQ-style "sequential" driver (on a copy of the model), optionally with the
+    "asym"metric target (each layer quantized toward the float model's outputs)."""
+    tag = _what_tag(seed, calibration)
+    p, bp = cache / f"smol_what{bits}{tag}.pt", cache / f"smol_bytes{bits}{tag}.pt"
     if p.exists() and bp.exists():
         return torch.load(p)
-    hessians = _hessians(model, calib, cache)
     cfg = MethodConfig.for_bits(bits, seed=seed)
     what, nbytes = {}, {}
-    for name, H in hessians.items():
-        W_hat, codes, _ = quantize_linear(model.get_submodule(name).weight.detach(), H, cfg, name=name)
+
+    def qfn(name, lin, H):
+        W_hat, codes, _ = quantize_linear(lin.weight.detach(), H, cfg, name=name)
         what[name] = W_hat.float()
         nbytes[name] = saved_nbytes(name, codes)
+        return W_hat
+
+    if calibration == "shared":
+        for name, H in _hessians(model, calib, cache).items():
+            qfn(name, model.get_submodule(name), H)
+    else:
+        t0 = time.perf_counter()
+        sequential_quantize(copy.deepcopy(model), list(calib.split(8)), qfn, asymmetric=calibration == "asym")
+        print(f"{calibration} quantization {time.perf_counter() - t0:.0f} s", flush=True)
     torch.save(what, p)
     torch.save(nbytes, bp)
     return what

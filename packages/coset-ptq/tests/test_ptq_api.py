@@ -36,6 +36,8 @@ def cfg(**kw):
         (dict(sequential="yes"), TypeError, "sequential"),
         (dict(sequential=False, true_sequential=True), ValueError, "true_sequential"),
         (dict(seed=-1), ValueError, "seed"),
+        (dict(asymmetric="yes"), TypeError, "asymmetric"),
+        (dict(sequential=False, asymmetric=True), ValueError, "asymmetric"),
         (dict(method="hnlq_ldlq"), TypeError, "method"),
     ],
 )
@@ -115,6 +117,18 @@ def test_sequential_gptq_not_worse_than_rtn_on_the_proxy(llama):
         copy.deepcopy(llama), calib(16), cfg(method=MethodConfig(method="gptq", bits=3), sequential=False)
     )
     assert r_gptq.rel_proxy_mean < r_rtn.rel_proxy_mean
+
+
+def test_asymmetric_reaches_the_driver(llama):
+    """asymmetric=True: block 0 (float inputs, no drift) gets the symmetric run's W_hat, later blocks not (the
+    driver's correction itself is tested in test_ptq_calib)."""
+    mc = MethodConfig(method="hnlq_ldlq", lattice="E8", q=4, M=1)
+    sym, asym = copy.deepcopy(llama), copy.deepcopy(llama)
+    quantize_(sym, calib(16), cfg(method=mc, compress=False))
+    quantize_(asym, calib(16), cfg(method=mc, compress=False, asymmetric=True))
+    w = lambda m, b: m.model.layers[b].self_attn.q_proj.weight  # noqa: E731
+    d = lambda b: (w(sym, b) - w(asym, b)).abs().max() / w(sym, b).abs().max()  # noqa: E731
+    assert d(0) == 0 and d(1) > 1e-2
 
 
 def test_bad_input(llama):

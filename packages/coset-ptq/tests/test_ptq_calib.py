@@ -8,6 +8,7 @@ from torch import nn
 
 from coset.ptq.calib import (
     HessianAccumulator,
+    asymmetric_target,
     capture_block_inputs,
     collect_hessians,
     find_blocks,
@@ -169,6 +170,80 @@ def test_bad_input(calib_ids, makers):
         sequential_quantize(makers["llama"](), calib_ids, None)
     with pytest.raises(ValueError, match="W_hat of shape"):
         sequential_quantize(makers["llama"](), calib_ids, lambda n, lin, H: torch.zeros(3, 3))
+
+
+def brute_inputs(model, batches, name):
+    """Every input of linear ``name`` (N, n) float64, by storing them."""
+    xs = []
+    h = model.get_submodule(name).register_forward_pre_hook(
+        lambda mod, a: xs.append(a[0].detach().reshape(-1, a[0].shape[-1]).double())
+    )
+    with torch.no_grad():
+        for b in batches:
+            model(input_ids=b)
+    h.remove()
+    return torch.cat(xs)
+
+
+def test_asymmetric_target_is_the_ridge_least_squares_solution():
+    """argmin ‖X_q Ŵᵀ − X_f Wᵀ‖²/N + λ‖Ŵ − W‖² by lstsq on the augmented system; equal inputs give W."""
+    g = torch.Generator().manual_seed(0)
+    N, n, m = 200, 12, 5
+    Xf = torch.randn(N, n, generator=g, dtype=torch.float64) * torch.linspace(0.1, 2, n, dtype=torch.float64)
+    Xq = Xf + 0.3 * torch.randn(N, n, generator=g, dtype=torch.float64)
+    W = torch.randn(m, n, generator=g, dtype=torch.float64)
+    H, C = Xq.T @ Xq / N, Xq.T @ (Xf - Xq) / N
+    damp = 0.05
+    lam = damp * float(torch.diagonal(H).mean())
+    A = torch.cat([Xq / N**0.5, lam**0.5 * torch.eye(n, dtype=torch.float64)])
+    B = torch.cat([Xf @ W.T / N**0.5, lam**0.5 * W.T])
+    ref = torch.linalg.lstsq(A, B).solution.T
+    got = asymmetric_target(W, H, C, damp)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-10)
+    # it beats W on the output error it is built for
+    err = lambda V: float(((Xq @ V.T - Xf @ W.T) ** 2).sum())  # noqa: E731
+    assert err(got) < 0.9 * err(W)
+    zero = torch.zeros(n, n, dtype=torch.float64)
+    assert torch.equal(asymmetric_target(W, H, zero, damp), W)  # no drift: W exactly
+    assert torch.equal(asymmetric_target(W, zero, zero), W)  # no signal: nothing to correct
+    with pytest.raises(ValueError, match="damp"):
+        asymmetric_target(W, H, C, 0.0)
+    with pytest.raises(ValueError, match=r"W \(m, n\)"):
+        asymmetric_target(W, H[:-1, :-1], C)
+
+
+def test_sequential_asymmetric_quantizes_toward_the_float_outputs(calib_ids, makers):
+    """Each linear handed to quantize_fn holds asymmetric_target(W, Σ_qq, Σ_qf) of the inputs of the model
+    as quantized so far (X_q) and of the float model (X_f); block 0 (identical inputs) keeps W."""
+    model, floatm = makers["llama"](), makers["llama"]()
+    W0 = {n: m.weight.detach().clone() for n, m in floatm.named_modules() if isinstance(m, nn.Linear)}
+    seen = {}
+
+    def qfn(name, lin, H):
+        seen[name] = (lin.weight.detach().clone(), H)
+        return coarse(name, lin, H) if ".0." in name else None  # block 1 keeps its corrected float weight
+
+    sequential_quantize(model, calib_ids, qfn, asymmetric=True, asym_damp=0.01)
+    q0 = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(seen[q0][0], W0[q0])  # identical inputs: no drift, W exactly
+    q1 = "model.layers.1.self_attn.q_proj"
+    Xq, Xf = brute_inputs(model, calib_ids, q1), brute_inputs(floatm, calib_ids, q1)
+    H, C = Xq.T @ Xq / len(Xq), Xq.T @ (Xf - Xq) / len(Xq)
+    torch.testing.assert_close(seen[q1][1], H, rtol=1e-5, atol=1e-6)
+    ref = asymmetric_target(W0[q1], H, C, 0.01).float()
+    torch.testing.assert_close(seen[q1][0], ref, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(ref, W0[q1], rtol=1e-3, atol=1e-4)  # the drift of block 0 is corrected
+    # and that correction lowers q_proj's output error against the float model
+    W = W0[q1].double()
+    err = lambda V: float(((Xq @ V.T - Xf @ W.T) ** 2).sum())  # noqa: E731
+    assert err(seen[q1][0].double()) < err(W)
+
+
+def test_asymmetric_bad_input(calib_ids, makers):
+    with pytest.raises(TypeError, match="asymmetric"):
+        sequential_quantize(makers["llama"](), calib_ids, coarse, asymmetric=1)
+    with pytest.raises(ValueError, match="asym_damp"):
+        sequential_quantize(makers["llama"](), calib_ids, coarse, asymmetric=True, asym_damp=-1.0)
 
 
 def test_capture_block_inputs_records_every_batch(calib_ids, makers):

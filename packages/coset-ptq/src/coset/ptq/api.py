@@ -66,6 +66,11 @@ class PTQConfig:
         from the float model in one pass.
     true_sequential : bool
         Within a block, re-collect Hessians after each group of linears (q/k/v → o → gate/up → down).
+    asymmetric : bool
+        Asymmetric calibration (needs ``sequential``): each linear is quantized toward the float model's
+        output on the quantized model's inputs (:func:`coset.ptq.calib.asymmetric_target`), not toward its own
+        output on those inputs. One extra float block forward per collection. Experimental: measured harmful on
+        SmolLM2-135M (docs/ptq.md), off by default.
     seed : int or None
         Base seed of the per-layer rotations (overrides ``method.seed`` when given).
     compress : bool
@@ -84,6 +89,7 @@ class PTQConfig:
     batch_size: int = 8
     sequential: bool = True
     true_sequential: bool = False
+    asymmetric: bool = False
     seed: int | None = None
     compress: bool = True
     progress: bool = True
@@ -98,11 +104,13 @@ class PTQConfig:
         object.__setattr__(self, "skip", skip)
         for name in ("nsamples", "seqlen", "batch_size"):
             _pos_int(name, getattr(self, name))
-        for name in ("sequential", "true_sequential", "compress", "progress"):
+        for name in ("sequential", "true_sequential", "asymmetric", "compress", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         if self.true_sequential and not self.sequential:
             raise ValueError("true_sequential=True requires sequential=True")
+        if self.asymmetric and not self.sequential:
+            raise ValueError("asymmetric=True requires sequential=True")
         if self.seed is not None:
             if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
                 raise ValueError(f"seed must be a non-negative int or None, got {self.seed!r}")
@@ -267,7 +275,13 @@ def quantize_(model: nn.Module, calib: Any, config: PTQConfig | None = None) -> 
     try:
         if config.sequential:
             sequential_quantize(
-                model, batches, qfn, blocks=blocks, true_sequential=config.true_sequential, include=include
+                model,
+                batches,
+                qfn,
+                blocks=blocks,
+                true_sequential=config.true_sequential,
+                include=include,
+                asymmetric=config.asymmetric,
             )
         else:
             hessians = collect_hessians(model, batches, blocks=blocks, include=include)

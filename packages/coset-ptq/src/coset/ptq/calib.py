@@ -18,6 +18,7 @@ Linears that read the *same* input tensor (q/k/v; gate/up) share one accumulator
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ from torch import nn
 
 __all__ = [
     "HessianAccumulator",
+    "asymmetric_target",
     "find_blocks",
     "capture_block_inputs",
     "collect_hessians",
@@ -81,23 +83,30 @@ class HessianAccumulator:
 class _Hooks:
     """Forward-pre-hooks on a set of linears; linears fed the same tensor object share one product."""
 
-    def __init__(self, linears: Mapping[str, nn.Module]):
+    def __init__(self, linears: Mapping[str, nn.Module], cross: bool = False):
         self.acc: dict[str, HessianAccumulator] = {}
+        # asymmetric calibration: Σ x_q (x_f - x_q)ᵀ (float64) per owner, against ``float_inputs`` set by the
+        # caller; the difference is taken per token, so identical inputs give exactly 0 (the difference of two
+        # accumulated moments would not: activations with massive outlier channels make its rounding dominate)
+        self.cross: dict[str, torch.Tensor] | None = {} if cross else None
+        self.float_inputs: dict[str, torch.Tensor] = {}
         self.alias: dict[str, str] = {}  # name -> owner name (same input tensor in the first forward)
-        self._seen: list[tuple[torch.Tensor, str, torch.Tensor, int]] = []  # per forward: (x, owner, XᵀX, N)
+        # per forward: (x, owner, XᵀX, N, X_qᵀX_f or None)
+        self._seen: list[tuple[torch.Tensor, str, torch.Tensor, int, torch.Tensor | None]] = []
         self.order: list[str] = []  # call order in the first forward
         self._handles = [lin.register_forward_pre_hook(self._make(name)) for name, lin in linears.items()]
 
     def _make(self, name: str):
         def hook(_mod, args):
             x = args[0]
-            for xs, owner, prod, cnt in self._seen:
+            for xs, owner, prod, cnt, c in self._seen:
                 if xs is x:
                     if name not in self.acc and name not in self.alias:
                         self.alias[name] = owner
                         self.order.append(name)
                     elif name in self.acc:  # not shared this time after all: accumulate separately
                         self.acc[name].add(prod, cnt)
+                        self._add_cross(name, c)
                     return None
             if name in self.alias:  # was shared in the first forward but is not now: break the alias
                 raise RuntimeError(f"{name} no longer shares its input with {self.alias[name]}")
@@ -106,10 +115,22 @@ class _Hooks:
                 self.order.append(name)
             prod, cnt = HessianAccumulator.product(x)
             self.acc[name].add(prod, cnt)
-            self._seen.append((x, name, prod, cnt))
+            c = None
+            if self.cross is not None:
+                xf = self.float_inputs[name]
+                if xf.shape != x.shape:
+                    raise RuntimeError(f"{name}: float input {tuple(xf.shape)} != quantized input {tuple(x.shape)}")
+                xq = x.detach().reshape(-1, x.shape[-1]).double()
+                c = xq.T @ (xf.reshape(-1, x.shape[-1]).double() - xq)
+                self._add_cross(name, c)
+            self._seen.append((x, name, prod, cnt, c))
             return None
 
         return hook
+
+    def _add_cross(self, name: str, c: torch.Tensor | None) -> None:
+        if self.cross is not None and c is not None:
+            self.cross[name] = c if name not in self.cross else self.cross[name] + c
 
     def end_forward(self) -> None:
         self._seen.clear()
@@ -124,6 +145,12 @@ class _Hooks:
         if owner not in self.acc:
             raise ValueError(f"linear {name!r} never ran on the calibration data")
         return self.acc[owner].finalize()
+
+    def cross_moment(self, name: str) -> torch.Tensor:
+        """``E[x_q (x_f - x_q)ᵀ]`` (n, n) float64 of linear ``name`` (asymmetric calibration only)."""
+        assert self.cross is not None
+        owner = self.alias.get(name, name)
+        return self.cross[owner] / self.acc[owner].n_tokens
 
     def groups(self) -> list[list[str]]:
         """Linears grouped by shared input, in call order."""
@@ -242,6 +269,93 @@ def _run_block(block: nn.Module, inp: _BlockInputs, hooks: _Hooks | None, keep: 
     return outs
 
 
+class _Recorder:
+    """Forward-pre-hooks storing each linear's input (of the float twin of a block) into ``into[name]``."""
+
+    def __init__(self, linears: Mapping[str, nn.Module], into: dict[str, torch.Tensor]):
+        self._handles = [
+            lin.register_forward_pre_hook(lambda _m, args, n=name: into.__setitem__(n, args[0].detach()))
+            for name, lin in linears.items()
+        ]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _run_pair(block: nn.Module, fblock: nn.Module, inp: _BlockInputs, inp_f: _BlockInputs, hooks: _Hooks) -> None:
+    """Run the float twin and the (partly quantized) block batch by batch, so that ``hooks`` sees each
+    quantized input next to the float input of the same tokens."""
+    for h, hf, (extra, kw) in zip(inp.hidden, inp_f.hidden, inp.rest, strict=True):
+        fblock(hf, *extra, **kw)
+        block(h, *extra, **kw)
+        hooks.end_forward()
+        hooks.float_inputs.clear()
+
+
+def _collect(
+    block: nn.Module,
+    fblock: nn.Module | None,
+    lins: Mapping[str, nn.Module],
+    names: Iterable[str],
+    inp: _BlockInputs,
+    inp_f: _BlockInputs | None,
+    bprefix: str,
+) -> _Hooks:
+    """One pass over the calibration batches collecting ``names``' Hessians (and, with a float twin
+    ``fblock``, their cross moments with the float inputs)."""
+    names = list(names)
+    hooks = _Hooks({n: lins[n] for n in names}, cross=fblock is not None)
+    rec = None
+    try:
+        if fblock is not None and inp_f is not None:
+            # the twin is a deepcopy: its linears have the same names below the block
+            flins = {n: fblock.get_submodule(n[len(bprefix) + 1 :]) for n in names}
+            rec = _Recorder(flins, hooks.float_inputs)
+            _run_pair(block, fblock, inp, inp_f, hooks)
+        else:
+            _run_block(block, inp, hooks, keep=False)
+    finally:
+        hooks.remove()
+        if rec is not None:
+            rec.remove()
+    return hooks
+
+
+def asymmetric_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """The float weight that best maps the quantized model's inputs to the float model's outputs.
+
+    ``argmin_Ŵ E‖W x_f − Ŵ x_q‖² + λ‖Ŵ − W‖²`` with ``λ = damp · mean diag H`` (a ridge toward ``W``):
+    ``Ŵ = W + W (Σ_fq − Σ_qq)(Σ_qq + λI)⁻¹ = W + W Cᵀ (Σ_qq + λI)⁻¹``. Quantizing Ŵ with the Hessian ``Σ_qq``
+    then minimizes the error against the float model's output instead of against ``W x_q`` (GPTQ's target), so
+    each layer also corrects the drift its quantized inputs carry (asymmetric calibration, Li et al. 2025,
+    "GPTAQ"). Equal inputs (``C == 0``) give ``W`` exactly.
+
+    Parameters
+    ----------
+    W : (m, n) weight
+    H : (n, n) ``Σ_qq = E[x_q x_qᵀ]``
+    C : (n, n) ``E[x_q (x_f − x_q)ᵀ]`` (the drift moment, accumulated from per-token differences)
+    damp : relative ridge, > 0
+
+    Returns
+    -------
+    (m, n) float64
+    """
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp > 0:
+        raise ValueError(f"damp must be a number > 0, got {damp!r}")
+    n = W.shape[-1]
+    if W.ndim != 2 or H.shape != (n, n) or C.shape != (n, n):
+        raise ValueError(f"W (m, n), H and C (n, n) expected, got {tuple(W.shape)}, {tuple(H.shape)}, {tuple(C.shape)}")
+    W64, H64, C64 = W.to(torch.float64), H.to(torch.float64), C.to(torch.float64)
+    lam = damp * float(torch.diagonal(H64).mean())
+    if not lam > 0:  # no signal at all: nothing to correct
+        return W64.clone()
+    Hd = 0.5 * (H64 + H64.T) + lam * torch.eye(n, dtype=torch.float64)
+    L = torch.linalg.cholesky(Hd)
+    return W64 + torch.cholesky_solve(C64 @ W64.T, L).T
+
+
 def _linears(block: nn.Module, prefix: str, include: Callable[[str], bool] | None) -> dict[str, nn.Linear]:
     return {
         f"{prefix}.{n}": m
@@ -303,6 +417,8 @@ def sequential_quantize(
     true_sequential: bool = False,
     include: Callable[[str], bool] | None = None,
     on_layer: Callable[[str], None] | None = None,
+    asymmetric: bool = False,
+    asym_damp: float = 0.01,
 ) -> SequentialResult:
     """Quantize every linear of every block in order, each from Hessians of already-quantized upstream outputs.
 
@@ -324,31 +440,40 @@ def sequential_quantize(
         Only linears for which it returns True are hooked and quantized.
     on_layer : callable ``name -> None``, optional
         Called after each linear is done (progress bars).
+    asymmetric : bool
+        Asymmetric calibration: a float twin of the model is run alongside, and before ``quantize_fn`` sees a
+        linear its weight is replaced by :func:`asymmetric_target` (the float weight that best maps the
+        quantized inputs to the float model's outputs); ``H`` stays ``Σ_qq``. Costs one more block forward per
+        collection and a float copy of one block.
+    asym_damp : float
+        Relative ridge of :func:`asymmetric_target`.
     """
     if not callable(quantize_fn):
         raise TypeError("quantize_fn must be callable")
+    if not isinstance(asymmetric, bool):
+        raise TypeError(f"asymmetric must be a bool, got {type(asymmetric).__name__}")
+    if isinstance(asym_damp, bool) or not isinstance(asym_damp, (int, float)) or not asym_damp > 0:
+        raise ValueError(f"asym_damp must be a number > 0, got {asym_damp!r}")
     prefix, blocks, inp = _prepare(model, calib_batches, blocks)
+    inp_f = _BlockInputs(list(inp.hidden), inp.rest) if asymmetric else None
     result = SequentialResult(prefix)
     for bi, block in enumerate(blocks):
         bprefix = f"{prefix}.{bi}"
         lins = _linears(block, bprefix, include)
+        fblock = copy.deepcopy(block) if inp_f is not None else None  # the float twin, before any change
+
         if lins:
-            hooks = _Hooks(lins)
-            try:
-                _run_block(block, inp, hooks, keep=False)
-            finally:
-                hooks.remove()
+            hooks = _collect(block, fblock, lins, lins, inp, inp_f, bprefix)
             groups = hooks.groups()
             for gi, group in enumerate(groups):
                 if true_sequential and gi > 0:  # re-collect this group's Hessians after the previous groups
-                    hooks = _Hooks({n: lins[n] for n in group})
-                    try:
-                        _run_block(block, inp, hooks, keep=False)
-                    finally:
-                        hooks.remove()
+                    hooks = _collect(block, fblock, lins, group, inp, inp_f, bprefix)
                 for name in group:
                     H = hooks.hessian(name)
                     result.n_tokens[name] = hooks.acc[hooks.alias.get(name, name)].n_tokens
+                    if fblock is not None:
+                        W = lins[name].weight
+                        W.data.copy_(asymmetric_target(W.detach(), H, hooks.cross_moment(name), asym_damp).to(W.dtype))
                     new = quantize_fn(name, lins[name], H)
                     _install(block, bprefix, name, lins[name], new)
                     result.layers.append(name)
@@ -357,6 +482,10 @@ def sequential_quantize(
             del hooks
         if bi + 1 < len(blocks):
             inp.hidden = _run_block(block, inp, None, keep=True)
+            if fblock is not None and inp_f is not None:
+                out_f = _run_block(fblock, inp_f, None, keep=True)
+                assert out_f is not None  # keep=True returns the outputs
+                inp_f.hidden = out_f
     return result
 
 
