@@ -4,7 +4,7 @@ the fp32 cache and vs a KIVI-style scalar cache at equal all-in bytes per token.
 Run:  nice -n 5 uv run python benchmarks/bench_kv.py [--sections ppl,gen,speed] [--windows 4] [--seqlen 1024]
       [--contexts 2048,8192] [--steps 6] [--rounds 3] [--only names] [--out kv_x]
       nice -n 5 uv run python benchmarks/bench_kv.py --sections report   # merge kv_*.json -> kv.json/md/png
-Writes benchmarks/results/<out>.json and <out>.md (updated after every measurement) and kv.png.
+Writes benchmarks/results/<out>.json, <out>.md (updated after every measurement) and <out>.png.
 
 * ppl   - perplexity on pydoc_data.topics (coset.ptq.data.pydoc_text), ``--windows`` windows of ``--seqlen``
           tokens, each a fresh cache: one forward whose attention reads the quantized cache for every
@@ -36,7 +36,16 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from coset.kv import CodedKVStore, KeyTransform, KVQuantConfig, ScalarKVConfig, ScalarKVStore, allocate_layers, native
+from coset.kv import (
+    CodedKVStore,
+    KeyTransform,
+    KVQuantConfig,
+    RotaryTable,
+    ScalarKVConfig,
+    ScalarKVStore,
+    allocate_layers,
+    native,
+)
 from coset.kv.hf_cache import (
     CosetQuantizedCache,
     ScalarQuantizedCache,
@@ -95,7 +104,7 @@ def methods() -> list[tuple[str, str, object]]:
     # at M - 0.5 b, mean exactly M); KIVI at the same split (keys M, values M - 1, 64-token key groups) and
     # the other split. ``_kq``: calibrated per-channel key scales (calibrate_key_scales on a pydoc window that
     # is not evaluated).
-    for kb, vb in ((4, 3), (3, 2), (2, 1), (4, 1)):
+    for kb, vb in ((4, 3), (3, 2), (2, 1), (4, 1), (3, 4), (2, 3), (4, 4)):
         tag = f"{kb}{vb}"
         out.append((f"hnlq{tag}_s1", "hnlq", KVQuantConfig(bits=kb, value_bits=vb, sink=1)))
         out.append((f"hnlq{tag}_s1_kq", "hnlq_kq", KVQuantConfig(bits=kb, value_bits=vb, sink=1)))
@@ -103,6 +112,9 @@ def methods() -> list[tuple[str, str, object]]:
         # keys with 4 T bits, values with 2, both with 8-bit scales: the same exact rate, side bits moved to the keys
         t42 = KVQuantConfig(bits=kb, value_bits=vb, sink=1, **T42)  # type: ignore[arg-type]
         out.append((f"hnlq{tag}_s1_kf_t42", "hnlq_kf", t42))
+        # kfr: keys centred on their pre-RoPE mean (coset.kv.rope), transform calibrated the same way
+        out.append((f"hnlq{tag}_s1_kfr", "hnlq_kfr", KVQuantConfig(bits=kb, value_bits=vb, sink=1)))
+        out.append((f"hnlq{tag}_s1_kfr_t42", "hnlq_kfr", t42))
         for r in (16, 64):  # the key transform at other ranks (kf: the default, 8)
             out.append((f"hnlq{tag}_s1_kf{r}", f"hnlq_kf{r}", KVQuantConfig(bits=kb, value_bits=vb, sink=1)))
         out.append((f"kivi{tag}_s1", "kivi", ScalarKVConfig(bits=kb, value_bits=vb, sink=1)))
@@ -113,7 +125,10 @@ def methods() -> list[tuple[str, str, object]]:
         out.append((f"hnlq_alloc{target}_s1_kq", "hnlq_alloc", (target, opts)))
         out.append((f"hnlq_alloc{target}_s1_kf", "hnlq_alloc_kf", (target, opts)))
         out.append((f"hnlq_alloc{target}_s1_kf_t42", "hnlq_alloc_kf_t42", (target, opts)))
-    return out
+        out.append((f"hnlq_alloc{target}_s1_kfr", "hnlq_alloc_kfr", (target, opts)))
+        out.append((f"hnlq_alloc{target}_s1_kfr_t42", "hnlq_alloc_kfr_t42", (target, opts)))
+    # the swapped splits (3, 4) / (2, 3) repeat the KIVI rows of (4, 3) / (3, 2): one entry per name
+    return list({name: (name, kind, cfg) for name, kind, cfg in out}.values())
 
 
 def _kv(kb: int, vb: int, **kw) -> KVQuantConfig:
@@ -148,8 +163,11 @@ ALLOCATIONS: dict[str, dict[int, list[KVQuantConfig]]] = {}
 
 #: per-layer key scales of the ``hnlq_kq`` caches, set by main() (calibrate_key_scales on held-out text)
 KEY_SCALES: list[torch.Tensor] | None = None
-#: per-layer key transforms of the ``hnlq_kf<rank>`` caches by rank (calibrate_key_transforms on the same text)
+#: per-layer key transforms of the ``hnlq_kf<rank>`` caches by rank (calibrate_key_transforms on the same text);
+#: "r": rank 8 calibrated with the model's RotaryTable (``hnlq_kfr``, keys centred on their pre-RoPE mean)
 KEY_TRANSFORMS: dict[str, list[KeyTransform]] | None = None
+#: the model's rotary table (``hnlq_kfr`` caches), set by main()
+ROPE: RotaryTable | None = None
 
 
 def key_scales_of(kind: str) -> list | None:
@@ -161,6 +179,18 @@ def key_scales_of(kind: str) -> list | None:
     return None
 
 
+def alloc_keys(kind: str) -> list | None:
+    """The key scales (``hnlq_alloc``) or transforms (``hnlq_alloc_kf*``; ``_kfr*``: calibrated with rope) of an
+    allocation kind."""
+    if kind == "hnlq_alloc" or not KEY_TRANSFORMS:
+        return KEY_SCALES
+    return KEY_TRANSFORMS["r" if "_kfr" in kind else "8"]
+
+
+def alloc_rope(kind: str) -> RotaryTable | None:
+    return ROPE if "_kfr" in kind else None
+
+
 def make_cache(kind: str, cfg, model_config, prefill: str = "float"):
     """``prefill="codes"``: the HNLQ cache attends over its codes in the forward that fills it (the ppl
     protocol: every position reads the quantized cache, as with the KIVI cache, which always does)."""
@@ -168,16 +198,15 @@ def make_cache(kind: str, cfg, model_config, prefill: str = "float"):
         return DynamicCache(config=model_config)
     if kind.startswith("hnlq_alloc"):
         cfgs = [dataclasses.replace(c, prefill=prefill) for c in ALLOCATIONS[kind][cfg[0]]]
-        return CosetQuantizedCache(
-            model_config,
-            cfgs,
-            key_scales=KEY_TRANSFORMS["8"] if kind != "hnlq_alloc" and KEY_TRANSFORMS else KEY_SCALES,
-        )
+        return CosetQuantizedCache(model_config, cfgs, key_scales=alloc_keys(kind), rope=alloc_rope(kind))
     if kind in ("hnlq", "hnlq_kq") or kind.startswith("hnlq_kf"):
         scales = key_scales_of(kind)
         if kind != "hnlq" and scales is None:
             raise RuntimeError(f"key scales of {kind} not calibrated")
-        return CosetQuantizedCache(model_config, dataclasses.replace(cfg, prefill=prefill), key_scales=scales)
+        rope = ROPE if kind == "hnlq_kfr" else None
+        return CosetQuantizedCache(
+            model_config, dataclasses.replace(cfg, prefill=prefill), key_scales=scales, rope=rope
+        )
     return ScalarQuantizedCache(model_config, cfg)
 
 
@@ -426,7 +455,7 @@ def write(results: dict, out_name: str = "kv") -> None:
     (OUT / f"{out_name}.md").write_text("\n".join(L))
 
 
-def plot(results: dict) -> None:
+def plot(results: dict, name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -466,7 +495,7 @@ def plot(results: dict) -> None:
     ax.set_title("SmolLM2-135M KV cache, pydoc_data.topics")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(OUT / "kv.png", dpi=120)
+    fig.savefig(OUT / f"{name}.png", dpi=120)
 
 
 def main() -> None:
@@ -504,7 +533,7 @@ def main() -> None:
                 else:
                     results.setdefault(key, val)
         write(results, args.out)
-        plot(results)
+        plot(results, "kv")
         return
     results["commands"] = list(dict.fromkeys(results.get("commands", []) + [cmd]))
     sections = args.sections.split(",")
@@ -516,11 +545,13 @@ def main() -> None:
     sel = set(args.only.split(",")) if args.only else None
     todo = [m for m in methods() if sel is None or m[0] in sel]
     if any(kind.startswith(("hnlq_kq", "hnlq_kf", "hnlq_alloc")) for _, kind, _ in todo):
-        global KEY_SCALES, KEY_TRANSFORMS
+        global KEY_SCALES, KEY_TRANSFORMS, ROPE
         # calibration text: the pydoc window right after the evaluated ones (never evaluated itself)
         calib = token_windows(tok, pydoc_text(), args.seqlen, args.windows + 1)[-1:]
         KEY_SCALES = calibrate_key_scales(model, calib)
         KEY_TRANSFORMS = {str(r): calibrate_key_transforms(model, calib, rank=r) for r in (8, 16, 64)}
+        ROPE = RotaryTable.from_model(model)
+        KEY_TRANSFORMS["r"] = calibrate_key_transforms(model, calib, rank=8, rope=ROPE)
         results["key_scales"] = (
             f"calibrate_key_scales / calibrate_key_transforms on pydoc window {args.windows} ({args.seqlen} tokens)"
         )
@@ -528,11 +559,11 @@ def main() -> None:
         # layer sensitivities on the first 512 tokens of the same held-out window, with the key scales
         # (hnlq_alloc) or key transforms (hnlq_alloc_kf*) and the code split the caches use
         calib = token_windows(tok, pydoc_text(), args.seqlen, args.windows + 1)[-1:, :512]
-        keys = KEY_TRANSFORMS["8"] if akind != "hnlq_alloc" and KEY_TRANSFORMS else KEY_SCALES
+        keys = alloc_keys(akind)
         t42 = akind.endswith("_t42")
         sens_cfg = dataclasses.replace(SENS_CONFIG, **T42) if t42 else SENS_CONFIG  # type: ignore[arg-type]
         t0 = time.time()
-        sens = layer_sensitivity(model, calib, sens_cfg, key_scales=keys)
+        sens = layer_sensitivity(model, calib, sens_cfg, key_scales=keys, rope=alloc_rope(akind))
         tag = akind[len("hnlq_alloc") :]
         results[f"layer_sensitivity{tag}"] = {"config": repr(sens_cfg), "seconds": time.time() - t0, "nll": sens}
         print("layer sensitivity", akind, [round(x, 4) for x in sens], flush=True)
@@ -561,7 +592,7 @@ def main() -> None:
             }
             print(name, results["ppl"][name], flush=True)
             write(results, args.out)
-            plot(results)
+            plot(results, args.out)
     if "sides" in sections:  # keys only / values only coded
         ids = token_windows(tok, pydoc_text(), args.seqlen, args.windows)
         results.setdefault("sides", {})
@@ -609,6 +640,8 @@ def main() -> None:
         if KEY_TRANSFORMS is not None:  # the exact-4-bit code with key transforms (--only ...hnlq43_s1_kf_t42)
             t42 = KVQuantConfig(bits=4, value_bits=3, sink=1, **T42)  # type: ignore[arg-type]
             runs.append((f"hnlq43_s1_kf_t42 LUT {lut}", "hnlq_kf", t42))
+            # and with the keys centred on their pre-RoPE mean (+ one matmul per layer and step for its scores)
+            runs.append((f"hnlq43_s1_kfr_t42 LUT {lut}", "hnlq_kfr", t42))
         set_threads(1)
         for ctx in [int(c) for c in args.contexts.split(",")]:
             ids = text_ids[:, :ctx]
@@ -656,7 +689,7 @@ def main() -> None:
             write(results, args.out)
             del caches
     write(results, args.out)
-    plot(results)
+    plot(results, args.out)
 
 
 if __name__ == "__main__":
