@@ -109,3 +109,22 @@ def test_quantize_rows_uncovered_code_composes():
         assert not _ops.rows_applicable(cfg.lattice, cfg)
         nat = quantize_rows(x, betas, cfg, backend="native", return_info=True)
         assert _same(nat, quantize_rows(x, betas, cfg, backend="torch", return_info=True))
+
+
+def test_quantize_rows_out_native_equals_reference():
+    """The fused kernel writes into given tensors (reused across calls) the bits of the reference; the
+    fast path switched off (the composition of native ops) writes them too."""
+    cfg = QuantizationConfig(lattice_type="E8", q=4, M=2, max_scaling_iterations=4)
+    x, betas = _rows(40, 37, 4, seed=11)
+    want = quantize_rows(x, betas, cfg, backend="torch", return_info=True)
+    nb = -(-37 // 8)
+    out = (torch.empty(40, 37), torch.empty(40, nb, dtype=torch.uint8), torch.empty(40, nb, dtype=torch.bool))
+    try:
+        for fast in (True, True, False):
+            _C.set_fast_path(fast)
+            got = quantize_rows(x, betas, cfg, backend="native", return_info=True, out=out)
+            assert all(a is b for a, b in zip(got, out, strict=True)) and _same(got, want)
+    finally:
+        _C.set_fast_path(True)
+    with pytest.raises(ValueError, match="must not share memory"):
+        quantize_rows(x, betas, cfg, backend="native", out=(x, out[1], out[2]))

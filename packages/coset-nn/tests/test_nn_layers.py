@@ -398,3 +398,122 @@ def test_nn_overload_policy_error_propagates():
     q = QLinear(8, 2, qconfig=QATConfig(weight=cfg, granularity="fixed"))
     with pytest.raises(OverloadError):
         q(torch.randn(3, 8))
+
+
+# ---------------------------------------------------------------- re-quantization into reused outputs
+def _backends() -> list[str]:
+    from coset.quant import available_backends
+
+    return ["torch"] + [b for b in available_backends() if b == "native"]
+
+
+def _fresh_quantization(w: torch.Tensor, qconfig: QATConfig) -> torch.Tensor:
+    q = QLinear(w.shape[1], w.shape[0], bias=False, qconfig=qconfig)
+    with torch.no_grad():
+        q.weight.copy_(w)
+    return q.quantized_weight().clone()
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_requantize_reuses_outputs_only_when_nothing_holds_them(backend):
+    """Each training step writes the quantized weight into the previous step's tensor (no page faults), unless
+    something still references it: the autograd graph of an earlier forward of the same step (a layer used
+    twice, the weight changed in between), a tensor handed out by ``quantized_weight`` or ``codes``."""
+    cfg = QATConfig(backend=backend)
+    layer = QLinear(24, 6, bias=False, qconfig=cfg)
+    x1, x2 = torch.randn(3, 24, requires_grad=True), torch.randn(3, 24, requires_grad=True)
+    layer(x1).sum().backward()  # first quantization; its graph is gone
+    p0 = layer.weight_quantizer.qweight.data_ptr()
+    w1 = layer.weight.detach().clone()
+    y1 = layer(x1)  # graph alive: the backward needs this quantized weight
+    assert layer.weight_quantizer.qweight.data_ptr() == p0  # reused: nothing held it
+    with torch.no_grad():
+        layer.weight.mul_(1.7)
+    y2 = layer(x2)
+    assert layer.weight_quantizer.qweight.data_ptr() != p0  # the graph of y1 holds it: a new tensor
+    x1.grad = None
+    (y1 * torch.arange(6.0)).sum().backward()
+    want = torch.arange(6.0).expand(3, 6) @ _fresh_quantization(w1, cfg)
+    assert torch.equal(x1.grad, want)  # the gradient of the first forward used the first weight
+    del y2
+    held = layer.quantized_weight()
+    labels, T, _ = layer.codes()
+    kept = (held.clone(), T.clone())
+    with torch.no_grad():
+        layer.weight.mul_(-0.3)
+    layer(x2)
+    assert torch.equal(held, kept[0]) and torch.equal(T, kept[1])  # handed-out tensors are left alone
+    assert torch.equal(layer.quantized_weight(), _fresh_quantization(layer.weight.detach(), cfg))
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_requantize_failure_into_reused_outputs_leaves_no_stale_code(backend):
+    """A re-quantization that fails half-way (a NaN weight) has overwritten part of the reused outputs: the
+    code is dropped and rebuilt at the next use, never served half old, half new."""
+    cfg = QATConfig(backend=backend)
+    layer = QLinear(32, 8, bias=False, qconfig=cfg)
+    x = torch.randn(2, 32)
+    layer(x)
+    layer(x)  # the outputs are now reused
+    with torch.no_grad():
+        good = layer.weight.detach().clone()
+        layer.weight.mul_(5.0)
+        layer.weight[6, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        layer(x)
+    with pytest.raises(ValueError, match="no weight code"):
+        layer.weight_quantizer.codes()
+    with torch.no_grad():
+        layer.weight.copy_(good)
+    layer.eval()
+    assert torch.equal(layer.quantized_weight(), _fresh_quantization(good, cfg))
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("granularity", ["per_channel", "per_tensor", "fixed"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"lattice_type": "D4", "q": 4, "M": 2, "max_scaling_iterations": 1},
+        {"lattice_type": "E8", "q": 4, "M": 2, "alpha": 0.5, "max_scaling_iterations": 2},
+        {"lattice_type": "D8", "q": 8, "M": 1, "max_scaling_iterations": 1},
+    ],
+)
+def test_labels_from_the_quantized_weight_equal_the_encoded_weight(backend, granularity, kw):
+    """A training step keeps no copy of the weight for the lazily computed labels: they are recovered from
+    the quantized weight and T, bit for bit the labels of encoding the weight itself (T > 0 and clamped
+    blocks included); a dithered code keeps the snapshot."""
+    from coset.nn.fake_quant import encode_weight
+
+    wcfg = QuantizationConfig(**kw, beta=0.02 if granularity == "fixed" else 1.0)
+    qat = QATConfig(backend=backend, weight=wcfg, granularity=granularity)
+    layer = QLinear(44, 12, bias=False, qconfig=qat)  # 44: a zero-padded last E8/D8 block
+    with torch.no_grad():
+        layer.weight.mul_(torch.logspace(-1, 1.5, 12).unsqueeze(1))
+        layer.weight[3, 0] *= 1e3  # one outlier in a row: past the cap, clamped
+        layer.weight[7, 9] *= 1e3
+    w = layer.weight.detach().clone()
+    layer(torch.randn(2, 44))
+    wq = layer.weight_quantizer
+    assert wq._pending[2] is True  # no snapshot was taken
+    T, clamped = wq.T.clone(), wq.clamped.clone()
+    assert bool((T > 0).any()) and bool(clamped.any())
+    with torch.no_grad():
+        layer.weight.add_(1.0)  # the optimizer moved on; the labels are still those of w
+    labels, T2, betas = wq.codes()
+    want, wantT, wantc = encode_weight(w.reshape(12, -1), betas.to(torch.float64), qat)
+    assert torch.equal(labels, want) and torch.equal(T2, wantT) and torch.equal(clamped, wantc)
+
+
+def test_dithered_code_keeps_a_snapshot_for_its_labels():
+    from coset.nn.fake_quant import encode_weight
+
+    qat = QATConfig(backend="torch", weight=QuantizationConfig(lattice_type="D4", q=4, M=2, with_dither=True))
+    layer = QLinear(16, 4, bias=False, qconfig=qat)
+    w = layer.weight.detach().clone()
+    layer(torch.randn(2, 16))
+    assert layer.weight_quantizer._pending[2] is False  # a dithered reconstruction is off the lattice
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    labels, _, betas = layer.weight_quantizer.codes()
+    assert torch.equal(labels, encode_weight(w, betas.to(torch.float64), qat)[0])

@@ -44,3 +44,45 @@ def test_rows_argument_errors():
         quantize_rows(x, torch.ones(3, dtype=torch.int32))
     with pytest.raises(ValueError, match="NaN or Inf"):
         quantize_rows(x, torch.tensor([1.0, 0.0, 1.0]), backend="torch")
+
+
+def test_rows_out_tensors_are_written_and_returned():
+    """``out=``: the same bits as fresh outputs, written into (and returned as) the given tensors, reused."""
+    cfg = QuantizationConfig(lattice_type="D4", q=4, M=2, max_scaling_iterations=3)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 10, generator=g) * torch.tensor([0.1, 1, 3, 10, 30, 1e3])[:, None]  # T > 0 and clamps
+    betas = torch.full((6,), 0.5)
+    want = quantize_rows(x, betas, cfg, backend="torch", return_info=True)
+    out = (torch.full((6, 10), float("nan")), torch.full((6, 3), 99, dtype=torch.uint8), torch.ones(6, 3).bool())
+    for _ in range(2):  # the second call overwrites the first call's results in place
+        got = quantize_rows(x, betas, cfg, backend="torch", return_info=True, out=out)
+        assert all(a is b for a, b in zip(got, out, strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert bool((want[1] > 0).any()) and bool(want[2].any())
+    assert quantize_rows(x, betas, cfg, backend="torch", out=out) is out[0]  # without return_info
+
+
+def test_rows_out_argument_errors():
+    cfg = QuantizationConfig(lattice_type="D4", q=4, M=2)
+    x = torch.randn(4, 8)
+
+    def outs(**kw):
+        o = {"r": torch.empty(4, 8), "T": torch.empty(4, 2, dtype=torch.uint8), "c": torch.empty(4, 2).bool()}
+        o.update(kw)
+        return (o["r"], o["T"], o["c"])
+
+    with pytest.raises(TypeError, match="out must be a tuple of three tensors"):
+        quantize_rows(x, None, cfg, out=[torch.empty(4, 8)] * 3)
+    with pytest.raises(TypeError, match=r"out\[0\] must have dtype torch.float32"):
+        quantize_rows(x, None, cfg, out=outs(r=torch.empty(4, 8, dtype=torch.float64)))
+    with pytest.raises(TypeError, match=r"out\[2\] must have dtype torch.bool"):
+        quantize_rows(x, None, cfg, out=outs(c=torch.empty(4, 2, dtype=torch.uint8)))
+    with pytest.raises(ValueError, match=r"out\[1\] must be a contiguous \(4, 2\)"):
+        quantize_rows(x, None, cfg, out=outs(T=torch.empty(2, 4, dtype=torch.uint8).t()))
+    with pytest.raises(ValueError, match=r"out\[0\] must be a contiguous \(4, 8\)"):
+        quantize_rows(x, None, cfg, out=outs(r=torch.empty(4, 9)))
+    with pytest.raises(ValueError, match="must not share memory"):
+        quantize_rows(x, None, cfg, out=outs(r=x))
+    buf = torch.zeros(4, 2, dtype=torch.uint8)  # T and clamped on the same bytes
+    with pytest.raises(ValueError, match="must not share memory"):
+        quantize_rows(x, None, cfg, out=outs(T=buf, c=buf.view(torch.bool)))

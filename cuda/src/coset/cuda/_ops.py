@@ -380,13 +380,21 @@ def rows_applicable(lattice: Lattice, config: QuantizationConfig) -> bool:
     )
 
 
-def quantize_rows(x: torch.Tensor, betas: torch.Tensor | None, lattice: Lattice, config: QuantizationConfig):
+def quantize_rows(
+    x: torch.Tensor,
+    betas: torch.Tensor | None,
+    lattice: Lattice,
+    config: QuantizationConfig,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+):
     """Fused per-row fake quantizer ``out[r] = beta_r * Q(x[r] / beta_r)`` in d-blocks (last block zero padded),
     bit-exact with :func:`coset.quant.quantize_rows`'s composition; one pass, all CPU threads.
 
     Parameters
     ----------
     x : (R, k) float32 CPU tensor; betas : (R,) float32 or None (beta 1)
+    out : optional (out, T, clamped) to write into (contiguous CPU float32 (R, k), uint8 (R, nb), bool (R, nb);
+        coset.quant.quantize_rows checks them)
 
     Returns
     -------
@@ -412,9 +420,21 @@ def quantize_rows(x: torch.Tensor, betas: torch.Tensor | None, lattice: Lattice,
     nb = -(-k // d)
     xc = x.contiguous()
     bc = None if betas is None else betas.contiguous()
-    out = torch.empty((R, k), dtype=torch.float32)
-    T = torch.empty((R, nb), dtype=torch.uint8)
-    clamped = torch.empty((R, nb), dtype=torch.bool)
+    if out is None:
+        res = torch.empty((R, k), dtype=torch.float32)
+        T = torch.empty((R, nb), dtype=torch.uint8)
+        clamped = torch.empty((R, nb), dtype=torch.bool)
+    else:
+        res, T, clamped = out
+        if not (
+            res.dtype == torch.float32
+            and T.dtype == torch.uint8
+            and clamped.dtype == torch.bool
+            and tuple(res.shape) == (R, k)
+            and tuple(T.shape) == tuple(clamped.shape) == (R, nb)
+            and all(t.is_contiguous() and t.device.type == "cpu" for t in out)
+        ):
+            raise ValueError("out must be contiguous CPU tensors: float32 (R, k), uint8 (R, nb), bool (R, nb)")
     err, nonfinite = _C.quantize_rows_cpu(
         kind,
         d,
@@ -431,7 +451,7 @@ def quantize_rows(x: torch.Tensor, betas: torch.Tensor | None, lattice: Lattice,
         R,
         k,
         float(max_abs),
-        _ptr(out),
+        _ptr(res),
         _ptr(T),
         _ptr(clamped),
     )
@@ -445,10 +465,13 @@ def quantize_rows(x: torch.Tensor, betas: torch.Tensor | None, lattice: Lattice,
         xh, Tf, cf = quantize(blocks.reshape(-1, d), lattice, config)
         if bc is not None:
             xh = xh.reshape(R, nb, d) * bc.reshape(-1, 1, 1)
-        return xh.reshape(R, nb * d)[:, :k].contiguous(), Tf.reshape(R, nb), cf.reshape(R, nb)
+        res.copy_(xh.reshape(R, nb * d)[:, :k])
+        T.copy_(Tf.reshape(R, nb))
+        clamped.copy_(cf.reshape(R, nb))
+        return res, T, clamped
     if err:
         _raise_overload(int(err), R * nb, config)
-    return out, T, clamped
+    return res, T, clamped
 
 
 # ------------------------------------------------------------------------------------------------- LUT ops

@@ -82,8 +82,8 @@ class NativeBackend:
     def quantize(self, x, lattice, config, dither):
         return _ops.quantize(x, lattice, config, dither)
 
-    def quantize_rows(self, x, betas, lattice, config):
-        return _ops.quantize_rows(x, betas, lattice, config)
+    def quantize_rows(self, x, betas, lattice, config, out=None):
+        return _ops.quantize_rows(x, betas, lattice, config, out=out)
 
     def bucket_codec(self):
         """coset.dist's bucket codec (the module :mod:`coset.cuda.bucket_codec`): one call per DDP bucket."""

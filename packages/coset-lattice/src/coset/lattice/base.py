@@ -67,9 +67,11 @@ class Lattice:
         g = np.asarray(generator, dtype=np.float64)
         if g.ndim != 2 or g.shape[0] != g.shape[1]:
             raise ValueError(f"generator must be a square matrix, got shape {g.shape}")
-        if abs(np.linalg.det(g)) < 1e-12:
+        det = abs(float(np.linalg.det(g)))
+        if det < 1e-12:
             raise ValueError("generator must be non-singular")
         self.name = name
+        self._volume = det  # read per call by beta_min (QAT re-quantizes every step): no det each time
         self._G = g
         self._G_inv = np.linalg.inv(g)
 
@@ -100,7 +102,7 @@ class Lattice:
     @property
     def volume(self) -> float:
         """Volume of the Voronoi cell, ``|det G|``."""
-        return float(abs(np.linalg.det(self._G)))
+        return self._volume
 
     @property
     def second_moment(self) -> float:

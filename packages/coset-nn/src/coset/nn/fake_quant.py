@@ -18,6 +18,7 @@ import torch
 
 from coset.quant import (
     ClampWarning,
+    DegenerateConfigWarning,
     OverloadError,
     QuantizationConfig,
     beta_min,
@@ -36,6 +37,7 @@ __all__ = [
     "weight_betas",
     "scaled_weight_blocks",
     "encode_weight",
+    "labels_from_quantized",
     "quantize_weight",
     "decode_weight",
     "activation_beta",
@@ -150,12 +152,56 @@ def encode_weight(w2: torch.Tensor, betas: torch.Tensor, qat: QATConfig):
         raise ValueError(f"weight: {e}") from None
 
 
+def labels_from_quantized(wq2: torch.Tensor, T: torch.Tensor, betas: torch.Tensor, qat: QATConfig) -> torch.Tensor:
+    """The labels of a quantized ``(C_out, k)`` weight ``wq2`` (float32 or float64, as :func:`quantize_weight`
+    returned it) whose blocks were coded at ``T``: equal to :func:`encode_weight`'s labels of the weight it was
+    quantized from, without that weight.
+
+    Why it is exact: HNLQ's labels are a function of the block's lattice point ``P`` at its scale step ``T``
+    alone (the layers ``Q(P / q^m)`` follow from it, paper §3), and ``wq2`` holds ``P s_T beta`` rounded twice
+    (relative error < 2.5e-7, while ``P`` is 0.5 or more from any other lattice point in these units): encoding
+    ``wq2 / beta`` at scale ``s_T`` alone finds ``P`` again, inside the code (no overload). A clamped block's
+    reconstruction is a code point too. Needs a code without dither or centring (``labels_need_weight``).
+
+    Returns
+    -------
+    labels : (C_out, nb, M, d) uint8
+    """
+    cfg = _wcfg(qat)
+    if labels_need_weight(qat):
+        raise ValueError("labels_from_quantized needs a weight code without dither or centring")
+    blocks, _ = to_blocks(wq2.detach().to(torch.float64), cfg.dim)
+    if qat.granularity != "fixed":
+        blocks = blocks / betas.to(torch.float64).reshape(-1, 1, 1)
+        cfg = _unit_config(cfg)
+    labels = torch.empty(blocks.shape[:-1] + (cfg.M, cfg.dim), dtype=torch.uint8, device=blocks.device)
+    scales = cfg.scales
+    for t in torch.unique(T).tolist():
+        sel = T == t
+        with warnings.catch_warnings():  # the user's config was warned about when it was made
+            warnings.simplefilter("ignore", DegenerateConfigWarning)
+            one = cfg.replace(beta=scales[int(t)], max_scaling_iterations=0)
+            b, _, clamped = encode(blocks[sel], config=one, backend=qat.backend, return_clamped=True)
+        if bool(clamped.any()):  # cannot happen (see above): a reconstruction is a point of the code
+            raise RuntimeError("labels_from_quantized: a reconstructed block overloaded its own scale step")
+        labels[sel] = b
+    return labels
+
+
+def labels_need_weight(qat: QATConfig) -> bool:
+    """True when the weight code's labels cannot be recovered from the quantized weight alone (dither or
+    centring shift the reconstruction off the lattice): keep a snapshot of the weight for them."""
+    cfg = _wcfg(qat)
+    return bool(cfg.with_dither or cfg.center)
+
+
 def quantize_weight(
     w2: torch.Tensor,
     betas: torch.Tensor,
     qat: QATConfig,
     dtype: torch.dtype = torch.float32,
     snapshot: torch.Tensor | None = None,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ):
     """Fused encode+decode of a ``(C_out, k)`` weight; equal to ``decode_weight(encode_weight(...))``.
 
@@ -167,8 +213,12 @@ def quantize_weight(
     wq : (C_out, k) tensor of ``dtype``
     T : (C_out, nb) uint8
     clamped : (C_out, nb) bool
-    pending : (w, betas), a snapshot of the weight (copied into ``snapshot`` when given, a tensor of w2's
-        shape, dtype and device, else a clone); pass to :func:`encode_weight` to get the labels later
+    pending : (source, betas, quantized): what gives the labels later — ``wq`` itself (``quantized`` True:
+        :func:`labels_from_quantized`) when it is returned in the work dtype and the code has no dither or
+        centring, else a snapshot of the weight (copied into ``snapshot`` when given, a tensor of w2's shape,
+        dtype and device, else a clone) for :func:`encode_weight`
+
+    ``out``: tensors for :func:`coset.quant.quantize_rows` to write ``(wq, T, clamped)`` into (reused buffers).
     """
     cfg = _wcfg(qat)
     fixed = qat.granularity == "fixed"
@@ -180,16 +230,19 @@ def quantize_weight(
                 cfg if fixed else _unit_config(cfg),
                 backend=qat.backend,
                 return_info=True,
+                out=out,
             )
     except OverloadError:
         raise
     except ValueError as e:  # coset.quant checks finiteness; say which tensor
         raise ValueError(f"weight: {e}") from None
+    if wq.dtype == dtype and not labels_need_weight(qat):  # the labels follow from wq: no copy of the weight
+        return wq, T, clamped, (wq, betas, True)
     if snapshot is None:
         snapshot = w2.detach().clone()
     else:
         snapshot.copy_(w2.detach())
-    return wq.to(dtype), T, clamped, (snapshot, betas)
+    return wq.to(dtype), T, clamped, (snapshot, betas, False)
 
 
 def decode_weight(

@@ -114,7 +114,7 @@ class QuantLayerMixin(_Base):
         self.weight_quantizer.refresh(self.weight)
         qw = self.weight_quantizer.qweight
         assert qw is not None  # refresh() decodes it
-        return qw
+        return qw.detach()  # an alias: while it is held, the next re-quantization leaves its memory alone
 
     def to_float(self, use_quantized: bool = False) -> nn.Module:
         """The float module (shadow weight shared, or a copy of the quantized weight); see the subclasses."""

@@ -6,7 +6,7 @@ code format, and a registry through which native kernels (coset-cuda) plug in wi
 The rate-distortion harness lives in :mod:`coset.quant.rd` (not exported here).
 """
 
-from ._core import coset_representative, decode_lattice_units, encode_layers
+from ._core import coset_representative, count_true, decode_lattice_units, encode_layers
 from .backend import (
     BACKEND_API,
     KernelConstants,
@@ -40,6 +40,7 @@ __all__ = [
     "decode",
     "quantize",
     "quantize_rows",
+    "count_true",
     "Quantizer",
     "encode_layers",
     "decode_lattice_units",

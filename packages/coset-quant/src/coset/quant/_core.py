@@ -40,6 +40,7 @@ __all__ = [
     "max_abs_input",
     "MAX_LATTICE_UNITS",
     "warn_clamped",
+    "count_true",
     "ENUMERATE_LIMIT",
     "SAMPLE_LABELS",
     "SAMPLE_SEED",
@@ -366,9 +367,24 @@ def decode_flat(b, T, lattice: Lattice, config: QuantizationConfig, z: torch.Ten
     return (y * s.unsqueeze(-1)).to(dtype)
 
 
+def count_true(mask: torch.Tensor) -> int:
+    """The number of True entries of a bool tensor; fast when there are none (the common case of clamp masks).
+
+    torch reduces a bool tensor one byte at a time; a contiguous one is first tested 8 bytes at a time as int64
+    (0.02 ms instead of 0.2 ms for a QAT layer's 262k-block mask, checked every training step)."""
+    if not mask.numel():
+        return 0
+    if mask.dtype == torch.bool and mask.is_contiguous() and mask.numel() % 8 == 0 and mask.storage_offset() % 8 == 0:
+        if not bool(mask.reshape(-1).view(torch.int64).any()):
+            return 0
+    elif not bool(mask.any()):
+        return 0
+    return int(mask.sum())
+
+
 def warn_clamped(clamped: torch.Tensor, config: QuantizationConfig, what: str = "encode", stacklevel: int = 3) -> None:
     """One :class:`ClampWarning` per call that clamped any vector, with the count (a clamp loses data)."""
-    n = int(clamped.sum()) if clamped.numel() and bool(clamped.any()) else 0  # any(): no int64 sum when none
+    n = count_true(clamped)
     if n:
         warnings.warn(
             f"{what}: {n} of {clamped.numel()} vectors overloaded even at T = max_scaling_iterations="

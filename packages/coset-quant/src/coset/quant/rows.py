@@ -3,8 +3,9 @@
 ``out[r, :] = beta_r * quantize(x[r, :] / beta_r)`` over the d-blocks of each row, the last block zero padded
 (the padding is stripped). This is the forward of quantization-aware training with per-channel betas; the
 PyTorch composition below is the specification, and a backend may implement it in one pass (op name
-``"quantize_rows"``, method ``quantize_rows(x, betas, lattice, config) -> (out, T, clamped)`` on a float32
-``(R, k)`` matrix and float32 ``(R,)`` betas or None, bit for bit the composition).
+``"quantize_rows"``, method ``quantize_rows(x, betas, lattice, config, out=None) -> (out, T, clamped)`` on a
+float32 ``(R, k)`` matrix and float32 ``(R,)`` betas or None, bit for bit the composition, writing into the
+checked ``out`` tensors when given).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def quantize_rows(
     lattice: Lattice | None = None,
     backend: str = "auto",
     return_info: bool = False,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ):
     """Per-row scaled HNLQ reconstruction ``beta_r * quantize(x[r] / beta_r)`` in d-blocks.
 
@@ -52,6 +54,10 @@ def quantize_rows(
         rounded to the work dtype; ``x[r] / beta_r`` and the product by ``beta_r`` are rounded once each.
     config, lattice, backend : as for :func:`coset.quant.quantize` (the config's own beta applies as well)
     return_info : also return ``(T, clamped)`` per block, each of shape ``(R, ceil(k/d))``
+    out : optional ``(result, T, clamped)`` to write into and return instead of new tensors: contiguous, on
+        ``x``'s device, of shapes ``(R, k)``, ``(R, nb)``, ``(R, nb)`` and dtypes work dtype, uint8, bool, not
+        sharing memory with ``x`` (a training loop that re-quantizes every step reuses them: fresh 4 MB outputs
+        cost page faults each step)
 
     Returns
     -------
@@ -59,8 +65,9 @@ def quantize_rows(
 
     Raises / Warns
     --------------
-    TypeError / ValueError for a non-tensor, non-float or non-2-D ``x``, betas of the wrong shape, or non-finite
-    scaled blocks (as :func:`coset.quant.quantize`); one ``ClampWarning`` per call that clamps.
+    TypeError / ValueError for a non-tensor, non-float or non-2-D ``x``, betas of the wrong shape, ``out`` tensors
+    of the wrong type, dtype, shape, device or layout or overlapping ``x``, or non-finite scaled blocks (as
+    :func:`coset.quant.quantize`); one ``ClampWarning`` per call that clamps.
     """
     lattice, config = resolve(config, lattice)
     if not isinstance(x, torch.Tensor):
@@ -75,11 +82,13 @@ def quantize_rows(
         if tuple(betas.shape) != (x.shape[0],):
             raise ValueError(f"betas must have shape ({x.shape[0]},), got {tuple(betas.shape)}")
     wd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if out is not None:
+        _check_out(out, x, wd, -(-x.shape[1] // lattice.dim))
     xw = x.detach().to(wd)
     bw = None if betas is None else betas.detach().to(device=x.device, dtype=wd)
     be = _rows_backend(backend, xw, lattice, config)
     if be is not None:
-        out, T, clamped = be.quantize_rows(xw, bw, lattice, config)
+        res, T, clamped = be.quantize_rows(xw, bw, lattice, config, out=out)
         warn_clamped(clamped, config, "quantize_rows")
     else:
         blocks, pad = to_blocks(xw, lattice.dim)
@@ -88,7 +97,31 @@ def quantize_rows(
         xh, T, clamped = quantize(blocks, config, lattice=lattice, backend=backend, return_info=True)
         if bw is not None:
             xh = xh * bw.reshape(-1, 1, 1)
-        out = from_blocks(xh, pad).contiguous()  # the layout of the fused op (a matmul's rounding depends on it)
+        res = from_blocks(xh, pad).contiguous()  # the layout of the fused op (a matmul's rounding depends on it)
+        if out is not None:
+            for o, r in zip(out, (res, T, clamped), strict=True):
+                o.copy_(r)
+            res, T, clamped = out
     if return_info:
-        return out, T, clamped
-    return out
+        return res, T, clamped
+    return res
+
+
+def _check_out(out, x: torch.Tensor, wd: torch.dtype, nb: int) -> None:
+    if not isinstance(out, tuple) or len(out) != 3 or not all(isinstance(o, torch.Tensor) for o in out):
+        raise TypeError("out must be a tuple of three tensors (result, T, clamped)")
+    R, k = x.shape
+    for name, o, dtype, shape in zip(
+        ("out[0]", "out[1]", "out[2]"), out, (wd, torch.uint8, torch.bool), ((R, k), (R, nb), (R, nb)), strict=True
+    ):
+        if o.dtype != dtype:
+            raise TypeError(f"{name} must have dtype {dtype}, got {o.dtype}")
+        if tuple(o.shape) != shape or not o.is_contiguous() or o.device != x.device:
+            raise ValueError(
+                f"{name} must be a contiguous {shape} tensor on {x.device}, got {tuple(o.shape)} on {o.device}"
+            )
+    spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in (x, *out) if t.numel()]
+    for i, (a0, a1) in enumerate(spans):
+        for b0, b1 in spans[i + 1 :]:
+            if a0 < b1 and b0 < a1:
+                raise ValueError("out tensors must not share memory with x or with each other")
