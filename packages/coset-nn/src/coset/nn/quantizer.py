@@ -76,13 +76,13 @@ _CODE_FIELDS = (
 )
 
 
-def _storage_use_counts(tensors) -> tuple[int, ...]:
+def _storage_uses(tensors) -> tuple[int, ...]:
     """How many tensors (and storage handles) reference each tensor's memory."""
     return tuple(torch._C._storage_Use_Count(t.untyped_storage()._cdata) for t in tensors)
 
 
 # a private torch function: without it the outputs are never reused (always correct, slower)
-_storage_uses = _storage_use_counts if hasattr(torch._C, "_storage_Use_Count") else None
+_CAN_REUSE = hasattr(torch._C, "_storage_Use_Count")
 
 
 def _version(t: torch.Tensor) -> int:
@@ -243,7 +243,7 @@ class HNLQWeightQuantizer(nn.Module):
     # attributes themselves sees them updated in place, as with BatchNorm's running statistics.)
     def _reusable_outputs(self, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         outs, uses = self.__dict__.get("_outs"), self.__dict__.get("_out_uses")
-        if outs is None or uses is None or _storage_uses is None:
+        if outs is None or uses is None or not _CAN_REUSE:
             return None
         o, T, clamped = outs
         if T is not self.T or clamped is not self.clamped or o.shape != w2.shape or o.device != w2.device:
@@ -252,7 +252,7 @@ class HNLQWeightQuantizer(nn.Module):
 
     def _remember_outputs(self, w2: torch.Tensor, wq: torch.Tensor) -> None:
         outs = None
-        if _storage_uses is not None and wq.dtype == torch.float32 and w2.dtype != torch.float64:
+        if _CAN_REUSE and wq.dtype == torch.float32 and w2.dtype != torch.float64:
             outs = (wq, self.T, self.clamped)
         self._outs = outs
         self._out_uses = None if outs is None else _storage_uses(outs)
