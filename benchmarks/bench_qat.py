@@ -170,8 +170,8 @@ def bench_breakdown(n: int, batch: int, rounds: int) -> dict:
     assert wq is not None and qa.activation_quantizer is not None
     betas = weight_betas(w, q.qconfig).to(torch.float32)
     cfg = _unit_config(q.qconfig.weight)  # type: ignore[arg-type]
-    _, T, _ = quantize_rows(w, betas, cfg, backend="native", return_info=True)
-    snap = torch.empty_like(w)
+    outs = quantize_rows(w, betas, cfg, backend="native", return_info=True)  # reused by the "into out=" row
+    T = outs[1]
     aq = qa.activation_quantizer
     aq.train()
     parts = {
@@ -179,9 +179,11 @@ def bench_breakdown(n: int, batch: int, rounds: int) -> dict:
         "QLinear step (quantize_every=1)": lambda: _one_step(q, oq, x, target),
         "  requantize (all of it)": lambda: wq.requantize(q.weight),
         "    weight_betas (vector_norm per row)": lambda: weight_betas(w, q.qconfig),
-        "    quantize_rows kernel (real betas)": lambda: quantize_rows(w, betas, cfg, backend="native"),
-        "    same kernel, betas x2 (no block overloads)": lambda: quantize_rows(w, 2 * betas, cfg, backend="native"),
-        "    weight snapshot copy (lazy labels)": lambda: snap.copy_(w),
+        "    quantize_rows kernel (real betas)": lambda: quantize_rows(w, betas, cfg, backend="native", out=outs),
+        "    same kernel, betas x2 (no block overloads)": lambda: quantize_rows(
+            w, 2 * betas, cfg, backend="native", out=outs
+        ),
+        "    same kernel, fresh outputs (page faults)": lambda: quantize_rows(w, betas, cfg, backend="native"),
         "activation quantizer forward (256x1024)": lambda: aq(x),
         "torch.fake_quantize_per_tensor_affine (1M)": lambda: torch.fake_quantize_per_tensor_affine(w, 0.01, 0, -8, 7),
         "nn.Linear forward only": lambda: lin(x),
@@ -264,8 +266,11 @@ def _md(res: dict) -> str:
             f"fake_quantize on the same 1M floats): {x2:.1f} ms for the pass at T=0 over every block (the same "
             f"kernel with betas x2, where no block overloads) and {kern - x2:.1f} ms for the beta ramp of the "
             f"{100 * b['weight_overload_rate']:.0f}% of blocks that overload (a second closest-point pass, 8 "
-            "blocks at a time, plus their bookkeeping); betas and the weight snapshot (coset-nn) add "
-            f"{c['    weight_betas (vector_norm per row)'] + c['    weight snapshot copy (lazy labels)']:.1f} ms.",
+            "blocks at a time, plus their bookkeeping); the betas (coset-nn) add "
+            f"{c['    weight_betas (vector_norm per row)']:.1f} ms. The kernel writes into the previous step's "
+            "outputs (coset-nn reuses them when nothing else holds them); fresh 4 MB outputs would cost "
+            f"{c['    same kernel, fresh outputs (page faults)'] - kern:.1f} ms more (page faults). No copy of the "
+            "weight is kept for the labels (recovered from the quantized weight when needed).",
         ]
         out.append("")
     for name, a in res.get("accuracy", {}).items():

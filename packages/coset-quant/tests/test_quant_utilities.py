@@ -480,3 +480,19 @@ def test_quant_never_imports_coset_cuda():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_count_true_equals_sum():
+    from coset.quant import count_true
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(0,), (7,), (1024, 256), (3, 5, 2)]:
+        for p in (0.0, 1e-4, 0.5):
+            m = torch.rand(shape, generator=g) < p
+            assert count_true(m) == int(m.sum())
+            if m.ndim == 2:
+                assert count_true(m.t()) == int(m.sum())  # strided
+    assert count_true(torch.tensor([0, 3, 0], dtype=torch.uint8)) == 1  # not bool: torch's path
+    big = torch.zeros(1024, 256, dtype=torch.bool)
+    big[1023, 255] = True  # the last byte
+    assert count_true(big) == 1

@@ -368,18 +368,18 @@ def decode_flat(b, T, lattice: Lattice, config: QuantizationConfig, z: torch.Ten
 
 
 def count_true(mask: torch.Tensor) -> int:
-    """The number of True entries of a bool tensor; fast when there are none (the common case of clamp masks).
+    """The number of True (non-zero) entries of a mask; fast when there are none (the common case of clamp masks).
 
-    torch reduces a bool tensor one byte at a time; a contiguous one is first tested 8 bytes at a time as int64
-    (0.02 ms instead of 0.2 ms for a QAT layer's 262k-block mask, checked every training step)."""
+    A QAT layer checks its 262k-block clamp mask every training step: torch's ``any`` of a bool tensor takes
+    ~140 us there, numpy's (a byte scan) ~6 us."""
     if not mask.numel():
         return 0
-    if mask.dtype == torch.bool and mask.is_contiguous() and mask.numel() % 8 == 0 and mask.storage_offset() % 8 == 0:
-        if not bool(mask.reshape(-1).view(torch.int64).any()):
+    if mask.dtype == torch.bool and mask.device.type == "cpu":
+        if not mask.detach().numpy().any():
             return 0
     elif not bool(mask.any()):
         return 0
-    return int(mask.sum())
+    return int(torch.count_nonzero(mask))
 
 
 def warn_clamped(clamped: torch.Tensor, config: QuantizationConfig, what: str = "encode", stacklevel: int = 3) -> None:
