@@ -517,3 +517,22 @@ def test_dithered_code_keeps_a_snapshot_for_its_labels():
         layer.weight.add_(1.0)
     labels, _, betas = layer.weight_quantizer.codes()
     assert torch.equal(labels, encode_weight(w, betas.to(torch.float64), qat)[0])
+
+
+def test_bfloat16_weight_keeps_a_snapshot_and_plain_float32_none():
+    """The labels follow from the quantized weight only when it is kept in the work dtype: a bfloat16 layer's
+    quantized weight is rounded again, so its labels come from a snapshot of the weight."""
+    from coset.nn.fake_quant import encode_weight
+
+    layer = QLinear(16, 4, bias=False, qconfig=QATConfig(backend="torch")).to(torch.bfloat16)
+    w = layer.weight.detach().clone()
+    layer(torch.randn(2, 16, dtype=torch.bfloat16))
+    wq = layer.weight_quantizer
+    assert wq._pending[2] is False and wq._snapshot is not None
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    labels, _, betas = wq.codes()
+    assert torch.equal(labels, encode_weight(w, betas.to(torch.float64), layer.qconfig)[0])
+    plain = QLinear(16, 4, bias=False, qconfig=QATConfig(backend="torch"))
+    plain(torch.randn(2, 16))
+    assert plain.weight_quantizer._snapshot is None  # no 4-byte-per-weight copy kept

@@ -51,6 +51,7 @@ from .fake_quant import (
     decode_weight,
     encode_weight,
     labels_from_quantized,
+    labels_need_weight,
     overload_radius,
     quantize_activation,
     quantize_weight,
@@ -209,9 +210,11 @@ class HNLQWeightQuantizer(nn.Module):
         self._check_weight(weight)
         w2 = weight.detach().reshape(weight.shape[0], -1)
         betas = weight_betas(w2, self.qconfig)
-        snap = self.__dict__.get("_snapshot")  # reused: a fresh 4 MB tensor per step costs page faults
-        if snap is None or snap.shape != w2.shape or snap.dtype != w2.dtype or snap.device != w2.device:
-            snap = self._snapshot = torch.empty_like(w2)
+        snap = None  # a copy of the weight for the labels, only where they do not follow from the result
+        if labels_need_weight(self.qconfig) or w2.dtype not in (torch.float32, torch.float64):
+            snap = self.__dict__.get("_snapshot")  # reused: a fresh 4 MB tensor per step costs page faults
+            if snap is None or snap.shape != w2.shape or snap.dtype != w2.dtype or snap.device != w2.device:
+                snap = self._snapshot = torch.empty_like(w2)
         outs = self._reusable_outputs(w2)
         try:
             wq, T, clamped, pending = quantize_weight(
