@@ -224,14 +224,19 @@ class HNLQWeightQuantizer(nn.Module):
             if outs is not None:  # the stored code was being overwritten: gone, re-quantize at the next use
                 self._valid, self.qweight, self._pending, self._outs = False, None, None, None
             raise
-        self.qweight = wq.reshape(weight.shape)
-        self._pending = pending
-        self.T = T
-        self.clamped = clamped
-        self.beta = betas.to(torch.float32).reshape(self.beta.shape)
-        self._valid, self._stale, self._key = True, False, _version(weight)
-        self._lut_cache = None
-        self._quantizations += 1
+        # straight into the buffer and attribute dicts: nn.Module.__setattr__ costs ~10 us a call, and this runs
+        # every training step (the buffers keep their names, dtypes and devices)
+        buffers = self._buffers
+        buffers["qweight"], buffers["T"], buffers["clamped"] = wq.reshape(weight.shape), T, clamped
+        buffers["beta"] = betas.to(torch.float32).reshape(self.beta.shape)
+        self.__dict__.update(
+            _pending=pending,
+            _valid=True,
+            _stale=False,
+            _key=_version(weight),
+            _lut_cache=None,
+            _quantizations=self._quantizations + 1,
+        )
         self._remember_outputs(w2, wq)
         n = count_true(clamped)
         if n:
