@@ -245,7 +245,7 @@ class HNLQWeightQuantizer(nn.Module):
 
     # The fused quantizer's outputs (quantized weight, T, clamped) are written into the previous step's tensors
     # when nothing but this quantizer references their memory any more: a fresh 4 MB output per training step
-    # cost ~1 ms of page faults (a fifth of re-quantizing a 1024x1024 layer). An autograd graph that saved the
+    # costs page faults (perf: ~1 ms a step on a loaded machine, little on an idle one). An autograd graph that saved the
     # quantized weight, a view, a ``detach()``ed alias or a state_dict entry keeps a reference to the storage,
     # which the count sees: then new tensors are allocated, as before. (A Python name bound to the buffer
     # attributes themselves sees them updated in place, as with BatchNorm's running statistics.)
