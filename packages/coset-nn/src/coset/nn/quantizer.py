@@ -245,8 +245,8 @@ class HNLQWeightQuantizer(nn.Module):
 
     # The fused quantizer's outputs (quantized weight, T, clamped) are written into the previous step's tensors
     # when nothing but this quantizer references their memory any more: a fresh 4 MB output per training step
-    # costs page faults (perf: ~1 ms a step on a loaded machine, little on an idle one). An autograd graph that saved the
-    # quantized weight, a view, a ``detach()``ed alias or a state_dict entry keeps a reference to the storage,
+    # costs page faults (perf: ~1 ms a step on a loaded machine, little on an idle one). An autograd graph that
+    # saved the quantized weight, a view, a ``detach()``ed alias or a state_dict entry keeps a reference to the storage,
     # which the count sees: then new tensors are allocated, as before. (A Python name bound to the buffer
     # attributes themselves sees them updated in place, as with BatchNorm's running statistics.)
     def _reusable_outputs(self, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
