@@ -83,6 +83,8 @@ def test_rows_out_argument_errors():
         quantize_rows(x, None, cfg, out=outs(r=torch.empty(4, 9)))
     with pytest.raises(ValueError, match="must not share memory"):
         quantize_rows(x, None, cfg, out=outs(r=x))
+    with pytest.raises(ValueError, match=r"out\[0\] requires grad"):
+        quantize_rows(x, None, cfg, out=outs(r=torch.empty(4, 8, requires_grad=True)))
     buf = torch.zeros(4, 2, dtype=torch.uint8)  # T and clamped on the same bytes
     with pytest.raises(ValueError, match="must not share memory"):
         quantize_rows(x, None, cfg, out=outs(T=buf, c=buf.view(torch.bool)))

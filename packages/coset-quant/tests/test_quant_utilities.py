@@ -496,3 +496,5 @@ def test_count_true_equals_sum():
     big = torch.zeros(1024, 256, dtype=torch.bool)
     big[1023, 255] = True  # the last byte
     assert count_true(big) == 1
+    with pytest.raises(TypeError, match="mask must be a torch.Tensor"):
+        count_true([True, False])

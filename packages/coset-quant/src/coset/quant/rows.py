@@ -116,6 +116,8 @@ def _check_out(out, x: torch.Tensor, wd: torch.dtype, nb: int) -> None:
     ):
         if o.dtype != dtype:
             raise TypeError(f"{name} must have dtype {dtype}, got {o.dtype}")
+        if o.requires_grad:
+            raise ValueError(f"{name} requires grad: the results are written into it outside autograd")
         if tuple(o.shape) != shape or not o.is_contiguous() or o.device != x.device:
             raise ValueError(
                 f"{name} must be a contiguous {shape} tensor on {x.device}, got {tuple(o.shape)} on {o.device}"
