@@ -59,6 +59,12 @@ def test_rotary_helpers_and_table():
         RotaryTable(None, D)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="start"):
         t.get(5, 4)
+    with pytest.raises(TypeError, match="start must be an int"):
+        t.get(1.5, 4)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="stop must be an int"):
+        t.get(0, "9")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="positions a table holds"):
+        t.get(0, 10**12)  # would allocate terabytes
     bad = RotaryTable(lambda p: (torch.full((len(p), D), math.nan), torch.zeros(len(p), D)), D)
     with pytest.raises(ValueError, match="non-finite"):
         bad.get(0, 3)

@@ -14,6 +14,7 @@ with ``rot(x) = (-x[D/2:], x[:D/2])`` and ``cos_p, sin_p`` of shape ``(D,)`` (ea
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 
 import torch
@@ -35,6 +36,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 def unapply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``R_p^T x`` (the inverse rotation; exact up to rounding when ``cos² + sin² = 1``)."""
     return x * cos - rotate_half(x) * sin
+
+
+#: Positions a table may hold: 2^24 (16.8M) tokens of context, 8 GB of float32 [cos | sin] at head dim 64; a
+#: larger ``stop`` is a mistake (an absolute position or a token id passed as a count), not a context.
+MAX_POSITIONS = 1 << 24
 
 
 class RotaryTable:
@@ -79,8 +85,14 @@ class RotaryTable:
 
     def get_cat(self, start: int, stop: int) -> torch.Tensor:
         """``[cos | sin]`` of positions ``start .. stop-1``: a ``(stop - start, 2 D)`` float32 view (no copy)."""
+        for name, v in (("start", start), ("stop", stop)):
+            if isinstance(v, bool) or not hasattr(type(v), "__index__"):  # ints, numpy ints, 0-d integer tensors
+                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+        start, stop = operator.index(start), operator.index(stop)
         if not 0 <= start <= stop:
             raise ValueError(f"need 0 <= start <= stop, got {start}, {stop}")
+        if stop > MAX_POSITIONS:
+            raise ValueError(f"stop={stop} is past the {MAX_POSITIONS} positions a table holds")
         n = self._cs.shape[0]
         if stop > n:
             new = max(stop, 2 * n, 256)  # doubling: amortized O(1) per decoded token
