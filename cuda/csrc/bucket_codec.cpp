@@ -23,6 +23,7 @@
 
 #include "fast_quant.h"
 #include "kernels.h"
+#include "parallel.h"
 
 namespace coset {
 namespace {
@@ -38,13 +39,10 @@ void parallel_for_aligned(int64_t n, int64_t align, int64_t grain, F&& f) {
   }
   int64_t chunk = (n + nt - 1) / nt;
   chunk = (chunk + align - 1) / align * align;
-  std::vector<std::thread> pool;
-  for (int64_t b = chunk; b < n; b += chunk) {
-    const int64_t e = std::min(n, b + chunk);
-    pool.emplace_back([&f, b, e] { f(b, e); });
-  }
-  f((int64_t)0, std::min(n, chunk));
-  for (auto& th : pool) th.join();
+  pool_run((n + chunk - 1) / chunk, [&f, n, chunk](int64_t t) {  // the persistent workers of parallel.h
+    const int64_t b = t * chunk;
+    f(b, std::min(n, b + chunk));
+  });
 }
 
 template <typename F>

@@ -1,11 +1,17 @@
 // kernels_cpu.cpp - multi-threaded CPU kernels around the per-vector logic of hnlq_core.h.
 #include "kernels.h"
 
+#include <pthread.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstdlib>
+#include <functional>
+#include <mutex>
 #include <thread>
+#include <vector>
 
 #include "fast_quant.h"
 #include "hnlq_core.h"
@@ -25,6 +31,88 @@ static int g_num_threads = [] {
 
 int get_num_threads() { return g_num_threads; }
 void set_num_threads(int n) { g_num_threads = n > 0 ? n : 1; }
+
+// ------------------------------------------------------------------ the worker pool of parallel_for
+namespace {
+
+thread_local bool t_in_pool_task = false;  // a task calling parallel_for again runs it serially
+
+class Pool {
+ public:
+  void run(int64_t n, const std::function<void(int64_t)>& task) {
+    std::unique_lock<std::mutex> owner(run_m_, std::try_to_lock);
+    if (t_in_pool_task || !owner.owns_lock()) {  // nested, or another thread holds the pool: serially here
+      for (int64_t i = 0; i < n; ++i) task(i);
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      while ((int64_t)workers_.size() < n - 1) workers_.emplace_back([this] { work(); });
+      task_ = &task;
+      n_ = n;
+      next_ = 0;
+      done_ = 0;
+      ++gen_;
+    }
+    cv_work_.notify_all();
+    t_in_pool_task = true;
+    for (;;) {  // the caller takes tasks too
+      const int64_t i = next_.fetch_add(1);
+      if (i >= n) break;
+      task(i);
+      std::lock_guard<std::mutex> lk(m_);
+      ++done_;
+    }
+    t_in_pool_task = false;
+    std::unique_lock<std::mutex> lk(m_);
+    cv_done_.wait(lk, [&] { return done_ == n_; });
+    task_ = nullptr;
+  }
+
+ private:
+  void work() {
+    t_in_pool_task = true;
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lk(m_);
+    for (;;) {
+      cv_work_.wait(lk, [&] { return gen_ != seen; });
+      seen = gen_;
+      for (;;) {  // under m_: gen_, n_, task_ and the reset of next_ are seen together
+        const int64_t i = next_.fetch_add(1);
+        if (i >= n_) break;
+        const std::function<void(int64_t)>* task = task_;
+        lk.unlock();
+        (*task)(i);
+        lk.lock();
+        if (++done_ == n_) cv_done_.notify_one();
+      }
+    }
+  }
+
+  std::mutex run_m_;  // one run at a time
+  std::mutex m_;
+  std::condition_variable cv_work_, cv_done_;
+  std::vector<std::thread> workers_;  // never joined: the pool lives as long as the process
+  const std::function<void(int64_t)>* task_ = nullptr;
+  int64_t n_ = 0, done_ = 0;
+  std::atomic<int64_t> next_{0};
+  uint64_t gen_ = 0;
+};
+
+Pool* g_pool = nullptr;
+std::once_flag g_pool_once;
+
+void new_pool_in_child() { g_pool = new Pool(); }  // the parent's threads do not exist here (its pool is leaked)
+
+}  // namespace
+
+void pool_run(int64_t n, const std::function<void(int64_t)>& task) {
+  std::call_once(g_pool_once, [] {
+    g_pool = new Pool();  // never destroyed: no join of sleeping workers at exit
+    pthread_atfork(nullptr, nullptr, new_pool_in_child);
+  });
+  g_pool->run(n, task);
+}
 
 constexpr int64_t kGrain = 2048;
 

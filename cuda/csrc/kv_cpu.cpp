@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "kv_scores.h"
+#include "parallel.h"
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
 #include <immintrin.h>
@@ -30,14 +31,11 @@ void kv_parallel_for(int64_t total, int threads, F fn) {
     fn(0, total, 0);
     return;
   }
-  std::vector<std::thread> pool;
   const int64_t step = (total + threads - 1) / threads;
-  for (int t = 0; t < threads; ++t) {
+  coset::pool_run(threads, [&fn, total, step](int64_t t) {  // the persistent workers of parallel.h
     const int64_t lo = t * step, hi = std::min(total, lo + step);
-    if (lo >= hi) break;
-    pool.emplace_back(fn, lo, hi, t);
-  }
-  for (auto& th : pool) th.join();
+    if (lo < hi) fn(lo, hi, (int)t);
+  });
 }
 
 namespace base {

@@ -1,10 +1,12 @@
-// parallel.h - the CPU kernels' two helpers: a std::thread parallel_for and a compile-time lattice dispatch.
+// parallel.h - the CPU kernels' two helpers: a parallel_for on a persistent std::thread pool and a compile-time
+// lattice dispatch.
 //
 // std::thread rather than OpenMP: torch wheels bundle their own libgomp, and loading a second OpenMP
 // runtime into the same process is a known source of oversubscription and fork problems.
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -15,7 +17,15 @@ namespace coset {
 
 int get_num_threads();
 
-// Run f(begin, end) over [0, n) in contiguous chunks on up to get_num_threads() threads.
+// Run task(0 .. n-1) on the calling thread and the persistent worker threads (kernels_cpu.cpp), returning when
+// all are done. The workers sleep between calls and keep their thread_local buffers: starting threads per call
+// (and faulting in their fresh buffers) cost more than a 2-thread split saves on a 1M-element call. A call
+// from inside a task, or while another thread is using the pool, runs its tasks serially on its own thread;
+// a forked child starts a new pool.
+void pool_run(int64_t n, const std::function<void(int64_t)>& task);
+
+// Run f(begin, end) over [0, n) in contiguous chunks on up to get_num_threads() threads. The chunks depend on n,
+// grain and the thread count only (not on which thread runs them), so results are as before.
 template <typename F>
 static void parallel_for(int64_t n, int64_t grain, F&& f) {
   if (n <= 0) return;
@@ -25,14 +35,10 @@ static void parallel_for(int64_t n, int64_t grain, F&& f) {
     return;
   }
   const int64_t chunk = (n + nt - 1) / nt;
-  std::vector<std::thread> pool;
-  pool.reserve(nt - 1);
-  for (int64_t t = 1; t < nt; ++t) {
+  pool_run(nt, [&f, n, chunk](int64_t t) {
     const int64_t b = t * chunk, e = std::min(n, b + chunk);
-    if (b < e) pool.emplace_back([&f, b, e] { f(b, e); });
-  }
-  f((int64_t)0, std::min(n, chunk));
-  for (auto& th : pool) th.join();
+    if (b < e) f(b, e);
+  });
 }
 
 // Call f(KIND, D) with compile-time constants for the common lattices, D = 0 (runtime d) otherwise.
