@@ -8,8 +8,10 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdlib>
+#include <exception>
 #include <functional>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -47,7 +49,10 @@ class Pool {
     }
     {
       std::lock_guard<std::mutex> lk(m_);
-      while ((int64_t)workers_.size() < n - 1) workers_.emplace_back([this] { work(); });
+      try {
+        while ((int64_t)workers_.size() < n - 1) workers_.emplace_back([this] { work(); });
+      } catch (const std::system_error&) {  // no more threads allowed: the caller and the existing workers do it all
+      }
       task_ = &task;
       n_ = n;
       next_ = 0;
@@ -59,14 +64,18 @@ class Pool {
     for (;;) {  // the caller takes tasks too
       const int64_t i = next_.fetch_add(1);
       if (i >= n) break;
-      task(i);
+      std::exception_ptr e = guarded(task, i);
       std::lock_guard<std::mutex> lk(m_);
+      if (e && !error_) error_ = e;
       ++done_;
     }
     t_in_pool_task = false;
     std::unique_lock<std::mutex> lk(m_);
-    cv_done_.wait(lk, [&] { return done_ == n_; });
+    cv_done_.wait(lk, [&] { return done_ == n_; });  // no worker still uses `task` when run returns
     task_ = nullptr;
+    std::exception_ptr e = error_;
+    error_ = nullptr;
+    if (e) std::rethrow_exception(e);  // the first task's exception, once every task has finished
   }
 
  private:
@@ -82,13 +91,24 @@ class Pool {
         if (i >= n_) break;
         const std::function<void(int64_t)>* task = task_;
         lk.unlock();
-        (*task)(i);
+        std::exception_ptr e = guarded(*task, i);
         lk.lock();
+        if (e && !error_) error_ = e;
         if (++done_ == n_) cv_done_.notify_one();
       }
     }
   }
 
+  static std::exception_ptr guarded(const std::function<void(int64_t)>& task, int64_t i) {
+    try {
+      task(i);
+    } catch (...) {
+      return std::current_exception();
+    }
+    return nullptr;
+  }
+
+  std::exception_ptr error_;  // under m_
   std::mutex run_m_;  // one run at a time
   std::mutex m_;
   std::condition_variable cv_work_, cv_done_;
