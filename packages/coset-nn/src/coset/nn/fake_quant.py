@@ -110,15 +110,12 @@ def weight_betas(w2: torch.Tensor, qat: QATConfig) -> torch.Tensor:
         nrm, count = torch.linalg.vector_norm(w).reshape(1), w.numel()
     rms = nrm.to(torch.float64) / math.sqrt(max(count, 1))
     unit = qat.beta_scale * beta_min(cfg, 1.0)
-    if rms.device.type == "cpu":  # the same IEEE float64 operations on (C_out,) in numpy: ~1 us per op, not ~8
-        r = rms.numpy()
-        if not np.isfinite(r).all() and bool(torch.isfinite(w).all()):
-            r = _scaled_rms(w, per_row=qat.granularity == "per_channel").numpy()  # w*w overflowed: no inf beta
-        return torch.from_numpy(np.where(r > 0, r * unit, 1.0).astype(np.float32).astype(np.float64))
-    if not bool(torch.isfinite(rms).all()) and bool(torch.isfinite(w).all()):
-        rms = _scaled_rms(w, per_row=qat.granularity == "per_channel")  # w*w overflowed: no silent inf beta
-    beta = torch.where(rms > 0, rms * unit, torch.ones_like(rms))
-    return beta.to(torch.float32).to(torch.float64)
+    # the (C_out,) float64 arithmetic in numpy: the same IEEE operations, ~1 us each instead of ~8 per torch op
+    # (this runs every training step); the finiteness test needs the values on the host anyway
+    r = rms.cpu().numpy()
+    if not np.isfinite(r).all() and bool(torch.isfinite(w).all()):
+        r = _scaled_rms(w, per_row=qat.granularity == "per_channel").cpu().numpy()  # w*w overflowed: no inf beta
+    return torch.from_numpy(np.where(r > 0, r * unit, 1.0).astype(np.float32).astype(np.float64)).to(rms.device)
 
 
 def scaled_weight_blocks(w2: torch.Tensor, betas: torch.Tensor, qat: QATConfig):
@@ -194,11 +191,12 @@ def labels_from_quantized(wq2: torch.Tensor, T: torch.Tensor, betas: torch.Tenso
     return labels
 
 
-def labels_need_weight(qat: QATConfig) -> bool:
-    """True when the weight code's labels cannot be recovered from the quantized weight alone (dither or
-    centring shift the reconstruction off the lattice): keep a snapshot of the weight for them."""
+def labels_need_weight(qat: QATConfig, dtype: torch.dtype | None = None) -> bool:
+    """True when the weight code's labels cannot be recovered from the quantized weight alone: dither or
+    centring shift the reconstruction off the lattice, or (with ``dtype``, the dtype of a weight re-quantized as
+    itself) the quantized weight is rounded again from the work dtype. Then a snapshot of the weight is kept."""
     cfg = _wcfg(qat)
-    return bool(cfg.with_dither or cfg.center)
+    return bool(cfg.with_dither or cfg.center) or (dtype is not None and dtype not in (torch.float32, torch.float64))
 
 
 def quantize_weight(

@@ -211,7 +211,7 @@ class HNLQWeightQuantizer(nn.Module):
         w2 = weight.detach().reshape(weight.shape[0], -1)
         betas = weight_betas(w2, self.qconfig)
         snap = None  # a copy of the weight for the labels, only where they do not follow from the result
-        if labels_need_weight(self.qconfig) or w2.dtype not in (torch.float32, torch.float64):
+        if labels_need_weight(self.qconfig, weight.dtype):
             snap = self.__dict__.get("_snapshot")  # reused: a fresh 4 MB tensor per step costs page faults
             if snap is None or snap.shape != w2.shape or snap.dtype != w2.dtype or snap.device != w2.device:
                 snap = self._snapshot = torch.empty_like(w2)
@@ -237,7 +237,7 @@ class HNLQWeightQuantizer(nn.Module):
             _lut_cache=None,
             _quantizations=self._quantizations + 1,
         )
-        self._remember_outputs(w2, wq)
+        self._remember_outputs(wq)
         n = count_true(clamped)
         if n:
             self._clamp_total += n
@@ -258,9 +258,9 @@ class HNLQWeightQuantizer(nn.Module):
             return None
         return outs if _storage_uses(outs) == uses else None
 
-    def _remember_outputs(self, w2: torch.Tensor, wq: torch.Tensor) -> None:
+    def _remember_outputs(self, wq: torch.Tensor) -> None:
         outs = None
-        if _CAN_REUSE and wq.dtype == torch.float32 and w2.dtype != torch.float64:
+        if _CAN_REUSE and wq.dtype == torch.float32:  # the kernel's own float32 output (not a cast of it)
             outs = (wq, self.T, self.clamped)
         self._outs = outs
         self._out_uses = None if outs is None else _storage_uses(outs)
