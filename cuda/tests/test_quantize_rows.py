@@ -128,3 +128,34 @@ def test_quantize_rows_out_native_equals_reference():
         _C.set_fast_path(True)
     with pytest.raises(ValueError, match="must not share memory"):
         quantize_rows(x, betas, cfg, backend="native", out=(x, out[1], out[2]))
+
+
+@pytest.mark.filterwarnings("ignore::coset.quant.ClampWarning")
+@pytest.mark.parametrize("lat", ["D4", "E8"])
+def test_quantize_rows_overload_densities_equal_reference(lat):
+    """The t = 1 recomputation gathers overloaded blocks from many packs and rows into full 8-lane groups: every
+    overload density from none to all, rows that end in partial packs and padded blocks, blocks that need
+    T >= 2 after it, rejected (boundary) blocks among them, at 1 and 3 threads and with one scale step only."""
+    g = torch.Generator().manual_seed(3)
+    R, k = 96, 8 * 8 * 3 + 5  # 24 whole packs of D4 blocks and a partial pack + padded block per row
+    x = torch.randn(R, k, generator=g)
+    x *= torch.linspace(0.2, 9.0, R)[:, None]  # from no overloads to (almost) every block overloaded
+    x[::7] = torch.randint(-40, 40, (len(range(0, R, 7)), k), generator=g).float() / 8  # ties of every kind
+    betas = (torch.rand(R, generator=g) * 0.3 + 0.85).to(torch.float32)
+    cfgs = (
+        QuantizationConfig(lattice_type=lat, q=4, M=2, max_scaling_iterations=6),
+        QuantizationConfig(lattice_type=lat, q=4, M=2, max_scaling_iterations=1),  # T in {0, 1}, then the clamp
+        QuantizationConfig(lattice_type=lat, q=2, M=2, max_scaling_iterations=0),  # no ramp: overloads clamp
+    )
+    n0 = _ops.get_num_threads()
+    try:
+        for cfg in cfgs:
+            want = quantize_rows(x, betas, cfg, backend="torch", return_info=True)
+            T = want[1]
+            if cfg.max_scaling_iterations == 6:
+                assert 0.05 < float((T > 0).float().mean()) < 0.95 and int(T.max()) >= 2
+            for threads in (1, 3):
+                _ops.set_num_threads(threads)
+                assert _same(quantize_rows(x, betas, cfg, backend="native", return_info=True), want)
+    finally:
+        _ops.set_num_threads(n0)
