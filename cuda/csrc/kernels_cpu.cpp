@@ -41,7 +41,7 @@ thread_local bool t_in_pool_task = false;  // a task calling parallel_for again 
 
 class Pool {
  public:
-  void run(int64_t n, const std::function<void(int64_t)>& task) {
+  void run(int64_t n, const std::function<void(int64_t)>& task, int64_t threads) {
     std::unique_lock<std::mutex> owner(run_m_, std::try_to_lock);
     if (t_in_pool_task || !owner.owns_lock()) {  // nested, or another thread holds the pool: serially here
       for (int64_t i = 0; i < n; ++i) task(i);
@@ -50,11 +50,15 @@ class Pool {
     {
       std::lock_guard<std::mutex> lk(m_);
       try {
-        while ((int64_t)workers_.size() < n - 1) workers_.emplace_back([this] { work(); });
+        while ((int64_t)workers_.size() < threads - 1) {
+          const int64_t id = (int64_t)workers_.size();
+          workers_.emplace_back([this, id] { work(id); });
+        }
       } catch (const std::system_error&) {  // no more threads allowed: the caller and the existing workers do it all
       }
       task_ = &task;
       n_ = n;
+      active_ = threads - 1;  // workers with a larger id sit this call out
       next_ = 0;
       done_ = 0;
       ++gen_;
@@ -79,14 +83,14 @@ class Pool {
   }
 
  private:
-  void work() {
+  void work(int64_t id) {
     t_in_pool_task = true;
     uint64_t seen = 0;
     std::unique_lock<std::mutex> lk(m_);
     for (;;) {
       cv_work_.wait(lk, [&] { return gen_ != seen; });
       seen = gen_;
-      for (;;) {  // under m_: gen_, n_, task_ and the reset of next_ are seen together
+      while (id < active_) {  // under m_: gen_, n_, task_ and the reset of next_ are seen together
         const int64_t i = next_.fetch_add(1);
         if (i >= n_) break;
         const std::function<void(int64_t)>* task = task_;
@@ -114,7 +118,7 @@ class Pool {
   std::condition_variable cv_work_, cv_done_;
   std::vector<std::thread> workers_;  // never joined: the pool lives as long as the process
   const std::function<void(int64_t)>* task_ = nullptr;
-  int64_t n_ = 0, done_ = 0;
+  int64_t n_ = 0, done_ = 0, active_ = 0;
   std::atomic<int64_t> next_{0};
   uint64_t gen_ = 0;
 };
@@ -126,12 +130,12 @@ void new_pool_in_child() { g_pool = new Pool(); }  // the parent's threads do no
 
 }  // namespace
 
-void pool_run(int64_t n, const std::function<void(int64_t)>& task) {
+void pool_run(int64_t n, const std::function<void(int64_t)>& task, int64_t threads) {
   std::call_once(g_pool_once, [] {
     g_pool = new Pool();  // never destroyed: no join of sleeping workers at exit
     pthread_atfork(nullptr, nullptr, new_pool_in_child);
   });
-  g_pool->run(n, task);
+  g_pool->run(n, task, threads > 0 ? std::min(threads, n) : n);
 }
 
 constexpr int64_t kGrain = 2048;

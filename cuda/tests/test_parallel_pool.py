@@ -85,3 +85,32 @@ def test_concurrent_callers_get_correct_results():
         assert not errors and all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
     finally:
         _ops.set_num_threads(n0)
+
+
+_COUNT_THREADS = """
+import os, torch
+torch.set_num_threads(1)  # no OpenMP workers of torch's own in the count
+from coset.cuda import _ops
+from coset.quant import QuantizationConfig, quantize_rows
+x = torch.randn(512, 1024) * 0.05
+cfg = QuantizationConfig(lattice_type="E8", q=4, M=2)
+counts = [len(os.listdir("/proc/self/task"))]
+for th in (2, 2, 3, 1, 3):
+    _ops.set_num_threads(th)
+    quantize_rows(x, None, cfg, backend="native")
+    counts.append(len(os.listdir("/proc/self/task")))
+print(counts)
+"""
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="needs /proc/<pid>/task (Linux)")
+def test_pool_starts_one_worker_per_extra_thread_not_per_chunk():
+    """parallel_for cuts a call into up to 4 chunks per thread (a thread slowed by a neighbour takes fewer), but
+    only set_num_threads() - 1 workers exist (not one per chunk: 7 for this call at 2 threads)."""
+    import ast
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _COUNT_THREADS], capture_output=True, text=True, check=True)
+    c = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    assert [n - c[0] for n in c] == [0, 1, 1, 2, 2, 2]
