@@ -171,7 +171,7 @@ def bench_breakdown(n: int, batch: int, rounds: int) -> dict:
     betas = weight_betas(w, q.qconfig).to(torch.float32)
     cfg = _unit_config(q.qconfig.weight)  # type: ignore[arg-type]
     outs = quantize_rows(w, betas, cfg, backend="native", return_info=True)  # reused by the "into out=" row
-    T = outs[1]
+    T = outs[1].clone()  # (the rows below write into outs, the betas x2 row last)
     aq = qa.activation_quantizer
     aq.train()
     parts = {
@@ -265,8 +265,8 @@ def _md(res: dict) -> str:
             f"{budget:.1f} ms). The fused quantize_rows kernel is {kern:.1f} ms of it ({kern / fq:.2f}x torch's "
             f"fake_quantize on the same 1M floats): {x2:.1f} ms for the pass at T=0 over every block (the same "
             f"kernel with betas x2, where no block overloads) and {kern - x2:.1f} ms for the beta ramp of the "
-            f"{100 * b['weight_overload_rate']:.0f}% of blocks that overload (a second closest-point pass, 8 "
-            "blocks at a time, plus their bookkeeping); the betas (coset-nn) add "
+            f"{100 * b['weight_overload_rate']:.0f}% of blocks that overload (a second closest-point pass on them, "
+            "gathered 8 at a time in registers); the betas (coset-nn) add "
             f"{c['    weight_betas (vector_norm per row)']:.1f} ms. The kernel writes into the previous step's "
             "outputs (coset-nn reuses them when nothing else holds them); fresh 4 MB outputs would cost "
             f"{c['    same kernel, fresh outputs (page faults)'] - kern:.1f} ms more (page faults). No copy of the "
