@@ -112,7 +112,10 @@ class Lattice:
     @property
     def packing_radius(self) -> float:
         """Half the minimal distance: the Voronoi cell contains the ball of this radius."""
-        return float(np.sqrt(np.min(np.sum(self.minimal_vectors() ** 2, axis=1)))) / 2.0
+        r = self.__dict__.get("_packing_radius")
+        if r is None:  # once per lattice: coset-nn's STE reads it every training step (~0.1 ms to recompute)
+            r = self._packing_radius = float(np.sqrt(np.min(np.sum(self.minimal_vectors() ** 2, axis=1)))) / 2.0
+        return r
 
     @property
     def covering_radius(self) -> float:

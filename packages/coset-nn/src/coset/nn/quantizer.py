@@ -624,8 +624,8 @@ class HNLQActivationQuantizer(nn.Module):
                     self.beta.fill_(beta)
         overloaded = (T > 0) | clamped
         self._seen += overloaded.numel()
-        self._overloaded += int(overloaded.sum())
-        n_clamped = int(clamped.sum())
+        self._overloaded += int(torch.count_nonzero(overloaded))
+        n_clamped = count_true(clamped)  # (a byte scan when none, the usual case)
         self._clamped += n_clamped
         if n_clamped and not self._warned:
             self._warned = True
