@@ -31,6 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from coset.ptq.allocate import allocate_rates, fisher_costs, fisher_diagonal, saved_nbytes  # noqa: E402
 from coset.ptq.api import cpu_seconds  # noqa: E402
 from coset.ptq.bits import bits_per_weight  # noqa: E402
+from coset.ptq.block_tuning import BlockTuneConfig  # noqa: E402
 from coset.ptq.calib import collect_hessians, sequential_quantize  # noqa: E402
 from coset.ptq.data import pydoc_text, stdlib_docstrings, token_windows  # noqa: E402
 from coset.ptq.eval import lm_fidelity, lm_reference  # noqa: E402
@@ -66,14 +67,29 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="rotation seed base of the codes (cached per seed)")
     ap.add_argument(
         "--calibration",
-        choices=("shared", "sequential", "asym"),
+        choices=("shared", "sequential", "true-sequential", "asym"),
         default="shared",
-        help="Hessians: shared float-model ones, GPTQ-style sequential, or sequential + asymmetric target",
+        help="Hessians: shared float-model ones, GPTQ-style sequential (true-sequential: inside a block too, group"
+        " by group), or sequential + asymmetric target",
     )
+    ap.add_argument(
+        "--block-tune-epochs",
+        type=int,
+        default=0,
+        help="> 0: sequential calibration with block tuning (coset.ptq.block_tuning) of the later groups",
+    )
+    ap.add_argument("--block-tune-lr", type=float, default=1e-4)
+    ap.add_argument("--block-tune-target", choices=("float", "block"), default="float")
     ap.add_argument(
         "--tune-windows", type=int, default=64, help="512-token docstring windows to tune on (the first 64 calibrate)"
     )
     args = ap.parse_args()
+    block_tune = None
+    if args.block_tune_epochs:
+        block_tune = BlockTuneConfig(args.block_tune_epochs, args.block_tune_lr, args.block_tune_target)
+        if args.calibration == "shared":
+            args.calibration = "sequential"
+        args.calibration += f"-bt{args.block_tune_epochs}-{args.block_tune_lr:g}-{args.block_tune_target}"
     if args.threads:
         torch.set_num_threads(args.threads)
     cache = pathlib.Path(args.cache)
@@ -122,7 +138,7 @@ def main() -> None:
             model.set_submodule(n, HNLQLinear.from_codes(c))
         alloc_row = {"bits_before": bits_per_weight(model).all_in}
     else:
-        what = quantized(model, calib, cache, args.bits, args.seed, args.calibration)
+        what = quantized(model, calib, cache, args.bits, args.seed, args.calibration, block_tune)
         nb = torch.load(cache / f"smol_bytes{args.bits}{_what_tag(args.seed, args.calibration)}.pt")
         n_w = sum(model.get_submodule(n).weight.numel() for n in nb)
         alloc_row = {"code_bits": 8 * sum(nb.values()) / n_w}  # saved bytes of the codes (row gains not included)
@@ -221,10 +237,12 @@ def _hessians(model, calib, cache: pathlib.Path) -> dict:
     return hessians
 
 
-def quantized(model, calib, cache: pathlib.Path, bits: int, seed: int = 0, calibration: str = "shared") -> dict:
+def quantized(
+    model, calib, cache: pathlib.Path, bits: int, seed: int = 0, calibration: str = "shared", block_tune=None
+) -> dict:
     """W_hat of every block linear at one rate class, cached with its all-in bytes. ``calibration``: "shared"
     float-model Hessians, or the GPTQ-style "sequential" driver (on a copy of the model), optionally with the
-    "asym"metric target (each layer quantized toward the float model's outputs)."""
+    "asym"metric target (each layer quantized toward the float model's outputs) or ``block_tune``."""
     tag = _what_tag(seed, calibration)
     p, bp = cache / f"smol_what{bits}{tag}.pt", cache / f"smol_bytes{bits}{tag}.pt"
     if p.exists() and bp.exists():
@@ -243,8 +261,23 @@ def quantized(model, calib, cache: pathlib.Path, bits: int, seed: int = 0, calib
             qfn(name, model.get_submodule(name), H)
     else:
         t0 = time.perf_counter()
-        sequential_quantize(copy.deepcopy(model), list(calib.split(8)), qfn, asymmetric=calibration == "asym")
+        res = sequential_quantize(
+            copy.deepcopy(model),
+            list(calib.split(8)),
+            qfn,
+            true_sequential=calibration.startswith("true-sequential"),
+            asymmetric=calibration == "asym",
+            block_tune=block_tune,
+        )
         print(f"{calibration} quantization {time.perf_counter() - t0:.0f} s", flush=True)
+        if res.block_tuning:
+            kept = sum(bool(r["kept"]) for r in res.block_tuning.values())
+            gain = [r["holdout_after"] / r["holdout_before"] for r in res.block_tuning.values() if r["kept"]]
+            print(
+                f"block tuning: kept {kept}/{len(res.block_tuning)}, held-out error ratio "
+                f"median {sorted(gain)[len(gain) // 2] if gain else float('nan'):.3f}",
+                flush=True,
+            )
     torch.save(what, p)
     torch.save(nbytes, bp)
     return what

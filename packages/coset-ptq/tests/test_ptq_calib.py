@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from coset.ptq.block_tuning import BlockTuneConfig
 from coset.ptq.calib import (
     HessianAccumulator,
     asymmetric_target,
@@ -254,3 +255,49 @@ def test_capture_block_inputs_records_every_batch(calib_ids, makers):
         emb = model.model.embed_tokens(calib_ids[2])
     torch.testing.assert_close(inp.hidden[2], emb)
     assert model.config.use_cache is not False or True  # restored (no exception path)
+
+
+def _final_error(model, ref, calib_ids):
+    with torch.no_grad():
+        num = sum(float((model(input_ids=b).logits - ref(input_ids=b).logits).pow(2).sum()) for b in calib_ids)
+        den = sum(float(ref(input_ids=b).logits.pow(2).sum()) for b in calib_ids)
+    return num / den
+
+
+@pytest.mark.parametrize("target", ["float", "block"])
+def test_sequential_block_tuning_tunes_later_groups_before_quantizing_them(calib_ids, makers, target):
+    """q/k/v are quantized from the float weights; the later groups are tuned first (their weights as handed
+    to quantize_fn differ from the float ones), their Hessians are collected after the tuning, and the
+    quantized model is closer to the float one than the same quantizer without tuning."""
+    ref = makers["llama"]()
+    W0 = {n: m.weight.detach().clone() for n, m in ref.named_modules() if isinstance(m, nn.Linear)}
+    seen = {}
+
+    def qfn(name, lin, H):
+        seen[name] = (lin.weight.detach().clone(), H)
+        return coarse(name, lin, H)
+
+    model = makers["llama"]()
+    res = sequential_quantize(model, calib_ids, qfn, block_tune=BlockTuneConfig(epochs=4, lr=2e-3, target=target))
+    for b in (0, 1):
+        for lin in ("q_proj", "k_proj", "v_proj"):  # the first group: nothing was quantized before it in the block
+            n = f"model.layers.{b}.self_attn.{lin}"
+            if b == 0:
+                assert torch.equal(seen[n][0], W0[n])
+    assert set(res.block_tuning) == {f"model.layers.{b}:{g}" for b in (0, 1) for g in (0, 1, 2)}
+    assert any(r["kept"] for r in res.block_tuning.values())
+    moved = [n for n in seen if "down_proj" in n or "o_proj" in n if not torch.equal(seen[n][0], W0[n])]
+    assert moved  # tuned before being quantized
+    # o_proj's Hessian: collected after q/k/v were quantized (its input does not depend on later tuning)
+    o = "model.layers.1.self_attn.o_proj"
+    torch.testing.assert_close(seen[o][1], brute_hessians(model, calib_ids, [o])[o], rtol=1e-5, atol=1e-6)
+    plain = makers["llama"]()
+    sequential_quantize(plain, calib_ids, coarse, true_sequential=True)
+    assert _final_error(model, ref, calib_ids) < _final_error(plain, ref, calib_ids)
+
+
+def test_sequential_block_tuning_bad_input(calib_ids, makers):
+    with pytest.raises(TypeError, match="block_tune"):
+        sequential_quantize(makers["llama"](), calib_ids, coarse, block_tune={"lr": 1e-3})
+    with pytest.raises(ValueError, match="at least 2 calibration batches"):
+        sequential_quantize(makers["llama"](), calib_ids[:1], coarse, block_tune=BlockTuneConfig())

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .block_tuning import BlockTuneConfig, tune_block_
+
 __all__ = [
     "HessianAccumulator",
     "asymmetric_target",
@@ -381,11 +383,13 @@ def _install(block: nn.Module, prefix: str, name: str, lin: nn.Linear, new: Any)
 
 @dataclass
 class SequentialResult:
-    """What the driver did: layer names in quantization order, their token counts, and the block prefix."""
+    """What the driver did: layer names in quantization order, their token counts, the block prefix, and
+    with ``block_tune`` one report per tuning (``"<block>:<group index>"`` -> held-out losses, kept)."""
 
     prefix: str
     layers: list[str] = field(default_factory=list)
     n_tokens: dict[str, int] = field(default_factory=dict)
+    block_tuning: dict[str, dict[str, float | bool]] = field(default_factory=dict)
 
 
 def _prepare(model, calib_batches, blocks):
@@ -407,6 +411,34 @@ def _prepare(model, calib_batches, blocks):
     return prefix, blocks, inp
 
 
+def _block_call(block: nn.Module, inp: _BlockInputs) -> Callable[[int], torch.Tensor]:
+    """``i -> block output on calibration batch i`` (differentiable; for :func:`tune_block_`)."""
+
+    def run(i: int) -> torch.Tensor:
+        extra, kw = inp.rest[i]
+        out = block(inp.hidden[i], *extra, **kw)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    return run
+
+
+def _tune_targets(
+    block: nn.Module,
+    twin: nn.Module | None,
+    inp: _BlockInputs,
+    inp_f: _BlockInputs | None,
+    cfg: BlockTuneConfig | None,
+) -> list[torch.Tensor] | None:
+    """The outputs block tuning matches: the float twin on the float inputs, or the still unquantized block on
+    the current inputs (computed before its first group is quantized)."""
+    if cfg is None:
+        return None
+    if cfg.target == "float":
+        assert twin is not None and inp_f is not None  # sequential_quantize keeps the float stream for it
+        return _run_block(twin, inp_f, None, keep=True)
+    return _run_block(block, inp, None, keep=True)
+
+
 @torch.no_grad()
 def sequential_quantize(
     model: nn.Module,
@@ -419,6 +451,7 @@ def sequential_quantize(
     on_layer: Callable[[str], None] | None = None,
     asymmetric: bool = False,
     asym_damp: float = 0.01,
+    block_tune: BlockTuneConfig | None = None,
 ) -> SequentialResult:
     """Quantize every linear of every block in order, each from Hessians of already-quantized upstream outputs.
 
@@ -447,6 +480,10 @@ def sequential_quantize(
         collection and a float copy of one block.
     asym_damp : float
         Relative ridge of :func:`asymmetric_target`.
+    block_tune : BlockTuneConfig, optional
+        After each group of a block is quantized, tune the weights of the block's later (still float) groups
+        toward the target of :mod:`coset.ptq.block_tuning` (implies ``true_sequential``: the later groups'
+        Hessians are collected after the tuning). The reports go to ``SequentialResult.block_tuning``.
     """
     if not callable(quantize_fn):
         raise TypeError("quantize_fn must be callable")
@@ -454,19 +491,27 @@ def sequential_quantize(
         raise TypeError(f"asymmetric must be a bool, got {type(asymmetric).__name__}")
     if isinstance(asym_damp, bool) or not isinstance(asym_damp, (int, float)) or not asym_damp > 0:
         raise ValueError(f"asym_damp must be a number > 0, got {asym_damp!r}")
+    if block_tune is not None and not isinstance(block_tune, BlockTuneConfig):
+        raise TypeError(f"block_tune must be a BlockTuneConfig or None, got {type(block_tune).__name__}")
     prefix, blocks, inp = _prepare(model, calib_batches, blocks)
-    inp_f = _BlockInputs(list(inp.hidden), inp.rest) if asymmetric else None
+    if block_tune is not None and len(inp.hidden) < 2:
+        raise ValueError("block_tune needs at least 2 calibration batches (the last one is held out)")
+    float_stream = asymmetric or (block_tune is not None and block_tune.target == "float")
+    inp_f = _BlockInputs(list(inp.hidden), inp.rest) if float_stream else None
     result = SequentialResult(prefix)
     for bi, block in enumerate(blocks):
         bprefix = f"{prefix}.{bi}"
         lins = _linears(block, bprefix, include)
-        fblock = copy.deepcopy(block) if inp_f is not None else None  # the float twin, before any change
+        twin = copy.deepcopy(block) if inp_f is not None else None  # the float twin, before any change
+        fblock = twin if asymmetric else None  # cross moments only for the asymmetric target
 
         if lins:
             hooks = _collect(block, fblock, lins, lins, inp, inp_f, bprefix)
             groups = hooks.groups()
+            targets = _tune_targets(block, twin, inp, inp_f, block_tune) if len(groups) > 1 else None
             for gi, group in enumerate(groups):
-                if true_sequential and gi > 0:  # re-collect this group's Hessians after the previous groups
+                if (true_sequential or targets is not None) and gi > 0:
+                    # re-collect this group's Hessians after the previous groups (and the tuning)
                     hooks = _collect(block, fblock, lins, group, inp, inp_f, bprefix)
                 for name in group:
                     H = hooks.hessian(name)
@@ -479,11 +524,15 @@ def sequential_quantize(
                     result.layers.append(name)
                     if on_layer is not None:
                         on_layer(name)
+                if targets is not None and block_tune is not None and gi + 1 < len(groups):
+                    later = [lins[n].weight for g in groups[gi + 1 :] for n in g]
+                    report = tune_block_(block, _block_call(block, inp), targets, later, block_tune)
+                    result.block_tuning[f"{bprefix}:{gi}"] = report
             del hooks
         if bi + 1 < len(blocks):
             inp.hidden = _run_block(block, inp, None, keep=True)
-            if fblock is not None and inp_f is not None:
-                out_f = _run_block(fblock, inp_f, None, keep=True)
+            if twin is not None and inp_f is not None:
+                out_f = _run_block(twin, inp_f, None, keep=True)
                 assert out_f is not None  # keep=True returns the outputs
                 inp_f.hidden = out_f
     return result
