@@ -19,6 +19,8 @@ from coset.cli.main import main
         (["ptq", "--model", "minilm", "--finetune-steps", "-1", "--out", "OUT"], "--finetune-steps must be >= 0"),
         (["ptq", "--model", "minilm", "--finetune-lr", "0", "--out", "OUT"], "--finetune-lr must be a positive"),
         (["ptq", "--model", "minilm", "--alloc-bits", "-1", "--out", "OUT"], "--alloc-bits must be a positive"),
+        (["ptq", "--model", "minilm", "--block-tune-epochs", "-1", "--out", "OUT"], "--block-tune-epochs must be >= 0"),
+        (["ptq", "--model", "minilm", "--block-tune-lr", "inf", "--out", "OUT"], "--block-tune-lr must be a positive"),
         (["ptq", "--model", "minilm", "--alloc-bits", "nan", "--out", "OUT"], "--alloc-bits must be a positive"),
     ],
 )
@@ -47,8 +49,9 @@ def test_bad_bits_is_an_argparse_error(capsys):
     assert e.value.code == 2
 
 
-@pytest.mark.slow
-def test_end_to_end_on_a_tiny_bert_directory(tmp_path, capsys):
+@pytest.fixture
+def tiny_bert_dir(tmp_path):
+    """A 1-layer random BertModel + MiniLM's tokenizer saved as a local transformers directory."""
     transformers = pytest.importorskip("transformers")
     models = pytest.importorskip("coset.ptq.models")
     try:
@@ -69,6 +72,29 @@ def test_end_to_end_on_a_tiny_bert_directory(tmp_path, capsys):
     src = tmp_path / "tiny"
     transformers.BertModel(cfg).save_pretrained(str(src))
     tok.save_pretrained(str(src))
+    return src
+
+
+@pytest.mark.slow
+def test_block_tuning_on_a_tiny_bert_directory(tiny_bert_dir, tmp_path, capsys):
+    """--block-tune-epochs reaches quantize_: one report per group before the last (q/k/v, attention output,
+    intermediate), a kept tuning lowered its held-out error."""
+    out = tmp_path / "out_bt"
+    argv = ["ptq", "--model", str(tiny_bert_dir), "--method", "hnlq_ldlq", "--nsamples", "16", "--seqlen", "32"]
+    rc = main([*argv, "--block-tune-epochs", "2", "--block-tune-lr", "1e-3", "--no-progress", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    bt = json.loads((out / "ptq_results.json").read_text())["rows"][0]["block_tuning"]
+    assert sorted(bt) == ["encoder.layer.0:0", "encoder.layer.0:1", "encoder.layer.0:2"]
+    assert all(r["holdout_after"] < r["holdout_before"] for r in bt.values() if r["kept"])
+    assert "block tuning kept" in printed
+    assert main([*argv[:-4], "--nsamples", "8", "--block-tune-epochs", "1", "--out", str(out)]) == 2
+    assert "--nsamples >= 16" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_end_to_end_on_a_tiny_bert_directory(tiny_bert_dir, tmp_path, capsys):
+    src = tiny_bert_dir
     out = tmp_path / "out"
     rc = main(
         [

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from coset.ptq.api import PTQConfig, calibration_batches, quantize_
+from coset.ptq.block_tuning import BlockTuneConfig
 from coset.ptq.hnlq_block import MethodConfig
 from coset.ptq.layers import HNLQLinear
 
@@ -39,6 +40,8 @@ def cfg(**kw):
         (dict(asymmetric="yes"), TypeError, "asymmetric"),
         (dict(sequential=False, asymmetric=True), ValueError, "asymmetric"),
         (dict(method="hnlq_ldlq"), TypeError, "method"),
+        (dict(block_tune={"epochs": 1}), TypeError, "block_tune"),
+        (dict(sequential=False, block_tune=BlockTuneConfig()), ValueError, "block_tune"),
     ],
 )
 def test_config_validation(kw, exc, word):
@@ -129,6 +132,23 @@ def test_asymmetric_reaches_the_driver(llama):
     w = lambda m, b: m.model.layers[b].self_attn.q_proj.weight  # noqa: E731
     d = lambda b: (w(sym, b) - w(asym, b)).abs().max() / w(sym, b).abs().max()  # noqa: E731
     assert d(0) == 0 and d(1) > 1e-2
+
+
+def test_block_tune_reaches_the_driver(llama):
+    """block_tune: one report per (block, group before the last); the first group of block 0 is quantized before
+    any tuning, so it equals the true-sequential run's; a kept tuning changed a later group's weights."""
+    mc = MethodConfig(method="hnlq_ldlq", lattice="E8", q=4, M=1)
+    ts, bt = copy.deepcopy(llama), copy.deepcopy(llama)
+    quantize_(ts, calib(16), cfg(method=mc, compress=False, true_sequential=True))
+    rep = quantize_(bt, calib(16), cfg(method=mc, compress=False, block_tune=BlockTuneConfig(epochs=2, lr=1e-3)))
+    assert sorted(rep.block_tuning) == [f"model.layers.{b}:{g}" for b in range(2) for g in range(3)]
+    kept = [k for k, r in rep.block_tuning.items() if r["kept"]]
+    assert kept, rep.block_tuning
+    assert all(rep.block_tuning[k]["holdout_after"] < rep.block_tuning[k]["holdout_before"] for k in kept)
+    w = lambda m, b, n: getattr(m.model.layers[b].self_attn, n).weight  # noqa: E731
+    assert torch.equal(w(ts, 0, "q_proj"), w(bt, 0, "q_proj"))
+    assert "model.layers.0:0" in kept  # deterministic on CPU: the first tuning of block 0 helps
+    assert not torch.equal(w(ts, 0, "o_proj"), w(bt, 0, "o_proj"))
 
 
 def test_bad_input(llama):

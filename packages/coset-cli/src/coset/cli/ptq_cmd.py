@@ -63,6 +63,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="mixed precision (HNLQ methods): choose 2/3/4-bit codes per layer by Fisher-weighted error so the "
         "codes average at most this many bits/weight all-in (ignores --bits)",
     )
+    p.add_argument(
+        "--block-tune-epochs",
+        type=int,
+        default=0,
+        help="block tuning during sequential quantization (coset.ptq.block_tuning): Adam epochs over the "
+        "calibration batches of 8 windows on each block's still-float linears after each quantized group (0 = off)",
+    )
+    p.add_argument("--block-tune-lr", type=float, default=1e-4, help="learning rate of --block-tune-epochs")
     p.add_argument("--out", required=True, help="output directory (quantized model + results + plot)")
     p.add_argument("--no-progress", action="store_true", help="no per-layer progress bar")
     return p
@@ -221,17 +229,27 @@ def run(args) -> int:
         raise _error(f"--finetune-steps must be >= 0, got {args.finetune_steps}")
     if not (0 < args.finetune_lr < float("inf")):
         raise _error(f"--finetune-lr must be a positive number, got {args.finetune_lr}")
+    if args.block_tune_epochs < 0:
+        raise _error(f"--block-tune-epochs must be >= 0, got {args.block_tune_epochs}")
+    if not (0 < args.block_tune_lr < float("inf")):
+        raise _error(f"--block-tune-lr must be a positive number, got {args.block_tune_lr}")
     if args.alloc_bits is not None and not (0 < args.alloc_bits < float("inf")):
         raise _error(f"--alloc-bits must be a positive number, got {args.alloc_bits}")
     methods = _methods(args)
     model, tok, kind = _load(args.model)
 
     from coset.ptq.api import PTQConfig, quantize_
+    from coset.ptq.block_tuning import BlockTuneConfig
     from coset.ptq.data import stdlib_docstrings, token_windows
     from coset.ptq.serialize import save_quantized
 
     seqlen = args.seqlen or (128 if kind == "embedding" else 512)
     nsamples = args.nsamples or (128 if kind == "embedding" else 32)
+    if args.block_tune_epochs and nsamples < 16:
+        raise _error(f"--block-tune-epochs needs --nsamples >= 16 (two batches of 8, one held out), got {nsamples}")
+    block_tune = (
+        BlockTuneConfig(epochs=args.block_tune_epochs, lr=args.block_tune_lr) if args.block_tune_epochs else None
+    )
     calib = token_windows(tok, stdlib_docstrings(), seqlen, nsamples)
     print(f"model {args.model} ({kind}); calibration {tuple(calib.shape)} token windows of stdlib docstrings")
     evaluate = None if args.no_eval else _evaluator(model, tok, kind, args)
@@ -264,6 +282,7 @@ def run(args) -> int:
                     seqlen=seqlen,
                     progress=not args.no_progress,
                     layer_methods=layer_methods,
+                    block_tune=block_tune,
                 ),
             )
         except ValueError as e:
@@ -279,6 +298,10 @@ def run(args) -> int:
         }
         if plan is not None:
             row["rates"] = {str(k): v for k, v in plan.histogram().items()}
+        if rep.block_tuning:
+            row["block_tuning"] = rep.block_tuning
+            kept = sum(bool(r["kept"]) for r in rep.block_tuning.values())
+            print(f"{name}: block tuning kept {kept}/{len(rep.block_tuning)}", flush=True)
         print(rep.summary(), flush=True)
         if args.finetune_steps and mcfg.is_hnlq:
             from coset.ptq.finetune import FinetuneConfig, finetune_

@@ -8,6 +8,8 @@
   :func:`quantize_linear` — one layer.
 * :func:`finetune_` (:class:`FinetuneConfig`) — tune the norms and per-layer scales end to end against the float
   model (:func:`clone_reference`), at no cost in bits.
+* :func:`tune_block_` (:class:`BlockTuneConfig`) — block tuning of the still-float linears during sequential
+  quantization (``PTQConfig(block_tune=...)``).
 * ``import coset.ptq.hf`` (extra ``[hf]``) registers ``quant_method "coset"`` with transformers' ``from_pretrained``.
 
 Submodules are imported on first attribute access, so ``import coset.ptq`` stays light and never imports
@@ -40,6 +42,8 @@ _LAZY = {
     "FinetuneConfig": "finetune",
     "FinetuneReport": "finetune",
     "clone_reference": "finetune",
+    "BlockTuneConfig": "block_tuning",
+    "tune_block_": "block_tuning",
 }
 
 __all__ = sorted(_LAZY)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .block_tuning import BlockTuneConfig
 from .calib import collect_hessians, find_blocks, sequential_quantize
 from .hnlq_block import MethodConfig, quantize_linear
 
@@ -71,6 +72,11 @@ class PTQConfig:
         output on the quantized model's inputs (:func:`coset.ptq.calib.asymmetric_target`), not toward its own
         output on those inputs. One extra float block forward per collection. Experimental: measured harmful on
         SmolLM2-135M (docs/ptq.md), off by default.
+    block_tune : BlockTuneConfig or None
+        Block tuning (needs ``sequential``; implies true-sequential re-collection): after each quantized group
+        of a block, the block's still-float later linears are tuned toward the float (or unquantized) block
+        output (:mod:`coset.ptq.block_tuning`, QuIP#'s first fine-tuning stage). Needs at least 2 calibration
+        forward batches (the last is held out). Reports land in ``PTQReport.block_tuning``.
     seed : int or None
         Base seed of the per-layer rotations (overrides ``method.seed`` when given).
     compress : bool
@@ -90,6 +96,7 @@ class PTQConfig:
     sequential: bool = True
     true_sequential: bool = False
     asymmetric: bool = False
+    block_tune: BlockTuneConfig | None = None
     seed: int | None = None
     compress: bool = True
     progress: bool = True
@@ -111,6 +118,11 @@ class PTQConfig:
             raise ValueError("true_sequential=True requires sequential=True")
         if self.asymmetric and not self.sequential:
             raise ValueError("asymmetric=True requires sequential=True")
+        if self.block_tune is not None:
+            if not isinstance(self.block_tune, BlockTuneConfig):
+                raise TypeError(f"block_tune must be a BlockTuneConfig or None, got {type(self.block_tune).__name__}")
+            if not self.sequential:
+                raise ValueError("block_tune requires sequential=True")
         if self.seed is not None:
             if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
                 raise ValueError(f"seed must be a non-negative int or None, got {self.seed!r}")
@@ -164,6 +176,7 @@ class PTQReport:
     cpu_s: float = 0.0
     peak_rss_mb: float = 0.0
     skipped: list[str] = field(default_factory=list)
+    block_tuning: dict[str, dict] = field(default_factory=dict)
 
     def summary(self) -> str:
         return (
@@ -274,7 +287,7 @@ def quantize_(model: nn.Module, calib: Any, config: PTQConfig | None = None) -> 
     include = chosen.__contains__
     try:
         if config.sequential:
-            sequential_quantize(
+            seq = sequential_quantize(
                 model,
                 batches,
                 qfn,
@@ -282,7 +295,9 @@ def quantize_(model: nn.Module, calib: Any, config: PTQConfig | None = None) -> 
                 true_sequential=config.true_sequential,
                 include=include,
                 asymmetric=config.asymmetric,
+                block_tune=config.block_tune,
             )
+            report.block_tuning = dict(seq.block_tuning)
         else:
             hessians = collect_hessians(model, batches, blocks=blocks, include=include)
             for name, H in hessians.items():
