@@ -78,7 +78,7 @@ def main() -> None:
         default=0,
         help="> 0: sequential calibration with block tuning (coset.ptq.block_tuning) of the later groups",
     )
-    ap.add_argument("--block-tune-lr", type=float, default=1e-4)
+    ap.add_argument("--block-tune-lr", type=float, default=1e-3)
     ap.add_argument("--block-tune-target", choices=("float", "block"), default="float")
     ap.add_argument(
         "--tune-windows", type=int, default=64, help="512-token docstring windows to tune on (the first 64 calibrate)"

@@ -70,7 +70,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="block tuning during sequential quantization (coset.ptq.block_tuning): Adam epochs over the "
         "calibration batches of 8 windows on each block's still-float linears after each quantized group (0 = off)",
     )
-    p.add_argument("--block-tune-lr", type=float, default=1e-4, help="learning rate of --block-tune-epochs")
+    p.add_argument("--block-tune-lr", type=float, default=1e-3, help="learning rate of --block-tune-epochs")
     p.add_argument("--out", required=True, help="output directory (quantized model + results + plot)")
     p.add_argument("--no-progress", action="store_true", help="no per-layer progress bar")
     return p
