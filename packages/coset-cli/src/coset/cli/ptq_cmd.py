@@ -57,6 +57,30 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="tuned gains: one per layer (free) or one float16 gain per output channel (16 bits per row)",
     )
     p.add_argument(
+        "--finetune-schedule",
+        choices=("constant", "cosine"),
+        default="constant",
+        help="learning-rate schedule of --finetune-steps (cosine: decay to 0 over the steps)",
+    )
+    p.add_argument(
+        "--finetune-head-lr",
+        type=float,
+        default=0.0,
+        help="> 0: also tune the float output head (tied embedding) at this learning rate (e.g. 5e-5)",
+    )
+    p.add_argument(
+        "--finetune-windows",
+        type=int,
+        default=None,
+        help="docstring windows to tune on (default --nsamples; the first --nsamples are the calibration ones)",
+    )
+    p.add_argument(
+        "--finetune-seqlen",
+        type=int,
+        default=None,
+        help="tuning batch length: the windows are cut into batches of this many tokens (must divide --seqlen)",
+    )
+    p.add_argument(
         "--alloc-bits",
         type=float,
         default=None,
@@ -229,6 +253,12 @@ def run(args) -> int:
         raise _error(f"--finetune-steps must be >= 0, got {args.finetune_steps}")
     if not (0 < args.finetune_lr < float("inf")):
         raise _error(f"--finetune-lr must be a positive number, got {args.finetune_lr}")
+    if not (0 <= args.finetune_head_lr < float("inf")):
+        raise _error(f"--finetune-head-lr must be >= 0 (0 = head not tuned), got {args.finetune_head_lr}")
+    for name in ("finetune_windows", "finetune_seqlen"):
+        v = getattr(args, name)
+        if v is not None and v < 2:
+            raise _error(f"--{name.replace('_', '-')} must be >= 2, got {v}")
     if args.block_tune_epochs < 0:
         raise _error(f"--block-tune-epochs must be >= 0, got {args.block_tune_epochs}")
     if not (0 < args.block_tune_lr < float("inf")):
@@ -250,7 +280,13 @@ def run(args) -> int:
     block_tune = (
         BlockTuneConfig(epochs=args.block_tune_epochs, lr=args.block_tune_lr) if args.block_tune_epochs else None
     )
-    calib = token_windows(tok, stdlib_docstrings(), seqlen, nsamples)
+    ft_seqlen = args.finetune_seqlen or seqlen
+    if seqlen % ft_seqlen:
+        raise _error(f"--finetune-seqlen {ft_seqlen} must divide the calibration window length {seqlen}")
+    ft_windows = args.finetune_windows or nsamples
+    # one tokenization: the first nsamples windows calibrate, the first ft_windows tune
+    windows = token_windows(tok, stdlib_docstrings(), seqlen, max(nsamples, ft_windows))
+    calib, tune = windows[:nsamples], windows[:ft_windows]
     print(f"model {args.model} ({kind}); calibration {tuple(calib.shape)} token windows of stdlib docstrings")
     evaluate = None if args.no_eval else _evaluator(model, tok, kind, args)
     out.mkdir(parents=True, exist_ok=True)
@@ -306,18 +342,29 @@ def run(args) -> int:
         if args.finetune_steps and mcfg.is_hnlq:
             from coset.ptq.finetune import FinetuneConfig, finetune_
 
-            holdout = max(1, min(4, len(calib) // 8))
-            if len(calib) <= holdout:
-                raise _error(f"--finetune-steps needs --nsamples >= {holdout + 1}")
-            ft = finetune_(
-                qmodel,
-                model,
-                list(calib.split(1)),
-                FinetuneConfig(
-                    steps=args.finetune_steps, lr=args.finetune_lr, gains=args.finetune_gains, holdout=holdout
-                ),
-            )
+            batches = list(tune.reshape(-1, ft_seqlen).split(1))
+            holdout = max(1, min(4, len(batches) // 8))
+            if len(batches) <= holdout:
+                raise _error(f"--finetune-steps needs more than {holdout} tuning batch(es), got {len(batches)}")
+            try:
+                ft = finetune_(
+                    qmodel,
+                    model,
+                    batches,
+                    FinetuneConfig(
+                        steps=args.finetune_steps,
+                        lr=args.finetune_lr,
+                        gains=args.finetune_gains,
+                        holdout=holdout,
+                        schedule=args.finetune_schedule,
+                        head=args.finetune_head_lr > 0,
+                        head_lr=args.finetune_head_lr or FinetuneConfig.head_lr,
+                    ),
+                )
+            except ValueError as e:
+                raise _error(f"--finetune-*: {e}") from None
             row["finetune"] = {k: v for k, v in ft.to_dict().items() if k != "train_losses"}
+            row["finetune"].update(batches=len(batches), holdout=holdout, schedule=args.finetune_schedule)
             print(
                 f"finetune: held-out {ft.objective} {ft.holdout_before:.4g} -> {ft.holdout_after:.4g} "
                 f"({'kept' if ft.kept else 'not kept'}, {ft.seconds:.0f} s)",
