@@ -245,7 +245,7 @@ def run(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise _error(f"--out: {out} exists and is not a directory")
-    for name in ("nsamples", "seqlen", "eval_tokens"):
+    for name in ("nsamples", "seqlen", "eval_tokens", "finetune_windows", "finetune_seqlen"):
         v = getattr(args, name)
         if v is not None and v < 2:
             raise _error(f"--{name.replace('_', '-')} must be >= 2, got {v}")
@@ -255,10 +255,6 @@ def run(args) -> int:
         raise _error(f"--finetune-lr must be a positive number, got {args.finetune_lr}")
     if not (0 <= args.finetune_head_lr < float("inf")):
         raise _error(f"--finetune-head-lr must be >= 0 (0 = head not tuned), got {args.finetune_head_lr}")
-    for name in ("finetune_windows", "finetune_seqlen"):
-        v = getattr(args, name)
-        if v is not None and v < 2:
-            raise _error(f"--{name.replace('_', '-')} must be >= 2, got {v}")
     if args.block_tune_epochs < 0:
         raise _error(f"--block-tune-epochs must be >= 0, got {args.block_tune_epochs}")
     if not (0 < args.block_tune_lr < float("inf")):
@@ -363,8 +359,11 @@ def run(args) -> int:
                 )
             except ValueError as e:
                 raise _error(f"--finetune-*: {e}") from None
-            row["finetune"] = {k: v for k, v in ft.to_dict().items() if k != "train_losses"}
-            row["finetune"].update(batches=len(batches), holdout=holdout, schedule=args.finetune_schedule)
+            row["finetune"] = {k: v for k, v in ft.to_dict().items() if k != "train_losses"} | {
+                "batches": len(batches),
+                "holdout": holdout,
+                "schedule": args.finetune_schedule,
+            }
             print(
                 f"finetune: held-out {ft.objective} {ft.holdout_before:.4g} -> {ft.holdout_after:.4g} "
                 f"({'kept' if ft.kept else 'not kept'}, {ft.seconds:.0f} s)",
