@@ -101,8 +101,11 @@ def main() -> None:
     calib, tune = windows[:64], windows[: args.tune_windows]
     ids = torch.tensor(tok(pydoc_text(), add_special_tokens=False)["input_ids"][:4096])
     p = cache / "smol_lmref.pt"
-    ref = torch.load(p, weights_only=False) if p.exists() else lm_reference(model, ids, 512)
-    torch.save(ref, p)
+    if p.exists():
+        ref = torch.load(p, weights_only=False)
+    else:  # saved only when computed: runs sharing a cache must not rewrite a file another one is reading
+        ref = lm_reference(model, ids, 512)
+        torch.save(ref, p)
     alloc_row: dict = {}
     if args.alloc:
         rates = [int(r) for r in args.rates.split(",")]
