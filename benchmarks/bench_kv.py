@@ -258,7 +258,8 @@ class _OneSideCache(DynamicCache):
         else:
             per_layer = key_scales_of(self.kind)
             scales = per_layer[layer_idx] if per_layer is not None else None
-            store = CodedKVStore(self.cfg, seed=self.cfg.seed + layer_idx, key_scale=scales)  # the layer's rotation
+            rope = ROPE if self.kind == "hnlq_kfr" else None  # keys centred on their pre-RoPE mean
+            store = CodedKVStore(self.cfg, seed=self.cfg.seed + layer_idx, key_scale=scales, rope=rope)
         store.append(x, x)  # keys per channel / values per token (KIVI): pick the matching half
         xq = store.dequantized()[0 if self.side == "k" else 1]
         if self.side == "k":
@@ -598,7 +599,7 @@ def main() -> None:
         results.setdefault("sides", {})
         ref = run_ppl(model, ids, "fp32", None)[0]
         for name, kind, cfg in todo:
-            if kind not in ("hnlq", "hnlq_kq", "hnlq_kf", "hnlq_kf16", "hnlq_kf64", "kivi"):
+            if kind not in ("hnlq", "hnlq_kq", "hnlq_kf", "hnlq_kf16", "hnlq_kf64", "hnlq_kfr", "kivi"):
                 continue
             row = {side: run_side_ppl(model, ids, kind, cfg, side) / ref for side in ("k", "v")}
             results["sides"][name] = row
