@@ -132,11 +132,11 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("lut_gemv_codebook_cpu", [](std::uintptr_t idx, int idx_bytes, std::uintptr_t T, std::uintptr_t scale_of,
                                     std::uintptr_t sx, std::uintptr_t A, int d, std::uintptr_t x, int64_t ldx, int64_t n,
-                                    int K, int M, int q, int B, std::uintptr_t out) {
+                                    int K, int M, int q, int B, std::uintptr_t out, int n_scales) {
     py::gil_scoped_release nogil;
     coset::lut_gemv_codebook_cpu(ptr<const void>(idx), idx_bytes, ptr<const uint8_t>(T), ptr<const float>(scale_of),
                                  ptr<const float>(sx), ptr<const int8_t>(A), d, ptr<const float>(x), ldx, n, K, M, q, B,
-                                 ptr<float>(out));
+                                 ptr<float>(out), n_scales);
   });
   // the CUDA GEMV's shared core in the GPU's order on the CPU (lut_gemv.h, lut_gemv_cuda.cu), for the tests
   m.def("lut_build_tables_core_cpu", [](std::uintptr_t x, int64_t ldx, std::uintptr_t A, int B, int K, int d,

@@ -135,14 +135,15 @@ COSET_HD void lane_tree(float (*p)[B]) {
 #ifndef __CUDACC__
 namespace coset {
 // CPU entry points (lut_gemv.cpp). idx: (n, K, M) uint8 / uint16 / int32 (idx_bytes 1, 2, 4); block scales
-// from sx (n, K) float32 when non-null, else scale_of[T[r, k]]; B in {1, 2, 4, 8}; out (n, B) float32.
+// from sx (n, K) float32 when non-null, else scale_of[T[r, k]]; B in {1, 2, 4, 8}; out (n, B) float32. n_scales:
+// entries of scale_of (the codebook path's fast d = 8 loop takes the scales from registers when <= 16).
 void lut_build_tables_cpu(const float* x, int64_t ldx, const float* A, int B, int K, int d, int64_t Q, float* tab);
 void lut_gemv_tables_cpu(const void* idx, int idx_bytes, const uint8_t* T, const float* scale_of, int n_scales,
                          const float* sx, const float* tab, int64_t n, int K, int M, int64_t Q, int q, int B,
                          float* out);
 void lut_gemv_codebook_cpu(const void* idx, int idx_bytes, const uint8_t* T, const float* scale_of, const float* sx,
                            const int8_t* A, int d, const float* x, int64_t ldx, int64_t n, int K, int M, int q, int B,
-                           float* out);
+                           float* out, int n_scales = 0);
 // The shared core of the CUDA kernels run on the CPU in the GPU's order (lane by lane, then the lane tree), for
 // the tests: bit for bit what lut_gemv_cuda.cu computes. A == nullptr: tables path (tab), else codebook (A, x).
 void lut_build_tables_core_cpu(const float* x, int64_t ldx, const float* A, int B, int K, int d, int64_t Q,

@@ -148,3 +148,57 @@ def test_coded_weight_device_checks():
     with pytest.raises(ValueError, match="reference|method"):
         gemv_reference(torch.randn(1, 8), CW, method="auto")
     assert torch.equal(CW.to("cpu").idx, CW.idx)
+
+
+@pytest.mark.parametrize(
+    "lat,q,M,pair",
+    [("E8", 2, 1, False), ("E8", 2, 3, False), ("E8", 2, 4, False), ("E8", 2, 4, True), ("E8", 4, 2, False),
+     ("E8", 2, 2, True), ("D4", 4, 2, False), ("D4", 4, 2, True), ("D4", 2, 3, False), ("D4", 8, 1, False)],
+)  # fmt: skip
+@pytest.mark.parametrize("B", [1, 2, 4, 8])
+def test_codebook_fast_loop_equals_generic_bit_for_bit(lat, q, M, pair, B):
+    # The AVX2 codebook loops (scales of 8 blocks from registers, per-block float scales specialised) must return
+    # the generic codebook kernel's floats exactly: random labels and all 16 T steps (the blend of the two scale
+    # registers), K = 27 blocks (three 8-block steps, one pair, one single block: D4's odd tail); n_scales = 0
+    # selects the generic loop. Per-block float scales sx = scales[T] must give the same floats as T.
+    from coset.cuda import _C
+    from coset.cuda.lut_gemv import _kernel_tables
+
+    cfg = QuantizationConfig(lattice_type=lat, q=q, M=M, beta=0.25)
+    _, ai8, h, scales, a2 = _kernel_tables(cfg)
+    g = torch.Generator().manual_seed(q * 100 + M * 10 + B)
+    n, K, d = 13, 27, cfg.dim
+    Q = q**d
+    labels = torch.randint(0, Q, (n, K, M), generator=g)
+    T = torch.randint(0, scales.numel(), (n, K), generator=g).to(torch.uint8)
+    assert int(T.max()) >= 8
+    if pair:
+        A = a2
+        idx = labels.to(torch.uint8).view(torch.int16).contiguous()
+        ib, Mk, qk = 2, M // 2, q * q
+    else:
+        A = ai8
+        idx = (labels.to(torch.uint8) if Q <= 256 else labels.to(torch.int32).to(torch.int16)).contiguous()
+        ib, Mk, qk = idx.element_size(), M, q
+    x = (torch.randn(B, K * d, generator=g) / h).contiguous()
+    sx = scales[T.long()].contiguous()
+
+    def run(n_scales, sx_ptr=0):
+        out = torch.full((n, B), float("nan"))
+        _C.lut_gemv_codebook_cpu(
+            idx.data_ptr(), ib, T.data_ptr(), scales.data_ptr(), sx_ptr, A.data_ptr(), d, x.data_ptr(), K * d,
+            n, K, Mk, qk, B, out.data_ptr(), n_scales,
+        )  # fmt: skip
+        return out
+
+    generic, fast, fast_sx = run(0), run(scales.numel()), run(scales.numel(), sx.data_ptr())
+    assert bool(torch.isfinite(generic).all())
+    assert torch.equal(fast, generic)
+    assert torch.equal(fast_sx, generic)
+    # and both are the dequantized product up to float32 rounding
+    A32 = A.to(torch.float64)[idx.long() if ib == 1 else idx.view(torch.int16).long() & 0xFFFF]  # (n, K, Mk, d)
+    v = sum(A32[:, :, m] * qk**m for m in range(Mk))
+    Wd = (v * sx.double().unsqueeze(-1)).reshape(n, K * d)
+    ref = x.double() @ Wd.T
+    tol = 1e-5 * (x.abs().double() @ Wd.abs().T) + 1e-6
+    assert bool(((fast.double().T - ref).abs() <= tol).all())

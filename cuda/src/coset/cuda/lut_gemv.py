@@ -257,9 +257,10 @@ def lut_gemv(x: torch.Tensor, W: CodedWeight, *, method: str = "auto") -> torch.
             )
         else:
             xh = (xj / h).contiguous()  # exact (h is 1 or 2)
-            # two layers per lookup (see _pair_table), except E8 at one query: there the 2 KiB single-layer table
-            # (L1) with twice the lookups beat the 512 KiB pair table (L2), 3.6-3.8 vs 3.8-4.5 ms at 4096x4096
-            if a2 is not None and W.idx.is_contiguous() and not (Bk == 1 and d == 8):
+            # two layers per lookup (see _pair_table) wherever the sums fit int8: with the E8 loop that takes the
+            # scales 8 blocks at a time, the 512 KiB pair table (L2) beats the 2 KiB single-layer one (L1) at every
+            # batch size, 1.89 vs 3.12 ms at 4096x4096 and one query (benchmarks/results/kernels.md)
+            if a2 is not None and W.idx.is_contiguous():
                 idx, ibk, Mk, qk, A = W.idx.view(torch.int16), 2, M // 2, c.q * c.q, a2
             else:
                 idx, ibk, Mk, qk, A = W.idx, ib, M, c.q, ai8
@@ -279,6 +280,7 @@ def lut_gemv(x: torch.Tensor, W: CodedWeight, *, method: str = "auto") -> torch.
                 qk,
                 Bk,
                 res.data_ptr(),
+                scales.numel(),
             )
         out[j0 : j0 + B] = res[:, :B].T
     return out
