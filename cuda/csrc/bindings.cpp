@@ -132,11 +132,11 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("lut_gemv_codebook_cpu", [](std::uintptr_t idx, int idx_bytes, std::uintptr_t T, std::uintptr_t scale_of,
                                     std::uintptr_t sx, std::uintptr_t A, int d, std::uintptr_t x, int64_t ldx, int64_t n,
-                                    int K, int M, int q, int B, std::uintptr_t out, int n_scales) {
+                                    int K, int M, int q, int B, std::uintptr_t out, int n_scales, std::uintptr_t hc) {
     py::gil_scoped_release nogil;
     coset::lut_gemv_codebook_cpu(ptr<const void>(idx), idx_bytes, ptr<const uint8_t>(T), ptr<const float>(scale_of),
                                  ptr<const float>(sx), ptr<const int8_t>(A), d, ptr<const float>(x), ldx, n, K, M, q, B,
-                                 ptr<float>(out), n_scales);
+                                 ptr<float>(out), n_scales, ptr<const float>(hc));
   });
   // the CUDA GEMV's shared core in the GPU's order on the CPU (lut_gemv.h, lut_gemv_cuda.cu), for the tests
   m.def("lut_build_tables_core_cpu", [](std::uintptr_t x, int64_t ldx, std::uintptr_t A, int B, int K, int d,
@@ -147,13 +147,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("lut_gemv_core_cpu", [](std::uintptr_t idx, int idx_bytes, std::uintptr_t T, std::uintptr_t scale_of,
                                 std::uintptr_t sx, std::uintptr_t A, int d, std::uintptr_t x, int64_t ldx,
                                 std::uintptr_t tab, int64_t Q, int64_t n, int K, int M, int q, int B,
-                                std::uintptr_t out) {
+                                std::uintptr_t out, std::uintptr_t hc) {
     if (B != 1 && B != 2 && B != 4 && B != 8) throw std::invalid_argument("B must be 1, 2, 4 or 8");
     if (A && d != 4 && d != 8) throw std::invalid_argument("codebook: d must be 4 or 8");
     py::gil_scoped_release nogil;
     coset::lut_gemv_core_cpu(ptr<const void>(idx), idx_bytes, ptr<const uint8_t>(T), ptr<const float>(scale_of),
                              ptr<const float>(sx), ptr<const int8_t>(A), d, ptr<const float>(x), ldx,
-                             ptr<const float>(tab), Q, n, K, M, q, B, ptr<float>(out));
+                             ptr<const float>(tab), Q, n, K, M, q, B, ptr<float>(out), ptr<const float>(hc));
   });
 
   // ---------------------------------------------------------------------------------------------- CPU
@@ -250,10 +250,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("lut_gemv_cuda", [](std::uintptr_t idx, int idx_bytes, std::uintptr_t T, std::uintptr_t scale_of,
                             std::uintptr_t sx, std::uintptr_t A, int d, std::uintptr_t x, int64_t ldx,
                             std::uintptr_t tab, int64_t Q, int64_t n, int K, int M, int q, int B, std::uintptr_t out,
-                            std::uintptr_t stream) {
+                            std::uintptr_t stream, std::uintptr_t hc) {
     check_cuda(coset::lut_gemv_cuda(ptr<const void>(idx), idx_bytes, ptr<const uint8_t>(T), ptr<const float>(scale_of),
                                     ptr<const float>(sx), ptr<const int8_t>(A), d, ptr<const float>(x), ldx,
-                                    ptr<const float>(tab), Q, n, K, M, q, B, ptr<float>(out), ptr<void>(stream)),
+                                    ptr<const float>(tab), Q, n, K, M, q, B, ptr<float>(out), ptr<void>(stream),
+                                    ptr<const float>(hc)),
                "lut_gemv kernel");
   });
   m.def("lut_two_sided_cuda", [](std::uintptr_t ix, std::uintptr_t sx, std::uintptr_t iy, std::uintptr_t sy,

@@ -32,6 +32,7 @@ struct Args {
   int64_t Q;
   float* out;        // (n, B)
   int n_scales;      // entries of scale_of (when T is used)
+  const float* hc = nullptr;  // codebook path, centred codes (M = 1): h * c subtracted from v (block_codebook)
 };
 
 // Tables per k-tile: small enough to stay in L2 (1 MiB per core here) beside the streamed codes.
@@ -133,8 +134,9 @@ __attribute__((target("avx2,fma"))) static void rows_b1_m2_u8(const Args& a, int
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #pragma GCC optimize("fp-contract=fast")  // as in the avx2:: kernels, so that both loops round alike
-template <typename IdxT, int B, int M, bool SX>
+template <typename IdxT, int B, int M, bool SX, bool HC>
 static void rows_codebook8(const Args& a, int64_t lo, int64_t hi) {
+  const __m256 hcv = HC ? _mm256_loadu_ps(a.hc) : _mm256_setzero_ps();
   const IdxT* const idx = (const IdxT*)a.idx;
   const int8_t* const A = a.A;
   const uint8_t* const T = a.T;
@@ -161,6 +163,7 @@ static void rows_codebook8(const Args& a, int64_t lo, int64_t hi) {
       __m256i v = (__m256i)avx2::load_rep<8>(A, (uint32_t)p[M - 1]);
       for (int m = M - 2; m >= 0; --m)
         v = _mm256_add_epi32(_mm256_slli_epi32(v, lq), (__m256i)avx2::load_rep<8>(A, (uint32_t)p[m]));
+      if constexpr (HC) return _mm256_sub_ps(_mm256_cvtepi32_ps(v), hcv);
       return _mm256_cvtepi32_ps(v);
     };
     auto pair = [&](int k, __m256 s0, __m256 s1) {  // blocks k (into acc) and k + 1 (into acc2)
@@ -207,8 +210,12 @@ static void rows_codebook8(const Args& a, int64_t lo, int64_t hi) {
 // The same loop for D4: two blocks per 8-lane vector, the pair's scales {s0 x4, s1 x4} permuted out of the 8-block
 // scale vector; even and odd pairs into two accumulators, the odd last block alone (the generic
 // codebook_rows_d4's order, bit for bit).
-template <typename IdxT, int B, int M, bool SX>
+template <typename IdxT, int B, int M, bool SX, bool HC>
 static void rows_codebook4(const Args& a, int64_t lo, int64_t hi) {
+  float hc8[8] = {0};
+  if (HC)
+    for (int c = 0; c < 8; ++c) hc8[c] = a.hc[c % 4];
+  const __m256 hcv = _mm256_loadu_ps(hc8);
   const IdxT* const idx = (const IdxT*)a.idx;
   const int8_t* const A = a.A;
   const uint8_t* const T = a.T;
@@ -238,6 +245,7 @@ static void rows_codebook4(const Args& a, int64_t lo, int64_t hi) {
       for (int m = M - 2; m >= 0; --m)
         v = _mm256_add_epi32(_mm256_slli_epi32(v, lq),
                              (__m256i)avx2::load_rep_pair4(A, (uint32_t)(uint16_t)i0[m], (uint32_t)(uint16_t)i1[m]));
+      if constexpr (HC) return _mm256_sub_ps(_mm256_cvtepi32_ps(v), hcv);
       return _mm256_cvtepi32_ps(v);
     };
     auto step = [&](int k, __m256 sc, __m256* ac) {
@@ -276,7 +284,8 @@ static void rows_codebook4(const Args& a, int64_t lo, int64_t hi) {
         for (int m = M - 2; m >= 0; --m) v[c] = v[c] * q + A[(size_t)(uint16_t)ir[k * M + m] * 4 + c];
       }
       for (int j = 0; j < B; ++j)
-        for (int c = 0; c < 4; ++c) tail[j] += ((float)v[c] * s) * x[j * ldx + (int64_t)k * 4 + c];
+        for (int c = 0; c < 4; ++c)
+          tail[j] += ((HC ? (float)v[c] - a.hc[c] : (float)v[c]) * s) * x[j * ldx + (int64_t)k * 4 + c];
     }
     for (int j = 0; j < B; ++j) {
       float l[8];
@@ -291,11 +300,11 @@ static void rows_codebook4(const Args& a, int64_t lo, int64_t hi) {
 template <typename IdxT, int B, int M>
 static void codebook8_M(const Args& a, int64_t lo, int64_t hi) {
   if (a.D == 4) {
-    if (a.sx) return rows_codebook4<IdxT, B, M, true>(a, lo, hi);
-    return rows_codebook4<IdxT, B, M, false>(a, lo, hi);
+    if (a.hc) return a.sx ? rows_codebook4<IdxT, B, M, true, true>(a, lo, hi) : rows_codebook4<IdxT, B, M, false, true>(a, lo, hi);
+    return a.sx ? rows_codebook4<IdxT, B, M, true, false>(a, lo, hi) : rows_codebook4<IdxT, B, M, false, false>(a, lo, hi);
   }
-  if (a.sx) return rows_codebook8<IdxT, B, M, true>(a, lo, hi);
-  return rows_codebook8<IdxT, B, M, false>(a, lo, hi);
+  if (a.hc) return a.sx ? rows_codebook8<IdxT, B, M, true, true>(a, lo, hi) : rows_codebook8<IdxT, B, M, false, true>(a, lo, hi);
+  return a.sx ? rows_codebook8<IdxT, B, M, true, false>(a, lo, hi) : rows_codebook8<IdxT, B, M, false, false>(a, lo, hi);
 }
 
 template <typename IdxT, int B>
@@ -360,8 +369,8 @@ void lut_gemv_tables_cpu(const void* idx, int idx_bytes, const uint8_t* T, const
 
 void lut_gemv_codebook_cpu(const void* idx, int idx_bytes, const uint8_t* T, const float* scale_of, const float* sx,
                            const int8_t* A, int d, const float* x, int64_t ldx, int64_t n, int K, int M, int q, int B,
-                           float* out, int n_scales) {
-  lut::Args a{idx, idx_bytes, T, scale_of, sx, nullptr, A, x, ldx, n, K, M, d, B, q, 0, out, n_scales};
+                           float* out, int n_scales, const float* hc) {
+  lut::Args a{idx, idx_bytes, T, scale_of, sx, nullptr, A, x, ldx, n, K, M, d, B, q, 0, out, n_scales, hc};
   lut::run_rows(a);
 }
 
@@ -372,7 +381,7 @@ namespace {
 template <typename IdxT, int B>
 void core_rows(const IdxT* idx, const uint8_t* T, const float* scale_of, const float* sx, const int8_t* A, int d,
                const float* x, int64_t ldx, const float* tab, int64_t Q, int64_t lo, int64_t hi, int K, int M, int q,
-               float* out) {
+               float* out, const float* hc) {
   for (int64_t r = lo; r < hi; ++r) {
     const IdxT* ir = idx + r * (int64_t)K * M;
     const uint8_t* Tr = T ? T + r * (int64_t)K : nullptr;
@@ -383,9 +392,9 @@ void core_rows(const IdxT* idx, const uint8_t* T, const float* scale_of, const f
       if (A == nullptr)
         lane_tables<IdxT, B>(ir, Tr, scale_of, sr, tab, Q, K, M, (float)q, l, p[l]);
       else if (d == 4)
-        lane_codebook<IdxT, 4, B>(ir, Tr, scale_of, sr, A, x, ldx, K, M, q, l, p[l]);
+        lane_codebook<IdxT, 4, B>(ir, Tr, scale_of, sr, A, x, ldx, K, M, q, l, p[l], hc);
       else
-        lane_codebook<IdxT, 8, B>(ir, Tr, scale_of, sr, A, x, ldx, K, M, q, l, p[l]);
+        lane_codebook<IdxT, 8, B>(ir, Tr, scale_of, sr, A, x, ldx, K, M, q, l, p[l], hc);
     }
     lane_tree<B>(p);
     for (int j = 0; j < B; ++j) out[r * B + j] = p[0][j];
@@ -395,12 +404,12 @@ void core_rows(const IdxT* idx, const uint8_t* T, const float* scale_of, const f
 template <typename IdxT>
 void core_B(const IdxT* idx, const uint8_t* T, const float* scale_of, const float* sx, const int8_t* A, int d,
             const float* x, int64_t ldx, const float* tab, int64_t Q, int64_t lo, int64_t hi, int K, int M, int q,
-            int B, float* out) {
+            int B, float* out, const float* hc) {
   switch (B) {
-    case 1: return core_rows<IdxT, 1>(idx, T, scale_of, sx, A, d, x, ldx, tab, Q, lo, hi, K, M, q, out);
-    case 2: return core_rows<IdxT, 2>(idx, T, scale_of, sx, A, d, x, ldx, tab, Q, lo, hi, K, M, q, out);
-    case 4: return core_rows<IdxT, 4>(idx, T, scale_of, sx, A, d, x, ldx, tab, Q, lo, hi, K, M, q, out);
-    default: return core_rows<IdxT, 8>(idx, T, scale_of, sx, A, d, x, ldx, tab, Q, lo, hi, K, M, q, out);
+    case 1: return core_rows<IdxT, 1>(idx, T, scale_of, sx, A, d, x, ldx, tab, Q, lo, hi, K, M, q, out, hc);
+    case 2: return core_rows<IdxT, 2>(idx, T, scale_of, sx, A, d, x, ldx, tab, Q, lo, hi, K, M, q, out, hc);
+    case 4: return core_rows<IdxT, 4>(idx, T, scale_of, sx, A, d, x, ldx, tab, Q, lo, hi, K, M, q, out, hc);
+    default: return core_rows<IdxT, 8>(idx, T, scale_of, sx, A, d, x, ldx, tab, Q, lo, hi, K, M, q, out, hc);
   }
 }
 
@@ -416,14 +425,14 @@ void lut_build_tables_core_cpu(const float* x, int64_t ldx, const float* A, int 
 
 void lut_gemv_core_cpu(const void* idx, int idx_bytes, const uint8_t* T, const float* scale_of, const float* sx,
                        const int8_t* A, int d, const float* x, int64_t ldx, const float* tab, int64_t Q, int64_t n,
-                       int K, int M, int q, int B, float* out) {
+                       int K, int M, int q, int B, float* out, const float* hc) {
   parallel_for(n, 16, [&](int64_t lo, int64_t hi) {
     if (idx_bytes == 1)
-      lut::core_B((const uint8_t*)idx, T, scale_of, sx, A, d, x, ldx, tab, Q, lo, hi, K, M, q, B, out);
+      lut::core_B((const uint8_t*)idx, T, scale_of, sx, A, d, x, ldx, tab, Q, lo, hi, K, M, q, B, out, hc);
     else if (idx_bytes == 2)
-      lut::core_B((const int16_t*)idx, T, scale_of, sx, A, d, x, ldx, tab, Q, lo, hi, K, M, q, B, out);
+      lut::core_B((const int16_t*)idx, T, scale_of, sx, A, d, x, ldx, tab, Q, lo, hi, K, M, q, B, out, hc);
     else
-      lut::core_B((const int32_t*)idx, T, scale_of, sx, A, d, x, ldx, tab, Q, lo, hi, K, M, q, B, out);
+      lut::core_B((const int32_t*)idx, T, scale_of, sx, A, d, x, ldx, tab, Q, lo, hi, K, M, q, B, out, hc);
   });
 }
 

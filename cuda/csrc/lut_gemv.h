@@ -61,11 +61,12 @@ COSET_HD float block_scale(const uint8_t* T, const float* scale_of, const float*
   return sx ? sx[k] : scale_of[T[k]];
 }
 
-// Codebook block: v = sum_m q^m A[idx_m] exactly in int32 (Horner), w_c = float(v_c) * s, then per query
+// Codebook block: v = sum_m q^m A[idx_m] exactly in int32 (Horner), w_c = float(v_c) * s (centred codes, M = 1:
+// w_c = (float(v_c) - hc_c) * s with hc = h * c, c the constellation offset), then per query
 // a[j] += (((w_0 x_0 + w_1 x_1) + w_2 x_2) + ...). A (Q, D) int8 = h * a_i; xk = x + k * D (queries / h).
 template <typename IdxT, int D, int B>
 COSET_HD void block_codebook(const IdxT* ik, int M, float s, const int8_t* A, const float* xk, int64_t ldx, int q,
-                             float* a) {
+                             float* a, const float* hc) {
   int32_t v[D];
   const int8_t* a0 = A + code_index(ik[M - 1]) * D;
   for (int c = 0; c < D; ++c) v[c] = a0[c];
@@ -74,7 +75,7 @@ COSET_HD void block_codebook(const IdxT* ik, int M, float s, const int8_t* A, co
     for (int c = 0; c < D; ++c) v[c] = v[c] * q + am[c];
   }
   float w[D];
-  for (int c = 0; c < D; ++c) w[c] = (float)v[c] * s;
+  for (int c = 0; c < D; ++c) w[c] = hc ? ((float)v[c] - hc[c]) * s : (float)v[c] * s;
   for (int j = 0; j < B; ++j) {
     const float* xj = xk + j * ldx;
     float dot = w[0] * xj[0];
@@ -101,10 +102,11 @@ COSET_HD void block_tables(const IdxT* ik, int M, float s, const float* tk, floa
 // idx, T, sx point at the row (K * M indices, K steps or K scales).
 template <typename IdxT, int D, int B>
 COSET_HD void lane_codebook(const IdxT* idx, const uint8_t* T, const float* scale_of, const float* sx,
-                            const int8_t* A, const float* x, int64_t ldx, int K, int M, int q, int lane, float* a) {
+                            const int8_t* A, const float* x, int64_t ldx, int K, int M, int q, int lane, float* a,
+                            const float* hc) {
   for (int k = lane; k < K; k += kWarp)
     block_codebook<IdxT, D, B>(idx + (int64_t)k * M, M, block_scale(T, scale_of, sx, k), A, x + (int64_t)k * D, ldx,
-                               q, a);
+                               q, a, hc);
 }
 
 template <typename IdxT, int B>
@@ -136,21 +138,22 @@ COSET_HD void lane_tree(float (*p)[B]) {
 namespace coset {
 // CPU entry points (lut_gemv.cpp). idx: (n, K, M) uint8 / uint16 / int32 (idx_bytes 1, 2, 4); block scales
 // from sx (n, K) float32 when non-null, else scale_of[T[r, k]]; B in {1, 2, 4, 8}; out (n, B) float32. n_scales:
-// entries of scale_of (the codebook path's fast d = 8 loop takes the scales from registers when <= 16).
+// entries of scale_of (the codebook path's fast loops take the scales from registers when <= 16). hc: null, or d
+// floats h * c for centred codes with M = 1 (block_codebook).
 void lut_build_tables_cpu(const float* x, int64_t ldx, const float* A, int B, int K, int d, int64_t Q, float* tab);
 void lut_gemv_tables_cpu(const void* idx, int idx_bytes, const uint8_t* T, const float* scale_of, int n_scales,
                          const float* sx, const float* tab, int64_t n, int K, int M, int64_t Q, int q, int B,
                          float* out);
 void lut_gemv_codebook_cpu(const void* idx, int idx_bytes, const uint8_t* T, const float* scale_of, const float* sx,
                            const int8_t* A, int d, const float* x, int64_t ldx, int64_t n, int K, int M, int q, int B,
-                           float* out, int n_scales = 0);
+                           float* out, int n_scales = 0, const float* hc = nullptr);
 // The shared core of the CUDA kernels run on the CPU in the GPU's order (lane by lane, then the lane tree), for
 // the tests: bit for bit what lut_gemv_cuda.cu computes. A == nullptr: tables path (tab), else codebook (A, x).
 void lut_build_tables_core_cpu(const float* x, int64_t ldx, const float* A, int B, int K, int d, int64_t Q,
                                float* tab);
 void lut_gemv_core_cpu(const void* idx, int idx_bytes, const uint8_t* T, const float* scale_of, const float* sx,
                        const int8_t* A, int d, const float* x, int64_t ldx, const float* tab, int64_t Q, int64_t n,
-                       int K, int M, int q, int B, float* out);
+                       int K, int M, int q, int B, float* out, const float* hc = nullptr);
 }  // namespace coset
 #endif
 
@@ -161,5 +164,5 @@ int lut_build_tables_cuda(const float* x, int64_t ldx, const float* A, int B, in
                           void* stream);
 int lut_gemv_cuda(const void* idx, int idx_bytes, const uint8_t* T, const float* scale_of, const float* sx,
                   const int8_t* A, int d, const float* x, int64_t ldx, const float* tab, int64_t Q, int64_t n, int K,
-                  int M, int q, int B, float* out, void* stream);
+                  int M, int q, int B, float* out, void* stream, const float* hc = nullptr);
 }  // namespace coset

@@ -38,7 +38,8 @@ __global__ void __launch_bounds__(kThreads) gemv_codebook_kernel(const IdxT* __r
                                                                  const float* __restrict__ sx,
                                                                  const int8_t* __restrict__ A, int64_t A_bytes,
                                                                  const float* __restrict__ x, int64_t ldx, int64_t n,
-                                                                 int K, int M, int q, float* __restrict__ out) {
+                                                                 int K, int M, int q, float* __restrict__ out,
+                                                                 const float* __restrict__ hc) {
   extern __shared__ int8_t sA[];
   const int8_t* tab = A;
   if (A_bytes <= kSharedCodebook) {  // block-uniform branch: every thread reaches the barrier
@@ -52,7 +53,7 @@ __global__ void __launch_bounds__(kThreads) gemv_codebook_kernel(const IdxT* __r
   float a[B];
   for (int j = 0; j < B; ++j) a[j] = 0.0f;
   lut::lane_codebook<IdxT, D, B>(idx + r * K * M, T ? T + r * K : nullptr, scale_of, sx ? sx + r * K : nullptr, tab, x,
-                                 ldx, K, M, q, lane, a);
+                                 ldx, K, M, q, lane, a, hc);
   warp_sum_store<B>(a, lane, out + r * B);
 }
 
@@ -88,7 +89,7 @@ unsigned grid_rows(int64_t n) { return (unsigned)((n + kRowsPerBlock - 1) / kRow
 template <typename IdxT, int B>
 int launch(const IdxT* idx, const uint8_t* T, const float* scale_of, const float* sx, const int8_t* A, int d,
            const float* x, int64_t ldx, const float* tab, int64_t Q, int64_t n, int K, int M, int q, float* out,
-           cudaStream_t st) {
+           cudaStream_t st, const float* hc) {
   if (A == nullptr) {
     gemv_tables_kernel<IdxT, B><<<grid_rows(n), kThreads, 0, st>>>(idx, T, scale_of, sx, tab, Q, n, K, M, q, out);
   } else {
@@ -96,10 +97,10 @@ int launch(const IdxT* idx, const uint8_t* T, const float* scale_of, const float
     const size_t shmem = bytes <= kSharedCodebook ? (size_t)bytes : 0;
     if (d == 4)
       gemv_codebook_kernel<IdxT, 4, B><<<grid_rows(n), kThreads, shmem, st>>>(idx, T, scale_of, sx, A, bytes, x, ldx,
-                                                                             n, K, M, q, out);
+                                                                             n, K, M, q, out, hc);
     else
       gemv_codebook_kernel<IdxT, 8, B><<<grid_rows(n), kThreads, shmem, st>>>(idx, T, scale_of, sx, A, bytes, x, ldx,
-                                                                             n, K, M, q, out);
+                                                                             n, K, M, q, out, hc);
   }
   return (int)cudaGetLastError();
 }
@@ -107,12 +108,12 @@ int launch(const IdxT* idx, const uint8_t* T, const float* scale_of, const float
 template <typename IdxT>
 int launch_B(const IdxT* idx, const uint8_t* T, const float* scale_of, const float* sx, const int8_t* A, int d,
              const float* x, int64_t ldx, const float* tab, int64_t Q, int64_t n, int K, int M, int q, int B,
-             float* out, cudaStream_t st) {
+             float* out, cudaStream_t st, const float* hc) {
   switch (B) {
-    case 1: return launch<IdxT, 1>(idx, T, scale_of, sx, A, d, x, ldx, tab, Q, n, K, M, q, out, st);
-    case 2: return launch<IdxT, 2>(idx, T, scale_of, sx, A, d, x, ldx, tab, Q, n, K, M, q, out, st);
-    case 4: return launch<IdxT, 4>(idx, T, scale_of, sx, A, d, x, ldx, tab, Q, n, K, M, q, out, st);
-    case 8: return launch<IdxT, 8>(idx, T, scale_of, sx, A, d, x, ldx, tab, Q, n, K, M, q, out, st);
+    case 1: return launch<IdxT, 1>(idx, T, scale_of, sx, A, d, x, ldx, tab, Q, n, K, M, q, out, st, hc);
+    case 2: return launch<IdxT, 2>(idx, T, scale_of, sx, A, d, x, ldx, tab, Q, n, K, M, q, out, st, hc);
+    case 4: return launch<IdxT, 4>(idx, T, scale_of, sx, A, d, x, ldx, tab, Q, n, K, M, q, out, st, hc);
+    case 8: return launch<IdxT, 8>(idx, T, scale_of, sx, A, d, x, ldx, tab, Q, n, K, M, q, out, st, hc);
     default: return (int)cudaErrorInvalidValue;
   }
 }
@@ -131,15 +132,15 @@ int lut_build_tables_cuda(const float* x, int64_t ldx, const float* A, int B, in
 
 int lut_gemv_cuda(const void* idx, int idx_bytes, const uint8_t* T, const float* scale_of, const float* sx,
                   const int8_t* A, int d, const float* x, int64_t ldx, const float* tab, int64_t Q, int64_t n, int K,
-                  int M, int q, int B, float* out, void* stream) {
+                  int M, int q, int B, float* out, void* stream, const float* hc) {
   if (n <= 0) return 0;
   if (A != nullptr && d != 4 && d != 8) return (int)cudaErrorInvalidValue;
   cudaStream_t st = (cudaStream_t)stream;
   if (idx_bytes == 1)
-    return launch_B((const uint8_t*)idx, T, scale_of, sx, A, d, x, ldx, tab, Q, n, K, M, q, B, out, st);
+    return launch_B((const uint8_t*)idx, T, scale_of, sx, A, d, x, ldx, tab, Q, n, K, M, q, B, out, st, hc);
   if (idx_bytes == 2)
-    return launch_B((const int16_t*)idx, T, scale_of, sx, A, d, x, ldx, tab, Q, n, K, M, q, B, out, st);
-  return launch_B((const int32_t*)idx, T, scale_of, sx, A, d, x, ldx, tab, Q, n, K, M, q, B, out, st);
+    return launch_B((const int16_t*)idx, T, scale_of, sx, A, d, x, ldx, tab, Q, n, K, M, q, B, out, st, hc);
+  return launch_B((const int32_t*)idx, T, scale_of, sx, A, d, x, ldx, tab, Q, n, K, M, q, B, out, st, hc);
 }
 
 }  // namespace coset

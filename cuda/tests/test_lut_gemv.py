@@ -129,7 +129,7 @@ def test_gpu_core_one_sided_int32_scales_bit_for_bit():
         tab = torch.randn(K, Q, B, generator=g)
         res = torch.empty(n, B)
         _C.lut_gemv_core_cpu(
-            ix.data_ptr(), 4, 0, 0, sx.data_ptr(), 0, 0, 0, 0, tab.data_ptr(), Q, n, K, M, q, B, res.data_ptr()
+            ix.data_ptr(), 4, 0, 0, sx.data_ptr(), 0, 0, 0, 0, tab.data_ptr(), Q, n, K, M, q, B, res.data_ptr(), 0
         )
         ref = _lane_sum(_tables_blocks(ix.long(), sx, tab, q))
         assert torch.equal(res, ref)
@@ -165,7 +165,7 @@ def test_codebook_fast_loop_equals_generic_bit_for_bit(lat, q, M, pair, B):
     from coset.cuda.lut_gemv import _kernel_tables
 
     cfg = QuantizationConfig(lattice_type=lat, q=q, M=M, beta=0.25)
-    _, ai8, h, scales, a2 = _kernel_tables(cfg)
+    _, ai8, h, scales, a2, _ = _kernel_tables(cfg)
     g = torch.Generator().manual_seed(q * 100 + M * 10 + B)
     n, K, d = 13, 27, cfg.dim
     Q = q**d
@@ -183,11 +183,11 @@ def test_codebook_fast_loop_equals_generic_bit_for_bit(lat, q, M, pair, B):
     x = (torch.randn(B, K * d, generator=g) / h).contiguous()
     sx = scales[T.long()].contiguous()
 
-    def run(n_scales, sx_ptr=0):
+    def run(n_scales, sx_ptr=0, hc_ptr=0):
         out = torch.full((n, B), float("nan"))
         _C.lut_gemv_codebook_cpu(
             idx.data_ptr(), ib, T.data_ptr(), scales.data_ptr(), sx_ptr, A.data_ptr(), d, x.data_ptr(), K * d,
-            n, K, Mk, qk, B, out.data_ptr(), n_scales,
+            n, K, Mk, qk, B, out.data_ptr(), n_scales, hc_ptr,
         )  # fmt: skip
         return out
 
@@ -195,6 +195,12 @@ def test_codebook_fast_loop_equals_generic_bit_for_bit(lat, q, M, pair, B):
     assert bool(torch.isfinite(generic).all())
     assert torch.equal(fast, generic)
     assert torch.equal(fast_sx, generic)
+    if Mk == 1:  # the centring offset h c (any floats) enters both loops alike
+        hc = torch.randn(d, generator=g)
+        gen_c = run(0, 0, hc.data_ptr())
+        assert not torch.equal(gen_c, generic)
+        assert torch.equal(run(scales.numel(), 0, hc.data_ptr()), gen_c)
+        assert torch.equal(run(scales.numel(), sx.data_ptr(), hc.data_ptr()), gen_c)
     # and both are the dequantized product up to float32 rounding
     A32 = A.to(torch.float64)[idx.long() if ib == 1 else idx.view(torch.int16).long() & 0xFFFF]  # (n, K, Mk, d)
     v = sum(A32[:, :, m] * qk**m for m in range(Mk))
@@ -202,3 +208,35 @@ def test_codebook_fast_loop_equals_generic_bit_for_bit(lat, q, M, pair, B):
     ref = x.double() @ Wd.T
     tol = 1e-5 * (x.abs().double() @ Wd.abs().T) + 1e-6
     assert bool(((fast.double().T - ref).abs() <= tol).all())
+
+
+@pytest.mark.parametrize("lat,q", [("E8", 4), ("E8", 2), ("D4", 4), ("D4", 2)])
+@pytest.mark.parametrize("B", [1, 3, 8])
+def test_centred_codes_m1(lat, q, B):
+    # center=True with M = 1 (the PTQ 2-bit code is E8 q=4 M=1 centred): x_hat = s (a - c); the kernels keep the
+    # int8 codebook of a and subtract h c per block. Against the dequantized weight (which must equal
+    # coset.quant.decode), the tables path, the generic loop (bit for bit) and the GPU-order core / reference.
+    from coset.cuda.lut_gemv import _gemv_core_cpu, gemv_reference
+    from coset.quant import decode, encode, to_blocks
+
+    cfg = QuantizationConfig(lattice_type=lat, q=q, M=1, beta=0.3, center=True)
+    g = torch.Generator().manual_seed(q + B)
+    W = torch.randn(21, 83, generator=g)  # K = 11 (E8) / 21 (D4) blocks: 8-block steps, pairs, odd tails
+    CW = CodedWeight.from_dense(W, cfg)
+    blocks, _ = to_blocks(W, cfg.dim)
+    b, T = encode(blocks, config=cfg, backend="torch")
+    ref_w = decode(b, config=cfg, T=T, backend="torch").reshape(21, -1)[:, :83].to(torch.float32)
+    assert torch.allclose(CW.dequantize(), ref_w, rtol=0, atol=1e-6)
+    x = torch.randn(B, 83, generator=g)
+    Wd = CW.dequantize()
+    y = lut_gemv(x, CW)
+    _check(y, x, Wd)
+    if q**cfg.dim <= 256:
+        _check(lut_gemv(x, CW, method="tables"), x, Wd)
+    assert torch.equal(_gemv_core_cpu(x, CW, "codebook"), gemv_reference(x, CW, "codebook"))
+    _check(gemv_reference(x, CW, "codebook"), x, Wd)
+
+
+def test_centred_codes_need_m1():
+    with pytest.raises(ValueError, match="M = 1"):
+        CodedWeight.from_dense(torch.randn(4, 16), QuantizationConfig(lattice_type="E8", q=2, M=2, center=True))

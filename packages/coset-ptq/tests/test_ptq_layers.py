@@ -167,3 +167,46 @@ def test_out_scale_is_a_float16_channel_gain_after_the_inverse_rotation():
     assert "out_scale" not in HNLQLinear.from_codes(codes).spec.to_json()  # absent unless enabled
     with pytest.raises(TypeError, match="out_scale"):
         HNLQSpec(**{**HNLQSpec.from_json(mod.spec.to_json()).__dict__, "out_scale": 1})
+
+
+@pytest.mark.parametrize("cfg", [E8C, E8, D4, QuantizationConfig(lattice_type="E8", q=8, M=1, beta=1.0, center=True)])
+def test_small_batches_use_the_registered_coded_gemv(cfg, monkeypatch):
+    # With coset-cuda installed, codes whose packed bytes are label indices and whose representatives fit the
+    # int8 codebook (E8 q=4 M=1 centred = the 2-bit code, E8 q=4 M=2, D4 q=4 M=2) are multiplied from the codes
+    # by the registered kernel up to DEFAULT_GEMV_MAX_ROWS rows; E8 q=8 (2^24 representatives) never is.
+    from coset.ptq.layers import DEFAULT_GEMV_MAX_ROWS
+    from coset.quant.backend import available_backends
+
+    codes = make_codes(48, 96, cfg, per_row=True, overload=True)
+    mod = HNLQLinear.from_codes(codes, torch.randn(48))
+    x = torch.randn(1, 96)
+    be = mod._gemv_backend(x)
+    if cfg.q == 8 or "native" not in available_backends():
+        assert be is None
+    else:
+        assert be is not None
+    calls: list[int] = []
+    if be is not None:
+        orig = be.coded_gemv
+        monkeypatch.setattr(be, "coded_gemv", lambda x, W: calls.append(x.shape[0]) or orig(x, W))
+    ref = F.linear(x.double(), codes.dequantize(torch.float64), mod.bias.double())
+    y = mod(x)  # auto
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
+    assert calls == ([1] if be is not None else [])
+    xs = torch.randn(2, DEFAULT_GEMV_MAX_ROWS, 96)  # more rows than the threshold: decode + matmul
+    calls.clear()
+    torch.testing.assert_close(mod(xs), mod(xs, path="decode"))
+    assert calls == []
+    torch.testing.assert_close(mod(xs[:1, :3]), mod(xs[:1, :3], path="decode"), rtol=1e-4, atol=1e-4)
+    assert calls == ([3] if be is not None else [])
+
+
+def test_coded_gemv_handle_follows_load_state_dict():
+    # the cached kernel handle holds the T steps: a state_dict load with other codes must not reuse them
+    a = HNLQLinear.from_codes(make_codes(32, 64, E8C, per_row=True, overload=True, seed=1), None)
+    b = HNLQLinear.from_codes(make_codes(32, 64, E8C, per_row=True, overload=True, seed=1, wseed=7), None)
+    assert a.spec == b.spec and not torch.equal(a._T_u8(), b._T_u8())
+    x = torch.randn(1, 64)
+    a(x)  # builds the handle (when the kernel is registered)
+    a.load_state_dict(b.state_dict())
+    torch.testing.assert_close(a(x), b(x, path="decode"), rtol=1e-4, atol=1e-4)

@@ -571,7 +571,7 @@ def lut_one_sided(ix: torch.Tensor, sx: torch.Tensor, tables: torch.Tensor, q: i
         else:
             with torch.cuda.device(dev):
                 _C.lut_gemv_cuda(
-                    _ptr(ix), 4, 0, 0, _ptr(sx), 0, 0, 0, 0, _ptr(tab), Q, n, K, M, q, Bk, _ptr(res), _stream(ix)
+                    _ptr(ix), 4, 0, 0, _ptr(sx), 0, 0, 0, 0, _ptr(tab), Q, n, K, M, q, Bk, _ptr(res), _stream(ix), 0
                 )
         out[:, j0 : j0 + B] = res[:, :B]
     return out

@@ -22,8 +22,10 @@ class NativeBackend:
     ``supports(op, tensor, lattice, config)`` is True for ``op`` in {"encode", "decode", "quantize"} on
     Z^n / D_n (n <= 16) and E8 with any valid config (CPU tensors, and CUDA tensors when the extension was
     built with CUDA and a GPU is present), "lut_one_sided" on CPU and CUDA tensors, "lut_two_sided" on CUDA tensors only,
-    "bucket_codec" (coset.dist's DDP bucket codec) on float32 CPU buckets, and "quantize_rows" (coset.quant's
-    per-row fake quantizer, fused) on float32 CPU matrices for the codes of the float32 + integer path.
+    "bucket_codec" (coset.dist's DDP bucket codec) on float32 CPU buckets, "quantize_rows" (coset.quant's
+    per-row fake quantizer, fused) on float32 CPU matrices for the codes of the float32 + integer path, and
+    "coded_gemv" (``x @ Ŵ.T`` from uint8/uint16 labels and T steps, :func:`coset.cuda.lut_gemv.lut_gemv`) for
+    codes whose representatives fit its int8 codebook (q^d <= 65536, no dither, centring only with M = 1).
     """
 
     name = "native"
@@ -44,6 +46,10 @@ class NativeBackend:
                 and tensor.dtype == torch.float32
                 and bucket_codec.supports(config)
             )
+        if op in ("coded_gemv", "coded_weight"):
+            from .lut_gemv import gemv_applicable
+
+            return tensor.dtype in _FLOATS and isinstance(config, QuantizationConfig) and gemv_applicable(config)
         if op == "lut_two_sided":
             return tensor.device.type == "cuda"
         if op in ("kv_scores", "kv_values"):  # coset.kv attention from codes (kv.py): CPU only so far
@@ -90,6 +96,19 @@ class NativeBackend:
         from . import bucket_codec
 
         return bucket_codec
+
+    def coded_weight(self, idx, T, config, k):
+        """The handle ``coded_gemv`` multiplies by: codes ``idx`` (n, K, M) uint8 / int16 (uint16 bits) and ``T``
+        (n, K) uint8, validated once (a :class:`coset.cuda.lut_gemv.CodedWeight`, no copy)."""
+        from .lut_gemv import CodedWeight
+
+        return CodedWeight(idx=idx, T=T, config=config, k=k)
+
+    def coded_gemv(self, x, W):
+        """``x @ Ŵ.T`` (x: (B, k) float, W from :meth:`coded_weight`) -> (B, n) float32."""
+        from .lut_gemv import lut_gemv
+
+        return lut_gemv(x, W)
 
     def lut_one_sided(self, ix, sx, tables, q):
         return _ops.lut_one_sided(ix, sx, tables, q)

@@ -30,10 +30,11 @@ from functools import lru_cache
 import torch
 
 from coset.quant import QuantizationConfig, coset_representative, encode, to_blocks
+from coset.quant.offset import effective_dither
 
 from . import _C  # type: ignore[attr-defined]  # compiled extension: in the wheel, not the source tree
 
-__all__ = ["CodedWeight", "gemv_reference", "lut_gemv", "representatives"]
+__all__ = ["CodedWeight", "gemv_applicable", "gemv_reference", "lut_gemv", "representatives"]
 
 _MAX_B = 8
 
@@ -53,13 +54,25 @@ def representatives(config: QuantizationConfig) -> torch.Tensor:
 def _check_config(config) -> QuantizationConfig:
     if not isinstance(config, QuantizationConfig):
         raise TypeError(f"config must be a QuantizationConfig, got {type(config).__name__}")
-    if config.with_dither or config.center:
-        raise ValueError("config: lut_gemv needs codes without random dither and without centring (z = 0)")
+    if config.with_dither or (config.center and config.M != 1):
+        raise ValueError(
+            "config: lut_gemv needs codes without random dither, and centring (center=True) only with M = 1"
+        )
     if config.q**config.dim > 2**16:
         raise ValueError(f"config: q**d = {config.q**config.dim} > 65536 is not supported by lut_gemv")
     if len(config.scales) > 256:
         raise ValueError("config: at most 256 scale steps")
     return config
+
+
+def gemv_applicable(config: QuantizationConfig) -> bool:
+    """True when :func:`lut_gemv` runs ``config``'s codes on its int8 codebook kernel (the fast path): q^d <=
+    65536 representatives that fit int8, no random dither, centring only with M = 1, at most 16 scale steps."""
+    try:
+        _check_config(config)
+    except (TypeError, ValueError):
+        return False
+    return _kernel_tables(config)[1] is not None and len(config.scales) <= 16
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,7 +83,7 @@ class CodedWeight:
     ----------
     idx : (n, K, M) uint8 (q^d <= 256) or int16 (uint16 bit pattern) label indices
     T : (n, K) uint8 scale steps
-    config : QuantizationConfig (no dither, no centring)
+    config : QuantizationConfig (no dither; centring only with M = 1)
     k : columns before padding to K*d
     """
 
@@ -147,6 +160,9 @@ class CodedWeight:
         ix = self.idx.cpu().to(torch.int64) & 0xFFFF
         w = torch.tensor([float(c.q**m) for m in range(c.M)], dtype=torch.float64).view(1, 1, -1, 1)
         pts = (a[ix] * w).sum(2)  # (n, K, d)
+        off = _offset(c)
+        if off is not None:
+            pts = pts - off
         s = torch.tensor(c.scales, dtype=torch.float64)[self.T.cpu().long()]
         return (pts * s.unsqueeze(-1)).reshape(self.n, -1)[:, : self.k].to(torch.float32)
 
@@ -161,7 +177,19 @@ def _kernel_tables(config: QuantizationConfig):
     else:
         a_i8 = a_h.to(torch.int8).contiguous()
     scales = torch.tensor(config.scales, dtype=torch.float64).to(torch.float32).contiguous()
-    return a.to(torch.float32).contiguous(), a_i8, h, scales, _pair_table(config, a_i8)
+    c = _offset(config)  # centred codes (M = 1): x_hat = s (a - c); the int8 codebook keeps a, the kernels subtract h c
+    hc = None if c is None else (c * h).to(torch.float32).contiguous()
+    af = a if c is None else a - c  # the one-sided tables hold <a - c, x> (M = 1)
+    return af.to(torch.float32).contiguous(), a_i8, h, scales, _pair_table(config, a_i8), hc
+
+
+def _offset(config: QuantizationConfig) -> torch.Tensor | None:
+    """The centring offset ``c`` (d,) float64 of a centred code, else None."""
+    if not config.center:
+        return None
+    c = effective_dither(1, config.lattice, config, None, "cpu")
+    assert c is not None  # centred: the offset, (1, d)
+    return c[0].to(torch.float64)
 
 
 def _pair_table(config: QuantizationConfig, a_i8: torch.Tensor | None) -> torch.Tensor | None:
@@ -212,7 +240,7 @@ def lut_gemv(x: torch.Tensor, W: CodedWeight, *, method: str = "auto") -> torch.
         return lut_gemv(x.unsqueeze(0), W, method=method)[0]
     c = W.config
     d, K, M, Q = c.dim, W.idx.shape[1], c.M, c.q**c.dim
-    af, ai8, h, scales, a2 = _kernel_tables(c)
+    af, ai8, h, scales, a2, hc = _kernel_tables(c)
     if method == "auto":  # the int8 codebook kernel is the faster one wherever it applies (benchmarks/results)
         method = "codebook" if ai8 is not None else "tables"
     if method == "codebook" and ai8 is None:
@@ -281,6 +309,7 @@ def lut_gemv(x: torch.Tensor, W: CodedWeight, *, method: str = "auto") -> torch.
                 Bk,
                 res.data_ptr(),
                 scales.numel(),
+                0 if hc is None else hc.data_ptr(),
             )
         out[j0 : j0 + B] = res[:, :B].T
     return out
@@ -295,8 +324,14 @@ def _gpu_ok() -> bool:
 
 @lru_cache(maxsize=64)
 def _twin_tables(config: QuantizationConfig, device: str):
-    af, ai8, h, scales, _ = _kernel_tables(config)
-    return af.to(device), None if ai8 is None else ai8.to(device), h, scales.to(device)
+    af, ai8, h, scales, _, hc = _kernel_tables(config)
+    return (
+        af.to(device),
+        None if ai8 is None else ai8.to(device),
+        h,
+        scales.to(device),
+        None if hc is None else hc.to(device),
+    )
 
 
 def _twin_pass(xj: torch.Tensor, W: CodedWeight, method: str, *, gpu: bool) -> torch.Tensor:
@@ -305,7 +340,7 @@ def _twin_pass(xj: torch.Tensor, W: CodedWeight, method: str, *, gpu: bool) -> t
     ``_C.lut_gemv_core_cpu``). Returns (n, B) float32."""
     c = W.config
     d, K, M, Q, n, Bk = c.dim, W.idx.shape[1], c.M, c.q**c.dim, W.n, xj.shape[0]
-    af, ai8, h, scales = _twin_tables(c, str(xj.device))
+    af, ai8, h, scales, hc = _twin_tables(c, str(xj.device))
     res = torch.empty((n, Bk), dtype=torch.float32, device=xj.device)
     st: tuple[int, ...] = ()
     if gpu:
@@ -317,12 +352,15 @@ def _twin_pass(xj: torch.Tensor, W: CodedWeight, method: str, *, gpu: bool) -> t
     if method == "tables":
         tab = torch.empty((K, Q, Bk), dtype=torch.float32, device=xj.device)
         build(xj.data_ptr(), K * d, af.data_ptr(), Bk, K, d, Q, tab.data_ptr(), *st)
-        gemv(idx, ib, T, sc, 0, 0, d, 0, 0, tab.data_ptr(), Q, n, K, M, c.q, Bk, res.data_ptr(), *st)
+        gemv(idx, ib, T, sc, 0, 0, d, 0, 0, tab.data_ptr(), Q, n, K, M, c.q, Bk, res.data_ptr(), *st, 0)
     else:
         if ai8 is None:
             raise ValueError("codebook method: the representatives do not fit int8")
         xh = (xj / h).contiguous()  # exact (h is 1 or 2)
-        gemv(idx, ib, T, sc, 0, ai8.data_ptr(), d, xh.data_ptr(), K * d, 0, Q, n, K, M, c.q, Bk, res.data_ptr(), *st)
+        hcp = 0 if hc is None else hc.data_ptr()
+        gemv(
+            idx, ib, T, sc, 0, ai8.data_ptr(), d, xh.data_ptr(), K * d, 0, Q, n, K, M, c.q, Bk, res.data_ptr(), *st, hcp
+        )
     return res
 
 
@@ -345,16 +383,19 @@ def _lane_sum(dot: torch.Tensor) -> torch.Tensor:
     return acc[:, 0]
 
 
-def _codebook_blocks(idx: torch.Tensor, s: torch.Tensor, A: torch.Tensor, xh: torch.Tensor, q: int) -> torch.Tensor:
+def _codebook_blocks(
+    idx: torch.Tensor, s: torch.Tensor, A: torch.Tensor, xh: torch.Tensor, q: int, hc: torch.Tensor | None = None
+) -> torch.Tensor:
     """Block contributions of the codebook kernel: idx (n, K, M) int64, s (n, K) float32, A (Q, d) int8, xh
-    (B, K*d) float32 (queries / h) -> (n, K, B): ``v = sum_m q^m A[idx_m]`` (exact), ``w = float(v) * s``,
-    ``dot = ((w_0 x_0 + w_1 x_1) + ...)``, one float32 rounding per operation."""
+    (B, K*d) float32 (queries / h) -> (n, K, B): ``v = sum_m q^m A[idx_m]`` (exact), ``w = float(v) * s``
+    (centred: ``(float(v) - hc) * s``), ``dot = ((w_0 x_0 + w_1 x_1) + ...)``, one float32 rounding per operation."""
     M, d = idx.shape[-1], A.shape[1]
     A = A.to(torch.int64)
     v = A[idx[..., M - 1]]
     for m in range(M - 2, -1, -1):
         v = v * q + A[idx[..., m]]
-    w = v.to(torch.float32) * s.unsqueeze(-1)  # (n, K, d)
+    vf = v.to(torch.float32) if hc is None else v.to(torch.float32) - hc
+    w = vf * s.unsqueeze(-1)  # (n, K, d)
     xk = xh.view(xh.shape[0], -1, d).permute(1, 2, 0)  # (K, d, B)
     dot = w[..., 0, None] * xk[None, :, 0, :]
     for c in range(1, d):
@@ -405,14 +446,14 @@ def gemv_reference(x: torch.Tensor, W: CodedWeight, method: str = "codebook") ->
         raise ValueError(f"x must have shape (B, k={W.k})")
     c = W.config
     d, K = c.dim, W.idx.shape[1]
-    af, ai8, h, scales, _ = _kernel_tables(c)
+    af, ai8, h, scales, _, hc = _kernel_tables(c)
     xb = torch.nn.functional.pad(x.cpu().to(torch.float32), (0, K * d - W.k))
     idx = W.idx.cpu().to(torch.int64) & 0xFFFF
     s = scales[W.T.cpu().long()]
     if method == "codebook":
         if ai8 is None:
             raise ValueError("codebook method: the representatives do not fit int8")
-        dot = _codebook_blocks(idx, s, ai8, xb / h, c.q)
+        dot = _codebook_blocks(idx, s, ai8, xb / h, c.q, hc)
     else:
         dot = _tables_blocks(idx, s, _build_tables(xb, af), c.q)
     return _lane_sum(dot).T.contiguous()

@@ -17,9 +17,11 @@ No float copy of the weight is kept. Forward (``W = Uᵀ W̃ V``, PTQ_PLAN.md):
     x̃ = V x  (fast Walsh–Hadamard),   ỹ = W̃ x̃,   y = Uᵀ ỹ + bias
 
 where ``W̃ x̃`` is computed either by decoding ``W̃`` once per call (native kernel via
-:func:`coset.quant.decode`) followed by ``F.linear``, or by the one-sided LUT path of :mod:`coset.lut`
-(no decoded weight). :data:`DEFAULT_LUT_MAX_ROWS` picks the path from the number of input rows; it was set by
-measurement (``docs/ptq.md``). ``cache_weight=True`` keeps the decoded ``W̃`` in memory after the first call:
+:func:`coset.quant.decode`) followed by ``F.linear``, or from the codes without a decoded weight: by the
+registered ``coded_gemv`` kernel (coset-cuda's int8-codebook GEMV, for codes with q^d <= 65536 such as the 2-bit
+E8 q=4) or else by the one-sided LUT path of :mod:`coset.lut`. :data:`DEFAULT_GEMV_MAX_ROWS` /
+:data:`DEFAULT_LUT_MAX_ROWS` pick the path from the number of input rows; they were set by measurement
+(``docs/ptq.md``). ``cache_weight=True`` keeps the decoded ``W̃`` in memory after the first call:
 m·n float32 more memory for no per-call decode.
 """
 
@@ -34,16 +36,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from coset.quant import QuantizationConfig, decode, pack_codes, unpack_codes
+from coset.quant.backend import select_backend
 
 from .codes import LinearCodes, Rotation, rotation_signs
 from .hadamard import hadamard_transform
 
-__all__ = ["HNLQLinear", "HNLQSpec", "DEFAULT_LUT_MAX_ROWS", "LABELS_KEY"]
+__all__ = ["HNLQLinear", "HNLQSpec", "DEFAULT_GEMV_MAX_ROWS", "DEFAULT_LUT_MAX_ROWS", "LABELS_KEY"]
 
 #: Rows of input (batch × tokens) up to which forward uses the one-sided LUT path instead of decoding the
 #: weight. Measured on a 576×1536 layer on the 2-core CPU (docs/ptq.md): decode + matmul wins already at one row
 #: for the E8 q=4 codes (the LUT tables have q^d = 65536 entries per block), so the LUT path is off by default.
 DEFAULT_LUT_MAX_ROWS = 0
+
+#: Rows up to which forward computes ``W̃ x̃`` from the codes with the registered ``coded_gemv`` kernel when it
+#: serves the layer's code (E8 q=4 M=1, the 2-bit code; not q=8/16, whose 2^24-2^32 representatives have no
+#: codebook). Measured on 576x1536 and 1536x576 layers, 1 thread (docs/ptq.md).
+DEFAULT_GEMV_MAX_ROWS = 64
 
 #: The pack_codes tensor holding the labels; stored under the buffer name ``weight``.
 LABELS_KEY = "labels"
@@ -214,8 +222,9 @@ class HNLQLinear(nn.Module):
     spec : HNLQSpec
     cache_weight : keep the decoded rotated weight after the first forward (m·n float32 more memory, no
         decode per call). Off by default.
-    lut_max_rows : use the one-sided LUT path when the input has at most this many rows (None: the measured
-        :data:`DEFAULT_LUT_MAX_ROWS`)
+    lut_max_rows : compute from the codes (registered ``coded_gemv`` kernel, else the one-sided LUT path) when the
+        input has at most this many rows (None: the measured :data:`DEFAULT_GEMV_MAX_ROWS` where the kernel
+        serves the code, else :data:`DEFAULT_LUT_MAX_ROWS`)
     device : device of the empty buffers
     """
 
@@ -232,9 +241,9 @@ class HNLQLinear(nn.Module):
             raise TypeError(f"spec must be an HNLQSpec, got {type(spec).__name__}")
         if not isinstance(cache_weight, bool):
             raise TypeError(f"cache_weight must be a bool, got {type(cache_weight).__name__}")
-        if lut_max_rows is None:
-            lut_max_rows = DEFAULT_LUT_MAX_ROWS
-        if isinstance(lut_max_rows, bool) or not isinstance(lut_max_rows, int) or lut_max_rows < 0:
+        if lut_max_rows is not None and (
+            isinstance(lut_max_rows, bool) or not isinstance(lut_max_rows, int) or lut_max_rows < 0
+        ):
             raise ValueError(f"lut_max_rows must be a non-negative int, got {lut_max_rows!r}")
         self.spec = spec
         self.in_features = spec.in_features
@@ -350,6 +359,7 @@ class HNLQLinear(nn.Module):
     ):
         self._w_cache = None
         self._T = None
+        self._consts.pop(("coded", str(self.weight.device)), None)  # it holds the old T
         for side in ("in", "out"):
             want, key = getattr(self.spec, f"rot_{side}_seed"), f"{prefix}rot_{side}_seed"
             if want is not None and key in state_dict and _seed_from_i64(int(state_dict[key])) != want:
@@ -457,10 +467,49 @@ class HNLQLinear(nn.Module):
             self._consts[key] = s
         return s
 
+    def _gemv_backend(self, xt: torch.Tensor):
+        """The registered ``coded_gemv`` kernel for this layer's code, or None."""
+        key = ("gemv", str(xt.device))
+        if key not in self._consts:
+            be = None
+            if self._direct_index() and self.code.M * self.code.dim * self.code.bits_per_label in (8, 16, 32, 64):
+                be = select_backend("auto", "coded_gemv", xt, self.code.lattice, self.code)
+            self._consts[key] = be
+        return self._consts[key]
+
+    def _max_code_rows(self, xt: torch.Tensor) -> int:
+        if self.lut_max_rows is not None:
+            return self.lut_max_rows
+        return DEFAULT_GEMV_MAX_ROWS if self._gemv_backend(xt) is not None else DEFAULT_LUT_MAX_ROWS
+
+    def _T_u8(self) -> torch.Tensor:
+        """(m, n/d) uint8 T steps (cached: 1 byte per d weights; zeros for T_coding "zero")."""
+        if self._T is None or self._T.dtype != torch.uint8:
+            if self.spec.packed_meta.get("T_coding") == "zero":
+                m, K = self.out_features, self.in_features // self.code.dim
+                self._T = torch.zeros(m, K, dtype=torch.uint8, device=self.weight.device)
+            else:
+                self._T = self.codes()[1].to(device=self.scale.device, dtype=torch.uint8)
+        return self._T
+
     @torch.compiler.disable
     def _lut_product(self, xt: torch.Tensor) -> torch.Tensor:
         from coset.lut import EncodedMatrix, lut_linear
 
+        be = self._gemv_backend(xt)
+        if be is not None:  # straight from the packed bytes: they are the kernel's uint8 / uint16 label indices
+            c = self.code
+            m, K = self.out_features, self.in_features // c.dim
+            raw = self.weight
+            idx = raw if c.dim * c.bits_per_label == 8 else raw.view(torch.int16)
+            key = ("coded", str(raw.device))
+            W = self._consts.get(key)
+            if W is None:  # validated once; holds views of the packed bytes and the cached T, no copy
+                W = self._consts[key] = be.coded_weight(idx.view(m, K, c.M), self._T_u8(), c, self.in_features)
+            x2 = xt.reshape(-1, self.in_features)
+            y = be.coded_gemv(x2, W)
+            s = self.scale
+            return (y * s).to(xt.dtype).reshape(*xt.shape[:-1], m)
         b, T = self.codes()
         E = EncodedMatrix(labels=b, T=T, config=self.code, k=self.in_features)
         y = lut_linear(xt.to(torch.float32), E)
@@ -486,7 +535,7 @@ class HNLQLinear(nn.Module):
         if self.rot_in is not None:
             x = hadamard_transform(x * self._sign("in", x.dtype, x.device))
         rows = math.prod(x.shape[:-1])
-        if path == "lut" or (path == "auto" and self._w_cache is None and rows <= self.lut_max_rows):
+        if path == "lut" or (path == "auto" and self._w_cache is None and rows <= self._max_code_rows(x)):
             y = self._lut_product(x)
         else:
             y = F.linear(x, self.rotated_weight(x.dtype))
