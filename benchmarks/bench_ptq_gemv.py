@@ -12,7 +12,7 @@ of interleaved repetitions. Writes ``benchmarks/results/ptq_gemv.{json,md}``.
 With ``--model smollm2`` the real model is quantized at 2 bits (``MethodConfig.for_bits(2)``, a short calibration:
 the timing does not depend on the quality) and greedy generation is timed per token with the default paths (coded
 GEMV up to ``DEFAULT_GEMV_MAX_ROWS`` rows) against decode + matmul everywhere (``lut_max_rows = 0``) and the fp32
-model; writes ``benchmarks/results/ptq_gemv_smollm2.json``.
+model; writes ``benchmarks/results/ptq_gemv_smollm2[_4|_4h].json`` (``--code``).
 """
 
 from __future__ import annotations
@@ -61,6 +61,13 @@ def main() -> None:
     ap.add_argument("--rows", default="1,8,32,64,128")
     ap.add_argument("--model", choices=("none", "smollm2"), default="none")
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument(
+        "--code",
+        choices=("2", "4", "4h"),
+        default="2",
+        help="--model smollm2: MethodConfig.for_bits(2) / for_bits(4) (E8 q=16 M=1, decoded) / the hierarchical "
+        "4-bit for_bits(4, q=4, M=2, center=True)",
+    )
     args = ap.parse_args()
     if args.model == "smollm2":
         return generation(args)
@@ -132,7 +139,12 @@ def generation(args) -> None:
     model, _ = load_smollm2(with_tokenizer=False)
     calib = token_windows(tok, stdlib_docstrings(), 256, 8)
     t0 = time.perf_counter()
-    quantize_(model, calib, PTQConfig(method=MethodConfig.for_bits(2), nsamples=8, seqlen=256, progress=False))
+    method = {
+        "2": MethodConfig.for_bits(2),
+        "4": MethodConfig.for_bits(4),
+        "4h": MethodConfig.for_bits(4, q=4, M=2, center=True),
+    }[args.code]
+    quantize_(model, calib, PTQConfig(method=method, nsamples=8, seqlen=256, progress=False))
     q_s = time.perf_counter() - t0
     layers = [m for m in model.modules() if isinstance(m, L)]
     prompt = tok("The Python language reference says that", return_tensors="pt")["input_ids"]
@@ -144,7 +156,14 @@ def generation(args) -> None:
             out = m.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
             return (time.process_time() - c0) * 1e3 / args.new_tokens, out[0, prompt.shape[1] :].tolist()
 
-    res: dict = {"quantize_s": q_s, "linears": len(layers), "new_tokens": args.new_tokens, "threads": 1}
+    res: dict = {
+        "code": f"E8 q={method.q} M={method.M} center={method.center}",
+        "quantize_s": q_s,
+        "linears": len(layers),
+        "coded_gemv_layers": sum(m._gemv_backend(prompt.float()) is not None for m in layers),
+        "new_tokens": args.new_tokens,
+        "threads": 1,
+    }
     for name, rows in (("coded GEMV (default)", None), ("decode + matmul", 0)):
         for m in layers:
             m.lut_max_rows = rows
@@ -154,7 +173,8 @@ def generation(args) -> None:
     res["same_tokens_gemv_vs_decode"] = sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
     res["load_avg"] = os.getloadavg()
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "ptq_gemv_smollm2.json").write_text(json.dumps(res, indent=1))
+    suffix = "" if args.code == "2" else f"_{args.code}"
+    (RESULTS / f"ptq_gemv_smollm2{suffix}.json").write_text(json.dumps(res, indent=1))
     print(json.dumps({k: (v if not isinstance(v, dict) else v["ms_per_token"]) for k, v in res.items()}, indent=1))
 
 

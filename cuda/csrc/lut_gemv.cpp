@@ -32,7 +32,7 @@ struct Args {
   int64_t Q;
   float* out;        // (n, B)
   int n_scales;      // entries of scale_of (when T is used)
-  const float* hc = nullptr;  // codebook path, centred codes (M = 1): h * c subtracted from v (block_codebook)
+  const float* hc = nullptr;  // codebook path, centred codes: h * c subtracted from v (block_codebook)
 };
 
 // Tables per k-tile: small enough to stay in L2 (1 MiB per core here) beside the streamed codes.

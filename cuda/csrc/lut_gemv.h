@@ -61,8 +61,8 @@ COSET_HD float block_scale(const uint8_t* T, const float* scale_of, const float*
   return sx ? sx[k] : scale_of[T[k]];
 }
 
-// Codebook block: v = sum_m q^m A[idx_m] exactly in int32 (Horner), w_c = float(v_c) * s (centred codes, M = 1:
-// w_c = (float(v_c) - hc_c) * s with hc = h * c, c the constellation offset), then per query
+// Codebook block: v = sum_m q^m A[idx_m] exactly in int32 (Horner), w_c = float(v_c) * s (centred codes:
+// w_c = (float(v_c) - hc_c) * s with hc = h * c, c the offset of the whole M-layer constellation), then per query
 // a[j] += (((w_0 x_0 + w_1 x_1) + w_2 x_2) + ...). A (Q, D) int8 = h * a_i; xk = x + k * D (queries / h).
 template <typename IdxT, int D, int B>
 COSET_HD void block_codebook(const IdxT* ik, int M, float s, const int8_t* A, const float* xk, int64_t ldx, int q,
@@ -139,7 +139,7 @@ namespace coset {
 // CPU entry points (lut_gemv.cpp). idx: (n, K, M) uint8 / uint16 / int32 (idx_bytes 1, 2, 4); block scales
 // from sx (n, K) float32 when non-null, else scale_of[T[r, k]]; B in {1, 2, 4, 8}; out (n, B) float32. n_scales:
 // entries of scale_of (the codebook path's fast loops take the scales from registers when <= 16). hc: null, or d
-// floats h * c for centred codes with M = 1 (block_codebook).
+// floats h * c for centred codes (block_codebook).
 void lut_build_tables_cpu(const float* x, int64_t ldx, const float* A, int B, int K, int d, int64_t Q, float* tab);
 void lut_gemv_tables_cpu(const void* idx, int idx_bytes, const uint8_t* T, const float* scale_of, int n_scales,
                          const float* sx, const float* tab, int64_t n, int K, int M, int64_t Q, int q, int B,

@@ -237,6 +237,23 @@ def test_centred_codes_m1(lat, q, B):
     _check(gemv_reference(x, CW, "codebook"), x, Wd)
 
 
-def test_centred_codes_need_m1():
+@pytest.mark.parametrize("lat,q,M", [("E8", 4, 2), ("E8", 2, 4), ("D4", 4, 2), ("D4", 2, 3)])
+def test_centred_codes_several_layers(lat, q, M):
+    # one offset c for the whole M-layer point (x_hat = s (sum_m q^m a_m - c)): the codebook kernels subtract h c
+    # after the layers are combined (pair tables included); the one-sided tables cannot (per-layer entries)
+    from coset.cuda.lut_gemv import _gemv_core_cpu, gemv_reference
+    from coset.quant import decode, encode, to_blocks
+
+    cfg = QuantizationConfig(lattice_type=lat, q=q, M=M, beta=0.3, center=True)
+    g = torch.Generator().manual_seed(q * M)
+    W = torch.randn(19, 83, generator=g)
+    CW = CodedWeight.from_dense(W, cfg)
+    b, T = encode(to_blocks(W, cfg.dim)[0], config=cfg, backend="torch")
+    ref_w = decode(b, config=cfg, T=T, backend="torch").reshape(19, -1)[:, :83].to(torch.float32)
+    assert torch.allclose(CW.dequantize(), ref_w, rtol=0, atol=1e-6)
+    for B in (1, 8):
+        x = torch.randn(B, 83, generator=g)
+        _check(lut_gemv(x, CW), x, ref_w)
+        assert torch.equal(_gemv_core_cpu(x, CW, "codebook"), gemv_reference(x, CW, "codebook"))
     with pytest.raises(ValueError, match="M = 1"):
-        CodedWeight.from_dense(torch.randn(4, 16), QuantizationConfig(lattice_type="E8", q=2, M=2, center=True))
+        lut_gemv(x, CW, method="tables")

@@ -210,3 +210,17 @@ def test_coded_gemv_handle_follows_load_state_dict():
     a(x)  # builds the handle (when the kernel is registered)
     a.load_state_dict(b.state_dict())
     torch.testing.assert_close(a(x), b(x, path="decode"), rtol=1e-4, atol=1e-4)
+
+
+def test_inputs_that_need_a_gradient_get_it_at_small_batches():
+    # the coded GEMV kernel has no gradient: an input that requires grad goes through decode + matmul (auto) or the
+    # differentiable coset.lut path (path="lut"), so finetune_ can train what lies before the layer
+    mod = HNLQLinear.from_codes(make_codes(32, 64, E8C, per_row=True, overload=True), torch.randn(32))
+    W = mod.dequantize(torch.float64)
+    for path in ("auto", "lut"):
+        x = torch.randn(2, 64, requires_grad=True)
+        mod(x, path=path).pow(2).sum().backward()
+        xd = x.detach().double().requires_grad_(True)
+        F.linear(xd, W, mod.bias.detach().double()).pow(2).sum().backward()
+        assert x.grad is not None
+        torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-3, atol=1e-3)

@@ -25,7 +25,7 @@ class NativeBackend:
     "bucket_codec" (coset.dist's DDP bucket codec) on float32 CPU buckets, "quantize_rows" (coset.quant's
     per-row fake quantizer, fused) on float32 CPU matrices for the codes of the float32 + integer path, and
     "coded_gemv" (``x @ Ŵ.T`` from uint8/uint16 labels and T steps, :func:`coset.cuda.lut_gemv.lut_gemv`) for
-    codes whose representatives fit its int8 codebook (q^d <= 65536, no dither, centring only with M = 1).
+    codes whose representatives fit its int8 codebook (q^d <= 65536, no random dither).
     """
 
     name = "native"

@@ -54,10 +54,8 @@ def representatives(config: QuantizationConfig) -> torch.Tensor:
 def _check_config(config) -> QuantizationConfig:
     if not isinstance(config, QuantizationConfig):
         raise TypeError(f"config must be a QuantizationConfig, got {type(config).__name__}")
-    if config.with_dither or (config.center and config.M != 1):
-        raise ValueError(
-            "config: lut_gemv needs codes without random dither, and centring (center=True) only with M = 1"
-        )
+    if config.with_dither:
+        raise ValueError("config: lut_gemv needs codes without random dither")
     if config.q**config.dim > 2**16:
         raise ValueError(f"config: q**d = {config.q**config.dim} > 65536 is not supported by lut_gemv")
     if len(config.scales) > 256:
@@ -67,7 +65,7 @@ def _check_config(config) -> QuantizationConfig:
 
 def gemv_applicable(config: QuantizationConfig) -> bool:
     """True when :func:`lut_gemv` runs ``config``'s codes on its int8 codebook kernel (the fast path): q^d <=
-    65536 representatives that fit int8, no random dither, centring only with M = 1, at most 16 scale steps."""
+    65536 representatives that fit int8, no random dither, at most 16 scale steps."""
     try:
         _check_config(config)
     except (TypeError, ValueError):
@@ -83,7 +81,7 @@ class CodedWeight:
     ----------
     idx : (n, K, M) uint8 (q^d <= 256) or int16 (uint16 bit pattern) label indices
     T : (n, K) uint8 scale steps
-    config : QuantizationConfig (no dither; centring only with M = 1)
+    config : QuantizationConfig (no dither)
     k : columns before padding to K*d
     """
 
@@ -177,10 +175,18 @@ def _kernel_tables(config: QuantizationConfig):
     else:
         a_i8 = a_h.to(torch.int8).contiguous()
     scales = torch.tensor(config.scales, dtype=torch.float64).to(torch.float32).contiguous()
-    c = _offset(config)  # centred codes (M = 1): x_hat = s (a - c); the int8 codebook keeps a, the kernels subtract h c
+    # centred codes: x_hat = s (sum_m q^m a_m - c), one offset c for all M layers; the int8 codebook keeps a and
+    # the codebook kernels subtract h c from each block's integers; the one-sided tables can hold <a - c, x> only
+    # when there is one layer (M = 1; _tables_ok)
+    c = _offset(config)
     hc = None if c is None else (c * h).to(torch.float32).contiguous()
-    af = a if c is None else a - c  # the one-sided tables hold <a - c, x> (M = 1)
+    af = a if c is None else a - c
     return af.to(torch.float32).contiguous(), a_i8, h, scales, _pair_table(config, a_i8), hc
+
+
+def _tables_ok(config: QuantizationConfig) -> None:
+    if config.center and config.M > 1:
+        raise ValueError("tables method: centred codes need M = 1 (the offset is not per layer); use the codebook")
 
 
 def _offset(config: QuantizationConfig) -> torch.Tensor | None:
@@ -245,6 +251,8 @@ def lut_gemv(x: torch.Tensor, W: CodedWeight, *, method: str = "auto") -> torch.
         method = "codebook" if ai8 is not None else "tables"
     if method == "codebook" and ai8 is None:
         raise ValueError("codebook method: the representatives do not fit int8")
+    if method == "tables":
+        _tables_ok(c)
     xb = x.to(torch.float32)
     if W.k != K * d:
         xb = torch.nn.functional.pad(xb, (0, K * d - W.k))
@@ -350,6 +358,7 @@ def _twin_pass(xj: torch.Tensor, W: CodedWeight, method: str, *, gpu: bool) -> t
         build, gemv = _C.lut_build_tables_core_cpu, _C.lut_gemv_core_cpu
     idx, ib, T, sc = W.idx.data_ptr(), W.idx.element_size(), W.T.data_ptr(), scales.data_ptr()
     if method == "tables":
+        _tables_ok(c)
         tab = torch.empty((K, Q, Bk), dtype=torch.float32, device=xj.device)
         build(xj.data_ptr(), K * d, af.data_ptr(), Bk, K, d, Q, tab.data_ptr(), *st)
         gemv(idx, ib, T, sc, 0, 0, d, 0, 0, tab.data_ptr(), Q, n, K, M, c.q, Bk, res.data_ptr(), *st, 0)
@@ -455,6 +464,7 @@ def gemv_reference(x: torch.Tensor, W: CodedWeight, method: str = "codebook") ->
             raise ValueError("codebook method: the representatives do not fit int8")
         dot = _codebook_blocks(idx, s, ai8, xb / h, c.q, hc)
     else:
+        _tables_ok(c)
         dot = _tables_blocks(idx, s, _build_tables(xb, af), c.q)
     return _lane_sum(dot).T.contiguous()
 

@@ -49,8 +49,8 @@ __all__ = ["HNLQLinear", "HNLQSpec", "DEFAULT_GEMV_MAX_ROWS", "DEFAULT_LUT_MAX_R
 DEFAULT_LUT_MAX_ROWS = 0
 
 #: Rows up to which forward computes ``W̃ x̃`` from the codes with the registered ``coded_gemv`` kernel when it
-#: serves the layer's code (E8 q=4 M=1, the 2-bit code; not q=8/16, whose 2^24-2^32 representatives have no
-#: codebook). Measured on 576x1536 and 1536x576 layers, 1 thread (docs/ptq.md).
+#: serves the layer's code (E8 q=4 M=1 / M=2: the 2-bit and the hierarchical 4-bit codes; not q=8/16, whose
+#: 2^24-2^32 representatives have no codebook). Measured on 576x1536 and 1536x576 layers, 1 thread (docs/ptq.md).
 DEFAULT_GEMV_MAX_ROWS = 64
 
 #: The pack_codes tensor holding the labels; stored under the buffer name ``weight``.
@@ -468,7 +468,10 @@ class HNLQLinear(nn.Module):
         return s
 
     def _gemv_backend(self, xt: torch.Tensor):
-        """The registered ``coded_gemv`` kernel for this layer's code, or None."""
+        """The registered ``coded_gemv`` kernel for this layer's code, or None (also when ``xt`` needs a gradient:
+        the kernel has none, and tuning through the layer, e.g. ``finetune_``, needs ``d/dx``)."""
+        if torch.is_grad_enabled() and xt.requires_grad:
+            return None
         key = ("gemv", str(xt.device))
         if key not in self._consts:
             be = None
