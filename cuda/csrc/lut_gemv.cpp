@@ -134,6 +134,25 @@ __attribute__((target("avx2,fma"))) static void rows_b1_m2_u8(const Args& a, int
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #pragma GCC optimize("fp-contract=fast")  // as in the avx2:: kernels, so that both loops round alike
+// The block scales of 8 blocks at once: per-block floats (SX) loaded, or T steps widened and permuted out of the
+// <= 16 scales held in two registers; lane(i) broadcasts block i's scale.
+template <bool SX>
+struct Scales8 {
+  __m256 lo, hi;
+  explicit Scales8(const Args& a) {
+    float sc16[16] = {0};
+    if (!SX) std::memcpy(sc16, a.scale_of, sizeof(float) * a.n_scales);
+    lo = _mm256_loadu_ps(sc16);
+    hi = _mm256_loadu_ps(sc16 + 8);
+  }
+  __m256 at(const uint8_t* Tk, const float* sk) const {
+    if constexpr (SX) return _mm256_loadu_ps(sk);
+    const __m256i t = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)Tk));
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, t), _mm256_permutevar8x32_ps(hi, t),
+                            _mm256_castsi256_ps(_mm256_cmpgt_epi32(t, _mm256_set1_epi32(7))));
+  }
+};
+
 template <typename IdxT, int B, int M, bool SX, bool HC>
 static void rows_codebook8(const Args& a, int64_t lo, int64_t hi) {
   const __m256 hcv = HC ? _mm256_loadu_ps(a.hc) : _mm256_setzero_ps();
@@ -147,10 +166,7 @@ static void rows_codebook8(const Args& a, int64_t lo, int64_t hi) {
   const int K = a.K;
   int lq = 0;  // q is a power of two here (checked by the caller)
   while ((1 << lq) < a.q) ++lq;
-  float sc16[16] = {0};
-  if (!SX) std::memcpy(sc16, scale_of, sizeof(float) * a.n_scales);
-  const __m256 sc_lo = _mm256_loadu_ps(sc16), sc_hi = _mm256_loadu_ps(sc16 + 8);
-  const __m256i seven = _mm256_set1_epi32(7);
+  const Scales8<SX> scales(a);
   for (int64_t r = lo; r < hi; ++r) {
     const int64_t o = r * K;
     const IdxT* const ir = idx + o * M;
@@ -176,14 +192,7 @@ static void rows_codebook8(const Args& a, int64_t lo, int64_t hi) {
     };
     int k = 0;
     for (; k + 8 <= K; k += 8) {
-      __m256 s8;
-      if constexpr (SX) {
-        s8 = _mm256_loadu_ps(sr + k);
-      } else {
-        const __m256i t = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(Tr + k)));
-        s8 = _mm256_blendv_ps(_mm256_permutevar8x32_ps(sc_lo, t), _mm256_permutevar8x32_ps(sc_hi, t),
-                              _mm256_castsi256_ps(_mm256_cmpgt_epi32(t, seven)));
-      }
+      const __m256 s8 = scales.at(SX ? nullptr : Tr + k, SX ? sr + k : nullptr);
 #define COSET_LANE(i) _mm256_permutevar8x32_ps(s8, _mm256_set1_epi32(i))
       pair(k, COSET_LANE(0), COSET_LANE(1));
       pair(k + 2, COSET_LANE(2), COSET_LANE(3));
@@ -227,10 +236,7 @@ static void rows_codebook4(const Args& a, int64_t lo, int64_t hi) {
   const int32_t q = a.q;
   int lq = 0;
   while ((1 << lq) < q) ++lq;
-  float sc16[16] = {0};
-  if (!SX) std::memcpy(sc16, scale_of, sizeof(float) * a.n_scales);
-  const __m256 sc_lo = _mm256_loadu_ps(sc16), sc_hi = _mm256_loadu_ps(sc16 + 8);
-  const __m256i seven = _mm256_set1_epi32(7);
+  const Scales8<SX> scales(a);
   for (int64_t r = lo; r < hi; ++r) {
     const int64_t o = r * K;
     const IdxT* const ir = idx + o * M;
@@ -254,14 +260,7 @@ static void rows_codebook4(const Args& a, int64_t lo, int64_t hi) {
     };
     int k = 0;
     for (; k + 8 <= K; k += 8) {
-      __m256 s8;
-      if constexpr (SX) {
-        s8 = _mm256_loadu_ps(sr + k);
-      } else {
-        const __m256i t = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(Tr + k)));
-        s8 = _mm256_blendv_ps(_mm256_permutevar8x32_ps(sc_lo, t), _mm256_permutevar8x32_ps(sc_hi, t),
-                              _mm256_castsi256_ps(_mm256_cmpgt_epi32(t, seven)));
-      }
+      const __m256 s8 = scales.at(SX ? nullptr : Tr + k, SX ? sr + k : nullptr);
 #define COSET_PAIR(i) _mm256_permutevar8x32_ps(s8, _mm256_setr_epi32(i, i, i, i, i + 1, i + 1, i + 1, i + 1))
       step(k, COSET_PAIR(0), acc);
       step(k + 2, COSET_PAIR(2), acc2);
