@@ -185,10 +185,63 @@ int64_t encode_cpu(const LatticeView& L, const QuantParams& P, const void* x, in
   return errors.load();
 }
 
+// One layer (M = 1), no dither or centring, q^d too large for the representative table (E8 q = 8, 16): the label
+// b is the flat code G^-1 a mod q of the DDP codec, so the codec's float32 + integer decoder (fq::modular_decode_f32:
+// a = G b - q Q(G b / q + eps) in integers, then (float)(a * s)) gives decode_vector's floats bit for bit; blocks it
+// cannot certify (near an E8 tie) and invalid labels / T take the float64 path below.
+static int64_t decode_m1_modular(const LatticeView& L, const QuantParams& P, const fq::ModularPlan& plan,
+                                 const uint8_t* b, const uint8_t* T, int64_t N, float* out) {
+  std::atomic<int64_t> bad{0};
+  dispatch_lattice(L.kind, L.d, [&](auto KI, auto DI) {
+    constexpr int KIND = decltype(KI)::value, D = decltype(DI)::value;
+    parallel_for(N, kGrain, [&](int64_t lo, int64_t hi) {
+      constexpr int64_t kSpan = 512;
+      int64_t codes[kSpan * kMaxDim];
+      double sc[kSpan];
+      bool okv[kSpan];
+      std::vector<int64_t> rej;
+      int64_t nbad = 0;
+      double y[kMaxDim];
+      for (int64_t r0 = lo; r0 < hi; r0 += kSpan) {
+        const int64_t cnt = std::min(kSpan, hi - r0);
+        rej.clear();
+        int64_t span_bad = 0;
+        for (int64_t l = 0; l < cnt; ++l) {
+          const uint8_t* br = b + (r0 + l) * D;
+          bool ok = T[r0 + l] < P.n_scales;
+          for (int i = 0; i < D; ++i) ok &= br[i] < P.q;
+          for (int i = 0; i < D; ++i) codes[l * D + i] = br[i];
+          sc[l] = ok ? P.scales[T[r0 + l]] : 0.0;
+          okv[l] = ok;
+          span_bad += !ok;
+        }
+        fq::modular_decode_f32(plan, L, codes, sc, 1, 1, 0, cnt, cnt * D, out + r0 * D, rej);
+        for (int64_t l : rej)  // the float64 kernel
+          if (okv[l]) {
+            decode_vector<KIND, D>(L, P, b + (r0 + l) * D, T[r0 + l], nullptr, y);
+            for (int i = 0; i < D; ++i) out[(r0 + l) * D + i] = (float)y[i];
+          }
+        if (span_bad) {
+          nbad += span_bad;
+          for (int64_t l = 0; l < cnt; ++l)  // zeros, as the float64 path writes (+0.0, not the kernel's lam * 0)
+            if (!okv[l])
+              for (int i = 0; i < D; ++i) out[(r0 + l) * D + i] = 0.0f;
+        }
+      }
+      if (nbad) bad += nbad;
+    });
+  });
+  return bad.load();
+}
+
 int64_t decode_cpu(const LatticeView& L, const QuantParams& P, const uint8_t* b, const uint8_t* T, const double* z,
                    int64_t N, void* out, int out_is_double) {
   if (!out_is_double && fq::enabled() && fq::decode_applicable(L, P, z))  // table path (fast_quant.h)
     return fq::decode_f32(L, P, b, T, N, (float*)out);
+  if (!out_is_double && fq::enabled() && P.M == 1 && z == nullptr && L.eps != nullptr) {
+    const fq::ModularPlan plan = fq::modular_plan(L, P.q);
+    if (plan.ok) return decode_m1_modular(L, P, plan, b, T, N, (float*)out);
+  }
   std::atomic<int64_t> bad{0};
   dispatch_lattice(L.kind, L.d, [&](auto KI, auto DI) {
     constexpr int KIND = decltype(KI)::value, D = decltype(DI)::value;

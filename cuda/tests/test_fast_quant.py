@@ -86,6 +86,27 @@ def test_decode_table_path_equals_reference(lat, q, M, beta):
     assert torch.equal(decode(bt, config=cfg, T=Tt, backend="native"), decode(bt, config=cfg, T=Tt, backend="torch"))
 
 
+@pytest.mark.parametrize("lat", ["D8", "E8"])
+@pytest.mark.parametrize("q,beta", [(8, 0.3), (16, 0.125), (16, 0.7)])
+def test_decode_one_layer_without_table_equals_reference(lat, q, beta):
+    # q^d > 65536 and M = 1 (the PTQ 4-bit code E8 q=16): no representative table; the DDP codec's float32 +
+    # integer modular decoder (labels = flat codes mod q) serves it, near-tie blocks redone in float64. Random
+    # labels reach every coset, encoded inputs include overloaded blocks; a bad label still raises.
+    cfg = QuantizationConfig(lattice_type=lat, q=q, M=1, beta=beta, max_scaling_iterations=6)
+    g = torch.Generator().manual_seed(q + int(beta * 10))
+    b = torch.randint(0, q, (20000, 1, cfg.dim), generator=g, dtype=torch.uint8)
+    T = torch.randint(0, 7, (20000,), generator=g, dtype=torch.uint8)
+    assert torch.equal(decode(b, config=cfg, T=T, backend="native"), decode(b, config=cfg, T=T, backend="torch"))
+    x = torch.randn(6000, cfg.dim, generator=g) * 3
+    x[:300] *= 20
+    bt, Tt = encode(x, config=cfg, backend="torch")
+    assert int(Tt.max()) > 0
+    assert torch.equal(decode(bt, config=cfg, T=Tt, backend="native"), decode(bt, config=cfg, T=Tt, backend="torch"))
+    b[7, 0, 3] = q
+    with pytest.raises(ValueError):
+        decode(b, config=cfg, T=T, backend="native")
+
+
 @pytest.mark.parametrize("lat", ["D4", "D8", "E8"])
 @pytest.mark.parametrize("q,M", [(2, 3), (4, 2), (8, 2)])
 def test_quantize_one_lane_equals_reference(lat, q, M):
