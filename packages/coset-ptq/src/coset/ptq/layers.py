@@ -392,9 +392,14 @@ class HNLQLinear(nn.Module):
         table = torch.tensor(self.code.scales, dtype=torch.float64, device=self.scale.device)
         if self.spec.packed_meta.get("T_coding") == "zero":
             return table[0].to(dtype).expand(m, K)
-        if self._T is None:
-            self._T = self.codes()[1].to(self.scale.device)  # 1 byte per d weights, derived from the packed T
-        return table[self._T.long()].to(dtype)
+        return table[self._T_u8().long()].to(dtype)
+
+    def _direct_labels(self) -> torch.Tensor:
+        """(m, n/d, M) view of the packed label bytes as table indices: uint8, or int16 holding the uint16 bits
+        (only when :meth:`_direct_index`)."""
+        c = self.code
+        raw = self.weight if c.dim * c.bits_per_label == 8 else self.weight.view(torch.int16)
+        return raw.view(self.out_features, self.in_features // c.dim, c.M)
 
     def _decode_direct(self) -> torch.Tensor:
         """Table decode straight from the packed bytes: (m, n/d, d) float32 (equals coset.quant.decode)."""
@@ -411,8 +416,7 @@ class HNLQLinear(nn.Module):
             )
             self._consts[key] = a
         raw = self.weight
-        idx = raw.to(torch.int64) if c.dim * c.bits_per_label == 8 else raw.view(torch.int16).to(torch.int64) & 0xFFFF
-        idx = idx.view(m * K, M)
+        idx = (self._direct_labels().to(torch.int64) & 0xFFFF).view(m * K, M)
         # sum_m q^m a(b_m): exact in float32 (integers/halves < 2^24); one gather per layer
         pts = a.index_select(0, idx[:, 0])
         for i in range(1, M):
@@ -486,8 +490,9 @@ class HNLQLinear(nn.Module):
         return DEFAULT_GEMV_MAX_ROWS if self._gemv_backend(xt) is not None else DEFAULT_LUT_MAX_ROWS
 
     def _T_u8(self) -> torch.Tensor:
-        """(m, n/d) uint8 T steps (cached: 1 byte per d weights; zeros for T_coding "zero")."""
-        if self._T is None or self._T.dtype != torch.uint8:
+        """(m, n/d) uint8 T steps (cached: 1 byte per d weights, derived from the packed T; zeros for T_coding
+        "zero")."""
+        if self._T is None:
             if self.spec.packed_meta.get("T_coding") == "zero":
                 m, K = self.out_features, self.in_features // self.code.dim
                 self._T = torch.zeros(m, K, dtype=torch.uint8, device=self.weight.device)
@@ -501,18 +506,16 @@ class HNLQLinear(nn.Module):
 
         be = self._gemv_backend(xt)
         if be is not None:  # straight from the packed bytes: they are the kernel's uint8 / uint16 label indices
-            c = self.code
-            m, K = self.out_features, self.in_features // c.dim
-            raw = self.weight
-            idx = raw if c.dim * c.bits_per_label == 8 else raw.view(torch.int16)
-            key = ("coded", str(raw.device))
+            key = ("coded", str(self.weight.device))
             W = self._consts.get(key)
             if W is None:  # validated once; holds views of the packed bytes and the cached T, no copy
-                W = self._consts[key] = be.coded_weight(idx.view(m, K, c.M), self._T_u8(), c, self.in_features)
+                W = self._consts[key] = be.coded_weight(
+                    self._direct_labels(), self._T_u8(), self.code, self.in_features
+                )
             x2 = xt.reshape(-1, self.in_features)
             y = be.coded_gemv(x2, W)
             s = self.scale
-            return (y * s).to(xt.dtype).reshape(*xt.shape[:-1], m)
+            return (y * s).to(xt.dtype).reshape(*xt.shape[:-1], self.out_features)
         b, T = self.codes()
         E = EncodedMatrix(labels=b, T=T, config=self.code, k=self.in_features)
         y = lut_linear(xt.to(torch.float32), E)
