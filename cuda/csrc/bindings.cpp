@@ -84,6 +84,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "coset native HNLQ kernels (raw-pointer API; use coset.cuda instead)";
   m.def("get_num_threads", &coset::get_num_threads);
   m.def("set_num_threads", &coset::set_num_threads);
+  m.def("parallel_backend", [] { return std::string(coset::parallel_backend()); });
   coset_bind_bucket_codec(m);
   // coset.kv attention from key/value codes (kv_cpu.cpp; per-token logic in kv_scores.h, shared with kv_cuda.cu)
   m.def("kv_scores_cpu", [](std::uintptr_t idx, std::uintptr_t t, std::uintptr_t rho, std::uintptr_t steps,

@@ -9,6 +9,8 @@ namespace coset {
 
 int get_num_threads();
 void set_num_threads(int n);
+// "openmp" when parallel_for runs on the process's GNU OpenMP team (torch's libgomp), else "threads" (own pool).
+const char* parallel_backend();
 
 // x: (N, d) float32 (x_is_double = 0) or float64; z: (N, d) float64 or nullptr; b: (N, M, d); T, clamped: (N,).
 // Returns the number of vectors still overloaded at the cap under overload_policy "error".

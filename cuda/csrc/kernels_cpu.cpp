@@ -1,6 +1,7 @@
 // kernels_cpu.cpp - multi-threaded CPU kernels around the per-vector logic of hnlq_core.h.
 #include "kernels.h"
 
+#include <dlfcn.h>
 #include <pthread.h>
 
 #include <algorithm>
@@ -39,6 +40,15 @@ namespace {
 
 thread_local bool t_in_pool_task = false;  // a task calling parallel_for again runs it serially
 
+std::exception_ptr guarded_task(const std::function<void(int64_t)>& task, int64_t i) {
+  try {
+    task(i);
+  } catch (...) {
+    return std::current_exception();
+  }
+  return nullptr;
+}
+
 class Pool {
  public:
   void run(int64_t n, const std::function<void(int64_t)>& task, int64_t threads) {
@@ -68,7 +78,7 @@ class Pool {
     for (;;) {  // the caller takes tasks too
       const int64_t i = next_.fetch_add(1);
       if (i >= n) break;
-      std::exception_ptr e = guarded(task, i);
+      std::exception_ptr e = guarded_task(task, i);
       std::lock_guard<std::mutex> lk(m_);
       if (e && !error_) error_ = e;
       ++done_;
@@ -95,21 +105,12 @@ class Pool {
         if (i >= n_) break;
         const std::function<void(int64_t)>* task = task_;
         lk.unlock();
-        std::exception_ptr e = guarded(*task, i);
+        std::exception_ptr e = guarded_task(*task, i);
         lk.lock();
         if (e && !error_) error_ = e;
         if (++done_ == n_) cv_done_.notify_one();
       }
     }
-  }
-
-  static std::exception_ptr guarded(const std::function<void(int64_t)>& task, int64_t i) {
-    try {
-      task(i);
-    } catch (...) {
-      return std::current_exception();
-    }
-    return nullptr;
   }
 
   std::exception_ptr error_;  // under m_
@@ -126,16 +127,75 @@ class Pool {
 Pool* g_pool = nullptr;
 std::once_flag g_pool_once;
 
-void new_pool_in_child() { g_pool = new Pool(); }  // the parent's threads do not exist here (its pool is leaked)
+// The process's OpenMP team, when a GNU-ABI OpenMP runtime is loaded (torch's wheels load libgomp): its idle
+// workers spin for a while after every torch op (GOMP_SPINCOUNT), holding the other cores, so a second pool's
+// threads compete with them instead of running (measured: a 2-thread QAT step re-quantized in 3.5 ms, the
+// same as 1 thread at twice the CPU; 2.1 ms with OMP_WAIT_POLICY=PASSIVE). Running the tasks on that same team
+// uses the spinning threads instead. COSET_OPENMP=0 keeps the own pool.
+using GompParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
+GompParallel g_gomp = nullptr;
+std::atomic<bool> g_gomp_ok{false};
+
+struct OmpJob {
+  const std::function<void(int64_t)>* task;
+  int64_t n;
+  std::atomic<int64_t> next{0};
+  std::mutex m;
+  std::exception_ptr error;
+};
+
+void omp_body(void* p) {  // every thread of the team, the caller included, takes tasks until none are left
+  OmpJob& j = *(OmpJob*)p;
+  const bool was = t_in_pool_task;
+  t_in_pool_task = true;
+  for (;;) {
+    const int64_t i = j.next.fetch_add(1);
+    if (i >= j.n) break;
+    std::exception_ptr e = guarded_task(*j.task, i);
+    if (e) {
+      std::lock_guard<std::mutex> lk(j.m);
+      if (!j.error) j.error = e;
+    }
+  }
+  t_in_pool_task = was;
+}
+
+void new_pool_in_child() {
+  g_pool = new Pool();  // the parent's threads do not exist here (its pool is leaked)
+  g_gomp_ok = false;    // nor do its OpenMP team's: libgomp is not fork-safe, so the child uses its own pool
+}
 
 }  // namespace
 
-void pool_run(int64_t n, const std::function<void(int64_t)>& task, int64_t threads) {
+static void init_pool() {
   std::call_once(g_pool_once, [] {
     g_pool = new Pool();  // never destroyed: no join of sleeping workers at exit
+    const char* env = std::getenv("COSET_OPENMP");
+    if (!(env && env[0] == '0')) {
+      g_gomp = (GompParallel)dlsym(RTLD_DEFAULT, "GOMP_parallel");
+      g_gomp_ok = g_gomp != nullptr;
+    }
     pthread_atfork(nullptr, nullptr, new_pool_in_child);
   });
-  g_pool->run(n, task, threads > 0 ? std::min(threads, n) : n);
+}
+
+const char* parallel_backend() {
+  init_pool();
+  return g_gomp_ok.load() ? "openmp" : "threads";
+}
+
+void pool_run(int64_t n, const std::function<void(int64_t)>& task, int64_t threads) {
+  init_pool();
+  const int64_t nt = threads > 0 ? std::min(threads, n) : n;
+  if (g_gomp_ok.load(std::memory_order_relaxed) && !t_in_pool_task && nt > 1) {
+    OmpJob job;
+    job.task = &task;
+    job.n = n;
+    g_gomp(omp_body, &job, (unsigned)nt, 0);
+    if (job.error) std::rethrow_exception(job.error);
+    return;
+  }
+  g_pool->run(n, task, nt);
 }
 
 constexpr int64_t kGrain = 2048;

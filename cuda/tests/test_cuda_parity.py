@@ -297,8 +297,12 @@ def test_cuda_decode_rejects_bad_T_dtypes_and_values():
         _ops.decode(b, torch.tensor([0, 0, -1, 0, 0]), cfg.lattice, cfg)
     with pytest.raises(ValueError, match="T must lie"):
         _ops.decode(b, torch.tensor([0, 0, 4, 0, 0]), cfg.lattice, cfg)
-    with pytest.raises(ValueError, match="rows have labels"):
+    with pytest.raises(ValueError, match="T must lie"):
         _ops.decode(b, torch.tensor([0, 0, 4, 0, 0], dtype=torch.uint8), cfg.lattice, cfg)
+    bl = b.clone()
+    bl[3, 1, 2] = 4
+    with pytest.raises(ValueError, match=r"labels in b must lie in \[0, q=4\)"):
+        _ops.decode(bl, torch.zeros(5, dtype=torch.uint8), cfg.lattice, cfg)
     ok = _ops.decode(b, torch.tensor([0, 1, 2, 3, 3]), cfg.lattice, cfg)
     assert torch.equal(ok, torch.zeros(5, 4))  # label 0 in every layer is the origin
 

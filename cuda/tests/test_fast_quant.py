@@ -68,6 +68,24 @@ def test_decode_rejects_bad_labels():
         decode(b, config=cfg, backend="native")
 
 
+def test_decode_range_checks_survive_the_uint8_cast():
+    # uint8 labels are range-checked by the kernel alone (validates_labels); wider integer labels are checked in
+    # Python first, since 257 would wrap to the valid label 1 in the cast
+    cfg = QuantizationConfig(lattice_type="D4", q=4, M=2, beta=0.25)
+    b = torch.zeros(3, 2, 4, dtype=torch.int64)
+    b[2, 1, 0] = 257
+    with pytest.raises(ValueError, match="labels in b"):
+        decode(b, config=cfg, backend="native")
+    with pytest.raises(ValueError, match="T must lie"):
+        decode(b.clamp(max=3), config=cfg, T=torch.tensor([0, 256 + 1, 0]), backend="native")
+    bu = b.clamp(max=3).to(torch.uint8)
+    bu[0, 0, 3] = 9
+    with pytest.raises(ValueError, match="labels in b"):
+        decode(bu, config=cfg, backend="native")
+    with pytest.raises(ValueError, match="T must lie"):
+        decode(bu.clamp(max=3), config=cfg, T=torch.tensor([0, 99, 0], dtype=torch.uint8), backend="native")
+
+
 @pytest.mark.parametrize("lat", ["D4", "D8", "E8"])
 @pytest.mark.parametrize("q,M,beta", [(4, 2, 0.25), (2, 4, 0.5), (16, 1, 0.125), (4, 3, 0.3)])
 def test_decode_table_path_equals_reference(lat, q, M, beta):

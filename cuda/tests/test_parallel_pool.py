@@ -2,7 +2,8 @@
 
 Results do not depend on the thread count or on which thread runs a chunk; the pool survives fork (a child
 process gets a new pool: the parent's workers do not exist there) and concurrent callers (the second runs its
-chunks serially on its own thread while the first holds the pool).
+chunks serially on its own thread while the first holds the pool). With torch loaded the chunks run on its GNU
+OpenMP team (``parallel_backend() == "openmp"``); ``COSET_OPENMP=0`` keeps the own pool, with the same results.
 """
 
 import multiprocessing as mp
@@ -114,3 +115,50 @@ def test_pool_starts_one_worker_per_extra_thread_not_per_chunk():
     out = subprocess.run([sys.executable, "-c", _COUNT_THREADS], capture_output=True, text=True, check=True)
     c = ast.literal_eval(out.stdout.strip().splitlines()[-1])
     assert [n - c[0] for n in c] == [0, 1, 1, 2, 2, 2]
+
+
+_BACKEND_RESULT = """
+import hashlib, sys, torch
+from coset.cuda import _ops
+from coset.quant import QuantizationConfig, decode, encode, quantize_rows
+_ops.set_num_threads(3)
+g = torch.Generator().manual_seed(5)
+x = torch.randn(700, 1000, generator=g) * 0.05
+cfg = QuantizationConfig(lattice_type="E8", q=4, M=2)
+y, T, cl = quantize_rows(x, None, cfg, backend="native", return_info=True)
+b, Tb = encode(x.reshape(-1, 8), config=cfg, backend="native")
+z = decode(b, config=cfg, T=Tb, backend="native")
+h = hashlib.sha256()
+for t in (y, T, cl, b, Tb, z):
+    h.update(t.contiguous().numpy().tobytes())
+print(_ops.parallel_backend(), h.hexdigest())
+"""
+
+
+def test_openmp_team_and_own_pool_give_the_same_bits():
+    import os
+    import subprocess
+    import sys
+
+    def run(env_extra):
+        env = dict(os.environ, **env_extra)
+        out = subprocess.run(
+            [sys.executable, "-c", _BACKEND_RESULT], capture_output=True, text=True, check=True, env=env
+        )
+        return out.stdout.split()
+
+    omp, own = run({}), run({"COSET_OPENMP": "0"})
+    assert own[0] == "threads"
+    assert omp[0] == "openmp"  # torch's wheels load libgomp, whose GOMP_parallel the kernels then use
+    assert omp[1] == own[1]
+
+
+@pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="no fork start method on this platform")
+def test_forked_child_uses_its_own_pool():
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=lambda: q.put(_ops.parallel_backend()))
+    p.start()
+    got = q.get(timeout=60)
+    p.join(timeout=60)
+    assert got == "threads"  # libgomp's team does not survive fork

@@ -34,6 +34,7 @@ __all__ = [
     "add_modq",
     "get_num_threads",
     "set_num_threads",
+    "parallel_backend",
 ]
 
 #: True when the extension was compiled with the CUDA kernels (nvcc present at build time).
@@ -62,6 +63,13 @@ def get_num_threads() -> int:
 def set_num_threads(n: int) -> None:
     """Set the number of threads of the CPU kernels (``n >= 1``)."""
     _C.set_num_threads(check_int("n", n, 1))
+
+
+def parallel_backend() -> str:
+    """Where the CPU kernels' threads come from: ``"openmp"`` (the process's GNU OpenMP team, e.g. torch's
+    libgomp, whose workers would otherwise spin against a second pool) or ``"threads"`` (the kernels' own pool:
+    no OpenMP runtime loaded, env ``COSET_OPENMP=0``, or a forked child)."""
+    return str(_C.parallel_backend())
 
 
 def lattice_kind(lattice: Lattice) -> int | None:
@@ -276,10 +284,10 @@ def decode(
             bad = int(bad_t.item())
     else:
         bad = _C.decode_cpu(kind, d, G, Gi, eps, q, M, scales, _ptr(b), _ptr(T), _ptr(z), N, _ptr(out), o_dbl)
-    if bad:
-        raise ValueError(
-            f"{bad} rows have labels outside [0, q={q}) or T > max_scaling_iterations={config.max_scaling_iterations}"
-        )
+    if bad:  # (the error path only: find which input it was, with coset.quant's messages)
+        if int(b.max()) >= q:
+            raise ValueError(f"labels in b must lie in [0, q={q})")
+        raise ValueError(f"T must lie in [0, max_scaling_iterations={config.max_scaling_iterations}]")
     return out if out_dtype == dtype else out.to(dtype)  # double -> half directly, like the reference
 
 

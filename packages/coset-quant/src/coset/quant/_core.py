@@ -117,15 +117,18 @@ def check_vector_shape(x, d: int, argname: str = "x") -> None:
         )
 
 
-def check_labels(b, T, lattice: Lattice, config: QuantizationConfig) -> None:
-    """Validate labels ``(..., M, d)`` in [0, q) and, unless None, ``T`` ``(...)`` in [0, cap]."""
+def check_labels(b, T, lattice: Lattice, config: QuantizationConfig, ranges: bool = True) -> None:
+    """Validate labels ``(..., M, d)`` in [0, q) and, unless None, ``T`` ``(...)`` in [0, cap].
+
+    ``ranges=False``: types and shapes only (the caller's kernel checks the values in its own pass).
+    """
     if not isinstance(b, torch.Tensor):
         raise TypeError(f"b must be a torch.Tensor, got {type(b).__name__}")
     if b.dtype.is_floating_point or b.dtype == torch.bool or b.dtype.is_complex:
         raise TypeError(f"b must be an integer tensor of labels, got dtype {b.dtype}")
     if b.ndim < 2 or b.shape[-1] != lattice.dim or b.shape[-2] != config.M:
         raise ValueError(f"b must have shape (..., M={config.M}, d={lattice.dim}), got {tuple(b.shape)}")
-    if b.numel() and (int(b.min()) < 0 or int(b.max()) >= config.q):
+    if ranges and b.numel() and (int(b.min()) < 0 or int(b.max()) >= config.q):
         raise ValueError(f"labels in b must lie in [0, q={config.q})")
     if T is not None:
         if not isinstance(T, torch.Tensor):
@@ -134,7 +137,7 @@ def check_labels(b, T, lattice: Lattice, config: QuantizationConfig) -> None:
             raise ValueError(f"T must have shape {tuple(b.shape[:-2])}, got {tuple(T.shape)}")
         if T.dtype.is_floating_point or T.dtype.is_complex or T.dtype == torch.bool:
             raise TypeError(f"T must be an integer tensor, got {T.dtype}")
-        if T.numel() and (int(T.min()) < 0 or int(T.max()) > config.max_scaling_iterations):
+        if ranges and T.numel() and (int(T.min()) < 0 or int(T.max()) > config.max_scaling_iterations):
             raise ValueError(f"T must lie in [0, max_scaling_iterations={config.max_scaling_iterations}]")
 
 

@@ -15,6 +15,10 @@ Higher packages look up their own ops the same way (``select_backend("auto", op,
 then ``getattr(backend, op)``): coset.lut's ``lut_one_sided`` / ``lut_two_sided``, and coset.dist's
 ``bucket_codec`` (``bucket_codec()`` returns the object holding its one-call-per-bucket codec functions).
 
+A backend whose ``decode`` itself raises ``ValueError`` for labels ``>= q`` or ``T > max_scaling_iterations`` (in
+its one pass over the labels) sets ``validates_labels = True``; :func:`coset.quant.decode` then skips its own
+range pass for uint8 labels and T (a min/max over the labels costs a fifth of a native decode).
+
 ``dither`` is ``None`` or the float64 ``(N, d)`` tensor the reference would use. An optional
 ``auto_select(op, tensor) -> bool`` lets a backend that *can* run an op decline to be picked by "auto" for
 it (e.g. where it measured slower than the PyTorch path); naming it explicitly still uses it. Packages that ship

@@ -49,17 +49,24 @@ def decode(
     ``lattice`` that disagrees with ``config.lattice_type``.
     """
     lattice, config = resolve(config, lattice)
-    check_labels(b, T, lattice, config)
+    check_labels(b, T, lattice, config, ranges=False)
     check_out_dtype(dtype)
+    # uint8 labels and T may go unchecked to a backend that range-checks them in its own pass; any other dtype
+    # could wrap around in the cast to uint8, so its values are checked first
+    as_bytes = b.dtype == torch.uint8 and (T is None or T.dtype == torch.uint8)
+    if not as_bytes:
+        check_labels(b, T, lattice, config)
     lead = b.shape[:-2]
     bf = b.reshape(-1, config.M, lattice.dim)
     if bf.dtype != torch.uint8:
         bf = bf.to(torch.uint8)
+    be = select_backend(backend, "decode", bf, lattice, config)
+    if as_bytes and not (be is not None and getattr(be, "validates_labels", False)):
+        check_labels(b, T, lattice, config)
     N = bf.shape[0]
     Tf = None if T is None else T.reshape(N).to(torch.uint8)
     z = sample_dither(N, lattice, config.dither_seed, b.device) if config.with_dither else None
     z = effective_dither(N, lattice, config, z, b.device)
-    be = select_backend(backend, "decode", bf, lattice, config)
     if be is not None:
         if Tf is None:
             Tf = torch.zeros(N, dtype=torch.uint8, device=b.device)
