@@ -618,9 +618,10 @@ void bucket_modular_encode(const LatticeView& L, int64_t modulus, const float* x
             // the buffer holds ceil(nb d / F) words (pack_sum_fields): the last group may have fewer
             int64_t* o = static_cast<int64_t*>(packed) + grp * d;
             for (int w = 0; w < d && grp * d + w < n_words; ++w) {
-              int64_t word = 0;
-              for (int f = 0; f < F; ++f) word += cg[w * F + f] << (f * width);
-              o[w] = word;
+              const int64_t* c = cg + w * F;
+              uint64_t word = (uint64_t)c[F - 1];  // Horner from the top field: one shift and one or per code
+              for (int f = F - 2; f >= 0; --f) word = (word << width) | (uint64_t)c[f];
+              o[w] = (int64_t)word;
             }
           }
         }
@@ -660,12 +661,15 @@ void bucket_modular_decode(const LatticeView& L, int64_t modulus, const void* pa
             for (int i = 0; i < d; ++i) cg[i] = pow2 ? (int64_t)(p[i] & mmask) : (int64_t)p[i] % modulus;
           } else {
             const int64_t* p = static_cast<const int64_t*>(packed) + grp * d;
-            for (int w = 0; w < d; ++w)
-              for (int f = 0; f < F; ++f) {
-                const int64_t word = grp * d + w < n_words ? p[w] : 0;
-                const int64_t c = (word >> (f * width)) & mask;  // in [0, 2^width): non-negative
-                cg[w * F + f] = pow2 ? (c & mmask) : c % modulus;
+            for (int w = 0; w < d; ++w) {
+              const uint64_t word = grp * d + w < n_words ? (uint64_t)p[w] : 0;
+              int64_t* o = cg + w * F;
+              if (pow2) {  // the fields are at least log2(modulus) bits wide: one mask gives the code mod 2^k
+                for (int f = 0; f < F; ++f) o[f] = (int64_t)((word >> (f * width)) & (uint64_t)mmask);
+              } else {
+                for (int f = 0; f < F; ++f) o[f] = (int64_t)((word >> (f * width)) & (uint64_t)mask) % modulus;
               }
+            }
           }
         }
         rej.clear();

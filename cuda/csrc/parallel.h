@@ -1,8 +1,9 @@
-// parallel.h - the CPU kernels' two helpers: a parallel_for on a persistent std::thread pool and a compile-time
-// lattice dispatch.
+// parallel.h - the CPU kernels' two helpers: a parallel_for over pool_run and a compile-time lattice dispatch.
 //
-// std::thread rather than OpenMP: torch wheels bundle their own libgomp, and loading a second OpenMP
-// runtime into the same process is a known source of oversubscription and fork problems.
+// pool_run runs on the process's GNU OpenMP team when one is loaded (torch's libgomp, found with dlsym; its
+// spinning workers would otherwise hold the cores against a second pool), else on a persistent std::thread pool.
+// No OpenMP runtime of our own is linked: torch wheels bundle libgomp, and a second OpenMP runtime in the same
+// process is a known source of oversubscription and fork problems.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -17,8 +18,8 @@ namespace coset {
 
 int get_num_threads();
 
-// Run task(0 .. n-1) on the calling thread and the persistent worker threads (kernels_cpu.cpp), returning when
-// all are done. The workers sleep between calls and keep their thread_local buffers: starting threads per call
+// Run task(0 .. n-1) on the calling thread and the OpenMP team or the persistent worker threads (kernels_cpu.cpp),
+// returning when all are done. The workers sleep between calls and keep their thread_local buffers: starting threads per call
 // (and faulting in their fresh buffers) cost more than a 2-thread split saves on a 1M-element call. A call
 // from inside a task, or while another thread is using the pool, runs its tasks serially on its own thread;
 // a forked child starts a new pool.
