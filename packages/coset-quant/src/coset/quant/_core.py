@@ -27,6 +27,7 @@ from .config import ClampWarning, OverloadError, QuantizationConfig
 __all__ = [
     "resolve",
     "check_labels",
+    "check_label_ranges",
     "encode_layers",
     "coset_representative",
     "decode_lattice_units",
@@ -120,7 +121,8 @@ def check_vector_shape(x, d: int, argname: str = "x") -> None:
 def check_labels(b, T, lattice: Lattice, config: QuantizationConfig, ranges: bool = True) -> None:
     """Validate labels ``(..., M, d)`` in [0, q) and, unless None, ``T`` ``(...)`` in [0, cap].
 
-    ``ranges=False``: types and shapes only (the caller's kernel checks the values in its own pass).
+    ``ranges=False``: types and shapes only (then :func:`check_label_ranges`, or the caller's kernel in its own
+    pass, checks the values).
     """
     if not isinstance(b, torch.Tensor):
         raise TypeError(f"b must be a torch.Tensor, got {type(b).__name__}")
@@ -128,8 +130,6 @@ def check_labels(b, T, lattice: Lattice, config: QuantizationConfig, ranges: boo
         raise TypeError(f"b must be an integer tensor of labels, got dtype {b.dtype}")
     if b.ndim < 2 or b.shape[-1] != lattice.dim or b.shape[-2] != config.M:
         raise ValueError(f"b must have shape (..., M={config.M}, d={lattice.dim}), got {tuple(b.shape)}")
-    if ranges and b.numel() and (int(b.min()) < 0 or int(b.max()) >= config.q):
-        raise ValueError(f"labels in b must lie in [0, q={config.q})")
     if T is not None:
         if not isinstance(T, torch.Tensor):
             raise TypeError(f"T must be a torch.Tensor or None, got {type(T).__name__}")
@@ -137,8 +137,16 @@ def check_labels(b, T, lattice: Lattice, config: QuantizationConfig, ranges: boo
             raise ValueError(f"T must have shape {tuple(b.shape[:-2])}, got {tuple(T.shape)}")
         if T.dtype.is_floating_point or T.dtype.is_complex or T.dtype == torch.bool:
             raise TypeError(f"T must be an integer tensor, got {T.dtype}")
-        if ranges and T.numel() and (int(T.min()) < 0 or int(T.max()) > config.max_scaling_iterations):
-            raise ValueError(f"T must lie in [0, max_scaling_iterations={config.max_scaling_iterations}]")
+    if ranges:
+        check_label_ranges(b, T, config)
+
+
+def check_label_ranges(b: torch.Tensor, T: torch.Tensor | None, config: QuantizationConfig) -> None:
+    """The value checks of :func:`check_labels`: labels in [0, q), T in [0, max_scaling_iterations]."""
+    if b.numel() and (int(b.min()) < 0 or int(b.max()) >= config.q):
+        raise ValueError(f"labels in b must lie in [0, q={config.q})")
+    if T is not None and T.numel() and (int(T.min()) < 0 or int(T.max()) > config.max_scaling_iterations):
+        raise ValueError(f"T must lie in [0, max_scaling_iterations={config.max_scaling_iterations}]")
 
 
 def check_out_dtype(dtype) -> torch.dtype:

@@ -10,7 +10,7 @@ import torch
 
 from coset.lattice import Lattice
 
-from ._core import check_labels, check_out_dtype, decode_flat, resolve
+from ._core import check_label_ranges, check_labels, check_out_dtype, decode_flat, resolve
 from .backend import select_backend
 from .config import QuantizationConfig
 from .dither import sample_dither
@@ -55,14 +55,14 @@ def decode(
     # could wrap around in the cast to uint8, so its values are checked first
     as_bytes = b.dtype == torch.uint8 and (T is None or T.dtype == torch.uint8)
     if not as_bytes:
-        check_labels(b, T, lattice, config)
+        check_label_ranges(b, T, config)
     lead = b.shape[:-2]
     bf = b.reshape(-1, config.M, lattice.dim)
     if bf.dtype != torch.uint8:
         bf = bf.to(torch.uint8)
     be = select_backend(backend, "decode", bf, lattice, config)
     if as_bytes and not (be is not None and getattr(be, "validates_labels", False)):
-        check_labels(b, T, lattice, config)
+        check_label_ranges(b, T, config)
     N = bf.shape[0]
     Tf = None if T is None else T.reshape(N).to(torch.uint8)
     z = sample_dither(N, lattice, config.dither_seed, b.device) if config.with_dither else None
