@@ -554,7 +554,11 @@ def main(argv=None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--worker":
         rank, W, master, cfgfile, iface, outfile = sys.argv[2:8]
         worker_main(int(rank), int(W), master, json.loads(Path(cfgfile).read_text()), iface or None, outfile)
-        return 0
+        # no interpreter finalization: gloo threads releasing tensors then can abort a finished rank
+        # (pytorch/pytorch#190489); the results are already on disk
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
         "--links", default="loopback,1gbit,100mbit", help="comma list: loopback, or tc rates (1gbit, 100mbit)"

@@ -226,6 +226,11 @@ def _worker(rank, scenario, outdir, W, initfile):
         raise
     finally:
         dist.destroy_process_group()
+    # skip interpreter finalization (mp.spawn's child would run it): gloo threads releasing tensors then can
+    # abort a rank whose results are already saved (pytorch/pytorch#190489)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main(argv):
