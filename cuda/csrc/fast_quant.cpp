@@ -24,6 +24,11 @@
 namespace coset {
 namespace fq {
 
+static bool getenv_off(const char* name) {  // NAME=0 turns an ISA level off (A/B runs, or a CPU that misreports it)
+  const char* v = std::getenv(name);
+  return v && v[0] == '0';
+}
+
 namespace base {
 #include "fast_quant_impl.inc"
 }  // namespace base
@@ -40,12 +45,39 @@ namespace avx2 {
 #undef COSET_SIMD_AVX2
 #undef COSET_FQ_BMI2
 #pragma GCC pop_options
+// The same 8-lane code with AVX-512VL enabled: 32 vector registers instead of 16 (the layer functions keep
+// ~20 lanes of state live and spilled with 16), mask registers for the compares and selects, and three-input
+// logic; the vectors stay 256 bits wide, so the arithmetic (and every rounding) is the AVX2 build's.
+#define COSET_FQ_AVX512 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,bmi2,avx512f,avx512vl,avx512bw,avx512dq,prefer-vector-width=256")
+#define COSET_FQ_BMI2 1
+#define COSET_SIMD_AVX2 1
+namespace avx512 {
+#include "fast_quant_impl.inc"
+}  // namespace avx512
+#undef COSET_SIMD_AVX2
+#undef COSET_FQ_BMI2
+#pragma GCC pop_options
 #endif
+
+static bool use_avx512() {
+#ifdef COSET_FQ_AVX512
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("avx512f") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512dq") && !getenv_off("COSET_AVX512") &&
+                         !getenv_off("COSET_AVX2");
+  return ok;
+#else
+  return false;
+#endif
+}
 
 static bool use_avx2() {
 #ifdef COSET_FQ_AVX2
-  static const bool ok =
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("bmi2") && !getenv_off("COSET_AVX2");
   return ok;
 #else
   return false;
@@ -59,7 +91,7 @@ static std::atomic<bool> g_enabled{[] {
 bool enabled() { return g_enabled.load(); }
 void set_enabled(bool on) { g_enabled.store(on); }
 
-const char* isa() { return use_avx2() ? "avx2" : "baseline"; }
+const char* isa() { return use_avx512() ? "avx512vl" : use_avx2() ? "avx2" : "baseline"; }
 
 static bool pow2(int q) { return q >= 2 && (q & (q - 1)) == 0; }
 
@@ -102,12 +134,37 @@ bool build_consts(const LatticeView& L, IntConsts& C) {
   return true;
 }
 
+const uint8_t* d4_overload_table(const IntConsts& C, int lq) {
+  const int q = 1 << lq;
+  if (C.d != 4 || C.h != 1 || q > kD4TabMaxQ) return nullptr;
+  // keyed by what dn_int reads (the tie rules of eps) and q; a handful of entries per process
+  std::vector<int32_t> key{lq};
+  for (int i = 0; i < 4; ++i) key.insert(key.end(), {C.neg[i], C.rk_pos[i], C.rk_neg[i], C.rk_abs[i], C.step0[i]});
+  static std::mutex mu;
+  static std::map<std::vector<int32_t>, std::unique_ptr<uint8_t[]>> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto& tab = cache[key];
+  if (!tab) {
+    const int w = d4_tab_width(q), n = w * w * w * w;
+    tab.reset(new uint8_t[n + 4]());  // + 4: a 32-bit gather at the last byte stays inside
+    for (int idx = 0; idx < n; ++idx) {
+      int32_t lam[4], f[4], R[4];
+      for (int i = 0, r = idx; i < 4; ++i, r /= w) lam[i] = r % w - q;
+      if ((lam[0] + lam[1] + lam[2] + lam[3]) & 1) continue;  // not a D4 point: never looked up
+      dn_int<4, int32_t>(C, lam, q, lq + 1, f, R);
+      tab[idx] = (f[0] | f[1] | f[2] | f[3]) == 0;
+    }
+  }
+  return tab.get();
+}
+
 template <int MODE>
 static int64_t run_mode(const LatticeView& L, const QuantParams& P, const float* x, int64_t N, float* outq,
                         uint8_t* outb, uint8_t* T, uint8_t* clamped) {
   IntConsts C;
   if (!build_consts(L, C)) return -1;
 #ifdef COSET_FQ_AVX2
+  if (use_avx512()) return avx512::run<MODE>(L, P, C, x, N, outq, outb, T, clamped);
   if (use_avx2()) return avx2::run<MODE>(L, P, C, x, N, outq, outb, T, clamped);
 #endif
   return base::run<MODE>(L, P, C, x, N, outq, outb, T, clamped);
@@ -120,6 +177,7 @@ int64_t quantize_rows_f32(const LatticeView& L, const QuantParams& P, const floa
   if (!build_consts(L, C)) return -1;
   if (R <= 0 || k <= 0) return 0;
 #ifdef COSET_FQ_AVX2
+  if (use_avx512()) return avx512::run_rows_scaled(L, P, C, x, betas, R, k, lim, out, T, clamped, nonfinite);
   if (use_avx2()) return avx2::run_rows_scaled(L, P, C, x, betas, R, k, lim, out, T, clamped, nonfinite);
 #endif
   return base::run_rows_scaled(L, P, C, x, betas, R, k, lim, out, T, clamped, nonfinite);
@@ -237,6 +295,7 @@ int64_t decode_f32(const LatticeView& L, const QuantParams& P, const uint8_t* b,
   const int8_t* A = rep_table(L, P.q).a8.data();
   const int h = L.kind == kE8 ? 2 : 1;
 #ifdef COSET_FQ_AVX2
+  if (use_avx512()) return avx512::decode(L, P, A, h, b, T, N, out);
   if (use_avx2()) return avx2::decode(L, P, A, h, b, T, N, out);
 #endif
   return base::decode(L, P, A, h, b, T, N, out);
@@ -264,6 +323,10 @@ void modular_encode_f32(const ModularPlan& p, const LatticeView& L, const float*
                         const double* scales, int64_t bpc, int64_t b0, int64_t b1, int64_t* codes,
                         std::vector<int64_t>& rej) {
 #ifdef COSET_FQ_AVX2
+  if (use_avx512()) {
+    avx512::modular_encode(L, p.C, p.lm, xe, resid, scales, bpc, b0, b1, codes, rej);
+    return;
+  }
   if (use_avx2()) {
     avx2::modular_encode(L, p.C, p.lm, xe, resid, scales, bpc, b0, b1, codes, rej);
     return;
@@ -275,6 +338,10 @@ void modular_encode_f32(const ModularPlan& p, const LatticeView& L, const float*
 void modular_decode_f32(const ModularPlan& p, const LatticeView& L, const int64_t* codes, const double* scales,
                         int64_t bpc, int W, int64_t b0, int64_t b1, int64_t n, float* out, std::vector<int64_t>& rej) {
 #ifdef COSET_FQ_AVX2
+  if (use_avx512()) {
+    avx512::modular_decode(L, p.C, p.HG, p.lm, codes, scales, bpc, W, b0, b1, n, out, rej);
+    return;
+  }
   if (use_avx2()) {
     avx2::modular_decode(L, p.C, p.HG, p.lm, codes, scales, bpc, W, b0, b1, n, out, rej);
     return;

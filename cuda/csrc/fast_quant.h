@@ -253,22 +253,40 @@ FQ_HD void labels(const IntConsts& C, const I* P, int32_t qmask, I* b) {
   }
 }
 
-// Layers 1..M and the overload test on lambda_0 (P0). Writes the labels of every layer when B != nullptr
-// (B[m * D + i]); ovl = lanes that overload (mask), bad |= lanes to redo in float64.
+// The first n integer layers from lambda_0 (P0): A = h * lambda_n. Writes the labels of layers 0 .. n-1 when
+// B != nullptr (B[m * D + i]); bad |= lanes to redo in float64.
 template <int KIND, int D, class F, class I>
-FQ_HD void later_layers(const IntConsts& C, const I* P0, int lq, int M, I* B, I& ovl, I& bad) {
-  I A[D], Bn[D];
+FQ_HD void int_layers(const IntConsts& C, const I* P0, int lq, int n, I* B, I* A, I& bad) {
+  I Bn[D];
   const int32_t qmask = (1 << lq) - 1;
   for (int i = 0; i < D; ++i) A[i] = P0[i];
-  for (int m = 0; m < M; ++m) {
+  for (int m = 0; m < n; ++m) {
     if (B) labels<D>(C, A, qmask, B + m * D);
     int_layer<KIND, D, F>(C, A, lq, Bn, bad);
     for (int i = 0; i < D; ++i) A[i] = Bn[i];
   }
+}
+
+// Layers 1..M and the overload test on lambda_0 (P0): lambda_M = 0 iff the vector is inside the code. Writes
+// the labels of every layer when B != nullptr; ovl = lanes that overload (mask), bad |= lanes to redo in float64.
+template <int KIND, int D, class F, class I>
+FQ_HD void later_layers(const IntConsts& C, const I* P0, int lq, int M, I* B, I& ovl, I& bad) {
+  I A[D];
+  int_layers<KIND, D, F>(C, P0, lq, M, B, A, bad);
   I o = splati<I>(0);
   for (int i = 0; i < D; ++i) o |= A[i];
   ovl = mask(o != 0);
 }
+
+// D4 with q <= 4: the last layer's test "Q(lambda_{M-1} / q + eps) == 0" as a lookup. Those lambda lie in
+// q V(D4) (|lambda_i| <= q), so a byte table over the box [-q, q]^4 ((2q + 1)^4 <= 6561 entries, 1 = inside
+// the code) built with dn_int itself replaces the layer's ~80 vector operations (the CPU drivers use it).
+constexpr int kD4TabMaxQ = 4;
+FQ_HD int d4_tab_width(int q) { return 2 * q + 1; }
+#ifndef __CUDACC__
+// The table of (C, q) (cached; nullptr when it does not apply): index sum_i (lambda_i + q) (2q + 1)^i.
+const uint8_t* d4_overload_table(const IntConsts& C, int lq);
+#endif
 
 // ------------------------------------------------------------------------------------------ one vector
 // The whole float32 + integer path for one vector (LANES = 1): the CUDA kernel's per-thread body, also run on

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from coset.cuda import _C
-from coset.quant import OverloadError, QuantizationConfig, decode, encode, quantize
+from coset.quant import OverloadError, QuantizationConfig, decode, encode, quantize, quantize_rows
 
 
 def _inputs(d: int, q: int, beta: float, n: int = 6000, seed: int = 0) -> torch.Tensor:
@@ -39,6 +39,29 @@ def test_fast_path_equals_reference(lat, q, M):
     bt, Tet = encode(x, config=cfg, backend="torch")
     assert torch.equal(bn, bt) and torch.equal(Ten, Tet)
     assert torch.equal(decode(bt, config=cfg, T=Tet, backend="native"), decode(bt, config=cfg, T=Tet, backend="torch"))
+
+
+@pytest.mark.parametrize("q,M", [(2, 1), (4, 1), (2, 2), (4, 2)])
+def test_d4_overload_table_on_every_point_of_the_box(q, M):
+    # D4 with q <= 4 decides the last layer's overload by a table over |lambda_i| <= q (fast_quant.h): feed
+    # every D4 point of a larger box, at lattice points (exact ties of the last layer on the boundary of qV
+    # included), at T = 0 only, so the table alone decides inside / clamped; M = 2 scales the box by q
+    cfg = QuantizationConfig(lattice_type="D4", q=q, M=M, beta=0.25, max_scaling_iterations=0)
+    r = (q + 2) * q ** (M - 1)
+    g = torch.arange(-r, r + 1, dtype=torch.float32)
+    pts = torch.cartesian_prod(g, g, g, g)
+    pts = pts[pts.sum(1).remainder(2) == 0]  # D4
+    x = pts * 0.25
+    xn, Tn, cn = quantize(x, config=cfg, backend="native", return_info=True)
+    xt, Tt, ct = quantize(x, config=cfg, backend="torch", return_info=True)
+    assert torch.equal(xn, xt) and torch.equal(cn, ct)
+    assert int((~ct).sum()) == q ** (4 * M)  # every codeword once: the code has q^(Md) points
+    bn, _ = encode(x, config=cfg, backend="native")
+    bt, _ = encode(x, config=cfg, backend="torch")
+    assert torch.equal(bn, bt)
+    n = x.shape[0] // 8 * 8  # rows of 8 whole blocks: the packed path of the QAT kernel
+    rows = quantize_rows(x[:n].reshape(-1, 32), None, cfg, backend="native", return_info=True)
+    assert torch.equal(rows[0].reshape(-1, 4), xt[:n]) and torch.equal(rows[2].reshape(-1), ct[:n])
 
 
 def test_fast_path_switch_gives_same_bits():
