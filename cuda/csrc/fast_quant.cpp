@@ -134,30 +134,6 @@ bool build_consts(const LatticeView& L, IntConsts& C) {
   return true;
 }
 
-const uint8_t* d4_overload_table(const IntConsts& C, int lq) {
-  const int q = 1 << lq;
-  if (C.d != 4 || C.h != 1 || q > kD4TabMaxQ) return nullptr;
-  // keyed by what dn_int reads (the tie rules of eps) and q; a handful of entries per process
-  std::vector<int32_t> key{lq};
-  for (int i = 0; i < 4; ++i) key.insert(key.end(), {C.neg[i], C.rk_pos[i], C.rk_neg[i], C.rk_abs[i], C.step0[i]});
-  static std::mutex mu;
-  static std::map<std::vector<int32_t>, std::unique_ptr<uint8_t[]>> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  auto& tab = cache[key];
-  if (!tab) {
-    const int w = d4_tab_width(q), n = w * w * w * w;
-    tab.reset(new uint8_t[n + 4]());  // + 4: a 32-bit gather at the last byte stays inside
-    for (int idx = 0; idx < n; ++idx) {
-      int32_t lam[4], f[4], R[4];
-      for (int i = 0, r = idx; i < 4; ++i, r /= w) lam[i] = r % w - q;
-      if ((lam[0] + lam[1] + lam[2] + lam[3]) & 1) continue;  // not a D4 point: never looked up
-      dn_int<4, int32_t>(C, lam, q, lq + 1, f, R);
-      tab[idx] = (f[0] | f[1] | f[2] | f[3]) == 0;
-    }
-  }
-  return tab.get();
-}
-
 template <int MODE>
 static int64_t run_mode(const LatticeView& L, const QuantParams& P, const float* x, int64_t N, float* outq,
                         uint8_t* outb, uint8_t* T, uint8_t* clamped) {

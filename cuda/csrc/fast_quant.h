@@ -267,26 +267,48 @@ FQ_HD void int_layers(const IntConsts& C, const I* P0, int lq, int n, I* B, I* A
   }
 }
 
+// D4's last layer as a test: is Q(lambda / q + eps) != 0 for the D4 point lambda (= A)? The Voronoi cell of D4 (the
+// 24-cell) is {x : |x_i| + |x_j| <= 1 for all i != j}, its facets those of the minimal vectors v = s_i e_i + s_j e_j
+// (Conway & Sloane ch. 21). lambda / q + eps is closer to 0 than to v iff <lambda, v> < q, or <lambda, v> = q and
+// <eps, v> < 0. Per pair the largest <lambda, v> is |lambda_i| + |lambda_j|, reached by s_k = sign(lambda_k) (both
+// signs when lambda_k = 0, the worse one counts: +|eps_k|). With r_k the rank of that eps term among {+-eps_j}
+// (rk_pos / rk_neg / rk_abs), <eps, v> < 0 iff r_i + r_j < 7, so lambda stays inside iff for every pair
+// 8 (|lambda_i| + |lambda_j|) + r_i + r_j < 8 q + 7: the two largest b_k = 8 |lambda_k| + r_k decide. ~30 vector
+// operations instead of the ~80 of the decoder, no table; exact (tests compare every D4 point of a box).
+template <class I>
+FQ_HD I d4_outside(const IntConsts& C, const I* A, int32_t q) {
+  I b[4];
+  FQ_UNROLL
+  for (int k = 0; k < 4; ++k) {
+    const I pos = mask(A[k] > 0), neg = mask(A[k] < 0);
+    const I a = neg ? -A[k] : A[k];
+    const I r = pos ? splati<I>(C.rk_pos[k]) : (neg ? splati<I>(C.rk_neg[k]) : splati<I>(C.rk_abs[k]));
+    b[k] = a * 8 + r;
+  }
+  const I hi01 = mask(b[0] > b[1]) ? b[0] : b[1], lo01 = mask(b[0] > b[1]) ? b[1] : b[0];
+  const I hi23 = mask(b[2] > b[3]) ? b[2] : b[3], lo23 = mask(b[2] > b[3]) ? b[3] : b[2];
+  const I first = mask(hi01 > hi23) ? hi01 : hi23, mid = mask(hi01 > hi23) ? hi23 : hi01;
+  const I lo = mask(lo01 > lo23) ? lo01 : lo23;
+  const I second = mask(mid > lo) ? mid : lo;
+  return mask(first + second >= 8 * q + 7);
+}
+
 // Layers 1..M and the overload test on lambda_0 (P0): lambda_M = 0 iff the vector is inside the code. Writes
 // the labels of every layer when B != nullptr; ovl = lanes that overload (mask), bad |= lanes to redo in float64.
 template <int KIND, int D, class F, class I>
 FQ_HD void later_layers(const IntConsts& C, const I* P0, int lq, int M, I* B, I& ovl, I& bad) {
   I A[D];
+  if (KIND == kDn && D == 4) {  // the last layer only decides inside / outside: d4_outside
+    int_layers<KIND, D, F>(C, P0, lq, M - 1, B, A, bad);
+    if (B) labels<D>(C, A, (1 << lq) - 1, B + (M - 1) * D);
+    ovl = d4_outside(C, A, 1 << lq);
+    return;
+  }
   int_layers<KIND, D, F>(C, P0, lq, M, B, A, bad);
   I o = splati<I>(0);
   for (int i = 0; i < D; ++i) o |= A[i];
   ovl = mask(o != 0);
 }
-
-// D4 with q <= 4: the last layer's test "Q(lambda_{M-1} / q + eps) == 0" as a lookup. Those lambda lie in
-// q V(D4) (|lambda_i| <= q), so a byte table over the box [-q, q]^4 ((2q + 1)^4 <= 6561 entries, 1 = inside
-// the code) built with dn_int itself replaces the layer's ~80 vector operations (the CPU drivers use it).
-constexpr int kD4TabMaxQ = 4;
-FQ_HD int d4_tab_width(int q) { return 2 * q + 1; }
-#ifndef __CUDACC__
-// The table of (C, q) (cached; nullptr when it does not apply): index sum_i (lambda_i + q) (2q + 1)^i.
-const uint8_t* d4_overload_table(const IntConsts& C, int lq);
-#endif
 
 // ------------------------------------------------------------------------------------------ one vector
 // The whole float32 + integer path for one vector (LANES = 1): the CUDA kernel's per-thread body, also run on

@@ -41,11 +41,12 @@ def test_fast_path_equals_reference(lat, q, M):
     assert torch.equal(decode(bt, config=cfg, T=Tet, backend="native"), decode(bt, config=cfg, T=Tet, backend="torch"))
 
 
-@pytest.mark.parametrize("q,M", [(2, 1), (4, 1), (2, 2), (4, 2)])
-def test_d4_overload_table_on_every_point_of_the_box(q, M):
-    # D4 with q <= 4 decides the last layer's overload by a table over |lambda_i| <= q (fast_quant.h): feed
-    # every D4 point of a larger box, at lattice points (exact ties of the last layer on the boundary of qV
-    # included), at T = 0 only, so the table alone decides inside / clamped; M = 2 scales the box by q
+@pytest.mark.parametrize("q,M", [(2, 1), (4, 1), (8, 1), (2, 2), (4, 2)])
+def test_d4_last_layer_test_on_every_point_of_the_box(q, M):
+    # D4 decides the last layer's overload in closed form (fast_quant.h d4_outside: the two largest |lambda_k|
+    # against the 24-cell's facets, eps ranks on the boundary): feed every D4 point of a box larger than the
+    # code, at lattice points (every exact tie on the boundary of qV included), at T = 0 only, so that test
+    # alone decides inside / clamped; M = 2 scales the box by q
     cfg = QuantizationConfig(lattice_type="D4", q=q, M=M, beta=0.25, max_scaling_iterations=0)
     r = (q + 2) * q ** (M - 1)
     g = torch.arange(-r, r + 1, dtype=torch.float32)
