@@ -211,6 +211,24 @@ def test_nn_activation_ste_clipped_zeroes_overloaded_input_blocks():
     assert q.stats()["act_overload_rate"] > 0
 
 
+@pytest.mark.parametrize("cap", [0, 2])
+def test_nn_activation_stats_count_overloads_and_clamps(cap):
+    # stats() against the per-block T and clamp mask of the same batch quantized directly
+    from coset.nn.fake_quant import activation_beta, quantize_activation
+
+    qat = QATConfig(weight=None, activation=QuantizationConfig(max_scaling_iterations=cap))
+    q = QLinear(16, 3, qconfig=qat)
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
+    x[:3] *= 1e3  # clamped at any cap
+    with pytest.warns(Warning):
+        q(x)
+    _, _, T, clamped, _ = quantize_activation(x, activation_beta(x, qat), qat)
+    st = q.stats()
+    assert st["act_overload_rate"] == pytest.approx(float(((T > 0) | clamped).float().mean()), abs=0)
+    assert st["act_clamp_rate"] == pytest.approx(float(clamped.float().mean()), abs=0)
+    assert 0 < st["act_clamp_rate"] < st["act_overload_rate"] if cap else st["act_clamp_rate"] > 0
+
+
 def test_nn_training_moves_shadow_weights():
     q = QLinear(8, 4)
     opt = torch.optim.SGD(q.parameters(), lr=0.1)

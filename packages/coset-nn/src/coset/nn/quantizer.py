@@ -622,10 +622,12 @@ class HNLQActivationQuantizer(nn.Module):
                     self.beta.mul_(1 - m).add_(m * beta)
                 else:
                     self.beta.fill_(beta)
-        overloaded = (T > 0) | clamped
-        self._seen += overloaded.numel()
-        self._overloaded += int(torch.count_nonzero(overloaded))
         n_clamped = count_true(clamped)  # (a byte scan when none, the usual case)
+        self._seen += T.numel()
+        # overloaded = T > 0 or clamped; a clamped block has T = the cap, so with a cap > 0 counting T != 0 is
+        # enough (15 us instead of 58 for the | and its count, every training forward)
+        cap = self.cfg.max_scaling_iterations
+        self._overloaded += int(torch.count_nonzero(T)) if cap > 0 else n_clamped
         self._clamped += n_clamped
         if n_clamped and not self._warned:
             self._warned = True
@@ -638,6 +640,7 @@ class HNLQActivationQuantizer(nn.Module):
                 stacklevel=4,
             )
         if torch.is_grad_enabled() and xa.requires_grad:
+            overloaded = (T > 0) | clamped
             scale = block_grad_scale(
                 self.qconfig.ste, blocks, overloaded, torch.tensor(beta * overload_radius(self.cfg)), pad
             )
