@@ -271,7 +271,7 @@ int64_t decode_f32(const LatticeView& L, const QuantParams& P, const uint8_t* b,
   const int8_t* A = rep_table(L, P.q).a8.data();
   const int h = L.kind == kE8 ? 2 : 1;
 #ifdef COSET_FQ_AVX2
-  if (use_avx512()) return avx512::decode(L, P, A, h, b, T, N, out);
+  // the AVX2 build: the table-load loop gains nothing from AVX-512VL (E8 measured 0.88 vs 0.95-1.00 ms / 4M)
   if (use_avx2()) return avx2::decode(L, P, A, h, b, T, N, out);
 #endif
   return base::decode(L, P, A, h, b, T, N, out);
