@@ -248,15 +248,6 @@ EncodeScratch& encode_scratch() {
   return s;
 }
 
-// resid <- x + resid (float32, as torch); returns the effective input pointer.
-const float* apply_residual(const float* x, float* resid, int64_t n) {
-  if (!resid) return x;
-  parallel_for_aligned(n, 64, kGrain * 4, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) resid[i] = x[i] + resid[i];
-  });
-  return resid;
-}
-
 }  // namespace
 
 // -------------------------------------------------------------------------------------------- allgather
@@ -545,13 +536,16 @@ int bucket_allgather_decode(const LatticeView& L, const QuantParams& P, const ui
 
 // -------------------------------------------------------------------------------------------- modular
 int bucket_modular_norms(const float* x, float* resid, int64_t n, int d, int64_t bpc, double* norms) {
-  const float* xe = apply_residual(x, resid, n);
+  // resid <- x + resid chunk by chunk, each chunk's norms read from L1 (a separate pass re-read 20 MB per 5M values)
   const int64_t nb = (n + d - 1) / d, nc = (nb + bpc - 1) / bpc;
   std::atomic<int> nonfinite{0};
   parallel_for_aligned(nc, 1, std::max<int64_t>(1, kGrain / bpc), [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) {
       double mx = 0.0;
       const int64_t b1 = std::min(nb, (c + 1) * bpc);
+      if (resid)  // float32, as torch; the chunk is then read back from L1
+        for (int64_t j = c * bpc * d, j1 = std::min(n, b1 * d); j < j1; ++j) resid[j] = x[j] + resid[j];
+      const float* xe = resid ? resid : x;
       for (int64_t blk = c * bpc; blk < b1; ++blk) {
         double s = 0.0;
         for (int i = 0; i < d; ++i) {
@@ -560,10 +554,10 @@ int bucket_modular_norms(const float* x, float* resid, int64_t n, int d, int64_t
           s = s + v * v;
         }
         if (!std::isfinite(s)) nonfinite = 1;
-        const double nr = std::sqrt(s);
-        mx = nr > mx ? nr : mx;
+        mx = s > mx ? s : mx;
       }
-      norms[c] = mx;
+      // one sqrt per chunk: a correctly rounded sqrt is monotone, so sqrt(max s) == max sqrt(s) exactly
+      norms[c] = std::sqrt(mx);
     }
   });
   return nonfinite.load();
