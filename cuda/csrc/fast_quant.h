@@ -267,30 +267,31 @@ FQ_HD void int_layers(const IntConsts& C, const I* P0, int lq, int n, I* B, I* A
   }
 }
 
-// D4's last layer as a test: is Q(lambda / q + eps) != 0 for the D4 point lambda (= A)? The Voronoi cell of D4 (the
-// 24-cell) is {x : |x_i| + |x_j| <= 1 for all i != j}, its facets those of the minimal vectors v = s_i e_i + s_j e_j
-// (Conway & Sloane ch. 21). lambda / q + eps is closer to 0 than to v iff <lambda, v> < q, or <lambda, v> = q and
-// <eps, v> < 0. Per pair the largest <lambda, v> is |lambda_i| + |lambda_j|, reached by s_k = sign(lambda_k) (both
-// signs when lambda_k = 0, the worse one counts: +|eps_k|). With r_k the rank of that eps term among {+-eps_j}
-// (rk_pos / rk_neg / rk_abs), <eps, v> < 0 iff r_i + r_j < 7, so lambda stays inside iff for every pair
-// 8 (|lambda_i| + |lambda_j|) + r_i + r_j < 8 q + 7: the two largest b_k = 8 |lambda_k| + r_k decide. ~30 vector
-// operations instead of the ~80 of the decoder, no table; exact (tests compare every D4 point of a box).
-template <class I>
-FQ_HD I d4_outside(const IntConsts& C, const I* A, int32_t q) {
-  I b[4];
+// The last D_n layer (n = 4 or 8) as a test: is Q(lambda / q + eps) != 0 for the D_n point lambda (= A)? The
+// Voronoi-relevant vectors of D_n are its minimal vectors v = s_i e_i + s_j e_j (every other coset of 2 D_n has
+// more than one shortest pair), so the cell of 0 is {x : |x_i| + |x_j| <= 1 for all i != j} (the 24-cell for D4;
+// Conway & Sloane ch. 21). lambda / q + eps is closer to 0 than to v iff <lambda, v> < q, or <lambda, v> = q and
+// <eps, v> < 0. Per pair the largest <lambda, v> is |lambda_i| + |lambda_j|, reached by s_k = sign(lambda_k)
+// (both signs when lambda_k = 0, the worse one counts: +|eps_k|). With r_k the rank of that eps term among the 2n
+// values {+-eps_j} (rk_pos / rk_neg / rk_abs), <eps, v> < 0 iff r_i + r_j < 2n - 1, so lambda stays inside iff
+// for every pair 2n (|lambda_i| + |lambda_j|) + r_i + r_j < 2n q + 2n - 1: the two largest b_k = 2n |lambda_k| +
+// r_k decide. ~30 (D4) / ~60 (D8) vector operations instead of the decoder's ~80 / ~160, no table; exact (tests
+// compare every D4 point of a box, and random D8 points around the boundary, with the float64 reference).
+template <int D, class I>
+FQ_HD I dn_outside(const IntConsts& C, const I* A, int32_t q) {
+  I first = splati<I>(-1), second = splati<I>(-1);
   FQ_UNROLL
-  for (int k = 0; k < 4; ++k) {
+  for (int k = 0; k < D; ++k) {
     const I pos = mask(A[k] > 0), neg = mask(A[k] < 0);
     const I a = neg ? -A[k] : A[k];
     const I r = pos ? splati<I>(C.rk_pos[k]) : (neg ? splati<I>(C.rk_neg[k]) : splati<I>(C.rk_abs[k]));
-    b[k] = a * 8 + r;
+    const I b = a * (2 * D) + r;
+    const I gt = mask(b > first);
+    const I lo = gt ? first : b;
+    first = gt ? b : first;
+    second = mask(lo > second) ? lo : second;
   }
-  const I hi01 = mask(b[0] > b[1]) ? b[0] : b[1], lo01 = mask(b[0] > b[1]) ? b[1] : b[0];
-  const I hi23 = mask(b[2] > b[3]) ? b[2] : b[3], lo23 = mask(b[2] > b[3]) ? b[3] : b[2];
-  const I first = mask(hi01 > hi23) ? hi01 : hi23, mid = mask(hi01 > hi23) ? hi23 : hi01;
-  const I lo = mask(lo01 > lo23) ? lo01 : lo23;
-  const I second = mask(mid > lo) ? mid : lo;
-  return mask(first + second >= 8 * q + 7);
+  return mask(first + second >= 2 * D * q + 2 * D - 1);
 }
 
 // Layers 1..M and the overload test on lambda_0 (P0): lambda_M = 0 iff the vector is inside the code. Writes
@@ -298,10 +299,10 @@ FQ_HD I d4_outside(const IntConsts& C, const I* A, int32_t q) {
 template <int KIND, int D, class F, class I>
 FQ_HD void later_layers(const IntConsts& C, const I* P0, int lq, int M, I* B, I& ovl, I& bad) {
   I A[D];
-  if (KIND == kDn && D == 4) {  // the last layer only decides inside / outside: d4_outside
+  if (KIND == kDn) {  // the last layer only decides inside / outside: dn_outside
     int_layers<KIND, D, F>(C, P0, lq, M - 1, B, A, bad);
     if (B) labels<D>(C, A, (1 << lq) - 1, B + (M - 1) * D);
-    ovl = d4_outside(C, A, 1 << lq);
+    ovl = dn_outside<D>(C, A, 1 << lq);
     return;
   }
   int_layers<KIND, D, F>(C, P0, lq, M, B, A, bad);

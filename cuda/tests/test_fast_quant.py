@@ -65,6 +65,24 @@ def test_d4_last_layer_test_on_every_point_of_the_box(q, M):
     assert torch.equal(rows[0].reshape(-1, 4), xt[:n]) and torch.equal(rows[2].reshape(-1), ct[:n])
 
 
+@pytest.mark.parametrize("q,M", [(2, 1), (4, 1), (8, 1), (2, 2), (4, 2)])
+def test_d8_last_layer_test_around_the_boundary(q, M):
+    # the same closed form for D8 (2n = 16 eps ranks): random D8 points (rounded Gaussians of about the code's
+    # size), so that many sit exactly on the boundary of q^M V (pairs with |lambda_i| + |lambda_j| = q at M = 1)
+    cfg = QuantizationConfig(lattice_type="D8", q=q, M=M, beta=0.25, max_scaling_iterations=0)
+    g = torch.Generator().manual_seed(q * 10 + M)
+    pts = (torch.randn(200_000, 8, generator=g) * (0.3 * q**M)).round().to(torch.int64)
+    pts[:, 0] += pts.sum(1).remainder(2)  # even sum: D8
+    x = pts.to(torch.float32) * 0.25
+    xn, Tn, cn = quantize(x, config=cfg, backend="native", return_info=True)
+    xt, Tt, ct = quantize(x, config=cfg, backend="torch", return_info=True)
+    assert torch.equal(xn, xt) and torch.equal(cn, ct)
+    assert 0.05 < float(ct.float().mean()) < 0.95  # both outcomes
+    bn, _ = encode(x, config=cfg, backend="native")
+    bt, _ = encode(x, config=cfg, backend="torch")
+    assert torch.equal(bn, bt)
+
+
 def test_fast_path_switch_gives_same_bits():
     cfg = QuantizationConfig(lattice_type="E8", q=4, M=2, beta=0.25)
     x = _inputs(8, 4, 0.25, seed=3)
