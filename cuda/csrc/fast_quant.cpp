@@ -61,19 +61,6 @@ namespace avx512 {
 #pragma GCC pop_options
 #endif
 
-static bool use_avx512() {
-#ifdef COSET_FQ_AVX512
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("avx512f") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512dq") && !getenv_off("COSET_AVX512") &&
-                         !getenv_off("COSET_AVX2");
-  return ok;
-#else
-  return false;
-#endif
-}
-
 static bool use_avx2() {
 #ifdef COSET_FQ_AVX2
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
@@ -83,6 +70,29 @@ static bool use_avx2() {
   return false;
 #endif
 }
+
+static bool use_avx512() {  // the AVX2 build's requirements (and its COSET_AVX2 switch) plus AVX-512VL/BW/DQ
+#ifdef COSET_FQ_AVX512
+  static const bool ok = use_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+                         !getenv_off("COSET_AVX512");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// `return <isa>::CALL` on the best build this CPU runs (void calls too: returning a void expression is allowed).
+#ifdef COSET_FQ_AVX2
+#define FQ_DISPATCH(CALL)                     \
+  do {                                        \
+    if (use_avx512()) return avx512::CALL;    \
+    if (use_avx2()) return avx2::CALL;        \
+    return base::CALL;                        \
+  } while (0)
+#else
+#define FQ_DISPATCH(CALL) return base::CALL
+#endif
 
 static std::atomic<bool> g_enabled{[] {
   const char* env = std::getenv("COSET_FAST_PATH");
@@ -139,11 +149,7 @@ static int64_t run_mode(const LatticeView& L, const QuantParams& P, const float*
                         uint8_t* outb, uint8_t* T, uint8_t* clamped) {
   IntConsts C;
   if (!build_consts(L, C)) return -1;
-#ifdef COSET_FQ_AVX2
-  if (use_avx512()) return avx512::run<MODE>(L, P, C, x, N, outq, outb, T, clamped);
-  if (use_avx2()) return avx2::run<MODE>(L, P, C, x, N, outq, outb, T, clamped);
-#endif
-  return base::run<MODE>(L, P, C, x, N, outq, outb, T, clamped);
+  FQ_DISPATCH(run<MODE>(L, P, C, x, N, outq, outb, T, clamped));
 }
 
 int64_t quantize_rows_f32(const LatticeView& L, const QuantParams& P, const float* x, const float* betas, int64_t R,
@@ -152,11 +158,7 @@ int64_t quantize_rows_f32(const LatticeView& L, const QuantParams& P, const floa
   *nonfinite = 0;
   if (!build_consts(L, C)) return -1;
   if (R <= 0 || k <= 0) return 0;
-#ifdef COSET_FQ_AVX2
-  if (use_avx512()) return avx512::run_rows_scaled(L, P, C, x, betas, R, k, lim, out, T, clamped, nonfinite);
-  if (use_avx2()) return avx2::run_rows_scaled(L, P, C, x, betas, R, k, lim, out, T, clamped, nonfinite);
-#endif
-  return base::run_rows_scaled(L, P, C, x, betas, R, k, lim, out, T, clamped, nonfinite);
+  FQ_DISPATCH(run_rows_scaled(L, P, C, x, betas, R, k, lim, out, T, clamped, nonfinite));
 }
 
 // (N, d) is one row of N blocks without a scale: the row driver's contiguous packs (the inputs were checked).
@@ -298,33 +300,15 @@ ModularPlan modular_plan(const LatticeView& L, int64_t modulus) {
 void modular_encode_f32(const ModularPlan& p, const LatticeView& L, const float* xe, float* resid,
                         const double* scales, int64_t bpc, int64_t b0, int64_t b1, int64_t* codes,
                         std::vector<int64_t>& rej) {
-#ifdef COSET_FQ_AVX2
-  if (use_avx512()) {
-    avx512::modular_encode(L, p.C, p.lm, xe, resid, scales, bpc, b0, b1, codes, rej);
-    return;
-  }
-  if (use_avx2()) {
-    avx2::modular_encode(L, p.C, p.lm, xe, resid, scales, bpc, b0, b1, codes, rej);
-    return;
-  }
-#endif
-  base::modular_encode(L, p.C, p.lm, xe, resid, scales, bpc, b0, b1, codes, rej);
+  FQ_DISPATCH(modular_encode(L, p.C, p.lm, xe, resid, scales, bpc, b0, b1, codes, rej));
 }
 
 void modular_decode_f32(const ModularPlan& p, const LatticeView& L, const int64_t* codes, const double* scales,
                         int64_t bpc, int W, int64_t b0, int64_t b1, int64_t n, float* out, std::vector<int64_t>& rej) {
-#ifdef COSET_FQ_AVX2
-  if (use_avx512()) {
-    avx512::modular_decode(L, p.C, p.HG, p.lm, codes, scales, bpc, W, b0, b1, n, out, rej);
-    return;
-  }
-  if (use_avx2()) {
-    avx2::modular_decode(L, p.C, p.HG, p.lm, codes, scales, bpc, W, b0, b1, n, out, rej);
-    return;
-  }
-#endif
-  base::modular_decode(L, p.C, p.HG, p.lm, codes, scales, bpc, W, b0, b1, n, out, rej);
+  FQ_DISPATCH(modular_decode(L, p.C, p.HG, p.lm, codes, scales, bpc, W, b0, b1, n, out, rej));
 }
+
+#undef FQ_DISPATCH
 
 }  // namespace fq
 }  // namespace coset
