@@ -581,22 +581,23 @@ void bucket_modular_encode(const LatticeView& L, int64_t modulus, const float* x
     constexpr int KIND = decltype(KI)::value, D = decltype(DI)::value;
     parallel_for_aligned(ngroups, 1, std::max<int64_t>(1, kGrain / F), [&](int64_t lo, int64_t hi) {
       double g[kMaxDim], lam[kMaxDim];
-      std::vector<int64_t> codes((size_t)(kSpan * F * d)), rej;
+      std::vector<int32_t> codes((size_t)(kSpan * F * d));  // codes < q^M <= 2^16 (QuantizationConfig: q <= 16, M <= 4)
+      std::vector<int64_t> rej;
       // the float64 kernels for one block: its codes at c, its residual
-      auto exact_block = [&](int64_t blk, int64_t* c) {
+      auto exact_block = [&](int64_t blk, int32_t* c) {
         const double s = scales[blk / bpc];
         const int64_t base = blk * d;
         for (int i = 0; i < d; ++i) g[i] = (base + i < n ? (double)xe[base + i] : 0.0) / s;
         closest_point<KIND, D>(L, g, lam);
         for (int i = 0; i < d; ++i) {
           const double cb = basis_coord<KIND>(L, lam, d, i);
-          c[i] = (int64_t)remainder_q(cb, (int)modulus);  // hnlq_core.h (a mask for 2^k: no idiv)
+          c[i] = (int32_t)remainder_q(cb, (int)modulus);  // hnlq_core.h (a mask for 2^k: no idiv)
           if (base + i < n && resid) resid[base + i] = resid[base + i] - (float)(lam[i] * s);
         }
       };
       for (int64_t g0 = lo; g0 < hi; g0 += kSpan) {
         const int64_t g1 = std::min(hi, g0 + kSpan), b0 = g0 * F, b1 = std::min(nb, g1 * F);
-        int64_t* cs = codes.data();
+        int32_t* cs = codes.data();
         std::fill(cs + (b1 - b0) * d, cs + (g1 - g0) * F * d, 0);  // blocks past nb (last group): zero codes
         rej.clear();
         const int64_t fe = plan.ok ? std::min(b1, nfull) : b0;
@@ -604,7 +605,7 @@ void bucket_modular_encode(const LatticeView& L, int64_t modulus, const float* x
         for (int64_t blk = std::max(b0, fe); blk < b1; ++blk) rej.push_back(blk);
         for (int64_t blk : rej) exact_block(blk, cs + (blk - b0) * d);
         for (int64_t grp = g0; grp < g1; ++grp) {
-          const int64_t* cg = cs + (grp - g0) * F * d;
+          const int32_t* cg = cs + (grp - g0) * F * d;
           if (kind == 0) {
             uint8_t* o = static_cast<uint8_t*>(packed) + grp * d;
             for (int i = 0; i < d; ++i) o[i] = (uint8_t)cg[i];
@@ -612,9 +613,9 @@ void bucket_modular_encode(const LatticeView& L, int64_t modulus, const float* x
             // the buffer holds ceil(nb d / F) words (pack_sum_fields): the last group may have fewer
             int64_t* o = static_cast<int64_t*>(packed) + grp * d;
             for (int w = 0; w < d && grp * d + w < n_words; ++w) {
-              const int64_t* c = cg + w * F;
-              uint64_t word = (uint64_t)c[F - 1];  // Horner from the top field: one shift and one or per code
-              for (int f = F - 2; f >= 0; --f) word = (word << width) | (uint64_t)c[f];
+              const int32_t* c = cg + w * F;
+              uint64_t word = (uint32_t)c[F - 1];  // Horner from the top field: one shift and one or per code
+              for (int f = F - 2; f >= 0; --f) word = (word << width) | (uint32_t)c[f];
               o[w] = (int64_t)word;
             }
           }
@@ -642,26 +643,31 @@ void bucket_modular_decode(const LatticeView& L, int64_t modulus, const void* pa
     constexpr int KIND = decltype(KI)::value, D = decltype(DI)::value;
     parallel_for_aligned(ngroups, 1, std::max<int64_t>(1, kGrain / F), [&](int64_t lo, int64_t hi) {
       double Gc[kMaxDim], v[kMaxDim], Qv[kMaxDim];
-      std::vector<int64_t> codes((size_t)(kSpan * F * d)), rej;
+      std::vector<int32_t> codes((size_t)(kSpan * F * d));  // codes mod q^M <= 2^16
+      // local copies: the int32 code stores could alias the captured ints, which were then reloaded per code
+      const int nf = F, wd = width;
+      const uint64_t mm = (uint64_t)mmask, fm = (uint64_t)mask;
+      std::vector<int64_t> rej;
       for (int64_t g0 = lo; g0 < hi; g0 += kSpan) {
         const int64_t g1 = std::min(hi, g0 + kSpan), b0 = g0 * F, b1 = std::min(nb, g1 * F);
-        int64_t* cs = codes.data();
+        int32_t* cs = codes.data();
         for (int64_t grp = g0; grp < g1; ++grp) {
           // codes mod q^M (a mask when q^M is a power of two: an integer division per code costs more than
           // the rest of the decoder)
-          int64_t* cg = cs + (grp - g0) * F * d;
+          int32_t* cg = cs + (grp - g0) * F * d;
           if (kind == 0) {
             const uint8_t* p = static_cast<const uint8_t*>(packed) + grp * d;
-            for (int i = 0; i < d; ++i) cg[i] = pow2 ? (int64_t)(p[i] & mmask) : (int64_t)p[i] % modulus;
+            for (int i = 0; i < d; ++i) cg[i] = (int32_t)(pow2 ? (int64_t)(p[i] & mmask) : (int64_t)p[i] % modulus);
           } else {
             const int64_t* p = static_cast<const int64_t*>(packed) + grp * d;
             for (int w = 0; w < d; ++w) {
               const uint64_t word = grp * d + w < n_words ? (uint64_t)p[w] : 0;
-              int64_t* o = cg + w * F;
+              int32_t* o = cg + w * nf;
+              uint64_t rest = word;
               if (pow2) {  // the fields are at least log2(modulus) bits wide: one mask gives the code mod 2^k
-                for (int f = 0; f < F; ++f) o[f] = (int64_t)((word >> (f * width)) & (uint64_t)mmask);
+                for (int f = 0; f < nf; ++f, rest >>= wd) o[f] = (int32_t)(rest & mm);
               } else {
-                for (int f = 0; f < F; ++f) o[f] = (int64_t)((word >> (f * width)) & (uint64_t)mask) % modulus;
+                for (int f = 0; f < nf; ++f, rest >>= wd) o[f] = (int32_t)((int64_t)(rest & fm) % modulus);
               }
             }
           }
@@ -672,7 +678,7 @@ void bucket_modular_decode(const LatticeView& L, int64_t modulus, const void* pa
         else
           for (int64_t blk = b0; blk < b1; ++blk) rej.push_back(blk);
         for (int64_t blk : rej) {  // the float64 kernels
-          const int64_t* c = cs + (blk - b0) * d;
+          const int32_t* c = cs + (blk - b0) * d;
           for (int i = 0; i < d; ++i) {
             double s = L.G[i * d] * (double)c[0];
             for (int j = 1; j < d; ++j) s = s + L.G[i * d + j] * (double)c[j];

@@ -298,12 +298,12 @@ ModularPlan modular_plan(const LatticeView& L, int64_t modulus) {
 }
 
 void modular_encode_f32(const ModularPlan& p, const LatticeView& L, const float* xe, float* resid,
-                        const double* scales, int64_t bpc, int64_t b0, int64_t b1, int64_t* codes,
+                        const double* scales, int64_t bpc, int64_t b0, int64_t b1, int32_t* codes,
                         std::vector<int64_t>& rej) {
   FQ_DISPATCH(modular_encode(L, p.C, p.lm, xe, resid, scales, bpc, b0, b1, codes, rej));
 }
 
-void modular_decode_f32(const ModularPlan& p, const LatticeView& L, const int64_t* codes, const double* scales,
+void modular_decode_f32(const ModularPlan& p, const LatticeView& L, const int32_t* codes, const double* scales,
                         int64_t bpc, int W, int64_t b0, int64_t b1, int64_t n, float* out, std::vector<int64_t>& rej) {
   FQ_DISPATCH(modular_decode(L, p.C, p.HG, p.lm, codes, scales, bpc, W, b0, b1, n, out, rej));
 }

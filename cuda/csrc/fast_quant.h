@@ -376,11 +376,11 @@ ModularPlan modular_plan(const LatticeView& L, int64_t modulus);
 // codes[(blk - b0) * d + i], resid[blk * d + i] -= (float)(lam_i * s_c) (if resid), bit for bit the float64
 // kernels; blocks it cannot certify are appended to rej (codes and resid untouched).
 void modular_encode_f32(const ModularPlan& p, const LatticeView& L, const float* xe, float* resid,
-                        const double* scales, int64_t bpc, int64_t b0, int64_t b1, int64_t* codes,
+                        const double* scales, int64_t bpc, int64_t b0, int64_t b1, int32_t* codes,
                         std::vector<int64_t>& rej);
 // Blocks [b0, b1) of codes (< 2^lm): out[blk * d + i] = (float)(((G c - 2^lm Q(G c / 2^lm + eps))_i * s_c) / W)
 // for blk * d + i < n; blocks too close to an E8 tie to certify are appended to rej (out untouched).
-void modular_decode_f32(const ModularPlan& p, const LatticeView& L, const int64_t* codes, const double* scales,
+void modular_decode_f32(const ModularPlan& p, const LatticeView& L, const int32_t* codes, const double* scales,
                         int64_t bpc, int W, int64_t b0, int64_t b1, int64_t n, float* out, std::vector<int64_t>& rej);
 #endif
 

@@ -256,7 +256,7 @@ static int64_t decode_m1_modular(const LatticeView& L, const QuantParams& P, con
     constexpr int KIND = decltype(KI)::value, D = decltype(DI)::value;
     parallel_for(N, kGrain, [&](int64_t lo, int64_t hi) {
       constexpr int64_t kSpan = 512;
-      int64_t codes[kSpan * kMaxDim];
+      int32_t codes[kSpan * kMaxDim];
       double sc[kSpan];
       bool okv[kSpan];
       std::vector<int64_t> rej;
