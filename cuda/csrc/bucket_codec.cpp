@@ -64,6 +64,52 @@ inline v4d ld4(const double* p) {
   return v;
 }
 
+// The modular codes' int64 words: F = 63 / width fields, field f of word w holds code w * F + f (codes < 2^width).
+// For the usual widths the field positions are compile-time constants: independent shifts by immediates instead
+// of a Horner chain of shifts by a register (the chain was a quarter of the encoder).
+template <int WB>
+struct Fields {
+  static constexpr int F = 63 / WB;
+  static uint64_t pack(const int32_t* c, int) {
+    uint64_t w = 0;
+    for (int f = 0; f < F; ++f) w |= (uint64_t)(uint32_t)c[f] << (f * WB);
+    return w;
+  }
+  static void unpack(uint64_t w, int32_t* o, uint64_t mm, int) {
+    for (int f = 0; f < F; ++f) o[f] = (int32_t)((w >> (f * WB)) & mm);
+  }
+};
+template <>
+struct Fields<0> {  // any width (F fields)
+  static uint64_t pack(const int32_t* c, int F, int width) {
+    uint64_t w = (uint32_t)c[F - 1];
+    for (int f = F - 2; f >= 0; --f) w = (w << width) | (uint32_t)c[f];
+    return w;
+  }
+};
+
+// f(integral_constant<int, width>) for the widths with a specialised packer when fields == 63 / width, else
+// f(integral_constant<int, 0>).
+template <typename Fn>
+void with_fields(int width, int fields, Fn&& f) {
+  using std::integral_constant;
+  if (fields == 63 / std::max(width, 1)) switch (width) {
+      case 2: return f(integral_constant<int, 2>{});
+      case 3: return f(integral_constant<int, 3>{});
+      case 4: return f(integral_constant<int, 4>{});
+      case 5: return f(integral_constant<int, 5>{});
+      case 6: return f(integral_constant<int, 6>{});
+      case 7: return f(integral_constant<int, 7>{});
+      case 8: return f(integral_constant<int, 8>{});
+      case 9: return f(integral_constant<int, 9>{});
+      case 10: return f(integral_constant<int, 10>{});
+      case 11: return f(integral_constant<int, 11>{});
+      case 12: return f(integral_constant<int, 12>{});
+      default: break;
+    }
+  return f(integral_constant<int, 0>{});
+}
+
 int bits_of(int64_t q) {
   int k = 0;
   while ((int64_t(1) << k) < q) ++k;
@@ -612,12 +658,16 @@ void bucket_modular_encode(const LatticeView& L, int64_t modulus, const float* x
           } else {
             // the buffer holds ceil(nb d / F) words (pack_sum_fields): the last group may have fewer
             int64_t* o = static_cast<int64_t*>(packed) + grp * d;
-            for (int w = 0; w < d && grp * d + w < n_words; ++w) {
-              const int32_t* c = cg + w * F;
-              uint64_t word = (uint32_t)c[F - 1];  // Horner from the top field: one shift and one or per code
-              for (int f = F - 2; f >= 0; --f) word = (word << width) | (uint32_t)c[f];
-              o[w] = (int64_t)word;
-            }
+            const int nw = (int)std::min<int64_t>(d, n_words - grp * d);
+            with_fields(width, F, [&](auto WB) {
+              constexpr int wb = decltype(WB)::value;
+              for (int w = 0; w < nw; ++w) {
+                if constexpr (wb == 0)
+                  o[w] = (int64_t)Fields<0>::pack(cg + w * F, F, width);
+                else
+                  o[w] = (int64_t)Fields<wb>::pack(cg + w * F, F);
+              }
+            });
           }
         }
       }
@@ -651,26 +701,33 @@ void bucket_modular_decode(const LatticeView& L, int64_t modulus, const void* pa
       for (int64_t g0 = lo; g0 < hi; g0 += kSpan) {
         const int64_t g1 = std::min(hi, g0 + kSpan), b0 = g0 * F, b1 = std::min(nb, g1 * F);
         int32_t* cs = codes.data();
-        for (int64_t grp = g0; grp < g1; ++grp) {
-          // codes mod q^M (a mask when q^M is a power of two: an integer division per code costs more than
-          // the rest of the decoder)
-          int32_t* cg = cs + (grp - g0) * F * d;
-          if (kind == 0) {
+        // codes mod q^M (a mask when q^M is a power of two: an integer division per code costs more than the
+        // rest of the decoder; the fields are at least log2(modulus) bits wide)
+        if (kind == 0) {
+          for (int64_t grp = g0; grp < g1; ++grp) {
+            int32_t* cg = cs + (grp - g0) * d;
             const uint8_t* p = static_cast<const uint8_t*>(packed) + grp * d;
             for (int i = 0; i < d; ++i) cg[i] = (int32_t)(pow2 ? (int64_t)(p[i] & mmask) : (int64_t)p[i] % modulus);
-          } else {
-            const int64_t* p = static_cast<const int64_t*>(packed) + grp * d;
-            for (int w = 0; w < d; ++w) {
-              const uint64_t word = grp * d + w < n_words ? (uint64_t)p[w] : 0;
-              int32_t* o = cg + w * nf;
-              uint64_t rest = word;
-              if (pow2) {  // the fields are at least log2(modulus) bits wide: one mask gives the code mod 2^k
-                for (int f = 0; f < nf; ++f, rest >>= wd) o[f] = (int32_t)(rest & mm);
-              } else {
-                for (int f = 0; f < nf; ++f, rest >>= wd) o[f] = (int32_t)((int64_t)(rest & fm) % modulus);
+          }
+        } else {
+          with_fields(pow2 ? wd : 0, nf, [&](auto WB) {
+            constexpr int wb = decltype(WB)::value;
+            for (int64_t grp = g0; grp < g1; ++grp) {
+              int32_t* cg = cs + (grp - g0) * nf * d;
+              const int64_t* p = static_cast<const int64_t*>(packed) + grp * d;
+              for (int w = 0; w < d; ++w) {
+                const uint64_t word = grp * d + w < n_words ? (uint64_t)p[w] : 0;
+                int32_t* o = cg + w * nf;
+                uint64_t rest = word;
+                if constexpr (wb > 0)
+                  Fields<wb>::unpack(word, o, mm, 0);
+                else if (pow2)
+                  for (int f = 0; f < nf; ++f, rest >>= wd) o[f] = (int32_t)(rest & mm);
+                else
+                  for (int f = 0; f < nf; ++f, rest >>= wd) o[f] = (int32_t)((int64_t)(rest & fm) % modulus);
               }
             }
-          }
+          });
         }
         rej.clear();
         if (plan.ok)
