@@ -6,6 +6,7 @@ takes the Python path, which the other tests cover).
 """
 
 import importlib
+import math
 import os
 import tempfile
 
@@ -215,6 +216,33 @@ def _modular_bit_exact(q, chunk, W, lattice):
     out = torch.empty(n)
     bc.modular_decode(summed, n, scales, cfg, bpc, pk, W, out)
     assert torch.equal(out, ((lam_sum * s_blocks).reshape(-1)[:n] / W).to(torch.float32))
+
+
+@pytest.mark.parametrize("d", [4, 8])
+@pytest.mark.parametrize("bpc", [1, 3, 16])
+@pytest.mark.parametrize("n", [1, 7, 1001, 4099])
+def test_modular_norms_exact(d, bpc, n):
+    """Chunk norms equal sqrt(max_blocks sum_i x_i^2) with the float64 sum in coordinate order (the vector loop
+    takes two blocks at a time), resid becomes x + resid exactly, and NaN / Inf anywhere raise the flag."""
+    x, r = grad(n, 30), grad(n, 31)
+    xe = x + r
+    v = xe.tolist() + [0.0] * (-n % d)  # Python floats: IEEE float64, one rounding per operation
+    sums = []
+    for b in range(len(v) // d):
+        acc = 0.0
+        for t in v[b * d : (b + 1) * d]:
+            acc = acc + t * t
+        sums.append(acc)
+    want = torch.tensor([math.sqrt(max(sums[c : c + bpc])) for c in range(0, len(sums), bpc)], dtype=torch.float64)
+    resid = r.clone()
+    got, bad = bc.modular_norms(x, d, bpc, resid=resid)
+    assert not bad
+    assert torch.equal(got, want)
+    assert torch.equal(resid, xe)
+    for v in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[n // 2] = v
+        assert bc.modular_norms(y, d, bpc)[1]
 
 
 @pytest.mark.parametrize("lattice,q", [("D4", 4), ("E8", 4), ("D8", 8)])
