@@ -285,6 +285,28 @@ def test_modular_scales_zero_chunks_and_bad_modulus():
         modular_scales(torch.ones(1, dtype=torch.float64), cfg.lattice, 2, 1, 2, False)
 
 
+def test_modular_scales_are_the_next_float32_up():
+    """Each scale is the smallest float32 >= norm_sum / budget (a larger scale keeps the no-overload guarantee);
+    a value beyond float32 range stays float64."""
+    cfg = QuantizationConfig(lattice_type="D4", q=4, M=2)
+    g = torch.Generator().manual_seed(0)
+    ns = torch.cat(
+        [
+            torch.rand(1000, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-30, 30, (1000,), generator=g),
+            torch.tensor([1e300]),
+        ]
+    )
+    budget = modular_margin(cfg.lattice, 4, 2, 2, False)
+    s = modular_scales(ns, cfg.lattice, 4, 2, 2, False)
+    exact = ns / budget
+    f = s[:-1].float()
+    assert torch.equal(f.double(), s[:-1])  # float32 values
+    assert bool((s[:-1] >= exact[:-1]).all())
+    below = torch.nextafter(f, torch.tensor(float("-inf"))).double()
+    assert bool((below < exact[:-1]).all())  # the next float32 down would be too small
+    assert s[-1] == exact[-1]
+
+
 # ------------------------------------------------------------------------------------ bytes
 def test_ring_byte_model():
     assert ring_allreduce_bytes(4000, 2) == 4000

@@ -176,18 +176,20 @@ def test_allgather_nonfinite_flag_and_damaged_payload():
     + [(4, 64, 2, "E8"), (8, 256, 3, "E8"), (3, 96, 2, "D4"), (4, 64, 2, "D8")],
 )
 @pytest.mark.parametrize("fast", [True, False])
-def test_modular_bit_exact(q, chunk, W, lattice, fast):
+@pytest.mark.parametrize("f32_scales", [True, False])
+def test_modular_bit_exact(q, chunk, W, lattice, fast, f32_scales):
     """Native modular encode / decode equal the Python codec bit for bit, on the float32 + integer path (D4, D8,
-    E8 with q^M a power of two; blocks it cannot certify fall back to float64) and on the float64 kernels."""
+    E8 with q^M a power of two; blocks it cannot certify fall back to float64) and on the float64 kernels, with
+    the float32-valued scales of modular_scales (products in float32) and with scales that are not float32."""
     native = importlib.import_module("coset.cuda._C")  # only to switch its fast path off (test only)
     native.set_fast_path(fast)
     try:
-        _modular_bit_exact(q, chunk, W, lattice)
+        _modular_bit_exact(q, chunk, W, lattice, f32_scales)
     finally:
         native.set_fast_path(True)
 
 
-def _modular_bit_exact(q, chunk, W, lattice):
+def _modular_bit_exact(q, chunk, W, lattice, f32_scales=True):
     cfg = default_config(q, 2, lattice)
     lat, d, m, n = cfg.lattice, cfg.dim, q**2, 10_001
     bpc = chunk // d
@@ -197,6 +199,10 @@ def _modular_bit_exact(q, chunk, W, lattice):
     for x, nr in zip(xs, norms, strict=False):
         assert torch.allclose(nr, chunk_block_norms(x, d, bpc), rtol=1e-15, atol=0)
     scales = modular_scales(sum(norms), lat, q, 2, W, False)
+    assert torch.equal(scales.float().double(), scales)  # float32 values
+    if not f32_scales:  # 2^-40 larger (the guarantee holds): the kernels' float64 products
+        scales = scales * (1 + 2.0**-40)
+        assert not torch.equal(scales.float().double(), scales)
     pk = choose_sum_packing(m, W, "auto")
     s_blocks = scales.repeat_interleave(bpc)[:nb].unsqueeze(-1)
     packed, lams = [], []

@@ -402,7 +402,8 @@ def modular_scales(
     norm_sum : (n_chunks,) float64, per chunk the sum over ranks of each rank's largest block norm
     Returns
     -------
-    (n_chunks,) float64 scales (1.0 where ``norm_sum`` is 0: all blocks are zero there)
+    (n_chunks,) float64 scales, float32 values rounded up (1.0 where ``norm_sum`` is 0: all blocks are zero
+    there)
     """
     budget = modular_margin(lattice, q, M, world_size, dithered)
     if budget <= 0:
@@ -412,6 +413,11 @@ def modular_scales(
             "raise q or M"
         )
     s = norm_sum.to(torch.float64) / budget
+    # rounded up to float32 (a larger scale keeps the guarantee): the native codec then forms lam * s in float32,
+    # which is exact in float64 for these scales, so both paths give the same floats
+    f = s.to(torch.float32)
+    f = torch.where(f.to(torch.float64) < s, torch.nextafter(f, torch.tensor(float("inf"))), f)
+    s = torch.where(torch.isfinite(f), f.to(torch.float64), s)
     return torch.where(s > 0, s, torch.ones_like(s))
 
 
