@@ -71,12 +71,12 @@ inline v4d ld4(const double* p) {
 template <int WB>
 struct Fields {
   static constexpr int F = 63 / WB;
-  static uint64_t pack(const int32_t* c, int) {
+  static uint64_t pack(const int32_t* c) {
     uint64_t w = 0;
     for (int f = 0; f < F; ++f) w |= (uint64_t)(uint32_t)c[f] << (f * WB);
     return w;
   }
-  static void unpack(uint64_t w, int32_t* o, uint64_t mm, int) {
+  static void unpack(uint64_t w, int32_t* o, uint64_t mm) {
     for (int f = 0; f < F; ++f) o[f] = (int32_t)((w >> (f * WB)) & mm);
   }
 };
@@ -709,7 +709,7 @@ void bucket_modular_encode(const LatticeView& L, int64_t modulus, const float* x
                 if constexpr (wb == 0)
                   o[w] = (int64_t)Fields<0>::pack(cg + w * F, F, width);
                 else
-                  o[w] = (int64_t)Fields<wb>::pack(cg + w * F, F);
+                  o[w] = (int64_t)Fields<wb>::pack(cg + w * F);
               }
             });
           }
@@ -764,7 +764,7 @@ void bucket_modular_decode(const LatticeView& L, int64_t modulus, const void* pa
                 int32_t* o = cg + w * nf;
                 uint64_t rest = word;
                 if constexpr (wb > 0)
-                  Fields<wb>::unpack(word, o, mm, 0);
+                  Fields<wb>::unpack(word, o, mm);
                 else if (pow2)
                   for (int f = 0; f < nf; ++f, rest >>= wd) o[f] = (int32_t)(rest & mm);
                 else

@@ -43,6 +43,11 @@ template <typename T>
 T* ptr(std::uintptr_t p) {
   return reinterpret_cast<T*>(p);
 }
+// q^M of a QuantizationConfig (q <= 16, M <= 4): the modular codec keeps its codes in int32
+void check_modulus(int64_t modulus) {
+  if (modulus < 2 || modulus > (int64_t(1) << 16))
+    throw std::invalid_argument("modulus must be in [2, 2^16] (q^M with q <= 16, M <= 4), got " + std::to_string(modulus));
+}
 }  // namespace
 
 void coset_bind_bucket_codec(py::module_& m) {
@@ -81,6 +86,7 @@ void coset_bind_bucket_codec(py::module_& m) {
   m.def("bucket_modular_encode", [](int kind, int d, darr G, darr Ginv, py::object eps, int64_t modulus,
                                     std::uintptr_t xe, std::uintptr_t resid, int64_t n, std::uintptr_t scales,
                                     int64_t bpc, int pk, int width, int fields, std::uintptr_t packed) {
+    check_modulus(modulus);
     View v = make_view(kind, d, G, Ginv, eps, 2, 1, darr(py::array_t<double>(1)), 0.0);
     py::gil_scoped_release nogil;
     coset::bucket_modular_encode(v.L, modulus, ptr<const float>(xe), ptr<float>(resid), n, ptr<const double>(scales),
@@ -89,6 +95,7 @@ void coset_bind_bucket_codec(py::module_& m) {
   m.def("bucket_modular_decode", [](int kind, int d, darr G, darr Ginv, py::object eps, int64_t modulus,
                                     std::uintptr_t packed, int64_t n, std::uintptr_t scales, int64_t bpc, int pk,
                                     int width, int fields, int W, std::uintptr_t out) {
+    check_modulus(modulus);
     View v = make_view(kind, d, G, Ginv, eps, 2, 1, darr(py::array_t<double>(1)), 0.0);
     py::gil_scoped_release nogil;
     coset::bucket_modular_decode(v.L, modulus, ptr<const void>(packed), n, ptr<const double>(scales), bpc, pk, width,

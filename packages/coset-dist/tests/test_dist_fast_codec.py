@@ -224,6 +224,14 @@ def _modular_bit_exact(q, chunk, W, lattice, f32_scales=True):
     assert torch.equal(out, ((lam_sum * s_blocks).reshape(-1)[:n] / W).to(torch.float32))
 
 
+def test_modular_kernels_reject_a_modulus_beyond_int32_codes():
+    """The kernels keep codes in int32: a modulus other than a config's q^M <= 2^16 is a clear ValueError."""
+    native = importlib.import_module("coset.cuda._C")
+    for call in (native.bucket_modular_encode, native.bucket_modular_decode):
+        with pytest.raises(ValueError, match="modulus"):
+            call(1, 4, None, None, None, 1 << 20, *([0] * 9))
+
+
 @pytest.mark.parametrize("d", [4, 8])
 @pytest.mark.parametrize("bpc", [1, 3, 16])
 @pytest.mark.parametrize("n", [1, 7, 1001, 4099])
