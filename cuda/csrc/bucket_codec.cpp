@@ -587,13 +587,13 @@ typedef double v2d __attribute__((vector_size(16)));
 typedef int64_t v2l __attribute__((vector_size(16)));
 
 // max(0, max over blocks [b0, b1) of sum_i x_i^2) in float64, summed in coordinate order per block as the scalar
-// loop does (0 + x_0^2 is x_0^2 exactly); two blocks per SSE2 vector (lanes = blocks). bad |= a non-finite sum.
+// loop does (0 + x_0^2 is x_0^2 exactly); two blocks per SSE2 vector (lanes = blocks), b1 - b0 even. bad |= a
+// non-finite sum.
 template <int D>
 double max_sq_pairs(const float* xe, int64_t b0, int64_t b1, bool& bad) {
   v2d mx = {0.0, 0.0};
   v2l nf = {0, 0};
-  int64_t blk = b0;
-  for (; blk + 2 <= b1; blk += 2) {
+  for (int64_t blk = b0; blk < b1; blk += 2) {
     const float* p = xe + blk * D;
     v2d t = {(double)p[0], (double)p[D]};
     v2d s = t * t;
@@ -604,15 +604,8 @@ double max_sq_pairs(const float* xe, int64_t b0, int64_t b1, bool& bad) {
     nf |= ~(s <= DBL_MAX);  // NaN compares false
     mx = s > mx ? s : mx;
   }
-  double m = mx[0] > mx[1] ? mx[0] : mx[1];
   bad = bad || nf[0] || nf[1];
-  for (; blk < b1; ++blk) {
-    double s = 0.0;
-    for (int i = 0; i < D; ++i) s = s + (double)xe[blk * D + i] * (double)xe[blk * D + i];
-    if (!std::isfinite(s)) bad = true;
-    m = s > m ? s : m;
-  }
-  return m;
+  return mx[0] > mx[1] ? mx[0] : mx[1];
 }
 }  // namespace
 
@@ -628,7 +621,8 @@ int bucket_modular_norms(const float* x, float* resid, int64_t n, int d, int64_t
         for (int64_t j = c * bpc * d, j1 = std::min(n, b1 * d); j < j1; ++j) resid[j] = x[j] + resid[j];
       const float* xe = resid ? resid : x;
       int64_t blk = c * bpc;
-      const int64_t bw = std::min(b1, n / d);  // whole blocks: the vector loop (d = 4, 8)
+      // whole pairs of whole blocks: the vector loop (d = 4, 8); the rest below
+      const int64_t bw = blk + ((std::min(b1, n / d) - blk) & ~int64_t(1));
       if ((d == 4 || d == 8) && bw > blk) {
         bool bad = false;
         const double m = d == 4 ? max_sq_pairs<4>(xe, blk, bw, bad) : max_sq_pairs<8>(xe, blk, bw, bad);
