@@ -185,6 +185,7 @@ def fisher_diagonal(
 
     The model's parameters are left as they were (``requires_grad`` restored, gradients cleared).
     """
+    from .calib import vocab_size
     from .finetune import _ids
 
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -208,7 +209,7 @@ def fisher_diagonal(
         for w in weights.values():
             w.requires_grad_(True)
         for batch in batches:
-            kw = _ids(batch)
+            kw = _ids(batch, vocab_size(model))
             ids = kw["input_ids"]
             loss = _sample_loss(model(**kw), g)
             grads = torch.autograd.grad(loss, list(weights.values()))

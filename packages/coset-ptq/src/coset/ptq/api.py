@@ -105,6 +105,8 @@ class PTQConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.method, MethodConfig):
             raise TypeError(f"method must be a MethodConfig, got {type(self.method).__name__}")
+        if not isinstance(self.skip, (str, Iterable)) or isinstance(self.skip, bytes):
+            raise TypeError(f"skip must be a str or a sequence of str, got {type(self.skip).__name__}")
         skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)
         if not all(isinstance(s, str) and s for s in skip):
             raise ValueError(f"skip must be a sequence of non-empty strings, got {self.skip!r}")

@@ -190,7 +190,27 @@ class _Stop(Exception):
     pass
 
 
-def _check_batch(batch: Any, i: int) -> dict[str, Any]:
+def vocab_size(model: nn.Module) -> int | None:
+    """Rows of ``model``'s input embedding (``get_input_embeddings()``), or None when it has none."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        emb = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return None
+    return emb.num_embeddings if isinstance(emb, nn.Embedding) else None
+
+
+def check_token_ids(ids: torch.Tensor, vocab: int | None, where: str) -> None:
+    """``ValueError`` naming ``where`` when a token id is negative or ``>= vocab`` (the embedding lookup would
+    otherwise fail deep inside the model with an ``IndexError``)."""
+    if vocab is None or ids.numel() == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"{where} holds token ids in [{lo}, {hi}], outside the model's vocabulary [0, {vocab})")
+
+
+def _check_batch(batch: Any, i: int, vocab: int | None = None) -> dict[str, Any]:
     if isinstance(batch, torch.Tensor):
         batch = {"input_ids": batch}
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
@@ -207,6 +227,7 @@ def _check_batch(batch: Any, i: int) -> dict[str, Any]:
         )
     if ids.numel() == 0:
         raise ValueError(f"calib_batches[{i}] is empty (shape {tuple(ids.shape)})")
+    check_token_ids(ids, vocab, f"calib_batches[{i}]['input_ids']")
     return dict(batch)
 
 
@@ -239,10 +260,11 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, calib_batches: Iter
     old_cache = getattr(cfg, "use_cache", None)
     if cfg is not None and old_cache is not None:
         cfg.use_cache = False  # no KV cache objects in the captured kwargs
+    vocab = vocab_size(model)
     try:
         n = 0
         for i, batch in enumerate(calib_batches):
-            batch = _check_batch(batch, i)
+            batch = _check_batch(batch, i, vocab)
             n += 1
             try:
                 model(**batch)

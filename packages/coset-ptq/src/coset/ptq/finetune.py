@@ -42,6 +42,7 @@ from torch import nn
 
 from coset.quant import ClampWarning, encode, quantize
 
+from .calib import check_token_ids, vocab_size
 from .codes import LinearCodes
 from .layers import HNLQLinear
 
@@ -124,14 +125,18 @@ class FinetuneReport:
         return dict(self.__dict__)
 
 
-def _ids(batch: Any) -> dict[str, torch.Tensor]:
+def _ids(batch: Any, vocab: int | None = None) -> dict[str, torch.Tensor]:
     if isinstance(batch, torch.Tensor):
         if batch.dtype != torch.long or batch.ndim != 2:
             raise ValueError(
                 f"calibration batches must be (b, seqlen) LongTensors, got {batch.dtype} {tuple(batch.shape)}"
             )
+        check_token_ids(batch, vocab, "a calibration batch")
         return {"input_ids": batch}
     if isinstance(batch, dict) and "input_ids" in batch:
+        ids = batch["input_ids"]
+        if isinstance(ids, torch.Tensor) and not ids.dtype.is_floating_point:
+            check_token_ids(ids, vocab, "a calibration batch's input_ids")
         return dict(batch)
     raise TypeError(f"a calibration batch must be a LongTensor or a mapping with input_ids, got {type(batch).__name__}")
 
@@ -297,7 +302,8 @@ def finetune_(
             raise TypeError(f"{name} must be an nn.Module, got {type(m).__name__}")
     if model is reference:
         raise ValueError("reference must be a separate float model, not the quantized model itself")
-    data = [_ids(b) for b in batches]
+    vocab = vocab_size(model)
+    data = [_ids(b, vocab) for b in batches]
     if len(data) <= config.holdout:
         raise ValueError(f"need more than holdout={config.holdout} calibration batches, got {len(data)}")
     train, held = data[: -config.holdout], data[-config.holdout :]

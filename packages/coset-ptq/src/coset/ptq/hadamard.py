@@ -83,20 +83,31 @@ def _split_pow2(n: int) -> tuple[int, int]:
     return n >> v, v
 
 
+def _proper_divisors(odd: int) -> list[int]:
+    """Divisors of ``odd`` strictly between 1 and ``odd``, ascending (trial division up to sqrt: O(sqrt n))."""
+    small, large = [], []
+    for k in range(3, math.isqrt(odd) + 1, 2):
+        if odd % k == 0:
+            small.append(k)
+            if k != odd // k:
+                large.append(odd // k)
+    return small + large[::-1]
+
+
 @cache
 def _factors(odd: int, v: int) -> tuple[int, ...] | None:
     """Paley orders whose odd parts multiply to ``odd`` using at most ``v`` factors of two in total,
     fewest factors first (then the smallest total power of two, leaving the most to the FWHT)."""
     if odd == 1:
         return ()
+    if v < 2:  # every factor K > 2 is a multiple of 4: an odd part > 1 needs at least 2^2
+        return None
     best = None
     for a in range(2, v + 1):  # a Hadamard order > 2 is a multiple of 4
         K = odd << a
         if _paley_kind(K) is not None:
             return (K,)
-    for o1 in range(3, odd):
-        if odd % o1:
-            continue
+    for o1 in _proper_divisors(odd):
         for a in range(2, v + 1):
             K = o1 << a
             if _paley_kind(K) is None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -119,15 +120,21 @@ class MethodConfig:
             raise ValueError(f"scale must be 'layer' or 'row', got {self.scale!r}")
         if self.scale_objective not in ("proxy", "rd"):
             raise ValueError(f"scale_objective must be 'proxy' or 'rd', got {self.scale_objective!r}")
+        if isinstance(self.scale_grid, (str, bytes)) or not isinstance(self.scale_grid, Iterable):
+            raise TypeError(f"scale_grid must be a sequence of numbers > 0, got {self.scale_grid!r}")
         grid = tuple(self.scale_grid)
-        if not grid or any(isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 0 for c in grid):
-            raise ValueError(f"scale_grid must be a non-empty sequence of numbers > 0, got {self.scale_grid!r}")
+        if not grid or any(
+            isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c < math.inf for c in grid
+        ):
+            raise ValueError(f"scale_grid must be a non-empty sequence of finite numbers > 0, got {self.scale_grid!r}")
         object.__setattr__(self, "scale_grid", tuple(float(c) for c in grid))
         if self.t_cost not in ("stored", "entropy"):
             raise ValueError(f"t_cost must be 'stored' or 'entropy', got {self.t_cost!r}")
         _int("scale_rows", self.scale_rows, 0)
         if self.max_t_bits is not None and (
-            isinstance(self.max_t_bits, bool) or not isinstance(self.max_t_bits, (int, float)) or self.max_t_bits < 0
+            isinstance(self.max_t_bits, bool)
+            or not isinstance(self.max_t_bits, (int, float))
+            or not self.max_t_bits >= 0  # also NaN
         ):
             raise ValueError(f"max_t_bits must be None or a number >= 0, got {self.max_t_bits!r}")
         _int("bits", self.bits, 1, 8)
@@ -139,8 +146,10 @@ class MethodConfig:
             raise ValueError(f"group_size must be -1 or a positive int, got {self.group_size!r}")
         for name in ("sym", "act_order", "center", "clip_search"):
             _bool(name, getattr(self, name))
-        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not self.damp > 0:
-            raise ValueError(f"damp must be a number > 0, got {self.damp!r}")
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 < self.damp < math.inf:
+            raise ValueError(f"damp must be a finite number > 0, got {self.damp!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
+            raise TypeError(f"alpha must be a number, got {type(self.alpha).__name__}")
         _int("tune_iters", self.tune_iters, 0)
         _int("buffer_cols", self.buffer_cols, 1)
         _int("seed", self.seed, 0, 2**63 - 1)
@@ -203,11 +212,38 @@ def _rd_factor(T: torch.Tensor, d: int) -> float:
     return 2.0 ** (2.0 * float(-(p * torch.log2(p)).sum()) / d)
 
 
+#: rms used for an all-zero layer (and, times the layer's rms, for an all-zero row): far below any real weight,
+#: so zero weights are reconstructed as (almost) zero, yet a normal float32 after the scale search's multipliers
+_ZERO_RMS = 2.0**-100
+_ZERO_ROW_REL = 2.0**-40
+
+
+def _rms(W64: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """Root mean square along ``dim`` (all entries if None) without under/overflow of the squares (which made
+    float64 weights below ~1e-154 look all-zero and above ~1e154 infinite)."""
+    plain = W64.pow(2).mean(dim=dim).sqrt()
+    amax = W64.abs().amax() if dim is None else W64.abs().amax(dim=dim)
+    if bool(((amax > 2.0**-500) & (amax < 2.0**500) | (amax == 0)).all()):
+        return plain  # the squares are exact enough: keep the plain formula (bit-identical to earlier results)
+    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+    ratio = W64 / (safe if dim is None else safe.unsqueeze(dim))
+    return safe * ratio.pow(2).mean(dim=dim).sqrt() * (amax > 0)
+
+
 def _base_scale(Wt: torch.Tensor, code: QuantizationConfig, per_row: bool) -> torch.Tensor:
-    """``β₀ · rms`` per row (m,) or per layer (broadcast to (m,)), float64, never 0."""
+    """``β₀ · rms`` per row (m,) or per layer (broadcast to (m,)), float64, never 0.
+
+    An all-zero layer gets the tiny rms ``_ZERO_RMS`` and an all-zero row ``_ZERO_ROW_REL`` times the layer's
+    (not 1: a centred code has no zero point, so the scale is what bounds the reconstruction of a zero weight).
+    """
     W64 = Wt.to(torch.float64)
-    rms = W64.pow(2).mean(dim=1).sqrt() if per_row else W64.pow(2).mean().sqrt().expand(W64.shape[0])
-    rms = torch.where(rms > 0, rms, torch.ones_like(rms))
+    layer = _rms(W64, None)
+    if per_row:
+        rms = _rms(W64, 1)
+        zero_row = layer * _ZERO_ROW_REL if bool(layer > 0) else torch.full_like(layer, _ZERO_RMS)
+        rms = torch.where(rms > 0, rms, zero_row)
+    else:
+        rms = torch.where(layer > 0, layer, torch.full_like(layer, _ZERO_RMS)).expand(W64.shape[0])
     return rms * beta_min(code, 1.0)
 
 
@@ -326,8 +362,22 @@ def _check_inputs(W, H):
             f"H must be ({W.shape[1]}, {W.shape[1]}) for W of shape {tuple(W.shape)}, got "
             f"{tuple(H.shape) if isinstance(H, torch.Tensor) else type(H).__name__}"
         )
+    if W.shape[0] == 0 or W.shape[1] == 0:
+        raise ValueError(f"W must have at least one row and one column, got shape {tuple(W.shape)}")
     if not bool(torch.isfinite(W).all()):
         raise ValueError("W contains NaN or Inf")
+    if H.dtype.is_complex or (H.dtype.is_floating_point and not bool(torch.isfinite(H).all())):
+        raise ValueError("H contains NaN or Inf" if not H.dtype.is_complex else f"H must be real, got {H.dtype}")
+
+
+def _check_scale(scale: torch.Tensor, W64: torch.Tensor) -> None:
+    """The float32 scale that is stored must be finite and > 0: W's magnitude must fit the float32 range."""
+    if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+        amax = float(W64.abs().max())
+        raise ValueError(
+            f"W's magnitude (max |W| = {amax:.3g}) is outside what the code's float32 scale can represent; "
+            "rescale the layer"
+        )
 
 
 def quantize_linear(
@@ -378,6 +428,7 @@ def quantize_linear(
     Wt = rotate_weight(Wq, rot_out, rot_in)
     Ht = rotate_hessian(Hd, rot_in)
     scale, mult = choose_scale(Wt, torch.diagonal(Ht), cfg)
+    _check_scale(scale, W64)
     if cfg.method == "hnlq_ldlq":
         L, _ = block_ldl(Ht, d)
 
@@ -419,8 +470,14 @@ def quantize_linear(
             if cfg.max_t_bits is None or t_stored_bits(T, d) <= cfg.max_t_bits:
                 break
             scale, mult = scale * _FINAL_STEP, mult * _FINAL_STEP
+    _check_scale(scale, W64)  # the T budget may have raised it
     codes = LinearCodes(code, labels, T, scale, rot_in, rot_out, n, m)
     W_hat = codes.dequantize(torch.float32)
+    if not bool(torch.isfinite(W_hat).all()):
+        raise ValueError(
+            f"W's magnitude (max |W| = {float(W64.abs().max()):.3g}) is too close to the float32 range: "
+            "its reconstruction overflows"
+        )
     metrics = _metrics(W64, W_hat.double(), H64, code.rate)
     metrics.update(
         overload_frac=float((T > 0).double().mean()),

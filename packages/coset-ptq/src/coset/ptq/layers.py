@@ -69,6 +69,24 @@ _SPEC_FIELDS = (
 )
 
 
+#: the QuantizationConfig fields written by format_version 1 (all of them are needed to decode the same way)
+_CODE_FIELDS = (
+    "lattice_type",
+    "q",
+    "M",
+    "beta",
+    "alpha",
+    "max_scaling_iterations",
+    "with_tie_dither",
+    "with_dither",
+    "disable_scaling",
+    "disable_overload_protection",
+    "overload_policy",
+    "dither_seed",
+    "center",
+)
+
+
 def _buffer_name(key: str) -> str:
     return "weight" if key == LABELS_KEY else f"weight_{key}"
 
@@ -133,6 +151,7 @@ class HNLQSpec:
             )
         if tuple(self.scale_shape) not in ((), (self.out_features,)):
             raise ValueError(f"scale_shape must be () or ({self.out_features},), got {self.scale_shape!r}")
+        self._check_packed_meta()
         if not isinstance(self.packed, dict) or LABELS_KEY not in self.packed:
             raise ValueError(f"packed must be a dict of pack_codes tensors including {LABELS_KEY!r}")
         for k, v in self.packed.items():
@@ -150,6 +169,22 @@ class HNLQSpec:
             raise TypeError(f"bias must be a bool, got {type(self.bias).__name__}")
         if not isinstance(self.out_scale, bool):
             raise TypeError(f"out_scale must be a bool, got {type(self.out_scale).__name__}")
+
+    def _check_packed_meta(self) -> None:
+        """``packed_meta`` must describe this layer's codes: (m, n/d) blocks of ``code`` (q, M, d, lattice).
+        The tensors themselves are validated by :func:`coset.quant.unpack_codes` when the layer decodes."""
+        pm = self.packed_meta
+        if not isinstance(pm, dict):
+            raise ValueError(f"packed_meta must be a dict (pack_codes metadata), got {type(pm).__name__}")
+        c = self.code
+        want = {"shape": [self.out_features, self.in_features // c.dim], "q": c.q, "M": c.M, "d": c.dim}
+        for k, v in want.items():
+            got = list(pm[k]) if k == "shape" and isinstance(pm.get(k), (list, tuple)) else pm.get(k)
+            if got != v or isinstance(got, bool):
+                raise ValueError(f"packed_meta[{k!r}] is {pm.get(k)!r}, the layer needs {v!r}")
+        lat = pm.get("lattice")
+        if not isinstance(lat, str) or lat.strip().upper() != c.lattice_type.strip().upper():
+            raise ValueError(f"packed_meta['lattice'] is {lat!r}, the layer's code is {c.lattice_type!r}")
 
     @property
     def num_weights(self) -> int:
@@ -192,6 +227,11 @@ class HNLQSpec:
         missing = [k for k in _SPEC_FIELDS if k not in d]
         if missing:
             raise ValueError(f"layer spec is missing {missing}")
+        if isinstance(d["code"], dict):
+            # every field that to_json writes: a missing one would silently take its default and decode wrongly
+            missing = [k for k in _CODE_FIELDS if k not in d["code"]]
+            if missing:
+                raise ValueError(f"layer spec 'code' is missing {missing}")
         try:
             code = QuantizationConfig(**d["code"])
             packed = {k: (tuple(int(s) for s in v[0]), str(v[1])) for k, v in d["packed"].items()}
@@ -534,14 +574,24 @@ class HNLQLinear(nn.Module):
         -------
         (..., out_features) tensor of x's dtype
         """
-        if x.shape[-1] != self.in_features:
+        if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+            raise TypeError(
+                f"x must be a floating torch.Tensor, got {x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}"
+            )
+        if x.ndim == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have last dimension {self.in_features}, got shape {tuple(x.shape)}")
         if path not in ("auto", "decode", "lut"):
             raise ValueError(f"path must be 'auto', 'decode' or 'lut', got {path!r}")
         if self.rot_in is not None:
             x = hadamard_transform(x * self._sign("in", x.dtype, x.device))
         rows = math.prod(x.shape[:-1])
-        if path == "lut" or (path == "auto" and self._w_cache is None and rows <= self._max_code_rows(x)):
+        if path == "lut" or (
+            path == "auto"
+            and self._w_cache is None
+            and rows <= self._max_code_rows(x)
+            # the code paths refuse non-finite inputs; like nn.Linear, "auto" propagates them instead
+            and bool(torch.isfinite(x).all())
+        ):
             y = self._lut_product(x)
         else:
             y = F.linear(x, self.rotated_weight(x.dtype))

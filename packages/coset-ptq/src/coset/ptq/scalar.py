@@ -118,15 +118,32 @@ def _zero(z: torch.Tensor | None) -> torch.Tensor:
     return z
 
 
+def _fp16(t: torch.Tensor, what: str, nonzero: bool = False) -> torch.Tensor:
+    """``t`` in float16; ``ValueError`` when a value overflows it, or (``nonzero``) when a positive value rounds to 0
+    (W's range is beyond what the fp16 scales hold: the group would be silently lost)."""
+    h = t.to(torch.float16)
+    if not bool(torch.isfinite(h).all()):
+        raise ValueError(
+            f"W is too large for the scalar code's fp16 {what} (needs {float(t.double().abs().max()):.3g}, "
+            f"fp16 holds at most {torch.finfo(torch.float16).max:.0f}); rescale the layer"
+        )
+    if nonzero and bool(((h == 0) & (t > 0)).any()):
+        raise ValueError(
+            f"W is too small for the scalar code's fp16 {what} (needs {float(t[t > 0].min()):.3g}, fp16 holds "
+            "at least 6e-08): its values would all round to 0; rescale the layer"
+        )
+    return h
+
+
 def _params(w32: torch.Tensor, bits: int, sym: bool, shrink: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     maxq = (1 << bits) - 1
     if sym:
         amax = w32.abs().amax(dim=1) * shrink
-        s = (2.0 * amax / maxq).to(torch.float16)
+        s = _fp16(2.0 * amax / maxq, "scales", nonzero=True)
         return torch.where(s > 0, s, torch.ones_like(s)), None
     lo, hi = w32.amin(dim=1) * shrink, w32.amax(dim=1) * shrink
-    s = ((hi - lo) / maxq).to(torch.float16)
-    return torch.where(s > 0, s, torch.ones_like(s)), lo.to(torch.float16)
+    s = _fp16((hi - lo) / maxq, "scales", nonzero=True)
+    return torch.where(s > 0, s, torch.ones_like(s)), _fp16(lo, "offsets")
 
 
 def group_params(

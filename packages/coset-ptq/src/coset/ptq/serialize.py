@@ -245,13 +245,28 @@ def _read_header(st: Path) -> tuple[dict[str, tuple[tuple, str]], dict]:
             if n > 100_000_000:
                 raise ValueError(f"header length {n} is implausible")
             hdr = json.loads(f.read(n))
-            end = max((v["data_offsets"][1] for k, v in hdr.items() if k != "__metadata__"), default=0)
+        if not isinstance(hdr, dict):
+            raise ValueError(f"the header is a JSON {type(hdr).__name__}, not an object")
+        meta = hdr.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict):
+            raise ValueError(f"__metadata__ is a {type(meta).__name__}, not an object")
+        out: dict[str, tuple[tuple, str]] = {}
+        end = 0
+        for k, v in hdr.items():
+            if not isinstance(v, dict):
+                raise ValueError(f"entry {k!r} is not an object")
+            shape, dt, offs = v["shape"], v["dtype"], v["data_offsets"]
+            if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+                raise ValueError(f"entry {k!r} has shape {shape!r}")
+            if not isinstance(dt, str) or not isinstance(offs, list) or len(offs) != 2:
+                raise ValueError(f"entry {k!r} has dtype {dt!r} / data_offsets {offs!r}")
+            out[k] = (tuple(shape), dt)
+            end = max(end, int(offs[1]))
         if st.stat().st_size < 8 + n + end:
             raise ValueError(f"file is {st.stat().st_size} bytes, the header needs {8 + n + end} (truncated)")
     except (ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{st}: damaged safetensors header ({e})") from None
-    meta = hdr.pop("__metadata__", {}) or {}
-    return {k: (tuple(v["shape"]), v["dtype"]) for k, v in hdr.items()}, meta
+    return out, meta
 
 
 _ST_DTYPES = {
@@ -334,8 +349,10 @@ def load_quantized(out_dir, model_factory: Callable[[], nn.Module] | None = None
         raise ValueError(f"{st}: cannot read tensors ({e})") from None
     try:
         aliases = json.loads(meta.get(_ALIASES_KEY, "{}"))
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, TypeError):
         raise ValueError(f"{st}: damaged {_ALIASES_KEY} metadata") from None
+    if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
+        raise ValueError(f"{st}: damaged {_ALIASES_KEY} metadata (not an object of key names)")
     for alias, kept in aliases.items():
         if kept not in state:
             raise ValueError(f"{st}: alias {alias!r} points to missing key {kept!r}")
