@@ -82,3 +82,21 @@ def test_layer_sensitivity_on_a_tiny_llama():
         assert loss([exact, exact]) == pytest.approx(ref, abs=1e-5)
     with pytest.raises(TypeError):
         layer_sensitivity(model, ids, None)
+
+
+def test_allocate_layers_hostile_inputs():
+    # regression (fuzz): OverflowError for a huge reference rate, ZeroDivisionError for head_dim 0, unnamed
+    # errors for non-numeric sensitivities, and a DP whose time grew as layers^3 (a hang past ~1000 layers)
+    opts = [KVQuantConfig(bits=b) for b in (2, 3, 4)]
+    a = allocate_layers([1.0, 2.0, 3.0], opts, 3.5, 3.5)
+    assert allocate_layers([1.0, 2.0, 3.0], opts, 3.5, 1e300) == a  # the reference rate is a common factor
+    assert allocate_layers([1e308, 5e307, 1e308], opts, 3.5, 3.5)  # no inf costs
+    for bad in (["a"], None, [[1.0]]):
+        with pytest.raises(ValueError, match="sensitivity"):
+            allocate_layers(bad, opts, 3.5, 3.5)
+    with pytest.raises(ValueError, match="head_dim"):
+        allocate_layers([1.0], opts, 3.5, 3.5, head_dim=0)
+    with pytest.raises(ValueError, match="512"):
+        allocate_layers([1.0] * 513, opts, 3.5, 3.5)
+    got = allocate_layers([float(i % 7) for i in range(512)], opts, 3.5, 3.5)  # fast (a few seconds at most)
+    assert sum(c.bits_per_element(64) for c in got) == 3.5 * 512

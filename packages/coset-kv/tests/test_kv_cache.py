@@ -8,7 +8,7 @@ transformers = pytest.importorskip("transformers")
 
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from coset.kv import CodedKVStore, KeyTransform, KVQuantConfig, ScalarKVConfig  # noqa: E402
+from coset.kv import CodedKVStore, KeyTransform, KVQuantConfig, ScalarKVConfig, ScalarKVStore  # noqa: E402
 from coset.kv.hf_cache import (  # noqa: E402
     CodedKV,
     CosetKVLayer,
@@ -591,3 +591,92 @@ def test_bad_inputs(model):
         sc.crop(-3)
     sc.crop(-2)
     assert sc.get_seq_length() == 4
+
+
+def test_hostile_appends_and_reads_of_the_stores():
+    """Regressions found by tests/test_kv_fuzz.py."""
+    # an empty chunk froze NaN means (every later append raised), or IndexError with key_channel_scale
+    for cfg in (KVQuantConfig(), KVQuantConfig(key_channel_scale=1.0), KVQuantConfig(window=2)):
+        s = CodedKVStore(cfg)
+        s.append(torch.zeros(1, 3, 0, 64), torch.zeros(1, 3, 0, 64))
+        assert s.k_mean is None and s.nbytes == 0 and s.dequantized()[0].shape == (1, 3, 0, 64)
+        k, v = kv(L=4)
+        s.append(k, v)
+        assert bool(torch.isfinite(s.dequantized()[0]).all()) and len(s) == 4
+    # tiny (or zero) keys with key_channel_scale decoded to NaN; huge ones raised from coset.quant
+    for mag in (1e-30, 0.0):
+        s = CodedKVStore(KVQuantConfig(key_channel_scale=1.0))
+        k, v = kv(L=4)
+        s.append(k * mag, v)
+        K, _ = s.dequantized()
+        assert bool(torch.isfinite(K).all()) and float((K - k * mag).abs().max()) < 1e-20
+    # a first chunk of one token: channels of zero spread; later keys stay codable (scale floor)
+    s = CodedKVStore(KVQuantConfig(key_channel_scale=2.0, subtract_mean=False))
+    k, v = kv(L=6)
+    k[:, :, 0, 5] = 0.0
+    s.append(k[:, :, :1], v[:, :, :1])
+    s.append(k[:, :, 1:], v[:, :, 1:])
+    assert len(s) == 6
+    # keys past the scale range: ValueError, and the cache (window included) is left as it was
+    s = CodedKVStore(KVQuantConfig(window=2, sink=1))
+    k, v = kv(L=3)
+    s.append(k, v)
+    before = (len(s), s.nbytes, s.dequantized()[0].clone())
+    with pytest.raises(ValueError, match="key_states has a head vector of rms"):
+        s.append(k * 1e6, v)
+    assert (len(s), s.nbytes) == before[:2] and torch.equal(s.dequantized()[0], before[2])
+    # head dims that are not whole E8 blocks, batch 0, other dtypes into the window: clear errors
+    for shape in ((1, 3, 2, 4), (0, 3, 2, 64)):
+        with pytest.raises(ValueError):
+            CodedKVStore().append(torch.randn(shape), torch.randn(shape))
+    with pytest.raises(ValueError, match="dtype|float16"):
+        s.append(k.half(), v.half())
+    # attend: scaling and masks
+    s = CodedKVStore(KVQuantConfig())
+    s.append(*kv(L=3))
+    q = torch.randn(1, 9, 1, 64)
+    for scaling in (float("nan"), float("inf"), "x"):
+        with pytest.raises(ValueError, match="scaling"):
+            s.attend(q, scaling=scaling)
+    with pytest.raises(ValueError, match="NaN"):
+        s.attend(q, torch.full((1, 1, 1, 3), float("nan")))
+    out = s.attend(q, torch.full((1, 1, 1, 3), float("-inf")))  # all masked: uniform, as a boolean mask
+    assert torch.allclose(out, s.attend(q, torch.zeros(1, 1, 1, 3, dtype=torch.bool)))
+    with pytest.raises(ValueError, match="not finite"):
+        s.attend(q * 1e38)
+    # the scalar store: float16 overflow of the scale / zero point gave NaN; empty reads failed in torch.cat
+    sc = ScalarKVStore(ScalarKVConfig(group_size=2))
+    with pytest.raises(ValueError, match="float16"):
+        sc.append(torch.full((1, 3, 2, 64), 7e4), torch.zeros(1, 3, 2, 64))
+    sc.append(torch.zeros(1, 3, 0, 64), torch.zeros(1, 3, 0, 64))
+    assert sc.dequantized()[0].shape == (1, 3, 0, 64)
+    with pytest.raises(ValueError, match="empty"):
+        ScalarKVStore().dequantized()
+
+
+def test_hostile_cache_arguments():
+    # regression (fuzz): non-iterable config / key_scales raised "object is not iterable", a huge layer count
+    # hung building stores, update(None) an AttributeError, float / out-of-vocabulary ids errors from inside
+    for bad in (3, "abc"):
+        with pytest.raises(TypeError, match="config must be"):
+            CosetQuantizedCache(2, bad)
+        with pytest.raises(TypeError, match="key_scales"):
+            CosetQuantizedCache(2, key_scales=bad)
+    with pytest.raises(ValueError, match="number of layers"):
+        CosetQuantizedCache(2**40)
+    layer = CosetKVLayer(KVQuantConfig())
+    with pytest.raises(TypeError, match="key_states"):
+        layer.update(None, None)
+    assert not layer.is_initialized
+    k, v = kv(L=0)
+    assert CosetQuantizedCache(2, return_codes=False).update(k, v, 0)[0].shape == (1, 3, 0, 64)
+
+
+def test_calibration_checks_the_token_ids(model):
+    # regression (fuzz): float ids raised a RuntimeError and out-of-vocabulary ids an IndexError from the embedding
+    ids = torch.randint(0, 96, (1, 8))
+    with pytest.raises(TypeError, match="input_ids"):
+        calibrate_key_scales(model, ids.float())
+    for bad in (ids + 96, ids - 97):
+        with pytest.raises(ValueError, match="input_ids"):
+            calibrate_key_transforms(model, bad)

@@ -107,3 +107,42 @@ def test_zero_vectors_and_large_values():
 def test_encode_bad_input(x, exc):
     with pytest.raises(exc):
         encode_states(x, HeadRotation(3, 64), KVQuantConfig())
+
+
+def test_codes_that_do_not_match_the_config_are_rejected():
+    # regression (fuzz): codes read with another config were decoded silently wrong (other bits) or raised
+    # RuntimeError from inside (other t_bits, broken shapes); an empty chunk did not decode
+    from coset.kv import KVCodes, scores_lut, values_from_codes
+
+    rot, cfg = HeadRotation(2, 64), KVQuantConfig(bits=3)
+    c = encode_states(torch.randn(1, 2, 5, 64), rot, cfg)
+    q, p = torch.randn(1, 2, 1, 64), torch.rand(1, 2, 1, 5)
+    for backend in ("torch", "auto"):
+        with pytest.raises(ValueError, match="bits=2"):
+            scores_lut(q, c, KVQuantConfig(bits=2), backend=backend)
+        with pytest.raises(ValueError, match="codes.t"):
+            values_from_codes(p, c, KVQuantConfig(bits=3, t_bits=4), backend=backend)
+        with pytest.raises(ValueError, match="codes.scale"):
+            scores_lut(q, KVCodes(c.idx, c.t, c.scale[..., :2]), cfg, backend=backend)
+        with pytest.raises(TypeError, match="KVCodes"):
+            scores_lut(q, (c.idx, c.t, c.scale), cfg, backend=backend)
+    with pytest.raises(ValueError, match="bits=4"):
+        decode_states(c, rot, KVQuantConfig(bits=4))
+    with pytest.raises(TypeError, match="rotation"):
+        encode_states(torch.randn(1, 2, 5, 64), "rot", cfg)
+    empty = encode_states(torch.randn(1, 2, 0, 64), rot, cfg)
+    assert decode_states(empty, rot, cfg).shape == (1, 2, 0, 64)
+
+
+def test_head_vectors_past_the_scale_range_raise():
+    # regression (fuzz): an rms past float16 (or the 8-bit log scale) was clamped: 100% error, silently
+    rot = HeadRotation(1, 16)
+    for scale_bits in (16, 8):
+        cfg = KVQuantConfig(scale_bits=scale_bits)
+        with pytest.raises(ValueError, match="rms"):
+            encode_states(torch.full((1, 1, 1, 16), 1e5), rot, cfg)
+        x = torch.randn(1, 1, 3, 16) * 1e4  # within range: coded with the usual relative error
+        err = (decode_states(encode_states(x, rot, cfg), rot, cfg) - x).norm() / x.norm()
+        assert float(err) < 0.2
+    with pytest.raises(ValueError, match="2\\^26"):
+        HeadRotation(1, 2**14)  # a (1, 16384, 16384) matrix: not an attention layer

@@ -88,3 +88,22 @@ def test_quant_config_is_e8_q2_centred():
 @pytest.mark.slow
 def test_beta_table_entry_is_the_grid_search_result():
     assert search_beta(4, 2, 0.5) == _BETA_TABLE[(4, 2, 0.5)]
+
+
+def test_config_rejects_float_choices_and_out_of_range_beta():
+    # regression (fuzz): t_bits=2.0 / scale_bits=8.0 were accepted and failed later inside coset.quant, or gave
+    # float byte counts; beta=1e300 decoded to NaN, beta=1e-300 raised from the encoder at the first append
+    for kw in ({"t_bits": 2.0}, {"scale_bits": 8.0}, {"value_t_bits": 1.0}):
+        with pytest.raises(TypeError, match=next(iter(kw))):
+            KVQuantConfig(**kw)
+    for beta in (1e300, 1e-300, 2.0**21):
+        with pytest.raises(ValueError, match="beta"):
+            KVQuantConfig(beta=beta)
+    with pytest.raises(ValueError, match="alpha"):
+        KVQuantConfig(alpha=10.0, t_bits=4)  # top step 2^150: past float32
+    # head dims that are not whole E8 blocks: a clear error instead of ZeroDivisionError / nonsense rates
+    for bad in (0, -8, 4, 12):
+        with pytest.raises(ValueError, match="head_dim"):
+            KVQuantConfig().bits_per_element(bad)
+        with pytest.raises(ValueError, match="head_dim"):
+            ScalarKVConfig().bits_per_element(bad)

@@ -103,3 +103,19 @@ def test_bad_inputs():
             key_transform(s, s, rank=bad)
     with pytest.raises(TypeError, match="gains"):
         KeyTransform(torch.ones(4, 2, dtype=torch.float16), torch.ones(2))
+
+
+def test_key_transform_degenerate_inputs_raise_documented_errors():
+    # regression (fuzz): D = 0 raised IndexError, an overflowing gain a message about KeyTransform's fields,
+    # and score_error_factor a raw linalg/RuntimeError/AttributeError for singular or mis-shaped transforms
+    with pytest.raises(ValueError, match="D >= 1"):
+        key_transform(torch.zeros(0, 0), torch.zeros(0, 0))
+    sk = torch.diag(torch.tensor([1e30] + [0.0] * 7))
+    sq = torch.diag(torch.tensor([0.0] * 7 + [1e30]))
+    with pytest.raises(ValueError, match="ridge"):
+        key_transform(sk, sq, ridge=1e-300, rank=2)
+    eye = torch.eye(8)
+    for t, exc in ((torch.zeros(8), ValueError), (torch.ones(3), ValueError), ("x", TypeError)):
+        with pytest.raises(exc):
+            score_error_factor(eye, eye, t)
+    assert float(score_error_factor(eye, eye, torch.ones(8, dtype=torch.int64))) == 64.0

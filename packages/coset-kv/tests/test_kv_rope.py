@@ -214,3 +214,21 @@ def test_bad_inputs():
     model = tiny_model()
     with pytest.raises(TypeError, match="RotaryTable"):
         calibrate_key_transforms(model, torch.zeros(1, 8, dtype=torch.long), rope=object())  # type: ignore[arg-type]
+
+
+def test_rotary_function_output_and_store_head_dim_are_checked():
+    # regression (fuzz): a rotary fn returning the wrong shape or not a pair raised RuntimeError / unpacking
+    # errors; a table of another head dim than the states failed inside the store with a RuntimeError
+    def pair(pos, D=8):
+        a = pos.float()[:, None] * torch.ones(D)
+        return a.cos(), a.sin()
+
+    for fn in (lambda p: None, lambda p: pair(p)[0], lambda p: pair(p, 16), lambda p: ("a", "b")):
+        with pytest.raises(ValueError, match="rotary function"):
+            RotaryTable(fn, 8).get(0, 3)
+    store = CodedKVStore(KVQuantConfig(), rope=RotaryTable(pair, 8))
+    with pytest.raises(ValueError, match="rope"):
+        store.append(torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16))
+    assert len(store) == 0
+    with pytest.raises(TypeError, match="model"):
+        RotaryTable.from_model("not a model")

@@ -16,9 +16,12 @@ __all__ = ["masked_softmax"]
 def masked_softmax(scores: torch.Tensor, mask, num_kv_heads: int) -> torch.Tensor:
     """Softmax over the last axis of ``scores (B, H, G, Lq, Lk)`` (H = KV heads, G query heads per KV head).
 
+    An additive mask may hold ``-inf`` (and ``+inf``): masked scores are clamped to the float range, so a row
+    whose keys are all masked gets uniform weights, as with a boolean mask, instead of NaN.
+
     Raises
     ------
-    TypeError for a mask that is not a tensor or None; ValueError for a mask of the wrong shape.
+    TypeError for a mask that is not a tensor or None; ValueError for a mask of the wrong shape or with NaN.
     """
     B, H, G, Lq, Lk = scores.shape
     if mask is None:
@@ -38,5 +41,9 @@ def masked_softmax(scores: torch.Tensor, mask, num_kv_heads: int) -> torch.Tenso
     if m.dtype == torch.bool:
         scores = scores.masked_fill(~m, torch.finfo(scores.dtype).min)
     else:
-        scores = scores + m.to(scores.dtype)
+        m = m.to(scores.dtype)
+        if bool(torch.isnan(m).any()):
+            raise ValueError("attention_mask contains NaN")
+        fi = torch.finfo(scores.dtype)
+        scores = (scores + m).clamp(min=fi.min, max=fi.max)
     return torch.softmax(scores, dim=-1)

@@ -14,12 +14,14 @@ accumulated from the value codes in the rotated domain and rotated back once per
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 
 import torch
 
 from .attention import masked_softmax
-from .codes import KVCodes, decode_states, encode_checked
+from .codes import KVCodes, _check_states, decode_states, encode_checked
 from .config import KVQuantConfig
 from .key_transform import KeyTransform
 from .lut import scores_lut, scores_reference, values_from_codes
@@ -28,6 +30,19 @@ from .rotation import HeadRotation
 from .store import TokenBuffer
 
 __all__ = ["CodedKVStore"]
+
+#: Smallest per-channel key scale of ``key_channel_scale`` (relative to their rms, 1): later keys are amplified
+#: at most 100x in a channel the first chunk saw (nearly) constant.
+CHAN_FLOOR = 1e-2
+
+
+def _saturate(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``x`` cast to ``dtype``, clamped to its finite range first: a decoded vector (or an attention output) may
+    exceed the range of float16 states by its quantization error; it must not become inf."""
+    if dtype is None or dtype == x.dtype or torch.finfo(dtype).max >= torch.finfo(x.dtype).max:
+        return x if dtype is None else x.to(dtype)
+    fi = torch.finfo(dtype)
+    return x.clamp(min=fi.min, max=fi.max).to(dtype)
 
 
 def _inverse(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -76,6 +91,10 @@ class CodedKVStore:
                 raise ValueError("rope centres the keys on their pre-RoPE mean: it needs config.subtract_mean=True")
         if backend not in ("auto", "torch", "native"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'native', got {backend!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
         k_mat = q_mat = None
         if isinstance(key_scale, KeyTransform):
             if key_scale.vectors.ndim != 3:
@@ -143,16 +162,18 @@ class CodedKVStore:
         b = self._bufs
         return KVCodes(b[f"{which}_idx"].tensor, b[f"{which}_t"].tensor, b[f"{which}_scale"].tensor)
 
-    def _coded_rotary(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``cos, sin`` (n, D) of coded tokens ``start .. stop-1`` (positions after the sink)."""
+    def _coded_rotary(self, start: int, stop: int, sink: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin`` (n, D) of coded tokens ``start .. stop-1`` (positions after the ``sink`` sink tokens,
+        default the cache's)."""
         assert self.rope is not None
-        return self.rope.get(self.num_sink + start, self.num_sink + stop)
+        sink = self.num_sink if sink is None else sink
+        return self.rope.get(sink + start, sink + stop)
 
-    def _key_mean_at(self, mean: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    def _key_mean_at(self, mean: torch.Tensor, start: int, stop: int, sink: int | None = None) -> torch.Tensor:
         """The key mean of coded tokens ``start .. stop-1``: ``(H, 1, D)``, or ``(H, n, D)`` rotated with rope."""
         if self.rope is None:
             return mean.unsqueeze(1)
-        cos, sin = self._coded_rotary(start, stop)
+        cos, sin = self._coded_rotary(start, stop, sink)
         return apply_rotary(mean.unsqueeze(1), cos.to(mean.device), sin.to(mean.device))
 
     def _require_rotation(self) -> HeadRotation:
@@ -162,7 +183,7 @@ class CodedKVStore:
         return self.rotation
 
     def _means(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(k_mean, v_mean)``, or None; the two are set together (:meth:`_encode_append`) and cleared
+        """``(k_mean, v_mean)``, or None; the two are set together (:meth:`_commit`) and cleared
         together (:meth:`reset`)."""
         if self.k_mean is None and self.v_mean is None:
             return None
@@ -191,12 +212,15 @@ class CodedKVStore:
 
     # ------------------------------------------------------------------ updates
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Append new tokens ``(B, H, L, D)`` (keys and values of the same shape).
+        """Append new tokens ``(B, H, L, D)`` (keys and values of the same shape; ``L = 0`` is a no-op that
+        fixes the batch size, heads and head dim of an empty cache).
 
         Raises
         ------
-        TypeError / ValueError for non-float, non-finite or mismatched tensors, or a change of batch size,
-        head count or head dim.
+        TypeError / ValueError for non-float, non-finite or mismatched tensors, a batch size of 0, a head dim
+        that is not a power of two >= 8, a change of batch size, head count, head dim (or of dtype while
+        full-precision sink or window tokens are kept), or a head vector past the range of the per-vector
+        scale (:func:`coset.kv.encode_states`). A call that raises leaves the cache as it was.
         """
         for name, x in (("key_states", keys), ("value_states", values)):
             if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
@@ -205,42 +229,69 @@ class CodedKVStore:
                 raise ValueError(f"{name} must have shape (batch, kv_heads, seq_len, head_dim), got {tuple(x.shape)}")
         if keys.shape != values.shape:
             raise ValueError(f"key_states {tuple(keys.shape)} and value_states {tuple(values.shape)} differ")
+        if keys.dtype != values.dtype:
+            raise ValueError(f"key_states ({keys.dtype}) and value_states ({values.dtype}) differ in dtype")
         for name, x in (("key_states", keys), ("value_states", values)):
             if x.numel() and not bool(torch.isfinite(x).all()):
                 raise ValueError(f"{name} contains NaN or Inf")
         B, H, L, D = keys.shape
-        if self.rotation is None:
+        if B < 1:
+            raise ValueError(f"key_states must have a batch size >= 1, got {tuple(keys.shape)}")
+        S = min(max(self.config.sink - self.num_sink, 0), L)  # tokens that go to the sink
+        W = self.config.window
+        rotation = self.rotation
+        if rotation is None:
+            _check_states(keys, name="key_states")
             ks = self.key_scale
             shape = (
                 tuple(ks.vectors.shape[:2] if isinstance(ks, KeyTransform) else ks.shape) if ks is not None else None
             )
             if shape is not None and shape != (H, D):
                 raise ValueError(f"key_scale is for {shape[0]} heads of dim {shape[1]}; the states have {H} of dim {D}")
-            self.rotation = HeadRotation(H, D, self.seed)
-            self.dtype = keys.dtype
-        elif (H, D) != (self.rotation.num_heads, self.rotation.head_dim):
+            if self.rope is not None and self.rope.head_dim != D:
+                raise ValueError(f"rope is for head dim {self.rope.head_dim}; the states have head dim {D}")
+            rotation = HeadRotation(H, D, self.seed)
+        elif (H, D) != (rotation.num_heads, rotation.head_dim):
             raise ValueError(
-                f"states have {H} heads of dim {D}; this cache holds {self.rotation.num_heads} heads of dim "
-                f"{self.rotation.head_dim}"
+                f"states have {H} heads of dim {D}; this cache holds {rotation.num_heads} heads of dim "
+                f"{rotation.head_dim}"
             )
-        elif len(self) and B != self._batch():
+        elif self._batch() >= 0 and B != self._batch():
             raise ValueError(f"states have batch size {B}, the cache holds {self._batch()}")
-        S = self.config.sink - self.num_sink
-        if S > 0:  # the first tokens of the sequence: kept as they are
+        fp = [b.data.dtype for b in (self._bufs["k_sink"], self._bufs["k_win"]) if b.data is not None]
+        if fp and keys.dtype != fp[0] and (S > 0 or (W > 0 and L > S)):
+            raise ValueError(
+                f"key_states are {keys.dtype}; the cache keeps full-precision tokens in {fp[0]} (sink or window)"
+            )
+        # the tokens to code now: with a window, those pushed out of it (oldest first), else the new ones
+        rest_k, rest_v = keys[:, :, S:], values[:, :, S:]
+        from_win = keep = 0  # window tokens coded now; new tokens coded now
+        if W == 0:
+            code_k, code_v = rest_k, rest_v
+        else:
+            over = max(self.num_window + rest_k.shape[2] - W, 0)
+            from_win = min(over, self.num_window)
+            keep = over - from_win
+            code_k, code_v = rest_k[:, :, :keep], rest_v[:, :, :keep]
+            if from_win:
+                code_k = torch.cat((self._bufs["k_win"].tensor[:, :, :from_win], code_k), dim=2)
+                code_v = torch.cat((self._bufs["v_win"].tensor[:, :, :from_win], code_v), dim=2)
+        # encode first (it may raise), then commit: bad input leaves no trace
+        enc = self._encode(code_k, code_v, rotation, self.num_sink + S) if code_k.shape[2] else None
+        if (L and not len(self)) or self.dtype is None:
+            self.dtype = keys.dtype
+        self.rotation = rotation
+        if S > 0 or self._batch() < 0:  # the first tokens of the sequence are kept as they are (L = 0: fixes B)
             self._bufs["k_sink"].append(keys[:, :, :S].detach())
             self._bufs["v_sink"].append(values[:, :, :S].detach())
-            keys, values = keys[:, :, S:], values[:, :, S:]
-            if not keys.shape[2]:
-                return
-        W = self.config.window
-        if W == 0:
-            self._encode_append(keys, values)
-            return
-        self._bufs["k_win"].append(keys.detach())
-        self._bufs["v_win"].append(values.detach())
-        over = self.num_window - W
-        if over > 0:
-            self._encode_append(self._bufs["k_win"].pop_front(over), self._bufs["v_win"].pop_front(over))
+        if W:
+            if from_win:
+                self._bufs["k_win"].pop_front(from_win)
+                self._bufs["v_win"].pop_front(from_win)
+            self._bufs["k_win"].append(rest_k[:, :, keep:].detach())
+            self._bufs["v_win"].append(rest_v[:, :, keep:].detach())
+        if enc is not None:
+            self._commit(*enc)
 
     def _batch(self) -> int:
         for b in self._bufs.values():
@@ -248,25 +299,32 @@ class CodedKVStore:
                 return b.data.shape[0]
         return -1
 
-    def _encode_append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def _encode(self, keys: torch.Tensor, values: torch.Tensor, rotation: HeadRotation, sink: int):
+        """Codes of the tokens ``keys, values (B, H, n >= 1, D)`` that come after the coded ones (and after
+        ``sink`` sink tokens), with the means and channel scale they use; changes nothing."""
         keys, values = keys.detach().to(torch.float32), values.detach().to(torch.float32)
-        rotation = self._require_rotation()
         means = self._means()
         if self.config.subtract_mean:
             c0, c1 = self.num_coded, self.num_coded + keys.shape[2]
             if means is None:
                 kp = keys
                 if self.rope is not None:
-                    cos, sin = self._coded_rotary(c0, c1)
+                    cos, sin = self._coded_rotary(c0, c1, sink)
                     kp = unapply_rotary(keys, cos.to(keys.device), sin.to(keys.device))
                 means = kp.mean(dim=(0, 2)), values.mean(dim=(0, 2))
-            keys = keys - self._key_mean_at(means[0], c0, c1)
+            keys = keys - self._key_mean_at(means[0], c0, c1, sink)
             values = values - means[1].unsqueeze(1)
         chan = self.k_chan
         if self.config.key_channel_scale and chan is None:
             std = keys.std(dim=(0, 2), correction=0) if keys.shape[0] * keys.shape[2] > 1 else keys.abs()[0, :, 0]
-            std = std.clamp(min=1e-6 * float(std.max().clamp(min=1e-30)))
+            # relative to the largest channel first (the squares of tiny or huge stds would leave float32), with
+            # a floor of 1e-6 of it; all-zero keys get uniform scales
+            top = std.amax().clamp(min=torch.finfo(std.dtype).tiny)
+            std = (std / top).clamp(min=1e-6)
             chan = (std / std.pow(2).mean(-1, keepdim=True).sqrt()).pow(self.config.key_channel_scale)
+            # a first chunk of one or two tokens has channels of near-zero spread: without a floor, later keys
+            # would be amplified without bound (past the range of the per-vector scale) in those channels
+            chan = chan.clamp(min=CHAN_FLOOR)
         if chan is not None:
             keys = keys / chan.unsqueeze(1)
         if self.k_mat is not None:  # row vectors: k' = k T^T
@@ -275,13 +333,16 @@ class CodedKVStore:
         # fixed cost, ~0.4 ms of torch dispatch, is paid per layer and decoding step); append() has checked them
         B = keys.shape[0]
         if self.kcfg is self.vcfg:
-            both = encode_checked(torch.cat((keys, values)), rotation, self.config)
+            both = encode_checked(torch.cat((keys, values)), rotation, self.config, ("key_states", "value_states"))
             kc = KVCodes(both.idx[:B], both.t[:B], both.scale[:B])
             vc = KVCodes(both.idx[B:], both.t[B:], both.scale[B:])
         else:
-            kc = encode_checked(keys, rotation, self.kcfg)
-            vc = encode_checked(values, rotation, self.vcfg)
-        if means is not None:  # only once encoded: bad input leaves no trace
+            kc = encode_checked(keys, rotation, self.kcfg, ("key_states",))
+            vc = encode_checked(values, rotation, self.vcfg, ("value_states",))
+        return kc, vc, means, chan
+
+    def _commit(self, kc: KVCodes, vc: KVCodes, means, chan) -> None:
+        if means is not None:
             self.k_mean, self.v_mean = means
         self.k_chan = chan
         for which, c in (("k", kc), ("v", vc)):
@@ -315,7 +376,19 @@ class CodedKVStore:
 
     # ------------------------------------------------------------------ reads
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reconstructed keys and values ``(B, H, L, D)`` in the states' dtype (decoded codes + window)."""
+        """Reconstructed keys and values ``(B, H, L, D)`` in the states' dtype (decoded codes + window);
+        ``L = 0`` after an empty append or a crop of every token.
+
+        Raises
+        ------
+        ValueError if nothing was ever appended (the shape is not known).
+        """
+        if not len(self):
+            if self.rotation is None or self._batch() < 0 or self.dtype is None:
+                raise ValueError("the cache is empty: append keys and values before reading them")
+            r = self.rotation
+            empty = torch.empty((self._batch(), r.num_heads, 0, r.head_dim), dtype=self.dtype)
+            return empty, empty.clone()
         parts_k: list[torch.Tensor] = []
         parts_v: list[torch.Tensor] = []
         if self.num_sink:
@@ -332,8 +405,8 @@ class CodedKVStore:
             means = self._means()
             if means is not None:
                 k, v = k + self._key_mean_at(means[0], 0, self.num_coded), v + means[1].unsqueeze(1)
-            parts_k.append(k.to(self.dtype))
-            parts_v.append(v.to(self.dtype))
+            parts_k.append(_saturate(k, self.dtype))
+            parts_v.append(_saturate(v, self.dtype))
         if self.num_window:
             parts_k.append(self._bufs["k_win"].tensor)
             parts_v.append(self._bufs["v_win"].tensor)
@@ -352,8 +425,10 @@ class CodedKVStore:
 
         Raises
         ------
-        ValueError for an empty cache, a query whose batch, head dim or head count does not fit the cache
-        (Hq must be a multiple of the KV heads), or a bad mask.
+        TypeError for a query that is not a 4-d float tensor or a mask that is not a tensor; ValueError for an
+        empty cache, a query whose batch, head dim or head count does not fit the cache (Hq must be a multiple
+        of the KV heads), a bad mask (shape, NaN), a ``scaling`` that is not a finite number, or scores that are
+        not finite (a query with NaN/Inf, or too large for the keys: float32 overflow).
         """
         if not isinstance(query, torch.Tensor) or not query.dtype.is_floating_point or query.ndim != 4:
             raise TypeError("query must be a floating tensor (batch, heads, q_len, head_dim)")
@@ -368,7 +443,11 @@ class CodedKVStore:
                 f"head dim {rotation.head_dim}"
             )
         G = Hq // H
-        scaling = D**-0.5 if scaling is None else float(scaling)
+        if scaling is None:
+            scaling = D**-0.5
+        elif isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not math.isfinite(scaling):
+            raise ValueError(f"scaling must be a finite number or None, got {scaling!r}")
+        scaling = float(scaling)
         q = query.to(torch.float32).reshape(B, H, G * Lq, D)  # row g*Lq + i = query head h*G+g, position i
         parts: list[torch.Tensor] = []
         lut = self.use_lut(G * Lq)
@@ -392,7 +471,13 @@ class CodedKVStore:
             parts.append(q @ self._bufs["k_win"].tensor.to(torch.float32).transpose(-1, -2))
         s = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
         Lk = s.shape[-1]
-        p = masked_softmax((s * scaling).view(B, H, G, Lq, Lk), attention_mask, H).view(B, H, G * Lq, Lk)
+        s = s * scaling
+        if not bool(torch.isfinite(s).all()):
+            raise ValueError(
+                "attention scores are not finite: the query (or scaling) is too large for the cached keys, or it "
+                "holds NaN/Inf"
+            )
+        p = masked_softmax(s.view(B, H, G, Lq, Lk), attention_mask, H).view(B, H, G * Lq, Lk)
         out = torch.zeros((B, H, G * Lq, D), dtype=torch.float32, device=query.device)
         Lc = self.num_coded
         if Lc:
@@ -404,4 +489,4 @@ class CodedKVStore:
             out = out + p[..., :Ls] @ self._bufs["v_sink"].tensor.to(torch.float32)
         if self.num_window:
             out = out + p[..., Ls + Lc :] @ self._bufs["v_win"].tensor.to(torch.float32)
-        return out.view(B, H, G, Lq, D).reshape(B, Hq, Lq, D).transpose(1, 2).to(query.dtype)
+        return _saturate(out.view(B, H, G, Lq, D).reshape(B, Hq, Lq, D).transpose(1, 2), query.dtype)

@@ -37,9 +37,13 @@ __all__ = [
     "step_table",
     "unpack_t",
     "scale_values",
+    "check_codes",
 ]
 
 _FP16_MAX = float(torch.finfo(torch.float16).max)
+#: The largest per-vector rms each scale format holds: float16's max, and the top 8-bit log step 2^(127/8)
+#: (an rms up to half a step above it still rounds to it).
+_MAX_RMS = {16: _FP16_MAX, 8: 2.0 ** (127.5 / 8)}
 
 
 @dataclass
@@ -106,21 +110,37 @@ def encode_states(x: torch.Tensor, rotation: HeadRotation, config: KVQuantConfig
 
     Raises
     ------
-    TypeError for a non-float tensor; ValueError for a wrong shape, head count or non-finite values.
+    TypeError for a non-float tensor; ValueError for a wrong shape, head count or non-finite values, or a head
+    vector whose rms is past the largest per-vector scale (65504 with float16 scales, ~6e4 with 8-bit ones).
     """
+    if not isinstance(rotation, HeadRotation):
+        raise TypeError(f"rotation must be a HeadRotation, got {type(rotation).__name__}")
+    if not isinstance(config, KVQuantConfig):
+        raise TypeError(f"config must be a KVQuantConfig, got {type(config).__name__}")
     _check_states(x, rotation.head_dim)
     if x.shape[1] != rotation.num_heads:
         raise ValueError(f"states have {x.shape[1]} heads, the rotation was built for {rotation.num_heads}")
     return encode_checked(x, rotation, config)
 
 
-def encode_checked(x: torch.Tensor, rotation: HeadRotation, config: KVQuantConfig) -> KVCodes:
+def encode_checked(
+    x: torch.Tensor, rotation: HeadRotation, config: KVQuantConfig, names: tuple[str, ...] = ("states",)
+) -> KVCodes:
     """:func:`encode_states` without the argument checks (for callers that made them: it runs once per layer
-    and decoding step)."""
+    and decoding step), except the range of the per-vector scales (ValueError naming ``names[i]`` when the
+    offending vector is in the i-th of ``len(names)`` equal parts of the batch axis)."""
     B, H, L, D = x.shape
     K = D // BLOCK
     xr = rotation.rotate(x.to(torch.float32))
     rms = xr.pow(2).mean(-1).sqrt()
+    limit = _MAX_RMS[config.scale_bits]
+    bad = rms > limit  # also an rms that overflowed float32
+    if bool(bad.any()):
+        part = names[int(bad.nonzero()[0, 0]) * len(names) // B]
+        raise ValueError(
+            f"{part} has a head vector of rms {float(rms.max()):.3g} (after centring and key scaling): past the "
+            f"largest per-vector scale of the code ({limit:.6g} with {config.scale_bits}-bit scales)"
+        )
     if config.scale_bits == 8:
         # nearest log step (not the next one up: T absorbs the rare overload, a scale rounded up would coarsen
         # every vector); vectors below 2^-16 rms get the smallest step, exact zeros the code 0
@@ -146,6 +166,33 @@ def encode_checked(x: torch.Tensor, rotation: HeadRotation, config: KVQuantConfi
     return KVCodes(idx=idx, t=t, scale=scale)
 
 
+def check_codes(codes, config, name: str = "codes") -> None:
+    """TypeError / ValueError unless ``codes`` is a :class:`KVCodes` laid out as ``config`` codes them: ``idx``
+    ``(B, H, L, K, config.bits)`` uint8 with K >= 1, ``t`` ``(B, H, L, config.t_bytes(8 K))`` uint8, ``scale``
+    ``(B, H, L)`` float or uint8."""
+    if not isinstance(codes, KVCodes):
+        raise TypeError(f"{name} must be a KVCodes, got {type(codes).__name__}")
+    if not isinstance(config, KVQuantConfig):
+        raise TypeError(f"config must be a KVQuantConfig, got {type(config).__name__}")
+    for field in ("idx", "t", "scale"):
+        if not isinstance(getattr(codes, field), torch.Tensor):
+            raise TypeError(f"{name}.{field} must be a torch.Tensor, got {type(getattr(codes, field)).__name__}")
+    idx, t, scale = codes.idx, codes.t, codes.scale
+    if idx.dtype != torch.uint8 or idx.ndim != 5 or idx.shape[3] < 1:
+        raise ValueError(f"{name}.idx must be a (B, H, L, K >= 1, M) uint8 tensor, got {tuple(idx.shape)} {idx.dtype}")
+    B, H, L, K, M = idx.shape
+    if M != config.bits:
+        raise ValueError(f"{name}.idx holds {M} layers per block, the config codes bits={config.bits}")
+    tb = config.t_bytes(K * BLOCK)
+    if t.dtype != torch.uint8 or tuple(t.shape) != (B, H, L, tb):
+        raise ValueError(
+            f"{name}.t must be a ({B}, {H}, {L}, {tb}) uint8 tensor for t_bits={config.t_bits}, got "
+            f"{tuple(t.shape)} {t.dtype}"
+        )
+    if tuple(scale.shape) != (B, H, L) or not (scale.dtype == torch.uint8 or scale.dtype.is_floating_point):
+        raise ValueError(f"{name}.scale must be a ({B}, {H}, {L}) float or uint8 tensor, got {tuple(scale.shape)}")
+
+
 def scale_values(scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The per-vector scales ``rho`` of stored ``scale`` codes: float16 as they are, uint8 8-bit log codes as
     ``2^((e - 128) / 8)`` (0 for ``e = 0``)."""
@@ -164,7 +211,7 @@ def unpack_t(t: torch.Tensor, config: KVQuantConfig, K: int) -> torch.Tensor:
         return torch.zeros((*lead, K), dtype=torch.uint8, device=t.device)
     shifts = torch.arange(0, 8, tb, dtype=torch.uint8, device=t.device)
     T = (t.unsqueeze(-1) >> shifts) & ((1 << tb) - 1)
-    return T.reshape(*lead, -1)[..., :K]
+    return T.reshape(*lead, T.shape[-2] * T.shape[-1])[..., :K]
 
 
 @cache
@@ -198,7 +245,14 @@ def decode_states(codes: KVCodes, rotation: HeadRotation, config: KVQuantConfig)
     """Inverse of :func:`encode_states` up to quantization: ``(B, H, L, D)`` float32.
 
     Equals ``coset.quant.decode`` of the labels (tested), computed from the representative table.
+
+    Raises
+    ------
+    TypeError / ValueError for codes that do not match ``config`` (:func:`check_codes`) or ``rotation``.
     """
+    check_codes(codes, config)
+    if not isinstance(rotation, HeadRotation):
+        raise TypeError(f"rotation must be a HeadRotation, got {type(rotation).__name__}")
     return rotation.unrotate(decode_rotated(codes, config))
 
 

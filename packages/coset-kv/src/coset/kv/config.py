@@ -31,7 +31,7 @@ import torch
 
 from coset.quant import QuantizationConfig, calibrate_beta
 
-__all__ = ["KVQuantConfig", "ScalarKVConfig", "BLOCK", "calibrated_beta", "search_beta"]
+__all__ = ["KVQuantConfig", "ScalarKVConfig", "BLOCK", "calibrated_beta", "search_beta", "check_head_dim"]
 
 #: Block length: the E8 lattice dimension.
 BLOCK = 8
@@ -42,6 +42,28 @@ def _int(name: str, v, lo: int, hi: int) -> None:
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
     if not lo <= v <= hi:
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {v}")
+
+
+def _choice(name: str, v, allowed: tuple[int, ...]) -> None:
+    """ValueError unless ``v`` is one of ``allowed`` (a bool is not); TypeError for a non-int (e.g. 2.0)."""
+    if isinstance(v, bool) or v not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}, got {v!r}")
+    if not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+
+
+def check_head_dim(head_dim) -> None:
+    """TypeError / ValueError unless ``head_dim`` is an int >= 8 and a multiple of 8 (whole E8 blocks)."""
+    _int("head_dim", head_dim, BLOCK, 2**20)
+    if head_dim % BLOCK:
+        raise ValueError(f"head_dim must be a multiple of {BLOCK}, got {head_dim}")
+
+
+#: Range of ``beta`` (in units of the per-vector rms, calibrated values 0.2 .. 1.7) and the largest step of the
+#: overload ramp ``beta 2^(alpha (2^t_bits - 1))``: the float32 step tables and decoded vectors stay finite
+#: (per-vector scales reach 2^16), and the encoder's ``x / beta`` stays in its exact range.
+BETA_RANGE = (2.0**-20, 2.0**20)
+MAX_LOG2_STEP = 64.0
 
 
 #: ``calibrated_beta(bits, t_bits, alpha)`` for the common settings, computed once by its grid search (~15 s
@@ -162,19 +184,28 @@ class KVQuantConfig:
 
     def __post_init__(self) -> None:
         _int("bits", self.bits, 1, 4)
-        if isinstance(self.scale_bits, bool) or self.scale_bits not in (8, 16):
-            raise ValueError(f"scale_bits must be 8 or 16, got {self.scale_bits!r}")
+        _choice("scale_bits", self.scale_bits, (8, 16))
         if self.value_bits is not None:
             _int("value_bits", self.value_bits, 1, 4)
         for name in ("t_bits",) + (("value_t_bits",) if self.value_t_bits is not None else ()):
-            v = getattr(self, name)
-            if isinstance(v, bool) or v not in (0, 1, 2, 4):
-                raise ValueError(f"{name} must be 0, 1, 2 or 4, got {v!r}")
+            _choice(name, getattr(self, name), (0, 1, 2, 4))
         optional = tuple(n for n in ("beta", "value_alpha") if getattr(self, n) is not None)
         for name in ("alpha",) + optional:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        if self.beta is not None and not BETA_RANGE[0] <= self.beta <= BETA_RANGE[1]:
+            raise ValueError(f"beta must be in [2^-20, 2^20] (units of the per-vector rms), got {self.beta!r}")
+        # the top step of each ramp (keys, values); a calibrated beta is < 2
+        log2_beta = math.log2(self.beta) if self.beta is not None else 1.0
+        vt = self.t_bits if self.value_t_bits is None else self.value_t_bits
+        va = self.alpha if self.value_alpha is None else self.value_alpha
+        for name, a, tb in (("alpha", self.alpha, self.t_bits), ("value_alpha", va, vt)):
+            if log2_beta + a * (2**tb - 1) > MAX_LOG2_STEP:
+                raise ValueError(
+                    f"{name}={a!r} with {tb} T bits: the top step beta 2^({name} (2^t_bits - 1)) of the overload ramp "
+                    f"is past 2^{MAX_LOG2_STEP:g}; lower {name}"
+                )
         _int("window", self.window, 0, 2**31 - 1)
         _int("sink", self.sink, 0, 2**31 - 1)
         _int("seed", self.seed, 0, 2**62)
@@ -228,12 +259,14 @@ class KVQuantConfig:
 
     def t_bytes(self, head_dim: int) -> int:
         """Bytes of the packed T of one head vector."""
+        check_head_dim(head_dim)
         return math.ceil(head_dim // BLOCK * self.t_bits / 8)
 
     def bytes_per_vector(self, head_dim: int, which: str = "k") -> int:
         """Stored bytes of one coded key (``which="k"``) or value (``"v"``) head vector: labels + T + scale."""
         if which not in ("k", "v"):
             raise ValueError(f"which must be 'k' or 'v', got {which!r}")
+        check_head_dim(head_dim)
         cfg = self.key_config() if which == "k" else self.value_config()
         return head_dim // BLOCK * cfg.bits + cfg.t_bytes(head_dim) + cfg.scale_bits // 8
 
@@ -274,6 +307,7 @@ class ScalarKVConfig:
         return self.bits if self.value_bits is None else self.value_bits
 
     def value_bits_per_element(self, head_dim: int) -> float:
+        check_head_dim(head_dim)
         return self.resolved_value_bits + 32.0 / head_dim
 
     def bits_per_element(self, head_dim: int) -> float:

@@ -18,7 +18,7 @@ implementation pass ``return_codes=False``: the layer then returns the decoded k
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
 import torch
@@ -50,6 +50,9 @@ __all__ = [
 ]
 
 ATTN_NAME = "coset_kv"
+
+#: Layers a cache may have (one store object each): far above any model, far below a token id passed by mistake.
+MAX_LAYERS = 1 << 16
 
 
 class CodedKV:
@@ -148,10 +151,10 @@ class CosetKVLayer(_StoreLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append the new tokens' codes; return a :class:`CodedKV` handle twice, or the decoded states, or
         (``config.prefill == "float"``, several tokens into an empty cache) the given states themselves."""
+        fresh = len(self.store) == 0
+        self.store.append(key_states, value_states)  # validates first: a call that raises changes nothing
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        fresh = len(self.store) == 0
-        self.store.append(key_states, value_states)
         self.cumulative_length = len(self.store)
         if fresh and key_states.shape[2] > 1 and self.store.config.prefill == "float":
             return key_states, value_states  # the prompt attends with what it has; only its codes are kept
@@ -177,9 +180,9 @@ class ScalarKVLayer(_StoreLayer):
         raise NotImplementedError("ScalarKVLayer quantizes keys and values differently; see ScalarKVStore")
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.store.append(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.store.append(key_states, value_states)
         self.cumulative_length = len(self.store)
         return self.store.dequantized()
 
@@ -195,8 +198,8 @@ def _num_layers(model_config) -> int:
         if not isinstance(num_hidden_layers, int):
             raise TypeError("model_config must be a transformers config with num_hidden_layers, or an int")
         n = num_hidden_layers
-    if n < 1:
-        raise ValueError(f"the number of layers must be >= 1, got {n}")
+    if not 1 <= n <= MAX_LAYERS:
+        raise ValueError(f"the number of layers must be in [1, {MAX_LAYERS}], got {n}")
     return n
 
 
@@ -238,9 +241,17 @@ class CosetQuantizedCache(_BytesMixin, Cache):
     ):
         n = _num_layers(model_config)
         config = KVQuantConfig() if config is None else config
-        configs = [config] * n if isinstance(config, KVQuantConfig) else list(config)
+        bad = TypeError(f"config must be a KVQuantConfig or a sequence of {n} KVQuantConfig (one per layer)")
+        if isinstance(config, KVQuantConfig):
+            configs = [config] * n
+        elif isinstance(config, (str, bytes)) or not isinstance(config, Iterable):
+            raise bad
+        else:
+            configs = list(config)
         if len(configs) != n or not all(isinstance(c, KVQuantConfig) for c in configs):
-            raise TypeError(f"config must be a KVQuantConfig or a sequence of {n} KVQuantConfig (one per layer)")
+            raise bad
+        if key_scales is not None and (isinstance(key_scales, (str, bytes)) or not isinstance(key_scales, Iterable)):
+            raise TypeError(f"key_scales must be a sequence of one key scale (or None) per layer, got {key_scales!r}")
         scales = [None] * n if key_scales is None else list(key_scales)
         if len(scales) != n:
             raise ValueError(f"key_scales must have one entry per layer ({n}), got {len(scales)}")
@@ -291,6 +302,21 @@ def use_coset_attention(model) -> None:
     model.set_attn_implementation(ATTN_NAME)
 
 
+def _check_ids(model, input_ids: torch.Tensor) -> None:
+    """TypeError for non-integer ids, ValueError for ids outside the model's vocabulary (checked before the
+    forward, which would raise an IndexError from inside the embedding)."""
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must be an integer tensor of token ids, got {input_ids.dtype}")
+    if input_ids.shape[0] < 1:
+        raise ValueError("input_ids must hold at least one sequence")
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None)
+    if input_ids.numel() and (int(input_ids.min()) < 0 or (vocab is not None and int(input_ids.max()) >= vocab)):
+        raise ValueError(
+            f"input_ids must be token ids in [0, {vocab}), got [{int(input_ids.min())}, {int(input_ids.max())}]"
+        )
+
+
 @torch.no_grad()
 def _attention_moments(
     model, input_ids: torch.Tensor, rope: RotaryTable | None = None
@@ -303,6 +329,7 @@ def _attention_moments(
         raise TypeError(f"rope must be a coset.kv.RotaryTable, got {type(rope).__name__}")
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[1] < 3:
         raise ValueError("input_ids must be a (batch, seq_len >= 3) tensor of token ids")
+    _check_ids(model, input_ids)
     n = _num_layers(model.config)
     stats: dict[int, dict[str, torch.Tensor]] = {}
 
@@ -409,6 +436,7 @@ def layer_sensitivity(
         raise TypeError(f"config must be a KVQuantConfig, got {type(config).__name__}")
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[1] < 2:
         raise ValueError("input_ids must be a (batch, seq_len >= 2) tensor of token ids")
+    _check_ids(model, input_ids)
     n = _num_layers(model.config)
     coded = replace(config, prefill="codes")
     exact = replace(coded, window=2**31 - 1, sink=0)  # every token stays in the full-precision window

@@ -72,8 +72,8 @@ def _check_moments(sigma_k: torch.Tensor, sigma_q: torch.Tensor) -> None:
     for name, s in (("sigma_k", sigma_k), ("sigma_q", sigma_q)):
         if not isinstance(s, torch.Tensor) or not s.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating torch.Tensor")
-        if s.ndim < 2 or s.shape[-1] != s.shape[-2]:
-            raise ValueError(f"{name} must have shape (..., D, D), got {tuple(s.shape)}")
+        if s.ndim < 2 or s.shape[-1] != s.shape[-2] or s.shape[-1] < 1:
+            raise ValueError(f"{name} must have shape (..., D, D) with D >= 1, got {tuple(s.shape)}")
         if not bool(torch.isfinite(s).all()):
             raise ValueError(f"{name} contains NaN or Inf")
     if sigma_k.shape != sigma_q.shape:
@@ -140,7 +140,13 @@ def key_transform(
     logg = logg - logg.median(dim=-1, keepdim=True).values  # T up to scale: the median direction gets gain 1
     keep = logg.abs().argsort(dim=-1, descending=True)[..., :rank]
     vec = v.gather(-1, keep.unsqueeze(-2).expand(*v.shape[:-1], rank))
-    return KeyTransform(vec.to(torch.float16), logg.gather(-1, keep).exp().to(torch.float16))
+    gains = logg.gather(-1, keep).exp().to(torch.float16)
+    if not bool(torch.isfinite(gains).all()) or not bool((gains > 0).all()):
+        raise ValueError(
+            f"sigma_k and sigma_q are too ill-conditioned for ridge={ridge!r}: the transform's gains leave the "
+            "float16 range; use a larger ridge"
+        )
+    return KeyTransform(vec.to(torch.float16), gains)
 
 
 def score_error_factor(
@@ -148,18 +154,33 @@ def score_error_factor(
 ) -> torch.Tensor:
     """``tr(T S_k T^T) tr(T^-T S_q T^-1)`` for the key transform ``T`` (a :class:`KeyTransform`, a ``(..., D,
     D)`` matrix, a ``(..., D)`` diagonal, or None for the identity): proportional to the expected squared score
-    error of the code at a fixed rate (module docstring). Returns ``(...)`` float64."""
+    error of the code at a fixed rate (module docstring). Returns ``(...)`` float64.
+
+    Raises
+    ------
+    TypeError / ValueError for moments as :func:`key_transform`, or a transform of the wrong type or shape,
+    non-finite or singular."""
     _check_moments(sigma_k, sigma_q)
     sk, sq = sigma_k.to(torch.float64), sigma_q.to(torch.float64)
+    D = sk.shape[-1]
     if transform is None:
-        t = torch.eye(sk.shape[-1], dtype=torch.float64).expand_as(sk)
+        t = torch.eye(D, dtype=torch.float64).expand_as(sk)
     elif isinstance(transform, KeyTransform):
         t = transform.matrix().to(torch.float64)
-    elif transform.ndim == sk.ndim - 1:
-        t = torch.diag_embed(transform.to(torch.float64))
-    else:
+    elif isinstance(transform, torch.Tensor) and not transform.is_complex():
         t = transform.to(torch.float64)
-    ti = torch.linalg.inv(t)
+        t = torch.diag_embed(t) if t.ndim >= 1 and t.shape[-1] == D and t.ndim == sk.ndim - 1 else t
+    else:
+        raise TypeError(f"transform must be a KeyTransform, a tensor or None, got {type(transform).__name__}")
+    if t.ndim < 2 or t.shape[-2:] != (D, D) or not bool(torch.isfinite(t).all()):
+        raise ValueError(f"transform must be finite, (..., {D}) diagonal or (..., {D}, {D}), got {tuple(t.shape)}")
+    try:
+        torch.broadcast_shapes(t.shape, sk.shape)
+    except RuntimeError:
+        raise ValueError(f"transform {tuple(t.shape)} does not broadcast with the moments {tuple(sk.shape)}") from None
+    ti, info = torch.linalg.inv_ex(t)
+    if bool((info != 0).any()) or not bool(torch.isfinite(ti).all()):
+        raise ValueError("transform is singular")
     tk = torch.diagonal(t @ sk @ t.transpose(-1, -2), dim1=-2, dim2=-1).sum(-1)
     tq = torch.diagonal(ti.transpose(-1, -2) @ sq @ ti, dim1=-2, dim2=-1).sum(-1)
     return tk * tq

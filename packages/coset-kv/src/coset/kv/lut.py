@@ -25,13 +25,14 @@ import torch
 from coset.lut.kernels import torch_one_sided
 
 from . import native
-from .codes import KVCodes, block_scales, code_tables, decode_rotated, step_table
+from .codes import KVCodes, block_scales, check_codes, code_tables, decode_rotated, step_table
 from .config import BLOCK, KVQuantConfig
 
 __all__ = ["query_tables", "scores_lut", "scores_lut_torch", "scores_reference", "values_from_codes"]
 
 
-def _check_query(qr: torch.Tensor, codes: KVCodes) -> None:
+def _check_query(qr: torch.Tensor, codes: KVCodes, config: KVQuantConfig) -> None:
+    check_codes(codes, config)
     if not isinstance(qr, torch.Tensor) or not qr.dtype.is_floating_point:
         raise TypeError("queries must be a floating torch.Tensor")
     B, H, L, K, M = codes.idx.shape
@@ -54,6 +55,12 @@ def query_tables(qr: torch.Tensor, config: KVQuantConfig) -> tuple[torch.Tensor,
     tab : (B, H, K, 256, n) float32, ``tab[..., k, j, i] = <a_j, qr[..., i, 8k:8k+8]>``
     cy : (B, H, K, n) float32, ``<c, qr[..., i, 8k:8k+8]>``
     """
+    if not isinstance(qr, torch.Tensor) or not qr.dtype.is_floating_point:
+        raise TypeError("queries must be a floating torch.Tensor")
+    if not isinstance(config, KVQuantConfig):
+        raise TypeError(f"config must be a KVQuantConfig, got {type(config).__name__}")
+    if qr.ndim != 4 or qr.shape[-1] < BLOCK or qr.shape[-1] % BLOCK:
+        raise ValueError(f"queries must have shape (B, H, n, D) with D a multiple of {BLOCK}, got {tuple(qr.shape)}")
     a, c = code_tables(config, qr.device)
     B, H, n, D = qr.shape
     y = qr.to(torch.float32).reshape(B, H, n, D // BLOCK, BLOCK)
@@ -64,13 +71,13 @@ def query_tables(qr: torch.Tensor, config: KVQuantConfig) -> tuple[torch.Tensor,
 
 def scores_reference(qr: torch.Tensor, codes: KVCodes, config: KVQuantConfig) -> torch.Tensor:
     """Decode-then-dot: ``(B, H, n, L)`` float32 ``<k_hat_t, qr_i>`` (rotated domain)."""
-    _check_query(qr, codes)
+    _check_query(qr, codes, config)
     return qr.to(torch.float32) @ decode_rotated(codes, config).transpose(-1, -2)
 
 
 def scores_lut_torch(qr: torch.Tensor, codes: KVCodes, config: KVQuantConfig) -> torch.Tensor:
     """The one-sided LUT path in PyTorch (``embedding_bag``): ``(B, H, n, L)`` float32."""
-    _check_query(qr, codes)
+    _check_query(qr, codes, config)
     B, H, L, K, M = codes.idx.shape
     n = qr.shape[2]
     tab, cy = query_tables(qr, config)
@@ -102,7 +109,7 @@ def scores_lut(qr: torch.Tensor, codes: KVCodes, config: KVQuantConfig, *, backe
     """
     if backend not in ("auto", "native", "torch"):
         raise ValueError(f"backend must be 'auto', 'native' or 'torch', got {backend!r}")
-    _check_query(qr, codes)
+    _check_query(qr, codes, config)
     if backend == "torch" or (backend == "auto" and not native.available()):
         return scores_lut_torch(qr, codes, config)
     if not native.available():
@@ -127,6 +134,7 @@ def values_from_codes(p: torch.Tensor, codes: KVCodes, config: KVQuantConfig, *,
     """
     if backend not in ("auto", "native", "torch"):
         raise ValueError(f"backend must be 'auto', 'native' or 'torch', got {backend!r}")
+    check_codes(codes, config)
     B, H, L, K, M = codes.idx.shape
     if not isinstance(p, torch.Tensor) or not p.dtype.is_floating_point:
         raise TypeError("p must be a floating torch.Tensor")

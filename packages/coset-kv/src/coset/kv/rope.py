@@ -68,9 +68,13 @@ class RotaryTable:
     @classmethod
     def from_model(cls, model) -> RotaryTable:
         """The table of a transformers decoder (its ``rotary_emb`` module, e.g. ``model.model.rotary_emb``)."""
+        if not hasattr(model, "named_modules"):
+            raise TypeError(f"model must be a transformers model, got {type(model).__name__}")
         rot = next((m for n, m in model.named_modules() if n.endswith("rotary_emb")), None)
         if rot is None:
             raise ValueError("model has no rotary_emb module (not a RoPE decoder?)")
+        if not hasattr(model, "config"):
+            raise TypeError(f"model must be a transformers model with a config, got {type(model).__name__}")
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         p = next(iter(rot.buffers()), None)
@@ -96,10 +100,21 @@ class RotaryTable:
         n = self._cs.shape[0]
         if stop > n:
             new = max(stop, 2 * n, 256)  # doubling: amortized O(1) per decoded token
-            cos, sin = self.fn(torch.arange(n, new))
             D = self.head_dim
-            cos = torch.as_tensor(cos).to(torch.float32).reshape(new - n, D)
-            sin = torch.as_tensor(sin).to(torch.float32).reshape(new - n, D)
+            out = self.fn(torch.arange(n, new))
+            if not isinstance(out, (tuple, list)) or len(out) != 2:
+                raise ValueError(f"the rotary function must return (cos, sin), got {type(out).__name__}")
+            try:
+                cos, sin = (torch.as_tensor(t).to(torch.float32) for t in out)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise ValueError(f"the rotary function must return two tensors (cos, sin): {e}") from None
+            for t in (cos, sin):
+                if t.numel() != (new - n) * D:
+                    raise ValueError(
+                        f"the rotary function returned {tuple(t.shape)} for {new - n} positions; expected "
+                        f"({new - n}, head_dim={D}) values"
+                    )
+            cos, sin = cos.reshape(new - n, D), sin.reshape(new - n, D)
             if not (bool(torch.isfinite(cos).all()) and bool(torch.isfinite(sin).all())):
                 raise ValueError("the rotary function returned non-finite cos/sin")
             self._cs = torch.cat((self._cs.to(cos.device), torch.cat((cos, sin), dim=-1)))

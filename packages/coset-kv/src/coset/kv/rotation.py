@@ -15,6 +15,10 @@ import torch
 
 __all__ = ["fwht", "HeadRotation"]
 
+#: Entries of the ``(num_heads, D, D)`` rotation matrices a :class:`HeadRotation` may build (float64 while it is
+#: made: 512 MB); real layers need far fewer (128 KV heads of dim 512: 2^25).
+MAX_MATRIX_ENTRIES = 1 << 26
+
 
 def fwht(x: torch.Tensor) -> torch.Tensor:
     """Normalized fast Walsh-Hadamard transform over the last dimension (orthogonal and symmetric).
@@ -65,6 +69,11 @@ class HeadRotation:
             raise ValueError(f"head_dim must be a power of two for the Hadamard rotation, got {head_dim}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
+        if num_heads * head_dim * head_dim > MAX_MATRIX_ENTRIES:
+            raise ValueError(
+                f"num_heads={num_heads} x head_dim={head_dim}^2 rotation entries exceed {MAX_MATRIX_ENTRIES} (2^26): "
+                "not the shape of an attention layer"
+            )
         self.num_heads, self.head_dim, self.seed = num_heads, head_dim, seed
         gen = torch.Generator().manual_seed(seed)
         self.signs = (torch.randint(0, 2, (num_heads, head_dim), generator=gen) * 2 - 1).to(torch.float64)

@@ -18,6 +18,9 @@ from .store import TokenBuffer
 
 __all__ = ["ScalarKVStore"]
 
+#: Largest |x| the float16 scale and zero point of a group hold at every bit width: half the float16 range.
+MAX_ABS = float(torch.finfo(torch.float16).max) / 2
+
 
 class ScalarKVStore:
     """Keys per channel (groups of tokens) in ``config.bits``, values per token in ``config.value_bits``."""
@@ -43,17 +46,33 @@ class ScalarKVStore:
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Append new tokens ``(B, H, L, D)``; raises like :meth:`CodedKVStore.append`."""
-        if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
-            raise TypeError("key_states and value_states must be torch.Tensors")
+        for name, x in (("key_states", keys), ("value_states", values)):
+            if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+                raise TypeError(f"{name} must be a floating torch.Tensor")
         if keys.shape != values.shape or keys.ndim != 4:
             raise ValueError(f"key_states {tuple(keys.shape)} and value_states {tuple(values.shape)} must be equal 4-d")
+        if keys.dtype != values.dtype:
+            raise ValueError(f"key_states ({keys.dtype}) and value_states ({values.dtype}) differ in dtype")
+        B, H, L, D = keys.shape
+        if B < 1 or D < 8 or D % 8:
+            raise ValueError(f"states must be (B >= 1, H, L, D) with D a multiple of 8, got {tuple(keys.shape)}")
         for name, x in (("key_states", keys), ("value_states", values)):
-            if not x.dtype.is_floating_point or (x.numel() and not bool(torch.isfinite(x).all())):
-                raise ValueError(f"{name} must be a finite floating tensor")
+            if x.numel() and not bool(torch.isfinite(x).all()):
+                raise ValueError(f"{name} must be finite (it contains NaN or Inf)")
+            # float16 zero points and scales (max - min) / (2^bits - 1) hold |x| up to half the float16 range
+            if x.numel() and float(x.abs().max()) > MAX_ABS:
+                raise ValueError(
+                    f"{name} has entries past +-{MAX_ABS:g}, the range of the float16 scale and zero point"
+                )
+        ref = next((b.data for b in self._bufs.values() if b.data is not None), None)
+        if ref is not None and (B, H) != tuple(ref.shape[:2]):
+            raise ValueError(f"states have batch size and heads {(B, H)}, the cache holds {tuple(ref.shape[:2])}")
         if self.head_dim is None:
-            self.head_dim, self.dtype = keys.shape[-1], keys.dtype
-        elif keys.shape[-1] != self.head_dim:
-            raise ValueError(f"head_dim changed from {self.head_dim} to {keys.shape[-1]}")
+            self.head_dim, self.dtype = D, keys.dtype
+        elif D != self.head_dim:
+            raise ValueError(f"head_dim changed from {self.head_dim} to {D}")
+        elif keys.dtype != self.dtype:
+            raise ValueError(f"key_states are {keys.dtype}; the cache holds {self.dtype}")
         bits, G = self.config.bits, self.config.group_size
         S = self.config.sink - self._bufs["k_sink"].length
         if S > 0:
@@ -79,12 +98,16 @@ class ScalarKVStore:
 
         Raises
         ------
-        RuntimeError if nothing was appended yet (or since :meth:`reset`).
+        ValueError if nothing was appended yet (or since :meth:`reset`).
         """
         bits, D = self.config.bits, self.head_dim
         b = self._bufs
-        if D is None:
-            raise RuntimeError("the cache is empty: append keys and values before reading them")
+        ref = next((x.data for x in b.values() if x.data is not None and x.data.ndim == 4), None)
+        if D is None or ref is None:
+            raise ValueError("the cache is empty: append keys and values before reading them")
+        if not len(self):
+            empty = torch.empty((ref.shape[0], ref.shape[1], 0, D), dtype=self.dtype)
+            return empty, empty.clone()
         parts: list[torch.Tensor] = []
         vparts: list[torch.Tensor] = []
         if b["k_sink"].length:
@@ -134,3 +157,4 @@ class ScalarKVStore:
     def reset(self) -> None:
         for b in self._bufs.values():
             b.clear()
+        self.head_dim = self.dtype = None
