@@ -39,3 +39,24 @@ def test_lut_non_broadcasting_leading_dims_name_the_arguments():
     # broadcasting shapes still work
     assert lut_inner_product(bx[:, None], by[None], c, Tx[:, None], Ty[None]).shape == (5, 3)
     assert lut_inner_product_one_sided(bx[:, None], _x((3, 4), 2), c, Tx[:, None]).shape == (5, 3)
+
+
+def test_one_sided_kernel_interface_rejects_mismatched_shapes():
+    """The lut_one_sided interface checks its shapes (a mismatch was a raw reshape RuntimeError inside), for the
+    PyTorch reference and for the dispatcher alike, and still scores matching arguments."""
+    from coset.lut import kernels
+
+    ix = torch.randint(0, 16, (5, 4, 2), dtype=torch.int32)
+    sx, tables = torch.rand(5, 4), torch.randn(3, 4, 16)
+    want = kernels.torch_one_sided(ix, sx, tables, 4)
+    brute = sum(sx[:, k, None] * sum(4**mm * tables[:, k, ix[:, k, mm].long()].T for mm in range(2)) for k in range(4))
+    assert torch.allclose(want, brute, rtol=1e-5, atol=1e-5)
+    for f in (kernels.torch_one_sided, kernels.one_sided_scores):
+        with pytest.raises(ValueError, match="shapes do not match"):
+            f(ix, torch.rand(5, 2), tables, 4)
+        with pytest.raises(ValueError, match="shapes do not match"):
+            f(ix, sx, torch.randn(3, 5, 16), 4)
+        with pytest.raises(ValueError, match="3-d"):
+            f(ix[0], sx, tables, 4)
+        with pytest.raises(TypeError, match="tables"):
+            f(ix, sx, [[0.0]], 4)

@@ -31,8 +31,28 @@ def _layer_weights(q: int, M: int, device) -> torch.Tensor:
     return torch.tensor([float(q**m) for m in range(M)], dtype=torch.float32, device=device)
 
 
+def _check_one_sided(ix, sx, tables) -> None:
+    """Shapes of the ``lut_one_sided`` interface (a mismatch would surface as a raw reshape error inside)."""
+    for name, t, nd in (("ix", ix, 3), ("sx", sx, 2), ("tables", tables, 3)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.ndim != nd:
+            raise ValueError(f"{name} must be {nd}-d, got shape {tuple(t.shape)}")
+    if tuple(sx.shape) != tuple(ix.shape[:2]) or tables.shape[1] != ix.shape[1]:
+        raise ValueError(
+            f"shapes do not match: ix (n, K, M) {tuple(ix.shape)}, sx (n, K) {tuple(sx.shape)}, tables (m, K, Q) "
+            f"{tuple(tables.shape)}"
+        )
+
+
 def torch_one_sided(ix: torch.Tensor, sx: torch.Tensor, tables: torch.Tensor, q: int) -> torch.Tensor:
-    """PyTorch reference of ``lut_one_sided`` (same arguments and result)."""
+    """PyTorch reference of ``lut_one_sided`` (same arguments and result).
+
+    Raises
+    ------
+    TypeError / ValueError for arguments whose shapes do not match the interface.
+    """
+    _check_one_sided(ix, sx, tables)
     n, K, M = ix.shape
     m, _, Q = tables.shape
     out = torch.empty((n, m), dtype=torch.float32, device=ix.device)
@@ -90,6 +110,7 @@ def torch_two_sided(
 
 def one_sided_scores(ix, sx, tables, q: int, backend: str = "auto") -> torch.Tensor:
     """Dispatch ``lut_one_sided`` (arguments already in the interface's dtypes and layout)."""
+    _check_one_sided(ix, sx, tables)
     be = select_backend(backend, "lut_one_sided", ix, None, None)
     if be is None:
         return torch_one_sided(ix, sx, tables, q)
