@@ -60,9 +60,14 @@ def get_num_threads() -> int:
     return int(_C.get_num_threads())
 
 
+#: The most CPU threads :func:`set_num_threads` accepts: the kernels split work in chunks of >= 2048 rows, and
+#: asking libgomp for an absurd team can fail thread creation, which it treats as fatal (the process exits).
+MAX_THREADS = 4096
+
+
 def set_num_threads(n: int) -> None:
-    """Set the number of threads of the CPU kernels (``n >= 1``)."""
-    _C.set_num_threads(check_int("n", n, 1))
+    """Set the number of threads of the CPU kernels (``1 <= n <= MAX_THREADS``)."""
+    _C.set_num_threads(check_int("n", n, 1, MAX_THREADS))
 
 
 def parallel_backend() -> str:
@@ -122,7 +127,12 @@ def _check_dither(z, x: torch.Tensor, d: int) -> torch.Tensor | None:
         return None
     if not isinstance(z, torch.Tensor) or z.dtype != torch.float64 or tuple(z.shape) != (x.shape[0], d):
         raise ValueError(f"dither must be None or a float64 tensor of shape ({x.shape[0]}, {d})")
-    return z.to(x.device).contiguous()
+    if not _device_ok(z):
+        raise ValueError(f"dither: device {z.device} is not supported by this build of coset.cuda")
+    z = z.to(x.device).contiguous()
+    if z.numel() and not bool(torch.isfinite(z).all()):  # a NaN/Inf dither would reach float -> int casts
+        raise ValueError("dither contains NaN or Inf")
+    return z
 
 
 def _raise_overload(n_err: int, N: int, config: QuantizationConfig) -> None:
@@ -248,6 +258,8 @@ def decode(
         or tuple(T.shape) != (N,)
     ):
         raise ValueError(f"T must be an integer tensor of shape ({N},)")
+    if not _device_ok(T):
+        raise ValueError(f"T: device {T.device} is not supported by this build of coset.cuda")
     if not isinstance(dtype, torch.dtype) or dtype not in _FLOATS:
         raise TypeError(f"dtype must be a floating dtype {tuple(str(t) for t in _FLOATS)}, got {dtype}")
     if T.dtype != torch.uint8:  # uint8 T can only be too large, which the kernel checks
@@ -433,6 +445,8 @@ def quantize_rows(
         T = torch.empty((R, nb), dtype=torch.uint8)
         clamped = torch.empty((R, nb), dtype=torch.bool)
     else:
+        if not (isinstance(out, (tuple, list)) and len(out) == 3 and all(isinstance(t, torch.Tensor) for t in out)):
+            raise TypeError("out must be None or a tuple of three tensors (out, T, clamped)")
         res, T, clamped = out
         if not (
             res.dtype == torch.float32

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from coset.lattice.validate import check_int
 from coset.quant import QuantizationConfig
 
 from . import _C  # type: ignore[attr-defined]  # compiled extension: in the wheel, not the source tree
@@ -61,6 +62,31 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else int(t.data_ptr())
 
 
+_INT32_MAX = 2**31 - 1
+#: blocks per allgather payload: the code word's sparse T count has 25 bits (coset.dist.codec.payload_layout)
+_MAX_PAYLOAD_BLOCKS = 1 << 25
+
+
+def _check_config(config) -> QuantizationConfig:
+    if not isinstance(config, QuantizationConfig):
+        raise TypeError(f"config must be a QuantizationConfig, got {type(config).__name__}")
+    return config
+
+
+def _check_bpc(blocks_per_chunk) -> int:
+    return check_int("blocks_per_chunk", blocks_per_chunk, 1, 2**62)
+
+
+def _check_scales(scales, n_chunks: int) -> None:
+    """The shared per-chunk scales: one finite float64 > 0 per chunk (the kernels index them by chunk and divide
+    by them; a short tensor would be read past its end, a zero / NaN scale would make garbage codes)."""
+    _check_vec("scales", scales, dtype=torch.float64)
+    if scales.numel() != n_chunks:
+        raise ValueError(f"scales must have {n_chunks} entries (one per chunk), got {scales.numel()}")
+    if n_chunks and not bool((torch.isfinite(scales) & (scales > 0)).all()):
+        raise ValueError("scales must be finite and > 0")
+
+
 def _lat(config: QuantizationConfig, dithered: bool = False):
     # the bucket is normalised by its RMS before coding, so the magnitude bound of _consts cannot bind here
     kind, d, G, Gi, eps, q, M, scales, rad, _max_abs = _consts(config.lattice, config, dithered)
@@ -68,7 +94,17 @@ def _lat(config: QuantizationConfig, dithered: bool = False):
 
 
 def allgather_nbytes(n: int, config: QuantizationConfig) -> int:
-    """Payload bytes of a bucket of ``n`` values (``coset.dist.codec.payload_layout(n, config).nbytes``)."""
+    """Payload bytes of a bucket of ``n`` values (``coset.dist.codec.payload_layout(n, config).nbytes``).
+
+    Raises
+    ------
+    TypeError / ValueError for a non-config, a negative or non-int ``n``, or a bucket of 2^25 blocks or more
+    (the payload's code word cannot describe it; coset.dist refuses it too).
+    """
+    _check_config(config)
+    check_int("n", n, 0)
+    if -(-n // config.dim) >= _MAX_PAYLOAD_BLOCKS:
+        raise ValueError(f"n: a bucket of {n} values is too large for one payload (2^25 blocks or more)")
     return int(_C.bucket_allgather_nbytes(int(n), config.dim, config.M, config.q, config.max_scaling_iterations))
 
 
@@ -88,6 +124,7 @@ def allgather_encode(
     -------
     dict with ``rho`` (the float32 RMS), ``nonfinite`` (bool), ``overloaded`` and ``clamped`` (block counts)
     """
+    _check_config(config)
     if not supports(config):
         raise ValueError("config is not supported by the native bucket codec (see supports())")
     _check_vec("x", x)
@@ -125,14 +162,21 @@ def allgather_decode(
     ------
     ValueError for a damaged payload (nothing is written) or payloads of the wrong size.
     """
+    _check_config(config)
     if not supports(config):
         raise ValueError("config is not supported by the native bucket codec (see supports())")
+    check_int("n", n, 0)
+    check_int("own", own, -1)
     if not isinstance(payloads, torch.Tensor) or payloads.dtype != torch.uint8 or payloads.ndim != 2:
         raise TypeError("payloads must be a (W, payload_bytes) uint8 tensor")
     if payloads.device.type != "cpu":
         raise TypeError("payloads must be a CPU tensor")
     payloads = payloads.contiguous()
     W, pb = payloads.shape
+    if W < 1:
+        raise ValueError("payloads must hold at least one rank's payload (W >= 1), got W=0")
+    if W > _INT32_MAX:
+        raise ValueError(f"payloads: too many ranks ({W})")
     _check_vec("out", out, n)
     _check_vec("resid", resid, n)
     if not -1 <= own < W:
@@ -159,18 +203,33 @@ def modular_norms(x: torch.Tensor, d: int, blocks_per_chunk: int, resid: torch.T
     _check_vec("x", x)
     n = x.numel()
     _check_vec("resid", resid, n)
-    if blocks_per_chunk < 1:
-        raise ValueError(f"blocks_per_chunk must be >= 1, got {blocks_per_chunk}")
+    d = check_int("d", d, 1, 64)
+    blocks_per_chunk = _check_bpc(blocks_per_chunk)
     nb = -(-n // d)
     norms = torch.zeros(-(-nb // blocks_per_chunk), dtype=torch.float64)
     bad = _C.bucket_modular_norms(_ptr(x), _ptr(resid), n, d, blocks_per_chunk, _ptr(norms))
     return norms, bool(bad)
 
 
-def _packing_args(packing) -> tuple[int, int, int]:
-    if packing.kind == "uint8":
+def _packing_args(packing, modulus: int) -> tuple[int, int, int]:
+    """(kind, width, fields) of a coset.dist.codec.SumPacking, checked: the kernels size their buffers and shifts
+    from these, so a packing whose fields cannot hold codes mod ``modulus`` is refused."""
+    kind = getattr(packing, "kind", None)
+    if kind == "uint8":
+        if 256 % modulus:
+            raise ValueError(f"packing: uint8 fields need q^M to divide 256, got q^M={modulus}")
         return 0, 8, 1
-    return 1, int(packing.width), int(packing.fields)
+    if kind != "int64":
+        raise ValueError(f"packing must be a coset.dist.codec.SumPacking of kind 'uint8' or 'int64', got {packing!r}")
+    width = check_int("packing.width", getattr(packing, "width", None), 1, 63)
+    fields = check_int("packing.fields", getattr(packing, "fields", None), 1, 63)
+    need = (modulus - 1).bit_length()
+    if width < need or width * fields > 63:
+        raise ValueError(
+            f"packing: {fields} fields of {width} bits cannot carry codes mod {modulus} in an int64 word "
+            f"(need width >= {need} and width * fields <= 63)"
+        )
+    return 1, width, fields
 
 
 def modular_encode(
@@ -193,16 +252,16 @@ def modular_encode(
     -------
     the summable buffer: (n_blocks d,) uint8 or (ceil(n_blocks d / fields),) int64
     """
+    _check_config(config)
     _check_vec("xe", xe)
     n = xe.numel()
     _check_vec("resid", resid, n)
-    _check_vec("scales", scales, dtype=torch.float64)
+    blocks_per_chunk = _check_bpc(blocks_per_chunk)
     kind, d, G, Gi, eps, *_ = _lat(config)
     nb = -(-n // d)
-    if scales.numel() != -(-nb // blocks_per_chunk):
-        raise ValueError(f"scales must have {-(-nb // blocks_per_chunk)} entries, got {scales.numel()}")
-    pk, width, fields = _packing_args(packing)
+    _check_scales(scales, -(-nb // blocks_per_chunk))
     modulus = config.q**config.M
+    pk, width, fields = _packing_args(packing, modulus)
     if pk == 0:
         out = torch.empty(nb * d, dtype=torch.uint8)
     else:
@@ -237,15 +296,28 @@ def modular_decode(
     world_size: int,
     out: torch.Tensor,
 ) -> torch.Tensor:
-    """``out = float((from_flat_code(sum mod q^M) * s) / W)`` from the all-reduced code buffer."""
+    """``out = float((from_flat_code(sum mod q^M) * s) / W)`` from the all-reduced code buffer.
+
+    Raises
+    ------
+    TypeError / ValueError naming the argument: ``packed`` of the wrong dtype, size or device, ``scales`` that are
+    not one finite float64 > 0 per chunk, ``blocks_per_chunk`` or ``world_size`` < 1, a packing whose fields
+    cannot hold codes mod q^M.
+    """
+    _check_config(config)
+    check_int("n", n, 0)
     _check_vec("out", out, n)
-    _check_vec("scales", scales, dtype=torch.float64)
+    blocks_per_chunk = _check_bpc(blocks_per_chunk)
+    world_size = check_int("world_size", world_size, 1, _INT32_MAX)
     kind, d, G, Gi, eps, *_ = _lat(config)
     nb = -(-n // d)
-    pk, width, fields = _packing_args(packing)
+    _check_scales(scales, -(-nb // blocks_per_chunk))
+    pk, width, fields = _packing_args(packing, config.q**config.M)
     want = (torch.uint8, nb * d) if pk == 0 else (torch.int64, -(-(nb * d) // fields))
     if not isinstance(packed, torch.Tensor) or packed.dtype != want[0] or packed.numel() != want[1]:
         raise ValueError(f"packed must be a {want[0]} tensor of {want[1]} elements")
+    if packed.device.type != "cpu":
+        raise TypeError(f"packed must be a CPU tensor, got device {packed.device}")
     packed = packed.contiguous()
     _C.bucket_modular_decode(
         kind,

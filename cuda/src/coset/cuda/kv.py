@@ -19,6 +19,8 @@ __all__ = ["kv_scores", "kv_values"]
 def _f32(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
         raise ValueError(f"{name} must be a CPU torch.Tensor (the CUDA twin kv_cuda.cu is not bound yet)")
+    if t.dtype.is_complex:  # .to(float32) would drop the imaginary part silently
+        raise TypeError(f"{name} must be a real tensor, got dtype {t.dtype}")
     if tuple(t.shape) != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
     return t.to(torch.float32).contiguous()
@@ -27,14 +29,19 @@ def _f32(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 def _codes(idx, t, rho, steps, t_bits: int):
     if not isinstance(idx, torch.Tensor) or idx.ndim != 4 or idx.dtype != torch.uint8 or idx.device.type != "cpu":
         raise ValueError("idx must be a CPU uint8 tensor (BH, L, K, M)")
-    if t_bits not in (0, 1, 2, 4):
-        raise ValueError(f"t_bits must be 0, 1, 2 or 4, got {t_bits!r}")
+    if isinstance(t_bits, bool) or not isinstance(t_bits, int) or t_bits not in (0, 1, 2, 4):
+        raise ValueError(f"t_bits must be 0, 1, 2 or 4 (an int), got {t_bits!r}")
     BH, L, K, M = idx.shape
     if not 1 <= M <= 4 or K < 1:
         raise ValueError(f"idx must have 1 <= M <= 4 layers and K >= 1 blocks, got {tuple(idx.shape)}")
     tb = -(-K * t_bits // 8)
-    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or tuple(t.shape) != (BH, L, tb):
-        raise ValueError(f"t must be a uint8 tensor of shape {(BH, L, tb)}")
+    if (
+        not isinstance(t, torch.Tensor)
+        or t.dtype != torch.uint8
+        or tuple(t.shape) != (BH, L, tb)
+        or t.device.type != "cpu"
+    ):
+        raise ValueError(f"t must be a CPU uint8 tensor of shape {(BH, L, tb)}")
     return idx.contiguous(), t.contiguous(), _f32("rho", rho, (BH, L)), _f32("steps", steps, (2**t_bits,))
 
 

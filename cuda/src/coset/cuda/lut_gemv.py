@@ -79,8 +79,9 @@ class CodedWeight:
 
     Attributes
     ----------
-    idx : (n, K, M) uint8 (q^d <= 256) or int16 (uint16 bit pattern) label indices
-    T : (n, K) uint8 scale steps
+    idx : (n, K, M) uint8 (q^d <= 256) or int16 (uint16 bit pattern) label indices (a non-contiguous view is
+        stored as a dense copy: the kernels read row-major arrays)
+    T : (n, K) uint8 scale steps (idem)
     config : QuantizationConfig (no dither)
     k : columns before padding to K*d
     """
@@ -101,6 +102,14 @@ class CodedWeight:
             raise ValueError(f"T must be a uint8 tensor of shape {tuple(self.idx.shape[:2])}")
         if self.T.device != self.idx.device:
             raise ValueError(f"idx and T must be on the same device, got {self.idx.device} and {self.T.device}")
+        if self.idx.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"idx and T must be CPU or CUDA tensors, got device {self.idx.device}")
+        # the kernels read idx and T as dense row-major arrays from their data pointers: a strided / expanded /
+        # transposed view would be read as garbage (or past the end of its storage), so it is stored densely
+        if not self.idx.is_contiguous():
+            object.__setattr__(self, "idx", self.idx.contiguous())
+        if not self.T.is_contiguous():
+            object.__setattr__(self, "T", self.T.contiguous())
         K = self.idx.shape[1]
         if isinstance(self.k, bool) or not isinstance(self.k, int) or not (K - 1) * c.dim < self.k <= K * c.dim:
             raise ValueError(f"k must be an int in ({(K - 1) * c.dim}, {K * c.dim}], got {self.k!r}")
@@ -238,8 +247,8 @@ def lut_gemv(x: torch.Tensor, W: CodedWeight, *, method: str = "auto") -> torch.
         raise ValueError(f"lut_gemv runs on CPU and CUDA tensors, got {x.device}")
     if x.device.type == "cuda" and not _gpu_ok():
         raise ValueError("lut_gemv on CUDA tensors needs coset.cuda built with CUDA (nvcc) and a visible GPU")
-    if x.numel() and not bool(torch.isfinite(x).all()):
-        raise ValueError("x contains NaN or Inf")
+    if x.numel() and not bool(torch.isfinite(x.to(torch.float32)).all()):  # the kernels' precision
+        raise ValueError("x contains NaN or Inf, or values beyond the float32 range")
     if method not in ("auto", "tables", "codebook"):
         raise ValueError(f"method must be 'auto', 'tables' or 'codebook', got {method!r}")
     if x.ndim == 1:

@@ -74,6 +74,7 @@ MODULAR_MARGIN = 0.99
 # ----------------------------------------------------------------------------------------------- bytes
 def ring_allreduce_bytes(nbytes: int, world_size: int) -> int:
     """Bytes one rank sends in a ring all-reduce of an ``nbytes`` buffer: ``2 (W-1)/W * nbytes`` (rounded up)."""
+    check_int("world_size", world_size, 1)
     return math.ceil(2 * (world_size - 1) * nbytes / world_size)
 
 
@@ -117,8 +118,11 @@ def payload_layout(numel: int, config: QuantizationConfig) -> PayloadLayout:
 
     Raises
     ------
-    ValueError for a negative or non-int ``numel`` or a bucket of ``2^25`` blocks or more.
+    TypeError for a config that is not a QuantizationConfig; ValueError for a negative or non-int ``numel`` or a
+    bucket of ``2^25`` blocks or more.
     """
+    if not isinstance(config, QuantizationConfig):
+        raise TypeError(f"config must be a QuantizationConfig, got {type(config).__name__}")
     check_int("numel", numel, 0)
     d = config.dim
     nb = -(-numel // d)
@@ -336,8 +340,20 @@ def choose_sum_packing(modulus: int, world_size: int, kind: str = "auto") -> Sum
 
 
 def pack_sum_fields(codes: torch.Tensor, packing: SumPacking) -> torch.Tensor:
-    """Pack flat codes ``(n,)`` int in ``[0, modulus)`` into the summable buffer of ``packing``."""
+    """Pack flat codes ``(n,)`` int in ``[0, modulus)`` into the summable buffer of ``packing``.
+
+    Raises
+    ------
+    TypeError for non-integer codes or a packing that is not a :class:`SumPacking`; ValueError for codes outside
+    ``[0, modulus)`` (they would spill into the neighbouring fields of the sum).
+    """
+    if not isinstance(packing, SumPacking):
+        raise TypeError(f"packing must be a SumPacking, got {type(packing).__name__}")
+    if not isinstance(codes, torch.Tensor) or codes.dtype.is_floating_point or codes.dtype.is_complex:
+        raise TypeError("codes must be an integer tensor")
     c = codes.reshape(-1).to(torch.int64)
+    if c.numel() and (int(c.min()) < 0 or int(c.max()) >= packing.modulus):
+        raise ValueError(f"codes must lie in [0, modulus={packing.modulus})")
     if packing.kind == "uint8":
         return c.to(torch.uint8)
     f, w = packing.fields, packing.width
@@ -349,7 +365,21 @@ def pack_sum_fields(codes: torch.Tensor, packing: SumPacking) -> torch.Tensor:
 
 
 def unpack_sum_fields(buf: torch.Tensor, n: int, packing: SumPacking) -> torch.Tensor:
-    """Inverse of :func:`pack_sum_fields` applied to a *sum* of buffers: ``(n,)`` int64 codes mod ``modulus``."""
+    """Inverse of :func:`pack_sum_fields` applied to a *sum* of buffers: ``(n,)`` int64 codes mod ``modulus``.
+
+    Raises
+    ------
+    TypeError for a packing that is not a :class:`SumPacking` or a buffer of the wrong dtype; ValueError for a
+    buffer too short for ``n`` codes.
+    """
+    if not isinstance(packing, SumPacking):
+        raise TypeError(f"packing must be a SumPacking, got {type(packing).__name__}")
+    want = torch.uint8 if packing.kind == "uint8" else torch.int64
+    if not isinstance(buf, torch.Tensor) or buf.dtype != want:
+        raise TypeError(f"buf must be a {want} tensor for a {packing.kind} packing")
+    check_int("n", n, 0)
+    if buf.numel() * packing.fields < n:
+        raise ValueError(f"buf holds {buf.numel() * packing.fields} codes, fewer than n={n}")
     if packing.kind == "uint8":
         return torch.remainder(buf.reshape(-1)[:n].to(torch.int64), packing.modulus)
     f, w = packing.fields, packing.width
@@ -377,6 +407,7 @@ def chunk_block_norms(x: torch.Tensor, d: int, blocks_per_chunk: int) -> torch.T
     -------
     (ceil(ceil(n/d) / blocks_per_chunk),) float64
     """
+    check_int("blocks_per_chunk", blocks_per_chunk, 1)
     blocks, _ = to_blocks(x.to(torch.float64), d)
     nrm = torch.linalg.vector_norm(blocks, dim=-1)
     pad = (-nrm.numel()) % blocks_per_chunk
@@ -445,8 +476,19 @@ def modular_encode(
     -------
     codes : (n_blocks * d,) int64 in ``[0, modulus)``, ``G^{-1} lam mod modulus``
     lam : (n_blocks, d) float64 lattice points ``Q_L(x_block / s + z)``
+
+    Raises
+    ------
+    ValueError for ``blocks_per_chunk`` < 1 or ``scales`` that are not one finite value > 0 per chunk (a zero or
+    NaN scale would turn the codes into garbage).
     """
+    check_int("blocks_per_chunk", blocks_per_chunk, 1)
     blocks, _ = to_blocks(x.to(torch.float64), lattice.dim)
+    n_chunks = -(-blocks.shape[0] // blocks_per_chunk)
+    if not isinstance(scales, torch.Tensor) or scales.ndim != 1 or scales.numel() != n_chunks:
+        raise ValueError(f"scales must be a 1-D tensor of {n_chunks} entries (one per chunk)")
+    if n_chunks and not bool((torch.isfinite(scales) & (scales > 0)).all()):
+        raise ValueError("scales must be finite and > 0")
     s = _expand_chunks(scales, blocks.shape[0], blocks_per_chunk).unsqueeze(-1)
     g = blocks / s
     if dither is not None:

@@ -89,6 +89,15 @@ def native_hook(state, buf: torch.Tensor, idx: int, W: int) -> torch.futures.Fut
     return _modular(codec, state, buf, idx, W)
 
 
+_FLT_MAX = torch.finfo(torch.float32).max
+
+
+def _may_overflow(bound: float) -> bool:
+    """Whether decoded values (or residuals) can round past float32's range: then the bucket and the residual are
+    clamped like the Python path's (hooks._clamp_finite_); else that pass over the bucket is skipped."""
+    return not bound < _FLT_MAX / 4  # NaN-safe
+
+
 def _fail_or_allreduce(state, buf: torch.Tensor, idx: int, W: int):
     from .hooks import _nonfinite_error  # the same message as the Python path
 
@@ -127,6 +136,15 @@ def _allgather(codec, state, buf, idx, W):
         _cpu(state, "decode", t0)
         if rc:
             return _fail_or_allreduce(state, buf, idx, W)
+        # |x_hat| <= rho * scales[cap] * (a lattice point's largest coordinate, < 2 q^M): clamp only if it may
+        # pass float32's range (the rho of each payload is in its header)
+        rho = float(gathered[:, -8:-4].reshape(-1).clone().view(torch.float32).abs().max())
+        if _may_overflow(rho * cfg.scales[-1] * 4 * cfg.q**cfg.M):
+            from .hooks import _clamp_finite_
+
+            _clamp_finite_(buf)
+            if resid is not None:
+                _clamp_finite_(resid)
         if resid is not None:
             state.residuals[idx] = resid
         return buf
@@ -154,11 +172,21 @@ def _modular(codec, state, buf, idx, W):
         fut.set_result(buf)
         return fut.then(lambda f: _fail_or_allreduce(state, buf, idx, W))
     scales = modular_scales(hdr[:-1].to(torch.float64), cfg.lattice, cfg.q, cfg.M, W, cfg.with_dither)
+    from .hooks import _overflow_allreduce, _scales_overflow  # the Python path's fallback, identical
+
+    if _scales_overflow(scales):  # resid (x + old residual) is dropped there, as on the Python path
+        return _overflow_allreduce(state, buf, idx, W)
     state.bucket_scales[idx] = scales.clone()
     packing = choose_sum_packing(cfg.q**cfg.M, W, state.code_packing)
     t0 = time.thread_time()
     packed = codec.modular_encode(xe, scales, cfg, max(bpc, 1), packing, resid=resid)
     _cpu(state, "encode", t0)
+    # lattice points have norm < q^M (the sum's ball; an own point's coordinates alike): |lam * s| < q^M s
+    overflow = _may_overflow(float(scales.max()) * 2 * cfg.q**cfg.M) if scales.numel() else False
+    if overflow and resid is not None:
+        from .hooks import _clamp_finite_
+
+        _clamp_finite_(resid)
     if resid is not None:
         state.residuals[idx] = resid
     state._counters["blocks"] += nb
@@ -170,6 +198,10 @@ def _modular(codec, state, buf, idx, W):
         t0 = time.thread_time()
         codec.modular_decode(packed, n, scales, cfg, max(bpc, 1), packing, W, buf)
         _cpu(state, "decode", t0)
+        if overflow:
+            from .hooks import _clamp_finite_
+
+            _clamp_finite_(buf)
         return buf
 
     return fut.then(finish)

@@ -243,6 +243,12 @@ class HNLQHookState:
         missing = {"config", "mode", "iter", "residuals"} - set(sd)
         if missing:
             raise ValueError(f"state dict is missing keys {sorted(missing)}")
+        if not isinstance(sd["config"], dict):
+            raise TypeError(f"state dict 'config' must be a dict of QuantizationConfig fields, got {type(sd['config']).__name__}")
+        for key in ("residuals", "bucket_scales"):
+            for k in sd.get(key, {}) if isinstance(sd.get(key, {}), dict) else ():
+                if isinstance(k, bool) or not isinstance(k, (int, str)) or not str(k).lstrip("-").isdigit():
+                    raise TypeError(f"state dict '{key}' keys must be int bucket indices, got {k!r}")
         pg = self.process_group
         self.__init__(  # type: ignore[misc]  # re-validate everything exactly as the constructor does
             config=QuantizationConfig(**sd["config"]),
@@ -305,12 +311,20 @@ class HNLQHookState:
 
     def _set_residual(self, idx: int, x: torch.Tensor, x_hat: torch.Tensor) -> None:
         if self.error_feedback:
-            self.residuals[idx] = (x - x_hat.to(torch.float32)).detach()
+            self.residuals[idx] = _clamp_finite_((x - x_hat.to(torch.float32)).detach())
 
     def _rank_config(self, idx: int, rank: int, it: int) -> QuantizationConfig:
         if not self.config.with_dither:
             return self.config
         return self.config.replace(dither_seed=rank_seed(self.seed, it, idx, rank))
+
+
+def _clamp_finite_(t: torch.Tensor) -> torch.Tensor:
+    """In place: +-inf -> +-finfo(dtype).max (NaN stays NaN). The reconstruction of a finite value within one
+    quantization step of the dtype's largest value can round past it; the average (and residual) of finite
+    gradients is then the largest finite value, not Inf (the native path does the same, see fast_codec)."""
+    m = torch.finfo(t.dtype).max
+    return t.clamp_(-m, m)
 
 
 def _completed(value: torch.Tensor) -> torch.futures.Future:
@@ -341,6 +355,21 @@ def _plain_allreduce(state: HNLQHookState, buf: torch.Tensor, W: int) -> torch.f
     return fut.then(lambda f: f.value()[0].div_(W))
 
 
+def _scales_overflow(scales: torch.Tensor) -> bool:
+    """True when a modular scale is not a finite float32: the agreed block norms of huge (|x| ~ 1e38) finite
+    gradients overflowed the float32 header, and ``lam * s`` would decode to NaN/Inf (0 * inf)."""
+    return not bool(torch.isfinite(scales.to(torch.float32)).all())
+
+
+def _overflow_allreduce(state: "HNLQHookState", buf: torch.Tensor, idx: int, W: int) -> torch.futures.Future:
+    """Modular mode, scales beyond float32 (the same on every rank: they come from the all-reduced header): the
+    bucket goes through a plain all-reduce instead of decoding to NaN; its residual is dropped."""
+    state._counters["buckets_compressed"] -= 1
+    state._counters["buckets_uncompressed"] += 1
+    state.residuals.pop(idx, None)
+    return _plain_allreduce(state, buf, W)
+
+
 def hnlq_hook(state: HNLQHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """All-reduce (average) a gradient bucket through HNLQ codes; see :class:`HNLQHookState` for the modes.
 
@@ -353,12 +382,22 @@ def hnlq_hook(state: HNLQHookState, bucket: dist.GradBucket) -> torch.futures.Fu
     -------
     Future of the bucket's flat buffer ``(n,)`` in its own dtype (fp32/fp16/bf16), holding the average over
     ranks of the (compressed) gradients; the buffer is updated in place. All ranks get identical values.
+
+    Raises
+    ------
+    TypeError for a state that is not an :class:`HNLQHookState` or a bucket buffer that is not a 1-D floating
+    tensor (the same on every rank, so no rank hangs).
     """
+    if not isinstance(state, HNLQHookState):
+        raise TypeError(f"state must be an HNLQHookState, got {type(state).__name__}")
     W = state.world_size
     if not state._world_ok:  # the same W and config on every rank: all ranks raise together, none hangs
         state._check_world(W)
         state._world_ok = True
     buf = bucket.buffer()
+    if not isinstance(buf, torch.Tensor) or buf.ndim != 1 or not buf.dtype.is_floating_point:
+        what = f"shape {tuple(buf.shape)}, dtype {buf.dtype}" if isinstance(buf, torch.Tensor) else type(buf).__name__
+        raise TypeError(f"hnlq_hook: the bucket buffer must be a 1-D floating tensor, got {what}")
     idx = int(bucket.index())
     it = state.iter
     if bucket.is_last():
@@ -420,7 +459,7 @@ def _allgather(state, buf, x, idx, it, W):
             return buf.div_(W)
         state._set_residual(idx, x, own)
         buf.copy_((total / W).to(buf.dtype))
-        return buf
+        return _clamp_finite_(buf)
 
     return fut.then(finish)
 
@@ -448,6 +487,8 @@ def _modular(state, buf, x, idx, it, W):
             return _failed(buf, _nonfinite_error(idx))
         return _plain_allreduce(state, buf, W)
     scales = modular_scales(hdr[:-1].to(torch.float64), lat, cfg.q, cfg.M, W, cfg.with_dither)
+    if _scales_overflow(scales):
+        return _overflow_allreduce(state, buf, idx, W)
     state.bucket_scales[idx] = scales.clone()
     rank = dist.get_rank(state.group)
     z_own = z_sum = None
@@ -472,7 +513,7 @@ def _modular(state, buf, x, idx, it, W):
             lam_sum = lam_sum - z_sum
         est = (lam_sum * s_blocks).reshape(-1)[:n] / W
         buf.copy_(est.to(buf.dtype))
-        return buf
+        return _clamp_finite_(buf)
 
     return fut.then(finish)
 
@@ -488,7 +529,7 @@ def _decode_mode(state, buf, x, idx, it, W):
         _count_blocks(state, info)
         own, _ = decode_payload(payload, n, cfg)
         state._set_residual(idx, x, own)
-        contrib = own.to(torch.float32)
+        contrib = _clamp_finite_(own.to(torch.float32))  # a finite bucket is never flagged non-finite
     state.bucket_scales[idx] = torch.tensor([info["rho"] * cfg.beta], dtype=torch.float64)
     state._counters["bytes_sent"] += ring_allreduce_bytes(4 * n, W)
     fut = dist.all_reduce(contrib, group=state.group, async_op=True).get_future()
@@ -499,8 +540,13 @@ def _decode_mode(state, buf, x, idx, it, W):
             state._counters["buckets_nonfinite"] += 1
             if state.nonfinite == "raise":
                 raise _nonfinite_error(idx)
+            # a plain all-reduce of the bucket itself, as in the other modes (contrib is x in float32, residual
+            # included: not what the bucket holds)
+            state._counters["bytes_sent"] += ring_allreduce_bytes(buf.numel() * buf.element_size(), W)
+            dist.all_reduce(buf, group=state.group)  # synchronous, inside the callback (like PowerSGD)
+            return buf.div_(W)
         buf.copy_((contrib / W).to(buf.dtype))
-        return buf
+        return _clamp_finite_(buf)
 
     return fut.then(finish)
 
