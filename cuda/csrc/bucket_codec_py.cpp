@@ -48,6 +48,11 @@ void check_modulus(int64_t modulus) {
   if (modulus < 2 || modulus > (int64_t(1) << 16))
     throw std::invalid_argument("modulus must be in [2, 2^16] (q^M with q <= 16, M <= 4), got " + std::to_string(modulus));
 }
+// The kernels divide by bpc and W and index by n: the Python wrappers check these too, this keeps a direct
+// call from dividing by zero (SIGFPE) or looping over a negative count
+void check_at_least(const char* name, int64_t v, int64_t lo) {
+  if (v < lo) throw std::invalid_argument(std::string(name) + " must be >= " + std::to_string(lo) + ", got " + std::to_string(v));
+}
 }  // namespace
 
 void coset_bind_bucket_codec(py::module_& m) {
@@ -65,6 +70,9 @@ void coset_bind_bucket_codec(py::module_& m) {
   m.def("bucket_allgather_decode", [](int kind, int d, darr G, darr Ginv, py::object eps, int q, int M, darr scales,
                                       std::uintptr_t payloads, int W, int own, int64_t n, std::uintptr_t out,
                                       std::uintptr_t resid) {
+    check_at_least("W", W, 1);
+    check_at_least("n", n, 0);
+    if (own >= W) throw std::invalid_argument("own must be < W, got " + std::to_string(own));
     View v = make_view(kind, d, G, Ginv, eps, q, M, scales, 0.0);
     const char* why = nullptr;
     int rc;
@@ -80,6 +88,9 @@ void coset_bind_bucket_codec(py::module_& m) {
   });
   m.def("bucket_modular_norms", [](std::uintptr_t x, std::uintptr_t resid, int64_t n, int d, int64_t bpc,
                                    std::uintptr_t norms) {
+    check_at_least("n", n, 0);
+    check_at_least("d", d, 1);
+    check_at_least("blocks_per_chunk", bpc, 1);
     py::gil_scoped_release nogil;
     return coset::bucket_modular_norms(ptr<const float>(x), ptr<float>(resid), n, d, bpc, ptr<double>(norms));
   });
@@ -87,6 +98,8 @@ void coset_bind_bucket_codec(py::module_& m) {
                                     std::uintptr_t xe, std::uintptr_t resid, int64_t n, std::uintptr_t scales,
                                     int64_t bpc, int pk, int width, int fields, std::uintptr_t packed) {
     check_modulus(modulus);
+    check_at_least("n", n, 0);
+    check_at_least("blocks_per_chunk", bpc, 1);
     View v = make_view(kind, d, G, Ginv, eps, 2, 1, darr(py::array_t<double>(1)), 0.0);
     py::gil_scoped_release nogil;
     coset::bucket_modular_encode(v.L, modulus, ptr<const float>(xe), ptr<float>(resid), n, ptr<const double>(scales),
@@ -96,6 +109,9 @@ void coset_bind_bucket_codec(py::module_& m) {
                                     std::uintptr_t packed, int64_t n, std::uintptr_t scales, int64_t bpc, int pk,
                                     int width, int fields, int W, std::uintptr_t out) {
     check_modulus(modulus);
+    check_at_least("n", n, 0);
+    check_at_least("blocks_per_chunk", bpc, 1);
+    check_at_least("W", W, 1);
     View v = make_view(kind, d, G, Ginv, eps, 2, 1, darr(py::array_t<double>(1)), 0.0);
     py::gil_scoped_release nogil;
     coset::bucket_modular_decode(v.L, modulus, ptr<const void>(packed), n, ptr<const double>(scales), bpc, pk, width,

@@ -232,6 +232,24 @@ def test_modular_kernels_reject_a_modulus_beyond_int32_codes():
             call(1, 4, None, None, None, 1 << 20, *([0] * 9))
 
 
+def test_native_bindings_reject_counts_that_would_divide_by_zero():
+    """The bindings themselves (not only the Python wrappers) refuse blocks_per_chunk < 1 and W < 1: the kernels
+    divide by both (a SIGFPE that killed the process)."""
+    native = importlib.import_module("coset.cuda._C")
+    with pytest.raises(ValueError, match="blocks_per_chunk"):
+        native.bucket_modular_norms(0, 0, 4, 4, 0, 0)
+    enc = (1, 4, None, None, None, 16, 0, 0, 4, 0, 0, 0, 2, 1, 0)
+    with pytest.raises(ValueError, match="blocks_per_chunk"):
+        native.bucket_modular_encode(*enc)
+    dec = [1, 4, None, None, None, 16, 0, 4, 0, 1, 0, 2, 1, 0, 0]
+    with pytest.raises(ValueError, match="blocks_per_chunk"):
+        native.bucket_modular_decode(*dec[:9], 0, *dec[10:])
+    with pytest.raises(ValueError, match="W must be"):
+        native.bucket_modular_decode(*dec)
+    with pytest.raises(ValueError, match="n must be"):
+        native.bucket_modular_decode(*dec[:7], -1, *dec[8:])
+
+
 @pytest.mark.parametrize("d", [4, 8])
 @pytest.mark.parametrize("bpc", [1, 3, 16])
 @pytest.mark.parametrize("n", [1, 7, 1001, 4099])
