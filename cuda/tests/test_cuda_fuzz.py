@@ -4,7 +4,9 @@ bit, or the same exception type with the same message."""
 
 from __future__ import annotations
 
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -14,28 +16,10 @@ from coset.cuda import _ops
 from coset.quant import QuantizationConfig, decode, encode, quantize
 
 # derandomized: CI runs the same 150 examples every time (a new failing example is found locally, not in a landing run)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from outcomes import outcome, same  # noqa: E402
+
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-
-
-def _outcome(fn):
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return "ok", fn()
-    except Exception as e:  # noqa: BLE001 - compared between backends
-        assert isinstance(e, (TypeError, ValueError)), f"undocumented {type(e).__name__}: {e}"
-        return type(e), str(e)
-
-
-def _same(a, b, what):
-    assert a[0] == b[0], f"{what}: {a} vs {b}"
-    if a[0] != "ok":
-        assert a[1] == b[1], what
-        return
-    ra = a[1] if isinstance(a[1], tuple) else (a[1],)
-    rb = b[1] if isinstance(b[1], tuple) else (b[1],)
-    for u, v in zip(ra, rb, strict=False):
-        assert u.dtype == v.dtype and torch.equal(u, v), what
 
 
 @FUZZ
@@ -79,23 +63,23 @@ def test_cuda_fuzz_native_equals_reference(
     if special and n:
         x[0, 0] = float(special)
     x = x.to(dtype)
-    a = _outcome(lambda: encode(x, cfg, backend="torch", return_clamped=True))
-    b = _outcome(lambda: encode(x, cfg, backend="native", return_clamped=True))
-    _same(a, b, "encode")
-    _same(
-        _outcome(lambda: quantize(x, cfg, backend="torch", return_info=True)),
-        _outcome(lambda: quantize(x, cfg, backend="native", return_info=True)),
+    a = outcome(lambda: encode(x, cfg, backend="torch", return_clamped=True))
+    b = outcome(lambda: encode(x, cfg, backend="native", return_clamped=True))
+    same(a, b, "encode")
+    same(
+        outcome(lambda: quantize(x, cfg, backend="torch", return_info=True)),
+        outcome(lambda: quantize(x, cfg, backend="native", return_info=True)),
         "quantize",
     )
     labels = torch.randint(0, q + 1, (n, M, cfg.dim), generator=g).to(torch.uint8)
     T = torch.randint(0, cap + 2, (n,), generator=g).to(torch.uint8)
-    _same(
-        _outcome(lambda: decode(labels, cfg, T, dtype=out_dtype, backend="torch")),
-        _outcome(lambda: decode(labels, cfg, T, dtype=out_dtype, backend="native")),
+    same(
+        outcome(lambda: decode(labels, cfg, T, dtype=out_dtype, backend="torch")),
+        outcome(lambda: decode(labels, cfg, T, dtype=out_dtype, backend="native")),
         "decode",
     )
     # the raw wrapper refuses exactly what coset.quant refuses for the input values
-    ref = _outcome(lambda: encode(x, cfg, backend="torch"))
+    ref = outcome(lambda: encode(x, cfg, backend="torch"))
     if ref[0] is ValueError and ("NaN" in ref[1] or "magnitude" in ref[1]):
-        assert _outcome(lambda: _ops.encode(x, cfg.lattice, cfg)) == ref
-        assert _outcome(lambda: _ops.quantize(x, cfg.lattice, cfg)) == ref
+        assert outcome(lambda: _ops.encode(x, cfg.lattice, cfg)) == ref
+        assert outcome(lambda: _ops.quantize(x, cfg.lattice, cfg)) == ref

@@ -6,8 +6,10 @@ test_cuda_fuzz.py; every call that once crashed the interpreter was first found 
 
 from __future__ import annotations
 
+import sys
 import types
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,35 +22,11 @@ from coset.cuda import bucket_codec as bc
 from coset.cuda.lut_gemv import CodedWeight, lut_gemv
 from coset.quant import QuantizationConfig, decode, encode, quantize, quantize_rows
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from outcomes import documented, outcome, same  # noqa: E402
+
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 META = torch.device("meta")
-
-
-def _documented(e: BaseException) -> None:
-    assert isinstance(e, (TypeError, ValueError)), f"undocumented {type(e).__name__}: {e}"
-    assert str(e), "an error without a message"
-
-
-def _outcome(fn):
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return "ok", fn()
-    except Exception as e:  # noqa: BLE001 - compared between backends
-        _documented(e)
-        return type(e), str(e)
-
-
-def _same(a, b, what):
-    assert a[0] == b[0], f"{what}: {a} vs {b}"
-    if a[0] != "ok":
-        assert a[1] == b[1], what
-        return
-    ra = a[1] if isinstance(a[1], tuple) else (a[1],)
-    rb = b[1] if isinstance(b[1], tuple) else (b[1],)
-    assert len(ra) == len(rb)
-    for u, v in zip(ra, rb, strict=True):
-        assert u.dtype == v.dtype and u.shape == v.shape and torch.equal(u, v), what
 
 
 def _layout(t: torch.Tensor, how: str) -> torch.Tensor:
@@ -98,13 +76,13 @@ def test_cuda_hostile_layouts_native_equals_reference(name, q, M, cap, lead, dty
         lambda be: encode(x, cfg, backend=be, return_clamped=True),
         lambda be: quantize(x, cfg, backend=be, return_info=True),
     ):
-        _same(_outcome(lambda fn=fn: fn("torch")), _outcome(lambda fn=fn: fn("native")), f"{how} {dtype}")
+        same(outcome(lambda fn=fn: fn("torch")), outcome(lambda fn=fn: fn("native")), f"{how} {dtype}")
     labels = torch.randint(0, q, (*x.shape[:-1], M, cfg.dim), generator=g).to(torch.uint8)
     T = torch.randint(0, cap + 1, x.shape[:-1], generator=g).to(torch.int64)
     labels, T = _layout(labels, how), _layout(T, how)
-    _same(
-        _outcome(lambda: decode(labels, cfg, T, dtype=torch.float64, backend="torch")),
-        _outcome(lambda: decode(labels, cfg, T, dtype=torch.float64, backend="native")),
+    same(
+        outcome(lambda: decode(labels, cfg, T, dtype=torch.float64, backend="torch")),
+        outcome(lambda: decode(labels, cfg, T, dtype=torch.float64, backend="native")),
         "decode",
     )
 
@@ -160,9 +138,9 @@ def test_cuda_hostile_dither_values_still_match_reference():
     # a finite dither passes and stays bit-exact with coset.quant (whose dither comes from the config's seed)
     cfg = _cfg("E8", 4, 2, 4, with_dither=True)
     x = torch.randn(64, 8, generator=torch.Generator().manual_seed(3)).flip(0)
-    _same(
-        _outcome(lambda: quantize(x, cfg, backend="torch", return_info=True)),
-        _outcome(lambda: quantize(x, cfg, backend="native", return_info=True)),
+    same(
+        outcome(lambda: quantize(x, cfg, backend="torch", return_info=True)),
+        outcome(lambda: quantize(x, cfg, backend="native", return_info=True)),
         "dithered quantize",
     )
 
@@ -189,9 +167,9 @@ def test_cuda_hostile_quantize_rows_native_equals_reference(name, R, k, beta_kin
                 betas[0] = fill[beta_kind]
             elif beta_kind == "expand":
                 betas = betas[:1].expand(R)
-    _same(
-        _outcome(lambda: quantize_rows(x, cfg, betas=betas, backend="torch", return_info=True)),
-        _outcome(lambda: quantize_rows(x, cfg, betas=betas, backend="native", return_info=True)),
+    same(
+        outcome(lambda: quantize_rows(x, cfg, betas=betas, backend="torch", return_info=True)),
+        outcome(lambda: quantize_rows(x, cfg, betas=betas, backend="native", return_info=True)),
         f"quantize_rows {beta_kind} {how}",
     )
 
@@ -384,7 +362,7 @@ def test_cuda_hostile_lut_one_sided_cpu(n, K, M, m, q, Q, how, bad, seed):
     try:
         out = _ops.lut_one_sided(ixl, sxl, tabl, q)
     except Exception as e:  # noqa: BLE001 - the property under test
-        _documented(e)
+        documented(e)
         assert bad and ix.numel()
         return
     assert not (bad and ix.numel())
@@ -413,7 +391,7 @@ def test_cuda_hostile_add_modq(shape, q, how, seed):
     try:
         out = _ops.add_modq(a, b, q)
     except Exception as e:  # noqa: BLE001
-        _documented(e)
+        documented(e)
         assert not 2 <= q <= 16 or (a.numel() and (int(a.max()) >= q or int(b.max()) >= q))
         return
     assert out.dtype == torch.uint8 and torch.equal(out.long(), (a.long() + b.long()) % q)

@@ -8,11 +8,11 @@ takes the Python path, which the other tests cover).
 import importlib
 import math
 import os
-import tempfile
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from coset.dist import HNLQHookState, default_config, hnlq_hook
 from coset.dist.codec import (
@@ -28,6 +28,9 @@ from coset.dist.codec import (
     unpack_sum_fields,
 )
 from coset.dist.fast_codec import native_available, native_codec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fake_bucket import FakeBucket  # noqa: E402
 
 bc = native_codec(default_config())
 if bc is None:
@@ -305,30 +308,6 @@ def test_modular_ties_and_arbitrary_codes_bit_exact(lattice, q):
         assert torch.equal(out, ref.to(torch.float32))
 
 
-class _Bucket:
-    def __init__(self, buf, idx=0):
-        self._b, self._i = buf, idx
-
-    def buffer(self):
-        return self._b
-
-    def index(self):
-        return self._i
-
-    def is_last(self):
-        return True
-
-
-@pytest.fixture(scope="module")
-def one_rank_group():
-    with tempfile.TemporaryDirectory() as tmp:
-        dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'pg')}", rank=0, world_size=1)
-        try:
-            yield
-        finally:
-            dist.destroy_process_group()
-
-
 @pytest.mark.parametrize(
     "mode,kw", [("allgather", {}), ("modular", {"chunk_size": 64}), ("modular", {"chunk_size": 256})]
 )
@@ -341,7 +320,7 @@ def test_hook_native_equals_python(one_rank_group, mode, kw):
         outs = []
         for step in range(5):
             buf = grad(3001, 100 + step)
-            outs.append(hnlq_hook(st, _Bucket(buf)).wait().clone())
+            outs.append(hnlq_hook(st, FakeBucket(buf)).wait().clone())
         states[native] = (st, outs)
     (sn, on), (sp, op) = states[True], states[False]
     assert sn.native_buckets == 3 and getattr(sp, "native_buckets", 0) == 0

@@ -5,14 +5,13 @@ raises a documented TypeError/ValueError with a message, or returns a result wit
 finite averages of finite buckets, the Python and native paths equal bit for bit, exact round trips."""
 
 import math
-import os
 import pickle
-import tempfile
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -33,6 +32,9 @@ from coset.dist.codec import (
 from coset.dist.fast_codec import native_codec
 from coset.quant import QuantizationConfig
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fake_bucket import FakeBucket  # noqa: E402
+
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 BC = native_codec(default_config())  # the native bucket codec, or None without coset-cuda
 
@@ -40,30 +42,6 @@ BC = native_codec(default_config())  # the native bucket codec, or None without 
 def _documented(e: BaseException) -> None:
     assert isinstance(e, (TypeError, ValueError)), f"undocumented {type(e).__name__}: {e}"
     assert str(e), "an error without a message"
-
-
-class _Bucket:
-    def __init__(self, buf, idx=0):
-        self._b, self._i = buf, idx
-
-    def buffer(self):
-        return self._b
-
-    def index(self):
-        return self._i
-
-    def is_last(self):
-        return True
-
-
-@pytest.fixture(scope="module")
-def one_rank_group():
-    with tempfile.TemporaryDirectory() as tmp:
-        dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'pg')}", rank=0, world_size=1)
-        try:
-            yield
-        finally:
-            dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------------------- the state
@@ -181,7 +159,7 @@ def _run(buf, native, **kw):
     st_.native, st_.iter = native, 2  # past the warm-up
     out = buf.clone()
     try:
-        res = hnlq_hook(st_, _Bucket(out)).wait()
+        res = hnlq_hook(st_, FakeBucket(out)).wait()
     except RuntimeError as e:  # a failed future re-raises the callback's ValueError inside a RuntimeError
         assert "ValueError: hnlq_hook: gradient bucket 0 holds NaN/Inf" in str(e)
         return "nonfinite", st_
@@ -244,14 +222,14 @@ def test_dist_modular_scales_beyond_float32_fall_back_to_a_plain_allreduce(one_r
     s = HNLQHookState(config=default_config(q, M), mode="modular", start_iter=2, chunk_size=None)
     s.native, s.iter = native, 2
     s.residuals[0] = torch.ones(12)
-    out = hnlq_hook(s, _Bucket(buf.clone())).wait()
+    out = hnlq_hook(s, FakeBucket(buf.clone())).wait()
     assert torch.equal(out, buf)  # one rank: the average is the bucket
     st_ = s.stats()
     assert st_["buckets_uncompressed"] == 1 and st_["buckets_compressed"] == 0 and 0 not in s.residuals
     # a bucket whose norms fit float32 is still compressed, and decodes finite
     s2 = HNLQHookState(config=default_config(q, M), mode="modular", start_iter=2)
     s2.native, s2.iter = native, 2
-    out = hnlq_hook(s2, _Bucket(buf / 10)).wait()
+    out = hnlq_hook(s2, FakeBucket(buf / 10)).wait()
     assert bool(torch.isfinite(out).all()) and s2.stats()["buckets_compressed"] == 1
 
 
@@ -264,13 +242,13 @@ def test_dist_hook_refuses_bad_buckets_and_states(one_rank_group):
         ([1.0, 2.0], "1-D floating"),
     ):
         with pytest.raises(TypeError, match=match):
-            hnlq_hook(s, _Bucket(buf))
+            hnlq_hook(s, FakeBucket(buf))
     with pytest.raises(TypeError, match="HNLQHookState"):
-        hnlq_hook(object(), _Bucket(torch.zeros(4)))
+        hnlq_hook(object(), FakeBucket(torch.zeros(4)))
     # the strided view of a float bucket (not DDP's, but legal) takes the Python path and is written in place
     base = torch.randn(32, generator=torch.Generator().manual_seed(0))
     view = base[::2]
-    out = hnlq_hook(s, _Bucket(view)).wait()
+    out = hnlq_hook(s, FakeBucket(view)).wait()
     assert out is view and bool(torch.isfinite(base).all())
 
 
