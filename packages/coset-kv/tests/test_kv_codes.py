@@ -134,6 +134,32 @@ def test_codes_that_do_not_match_the_config_are_rejected():
     assert decode_states(empty, rot, cfg).shape == (1, 2, 0, 64)
 
 
+def test_codes_record_their_code():
+    # regression (fuzz): two codes can share every tensor shape (t_bits 1 and 2 at head_dim 32: one T byte per
+    # vector; another beta or alpha); codes read with the other one decoded to wrong vectors without an error
+    from coset.kv import KVCodes, scores_lut, values_from_codes
+
+    rot, cfg = HeadRotation(2, 32), KVQuantConfig(bits=3, t_bits=1, alpha=1.0)
+    x = torch.randn(1, 2, 7, 32)
+    c = encode_states(x, rot, cfg)
+    assert c.code == cfg.code_key() == (3, 1, 1.0, cfg.resolved_beta, 16)
+    q, p = torch.randn(1, 2, 1, 32), torch.rand(1, 2, 1, 7)
+    others = {"t_bits": KVQuantConfig(bits=3, t_bits=2, alpha=1.0), "beta": KVQuantConfig(bits=3, t_bits=1, beta=0.7)}
+    for field, other in others.items():
+        assert other.t_bytes(32) == cfg.t_bytes(32)  # the same layout: only the recorded code tells them apart
+        with pytest.raises(ValueError, match=f"another code.*{field}"):
+            decode_states(c, rot, other)
+        for backend in ("torch", "auto"):
+            with pytest.raises(ValueError, match=field):
+                scores_lut(q, c, other, backend=backend)
+            with pytest.raises(ValueError, match=field):
+                values_from_codes(p, c, other, backend=backend)
+    # the same tensors without the record are read as the caller says (the layout checks still apply)
+    bare = KVCodes(c.idx, c.t, c.scale)
+    assert torch.equal(decode_states(bare, rot, cfg), decode_states(c, rot, cfg))
+    assert not torch.equal(decode_states(bare, rot, others["t_bits"]), decode_states(c, rot, cfg))
+
+
 def test_head_vectors_past_the_scale_range_raise():
     # regression (fuzz): an rms past float16 (or the 8-bit log scale) was clamped: 100% error, silently
     rot = HeadRotation(1, 16)

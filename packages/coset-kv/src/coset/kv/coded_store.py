@@ -160,7 +160,8 @@ class CodedKVStore:
         if not self.num_coded:
             raise RuntimeError("no coded tokens in the cache")
         b = self._bufs
-        return KVCodes(b[f"{which}_idx"].tensor, b[f"{which}_t"].tensor, b[f"{which}_scale"].tensor)
+        code = (self.kcfg if which == "k" else self.vcfg).code_key()
+        return KVCodes(b[f"{which}_idx"].tensor, b[f"{which}_t"].tensor, b[f"{which}_scale"].tensor, code)
 
     def _coded_rotary(self, start: int, stop: int, sink: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos, sin`` (n, D) of coded tokens ``start .. stop-1`` (positions after the ``sink`` sink tokens,
@@ -334,8 +335,8 @@ class CodedKVStore:
         B = keys.shape[0]
         if self.kcfg is self.vcfg:
             both = encode_checked(torch.cat((keys, values)), rotation, self.config, ("key_states", "value_states"))
-            kc = KVCodes(both.idx[:B], both.t[:B], both.scale[:B])
-            vc = KVCodes(both.idx[B:], both.t[B:], both.scale[B:])
+            kc = KVCodes(both.idx[:B], both.t[:B], both.scale[:B], both.code)
+            vc = KVCodes(both.idx[B:], both.t[B:], both.scale[B:], both.code)
         else:
             kc = encode_checked(keys, rotation, self.kcfg, ("key_states",))
             vc = encode_checked(values, rotation, self.vcfg, ("value_states",))

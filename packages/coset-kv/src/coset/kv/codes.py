@@ -48,11 +48,17 @@ _MAX_RMS = {16: _FP16_MAX, 8: 2.0 ** (127.5 / 8)}
 
 @dataclass
 class KVCodes:
-    """Coded head vectors (see the module docstring); all tensors share the leading ``(B, H, L)``."""
+    """Coded head vectors (see the module docstring); all tensors share the leading ``(B, H, L)``.
+
+    ``code`` is the :meth:`KVQuantConfig.code_key` of the code that wrote them (``None``: not recorded, e.g.
+    codes assembled by hand); readers check it, so codes read with another code raise instead of decoding
+    to wrong vectors (two codes can share every tensor shape: t_bits 1 and 2 at head_dim 32, or another beta).
+    """
 
     idx: torch.Tensor
     t: torch.Tensor
     scale: torch.Tensor
+    code: tuple | None = None
 
     @property
     def nbytes(self) -> int:
@@ -163,13 +169,13 @@ def encode_checked(
         t = pack_labels(Tp, 2**config.t_bits).view(B, H, L, Kp // per)
     else:
         t = torch.zeros((B, H, L, 0), dtype=torch.uint8, device=x.device)
-    return KVCodes(idx=idx, t=t, scale=scale)
+    return KVCodes(idx=idx, t=t, scale=scale, code=config.code_key())
 
 
 def check_codes(codes, config, name: str = "codes") -> None:
     """TypeError / ValueError unless ``codes`` is a :class:`KVCodes` laid out as ``config`` codes them: ``idx``
     ``(B, H, L, K, config.bits)`` uint8 with K >= 1, ``t`` ``(B, H, L, config.t_bytes(8 K))`` uint8, ``scale``
-    ``(B, H, L)`` float or uint8."""
+    ``(B, H, L)`` float or uint8, and written by ``config``'s code when they record it (:attr:`KVCodes.code`)."""
     if not isinstance(codes, KVCodes):
         raise TypeError(f"{name} must be a KVCodes, got {type(codes).__name__}")
     if not isinstance(config, KVQuantConfig):
@@ -191,6 +197,13 @@ def check_codes(codes, config, name: str = "codes") -> None:
         )
     if tuple(scale.shape) != (B, H, L) or not (scale.dtype == torch.uint8 or scale.dtype.is_floating_point):
         raise ValueError(f"{name}.scale must be a ({B}, {H}, {L}) float or uint8 tensor, got {tuple(scale.shape)}")
+    # same layout, other code (t_bits 1 and 2 at head_dim 32, another beta or alpha): wrong vectors, not an error
+    if codes.code is not None and codes.code != config.code_key():
+        names = ("bits", "t_bits", "alpha", "beta", "scale_bits")
+        diff = ", ".join(
+            f"{n} {a!r} vs {b!r}" for n, a, b in zip(names, codes.code, config.code_key(), strict=False) if a != b
+        )
+        raise ValueError(f"{name} were written by another code than config's ({diff})")
 
 
 def scale_values(scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
