@@ -108,14 +108,6 @@ def search_beta(bits: int, t_bits: int, alpha: float) -> float:
 
 
 @cache
-def _code_key(
-    bits: int, t_bits: int, alpha: float, beta: float | None, scale_bits: int
-) -> tuple[int, int, float, float, int]:
-    resolved = float(beta) if beta is not None else calibrated_beta(bits, t_bits, alpha)
-    return (bits, t_bits, alpha, resolved, scale_bits)
-
-
-@cache
 def _quant_config(bits: int, beta: float, alpha: float, t_bits: int) -> QuantizationConfig:
     return QuantizationConfig(
         "E8",
@@ -268,7 +260,7 @@ class KVQuantConfig:
     def code_key(self) -> tuple[int, int, float, float, int]:
         """``(bits, t_bits, alpha, beta, scale_bits)``: what a decoder must share with the encoder (recorded in
         :class:`KVCodes` so that codes read with another code raise instead of decoding to wrong vectors)."""
-        return _code_key(self.bits, self.t_bits, float(self.alpha), self.beta, self.scale_bits)
+        return (self.bits, self.t_bits, float(self.alpha), self.resolved_beta, self.scale_bits)
 
     def t_bytes(self, head_dim: int) -> int:
         """Bytes of the packed T of one head vector."""
