@@ -83,6 +83,9 @@ def main() -> None:
     ap.add_argument(
         "--tune-windows", type=int, default=64, help="512-token docstring windows to tune on (the first 64 calibrate)"
     )
+    ap.add_argument(
+        "--checkpoint", default=None, help="save the tuning state here every 32 steps and resume from it if present"
+    )
     args = ap.parse_args()
     block_tune = None
     if args.block_tune_epochs:
@@ -171,6 +174,8 @@ def main() -> None:
             code_every=args.code_every,
         ),
         layers=list(what),
+        checkpoint=args.checkpoint,
+        checkpoint_every=32,
     )
     cpu, wall = cpu_seconds() - c0, time.perf_counter() - t0
     after = lm_fidelity(ref, model, ids, 512)

@@ -128,6 +128,15 @@ def test_finetune_options_on_a_tiny_llama_directory(tiny_llama_dir, tmp_path, ca
     vocab = json.loads((tiny_llama_dir / "config.json").read_text())["vocab_size"]
     assert ft["objective"] == "kl" and ft["n_head_params"] == vocab * 64  # the tied embedding
     assert ft["n_gains"] == 7 and row["metrics"]["ppl_ratio"] > 0
+    # --finetune-checkpoint: the first run leaves its finished state, the same command resumes from it
+    ck = [*argv, "--finetune-checkpoint", "--out", str(out)]
+    assert main(ck) == 0 and (out / "finetune_hnlq_ldlq.pt").exists()
+    first = json.loads((out / "ptq_results.json").read_text())["rows"][0]
+    capsys.readouterr()
+    assert main(ck) == 0, capsys.readouterr().err
+    again = json.loads((out / "ptq_results.json").read_text())["rows"][0]
+    assert (first["finetune"]["resumed_from"], again["finetune"]["resumed_from"]) == (0, 4)
+    assert again["finetune"]["holdout_after"] == first["finetune"]["holdout_after"]
     assert main([*argv, "--finetune-seqlen", "24", "--out", str(out)]) == 2
     assert "must divide the calibration window length 32" in capsys.readouterr().err
 

@@ -279,3 +279,77 @@ def test_code_tuning_needs_hnlq_layers(llama):
     lins = [n for n, m in llama.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n]
     with pytest.raises(ValueError, match="HNLQLinear"):
         finetune_(llama, ref, batches(), FinetuneConfig(codes=True), layers=lins)
+
+
+def _stop_adam_after(monkeypatch, n):
+    """Make Adam.step raise on its (n+1)-th call: an interruption after n steps; returns the call counter."""
+    calls = [0]
+    step = torch.optim.Adam.step
+
+    def stopping(self, *args, **kwargs):
+        if calls[0] == n:
+            raise KeyboardInterrupt("stopped")
+        calls[0] += 1
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", stopping)
+    return calls
+
+
+@pytest.mark.parametrize("codes", [False, True])
+def test_checkpoint_resume_equals_an_uninterrupted_run(llama, tmp_path, monkeypatch, codes):
+    """A tuning stopped after 7 steps and called again resumes from its step-4 checkpoint and ends with the
+    same floats (state dict, training losses, held-out loss) as a run that was never stopped."""
+    model, ref = quantized(llama)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    kw = dict(steps=12, gains="row", head=True, schedule="cosine", lr=2e-3, holdout=2)
+    cfg = FinetuneConfig(**kw, codes=True, code_every=2) if codes else FinetuneConfig(**kw)
+    data = batches()
+    full = finetune_(a, ref, data, cfg)
+    path = tmp_path / "tune.pt"
+    calls = _stop_adam_after(monkeypatch, 7)
+    with pytest.raises(KeyboardInterrupt):
+        finetune_(b, ref, data, cfg, checkpoint=path, checkpoint_every=4)
+    assert calls[0] == 7 and path.exists()
+    assert torch.load(path, weights_only=True)["step"] == 4
+    monkeypatch.undo()
+    resumed = finetune_(b, ref, data, cfg, checkpoint=path, checkpoint_every=4)
+    assert resumed.train_losses == full.train_losses and len(full.train_losses) == 12
+    assert resumed.resumed_from == 4 and full.resumed_from == 0
+    assert resumed.holdout_after == full.holdout_after and resumed.kept == full.kept
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert torch.load(path, weights_only=True)["step"] == 12  # the finished state stays
+    # a third call finds the finished state: it scores it and takes no step
+    c = copy.deepcopy(model)
+    calls = _stop_adam_after(monkeypatch, 0)
+    again = finetune_(c, ref, data, cfg, checkpoint=path)
+    assert calls[0] == 0 and again.train_losses == full.train_losses and again.holdout_after == full.holdout_after
+
+
+def test_checkpoint_of_another_tuning_is_refused(llama, tmp_path):
+    model, ref = quantized(llama)
+    data = batches()
+    cfg = FinetuneConfig(steps=4)
+    path = tmp_path / "tune.pt"
+    finetune_(copy.deepcopy(model), ref, data, cfg, checkpoint=str(path), checkpoint_every=2)
+    with pytest.raises(ValueError, match="another tuning: its config"):
+        finetune_(copy.deepcopy(model), ref, data, FinetuneConfig(steps=5), checkpoint=path)
+    lins = [n for n, m in model.named_modules() if isinstance(m, HNLQLinear)][:2]
+    with pytest.raises(ValueError, match="another tuning: its layers"):
+        finetune_(copy.deepcopy(model), ref, data, cfg, layers=lins, checkpoint=path)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.model.norm.weight.mul_(1.5)  # another model: its held-out loss before tuning differs
+    with pytest.raises(ValueError, match="another model"):
+        finetune_(other, ref, data, cfg, checkpoint=path)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a finetune_ checkpoint"):
+        finetune_(copy.deepcopy(model), ref, data, cfg, checkpoint=bad)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        finetune_(copy.deepcopy(model), ref, data, cfg, checkpoint=path, checkpoint_every=0)
+    with pytest.raises(TypeError, match="checkpoint"):
+        finetune_(copy.deepcopy(model), ref, data, cfg, checkpoint=3)  # type: ignore[arg-type]

@@ -81,6 +81,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="tuning batch length: the windows are cut into batches of this many tokens (must divide --seqlen)",
     )
     p.add_argument(
+        "--finetune-checkpoint",
+        action="store_true",
+        help="save the tuning state to OUT/finetune_<method>.pt every 32 steps and resume from it when the "
+        "same command runs again (the file stays; delete it to tune afresh)",
+    )
+    p.add_argument(
         "--alloc-bits",
         type=float,
         default=None,
@@ -356,6 +362,8 @@ def run(args) -> int:
                         head=args.finetune_head_lr > 0,
                         head_lr=args.finetune_head_lr or FinetuneConfig.head_lr,
                     ),
+                    checkpoint=out / f"finetune_{name}.pt" if args.finetune_checkpoint else None,
+                    checkpoint_every=32,
                 )
             except ValueError as e:
                 raise _error(f"--finetune-*: {e}") from None

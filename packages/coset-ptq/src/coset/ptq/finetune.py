@@ -20,6 +20,13 @@ model's mean square (encoders). Adam on the chosen parameters; a held-out part o
 scored before and after, and the parameters are restored when tuning did not lower the held-out loss — the
 call never leaves the model worse on its own validation data.
 
+``checkpoint=path`` makes a long tuning (the 2-bit recipe runs for hours on a CPU) survive an interruption: every
+``checkpoint_every`` steps the step, the tuned tensors and Adam's state are written to ``path`` (atomically), and
+a call that finds the file resumes from it — to the same floats as an uninterrupted run on the same machine, since
+batches and the learning-rate schedule are functions of the step. The file records what it was written for (the
+config, the tuned layers and tensor shapes, the held-out loss of the untuned model) and a call that does not match
+raises instead of resuming another tuning.
+
 Each tunable layer gets a multiplicative gain ``g`` (initialised to 1) on its output ``W x`` — one per layer, or
 one per output channel (``gains="row"``); afterwards the gain is folded into the layer: ``HNLQLinear.scale *= g``
 (exact: the labels are unchanged) or the float16 ``HNLQLinear.out_scale`` (per channel: 16 bits per row, the
@@ -29,7 +36,9 @@ only option that adds bytes), or, for a float ``nn.Linear`` holding a dequantize
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+import os
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -47,6 +56,8 @@ from .codes import LinearCodes
 from .layers import HNLQLinear
 
 __all__ = ["FinetuneConfig", "FinetuneReport", "clone_reference", "finetune_"]
+
+_CHECKPOINT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -120,6 +131,7 @@ class FinetuneReport:
     blocks_changed: float = 0.0
     seconds: float = 0.0
     objective: str = ""
+    resumed_from: int = 0  # the step a checkpoint resumed from (``seconds`` counts this call only)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -271,6 +283,38 @@ class _Latent:
         self.mod._w_cache = None
 
 
+def _save_checkpoint(path: str, state: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a stop while writing leaves the previous checkpoint whole
+
+
+def _load_checkpoint(path: str, expect: dict[str, Any], tuned: Sequence[torch.Tensor]) -> dict[str, Any]:
+    """The checkpoint at ``path`` if it was written by this tuning (``expect``), else ValueError."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged or foreign file: never resume from it silently
+        raise ValueError(f"checkpoint {path!r} is not a finetune_ checkpoint: {e}") from None
+    if not isinstance(state, dict) or state.get("version") != _CHECKPOINT_VERSION:
+        raise ValueError(f"checkpoint {path!r} is not a finetune_ checkpoint (version {_CHECKPOINT_VERSION})")
+    for key in ("config", "layers"):
+        if state.get(key) != expect[key]:
+            raise ValueError(f"checkpoint {path!r} was written by another tuning: its {key} differs")
+    params = state.get("params")
+    if not isinstance(params, list) or [tuple(t.shape) for t in params] != [tuple(t.shape) for t in tuned]:
+        raise ValueError(f"checkpoint {path!r} was written by another tuning: its tuned tensors differ in shape")
+    before, now = state.get("holdout_before"), expect["holdout_before"]
+    if not isinstance(before, float) or not math.isclose(before, now, rel_tol=1e-4):
+        raise ValueError(
+            f"checkpoint {path!r} was written for another model: held-out loss {before!r} before tuning, "
+            f"this model's is {now!r}"
+        )
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 < step <= expect["config"]["steps"]:
+        raise ValueError(f"checkpoint {path!r} has no valid step ({step!r})")
+    return state
+
+
 def finetune_(
     model: nn.Module,
     reference: nn.Module,
@@ -278,6 +322,8 @@ def finetune_(
     config: FinetuneConfig | None = None,
     *,
     layers: Sequence[str] | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 64,
 ) -> FinetuneReport:
     """Tune ``model``'s norm weights and per-layer gains in place to match ``reference``'s outputs.
 
@@ -289,6 +335,10 @@ def finetune_(
         ``config.holdout`` are held out
     config : FinetuneConfig
     layers : names of the linears that get a gain (default: every ``HNLQLinear`` in ``model``)
+    checkpoint : file to save the tuning state to every ``checkpoint_every`` steps and to resume from when it
+        exists (see the module doc); it is left in place after the call
+    checkpoint_every : steps between checkpoints (rounded up to a multiple of ``config.code_every`` with
+        ``codes=True``, where the latents are re-quantized)
 
     Returns
     -------
@@ -297,6 +347,13 @@ def finetune_(
     config = FinetuneConfig() if config is None else config
     if not isinstance(config, FinetuneConfig):
         raise TypeError(f"config must be a FinetuneConfig, got {type(config).__name__}")
+    if checkpoint is not None and not isinstance(checkpoint, str | os.PathLike):
+        raise TypeError(f"checkpoint must be a path, got {type(checkpoint).__name__}")
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+    ckpt = os.fspath(checkpoint) if checkpoint is not None else None
+    if config.codes:
+        checkpoint_every = -(-checkpoint_every // config.code_every) * config.code_every
     for name, m in (("model", model), ("reference", reference)):
         if not isinstance(m, nn.Module):
             raise TypeError(f"{name} must be an nn.Module, got {type(m).__name__}")
@@ -344,6 +401,7 @@ def finetune_(
     cached = [m for m in model.modules() if isinstance(m, HNLQLinear) and not m.cache_weight]
     for m in cached:
         m.cache_weight = True
+        m.rotated_weight()  # decoded now: every forward (held-out scores too) takes the same dense path
     latents = {n: _Latent(mods[n]) for n in layers if config.codes and isinstance(mods[n], HNLQLinear)}
     floats = norm_params + head_params  # tuned in place; restored from these copies unless kept
     saved_floats = [p.detach().clone() for p in floats]
@@ -380,7 +438,31 @@ def finetune_(
             report.holdout_before = held_loss()
         opt = torch.optim.Adam(groups)
         base_lr = [g["lr"] for g in opt.param_groups]
-        for step in range(config.steps):
+        tuned = norm_params + [g.log_g for g in gains] + head_params + [lat.z for lat in latents.values()]
+        identity = {"config": dataclasses.asdict(config), "layers": list(layers)}
+
+        def checkpoint_state(step: int) -> dict[str, Any]:
+            return identity | {
+                "version": _CHECKPOINT_VERSION,
+                "holdout_before": report.holdout_before,
+                "step": step,
+                "params": [p.detach().clone() for p in tuned],
+                "optimizer": opt.state_dict(),
+                "train_losses": list(report.train_losses),
+            }
+
+        start = 0
+        if ckpt is not None and os.path.exists(ckpt):
+            state = _load_checkpoint(ckpt, identity | {"holdout_before": report.holdout_before}, tuned)
+            with torch.no_grad():
+                for p, t in zip(tuned, state["params"], strict=True):
+                    p.copy_(t)
+            opt.load_state_dict(state["optimizer"])
+            start, report.train_losses = state["step"], list(state["train_losses"])
+            report.resumed_from = start
+        for step in range(start, config.steps):
+            if ckpt is not None and step > start and step % checkpoint_every == 0:
+                _save_checkpoint(ckpt, checkpoint_state(step))
             if latents and step and step % config.code_every == 0:
                 for lat in latents.values():
                     lat.requantize()
@@ -397,6 +479,8 @@ def finetune_(
                     group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / config.steps))
             opt.step()
             report.train_losses.append(float(loss.detach()))
+        if ckpt is not None and start < config.steps:  # the finished state: a repeated call only scores it
+            _save_checkpoint(ckpt, checkpoint_state(config.steps))
         for lat in latents.values():  # the model scored is the one stored: the codes of the final latents
             lat.requantize()
         with torch.no_grad():
