@@ -351,5 +351,7 @@ def test_checkpoint_of_another_tuning_is_refused(llama, tmp_path):
         finetune_(copy.deepcopy(model), ref, data, cfg, checkpoint=bad)
     with pytest.raises(ValueError, match="checkpoint_every"):
         finetune_(copy.deepcopy(model), ref, data, cfg, checkpoint=path, checkpoint_every=0)
+    with pytest.raises(ValueError, match="directory does not exist"):
+        finetune_(copy.deepcopy(model), ref, data, cfg, checkpoint=tmp_path / "no" / "tune.pt")
     with pytest.raises(TypeError, match="checkpoint"):
         finetune_(copy.deepcopy(model), ref, data, cfg, checkpoint=3)  # type: ignore[arg-type]

@@ -352,6 +352,8 @@ def finetune_(
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
     ckpt = os.fspath(checkpoint) if checkpoint is not None else None
+    if ckpt is not None and not os.path.isdir(os.path.dirname(os.path.abspath(ckpt))):
+        raise ValueError(f"checkpoint {ckpt!r}: its directory does not exist (checked before hours of tuning)")
     if config.codes:
         checkpoint_every = -(-checkpoint_every // config.code_every) * config.code_every
     for name, m in (("model", model), ("reference", reference)):
