@@ -152,7 +152,8 @@ def bench_step(n: int, batch: int, windows: int, every: int, threads: int) -> di
 
 def bench_breakdown(n: int, batch: int, rounds: int) -> dict:
     """Where one quantize_every=1 step's extra time goes (1 thread, CPU ms, medians over interleaved rounds)."""
-    from coset.nn.fake_quant import _unit_config, weight_betas
+    from coset.cuda._ops import rms_betas  # the native one (coset.quant.rms_betas is the float64 reference)
+    from coset.nn.fake_quant import _unit_config, weight_betas, weight_rms
     from coset.quant import quantize_rows
 
     torch.set_num_threads(1)
@@ -169,8 +170,9 @@ def bench_breakdown(n: int, batch: int, rounds: int) -> dict:
     wq = q.weight_quantizer
     assert wq is not None and qa.activation_quantizer is not None
     betas = weight_betas(w, q.qconfig).to(torch.float32)
+    spec = weight_rms(q.qconfig)
     cfg = _unit_config(q.qconfig.weight)  # type: ignore[arg-type]
-    outs = quantize_rows(w, betas, cfg, backend="native", return_info=True)  # reused by the "into out=" row
+    outs = quantize_rows(w, betas, cfg, backend="native", return_info=True)  # reused by the "into out=" rows
     T = outs[1].clone()  # (the rows below write into outs, the betas x2 row last)
     aq = qa.activation_quantizer
     aq.train()
@@ -178,12 +180,15 @@ def bench_breakdown(n: int, batch: int, rounds: int) -> dict:
         "nn.Linear step": lambda: _one_step(lin, ol, x, target),
         "QLinear step (quantize_every=1)": lambda: _one_step(q, oq, x, target),
         "  requantize (all of it)": lambda: wq.requantize(q.weight),
-        "    weight_betas (vector_norm per row)": lambda: weight_betas(w, q.qconfig),
-        "    quantize_rows kernel (real betas)": lambda: quantize_rows(w, betas, cfg, backend="native", out=outs),
+        "    quantize_rows kernel, rms betas in the pass": lambda: quantize_rows(
+            w, spec, cfg, backend="native", out=outs
+        ),
+        "    same kernel, betas given": lambda: quantize_rows(w, betas, cfg, backend="native", out=outs),
         "    same kernel, betas x2 (no block overloads)": lambda: quantize_rows(
             w, 2 * betas, cfg, backend="native", out=outs
         ),
-        "    same kernel, fresh outputs (page faults)": lambda: quantize_rows(w, betas, cfg, backend="native"),
+        "    same kernel, fresh outputs (page faults)": lambda: quantize_rows(w, spec, cfg, backend="native"),
+        "    rms betas alone (a separate pass over the weight)": lambda: rms_betas(w, spec),
         "activation quantizer forward (256x1024)": lambda: aq(x),
         "torch.fake_quantize_per_tensor_affine (1M)": lambda: torch.fake_quantize_per_tensor_affine(w, 0.01, 0, -8, 7),
         "nn.Linear forward only": lambda: lin(x),
@@ -255,7 +260,8 @@ def _md(res: dict) -> str:
         out += [f"| {k.strip()} | {v:.2f} |" for k, v in b["cpu_ms"].items()]
         c = b["cpu_ms"]
         extra = c["QLinear step (quantize_every=1)"] - c["nn.Linear step"]
-        kern = c["    quantize_rows kernel (real betas)"]
+        kern = c["    quantize_rows kernel, rms betas in the pass"]
+        given = c["    same kernel, betas given"]
         x2 = c["    same kernel, betas x2 (no block overloads)"]
         fq = c["torch.fake_quantize_per_tensor_affine (1M)"]
         budget = 0.3 * c["nn.Linear step"]
@@ -263,14 +269,15 @@ def _md(res: dict) -> str:
             "",
             f"Reading: the quantize_every=1 step costs {extra:.1f} ms more than nn.Linear (target 1.3x: at most "
             f"{budget:.1f} ms). The fused quantize_rows kernel is {kern:.1f} ms of it ({kern / fq:.2f}x torch's "
-            f"fake_quantize on the same 1M floats): {x2:.1f} ms for the pass at T=0 over every block (the same "
-            f"kernel with betas x2, where no block overloads) and {kern - x2:.1f} ms for the beta ramp of the "
-            f"{100 * b['weight_overload_rate']:.0f}% of blocks that overload (a second closest-point pass on them, "
-            "gathered 8 at a time in registers); the betas (coset-nn) add "
-            f"{c['    weight_betas (vector_norm per row)']:.1f} ms. The kernel writes into the previous step's "
-            "outputs (coset-nn reuses them when nothing else holds them); fresh 4 MB outputs would cost "
-            f"{c['    same kernel, fresh outputs (page faults)'] - kern:.1f} ms more (page faults). No copy of the "
-            "weight is kept for the labels (recovered from the quantized weight when needed).",
+            f"fake_quantize on the same 1M floats), the per-channel betas included: each row's sum of squares is "
+            f"taken as the kernel reaches the row ({kern - given:+.1f} ms against betas passed in; a separate pass "
+            f"computing them costs {c['    rms betas alone (a separate pass over the weight)']:.1f} ms). Of the "
+            f"kernel, {x2:.1f} ms is the pass at T=0 over every block (betas x2, where no block overloads) and "
+            f"{given - x2:.1f} ms the beta ramp of the {100 * b['weight_overload_rate']:.0f}% of blocks that "
+            "overload (a second closest-point pass on them, gathered 8 at a time in registers). The kernel writes "
+            "into the previous step's outputs (coset-nn reuses them when nothing else holds them); fresh 4 MB "
+            f"outputs would cost {c['    same kernel, fresh outputs (page faults)'] - kern:.1f} ms more (page "
+            "faults). No copy of the weight is kept for the labels (recovered from the quantized weight when needed).",
         ]
         out.append("")
     for name, a in res.get("accuracy", {}).items():

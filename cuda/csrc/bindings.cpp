@@ -184,21 +184,40 @@ PYBIND11_MODULE(_C, m) {
                                out_is_double, ptr<uint8_t>(T), ptr<uint8_t>(clamped));
   });
   // the fused per-row fake quantizer (fast_quant.h quantize_rows_f32): returns (errors, nonfinite); errors = -1
-  // when the float32 + integer path does not apply to this code (the caller then composes the reference ops)
+  // when the float32 + integer path does not apply to this code (the caller then composes the reference ops).
+  // rms_scale > 0: rms betas (coset.quant.RmsBetas) written to betas_out, `betas` ignored; they are written
+  // even when the fused path does not apply (errors = -1), for the caller's composition.
   m.def("quantize_rows_cpu", [](int kind, int d, darr G, darr Ginv, py::object eps, int q, int M, darr scales,
                                 int policy_error, double safe_radius, std::uintptr_t x, std::uintptr_t betas, int64_t R,
-                                int64_t k, double lim, std::uintptr_t out, std::uintptr_t T, std::uintptr_t clamped) {
+                                int64_t k, double lim, std::uintptr_t out, std::uintptr_t T, std::uintptr_t clamped,
+                                double rms_scale, int rms_per_row, std::uintptr_t betas_out) {
     Consts c = make_consts(kind, d, G, Ginv, eps, q, M, scales, 0, policy_error, safe_radius);
     if (R < 0 || k < 0) throw std::invalid_argument("R and k must be >= 0");
+    const bool rms = rms_scale > 0.0;
+    if (rms && R > 0 && !betas_out) throw std::invalid_argument("rms betas need betas_out");
+    const coset::fq::RmsSpec spec{rms_scale, rms_per_row != 0, ptr<float>(betas_out)};
     int64_t nonfinite = 0, err = -1;
     {
       py::gil_scoped_release nogil;
       if (coset::fq::enabled() && coset::fq::applicable(c.L, c.P, nullptr))
         err = coset::fq::quantize_rows_f32(c.L, c.P, ptr<const float>(x), ptr<const float>(betas), R, k,
                                            (float)std::min(lim, 3.4028234663852886e38), ptr<float>(out),
-                                           ptr<uint8_t>(T), ptr<uint8_t>(clamped), &nonfinite);
+                                           ptr<uint8_t>(T), ptr<uint8_t>(clamped), &nonfinite, rms ? &spec : nullptr);
+      if (err < 0 && rms)
+        coset::fq::rms_betas_f32(ptr<const float>(x), R, k, rms_scale, rms_per_row != 0, ptr<float>(betas_out));
     }
     return py::make_tuple(err, nonfinite);
+  });
+  // coset.quant.rms_betas on a float32 (R, k) matrix (float32 out), and the float64 sums of squares per row
+  m.def("rms_betas_cpu", [](std::uintptr_t x, int64_t R, int64_t k, double scale, int per_row, std::uintptr_t out) {
+    if (R < 0 || k < 0) throw std::invalid_argument("R and k must be >= 0");
+    py::gil_scoped_release nogil;
+    coset::fq::rms_betas_f32(ptr<const float>(x), R, k, scale, per_row != 0, ptr<float>(out));
+  });
+  m.def("row_sumsq_cpu", [](std::uintptr_t x, int64_t R, int64_t k, std::uintptr_t out) {
+    if (R < 0 || k < 0) throw std::invalid_argument("R and k must be >= 0");
+    py::gil_scoped_release nogil;
+    coset::fq::row_sumsq_f32(ptr<const float>(x), R, k, ptr<double>(out));
   });
   m.def("add_modq_cpu", [](std::uintptr_t a, std::uintptr_t b, std::uintptr_t out, int64_t n, int q) {
     py::gil_scoped_release nogil;

@@ -153,12 +153,43 @@ static int64_t run_mode(const LatticeView& L, const QuantParams& P, const float*
 }
 
 int64_t quantize_rows_f32(const LatticeView& L, const QuantParams& P, const float* x, const float* betas, int64_t R,
-                          int64_t k, float lim, float* out, uint8_t* T, uint8_t* clamped, int64_t* nonfinite) {
+                          int64_t k, float lim, float* out, uint8_t* T, uint8_t* clamped, int64_t* nonfinite,
+                          const RmsSpec* rms) {
   IntConsts C;
   *nonfinite = 0;
   if (!build_consts(L, C)) return -1;
-  if (R <= 0 || k <= 0) return 0;
-  FQ_DISPATCH(run_rows_scaled(L, P, C, x, betas, R, k, lim, out, T, clamped, nonfinite));
+  if (R <= 0 || k <= 0) {
+    if (rms) rms_betas_f32(x, R, k, rms->scale, rms->per_row, rms->betas_out);
+    return 0;
+  }
+  if (rms && !rms->per_row) {  // one beta from the whole matrix: computed first, then the rows use it
+    rms_betas_f32(x, R, k, rms->scale, false, rms->betas_out);
+    betas = rms->betas_out;
+    rms = nullptr;
+  }
+  const double scale = rms ? rms->scale : 0.0;
+  float* bw = rms ? rms->betas_out : nullptr;
+  FQ_DISPATCH(run_rows_scaled(L, P, C, x, betas, R, k, lim, out, T, clamped, nonfinite, scale, bw));
+}
+
+void row_sumsq_f32(const float* x, int64_t R, int64_t k, double* out) {
+  if (R <= 0) return;
+  FQ_DISPATCH(row_sumsq(x, R, k, out));
+}
+
+static double sumsq_f32(const float* x, int64_t n) { FQ_DISPATCH(sumsq16(x, n)); }
+static float rms_beta_f32(double s, int64_t n, double scale) { FQ_DISPATCH(rms_beta(s, n, scale)); }
+
+void rms_betas_f32(const float* x, int64_t R, int64_t k, double scale, bool per_row, float* out) {
+  if (R <= 0) return;
+  if (!per_row) {
+    const float b = rms_beta_f32(sumsq_f32(x, R * k), R * k, scale);
+    for (int64_t r = 0; r < R; ++r) out[r] = b;
+    return;
+  }
+  std::vector<double> s((size_t)R);
+  row_sumsq_f32(x, R, k, s.data());
+  for (int64_t r = 0; r < R; ++r) out[r] = rms_beta_f32(s[r], k, scale);
 }
 
 // (N, d) is one row of N blocks without a scale: the row driver's contiguous packs (the inputs were checked).
@@ -166,7 +197,7 @@ int64_t quantize_f32(const LatticeView& L, const QuantParams& P, const float* x,
                      uint8_t* clamped) {
   int64_t nonfinite = 0;
   return quantize_rows_f32(L, P, x, nullptr, 1, N * L.d, std::numeric_limits<float>::infinity(), out, T, clamped,
-                           &nonfinite);
+                           &nonfinite, nullptr);
 }
 
 int64_t quantize_f32_lanes1(const LatticeView& L, const QuantParams& P, const float* x, int64_t N, float* out,

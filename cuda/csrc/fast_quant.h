@@ -115,7 +115,12 @@ FQ_HD v8i splati<v8i>(int32_t c) {
 
 // ------------------------------------------------------------------------------------------ layer 0 (float32)
 // Q_{D_n}(u) without eps; y = the integer lattice point, r = u - y (exact); bad |= lanes within the margin.
-template <int D, class F, class I>
+// EXACT: u is the reference's float64 value itself (x * inv_s with inv_s a power of two: exact barring subnormals,
+// whose error < 2^-149), so the only perturbations are eps and the reference's rounding of g + eps (< 1e-9 + 2^-31
+// for |u| < 2^22). A rounding decision is then uncertain only at an exact tie: |delta| = 1/2 needs |u| >= 1/2 or
+// |u| just below 1/2, where u is a multiple of 2^-25, so |delta| != 1/2 means ||delta| - 1/2| >= 2^-25. The argmax
+// keeps the constant margin 2 kAbs (two small |delta| can be arbitrarily close).
+template <int D, bool EXACT = false, class F, class I>
 FQ_HD void dn_float(const F* u, F* y, F* r, I& bad) {
   F best = splat<F>(-1.0f), second = splat<F>(-1.0f), mmax = splat<F>(0.0f), bdl = splat<F>(0.0f);
   F kk = splat<F>(0.0f), sum = splat<F>(0.0f);
@@ -127,12 +132,17 @@ FQ_HD void dn_float(const F* u, F* y, F* r, I& bad) {
     const F f = p_rnear(ui);
     const F dl = ui - f;  // exact: u minus a nearby integer
     const F ad = p_abs(dl);
-    const F m = au * kRel + kAbs;
-    b |= mask(p_abs(ad - 0.5f) <= m) | mask(au >= kBig);
+    if (EXACT) {  // u is a float32 multiple of 2^-24 near 1/2 (|u| >= 1/2, or just below it): a rounding the
+      // perturbations (< 2e-9) could flip is an exact tie
+      b |= mask(ad == 0.5f) | mask(au >= kBig);
+    } else {
+      const F m = au * kRel + kAbs;
+      b |= mask(p_abs(ad - 0.5f) <= m) | mask(au >= kBig);
+      mmax = mask(m > mmax) ? m : mmax;
+    }
     y[i] = f;
     r[i] = dl;
     sum += f;  // exact: small integers
-    mmax = mask(m > mmax) ? m : mmax;
     const I gt = mask(ad > best);
     const F lo = mask(ad < best) ? ad : best;
     second = mask(lo > second) ? lo : second;
@@ -142,7 +152,10 @@ FQ_HD void dn_float(const F* u, F* y, F* r, I& bad) {
   }
   const I odd = -(p_toi(sum) & 1);
   // the argmax (and the sign of delta_k) only matters when the parity is odd
-  bad |= b | (odd & mask(best - second <= mmax * 2.0f));
+  if (EXACT)
+    bad |= b | (odd & mask(best - second <= 2.0f * kAbs));
+  else
+    bad |= b | (odd & mask(best - second <= mmax * 2.0f));
   const F st = odd ? (mask(bdl >= 0.0f) ? splat<F>(1.0f) : splat<F>(-1.0f)) : splat<F>(0.0f);
   FQ_UNROLL
   for (int i = 0; i < D; ++i) {
@@ -152,25 +165,28 @@ FQ_HD void dn_float(const F* u, F* y, F* r, I& bad) {
   }
 }
 
-// Layer 0 of KIND (kDn or kE8) at scale 1/s: P = h * Q(x / s + eps), bad |= uncertain lanes.
-template <int KIND, int D, class F, class I>
+// Layer 0 of KIND (kDn or kE8) at scale 1/s: P = h * Q(x / s + eps), bad |= uncertain lanes. EXACT: inv_s is a
+// power of two (see dn_float).
+template <int KIND, int D, bool EXACT = false, class F, class I>
 FQ_HD void first_layer(const F* x, float inv_s, I* P, I& bad) {
   F u[D], y0[D], r0[D];
   for (int i = 0; i < D; ++i) u[i] = x[i] * inv_s;
-  dn_float<D>(u, y0, r0, bad);
+  dn_float<D, EXACT>(u, y0, r0, bad);
   if (KIND == kDn) {
     for (int i = 0; i < D; ++i) P[i] = p_toi(y0[i]);
     return;
   }
   F um[D], y1[D], r1[D];
   for (int i = 0; i < D; ++i) um[i] = u[i] - 0.5f;  // exact for |u| < 2^22
-  dn_float<D>(um, y1, r1, bad);
-  F d0 = splat<F>(0.0f), d1 = splat<F>(0.0f), mm = splat<F>(0.0f);
+  dn_float<D, EXACT>(um, y1, r1, bad);
+  F d0 = splat<F>(0.0f), d1 = splat<F>(0.0f), mm = splat<F>(kAbs);
   for (int i = 0; i < D; ++i) {
     d0 += r0[i] * r0[i];
     d1 += r1[i] * r1[i];  // u - (y1 + 1/2) = um - y1
-    const F m = p_abs(u[i]) * kRel + kAbs;
-    mm = mask(m > mm) ? m : mm;
+    if (!EXACT) {
+      const F m = p_abs(u[i]) * kRel + kAbs;
+      mm = mask(m > mm) ? m : mm;
+    }
   }
   // |r| <= 1 per coordinate: each distance moves by <= 2 * 8 * m; float32 sums of <= 8 terms in [0, 3]
   const F margin = mm * 40.0f + (d0 + d1 + 1.0f) * 4.0e-6f;
@@ -322,7 +338,7 @@ FQ_HD bool quantize_one(const IntConsts& C, const float* x, const float* inv_s, 
   for (int t = 0; t < n_scales; ++t) {
     int32_t P0[D];
     int32_t bad = 0, ovl = 0;
-    first_layer<KIND, D, float, int32_t>(x, inv_s[t], P0, bad);
+    first_layer<KIND, D, false, float, int32_t>(x, inv_s[t], P0, bad);
     later_layers<KIND, D, float, int32_t>(C, P0, lq, M, (int32_t*)nullptr, ovl, bad);
     if (bad) return false;
     if (!ovl) {
@@ -357,8 +373,22 @@ int64_t quantize_f32(const LatticeView& L, const QuantParams& P, const float* x,
 // out[r, :] = beta_r * Q(x[r, :] / beta_r) with u = x / beta_r and the product by beta_r rounded once each in
 // float32 (betas == nullptr: beta_r = 1); T, clamped per block (R, ceil(k/d)). Entries with |u| > lim (or NaN)
 // are counted in *nonfinite and the outputs are then unspecified. Returns the "error"-policy failures, or -1.
+// rms != nullptr: the betas come from the rows themselves (coset.quant.RmsBetas; `betas` is ignored) and are
+// written to rms->betas_out (R floats): per row, computed as each row is reached (no separate pass over x), or one
+// for the whole matrix (computed first, single-threaded: the order of the sum is fixed).
+struct RmsSpec {
+  double scale;
+  bool per_row;
+  float* betas_out;
+};
 int64_t quantize_rows_f32(const LatticeView& L, const QuantParams& P, const float* x, const float* betas, int64_t R,
-                          int64_t k, float lim, float* out, uint8_t* T, uint8_t* clamped, int64_t* nonfinite);
+                          int64_t k, float lim, float* out, uint8_t* T, uint8_t* clamped, int64_t* nonfinite,
+                          const RmsSpec* rms = nullptr);
+// coset.quant.rms_betas on float32 rows: out[r] = float32(scale * sqrt(s_r / k)) (1 for an all-zero row) with s_r
+// the float64 sum of squares in the reference's order (fast_quant_impl.inc sumsq16); per_row false: one beta from
+// the whole (R, k) matrix as one sequence, repeated R times. row_sumsq_f32: the sums themselves (for tests).
+void rms_betas_f32(const float* x, int64_t R, int64_t k, double scale, bool per_row, float* out);
+void row_sumsq_f32(const float* x, int64_t R, int64_t k, double* out);
 int64_t encode_f32(const LatticeView& L, const QuantParams& P, const float* x, int64_t N, uint8_t* b, uint8_t* T,
                    uint8_t* clamped);
 int64_t decode_f32(const LatticeView& L, const QuantParams& P, const uint8_t* b, const uint8_t* T, int64_t N,

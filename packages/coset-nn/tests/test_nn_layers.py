@@ -137,8 +137,10 @@ def test_nn_activation_quantization_blocks_along_features():
     from coset.nn.fake_quant import activation_beta
 
     b = activation_beta(x, cfg)
+    # the spec: blocks / beta rounded to float32, quantized with beta 1, times beta rounded once
+    bf = torch.tensor(b, dtype=torch.float32)
     blocks, pad = to_blocks(x, 4)
-    xq = from_blocks(quantize(blocks, config=QuantizationConfig(beta=b)), pad)
+    xq = from_blocks(quantize(blocks / bf, config=QuantizationConfig()) * bf, pad)
     assert torch.equal(y, F.linear(xq, q.weight, q.bias))
     # conv: blocks along channels at each position
     qc = QConv2d(5, 2, 1, qconfig=cfg)
@@ -147,9 +149,8 @@ def test_nn_activation_quantization_blocks_along_features():
     yc = qc(xc)
     assert float(qc.activation_quantizer.beta) == activation_beta(xc.movedim(1, -1), cfg)
     blocks, pad = to_blocks(xc.movedim(1, -1), 4)
-    xq = from_blocks(
-        quantize(blocks, config=QuantizationConfig(beta=float(qc.activation_quantizer.beta))), pad
-    ).movedim(-1, 1)
+    bf = qc.activation_quantizer.beta.reshape(())
+    xq = from_blocks(quantize(blocks / bf, config=QuantizationConfig()) * bf, pad).movedim(-1, 1)
     assert torch.equal(yc, F.conv2d(xq, qc.weight, qc.bias))
 
 
@@ -222,7 +223,7 @@ def test_nn_activation_stats_count_overloads_and_clamps(cap):
     x[:3] *= 1e3  # clamped at any cap
     with pytest.warns(Warning):
         q(x)
-    _, _, T, clamped, _ = quantize_activation(x, activation_beta(x, qat), qat)
+    _, _, T, clamped, _, _ = quantize_activation(x, activation_beta(x, qat), qat)
     st = q.stats()
     assert st["act_overload_rate"] == pytest.approx(float(((T > 0) | clamped).float().mean()), abs=0)
     assert st["act_clamp_rate"] == pytest.approx(float(clamped.float().mean()), abs=0)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from coset.nn import QATConfig, QLinear
+from coset.nn.fake_quant import weight_betas
 from coset.quant import QuantizationConfig
 
 pytest.importorskip("coset.cuda")  # the native backend is another package (coset-cuda)
@@ -41,6 +42,12 @@ def test_nn_native_step_equals_torch(kw):
         wr, wn = ref.weight_quantizer, nat.weight_quantizer
         assert torch.equal(wr.T, wn.T) and torch.equal(wr.clamped, wn.clamped)
         assert bool((wr.T > 0).any())
+        # the betas the kernel derived while quantizing the rows are the reference's (coset.quant.rms_betas)
+        assert torch.equal(wr.beta, wn.beta)
+        if nat.qconfig.granularity != "fixed":
+            assert torch.equal(wn.beta.to(torch.float64), weight_betas(nat.weight.detach(), nat.qconfig))
+        if nat.activation_quantizer is not None:
+            assert torch.equal(ref.activation_quantizer.beta, nat.activation_quantizer.beta)
         with torch.no_grad():
             for q in (ref, nat):
                 q.weight.sub_(0.01 * q.weight.grad)

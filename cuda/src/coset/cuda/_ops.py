@@ -15,7 +15,7 @@ import torch
 
 from coset.lattice import DnLattice, E8Lattice, Lattice, ZnLattice
 from coset.lattice.validate import check_int, check_q
-from coset.quant import OverloadError, QuantizationConfig, kernel_constants
+from coset.quant import OverloadError, QuantizationConfig, RmsBetas, kernel_constants
 from coset.quant.backend import check_magnitude
 
 from . import _C  # type: ignore[attr-defined]  # compiled extension: in the wheel, not the source tree
@@ -28,6 +28,8 @@ __all__ = [
     "decode",
     "quantize",
     "quantize_rows",
+    "rms_betas",
+    "row_sumsq",
     "rows_applicable",
     "lut_one_sided",
     "lut_two_sided",
@@ -402,7 +404,7 @@ def rows_applicable(lattice: Lattice, config: QuantizationConfig) -> bool:
 
 def quantize_rows(
     x: torch.Tensor,
-    betas: torch.Tensor | None,
+    betas: torch.Tensor | RmsBetas | None,
     lattice: Lattice,
     config: QuantizationConfig,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
@@ -412,13 +414,16 @@ def quantize_rows(
 
     Parameters
     ----------
-    x : (R, k) float32 CPU tensor; betas : (R,) float32 or None (beta 1)
+    x : (R, k) float32 CPU tensor
+    betas : (R,) float32, None (beta 1) or a :class:`coset.quant.RmsBetas`: the betas of
+        :func:`coset.quant.rms_betas`, each row's computed as the row is reached (the row is read once)
     out : optional (out, T, clamped) to write into (contiguous CPU float32 (R, k), uint8 (R, nb), bool (R, nb);
         coset.quant.quantize_rows checks them)
 
     Returns
     -------
-    out : (R, k) float32; T : (R, nb) uint8; clamped : (R, nb) bool, nb = ceil(k / d)
+    out : (R, k) float32; T : (R, nb) uint8; clamped : (R, nb) bool, nb = ceil(k / d); and, for an RmsBetas,
+    betas : (R,) float32
 
     Raises
     ------
@@ -428,18 +433,24 @@ def quantize_rows(
     if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.ndim != 2 or x.device.type != "cpu":
         raise TypeError("x must be a float32 CPU tensor of shape (R, k)")
     R, k = x.shape
-    if betas is not None and (
-        not isinstance(betas, torch.Tensor)
-        or betas.dtype != torch.float32
-        or tuple(betas.shape) != (R,)
-        or betas.device.type != "cpu"
+    rms = betas if isinstance(betas, RmsBetas) else None
+    if (
+        rms is None
+        and betas is not None
+        and (
+            not isinstance(betas, torch.Tensor)
+            or betas.dtype != torch.float32
+            or tuple(betas.shape) != (R,)
+            or betas.device.type != "cpu"
+        )
     ):
-        raise TypeError(f"betas must be None or a float32 CPU tensor of shape ({R},)")
+        raise TypeError(f"betas must be None, an RmsBetas or a float32 CPU tensor of shape ({R},)")
     if not rows_applicable(lattice, config):
         raise ValueError("quantize_rows: this code is not covered by the fused kernel (see rows_applicable)")
     nb = -(-k // d)
     xc = x.contiguous()
-    bc = None if betas is None else betas.contiguous()
+    bc = None if rms is not None or betas is None else betas.contiguous()  # type: ignore[union-attr]
+    b_out = torch.empty((R,), dtype=torch.float32) if rms is not None else None
     if out is None:
         res = torch.empty((R, k), dtype=torch.float32)
         T = torch.empty((R, nb), dtype=torch.uint8)
@@ -476,8 +487,14 @@ def quantize_rows(
         _ptr(res),
         _ptr(T),
         _ptr(clamped),
+        0.0 if rms is None else rms.scale,
+        int(rms is None or rms.per_row),
+        _ptr(b_out),
     )
+    if b_out is not None:
+        bc = b_out
     if nonfinite:  # the reference's check and message on the scaled blocks (float32 limit: compose if it passes)
+        check_magnitude(xc, float("inf"))
         check_magnitude(xc if bc is None else xc / bc.reshape(-1, 1), max_abs)
         err = -1
     if err < 0:  # the float32 + integer path is switched off (COSET_FAST_PATH=0): compose the native ops
@@ -490,10 +507,31 @@ def quantize_rows(
         res.copy_(xh.reshape(R, nb * d)[:, :k])
         T.copy_(Tf.reshape(R, nb))
         clamped.copy_(cf.reshape(R, nb))
-        return res, T, clamped
-    if err:
+    elif err:
         _raise_overload(int(err), R * nb, config)
-    return res, T, clamped
+    return (res, T, clamped) if b_out is None else (res, T, clamped, b_out)
+
+
+def rms_betas(x: torch.Tensor, spec: RmsBetas) -> torch.Tensor:
+    """:func:`coset.quant.rms_betas` of a float32 (R, k) CPU tensor, natively: (R,) float32."""
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.ndim != 2 or x.device.type != "cpu":
+        raise TypeError("x must be a float32 CPU tensor of shape (R, k)")
+    if not isinstance(spec, RmsBetas):
+        raise TypeError(f"spec must be an RmsBetas, got {type(spec).__name__}")
+    xc = x.contiguous()
+    out = torch.empty((x.shape[0],), dtype=torch.float32)
+    _C.rms_betas_cpu(_ptr(xc), x.shape[0], x.shape[1], spec.scale, int(spec.per_row), _ptr(out))
+    return out
+
+
+def row_sumsq(x: torch.Tensor) -> torch.Tensor:
+    """:func:`coset.quant.rms.row_sumsq` of a float32 (R, k) CPU tensor, natively: (R,) float64."""
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.ndim != 2 or x.device.type != "cpu":
+        raise TypeError("x must be a float32 CPU tensor of shape (R, k)")
+    xc = x.contiguous()
+    out = torch.empty((x.shape[0],), dtype=torch.float64)
+    _C.row_sumsq_cpu(_ptr(xc), x.shape[0], x.shape[1], _ptr(out))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- LUT ops

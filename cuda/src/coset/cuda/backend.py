@@ -55,7 +55,7 @@ class NativeBackend:
             return tensor.device.type == "cuda"
         if op in ("kv_scores", "kv_values"):  # coset.kv attention from codes (kv.py): CPU only so far
             return tensor.device.type == "cpu"
-        if op == "quantize_rows":  # coset.quant.quantize_rows: the fused per-row fake quantizer, float32 CPU
+        if op in ("quantize_rows", "quantize_rows_rms"):  # coset.quant.quantize_rows (with RmsBetas), float32 CPU
             return (
                 tensor.device.type == "cpu"
                 and tensor.dtype == torch.float32

@@ -10,11 +10,9 @@ coset.quant with the config's beta, so the result is bit-for-bit ``coset.quant.q
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 
 from coset.quant import (
@@ -22,12 +20,13 @@ from coset.quant import (
     DegenerateConfigWarning,
     OverloadError,
     QuantizationConfig,
+    RmsBetas,
     beta_min,
     decode,
     encode,
     from_blocks,
-    quantize,
     quantize_rows,
+    rms_betas,
     to_blocks,
 )
 
@@ -35,6 +34,8 @@ from .config import QATConfig
 
 __all__ = [
     "overload_radius",
+    "weight_rms",
+    "act_rms",
     "weight_betas",
     "scaled_weight_blocks",
     "encode_weight",
@@ -81,41 +82,32 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _scaled_rms(w: torch.Tensor, per_row: bool) -> torch.Tensor:
-    """rms in float64 of each row (or of the whole tensor, as a (1,) tensor), scaled by the largest magnitude
-    first so that it never overflows."""
-    w = w.to(torch.float64)
-    if not per_row:
-        w = w.reshape(1, -1)
-    m = w.abs().amax(dim=1, keepdim=True)
-    m = torch.where(m > 0, m, torch.ones_like(m))
-    return m.squeeze(1) * (w / m).pow(2).mean(dim=1).sqrt()
+def weight_rms(qat: QATConfig) -> RmsBetas:
+    """The automatic weight betas as a :class:`coset.quant.RmsBetas`: ``beta_scale * beta_min(weight, rms)`` per row
+    (per_channel) or for the whole weight (per_tensor)."""
+    cfg = _wcfg(qat)
+    return RmsBetas(qat.beta_scale * beta_min(cfg, 1.0), per_row=qat.granularity == "per_channel")
+
+
+def act_rms(qat: QATConfig) -> RmsBetas:
+    """The automatic activation beta as a :class:`coset.quant.RmsBetas`: ``act_beta_scale * beta_min(activation,
+    rms)`` of the whole batch."""
+    return RmsBetas(qat.act_beta_scale * beta_min(_acfg(qat), 1.0), per_row=False)
 
 
 def weight_betas(w2: torch.Tensor, qat: QATConfig) -> torch.Tensor:
     """Betas of a ``(C_out, k)`` weight: float64 ``(C_out,)`` (per_channel) or ``(1,)``.
 
-    Automatic betas are ``beta_scale * beta_min(weight, rms)`` (rms = norm / sqrt(k), the norm accumulated by
-    ``torch.linalg.vector_norm`` in the weight's work dtype) rounded to float32 (so a float32 copy is
-    exact); an all-zero row gets beta 1. "fixed" returns the config's effective beta unchanged.
+    Automatic betas are :func:`coset.quant.rms_betas` with :func:`weight_rms` (``beta_scale * beta_min(weight,
+    rms)`` rounded to float32, the sum of squares in float64 in coset.quant's fixed order, so that a kernel
+    computing them while it quantizes the rows gets the same floats); an all-zero row gets beta 1. "fixed" returns
+    the config's effective beta unchanged.
     """
     cfg = _wcfg(qat)
     if qat.granularity == "fixed":
         return torch.tensor([cfg.effective_beta], dtype=torch.float64, device=w2.device)
-    w = w2.detach().to(_work_dtype(w2))
-    # one pass, no w*w temporary: rms = ||row|| / sqrt(k)
-    if qat.granularity == "per_channel":
-        nrm, count = torch.linalg.vector_norm(w, dim=1), w.shape[1]
-    else:
-        nrm, count = torch.linalg.vector_norm(w).reshape(1), w.numel()
-    rms = nrm.to(torch.float64) / math.sqrt(max(count, 1))
-    unit = qat.beta_scale * beta_min(cfg, 1.0)
-    # the (C_out,) float64 arithmetic in numpy: the same IEEE operations, ~1 us each instead of ~8 per torch op
-    # (this runs every training step); the finiteness test needs the values on the host anyway
-    r = rms.cpu().numpy()
-    if not np.isfinite(r).all() and bool(torch.isfinite(w).all()):
-        r = _scaled_rms(w, per_row=qat.granularity == "per_channel").cpu().numpy()  # w*w overflowed: no inf beta
-    return torch.from_numpy(np.where(r > 0, r * unit, 1.0).astype(np.float32).astype(np.float64)).to(rms.device)
+    b = rms_betas(w2.detach().to(_work_dtype(w2)), weight_rms(qat))
+    return b if qat.granularity == "per_channel" else b[:1].clone()
 
 
 def scaled_weight_blocks(w2: torch.Tensor, betas: torch.Tensor, qat: QATConfig):
@@ -201,7 +193,7 @@ def labels_need_weight(qat: QATConfig, dtype: torch.dtype | None = None) -> bool
 
 def quantize_weight(
     w2: torch.Tensor,
-    betas: torch.Tensor,
+    betas: torch.Tensor | None,
     qat: QATConfig,
     dtype: torch.dtype = torch.float32,
     snapshot: torch.Tensor | None = None,
@@ -211,6 +203,8 @@ def quantize_weight(
 
     One :func:`coset.quant.quantize_rows` call (a single pass in the native backend): row c divided by
     ``beta_c``, quantized with beta 1 and multiplied back (or, "fixed", quantized with the config's beta).
+    ``betas`` None (per_channel / per_tensor): the automatic betas (:func:`weight_betas`), computed by the kernel
+    as it reaches each row (no separate pass over the weight); they are returned in ``pending``.
 
     Returns
     -------
@@ -226,11 +220,19 @@ def quantize_weight(
     """
     cfg = _wcfg(qat)
     fixed = qat.granularity == "fixed"
+    if fixed:
+        if betas is None:
+            betas = weight_betas(w2, qat)
+        row_betas: torch.Tensor | RmsBetas | None = None
+    elif betas is None:
+        row_betas = weight_rms(qat)
+    else:
+        row_betas = betas.reshape(-1).expand(w2.shape[0])  # per_tensor: one beta for all rows
     try:
         with _layer_warns():
-            wq, T, clamped = quantize_rows(
+            res = quantize_rows(
                 w2.detach(),
-                None if fixed else betas.reshape(-1).expand(w2.shape[0]),  # per_tensor: one beta for all rows
+                row_betas,
                 cfg if fixed else _unit_config(cfg),
                 backend=qat.backend,
                 return_info=True,
@@ -240,6 +242,10 @@ def quantize_weight(
         raise
     except ValueError as e:  # coset.quant checks finiteness; say which tensor
         raise ValueError(f"weight: {e}") from None
+    wq, T, clamped = res[:3]
+    if betas is None:  # the kernel's rms betas: (C_out,), or (1,) per_tensor
+        b = res[3]
+        betas = b if qat.granularity == "per_channel" else b[:1].clone()
     if wq.dtype == dtype and not labels_need_weight(qat):  # the labels follow from wq: no copy of the weight
         return wq, T, clamped, (wq, betas, True)
     if snapshot is None:
@@ -274,20 +280,23 @@ def decode_weight(
 
 
 def activation_beta(x: torch.Tensor, qat: QATConfig) -> float:
-    """Per-tensor beta of an activation batch: ``act_beta_scale * beta_min(activation, rms(x))`` (float32-rounded;
-    rms = ``torch.linalg.vector_norm(x) / sqrt(n)`` in the work dtype)."""
-    xd = x.detach()
-    # one pass, no x*x temporary: rms = ||x|| / sqrt(n)
-    rms = float(torch.linalg.vector_norm(xd.to(_work_dtype(xd)))) / math.sqrt(x.numel()) if x.numel() else 0.0
-    if rms == float("inf"):  # x*x overflowed
-        rms = float(_scaled_rms(xd, per_row=False))
-    if not rms > 0 or rms != rms:
+    """Per-tensor beta of an activation batch ``x: (..., k)``: :func:`coset.quant.rms_betas` of the batch read as
+    one sequence with :func:`act_rms` (``act_beta_scale * beta_min(activation, rms(x))``, float32-rounded); 1.0
+    for an empty or all-zero batch."""
+    if not x.numel():
         return 1.0
-    return float(torch.tensor(qat.act_beta_scale * beta_min(_acfg(qat), 1.0) * rms, dtype=torch.float32))
+    xd = x.detach()
+    x2 = xd.to(_work_dtype(xd)).reshape(-1, x.shape[-1])
+    return float(rms_betas(x2, act_rms(qat))[0])
 
 
-def quantize_activation(x: torch.Tensor, beta: float, qat: QATConfig):
-    """Fake-quantize the last dimension of ``x`` in d-blocks (zero-padded, stripped).
+def quantize_activation(x: torch.Tensor, beta: float | None, qat: QATConfig):
+    """Fake-quantize the last dimension of ``x`` in d-blocks (zero-padded, stripped) with one beta for the tensor.
+
+    The blocks are divided by ``beta``, quantized with beta 1 and multiplied back (:func:`coset.quant.quantize_rows`
+    on the ``(rows, k)`` view: the arithmetic of the weights, in float32 for float32 input and float64 otherwise;
+    half inputs are rounded once back to their dtype). ``beta`` None: the batch's own beta
+    (:func:`activation_beta`), computed in the same native call.
 
     Returns
     -------
@@ -296,16 +305,24 @@ def quantize_activation(x: torch.Tensor, beta: float, qat: QATConfig):
     T : (..., nb) uint8 scale steps
     clamped : (..., nb) bool, blocks still overloaded at the cap (clamped)
     pad : int
+    beta : float, the beta used
     """
-    cfg = _acfg(qat).replace(beta=float(beta))
+    cfg = _unit_config(_acfg(qat))
     xd = x.detach()
     blocks, pad = to_blocks(xd, cfg.dim)
-    if x.dtype not in (torch.float32, torch.float64):  # half inputs: one rounding from float64, as quantize does
-        with _layer_warns():
-            xh, T, clamped = quantize(blocks, config=cfg, backend=qat.backend, return_info=True)
-        return from_blocks(xh, pad), blocks, T, clamped, pad
     k, lead = x.shape[-1], x.shape[:-1]
-    with _layer_warns():  # one fused pass over the (rows, k) view: quantize_rows(None) == quantize of the blocks
-        xh, T, clamped = quantize_rows(xd.reshape(-1, k), None, cfg, backend=qat.backend, return_info=True)
+    xw = xd if x.dtype in (torch.float32, torch.float64) else xd.to(torch.float64)
+    x2 = xw.reshape(-1, k)
+    spec: torch.Tensor | RmsBetas
+    if beta is None:
+        spec = act_rms(qat)
+    else:
+        spec = torch.full((x2.shape[0],), float(beta), dtype=x2.dtype, device=x2.device)
+    with _layer_warns():  # one fused pass over the (rows, k) view
+        res = quantize_rows(x2, spec, cfg, backend=qat.backend, return_info=True)
+    xh, T, clamped = res[:3]
+    if beta is None:
+        beta = float(res[3][0]) if res[3].numel() else 1.0
     nb = blocks.shape[-2]
-    return xh.reshape(x.shape), blocks, T.reshape(*lead, nb), clamped.reshape(*lead, nb), pad
+    xq = xh.reshape(x.shape).to(x.dtype)
+    return xq, blocks, T.reshape(*lead, nb), clamped.reshape(*lead, nb), pad, beta

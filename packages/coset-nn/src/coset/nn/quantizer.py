@@ -38,6 +38,7 @@ import json
 import math
 import warnings
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -47,7 +48,6 @@ from coset.quant import ClampWarning, QuantizationConfig, count_true, to_blocks
 from .config import QATConfig
 from .fake_quant import (
     _layer_warns,
-    activation_beta,
     decode_weight,
     encode_weight,
     labels_from_quantized,
@@ -55,7 +55,6 @@ from .fake_quant import (
     overload_radius,
     quantize_activation,
     quantize_weight,
-    weight_betas,
 )
 from .ste import block_grad_scale, ste
 
@@ -209,7 +208,6 @@ class HNLQWeightQuantizer(nn.Module):
         """Quantize ``weight`` now (T, betas, clamp mask and the cached quantized weight; labels lazily)."""
         self._check_weight(weight)
         w2 = weight.detach().reshape(weight.shape[0], -1)
-        betas = weight_betas(w2, self.qconfig)
         snap = None  # a copy of the weight for the labels, only where they do not follow from the result
         if labels_need_weight(self.qconfig, weight.dtype):
             snap = self.__dict__.get("_snapshot")  # reused: a fresh 4 MB tensor per step costs page faults
@@ -217,8 +215,9 @@ class HNLQWeightQuantizer(nn.Module):
                 snap = self._snapshot = torch.empty_like(w2)
         outs = self._reusable_outputs(w2)
         try:
+            # the automatic betas are computed by the kernel as it reaches each row (one read of the weight)
             wq, T, clamped, pending = quantize_weight(
-                w2, betas, self.qconfig, dtype=weight.dtype, snapshot=snap, out=outs
+                w2, None, self.qconfig, dtype=weight.dtype, snapshot=snap, out=outs
             )
         except Exception:
             if outs is not None:  # the stored code was being overwritten: gone, re-quantize at the next use
@@ -228,7 +227,7 @@ class HNLQWeightQuantizer(nn.Module):
         # every training step (the buffers keep their names, dtypes and devices)
         buffers = self._buffers
         buffers["qweight"], buffers["T"], buffers["clamped"] = wq.reshape(weight.shape), T, clamped
-        buffers["beta"] = betas.to(torch.float32).reshape(self.beta.shape)
+        buffers["beta"] = pending[1].to(torch.float32).reshape(self.beta.shape)
         self.__dict__.update(
             _pending=pending,
             _valid=True,
@@ -608,20 +607,20 @@ class HNLQActivationQuantizer(nn.Module):
         fd = self.feature_dim
         xa = x.movedim(fd, -1) if fd != -1 else x
         running = float(self.beta)
-        beta = activation_beta(xa, self.qconfig) if self.training or not running > 0 else running
+        batch = self.training or not running > 0  # the batch's own beta (computed in the quantizer's call)
         try:  # the quantizer checks finiteness in its own pass (no separate isfinite pass over the input)
-            xq, blocks, T, clamped, pad = quantize_activation(xa, beta, self.qconfig)
+            xq, blocks, T, clamped, pad, beta = quantize_activation(xa, None if batch else running, self.qconfig)
         except ValueError:
             if x.numel() and not bool(torch.isfinite(x).all()):
                 raise ValueError("input contains NaN or Inf; HNLQ cannot quantize non-finite activations") from None
             raise
         if self.training:  # the running beta moves only once the batch quantized
-            with torch.no_grad():
-                if running > 0:
-                    m = self.qconfig.act_momentum
-                    self.beta.mul_(1 - m).add_(m * beta)
-                else:
-                    self.beta.fill_(beta)
+            if running > 0:  # float32 arithmetic, as beta.mul_(1 - m).add_(m * beta): one fill instead of two ops
+                m = self.qconfig.act_momentum
+                new = np.float32(np.float32(running) * np.float32(1 - m)) + np.float32(m * beta)
+                self.beta.fill_(float(new))
+            else:
+                self.beta.fill_(beta)
         n_clamped = count_true(clamped)  # (a byte scan when none, the usual case)
         self._seen += T.numel()
         # overloaded = T > 0 or clamped; a clamped block has T = the cap, so with a cap > 0 counting T != 0 is
@@ -640,10 +639,11 @@ class HNLQActivationQuantizer(nn.Module):
                 stacklevel=4,
             )
         if torch.is_grad_enabled() and xa.requires_grad:
-            overloaded = (T > 0) | clamped
-            scale = block_grad_scale(
-                self.qconfig.ste, blocks, overloaded, torch.tensor(beta * overload_radius(self.cfg)), pad
-            )
+            scale = None
+            if self.qconfig.ste != "identity":
+                scale = block_grad_scale(
+                    self.qconfig.ste, blocks, (T > 0) | clamped, torch.tensor(beta * overload_radius(self.cfg)), pad
+                )
             xq = ste(xa, xq, scale)
         return xq.movedim(-1, fd) if fd != -1 else xq
 

@@ -28,6 +28,7 @@ from .offset import constellation_offset
 from .packing import pack_labels, packed_nbytes, unpack_labels
 from .quantize import quantize
 from .quantizer import Quantizer
+from .rms import RmsBetas, rms_betas
 from .rows import quantize_rows
 
 __all__ = [
@@ -40,6 +41,8 @@ __all__ = [
     "decode",
     "quantize",
     "quantize_rows",
+    "RmsBetas",
+    "rms_betas",
     "count_true",
     "Quantizer",
     "encode_layers",

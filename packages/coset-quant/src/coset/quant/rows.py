@@ -5,10 +5,14 @@
 PyTorch composition below is the specification, and a backend may implement it in one pass (op name
 ``"quantize_rows"``, method ``quantize_rows(x, betas, lattice, config, out=None) -> (out, T, clamped)`` on a
 float32 ``(R, k)`` matrix and float32 ``(R,)`` betas or None, bit for bit the composition, writing into the
-checked ``out`` tensors when given).
+checked ``out`` tensors when given). The betas may also be derived from the rows (:class:`RmsBetas`, op name
+``"quantize_rows_rms"``: the same method called with the ``RmsBetas`` returns ``(out, T, clamped, betas)``, the
+betas float32 and equal to :func:`coset.quant.rms_betas`); a backend without it gets the betas computed here.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -19,25 +23,28 @@ from .backend import get_backend, select_backend
 from .blocks import from_blocks, to_blocks
 from .config import QuantizationConfig
 from .quantize import quantize
+from .rms import RmsBetas, rms_betas
 
 __all__ = ["quantize_rows"]
 
 
-def _rows_backend(backend: str, x: torch.Tensor, lattice: Lattice, config: QuantizationConfig):
+def _rows_backend(
+    backend: str, x: torch.Tensor, lattice: Lattice, config: QuantizationConfig, op: str = "quantize_rows"
+):
     """The backend running the fused op, or None (then the composition runs, with ``backend`` for quantize)."""
     if backend == "auto":
-        return select_backend("auto", "quantize_rows", x, lattice, config)
+        return select_backend("auto", op, x, lattice, config)
     if backend == "torch":
         return None
     b = get_backend(backend)
-    if b is not None and hasattr(b, "quantize_rows") and b.supports("quantize_rows", x, lattice, config):
+    if b is not None and hasattr(b, "quantize_rows") and b.supports(op, x, lattice, config):
         return b
     return None
 
 
 def quantize_rows(
     x: torch.Tensor,
-    betas: torch.Tensor | None = None,
+    betas: torch.Tensor | RmsBetas | None = None,
     config: QuantizationConfig | None = None,
     *,
     lattice: Lattice | None = None,
@@ -50,8 +57,10 @@ def quantize_rows(
     Parameters
     ----------
     x : (R, k) float tensor, finite; the work dtype is float64 for float64 input, float32 otherwise
-    betas : (R,) float tensor of per-row scales, or None (no scaling: ``quantize`` of the blocks). They are
-        rounded to the work dtype; ``x[r] / beta_r`` and the product by ``beta_r`` are rounded once each.
+    betas : (R,) float tensor of per-row scales, None (no scaling: ``quantize`` of the blocks), or an
+        :class:`RmsBetas` (the betas :func:`coset.quant.rms_betas` derives from ``x``, computed by a native
+        backend in the same pass; they are then returned as well). They are rounded to the work dtype;
+        ``x[r] / beta_r`` and the product by ``beta_r`` are rounded once each.
     config, lattice, backend : as for :func:`coset.quant.quantize` (the config's own beta applies as well)
     return_info : also return ``(T, clamped)`` per block, each of shape ``(R, ceil(k/d))``
     out : optional ``(result, T, clamped)`` to write into and return instead of new tensors: contiguous, on
@@ -61,7 +70,8 @@ def quantize_rows(
 
     Returns
     -------
-    (R, k) contiguous tensor of the work dtype [, T uint8 (R, nb), clamped bool (R, nb)]
+    (R, k) contiguous tensor of the work dtype [, T uint8 (R, nb), clamped bool (R, nb)] [, betas (R,) float64]
+    (the betas last, only for an :class:`RmsBetas`: float32 values, as :func:`coset.quant.rms_betas`)
 
     Raises / Warns
     --------------
@@ -76,16 +86,33 @@ def quantize_rows(
         raise TypeError(f"x must be a floating tensor, got dtype {x.dtype}")
     if x.ndim != 2:
         raise ValueError(f"x must have shape (R, k), got {tuple(x.shape)}")
-    if betas is not None:
+    rms = betas if isinstance(betas, RmsBetas) else None
+    if betas is not None and rms is None:
         if not isinstance(betas, torch.Tensor) or not betas.is_floating_point():
-            raise TypeError("betas must be None or a floating torch.Tensor")
+            raise TypeError("betas must be None, an RmsBetas or a floating torch.Tensor")
         if tuple(betas.shape) != (x.shape[0],):
             raise ValueError(f"betas must have shape ({x.shape[0]},), got {tuple(betas.shape)}")
     wd = torch.float64 if x.dtype == torch.float64 else torch.float32
     if out is not None:
         _check_out(out, x, wd, -(-x.shape[1] // lattice.dim))
     xw = x.detach().to(wd)
-    bw = None if betas is None else betas.detach().to(device=x.device, dtype=wd)
+    derived = None  # the rms betas (float64 holding float32 values), returned last
+    if rms is not None:
+        be = _rows_backend(backend, xw, lattice, config, "quantize_rows_rms")
+        if be is not None:
+            res, T, clamped, b32 = be.quantize_rows(xw, rms, lattice, config, out=out)
+            if b32.numel() and not math.isfinite(float(b32.max())):  # betas are > 0: max is finite iff all are
+                if not bool(torch.isfinite(xw).all()):
+                    raise ValueError("x contains NaN or Inf")
+                raise ValueError(
+                    "x: the rms beta overflows float32 (entries near the float32 limit); rescale the input"
+                )
+            warn_clamped(clamped, config, "quantize_rows")
+            derived = b32.to(torch.float64)
+            return (res, T, clamped, derived) if return_info else (res, derived)
+        derived = rms_betas(xw, rms)
+    bsrc = derived if rms is not None else betas
+    bw = None if not isinstance(bsrc, torch.Tensor) else bsrc.detach().to(device=x.device, dtype=wd)
     be = _rows_backend(backend, xw, lattice, config)
     if be is not None:
         res, T, clamped = be.quantize_rows(xw, bw, lattice, config, out=out)
@@ -102,6 +129,8 @@ def quantize_rows(
             for o, r in zip(out, (res, T, clamped), strict=True):
                 o.copy_(r)
             res, T, clamped = out
+    if derived is not None:
+        return (res, T, clamped, derived) if return_info else (res, derived)
     if return_info:
         return res, T, clamped
     return res
