@@ -10,6 +10,7 @@ coset.quant with the config's beta, so the result is bit-for-bit ``coset.quant.q
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Iterator
 
@@ -82,6 +83,7 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+@functools.lru_cache(maxsize=256)  # QATConfig is frozen (hashable); this runs every training step
 def weight_rms(qat: QATConfig) -> RmsBetas:
     """The automatic weight betas as a :class:`coset.quant.RmsBetas`: ``beta_scale * beta_min(weight, rms)`` per row
     (per_channel) or for the whole weight (per_tensor)."""
@@ -89,6 +91,7 @@ def weight_rms(qat: QATConfig) -> RmsBetas:
     return RmsBetas(qat.beta_scale * beta_min(cfg, 1.0), per_row=qat.granularity == "per_channel")
 
 
+@functools.lru_cache(maxsize=256)
 def act_rms(qat: QATConfig) -> RmsBetas:
     """The automatic activation beta as a :class:`coset.quant.RmsBetas`: ``act_beta_scale * beta_min(activation,
     rms)`` of the whole batch."""
@@ -228,16 +231,16 @@ def quantize_weight(
         row_betas = weight_rms(qat)
     else:
         row_betas = betas.reshape(-1).expand(w2.shape[0])  # per_tensor: one beta for all rows
-    try:
-        with _layer_warns():
-            res = quantize_rows(
-                w2.detach(),
-                row_betas,
-                cfg if fixed else _unit_config(cfg),
-                backend=qat.backend,
-                return_info=True,
-                out=out,
-            )
+    try:  # warn=False: the layer counts the clamps in the mask and warns once per layer
+        res = quantize_rows(
+            w2.detach(),
+            row_betas,
+            cfg if fixed else _unit_config(cfg),
+            backend=qat.backend,
+            return_info=True,
+            out=out,
+            warn=False,
+        )
     except OverloadError:
         raise
     except ValueError as e:  # coset.quant checks finiteness; say which tensor
@@ -318,8 +321,8 @@ def quantize_activation(x: torch.Tensor, beta: float | None, qat: QATConfig):
         spec = act_rms(qat)
     else:
         spec = torch.full((x2.shape[0],), float(beta), dtype=x2.dtype, device=x2.device)
-    with _layer_warns():  # one fused pass over the (rows, k) view
-        res = quantize_rows(x2, spec, cfg, backend=qat.backend, return_info=True)
+    # one fused pass over the (rows, k) view; the layer counts the clamps itself (warn=False)
+    res = quantize_rows(x2, spec, cfg, backend=qat.backend, return_info=True, warn=False)
     xh, T, clamped = res[:3]
     if beta is None:
         beta = float(res[3][0]) if res[3].numel() else 1.0

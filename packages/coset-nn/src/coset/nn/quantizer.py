@@ -626,7 +626,12 @@ class HNLQActivationQuantizer(nn.Module):
         # overloaded = T > 0 or clamped; a clamped block has T = the cap, so with a cap > 0 counting T != 0 is
         # enough (15 us instead of 58 for the | and its count, every training forward)
         cap = self.cfg.max_scaling_iterations
-        self._overloaded += int(torch.count_nonzero(T)) if cap > 0 else n_clamped
+        if cap == 0:
+            self._overloaded += n_clamped
+        elif T.device.type == "cpu":  # numpy's count of a byte array: ~4 us instead of torch's ~25
+            self._overloaded += int(np.count_nonzero(T.numpy()))
+        else:
+            self._overloaded += int(torch.count_nonzero(T))
         self._clamped += n_clamped
         if n_clamped and not self._warned:
             self._warned = True

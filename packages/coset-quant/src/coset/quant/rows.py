@@ -13,6 +13,7 @@ betas float32 and equal to :func:`coset.quant.rms_betas`); a backend without it 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -21,7 +22,7 @@ from coset.lattice import Lattice
 from ._core import resolve, warn_clamped
 from .backend import get_backend, select_backend
 from .blocks import from_blocks, to_blocks
-from .config import QuantizationConfig
+from .config import ClampWarning, QuantizationConfig
 from .quantize import quantize
 from .rms import RmsBetas, rms_betas
 
@@ -51,6 +52,7 @@ def quantize_rows(
     backend: str = "auto",
     return_info: bool = False,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    warn: bool = True,
 ):
     """Per-row scaled HNLQ reconstruction ``beta_r * quantize(x[r] / beta_r)`` in d-blocks.
 
@@ -67,6 +69,8 @@ def quantize_rows(
         ``x``'s device, of shapes ``(R, k)``, ``(R, nb)``, ``(R, nb)`` and dtypes work dtype, uint8, bool, not
         sharing memory with ``x`` (a training loop that re-quantizes every step reuses them: fresh 4 MB outputs
         cost page faults each step)
+    warn : False: no :class:`ClampWarning` (for a caller that counts the clamps in ``clamped`` itself, as the
+        QAT layers do, warning once per layer)
 
     Returns
     -------
@@ -107,7 +111,8 @@ def quantize_rows(
                 raise ValueError(
                     "x: the rms beta overflows float32 (entries near the float32 limit); rescale the input"
                 )
-            warn_clamped(clamped, config, "quantize_rows")
+            if warn:
+                warn_clamped(clamped, config, "quantize_rows")
             derived = b32.to(torch.float64)
             return (res, T, clamped, derived) if return_info else (res, derived)
         derived = rms_betas(xw, rms)
@@ -116,12 +121,16 @@ def quantize_rows(
     be = _rows_backend(backend, xw, lattice, config)
     if be is not None:
         res, T, clamped = be.quantize_rows(xw, bw, lattice, config, out=out)
-        warn_clamped(clamped, config, "quantize_rows")
+        if warn:
+            warn_clamped(clamped, config, "quantize_rows")
     else:
         blocks, pad = to_blocks(xw, lattice.dim)
         if bw is not None:
             blocks = blocks / bw.reshape(-1, 1, 1)
-        xh, T, clamped = quantize(blocks, config, lattice=lattice, backend=backend, return_info=True)
+        with warnings.catch_warnings():
+            if not warn:
+                warnings.simplefilter("ignore", ClampWarning)
+            xh, T, clamped = quantize(blocks, config, lattice=lattice, backend=backend, return_info=True)
         if bw is not None:
             xh = xh * bw.reshape(-1, 1, 1)
         res = from_blocks(xh, pad).contiguous()  # the layout of the fused op (a matmul's rounding depends on it)
