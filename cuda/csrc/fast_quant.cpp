@@ -162,14 +162,13 @@ int64_t quantize_rows_f32(const LatticeView& L, const QuantParams& P, const floa
     if (rms) rms_betas_f32(x, R, k, rms->scale, rms->per_row, rms->betas_out);
     return 0;
   }
-  if (rms && !rms->per_row) {  // one beta from the whole matrix: computed first, then the rows use it
-    rms_betas_f32(x, R, k, rms->scale, false, rms->betas_out);
+  if (rms) {  // the betas first (a streaming pass over x, parallel over rows), then the rows quantize with them
+    // (measured: summing each row's squares as the kernel reaches it, or one row ahead inside its pack loop, cost
+    // more than this pass, which leaves x in L3 for the quantizing pass)
+    rms_betas_f32(x, R, k, rms->scale, rms->per_row, rms->betas_out);
     betas = rms->betas_out;
-    rms = nullptr;
   }
-  const double scale = rms ? rms->scale : 0.0;
-  float* bw = rms ? rms->betas_out : nullptr;
-  FQ_DISPATCH(run_rows_scaled(L, P, C, x, betas, R, k, lim, out, T, clamped, nonfinite, scale, bw));
+  FQ_DISPATCH(run_rows_scaled(L, P, C, x, betas, R, k, lim, out, T, clamped, nonfinite));
 }
 
 void row_sumsq_f32(const float* x, int64_t R, int64_t k, double* out) {

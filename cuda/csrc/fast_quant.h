@@ -374,8 +374,8 @@ int64_t quantize_f32(const LatticeView& L, const QuantParams& P, const float* x,
 // float32 (betas == nullptr: beta_r = 1); T, clamped per block (R, ceil(k/d)). Entries with |u| > lim (or NaN)
 // are counted in *nonfinite and the outputs are then unspecified. Returns the "error"-policy failures, or -1.
 // rms != nullptr: the betas come from the rows themselves (coset.quant.RmsBetas; `betas` is ignored) and are
-// written to rms->betas_out (R floats): per row, computed as each row is reached (no separate pass over x), or one
-// for the whole matrix (computed first, single-threaded: the order of the sum is fixed).
+// written to rms->betas_out (R floats), per row (parallel over rows) or one for the whole matrix (single-threaded:
+// the order of the sum is fixed), in a pass before the quantizing one (one call from Python, no torch reductions).
 struct RmsSpec {
   double scale;
   bool per_row;

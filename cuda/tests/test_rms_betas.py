@@ -1,8 +1,8 @@
-"""Rms betas computed inside the fused row kernel equal coset.quant.rms_betas bit for bit.
+"""Rms betas computed natively (in the call that quantizes the rows) equal coset.quant.rms_betas bit for bit.
 
-The kernel sums each row's squares (float64, the order coset.quant.rms fixes) as it reaches the row and quantizes
-the row with that beta: the float64 sums, the float32 betas and the quantized rows are compared with the
-PyTorch reference, per row and per tensor, padded rows, 1 and 3 threads, the fast path off, and bad input.
+The native code sums each row's squares (float64, the order coset.quant.rms fixes) and quantizes the row with
+that beta: the float64 sums, the float32 betas and the quantized rows are compared with the PyTorch reference,
+per row and per tensor, padded rows, 1 and 3 threads, the fast path off, and bad input.
 """
 
 import pytest

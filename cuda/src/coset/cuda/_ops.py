@@ -416,7 +416,7 @@ def quantize_rows(
     ----------
     x : (R, k) float32 CPU tensor
     betas : (R,) float32, None (beta 1) or a :class:`coset.quant.RmsBetas`: the betas of
-        :func:`coset.quant.rms_betas`, each row's computed as the row is reached (the row is read once)
+        :func:`coset.quant.rms_betas`, computed natively in the same call (a pass over x before the quantizing one)
     out : optional (out, T, clamped) to write into (contiguous CPU float32 (R, k), uint8 (R, nb), bool (R, nb);
         coset.quant.quantize_rows checks them)
 

@@ -102,8 +102,8 @@ def weight_betas(w2: torch.Tensor, qat: QATConfig) -> torch.Tensor:
     """Betas of a ``(C_out, k)`` weight: float64 ``(C_out,)`` (per_channel) or ``(1,)``.
 
     Automatic betas are :func:`coset.quant.rms_betas` with :func:`weight_rms` (``beta_scale * beta_min(weight,
-    rms)`` rounded to float32, the sum of squares in float64 in coset.quant's fixed order, so that a kernel
-    computing them while it quantizes the rows gets the same floats); an all-zero row gets beta 1. "fixed" returns
+    rms)`` rounded to float32, the sum of squares in float64 in coset.quant's fixed order, so that the kernel
+    that quantizes the rows computes the same floats); an all-zero row gets beta 1. "fixed" returns
     the config's effective beta unchanged.
     """
     cfg = _wcfg(qat)
@@ -206,8 +206,8 @@ def quantize_weight(
 
     One :func:`coset.quant.quantize_rows` call (a single pass in the native backend): row c divided by
     ``beta_c``, quantized with beta 1 and multiplied back (or, "fixed", quantized with the config's beta).
-    ``betas`` None (per_channel / per_tensor): the automatic betas (:func:`weight_betas`), computed by the kernel
-    as it reaches each row (no separate pass over the weight); they are returned in ``pending``.
+    ``betas`` None (per_channel / per_tensor): the automatic betas (:func:`weight_betas`), computed in the same
+    native call; they are returned in ``pending``.
 
     Returns
     -------

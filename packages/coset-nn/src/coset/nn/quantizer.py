@@ -215,7 +215,7 @@ class HNLQWeightQuantizer(nn.Module):
                 snap = self._snapshot = torch.empty_like(w2)
         outs = self._reusable_outputs(w2)
         try:
-            # the automatic betas are computed by the kernel as it reaches each row (one read of the weight)
+            # the automatic betas are computed in the quantizer's native call (coset.quant.RmsBetas)
             wq, T, clamped, pending = quantize_weight(
                 w2, None, self.qconfig, dtype=weight.dtype, snapshot=snap, out=outs
             )

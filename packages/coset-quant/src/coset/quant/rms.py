@@ -1,8 +1,8 @@
 """Automatic scales from the data: ``beta = float32(scale * rms)`` per row of a matrix, or one for all of it.
 
 A QAT layer re-derives its weight's per-channel betas (and its input's per-tensor beta) at every training step.
-To let a kernel compute them in the same pass that quantizes the rows (no separate pass over the weight), the
-sum of squares has one fixed order, which this module defines and every backend follows bit for bit:
+To let a kernel compute them in the call that quantizes the rows (no torch reductions and conversions around
+it), the sum of squares has one fixed order, which this module defines and every backend follows bit for bit:
 
 * the squares are taken in float64 (exact for float32 data);
 * element ``i`` of the sequence goes to lane ``i mod 16``; each lane accumulates in index order, the missing

@@ -61,7 +61,7 @@ def quantize_rows(
     x : (R, k) float tensor, finite; the work dtype is float64 for float64 input, float32 otherwise
     betas : (R,) float tensor of per-row scales, None (no scaling: ``quantize`` of the blocks), or an
         :class:`RmsBetas` (the betas :func:`coset.quant.rms_betas` derives from ``x``, computed by a native
-        backend in the same pass; they are then returned as well). They are rounded to the work dtype;
+        backend in the same call; they are then returned as well). They are rounded to the work dtype;
         ``x[r] / beta_r`` and the product by ``beta_r`` are rounded once each.
     config, lattice, backend : as for :func:`coset.quant.quantize` (the config's own beta applies as well)
     return_info : also return ``(T, clamped)`` per block, each of shape ``(R, ceil(k/d))``
