@@ -158,16 +158,13 @@ int64_t quantize_rows_f32(const LatticeView& L, const QuantParams& P, const floa
   IntConsts C;
   *nonfinite = 0;
   if (!build_consts(L, C)) return -1;
-  if (R <= 0 || k <= 0) {
-    if (rms) rms_betas_f32(x, R, k, rms->scale, rms->per_row, rms->betas_out);
-    return 0;
-  }
   if (rms) {  // the betas first (a streaming pass over x, parallel over rows), then the rows quantize with them
     // (measured: summing each row's squares as the kernel reaches it, or one row ahead inside its pack loop, cost
     // more than this pass, which leaves x in L3 for the quantizing pass)
     rms_betas_f32(x, R, k, rms->scale, rms->per_row, rms->betas_out);
     betas = rms->betas_out;
   }
+  if (R <= 0 || k <= 0) return 0;
   FQ_DISPATCH(run_rows_scaled(L, P, C, x, betas, R, k, lim, out, T, clamped, nonfinite));
 }
 

@@ -109,7 +109,11 @@ def weight_betas(w2: torch.Tensor, qat: QATConfig) -> torch.Tensor:
     cfg = _wcfg(qat)
     if qat.granularity == "fixed":
         return torch.tensor([cfg.effective_beta], dtype=torch.float64, device=w2.device)
-    b = rms_betas(w2.detach().to(_work_dtype(w2)), weight_rms(qat))
+    return _granular(rms_betas(w2.detach().to(_work_dtype(w2)), weight_rms(qat)), qat)
+
+
+def _granular(b: torch.Tensor, qat: QATConfig) -> torch.Tensor:
+    """Per-row rms betas ``(C_out,)`` as the quantizer stores them: as they are (per_channel) or ``(1,)``."""
     return b if qat.granularity == "per_channel" else b[:1].clone()
 
 
@@ -246,9 +250,8 @@ def quantize_weight(
     except ValueError as e:  # coset.quant checks finiteness; say which tensor
         raise ValueError(f"weight: {e}") from None
     wq, T, clamped = res[:3]
-    if betas is None:  # the kernel's rms betas: (C_out,), or (1,) per_tensor
-        b = res[3]
-        betas = b if qat.granularity == "per_channel" else b[:1].clone()
+    if betas is None:  # the kernel's rms betas
+        betas = _granular(res[3], qat)
     if wq.dtype == dtype and not labels_need_weight(qat):  # the labels follow from wq: no copy of the weight
         return wq, T, clamped, (wq, betas, True)
     if snapshot is None:

@@ -23,7 +23,7 @@ import torch
 
 from coset.lattice.validate import check_bool, check_pos
 
-__all__ = ["RmsBetas", "rms_betas", "row_sumsq"]
+__all__ = ["RmsBetas", "rms_betas", "row_sumsq", "check_rms_betas"]
 
 _LANES = 16
 _CHUNK = 4096  # lane steps per cumsum call (bounds the float64 temporary)
@@ -87,6 +87,15 @@ def _scaled_rms(x64: torch.Tensor) -> torch.Tensor:
     return m.squeeze(1) * (x64 / m).pow(2).mean(dim=1).sqrt()
 
 
+def check_rms_betas(b: torch.Tensor, x: torch.Tensor) -> None:
+    """ValueError when rms betas ``b`` (> 0 where finite) derived from ``x`` are not all finite: NaN/Inf in ``x``,
+    or a beta past the float32 range."""
+    if b.numel() and not math.isfinite(float(b.max())):  # betas are > 0: the max is finite iff all are (NaN too)
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x contains NaN or Inf")
+        raise ValueError("x: the rms beta overflows float32 (entries near the float32 limit); rescale the input")
+
+
 def rms_betas(x: torch.Tensor, spec: RmsBetas) -> torch.Tensor:
     """The betas :class:`RmsBetas` asks for, for ``x: (R, k)``: ``(R,)`` float64 holding float32 values.
 
@@ -110,7 +119,6 @@ def rms_betas(x: torch.Tensor, spec: RmsBetas) -> torch.Tensor:
     else:
         rms = s.sqrt() / math.sqrt(max(n, 1))
     b = torch.where(s == 0, torch.ones_like(rms), rms * spec.scale).to(torch.float32)
-    if not bool(torch.isfinite(b).all()):
-        raise ValueError("x: the rms beta overflows float32 (entries near the float32 limit); rescale the input")
+    check_rms_betas(b, x)
     b = b.to(torch.float64)
     return b if spec.per_row else b.expand(R)

@@ -12,7 +12,6 @@ betas float32 and equal to :func:`coset.quant.rms_betas`); a backend without it 
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -24,7 +23,7 @@ from .backend import get_backend, select_backend
 from .blocks import from_blocks, to_blocks
 from .config import ClampWarning, QuantizationConfig
 from .quantize import quantize
-from .rms import RmsBetas, rms_betas
+from .rms import RmsBetas, check_rms_betas, rms_betas
 
 __all__ = ["quantize_rows"]
 
@@ -105,12 +104,7 @@ def quantize_rows(
         be = _rows_backend(backend, xw, lattice, config, "quantize_rows_rms")
         if be is not None:
             res, T, clamped, b32 = be.quantize_rows(xw, rms, lattice, config, out=out)
-            if b32.numel() and not math.isfinite(float(b32.max())):  # betas are > 0: max is finite iff all are
-                if not bool(torch.isfinite(xw).all()):
-                    raise ValueError("x contains NaN or Inf")
-                raise ValueError(
-                    "x: the rms beta overflows float32 (entries near the float32 limit); rescale the input"
-                )
+            check_rms_betas(b32, xw)
             if warn:
                 warn_clamped(clamped, config, "quantize_rows")
             derived = b32.to(torch.float64)
