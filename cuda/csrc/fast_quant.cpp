@@ -163,6 +163,11 @@ int64_t quantize_rows_f32(const LatticeView& L, const QuantParams& P, const floa
     // more than this pass, which leaves x in L3 for the quantizing pass)
     rms_betas_f32(x, R, k, rms->scale, rms->per_row, rms->betas_out);
     betas = rms->betas_out;
+    for (int64_t r = 0; r < R; ++r)
+      if (!std::isfinite(betas[r])) {  // NaN / Inf in x, or a beta past the float32 range: the caller raises
+        *nonfinite = 1;
+        return 0;
+      }
   }
   if (R <= 0 || k <= 0) return 0;
   FQ_DISPATCH(run_rows_scaled(L, P, C, x, betas, R, k, lim, out, T, clamped, nonfinite));

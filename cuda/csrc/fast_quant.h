@@ -376,6 +376,7 @@ int64_t quantize_f32(const LatticeView& L, const QuantParams& P, const float* x,
 // rms != nullptr: the betas come from the rows themselves (coset.quant.RmsBetas; `betas` is ignored) and are
 // written to rms->betas_out (R floats), per row (parallel over rows) or one for the whole matrix (single-threaded:
 // the order of the sum is fixed), in a pass before the quantizing one (one call from Python, no torch reductions).
+// A beta that is not finite (NaN / Inf in x, or past the float32 range) stops the call with *nonfinite = 1.
 struct RmsSpec {
   double scale;
   bool per_row;

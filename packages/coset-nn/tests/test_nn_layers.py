@@ -154,6 +154,39 @@ def test_nn_activation_quantization_blocks_along_features():
     assert torch.equal(yc, F.conv2d(xq, qc.weight, qc.bias))
 
 
+def test_nn_activation_running_beta_is_read_from_the_buffer():
+    """Eval forwards use the running beta buffer as it is now: after training steps, after an in-place write and
+    after load_state_dict (the layer keeps the buffer's value beside it only while the buffer is unchanged)."""
+    cfg = QATConfig(weight=None, activation=QuantizationConfig(), act_momentum=0.5)
+    q = QLinear(8, 3, qconfig=cfg)
+    aq = q.activation_quantizer
+    x = torch.randn(16, 8)
+
+    def expect(beta: float) -> torch.Tensor:
+        bf = torch.tensor(beta, dtype=torch.float32)
+        blocks, pad = to_blocks(x, 4)
+        return F.linear(from_blocks(quantize(blocks / bf, config=QuantizationConfig()) * bf, pad), q.weight, q.bias)
+
+    q.train()
+    for s in (1.0, 3.0):
+        q(x * s)
+    b = float(aq.beta)
+    q.eval()
+    assert torch.equal(q(x), expect(b))
+    aq.beta.fill_(2.5)
+    assert torch.equal(q(x), expect(2.5))
+    q.load_state_dict({**q.state_dict(), "activation_quantizer.beta": torch.tensor(0.75)})
+    assert torch.equal(q(x), expect(0.75))
+    q.train()
+    q(x)  # momentum 0.5 from the loaded 0.75, in float32
+    from coset.nn.fake_quant import activation_beta
+
+    want = float(torch.tensor(0.75) * 0.5 + torch.tensor(activation_beta(x, cfg), dtype=torch.float32) * 0.5)
+    assert float(aq.beta) == want
+    q.eval()
+    assert torch.equal(q(x), expect(want))
+
+
 # ---------------------------------------------------------------------------------------------- STE
 def _grads(ste, act=None):
     torch.manual_seed(1)

@@ -88,3 +88,38 @@ def test_rows_out_argument_errors():
     buf = torch.zeros(4, 2, dtype=torch.uint8)  # T and clamped on the same bytes
     with pytest.raises(ValueError, match="must not share memory"):
         quantize_rows(x, None, cfg, out=outs(T=buf, c=buf.view(torch.bool)))
+
+
+def test_rows_backend_choice_follows_the_registry():
+    """quantize_rows caches its backend choice per (backend, op, device, dtype, lattice, config); registering or
+    removing a backend invalidates it (a backend registered after a first call is used by the next one)."""
+    from coset.quant.backend import register_backend, registry_generation, unregister_backend
+
+    cfg = QuantizationConfig(lattice_type="D4", q=4, M=2)
+    x = torch.randn(3, 8)
+    want = quantize_rows(x, None, cfg, backend="torch")
+    calls = []
+
+    class Spy:
+        name = "spy-rows"
+        priority = 10_000  # ahead of every real backend for "auto"
+        backend_api = 1
+
+        def supports(self, op, tensor, lattice, config):
+            return op == "quantize_rows"
+
+        def quantize_rows(self, x, betas, lattice, config, out=None):
+            calls.append((tuple(x.shape), betas is None))
+            return quantize_rows(x, betas, config, backend="torch", return_info=True)
+
+    assert torch.equal(quantize_rows(x, None, cfg), want)  # the choice without the spy, cached
+    g0 = registry_generation()
+    register_backend(Spy())
+    try:
+        assert registry_generation() != g0
+        assert torch.equal(quantize_rows(x, None, cfg), want)
+        assert calls == [((3, 8), True)]
+        assert torch.equal(quantize_rows(x, None, cfg, backend="spy-rows"), want) and len(calls) == 2
+    finally:
+        unregister_backend("spy-rows")
+    assert torch.equal(quantize_rows(x, None, cfg), want) and len(calls) == 2  # gone again

@@ -17,6 +17,7 @@ from coset.lattice import DnLattice, E8Lattice, Lattice, ZnLattice
 from coset.lattice.validate import check_int, check_q
 from coset.quant import OverloadError, QuantizationConfig, RmsBetas, kernel_constants
 from coset.quant.backend import check_magnitude
+from coset.quant.rms import check_rms_betas
 
 from . import _C  # type: ignore[attr-defined]  # compiled extension: in the wheel, not the source tree
 
@@ -105,10 +106,15 @@ def _consts(lattice: Lattice, config: QuantizationConfig, dithered: bool):
         raise TypeError(f"config must be a QuantizationConfig, got {type(config).__name__}")
     if not isinstance(lattice, Lattice):
         raise TypeError(f"lattice must be a coset.lattice.Lattice, got {type(lattice).__name__}")
+    return _consts_of(lattice, config, bool(dithered))
+
+
+@lru_cache(maxsize=256)  # (the lattice and the frozen config are hashable); a QAT step asks twice per layer
+def _consts_of(lattice: Lattice, config: QuantizationConfig, dithered: bool):
     kind = lattice_kind(lattice)
     if kind is None:
         raise ValueError(f"lattice: the native kernels support Z^n/D_n (n <= {MAX_DIM}) and E8, got {lattice!r}")
-    k = kernel_constants(lattice, config, bool(dithered))
+    k = kernel_constants(lattice, config, dithered)
     return kind, k.d, k.G, k.G_inv, k.eps, k.q, k.M, k.scales, k.clamp_radius, k.max_abs_input
 
 
@@ -492,6 +498,8 @@ def quantize_rows(
         _ptr(b_out),
     )
     if b_out is not None:
+        if nonfinite or err < 0:  # the kernel stops at rms betas that are not finite: coset.quant's error
+            check_rms_betas(b_out, xc)
         bc = b_out
     if nonfinite:  # the reference's check and message on the scaled blocks (float32 limit: compose if it passes)
         check_magnitude(xc, float("inf"))

@@ -32,6 +32,7 @@ class NativeBackend:
     priority = 100
     backend_api = 1  # the coset.quant backend protocol this package implements (checked at registration)
     validates_labels = True  # decode counts labels >= q and T > cap in its one pass and raises ValueError
+    checks_rms_betas = True  # quantize_rows raises ValueError itself for rms betas that are not finite
 
     def supports(self, op: str, tensor: Any, lattice: Lattice | None, config: QuantizationConfig | None) -> bool:
         if not isinstance(tensor, torch.Tensor) or not _ops._device_ok(tensor):

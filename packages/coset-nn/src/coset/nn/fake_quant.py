@@ -45,6 +45,7 @@ __all__ = [
     "decode_weight",
     "activation_beta",
     "quantize_activation",
+    "fake_quantize_activation",
 ]
 
 
@@ -313,12 +314,23 @@ def quantize_activation(x: torch.Tensor, beta: float | None, qat: QATConfig):
     pad : int
     beta : float, the beta used
     """
+    xq, T, clamped, beta = fake_quantize_activation(x, beta, qat)
+    blocks, pad = to_blocks(x.detach(), _acfg(qat).dim)
+    return xq, blocks, T, clamped, pad, beta
+
+
+def fake_quantize_activation(x: torch.Tensor, beta: float | None, qat: QATConfig):
+    """:func:`quantize_activation` without the blocks (what a training forward needs every step).
+
+    Returns
+    -------
+    xq : tensor of x's shape and dtype; T : (..., nb) uint8; clamped : (..., nb) bool; beta : float
+    """
     cfg = _unit_config(_acfg(qat))
+    k = x.shape[-1]
     xd = x.detach()
-    blocks, pad = to_blocks(xd, cfg.dim)
-    k, lead = x.shape[-1], x.shape[:-1]
     xw = xd if x.dtype in (torch.float32, torch.float64) else xd.to(torch.float64)
-    x2 = xw.reshape(-1, k)
+    x2 = xw if xw.ndim == 2 else xw.reshape(-1, k)
     spec: torch.Tensor | RmsBetas
     if beta is None:
         spec = act_rms(qat)
@@ -329,6 +341,8 @@ def quantize_activation(x: torch.Tensor, beta: float | None, qat: QATConfig):
     xh, T, clamped = res[:3]
     if beta is None:
         beta = float(res[3][0]) if res[3].numel() else 1.0
-    nb = blocks.shape[-2]
-    xq = xh.reshape(x.shape).to(x.dtype)
-    return xq, blocks, T.reshape(*lead, nb), clamped.reshape(*lead, nb), pad, beta
+    if x.ndim != 2:
+        lead, nb = x.shape[:-1], -(-k // cfg.dim)
+        xh, T, clamped = xh.reshape(x.shape), T.reshape(*lead, nb), clamped.reshape(*lead, nb)
+    xq = xh if xh.dtype == x.dtype else xh.to(x.dtype)
+    return xq, T, clamped, beta

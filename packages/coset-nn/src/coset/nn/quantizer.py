@@ -50,10 +50,10 @@ from .fake_quant import (
     _layer_warns,
     decode_weight,
     encode_weight,
+    fake_quantize_activation,
     labels_from_quantized,
     labels_need_weight,
     overload_radius,
-    quantize_activation,
     quantize_weight,
 )
 from .ste import block_grad_scale, ste
@@ -606,10 +606,10 @@ class HNLQActivationQuantizer(nn.Module):
             raise TypeError("input must be a floating torch.Tensor")
         fd = self.feature_dim
         xa = x.movedim(fd, -1) if fd != -1 else x
-        running = float(self.beta)
+        running = self._running()
         batch = self.training or not running > 0  # the batch's own beta (computed in the quantizer's call)
         try:  # the quantizer checks finiteness in its own pass (no separate isfinite pass over the input)
-            xq, blocks, T, clamped, pad, beta = quantize_activation(xa, None if batch else running, self.qconfig)
+            xq, T, clamped, beta = fake_quantize_activation(xa, None if batch else running, self.qconfig)
         except ValueError:
             if x.numel() and not bool(torch.isfinite(x).all()):
                 raise ValueError("input contains NaN or Inf; HNLQ cannot quantize non-finite activations") from None
@@ -617,10 +617,11 @@ class HNLQActivationQuantizer(nn.Module):
         if self.training:  # the running beta moves only once the batch quantized
             if running > 0:  # float32 arithmetic, as beta.mul_(1 - m).add_(m * beta): one fill instead of two ops
                 m = self.qconfig.act_momentum
-                new = np.float32(np.float32(running) * np.float32(1 - m)) + np.float32(m * beta)
-                self.beta.fill_(float(new))
+                beta_new = float(np.float32(np.float32(running) * np.float32(1 - m)) + np.float32(m * beta))
             else:
-                self.beta.fill_(beta)
+                beta_new = float(np.float32(beta))
+            self.beta.fill_(beta_new)
+            self.__dict__["_shadow"] = (self.beta, _version(self.beta), beta_new)  # (not nn.Module.__setattr__)
         n_clamped = count_true(clamped)  # (a byte scan when none, the usual case)
         self._seen += T.numel()
         # overloaded = T > 0 or clamped; a clamped block has T = the cap, so with a cap > 0 counting T != 0 is
@@ -646,11 +647,23 @@ class HNLQActivationQuantizer(nn.Module):
         if torch.is_grad_enabled() and xa.requires_grad:
             scale = None
             if self.qconfig.ste != "identity":
+                blocks, pad = to_blocks(xa.detach(), self.cfg.dim)
                 scale = block_grad_scale(
                     self.qconfig.ste, blocks, (T > 0) | clamped, torch.tensor(beta * overload_radius(self.cfg)), pad
                 )
             xq = ste(xa, xq, scale)
         return xq.movedim(-1, fd) if fd != -1 else xq
+
+    def _running(self) -> float:
+        """``float(self.beta)``, kept beside the buffer while the buffer is unchanged (reading a tensor's value
+        costs ~6 us, every training step)."""
+        b = self.beta
+        shadow = self.__dict__.get("_shadow")
+        if shadow is not None and shadow[0] is b and shadow[1] == _version(b) and shadow[1] >= 0:
+            return shadow[2]
+        value = float(b)
+        self.__dict__["_shadow"] = (b, _version(b), value)
+        return value
 
     def stats(self) -> dict:
         """``act_blocks`` seen, ``act_overload_rate`` (T > 0 or clamped) and ``act_clamp_rate`` (nan before any)."""

@@ -134,6 +134,14 @@ ENTRY_POINT_GROUP = "coset.backends"
 _registry: dict[str, Any] = {}
 _loaded = False
 _lock = threading.Lock()
+_generation = 0  # bumped whenever the registry changes (callers may cache a selection per generation)
+
+
+def registry_generation() -> int:
+    """A counter that changes whenever a backend is registered or removed: a cached backend selection made under
+    one value stays valid while it is unchanged."""
+    _load_entry_points()
+    return _generation
 
 
 def register_backend(backend: Any) -> None:
@@ -155,11 +163,15 @@ def register_backend(backend: Any) -> None:
             f"backend {name!r} implements backend API {api!r}, but this coset.quant needs {BACKEND_API}; "
             "install matching versions"
         )
+    global _generation
     _registry[name] = backend
+    _generation += 1
 
 
 def unregister_backend(name: str) -> None:
+    global _generation
     _registry.pop(name, None)
+    _generation += 1
 
 
 def _load_entry_points() -> None:

@@ -8,6 +8,9 @@ float32 ``(R, k)`` matrix and float32 ``(R,)`` betas or None, bit for bit the co
 checked ``out`` tensors when given). The betas may also be derived from the rows (:class:`RmsBetas`, op name
 ``"quantize_rows_rms"``: the same method called with the ``RmsBetas`` returns ``(out, T, clamped, betas)``, the
 betas float32 and equal to :func:`coset.quant.rms_betas`); a backend without it gets the betas computed here.
+A backend's ``supports`` answer for these two ops may depend on ``x``'s device and dtype only (it is cached per
+device, dtype, lattice and config). A backend whose ``checks_rms_betas`` attribute is True raises ``ValueError``
+itself for rms betas that are not finite (NaN/Inf in ``x``, or a beta past the float32 range).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 from coset.lattice import Lattice
 
 from ._core import resolve, warn_clamped
-from .backend import get_backend, select_backend
+from .backend import get_backend, registry_generation, select_backend
 from .blocks import from_blocks, to_blocks
 from .config import ClampWarning, QuantizationConfig
 from .quantize import quantize
@@ -28,18 +31,35 @@ from .rms import RmsBetas, check_rms_betas, rms_betas
 __all__ = ["quantize_rows"]
 
 
+# (backend, op, device, dtype, lattice, config) -> backend or None, valid for one registry generation. A training
+# loop quantizes the same matrices every step; selecting the backend each time cost ~10 us a call (measured), while
+# a backend's answer for these two ops may depend on x's device and dtype only (the protocol above).
+_selected: dict = {}
+_selected_gen = -1
+
+
 def _rows_backend(
     backend: str, x: torch.Tensor, lattice: Lattice, config: QuantizationConfig, op: str = "quantize_rows"
 ):
     """The backend running the fused op, or None (then the composition runs, with ``backend`` for quantize)."""
-    if backend == "auto":
-        return select_backend("auto", op, x, lattice, config)
+    global _selected_gen
     if backend == "torch":
         return None
-    b = get_backend(backend)
-    if b is not None and hasattr(b, "quantize_rows") and b.supports(op, x, lattice, config):
-        return b
-    return None
+    gen = registry_generation()
+    if gen != _selected_gen or len(_selected) > 256:
+        _selected.clear()
+        _selected_gen = gen
+    key = (backend, op, x.device, x.dtype, lattice, config)
+    if key in _selected:
+        return _selected[key]
+    if backend == "auto":
+        b = select_backend("auto", op, x, lattice, config)
+    else:
+        b = get_backend(backend)
+        if b is None or not hasattr(b, "quantize_rows") or not b.supports(op, x, lattice, config):
+            b = None
+    _selected[key] = b
+    return b
 
 
 def quantize_rows(
@@ -98,13 +118,14 @@ def quantize_rows(
     wd = torch.float64 if x.dtype == torch.float64 else torch.float32
     if out is not None:
         _check_out(out, x, wd, -(-x.shape[1] // lattice.dim))
-    xw = x.detach().to(wd)
+    xw = x if x.dtype == wd and not x.requires_grad else x.detach().to(wd)
     derived = None  # the rms betas (float64 holding float32 values), returned last
     if rms is not None:
         be = _rows_backend(backend, xw, lattice, config, "quantize_rows_rms")
         if be is not None:
             res, T, clamped, b32 = be.quantize_rows(xw, rms, lattice, config, out=out)
-            check_rms_betas(b32, xw)
+            if not getattr(be, "checks_rms_betas", False):
+                check_rms_betas(b32, xw)
             if warn:
                 warn_clamped(clamped, config, "quantize_rows")
             derived = b32.to(torch.float64)
