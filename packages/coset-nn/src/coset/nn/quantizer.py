@@ -227,7 +227,8 @@ class HNLQWeightQuantizer(nn.Module):
         # every training step (the buffers keep their names, dtypes and devices)
         buffers = self._buffers
         buffers["qweight"], buffers["T"], buffers["clamped"] = wq.reshape(weight.shape), T, clamped
-        buffers["beta"] = pending[1].to(torch.float32).reshape(self.beta.shape)
+        beta = pending[1].to(torch.float32)
+        buffers["beta"] = beta if beta.shape == self.beta.shape else beta.reshape(self.beta.shape)
         self.__dict__.update(
             _pending=pending,
             _valid=True,
@@ -261,8 +262,8 @@ class HNLQWeightQuantizer(nn.Module):
         outs = None
         if _CAN_REUSE and wq.dtype == torch.float32:  # the kernel's own float32 output (not a cast of it)
             outs = (wq, self.T, self.clamped)
-        self._outs = outs
-        self._out_uses = None if outs is None else _storage_uses(outs)
+        # (into __dict__: nn.Module.__setattr__ costs microseconds a call, and this runs every training step)
+        self.__dict__.update(_outs=outs, _out_uses=None if outs is None else _storage_uses(outs))
 
     def __getstate__(self):
         state = dict(self.__dict__)  # a copy (deepcopy, pickle) starts without reusable outputs
@@ -412,7 +413,7 @@ class HNLQWeightQuantizer(nn.Module):
                 self.requantize(weight)
             elif self.qweight is None or self.qweight.dtype != weight.dtype:
                 self._decode_cache(weight.dtype)
-            self._step += 1
+            self.__dict__["_step"] = self._step + 1  # (not nn.Module.__setattr__: every training step)
         else:
             self.refresh(weight)
         qw = self.qweight
@@ -623,17 +624,19 @@ class HNLQActivationQuantizer(nn.Module):
             self.beta.fill_(beta_new)
             self.__dict__["_shadow"] = (self.beta, _version(self.beta), beta_new)  # (not nn.Module.__setattr__)
         n_clamped = count_true(clamped)  # (a byte scan when none, the usual case)
-        self._seen += T.numel()
         # overloaded = T > 0 or clamped; a clamped block has T = the cap, so with a cap > 0 counting T != 0 is
         # enough (15 us instead of 58 for the | and its count, every training forward)
         cap = self.cfg.max_scaling_iterations
         if cap == 0:
-            self._overloaded += n_clamped
+            n_over = n_clamped
         elif T.device.type == "cpu":  # numpy's count of a byte array: ~4 us instead of torch's ~25
-            self._overloaded += int(np.count_nonzero(T.numpy()))
+            n_over = int(np.count_nonzero(T.numpy()))
         else:
-            self._overloaded += int(torch.count_nonzero(T))
-        self._clamped += n_clamped
+            n_over = int(torch.count_nonzero(T))
+        # the counters straight into __dict__ (nn.Module.__setattr__ costs microseconds a call, every forward)
+        self.__dict__.update(
+            _seen=self._seen + T.numel(), _overloaded=self._overloaded + n_over, _clamped=self._clamped + n_clamped
+        )
         if n_clamped and not self._warned:
             self._warned = True
             warnings.warn(

@@ -47,7 +47,7 @@ def ste(x: torch.Tensor, xq: torch.Tensor, scale: torch.Tensor | None = None) ->
     """
     if xq.shape != x.shape:
         raise ValueError(f"xq must have x's shape {tuple(x.shape)}, got {tuple(xq.shape)}")
-    return _STE.apply(x, xq.to(x.dtype), scale)
+    return _STE.apply(x, xq if xq.dtype == x.dtype else xq.to(x.dtype), scale)
 
 
 def block_grad_scale(
