@@ -274,9 +274,9 @@ def _md(res: dict) -> str:
             " ms: summing each row as the kernel reached it was measured no faster). Of the "
             f"kernel, {x2:.1f} ms is the pass at T=0 over every block (betas x2, where no block overloads) and "
             f"{given - x2:.1f} ms the beta ramp of the {100 * b['weight_overload_rate']:.0f}% of blocks that "
-            "overload (a second closest-point pass on them, gathered 8 at a time in registers). The kernel writes "
-            "into the previous step's outputs (coset-nn reuses them when nothing else holds them); fresh 4 MB "
-            f"outputs would cost {c['    same kernel, fresh outputs (page faults)'] - kern:.1f} ms more (page "
+            "overload (a second closest-point pass on them, listed pack by pack and redone 8 at a time). The kernel "
+            "writes into the previous step's outputs (coset-nn reuses them when nothing else holds them); with fresh "
+            f"4 MB outputs it took {c['    same kernel, fresh outputs (page faults)']:.1f} ms in this run (page "
             "faults). No copy of the weight is kept for the labels (recovered from the quantized weight when needed).",
         ]
         out.append("")

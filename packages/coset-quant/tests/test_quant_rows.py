@@ -44,6 +44,10 @@ def test_rows_argument_errors():
         quantize_rows(x, torch.ones(3, dtype=torch.int32))
     with pytest.raises(ValueError, match="NaN or Inf"):
         quantize_rows(x, torch.tensor([1.0, 0.0, 1.0]), backend="torch")
+    with pytest.raises(TypeError, match="backend must be a str"):
+        quantize_rows(x, None, backend=["native"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown backend"):
+        quantize_rows(x, None, backend="no-such-backend")
 
 
 def test_rows_out_tensors_are_written_and_returned():

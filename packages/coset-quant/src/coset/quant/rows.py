@@ -43,6 +43,8 @@ def _rows_backend(
 ):
     """The backend running the fused op, or None (then the composition runs, with ``backend`` for quantize)."""
     global _selected_gen
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend == "torch":
         return None
     gen = registry_generation()
