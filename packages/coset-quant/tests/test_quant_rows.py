@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from coset.quant import QuantizationConfig, quantize, quantize_rows
+from coset.quant import QuantizationConfig, RmsBetas, quantize, quantize_rows
 
 
 def test_rows_equal_per_row_quantize():
@@ -110,11 +110,12 @@ def test_rows_backend_choice_follows_the_registry():
         backend_api = 1
 
         def supports(self, op, tensor, lattice, config):
-            return op == "quantize_rows"
+            return op in ("quantize_rows", "quantize_rows_rms")
 
         def quantize_rows(self, x, betas, lattice, config, out=None):
-            calls.append((tuple(x.shape), betas is None))
-            return quantize_rows(x, betas, config, backend="torch", return_info=True)
+            calls.append((tuple(x.shape), betas is None if not isinstance(betas, RmsBetas) else "rms"))
+            res = quantize_rows(x, betas, config, backend="torch", return_info=True)
+            return res if not isinstance(betas, RmsBetas) else (*res[:3], res[3].to(torch.float32))
 
     assert torch.equal(quantize_rows(x, None, cfg), want)  # the choice without the spy, cached
     g0 = registry_generation()
@@ -124,6 +125,11 @@ def test_rows_backend_choice_follows_the_registry():
         assert torch.equal(quantize_rows(x, None, cfg), want)
         assert calls == [((3, 8), True)]
         assert torch.equal(quantize_rows(x, None, cfg, backend="spy-rows"), want) and len(calls) == 2
+        # "auto" finds a backend for the rms op too (the op runs the backend's quantize_rows method)
+        got = quantize_rows(x, RmsBetas(1.5), cfg, return_info=True)
+        ref = quantize_rows(x, RmsBetas(1.5), cfg, backend="torch", return_info=True)
+        assert calls[2] == ((3, 8), "rms")  # the spy computed the betas itself (not the reference, then the spy)
+        assert len(calls) == 3 and all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
     finally:
         unregister_backend("spy-rows")
-    assert torch.equal(quantize_rows(x, None, cfg), want) and len(calls) == 2  # gone again
+    assert torch.equal(quantize_rows(x, None, cfg), want) and len(calls) == 3  # gone again

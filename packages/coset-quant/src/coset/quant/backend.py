@@ -215,24 +215,26 @@ def _auto_ok(backend: Any, op: str, tensor) -> bool:
     return True if f is None else bool(f(op, tensor))
 
 
-def select_backend(backend: str, op: str, tensor, lattice, config) -> Any | None:
+def select_backend(backend: str, op: str, tensor, lattice, config, method: str | None = None) -> Any | None:
     """Resolve ``backend`` ("auto", "torch" or a registered name) for one call; ``None`` means the reference.
 
     With "auto" the best registered backend that supports the call is used; with an explicit name the call
-    fails with ``ValueError`` if that backend cannot run it.
+    fails with ``ValueError`` if that backend cannot run it. ``method``: the backend method the op calls, when it
+    is not named ``op`` (``"quantize_rows_rms"`` runs ``quantize_rows``).
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend == "torch":
         return None
+    m = op if method is None else method
     if backend == "auto":
         _load_entry_points()
         for name in available_backends()[:-1]:
             b = _registry[name]
-            if hasattr(b, op) and b.supports(op, tensor, lattice, config) and _auto_ok(b, op, tensor):
+            if hasattr(b, m) and b.supports(op, tensor, lattice, config) and _auto_ok(b, op, tensor):
                 return b
         return None
     b = get_backend(backend)
-    if b is None or not hasattr(b, op) or not b.supports(op, tensor, lattice, config):
+    if b is None or not hasattr(b, m) or not b.supports(op, tensor, lattice, config):
         raise ValueError(f"backend {backend!r} does not support {op} for this input/config")
     return b

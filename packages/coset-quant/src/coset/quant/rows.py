@@ -54,8 +54,8 @@ def _rows_backend(
     key = (backend, op, x.device, x.dtype, lattice, config)
     if key in _selected:
         return _selected[key]
-    if backend == "auto":
-        b = select_backend("auto", op, x, lattice, config)
+    if backend == "auto":  # (the rms op runs the backend's quantize_rows method too)
+        b = select_backend("auto", op, x, lattice, config, method="quantize_rows")
     else:
         b = get_backend(backend)
         if b is None or not hasattr(b, "quantize_rows") or not b.supports(op, x, lattice, config):
