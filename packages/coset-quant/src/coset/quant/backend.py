@@ -59,6 +59,7 @@ __all__ = [
     "available_backends",
     "get_backend",
     "select_backend",
+    "registry_generation",
 ]
 
 #: Version of the backend protocol (methods, their arguments, :class:`KernelConstants`).
