@@ -43,6 +43,7 @@ from coset.kv import (
     RotaryTable,
     ScalarKVConfig,
     ScalarKVStore,
+    TrellisCode,
     allocate_layers,
     native,
 )
@@ -119,6 +120,14 @@ def methods() -> list[tuple[str, str, object]]:
             out.append((f"hnlq{tag}_s1_kf{r}", f"hnlq_kf{r}", KVQuantConfig(bits=kb, value_bits=vb, sink=1)))
         out.append((f"kivi{tag}_s1", "kivi", ScalarKVConfig(bits=kb, value_bits=vb, sink=1)))
         out.append((f"kivi{vb}{kb}_s1", "kivi", ScalarKVConfig(bits=vb, value_bits=kb, sink=1)))
+    # values in the trellis code (TrellisCode, docs/kv.md), keys as kfr with 4 T bits (t4) or 2 (t2) and 8-bit
+    # scales: the exact rates 4 / 3 / 2 (value block_bits = 8 target - 6 or - 4)
+    for target in (4, 3, 2):
+        out.append((f"hnlq{target}_s1_kfr_tv", "hnlq_kfr", _tv(target, 4, 8 * target - 6)))
+        out.append((f"hnlq{target}_s1_kfr_t2tv", "hnlq_kfr", _tv(target, 2, 8 * target - 4)))
+        out.append((f"hnlq{target}_s1_kfr_tv12", "hnlq_kfr", _tv(target, 4, 8 * target - 6, 12)))
+        # the shrunk (MSE-optimal, biased) reconstruction of the same streams
+        out.append((f"hnlq{target}_s1_kfr_tvb", "hnlq_kfr", _tv(target, 4, 8 * target - 6, unbiased=False)))
     # per-layer allocation at exact 2 / 3 / 4 bits (allocate_layers from layer_sensitivity measured with keys 2 /
     # values 1 on held-out text), calibrated key scales, sink
     for target, opts in ALLOC_OPTIONS.items():
@@ -129,6 +138,12 @@ def methods() -> list[tuple[str, str, object]]:
         out.append((f"hnlq_alloc{target}_s1_kfr_t42", "hnlq_alloc_kfr_t42", (target, opts)))
     # the swapped splits (3, 4) / (2, 3) repeat the KIVI rows of (4, 3) / (3, 2): one entry per name
     return list({name: (name, kind, cfg) for name, kind, cfg in out}.values())
+
+
+def _tv(kb: int, key_t: int, value_block_bits: int, state_bits: int = 10, unbiased: bool = True) -> KVQuantConfig:
+    """Keys E8 with ``kb`` label bits, ``key_t`` T bits and 8-bit scales; values in a TrellisCode."""
+    code = TrellisCode(block_bits=value_block_bits, state_bits=state_bits, unbiased=unbiased)
+    return KVQuantConfig(bits=kb, sink=1, t_bits=key_t, alpha=1.0 / key_t, scale_bits=8, value_code=code)
 
 
 def _kv(kb: int, vb: int, **kw) -> KVQuantConfig:

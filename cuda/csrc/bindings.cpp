@@ -24,6 +24,10 @@ int kv_scores_cpu(const uint8_t* idx, const uint8_t* tpack, const float* rho, co
 int kv_values_cpu(const uint8_t* idx, const uint8_t* tpack, const float* rho, const float* steps, int t_bits,
                   const float* p, const float* a, const float* c, float* out, int64_t BH, int64_t L, int K, int M,
                   int n, int threads);
+int trellis_encode_cpu(const float* u, int64_t n, int D, const uint8_t* ks, const float* cb, int L, uint8_t* out,
+                       int nbytes, int threads);
+int trellis_values_cpu(const uint8_t* stream, const float* rho, const float* p, int64_t BH, int64_t L, int nq, int D,
+                       const uint8_t* ks, const float* cb, int LB, int nbytes, float* out, int threads);
 #ifdef COSET_WITH_CUDA
 int kv_scores_cuda(const uint8_t* idx, const uint8_t* tpack, const float* rho, const float* steps, int t_bits,
                    const float* tab, const float* cy, float* out, int64_t BH, int64_t L, int K, int M, int n,
@@ -102,6 +106,20 @@ PYBIND11_MODULE(_C, m) {
     return kv_values_cpu(ptr<const uint8_t>(idx), ptr<const uint8_t>(t), ptr<const float>(rho),
                          ptr<const float>(steps), t_bits, ptr<const float>(p), ptr<const float>(a),
                          ptr<const float>(c), ptr<float>(out), BH, L, K, M, n, threads);
+  });
+  // coset.kv trellis value code (trellis_cpu.cpp; per-vector logic in trellis_core.inc, shared with trellis_cuda.cu)
+  m.def("trellis_encode_cpu", [](std::uintptr_t u, int64_t n, int D, std::uintptr_t ks, std::uintptr_t cb, int L,
+                                 std::uintptr_t out, int nbytes, int threads) {
+    py::gil_scoped_release nogil;
+    return trellis_encode_cpu(ptr<const float>(u), n, D, ptr<const uint8_t>(ks), ptr<const float>(cb), L,
+                              ptr<uint8_t>(out), nbytes, threads);
+  });
+  m.def("trellis_values_cpu", [](std::uintptr_t stream, std::uintptr_t rho, std::uintptr_t p, int64_t BH, int64_t L,
+                                 int nq, int D, std::uintptr_t ks, std::uintptr_t cb, int LB, int nbytes,
+                                 std::uintptr_t out, int threads) {
+    py::gil_scoped_release nogil;
+    return trellis_values_cpu(ptr<const uint8_t>(stream), ptr<const float>(rho), ptr<const float>(p), BH, L, nq, D,
+                              ptr<const uint8_t>(ks), ptr<const float>(cb), LB, nbytes, ptr<float>(out), threads);
   });
   // float32 + integer fast path of encode/decode/quantize (fast_quant.h): on/off switch and the ISA in use
   m.def("set_fast_path", &coset::fq::set_enabled);

@@ -41,7 +41,7 @@ def test_cuda_build_cuda_sources_compile(tmp_path):
     # nvcc on kernels_cuda.cu alone takes minutes on a loaded 2-core machine (measured ~6 min at load 9)
     r = _cmake("--build", str(tmp_path), "-j", "2", timeout=1500)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    for name in ("kernels_cuda.cu.o", "lut_gemv_cuda.cu.o"):  # quantize twin, GEMV twin
+    for name in ("kernels_cuda.cu.o", "lut_gemv_cuda.cu.o", "trellis_cuda.cu.o"):  # quantize, GEMV, trellis twins
         objs = list(tmp_path.rglob(name))
         assert objs and objs[0].stat().st_size > 10_000, name
         # the object really holds sm_80 device code for the kernels
@@ -79,6 +79,30 @@ def test_lut_gemv_cuda_compiles_for_sm80_and_sm90(tmp_path):
         assert "sm_80" in r.stdout and "sm_90" in r.stdout
         r = subprocess.run(["cuobjdump", "--dump-resource-usage", str(obj)], capture_output=True, text=True)
         assert "gemv_codebook_kernel" in r.stdout and "gemv_tables_kernel" in r.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(NVCC is None, reason="nvcc not installed: the CUDA build cannot be checked here")
+def test_trellis_cuda_compiles_for_sm80_and_sm90(tmp_path):
+    """The trellis twin alone (trellis_cuda.cu + the shared trellis_core.inc that trellis_cpu.cpp runs here)
+    with the module's flags; cuobjdump lists its encode and values kernels in both ELFs."""
+    obj = tmp_path / "trellis_cuda.o"
+    cmd = [NVCC, "-c", str(ROOT / "csrc" / "trellis_cuda.cu"), "-o", str(obj), "-std=c++17", "-O3", "--fmad=false"]
+    cmd += [
+        "-I",
+        str(ROOT / "csrc"),
+        "-gencode",
+        "arch=compute_80,code=sm_80",
+        "-gencode",
+        "arch=compute_90,code=sm_90",
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    if shutil.which("cuobjdump"):
+        r = subprocess.run(["cuobjdump", "--list-elf", str(obj)], capture_output=True, text=True)
+        assert "sm_80" in r.stdout and "sm_90" in r.stdout
+        r = subprocess.run(["cuobjdump", "--dump-resource-usage", str(obj)], capture_output=True, text=True)
+        assert "trellis_encode_kernel" in r.stdout and "trellis_values_kernel" in r.stdout
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")

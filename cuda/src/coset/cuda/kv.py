@@ -13,7 +13,7 @@ import torch
 
 from . import _C  # type: ignore[attr-defined]  # compiled extension
 
-__all__ = ["kv_scores", "kv_values"]
+__all__ = ["kv_scores", "kv_values", "trellis_encode", "trellis_values"]
 
 
 def _f32(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -74,4 +74,63 @@ def kv_values(idx, t, rho, steps, t_bits: int, p, a, c) -> torch.Tensor:
                               int(_C.get_num_threads()))  # fmt: skip
         if rc:
             raise ValueError(f"kv_values_cpu rejected its arguments (code {rc})")
+    return out
+
+
+def _trellis_args(ks, cb, D: int):
+    if (
+        not isinstance(ks, torch.Tensor)
+        or ks.dtype != torch.uint8
+        or tuple(ks.shape) != (D,)
+        or ks.device.type != "cpu"
+    ):
+        raise ValueError(f"ks must be a CPU uint8 tensor of shape ({D},)")
+    if not isinstance(cb, torch.Tensor) or cb.ndim != 1 or cb.numel() < 64 or cb.numel() & (cb.numel() - 1):
+        raise ValueError("cb must be a 1-d tensor of 2^L entries, 6 <= L <= 14")
+    L = cb.numel().bit_length() - 1
+    if L > 14:
+        raise ValueError("cb must be a 1-d tensor of 2^L entries, 6 <= L <= 14")
+    ksc = ks.contiguous()
+    if int(ksc.min()) < 1 or int(ksc.max()) > 4 or int(ksc.sum()) % 8:
+        raise ValueError("ks must hold 1..4 bits per element, a whole number of bytes in all")
+    return ksc, _f32("cb", cb, (cb.numel(),)), L, int(ksc.sum()) // 8
+
+
+def trellis_encode(u, ks, cb) -> torch.Tensor:
+    """Streams ``(n, sum(ks) / 8)`` uint8 of the vectors ``u (n, D)`` (coset.kv.trellis.trellis_encode)."""
+    if not isinstance(u, torch.Tensor) or u.ndim != 2 or u.device.type != "cpu" or not u.dtype.is_floating_point:
+        raise ValueError("u must be a 2-d floating CPU tensor (n, D)")
+    n, D = u.shape
+    ks, cb, L, nbytes = _trellis_args(ks, cb, D)
+    u = _f32("u", u, (n, D))
+    out = torch.empty((n, nbytes), dtype=torch.uint8)
+    if n:
+        rc = _C.trellis_encode_cpu(u.data_ptr(), n, D, ks.data_ptr(), cb.data_ptr(), L, out.data_ptr(), nbytes,
+                                   int(_C.get_num_threads()))  # fmt: skip
+        if rc:
+            raise ValueError(f"trellis_encode_cpu rejected its arguments (code {rc})")
+    return out
+
+
+def trellis_values(stream, rho, p, ks, cb) -> torch.Tensor:
+    """``out[bh, i] = sum_t p[bh, i, t] rho[bh, t] u_hat(stream[bh, t])``: ``stream (BH, L, nbytes)`` uint8,
+    ``rho (BH, L)``, ``p (BH, n, L)`` -> ``(BH, n, D)`` float32 (D = ``len(ks)``)."""
+    if not isinstance(stream, torch.Tensor) or stream.ndim != 3 or stream.dtype != torch.uint8:
+        raise ValueError("stream must be a uint8 tensor (BH, L, nbytes)")
+    if stream.device.type != "cpu":
+        raise ValueError("stream must be a CPU tensor (the CUDA twin trellis_cuda.cu is not bound yet)")
+    BH, L, nb = stream.shape
+    D = ks.shape[0] if isinstance(ks, torch.Tensor) and ks.ndim == 1 else -1
+    ks, cb, LB, nbytes = _trellis_args(ks, cb, D)
+    if nb != nbytes:
+        raise ValueError(f"stream has {nb} bytes per vector, the schedule ks codes {nbytes}")
+    n = p.shape[1] if isinstance(p, torch.Tensor) and p.ndim == 3 else -1
+    rho, p = _f32("rho", rho, (BH, L)), _f32("p", p, (BH, n, L))
+    out = torch.zeros((BH, n, D), dtype=torch.float32)
+    if out.numel() and L:
+        rc = _C.trellis_values_cpu(stream.contiguous().data_ptr(), rho.data_ptr(), p.data_ptr(), BH, L, n, D,
+                                   ks.data_ptr(), cb.data_ptr(), LB, nbytes, out.data_ptr(),
+                                   int(_C.get_num_threads()))  # fmt: skip
+        if rc:
+            raise ValueError(f"trellis_values_cpu rejected its arguments (code {rc})")
     return out

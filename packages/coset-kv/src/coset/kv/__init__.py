@@ -2,6 +2,8 @@
 
 * :class:`KVQuantConfig` (E8, q = 2, M = bits; per-token/per-head scale, T per block, optional full-precision
   window) and :class:`ScalarKVConfig` (the KIVI-style scalar baseline);
+* :class:`TrellisCode`: the optional value code (a bitshift trellis with a Gaussian codebook, Viterbi-encoded;
+  ``KVQuantConfig(value_code=...)``), ~0.25 bit per element from the distortion-rate bound;
 * :class:`HeadRotation` / :func:`fwht`: per-KV-head Hadamard rotation with random signs;
 * :func:`encode_states` / :func:`decode_states`: head vectors <-> bytes (:class:`KVCodes`);
 * :func:`query_tables`, :func:`scores_lut`, :func:`scores_reference`, :func:`values_from_codes`: attention
@@ -24,6 +26,7 @@ from .lut import query_tables, scores_lut, scores_lut_torch, scores_reference, v
 from .rope import RotaryTable
 from .rotation import HeadRotation, fwht
 from .scalar_store import ScalarKVStore
+from .trellis import TrellisCode
 
 __all__ = [
     "KVQuantConfig",
@@ -48,5 +51,6 @@ __all__ = [
     "key_transform",
     "score_error_factor",
     "RotaryTable",
+    "TrellisCode",
 ]
 __version__ = "0.1.0"

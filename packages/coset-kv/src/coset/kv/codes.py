@@ -26,6 +26,7 @@ from coset.quant import ClampWarning, constellation_offset, decode, encode, pack
 
 from .config import BLOCK, KVQuantConfig
 from .rotation import HeadRotation
+from .trellis import TrellisCode, trellis_decode, trellis_encode
 
 __all__ = [
     "KVCodes",
@@ -38,6 +39,7 @@ __all__ = [
     "unpack_t",
     "scale_values",
     "check_codes",
+    "head_dim_of",
 ]
 
 _FP16_MAX = float(torch.finfo(torch.float16).max)
@@ -101,18 +103,19 @@ def _check_states(x, head_dim: int | None = None, name: str = "states") -> None:
         raise ValueError(f"{name} contains NaN or Inf")
 
 
-def encode_states(x: torch.Tensor, rotation: HeadRotation, config: KVQuantConfig) -> KVCodes:
+def encode_states(x: torch.Tensor, rotation: HeadRotation, config: KVQuantConfig | TrellisCode) -> KVCodes:
     """Encode key or value states.
 
     Parameters
     ----------
     x : (B, H, L, D) float tensor, finite; H = ``rotation.num_heads``, D = ``rotation.head_dim``
     rotation : the layer's :class:`HeadRotation`
-    config : KVQuantConfig
+    config : KVQuantConfig (E8 code) or TrellisCode
 
     Returns
     -------
-    KVCodes with ``idx (B, H, L, D/8, bits)``, ``t (B, H, L, t_bytes)``, ``scale (B, H, L)`` float16
+    KVCodes with ``idx (B, H, L, D/8, bits)``, ``t (B, H, L, t_bytes)``, ``scale (B, H, L)`` float16 or uint8;
+    for a TrellisCode ``idx`` is the bit stream ``(B, H, L, stream_bytes)`` and ``t`` is ``(B, H, L, 0)``
 
     Raises
     ------
@@ -121,8 +124,8 @@ def encode_states(x: torch.Tensor, rotation: HeadRotation, config: KVQuantConfig
     """
     if not isinstance(rotation, HeadRotation):
         raise TypeError(f"rotation must be a HeadRotation, got {type(rotation).__name__}")
-    if not isinstance(config, KVQuantConfig):
-        raise TypeError(f"config must be a KVQuantConfig, got {type(config).__name__}")
+    if not isinstance(config, (KVQuantConfig, TrellisCode)):
+        raise TypeError(f"config must be a KVQuantConfig or TrellisCode, got {type(config).__name__}")
     _check_states(x, rotation.head_dim)
     if x.shape[1] != rotation.num_heads:
         raise ValueError(f"states have {x.shape[1]} heads, the rotation was built for {rotation.num_heads}")
@@ -130,7 +133,7 @@ def encode_states(x: torch.Tensor, rotation: HeadRotation, config: KVQuantConfig
 
 
 def encode_checked(
-    x: torch.Tensor, rotation: HeadRotation, config: KVQuantConfig, names: tuple[str, ...] = ("states",)
+    x: torch.Tensor, rotation: HeadRotation, config: KVQuantConfig | TrellisCode, names: tuple[str, ...] = ("states",)
 ) -> KVCodes:
     """:func:`encode_states` without the argument checks (for callers that made them: it runs once per layer
     and decoding step), except the range of the per-vector scales (ValueError naming ``names[i]`` when the
@@ -156,6 +159,10 @@ def encode_checked(
         scale = rms.clamp(max=_FP16_MAX).to(torch.float16)
     rho = scale_values(scale)
     div = torch.where(rho > 0, rho, torch.ones_like(rms))
+    if isinstance(config, TrellisCode):
+        stream = trellis_encode((xr / div.unsqueeze(-1)).reshape(-1, D), config).view(B, H, L, -1)
+        t = torch.zeros((B, H, L, 0), dtype=torch.uint8, device=x.device)
+        return KVCodes(idx=stream, t=t, scale=scale, code=config.code_key())
     u = (xr / div.unsqueeze(-1)).reshape(B, H, L, K, BLOCK)
     qc = config.quant_config()
     with warnings.catch_warnings():  # overload_policy="clamp" is the design: the rare clamped block is counted
@@ -178,12 +185,15 @@ def check_codes(codes, config, name: str = "codes") -> None:
     ``(B, H, L)`` float or uint8, and written by ``config``'s code when they record it (:attr:`KVCodes.code`)."""
     if not isinstance(codes, KVCodes):
         raise TypeError(f"{name} must be a KVCodes, got {type(codes).__name__}")
-    if not isinstance(config, KVQuantConfig):
-        raise TypeError(f"config must be a KVQuantConfig, got {type(config).__name__}")
+    if not isinstance(config, (KVQuantConfig, TrellisCode)):
+        raise TypeError(f"config must be a KVQuantConfig or TrellisCode, got {type(config).__name__}")
     for field in ("idx", "t", "scale"):
         if not isinstance(getattr(codes, field), torch.Tensor):
             raise TypeError(f"{name}.{field} must be a torch.Tensor, got {type(getattr(codes, field)).__name__}")
     idx, t, scale = codes.idx, codes.t, codes.scale
+    if isinstance(config, TrellisCode):
+        _check_trellis_codes(codes, config, name)
+        return
     if idx.dtype != torch.uint8 or idx.ndim != 5 or idx.shape[3] < 1:
         raise ValueError(f"{name}.idx must be a (B, H, L, K >= 1, M) uint8 tensor, got {tuple(idx.shape)} {idx.dtype}")
     B, H, L, K, M = idx.shape
@@ -204,6 +214,31 @@ def check_codes(codes, config, name: str = "codes") -> None:
             f"{n} {a!r} vs {b!r}" for n, a, b in zip(names, codes.code, config.code_key(), strict=False) if a != b
         )
         raise ValueError(f"{name} were written by another code than config's ({diff})")
+
+
+def _check_trellis_codes(codes: KVCodes, config: TrellisCode, name: str) -> None:
+    idx, t, scale = codes.idx, codes.t, codes.scale
+    if idx.dtype != torch.uint8 or idx.ndim != 4:
+        raise ValueError(
+            f"{name}.idx must be a (B, H, L, stream_bytes) uint8 tensor, got {tuple(idx.shape)} {idx.dtype}"
+        )
+    B, H, L, nb = idx.shape
+    D = nb * 64 // config.block_bits  # the head dim whose stream has nb bytes (D / 8 * block_bits bits)
+    if D < BLOCK or D % BLOCK or D * config.block_bits != nb * 64:
+        raise ValueError(f"{name}.idx has {nb} bytes per vector: not a stream of block_bits={config.block_bits}")
+    if t.dtype != torch.uint8 or tuple(t.shape) != (B, H, L, 0):
+        raise ValueError(f"{name}.t must be an empty ({B}, {H}, {L}, 0) uint8 tensor, got {tuple(t.shape)}")
+    if tuple(scale.shape) != (B, H, L) or not (scale.dtype == torch.uint8 or scale.dtype.is_floating_point):
+        raise ValueError(f"{name}.scale must be a ({B}, {H}, {L}) float or uint8 tensor, got {tuple(scale.shape)}")
+    if codes.code is not None and codes.code != config.code_key():
+        raise ValueError(f"{name} were written by another code ({codes.code}) than config's ({config.code_key()})")
+
+
+def head_dim_of(codes: KVCodes, config: KVQuantConfig | TrellisCode) -> int:
+    """The head dim D of coded vectors."""
+    if isinstance(config, TrellisCode):
+        return codes.idx.shape[-1] * 64 // config.block_bits  # streams fill whole bytes (trellis_encode)
+    return codes.idx.shape[3] * BLOCK
 
 
 def scale_values(scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -244,8 +279,13 @@ def block_scales(codes: KVCodes, config: KVQuantConfig, K: int) -> torch.Tensor:
     return scale_values(codes.scale).unsqueeze(-1) * steps[T.long()]
 
 
-def decode_rotated(codes: KVCodes, config: KVQuantConfig) -> torch.Tensor:
+def decode_rotated(codes: KVCodes, config: KVQuantConfig | TrellisCode) -> torch.Tensor:
     """Decoded vectors in the rotated domain, ``(B, H, L, D)`` float32 (``R x`` up to quantization)."""
+    if isinstance(config, TrellisCode):
+        B, H, L, nb = codes.idx.shape
+        D = head_dim_of(codes, config)
+        u = trellis_decode(codes.idx.reshape(-1, nb), config, D).view(B, H, L, D)
+        return u * scale_values(codes.scale).unsqueeze(-1)
     B, H, L, K, M = codes.idx.shape
     a, c = code_tables(config, codes.idx.device)
     pts = a[codes.idx.long()]  # (B,H,L,K,M,8)
@@ -254,7 +294,7 @@ def decode_rotated(codes: KVCodes, config: KVQuantConfig) -> torch.Tensor:
     return (p * block_scales(codes, config, K).unsqueeze(-1)).reshape(B, H, L, K * BLOCK)
 
 
-def decode_states(codes: KVCodes, rotation: HeadRotation, config: KVQuantConfig) -> torch.Tensor:
+def decode_states(codes: KVCodes, rotation: HeadRotation, config: KVQuantConfig | TrellisCode) -> torch.Tensor:
     """Inverse of :func:`encode_states` up to quantization: ``(B, H, L, D)`` float32.
 
     Equals ``coset.quant.decode`` of the labels (tested), computed from the representative table.

@@ -25,8 +25,9 @@ import torch
 from coset.lut.kernels import torch_one_sided
 
 from . import native
-from .codes import KVCodes, block_scales, check_codes, code_tables, decode_rotated, step_table
+from .codes import KVCodes, block_scales, check_codes, code_tables, decode_rotated, head_dim_of, step_table
 from .config import BLOCK, KVQuantConfig
+from .trellis import TrellisCode, schedule_tensor
 
 __all__ = ["query_tables", "scores_lut", "scores_lut_torch", "scores_reference", "values_from_codes"]
 
@@ -118,7 +119,9 @@ def scores_lut(qr: torch.Tensor, codes: KVCodes, config: KVQuantConfig, *, backe
     return native.kv_scores(codes, step_table(config), config.t_bits, tab, cy)
 
 
-def values_from_codes(p: torch.Tensor, codes: KVCodes, config: KVQuantConfig, *, backend: str = "auto") -> torch.Tensor:
+def values_from_codes(
+    p: torch.Tensor, codes: KVCodes, config: KVQuantConfig | TrellisCode, *, backend: str = "auto"
+) -> torch.Tensor:
     """``sum_t p[..., i, t] v_hat_t`` in the rotated domain, from the value codes.
 
     Parameters
@@ -135,11 +138,17 @@ def values_from_codes(p: torch.Tensor, codes: KVCodes, config: KVQuantConfig, *,
     if backend not in ("auto", "native", "torch"):
         raise ValueError(f"backend must be 'auto', 'native' or 'torch', got {backend!r}")
     check_codes(codes, config)
-    B, H, L, K, M = codes.idx.shape
+    B, H, L = codes.idx.shape[:3]
     if not isinstance(p, torch.Tensor) or not p.dtype.is_floating_point:
         raise TypeError("p must be a floating torch.Tensor")
     if p.ndim != 4 or p.shape[:2] != (B, H) or p.shape[-1] != L:
         raise ValueError(f"p must have shape (batch={B}, kv_heads={H}, n, L={L}), got {tuple(p.shape)}")
+    if isinstance(config, TrellisCode):
+        if backend == "native" or (backend == "auto" and native.trellis_available()):
+            D = head_dim_of(codes, config)
+            ks, cb = schedule_tensor(config.block_bits, D), config.decode_table()
+            return native.trellis_values(codes, p.to(torch.float32), ks, cb)
+        return p.to(torch.float32) @ decode_rotated(codes, config)
     use_native = backend == "native" or (backend == "auto" and native.available())
     if use_native:
         if not native.available():

@@ -17,7 +17,7 @@ from coset.quant.backend import available_backends, select_backend
 
 from .codes import scale_values
 
-__all__ = ["available", "kv_scores", "kv_values"]
+__all__ = ["available", "kv_scores", "kv_values", "trellis_available", "trellis_encode", "trellis_values"]
 
 
 _found: dict[tuple[str, str, int], Any] = {}
@@ -41,6 +41,11 @@ def _backend(op: str, like: torch.Tensor | None = None) -> Any | None:
 def available() -> bool:
     """Whether a registered backend provides both kv kernels for CPU tensors."""
     return _backend("kv_scores") is not None and _backend("kv_values") is not None
+
+
+def trellis_available() -> bool:
+    """Whether a registered backend provides the trellis value code's kernels for CPU tensors."""
+    return _backend("kv_trellis_encode") is not None and _backend("kv_trellis_values") is not None
 
 
 def backends() -> list[str]:
@@ -115,3 +120,22 @@ def kv_values(
     idx, t, rho, st = _flat(codes, steps, t_bits)
     out = impl.kv_values(idx, t, rho, st, t_bits, p.reshape(B * H, n, L), a, c)
     return out.view(B, H, n, K * 8)
+
+
+def trellis_encode(u: torch.Tensor, ks: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
+    """Native :func:`coset.kv.trellis.trellis_encode`: ``u (n, D)`` float32, ``ks (D,)`` uint8 bits per element,
+    ``cb (2^L,)`` float32 -> streams ``(n, sum(ks) / 8)`` uint8, bit for bit the reference's."""
+    return _need("kv_trellis_encode", u).kv_trellis_encode(u, ks, cb)
+
+
+def trellis_values(codes, p: torch.Tensor, ks: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
+    """Native value accumulation from trellis value codes: ``codes.idx (B, H, L, nbytes)`` streams, ``p (B, H, n,
+    L)`` -> ``(B, H, n, D)`` float32, ``out[.., i, :] = sum_t p[i, t] rho_t u_hat_t`` (rotated domain)."""
+    impl = _need("kv_trellis_values", codes.idx)
+    B, H, L, nb = codes.idx.shape
+    n = p.shape[2]
+    if p.shape != (B, H, n, L) or codes.scale.shape != (B, H, L):
+        raise ValueError("trellis_values: p or the scales do not match the codes")
+    rho = scale_values(codes.scale).reshape(B * H, L)
+    out = impl.kv_trellis_values(codes.idx.reshape(B * H, L, nb), rho, p.reshape(B * H, n, L), ks, cb)
+    return out.view(B, H, n, ks.numel())

@@ -1,0 +1,268 @@
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from coset.kv import CodedKVStore, HeadRotation, KVQuantConfig, TrellisCode, decode_states, encode_states
+from coset.kv.codes import check_codes
+from coset.kv.trellis import (
+    trellis_codebook,
+    trellis_decode,
+    trellis_encode,
+    trellis_schedule,
+    trellis_states,
+    viterbi,
+)
+
+
+def path_cost(x, cb, states):
+    return float((x - cb[states]).square().sum())
+
+
+@pytest.mark.parametrize("block_bits", [8, 10, 13, 18, 26, 32])
+def test_schedule_spreads_the_block_bits(block_bits):
+    ks = trellis_schedule(block_bits, 64)
+    assert len(ks) == 64
+    for j in range(0, 64, 8):
+        blk = ks[j : j + 8]
+        assert sum(blk) == block_bits and max(blk) - min(blk) <= 1
+
+
+@pytest.mark.parametrize("L", [6, 10, 13])
+def test_codebook_is_a_permutation_of_the_gaussian_quantiles(L):
+    cb = trellis_codebook(L).double()
+    n = 1 << L
+    p = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    q = math.sqrt(2) * torch.erfinv(2 * p - 1)
+    assert torch.allclose(cb.sort().values, q, atol=1e-6)
+    # the permutation spreads the values: the 2^k successors of a state are not neighbouring quantiles
+    succ = cb.view(-1, 8)
+    assert float(succ.std(1).mean()) > 0.5
+
+
+def brute_force(x, cb, ks, L, wrap=None):
+    """Min cost over every state path of the bitshift trellis (free start state; or circular through wrap)."""
+    best = math.inf
+    for s0 in range(1 << L):
+        if wrap is not None and s0 >> ks[0] != wrap:
+            continue
+        for bits in itertools.product(*[range(1 << k) for k in ks[1:]]):
+            s, states = s0, [s0]
+            for k, b in zip(ks[1:], bits, strict=True):
+                s = ((s << k) | b) & ((1 << L) - 1)
+                states.append(s)
+            if wrap is not None and states[-1] & ((1 << (L - ks[0])) - 1) != wrap:
+                continue
+            best = min(best, path_cost(x, cb, torch.tensor(states)))
+    return best
+
+
+@pytest.mark.parametrize("ks", [(2, 2, 2, 2, 2), (1, 2, 1, 2, 2), (3, 2, 3, 2)])
+def test_viterbi_equals_brute_force(ks):
+    L = 5
+    cb = trellis_codebook(L)
+    g = torch.Generator().manual_seed(sum(ks))
+    x = torch.randn(3, len(ks), generator=g)
+    st = viterbi(x, cb, ks)
+    for i in range(3):
+        # a valid path: each state shifts in k_t bits of the next
+        for t in range(1, len(ks)):
+            assert int(st[i, t]) >> ks[t] == int(st[i, t - 1]) & ((1 << (L - ks[t])) - 1)
+        assert path_cost(x[i], cb, st[i]) == pytest.approx(brute_force(x[i], cb, ks, L), rel=1e-6)
+    wrap = torch.tensor([0, 1, 3])  # < 2^(L - k_0)
+    st = viterbi(x, cb, ks, wrap)
+    for i in range(3):
+        assert int(st[i, 0]) >> ks[0] == int(wrap[i]) == int(st[i, -1]) & ((1 << (L - ks[0])) - 1)
+        want = brute_force(x[i], cb, ks, L, int(wrap[i]))
+        assert path_cost(x[i], cb, st[i]) == pytest.approx(want, rel=1e-6)
+
+
+def all_circular_costs(x, code, D):
+    """Cost of every circular stream of a tiny code (decoded through trellis_decode)."""
+    nbytes = code.stream_bytes(D)
+    streams = torch.arange(1 << (8 * nbytes), dtype=torch.int64)
+    by = torch.stack([(streams >> (8 * (nbytes - 1 - i))) & 255 for i in range(nbytes)], 1).to(torch.uint8)
+    return (trellis_decode(by, code, D) - x).square().sum(-1)
+
+
+def test_tail_biting_stream_is_near_the_best_circular_stream():
+    code = TrellisCode(block_bits=16, state_bits=6, unbiased=False)  # D = 8: 16-bit streams, 65536 candidates
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(24, 8, generator=g)
+    s = trellis_encode(u, code)
+    got = (trellis_decode(s, code, 8) - u).square().sum(-1)
+    ratios = []
+    for i in range(24):
+        best = float(all_circular_costs(u[i], code, 8).min())
+        assert float(got[i]) >= best * (1 - 1e-6)
+        ratios.append(float(got[i]) / best)
+    # the two-pass approximation loses little (QTIP reports the same)
+    assert sum(ratios) / len(ratios) < 1.1
+
+
+def test_stream_layout_msb_first_and_circular():
+    code = TrellisCode(block_bits=16, state_bits=6)  # D = 8, k_t = 2, stream of 16 bits
+    stream = torch.tensor([[0b10110001, 0b01110100]], dtype=torch.uint8)
+    bits = [int(b) for b in f"{0b10110001:08b}{0b01110100:08b}"]
+    st = trellis_states(stream, code, 8)
+    for t in range(8):
+        end = 2 * (t + 1)  # element t's state ends after its 2 bits
+        want = 0
+        for j in range(6):
+            want = (want << 1) | bits[(end - 6 + j) % 16]
+        assert int(st[0, t]) == want
+
+
+@pytest.mark.parametrize("block_bits, min_snr", [(16, 10.6), (26, 17.4), (32, 21.4)])
+def test_gaussian_snr_between_the_e8_code_and_the_bound(block_bits, min_snr):
+    code = TrellisCode(block_bits=block_bits, state_bits=10)
+    u = torch.randn(1024, 64, generator=torch.Generator().manual_seed(5))
+    uh = trellis_decode(trellis_encode(u, code), code, 64)
+    snr = 10 * math.log10(float(u.square().sum() / (u - uh).square().sum()))
+    rate = block_bits / 8
+    assert snr < 6.0206 * rate  # no code beats the distortion-rate bound
+    assert snr > min_snr  # ~0.2-0.35 bit from it (the E8 q=2 code with T: ~0.8 bit)
+
+
+def test_encode_decode_states_and_store():
+    code = TrellisCode(block_bits=26, state_bits=8)
+    rot = HeadRotation(3, 64, seed=1)
+    x = torch.randn(2, 3, 5, 64) * 3
+    c = encode_states(x, rot, code)
+    assert c.idx.shape == (2, 3, 5, 26) and c.t.shape == (2, 3, 5, 0) and c.scale.dtype == torch.uint8
+    check_codes(c, code)
+    y = decode_states(c, rot, code)
+    err = float((y - x).square().sum() / x.square().sum())
+    assert err < 10 ** (-1.5)  # ~17 dB
+    with pytest.raises(ValueError, match="another code"):
+        check_codes(c, TrellisCode(block_bits=26, state_bits=9))
+
+
+def test_cache_with_trellis_values_attends_like_its_decoded_states():
+    cfg = KVQuantConfig(bits=4, sink=1, t_bits=2, alpha=0.5, scale_bits=8, value_code=TrellisCode(28, 8))
+    assert cfg.bits_per_element(64) == 4.0
+    st = CodedKVStore(cfg, backend="torch")
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(1, 3, 20, 64, generator=g), torch.randn(1, 3, 20, 64, generator=g)
+    st.append(k, v)
+    st.append(k[:, :, :2], v[:, :, :2])
+    q = torch.randn(1, 9, 1, 64, generator=g)  # (several queries attend causally over the newest tokens)
+    kk, vv = st.dequantized()
+    ref = F.scaled_dot_product_attention(q, kk.repeat_interleave(3, 1), vv.repeat_interleave(3, 1))
+    assert torch.allclose(st.attend(q).transpose(1, 2), ref, atol=1e-5)
+    assert st.nbytes >= 21 * 3 * (cfg.bytes_per_vector(64, "k") + cfg.bytes_per_vector(64, "v"))
+    st.crop(3)
+    assert len(st) == 19
+    kk2, vv2 = st.dequantized()
+    assert torch.equal(vv2, vv[:, :, :19])
+    st.map_batch(lambda t: t.repeat(2, *([1] * (t.ndim - 1))))
+    assert st.dequantized()[1].shape == (2, 3, 19, 64)
+
+
+def test_config_errors():
+    with pytest.raises(TypeError, match="block_bits"):
+        TrellisCode(block_bits=26.0)
+    with pytest.raises(ValueError, match="block_bits"):
+        TrellisCode(block_bits=33)
+    with pytest.raises(ValueError, match="state_bits"):
+        TrellisCode(block_bits=32, state_bits=4)
+    with pytest.raises(ValueError, match="scale_bits"):
+        TrellisCode(scale_bits=12)
+    with pytest.raises(TypeError, match="value_code"):
+        KVQuantConfig(value_code=26)
+    with pytest.raises(ValueError, match="value_bits"):
+        KVQuantConfig(value_bits=3, value_code=TrellisCode())
+    with pytest.raises(ValueError, match="whole bytes"):
+        trellis_encode(torch.randn(2, 8), TrellisCode(block_bits=13))
+
+
+@pytest.fixture(scope="module")
+def native_trellis():
+    """The trellis kernels of a registered backend (coset-cuda's "native", found through the registry)."""
+    from coset.kv import native
+
+    if not native.trellis_available():
+        pytest.skip("no registered backend provides the trellis kernels (coset-cuda not installed)")
+    return native
+
+
+@pytest.mark.parametrize("block_bits, L, D", [(26, 10, 64), (16, 6, 8), (32, 12, 32), (10, 8, 64), (13, 9, 128)])
+def test_native_encode_equals_reference_bit_for_bit(native_trellis, block_bits, L, D):
+    code = TrellisCode(block_bits=block_bits, state_bits=L)
+    g = torch.Generator().manual_seed(block_bits + L)
+    u = torch.randn(300, D, generator=g)
+    u[0] = 0.0  # ties everywhere: the first-minimum rule decides
+    u[1] = trellis_codebook(L)[:D]  # exact codebook values: zero-cost paths
+    u[2] *= 1e3  # far outside the codebook
+    ref = trellis_encode(u, code, backend="torch")
+    got = trellis_encode(u, code, backend="native")
+    assert torch.equal(got, ref)
+    cuda = pytest.importorskip("coset.cuda")
+    old = cuda.get_num_threads()
+    try:
+        cuda.set_num_threads(2)
+        assert torch.equal(trellis_encode(u, code, backend="native"), ref)
+    finally:
+        cuda.set_num_threads(old)
+
+
+def test_native_values_equal_decode_then_matmul(native_trellis):
+    from coset.kv import values_from_codes
+    from coset.kv.codes import decode_rotated
+
+    code = TrellisCode(block_bits=26, state_bits=10)
+    rot = HeadRotation(3, 64, seed=4)
+    x = torch.randn(2, 3, 77, 64, generator=torch.Generator().manual_seed(9))
+    x[0, 1, 5] = 0.0  # a zero vector (scale code 0)
+    c = encode_states(x, rot, code)
+    p = torch.softmax(torch.randn(2, 3, 5, 77), -1)
+    want = p @ decode_rotated(c, code)
+    assert torch.allclose(values_from_codes(p, c, code, backend="native"), want, atol=1e-5)
+    assert torch.allclose(values_from_codes(p, c, code, backend="torch"), want, atol=1e-6)
+
+
+def test_native_wrappers_reject_bad_arguments(native_trellis):
+    kv = pytest.importorskip("coset.cuda.kv")
+    ks = torch.full((64,), 3, dtype=torch.uint8)
+    cb = trellis_codebook(8)
+    u = torch.randn(4, 64)
+    for bad_ks in (ks[:63], ks.to(torch.int32), torch.full((64,), 5, dtype=torch.uint8), ks.clone().fill_(0)):
+        with pytest.raises(ValueError, match="ks must"):
+            kv.trellis_encode(u, bad_ks, cb)
+    with pytest.raises(ValueError, match="cb must"):
+        kv.trellis_encode(u, ks, cb[:100])
+    with pytest.raises(ValueError, match="u must"):
+        kv.trellis_encode(u.to(torch.int64), ks, cb)
+    s = kv.trellis_encode(u, ks, cb)
+    assert s.shape == (4, 24)
+    with pytest.raises(ValueError, match="bytes per vector"):
+        kv.trellis_values(s[:, :23].reshape(1, 4, 23), torch.ones(1, 4), torch.ones(1, 1, 4), ks, cb)
+    with pytest.raises(ValueError, match="p must"):
+        kv.trellis_values(s.reshape(1, 4, 24), torch.ones(1, 4), torch.ones(1, 1, 5), ks, cb)
+
+
+@pytest.mark.parametrize("key", [(26, 10), (10, 10), (18, 12)])
+def test_gain_table_entries_are_recomputed(key):
+    from coset.kv import trellis
+
+    trellis.trellis_gain.cache_clear()
+    saved = trellis._GAIN_TABLE.pop(key)
+    try:
+        assert trellis.trellis_gain(*key) == saved
+    finally:
+        trellis._GAIN_TABLE[key] = saved
+        trellis.trellis_gain.cache_clear()
+
+
+def test_unbiased_decode_is_unbiased_along_u():
+    u = torch.randn(512, 64, generator=torch.Generator().manual_seed(11))
+    for bb in (10, 26):
+        shrunk, unb = TrellisCode(bb, 8, unbiased=False), TrellisCode(bb, 8)
+        s = trellis_encode(u, shrunk)
+        assert torch.equal(s, trellis_encode(u, unb))  # the same streams: only the decoder's table differs
+        for code, lo, hi in ((shrunk, 0.75, 0.99), (unb, 0.98, 1.02)):
+            uh = trellis_decode(s, code, 64)
+            c = float((u * uh).sum() / u.square().sum())
+            assert lo < c < hi, (bb, code.unbiased, c)
