@@ -525,6 +525,9 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated method names")
     ap.add_argument("--prompts", type=int, default=2, help="hand-written prompts (gen)")
     ap.add_argument("--pydoc-prompts", type=int, default=3, help="pydoc_data.topics prompts (gen)")
+    ap.add_argument(
+        "--kv-seed", type=int, default=None, help="seed of the HNLQ caches' rotations (another noise realization)"
+    )
     ap.add_argument("--out", default="kv", help="results name (kv -> kv.json/md/png); 'report' merges kv_*.json")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -560,6 +563,10 @@ def main() -> None:
         use_coset_attention(model)  # "coset_kv": the LUT/code path for CosetKVLayer, plain SDPA otherwise
     sel = set(args.only.split(",")) if args.only else None
     todo = [m for m in methods() if sel is None or m[0] in sel]
+    if args.kv_seed is not None:  # the rotations' signs (layer l uses seed + l): another realization of the code
+        todo = [
+            (n, k, dataclasses.replace(c, seed=args.kv_seed) if isinstance(c, KVQuantConfig) else c) for n, k, c in todo
+        ]
     if any(kind.startswith(("hnlq_kq", "hnlq_kf", "hnlq_alloc")) for _, kind, _ in todo):
         global KEY_SCALES, KEY_TRANSFORMS, ROPE
         # calibration text: the pydoc window right after the evaluated ones (never evaluated itself)
@@ -658,6 +665,8 @@ def main() -> None:
             runs.append((f"hnlq43_s1_kf_t42 LUT {lut}", "hnlq_kf", t42))
             # and with the keys centred on their pre-RoPE mean (+ one matmul per layer and step for its scores)
             runs.append((f"hnlq43_s1_kfr_t42 LUT {lut}", "hnlq_kfr", t42))
+            # exact 4 bits with the values in the trellis code (L = 12; native encode and value kernels)
+            runs.append((f"hnlq4_s1_kfr_tv12 LUT {lut}", "hnlq_kfr", _tv(4, 4, 26, 12)))
         set_threads(1)
         for ctx in [int(c) for c in args.contexts.split(",")]:
             ids = text_ids[:, :ctx]

@@ -8,7 +8,7 @@ transformers = pytest.importorskip("transformers")
 
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from coset.kv import CodedKVStore, KeyTransform, KVQuantConfig, ScalarKVConfig, ScalarKVStore  # noqa: E402
+from coset.kv import CodedKVStore, KeyTransform, KVQuantConfig, ScalarKVConfig, ScalarKVStore, TrellisCode  # noqa: E402
 from coset.kv.hf_cache import (  # noqa: E402
     CodedKV,
     CosetKVLayer,
@@ -551,8 +551,19 @@ def test_generate_runs_and_high_rate_matches_fp32_greedy(model):
             max_new_tokens=16,
             do_sample=False,
         )
+        # values in the trellis code (4 bits per element, L = 12), keys at the highest E8 rate
+        tv = model.generate(
+            ids,
+            past_key_values=CosetQuantizedCache(
+                model.config,
+                KVQuantConfig(bits=4, t_bits=4, subtract_mean=False, value_code=TrellisCode(32, 12)),
+            ),
+            max_new_tokens=16,
+            do_sample=False,
+        )
     assert torch.equal(hi, ref)
     assert float((hi_mean == ref).float().mean()) >= 0.8
+    assert float((tv == ref).float().mean()) >= 0.8
     assert torch.equal(kivi, ref)
     assert lo.shape == ref.shape and lo_cache.get_seq_length() == 6 + 15
 
