@@ -136,6 +136,22 @@ void values_range_avx2(const uint8_t* stream, const float* rho, const float* p, 
 #pragma GCC pop_options
 #endif
 
+// body(lo, hi) over [0, n) in one contiguous range per thread (rows are independent; results do not depend on
+// the split), on the persistent workers of parallel.h.
+template <typename F>
+void split_rows(int64_t n, int threads, const F& body) {
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(threads, n));
+  if (nt <= 1) {
+    body((int64_t)0, n);
+    return;
+  }
+  const int64_t step = (n + nt - 1) / nt;
+  coset::pool_run(nt, [&](int64_t t) {
+    const int64_t lo = t * step, hi = std::min(n, lo + step);
+    if (lo < hi) body(lo, hi);
+  });
+}
+
 bool tr_bad(int D, int L, int nbytes, const uint8_t* ks) {
   if (D < 8 || L < 6 || L > 14 || nbytes < 2) return true;
   int n = 0;
@@ -165,16 +181,7 @@ int trellis_encode_cpu(const float* u, int64_t n, int D, const uint8_t* ks, cons
     encode_range<base::TrellisWork>(u, lo, hi, D, ks, cb, L, out, nbytes, base::trellis_encode_vector);
   };
   (void)fast;
-  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(threads, n));
-  if (nt <= 1) {
-    body(0, n);
-    return 0;
-  }
-  const int64_t step = (n + nt - 1) / nt;
-  coset::pool_run(nt, [&](int64_t t) {
-    const int64_t lo = t * step, hi = std::min(n, lo + step);
-    if (lo < hi) body(lo, hi);
-  });
+  split_rows(n, threads, body);
   return 0;
 }
 
@@ -191,16 +198,7 @@ int trellis_values_cpu(const uint8_t* stream, const float* rho, const float* p, 
 #endif
     values_range(stream, rho, p, lo, hi, L, nq, D, ks, cb, LB, nbytes, out, base::trellis_decode_vector);
   };
-  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(threads, BH));
-  if (nt <= 1) {
-    body(0, BH);
-    return 0;
-  }
-  const int64_t step = (BH + nt - 1) / nt;
-  coset::pool_run(nt, [&](int64_t t) {
-    const int64_t lo = t * step, hi = std::min(BH, lo + step);
-    if (lo < hi) body(lo, hi);
-  });
+  split_rows(BH, threads, body);
   return 0;
 }
 

@@ -50,44 +50,11 @@ def test_cuda_build_cuda_sources_compile(tmp_path):
             assert "sm_80" in r.stdout, name
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(NVCC is None, reason="nvcc not installed: the CUDA build cannot be checked here")
-def test_lut_gemv_cuda_compiles_for_sm80_and_sm90(tmp_path):
-    """The GEMV twin alone (lut_gemv_cuda.cu + the shared lut_gemv.h), SASS for both A100 and H100, with the
-    module's flags (--fmad=false, C++17); cuobjdump lists the gemv kernels in both ELFs."""
-    obj = tmp_path / "lut_gemv_cuda.o"
-    cmd = [
-        NVCC,
-        "-c",
-        str(ROOT / "csrc" / "lut_gemv_cuda.cu"),
-        "-o",
-        str(obj),
-        "-std=c++17",
-        "-O3",
-        "--fmad=false",
-        "-I",
-        str(ROOT / "csrc"),
-        "-gencode",
-        "arch=compute_80,code=sm_80",
-        "-gencode",
-        "arch=compute_90,code=sm_90",
-    ]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    if shutil.which("cuobjdump"):
-        r = subprocess.run(["cuobjdump", "--list-elf", str(obj)], capture_output=True, text=True)
-        assert "sm_80" in r.stdout and "sm_90" in r.stdout
-        r = subprocess.run(["cuobjdump", "--dump-resource-usage", str(obj)], capture_output=True, text=True)
-        assert "gemv_codebook_kernel" in r.stdout and "gemv_tables_kernel" in r.stdout
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(NVCC is None, reason="nvcc not installed: the CUDA build cannot be checked here")
-def test_trellis_cuda_compiles_for_sm80_and_sm90(tmp_path):
-    """The trellis twin alone (trellis_cuda.cu + the shared trellis_core.inc that trellis_cpu.cpp runs here)
-    with the module's flags; cuobjdump lists its encode and values kernels in both ELFs."""
-    obj = tmp_path / "trellis_cuda.o"
-    cmd = [NVCC, "-c", str(ROOT / "csrc" / "trellis_cuda.cu"), "-o", str(obj), "-std=c++17", "-O3", "--fmad=false"]
+def _twin_compiles_for_sm80_and_sm90(tmp_path, source: str, kernels: tuple[str, ...]) -> None:
+    """nvcc on one CUDA twin alone with the module's flags (--fmad=false, C++17), SASS for A100 and H100;
+    cuobjdump lists the kernels in both ELFs."""
+    obj = tmp_path / (source + ".o")
+    cmd = [NVCC, "-c", str(ROOT / "csrc" / source), "-o", str(obj), "-std=c++17", "-O3", "--fmad=false"]
     cmd += [
         "-I",
         str(ROOT / "csrc"),
@@ -102,7 +69,22 @@ def test_trellis_cuda_compiles_for_sm80_and_sm90(tmp_path):
         r = subprocess.run(["cuobjdump", "--list-elf", str(obj)], capture_output=True, text=True)
         assert "sm_80" in r.stdout and "sm_90" in r.stdout
         r = subprocess.run(["cuobjdump", "--dump-resource-usage", str(obj)], capture_output=True, text=True)
-        assert "trellis_encode_kernel" in r.stdout and "trellis_values_kernel" in r.stdout
+        for k in kernels:
+            assert k in r.stdout, k
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(NVCC is None, reason="nvcc not installed: the CUDA build cannot be checked here")
+def test_lut_gemv_cuda_compiles_for_sm80_and_sm90(tmp_path):
+    """The GEMV twin alone (lut_gemv_cuda.cu + the shared lut_gemv.h)."""
+    _twin_compiles_for_sm80_and_sm90(tmp_path, "lut_gemv_cuda.cu", ("gemv_codebook_kernel", "gemv_tables_kernel"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(NVCC is None, reason="nvcc not installed: the CUDA build cannot be checked here")
+def test_trellis_cuda_compiles_for_sm80_and_sm90(tmp_path):
+    """The trellis twin alone (trellis_cuda.cu + the shared trellis_core.inc that trellis_cpu.cpp runs here)."""
+    _twin_compiles_for_sm80_and_sm90(tmp_path, "trellis_cuda.cu", ("trellis_encode_kernel", "trellis_values_kernel"))
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
