@@ -176,6 +176,14 @@ def test_config_errors():
         KVQuantConfig(value_bits=3, value_code=TrellisCode())
     with pytest.raises(ValueError, match="whole bytes"):
         trellis_encode(torch.randn(2, 8), TrellisCode(block_bits=13))
+    with pytest.raises(ValueError, match="NaN"):
+        trellis_encode(torch.tensor([[float("nan")] * 64]), TrellisCode())
+    with pytest.raises(TypeError, match="floating"):
+        trellis_encode(torch.zeros(2, 64, dtype=torch.int64), TrellisCode())
+    with pytest.raises(ValueError, match="shape"):
+        trellis_encode(torch.zeros(64), TrellisCode())
+    with pytest.raises(TypeError, match="TrellisCode"):
+        trellis_encode(torch.zeros(2, 64), KVQuantConfig())
 
 
 @pytest.fixture(scope="module")

@@ -205,6 +205,14 @@ def trellis_encode(u: torch.Tensor, code: TrellisCode, backend: str = "auto", ch
     or ``"auto"`` (native when registered)."""
     if backend not in ("auto", "native", "torch"):
         raise ValueError(f"backend must be 'auto', 'native' or 'torch', got {backend!r}")
+    if not isinstance(u, torch.Tensor) or not u.is_floating_point():
+        raise TypeError("u must be a floating torch.Tensor")
+    if u.ndim != 2:
+        raise ValueError(f"u must have shape (n, head_dim), got {tuple(u.shape)}")
+    if not isinstance(code, TrellisCode):
+        raise TypeError(f"code must be a TrellisCode, got {type(code).__name__}")
+    if u.numel() and not bool(torch.isfinite(u).all()):
+        raise ValueError("u contains NaN or Inf")
     n, D = u.shape
     if D < _BLOCK or D % _BLOCK or D * code.block_bits % 64 or D * code.block_bits < 128:
         raise ValueError(
