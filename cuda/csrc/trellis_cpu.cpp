@@ -54,14 +54,13 @@ void encode_range(const float* u, int64_t lo, int64_t hi, int D, const uint8_t* 
   thread_local std::vector<float> fl;
   thread_local std::vector<uint8_t> by;
   const int S = 1 << L;
-  fl.resize((size_t)(2 * S + S + 2 * D));
+  fl.resize((size_t)(2 * S + (S >> 1) + 2 * D));
   by.resize((size_t)(D - 1) * (S >> 1) + D);
   Work w;
   w.cost = fl.data();
   w.next = w.cost + S;
   w.m = w.next + S;
-  w.jb = reinterpret_cast<int32_t*>(w.m + (S >> 1));
-  w.xr = w.m + S;
+  w.xr = w.m + (S >> 1);
   w.states = reinterpret_cast<int32_t*>(w.xr + D);
   w.back = by.data();
   w.kr = w.back + (size_t)(D - 1) * (S >> 1);

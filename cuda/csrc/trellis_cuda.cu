@@ -28,10 +28,9 @@ __global__ void trellis_encode_kernel(const float* u, int64_t n, int D, const ui
   w.cost = fl;
   w.next = fl + S;
   w.m = fl + 2 * S;
-  w.jb = reinterpret_cast<int32_t*>(w.m + (S >> 1));
-  w.xr = fl + 3 * S;
+  w.xr = w.m + (S >> 1);
   w.states = reinterpret_cast<int32_t*>(w.xr + D);
-  w.back = reinterpret_cast<uint8_t*>(fl + 3 * S + 2 * D);
+  w.back = reinterpret_cast<uint8_t*>(w.xr + 2 * D);
   w.kr = w.back + (int64_t)(D - 1) * (S >> 1);
   coset_trellis::trellis_encode_vector(u + i * D, D, ks, cb, L, w, out + i * nbytes, nbytes);
 }
@@ -63,7 +62,8 @@ __global__ void trellis_values_kernel(const uint8_t* stream, const float* rho, c
 extern "C" {
 
 int64_t trellis_encode_cuda_work_bytes(int L, int D) {
-  const int64_t b = 4 * (3 * (int64_t)(1 << L) + 2 * D) + (int64_t)(D - 1) * (1 << (L - 1)) + D;
+  // floats: cost, next (2^L each), m (2^(L-1)), xr, states (D each); bytes: back, kr
+  const int64_t b = 4 * (2 * (int64_t)(1 << L) + (1 << (L - 1)) + 2 * D) + (int64_t)(D - 1) * (1 << (L - 1)) + D;
   return (b + 15) / 16 * 16;  // each vector's floats stay aligned
 }
 
