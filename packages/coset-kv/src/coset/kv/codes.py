@@ -205,8 +205,7 @@ def check_codes(codes, config, name: str = "codes") -> None:
             f"{name}.t must be a ({B}, {H}, {L}, {tb}) uint8 tensor for t_bits={config.t_bits}, got "
             f"{tuple(t.shape)} {t.dtype}"
         )
-    if tuple(scale.shape) != (B, H, L) or not (scale.dtype == torch.uint8 or scale.dtype.is_floating_point):
-        raise ValueError(f"{name}.scale must be a ({B}, {H}, {L}) float or uint8 tensor, got {tuple(scale.shape)}")
+    _check_scale(scale, (B, H, L), name)
     # same layout, other code (t_bits 1 and 2 at head_dim 32, another beta or alpha): wrong vectors, not an error
     if codes.code is not None and codes.code != config.code_key():
         names = ("bits", "t_bits", "alpha", "beta", "scale_bits")
@@ -216,6 +215,11 @@ def check_codes(codes, config, name: str = "codes") -> None:
         raise ValueError(f"{name} were written by another code than config's ({diff})")
 
 
+def _check_scale(scale: torch.Tensor, lead: tuple[int, int, int], name: str) -> None:
+    if tuple(scale.shape) != lead or not (scale.dtype == torch.uint8 or scale.dtype.is_floating_point):
+        raise ValueError(f"{name}.scale must be a {lead} float or uint8 tensor, got {tuple(scale.shape)}")
+
+
 def _check_trellis_codes(codes: KVCodes, config: TrellisCode, name: str) -> None:
     idx, t, scale = codes.idx, codes.t, codes.scale
     if idx.dtype != torch.uint8 or idx.ndim != 4:
@@ -223,13 +227,12 @@ def _check_trellis_codes(codes: KVCodes, config: TrellisCode, name: str) -> None
             f"{name}.idx must be a (B, H, L, stream_bytes) uint8 tensor, got {tuple(idx.shape)} {idx.dtype}"
         )
     B, H, L, nb = idx.shape
-    D = nb * 64 // config.block_bits  # the head dim whose stream has nb bytes (D / 8 * block_bits bits)
+    D = head_dim_of(codes, config)
     if D < BLOCK or D % BLOCK or D * config.block_bits != nb * 64:
         raise ValueError(f"{name}.idx has {nb} bytes per vector: not a stream of block_bits={config.block_bits}")
     if t.dtype != torch.uint8 or tuple(t.shape) != (B, H, L, 0):
         raise ValueError(f"{name}.t must be an empty ({B}, {H}, {L}, 0) uint8 tensor, got {tuple(t.shape)}")
-    if tuple(scale.shape) != (B, H, L) or not (scale.dtype == torch.uint8 or scale.dtype.is_floating_point):
-        raise ValueError(f"{name}.scale must be a ({B}, {H}, {L}) float or uint8 tensor, got {tuple(scale.shape)}")
+    _check_scale(scale, (B, H, L), name)
     if codes.code is not None and codes.code != config.code_key():
         raise ValueError(f"{name} were written by another code ({codes.code}) than config's ({config.code_key()})")
 
