@@ -128,6 +128,15 @@ def methods() -> list[tuple[str, str, object]]:
         out.append((f"hnlq{target}_s1_kfr_tv12", "hnlq_kfr", _tv(target, 4, 8 * target - 6, 12)))
         # the shrunk (MSE-optimal, biased) reconstruction of the same streams
         out.append((f"hnlq{target}_s1_kfr_tvb", "hnlq_kfr", _tv(target, 4, 8 * target - 6, unbiased=False)))
+    # keys in the trellis code too (scored by decode-then-dot), with the same key transforms and centring: keys
+    # k_bb and values v_bb block bits, k_bb + v_bb = 16 target - 2 (both with 8-bit scales)
+    for target in (4, 3, 2):
+        for dk in (0, 1, 2, 4):
+            kb, vb = 8 * target - 1 + dk, 8 * target - 1 - dk
+            if kb > 32:  # a trellis element takes at most 4 bits
+                continue
+            out.append((f"hnlq{target}_s1_kfr_tk{dk}", "hnlq_kfr", _tk(kb, vb, 10)))
+            out.append((f"hnlq{target}_s1_kfr_tk{dk}_12", "hnlq_kfr", _tk(kb, vb, 12)))
     # per-layer allocation at exact 2 / 3 / 4 bits (allocate_layers from layer_sensitivity measured with keys 2 /
     # values 1 on held-out text), calibrated key scales, sink
     for target, opts in ALLOC_OPTIONS.items():
@@ -144,6 +153,13 @@ def _tv(kb: int, key_t: int, value_block_bits: int, state_bits: int = 10, unbias
     """Keys E8 with ``kb`` label bits, ``key_t`` T bits and 8-bit scales; values in a TrellisCode."""
     code = TrellisCode(block_bits=value_block_bits, state_bits=state_bits, unbiased=unbiased)
     return KVQuantConfig(bits=kb, sink=1, t_bits=key_t, alpha=1.0 / key_t, scale_bits=8, value_code=code)
+
+
+def _tk(key_block_bits: int, value_block_bits: int, state_bits: int) -> KVQuantConfig:
+    """Keys and values in TrellisCodes of ``state_bits`` with the given block bits (8-bit scales)."""
+    kc = TrellisCode(block_bits=key_block_bits, state_bits=state_bits)
+    vc = TrellisCode(block_bits=value_block_bits, state_bits=state_bits)
+    return KVQuantConfig(sink=1, key_code=kc, value_code=vc)
 
 
 def _kv(kb: int, vb: int, **kw) -> KVQuantConfig:
@@ -667,6 +683,9 @@ def main() -> None:
             runs.append((f"hnlq43_s1_kfr_t42 LUT {lut}", "hnlq_kfr", t42))
             # exact 4 bits with the values in the trellis code (L = 12; native encode and value kernels)
             runs.append((f"hnlq4_s1_kfr_tv12 LUT {lut}", "hnlq_kfr", _tv(4, 4, 26, 12)))
+            # exact 4 bits with keys and values in the trellis code (keys scored from the streams)
+            runs.append(("hnlq4_s1_kfr_tk1 trellis", "hnlq_kfr", _tk(32, 30, 10)))
+            runs.append(("hnlq4_s1_kfr_tk1_12 trellis", "hnlq_kfr", _tk(32, 30, 12)))
         set_threads(1)
         for ctx in [int(c) for c in args.contexts.split(",")]:
             ids = text_ids[:, :ctx]

@@ -28,6 +28,8 @@ int trellis_encode_cpu(const float* u, int64_t n, int D, const uint8_t* ks, cons
                        int nbytes, int threads);
 int trellis_values_cpu(const uint8_t* stream, const float* rho, const float* p, int64_t BH, int64_t L, int nq, int D,
                        const uint8_t* ks, const float* cb, int LB, int nbytes, float* out, int threads);
+int trellis_scores_cpu(const uint8_t* stream, const float* rho, const float* q, int64_t BH, int64_t L, int nq, int D,
+                       const uint8_t* ks, const float* cb, int LB, int nbytes, float* out, int threads);
 #ifdef COSET_WITH_CUDA
 int kv_scores_cuda(const uint8_t* idx, const uint8_t* tpack, const float* rho, const float* steps, int t_bits,
                    const float* tab, const float* cy, float* out, int64_t BH, int64_t L, int K, int M, int n,
@@ -119,6 +121,13 @@ PYBIND11_MODULE(_C, m) {
                                  std::uintptr_t out, int threads) {
     py::gil_scoped_release nogil;
     return trellis_values_cpu(ptr<const uint8_t>(stream), ptr<const float>(rho), ptr<const float>(p), BH, L, nq, D,
+                              ptr<const uint8_t>(ks), ptr<const float>(cb), LB, nbytes, ptr<float>(out), threads);
+  });
+  m.def("trellis_scores_cpu", [](std::uintptr_t stream, std::uintptr_t rho, std::uintptr_t q, int64_t BH, int64_t L,
+                                 int nq, int D, std::uintptr_t ks, std::uintptr_t cb, int LB, int nbytes,
+                                 std::uintptr_t out, int threads) {
+    py::gil_scoped_release nogil;
+    return trellis_scores_cpu(ptr<const uint8_t>(stream), ptr<const float>(rho), ptr<const float>(q), BH, L, nq, D,
                               ptr<const uint8_t>(ks), ptr<const float>(cb), LB, nbytes, ptr<float>(out), threads);
   });
   // float32 + integer fast path of encode/decode/quantize (fast_quant.h): on/off switch and the ISA in use

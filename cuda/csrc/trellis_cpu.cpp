@@ -1,7 +1,8 @@
 // trellis_cpu.cpp - CPU kernels of the coset.kv trellis value code (per-vector logic in trellis_core.inc, shared
 // with trellis_cuda.cu). Plain C ABI on raw pointers, bound in bindings.cpp, wrapped with validation in
 // coset/cuda/kv.py. Shapes: u (n, D) float32 -> stream (n, nbytes) uint8; values: stream (BH, L, nbytes),
-// rho (BH, L), p (BH, nq, L) -> out (BH, nq, D) = sum_t p[., ., t] rho[., t] u_hat_t. ks (D) uint8, cb (2^L).
+// rho (BH, L), p (BH, nq, L) -> out (BH, nq, D) = sum_t p[., ., t] rho[., t] u_hat_t; scores: stream, rho,
+// q (BH, nq, D) -> out (BH, nq, L) = rho[., t] <q[., i], u_hat_t>. ks (D) uint8, cb (2^L).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -87,26 +88,116 @@ void values_range(const uint8_t* stream, const float* rho, const float* p, int64
   }
 }
 
+template <typename Decode>
+void scores_range(const uint8_t* stream, const float* rho, const float* q, int64_t lo, int64_t hi, int64_t L, int nq,
+                  int D, const uint8_t* ks, const float* cb, int LB, int nbytes, float* out, Decode decode) {
+  std::vector<uint8_t> buf((size_t)nbytes + 6);
+  std::vector<float> v((size_t)D);
+  for (int64_t bh = lo; bh < hi; ++bh) {
+    for (int64_t t = 0; t < L; ++t) {
+      const float r = rho[bh * L + t];
+      float* o = out + bh * nq * L + t;
+      if (r == 0.f) {  // a zero vector (its stream holds whatever the encoder chose)
+        for (int i = 0; i < nq; ++i) o[(int64_t)i * L] = 0.f;
+        continue;
+      }
+      decode(stream + (bh * L + t) * nbytes, nbytes, D, ks, cb, LB, buf.data(), v.data());
+      for (int i = 0; i < nq; ++i) {
+        const float* qi = q + (bh * nq + i) * D;
+        float acc = 0.f;
+        for (int e = 0; e < D; ++e) acc += qi[e] * v[e];
+        o[(int64_t)i * L] = r * acc;
+      }
+    }
+  }
+}
+
 #ifdef COSET_TR_AVX2
+// The layout of the AVX2 word reads: element e's L-bit window starts at bit start_e of trellis_buffer's layout;
+// group g (elements 8g .. 8g+7) reads one big-endian 64-bit word at byte base[g] and element e sits at bit
+// shl[e] of it (start + L <= 64 within the word: a group spans at most 8 * 4 bits plus L - 1 <= 13 before it).
+void word_layout(int D, const uint8_t* ks, int LB, std::vector<int32_t>& base, std::vector<int32_t>& shl) {
+  base.assign((size_t)(D / 8), 0);
+  shl.assign((size_t)D, 0);
+  int end = 0;
+  for (int e = 0; e < D; ++e) {
+    end += ks[e];
+    const int start = end + 16 - LB;
+    if (e % 8 == 0) base[(size_t)(e / 8)] = start >> 3;
+    shl[(size_t)e] = start - 8 * base[(size_t)(e / 8)];
+  }
+}
+
 #pragma GCC push_options
 #pragma GCC target("avx2")
+// The 8 codebook values of group g of a vector whose stream sits in buf (trellis_buffer's layout + 8 zero bytes).
+inline __m256 group_values(const uint8_t* buf, const int32_t* base, const int32_t* shl, int g, const float* cb,
+                           int right) {
+  uint64_t w;
+  std::memcpy(&w, buf + base[g], 8);
+  w = __builtin_bswap64(w);  // the stream is MSB first
+  const int32_t* sh = shl + 8 * g;
+  return _mm256_setr_ps(cb[(w << sh[0]) >> right], cb[(w << sh[1]) >> right], cb[(w << sh[2]) >> right],
+                        cb[(w << sh[3]) >> right], cb[(w << sh[4]) >> right], cb[(w << sh[5]) >> right],
+                        cb[(w << sh[6]) >> right], cb[(w << sh[7]) >> right]);
+}
+
+// scores_range with 8 elements at a time (the values as in values_range_avx2), up to 4 queries' sums in
+// registers; the sums are in another order than the scalar loop's (8 lanes, then a fixed tree), so the two
+// agree to float32 rounding, not bit for bit (as any dot product with torch's matmul).
+void scores_range_avx2(const uint8_t* stream, const float* rho, const float* q, int64_t lo, int64_t hi, int64_t L,
+                       int nq, int D, const uint8_t* ks, const float* cb, int LB, int nbytes, float* out) {
+  std::vector<uint8_t> buf((size_t)nbytes + 14, 0);
+  std::vector<int32_t> base, shl;
+  word_layout(D, ks, LB, base, shl);
+  const int G = D / 8, right = 64 - LB;
+  std::vector<float> v((size_t)D);
+  for (int64_t bh = lo; bh < hi; ++bh) {
+    const float* qb = q + bh * nq * D;
+    for (int64_t t = 0; t < L; ++t) {
+      const float r = rho[bh * L + t];
+      float* o = out + bh * nq * L + t;
+      if (r == 0.f) {
+        for (int i = 0; i < nq; ++i) o[(int64_t)i * L] = 0.f;
+        continue;
+      }
+      const uint8_t* sv = stream + (bh * L + t) * nbytes;
+      std::memcpy(buf.data(), sv + nbytes - 2, 2);
+      std::memcpy(buf.data() + 2, sv, (size_t)nbytes);
+      for (int i0 = 0; i0 < nq; i0 += 4) {
+        const int ni = std::min(4, nq - i0);
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int g = 0; g < G; ++g) {
+          __m256 x;
+          if (i0 == 0) {  // decode once per token, keep the values for the next 4 queries
+            x = group_values(buf.data(), base.data(), shl.data(), g, cb, right);
+            _mm256_storeu_ps(v.data() + 8 * g, x);
+          } else {
+            x = _mm256_loadu_ps(v.data() + 8 * g);
+          }
+          for (int j = 0; j < ni; ++j)
+            acc[j] = _mm256_add_ps(acc[j], _mm256_mul_ps(_mm256_loadu_ps(qb + (int64_t)(i0 + j) * D + 8 * g), x));
+        }
+        for (int j = 0; j < ni; ++j) {
+          const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[j]), _mm256_extractf128_ps(acc[j], 1));
+          const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
+          const __m128 h1 = _mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1));
+          o[(int64_t)(i0 + j) * L] = r * _mm_cvtss_f32(h1);
+        }
+      }
+    }
+  }
+}
+
 // values_range with 8 elements at a time: the 8 states from one big-endian 64-bit word (each element's bit offset
 // in it is fixed by the schedule), the values from 8 table loads (AVX2 gathers measured slower on AMD Zen 2); the
 // per-element products and sums are the scalar loop's (mul, then add, tokens in order), so results are equal.
 void values_range_avx2(const uint8_t* stream, const float* rho, const float* p, int64_t lo, int64_t hi, int64_t L,
                        int nq, int D, const uint8_t* ks, const float* cb, int LB, int nbytes, float* out) {
   std::vector<uint8_t> buf((size_t)nbytes + 14, 0);  // trellis_buffer's layout, 8 more zero bytes for 64-bit reads
-  const int G = D / 8;
-  // element e's window starts at bit start_e of buf; its group reads one big-endian 64-bit word at byte base[g]
-  std::vector<int32_t> base((size_t)G), shl((size_t)D);
-  int end = 0;
-  for (int e = 0; e < D; ++e) {
-    end += ks[e];
-    const int start = end + 16 - LB;
-    if (e % 8 == 0) base[(size_t)(e / 8)] = start >> 3;
-    shl[(size_t)e] = start - 8 * base[(size_t)(e / 8)];  // < 8 + 7 * 4 + ... : start + LB <= 64 within the word
-  }
-  const int right = 64 - LB;
+  std::vector<int32_t> base, shl;
+  word_layout(D, ks, LB, base, shl);
+  const int G = D / 8, right = 64 - LB;
   for (int64_t bh = lo; bh < hi; ++bh) {
     float* o = out + bh * nq * D;
     for (int64_t t = 0; t < L; ++t) {
@@ -116,13 +207,7 @@ void values_range_avx2(const uint8_t* stream, const float* rho, const float* p, 
       std::memcpy(buf.data(), sv + nbytes - 2, 2);
       std::memcpy(buf.data() + 2, sv, (size_t)nbytes);
       for (int g = 0; g < G; ++g) {
-        uint64_t w;
-        std::memcpy(&w, buf.data() + base[(size_t)g], 8);
-        w = __builtin_bswap64(w);  // the stream is MSB first
-        const int32_t* sh = shl.data() + 8 * g;
-        const __m256 v = _mm256_setr_ps(cb[(w << sh[0]) >> right], cb[(w << sh[1]) >> right], cb[(w << sh[2]) >> right],
-                                        cb[(w << sh[3]) >> right], cb[(w << sh[4]) >> right], cb[(w << sh[5]) >> right],
-                                        cb[(w << sh[6]) >> right], cb[(w << sh[7]) >> right]);
+        const __m256 v = group_values(buf.data(), base.data(), shl.data(), g, cb, right);
         for (int i = 0; i < nq; ++i) {
           const __m256 wi = _mm256_set1_ps(p[(bh * nq + i) * L + t] * r);
           float* oi = o + (int64_t)i * D + 8 * g;
@@ -196,6 +281,23 @@ int trellis_values_cpu(const uint8_t* stream, const float* rho, const float* p, 
     }
 #endif
     values_range(stream, rho, p, lo, hi, L, nq, D, ks, cb, LB, nbytes, out, base::trellis_decode_vector);
+  };
+  split_rows(BH, threads, body);
+  return 0;
+}
+
+// out (BH, nq, L) is written in full.
+int trellis_scores_cpu(const uint8_t* stream, const float* rho, const float* q, int64_t BH, int64_t L, int nq, int D,
+                       const uint8_t* ks, const float* cb, int LB, int nbytes, float* out, int threads) {
+  if (BH < 0 || L < 0 || nq < 1 || tr_bad(D, LB, nbytes, ks)) return 1;
+  auto body = [&](int64_t lo, int64_t hi) {
+#ifdef COSET_TR_AVX2
+    if (tr_use_avx2()) {
+      scores_range_avx2(stream, rho, q, lo, hi, L, nq, D, ks, cb, LB, nbytes, out);
+      return;
+    }
+#endif
+    scores_range(stream, rho, q, lo, hi, L, nq, D, ks, cb, LB, nbytes, out, base::trellis_decode_vector);
   };
   split_rows(BH, threads, body);
   return 0;

@@ -2,7 +2,8 @@
 // pointers; returns a cudaError_t as int. Compiles with nvcc (sm_80/sm_90); it cannot be run on this machine
 // (no GPU). Encoding: one thread per vector, its Viterbi scratch in a global buffer the caller provides
 // (trellis_encode_cuda_work_bytes per vector) - correct by construction, not tuned (a block per vector with the
-// states across threads is the fast layout). Values: one thread per (bh, query, element), looping over tokens.
+// states across threads is the fast layout). Values: one thread per (bh, query, element), looping over tokens;
+// scores: one thread per (bh, token).
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -57,6 +58,28 @@ __global__ void trellis_values_kernel(const uint8_t* stream, const float* rho, c
   out[r] += acc;
 }
 
+// Scores: one thread per (bh, token), decoding the token once for all nq queries.
+__global__ void trellis_scores_kernel(const uint8_t* stream, const float* rho, const float* q, int64_t BH, int64_t L,
+                                      int nq, int D, const uint8_t* ks, const float* cb, int LB, int nbytes,
+                                      float* out) {
+  const int64_t r = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (r >= BH * L) return;
+  const int64_t bh = r / L, t = r % L;
+  const float rt = rho[r];
+  uint8_t buf[kMaxBytes + 6];
+  coset_trellis::trellis_buffer(stream + r * nbytes, nbytes, buf);
+  for (int i = 0; i < nq; ++i) {
+    const float* qi = q + (bh * nq + i) * D;
+    float acc = 0.f;
+    int end = 0;
+    for (int e = 0; e < D; ++e) {
+      end += ks[e];
+      acc += qi[e] * cb[coset_trellis::trellis_state_at(buf, end, LB)];
+    }
+    out[(bh * nq + i) * L + t] = rt == 0.f ? 0.f : rt * acc;
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -85,6 +108,17 @@ int trellis_values_cuda(const uint8_t* stream_, const float* rho, const float* p
   const int threads = 128;
   trellis_values_kernel<<<(unsigned)((total + threads - 1) / threads), threads, 0, (cudaStream_t)stream>>>(
       stream_, rho, p, BH, L, nq, D, ks, cb, LB, nbytes, out);
+  return (int)cudaGetLastError();
+}
+
+int trellis_scores_cuda(const uint8_t* stream_, const float* rho, const float* q, int64_t BH, int64_t L, int nq, int D,
+                        const uint8_t* ks, const float* cb, int LB, int nbytes, float* out, std::uintptr_t stream) {
+  if (BH < 0 || L < 0 || nq < 1 || D < 8 || nbytes < 2 || nbytes > kMaxBytes) return (int)cudaErrorInvalidValue;
+  const int64_t total = BH * L;
+  if (total == 0) return 0;
+  const int threads = 128;
+  trellis_scores_kernel<<<(unsigned)((total + threads - 1) / threads), threads, 0, (cudaStream_t)stream>>>(
+      stream_, rho, q, BH, L, nq, D, ks, cb, LB, nbytes, out);
   return (int)cudaGetLastError();
 }
 

@@ -561,7 +561,18 @@ def test_generate_runs_and_high_rate_matches_fp32_greedy(model):
             max_new_tokens=16,
             do_sample=False,
         )
+        # keys and values in the trellis code (4 bits per element, L = 12): keys scored from the streams
+        tk = model.generate(
+            ids,
+            past_key_values=CosetQuantizedCache(
+                model.config,
+                KVQuantConfig(subtract_mean=False, key_code=TrellisCode(32, 12), value_code=TrellisCode(32, 12)),
+            ),
+            max_new_tokens=16,
+            do_sample=False,
+        )
     assert torch.equal(hi, ref)
+    assert float((tk == ref).float().mean()) >= 0.8
     assert float((hi_mean == ref).float().mean()) >= 0.8
     assert float((tv == ref).float().mean()) >= 0.8
     assert torch.equal(kivi, ref)

@@ -161,6 +161,37 @@ def test_cache_with_trellis_values_attends_like_its_decoded_states():
     assert st.dequantized()[1].shape == (2, 3, 19, 64)
 
 
+@pytest.mark.parametrize("score_path", ["auto", "decode"])
+def test_cache_with_trellis_keys_attends_like_its_decoded_states(score_path):
+    kc, vc = TrellisCode(31, 8), TrellisCode(29, 8)
+    cfg = KVQuantConfig(sink=1, key_code=kc, value_code=vc, score_path=score_path)
+    assert cfg.key_config() == kc and cfg.value_config() == vc
+    assert cfg.bits_per_element(64) == (31 + 29) / 16 + 0.125
+    for backend in ("torch", "auto"):
+        st = CodedKVStore(cfg, backend=backend)
+        g = torch.Generator().manual_seed(1)
+        k, v = torch.randn(1, 3, 20, 64, generator=g), torch.randn(1, 3, 20, 64, generator=g)
+        st.append(k, v)
+        st.append(k[:, :, :2], v[:, :, :2])
+        assert st.key_codes.idx.shape == (1, 3, 21, 31) and st.value_codes.idx.shape == (1, 3, 21, 29)
+        kk, vv = st.dequantized()
+        assert float((kk - k[:, :, list(range(20)) + [0, 1]]).square().mean()) < 0.02  # ~19 dB on N(0, 1) keys
+        for n in (1, 4):  # a decoding step (kernel path) and a chunk of queries
+            q = torch.randn(1, 9, n, 64, generator=g)
+            pos = 22 - n + torch.arange(n)  # the queries sit on the newest tokens, causally
+            mask = torch.where(torch.arange(22) > pos[:, None], float("-inf"), 0.0).view(1, 1, n, 22)
+            ref = F.scaled_dot_product_attention(
+                q, kk.repeat_interleave(3, 1), vv.repeat_interleave(3, 1), attn_mask=mask
+            )
+            assert torch.allclose(st.attend(q, mask).transpose(1, 2), ref, atol=1e-5)
+    # keys and values in the same code share one encode call; the result is the same as two calls
+    same = CodedKVStore(KVQuantConfig(key_code=kc, value_code=kc), backend="torch")
+    same.append(k, v)
+    rot = same.rotation
+    kcodes = encode_states(k - k.mean(dim=(0, 2)).unsqueeze(1), rot, kc)
+    assert torch.equal(same.key_codes.idx, kcodes.idx)
+
+
 def test_config_errors():
     with pytest.raises(TypeError, match="block_bits"):
         TrellisCode(block_bits=26.0)
@@ -184,6 +215,13 @@ def test_config_errors():
         trellis_encode(torch.zeros(64), TrellisCode())
     with pytest.raises(TypeError, match="TrellisCode"):
         trellis_encode(torch.zeros(2, 64), KVQuantConfig())
+    with pytest.raises(TypeError, match="key_code"):
+        KVQuantConfig(key_code=KVQuantConfig())
+    with pytest.raises(ValueError, match="score_path"):
+        KVQuantConfig(key_code=TrellisCode(), score_path="lut")
+    # E8 values next to trellis keys: the value code is the E8 config without the key code
+    mixed = KVQuantConfig(bits=3, key_code=TrellisCode(30, 10))
+    assert mixed.value_config() == KVQuantConfig(bits=3) and mixed.bits_per_element(64) == (30 / 8 + 0.125 + 3.5) / 2
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +269,31 @@ def test_native_values_equal_decode_then_matmul(native_trellis):
     assert torch.allclose(values_from_codes(p, c, code, backend="torch"), want, atol=1e-6)
 
 
+@pytest.mark.parametrize("n", [1, 3, 4, 9])
+def test_native_scores_equal_decode_then_dot(native_trellis, n):
+    from coset.kv import scores_lut, scores_reference
+
+    code = TrellisCode(block_bits=31, state_bits=10)
+    rot = HeadRotation(3, 64, seed=2)
+    x = torch.randn(2, 3, 45, 64, generator=torch.Generator().manual_seed(n))
+    x[1, 2, 7] = 0.0  # a zero vector (scale code 0): score 0
+    c = encode_states(x, rot, code)
+    q = torch.randn(2, 3, n, 64, generator=torch.Generator().manual_seed(50 + n)) * 4
+    want = scores_reference(q, c, code)
+    assert torch.all(want[1, 2, :, 7] == 0)
+    got = scores_lut(q, c, code, backend="native")
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-4)
+    assert torch.all(got[1, 2, :, 7] == 0)
+    assert torch.equal(scores_lut(q, c, code, backend="torch"), want)
+    cuda = pytest.importorskip("coset.cuda")
+    old = cuda.get_num_threads()
+    try:  # rows split over threads: the same sums
+        cuda.set_num_threads(2)
+        assert torch.equal(scores_lut(q, c, code, backend="native"), got)
+    finally:
+        cuda.set_num_threads(old)
+
+
 def test_native_wrappers_reject_bad_arguments(native_trellis):
     kv = pytest.importorskip("coset.cuda.kv")
     ks = torch.full((64,), 3, dtype=torch.uint8)
@@ -249,6 +312,12 @@ def test_native_wrappers_reject_bad_arguments(native_trellis):
         kv.trellis_values(s[:, :23].reshape(1, 4, 23), torch.ones(1, 4), torch.ones(1, 1, 4), ks, cb)
     with pytest.raises(ValueError, match="p must"):
         kv.trellis_values(s.reshape(1, 4, 24), torch.ones(1, 4), torch.ones(1, 1, 5), ks, cb)
+    with pytest.raises(ValueError, match="q must"):
+        kv.trellis_scores(s.reshape(1, 4, 24), torch.ones(1, 4), torch.ones(1, 1, 63), ks, cb)
+    with pytest.raises(ValueError, match="rho must"):
+        kv.trellis_scores(s.reshape(1, 4, 24), torch.ones(1, 3), torch.ones(1, 1, 64), ks, cb)
+    with pytest.raises(ValueError, match="bytes per vector"):
+        kv.trellis_scores(s[:, :23].reshape(1, 4, 23), torch.ones(1, 4), torch.ones(1, 1, 64), ks, cb)
 
 
 @pytest.mark.parametrize("key", [(26, 10), (10, 10), (18, 12)])

@@ -54,7 +54,8 @@ class NativeBackend:
             return tensor.dtype in _FLOATS and isinstance(config, QuantizationConfig) and gemv_applicable(config)
         if op == "lut_two_sided":
             return tensor.device.type == "cuda"
-        if op in ("kv_scores", "kv_values", "kv_trellis_encode", "kv_trellis_values"):  # coset.kv (kv.py): CPU only
+        if op in ("kv_scores", "kv_values", "kv_trellis_encode", "kv_trellis_values", "kv_trellis_scores"):
+            # coset.kv (kv.py): CPU only
             return tensor.device.type == "cpu"
         if op in ("quantize_rows", "quantize_rows_rms"):  # coset.quant.quantize_rows (with RmsBetas), float32 CPU
             return (
@@ -129,6 +130,9 @@ class NativeBackend:
 
     def kv_trellis_values(self, stream, rho, p, ks, cb):
         return kv.trellis_values(stream, rho, p, ks, cb)
+
+    def kv_trellis_scores(self, stream, rho, q, ks, cb):
+        return kv.trellis_scores(stream, rho, q, ks, cb)
 
     def __repr__(self) -> str:
         return f"NativeBackend(cuda={_ops.cuda_available()}, threads={_ops.get_num_threads()})"

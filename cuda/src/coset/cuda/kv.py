@@ -13,7 +13,7 @@ import torch
 
 from . import _C  # type: ignore[attr-defined]  # compiled extension
 
-__all__ = ["kv_scores", "kv_values", "trellis_encode", "trellis_values"]
+__all__ = ["kv_scores", "kv_values", "trellis_encode", "trellis_scores", "trellis_values"]
 
 
 def _f32(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -112,9 +112,7 @@ def trellis_encode(u, ks, cb) -> torch.Tensor:
     return out
 
 
-def trellis_values(stream, rho, p, ks, cb) -> torch.Tensor:
-    """``out[bh, i] = sum_t p[bh, i, t] rho[bh, t] u_hat(stream[bh, t])``: ``stream (BH, L, nbytes)`` uint8,
-    ``rho (BH, L)``, ``p (BH, n, L)`` -> ``(BH, n, D)`` float32 (D = ``len(ks)``)."""
+def _stream_args(stream, ks, cb):
     if not isinstance(stream, torch.Tensor) or stream.ndim != 3 or stream.dtype != torch.uint8:
         raise ValueError("stream must be a uint8 tensor (BH, L, nbytes)")
     if stream.device.type != "cpu":
@@ -124,11 +122,35 @@ def trellis_values(stream, rho, p, ks, cb) -> torch.Tensor:
     ks, cb, LB, nbytes = _trellis_args(ks, cb, D)
     if nb != nbytes:
         raise ValueError(f"stream has {nb} bytes per vector, the schedule ks codes {nbytes}")
+    # the caller keeps this tensor alive over the kernel call: a temporary's data_ptr() would dangle
+    return stream.contiguous(), BH, L, D, ks, cb, LB, nbytes
+
+
+def trellis_scores(stream, rho, q, ks, cb) -> torch.Tensor:
+    """``out[bh, i, t] = rho[bh, t] <q[bh, i], u_hat(stream[bh, t])>``: ``stream (BH, L, nbytes)`` uint8,
+    ``rho (BH, L)``, ``q (BH, n, D)`` -> ``(BH, n, L)`` float32 (D = ``len(ks)``)."""
+    stream, BH, L, D, ks, cb, LB, nbytes = _stream_args(stream, ks, cb)
+    n = q.shape[1] if isinstance(q, torch.Tensor) and q.ndim == 3 else -1
+    rho, q = _f32("rho", rho, (BH, L)), _f32("q", q, (BH, n, D))
+    out = torch.zeros((BH, n, L), dtype=torch.float32)
+    if out.numel():
+        rc = _C.trellis_scores_cpu(stream.data_ptr(), rho.data_ptr(), q.data_ptr(), BH, L, n, D,
+                                   ks.data_ptr(), cb.data_ptr(), LB, nbytes, out.data_ptr(),
+                                   int(_C.get_num_threads()))  # fmt: skip
+        if rc:
+            raise ValueError(f"trellis_scores_cpu rejected its arguments (code {rc})")
+    return out
+
+
+def trellis_values(stream, rho, p, ks, cb) -> torch.Tensor:
+    """``out[bh, i] = sum_t p[bh, i, t] rho[bh, t] u_hat(stream[bh, t])``: ``stream (BH, L, nbytes)`` uint8,
+    ``rho (BH, L)``, ``p (BH, n, L)`` -> ``(BH, n, D)`` float32 (D = ``len(ks)``)."""
+    stream, BH, L, D, ks, cb, LB, nbytes = _stream_args(stream, ks, cb)
     n = p.shape[1] if isinstance(p, torch.Tensor) and p.ndim == 3 else -1
     rho, p = _f32("rho", rho, (BH, L)), _f32("p", p, (BH, n, L))
     out = torch.zeros((BH, n, D), dtype=torch.float32)
     if out.numel() and L:
-        rc = _C.trellis_values_cpu(stream.contiguous().data_ptr(), rho.data_ptr(), p.data_ptr(), BH, L, n, D,
+        rc = _C.trellis_values_cpu(stream.data_ptr(), rho.data_ptr(), p.data_ptr(), BH, L, n, D,
                                    ks.data_ptr(), cb.data_ptr(), LB, nbytes, out.data_ptr(),
                                    int(_C.get_num_threads()))  # fmt: skip
         if rc:

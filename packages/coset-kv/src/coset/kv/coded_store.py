@@ -333,8 +333,8 @@ class CodedKVStore:
         # keys and values share the layer's rotation: one encode call for both when they share the code (its
         # fixed cost, ~0.4 ms of torch dispatch, is paid per layer and decoding step); append() has checked them
         B = keys.shape[0]
-        if self.kcfg is self.vcfg:
-            both = encode_checked(torch.cat((keys, values)), rotation, self.config, ("key_states", "value_states"))
+        if self.kcfg == self.vcfg:
+            both = encode_checked(torch.cat((keys, values)), rotation, self.kcfg, ("key_states", "value_states"))
             kc = KVCodes(both.idx[:B], both.t[:B], both.scale[:B], both.code)
             vc = KVCodes(both.idx[B:], both.t[B:], both.scale[B:], both.code)
         else:

@@ -32,15 +32,14 @@ from .trellis import TrellisCode, schedule_tensor
 __all__ = ["query_tables", "scores_lut", "scores_lut_torch", "scores_reference", "values_from_codes"]
 
 
-def _check_query(qr: torch.Tensor, codes: KVCodes, config: KVQuantConfig) -> None:
+def _check_query(qr: torch.Tensor, codes: KVCodes, config: KVQuantConfig | TrellisCode) -> None:
     check_codes(codes, config)
     if not isinstance(qr, torch.Tensor) or not qr.dtype.is_floating_point:
         raise TypeError("queries must be a floating torch.Tensor")
-    B, H, L, K, M = codes.idx.shape
-    if qr.ndim != 4 or qr.shape[0] != B or qr.shape[1] != H or qr.shape[-1] != K * BLOCK:
-        raise ValueError(
-            f"queries must have shape (batch={B}, kv_heads={H}, n, head_dim={K * BLOCK}), got {tuple(qr.shape)}"
-        )
+    B, H = codes.idx.shape[:2]
+    D = head_dim_of(codes, config)
+    if qr.ndim != 4 or qr.shape[0] != B or qr.shape[1] != H or qr.shape[-1] != D:
+        raise ValueError(f"queries must have shape (batch={B}, kv_heads={H}, n, head_dim={D}), got {tuple(qr.shape)}")
 
 
 def query_tables(qr: torch.Tensor, config: KVQuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +69,7 @@ def query_tables(qr: torch.Tensor, config: KVQuantConfig) -> tuple[torch.Tensor,
     return tab, cy
 
 
-def scores_reference(qr: torch.Tensor, codes: KVCodes, config: KVQuantConfig) -> torch.Tensor:
+def scores_reference(qr: torch.Tensor, codes: KVCodes, config: KVQuantConfig | TrellisCode) -> torch.Tensor:
     """Decode-then-dot: ``(B, H, n, L)`` float32 ``<k_hat_t, qr_i>`` (rotated domain)."""
     _check_query(qr, codes, config)
     return qr.to(torch.float32) @ decode_rotated(codes, config).transpose(-1, -2)
@@ -92,14 +91,17 @@ def scores_lut_torch(qr: torch.Tensor, codes: KVCodes, config: KVQuantConfig) ->
     return out
 
 
-def scores_lut(qr: torch.Tensor, codes: KVCodes, config: KVQuantConfig, *, backend: str = "auto") -> torch.Tensor:
-    """Scores from the key codes through the one-sided LUT: ``(B, H, n, L)`` float32.
+def scores_lut(
+    qr: torch.Tensor, codes: KVCodes, config: KVQuantConfig | TrellisCode, *, backend: str = "auto"
+) -> torch.Tensor:
+    """Scores from the key codes: ``(B, H, n, L)`` float32; E8 codes through the one-sided LUT, trellis codes
+    (which have no tables) by walking each token's stream once for the ``n`` queries (decode-then-dot).
 
     Parameters
     ----------
     qr : (B, H, n, D) rotated queries
-    codes : key codes, ``idx (B, H, L, K, M)``
-    config : their KVQuantConfig
+    codes : key codes, ``idx (B, H, L, K, M)`` (E8) or ``(B, H, L, stream_bytes)`` (trellis)
+    config : their KVQuantConfig or TrellisCode
     backend : ``"auto"`` (native kernel when the extension has it), ``"native"`` (raise if it does not) or
         ``"torch"``
 
@@ -111,6 +113,12 @@ def scores_lut(qr: torch.Tensor, codes: KVCodes, config: KVQuantConfig, *, backe
     if backend not in ("auto", "native", "torch"):
         raise ValueError(f"backend must be 'auto', 'native' or 'torch', got {backend!r}")
     _check_query(qr, codes, config)
+    if isinstance(config, TrellisCode):
+        if backend == "native" or (backend == "auto" and native.trellis_available()):
+            D = head_dim_of(codes, config)
+            ks, cb = schedule_tensor(config.block_bits, D), config.decode_table()
+            return native.trellis_scores(codes, qr.to(torch.float32), ks, cb)
+        return qr.to(torch.float32) @ decode_rotated(codes, config).transpose(-1, -2)
     if backend == "torch" or (backend == "auto" and not native.available()):
         return scores_lut_torch(qr, codes, config)
     if not native.available():

@@ -17,7 +17,15 @@ from coset.quant.backend import available_backends, select_backend
 
 from .codes import scale_values
 
-__all__ = ["available", "kv_scores", "kv_values", "trellis_available", "trellis_encode", "trellis_values"]
+__all__ = [
+    "available",
+    "kv_scores",
+    "kv_values",
+    "trellis_available",
+    "trellis_encode",
+    "trellis_scores",
+    "trellis_values",
+]
 
 
 _found: dict[tuple[str, str, int], Any] = {}
@@ -44,8 +52,9 @@ def available() -> bool:
 
 
 def trellis_available() -> bool:
-    """Whether a registered backend provides the trellis value code's kernels for CPU tensors."""
-    return _backend("kv_trellis_encode") is not None and _backend("kv_trellis_values") is not None
+    """Whether a registered backend provides the trellis code's kernels (encode, values, scores) for CPU
+    tensors."""
+    return all(_backend(op) is not None for op in ("kv_trellis_encode", "kv_trellis_values", "kv_trellis_scores"))
 
 
 def backends() -> list[str]:
@@ -139,3 +148,17 @@ def trellis_values(codes, p: torch.Tensor, ks: torch.Tensor, cb: torch.Tensor) -
     rho = scale_values(codes.scale).reshape(B * H, L)
     out = impl.kv_trellis_values(codes.idx.reshape(B * H, L, nb), rho, p.reshape(B * H, n, L), ks, cb)
     return out.view(B, H, n, ks.numel())
+
+
+def trellis_scores(codes, q: torch.Tensor, ks: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
+    """Native scores from trellis key codes: ``codes.idx (B, H, L, nbytes)`` streams, rotated queries ``q (B, H, n,
+    D)`` -> ``(B, H, n, L)`` float32, ``out[.., i, t] = rho_t <q_i, u_hat_t>`` (each stream decoded once for the n
+    queries)."""
+    impl = _need("kv_trellis_scores", codes.idx)
+    B, H, L, nb = codes.idx.shape
+    n, D = q.shape[2], ks.numel()
+    if q.shape != (B, H, n, D) or codes.scale.shape != (B, H, L):
+        raise ValueError("trellis_scores: q or the scales do not match the codes")
+    rho = scale_values(codes.scale).reshape(B * H, L)
+    out = impl.kv_trellis_scores(codes.idx.reshape(B * H, L, nb), rho, q.reshape(B * H, n, D), ks, cb)
+    return out.view(B, H, n, L)
