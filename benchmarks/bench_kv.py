@@ -136,7 +136,8 @@ def methods() -> list[tuple[str, str, object]]:
             if kb > 32:  # a trellis element takes at most 4 bits
                 continue
             out.append((f"hnlq{target}_s1_kfr_tk{dk}", "hnlq_kfr", _tk(kb, vb, 10)))
-            out.append((f"hnlq{target}_s1_kfr_tk{dk}_12", "hnlq_kfr", _tk(kb, vb, 12)))
+            for L in (12, 14):  # longer states: a finer code, 4x the encoding work per 2 bits
+                out.append((f"hnlq{target}_s1_kfr_tk{dk}_{L}", "hnlq_kfr", _tk(kb, vb, L)))
     # per-layer allocation at exact 2 / 3 / 4 bits (allocate_layers from layer_sensitivity measured with keys 2 /
     # values 1 on held-out text), calibrated key scales, sink
     for target, opts in ALLOC_OPTIONS.items():
@@ -145,6 +146,7 @@ def methods() -> list[tuple[str, str, object]]:
         out.append((f"hnlq_alloc{target}_s1_kf_t42", "hnlq_alloc_kf_t42", (target, opts)))
         out.append((f"hnlq_alloc{target}_s1_kfr", "hnlq_alloc_kfr", (target, opts)))
         out.append((f"hnlq_alloc{target}_s1_kfr_t42", "hnlq_alloc_kfr_t42", (target, opts)))
+        out.append((f"hnlq_alloc{target}_s1_kfr_tk", "hnlq_alloc_kfr_tk", (target, TK_ALLOC_OPTIONS[target])))
     # the swapped splits (3, 4) / (2, 3) repeat the KIVI rows of (4, 3) / (3, 2): one entry per name
     return list({name: (name, kind, cfg) for name, kind, cfg in out}.values())
 
@@ -174,8 +176,23 @@ ALLOC_OPTIONS = {
 }
 #: reference code of the layer sensitivities (keys 2 / values 1, 2.0 bits)
 SENS_CONFIG = _kv(2, 1)
+#: the trellis allocation (``hnlq_alloc_kfr_tk``): keys 2 block bits above the values, L = 12, rates in 1/4 bit
+#: steps around the target (a trellis element takes at most 4 bits: the 4-bit options end at 4.125); reference
+#: code of its sensitivities at 2.0 bits
+TK_ALLOC_OPTIONS = {
+    2: [_tk(v + 2, v, 12) for v in (10, 12, 14, 16, 18)],  # 1.5 .. 2.5
+    3: [_tk(v + 2, v, 12) for v in (18, 20, 22, 24, 26, 28)],  # 2.5 .. 3.75
+    4: [_tk(v + 2, v, 12) for v in (24, 26, 28, 30)] + [_tk(32, 32, 12)],  # 3.375 .. 4.125
+}
+TK_SENS_CONFIG = _tk(16, 14, 12)
 #: the keys-4-T-bits / values-2-T-bits split with 8-bit scales (same exact rates as the default split)
 T42 = {"t_bits": 4, "alpha": 0.25, "scale_bits": 8, "value_t_bits": 2, "value_alpha": 0.5}
+
+
+def _code_tag(c: KVQuantConfig) -> str:
+    if c.key_code is not None and c.value_code is not None:
+        return f"TK{c.key_code.block_bits}V{c.value_code.block_bits}"
+    return f"K{c.bits}V{c.resolved_value_bits}t{c.t_bits}"
 
 
 def t42_options(opts: list[KVQuantConfig]) -> list[KVQuantConfig]:
@@ -599,20 +616,19 @@ def main() -> None:
         # (hnlq_alloc) or key transforms (hnlq_alloc_kf*) and the code split the caches use
         calib = token_windows(tok, pydoc_text(), args.seqlen, args.windows + 1)[-1:, :512]
         keys = alloc_keys(akind)
-        t42 = akind.endswith("_t42")
+        t42, tk = akind.endswith("_t42"), akind.endswith("_tk")
         sens_cfg = dataclasses.replace(SENS_CONFIG, **T42) if t42 else SENS_CONFIG  # type: ignore[arg-type]
+        sens_cfg = TK_SENS_CONFIG if tk else sens_cfg
         t0 = time.time()
         sens = layer_sensitivity(model, calib, sens_cfg, key_scales=keys, rope=alloc_rope(akind))
         tag = akind[len("hnlq_alloc") :]
         results[f"layer_sensitivity{tag}"] = {"config": repr(sens_cfg), "seconds": time.time() - t0, "nll": sens}
         print("layer sensitivity", akind, [round(x, 4) for x in sens], flush=True)
-        for target, opts in ALLOC_OPTIONS.items():
+        for target, opts in (TK_ALLOC_OPTIONS if tk else ALLOC_OPTIONS).items():
             opts = t42_options(opts) if t42 else opts
             alloc = allocate_layers([max(x, 0.0) for x in sens], opts, float(target), 2.0, HEAD_DIM)
             ALLOCATIONS.setdefault(akind, {})[target] = alloc
-            results.setdefault(f"allocations{tag}", {})[str(target)] = [
-                f"K{c.bits}V{c.resolved_value_bits}t{c.t_bits}" for c in alloc
-            ]
+            results.setdefault(f"allocations{tag}", {})[str(target)] = [_code_tag(c) for c in alloc]
             print(akind, target, results[f"allocations{tag}"][str(target)], flush=True)
     if "ppl" in sections:
         ids = token_windows(tok, pydoc_text(), args.seqlen, args.windows)
