@@ -138,6 +138,8 @@ def methods() -> list[tuple[str, str, object]]:
             out.append((f"hnlq{target}_s1_kfr_tk{dk}", "hnlq_kfr", _tk(kb, vb, 10)))
             for L in (12, 14):  # longer states: a finer code, 4x the encoding work per 2 bits
                 out.append((f"hnlq{target}_s1_kfr_tk{dk}_{L}", "hnlq_kfr", _tk(kb, vb, L)))
+            # the keys' shrunk (MSE-optimal, biased) reconstruction: smaller scores, less noise in them
+            out.append((f"hnlq{target}_s1_kfr_tk{dk}_12b", "hnlq_kfr", _tk(kb, vb, 12, key_unbiased=False)))
     # per-layer allocation at exact 2 / 3 / 4 bits (allocate_layers from layer_sensitivity measured with keys 2 /
     # values 1 on held-out text), calibrated key scales, sink
     for target, opts in ALLOC_OPTIONS.items():
@@ -157,9 +159,9 @@ def _tv(kb: int, key_t: int, value_block_bits: int, state_bits: int = 10, unbias
     return KVQuantConfig(bits=kb, sink=1, t_bits=key_t, alpha=1.0 / key_t, scale_bits=8, value_code=code)
 
 
-def _tk(key_block_bits: int, value_block_bits: int, state_bits: int) -> KVQuantConfig:
+def _tk(key_block_bits: int, value_block_bits: int, state_bits: int, key_unbiased: bool = True) -> KVQuantConfig:
     """Keys and values in TrellisCodes of ``state_bits`` with the given block bits (8-bit scales)."""
-    kc = TrellisCode(block_bits=key_block_bits, state_bits=state_bits)
+    kc = TrellisCode(block_bits=key_block_bits, state_bits=state_bits, unbiased=key_unbiased)
     vc = TrellisCode(block_bits=value_block_bits, state_bits=state_bits)
     return KVQuantConfig(sink=1, key_code=kc, value_code=vc)
 
