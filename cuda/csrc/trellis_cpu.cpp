@@ -314,6 +314,25 @@ bool tr_bad(int D, int L, int nbytes, const uint8_t* ks) {
   return n != 8 * nbytes;
 }
 
+// The value (values = true: x = p) and score (x = q) kernels over rows [0, BH): checks, ISA dispatch, threads.
+int stream_kernel(bool values, const uint8_t* stream, const float* rho, const float* x, int64_t BH, int64_t L, int nq,
+                  int D, const uint8_t* ks, const float* cb, int LB, int nbytes, float* out, int threads) {
+  if (BH < 0 || L < 0 || nq < 1 || tr_bad(D, LB, nbytes, ks)) return 1;
+  auto body = [&](int64_t lo, int64_t hi) {
+#ifdef COSET_TR_AVX2
+    if (tr_use_avx2()) {
+      (values ? values_range_avx2 : scores_range_avx2)(stream, rho, x, lo, hi, L, nq, D, ks, cb, LB, nbytes, out);
+      return;
+    }
+#endif
+    (values ? values_range<decltype(&base::trellis_decode_vector)>
+            : scores_range<decltype(&base::trellis_decode_vector)>)(stream, rho, x, lo, hi, L, nq, D, ks, cb, LB,
+                                                                     nbytes, out, base::trellis_decode_vector);
+  };
+  split_rows(BH, threads, body);
+  return 0;
+}
+
 }  // namespace
 
 extern "C" {
@@ -340,35 +359,13 @@ int trellis_encode_cpu(const float* u, int64_t n, int D, const uint8_t* ks, cons
 // out (BH, nq, D) is accumulated into (zeroed by the caller).
 int trellis_values_cpu(const uint8_t* stream, const float* rho, const float* p, int64_t BH, int64_t L, int nq, int D,
                        const uint8_t* ks, const float* cb, int LB, int nbytes, float* out, int threads) {
-  if (BH < 0 || L < 0 || nq < 1 || tr_bad(D, LB, nbytes, ks)) return 1;
-  auto body = [&](int64_t lo, int64_t hi) {
-#ifdef COSET_TR_AVX2
-    if (tr_use_avx2()) {
-      values_range_avx2(stream, rho, p, lo, hi, L, nq, D, ks, cb, LB, nbytes, out);
-      return;
-    }
-#endif
-    values_range(stream, rho, p, lo, hi, L, nq, D, ks, cb, LB, nbytes, out, base::trellis_decode_vector);
-  };
-  split_rows(BH, threads, body);
-  return 0;
+  return stream_kernel(true, stream, rho, p, BH, L, nq, D, ks, cb, LB, nbytes, out, threads);
 }
 
 // out (BH, nq, L) is written in full.
 int trellis_scores_cpu(const uint8_t* stream, const float* rho, const float* q, int64_t BH, int64_t L, int nq, int D,
                        const uint8_t* ks, const float* cb, int LB, int nbytes, float* out, int threads) {
-  if (BH < 0 || L < 0 || nq < 1 || tr_bad(D, LB, nbytes, ks)) return 1;
-  auto body = [&](int64_t lo, int64_t hi) {
-#ifdef COSET_TR_AVX2
-    if (tr_use_avx2()) {
-      scores_range_avx2(stream, rho, q, lo, hi, L, nq, D, ks, cb, LB, nbytes, out);
-      return;
-    }
-#endif
-    scores_range(stream, rho, q, lo, hi, L, nq, D, ks, cb, LB, nbytes, out, base::trellis_decode_vector);
-  };
-  split_rows(BH, threads, body);
-  return 0;
+  return stream_kernel(false, stream, rho, q, BH, L, nq, D, ks, cb, LB, nbytes, out, threads);
 }
 
 }  // extern "C"

@@ -126,33 +126,26 @@ def _stream_args(stream, ks, cb):
     return stream.contiguous(), BH, L, D, ks, cb, LB, nbytes
 
 
+def _stream_call(kernel: str, stream, rho, x, ks, cb, name: str, values: bool) -> torch.Tensor:
+    stream, BH, L, D, ks, cb, LB, nbytes = _stream_args(stream, ks, cb)
+    n = x.shape[1] if isinstance(x, torch.Tensor) and x.ndim == 3 else -1
+    rho, x = _f32("rho", rho, (BH, L)), _f32(name, x, (BH, n, L if values else D))
+    out = torch.zeros((BH, n, D if values else L), dtype=torch.float32)
+    if out.numel() and L:
+        rc = getattr(_C, kernel)(stream.data_ptr(), rho.data_ptr(), x.data_ptr(), BH, L, n, D, ks.data_ptr(),
+                                 cb.data_ptr(), LB, nbytes, out.data_ptr(), int(_C.get_num_threads()))  # fmt: skip
+        if rc:
+            raise ValueError(f"{kernel} rejected its arguments (code {rc})")
+    return out
+
+
 def trellis_scores(stream, rho, q, ks, cb) -> torch.Tensor:
     """``out[bh, i, t] = rho[bh, t] <q[bh, i], u_hat(stream[bh, t])>``: ``stream (BH, L, nbytes)`` uint8,
     ``rho (BH, L)``, ``q (BH, n, D)`` -> ``(BH, n, L)`` float32 (D = ``len(ks)``)."""
-    stream, BH, L, D, ks, cb, LB, nbytes = _stream_args(stream, ks, cb)
-    n = q.shape[1] if isinstance(q, torch.Tensor) and q.ndim == 3 else -1
-    rho, q = _f32("rho", rho, (BH, L)), _f32("q", q, (BH, n, D))
-    out = torch.zeros((BH, n, L), dtype=torch.float32)
-    if out.numel():
-        rc = _C.trellis_scores_cpu(stream.data_ptr(), rho.data_ptr(), q.data_ptr(), BH, L, n, D,
-                                   ks.data_ptr(), cb.data_ptr(), LB, nbytes, out.data_ptr(),
-                                   int(_C.get_num_threads()))  # fmt: skip
-        if rc:
-            raise ValueError(f"trellis_scores_cpu rejected its arguments (code {rc})")
-    return out
+    return _stream_call("trellis_scores_cpu", stream, rho, q, ks, cb, "q", values=False)
 
 
 def trellis_values(stream, rho, p, ks, cb) -> torch.Tensor:
     """``out[bh, i] = sum_t p[bh, i, t] rho[bh, t] u_hat(stream[bh, t])``: ``stream (BH, L, nbytes)`` uint8,
     ``rho (BH, L)``, ``p (BH, n, L)`` -> ``(BH, n, D)`` float32 (D = ``len(ks)``)."""
-    stream, BH, L, D, ks, cb, LB, nbytes = _stream_args(stream, ks, cb)
-    n = p.shape[1] if isinstance(p, torch.Tensor) and p.ndim == 3 else -1
-    rho, p = _f32("rho", rho, (BH, L)), _f32("p", p, (BH, n, L))
-    out = torch.zeros((BH, n, D), dtype=torch.float32)
-    if out.numel() and L:
-        rc = _C.trellis_values_cpu(stream.data_ptr(), rho.data_ptr(), p.data_ptr(), BH, L, n, D,
-                                   ks.data_ptr(), cb.data_ptr(), LB, nbytes, out.data_ptr(),
-                                   int(_C.get_num_threads()))  # fmt: skip
-        if rc:
-            raise ValueError(f"trellis_values_cpu rejected its arguments (code {rc})")
-    return out
+    return _stream_call("trellis_values_cpu", stream, rho, p, ks, cb, "p", values=True)
