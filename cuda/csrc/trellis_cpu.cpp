@@ -142,6 +142,13 @@ inline __m256 group_values(const uint8_t* buf, const int32_t* base, const int32_
                         cb[(w << sh[6]) >> right], cb[(w << sh[7]) >> right]);
 }
 
+// A vector's stream into buf in trellis_buffer's layout (the last 2 bytes, then the stream; the 8 bytes after it
+// stay zero for the 64-bit reads).
+inline void load_stream(uint8_t* buf, const uint8_t* sv, int nbytes) {
+  std::memcpy(buf, sv + nbytes - 2, 2);
+  std::memcpy(buf + 2, sv, (size_t)nbytes);
+}
+
 inline float hsum(__m256 a) {  // a fixed tree: (lanes 0-3 + 4-7), then pairs, then the two halves
   const __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
@@ -167,12 +174,8 @@ void scores_range_avx2(const uint8_t* stream, const float* rho, const float* q, 
       const int nt = t + 1 < L ? 2 : 1;  // two tokens per pass: the shift counts and queries are loaded once
       const float r0 = rho[bh * L + t], r1 = nt == 2 ? rho[bh * L + t + 1] : 0.f;
       const uint8_t* s0 = stream + (bh * L + t) * nbytes;
-      std::memcpy(b0, s0 + nbytes - 2, 2);
-      std::memcpy(b0 + 2, s0, (size_t)nbytes);
-      if (nt == 2) {
-        std::memcpy(b1, s0 + 2 * nbytes - 2, 2);
-        std::memcpy(b1 + 2, s0 + nbytes, (size_t)nbytes);
-      }
+      load_stream(b0, s0, nbytes);
+      if (nt == 2) load_stream(b1, s0 + nbytes, nbytes);
       float* o = out + bh * nq * L + t;
       for (int i0 = 0; i0 < nq; i0 += 3) {
         const int ni = std::min(3, nq - i0);
@@ -181,18 +184,8 @@ void scores_range_avx2(const uint8_t* stream, const float* rho, const float* q, 
         for (int g = 0; g < G; ++g) {
           __m256 x0, x1;
           if (i0 == 0) {  // decode once per token, keep the values for the next queries
-            const int32_t* sh = shl.data() + 8 * g;
-            uint64_t w0, w1;
-            std::memcpy(&w0, b0 + base[g], 8);
-            std::memcpy(&w1, b1 + base[g], 8);
-            w0 = __builtin_bswap64(w0);  // the stream is MSB first
-            w1 = __builtin_bswap64(w1);
-            x0 = _mm256_setr_ps(cb[(w0 << sh[0]) >> right], cb[(w0 << sh[1]) >> right], cb[(w0 << sh[2]) >> right],
-                                cb[(w0 << sh[3]) >> right], cb[(w0 << sh[4]) >> right], cb[(w0 << sh[5]) >> right],
-                                cb[(w0 << sh[6]) >> right], cb[(w0 << sh[7]) >> right]);
-            x1 = _mm256_setr_ps(cb[(w1 << sh[0]) >> right], cb[(w1 << sh[1]) >> right], cb[(w1 << sh[2]) >> right],
-                                cb[(w1 << sh[3]) >> right], cb[(w1 << sh[4]) >> right], cb[(w1 << sh[5]) >> right],
-                                cb[(w1 << sh[6]) >> right], cb[(w1 << sh[7]) >> right]);
+            x0 = group_values(b0, base.data(), shl.data(), g, cb, right);
+            x1 = group_values(b1, base.data(), shl.data(), g, cb, right);
             _mm256_storeu_ps(v.data() + 8 * g, x0);
             _mm256_storeu_ps(v.data() + D + 8 * g, x1);
           } else {
@@ -244,30 +237,12 @@ void values_range_avx2(const uint8_t* stream, const float* rho, const float* p, 
         wt[2 * i] = p[(bh * nq + i) * L + ta] * ra;
         wt[2 * i + 1] = two ? p[(bh * nq + i) * L + tb] * rb : 0.f;
       }
-      const uint8_t* sa = stream + (bh * L + ta) * nbytes;
-      std::memcpy(b0, sa + nbytes - 2, 2);
-      std::memcpy(b0 + 2, sa, (size_t)nbytes);
-      if (two) {
-        const uint8_t* sb = stream + (bh * L + tb) * nbytes;
-        std::memcpy(b1, sb + nbytes - 2, 2);
-        std::memcpy(b1 + 2, sb, (size_t)nbytes);
-      }
+      load_stream(b0, stream + (bh * L + ta) * nbytes, nbytes);
+      if (two) load_stream(b1, stream + (bh * L + tb) * nbytes, nbytes);
       for (int g = 0; g < G; ++g) {
-        const int32_t* sh = shl.data() + 8 * g;
-        uint64_t w0, w1;
-        std::memcpy(&w0, b0 + base[g], 8);
-        std::memcpy(&w1, b1 + base[g], 8);
-        w0 = __builtin_bswap64(w0);  // the stream is MSB first
-        w1 = __builtin_bswap64(w1);
-        const __m256 x0 = _mm256_setr_ps(cb[(w0 << sh[0]) >> right], cb[(w0 << sh[1]) >> right],
-                                         cb[(w0 << sh[2]) >> right], cb[(w0 << sh[3]) >> right],
-                                         cb[(w0 << sh[4]) >> right], cb[(w0 << sh[5]) >> right],
-                                         cb[(w0 << sh[6]) >> right], cb[(w0 << sh[7]) >> right]);
+        const __m256 x0 = group_values(b0, base.data(), shl.data(), g, cb, right);
         if (two) {
-          const __m256 x1 = _mm256_setr_ps(cb[(w1 << sh[0]) >> right], cb[(w1 << sh[1]) >> right],
-                                           cb[(w1 << sh[2]) >> right], cb[(w1 << sh[3]) >> right],
-                                           cb[(w1 << sh[4]) >> right], cb[(w1 << sh[5]) >> right],
-                                           cb[(w1 << sh[6]) >> right], cb[(w1 << sh[7]) >> right]);
+          const __m256 x1 = group_values(b1, base.data(), shl.data(), g, cb, right);
           for (int i = 0; i < nq; ++i) {  // (o + w_a x_a) + w_b x_b: the scalar loop's order, token by token
             float* oi = o + (int64_t)i * D + 8 * g;
             const __m256 ya = _mm256_mul_ps(_mm256_set1_ps(wt[2 * i]), x0);
