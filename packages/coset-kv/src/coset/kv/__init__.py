@@ -2,8 +2,9 @@
 
 * :class:`KVQuantConfig` (E8, q = 2, M = bits; per-token/per-head scale, T per block, optional full-precision
   window) and :class:`ScalarKVConfig` (the KIVI-style scalar baseline);
-* :class:`TrellisCode`: the optional value code (a bitshift trellis with a Gaussian codebook, Viterbi-encoded;
-  ``KVQuantConfig(value_code=...)``), ~0.25 bit per element from the distortion-rate bound;
+* :class:`TrellisCode`: the optional value and key code (a bitshift trellis with a Gaussian codebook,
+  Viterbi-encoded; ``KVQuantConfig(value_code=..., key_code=...)``), ~0.25 bit per element from the
+  distortion-rate bound;
 * :class:`HeadRotation` / :func:`fwht`: per-KV-head Hadamard rotation with random signs;
 * :func:`encode_states` / :func:`decode_states`: head vectors <-> bytes (:class:`KVCodes`);
 * :func:`query_tables`, :func:`scores_lut`, :func:`scores_reference`, :func:`values_from_codes`: attention

@@ -1,7 +1,8 @@
-"""Bitshift-trellis code of head vectors (the value code of :class:`coset.kv.KVQuantConfig` ``value_code``).
+"""Bitshift-trellis code of head vectors (:class:`coset.kv.KVQuantConfig` ``value_code`` and ``key_code``).
 
 Why: the values are decoded, never scored from tables, so their code need not be a lattice code with byte
-labels. On the near-Gaussian rotated head vectors the E8 q=2 code (with its overload steps) sits ~0.8 bit per
+labels; keys in this code are scored by decoding each cached token's stream once per step (a native kernel),
+not through one-sided tables. On the near-Gaussian rotated head vectors the E8 q=2 code (with its overload steps) sits ~0.8 bit per
 element from the distortion-rate bound (``benchmarks/results/kv_rate_gap.md``); a trellis code with a
 Gaussian codebook sits ~0.2-0.3 bit from it at a few hundred states (QTIP, Tseng et al. 2024, §3: the
 "bitshift trellis"; Viterbi encoding, Marcellin & Fischer 1990).
