@@ -42,6 +42,11 @@ def _check_query(qr: torch.Tensor, codes: KVCodes, config: KVQuantConfig | Trell
         raise ValueError(f"queries must have shape (batch={B}, kv_heads={H}, n, head_dim={D}), got {tuple(qr.shape)}")
 
 
+def _trellis_tables(codes: KVCodes, config: TrellisCode) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ks, cb)`` the trellis kernels take: the bits per element of the codes' head dim and the decode table."""
+    return schedule_tensor(config.block_bits, head_dim_of(codes, config)), config.decode_table()
+
+
 def query_tables(qr: torch.Tensor, config: KVQuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """One-sided tables of rotated queries.
 
@@ -115,9 +120,7 @@ def scores_lut(
     _check_query(qr, codes, config)
     if isinstance(config, TrellisCode):
         if backend == "native" or (backend == "auto" and native.trellis_available()):
-            D = head_dim_of(codes, config)
-            ks, cb = schedule_tensor(config.block_bits, D), config.decode_table()
-            return native.trellis_scores(codes, qr.to(torch.float32), ks, cb)
+            return native.trellis_scores(codes, qr.to(torch.float32), *_trellis_tables(codes, config))
         return qr.to(torch.float32) @ decode_rotated(codes, config).transpose(-1, -2)
     if backend == "torch" or (backend == "auto" and not native.available()):
         return scores_lut_torch(qr, codes, config)
@@ -153,9 +156,7 @@ def values_from_codes(
         raise ValueError(f"p must have shape (batch={B}, kv_heads={H}, n, L={L}), got {tuple(p.shape)}")
     if isinstance(config, TrellisCode):
         if backend == "native" or (backend == "auto" and native.trellis_available()):
-            D = head_dim_of(codes, config)
-            ks, cb = schedule_tensor(config.block_bits, D), config.decode_table()
-            return native.trellis_values(codes, p.to(torch.float32), ks, cb)
+            return native.trellis_values(codes, p.to(torch.float32), *_trellis_tables(codes, config))
         return p.to(torch.float32) @ decode_rotated(codes, config)
     use_native = backend == "native" or (backend == "auto" and native.available())
     if use_native:
