@@ -52,7 +52,6 @@ from coset.kv.hf_cache import (
     ScalarQuantizedCache,
     calibrate_key_scales,
     calibrate_key_transforms,
-    calibrate_value_transforms,
     layer_sensitivity,
     use_coset_attention,
 )
@@ -141,10 +140,6 @@ def methods() -> list[tuple[str, str, object]]:
                 out.append((f"hnlq{target}_s1_kfr_tk{dk}_{L}", "hnlq_kfr", _tk(kb, vb, L)))
             # the keys' shrunk (MSE-optimal, biased) reconstruction: smaller scores, less noise in them
             out.append((f"hnlq{target}_s1_kfr_tk{dk}_12b", "hnlq_kfr", _tk(kb, vb, 12, key_unbiased=False)))
-            # values coded as T_v (v - mu_v) with calibrated value transforms (calibrate_value_transforms)
-            for L in (10, 12, 14):
-                sfx = "" if L == 10 else f"_{L}"
-                out.append((f"hnlq{target}_s1_kfrv_tk{dk}{sfx}", "hnlq_kfrv", _tk(kb, vb, L)))
     # per-layer allocation at exact 2 / 3 / 4 bits (allocate_layers from layer_sensitivity measured with keys 2 /
     # values 1 on held-out text), calibrated key scales, sink
     for target, opts in ALLOC_OPTIONS.items():
@@ -223,8 +218,6 @@ KEY_SCALES: list[torch.Tensor] | None = None
 KEY_TRANSFORMS: dict[str, list[KeyTransform]] | None = None
 #: the model's rotary table (``hnlq_kfr`` caches), set by main()
 ROPE: RotaryTable | None = None
-#: per-layer value transforms of the ``hnlq_kfrv`` caches (calibrate_value_transforms on the same text)
-VALUE_TRANSFORMS: list[KeyTransform] | None = None
 
 
 def key_scales_of(kind: str) -> list | None:
@@ -232,7 +225,7 @@ def key_scales_of(kind: str) -> list | None:
     if kind == "hnlq_kq":
         return KEY_SCALES
     if kind.startswith("hnlq_kf") and KEY_TRANSFORMS is not None:
-        return KEY_TRANSFORMS["r" if kind.startswith("hnlq_kfr") else kind[len("hnlq_kf") :] or "8"]
+        return KEY_TRANSFORMS[kind[len("hnlq_kf") :] or "8"]
     return None
 
 
@@ -260,14 +253,9 @@ def make_cache(kind: str, cfg, model_config, prefill: str = "float"):
         scales = key_scales_of(kind)
         if kind != "hnlq" and scales is None:
             raise RuntimeError(f"key scales of {kind} not calibrated")
-        rope = ROPE if kind.startswith("hnlq_kfr") else None
-        vts = VALUE_TRANSFORMS if kind == "hnlq_kfrv" else None
+        rope = ROPE if kind == "hnlq_kfr" else None
         return CosetQuantizedCache(
-            model_config,
-            dataclasses.replace(cfg, prefill=prefill),
-            key_scales=scales,
-            rope=rope,
-            value_transforms=vts,
+            model_config, dataclasses.replace(cfg, prefill=prefill), key_scales=scales, rope=rope
         )
     return ScalarQuantizedCache(model_config, cfg)
 
@@ -320,11 +308,8 @@ class _OneSideCache(DynamicCache):
         else:
             per_layer = key_scales_of(self.kind)
             scales = per_layer[layer_idx] if per_layer is not None else None
-            rope = ROPE if self.kind.startswith("hnlq_kfr") else None  # keys centred on their pre-RoPE mean
-            vt = VALUE_TRANSFORMS[layer_idx] if self.kind == "hnlq_kfrv" and VALUE_TRANSFORMS else None
-            store = CodedKVStore(
-                self.cfg, seed=self.cfg.seed + layer_idx, key_scale=scales, rope=rope, value_transform=vt
-            )
+            rope = ROPE if self.kind == "hnlq_kfr" else None  # keys centred on their pre-RoPE mean
+            store = CodedKVStore(self.cfg, seed=self.cfg.seed + layer_idx, key_scale=scales, rope=rope)
         store.append(x, x)  # keys per channel / values per token (KIVI): pick the matching half
         xq = store.dequantized()[0 if self.side == "k" else 1]
         if self.side == "k":
@@ -618,15 +603,13 @@ def main() -> None:
             (n, k, dataclasses.replace(c, seed=args.kv_seed) if isinstance(c, KVQuantConfig) else c) for n, k, c in todo
         ]
     if any(kind.startswith(("hnlq_kq", "hnlq_kf", "hnlq_alloc")) for _, kind, _ in todo):
-        global KEY_SCALES, KEY_TRANSFORMS, ROPE, VALUE_TRANSFORMS
+        global KEY_SCALES, KEY_TRANSFORMS, ROPE
         # calibration text: the pydoc window right after the evaluated ones (never evaluated itself)
         calib = token_windows(tok, pydoc_text(), args.seqlen, args.windows + 1)[-1:]
         KEY_SCALES = calibrate_key_scales(model, calib)
         KEY_TRANSFORMS = {str(r): calibrate_key_transforms(model, calib, rank=r) for r in (8, 16, 64)}
         ROPE = RotaryTable.from_model(model)
         KEY_TRANSFORMS["r"] = calibrate_key_transforms(model, calib, rank=8, rope=ROPE)
-        if any(kind == "hnlq_kfrv" for _, kind, _ in todo):
-            VALUE_TRANSFORMS = calibrate_value_transforms(model, calib, rank=8)
         results["key_scales"] = (
             f"calibrate_key_scales / calibrate_key_transforms on pydoc window {args.windows} ({args.seqlen} tokens)"
         )
@@ -672,7 +655,7 @@ def main() -> None:
         results.setdefault("sides", {})
         ref = run_ppl(model, ids, "fp32", None)[0]
         for name, kind, cfg in todo:
-            if kind not in ("hnlq", "hnlq_kq", "hnlq_kf", "hnlq_kf16", "hnlq_kf64", "hnlq_kfr", "hnlq_kfrv", "kivi"):
+            if kind not in ("hnlq", "hnlq_kq", "hnlq_kf", "hnlq_kf16", "hnlq_kf64", "hnlq_kfr", "kivi"):
                 continue
             row = {side: run_side_ppl(model, ids, kind, cfg, side) / ref for side in ("k", "v")}
             results["sides"][name] = row

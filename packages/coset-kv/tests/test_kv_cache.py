@@ -16,7 +16,6 @@ from coset.kv.hf_cache import (  # noqa: E402
     ScalarQuantizedCache,
     calibrate_key_scales,
     calibrate_key_transforms,
-    calibrate_value_transforms,
     coset_kv_attention,
     use_coset_attention,
 )
@@ -485,124 +484,6 @@ def test_calibrated_key_transforms_beat_diagonal_scales_on_the_score_error(model
     assert_codes_equal_decoded(model, ids, mats)
     with pytest.raises(ValueError):
         calibrate_key_transforms(model, ids, ridge=0.0)
-
-
-@pytest.mark.parametrize(
-    "cfg",
-    [
-        KVQuantConfig(bits=3, sink=1),
-        KVQuantConfig(bits=3, subtract_mean=False, window=2),
-        KVQuantConfig(sink=1, key_code=TrellisCode(20, 8), value_code=TrellisCode(18, 8)),
-    ],
-    ids=["e8", "window", "trellis"],
-)
-@pytest.mark.parametrize("backend", ["torch", "auto"])
-def test_value_transform_attends_like_its_decoded_states_and_shapes_the_error(cfg, backend):
-    g = torch.Generator().manual_seed(11)
-    t = random_transform(3, 64, 16, g)
-    store = CodedKVStore(cfg, seed=2, backend=backend, value_transform=t, key_scale=random_transform(3, 64, 8, g))
-    k, v = kv(B=2, L=10, seed=4)
-    store.append(k, v + 2.0)  # an offset: the value mean is subtracted before T_v and added back after T_v^-1
-    store.append(*kv(B=2, L=3, seed=5))  # a second chunk (the growable buffers)
-    assert torch.equal(store.v_mat, t.matrix())
-    assert torch.allclose(store.v_inv @ store.v_mat, torch.eye(64).expand(3, 64, 64), atol=1e-5)
-    K, V = store.dequantized()
-    for n in (1, 4):
-        q = torch.randn(2, 9, n, 64, generator=g)
-        causal = torch.ones(n, 13, dtype=torch.bool).tril(diagonal=13 - n)
-        out = store.attend(q, None, scaling=0.125)
-        ref = torch.nn.functional.scaled_dot_product_attention(q, K, V, attn_mask=causal, scale=0.125, enable_gqa=True)
-        assert torch.allclose(out, ref.transpose(1, 2), atol=1e-5)
-    # counted: the float16 vectors and gains, once
-    bare = CodedKVStore(cfg, seed=2, backend=backend, key_scale=store.key_scale)
-    bare.append(k, v + 2.0)
-    bare.append(*kv(B=2, L=3, seed=5))
-    assert store.nbytes == bare.nbytes + t.nbytes == bare.nbytes + 3 * 16 * 65 * 2
-
-
-def test_value_transform_gain_shapes_the_value_error_and_is_validated():
-    k, v = kv(L=256, seed=2)
-    # values coded as T_v v: white error in the T_v domain, shaped by T_v^-1. Gain 4 on channels 0..31 leaves
-    # them 16x less error than the others
-    eye = torch.eye(64, dtype=torch.float16)[:, :32].expand(3, 64, 32).contiguous()
-    stretch = KeyTransform(eye, torch.full((3, 32), 4.0, dtype=torch.float16))
-    st = CodedKVStore(KVQuantConfig(bits=3), value_transform=stretch)
-    st.append(k, v)
-    e = (st.dequantized()[1] - v).pow(2).mean(dim=(0, 2))
-    assert float(e[:, 32:].mean()) > 8 * float(e[:, :32].mean())
-    plain = CodedKVStore(KVQuantConfig(bits=3))
-    plain.append(k, v)
-    assert torch.equal(plain.dequantized()[0], st.dequantized()[0])  # keys untouched
-    with pytest.raises(TypeError, match="value_transform"):
-        CodedKVStore(KVQuantConfig(), value_transform=torch.ones(3, 64))  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="value_transform"):  # one transform, not one per head
-        CodedKVStore(KVQuantConfig(), value_transform=KeyTransform(eye[0], torch.ones(32, dtype=torch.float16)))
-    tiny = torch.full((3, 1), 1e-7, dtype=torch.float16)  # cond(T_v) ~1e7
-    with pytest.raises(ValueError, match="value_transform"):
-        CodedKVStore(KVQuantConfig(), value_transform=KeyTransform(eye[..., :1].contiguous(), tiny))
-    bad = CodedKVStore(KVQuantConfig(), value_transform=random_transform(2, 64, 4, torch.Generator()))
-    with pytest.raises(ValueError, match="value_transform"):  # wrong head count, found at the first append
-        bad.append(k, v)
-    assert len(bad) == 0
-    mc = tiny_config(layers=2)
-    with pytest.raises(ValueError, match="value_transforms"):
-        CosetQuantizedCache(mc, KVQuantConfig(), value_transforms=[None])
-    with pytest.raises(TypeError, match="value_transforms"):
-        CosetQuantizedCache(mc, KVQuantConfig(), value_transforms=stretch)  # type: ignore[arg-type]
-
-
-def test_calibrated_value_transforms_predict_and_lower_the_output_error(model):
-    from coset.kv import score_error_factor
-    from coset.kv.hf_cache import _attention_moments
-
-    ids = torch.randint(0, 96, (1, 40), generator=torch.Generator().manual_seed(8))
-    impl = model.config._attn_implementation
-    vts = calibrate_value_transforms(model, ids)
-    assert model.config._attn_implementation == impl
-    full = calibrate_value_transforms(model, ids, rank=None)
-    assert len(vts) == 2 and all(t.vectors.shape == (3, 64, 8) and t.gains.shape == (3, 8) for t in vts)
-    stats = _attention_moments(model, ids, values=True)
-    for t, f, st in zip(vts, full, stats, strict=True):
-        none = score_error_factor(st["v"], st["o"], None)
-        assert bool((score_error_factor(st["v"], st["o"], f) <= score_error_factor(st["v"], st["o"], t) * 1.01).all())
-        assert bool((score_error_factor(st["v"], st["o"], t) < none).all())
-    # "o" is the metric of a white value error in the layer's output: Monte Carlo through the model's own
-    # attention weights and o_proj (layer 0), E||o_proj(P e)||^2 averaged over the queries == sigma^2 tr(M_h)
-    rec = {}
-
-    def grab(module, query, key, value, attention_mask, **kw):
-        if module.layer_idx == 0:
-            rec["q"], rec["k"], rec["v"], rec["m"] = query.detach(), key.detach(), value.detach(), module
-        return torch.nn.functional.scaled_dot_product_attention(
-            query, key.repeat_interleave(3, 1), value.repeat_interleave(3, 1), is_causal=True
-        ).transpose(1, 2), None
-
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    ALL_ATTENTION_FUNCTIONS["grab_v"], ALL_MASK_ATTENTION_FUNCTIONS["grab_v"] = grab, sdpa_mask
-    model.set_attn_implementation("grab_v")
-    try:
-        with torch.no_grad():
-            model(ids, use_cache=False)
-    finally:
-        model.set_attn_implementation(impl)
-    q, k, m = rec["q"], rec["k"], rec["m"]
-    L = q.shape[2]
-    p = torch.nn.functional.softmax(
-        (q @ k.repeat_interleave(3, 1).transpose(-1, -2)) * m.scaling + torch.full((L, L), float("-inf")).triu(1),
-        dim=-1,
-    ).double()
-    g = torch.Generator().manual_seed(0)
-    M = stats[0]["o"]
-    w = m.o_proj.weight.detach().double()
-    for h in range(3):
-        e = torch.zeros(400, 3, L, 64, dtype=torch.float64)  # 400 draws of a white error on KV head h
-        e[:, h, 1:] = torch.randn(400, L - 1, 64, generator=g, dtype=torch.float64)  # token 0 stays exact
-        out = p @ e.repeat_interleave(3, 1)  # (400, 9, L, 64): each query head's attention over the errors
-        y = out.transpose(1, 2).reshape(400, L, -1) @ w.T
-        mc = float(y[:, 1:].pow(2).sum(-1).mean())
-        assert abs(mc / float(torch.trace(M[h])) - 1) < 0.05, (h, mc, float(torch.trace(M[h])))
 
 
 def test_per_layer_configs():

@@ -68,10 +68,6 @@ class CodedKVStore:
         scaled by ``s``; or a :class:`coset.kv.KeyTransform` ``T`` per head (vectors ``(H, D, r)``, e.g.
         :func:`coset.kv.hf_cache.calibrate_key_transforms`): keys coded as ``T (k - mu)``, queries mapped to
         ``T^-T q``. Both are exact for the scores.
-    value_transform : optional :class:`coset.kv.KeyTransform` ``T_v`` per head (vectors ``(H, D, r)``, e.g.
-        :func:`coset.kv.hf_cache.calibrate_value_transforms`), counted in the bytes: values coded as
-        ``T_v (v - mu_v)``; the attention output of the coded tokens is mapped back by ``T_v^-1`` once per query
-        (exact: the output is linear in the values).
     rope : optional :class:`coset.kv.RotaryTable` of the model: the key mean is taken *before* the rotary
         embedding and subtracted as ``R_p μ`` at each token's position ``p`` (:mod:`coset.kv.rope`; needs
         ``config.subtract_mean``). Positions count from the first token of the cache (sink, then coded tokens).
@@ -84,7 +80,6 @@ class CodedKVStore:
         backend: str = "auto",
         key_scale: torch.Tensor | KeyTransform | None = None,
         rope: RotaryTable | None = None,
-        value_transform: KeyTransform | None = None,
     ):
         config = KVQuantConfig() if config is None else config
         if not isinstance(config, KVQuantConfig):
@@ -121,22 +116,6 @@ class CodedKVStore:
             if config.key_channel_scale:
                 raise ValueError("key_scale and config.key_channel_scale cannot be combined")
             key_scale = key_scale.detach().to(torch.float32).clone()
-        v_mat = v_inv = None
-        if value_transform is not None:
-            if not isinstance(value_transform, KeyTransform):
-                raise TypeError(
-                    f"value_transform must be a coset.kv.KeyTransform or None, got {type(value_transform).__name__}"
-                )
-            if value_transform.vectors.ndim != 3:
-                raise ValueError(
-                    "value_transform must hold one transform per KV head: vectors (H, D, r), got "
-                    f"{tuple(value_transform.vectors.shape)}"
-                )
-            v_mat = value_transform.matrix()
-            v_inv = _inverse(v_mat, "value_transform")
-        self.value_transform = value_transform
-        # (H, D, D) float32 value transform T_v and T_v^-1 (derived, not counted)
-        self.v_mat, self.v_inv = v_mat, v_inv
         self.config, self.seed, self.backend, self.rope = config, seed, backend, rope
         # the key and value codes (they differ when config.value_bits / value_t_bits / value_alpha are set)
         self.kcfg, self.vcfg = config.key_config(), config.value_config()
@@ -225,14 +204,11 @@ class CodedKVStore:
     def nbytes(self) -> int:
         """Bytes held: labels, T and scales of the coded tokens, the window in its own dtype, and the two
         frozen per-head means (float32) when ``config.subtract_mean``, and the key scale (float32) or
-        :class:`KeyTransform` (float16; the dense T and T^-1 derived from it are not counted), and the value
-        transform (float16)."""
+        :class:`KeyTransform` (float16; the dense T and T^-1 derived from it are not counted)."""
         side = (self.k_mean, self.v_mean, self.k_chan)
         means = sum(m.numel() * m.element_size() for m in side if m is not None)
         if isinstance(self.key_scale, KeyTransform):
             means += self.key_scale.nbytes
-        if self.value_transform is not None:
-            means += self.value_transform.nbytes
         return sum(b.nbytes for b in self._bufs.values()) + means
 
     # ------------------------------------------------------------------ updates
@@ -273,12 +249,6 @@ class CodedKVStore:
             )
             if shape is not None and shape != (H, D):
                 raise ValueError(f"key_scale is for {shape[0]} heads of dim {shape[1]}; the states have {H} of dim {D}")
-            vt = self.value_transform
-            if vt is not None and tuple(vt.vectors.shape[:2]) != (H, D):
-                raise ValueError(
-                    f"value_transform is for {vt.vectors.shape[0]} heads of dim {vt.vectors.shape[1]}; the states "
-                    f"have {H} of dim {D}"
-                )
             if self.rope is not None and self.rope.head_dim != D:
                 raise ValueError(f"rope is for head dim {self.rope.head_dim}; the states have head dim {D}")
             rotation = HeadRotation(H, D, self.seed)
@@ -360,8 +330,6 @@ class CodedKVStore:
             keys = keys / chan.unsqueeze(1)
         if self.k_mat is not None:  # row vectors: k' = k T^T
             keys = keys @ self.k_mat.transpose(-1, -2).unsqueeze(0)
-        if self.v_mat is not None:  # v' = v T_v^T
-            values = values @ self.v_mat.transpose(-1, -2).unsqueeze(0)
         # keys and values share the layer's rotation: one encode call for both when they share the code (its
         # fixed cost, ~0.4 ms of torch dispatch, is paid per layer and decoding step); append() has checked them
         B = keys.shape[0]
@@ -435,8 +403,6 @@ class CodedKVStore:
                 k = k * self.k_chan.unsqueeze(1)
             if self.q_mat is not None:  # k = k' T^-T
                 k = k @ self.q_mat.transpose(-1, -2).unsqueeze(0)
-            if self.v_inv is not None:  # v = v' T_v^-T
-                v = v @ self.v_inv.transpose(-1, -2).unsqueeze(0)
             means = self._means()
             if means is not None:
                 k, v = k + self._key_mean_at(means[0], 0, self.num_coded), v + means[1].unsqueeze(1)
@@ -518,8 +484,6 @@ class CodedKVStore:
         if Lc:
             pc = p[..., Ls : Ls + Lc].contiguous()
             out = rotation.unrotate(values_from_codes(pc, self._require_codes("v"), self.vcfg, backend=backend))
-            if self.v_inv is not None:  # sum_t p_t T_v^-1 v'_t = T_v^-1 sum_t p_t v'_t
-                out = out @ self.v_inv.transpose(-1, -2).unsqueeze(0)
             if means is not None:  # the codes hold v - mu_v
                 out = out + pc.sum(-1, keepdim=True) * means[1].unsqueeze(1)
         if Ls:

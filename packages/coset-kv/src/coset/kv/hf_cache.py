@@ -45,7 +45,6 @@ __all__ = [
     "use_coset_attention",
     "calibrate_key_scales",
     "calibrate_key_transforms",
-    "calibrate_value_transforms",
     "layer_sensitivity",
     "ATTN_NAME",
 ]
@@ -129,17 +128,11 @@ class CosetKVLayer(_StoreLayer):
         backend: str = "auto",
         key_scale: torch.Tensor | KeyTransform | None = None,
         rope: RotaryTable | None = None,
-        value_transform: KeyTransform | None = None,
     ):
         super().__init__()
         config = KVQuantConfig() if config is None else config
         self.store = CodedKVStore(
-            config,
-            seed=config.seed + int(layer_idx),
-            backend=backend,
-            key_scale=key_scale,
-            rope=rope,
-            value_transform=value_transform,
+            config, seed=config.seed + int(layer_idx), backend=backend, key_scale=key_scale, rope=rope
         )
         self.return_codes = bool(return_codes)
 
@@ -234,8 +227,6 @@ class CosetQuantizedCache(_BytesMixin, Cache):
     rope : optional :class:`coset.kv.RotaryTable` (``RotaryTable.from_model(model)``), shared by the layers:
         centre the keys on their pre-RoPE mean (:mod:`coset.kv.rope`); calibrate the key scales / transforms
         with the same ``rope``
-    value_transforms : optional sequence of one :class:`coset.kv.KeyTransform` (or None) per layer from
-        :func:`calibrate_value_transforms` (values coded as ``T_v (v - mu_v)``, see :class:`coset.kv.CodedKVStore`)
     """
 
     def __init__(
@@ -247,7 +238,6 @@ class CosetQuantizedCache(_BytesMixin, Cache):
         backend: str = "auto",
         key_scales: Sequence[torch.Tensor | KeyTransform | None] | None = None,
         rope: RotaryTable | None = None,
-        value_transforms: Sequence[KeyTransform | None] | None = None,
     ):
         n = _num_layers(model_config)
         config = KVQuantConfig() if config is None else config
@@ -265,23 +255,11 @@ class CosetQuantizedCache(_BytesMixin, Cache):
         scales = [None] * n if key_scales is None else list(key_scales)
         if len(scales) != n:
             raise ValueError(f"key_scales must have one entry per layer ({n}), got {len(scales)}")
-        if value_transforms is not None and (
-            isinstance(value_transforms, (str, bytes, KeyTransform)) or not isinstance(value_transforms, Iterable)
-        ):
-            raise TypeError(
-                f"value_transforms must be a sequence of one KeyTransform (or None) per layer, got {value_transforms!r}"
-            )
-        vts = [None] * n if value_transforms is None else list(value_transforms)
-        if len(vts) != n:
-            raise ValueError(f"value_transforms must have one entry per layer ({n}), got {len(vts)}")
         self.kv_config = config if isinstance(config, KVQuantConfig) else configs[0]
         self.kv_configs = configs
         super().__init__(
             layers=[
-                CosetKVLayer(
-                    configs[i], i, return_codes, backend, key_scale=scales[i], rope=rope, value_transform=vts[i]
-                )
-                for i in range(n)
+                CosetKVLayer(configs[i], i, return_codes, backend, key_scale=scales[i], rope=rope) for i in range(n)
             ]
         )
 
@@ -341,13 +319,12 @@ def _check_ids(model, input_ids: torch.Tensor) -> None:
 
 @torch.no_grad()
 def _attention_moments(
-    model, input_ids: torch.Tensor, rope: RotaryTable | None = None, values: bool = False
+    model, input_ids: torch.Tensor, rope: RotaryTable | None = None
 ) -> list[dict[str, torch.Tensor]]:
     """Per layer, ``(num_kv_heads, D, D)`` float64 second moments from one forward of ``model`` on
     ``input_ids``: ``"k"`` of the centred keys (token 0, the attention sink, left out; with ``rope``, centred
     on the rotated pre-RoPE mean ``R_p μ`` as the cache codes them) and ``"q"`` of the queries (uncentred: a
-    constant query component scores every key; the ``G`` query heads of a group pooled). With ``values``, also
-    ``"v"`` and ``"o"`` (:func:`_value_moments`)."""
+    constant query component scores every key; the ``G`` query heads of a group pooled)."""
     if rope is not None and not isinstance(rope, RotaryTable):
         raise TypeError(f"rope must be a coset.kv.RotaryTable, got {type(rope).__name__}")
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[1] < 3:
@@ -373,8 +350,6 @@ def _attention_moments(
             "k": k.transpose(1, 2) @ k / k.shape[1],
             "q": q.transpose(1, 2) @ q / q.shape[1],
         }
-        if values:
-            stats[int(module.layer_idx)].update(_value_moments(module, query, key, value, kwargs.get("scaling")))
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     name = "coset_kv_calibrate"
@@ -390,38 +365,6 @@ def _attention_moments(
     if sorted(stats) != list(range(n)):
         raise RuntimeError(f"recorded {len(stats)} of {n} attention layers (is this a transformers decoder?)")
     return [stats[i] for i in range(n)]
-
-
-def _value_moments(module, query, key, value, scaling) -> dict[str, torch.Tensor]:
-    """``"v"``: the second moment of the centred values (token 0, the attention sink, left out), and ``"o"``: the
-    metric of a value error in the layer's output, both ``(num_kv_heads, D, D)`` float64.
-
-    A white error ``e_t`` (independent across tokens) on the coded values of KV head ``h`` reaches the output as
-    ``sum_g W_g sum_t p_{g,t} e_t`` (``W_g``: the ``o_proj`` columns of query head ``g`` of the group, ``p_g``
-    its attention), whose expected squared norm is ``E[e^T M e]`` with ``M = sum_{g,g'} c_{gg'} W_g^T W_g'`` and
-    ``c_{gg'} = E_i sum_{t >= 1} p_{g,i,t} p_{g',i,t}`` (causal attention over the calibration text: no padding).
-    """
-    w = getattr(getattr(module, "o_proj", None), "weight", None)
-    B, Hq, L, D = query.shape
-    H = key.shape[1]
-    G = Hq // H
-    if not isinstance(w, torch.Tensor) or w.ndim != 2 or w.shape[1] != Hq * D:
-        raise ValueError(
-            "value transforms need the attention module's o_proj weight (hidden, num_heads * head_dim): a "
-            "Llama-style attention"
-        )
-    v = value.detach().to(torch.float64)[:, :, 1:].transpose(0, 1).reshape(H, -1, D)
-    v = v - v.mean(dim=1, keepdim=True)
-    scale = float(scaling) if scaling is not None else float(getattr(module, "scaling", D**-0.5))
-    q = query.detach().to(torch.float32)
-    k = key.detach().to(torch.float32).repeat_interleave(G, dim=1)
-    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-    p = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~causal, float("-inf")).softmax(-1)
-    p = p.view(B, H, G, L, L)[..., 1:, 1:].to(torch.float64)  # queries and coded tokens after the sink
-    c = torch.einsum("bhgit,bhfit->hgf", p, p) / (B * (L - 1))  # (H, G, G)
-    wg = w.detach().to(torch.float64).view(-1, H, G, D)  # (hidden, H, G, D)
-    m = torch.einsum("hgf,ohgd,ohfe->hde", c, wg, wg)
-    return {"v": v.transpose(1, 2) @ v / v.shape[1], "o": 0.5 * (m + m.transpose(-1, -2))}
 
 
 def calibrate_key_scales(
@@ -471,27 +414,6 @@ def calibrate_key_transforms(
     """
     check_options(ridge, rank)  # before the forward
     return [key_transform(st["k"], st["q"], ridge, rank) for st in _attention_moments(model, input_ids, rope)]
-
-
-def calibrate_value_transforms(
-    model, input_ids: torch.Tensor, ridge: float = 1e-3, rank: int | None = 8
-) -> list[KeyTransform]:
-    """Per-layer, per-KV-head value transforms ``T_v`` for ``CosetQuantizedCache(..., value_transforms=...)``, from
-    one forward of ``model`` on ``input_ids`` (calibration text, not the evaluation text).
-
-    The construction of :func:`coset.kv.key_transform` with the queries' moment replaced by the output metric of
-    a value error (:func:`_value_moments`: the ``o_proj`` columns of the group's query heads, weighted by how
-    their attention overlaps): values are coded as ``T_v (v - mu_v)`` with white error, so ``T_v`` minimises
-    ``tr(T_v S_v T_v^T) tr(T_v^-T M T_v^-1)``, the expected squared error the codes add to the attention
-    output after ``o_proj``. Needs a Llama-style attention module (an ``o_proj`` of ``num_heads * head_dim``
-    inputs); ``rank (D + 1)`` float16 per KV head and layer, counted in the cache bytes.
-
-    Returns
-    -------
-    list of ``num_hidden_layers`` :class:`coset.kv.KeyTransform` with vectors ``(num_kv_heads, head_dim, rank)``
-    """
-    check_options(ridge, rank)  # before the forward
-    return [key_transform(st["v"], st["o"], ridge, rank) for st in _attention_moments(model, input_ids, values=True)]
 
 
 @torch.no_grad()
