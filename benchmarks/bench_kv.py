@@ -45,6 +45,7 @@ from coset.kv import (
     ScalarKVStore,
     TrellisCode,
     allocate_layers,
+    allocate_trellis,
     native,
 )
 from coset.kv.hf_cache import (
@@ -52,6 +53,7 @@ from coset.kv.hf_cache import (
     ScalarQuantizedCache,
     calibrate_key_scales,
     calibrate_key_transforms,
+    fisher_sensitivity,
     layer_sensitivity,
     use_coset_attention,
 )
@@ -149,6 +151,12 @@ def methods() -> list[tuple[str, str, object]]:
         out.append((f"hnlq_alloc{target}_s1_kfr", "hnlq_alloc_kfr", (target, opts)))
         out.append((f"hnlq_alloc{target}_s1_kfr_t42", "hnlq_alloc_kfr_t42", (target, opts)))
         out.append((f"hnlq_alloc{target}_s1_kfr_tk", "hnlq_alloc_kfr_tk", (target, TK_ALLOC_OPTIONS[target])))
+    # keys and values of every layer allocated separately in trellis block bits, from the modelled (Fisher)
+    # sensitivities on the held-out window (allocate_trellis), state bits 10 / 12 / 14
+    for target in (4, 3, 2):
+        for L in (10, 12, 14):
+            sfx = "" if L == 10 else f"_{L}"
+            out.append((f"hnlq_falloc{target}_s1_kfr_tk{sfx}", "hnlq_falloc_kfr_tk", (target, L)))
     # the swapped splits (3, 4) / (2, 3) repeat the KIVI rows of (4, 3) / (3, 2): one entry per name
     return list({name: (name, kind, cfg) for name, kind, cfg in out}.values())
 
@@ -209,6 +217,8 @@ def t42_options(opts: list[KVQuantConfig]) -> list[KVQuantConfig]:
 
 #: per-layer configs of the ``hnlq_alloc`` / ``hnlq_alloc_kf`` caches by kind and target rate, set by main()
 ALLOCATIONS: dict[str, dict[int, list[KVQuantConfig]]] = {}
+#: per-layer configs of the ``hnlq_falloc_kfr_tk`` caches by (target rate, state bits), set by main()
+FISHER_ALLOCATIONS: dict[tuple[int, int], list[KVQuantConfig]] = {}
 
 
 #: per-layer key scales of the ``hnlq_kq`` caches, set by main() (calibrate_key_scales on held-out text)
@@ -249,6 +259,9 @@ def make_cache(kind: str, cfg, model_config, prefill: str = "float"):
     if kind.startswith("hnlq_alloc"):
         cfgs = [dataclasses.replace(c, prefill=prefill) for c in ALLOCATIONS[kind][cfg[0]]]
         return CosetQuantizedCache(model_config, cfgs, key_scales=alloc_keys(kind), rope=alloc_rope(kind))
+    if kind == "hnlq_falloc_kfr_tk":
+        cfgs = [dataclasses.replace(c, prefill=prefill) for c in FISHER_ALLOCATIONS[cfg]]
+        return CosetQuantizedCache(model_config, cfgs, key_scales=key_scales_of("hnlq_kfr"), rope=ROPE)
     if kind in ("hnlq", "hnlq_kq") or kind.startswith("hnlq_kf"):
         scales = key_scales_of(kind)
         if kind != "hnlq" and scales is None:
@@ -263,8 +276,8 @@ def make_cache(kind: str, cfg, model_config, prefill: str = "float"):
 def bits_per_element(kind: str, cfg) -> float:
     if kind == "fp32":
         return 32.0
-    if kind.startswith("hnlq_alloc"):
-        cfgs = ALLOCATIONS[kind][cfg[0]]
+    if kind.startswith("hnlq_alloc") or kind == "hnlq_falloc_kfr_tk":
+        cfgs = ALLOCATIONS[kind][cfg[0]] if kind.startswith("hnlq_alloc") else FISHER_ALLOCATIONS[cfg]
         return sum(c.bits_per_element(HEAD_DIM) for c in cfgs) / len(cfgs)
     return cfg.bits_per_element(HEAD_DIM)  # HNLQ: exact; KIVI: full groups (the fp residual not counted)
 
@@ -602,7 +615,7 @@ def main() -> None:
         todo = [
             (n, k, dataclasses.replace(c, seed=args.kv_seed) if isinstance(c, KVQuantConfig) else c) for n, k, c in todo
         ]
-    if any(kind.startswith(("hnlq_kq", "hnlq_kf", "hnlq_alloc")) for _, kind, _ in todo):
+    if any(kind.startswith(("hnlq_kq", "hnlq_kf", "hnlq_alloc", "hnlq_falloc")) for _, kind, _ in todo):
         global KEY_SCALES, KEY_TRANSFORMS, ROPE
         # calibration text: the pydoc window right after the evaluated ones (never evaluated itself)
         calib = token_windows(tok, pydoc_text(), args.seqlen, args.windows + 1)[-1:]
@@ -613,6 +626,21 @@ def main() -> None:
         results["key_scales"] = (
             f"calibrate_key_scales / calibrate_key_transforms on pydoc window {args.windows} ({args.seqlen} tokens)"
         )
+    fal = sorted({cfg for _, kind, cfg in todo if kind == "hnlq_falloc_kfr_tk"})
+    if fal:
+        # modelled sensitivities on the same held-out window (one gradient pass), the trellis keys' transforms
+        calib = token_windows(tok, pydoc_text(), args.seqlen, args.windows + 1)[-1:]
+        t0 = time.time()
+        ks, vs = fisher_sensitivity(model, calib, key_scales=key_scales_of("hnlq_kfr"), rope=ROPE)
+        results["fisher_sensitivity"] = {"seconds": time.time() - t0, "keys": ks, "values": vs}
+        for target, L in fal:
+            alloc = allocate_trellis(ks, vs, float(target), _tk(16, 16, L))  # (the base's block bits are replaced)
+            FISHER_ALLOCATIONS[(target, L)] = alloc
+            results.setdefault("fisher_allocations", {})[f"{target}_{L}"] = [_code_tag(c) for c in alloc]
+            print("fisher allocation", target, L, results["fisher_allocations"][f"{target}_{L}"], flush=True)
+        if args.kv_seed is not None:  # the seed of the per-layer configs (the rest of todo got it above)
+            for key, cfgs in FISHER_ALLOCATIONS.items():
+                FISHER_ALLOCATIONS[key] = [dataclasses.replace(c, seed=args.kv_seed) for c in cfgs]
     for akind in sorted({kind for _, kind, _ in todo if kind.startswith("hnlq_alloc")}):
         # layer sensitivities on the first 512 tokens of the same held-out window, with the key scales
         # (hnlq_alloc) or key transforms (hnlq_alloc_kf*) and the code split the caches use

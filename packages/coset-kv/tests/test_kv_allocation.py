@@ -1,11 +1,12 @@
-"""Per-layer allocation at an exact mean rate: the DP equals brute force; layer sensitivities on a tiny Llama."""
+"""Per-layer allocation at an exact mean rate: the DP and the trellis greedy equal brute force; layer
+sensitivities on a tiny Llama."""
 
 import itertools
 
 import pytest
 import torch
 
-from coset.kv import KVQuantConfig, allocate_layers
+from coset.kv import KVQuantConfig, TrellisCode, allocate_layers, allocate_trellis
 
 OPTS = [KVQuantConfig(bits=2, value_bits=1), KVQuantConfig(bits=3, value_bits=2), KVQuantConfig(bits=4, value_bits=3)]
 
@@ -100,3 +101,74 @@ def test_allocate_layers_hostile_inputs():
         allocate_layers([1.0] * 513, opts, 3.5, 3.5)
     got = allocate_layers([float(i % 7) for i in range(512)], opts, 3.5, 3.5)  # fast (a few seconds at most)
     assert sum(c.bits_per_element(64) for c in got) == 3.5 * 512
+
+
+BASE = KVQuantConfig(sink=1, key_code=TrellisCode(16, 8), value_code=TrellisCode(16, 8, unbiased=False))
+
+
+def trellis_cost(cfgs, ks, vs):
+    return sum(
+        a * 4.0 ** (-c.key_code.block_bits / 8) + b * 4.0 ** (-c.value_code.block_bits / 8)
+        for a, b, c in zip(ks, vs, cfgs, strict=True)
+    )
+
+
+@pytest.mark.parametrize("target", [2.0, 2.5, 3.0, 3.3125])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_trellis_allocation_is_the_exact_rate_optimum(target, seed):
+    g = torch.Generator().manual_seed(seed)
+    ks = (torch.rand(2, generator=g) * 10).exp2().tolist()
+    vs = (torch.rand(2, generator=g) * 10).exp2().tolist()
+    got = allocate_trellis(ks, vs, target, BASE, max_cut=0.25)
+    assert sum(c.bits_per_element(64) for c in got) == pytest.approx(2 * target, abs=1e-12)
+    for c in got:  # only the block bits change
+        assert c.sink == 1 and c.key_code.state_bits == c.value_code.state_bits == 8 and not c.value_code.unbiased
+    # brute force over every split of the block bits with the same floor
+    total = sum(c.key_code.block_bits + c.value_code.block_bits for c in got)
+    floor = -(-(total / 4 - 2) // 1)  # ceil(mean - 8 * 0.25)
+    assert min(b for c in got for b in (c.key_code.block_bits, c.value_code.block_bits)) >= floor
+    best = min(
+        sum(a * 4.0 ** (-b / 8) for a, b in zip(ks + vs, (k0, k1, v0, v1), strict=True))
+        for k0, k1, v0 in itertools.product(range(int(floor), 33), repeat=3)
+        if int(floor) <= (v1 := total - k0 - k1 - v0) <= 32
+    )
+    assert trellis_cost(got, ks, vs) == pytest.approx(best, rel=1e-12)
+
+
+def test_trellis_allocation_floor_and_order():
+    ks, vs = [1.0, 0.0, 50.0], [3.0, 2.0, 1.0]
+    got = allocate_trellis(ks, vs, 3.0, BASE)  # mean stream rate 23 block bits, floor 19
+    kb = [c.key_code.block_bits for c in got]
+    vb = [c.value_code.block_bits for c in got]
+    assert sum(kb) + sum(vb) == 6 * 23 and kb[1] == 19 and min(kb + vb) >= 19
+    assert kb[2] == max(kb + vb)  # the most sensitive unit gets the most bits
+    assert vb[0] >= vb[1] >= vb[2]  # and more sensitivity never fewer
+    flat = allocate_trellis(ks, vs, 3.0, BASE, max_cut=0.0)  # no room below the mean: uniform
+    assert all(c.key_code.block_bits == c.value_code.block_bits == 23 for c in flat)
+    top = allocate_trellis(ks, vs, 4.125, BASE)  # every unit at its ceiling
+    assert all(c.key_code.block_bits == c.value_code.block_bits == 32 for c in top)
+
+
+def test_trellis_allocation_errors():
+    with pytest.raises(ValueError, match="length"):
+        allocate_trellis([1.0, 2.0], [1.0], 3.0, BASE)
+    with pytest.raises(ValueError, match="key_sensitivity"):
+        allocate_trellis([1.0, -2.0], [1.0, 1.0], 3.0, BASE)
+    with pytest.raises(ValueError, match="value_sensitivity"):
+        allocate_trellis([1.0], [float("nan")], 3.0, BASE)
+    with pytest.raises(ValueError, match="value_sensitivity"):
+        allocate_trellis([1.0], [], 3.0, BASE)
+    with pytest.raises(ValueError, match="trellis"):
+        allocate_trellis([1.0], [1.0], 3.0, KVQuantConfig(bits=3))
+    with pytest.raises(TypeError, match="base"):
+        allocate_trellis([1.0], [1.0], 3.0, "trellis")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="1/16"):
+        allocate_trellis([1.0], [1.0], 3.01, BASE)
+    with pytest.raises(ValueError, match="outside"):
+        allocate_trellis([1.0], [1.0], 4.25, BASE)  # past 32 block bits per unit
+    with pytest.raises(ValueError, match="outside"):
+        allocate_trellis([1.0], [1.0], 0.5, BASE)
+    with pytest.raises(ValueError, match="max_cut"):
+        allocate_trellis([1.0], [1.0], 3.0, BASE, max_cut=-0.5)
+    with pytest.raises(ValueError, match="target_bits"):
+        allocate_trellis([1.0], [1.0], float("inf"), BASE)

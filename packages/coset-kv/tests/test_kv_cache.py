@@ -17,6 +17,7 @@ from coset.kv.hf_cache import (  # noqa: E402
     calibrate_key_scales,
     calibrate_key_transforms,
     coset_kv_attention,
+    fisher_sensitivity,
     use_coset_attention,
 )
 
@@ -484,6 +485,88 @@ def test_calibrated_key_transforms_beat_diagonal_scales_on_the_score_error(model
     assert_codes_equal_decoded(model, ids, mats)
     with pytest.raises(ValueError):
         calibrate_key_transforms(model, ids, ridge=0.0)
+
+
+def perturbed_loss(model, ids, layer, side, head, tok, delta):
+    """Summed next-token log-loss with ``delta (D,)`` added to one key (side 0) or value (side 1) state."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def perturbed(module, query, key, value, attention_mask, **kw):
+        if module.layer_idx == layer:
+            x = (key if side == 0 else value).clone()
+            x[0, head, tok] += delta
+            key, value = (x, value) if side == 0 else (key, x)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
+
+    impl = model.config._attn_implementation
+    ALL_ATTENTION_FUNCTIONS["perturbed"], ALL_MASK_ATTENTION_FUNCTIONS["perturbed"] = perturbed, sdpa_mask
+    model.set_attn_implementation("perturbed")
+    try:
+        with torch.no_grad():
+            lg = model(ids, use_cache=False).logits[0, :-1].double()
+    finally:
+        model.set_attn_implementation(impl)
+    return float(torch.nn.functional.cross_entropy(lg, ids[0, 1:], reduction="sum"))
+
+
+def test_kv_gradients_match_finite_differences_and_leave_the_model_as_it_was(model):
+    from coset.kv.hf_cache import _kv_fisher, _kv_gradients
+
+    ids = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(5))
+    impl = model.config._attn_implementation
+    model.lm_head.weight.requires_grad_(True)
+    model.model.norm.weight.requires_grad_(False)  # the flags are restored, whatever they were
+    grads = _kv_gradients(model, ids)
+    assert model.config._attn_implementation == impl
+    assert model.lm_head.weight.requires_grad and not model.model.norm.weight.requires_grad
+    assert model.lm_head.weight.grad is None  # no gradient of the weights
+    model.model.norm.weight.requires_grad_(True)
+    assert len(grads) == 2 and all(g.shape == (1, 3, 12, 64) for pair in grads for g in pair)
+    g = torch.Generator().manual_seed(6)
+    for layer, side, head, tok in ((1, 0, 0, 4), (0, 1, 2, 7), (1, 1, 1, 0)):
+        u = torch.randn(64, generator=g)
+        eps = 1e-2
+
+        fd = (
+            perturbed_loss(model, ids, layer, side, head, tok, eps * u)
+            - perturbed_loss(model, ids, layer, side, head, tok, -eps * u)
+        ) / (2 * eps)
+        got = float(grads[layer][side][0, head, tok] @ u)
+        assert got == pytest.approx(fd, rel=2e-2, abs=1e-4)
+    # the Fisher: mean outer product over the tokens after the sink
+    f = _kv_fisher(model, ids)
+    gv = grads[0][1][0, 1].double()[1:]  # layer 0 values, head 1, tokens 1..11
+    assert torch.allclose(f[0]["v"][1], gv.T @ gv / 11, rtol=1e-4, atol=1e-10)
+
+
+def test_fisher_sensitivity_is_the_second_order_model(model):
+    from coset.kv.hf_cache import _attention_moments, _kv_fisher
+
+    ids = torch.randint(0, 96, (1, 24), generator=torch.Generator().manual_seed(9))
+    g5 = torch.Generator().manual_seed(5)
+    scales = [random_transform(3, 64, 8, g5), torch.rand(3, 64, generator=g5) + 0.5]
+    ks, vs = fisher_sensitivity(model, ids, key_scales=scales)
+    plain_k, plain_v = fisher_sensitivity(model, ids)
+    assert plain_v == pytest.approx(vs, rel=1e-9)  # the key transform does not touch the values
+    moments, fisher = _attention_moments(model, ids), _kv_fisher(model, ids)
+    for layer in range(2):
+        st, fi = moments[layer], fisher[layer]
+        t = scales[layer].matrix().double() if layer == 0 else torch.diag_embed(1 / scales[layer].double())
+        want_k = want_v = want_plain = 0.0
+        for h in range(3):  # tr(T S T^T) tr(T^-T F T^-1) / D, summed over the heads
+            ti = torch.linalg.inv(t[h])
+            want_k += float(torch.trace(t[h] @ st["k"][h] @ t[h].T) * torch.trace(ti.T @ fi["k"][h] @ ti)) / 64
+            want_plain += float(torch.trace(st["k"][h]) * torch.trace(fi["k"][h])) / 64
+            want_v += float(torch.trace(st["v"][h]) * torch.trace(fi["v"][h])) / 64
+        assert ks[layer] == pytest.approx(want_k, rel=1e-6)
+        assert plain_k[layer] == pytest.approx(want_plain, rel=1e-6)
+        assert vs[layer] == pytest.approx(want_v, rel=1e-6)
+    with pytest.raises(ValueError, match="key_scales"):
+        fisher_sensitivity(model, ids, key_scales=[None])
+    with pytest.raises(ValueError):
+        fisher_sensitivity(model, ids[0])
 
 
 def test_per_layer_configs():

@@ -18,7 +18,7 @@ The transformers ``Cache`` classes and the ``"coset_kv"`` attention function liv
 :mod:`coset.kv.hf_cache` (extra ``[hf]``); importing :mod:`coset.kv` does not import transformers.
 """
 
-from .allocation import allocate_layers
+from .allocation import allocate_layers, allocate_trellis
 from .coded_store import CodedKVStore
 from .codes import KVCodes, code_tables, decode_states, encode_states
 from .config import BLOCK, KVQuantConfig, ScalarKVConfig, calibrated_beta
@@ -48,6 +48,7 @@ __all__ = [
     "CodedKVStore",
     "ScalarKVStore",
     "allocate_layers",
+    "allocate_trellis",
     "KeyTransform",
     "key_transform",
     "score_error_factor",

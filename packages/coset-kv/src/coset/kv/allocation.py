@@ -8,18 +8,26 @@ at ``r`` bits per element is ``s_l 4^-(r - r_ref)`` (a code's mean squared error
 different layers add. :func:`allocate_layers` minimises the total over one option per layer subject to the
 mean rate being **exactly** the target (dynamic programming over rates in units of 1/16 bit: every HNLQ rate
 at D = 64 is such a multiple).
+
+:func:`allocate_trellis` allocates the keys and the values of every layer separately, in the trellis code's
+block bits (1/8 bit per element), from sensitivities modelled rather than measured
+(:func:`coset.kv.hf_cache.fisher_sensitivity`: one gradient pass instead of a forward per layer, and no
+perplexity noise): the excess of a unit with sensitivity ``a`` at ``b`` block bits is ``a 4^(-b/8)``.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
 from .config import KVQuantConfig, check_head_dim
+from .trellis import TrellisCode
 
-__all__ = ["allocate_layers"]
+__all__ = ["allocate_layers", "allocate_trellis"]
 
 _UNIT = 16  # rates in 1/16 bit: (bytes_k + bytes_v) * 4 / 64 at D = 64
 #: Layers :func:`allocate_layers` takes (its choice table is layers x budget units bytes: 512 layers at 8 bits
@@ -120,3 +128,95 @@ def allocate_layers(
         picks.append(j)
         b -= units[j]
     return [opts[j] for j in reversed(picks)]
+
+
+def _sensitivities(name: str, x) -> list[float]:
+    try:
+        s = [float(v) for v in x]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a non-empty sequence of finite numbers >= 0") from None
+    if not s or not all(math.isfinite(v) and v >= 0 for v in s):
+        raise ValueError(f"{name} must be a non-empty sequence of finite numbers >= 0")
+    return s
+
+
+def allocate_trellis(
+    key_sensitivity: Sequence[float],
+    value_sensitivity: Sequence[float],
+    target_bits: float,
+    base: KVQuantConfig,
+    max_cut: float = 0.5,
+    head_dim: int = 64,
+) -> list[KVQuantConfig]:
+    """Per-layer key and value block bits of a trellis-coded cache, mean all-in rate exactly ``target_bits``,
+    least modelled excess ``sum_l a_l^k 4^(-b_l^k / 8) + a_l^v 4^(-b_l^v / 8)``.
+
+    The excess is convex in each unit's bits, so handing out one block bit at a time to the unit whose excess
+    it lowers most is optimal (ties: the lower layer, keys first). The model is second order: it trusts small
+    errors only, so no unit gets fewer than ``8 (m - max_cut)`` block bits, ``m`` the mean stream rate per element
+    (SmolLM2-135M at 3 bits without the floor: layer 0, whose gradients are tiny, fell to 1 bit per element and
+    the perplexity ratio rose from 1.034 to 1.041; with ``max_cut = 0.5`` it fell to 1.027).
+
+    Parameters
+    ----------
+    key_sensitivity, value_sensitivity : per layer, ``a >= 0`` (:func:`coset.kv.hf_cache.fisher_sensitivity`)
+    target_bits : the mean all-in rate over keys, values and layers, reached exactly
+    base : a config with ``key_code`` and ``value_code`` (:class:`coset.kv.TrellisCode`): everything but the
+        block bits (state bits, scale bits, sink, ...) is kept
+    max_cut : the floor, in bits per element below the mean stream rate (>= 0)
+    head_dim : D
+
+    Returns
+    -------
+    list of one KVQuantConfig per layer
+
+    Raises
+    ------
+    ValueError for sensitivities that are empty, of different lengths, negative or non-finite, a base without
+    trellis codes, a negative ``max_cut``, or a target the block bits (8..32 per unit, above the floor) cannot
+    reach exactly.
+    """
+    ks, vs = _sensitivities("key_sensitivity", key_sensitivity), _sensitivities("value_sensitivity", value_sensitivity)
+    if len(ks) != len(vs):
+        raise ValueError(f"key_sensitivity ({len(ks)} layers) and value_sensitivity ({len(vs)}) differ in length")
+    if not isinstance(base, KVQuantConfig):
+        raise TypeError(f"base must be a KVQuantConfig, got {type(base).__name__}")
+    kc, vc = base.key_code, base.value_code
+    if not isinstance(kc, TrellisCode) or not isinstance(vc, TrellisCode):
+        raise ValueError("base must code keys and values in trellis codes (key_code= and value_code=)")
+    if isinstance(target_bits, bool) or not isinstance(target_bits, (int, float)) or not math.isfinite(target_bits):
+        raise ValueError(f"target_bits must be a finite number, got {target_bits!r}")
+    if isinstance(max_cut, bool) or not isinstance(max_cut, (int, float)) or not 0 <= max_cut < math.inf:
+        raise ValueError(f"max_cut must be a finite number >= 0, got {max_cut!r}")
+    check_head_dim(head_dim)
+    n, lo_code, hi_code = len(ks), 8, 32
+
+    def pair(kb: int, vb: int) -> KVQuantConfig:
+        return replace(
+            base,
+            key_code=replace(kc, block_bits=kb),
+            value_code=replace(vc, block_bits=vb),
+        )
+
+    # each block bit adds D/8 stream bits to one of the 2 D elements of a (key, value) pair: 1/16 bit
+    r0 = pair(lo_code, lo_code).bits_per_element(head_dim)
+    extra = 16 * n * (target_bits - r0)  # block bits above 8 per unit, over all units
+    if abs(extra - round(extra)) > 1e-6:
+        raise ValueError(f"target_bits={target_bits} over {n} layers is not a multiple of 1/16 bit above {r0}")
+    total = 2 * n * lo_code + round(extra)
+    mean = total / (2 * n)
+    floor = max(lo_code, math.ceil(mean - 8 * max_cut - 1e-9))
+    if not 2 * n * floor <= total <= 2 * n * hi_code:
+        raise ValueError(f"target_bits={target_bits} needs {mean:g} block bits per unit: outside [{floor}, {hi_code}]")
+    sens = [a for layer in zip(ks, vs, strict=True) for a in layer]  # unit 2l: keys of layer l, 2l + 1: values
+    bits = [floor] * (2 * n)
+    step = 1 - 4.0 ** (-1 / 8)
+    top = max(sens) or 1.0  # relative sensitivities: no overflow or underflow of a * 4^(-b/8)
+    heap = [(-(a / top) * 4.0 ** (-floor / 8) * step, i) for i, a in enumerate(sens)]
+    heapq.heapify(heap)
+    for _ in range(total - 2 * n * floor):
+        _, i = heapq.heappop(heap)
+        bits[i] += 1
+        if bits[i] < hi_code:
+            heapq.heappush(heap, (-(sens[i] / top) * 4.0 ** (-bits[i] / 8) * step, i))
+    return [pair(bits[2 * l], bits[2 * l + 1]) for l in range(n)]

@@ -30,7 +30,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .coded_store import CodedKVStore
 from .codes import KVCodes, decode_states, encode_states
 from .config import KVQuantConfig, ScalarKVConfig
-from .key_transform import KeyTransform, check_options, key_transform
+from .key_transform import KeyTransform, check_options, key_transform, score_error_factor
 from .rope import RotaryTable, apply_rotary, unapply_rotary
 from .scalar_store import ScalarKVStore
 
@@ -45,6 +45,7 @@ __all__ = [
     "use_coset_attention",
     "calibrate_key_scales",
     "calibrate_key_transforms",
+    "fisher_sensitivity",
     "layer_sensitivity",
     "ATTN_NAME",
 ]
@@ -323,8 +324,9 @@ def _attention_moments(
 ) -> list[dict[str, torch.Tensor]]:
     """Per layer, ``(num_kv_heads, D, D)`` float64 second moments from one forward of ``model`` on
     ``input_ids``: ``"k"`` of the centred keys (token 0, the attention sink, left out; with ``rope``, centred
-    on the rotated pre-RoPE mean ``R_p μ`` as the cache codes them) and ``"q"`` of the queries (uncentred: a
-    constant query component scores every key; the ``G`` query heads of a group pooled)."""
+    on the rotated pre-RoPE mean ``R_p μ`` as the cache codes them), ``"v"`` of the centred values (token 0 left
+    out) and ``"q"`` of the queries (uncentred: a constant query component scores every key; the ``G`` query
+    heads of a group pooled)."""
     if rope is not None and not isinstance(rope, RotaryTable):
         raise TypeError(f"rope must be a coset.kv.RotaryTable, got {type(rope).__name__}")
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[1] < 3:
@@ -346,8 +348,11 @@ def _attention_moments(
         else:
             k = k.transpose(0, 1).reshape(H, -1, D)
             k = k - k.mean(dim=1, keepdim=True)
+        v = value.detach().to(torch.float64)[:, :, 1:].transpose(0, 1).reshape(H, -1, D)
+        v = v - v.mean(dim=1, keepdim=True)
         stats[int(module.layer_idx)] = {
             "k": k.transpose(1, 2) @ k / k.shape[1],
+            "v": v.transpose(1, 2) @ v / v.shape[1],
             "q": q.transpose(1, 2) @ q / q.shape[1],
         }
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -414,6 +419,95 @@ def calibrate_key_transforms(
     """
     check_options(ridge, rank)  # before the forward
     return [key_transform(st["k"], st["q"], ridge, rank) for st in _attention_moments(model, input_ids, rope)]
+
+
+def _kv_gradients(model, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the gradients ``(B, H, L, D)`` of the summed next-token log-loss of ``input_ids`` with respect
+    to the key and value states as they enter attention (post-RoPE). One forward and one backward; the
+    parameters' ``requires_grad`` flags and the attention implementation are restored."""
+    n = _num_layers(model.config)
+    leaves: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def record(module, query, key, value, attention_mask, **kwargs):
+        k, v = key.detach().requires_grad_(), value.detach().requires_grad_()
+        leaves[int(module.layer_idx)] = (k, v)
+        return sdpa_attention_forward(module, query, k, v, attention_mask, **kwargs)
+
+    name = "coset_kv_fisher"
+    ALL_ATTENTION_FUNCTIONS[name] = record
+    ALL_MASK_ATTENTION_FUNCTIONS[name] = sdpa_mask
+    previous = model.config._attn_implementation
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    model.set_attn_implementation(name)
+    try:
+        for p in params:  # gradients of the states only: no graph through the weights
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            logits = model(input_ids, use_cache=False).logits[:, :-1]
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), input_ids[:, 1:].reshape(-1), reduction="sum"
+            )
+            if sorted(leaves) != list(range(n)):
+                raise RuntimeError(f"recorded {len(leaves)} of {n} attention layers (is this a transformers decoder?)")
+            grads = torch.autograd.grad(loss, [t for i in range(n) for t in leaves[i]])
+    finally:
+        model.set_attn_implementation(previous)
+        for p, f in zip(params, flags, strict=True):
+            p.requires_grad_(f)
+    return [(grads[2 * i].detach(), grads[2 * i + 1].detach()) for i in range(n)]
+
+
+def _kv_fisher(model, input_ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """Per layer, ``"k"`` and ``"v"``: ``(num_kv_heads, D, D)`` float64 empirical Fisher ``mean_t g_t g_t^T`` of
+    the key and value states (:func:`_kv_gradients`; token 0, the exact attention sink, left out)."""
+    out = []
+    for gk, gv in _kv_gradients(model, input_ids):
+        layer = {}
+        for side, g in (("k", gk), ("v", gv)):
+            H, D = g.shape[1], g.shape[-1]
+            g = g.to(torch.float64)[:, :, 1:].transpose(0, 1).reshape(H, -1, D)
+            layer[side] = g.transpose(1, 2) @ g / g.shape[1]
+        out.append(layer)
+    return out
+
+
+def fisher_sensitivity(
+    model,
+    input_ids: torch.Tensor,
+    key_scales: Sequence[torch.Tensor | KeyTransform | None] | None = None,
+    rope: RotaryTable | None = None,
+) -> tuple[list[float], list[float]]:
+    """Per layer, how much the log-loss grows per unit of relative coding error of its keys and of its values:
+    the input of :func:`coset.kv.allocation.allocate_trellis`. From one forward (moments) and one
+    forward + backward (gradients) of ``model`` on ``input_ids`` (calibration text, not the evaluation text).
+
+    Model (second order, empirical Fisher ``F = mean_t g_t g_t^T`` of the states, :func:`_kv_fisher`): a code
+    with relative error ``eps`` (white in its domain, variance ``eps E||x'||^2 / D`` per element) on keys coded
+    as ``x' = T (k - R_p mu)`` adds ``eps/2 tr(T S T^T) tr(T^-T F T^-1) / D`` to the summed log-loss (``S``: the
+    moments the cache codes, :func:`_attention_moments` with ``rope``; ``T``: the layer's key transform,
+    ``diag(1/s)`` for per-channel scales, ``I`` for None); values are coded as ``v - mu_v`` (``T = I``). Summed
+    over the KV heads; the common factor ``1/2`` is left out.
+
+    Returns
+    -------
+    key_sensitivity, value_sensitivity : lists of ``num_hidden_layers`` floats >= 0
+    """
+    n = _num_layers(model.config)
+    if key_scales is not None and (isinstance(key_scales, (str, bytes)) or not isinstance(key_scales, Iterable)):
+        raise TypeError(f"key_scales must be a sequence of one key scale (or None) per layer, got {key_scales!r}")
+    scales = [None] * n if key_scales is None else list(key_scales)
+    if len(scales) != n:
+        raise ValueError(f"key_scales must have one entry per layer ({n}), got {len(scales)}")
+    moments = _attention_moments(model, input_ids, rope)
+    fisher = _kv_fisher(model, input_ids)
+    ks, vs = [], []
+    for st, fi, sc in zip(moments, fisher, scales, strict=True):
+        D = st["k"].shape[-1]
+        t = 1 / sc if isinstance(sc, torch.Tensor) else sc  # keys coded as k / s: T = diag(1 / s)
+        ks.append(float(score_error_factor(st["k"], fi["k"], t).sum()) / D)
+        vs.append(float(score_error_factor(st["v"], fi["v"], None).sum()) / D)
+    return ks, vs
 
 
 @torch.no_grad()
