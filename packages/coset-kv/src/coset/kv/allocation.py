@@ -155,7 +155,8 @@ def allocate_trellis(
     it lowers most is optimal (ties: the lower layer, keys first). The model is second order: it trusts small
     errors only, so no unit gets fewer than ``8 (m - max_cut)`` block bits, ``m`` the mean stream rate per element
     (SmolLM2-135M at 3 bits without the floor: layer 0, whose gradients are tiny, fell to 1 bit per element and
-    the perplexity ratio rose from 1.034 to 1.041; with ``max_cut = 0.5`` it fell to 1.027).
+    the perplexity ratio rose from 1.0337 / 1.0330 uniform to 1.0407 / 1.0342 on two rotation seeds; with
+    ``max_cut = 0.5``: 1.0315 over four seeds against 1.0357 uniform).
 
     Parameters
     ----------
@@ -172,9 +173,9 @@ def allocate_trellis(
 
     Raises
     ------
-    ValueError for sensitivities that are empty, of different lengths, negative or non-finite, a base without
-    trellis codes, a negative ``max_cut``, or a target the block bits (8..32 per unit, above the floor) cannot
-    reach exactly.
+    TypeError for a base that is not a KVQuantConfig; ValueError for sensitivities that are empty, of different
+    lengths, negative or non-finite, a base without trellis codes, a negative ``max_cut``, or a target the block
+    bits (8..32 per unit, above the floor) cannot reach exactly.
     """
     ks, vs = _sensitivities("key_sensitivity", key_sensitivity), _sensitivities("value_sensitivity", value_sensitivity)
     if len(ks) != len(vs):
