@@ -42,6 +42,16 @@ def _units(cfg: KVQuantConfig, head_dim: int) -> int:
     return round(r)
 
 
+def _sensitivities(name: str, x) -> list[float]:
+    try:
+        s = [float(v) for v in x]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a non-empty sequence of finite numbers >= 0") from None
+    if not s or not all(math.isfinite(v) and v >= 0 for v in s):
+        raise ValueError(f"{name} must be a non-empty sequence of finite numbers >= 0")
+    return s
+
+
 def allocate_layers(
     sensitivity: Sequence[float],
     options: Sequence[KVQuantConfig],
@@ -68,12 +78,7 @@ def allocate_layers(
     ValueError for an empty or negative/non-finite sensitivity (or more than 512 layers), no options, a bad
     ``head_dim``, or a target no mix of the options reaches exactly.
     """
-    try:
-        s = [float(x) for x in sensitivity]
-    except (TypeError, ValueError):
-        raise ValueError("sensitivity must be a non-empty sequence of finite numbers >= 0") from None
-    if not s or not all(math.isfinite(x) and x >= 0 for x in s):
-        raise ValueError("sensitivity must be a non-empty sequence of finite numbers >= 0")
+    s = _sensitivities("sensitivity", sensitivity)
     if len(s) > MAX_LAYERS:
         raise ValueError(f"sensitivity has {len(s)} layers, more than {MAX_LAYERS}")
     try:
@@ -128,16 +133,6 @@ def allocate_layers(
         picks.append(j)
         b -= units[j]
     return [opts[j] for j in reversed(picks)]
-
-
-def _sensitivities(name: str, x) -> list[float]:
-    try:
-        s = [float(v) for v in x]
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a non-empty sequence of finite numbers >= 0") from None
-    if not s or not all(math.isfinite(v) and v >= 0 for v in s):
-        raise ValueError(f"{name} must be a non-empty sequence of finite numbers >= 0")
-    return s
 
 
 def allocate_trellis(

@@ -18,7 +18,8 @@ implementation pass ``return_codes=False``: the layer then returns the decoded k
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
@@ -251,11 +252,7 @@ class CosetQuantizedCache(_BytesMixin, Cache):
             configs = list(config)
         if len(configs) != n or not all(isinstance(c, KVQuantConfig) for c in configs):
             raise bad
-        if key_scales is not None and (isinstance(key_scales, (str, bytes)) or not isinstance(key_scales, Iterable)):
-            raise TypeError(f"key_scales must be a sequence of one key scale (or None) per layer, got {key_scales!r}")
-        scales = [None] * n if key_scales is None else list(key_scales)
-        if len(scales) != n:
-            raise ValueError(f"key_scales must have one entry per layer ({n}), got {len(scales)}")
+        scales = _per_layer("key_scales", key_scales, n)
         self.kv_config = config if isinstance(config, KVQuantConfig) else configs[0]
         self.kv_configs = configs
         super().__init__(
@@ -318,6 +315,37 @@ def _check_ids(model, input_ids: torch.Tensor) -> None:
         )
 
 
+@contextmanager
+def _attention_function(model, name: str, fn) -> Iterator[None]:
+    """``model`` runs with the attention function ``fn`` (SDPA-style mask), registered as ``name``; the model's
+    own implementation is restored on exit."""
+    ALL_ATTENTION_FUNCTIONS[name] = fn
+    ALL_MASK_ATTENTION_FUNCTIONS[name] = sdpa_mask
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def _check_recorded(recorded: dict, n: int) -> None:
+    if sorted(recorded) != list(range(n)):
+        raise RuntimeError(f"recorded {len(recorded)} of {n} attention layers (is this a transformers decoder?)")
+
+
+def _per_layer(name: str, entries, n: int) -> list:
+    """``entries`` (a sequence of one entry per layer, or None) as a list of ``n`` (None: ``n`` Nones)."""
+    if entries is None:
+        return [None] * n
+    if isinstance(entries, (str, bytes)) or not isinstance(entries, Iterable):
+        raise TypeError(f"{name} must be a sequence of one key scale (or None) per layer, got {entries!r}")
+    out = list(entries)
+    if len(out) != n:
+        raise ValueError(f"{name} must have one entry per layer ({n}), got {len(out)}")
+    return out
+
+
 @torch.no_grad()
 def _attention_moments(
     model, input_ids: torch.Tensor, rope: RotaryTable | None = None
@@ -357,18 +385,9 @@ def _attention_moments(
         }
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
-    name = "coset_kv_calibrate"
-    ALL_ATTENTION_FUNCTIONS[name] = record
-    ALL_MASK_ATTENTION_FUNCTIONS[name] = sdpa_mask
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(name)
-    try:
-        with torch.no_grad():
-            model(input_ids, use_cache=False)
-    finally:
-        model.set_attn_implementation(previous)
-    if sorted(stats) != list(range(n)):
-        raise RuntimeError(f"recorded {len(stats)} of {n} attention layers (is this a transformers decoder?)")
+    with _attention_function(model, "coset_kv_calibrate", record), torch.no_grad():
+        model(input_ids, use_cache=False)
+    _check_recorded(stats, n)
     return [stats[i] for i in range(n)]
 
 
@@ -433,26 +452,19 @@ def _kv_gradients(model, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, to
         leaves[int(module.layer_idx)] = (k, v)
         return sdpa_attention_forward(module, query, k, v, attention_mask, **kwargs)
 
-    name = "coset_kv_fisher"
-    ALL_ATTENTION_FUNCTIONS[name] = record
-    ALL_MASK_ATTENTION_FUNCTIONS[name] = sdpa_mask
-    previous = model.config._attn_implementation
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
-    model.set_attn_implementation(name)
     try:
         for p in params:  # gradients of the states only: no graph through the weights
             p.requires_grad_(False)
-        with torch.enable_grad():
+        with _attention_function(model, "coset_kv_fisher", record), torch.enable_grad():
             logits = model(input_ids, use_cache=False).logits[:, :-1]
             loss = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]).float(), input_ids[:, 1:].reshape(-1), reduction="sum"
             )
-            if sorted(leaves) != list(range(n)):
-                raise RuntimeError(f"recorded {len(leaves)} of {n} attention layers (is this a transformers decoder?)")
+            _check_recorded(leaves, n)
             grads = torch.autograd.grad(loss, [t for i in range(n) for t in leaves[i]])
     finally:
-        model.set_attn_implementation(previous)
         for p, f in zip(params, flags, strict=True):
             p.requires_grad_(f)
     return [(grads[2 * i].detach(), grads[2 * i + 1].detach()) for i in range(n)]
@@ -494,11 +506,7 @@ def fisher_sensitivity(
     key_sensitivity, value_sensitivity : lists of ``num_hidden_layers`` floats >= 0
     """
     n = _num_layers(model.config)
-    if key_scales is not None and (isinstance(key_scales, (str, bytes)) or not isinstance(key_scales, Iterable)):
-        raise TypeError(f"key_scales must be a sequence of one key scale (or None) per layer, got {key_scales!r}")
-    scales = [None] * n if key_scales is None else list(key_scales)
-    if len(scales) != n:
-        raise ValueError(f"key_scales must have one entry per layer ({n}), got {len(scales)}")
+    scales = _per_layer("key_scales", key_scales, n)
     moments = _attention_moments(model, input_ids, rope)
     fisher = _kv_fisher(model, input_ids)
     ks, vs = [], []
