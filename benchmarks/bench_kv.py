@@ -257,10 +257,10 @@ def make_cache(kind: str, cfg, model_config, prefill: str = "float"):
     if kind == "fp32":
         return DynamicCache(config=model_config)
     if kind.startswith("hnlq_alloc"):
-        cfgs = [dataclasses.replace(c, prefill=prefill) for c in ALLOCATIONS[kind][cfg[0]]]
+        cfgs = [dataclasses.replace(c, prefill=prefill) for c in layer_configs(kind, cfg)]
         return CosetQuantizedCache(model_config, cfgs, key_scales=alloc_keys(kind), rope=alloc_rope(kind))
     if kind == "hnlq_falloc_kfr_tk":
-        cfgs = [dataclasses.replace(c, prefill=prefill) for c in FISHER_ALLOCATIONS[cfg]]
+        cfgs = [dataclasses.replace(c, prefill=prefill) for c in layer_configs(kind, cfg)]
         return CosetQuantizedCache(model_config, cfgs, key_scales=key_scales_of("hnlq_kfr"), rope=ROPE)
     if kind in ("hnlq", "hnlq_kq") or kind.startswith("hnlq_kf"):
         scales = key_scales_of(kind)
@@ -273,11 +273,21 @@ def make_cache(kind: str, cfg, model_config, prefill: str = "float"):
     return ScalarQuantizedCache(model_config, cfg)
 
 
+def layer_configs(kind: str, cfg) -> list[KVQuantConfig] | None:
+    """The per-layer configs of an allocation kind (``cfg``: ``(target, ...)`` or ``(target, state bits)``);
+    None for the other kinds."""
+    if kind.startswith("hnlq_alloc"):
+        return ALLOCATIONS[kind][cfg[0]]
+    if kind == "hnlq_falloc_kfr_tk":
+        return FISHER_ALLOCATIONS[cfg]
+    return None
+
+
 def bits_per_element(kind: str, cfg) -> float:
     if kind == "fp32":
         return 32.0
-    if kind.startswith("hnlq_alloc") or kind == "hnlq_falloc_kfr_tk":
-        cfgs = ALLOCATIONS[kind][cfg[0]] if kind.startswith("hnlq_alloc") else FISHER_ALLOCATIONS[cfg]
+    cfgs = layer_configs(kind, cfg)
+    if cfgs is not None:
         return sum(c.bits_per_element(HEAD_DIM) for c in cfgs) / len(cfgs)
     return cfg.bits_per_element(HEAD_DIM)  # HNLQ: exact; KIVI: full groups (the fp residual not counted)
 
@@ -634,13 +644,12 @@ def main() -> None:
         ks, vs = fisher_sensitivity(model, calib, key_scales=key_scales_of("hnlq_kfr"), rope=ROPE)
         results["fisher_sensitivity"] = {"seconds": time.time() - t0, "keys": ks, "values": vs}
         for target, L in fal:
-            alloc = allocate_trellis(ks, vs, float(target), _tk(16, 16, L))  # (the base's block bits are replaced)
+            base = _tk(16, 16, L)  # (its block bits are replaced; the rest, the seed too, is kept per layer)
+            base = base if args.kv_seed is None else dataclasses.replace(base, seed=args.kv_seed)
+            alloc = allocate_trellis(ks, vs, float(target), base)
             FISHER_ALLOCATIONS[(target, L)] = alloc
             results.setdefault("fisher_allocations", {})[f"{target}_{L}"] = [_code_tag(c) for c in alloc]
             print("fisher allocation", target, L, results["fisher_allocations"][f"{target}_{L}"], flush=True)
-        if args.kv_seed is not None:  # the seed of the per-layer configs (the rest of todo got it above)
-            for key, cfgs in FISHER_ALLOCATIONS.items():
-                FISHER_ALLOCATIONS[key] = [dataclasses.replace(c, seed=args.kv_seed) for c in cfgs]
     for akind in sorted({kind for _, kind, _ in todo if kind.startswith("hnlq_alloc")}):
         # layer sensitivities on the first 512 tokens of the same held-out window, with the key scales
         # (hnlq_alloc) or key transforms (hnlq_alloc_kf*) and the code split the caches use
