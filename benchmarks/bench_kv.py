@@ -46,6 +46,7 @@ from coset.kv import (
     TrellisCode,
     allocate_layers,
     allocate_trellis,
+    allocate_trellis_heads,
     native,
 )
 from coset.kv.hf_cache import (
@@ -157,6 +158,11 @@ def methods() -> list[tuple[str, str, object]]:
         for L in (10, 12, 14):
             sfx = "" if L == 10 else f"_{L}"
             out.append((f"hnlq_falloc{target}_s1_kfr_tk{sfx}", "hnlq_falloc_kfr_tk", (target, L)))
+    # the same per KV head (allocate_trellis_heads from per-head Fisher sensitivities; one code per head)
+    for target in (4, 3, 2):
+        for L in (10, 12, 14):
+            sfx = "" if L == 10 else f"_{L}"
+            out.append((f"hnlq_fhead{target}_s1_kfr_tk{sfx}", "hnlq_fhead_kfr_tk", (target, L)))
     # the swapped splits (3, 4) / (2, 3) repeat the KIVI rows of (4, 3) / (3, 2): one entry per name
     return list({name: (name, kind, cfg) for name, kind, cfg in out}.values())
 
@@ -199,7 +205,9 @@ TK_SENS_CONFIG = _tk(16, 14, 12)
 T42 = {"t_bits": 4, "alpha": 0.25, "scale_bits": 8, "value_t_bits": 2, "value_alpha": 0.5}
 
 
-def _code_tag(c: KVQuantConfig) -> str:
+def _code_tag(c: KVQuantConfig | tuple[KVQuantConfig, ...]) -> str:
+    if isinstance(c, tuple):  # per KV head
+        return "/".join(_code_tag(h) for h in c)
     if c.key_code is not None and c.value_code is not None:
         return f"TK{c.key_code.block_bits}V{c.value_code.block_bits}"
     return f"K{c.bits}V{c.resolved_value_bits}t{c.t_bits}"
@@ -219,6 +227,10 @@ def t42_options(opts: list[KVQuantConfig]) -> list[KVQuantConfig]:
 ALLOCATIONS: dict[str, dict[int, list[KVQuantConfig]]] = {}
 #: per-layer configs of the ``hnlq_falloc_kfr_tk`` caches by (target rate, state bits), set by main()
 FISHER_ALLOCATIONS: dict[tuple[int, int], list[KVQuantConfig]] = {}
+#: per-layer tuples of per-KV-head configs of the ``hnlq_fhead_kfr_tk`` caches, by (target, state bits)
+FISHER_HEAD_ALLOCATIONS: dict[tuple[int, int], list[tuple[KVQuantConfig, ...]]] = {}
+#: the Fisher allocation kinds: per layer, per KV head
+FISHER_KINDS = ("hnlq_falloc_kfr_tk", "hnlq_fhead_kfr_tk")
 
 
 #: per-layer key scales of the ``hnlq_kq`` caches, set by main() (calibrate_key_scales on held-out text)
@@ -259,8 +271,13 @@ def make_cache(kind: str, cfg, model_config, prefill: str = "float"):
     if kind.startswith("hnlq_alloc"):
         cfgs = [dataclasses.replace(c, prefill=prefill) for c in layer_configs(kind, cfg)]
         return CosetQuantizedCache(model_config, cfgs, key_scales=alloc_keys(kind), rope=alloc_rope(kind))
-    if kind == "hnlq_falloc_kfr_tk":
-        cfgs = [dataclasses.replace(c, prefill=prefill) for c in layer_configs(kind, cfg)]
+    if kind in FISHER_KINDS:
+        cfgs = [
+            tuple(dataclasses.replace(c, prefill=prefill) for c in e)
+            if isinstance(e, tuple)
+            else dataclasses.replace(e, prefill=prefill)
+            for e in layer_configs(kind, cfg)
+        ]
         return CosetQuantizedCache(model_config, cfgs, key_scales=key_scales_of("hnlq_kfr"), rope=ROPE)
     if kind in ("hnlq", "hnlq_kq") or kind.startswith("hnlq_kf"):
         scales = key_scales_of(kind)
@@ -273,22 +290,30 @@ def make_cache(kind: str, cfg, model_config, prefill: str = "float"):
     return ScalarQuantizedCache(model_config, cfg)
 
 
-def layer_configs(kind: str, cfg) -> list[KVQuantConfig] | None:
-    """The per-layer configs of an allocation kind (``cfg``: ``(target, ...)`` or ``(target, state bits)``);
-    None for the other kinds."""
+def layer_configs(kind: str, cfg) -> list[KVQuantConfig] | list[tuple[KVQuantConfig, ...]] | None:
+    """The per-layer configs of an allocation kind (``cfg``: ``(target, ...)`` or ``(target, state bits)``):
+    one KVQuantConfig per layer, or (``hnlq_fhead_kfr_tk``) one tuple of per-KV-head configs per layer; None for
+    the other kinds."""
     if kind.startswith("hnlq_alloc"):
         return ALLOCATIONS[kind][cfg[0]]
     if kind == "hnlq_falloc_kfr_tk":
         return FISHER_ALLOCATIONS[cfg]
+    if kind == "hnlq_fhead_kfr_tk":
+        return FISHER_HEAD_ALLOCATIONS[cfg]
     return None
 
 
 def bits_per_element(kind: str, cfg) -> float:
+    """All-in bits per cached element: the mean over every KV head of every layer (each head of a layer holds the
+    same number of tokens, so this is the bytes' rate)."""
     if kind == "fp32":
         return 32.0
     cfgs = layer_configs(kind, cfg)
     if cfgs is not None:
-        return sum(c.bits_per_element(HEAD_DIM) for c in cfgs) / len(cfgs)
+        heads = [c for e in cfgs for c in (e if isinstance(e, tuple) else (e,))]
+        if len({len(e) if isinstance(e, tuple) else 1 for e in cfgs}) > 1:
+            raise ValueError(f"{kind}: layers with different numbers of per-head configs")
+        return sum(c.bits_per_element(HEAD_DIM) for c in heads) / len(heads)
     return cfg.bits_per_element(HEAD_DIM)  # HNLQ: exact; KIVI: full groups (the fp residual not counted)
 
 
@@ -625,7 +650,7 @@ def main() -> None:
         todo = [
             (n, k, dataclasses.replace(c, seed=args.kv_seed) if isinstance(c, KVQuantConfig) else c) for n, k, c in todo
         ]
-    if any(kind.startswith(("hnlq_kq", "hnlq_kf", "hnlq_alloc", "hnlq_falloc")) for _, kind, _ in todo):
+    if any(kind.startswith(("hnlq_kq", "hnlq_kf", "hnlq_alloc", "hnlq_falloc", "hnlq_fhead")) for _, kind, _ in todo):
         global KEY_SCALES, KEY_TRANSFORMS, ROPE
         # calibration text: the pydoc window right after the evaluated ones (never evaluated itself)
         calib = token_windows(tok, pydoc_text(), args.seqlen, args.windows + 1)[-1:]
@@ -636,20 +661,32 @@ def main() -> None:
         results["key_scales"] = (
             f"calibrate_key_scales / calibrate_key_transforms on pydoc window {args.windows} ({args.seqlen} tokens)"
         )
-    fal = sorted({cfg for _, kind, cfg in todo if kind == "hnlq_falloc_kfr_tk"})
-    if fal:
-        # modelled sensitivities on the same held-out window (one gradient pass), the trellis keys' transforms
+    for fkind in FISHER_KINDS:
+        fal = sorted({cfg for _, kind, cfg in todo if kind == fkind})
+        if not fal:
+            continue
+        # modelled sensitivities on the same held-out window (one gradient pass), the trellis keys' transforms;
+        # per layer (summed over the KV heads) or per KV head
+        per_head = fkind == "hnlq_fhead_kfr_tk"
         calib = token_windows(tok, pydoc_text(), args.seqlen, args.windows + 1)[-1:]
         t0 = time.time()
-        ks, vs = fisher_sensitivity(model, calib, key_scales=key_scales_of("hnlq_kfr"), rope=ROPE)
-        results["fisher_sensitivity"] = {"seconds": time.time() - t0, "keys": ks, "values": vs}
+        ks, vs = fisher_sensitivity(model, calib, key_scales=key_scales_of("hnlq_kfr"), rope=ROPE, per_head=per_head)
+        tag = "_heads" if per_head else ""
+        results[f"fisher_sensitivity{tag}"] = {"seconds": time.time() - t0, "keys": ks, "values": vs}
         for target, L in fal:
             base = _tk(16, 16, L)  # (its block bits are replaced; the rest, the seed too, is kept per layer)
             base = base if args.kv_seed is None else dataclasses.replace(base, seed=args.kv_seed)
-            alloc = allocate_trellis(ks, vs, float(target), base)
-            FISHER_ALLOCATIONS[(target, L)] = alloc
-            results.setdefault("fisher_allocations", {})[f"{target}_{L}"] = [_code_tag(c) for c in alloc]
-            print("fisher allocation", target, L, results["fisher_allocations"][f"{target}_{L}"], flush=True)
+            alloc: list = (allocate_trellis_heads if per_head else allocate_trellis)(ks, vs, float(target), base)
+            (FISHER_HEAD_ALLOCATIONS if per_head else FISHER_ALLOCATIONS)[(target, L)] = alloc
+            results.setdefault(f"fisher{tag}_allocations", {})[f"{target}_{L}"] = [_code_tag(c) for c in alloc]
+            print(
+                f"fisher{tag} allocation", target, L, results[f"fisher{tag}_allocations"][f"{target}_{L}"], flush=True
+            )
+            if per_head:  # how the bits spread over the heads of a layer (the spread the per-layer one cannot make)
+                for side in ("key_code", "value_code"):
+                    bb = [[getattr(c, side).block_bits for c in layer] for layer in alloc]
+                    spread = [max(b) - min(b) for b in bb]
+                    print(f"  {side} block bits per layer/head {bb}; max - min within a layer: {spread}", flush=True)
     for akind in sorted({kind for _, kind, _ in todo if kind.startswith("hnlq_alloc")}):
         # layer sensitivities on the first 512 tokens of the same held-out window, with the key scales
         # (hnlq_alloc) or key transforms (hnlq_alloc_kf*) and the code split the caches use

@@ -2,6 +2,7 @@
 sensitivities on a tiny Llama."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -172,3 +173,83 @@ def test_trellis_allocation_errors():
         allocate_trellis([1.0], [1.0], 3.0, BASE, max_cut=-0.5)
     with pytest.raises(ValueError, match="target_bits"):
         allocate_trellis([1.0], [1.0], float("inf"), BASE)
+
+
+def head_cost(cfgs, ks, vs):
+    return sum(
+        trellis_cost(layer, kl, vl) for layer, kl, vl in zip(cfgs, ks, vs, strict=True)
+    )  # per layer: the heads' configs against their sensitivities
+
+
+def brute_force(sens, total, floor):
+    """Least ``sum a 4^(-b/8)`` over every split of ``total`` block bits into ``len(sens)`` units in
+    ``[floor, 32]``."""
+    n, best = len(sens), float("inf")
+    for head in itertools.product(range(floor, 33), repeat=n - 1):
+        last = total - sum(head)
+        if floor <= last <= 32:
+            best = min(best, sum(a * 4.0 ** (-b / 8) for a, b in zip(sens, (*head, last), strict=True)))
+    return best
+
+
+@pytest.mark.parametrize(
+    ("layers", "heads", "target", "max_cut"),
+    [(1, 2, 2.5, 0.5), (1, 2, 3.0, 1.0), (1, 3, 3.3125, 0.25), (2, 2, 3.875, 0.25), (2, 2, 3.75, 0.25)],
+)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_head_allocation_is_the_exact_rate_optimum(layers, heads, target, max_cut, seed):
+    from coset.kv import allocate_trellis_heads
+
+    g = torch.Generator().manual_seed(seed)
+    ks = (torch.rand(layers, heads, generator=g) * 10).exp2().tolist()
+    vs = (torch.rand(layers, heads, generator=g) * 10).exp2().tolist()
+    got = allocate_trellis_heads(ks, vs, target, BASE, max_cut=max_cut)
+    assert len(got) == layers and all(isinstance(t, tuple) and len(t) == heads for t in got)
+    flat = [c for layer in got for c in layer]
+    # the exact mean rate over every head of every layer; only the block bits change
+    assert sum(c.bits_per_element(64) for c in flat) == pytest.approx(target * layers * heads, abs=1e-12)
+    assert all(c.sink == 1 and c.key_code.state_bits == 8 and not c.value_code.unbiased for c in flat)
+    bits = [b for c in flat for b in (c.key_code.block_bits, c.value_code.block_bits)]
+    floor = math.ceil(sum(bits) / len(bits) - 8 * max_cut - 1e-9)
+    assert min(bits) >= floor
+    sens = [a for kl, vl in zip(ks, vs, strict=True) for kv in zip(kl, vl, strict=True) for a in kv]
+    assert head_cost(got, ks, vs) == pytest.approx(brute_force(sens, sum(bits), floor), rel=1e-12)
+
+
+def test_head_allocation_of_one_head_per_layer_is_the_layer_allocation():
+    from coset.kv import allocate_trellis_heads
+
+    g = torch.Generator().manual_seed(3)
+    ks, vs = (torch.rand(5, generator=g) * 8).exp2().tolist(), (torch.rand(5, generator=g) * 8).exp2().tolist()
+    for target in (2.0, 3.0, 3.4375):
+        per_layer = allocate_trellis(ks, vs, target, BASE)
+        per_head = allocate_trellis_heads([[a] for a in ks], [[b] for b in vs], target, BASE)
+        assert per_head == [(c,) for c in per_layer]
+    # equal heads: each head of a layer gets the layer's bits when the layer's bits split evenly
+    same = allocate_trellis_heads([[a] * 2 for a in ks], [[b] * 2 for b in vs], 3.0, BASE)
+    assert all(len(set(layer)) <= 2 for layer in same)
+
+
+def test_head_allocation_errors():
+    from coset.kv import allocate_trellis_heads
+
+    with pytest.raises(ValueError, match="differ"):
+        allocate_trellis_heads([[1.0, 2.0]], [[1.0]], 3.0, BASE)
+    with pytest.raises(ValueError, match="length"):
+        allocate_trellis_heads([[1.0], [2.0]], [[1.0]], 3.0, BASE)
+    with pytest.raises(ValueError, match=r"key_sensitivity\[1\]"):
+        allocate_trellis_heads([[1.0], [-2.0]], [[1.0], [1.0]], 3.0, BASE)
+    with pytest.raises(ValueError, match=r"value_sensitivity\[0\]"):
+        allocate_trellis_heads([[1.0]], [[]], 3.0, BASE)
+    with pytest.raises(ValueError, match="key_sensitivity"):
+        allocate_trellis_heads([1.0, 2.0], [[1.0], [2.0]], 3.0, BASE)  # not per-head sequences
+    with pytest.raises(ValueError, match="key_sensitivity"):
+        allocate_trellis_heads([], [], 3.0, BASE)
+    with pytest.raises(ValueError, match="key_sensitivity"):
+        allocate_trellis_heads("ab", "ab", 3.0, BASE)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="base"):
+        allocate_trellis_heads([[1.0]], [[1.0]], 3.0, None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="1/16"):
+        allocate_trellis_heads([[1.0, 1.0]], [[1.0, 1.0]], 3.01, BASE)
+    with pytest.raises(ValueError, match="outside"):
+        allocate_trellis_heads([[1.0, 1.0]], [[1.0, 1.0]], 4.25, BASE)

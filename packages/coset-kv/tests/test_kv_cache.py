@@ -785,3 +785,215 @@ def test_calibration_checks_the_token_ids(model):
     for bad in (ids + 96, ids - 97):
         with pytest.raises(ValueError, match="input_ids"):
             calibrate_key_transforms(model, bad)
+
+
+def test_fisher_sensitivity_per_head_sums_to_the_layer_figures(model):
+    ids = torch.randint(0, 96, (1, 24), generator=torch.Generator().manual_seed(9))
+    scales = calibrate_key_transforms(model, ids)
+    ks, vs = fisher_sensitivity(model, ids, key_scales=scales)
+    hk, hv = fisher_sensitivity(model, ids, key_scales=scales, per_head=True)
+    assert len(hk) == len(hv) == 2 and all(len(x) == 3 for x in hk + hv)
+    assert all(x >= 0 for layer in hk + hv for x in layer)
+    for layer in range(2):
+        assert sum(hk[layer]) == pytest.approx(ks[layer], rel=1e-12)
+        assert sum(hv[layer]) == pytest.approx(vs[layer], rel=1e-12)
+    assert len({round(x, 12) for x in hk[0]}) == 3  # the heads differ: a real per-head figure, not a share
+    with pytest.raises(TypeError, match="per_head"):
+        fisher_sensitivity(model, ids, per_head=1)  # type: ignore[call-overload]
+
+
+TK = KVQuantConfig(sink=1, key_code=TrellisCode(25, 10), value_code=TrellisCode(21, 10), prefill="codes")
+
+
+def head_codes(store, h):
+    """The stored tensors of KV head ``h`` of a CodedKVStore (its slice) or a PerHeadKVStore (its head's store)."""
+    from coset.kv import PerHeadKVStore
+
+    s = store.heads[h] if isinstance(store, PerHeadKVStore) else store
+    sl = slice(0, 1) if isinstance(store, PerHeadKVStore) else slice(h, h + 1)
+    out = [b.data[:, sl] for b in s._bufs.values() if b.data is not None]
+    out += [m[sl] for m in (s.k_mean, s.v_mean, s.k_chan) if m is not None]
+    return out
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [TK, KVQuantConfig(prefill="codes"), KVQuantConfig(bits=3, prefill="codes", window=4)],
+    ids=["trellis", "e8", "e8-window"],
+)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_per_head_store_with_equal_configs_is_the_joint_store(model, cfg, batch):
+    """Per-head stores with one config for every head store the same bytes (codes, scales, means, sink, window)
+    as the layer's joint store, and attend to the same outputs up to float32 rounding: the matrix products run
+    on (B, 1, n, D) slices instead of (B, H, n, D), and BLAS rounds them differently (in the last bit)."""
+    from coset.kv import PerHeadKVStore, RotaryTable
+
+    ids = torch.randint(0, 96, (batch, 40), generator=torch.Generator().manual_seed(1))
+    rope = RotaryTable.from_model(model) if cfg.key_code is not None else None
+    keys = calibrate_key_transforms(model, ids[:1], rope=rope) if cfg.key_code is not None else None
+    joint = CosetQuantizedCache(model.config, cfg, key_scales=keys, rope=rope)
+    heads = CosetQuantizedCache(model.config, [(cfg,) * 3] * 2, key_scales=keys, rope=rope)
+    assert all(isinstance(layer.store, PerHeadKVStore) for layer in heads.layers)
+    with torch.no_grad():
+        steps = [(0, 30)] + [(t, t + 1) for t in range(30, 40)]
+        for s, e in steps:
+            a = model(ids[:, s:e], past_key_values=joint).logits
+            b = model(ids[:, s:e], past_key_values=heads).logits
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            assert joint.nbytes == heads.nbytes and joint.get_seq_length() == heads.get_seq_length() == e
+            # layer 0 sees the same states (layer 1 the attention output of layer 0, equal up to rounding)
+            lj, lh = joint.layers[0].store, heads.layers[0].store
+            for h in range(3):
+                assert all(torch.equal(x, y) for x, y in zip(head_codes(lj, h), head_codes(lh, h), strict=True))
+        # scores and outputs of one query block on the same stored codes
+        q = torch.randn(batch, 9, 5, 64, generator=torch.Generator().manual_seed(2))
+        mask = torch.rand(batch, 9, 5, 40, generator=torch.Generator().manual_seed(3)) > 0.3
+        for lj, lh in zip(joint.layers, heads.layers, strict=True):
+            for m in (None, mask, mask[:, :1]):
+                torch.testing.assert_close(lj.store.attend(q, m), lh.store.attend(q, m), rtol=1e-5, atol=1e-5)
+            for x, y in zip(lj.store.dequantized(), lh.store.dequantized(), strict=True):
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [TK, KVQuantConfig(), KVQuantConfig(bits=3, value_bits=2, window=3, sink=2)],
+    ids=["trellis", "e8", "e8-window-sink"],
+)
+def test_per_head_store_stores_the_joint_stores_bytes(cfg):
+    """(Not with ``key_channel_scale``: its per-channel std is reduced over (B, 1, L) instead of (B, H, L), in
+    another order, and may differ in the last bit.)"""
+    from coset.kv import PerHeadKVStore
+
+    key_scale = random_transform(3, 64, 8, torch.Generator().manual_seed(1)) if cfg.key_code is not None else None
+    k, v = kv(B=2, L=20, seed=6)
+    k = 3 * k + 1  # off-centre keys: the means matter
+    joint = CodedKVStore(cfg, seed=7, key_scale=key_scale)
+    heads = PerHeadKVStore([cfg] * 3, seed=7, key_scale=key_scale)
+    for s, e in ((0, 7), (7, 8), (8, 9), (9, 20)):
+        joint.append(k[:, :, s:e], v[:, :, s:e])
+        heads.append(k[:, :, s:e], v[:, :, s:e])
+        assert joint.nbytes == heads.nbytes and len(joint) == len(heads) == e
+        for h in range(3):
+            assert all(torch.equal(x, y) for x, y in zip(head_codes(joint, h), head_codes(heads, h), strict=True))
+    q = torch.randn(2, 9, 1, 64, generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(joint.attend(q), heads.attend(q), rtol=1e-5, atol=1e-5)
+
+
+def per_head_cache(mc, layers=2):
+    """Per-head configs that differ by head (trellis bits, an E8 head) and by layer."""
+    tk = [
+        KVQuantConfig(sink=1, key_code=TrellisCode(20 + h, 8), value_code=TrellisCode(16 + 2 * h, 8)) for h in range(3)
+    ]
+    e8 = KVQuantConfig(bits=3, value_bits=2, sink=1)
+    cfgs = [tuple(tk), (tk[0], e8, tk[2])][:layers]
+    return CosetQuantizedCache(mc, cfgs), cfgs
+
+
+def test_per_head_cache_append_crop_reorder_bytes():
+    cache, cfgs = per_head_cache(tiny_config())
+    k, v = kv(B=3, L=9, seed=4)
+    for i in range(2):
+        cache.update(k[:, :, :6], v[:, :, :6], i)
+        for t in range(6, 9):  # token by token equals one chunk: the codes are per token
+            cache.update(k[:, :, t : t + 1], v[:, :, t : t + 1], i)
+    one, _ = per_head_cache(tiny_config())
+    for i in range(2):
+        one.update(k[:, :, :6], v[:, :, :6], i)
+        one.update(k[:, :, 6:], v[:, :, 6:], i)
+    for a, b in zip(cache.layers, one.layers, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a.store.dequantized(), b.store.dequantized(), strict=True))
+    # bytes: each head's codes at its own rate (8 coded tokens x batch 3), its fp32 sink token (key and value)
+    # and its two frozen float32 means
+    want = 0
+    for layer in cfgs:
+        for c in layer:
+            want += 3 * 8 * (c.bytes_per_vector(64, "k") + c.bytes_per_vector(64, "v")) + 3 * 2 * 64 * 4 + 2 * 64 * 4
+    assert cache.nbytes == want
+    # the heads are coded with their own codes: head 2 of layer 0 has 22-bit keys, 8 of them per 8 elements
+    assert cache.layers[0].store.heads[2].key_codes.idx.shape == (3, 1, 8, 22)
+    K, V = cache.layers[0].store.dequantized()
+    assert K.shape == V.shape == (3, 3, 9, 64) and torch.equal(K[:, :, :1], k[:, :, :1])  # the sink is exact
+    # crop: the same as a cache that never saw the dropped tokens
+    cache.crop(-2)
+    short, _ = per_head_cache(tiny_config())
+    for i in range(2):
+        short.update(k[:, :, :6], v[:, :, :6], i)
+        short.update(k[:, :, 6:7], v[:, :, 6:7], i)
+    assert cache.get_seq_length() == 7
+    for a, b in zip(cache.layers, short.layers, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a.store.dequantized(), b.store.dequantized(), strict=True))
+    # reorder / select / repeat act on every head's buffers
+    layer = cache.layers[1]
+    K, V = layer.store.dequantized()
+    layer.reorder_cache(torch.tensor([2, 0, 1]))
+    K2, V2 = layer.store.dequantized()
+    assert torch.equal(K2, K[[2, 0, 1]]) and torch.equal(V2, V[[2, 0, 1]])
+    q = torch.randn(3, 9, 1, 64, generator=torch.Generator().manual_seed(5))
+    layer.batch_select_indices(torch.tensor([1]))
+    assert torch.equal(layer.store.dequantized()[0], K[[0]])
+    layer.batch_repeat_interleave(2)
+    assert torch.equal(layer.store.dequantized()[1], V[[0, 0]])
+    out = layer.store.attend(q[:1].expand(2, -1, -1, -1))  # the same query over the repeated batch entry
+    assert out.shape == (2, 1, 9, 64) and torch.equal(out[0], out[1])
+    layer.reset()
+    assert layer.get_seq_length() == 0 and layer.store.nbytes == 0
+
+
+def test_per_head_cache_generates_on_a_tiny_llama(model):
+    ids = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(5))
+    hi = KVQuantConfig(subtract_mean=False, key_code=TrellisCode(32, 10), value_code=TrellisCode(32, 10))
+    lo = KVQuantConfig(key_code=TrellisCode(8, 8), value_code=TrellisCode(8, 8))
+    with torch.no_grad():
+        ref = model.generate(ids, past_key_values=DynamicCache(config=model.config), max_new_tokens=8, do_sample=False)
+        cache = CosetQuantizedCache(model.config, [(hi, hi, hi), (hi, lo, hi)])
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
+    assert out.shape == ref.shape and cache.get_seq_length() == 6 + 7
+    assert float((out == ref).float().mean()) >= 0.8
+
+
+def test_per_head_configs_bad_inputs():
+    from coset.kv import PerHeadKVStore
+
+    mc = tiny_config()
+    c = KVQuantConfig()
+    with pytest.raises(ValueError, match="config"):  # 2 head configs, the model has 3 KV heads
+        CosetQuantizedCache(mc, [(c, c), (c, c, c)])
+    with pytest.raises(TypeError, match="config"):  # mixed types in a layer's entry
+        CosetQuantizedCache(mc, [(c, ScalarKVConfig(), c), c])
+    with pytest.raises(TypeError, match="config"):
+        CosetQuantizedCache(mc, [(c, c, c), "abc"])
+    with pytest.raises(ValueError, match="config.*window"):  # the heads must share window / sink / prefill / seed
+        CosetQuantizedCache(mc, [(c, KVQuantConfig(window=2), c), c])
+    with pytest.raises(ValueError, match="config"):
+        CosetQuantizedCache(mc, [(), c])
+    with pytest.raises(TypeError, match="config"):
+        CosetKVLayer([c, 3])
+    with pytest.raises(ValueError, match="seed"):
+        CosetKVLayer([c, KVQuantConfig(seed=1)])
+    layer = CosetKVLayer([c, c])  # an int model config does not know the heads: checked at the first append
+    with pytest.raises(ValueError, match="key_states.*2"):
+        layer.update(*kv())
+    assert layer.get_seq_length() == 0 and layer.store.nbytes == 0
+    with pytest.raises(ValueError, match="key_scale"):
+        PerHeadKVStore([c] * 3, key_scale=torch.ones(2, 64))
+    with pytest.raises(ValueError, match="key_scale"):
+        PerHeadKVStore([c] * 3, key_scale=random_transform(2, 64, 4, torch.Generator()))
+    with pytest.raises(TypeError, match="key_scale"):
+        PerHeadKVStore([c] * 3, key_scale="scales")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="configs"):
+        PerHeadKVStore(c)  # type: ignore[arg-type]
+    # a call that raises in one head's store leaves every head as it was
+    st = PerHeadKVStore([c] * 3)
+    k, v = kv(L=4)
+    st.append(k, v)
+    nb = st.nbytes
+    bad = k[:, :, :1].clone()
+    bad[0, 2] = 1e30  # head 2 only: past the per-vector scale's range
+    with pytest.raises(ValueError, match="key_states"):
+        st.append(bad, v[:, :, :1])
+    assert st.nbytes == nb and len(st) == 4 and all(len(s) == 4 for s in st.heads)
+    with pytest.raises(ValueError, match="does not fit"):
+        st.attend(torch.randn(1, 4, 1, 64))
+    with pytest.raises(NotImplementedError):
+        CosetKVLayer([c, c, c])._quantize(k)

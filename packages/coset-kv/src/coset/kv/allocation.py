@@ -13,6 +13,8 @@ at D = 64 is such a multiple).
 block bits (1/8 bit per element), from sensitivities modelled rather than measured
 (:func:`coset.kv.hf_cache.fisher_sensitivity`: one gradient pass instead of a forward per layer, and no
 perplexity noise): the excess of a unit with sensitivity ``a`` at ``b`` block bits is ``a 4^(-b/8)``.
+:func:`allocate_trellis_heads` does the same over the KV heads of every layer (one config per layer and head,
+for a cache that codes each KV head with its own code).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from .config import KVQuantConfig, check_head_dim
 from .trellis import TrellisCode
 
-__all__ = ["allocate_layers", "allocate_trellis"]
+__all__ = ["allocate_layers", "allocate_trellis", "allocate_trellis_heads"]
 
 _UNIT = 16  # rates in 1/16 bit: (bytes_k + bytes_v) * 4 / 64 at D = 64
 #: Layers :func:`allocate_layers` takes (its choice table is layers x budget units bytes: 512 layers at 8 bits
@@ -151,7 +153,8 @@ def allocate_trellis(
     errors only, so no unit gets fewer than ``8 (m - max_cut)`` block bits, ``m`` the mean stream rate per element
     (SmolLM2-135M at 3 bits without the floor: layer 0, whose gradients are tiny, fell to 1 bit per element and
     the perplexity ratio rose from 1.0337 / 1.0330 uniform to 1.0407 / 1.0342 on two rotation seeds; with
-    ``max_cut = 0.5``: 1.0315 over four seeds against 1.0357 uniform).
+    ``max_cut = 0.5``: 1.0315 over four seeds against 1.0357 uniform). :func:`allocate_trellis_heads` is the same
+    over the KV heads of every layer.
 
     Parameters
     ----------
@@ -175,6 +178,70 @@ def allocate_trellis(
     ks, vs = _sensitivities("key_sensitivity", key_sensitivity), _sensitivities("value_sensitivity", value_sensitivity)
     if len(ks) != len(vs):
         raise ValueError(f"key_sensitivity ({len(ks)} layers) and value_sensitivity ({len(vs)}) differ in length")
+    return _greedy_trellis(list(zip(ks, vs, strict=True)), target_bits, base, max_cut, head_dim, "layers")
+
+
+def allocate_trellis_heads(
+    key_sensitivity: Sequence[Sequence[float]],
+    value_sensitivity: Sequence[Sequence[float]],
+    target_bits: float,
+    base: KVQuantConfig,
+    max_cut: float = 0.5,
+    head_dim: int = 64,
+) -> list[tuple[KVQuantConfig, ...]]:
+    """:func:`allocate_trellis` over (layer, KV head) units: per layer and KV head, key and value block bits at
+    the mean all-in rate exactly ``target_bits`` (the mean over every head of every layer), least modelled
+    excess ``sum_{l,h} a_lh^k 4^(-b_lh^k / 8) + a_lh^v 4^(-b_lh^v / 8)``; the same greedy (ties: the lower
+    layer, then the lower head, keys first) and floor (``max_cut`` below the mean stream rate).
+
+    Parameters
+    ----------
+    key_sensitivity, value_sensitivity : per layer, a sequence of one ``a >= 0`` per KV head
+        (:func:`coset.kv.hf_cache.fisher_sensitivity` with ``per_head=True``): ``(layers, heads)``
+    target_bits, base, max_cut, head_dim : as for :func:`allocate_trellis`
+
+    Returns
+    -------
+    list of one tuple per layer of one KVQuantConfig per KV head (``CosetQuantizedCache(config=...)``)
+
+    Raises
+    ------
+    TypeError / ValueError as :func:`allocate_trellis`; ValueError also for a layer without heads or whose key
+    and value sensitivities differ in head count.
+    """
+    if isinstance(key_sensitivity, (str, bytes)) or isinstance(value_sensitivity, (str, bytes)):
+        raise ValueError("key_sensitivity and value_sensitivity must be sequences of per-head sequences")
+    try:
+        ks_layers, vs_layers = list(key_sensitivity), list(value_sensitivity)
+    except TypeError:
+        raise ValueError("key_sensitivity and value_sensitivity must be sequences of per-head sequences") from None
+    if not ks_layers or not vs_layers:
+        raise ValueError("key_sensitivity and value_sensitivity must be non-empty sequences of per-head sequences")
+    if len(ks_layers) != len(vs_layers):
+        raise ValueError(
+            f"key_sensitivity ({len(ks_layers)} layers) and value_sensitivity ({len(vs_layers)}) differ in length"
+        )
+    pairs: list[tuple[float, float]] = []
+    heads: list[int] = []
+    for l, (kl, vl) in enumerate(zip(ks_layers, vs_layers, strict=True)):
+        k = _sensitivities(f"key_sensitivity[{l}]", kl)
+        v = _sensitivities(f"value_sensitivity[{l}]", vl)
+        if len(k) != len(v):
+            raise ValueError(f"layer {l}: key_sensitivity ({len(k)} heads) and value_sensitivity ({len(v)}) differ")
+        pairs += zip(k, v, strict=True)
+        heads.append(len(k))
+    flat = _greedy_trellis(pairs, target_bits, base, max_cut, head_dim, "heads")
+    out, at = [], 0
+    for h in heads:
+        out.append(tuple(flat[at : at + h]))
+        at += h
+    return out
+
+
+def _greedy_trellis(
+    pairs: list[tuple[float, float]], target_bits, base, max_cut, head_dim, what: str
+) -> list[KVQuantConfig]:
+    """The greedy of :func:`allocate_trellis` over ``pairs`` of (key, value) sensitivities, one config each."""
     if not isinstance(base, KVQuantConfig):
         raise TypeError(f"base must be a KVQuantConfig, got {type(base).__name__}")
     kc, vc = base.key_code, base.value_code
@@ -185,7 +252,7 @@ def allocate_trellis(
     if isinstance(max_cut, bool) or not isinstance(max_cut, (int, float)) or not 0 <= max_cut < math.inf:
         raise ValueError(f"max_cut must be a finite number >= 0, got {max_cut!r}")
     check_head_dim(head_dim)
-    n, lo_code, hi_code = len(ks), 8, 32
+    n, lo_code, hi_code = len(pairs), 8, 32
 
     def pair(kb: int, vb: int) -> KVQuantConfig:
         return replace(
@@ -198,13 +265,13 @@ def allocate_trellis(
     r0 = pair(lo_code, lo_code).bits_per_element(head_dim)
     extra = 16 * n * (target_bits - r0)  # block bits above 8 per unit, over all units
     if abs(extra - round(extra)) > 1e-6:
-        raise ValueError(f"target_bits={target_bits} over {n} layers is not a multiple of 1/16 bit above {r0}")
+        raise ValueError(f"target_bits={target_bits} over {n} {what} is not a multiple of 1/16 bit above {r0}")
     total = 2 * n * lo_code + round(extra)
     mean = total / (2 * n)
     floor = max(lo_code, math.ceil(mean - 8 * max_cut - 1e-9))
     if not 2 * n * floor <= total <= 2 * n * hi_code:
         raise ValueError(f"target_bits={target_bits} needs {mean:g} block bits per unit: outside [{floor}, {hi_code}]")
-    sens = [a for layer in zip(ks, vs, strict=True) for a in layer]  # unit 2l: keys of layer l, 2l + 1: values
+    sens = [a for kv in pairs for a in kv]  # unit 2i: keys of pair i, 2i + 1: its values
     bits = [floor] * (2 * n)
     step = 1 - 4.0 ** (-1 / 8)
     top = max(sens) or 1.0  # relative sensitivities: no overflow or underflow of a * 4^(-b/8)
@@ -215,4 +282,4 @@ def allocate_trellis(
         bits[i] += 1
         if bits[i] < hi_code:
             heapq.heappush(heap, (-(sens[i] / top) * 4.0 ** (-bits[i] / 8) * step, i))
-    return [pair(bits[2 * l], bits[2 * l + 1]) for l in range(n)]
+    return [pair(bits[2 * i], bits[2 * i + 1]) for i in range(n)]

@@ -71,6 +71,9 @@ class CodedKVStore:
     rope : optional :class:`coset.kv.RotaryTable` of the model: the key mean is taken *before* the rotary
         embedding and subtracted as ``R_p μ`` at each token's position ``p`` (:mod:`coset.kv.rope`; needs
         ``config.subtract_mean``). Positions count from the first token of the cache (sink, then coded tokens).
+    head : optional ``(h, H)``: the store holds KV head ``h`` of a layer of ``H`` heads, alone (its states have
+        one head; :class:`coset.kv.PerHeadKVStore`). Its rotation is then head ``h``'s of the layer's
+        ``HeadRotation(H, D, seed)``, so the head is coded as a store of the whole layer codes it.
     """
 
     def __init__(
@@ -80,6 +83,8 @@ class CodedKVStore:
         backend: str = "auto",
         key_scale: torch.Tensor | KeyTransform | None = None,
         rope: RotaryTable | None = None,
+        *,
+        head: tuple[int, int] | None = None,
     ):
         config = KVQuantConfig() if config is None else config
         if not isinstance(config, KVQuantConfig):
@@ -95,6 +100,11 @@ class CodedKVStore:
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
+        if head is not None:
+            ok = isinstance(head, tuple) and len(head) == 2
+            ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in head)
+            if not ok or not 0 <= head[0] < head[1]:
+                raise ValueError(f"head must be None or a tuple (h, H) of ints with 0 <= h < H, got {head!r}")
         k_mat = q_mat = None
         if isinstance(key_scale, KeyTransform):
             if key_scale.vectors.ndim != 3:
@@ -116,7 +126,7 @@ class CodedKVStore:
             if config.key_channel_scale:
                 raise ValueError("key_scale and config.key_channel_scale cannot be combined")
             key_scale = key_scale.detach().to(torch.float32).clone()
-        self.config, self.seed, self.backend, self.rope = config, seed, backend, rope
+        self.config, self.seed, self.backend, self.rope, self.head = config, seed, backend, rope, head
         # the key and value codes (they differ when config.value_bits / value_t_bits / value_alpha are set)
         self.kcfg, self.vcfg = config.key_config(), config.value_config()
         self.key_scale = key_scale
@@ -223,6 +233,11 @@ class CodedKVStore:
         full-precision sink or window tokens are kept), or a head vector past the range of the per-vector
         scale (:func:`coset.kv.encode_states`). A call that raises leaves the cache as it was.
         """
+        self.stage(keys, values)()
+
+    def stage(self, keys: torch.Tensor, values: torch.Tensor) -> Callable[[], None]:
+        """The checks and encoding of :meth:`append`, without changing the store: returns the function that
+        commits them (call it once, before any other change of the store). Raises as :meth:`append` does."""
         for name, x in (("key_states", keys), ("value_states", values)):
             if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
                 raise TypeError(f"{name} must be a floating torch.Tensor")
@@ -251,7 +266,12 @@ class CodedKVStore:
                 raise ValueError(f"key_scale is for {shape[0]} heads of dim {shape[1]}; the states have {H} of dim {D}")
             if self.rope is not None and self.rope.head_dim != D:
                 raise ValueError(f"rope is for head dim {self.rope.head_dim}; the states have head dim {D}")
-            rotation = HeadRotation(H, D, self.seed)
+            if self.head is None:
+                rotation = HeadRotation(H, D, self.seed)
+            elif H != 1:
+                raise ValueError(f"states have {H} heads; this store holds head {self.head[0]} of a layer, alone")
+            else:
+                rotation = HeadRotation(self.head[1], D, self.seed).heads(self.head[0], self.head[0] + 1)
         elif (H, D) != (rotation.num_heads, rotation.head_dim):
             raise ValueError(
                 f"states have {H} heads of dim {D}; this cache holds {rotation.num_heads} heads of dim "
@@ -279,20 +299,24 @@ class CodedKVStore:
                 code_v = torch.cat((self._bufs["v_win"].tensor[:, :, :from_win], code_v), dim=2)
         # encode first (it may raise), then commit: bad input leaves no trace
         enc = self._encode(code_k, code_v, rotation, self.num_sink + S) if code_k.shape[2] else None
-        if (L and not len(self)) or self.dtype is None:
-            self.dtype = keys.dtype
-        self.rotation = rotation
-        if S > 0 or self._batch() < 0:  # the first tokens of the sequence are kept as they are (L = 0: fixes B)
-            self._bufs["k_sink"].append(keys[:, :, :S].detach())
-            self._bufs["v_sink"].append(values[:, :, :S].detach())
-        if W:
-            if from_win:
-                self._bufs["k_win"].pop_front(from_win)
-                self._bufs["v_win"].pop_front(from_win)
-            self._bufs["k_win"].append(rest_k[:, :, keep:].detach())
-            self._bufs["v_win"].append(rest_v[:, :, keep:].detach())
-        if enc is not None:
-            self._commit(*enc)
+
+        def commit() -> None:
+            if (L and not len(self)) or self.dtype is None:
+                self.dtype = keys.dtype
+            self.rotation = rotation
+            if S > 0 or self._batch() < 0:  # the first tokens of the sequence are kept as they are (L = 0: fixes B)
+                self._bufs["k_sink"].append(keys[:, :, :S].detach())
+                self._bufs["v_sink"].append(values[:, :, :S].detach())
+            if W:
+                if from_win:
+                    self._bufs["k_win"].pop_front(from_win)
+                    self._bufs["v_win"].pop_front(from_win)
+                self._bufs["k_win"].append(rest_k[:, :, keep:].detach())
+                self._bufs["v_win"].append(rest_v[:, :, keep:].detach())
+            if enc is not None:
+                self._commit(*enc)
+
+        return commit
 
     def _batch(self) -> int:
         for b in self._bufs.values():

@@ -244,12 +244,21 @@ def head_dim_of(codes: KVCodes, config: KVQuantConfig | TrellisCode) -> int:
     return codes.idx.shape[3] * BLOCK
 
 
+@cache
+def _log_scales(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(256,)`` ``2^((e - 128) / 8)`` (0 for ``e = 0``), computed in float64 and rounded once to ``dtype``."""
+    e = torch.arange(256, dtype=torch.float64)
+    rho = torch.where(e > 0, torch.exp2((e - 128.0) / 8.0), torch.zeros_like(e))
+    return rho.to(dtype=dtype, device=device)
+
+
 def scale_values(scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The per-vector scales ``rho`` of stored ``scale`` codes: float16 as they are, uint8 8-bit log codes as
-    ``2^((e - 128) / 8)`` (0 for ``e = 0``)."""
+    ``2^((e - 128) / 8)`` (0 for ``e = 0``), read from a 256-entry table: the same value for a code whatever the
+    shape or layout of the tensor holding it (a vectorised ``exp2`` may round the same code differently in
+    different positions, so a store of one KV head would not decode as the layer's store does)."""
     if scale.dtype == torch.uint8:
-        e = scale.to(dtype)
-        return torch.where(e > 0, torch.exp2((e - 128.0) / 8.0), torch.zeros_like(e))
+        return _log_scales(dtype, scale.device)[scale.long()]
     return scale.to(dtype)
 
 

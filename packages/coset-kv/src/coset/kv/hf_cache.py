@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
+from typing import Literal, overload
 
 import torch
 from transformers.cache_utils import BaseQuantizedLayer, Cache
@@ -31,6 +32,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .coded_store import CodedKVStore
 from .codes import KVCodes, decode_states, encode_states
 from .config import KVQuantConfig, ScalarKVConfig
+from .head_store import PerHeadKVStore, check_head_configs
 from .key_transform import KeyTransform, check_options, key_transform, score_error_factor
 from .rope import RotaryTable, apply_rotary, unapply_rotary
 from .scalar_store import ScalarKVStore
@@ -62,7 +64,7 @@ class CodedKV:
 
     __slots__ = ("store",)
 
-    def __init__(self, store: CodedKVStore):
+    def __init__(self, store: CodedKVStore | PerHeadKVStore):
         self.store = store
 
     def __repr__(self) -> str:
@@ -72,7 +74,7 @@ class CodedKV:
 class _StoreLayer(BaseQuantizedLayer):
     """Shared plumbing of the two layers: the store does the work, the layer speaks the Cache API."""
 
-    store: CodedKVStore | ScalarKVStore
+    store: CodedKVStore | PerHeadKVStore | ScalarKVStore
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -113,18 +115,19 @@ class CosetKVLayer(_StoreLayer):
 
     Parameters
     ----------
-    config : KVQuantConfig
+    config : KVQuantConfig, or a sequence of one KVQuantConfig per KV head (a per-head bit allocation:
+        :class:`coset.kv.PerHeadKVStore`; the configs must agree on ``window``, ``sink``, ``prefill``, ``seed``)
     layer_idx : int, offsets the rotation seed (``config.seed + layer_idx``)
     return_codes : return a :class:`CodedKV` handle (for the ``"coset_kv"`` attention) instead of decoded
         dense states
     backend : LUT kernel, ``"auto"`` | ``"torch"`` | ``"native"``
     """
 
-    store: CodedKVStore
+    store: CodedKVStore | PerHeadKVStore
 
     def __init__(
         self,
-        config: KVQuantConfig | None = None,
+        config: KVQuantConfig | Sequence[KVQuantConfig] | None = None,
         layer_idx: int = 0,
         return_codes: bool = True,
         backend: str = "auto",
@@ -133,9 +136,22 @@ class CosetKVLayer(_StoreLayer):
     ):
         super().__init__()
         config = KVQuantConfig() if config is None else config
-        self.store = CodedKVStore(
-            config, seed=config.seed + int(layer_idx), backend=backend, key_scale=key_scale, rope=rope
-        )
+        if isinstance(config, KVQuantConfig):
+            self.store = CodedKVStore(
+                config, seed=config.seed + int(layer_idx), backend=backend, key_scale=key_scale, rope=rope
+            )
+        else:
+            try:
+                heads = check_head_configs(config)
+            except TypeError:
+                raise TypeError(
+                    f"config must be a KVQuantConfig or a sequence of one KVQuantConfig per KV head, got {config!r}"
+                ) from None
+            except ValueError as e:
+                raise ValueError(f"config: {e}") from None
+            self.store = PerHeadKVStore(
+                heads, seed=heads[0].seed + int(layer_idx), backend=backend, key_scale=key_scale, rope=rope
+            )
         self.return_codes = bool(return_codes)
 
     @property
@@ -144,11 +160,18 @@ class CosetKVLayer(_StoreLayer):
         # full-precision tokens would differ from a run that never saw the dropped tokens
         return self.store.config.window == 0
 
+    def _joint_store(self) -> CodedKVStore:
+        if not isinstance(self.store, CodedKVStore):
+            raise NotImplementedError("a layer with per-head configs has no single code; see PerHeadKVStore")
+        return self.store
+
     def _quantize(self, tensor: torch.Tensor) -> KVCodes:
-        return encode_states(tensor, self.store._require_rotation(), self.store.config)
+        store = self._joint_store()
+        return encode_states(tensor, store._require_rotation(), store.config)
 
     def _dequantize(self, q_tensor: KVCodes) -> torch.Tensor:
-        return decode_states(q_tensor, self.store._require_rotation(), self.store.config)
+        store = self._joint_store()
+        return decode_states(q_tensor, store._require_rotation(), store.config)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append the new tokens' codes; return a :class:`CodedKV` handle twice, or the decoded states, or
@@ -205,6 +228,15 @@ def _num_layers(model_config) -> int:
     return n
 
 
+def _num_kv_heads(model_config) -> int | None:
+    """``num_key_value_heads`` of a transformers config (``num_attention_heads`` without it), None for an int."""
+    if isinstance(model_config, int):
+        return None
+    cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    h = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", None)
+    return h if isinstance(h, int) and not isinstance(h, bool) else None
+
+
 class _BytesMixin:
     layers: list
 
@@ -221,7 +253,9 @@ class CosetQuantizedCache(_BytesMixin, Cache):
     ----------
     model_config : the model's ``PretrainedConfig`` (``num_hidden_layers``) or the number of layers
     config : KVQuantConfig (default ``KVQuantConfig()``: 4 bits, 4.5 bits per element all-in at D = 64), or a
-        sequence of one KVQuantConfig per layer (a per-layer bit allocation)
+        sequence of one entry per layer (a per-layer bit allocation): a KVQuantConfig, or a sequence of one
+        KVQuantConfig per KV head (a per-head allocation, :func:`coset.kv.allocate_trellis_heads`; that layer
+        is a :class:`coset.kv.PerHeadKVStore`)
     return_codes, backend : see :class:`CosetKVLayer`
     key_scales : optional sequence of one key scale (or None) per layer: ``(H, D)`` per-channel scales from
         :func:`calibrate_key_scales` or :class:`coset.kv.KeyTransform` from :func:`calibrate_key_transforms` (see
@@ -234,7 +268,7 @@ class CosetQuantizedCache(_BytesMixin, Cache):
     def __init__(
         self,
         model_config,
-        config: KVQuantConfig | Sequence[KVQuantConfig] | None = None,
+        config: KVQuantConfig | Sequence[KVQuantConfig | Sequence[KVQuantConfig]] | None = None,
         *,
         return_codes: bool = True,
         backend: str = "auto",
@@ -243,17 +277,38 @@ class CosetQuantizedCache(_BytesMixin, Cache):
     ):
         n = _num_layers(model_config)
         config = KVQuantConfig() if config is None else config
-        bad = TypeError(f"config must be a KVQuantConfig or a sequence of {n} KVQuantConfig (one per layer)")
+        bad = TypeError(
+            f"config must be a KVQuantConfig or a sequence of {n} entries (one per layer), each a KVQuantConfig or "
+            "a sequence of one KVQuantConfig per KV head"
+        )
+        configs: list[KVQuantConfig | tuple[KVQuantConfig, ...]]
         if isinstance(config, KVQuantConfig):
             configs = [config] * n
         elif isinstance(config, (str, bytes)) or not isinstance(config, Iterable):
             raise bad
         else:
-            configs = list(config)
-        if len(configs) != n or not all(isinstance(c, KVQuantConfig) for c in configs):
+            configs = []
+            for entry in config:
+                if isinstance(entry, KVQuantConfig):
+                    configs.append(entry)
+                    continue
+                try:
+                    configs.append(check_head_configs(entry))
+                except TypeError:
+                    raise bad from None
+                except ValueError as e:
+                    raise ValueError(f"config[{len(configs)}]: {e}") from None
+        if len(configs) != n:
             raise bad
+        kv_heads = _num_kv_heads(model_config)
+        for i, c in enumerate(configs):
+            if isinstance(c, tuple) and kv_heads is not None and len(c) != kv_heads:
+                raise ValueError(f"config[{i}] has {len(c)} per-head configs; the model has {kv_heads} KV heads")
         scales = _per_layer("key_scales", key_scales, n)
-        self.kv_config = config if isinstance(config, KVQuantConfig) else configs[0]
+        first = configs[0]
+        self.kv_config = (
+            config if isinstance(config, KVQuantConfig) else first[0] if isinstance(first, tuple) else first
+        )
         self.kv_configs = configs
         super().__init__(
             layers=[
@@ -484,37 +539,89 @@ def _kv_fisher(model, input_ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
     return out
 
 
+@overload
 def fisher_sensitivity(
     model,
     input_ids: torch.Tensor,
     key_scales: Sequence[torch.Tensor | KeyTransform | None] | None = None,
     rope: RotaryTable | None = None,
-) -> tuple[list[float], list[float]]:
+    per_head: Literal[False] = False,
+) -> tuple[list[float], list[float]]: ...
+
+
+@overload
+def fisher_sensitivity(
+    model,
+    input_ids: torch.Tensor,
+    key_scales: Sequence[torch.Tensor | KeyTransform | None] | None = None,
+    rope: RotaryTable | None = None,
+    *,
+    per_head: Literal[True],
+) -> tuple[list[list[float]], list[list[float]]]: ...
+
+
+@overload
+def fisher_sensitivity(
+    model,
+    input_ids: torch.Tensor,
+    key_scales: Sequence[torch.Tensor | KeyTransform | None] | None = None,
+    rope: RotaryTable | None = None,
+    per_head: bool = False,
+) -> tuple[list[float], list[float]] | tuple[list[list[float]], list[list[float]]]: ...
+
+
+def fisher_sensitivity(
+    model,
+    input_ids: torch.Tensor,
+    key_scales: Sequence[torch.Tensor | KeyTransform | None] | None = None,
+    rope: RotaryTable | None = None,
+    per_head: bool = False,
+) -> tuple[list[float], list[float]] | tuple[list[list[float]], list[list[float]]]:
     """Per layer, how much the log-loss grows per unit of relative coding error of its keys and of its values:
-    the input of :func:`coset.kv.allocation.allocate_trellis`. From one forward (moments) and one
-    forward + backward (gradients) of ``model`` on ``input_ids`` (calibration text, not the evaluation text).
+    the input of :func:`coset.kv.allocation.allocate_trellis` (``per_head=True``: per layer and KV head, the input
+    of :func:`coset.kv.allocation.allocate_trellis_heads`). From one forward (moments) and one forward + backward
+    (gradients) of ``model`` on ``input_ids`` (calibration text, not the evaluation text).
 
     Model (second order, empirical Fisher ``F = mean_t g_t g_t^T`` of the states, :func:`_kv_fisher`): a code
     with relative error ``eps`` (white in its domain, variance ``eps E||x'||^2 / D`` per element) on keys coded
     as ``x' = T (k - R_p mu)`` adds ``eps/2 tr(T S T^T) tr(T^-T F T^-1) / D`` to the summed log-loss (``S``: the
     moments the cache codes, :func:`_attention_moments` with ``rope``; ``T``: the layer's key transform,
     ``diag(1/s)`` for per-channel scales, ``I`` for None); values are coded as ``v - mu_v`` (``T = I``). Summed
-    over the KV heads; the common factor ``1/2`` is left out.
+    over the KV heads unless ``per_head``; the common factor ``1/2`` is left out.
+
+    Parameters
+    ----------
+    model : a transformers decoder
+    input_ids : (batch, seq_len >= 3) token ids of the calibration text
+    key_scales : optional sequence of one key scale or :class:`coset.kv.KeyTransform` (or None) per layer, as
+        the cache will use them
+    rope : the cache's :class:`coset.kv.RotaryTable`, if any
+    per_head : return, per layer, one sensitivity per KV head instead of their sum
 
     Returns
     -------
-    key_sensitivity, value_sensitivity : lists of ``num_hidden_layers`` floats >= 0
+    key_sensitivity, value_sensitivity : lists of ``num_hidden_layers`` floats >= 0, or (``per_head``) of
+        ``num_hidden_layers`` lists of ``num_key_value_heads`` floats >= 0 (summed over the heads: the per-layer
+        figures)
     """
+    if not isinstance(per_head, bool):
+        raise TypeError(f"per_head must be a bool, got {type(per_head).__name__}")
     n = _num_layers(model.config)
     scales = _per_layer("key_scales", key_scales, n)
     moments = _attention_moments(model, input_ids, rope)
     fisher = _kv_fisher(model, input_ids)
-    ks, vs = [], []
+    ks: list = []
+    vs: list = []
     for st, fi, sc in zip(moments, fisher, scales, strict=True):
         D = st["k"].shape[-1]
         t = 1 / sc if isinstance(sc, torch.Tensor) else sc  # keys coded as k / s: T = diag(1 / s)
-        ks.append(float(score_error_factor(st["k"], fi["k"], t).sum()) / D)
-        vs.append(float(score_error_factor(st["v"], fi["v"], None).sum()) / D)
+        k, v = score_error_factor(st["k"], fi["k"], t), score_error_factor(st["v"], fi["v"], None)  # (H,)
+        if per_head:
+            ks.append([float(x) / D for x in k])
+            vs.append([float(x) / D for x in v])
+        else:
+            ks.append(float(k.sum()) / D)
+            vs.append(float(v.sum()) / D)
     return ks, vs
 
 

@@ -81,6 +81,27 @@ class HeadRotation:
         self.matrix = fwht(torch.diag_embed(self.signs)).transpose(-1, -2).contiguous().to(torch.float32)
         self._cache: dict = {}
 
+    def heads(self, start: int, stop: int) -> HeadRotation:
+        """The rotations of heads ``start .. stop-1`` alone: ``signs`` and ``matrix`` rows ``start:stop`` (the same
+        values), ``seed`` kept. A store of one KV head (:class:`coset.kv.PerHeadKVStore`) rotates its head with
+        ``HeadRotation(H, D, seed).heads(h, h + 1)``, as the layer's joint store does.
+
+        Raises
+        ------
+        TypeError / ValueError unless ``0 <= start < stop <= num_heads`` are ints.
+        """
+        for name, v in (("start", start), ("stop", stop)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+        if not 0 <= start < stop <= self.num_heads:
+            raise ValueError(f"need 0 <= start < stop <= num_heads={self.num_heads}, got {start}, {stop}")
+        out = HeadRotation.__new__(HeadRotation)
+        out.num_heads, out.head_dim, out.seed = stop - start, self.head_dim, self.seed
+        out.signs = self.signs[start:stop].clone()
+        out.matrix = self.matrix[start:stop].clone()
+        out._cache = {}
+        return out
+
     def _mat(self, like: torch.Tensor) -> torch.Tensor:
         key = (like.device, like.dtype)
         m = self._cache.get(key)
