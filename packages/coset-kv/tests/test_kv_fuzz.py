@@ -721,6 +721,44 @@ def test_kv_fuzz_allocate_layers(sens, opts, target, ref, head_dim):
     assert cost(got) <= min(cost(ch) for ch in feasible) * (1 + 1e-9) + 1e-300
 
 
+@FUZZ
+@given(
+    sens=st.one_of(
+        st.lists(st.lists(st.floats(0, 1e6), min_size=1, max_size=3), min_size=1, max_size=3),
+        st.sampled_from([[], [[]], [[-1.0]], [[float("nan")]], [["a"]], None, 3.0, [1.0, 2.0], "ab", [[1.0], 2.0]]),
+    ),
+    vshape=st.sampled_from(["same", "same", "same", "short", "long_layer"]),
+    target=st.sampled_from([2.0, 2.5, 3.0, 3.0625, 4.125, 4.25, 0.5, float("nan"), "3", True]),
+    max_cut=st.sampled_from([0.5, 0.0, 0.25, 2.0, -1.0, float("inf")]),
+    base=st.sampled_from(["tk", "tk", "e8", None]),
+)
+def test_kv_fuzz_allocate_trellis_heads(sens, vshape, target, max_cut, base):
+    from coset.kv import TrellisCode, allocate_trellis_heads
+
+    b = {
+        "tk": KVQuantConfig(sink=1, key_code=TrellisCode(16, 8), value_code=TrellisCode(16, 8)),
+        "e8": KVQuantConfig(bits=3),
+        None: None,
+    }[base]
+    vs = sens
+    if isinstance(sens, list) and all(isinstance(x, list) for x in sens) and sens:
+        vs = (
+            [list(x) for x in sens]
+            if vshape == "same"
+            else sens[:-1]
+            if vshape == "short"
+            else [x + [1.0] for x in sens]
+        )
+    got, err = _raises_documented(allocate_trellis_heads, sens, vs, target, b, max_cut)
+    if err is not None:
+        return
+    assert [len(layer) for layer in got] == [len(x) for x in sens]
+    flat = [c for layer in got for c in layer]
+    assert sum(c.bits_per_element(64) for c in flat) == pytest.approx(target * len(flat), abs=1e-9)
+    bits = [x for c in flat for x in (c.key_code.block_bits, c.value_code.block_bits)]
+    assert min(bits) >= math.ceil(sum(bits) / len(bits) - 8 * max_cut - 1e-9) and max(bits) <= 32
+
+
 # ---------------------------------------------------------------------------------------------- transformers
 transformers = pytest.importorskip("transformers")
 
@@ -743,7 +781,9 @@ def _tiny():
 @FUZZ
 @given(
     model_config=st.sampled_from(["llama", "llama", 2, 1, 0, -1, 2.0, "x", None, True, 2**40]),
-    config=st.sampled_from(["default", "default", "list", "short", "str", 3, None, "scalar"]),
+    config=st.sampled_from(
+        ["default", "default", "list", "short", "str", 3, None, "scalar", "heads", "heads", "few_heads", "mixed"]
+    ),
     key_scales=st.sampled_from([None, None, "ok", "short", 3, "ab"]),
     ops=st.lists(
         st.tuples(st.sampled_from(["update", "crop", "reorder"]), st.integers(-4, 5), st.sampled_from([0, 1, 5])),
@@ -765,6 +805,10 @@ def test_kv_fuzz_hf_cache(model_config, config, key_scales, ops, return_codes, s
         3: 3,
         None: None,
         "scalar": ScalarKVConfig(),
+        # per-KV-head configs (the tiny Llama has 2 KV heads): right, one head short, a non-config in them
+        "heads": [(KVQuantConfig(bits=3), KVQuantConfig(bits=2, beta=0.5)), KVQuantConfig(bits=3)],
+        "few_heads": [(KVQuantConfig(),), KVQuantConfig()],
+        "mixed": [(KVQuantConfig(), 3), KVQuantConfig()],
     }[config]
     ks = {None: None, "ok": [torch.ones(2, 16), None], "short": [None], 3: 3, "ab": "ab"}[key_scales]
     cache, err = _raises_documented(CosetQuantizedCache, mc, cfg, key_scales=ks, return_codes=return_codes)
