@@ -54,6 +54,16 @@ def _inverse(t: torch.Tensor, name: str) -> torch.Tensor:
     return torch.linalg.inv(t64).to(torch.float32)
 
 
+def check_states(keys, values) -> None:
+    """TypeError / ValueError unless ``keys`` and ``values`` are floating ``(batch, kv_heads, seq_len, head_dim)``
+    tensors (the first checks of an append, shared with :class:`coset.kv.PerHeadKVStore`)."""
+    for name, x in (("key_states", keys), ("value_states", values)):
+        if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating torch.Tensor")
+        if x.ndim != 4:
+            raise ValueError(f"{name} must have shape (batch, kv_heads, seq_len, head_dim), got {tuple(x.shape)}")
+
+
 class CodedKVStore:
     """Keys and values of one attention layer as HNLQ codes (plus an optional full-precision window).
 
@@ -238,11 +248,7 @@ class CodedKVStore:
     def stage(self, keys: torch.Tensor, values: torch.Tensor) -> Callable[[], None]:
         """The checks and encoding of :meth:`append`, without changing the store: returns the function that
         commits them (call it once, before any other change of the store). Raises as :meth:`append` does."""
-        for name, x in (("key_states", keys), ("value_states", values)):
-            if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
-                raise TypeError(f"{name} must be a floating torch.Tensor")
-            if x.ndim != 4:
-                raise ValueError(f"{name} must have shape (batch, kv_heads, seq_len, head_dim), got {tuple(x.shape)}")
+        check_states(keys, values)
         if keys.shape != values.shape:
             raise ValueError(f"key_states {tuple(keys.shape)} and value_states {tuple(values.shape)} differ")
         if keys.dtype != values.dtype:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .coded_store import CodedKVStore
+from .coded_store import CodedKVStore, check_states
 from .config import KVQuantConfig
 from .key_transform import KeyTransform
 from .rope import RotaryTable
@@ -120,11 +120,8 @@ class PerHeadKVStore:
 
     def stage(self, keys: torch.Tensor, values: torch.Tensor) -> Callable[[], None]:
         """Checks and encodes every head (:meth:`coset.kv.CodedKVStore.stage`); returns the commit of all."""
+        check_states(keys, values)
         for name, x in (("key_states", keys), ("value_states", values)):
-            if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
-                raise TypeError(f"{name} must be a floating torch.Tensor")
-            if x.ndim != 4:
-                raise ValueError(f"{name} must have shape (batch, kv_heads, seq_len, head_dim), got {tuple(x.shape)}")
             if x.shape[1] != self.num_heads:
                 raise ValueError(
                     f"{name} have {x.shape[1]} KV heads; this store has one config per KV head ({self.num_heads})"
