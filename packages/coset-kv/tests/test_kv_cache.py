@@ -1,6 +1,8 @@
 """The transformers adapters on a tiny random Llama with SmolLM2's attention shape (9 query heads, 3 KV
 heads, head dim 64): append/reorder/crop, attention from codes == attention on the decoded states, generate."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -818,8 +820,13 @@ def head_codes(store, h):
 
 @pytest.mark.parametrize(
     "cfg",
-    [TK, KVQuantConfig(prefill="codes"), KVQuantConfig(bits=3, prefill="codes", window=4)],
-    ids=["trellis", "e8", "e8-window"],
+    [
+        TK,
+        KVQuantConfig(prefill="codes"),
+        KVQuantConfig(bits=3, prefill="codes", window=4),
+        dataclasses.replace(TK, self_exact=True),
+    ],
+    ids=["trellis", "e8", "e8-window", "trellis-self-exact"],
 )
 @pytest.mark.parametrize("batch", [1, 2])
 def test_per_head_store_with_equal_configs_is_the_joint_store(model, cfg, batch):
