@@ -163,18 +163,6 @@ def methods() -> list[tuple[str, str, object]]:
         for L in (10, 12, 14):
             sfx = "" if L == 10 else f"_{L}"
             out.append((f"hnlq_fhead{target}_s1_kfr_tk{sfx}", "hnlq_fhead_kfr_tk", (target, L)))
-    # self_exact (KVQuantConfig): each token reads its own key and value exactly, earlier ones from the codes
-    # (what decoding token by token with the cache computes; no stored byte changes)
-    for target in (4, 3, 2):
-        for L in (10, 12, 14):
-            sfx = "" if L == 10 else f"_{L}"
-            for k in ("falloc", "fhead"):
-                out.append((f"hnlq_{k}{target}_s1_kfr_tk{sfx}_se", f"hnlq_{k}_kfr_tk+se", (target, L)))
-        for dk in (1, 2):
-            kb, vb = 8 * target - 1 + dk, 8 * target - 1 - dk
-            if kb <= 32:
-                se = dataclasses.replace(_tk(kb, vb, 12), self_exact=True)
-                out.append((f"hnlq{target}_s1_kfr_tk{dk}_12_se", "hnlq_kfr", se))
     # the swapped splits (3, 4) / (2, 3) repeat the KIVI rows of (4, 3) / (3, 2): one entry per name
     return list({name: (name, kind, cfg) for name, kind, cfg in out}.values())
 
@@ -275,29 +263,19 @@ def alloc_rope(kind: str) -> RotaryTable | None:
     return ROPE if "_kfr" in kind else None
 
 
-def base_kind(kind: str) -> tuple[str, bool]:
-    """``"<kind>+se"`` -> (``"<kind>"``, True): the allocation kinds with ``self_exact`` on every config."""
-    base, _, flag = kind.partition("+")
-    return base, flag == "se"
-
-
 def make_cache(kind: str, cfg, model_config, prefill: str = "float"):
     """``prefill="codes"``: the HNLQ cache attends over its codes in the forward that fills it (the ppl
     protocol: every position reads the quantized cache, as with the KIVI cache, which always does)."""
     if kind == "fp32":
         return DynamicCache(config=model_config)
-    kind, self_exact = base_kind(kind)
-    extra = {"self_exact": True} if self_exact else {}
-
-    def set_prefill(c: KVQuantConfig) -> KVQuantConfig:
-        return dataclasses.replace(c, prefill=prefill, **extra)  # type: ignore[arg-type]
-
     if kind.startswith("hnlq_alloc"):
-        cfgs = [set_prefill(c) for c in layer_configs(kind, cfg)]
+        cfgs = [dataclasses.replace(c, prefill=prefill) for c in layer_configs(kind, cfg)]
         return CosetQuantizedCache(model_config, cfgs, key_scales=alloc_keys(kind), rope=alloc_rope(kind))
     if kind in FISHER_KINDS:
         cfgs = [
-            tuple(set_prefill(c) for c in e) if isinstance(e, tuple) else set_prefill(e)
+            tuple(dataclasses.replace(c, prefill=prefill) for c in e)
+            if isinstance(e, tuple)
+            else dataclasses.replace(e, prefill=prefill)
             for e in layer_configs(kind, cfg)
         ]
         return CosetQuantizedCache(model_config, cfgs, key_scales=key_scales_of("hnlq_kfr"), rope=ROPE)
@@ -306,7 +284,9 @@ def make_cache(kind: str, cfg, model_config, prefill: str = "float"):
         if kind != "hnlq" and scales is None:
             raise RuntimeError(f"key scales of {kind} not calibrated")
         rope = ROPE if kind == "hnlq_kfr" else None
-        return CosetQuantizedCache(model_config, set_prefill(cfg), key_scales=scales, rope=rope)
+        return CosetQuantizedCache(
+            model_config, dataclasses.replace(cfg, prefill=prefill), key_scales=scales, rope=rope
+        )
     return ScalarQuantizedCache(model_config, cfg)
 
 
@@ -314,7 +294,6 @@ def layer_configs(kind: str, cfg) -> list[KVQuantConfig] | list[tuple[KVQuantCon
     """The per-layer configs of an allocation kind (``cfg``: ``(target, ...)`` or ``(target, state bits)``):
     one KVQuantConfig per layer, or (``hnlq_fhead_kfr_tk``) one tuple of per-KV-head configs per layer; None for
     the other kinds."""
-    kind = base_kind(kind)[0]
     if kind.startswith("hnlq_alloc"):
         return ALLOCATIONS[kind][cfg[0]]
     if kind == "hnlq_falloc_kfr_tk":
@@ -683,7 +662,7 @@ def main() -> None:
             f"calibrate_key_scales / calibrate_key_transforms on pydoc window {args.windows} ({args.seqlen} tokens)"
         )
     for fkind in FISHER_KINDS:
-        fal = sorted({cfg for _, kind, cfg in todo if base_kind(kind)[0] == fkind})
+        fal = sorted({cfg for _, kind, cfg in todo if kind == fkind})
         if not fal:
             continue
         # modelled sensitivities on the same held-out window (one gradient pass), the trellis keys' transforms;

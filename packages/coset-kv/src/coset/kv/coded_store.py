@@ -153,9 +153,6 @@ class CodedKVStore:
         self.k_chan: torch.Tensor | None = key_scale if isinstance(key_scale, torch.Tensor) else None
         # (H, D, D) float32 key transform T and T^-1 of a KeyTransform key_scale (derived, not counted)
         self.k_mat, self.q_mat = k_mat, q_mat
-        # config.self_exact: (first cache index, exact keys, value residual v - v_hat), both (B, H, n, D) float32,
-        # of the tokens the last append coded itself; transient (not counted: the states are at hand in that call)
-        self._fresh: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ contents
     @property
@@ -308,10 +305,6 @@ class CodedKVStore:
                 code_v = torch.cat((self._bufs["v_win"].tensor[:, :, :from_win], code_v), dim=2)
         # encode first (it may raise), then commit: bad input leaves no trace
         enc = self._encode(code_k, code_v, rotation, self.num_sink + S) if code_k.shape[2] else None
-        fresh = None
-        if self.config.self_exact and enc is not None and code_k.shape[2] > from_win:
-            fresh = self._fresh_states(code_k[:, :, from_win:], code_v[:, :, from_win:], enc, from_win, rotation)
-            fresh = (self.num_sink + S + self.num_coded + from_win, *fresh)
 
         def commit() -> None:
             if (L and not len(self)) or self.dtype is None:
@@ -328,20 +321,8 @@ class CodedKVStore:
                 self._bufs["v_win"].append(rest_v[:, :, keep:].detach())
             if enc is not None:
                 self._commit(*enc)
-            self._fresh = fresh
 
         return commit
-
-    def _fresh_states(self, keys, values, enc, skip: int, rotation: HeadRotation):
-        """Exact keys and the values' coding residual ``v - v_hat`` ``(B, H, n, D)`` float32 of the new tokens
-        coded now (the last ``n`` of the staged codes ``enc``; the first ``skip`` are older window tokens)."""
-        vc, means = enc[1], enc[2]
-        v_hat = decode_states(
-            KVCodes(vc.idx[:, :, skip:], vc.t[:, :, skip:], vc.scale[:, :, skip:], vc.code), rotation, self.vcfg
-        )
-        if means is not None:
-            v_hat = v_hat + means[1].unsqueeze(1)
-        return keys.detach().to(torch.float32), values.detach().to(torch.float32) - v_hat
 
     def _batch(self) -> int:
         for b in self._bufs.values():
@@ -412,20 +393,15 @@ class CodedKVStore:
             self._bufs[name].crop(c)
         self._bufs["k_sink"].crop(n - w - c)
         self._bufs["v_sink"].crop(n - w - c)
-        if n:
-            self._fresh = None
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply ``fn`` to the batch axis of every buffer (reorder, select, repeat)."""
         for b in self._bufs.values():
             b.map_batch(fn)
-        if self._fresh is not None:
-            self._fresh = (self._fresh[0], fn(self._fresh[1]), fn(self._fresh[2]))
 
     def reset(self) -> None:
         for b in self._bufs.values():
             b.clear()
-        self._fresh = None
         self.k_mean = self.v_mean = None
         self.k_chan = self.key_scale if isinstance(self.key_scale, torch.Tensor) else None
 
@@ -466,20 +442,6 @@ class CodedKVStore:
             parts_k.append(self._bufs["k_win"].tensor)
             parts_v.append(self._bufs["v_win"].tensor)
         return torch.cat(parts_k, dim=2), torch.cat(parts_v, dim=2)
-
-    def _own_tokens(self, Lq: int, Lk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """For ``config.self_exact``: the query rows ``i`` (the last ``Lq`` positions) whose own token, cache
-        column ``c = Lk - Lq + i``, the last append coded itself, with that token's exact key and value residual
-        ``(B, H, n, D)``."""
-        if self._fresh is None or not self.config.self_exact:
-            return None
-        f0, keys, v_res = self._fresh
-        lo, hi = max(0, f0 - (Lk - Lq)), min(Lq, f0 + keys.shape[2] - (Lk - Lq))
-        if lo >= hi:
-            return None
-        i = torch.arange(lo, hi, device=keys.device)
-        j = i + (Lk - Lq - f0)
-        return i, i + (Lk - Lq), keys[:, :, j], v_res[:, :, j]
 
     def use_lut(self, n_queries: int) -> bool:
         p = self.config.score_path
@@ -540,12 +502,6 @@ class CodedKVStore:
             parts.append(q @ self._bufs["k_win"].tensor.to(torch.float32).transpose(-1, -2))
         s = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
         Lk = s.shape[-1]
-        own = self._own_tokens(Lq, Lk)
-        if own is not None:  # config.self_exact: query i scores its own token (column Lk - Lq + i) exactly
-            i, c, k_own, _ = own
-            s = s.contiguous()
-            q5 = q.view(B, H, G, Lq, D)[:, :, :, i]
-            s.view(B, H, G, Lq, Lk)[:, :, :, i, c] = (q5 * k_own.unsqueeze(2)).sum(-1)
         s = s * scaling
         if not bool(torch.isfinite(s).all()):
             raise ValueError(
@@ -564,9 +520,4 @@ class CodedKVStore:
             out = out + p[..., :Ls] @ self._bufs["v_sink"].tensor.to(torch.float32)
         if self.num_window:
             out = out + p[..., Ls + Lc :] @ self._bufs["v_win"].tensor.to(torch.float32)
-        if own is not None:  # and reads its own value exactly: add p_ii (v_i - v_hat_i)
-            i, c, _, v_res = own
-            out = out.contiguous()
-            pd = p.view(B, H, G, Lq, Lk)[:, :, :, i, c].unsqueeze(-1)
-            out.view(B, H, G, Lq, D)[:, :, :, i] += pd * v_res.unsqueeze(2)
         return _saturate(out.view(B, H, G, Lq, D).reshape(B, Hq, Lq, D).transpose(1, 2), query.dtype)

@@ -174,11 +174,6 @@ class KVQuantConfig:
         scores are computed from the streams by decode-then-dot (a native kernel walks each stream once per
         token for all the queries of a KV head), so ``score_path`` must not be ``"lut"``. At equal bytes they
         carry the logits with ~0.5 bit per element less error than E8 keys (docs/kv.md).
-    self_exact : each appended token attends to its own key and value in full precision (they are at hand in
-        the call that appends it; transformers' ``QuantizedCache`` likewise returns the new states as given) and
-        to every earlier token through the codes. No stored byte changes; a one-forward prefill with
-        ``prefill="codes"`` then equals token-by-token decoding (the perplexity benchmark's ``_se`` methods).
-        False: every token, the new one included, is read from its codes.
     """
 
     bits: int = 4
@@ -199,7 +194,6 @@ class KVQuantConfig:
     value_alpha: float | None = None
     value_code: TrellisCode | None = None
     key_code: TrellisCode | None = None
-    self_exact: bool = False
 
     def __post_init__(self) -> None:
         _int("bits", self.bits, 1, 4)
@@ -249,9 +243,8 @@ class KVQuantConfig:
         v = self.key_channel_scale
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= 2:
             raise ValueError(f"key_channel_scale must be a number in [0, 2], got {v!r}")
-        for name in ("subtract_mean", "self_exact"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+        if not isinstance(self.subtract_mean, bool):
+            raise TypeError(f"subtract_mean must be a bool, got {type(self.subtract_mean).__name__}")
 
     @property
     def resolved_value_bits(self) -> int:
