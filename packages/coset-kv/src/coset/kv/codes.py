@@ -257,8 +257,9 @@ def scale_values(scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> tor
     ``2^((e - 128) / 8)`` (0 for ``e = 0``), read from a 256-entry table: the same value for a code whatever the
     shape or layout of the tensor holding it (a vectorised ``exp2`` may round the same code differently in
     different positions, so a store of one KV head would not decode as the layer's store does)."""
-    if scale.dtype == torch.uint8:
-        return _log_scales(dtype, scale.device)[scale.long()]
+    if scale.dtype == torch.uint8:  # index_select on int32 codes: ~2x an advanced index on int64 (every read)
+        flat = scale.reshape(-1).to(torch.int32)
+        return _log_scales(dtype, scale.device).index_select(0, flat).view(scale.shape)
     return scale.to(dtype)
 
 
