@@ -30,6 +30,13 @@ int trellis_values_cpu(const uint8_t* stream, const float* rho, const float* p, 
                        const uint8_t* ks, const float* cb, int LB, int nbytes, float* out, int threads);
 int trellis_scores_cpu(const uint8_t* stream, const float* rho, const float* q, int64_t BH, int64_t L, int nq, int D,
                        const uint8_t* ks, const float* cb, int LB, int nbytes, float* out, int threads);
+int trellis_attend_cpu(const uint8_t* kstream, int64_t kstream_stride, const uint8_t* kscale, int64_t kscale_stride,
+                       const uint8_t* kks, const float* kcb, int kLB, int knb, const uint8_t* vstream,
+                       int64_t vstream_stride, const uint8_t* vscale, int64_t vscale_stride, const uint8_t* vks,
+                       const float* vcb, int vLB, int vnb, const float* scale_tab, int64_t BH, int64_t L, int nq,
+                       int D, const float* q, int bias_mode, const float* bias, const float* tab, int64_t pos0,
+                       int tdim, float scaling, const float* extra, int64_t Le, float* acc, float* pe, float* psum,
+                       int threads);
 #ifdef COSET_WITH_CUDA
 int kv_scores_cuda(const uint8_t* idx, const uint8_t* tpack, const float* rho, const float* steps, int t_bits,
                    const float* tab, const float* cy, float* out, int64_t BH, int64_t L, int K, int M, int n,
@@ -129,6 +136,24 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release nogil;
     return trellis_scores_cpu(ptr<const uint8_t>(stream), ptr<const float>(rho), ptr<const float>(q), BH, L, nq, D,
                               ptr<const uint8_t>(ks), ptr<const float>(cb), LB, nbytes, ptr<float>(out), threads);
+  });
+  // the fused decode attention over trellis-coded keys and values (trellis_cpu.cpp)
+  m.def("trellis_attend_cpu", [](std::uintptr_t kstream, int64_t kstream_stride, std::uintptr_t kscale,
+                                 int64_t kscale_stride, std::uintptr_t kks, std::uintptr_t kcb, int kLB, int knb,
+                                 std::uintptr_t vstream, int64_t vstream_stride, std::uintptr_t vscale,
+                                 int64_t vscale_stride, std::uintptr_t vks, std::uintptr_t vcb, int vLB, int vnb,
+                                 std::uintptr_t scale_tab, int64_t BH, int64_t L, int nq, int D, std::uintptr_t q,
+                                 int bias_mode, std::uintptr_t bias, std::uintptr_t tab, int64_t pos0, int tdim,
+                                 float scaling, std::uintptr_t extra, int64_t Le, std::uintptr_t acc,
+                                 std::uintptr_t pe, std::uintptr_t psum, int threads) {
+    py::gil_scoped_release nogil;
+    return trellis_attend_cpu(ptr<const uint8_t>(kstream), kstream_stride, ptr<const uint8_t>(kscale), kscale_stride,
+                              ptr<const uint8_t>(kks), ptr<const float>(kcb), kLB, knb, ptr<const uint8_t>(vstream),
+                              vstream_stride, ptr<const uint8_t>(vscale), vscale_stride, ptr<const uint8_t>(vks),
+                              ptr<const float>(vcb), vLB, vnb, ptr<const float>(scale_tab), BH, L, nq, D,
+                              ptr<const float>(q), bias_mode, ptr<const float>(bias), ptr<const float>(tab), pos0,
+                              tdim, scaling, ptr<const float>(extra), Le, ptr<float>(acc), ptr<float>(pe),
+                              ptr<float>(psum), threads);
   });
   // float32 + integer fast path of encode/decode/quantize (fast_quant.h): on/off switch and the ISA in use
   m.def("set_fast_path", &coset::fq::set_enabled);

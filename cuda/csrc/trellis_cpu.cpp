@@ -49,6 +49,40 @@ bool tr_use_avx2() {
 #endif
 }
 
+
+// Arguments of trellis_attend_cpu (see there).
+struct TrellisAttendArgs {
+  const uint8_t* kstream;
+  int64_t kstream_stride;
+  const uint8_t* kscale;
+  int64_t kscale_stride;
+  const uint8_t* kks;
+  const float* kcb;
+  int kLB, knb;
+  const uint8_t* vstream;
+  int64_t vstream_stride;
+  const uint8_t* vscale;
+  int64_t vscale_stride;
+  const uint8_t* vks;
+  const float* vcb;
+  int vLB, vnb;
+  const float* scale_tab;
+  int64_t BH, L;
+  int nq, D;
+  const float* q;
+  int bias_mode;
+  const float* bias;
+  const float* tab;
+  int64_t pos0;
+  int tdim;
+  float scaling;
+  const float* extra;
+  int64_t Le;
+  float* acc;
+  float* pe;
+  float* psum;
+};
+
 template <typename Work, typename Encode>
 void encode_range(const float* u, int64_t lo, int64_t hi, int D, const uint8_t* ks, const float* cb, int L,
                   uint8_t* out, int nbytes, Encode encode) {
@@ -308,6 +342,114 @@ int stream_kernel(bool values, const uint8_t* stream, const float* rho, const fl
   return 0;
 }
 
+
+#ifdef COSET_TR_AVX2
+#pragma GCC push_options
+#pragma GCC target("avx2")
+// s[t] += <qm, tab row t> for one query row over n rows of tdim (a multiple of 8) floats.
+void add_table_dots_avx2(float* s, const float* qm, const float* tab, int64_t n, int tdim) {
+  for (int64_t t = 0; t < n; ++t) {
+    const float* row = tab + t * tdim;
+    __m256 a = _mm256_setzero_ps();
+    for (int d = 0; d < tdim; d += 8) a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_loadu_ps(qm + d), _mm256_loadu_ps(row + d)));
+    s[t] += hsum(a);
+  }
+}
+#pragma GCC pop_options
+#endif
+
+void add_table_dots(float* s, const float* qm, const float* tab, int64_t n, int tdim) {
+#ifdef COSET_TR_AVX2
+  if (tr_use_avx2() && tdim % 8 == 0) {
+    add_table_dots_avx2(s, qm, tab, n, tdim);
+    return;
+  }
+#endif
+  for (int64_t t = 0; t < n; ++t) {
+    const float* row = tab + t * tdim;
+    float a = 0.f;
+    for (int d = 0; d < tdim; ++d) a += qm[d] * row[d];
+    s[t] += a;
+  }
+}
+
+// The fused decode attention of one row bh (trellis_attend_cpu below); returns false when a score is not finite.
+bool attend_row(const TrellisAttendArgs& a, int64_t bh) {
+  const int64_t L = a.L, Le = a.Le;
+  const int nq = a.nq, D = a.D;
+  thread_local std::vector<float> sc, rk, rv;
+  sc.resize((size_t)(nq * L + 1));
+  rk.resize((size_t)L + 1);
+  rv.resize((size_t)L + 1);
+  const uint8_t* kc = a.kscale + bh * a.kscale_stride;
+  const uint8_t* vc = a.vscale + bh * a.vscale_stride;
+  for (int64_t t = 0; t < L; ++t) {  // 8-bit log scale codes -> rho (coset.kv.codes.scale_values' table)
+    rk[(size_t)t] = a.scale_tab[kc[t]];
+    rv[(size_t)t] = a.scale_tab[vc[t]];
+  }
+  const float* qb = a.q + bh * nq * D;
+  const uint8_t* ks = a.kstream + bh * a.kstream_stride;
+  const uint8_t* vs = a.vstream + bh * a.vstream_stride;
+  float* s = sc.data();
+  if (L > 0) {
+#ifdef COSET_TR_AVX2
+    if (tr_use_avx2())
+      scores_range_avx2(ks, rk.data(), qb, 0, 1, L, nq, D, a.kks, a.kcb, a.kLB, a.knb, s);
+    else
+#endif
+      scores_range<decltype(&base::trellis_decode_vector)>(ks, rk.data(), qb, 0, 1, L, nq, D, a.kks, a.kcb, a.kLB,
+                                                            a.knb, s, base::trellis_decode_vector);
+  }
+  bool finite = true;
+  for (int i = 0; i < nq; ++i) {
+    float* si = s + (int64_t)i * L;
+    const int64_t row = bh * nq + i;
+    if (a.bias_mode == 1) {
+      const float b = a.bias[row];
+      for (int64_t t = 0; t < L; ++t) si[t] += b;
+    } else if (a.bias_mode == 2) {
+      add_table_dots(si, a.bias + row * a.tdim, a.tab + a.pos0 * a.tdim, L, a.tdim);
+    }
+    const float* ei = a.extra + row * Le;
+    float m = -INFINITY, sum = 0.f;
+    for (int64_t t = 0; t < L; ++t) {
+      si[t] *= a.scaling;
+      m = std::max(m, si[t]);
+      sum += si[t];
+    }
+    for (int64_t t = 0; t < Le; ++t) {
+      m = std::max(m, ei[t]);
+      sum += ei[t];
+    }
+    if (!std::isfinite(sum)) {  // a NaN or an infinite score carries into the sum
+      finite = false;
+      continue;
+    }
+    float z = 0.f, zc = 0.f;
+    float* pe = a.pe + row * Le;
+    for (int64_t t = 0; t < Le; ++t) z += (pe[t] = std::exp(ei[t] - m));
+    for (int64_t t = 0; t < L; ++t) zc += (si[t] = std::exp(si[t] - m));
+    z += zc;
+    const float inv = 1.f / z;
+    for (int64_t t = 0; t < Le; ++t) pe[t] *= inv;
+    for (int64_t t = 0; t < L; ++t) si[t] *= inv;
+    a.psum[row] = zc * inv;
+  }
+  if (!finite) return false;
+  float* out = a.acc + bh * nq * D;
+  std::fill(out, out + (int64_t)nq * D, 0.f);
+  if (L > 0) {
+#ifdef COSET_TR_AVX2
+    if (tr_use_avx2())
+      values_range_avx2(vs, rv.data(), s, 0, 1, L, nq, D, a.vks, a.vcb, a.vLB, a.vnb, out);
+    else
+#endif
+      values_range<decltype(&base::trellis_decode_vector)>(vs, rv.data(), s, 0, 1, L, nq, D, a.vks, a.vcb, a.vLB,
+                                                            a.vnb, out, base::trellis_decode_vector);
+  }
+  return true;
+}
+
 }  // namespace
 
 extern "C" {
@@ -341,6 +483,38 @@ int trellis_values_cpu(const uint8_t* stream, const float* rho, const float* p, 
 int trellis_scores_cpu(const uint8_t* stream, const float* rho, const float* q, int64_t BH, int64_t L, int nq, int D,
                        const uint8_t* ks, const float* cb, int LB, int nbytes, float* out, int threads) {
   return stream_kernel(false, stream, rho, q, BH, L, nq, D, ks, cb, LB, nbytes, out, threads);
+}
+
+// Decode attention over trellis-coded keys and values, fused (one call per layer and step; coset.kv's
+// CodedKVStore.attend). Per row bh of BH = batch x KV heads, query rows i < nq (rotated, D floats):
+//   s[i, t] = scaling (rho_k[t] <q[i], u_k(t)> + bias[i, t]) over the L coded tokens, where bias is 0
+//   (bias_mode 0), bias[bh, i] (1) or <bias[bh, i, :], tab[pos0 + t, :]> (2, rows of tdim floats: the scores of
+//   the keys' rotary mean); one softmax over [extra[bh, i, :] (Le scores of the dense tokens, already scaled), s];
+//   acc[bh, i, :] = sum_t p[i, t] rho_v[t] u_v(t) (rotated domain), pe[bh, i, :] = the dense tokens' weights,
+//   psum[bh, i] = sum_t p[i, t]. Streams and 8-bit scale codes are read in place from the caches' buffers: row
+//   bh starts at bh * stride (the buffers' capacity, not L). rho = scale_tab[code].
+// Returns 0, 1 for bad sizes, 2 when a score is not finite (outputs then undefined).
+int trellis_attend_cpu(const uint8_t* kstream, int64_t kstream_stride, const uint8_t* kscale, int64_t kscale_stride,
+                       const uint8_t* kks, const float* kcb, int kLB, int knb, const uint8_t* vstream,
+                       int64_t vstream_stride, const uint8_t* vscale, int64_t vscale_stride, const uint8_t* vks,
+                       const float* vcb, int vLB, int vnb, const float* scale_tab, int64_t BH, int64_t L, int nq,
+                       int D, const float* q, int bias_mode, const float* bias, const float* tab, int64_t pos0,
+                       int tdim, float scaling, const float* extra, int64_t Le, float* acc, float* pe, float* psum,
+                       int threads) {
+  if (BH < 0 || L < 0 || Le < 0 || nq < 1 || L + Le < 1 || bias_mode < 0 || bias_mode > 2 || pos0 < 0) return 1;
+  if (bias_mode == 2 && tdim < 1) return 1;
+  if (L > 0 && (tr_bad(D, kLB, knb, kks) || tr_bad(D, vLB, vnb, vks))) return 1;
+  if (kstream_stride < L * knb || vstream_stride < L * vnb || kscale_stride < L || vscale_stride < L) return 1;
+  const TrellisAttendArgs a{kstream, kstream_stride, kscale, kscale_stride, kks, kcb, kLB, knb, vstream,
+                            vstream_stride, vscale, vscale_stride, vks, vcb, vLB, vnb, scale_tab, BH, L, nq, D, q,
+                            bias_mode, bias, tab, pos0, tdim, scaling, extra, Le, acc, pe, psum};
+  std::vector<uint8_t> ok((size_t)BH, 1);
+  split_rows(BH, threads, [&](int64_t lo, int64_t hi) {
+    for (int64_t bh = lo; bh < hi; ++bh) ok[(size_t)bh] = attend_row(a, bh) ? 1 : 0;
+  });
+  for (int64_t bh = 0; bh < BH; ++bh)
+    if (!ok[(size_t)bh]) return 2;
+  return 0;
 }
 
 }  // extern "C"

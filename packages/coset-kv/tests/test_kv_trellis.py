@@ -343,3 +343,107 @@ def test_unbiased_decode_is_unbiased_along_u():
             uh = trellis_decode(s, code, 64)
             c = float((u * uh).sum() / u.square().sum())
             assert lo < c < hi, (bb, code.unbiased, c)
+
+
+def _llama_rope(D: int = 64):
+    from coset.kv import RotaryTable
+
+    inv = 1.0 / (10000.0 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+
+    def fn(pos):
+        f = pos.to(torch.float32)[:, None] * inv[None]
+        e = torch.cat((f, f), dim=-1)
+        return e.cos(), e.sin()
+
+    return RotaryTable(fn, D)
+
+
+def _key_transform(H: int, D: int, g: torch.Generator):
+    from coset.kv import KeyTransform
+
+    v = torch.linalg.qr(torch.randn(H, D, 8, generator=g))[0].half()
+    return KeyTransform(v, (torch.rand(H, 8, generator=g) * 3 + 0.5).half())
+
+
+@pytest.mark.parametrize(
+    "sink, window, B, mean, rope, kt",
+    [(1, 0, 1, True, True, True), (0, 0, 1, True, False, False), (2, 5, 2, True, True, False),
+     (1, 0, 2, False, False, True), (0, 3, 1, False, False, False), (1, 0, 1, True, False, True)],
+)  # fmt: skip
+def test_fused_decode_attention_equals_attention_over_decoded_states(
+    native_trellis, monkeypatch, sink, window, B, mean, rope, kt
+):
+    """A decoding step (one query position, no mask) of a trellis cache with 8-bit scales takes the fused native
+    call (scores, rotary key mean, softmax with the dense tokens, values in one pass): it equals SDPA over the
+    decoded states, with zero vectors (scale code 0), sink and window tokens, and a batch."""
+    g = torch.Generator().manual_seed(7)
+    cfg = KVQuantConfig(
+        sink=sink, window=window, subtract_mean=mean, key_code=TrellisCode(32, 10), value_code=TrellisCode(22, 8)
+    )
+    key_scale = _key_transform(3, 64, g) if kt else None
+    st = CodedKVStore(cfg, backend="auto", key_scale=key_scale, rope=_llama_rope() if rope else None)
+    k, v = torch.randn(B, 3, 40, 64, generator=g) + 0.3, torch.randn(B, 3, 40, 64, generator=g)
+    k[:, 1, 17] = 0.0  # a zero key: scale code 0 when the keys are not centred
+    st.append(k[:, :, :30], v[:, :, :30])
+    st.append(k[:, :, 30:], v[:, :, 30:])
+    for _ in range(3):
+        st.append(k[:, :, :1] * 0.5, v[:, :, :1] * 0.5)  # token by token, as decoding appends
+    calls = []
+    fused = native_trellis.trellis_attend
+    monkeypatch.setattr(native_trellis, "trellis_attend", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+    kk, vv = st.dequantized()
+    q = torch.randn(B, 9, 1, 64, generator=g)
+    ref = F.scaled_dot_product_attention(q, kk.repeat_interleave(3, 1), vv.repeat_interleave(3, 1))
+    got = st.attend(q)
+    assert len(calls) == 1
+    assert torch.allclose(got.transpose(1, 2), ref, atol=1e-5)
+    # a mask (or several query positions) takes the general path, with the same result
+    mask = torch.ones(B, 1, 1, len(st), dtype=torch.bool)
+    assert torch.allclose(st.attend(q, mask), got, atol=1e-6) and len(calls) == 1
+    with pytest.raises(ValueError, match="not finite"):
+        st.attend(q * float("inf"))
+    with pytest.raises(ValueError, match="not finite"):
+        st.attend(q, scaling=1e38)
+
+
+def test_fused_attention_reads_the_buffers_in_place(native_trellis):
+    """The kernel reads the cache's buffers (rows a capacity apart) where they are: the same result as from
+    contiguous copies; and it rejects arguments that do not fit."""
+    kv = pytest.importorskip("coset.cuda.kv")
+    from coset.kv.codes import log_scale_table
+
+    g = torch.Generator().manual_seed(3)
+    st = CodedKVStore(KVQuantConfig(key_code=TrellisCode(26, 9), value_code=TrellisCode(18, 9)), backend="auto")
+    st.append(torch.randn(2, 3, 50, 64, generator=g), torch.randn(2, 3, 50, 64, generator=g))
+    st.crop(7)  # spare capacity past the used part
+    kc, vc = st.key_codes, st.value_codes
+    assert not kc.idx.is_contiguous()
+    q, extra = torch.randn(2, 3, 4, 64, generator=g), torch.randn(2, 3, 4, 2, generator=g)
+    args = (st._tables("k")[0], st._tables("k")[1])
+    vargs = (st._tables("v")[0], st._tables("v")[1])
+    tab = log_scale_table()
+    got = kv.trellis_attend(kc.idx, kc.scale, *args, vc.idx, vc.scale, *vargs, tab, q, 0.125, extra)
+    want = kv.trellis_attend(
+        kc.idx.contiguous(), kc.scale.contiguous(), *args, vc.idx.contiguous(), vc.scale.contiguous(), *vargs, tab, q,
+        0.125, extra,
+    )  # fmt: skip
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    # against the two kernels and a softmax in torch
+    rho_k, rho_v = tab[kc.scale.long()], tab[vc.scale.long()]
+    s = kv.trellis_scores(kc.idx.reshape(6, 43, -1), rho_k.reshape(6, 43), q.reshape(6, 4, 64), *args) * 0.125
+    p = torch.softmax(torch.cat((extra.reshape(6, 4, 2), s), dim=-1), dim=-1)
+    acc = kv.trellis_values(vc.idx.reshape(6, 43, -1), rho_v.reshape(6, 43), p[..., 2:].contiguous(), *vargs)
+    assert torch.allclose(got[0].reshape(6, 4, 64), acc, atol=1e-6)
+    assert torch.allclose(got[1].reshape(6, 4, 2), p[..., :2], atol=1e-6)
+    assert torch.allclose(got[2].reshape(6, 4), p[..., 2:].sum(-1), atol=1e-6)
+    with pytest.raises(ValueError, match="bias_mode"):
+        kv.trellis_attend(kc.idx, kc.scale, *args, vc.idx, vc.scale, *vargs, tab, q, 0.125, extra, 3)
+    with pytest.raises(ValueError, match="tab must"):
+        kv.trellis_attend(
+            kc.idx, kc.scale, *args, vc.idx, vc.scale, *vargs, tab, q, 0.125, extra, 2, q, torch.zeros(10, 64)
+        )
+    with pytest.raises(ValueError, match="share"):
+        kv.trellis_attend(kc.idx, kc.scale, *args, vc.idx[:, :, :5], vc.scale, *vargs, tab, q, 0.125, extra)
+    with pytest.raises(ValueError, match="q must"):
+        kv.trellis_attend(kc.idx, kc.scale, *args, vc.idx, vc.scale, *vargs, tab, q[..., :8], 0.125, extra)

@@ -54,7 +54,14 @@ class NativeBackend:
             return tensor.dtype in _FLOATS and isinstance(config, QuantizationConfig) and gemv_applicable(config)
         if op == "lut_two_sided":
             return tensor.device.type == "cuda"
-        if op in ("kv_scores", "kv_values", "kv_trellis_encode", "kv_trellis_values", "kv_trellis_scores"):
+        if op in (
+            "kv_scores",
+            "kv_values",
+            "kv_trellis_encode",
+            "kv_trellis_values",
+            "kv_trellis_scores",
+            "kv_trellis_attend",
+        ):
             # coset.kv (kv.py): CPU only
             return tensor.device.type == "cpu"
         if op in ("quantize_rows", "quantize_rows_rms"):  # coset.quant.quantize_rows (with RmsBetas), float32 CPU
@@ -133,6 +140,9 @@ class NativeBackend:
 
     def kv_trellis_scores(self, stream, rho, q, ks, cb):
         return kv.trellis_scores(stream, rho, q, ks, cb)
+
+    def kv_trellis_attend(self, *args, **kwargs):
+        return kv.trellis_attend(*args, **kwargs)
 
     def __repr__(self) -> str:
         return f"NativeBackend(cuda={_ops.cuda_available()}, threads={_ops.get_num_threads()})"

@@ -13,7 +13,7 @@ import torch
 
 from . import _C  # type: ignore[attr-defined]  # compiled extension
 
-__all__ = ["kv_scores", "kv_values", "trellis_encode", "trellis_scores", "trellis_values"]
+__all__ = ["kv_scores", "kv_values", "trellis_attend", "trellis_encode", "trellis_scores", "trellis_values"]
 
 
 def _f32(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -149,3 +149,133 @@ def trellis_values(stream, rho, p, ks, cb) -> torch.Tensor:
     """``out[bh, i] = sum_t p[bh, i, t] rho[bh, t] u_hat(stream[bh, t])``: ``stream (BH, L, nbytes)`` uint8,
     ``rho (BH, L)``, ``p (BH, n, L)`` -> ``(BH, n, D)`` float32 (D = ``len(ks)``)."""
     return _stream_call("trellis_values_cpu", stream, rho, p, ks, cb, "p", values=True)
+
+
+def _rows(name: str, t, trailing: int) -> tuple[torch.Tensor, int]:
+    """``t (B, H, L, *trailing)`` read in place as ``B H`` rows (a view of a cache buffer with spare capacity: each
+    token contiguous, rows a fixed stride apart), else a contiguous copy: the tensor and its row stride."""
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.device.type != "cpu" or t.ndim != 3 + trailing:
+        raise ValueError(f"{name} must be a CPU uint8 tensor with {3 + trailing} dims")
+    B, H, L = t.shape[:3]
+    inner = t.shape[3] if trailing else 1
+    stride = t.stride(1) if H > 1 else t.stride(0)
+    ok = (inner == 1 or t.stride(3) == 1) and (L <= 1 or t.stride(2) == inner)
+    ok = ok and (B == 1 or H == 1 or t.stride(0) == H * t.stride(1)) and (B * H == 1 or stride >= L * inner)
+    if not ok:
+        t = t.contiguous()
+    if not ok or B * H == 1:
+        stride = L * inner
+    return t, int(stride)
+
+
+def trellis_attend(
+    kstream,
+    kscale,
+    kks,
+    kcb,
+    vstream,
+    vscale,
+    vks,
+    vcb,
+    scale_tab,
+    q,
+    scaling: float,
+    extra,
+    bias_mode: int = 0,
+    bias=None,
+    tab=None,
+    pos0: int = 0,
+):
+    """Fused decode attention over trellis-coded keys and values (``trellis_attend_cpu``, see trellis_cpu.cpp).
+
+    ``kstream (B, H, L, nbk)``, ``kscale (B, H, L)`` uint8 8-bit scale codes (``rho = scale_tab[code]``), the same
+    for the values; ``q (B, H, n, D)`` rotated queries; ``extra (B, H, n, Le)`` the already scaled scores of the
+    dense tokens; ``bias_mode`` 0 (none), 1 (``bias (B, H, n)`` added to every coded score) or 2 (``bias (B, H, n,
+    tdim)`` dotted with rows ``pos0 + t`` of ``tab (P, tdim)``). Returns ``acc (B, H, n, D)`` (rotated domain),
+    ``pe (B, H, n, Le)`` and ``psum (B, H, n)``; raises ValueError when a score is not finite.
+    """
+    kstream, ksr = _rows("kstream", kstream, 1)
+    vstream, vsr = _rows("vstream", vstream, 1)
+    kscale, kcr = _rows("kscale", kscale, 0)
+    vscale, vcr = _rows("vscale", vscale, 0)
+    B, H, L, nbk = kstream.shape
+    nbv = vstream.shape[3]
+    if tuple(vstream.shape[:3]) != (B, H, L) or tuple(kscale.shape) != (B, H, L) or tuple(vscale.shape) != (B, H, L):
+        raise ValueError("trellis_attend: the key and value streams and scales must share (B, H, L)")
+    D = kks.shape[0] if isinstance(kks, torch.Tensor) and kks.ndim == 1 else -1
+    n = q.shape[2] if isinstance(q, torch.Tensor) and q.ndim == 4 else -1
+    for name, ks, cb in (("kks", kks, kcb), ("vks", vks, vcb)):
+        if (
+            not isinstance(ks, torch.Tensor)
+            or ks.dtype != torch.uint8
+            or tuple(ks.shape) != (D,)
+            or not ks.is_contiguous()
+        ):
+            raise ValueError(f"{name} must be a contiguous uint8 tensor of shape ({D},)")
+        if not isinstance(cb, torch.Tensor) or cb.dtype != torch.float32 or cb.ndim != 1 or not cb.is_contiguous():
+            raise ValueError(f"{name[0]}cb must be a contiguous 1-d float32 tensor of 2^L entries, 6 <= L <= 14")
+        if cb.numel() < 64 or cb.numel() > 1 << 14 or cb.numel() & (cb.numel() - 1):
+            raise ValueError(f"{name[0]}cb must be a contiguous 1-d float32 tensor of 2^L entries, 6 <= L <= 14")
+    q = _f32("q", q, (B, H, n, D))
+    Le = extra.shape[-1] if isinstance(extra, torch.Tensor) and extra.ndim == 4 else -1
+    extra = _f32("extra", extra, (B, H, n, Le))
+    scale_tab = _f32("scale_tab", scale_tab, (256,))
+    tdim, bias_t, tab_t = 0, q, q
+    if bias_mode == 1:
+        bias_t = _f32("bias", bias, (B, H, n))
+    elif bias_mode == 2:
+        tdim = bias.shape[-1] if isinstance(bias, torch.Tensor) and bias.ndim == 4 else -1
+        bias_t = _f32("bias", bias, (B, H, n, tdim))
+        if not isinstance(tab, torch.Tensor) or tab.ndim != 2 or tab.shape[1] != tdim or tab.shape[0] < pos0 + L:
+            raise ValueError(f"tab must be a (>= {pos0 + L}, {tdim}) tensor")
+        tab_t = _f32("tab", tab, tuple(tab.shape))
+    elif bias_mode != 0:
+        raise ValueError(f"bias_mode must be 0, 1 or 2, got {bias_mode!r}")
+    acc = torch.empty((B, H, n, D), dtype=torch.float32)
+    pe = torch.empty((B, H, n, Le), dtype=torch.float32)
+    psum = torch.empty((B, H, n), dtype=torch.float32)
+    kcb_n, vcb_n = kcb.numel(), vcb.numel()
+    rc = _C.trellis_attend_cpu(
+        kstream.data_ptr(),
+        ksr,
+        kscale.data_ptr(),
+        kcr,
+        kks.data_ptr(),
+        kcb.data_ptr(),
+        kcb_n.bit_length() - 1,
+        nbk,
+        vstream.data_ptr(),
+        vsr,
+        vscale.data_ptr(),
+        vcr,
+        vks.data_ptr(),
+        vcb.data_ptr(),
+        vcb_n.bit_length() - 1,
+        nbv,
+        scale_tab.data_ptr(),
+        B * H,
+        L,
+        n,
+        D,
+        q.data_ptr(),
+        bias_mode,
+        bias_t.data_ptr(),
+        tab_t.data_ptr(),
+        pos0,
+        tdim,
+        float(scaling),
+        extra.data_ptr(),
+        Le,
+        acc.data_ptr(),
+        pe.data_ptr(),
+        psum.data_ptr(),
+        int(_C.get_num_threads()),
+    )
+    if rc == 2:  # (the message of coset.kv's own check)
+        raise ValueError(
+            "attention scores are not finite: the query (or scaling) is too large for the cached keys, or it holds "
+            "NaN/Inf"
+        )
+    if rc:
+        raise ValueError(f"trellis_attend_cpu rejected its arguments (code {rc})")
+    return acc, pe, psum

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 
+from . import native
 from .attention import masked_softmax
 from .codes import KVCodes, _check_states, decode_states, encode_checked
 from .config import KVQuantConfig
@@ -28,6 +29,7 @@ from .lut import scores_lut, scores_reference, values_from_codes
 from .rope import RotaryTable, apply_rotary, unapply_rotary
 from .rotation import HeadRotation
 from .store import TokenBuffer
+from .trellis import TrellisCode, schedule_tensor
 
 __all__ = ["CodedKVStore"]
 
@@ -484,6 +486,8 @@ class CodedKVStore:
         lut = self.use_lut(G * Lq)
         backend = self.backend if lut else "torch"
         means = self._means()
+        if lut and Lq == 1 and attention_mask is None and self._fused():
+            return self._attend_fused(q, query, scaling, means)
         Ls = self.num_sink
         if Ls:
             parts.append(q @ self._bufs["k_sink"].tensor.to(torch.float32).transpose(-1, -2))
@@ -523,3 +527,67 @@ class CodedKVStore:
         if self.num_window:
             out = out + p[..., Ls + Lc :] @ self._bufs["v_win"].tensor.to(torch.float32)
         return _saturate(out.view(B, H, G, Lq, D).reshape(B, Hq, Lq, D).transpose(1, 2), query.dtype)
+
+    def _fused(self) -> bool:
+        """Whether :meth:`attend` can take the fused native path: trellis keys and values with 8-bit scales, coded
+        tokens, a CPU cache and a native backend that has the kernel."""
+        kc, vc = self.kcfg, self.vcfg
+        return (
+            self.backend != "torch"
+            and self.num_coded > 0
+            and isinstance(kc, TrellisCode)
+            and isinstance(vc, TrellisCode)
+            and kc.scale_bits == 8
+            and vc.scale_bits == 8
+            and self._bufs["k_idx"].tensor.device.type == "cpu"
+            and native.attend_available()
+        )
+
+    def _attend_fused(
+        self, q: torch.Tensor, query: torch.Tensor, scaling: float, means: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor:
+        """:meth:`attend` of one query position without a mask (a decoding step), in one native call: the scores
+        of the coded tokens (with the key mean's), the softmax over them and the dense (sink, window) tokens, and
+        the values accumulated from their codes; the dense tokens' scores and values by two small matmuls here."""
+        B, H, n, D = q.shape
+        Hq = query.shape[1]
+        rotation = self._require_rotation()
+        Ls, Lc = self.num_sink, self.num_coded
+        dense = [self._bufs[f"{w}_{p}"] for p in ("sink", "win") for w in "kv"]
+        extras = [q @ kb.tensor.to(torch.float32).transpose(-1, -2) for kb in dense[0::2] if kb.length]
+        if extras:
+            extra = (torch.cat(extras, dim=-1) if len(extras) > 1 else extras[0]) * scaling
+        else:
+            extra = q.new_empty((B, H, n, 0))
+        qk = q if self.k_chan is None else q * self.k_chan.unsqueeze(1)
+        qr = rotation.rotate(qk if self.q_mat is None else qk @ self.q_mat.unsqueeze(0))
+        mode, bias, tab = 0, None, None
+        if means is not None and self.rope is not None:  # codes hold k - R_p mu: <q, R_p mu> = <qm, table[p]>
+            mode = 2
+            bias, tab = self.rope.mean_query(q, means[0].unsqueeze(1), Ls + Lc)
+        elif means is not None:  # codes hold k - mu: <q, mu> for every token
+            mode, bias = 1, (q @ means[0].unsqueeze(-1)).squeeze(-1)
+        kc, vc = self._require_codes("k"), self._require_codes("v")
+        acc, pe, psum = native.trellis_attend(
+            kc, vc, self._tables("k"), self._tables("v"), qr, scaling, extra, mode, bias, tab, Ls
+        )
+        out = rotation.unrotate(acc)
+        if means is not None:  # the codes hold v - mu_v
+            out = out + psum.unsqueeze(-1) * means[1].unsqueeze(1)
+        start = 0
+        for vb in dense[1::2]:
+            if vb.length:
+                out = out + pe[..., start : start + vb.length] @ vb.tensor.to(torch.float32)
+                start += vb.length
+        return _saturate(out.view(B, H, n, D).reshape(B, Hq, 1, D).transpose(1, 2), query.dtype)
+
+    def _tables(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ks, cb)`` of the ``"k"`` or ``"v"`` trellis code at this store's head dim (cached)."""
+        key = f"_tables_{which}"
+        t = self.__dict__.get(key)
+        if t is None:
+            code = self.kcfg if which == "k" else self.vcfg
+            assert isinstance(code, TrellisCode)
+            D = self._require_rotation().head_dim
+            t = self.__dict__[key] = (schedule_tensor(code.block_bits, D), code.decode_table().contiguous())
+        return t

@@ -252,6 +252,11 @@ def _log_scales(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return rho.to(dtype=dtype, device=device)
 
 
+def log_scale_table(device=None) -> torch.Tensor:
+    """``(256,)`` float32 ``rho`` of each 8-bit scale code (read-only, cached): :func:`scale_values`' table."""
+    return _log_scales(torch.float32, torch.device("cpu") if device is None else torch.device(device))
+
+
 def scale_values(scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The per-vector scales ``rho`` of stored ``scale`` codes: float16 as they are, uint8 8-bit log codes as
     ``2^((e - 128) / 8)`` (0 for ``e = 0``), read from a 256-entry table: the same value for a code whatever the

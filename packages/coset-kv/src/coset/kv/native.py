@@ -15,12 +15,14 @@ import torch
 
 from coset.quant.backend import available_backends, select_backend
 
-from .codes import scale_values
+from .codes import log_scale_table, scale_values
 
 __all__ = [
+    "attend_available",
     "available",
     "kv_scores",
     "kv_values",
+    "trellis_attend",
     "trellis_available",
     "trellis_encode",
     "trellis_scores",
@@ -55,6 +57,11 @@ def trellis_available() -> bool:
     """Whether a registered backend provides the trellis code's kernels (encode, values, scores) for CPU
     tensors."""
     return all(_backend(op) is not None for op in ("kv_trellis_encode", "kv_trellis_values", "kv_trellis_scores"))
+
+
+def attend_available() -> bool:
+    """Whether a registered backend provides the fused decode attention over trellis codes for CPU tensors."""
+    return _backend("kv_trellis_attend") is not None
 
 
 def backends() -> list[str]:
@@ -162,3 +169,20 @@ def trellis_scores(codes, q: torch.Tensor, ks: torch.Tensor, cb: torch.Tensor) -
     rho = scale_values(codes.scale).reshape(B * H, L)
     out = impl.kv_trellis_scores(codes.idx.reshape(B * H, L, nb), rho, q.reshape(B * H, n, D), ks, cb)
     return out.view(B, H, n, L)
+
+
+def trellis_attend(
+    keys, values, k_tables, v_tables, q, scaling: float, extra, bias_mode=0, bias=None, tab=None, pos0=0
+):
+    """Native fused decode attention over trellis key and value codes with 8-bit scales (one call per layer and
+    step): ``keys``, ``values`` :class:`coset.kv.KVCodes` (streams ``(B, H, L, nbytes)``, read in place),
+    ``k_tables`` / ``v_tables`` their ``(ks, cb)``, ``q (B, H, n, D)`` rotated queries, ``extra (B, H, n, Le)``
+    the scaled scores of the dense (sink and window) tokens; ``bias_mode`` 1 adds ``bias (B, H, n)`` to every
+    coded score, 2 adds ``<bias[.., i, :], tab[pos0 + t]>`` (the rotary key mean). Returns ``acc (B, H, n, D)``
+    (``sum_t p_t v_hat_t`` in the rotated domain), ``pe (B, H, n, Le)`` (the dense tokens' weights) and
+    ``psum (B, H, n)`` (the coded tokens' total weight)."""
+    impl = _need("kv_trellis_attend", keys.idx)
+    return impl.kv_trellis_attend(
+        keys.idx, keys.scale, *k_tables, values.idx, values.scale, *v_tables, log_scale_table(),
+        q, scaling, extra, bias_mode, bias, tab, pos0,
+    )  # fmt: skip

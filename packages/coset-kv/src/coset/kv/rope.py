@@ -129,13 +129,19 @@ class RotaryTable:
         """``<q, R_p mu>`` for positions ``p = start .. stop-1``: ``q (..., R, D)``, ``mu`` broadcastable to it
         -> ``(..., R, stop - start)``. One matmul against the table (``D`` wide when the two halves of the
         channels share their frequencies, else ``2 D``)."""
-        cs = self.get_cat(start, stop)
+        self.get_cat(start, stop)  # (checks start and stop)
+        qm, table = self.mean_query(q, mu, stop)
+        return qm @ table[start:stop].to(qm.device).T
+
+    def mean_query(self, q: torch.Tensor, mu: torch.Tensor, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(qm, table)`` with ``<q, R_p mu> = <qm, table[p]>`` for every ``p < stop`` (the table grown to hold
+        ``stop`` positions): ``qm (..., R, W)``, ``table (>= stop, W)``, W = D or 2 D (see :meth:`mean_scores`)."""
+        self.get_cat(0, stop)
         a, b = q * mu, q * rotate_half(mu)
         if self._half is not None:
             h = self.head_dim // 2
-            qm = torch.cat((a[..., :h] + a[..., h:], b[..., :h] + b[..., h:]), dim=-1)
-            return qm @ self._half[start:stop].to(qm.device).T
-        return torch.cat((a, b), dim=-1) @ cs.to(q.device).T
+            return torch.cat((a[..., :h] + a[..., h:], b[..., :h] + b[..., h:]), dim=-1), self._half
+        return torch.cat((a, b), dim=-1), self._cs
 
     def get(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos, sin`` of positions ``start .. stop-1``, each a ``(stop - start, D)`` float32 view."""
