@@ -9,6 +9,8 @@ KV head): ``idx (BH, L, K, M)`` uint8, ``t (BH, L, ceil(K t_bits / 8))`` uint8, 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from . import _C  # type: ignore[attr-defined]  # compiled extension
@@ -91,9 +93,25 @@ def _trellis_args(ks, cb, D: int):
     if L > 14:
         raise ValueError("cb must be a 1-d tensor of 2^L entries, 6 <= L <= 14")
     ksc = ks.contiguous()
-    if int(ksc.min()) < 1 or int(ksc.max()) > 4 or int(ksc.sum()) % 8:
+    return ksc, _f32("cb", cb, (cb.numel(),)), L, _stream_bytes(ksc)
+
+
+#: schedules already checked: id -> (weak reference, version, stream bytes); a cache calls a kernel per layer and
+#: decoding step with the same cached schedule tensor, and its three reductions cost more than the call
+_CHECKED: dict[int, tuple[weakref.ref, int, int]] = {}
+
+
+def _stream_bytes(ks: torch.Tensor) -> int:
+    hit = _CHECKED.get(id(ks))
+    if hit is not None and hit[0]() is ks and hit[1] == ks._version:
+        return hit[2]
+    if int(ks.min()) < 1 or int(ks.max()) > 4 or int(ks.sum()) % 8:
         raise ValueError("ks must hold 1..4 bits per element, a whole number of bytes in all")
-    return ksc, _f32("cb", cb, (cb.numel(),)), L, int(ksc.sum()) // 8
+    nbytes = int(ks.sum()) // 8
+    if len(_CHECKED) > 256:
+        _CHECKED.clear()
+    _CHECKED[id(ks)] = (weakref.ref(ks), ks._version, nbytes)
+    return nbytes
 
 
 def trellis_encode(u, ks, cb) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 
 from . import native
 from .attention import masked_softmax
-from .codes import KVCodes, _check_states, decode_states, encode_checked
+from .codes import KVCodes, _check_states, decode_states, encode_checked, encode_normalised, normalise_checked
 from .config import KVQuantConfig
 from .key_transform import KeyTransform
 from .lut import scores_lut, scores_reference, values_from_codes
@@ -255,9 +255,11 @@ class CodedKVStore:
             raise ValueError(f"key_states {tuple(keys.shape)} and value_states {tuple(values.shape)} differ")
         if keys.dtype != values.dtype:
             raise ValueError(f"key_states ({keys.dtype}) and value_states ({values.dtype}) differ in dtype")
-        for name, x in (("key_states", keys), ("value_states", values)):
-            if x.numel() and not bool(torch.isfinite(x).all()):
-                raise ValueError(f"{name} contains NaN or Inf")
+        # a finite sum means finite states (a NaN or Inf carries into it; a sum that overflows is checked in full)
+        if keys.numel() and not math.isfinite(float(keys.sum(dtype=torch.float32) + values.sum(dtype=torch.float32))):
+            for name, x in (("key_states", keys), ("value_states", values)):
+                if not bool(torch.isfinite(x).all()):
+                    raise ValueError(f"{name} contains NaN or Inf")
         B, H, L, D = keys.shape
         if B < 1:
             raise ValueError(f"key_states must have a batch size >= 1, got {tuple(keys.shape)}")
@@ -369,6 +371,12 @@ class CodedKVStore:
             both = encode_checked(torch.cat((keys, values)), rotation, self.kcfg, ("key_states", "value_states"))
             kc = KVCodes(both.idx[:B], both.t[:B], both.scale[:B], both.code)
             vc = KVCodes(both.idx[B:], both.t[B:], both.scale[B:], both.code)
+        elif self.kcfg.scale_bits == self.vcfg.scale_bits:  # one rotation and scale pass, two codes
+            u, scale = normalise_checked(
+                torch.cat((keys, values)), rotation, self.kcfg.scale_bits, ("key_states", "value_states")
+            )
+            kc = encode_normalised(u[:B], scale[:B], self.kcfg)
+            vc = encode_normalised(u[B:], scale[B:], self.vcfg)
         else:
             kc = encode_checked(keys, rotation, self.kcfg, ("key_states",))
             vc = encode_checked(values, rotation, self.vcfg, ("value_states",))

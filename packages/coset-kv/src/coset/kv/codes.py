@@ -138,19 +138,27 @@ def encode_checked(
     """:func:`encode_states` without the argument checks (for callers that made them: it runs once per layer
     and decoding step), except the range of the per-vector scales (ValueError naming ``names[i]`` when the
     offending vector is in the i-th of ``len(names)`` equal parts of the batch axis)."""
-    B, H, L, D = x.shape
-    K = D // BLOCK
+    u, scale = normalise_checked(x, rotation, config.scale_bits, names)
+    return encode_normalised(u, scale, config)
+
+
+def normalise_checked(
+    x: torch.Tensor, rotation: HeadRotation, scale_bits: int, names: tuple[str, ...] = ("states",)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first half of :func:`encode_checked`, shared by every code of that ``scale_bits``: the rotated vectors
+    divided by their scales ``u (B, H, L, D)`` float32, and the stored scale codes ``(B, H, L)``."""
+    B = x.shape[0]
     xr = rotation.rotate(x.to(torch.float32))
     rms = xr.pow(2).mean(-1).sqrt()
-    limit = _MAX_RMS[config.scale_bits]
+    limit = _MAX_RMS[scale_bits]
     bad = rms > limit  # also an rms that overflowed float32
     if bool(bad.any()):
         part = names[int(bad.nonzero()[0, 0]) * len(names) // B]
         raise ValueError(
             f"{part} has a head vector of rms {float(rms.max()):.3g} (after centring and key scaling): past the "
-            f"largest per-vector scale of the code ({limit:.6g} with {config.scale_bits}-bit scales)"
+            f"largest per-vector scale of the code ({limit:.6g} with {scale_bits}-bit scales)"
         )
-    if config.scale_bits == 8:
+    if scale_bits == 8:
         # nearest log step (not the next one up: T absorbs the rare overload, a scale rounded up would coarsen
         # every vector); vectors below 2^-16 rms get the smallest step, exact zeros the code 0
         e = torch.round(8.0 * torch.log2(rms.clamp(min=2.0**-20)) + 128.0).clamp_(1, 255)
@@ -159,23 +167,29 @@ def encode_checked(
         scale = rms.clamp(max=_FP16_MAX).to(torch.float16)
     rho = scale_values(scale)
     div = torch.where(rho > 0, rho, torch.ones_like(rms))
+    return xr / div.unsqueeze(-1), scale
+
+
+def encode_normalised(u: torch.Tensor, scale: torch.Tensor, config: KVQuantConfig | TrellisCode) -> KVCodes:
+    """The second half of :func:`encode_checked`: the codes of ``u (B, H, L, D)`` (finite) under ``config``."""
+    B, H, L, D = u.shape
+    K = D // BLOCK
     if isinstance(config, TrellisCode):
-        stream = trellis_encode((xr / div.unsqueeze(-1)).reshape(-1, D), config).view(B, H, L, -1)
-        t = torch.zeros((B, H, L, 0), dtype=torch.uint8, device=x.device)
+        stream = trellis_encode(u.reshape(-1, D), config, checked=True).view(B, H, L, -1)
+        t = torch.zeros((B, H, L, 0), dtype=torch.uint8, device=u.device)
         return KVCodes(idx=stream, t=t, scale=scale, code=config.code_key())
-    u = (xr / div.unsqueeze(-1)).reshape(B, H, L, K, BLOCK)
     qc = config.quant_config()
     with warnings.catch_warnings():  # overload_policy="clamp" is the design: the rare clamped block is counted
         warnings.simplefilter("ignore", ClampWarning)  # in the measured quality, not worth a warning per token
-        b, T = encode(u, config=qc)  # b (B,H,L,K,M,8) uint8 in {0,1}; T (B,H,L,K) uint8
-    idx = (b.to(torch.int32) * _bit_weights(x.device)).sum(-1).to(torch.uint8)
+        b, T = encode(u.reshape(B, H, L, K, BLOCK), config=qc)  # b (B,H,L,K,M,8) uint8 in {0,1}; T (B,H,L,K) uint8
+    idx = (b.to(torch.int32) * _bit_weights(u.device)).sum(-1).to(torch.uint8)
     if config.t_bits:
         per = 8 // config.t_bits
         Kp = -(-K // per) * per
         Tp = T if Kp == K else torch.nn.functional.pad(T, (0, Kp - K))
         t = pack_labels(Tp, 2**config.t_bits).view(B, H, L, Kp // per)
     else:
-        t = torch.zeros((B, H, L, 0), dtype=torch.uint8, device=x.device)
+        t = torch.zeros((B, H, L, 0), dtype=torch.uint8, device=u.device)
     return KVCodes(idx=idx, t=t, scale=scale, code=config.code_key())
 
 

@@ -199,11 +199,14 @@ def schedule_tensor(block_bits: int, head_dim: int) -> torch.Tensor:
     return torch.tensor(trellis_schedule(block_bits, head_dim), dtype=torch.uint8)
 
 
-def trellis_encode(u: torch.Tensor, code: TrellisCode, backend: str = "auto", chunk: int = 1024) -> torch.Tensor:
+def trellis_encode(
+    u: torch.Tensor, code: TrellisCode, backend: str = "auto", chunk: int = 1024, *, checked: bool = False
+) -> torch.Tensor:
     """Streams of the vectors ``u (n, D)`` (float32, rms-normalised, rotated): ``(n, stream_bytes)`` uint8.
 
     ``backend``: ``"torch"`` (this reference), ``"native"`` (a registered kernel, bit for bit the same streams)
-    or ``"auto"`` (native when registered)."""
+    or ``"auto"`` (native when registered). ``checked=True``: the caller has made sure ``u`` is finite (the
+    encoder of a cache, every decoding step, whose states were checked)."""
     if backend not in ("auto", "native", "torch"):
         raise ValueError(f"backend must be 'auto', 'native' or 'torch', got {backend!r}")
     if not isinstance(u, torch.Tensor) or not u.is_floating_point():
@@ -212,7 +215,7 @@ def trellis_encode(u: torch.Tensor, code: TrellisCode, backend: str = "auto", ch
         raise ValueError(f"u must have shape (n, head_dim), got {tuple(u.shape)}")
     if not isinstance(code, TrellisCode):
         raise TypeError(f"code must be a TrellisCode, got {type(code).__name__}")
-    if u.numel() and not bool(torch.isfinite(u).all()):
+    if not checked and u.numel() and not bool(torch.isfinite(u).all()):
         raise ValueError("u contains NaN or Inf")
     n, D = u.shape
     if D < _BLOCK or D % _BLOCK or D * code.block_bits % 64 or D * code.block_bits < 128:
