@@ -193,8 +193,12 @@ inline float hsum(__m256 a) {  // a fixed tree: (lanes 0-3 + 4-7), then pairs, t
 // counts and query loads shared: 1.59 -> 1.15 ms for 3 x 8192 tokens, 3 queries, L = 12), up to 3 queries' sums
 // per token in registers; the sums are in another order than the scalar loop's (8 lanes, then a fixed tree), so
 // the two agree to float32 rounding, not bit for bit (as any dot product with torch's matmul).
+// BIAS (the fused attention's rotary key mean): out[i, t] = <q_i, rho_t u_t> + <qm_i, tab[t]> with tab rows of D
+// floats, one sum per query and token (the decoded values scaled first, so the order differs from BIAS = false).
+template <bool BIAS>
 void scores_range_avx2(const uint8_t* stream, const float* rho, const float* q, int64_t lo, int64_t hi, int64_t L,
-                       int nq, int D, const uint8_t* ks, const float* cb, int LB, int nbytes, float* out) {
+                       int nq, int D, const uint8_t* ks, const float* cb, int LB, int nbytes, float* out,
+                       const float* qm = nullptr, const float* tab = nullptr) {
   std::vector<uint8_t> buf(2 * ((size_t)nbytes + 14), 0);
   uint8_t* b0 = buf.data();
   uint8_t* b1 = b0 + nbytes + 14;
@@ -220,21 +224,41 @@ void scores_range_avx2(const uint8_t* stream, const float* rho, const float* q, 
           if (i0 == 0) {  // decode once per token, keep the values for the next queries
             x0 = group_values(b0, base.data(), shl.data(), g, cb, right);
             x1 = group_values(b1, base.data(), shl.data(), g, cb, right);
+            if (BIAS) {  // a zero vector (rho 0) scores its mean alone
+              x0 = r0 == 0.f ? _mm256_setzero_ps() : _mm256_mul_ps(x0, _mm256_set1_ps(r0));
+              x1 = r1 == 0.f ? _mm256_setzero_ps() : _mm256_mul_ps(x1, _mm256_set1_ps(r1));
+            }
             _mm256_storeu_ps(v.data() + 8 * g, x0);
             _mm256_storeu_ps(v.data() + D + 8 * g, x1);
           } else {
             x0 = _mm256_loadu_ps(v.data() + 8 * g);
             x1 = _mm256_loadu_ps(v.data() + D + 8 * g);
           }
-          for (int j = 0; j < ni; ++j) {
-            const __m256 qv = _mm256_loadu_ps(qb + (int64_t)(i0 + j) * D + 8 * g);
-            a0[j] = _mm256_add_ps(a0[j], _mm256_mul_ps(qv, x0));
-            a1[j] = _mm256_add_ps(a1[j], _mm256_mul_ps(qv, x1));
+          if (BIAS) {
+            const __m256 t0 = _mm256_loadu_ps(tab + t * D + 8 * g);
+            const __m256 t1 = nt == 2 ? _mm256_loadu_ps(tab + (t + 1) * D + 8 * g) : _mm256_setzero_ps();
+            for (int j = 0; j < ni; ++j) {
+              const __m256 qv = _mm256_loadu_ps(qb + (int64_t)(i0 + j) * D + 8 * g);
+              const __m256 mv = _mm256_loadu_ps(qm + (bh * nq + i0 + j) * D + 8 * g);
+              a0[j] = _mm256_add_ps(a0[j], _mm256_add_ps(_mm256_mul_ps(qv, x0), _mm256_mul_ps(mv, t0)));
+              a1[j] = _mm256_add_ps(a1[j], _mm256_add_ps(_mm256_mul_ps(qv, x1), _mm256_mul_ps(mv, t1)));
+            }
+          } else {
+            for (int j = 0; j < ni; ++j) {
+              const __m256 qv = _mm256_loadu_ps(qb + (int64_t)(i0 + j) * D + 8 * g);
+              a0[j] = _mm256_add_ps(a0[j], _mm256_mul_ps(qv, x0));
+              a1[j] = _mm256_add_ps(a1[j], _mm256_mul_ps(qv, x1));
+            }
           }
         }
         for (int j = 0; j < ni; ++j) {
-          o[(int64_t)(i0 + j) * L] = r0 == 0.f ? 0.f : r0 * hsum(a0[j]);
-          if (nt == 2) o[(int64_t)(i0 + j) * L + 1] = r1 == 0.f ? 0.f : r1 * hsum(a1[j]);
+          if (BIAS) {
+            o[(int64_t)(i0 + j) * L] = hsum(a0[j]);
+            if (nt == 2) o[(int64_t)(i0 + j) * L + 1] = hsum(a1[j]);
+          } else {
+            o[(int64_t)(i0 + j) * L] = r0 == 0.f ? 0.f : r0 * hsum(a0[j]);
+            if (nt == 2) o[(int64_t)(i0 + j) * L + 1] = r1 == 0.f ? 0.f : r1 * hsum(a1[j]);
+          }
         }
       }
     }
@@ -330,7 +354,10 @@ int stream_kernel(bool values, const uint8_t* stream, const float* rho, const fl
   auto body = [&](int64_t lo, int64_t hi) {
 #ifdef COSET_TR_AVX2
     if (tr_use_avx2()) {
-      (values ? values_range_avx2 : scores_range_avx2)(stream, rho, x, lo, hi, L, nq, D, ks, cb, LB, nbytes, out);
+      if (values)
+        values_range_avx2(stream, rho, x, lo, hi, L, nq, D, ks, cb, LB, nbytes, out);
+      else
+        scores_range_avx2<false>(stream, rho, x, lo, hi, L, nq, D, ks, cb, LB, nbytes, out);
       return;
     }
 #endif
@@ -391,11 +418,16 @@ bool attend_row(const TrellisAttendArgs& a, int64_t bh) {
   const uint8_t* ks = a.kstream + bh * a.kstream_stride;
   const uint8_t* vs = a.vstream + bh * a.vstream_stride;
   float* s = sc.data();
+  bool fused_bias = false;
   if (L > 0) {
 #ifdef COSET_TR_AVX2
-    if (tr_use_avx2())
-      scores_range_avx2(ks, rk.data(), qb, 0, 1, L, nq, D, a.kks, a.kcb, a.kLB, a.knb, s);
-    else
+    if (tr_use_avx2() && a.bias_mode == 2 && a.tdim == D) {  // the rotary mean's dots in the same pass
+      scores_range_avx2<true>(ks, rk.data(), qb, 0, 1, L, nq, D, a.kks, a.kcb, a.kLB, a.knb, s,
+                              a.bias + bh * nq * D, a.tab + a.pos0 * D);
+      fused_bias = true;
+    } else if (tr_use_avx2()) {
+      scores_range_avx2<false>(ks, rk.data(), qb, 0, 1, L, nq, D, a.kks, a.kcb, a.kLB, a.knb, s);
+    } else
 #endif
       scores_range<decltype(&base::trellis_decode_vector)>(ks, rk.data(), qb, 0, 1, L, nq, D, a.kks, a.kcb, a.kLB,
                                                             a.knb, s, base::trellis_decode_vector);
@@ -407,7 +439,7 @@ bool attend_row(const TrellisAttendArgs& a, int64_t bh) {
     if (a.bias_mode == 1) {
       const float b = a.bias[row];
       for (int64_t t = 0; t < L; ++t) si[t] += b;
-    } else if (a.bias_mode == 2) {
+    } else if (a.bias_mode == 2 && !fused_bias) {
       add_table_dots(si, a.bias + row * a.tdim, a.tab + a.pos0 * a.tdim, L, a.tdim);
     }
     const float* ei = a.extra + row * Le;

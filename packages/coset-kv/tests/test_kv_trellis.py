@@ -345,14 +345,16 @@ def test_unbiased_decode_is_unbiased_along_u():
             assert lo < c < hi, (bb, code.unbiased, c)
 
 
-def _llama_rope(D: int = 64):
+def _llama_rope(D: int = 64, same_halves: bool = True):
+    """The Llama rotary table (both halves of the channels share their frequencies), or one whose halves differ
+    (the cache then scores the mean against the full [cos | sin] table)."""
     from coset.kv import RotaryTable
 
     inv = 1.0 / (10000.0 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
 
     def fn(pos):
         f = pos.to(torch.float32)[:, None] * inv[None]
-        e = torch.cat((f, f), dim=-1)
+        e = torch.cat((f, f if same_halves else 1.5 * f), dim=-1)
         return e.cos(), e.sin()
 
     return RotaryTable(fn, D)
@@ -367,8 +369,8 @@ def _key_transform(H: int, D: int, g: torch.Generator):
 
 @pytest.mark.parametrize(
     "sink, window, B, mean, rope, kt",
-    [(1, 0, 1, True, True, True), (0, 0, 1, True, False, False), (2, 5, 2, True, True, False),
-     (1, 0, 2, False, False, True), (0, 3, 1, False, False, False), (1, 0, 1, True, False, True)],
+    [(1, 0, 1, True, "half", True), (0, 0, 1, True, None, False), (2, 5, 2, True, "full", False),
+     (1, 0, 2, False, None, True), (0, 3, 1, False, None, False), (1, 0, 1, True, None, True)],
 )  # fmt: skip
 def test_fused_decode_attention_equals_attention_over_decoded_states(
     native_trellis, monkeypatch, sink, window, B, mean, rope, kt
@@ -381,7 +383,8 @@ def test_fused_decode_attention_equals_attention_over_decoded_states(
         sink=sink, window=window, subtract_mean=mean, key_code=TrellisCode(32, 10), value_code=TrellisCode(22, 8)
     )
     key_scale = _key_transform(3, 64, g) if kt else None
-    st = CodedKVStore(cfg, backend="auto", key_scale=key_scale, rope=_llama_rope() if rope else None)
+    table = _llama_rope(same_halves=rope == "half") if rope else None
+    st = CodedKVStore(cfg, backend="auto", key_scale=key_scale, rope=table)
     k, v = torch.randn(B, 3, 40, 64, generator=g) + 0.3, torch.randn(B, 3, 40, 64, generator=g)
     k[:, 1, 17] = 0.0  # a zero key: scale code 0 when the keys are not centred
     st.append(k[:, :, :30], v[:, :, :30])
