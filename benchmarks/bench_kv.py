@@ -778,6 +778,8 @@ def main() -> None:
             # exact 4 bits with keys and values in the trellis code (keys scored from the streams)
             runs.append(("hnlq4_s1_kfr_tk1 trellis", "hnlq_kfr", _tk(32, 30, 10)))
             runs.append(("hnlq4_s1_kfr_tk1_12 trellis", "hnlq_kfr", _tk(32, 30, 12)))
+        if sel is not None:  # --only also picks the caches timed here (by method name; DynamicCache always)
+            runs = [r for r in runs if r[1] == "fp32" or r[0].split()[0] in sel]
         set_threads(1)
         for ctx in [int(c) for c in args.contexts.split(",")]:
             ids = text_ids[:, :ctx]

@@ -289,7 +289,7 @@ class CodedKVStore:
             )
         elif self._batch() >= 0 and B != self._batch():
             raise ValueError(f"states have batch size {B}, the cache holds {self._batch()}")
-        fp = [b.data.dtype for b in (self._bufs["k_sink"], self._bufs["k_win"]) if b.data is not None]
+        fp = [b.dtype for b in (self._bufs["k_sink"], self._bufs["k_win"]) if b.dtype is not None]
         if fp and keys.dtype != fp[0] and (S > 0 or (W > 0 and L > S)):
             raise ValueError(
                 f"key_states are {keys.dtype}; the cache keeps full-precision tokens in {fp[0]} (sink or window)"
@@ -330,8 +330,8 @@ class CodedKVStore:
 
     def _batch(self) -> int:
         for b in self._bufs.values():
-            if b.data is not None:
-                return b.data.shape[0]
+            if b.batch is not None:
+                return b.batch
         return -1
 
     def _encode(self, keys: torch.Tensor, values: torch.Tensor, rotation: HeadRotation, sink: int):

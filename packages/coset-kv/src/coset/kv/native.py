@@ -38,9 +38,9 @@ def _backend(op: str, like: torch.Tensor | None = None) -> Any | None:
 
     Looked up once per (op, device type) and registry size: the registry's selection costs about a
     millisecond, paid 60 times per decoding step of a 30-layer model otherwise."""
-    probe = torch.empty(0, dtype=torch.uint8) if like is None else like
-    key = (op, probe.device.type, len(available_backends()))
+    key = (op, "cpu" if like is None else like.device.type, len(available_backends()))
     if key not in _found:
+        probe = torch.empty(0, dtype=torch.uint8) if like is None else like
         try:
             _found[key] = select_backend("auto", op, probe, None, None)
         except (TypeError, ValueError):

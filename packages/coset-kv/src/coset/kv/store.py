@@ -40,6 +40,16 @@ class TokenBuffer:
         return self._buf
 
     @property
+    def batch(self) -> int | None:
+        """The batch size of the held tensor (None before the first append): no view is made."""
+        return None if self._buf is None else self._buf.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The dtype of the held tensor (None before the first append)."""
+        return None if self._buf is None else self._buf.dtype
+
+    @property
     def nbytes(self) -> int:
         """Bytes of the used part (the spare capacity is an allocation detail, at most the same again)."""
         d = self.data
