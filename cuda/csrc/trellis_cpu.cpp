@@ -50,22 +50,21 @@ bool tr_use_avx2() {
 }
 
 
+// One side (keys or values) of trellis_attend_cpu: streams and 8-bit scale codes read in place, rows `*_stride`
+// apart; the schedule, decode table, state bits and stream bytes of its code.
+struct TrellisSide {
+  const uint8_t* stream;
+  int64_t stream_stride;
+  const uint8_t* scale;
+  int64_t scale_stride;
+  const uint8_t* ks;
+  const float* cb;
+  int LB, nb;
+};
+
 // Arguments of trellis_attend_cpu (see there).
 struct TrellisAttendArgs {
-  const uint8_t* kstream;
-  int64_t kstream_stride;
-  const uint8_t* kscale;
-  int64_t kscale_stride;
-  const uint8_t* kks;
-  const float* kcb;
-  int kLB, knb;
-  const uint8_t* vstream;
-  int64_t vstream_stride;
-  const uint8_t* vscale;
-  int64_t vscale_stride;
-  const uint8_t* vks;
-  const float* vcb;
-  int vLB, vnb;
+  TrellisSide k, v;
   const float* scale_tab;
   int64_t BH, L;
   int nq, D;
@@ -408,29 +407,29 @@ bool attend_row(const TrellisAttendArgs& a, int64_t bh) {
   sc.resize((size_t)(nq * L + 1));
   rk.resize((size_t)L + 1);
   rv.resize((size_t)L + 1);
-  const uint8_t* kc = a.kscale + bh * a.kscale_stride;
-  const uint8_t* vc = a.vscale + bh * a.vscale_stride;
+  const uint8_t* kc = a.k.scale + bh * a.k.scale_stride;
+  const uint8_t* vc = a.v.scale + bh * a.v.scale_stride;
   for (int64_t t = 0; t < L; ++t) {  // 8-bit log scale codes -> rho (coset.kv.codes.scale_values' table)
     rk[(size_t)t] = a.scale_tab[kc[t]];
     rv[(size_t)t] = a.scale_tab[vc[t]];
   }
   const float* qb = a.q + bh * nq * D;
-  const uint8_t* ks = a.kstream + bh * a.kstream_stride;
-  const uint8_t* vs = a.vstream + bh * a.vstream_stride;
+  const uint8_t* ks = a.k.stream + bh * a.k.stream_stride;
+  const uint8_t* vs = a.v.stream + bh * a.v.stream_stride;
   float* s = sc.data();
   bool fused_bias = false;
   if (L > 0) {
 #ifdef COSET_TR_AVX2
     if (tr_use_avx2() && a.bias_mode == 2 && a.tdim == D) {  // the rotary mean's dots in the same pass
-      scores_range_avx2<true>(ks, rk.data(), qb, 0, 1, L, nq, D, a.kks, a.kcb, a.kLB, a.knb, s,
+      scores_range_avx2<true>(ks, rk.data(), qb, 0, 1, L, nq, D, a.k.ks, a.k.cb, a.k.LB, a.k.nb, s,
                               a.bias + bh * nq * D, a.tab + a.pos0 * D);
       fused_bias = true;
     } else if (tr_use_avx2()) {
-      scores_range_avx2<false>(ks, rk.data(), qb, 0, 1, L, nq, D, a.kks, a.kcb, a.kLB, a.knb, s);
+      scores_range_avx2<false>(ks, rk.data(), qb, 0, 1, L, nq, D, a.k.ks, a.k.cb, a.k.LB, a.k.nb, s);
     } else
 #endif
-      scores_range<decltype(&base::trellis_decode_vector)>(ks, rk.data(), qb, 0, 1, L, nq, D, a.kks, a.kcb, a.kLB,
-                                                            a.knb, s, base::trellis_decode_vector);
+      scores_range<decltype(&base::trellis_decode_vector)>(ks, rk.data(), qb, 0, 1, L, nq, D, a.k.ks, a.k.cb, a.k.LB,
+                                                            a.k.nb, s, base::trellis_decode_vector);
   }
   bool finite = true;
   for (int i = 0; i < nq; ++i) {
@@ -473,11 +472,11 @@ bool attend_row(const TrellisAttendArgs& a, int64_t bh) {
   if (L > 0) {
 #ifdef COSET_TR_AVX2
     if (tr_use_avx2())
-      values_range_avx2(vs, rv.data(), s, 0, 1, L, nq, D, a.vks, a.vcb, a.vLB, a.vnb, out);
+      values_range_avx2(vs, rv.data(), s, 0, 1, L, nq, D, a.v.ks, a.v.cb, a.v.LB, a.v.nb, out);
     else
 #endif
-      values_range<decltype(&base::trellis_decode_vector)>(vs, rv.data(), s, 0, 1, L, nq, D, a.vks, a.vcb, a.vLB,
-                                                            a.vnb, out, base::trellis_decode_vector);
+      values_range<decltype(&base::trellis_decode_vector)>(vs, rv.data(), s, 0, 1, L, nq, D, a.v.ks, a.v.cb, a.v.LB,
+                                                            a.v.nb, out, base::trellis_decode_vector);
   }
   return true;
 }
@@ -537,9 +536,10 @@ int trellis_attend_cpu(const uint8_t* kstream, int64_t kstream_stride, const uin
   if (bias_mode == 2 && tdim < 1) return 1;
   if (L > 0 && (tr_bad(D, kLB, knb, kks) || tr_bad(D, vLB, vnb, vks))) return 1;
   if (kstream_stride < L * knb || vstream_stride < L * vnb || kscale_stride < L || vscale_stride < L) return 1;
-  const TrellisAttendArgs a{kstream, kstream_stride, kscale, kscale_stride, kks, kcb, kLB, knb, vstream,
-                            vstream_stride, vscale, vscale_stride, vks, vcb, vLB, vnb, scale_tab, BH, L, nq, D, q,
-                            bias_mode, bias, tab, pos0, tdim, scaling, extra, Le, acc, pe, psum};
+  const TrellisAttendArgs a{{kstream, kstream_stride, kscale, kscale_stride, kks, kcb, kLB, knb},
+                            {vstream, vstream_stride, vscale, vscale_stride, vks, vcb, vLB, vnb},
+                            scale_tab, BH, L, nq, D, q, bias_mode, bias, tab, pos0, tdim, scaling, extra, Le, acc, pe,
+                            psum};
   std::vector<uint8_t> ok((size_t)BH, 1);
   split_rows(BH, threads, [&](int64_t lo, int64_t hi) {
     for (int64_t bh = lo; bh < hi; ++bh) ok[(size_t)bh] = attend_row(a, bh) ? 1 : 0;
