@@ -266,7 +266,8 @@ void scores_range_avx2(const uint8_t* stream, const float* rho, const float* q, 
 
 // values_range with 8 elements at a time: the 8 states from one big-endian 64-bit word (each element's bit offset
 // in it is fixed by the schedule), the values from 8 table loads (AVX2 gathers measured slower on AMD Zen 2); the
-// per-element products and sums are the scalar loop's (mul, then add, tokens in order), so results are equal.
+// per-element products and sums are the scalar loop's (mul, then add, tokens in order), so results are equal (a token
+// skipped for weights that are all 0 adds +-0 in the scalar loop, which leaves a sum that starts at +0 as it is).
 // Two tokens (with nonzero scales) per pass, added in token order: 1.66 -> 1.27 ms for 3 x 8192 tokens, 3 queries.
 void values_range_avx2(const uint8_t* stream, const float* rho, const float* p, int64_t lo, int64_t hi, int64_t L,
                        int nq, int D, const uint8_t* ks, const float* cb, int LB, int nbytes, float* out) {
@@ -281,12 +282,19 @@ void values_range_avx2(const uint8_t* stream, const float* rho, const float* p, 
     float* o = out + bh * nq * D;
     int64_t t = 0;
     while (t < L) {
-      // the next two tokens with a nonzero scale (a zero vector's stream holds whatever the encoder chose)
+      // the next two tokens with a nonzero scale (a zero vector's stream holds whatever the encoder chose) and a
+      // nonzero weight (a token whose weights are all 0 adds nothing: o + 0 = o)
+      const auto skip = [&](int64_t u) {
+        if (rho[bh * L + u] == 0.f) return true;
+        for (int i = 0; i < nq; ++i)
+          if (p[(bh * nq + i) * L + u] != 0.f) return false;
+        return true;
+      };
       int64_t ta = t;
-      while (ta < L && rho[bh * L + ta] == 0.f) ++ta;
+      while (ta < L && skip(ta)) ++ta;
       if (ta >= L) break;
       int64_t tb = ta + 1;
-      while (tb < L && rho[bh * L + tb] == 0.f) ++tb;
+      while (tb < L && skip(tb)) ++tb;
       const bool two = tb < L;
       t = two ? tb + 1 : L;
       const float ra = rho[bh * L + ta], rb = two ? rho[bh * L + tb] : 0.f;
@@ -399,6 +407,132 @@ void add_table_dots(float* s, const float* qm, const float* tab, int64_t n, int 
   }
 }
 
+// Subnormal floats flushed to zero (FTZ) and read as zero (DAZ) while alive, on this thread. In a decoding step
+// most softmax weights of a peaked row (a sink token, a recent token) are exp(-100)-small: as subnormals each
+// product with them takes a microcode assist (SmolLM2's rows: ~1 ms per layer at 8k tokens); flushed they are 0,
+// which changes a weighted sum by < 1e-38 of its largest weight.
+struct FlushDenormals {
+#ifdef COSET_TR_X86
+  unsigned saved = _mm_getcsr();
+  FlushDenormals() { _mm_setcsr(saved | 0x8040u); }
+  ~FlushDenormals() { _mm_setcsr(saved); }
+#endif
+};
+
+#ifdef COSET_TR_AVX2
+#pragma GCC push_options
+#pragma GCC target("avx2")
+// exp(x) for x <= 0, 8 lanes (Cephes' expf: range reduction by ln 2 in two parts, a degree-6 polynomial; relative
+// error ~2 ulp); x < -87 (and NaN) -> 0, so no result is subnormal.
+inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_GE_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(fx, _mm256_set1_ps(0.693359375f)));
+  r = _mm256_sub_ps(r, _mm256_mul_ps(fx, _mm256_set1_ps(-2.12194440e-4f)));
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(y, r), r), r), _mm256_set1_ps(1.f));
+  const __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(keep, _mm256_mul_ps(y, _mm256_castsi256_ps(n)));
+}
+
+// softmax_row's coded part with 8 lanes: s *= scaling with the running max and sum, then exp and the sum of weights.
+void scale_max_sum_avx2(float* s, int64_t L, float scaling, float& m, float& sum) {
+  __m256 vm = _mm256_set1_ps(-INFINITY), vs = _mm256_setzero_ps();
+  const __m256 sc = _mm256_set1_ps(scaling);
+  int64_t t = 0;
+  for (; t + 8 <= L; t += 8) {
+    const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(s + t), sc);
+    _mm256_storeu_ps(s + t, x);
+    vm = _mm256_max_ps(vm, x);
+    vs = _mm256_add_ps(vs, x);
+  }
+  alignas(32) float lm[8];
+  _mm256_store_ps(lm, vm);
+  for (float x : lm) m = std::max(m, x);
+  sum += hsum(vs);
+  for (; t < L; ++t) {
+    s[t] *= scaling;
+    m = std::max(m, s[t]);
+    sum += s[t];
+  }
+}
+
+float exp_sum_avx2(float* s, int64_t L, float m) {
+  const __m256 vm = _mm256_set1_ps(m);
+  __m256 vz = _mm256_setzero_ps();
+  int64_t t = 0;
+  for (; t + 8 <= L; t += 8) {
+    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + t), vm));
+    _mm256_storeu_ps(s + t, e);
+    vz = _mm256_add_ps(vz, e);
+  }
+  float z = hsum(vz);
+  for (; t < L; ++t) {
+    const float d = s[t] - m;
+    z += (s[t] = d < -87.f ? 0.f : std::exp(d));
+  }
+  return z;
+}
+#pragma GCC pop_options
+#endif
+
+// The softmax of one query row over [extra (Le dense tokens' scores, already scaled), scaling * s (L coded
+// tokens)]: s becomes the coded tokens' weights, pe the dense tokens', *psum the coded tokens' total weight.
+// Weights below e^-87 of the largest are 0. Returns false when a score is not finite (a NaN or an infinite score
+// carries into the sum of scores).
+bool softmax_row(float* s, int64_t L, const float* extra, float* pe, int64_t Le, float scaling, float* psum) {
+  float m = -INFINITY, sum = 0.f;
+#ifdef COSET_TR_AVX2
+  const bool fast = tr_use_avx2();
+#else
+  const bool fast = false;
+#endif
+  if (fast) {
+#ifdef COSET_TR_AVX2
+    scale_max_sum_avx2(s, L, scaling, m, sum);
+#endif
+  } else {
+    for (int64_t t = 0; t < L; ++t) {
+      s[t] *= scaling;
+      m = std::max(m, s[t]);
+      sum += s[t];
+    }
+  }
+  for (int64_t t = 0; t < Le; ++t) {
+    m = std::max(m, extra[t]);
+    sum += extra[t];
+  }
+  if (!std::isfinite(sum)) return false;
+  float z = 0.f, zc = 0.f;
+  for (int64_t t = 0; t < Le; ++t) {
+    const float d = extra[t] - m;
+    z += (pe[t] = d < -87.f ? 0.f : std::exp(d));
+  }
+  if (fast) {
+#ifdef COSET_TR_AVX2
+    zc = exp_sum_avx2(s, L, m);
+#endif
+  } else {
+    for (int64_t t = 0; t < L; ++t) {
+      const float d = s[t] - m;
+      zc += (s[t] = d < -87.f ? 0.f : std::exp(d));
+    }
+  }
+  z += zc;
+  const float inv = 1.f / z;
+  for (int64_t t = 0; t < Le; ++t) pe[t] *= inv;
+  for (int64_t t = 0; t < L; ++t) s[t] *= inv;
+  *psum = zc * inv;
+  return true;
+}
+
 // The fused decode attention of one row bh (trellis_attend_cpu below); returns false when a score is not finite.
 bool attend_row(const TrellisAttendArgs& a, int64_t bh) {
   const int64_t L = a.L, Le = a.Le;
@@ -441,30 +575,7 @@ bool attend_row(const TrellisAttendArgs& a, int64_t bh) {
     } else if (a.bias_mode == 2 && !fused_bias) {
       add_table_dots(si, a.bias + row * a.tdim, a.tab + a.pos0 * a.tdim, L, a.tdim);
     }
-    const float* ei = a.extra + row * Le;
-    float m = -INFINITY, sum = 0.f;
-    for (int64_t t = 0; t < L; ++t) {
-      si[t] *= a.scaling;
-      m = std::max(m, si[t]);
-      sum += si[t];
-    }
-    for (int64_t t = 0; t < Le; ++t) {
-      m = std::max(m, ei[t]);
-      sum += ei[t];
-    }
-    if (!std::isfinite(sum)) {  // a NaN or an infinite score carries into the sum
-      finite = false;
-      continue;
-    }
-    float z = 0.f, zc = 0.f;
-    float* pe = a.pe + row * Le;
-    for (int64_t t = 0; t < Le; ++t) z += (pe[t] = std::exp(ei[t] - m));
-    for (int64_t t = 0; t < L; ++t) zc += (si[t] = std::exp(si[t] - m));
-    z += zc;
-    const float inv = 1.f / z;
-    for (int64_t t = 0; t < Le; ++t) pe[t] *= inv;
-    for (int64_t t = 0; t < L; ++t) si[t] *= inv;
-    a.psum[row] = zc * inv;
+    if (!softmax_row(si, L, a.extra + row * Le, a.pe + row * Le, Le, a.scaling, a.psum + row)) finite = false;
   }
   if (!finite) return false;
   float* out = a.acc + bh * nq * D;
@@ -542,6 +653,7 @@ int trellis_attend_cpu(const uint8_t* kstream, int64_t kstream_stride, const uin
                             psum};
   std::vector<uint8_t> ok((size_t)BH, 1);
   split_rows(BH, threads, [&](int64_t lo, int64_t hi) {
+    const FlushDenormals ftz;  // per worker thread (MXCSR is per thread)
     for (int64_t bh = lo; bh < hi; ++bh) ok[(size_t)bh] = attend_row(a, bh) ? 1 : 0;
   });
   for (int64_t bh = 0; bh < BH; ++bh)

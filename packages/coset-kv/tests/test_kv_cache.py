@@ -958,7 +958,9 @@ def test_per_head_cache_append_crop_reorder_bytes():
     layer.batch_repeat_interleave(2)
     assert torch.equal(layer.store.dequantized()[1], V[[0, 0]])
     out = layer.store.attend(q[:1].expand(2, -1, -1, -1))  # the same query over the repeated batch entry
-    assert out.shape == (2, 1, 9, 64) and torch.equal(out[0], out[1])
+    # the same output up to rounding: BLAS rounds the rows of one matmul differently by their place in its tiles
+    assert out.shape == (2, 1, 9, 64)
+    torch.testing.assert_close(out[0], out[1], rtol=0, atol=2e-6)
     layer.reset()
     assert layer.get_seq_length() == 0 and layer.store.nbytes == 0
 

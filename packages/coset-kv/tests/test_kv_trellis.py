@@ -450,3 +450,36 @@ def test_fused_attention_reads_the_buffers_in_place(native_trellis):
         kv.trellis_attend(kc.idx, kc.scale, *args, vc.idx[:, :, :5], vc.scale, *vargs, tab, q, 0.125, extra)
     with pytest.raises(ValueError, match="q must"):
         kv.trellis_attend(kc.idx, kc.scale, *args, vc.idx, vc.scale, *vargs, tab, q[..., :8], 0.125, extra)
+
+
+def test_fused_softmax_of_peaked_rows_flushes_tiny_weights(native_trellis):
+    """Rows whose weights span more than e^87 (a dominant sink token, large queries): weights below e^-87 of the
+    largest are exactly 0 (no subnormals, whose products take microcode assists), everything else as a float64
+    softmax; a row all but one dense token flushed has psum and acc exactly 0."""
+    kv = pytest.importorskip("coset.cuda.kv")
+    from coset.kv.codes import log_scale_table
+
+    g = torch.Generator().manual_seed(11)
+    st = CodedKVStore(KVQuantConfig(key_code=TrellisCode(26, 9), value_code=TrellisCode(18, 9)), backend="auto")
+    st.append(torch.randn(1, 2, 300, 64, generator=g), torch.randn(1, 2, 300, 64, generator=g))
+    kc, vc = st.key_codes, st.value_codes
+    args, vargs, tab = st._tables("k"), st._tables("v"), log_scale_table()
+    q = torch.randn(1, 2, 3, 64, generator=g) * 4  # scores spread over ~+-100
+    rho_k, rho_v = tab[kc.scale.long()], tab[vc.scale.long()]
+    s = kv.trellis_scores(kc.idx.reshape(2, 300, -1), rho_k.reshape(2, 300), q.reshape(2, 3, 64), *args)
+    assert float(s.max(-1).values.min() - s.min()) > 150  # every row has weights far below e^-87
+    extra = torch.full((1, 2, 3, 1), 20.0)
+    acc, pe, psum = kv.trellis_attend(kc.idx, kc.scale, *args, vc.idx, vc.scale, *vargs, tab, q, 1.0, extra)
+    logits = torch.cat((extra.reshape(2, 3, 1), s), dim=-1).double()
+    p = torch.softmax(logits, dim=-1)
+    vals = kv.trellis_values(
+        vc.idx.reshape(2, 300, -1), rho_v.reshape(2, 300), torch.eye(300).expand(2, 300, 300).contiguous(), *vargs
+    )
+    want = p[..., 1:] @ vals.double()
+    assert torch.allclose(acc.reshape(2, 3, 64).double(), want, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(pe.reshape(2, 3).double(), p[..., 0], atol=1e-6)
+    assert torch.allclose((psum + pe[..., 0]).double(), torch.ones(1, 2, 3, dtype=torch.float64), atol=1e-6)
+    # a dense token 95 above every coded score: the coded weights (e^-95 and less, subnormal) are exactly 0
+    top = torch.full((1, 2, 3, 1), float(s.max()) + 95.0)
+    acc, pe, psum = kv.trellis_attend(kc.idx, kc.scale, *args, vc.idx, vc.scale, *vargs, tab, q, 1.0, top)
+    assert bool((psum == 0).all()) and bool((acc == 0).all()) and bool((pe == 1).all())

@@ -56,6 +56,15 @@ def _inverse(t: torch.Tensor, name: str) -> torch.Tensor:
     return torch.linalg.inv(t64).to(torch.float32)
 
 
+def _per_head(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``x (B, H, n, a) @ m (H, a, b) -> (B, H, n, b)`` with the batch folded into the rows of one matmul per
+    head: every batch entry's rows go through the same product (a broadcast batched matmul may round the entries of
+    a repeated batch differently)."""
+    B, H, n, a = x.shape
+    y = x.transpose(0, 1).reshape(H, B * n, a) @ m
+    return y.view(H, B, n, m.shape[-1]).transpose(0, 1)
+
+
 def check_states(keys, values) -> None:
     """TypeError / ValueError unless ``keys`` and ``values`` are floating ``(batch, kv_heads, seq_len, head_dim)``
     tensors (the first checks of an append, shared with :class:`coset.kv.PerHeadKVStore`)."""
@@ -495,13 +504,12 @@ class CodedKVStore:
         backend = self.backend if lut else "torch"
         means = self._means()
         if lut and Lq == 1 and attention_mask is None and self._fused():
-            return self._attend_fused(q, query, scaling, means)
+            return self._attend_fused(q, query, scaling)
         Ls = self.num_sink
         if Ls:
             parts.append(q @ self._bufs["k_sink"].tensor.to(torch.float32).transpose(-1, -2))
         if self.num_coded:
-            qk = q if self.k_chan is None else q * self.k_chan.unsqueeze(1)
-            qr = rotation.rotate(qk if self.q_mat is None else qk @ self.q_mat.unsqueeze(0))  # q' = q T^-1
+            qr = self._query_transform(q)
             kc = self._require_codes("k")
             sc = scores_lut(qr, kc, self.kcfg, backend=backend) if lut else scores_reference(qr, kc, self.kcfg)
             if means is not None and self.rope is not None:
@@ -547,41 +555,75 @@ class CodedKVStore:
             and isinstance(vc, TrellisCode)
             and kc.scale_bits == 8
             and vc.scale_bits == 8
-            and self._bufs["k_idx"].tensor.device.type == "cpu"
+            and self._bufs["k_idx"].device == torch.device("cpu")
             and native.attend_available()
         )
 
-    def _attend_fused(
-        self, q: torch.Tensor, query: torch.Tensor, scaling: float, means: tuple[torch.Tensor, torch.Tensor] | None
-    ) -> torch.Tensor:
+    def _query_transform(self, q: torch.Tensor) -> torch.Tensor:
+        """The queries ``(..., H, n, D)`` in the coded keys' domain: ``R (T^-T (c * q))`` (channel scale c, key
+        transform T, rotation R; each as the store has it), so that ``<q, k> = <q', k'>``."""
+        qk = q if self.k_chan is None else q * self.k_chan.unsqueeze(1)
+        return self._require_rotation().rotate(qk if self.q_mat is None else qk @ self.q_mat.unsqueeze(0))
+
+    def _fused_maps(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The linear maps around the fused kernel, from the frozen transforms and means (rebuilt when one of them
+        is replaced): ``qmap (H, D, D + w)`` with ``q @ qmap = [q' | qm]`` (q' the transformed query, qm the query
+        of the key mean's scores: ``width`` table columns with rope, 1 without, none without means), and
+        ``omap (H, D (+ 1), D)`` with ``[acc | psum] @ omap = R^T acc + psum mu_v``. Two matmuls per decoding step
+        instead of the dozen small ops of the transforms (each ~10-50 us of dispatch on a CPU)."""
+        rotation = self._require_rotation()
+        key = (rotation, self.k_chan, self.q_mat, self.k_mean, self.v_mean)  # replaced, never changed in place
+        hit = self.__dict__.get("_maps")
+        if hit is not None and hit[1] == width and all(a is b for a, b in zip(hit[0], key, strict=True)):
+            return hit[2]
+        H, D = rotation.num_heads, rotation.head_dim
+        eye = torch.eye(D).expand(1, H, D, D)  # f(q) = q @ M for a linear f, with rows M[d] = f(e_d)
+        qcols = [self._query_transform(eye)]
+        orows = [rotation.matrix.to(torch.float32)]
+        means = self._means()
+        if means is not None and self.rope is not None:
+            qcols.append(self.rope.mean_query(eye, means[0].unsqueeze(1), 0)[0])
+        elif means is not None:
+            qcols.append(means[0].unsqueeze(-1).unsqueeze(0))
+        if means is not None:
+            orows.append(means[1].unsqueeze(1))
+        maps = (torch.cat(qcols, dim=-1)[0].contiguous(), torch.cat(orows, dim=1).contiguous())
+        self.__dict__["_maps"] = (key, width, maps)
+        return maps
+
+    def _attend_fused(self, q: torch.Tensor, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """:meth:`attend` of one query position without a mask (a decoding step), in one native call: the scores
         of the coded tokens (with the key mean's), the softmax over them and the dense (sink, window) tokens, and
-        the values accumulated from their codes; the dense tokens' scores and values by two small matmuls here."""
+        the values accumulated from their codes; around it one matmul for the query transforms, one for the value
+        rotation and mean, and small ones for the dense tokens."""
         B, H, n, D = q.shape
         Hq = query.shape[1]
-        rotation = self._require_rotation()
         Ls, Lc = self.num_sink, self.num_coded
-        dense = [self._bufs[f"{w}_{p}"] for p in ("sink", "win") for w in "kv"]
+        b = self._bufs
+        dense = [b[f"{w}_{p}"] for p in ("sink", "win") for w in "kv"]
         extras = [q @ kb.tensor.to(torch.float32).transpose(-1, -2) for kb in dense[0::2] if kb.length]
         if extras:
             extra = (torch.cat(extras, dim=-1) if len(extras) > 1 else extras[0]) * scaling
         else:
             extra = q.new_empty((B, H, n, 0))
-        qk = q if self.k_chan is None else q * self.k_chan.unsqueeze(1)
-        qr = rotation.rotate(qk if self.q_mat is None else qk @ self.q_mat.unsqueeze(0))
+        means = self._means()
         mode, bias, tab = 0, None, None
         if means is not None and self.rope is not None:  # codes hold k - R_p mu: <q, R_p mu> = <qm, table[p]>
-            mode = 2
-            bias, tab = self.rope.mean_query(q, means[0].unsqueeze(1), Ls + Lc)
+            mode, tab = 2, self.rope.mean_table(Ls + Lc)
         elif means is not None:  # codes hold k - mu: <q, mu> for every token
-            mode, bias = 1, (q @ means[0].unsqueeze(-1)).squeeze(-1)
-        kc, vc = self._require_codes("k"), self._require_codes("v")
+            mode = 1
+        qmap, omap = self._fused_maps(tab.shape[1] if tab is not None else 0)
+        qin = _per_head(q, qmap)  # [q' | qm]
+        qr = qin[..., :D]
+        if mode == 2:
+            bias = qin[..., D:]
+        elif mode == 1:
+            bias = qin[..., D]
         acc, pe, psum = native.trellis_attend(
-            kc, vc, self._tables("k"), self._tables("v"), qr, scaling, extra, mode, bias, tab, Ls
-        )
-        out = rotation.unrotate(acc)
-        if means is not None:  # the codes hold v - mu_v
-            out = out + psum.unsqueeze(-1) * means[1].unsqueeze(1)
+            (b["k_idx"].tensor, b["k_scale"].tensor), (b["v_idx"].tensor, b["v_scale"].tensor),
+            self._tables("k"), self._tables("v"), qr, scaling, extra, mode, bias, tab, Ls,
+        )  # fmt: skip
+        out = _per_head(torch.cat((acc, psum.unsqueeze(-1)), dim=-1) if means is not None else acc, omap)
         start = 0
         for vb in dense[1::2]:
             if vb.length:

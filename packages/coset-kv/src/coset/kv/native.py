@@ -175,14 +175,15 @@ def trellis_attend(
     keys, values, k_tables, v_tables, q, scaling: float, extra, bias_mode=0, bias=None, tab=None, pos0=0
 ):
     """Native fused decode attention over trellis key and value codes with 8-bit scales (one call per layer and
-    step): ``keys``, ``values`` :class:`coset.kv.KVCodes` (streams ``(B, H, L, nbytes)``, read in place),
+    step): ``keys``, ``values`` each ``(stream (B, H, L, nbytes), scale codes (B, H, L))`` uint8 (read in place),
     ``k_tables`` / ``v_tables`` their ``(ks, cb)``, ``q (B, H, n, D)`` rotated queries, ``extra (B, H, n, Le)``
     the scaled scores of the dense (sink and window) tokens; ``bias_mode`` 1 adds ``bias (B, H, n)`` to every
     coded score, 2 adds ``<bias[.., i, :], tab[pos0 + t]>`` (the rotary key mean). Returns ``acc (B, H, n, D)``
     (``sum_t p_t v_hat_t`` in the rotated domain), ``pe (B, H, n, Le)`` (the dense tokens' weights) and
     ``psum (B, H, n)`` (the coded tokens' total weight)."""
-    impl = _need("kv_trellis_attend", keys.idx)
+    (k_stream, k_scale), (v_stream, v_scale) = keys, values
+    impl = _need("kv_trellis_attend", k_stream)
     return impl.kv_trellis_attend(
-        keys.idx, keys.scale, *k_tables, values.idx, values.scale, *v_tables, log_scale_table(),
+        k_stream, k_scale, *k_tables, v_stream, v_scale, *v_tables, log_scale_table(),
         q, scaling, extra, bias_mode, bias, tab, pos0,
     )  # fmt: skip

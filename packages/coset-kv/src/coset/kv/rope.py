@@ -136,12 +136,17 @@ class RotaryTable:
     def mean_query(self, q: torch.Tensor, mu: torch.Tensor, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(qm, table)`` with ``<q, R_p mu> = <qm, table[p]>`` for every ``p < stop`` (the table grown to hold
         ``stop`` positions): ``qm (..., R, W)``, ``table (>= stop, W)``, W = D or 2 D (see :meth:`mean_scores`)."""
-        self.get_cat(0, stop)
+        table = self.mean_table(stop)
         a, b = q * mu, q * rotate_half(mu)
         if self._half is not None:
             h = self.head_dim // 2
-            return torch.cat((a[..., :h] + a[..., h:], b[..., :h] + b[..., h:]), dim=-1), self._half
-        return torch.cat((a, b), dim=-1), self._cs
+            return torch.cat((a[..., :h] + a[..., h:], b[..., :h] + b[..., h:]), dim=-1), table
+        return torch.cat((a, b), dim=-1), table
+
+    def mean_table(self, stop: int) -> torch.Tensor:
+        """The table of :meth:`mean_query`, grown to hold ``stop`` positions: ``(>= stop, W)``."""
+        self.get_cat(0, stop)
+        return self._cs if self._half is None else self._half
 
     def get(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos, sin`` of positions ``start .. stop-1``, each a ``(stop - start, D)`` float32 view."""
