@@ -30,6 +30,10 @@ int trellis_values_cpu(const uint8_t* stream, const float* rho, const float* p, 
                        const uint8_t* ks, const float* cb, int LB, int nbytes, float* out, int threads);
 int trellis_scores_cpu(const uint8_t* stream, const float* rho, const float* q, int64_t BH, int64_t L, int nq, int D,
                        const uint8_t* ks, const float* cb, int LB, int nbytes, float* out, int threads);
+int trellis_normalise_encode_cpu(const float* x, int64_t rows, int64_t ntok, int H, int D, int mean_mode,
+                                 const float* mu, const float* cs, int64_t pos0, const float* chan, const float* A,
+                                 const float* scale_tab, double limit, const uint8_t* ks, const float* cb, int L,
+                                 uint8_t* stream, uint8_t* scale, int nbytes, int64_t* bad_row, int threads);
 int trellis_attend_cpu(const uint8_t* kstream, int64_t kstream_stride, const uint8_t* kscale, int64_t kscale_stride,
                        const uint8_t* kks, const float* kcb, int kLB, int knb, const uint8_t* vstream,
                        int64_t vstream_stride, const uint8_t* vscale, int64_t vscale_stride, const uint8_t* vks,
@@ -136,6 +140,25 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release nogil;
     return trellis_scores_cpu(ptr<const uint8_t>(stream), ptr<const float>(rho), ptr<const float>(q), BH, L, nq, D,
                               ptr<const uint8_t>(ks), ptr<const float>(cb), LB, nbytes, ptr<float>(out), threads);
+  });
+  // the encoder of a cache's new tokens: centring, scaling, rotation, 8-bit scale and Viterbi (trellis_cpu.cpp);
+  // returns (status, first bad row)
+  m.def("trellis_normalise_encode_cpu", [](std::uintptr_t x, int64_t rows, int64_t ntok, int H, int D, int mean_mode,
+                                           std::uintptr_t mu, std::uintptr_t cs, int64_t pos0, std::uintptr_t chan,
+                                           std::uintptr_t A, std::uintptr_t scale_tab, double limit, std::uintptr_t ks,
+                                           std::uintptr_t cb, int L, std::uintptr_t stream, std::uintptr_t scale,
+                                           int nbytes, int threads) {
+    int64_t bad = -1;
+    int rc;
+    {
+      py::gil_scoped_release nogil;
+      rc = trellis_normalise_encode_cpu(ptr<const float>(x), rows, ntok, H, D, mean_mode, ptr<const float>(mu),
+                                        ptr<const float>(cs), pos0, ptr<const float>(chan), ptr<const float>(A),
+                                        ptr<const float>(scale_tab), limit, ptr<const uint8_t>(ks),
+                                        ptr<const float>(cb), L, ptr<uint8_t>(stream), ptr<uint8_t>(scale), nbytes,
+                                        &bad, threads);
+    }
+    return py::make_tuple(rc, bad);
   });
   // the fused decode attention over trellis-coded keys and values (trellis_cpu.cpp)
   m.def("trellis_attend_cpu", [](std::uintptr_t kstream, int64_t kstream_stride, std::uintptr_t kscale,

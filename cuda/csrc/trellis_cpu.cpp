@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 #include "parallel.h"
@@ -99,6 +100,96 @@ void encode_range(const float* u, int64_t lo, int64_t hi, int D, const uint8_t* 
   w.back = by.data();
   w.kr = w.back + (size_t)(D - 1) * (S >> 1);
   for (int64_t i = lo; i < hi; ++i) encode(u + i * D, D, ks, cb, L, w, out + i * nbytes, nbytes);
+}
+
+// Arguments of trellis_normalise_encode_cpu (see there).
+struct NormaliseEncodeArgs {
+  const float* x;
+  int64_t n;
+  int H, D;
+  int mean_mode;
+  const float* mu;
+  const float* cs;
+  int64_t pos0;
+  const float* chan;
+  const float* A;
+  const float* scale_tab;
+  double limit;
+  const uint8_t* ks;
+  const float* cb;
+  int L;
+  uint8_t* stream;
+  uint8_t* scale;
+  int nbytes;
+};
+
+// Row r of trellis_normalise_encode_cpu into u (D floats) and its 8-bit scale code; false when the rms is past
+// the limit (or not finite).
+bool normalise_row(const NormaliseEncodeArgs& a, int64_t r, float* y, float* u, uint8_t& code) {
+  const int D = a.D, h2 = D / 2;
+  const int64_t tok = r % a.n, head = (r / a.n) % a.H;
+  const float* x = a.x + r * D;
+  const float* mu = a.mean_mode ? a.mu + head * D : nullptr;
+  for (int d = 0; d < D; ++d) y[d] = x[d];
+  if (a.mean_mode == 1) {
+    for (int d = 0; d < D; ++d) y[d] = y[d] - mu[d];
+  } else if (a.mean_mode == 2) {  // R_p mu = mu cos_p + rotate_half(mu) sin_p, as coset.kv.rope.apply_rotary
+    const float* c = a.cs + (a.pos0 + tok) * 2 * D;
+    for (int d = 0; d < D; ++d) {
+      const float rot = d < h2 ? -mu[d + h2] : mu[d - h2];
+      const float m = mu[d] * c[d] + rot * c[D + d];
+      y[d] = y[d] - m;
+    }
+  }
+  if (a.chan)
+    for (int d = 0; d < D; ++d) y[d] = y[d] / a.chan[head * D + d];
+  const float* A = a.A + head * D * D;
+  double ss = 0.0;
+  for (int i = 0; i < D; ++i) {
+    double z = 0.0;
+    for (int d = 0; d < D; ++d) z += (double)A[i * D + d] * y[d];
+    u[i] = (float)z;
+    ss += (double)u[i] * u[i];
+  }
+  const double rms = std::sqrt(ss / D);
+  if (!(rms <= a.limit)) return false;
+  if (rms == 0.0) {  // an exact zero vector: code 0, u = 0
+    code = 0;
+    return true;
+  }
+  // the nearest log step (coset.kv.codes.normalise_checked): 2^((e - 128) / 8)
+  const double e = std::nearbyint(8.0 * std::log2(std::max(rms, std::ldexp(1.0, -20))) + 128.0);
+  code = (uint8_t)std::min(255.0, std::max(1.0, e));
+  const float rho = a.scale_tab[code];
+  for (int i = 0; i < D; ++i) u[i] = u[i] / rho;
+  return true;
+}
+
+template <typename Work, typename Encode>
+void normalise_encode_range(const NormaliseEncodeArgs& a, int64_t lo, int64_t hi, Encode encode, int64_t* bad) {
+  thread_local std::vector<float> fl, yu;
+  thread_local std::vector<uint8_t> by;
+  const int S = 1 << a.L, D = a.D;
+  fl.resize((size_t)(2 * S + (S >> 1) + 2 * D));
+  by.resize((size_t)(D - 1) * (S >> 1) + D);
+  yu.resize(2 * (size_t)D);
+  Work w;
+  w.cost = fl.data();
+  w.next = w.cost + S;
+  w.m = w.next + S;
+  w.xr = w.m + (S >> 1);
+  w.states = reinterpret_cast<int32_t*>(w.xr + D);
+  w.back = by.data();
+  w.kr = w.back + (size_t)(D - 1) * (S >> 1);
+  for (int64_t r = lo; r < hi; ++r) {
+    uint8_t code = 0;
+    if (!normalise_row(a, r, yu.data(), yu.data() + D, code)) {
+      *bad = r;
+      return;
+    }
+    a.scale[r] = code;
+    encode(yu.data() + D, D, a.ks, a.cb, a.L, w, a.stream + r * a.nbytes, a.nbytes);
+  }
 }
 
 template <typename Decode>
@@ -613,6 +704,45 @@ int trellis_encode_cpu(const float* u, int64_t n, int D, const uint8_t* ks, cons
   (void)fast;
   split_rows(n, threads, body);
   return 0;
+}
+
+// The encoder of a cache's new tokens after the first chunk (coset.kv.CodedKVStore): per row r of n = (B * H)
+// rows x (D floats; head h = (r / ntok) % H, token t = r % ntok):
+//   y = x - m, m = 0 (mean_mode 0), mu[h] (1) or mu[h] cos_p + rotate_half(mu[h]) sin_p (2; cs rows of
+//   [cos_p | sin_p], p = pos0 + t); y /= chan[h] (when chan is not null); z = A[h] y (summed in double);
+//   rms = |z| / sqrt(D); code = 0 for z = 0, else round(8 log2 max(rms, 2^-20) + 128) clamped to 1..255;
+//   u = z / scale_tab[code]; stream[r] = the trellis stream of u (trellis_encode_vector), scale[r] = code.
+// Returns 0, 1 for bad sizes, 2 when a row's rms is past limit or not finite (*bad_row = the first such row found;
+// outputs then partly written).
+int trellis_normalise_encode_cpu(const float* x, int64_t rows, int64_t ntok, int H, int D, int mean_mode,
+                                 const float* mu, const float* cs, int64_t pos0, const float* chan, const float* A,
+                                 const float* scale_tab, double limit, const uint8_t* ks, const float* cb, int L,
+                                 uint8_t* stream, uint8_t* scale, int nbytes, int64_t* bad_row, int threads) {
+  if (rows < 0 || ntok < 1 || H < 1 || mean_mode < 0 || mean_mode > 2 || pos0 < 0 || tr_bad(D, L, nbytes, ks))
+    return 1;
+  if (D % 2 || (rows && rows % (ntok * H))) return 1;
+  const NormaliseEncodeArgs a{x, ntok, H, D, mean_mode, mu, cs, pos0, chan, A, scale_tab, limit, ks, cb, L,
+                              stream, scale, nbytes};
+  const bool fast = tr_use_avx2();
+  std::mutex mu_bad;
+  int64_t first = -1;
+  auto body = [&](int64_t lo, int64_t hi) {
+    int64_t b = -1;
+#ifdef COSET_TR_AVX2
+    if (fast)
+      normalise_encode_range<avx2::TrellisWork>(a, lo, hi, avx2::trellis_encode_vector, &b);
+    else
+#endif
+      normalise_encode_range<base::TrellisWork>(a, lo, hi, base::trellis_encode_vector, &b);
+    if (b >= 0) {
+      std::lock_guard<std::mutex> lock(mu_bad);
+      if (first < 0 || b < first) first = b;
+    }
+  };
+  (void)fast;
+  split_rows(rows, threads, body);
+  *bad_row = first;
+  return first >= 0 ? 2 : 0;
 }
 
 // out (BH, nq, D) is accumulated into (zeroed by the caller).

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from coset.kv import CodedKVStore, HeadRotation, KVQuantConfig, TrellisCode, decode_states, encode_states
 from coset.kv.codes import check_codes
 from coset.kv.trellis import (
+    schedule_tensor,
     trellis_codebook,
     trellis_decode,
     trellis_encode,
@@ -483,3 +484,90 @@ def test_fused_softmax_of_peaked_rows_flushes_tiny_weights(native_trellis):
     top = torch.full((1, 2, 3, 1), float(s.max()) + 95.0)
     acc, pe, psum = kv.trellis_attend(kc.idx, kc.scale, *args, vc.idx, vc.scale, *vargs, tab, q, 1.0, top)
     assert bool((psum == 0).all()) and bool((acc == 0).all()) and bool((pe == 1).all())
+
+
+@pytest.mark.parametrize(
+    "sink, window, mean, rope, kt, chan",
+    [(1, 0, True, "half", True, 0.0), (0, 3, True, None, False, 0.5), (2, 0, False, None, False, 0.0),
+     (1, 0, True, "full", False, 0.0)],
+)  # fmt: skip
+def test_native_append_codes_as_the_reference_path(native_trellis, monkeypatch, sink, window, mean, rope, kt, chan):
+    """After the first chunk (means and channel scale frozen), a cache's new tokens are coded by one native call per
+    side: centring on the (rotating) key mean, channel scale, key transform and rotation as one matrix, 8-bit scale,
+    Viterbi. Against the reference path (a backend="torch" store fed the same tokens): the same scale codes but
+    for vectors at a rounding boundary (then one step apart), the same streams for nearly every vector, and the
+    decoded states as close to the input."""
+    g = torch.Generator().manual_seed(21)
+    cfg = KVQuantConfig(
+        sink=sink, window=window, subtract_mean=mean, key_channel_scale=chan,
+        key_code=TrellisCode(32, 10), value_code=TrellisCode(30, 10),
+    )  # fmt: skip
+    key_scale = _key_transform(3, 64, g) if kt else None
+    table = _llama_rope(same_halves=rope == "half") if rope else None
+    fast = CodedKVStore(cfg, backend="auto", key_scale=key_scale, rope=table)
+    ref = CodedKVStore(cfg, backend="torch", key_scale=key_scale, rope=table)
+    k = torch.randn(2, 3, 100, 64, generator=g) * 2 + 0.5
+    v = torch.randn(2, 3, 100, 64, generator=g)
+    k[0, 1, 70] = 0.0  # a zero key (scale code 0 when not centred)
+    calls = []
+    enc = native_trellis.trellis_normalise_encode
+    monkeypatch.setattr(native_trellis, "trellis_normalise_encode", lambda *a, **kw: calls.append(1) or enc(*a, **kw))
+    for st in (fast, ref):
+        st.append(k[:, :, :40], v[:, :, :40])
+        for t in range(40, 60):  # token by token, as decoding appends
+            st.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
+        st.append(k[:, :, 60:], v[:, :, 60:])  # and a chunk
+    assert len(calls) == 2 * 21  # keys and values of each append after the first (none for the reference)
+    for side in ("key_codes", "value_codes"):
+        a, b = getattr(fast, side), getattr(ref, side)
+        n0 = 40 - sink - window  # the first chunk's coded tokens: the same path in both
+        assert torch.equal(a.idx[:, :, :n0], b.idx[:, :, :n0]) and torch.equal(a.scale[:, :, :n0], b.scale[:, :, :n0])
+        da, db = a.scale[:, :, n0:].int(), b.scale[:, :, n0:].int()
+        assert int((da - db).abs().max()) <= 1 and float((da != db).float().mean()) < 0.02
+        same = (a.idx[:, :, n0:] == b.idx[:, :, n0:]).all(-1)
+        assert float(same.float().mean()) > 0.9
+    kf, vf = fast.dequantized()
+    kr, vr = ref.dequantized()
+    for got, want, x in ((kf, kr, k), (vf, vr, v)):
+        err_got, err_want = (got - x).square().mean(), (want - x).square().mean()
+        assert float(err_got) < 1.05 * float(err_want)
+
+
+def test_native_append_falls_back_to_the_named_error(native_trellis):
+    """A vector past the range of the 8-bit scale after the first chunk: the native encoder reports it and the
+    reference path raises its ValueError naming the argument; the cache is unchanged."""
+    cfg = KVQuantConfig(key_code=TrellisCode(32, 10), value_code=TrellisCode(30, 10))
+    st = CodedKVStore(cfg, backend="auto")
+    g = torch.Generator().manual_seed(2)
+    st.append(torch.randn(1, 3, 8, 64, generator=g), torch.randn(1, 3, 8, 64, generator=g))
+    before = [t.clone() for t in st.dequantized()]
+    big = torch.randn(1, 3, 1, 64, generator=g)
+    with pytest.raises(ValueError, match="value_states has a head vector"):
+        st.append(big, big * 1e6)
+    with pytest.raises(ValueError, match="key_states has a head vector"):
+        st.append(big * 1e6, big)
+    assert len(st) == 8 and all(torch.equal(a, b) for a, b in zip(before, st.dequantized(), strict=True))
+
+
+def test_native_normalise_encode_rejects_bad_arguments(native_trellis):
+    kv = pytest.importorskip("coset.cuda.kv")
+    from coset.kv.codes import log_scale_table
+
+    ks, cb = schedule_tensor(32, 64), trellis_codebook(10)
+    x, A = torch.randn(1, 2, 3, 64), torch.eye(64).expand(2, 64, 64)
+    tab = log_scale_table()
+    s, c, bad = kv.trellis_normalise_encode(x, A, ks, cb, tab, 1e4)
+    assert bad == -1 and s.shape == (1, 2, 3, 32) and c.shape == (1, 2, 3)
+    # with A = I and no mean: the reference normalisation and encoder, vector by vector
+    rms = x.square().mean(-1).sqrt()
+    want_c = torch.round(8.0 * torch.log2(rms) + 128.0).to(torch.uint8)
+    assert torch.equal(c, want_c)
+    u = x / tab[c.long()].unsqueeze(-1)
+    assert torch.equal(s.reshape(6, 32), trellis_encode(u.reshape(6, 64), TrellisCode(32, 10), backend="torch"))
+    assert kv.trellis_normalise_encode(x * 1e6, A, ks, cb, tab, 1e4)[2] == 0
+    with pytest.raises(ValueError, match="A must"):
+        kv.trellis_normalise_encode(x, A[:1], ks, cb, tab, 1e4)
+    with pytest.raises(ValueError, match="mean_mode"):
+        kv.trellis_normalise_encode(x, A, ks, cb, tab, 1e4, 3)
+    with pytest.raises(ValueError, match="cs must"):
+        kv.trellis_normalise_encode(x, A, ks, cb, tab, 1e4, 2, torch.zeros(2, 64), torch.zeros(2, 128), 0)

@@ -61,6 +61,7 @@ class NativeBackend:
             "kv_trellis_values",
             "kv_trellis_scores",
             "kv_trellis_attend",
+            "kv_trellis_normalise_encode",
         ):
             # coset.kv (kv.py): CPU only
             return tensor.device.type == "cpu"
@@ -143,6 +144,9 @@ class NativeBackend:
 
     def kv_trellis_attend(self, *args, **kwargs):
         return kv.trellis_attend(*args, **kwargs)
+
+    def kv_trellis_normalise_encode(self, *args, **kwargs):
+        return kv.trellis_normalise_encode(*args, **kwargs)
 
     def __repr__(self) -> str:
         return f"NativeBackend(cuda={_ops.cuda_available()}, threads={_ops.get_num_threads()})"

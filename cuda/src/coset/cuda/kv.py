@@ -15,7 +15,15 @@ import torch
 
 from . import _C  # type: ignore[attr-defined]  # compiled extension
 
-__all__ = ["kv_scores", "kv_values", "trellis_attend", "trellis_encode", "trellis_scores", "trellis_values"]
+__all__ = [
+    "kv_scores",
+    "kv_values",
+    "trellis_attend",
+    "trellis_encode",
+    "trellis_normalise_encode",
+    "trellis_scores",
+    "trellis_values",
+]
 
 
 def _f32(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -128,6 +136,48 @@ def trellis_encode(u, ks, cb) -> torch.Tensor:
         if rc:
             raise ValueError(f"trellis_encode_cpu rejected its arguments (code {rc})")
     return out
+
+
+def trellis_normalise_encode(
+    x, A, ks, cb, scale_tab, limit: float, mean_mode: int = 0, mu=None, cs=None, pos0: int = 0, chan=None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The encoder of a cache's new tokens (``trellis_normalise_encode_cpu``): ``x (B, H, n, D)`` float32 ->
+    streams ``(B, H, n, sum(ks) / 8)`` and 8-bit scale codes ``(B, H, n)`` uint8, and the first flat row whose rms
+    is past ``limit`` (-1: none; the outputs are then incomplete). Per head vector: minus the mean (``mean_mode``
+    0 none, 1 ``mu (H, D)``, 2 ``mu`` rotated to position ``pos0 + t`` with ``cs`` rows ``[cos | sin]`` of 2 D),
+    divided by ``chan (H, D)`` (optional), times ``A (H, D, D)`` (``z = A[h] y``), scaled by its 8-bit log scale
+    (``scale_tab``) and Viterbi-encoded."""
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.device.type != "cpu":
+        raise ValueError("x must be a CPU tensor (B, H, n, D)")
+    B, H, n, D = x.shape
+    ks, cb, L, nbytes = _trellis_args(ks, cb, D)
+    x = _f32("x", x, (B, H, n, D))
+    A = _f32("A", A, (H, D, D))
+    scale_tab = _f32("scale_tab", scale_tab, (256,))
+    if isinstance(mean_mode, bool) or mean_mode not in (0, 1, 2):
+        raise ValueError(f"mean_mode must be 0, 1 or 2, got {mean_mode!r}")
+    mu_t = _f32("mu", mu, (H, D)) if mean_mode else None
+    cs_t = None
+    if mean_mode == 2:
+        if not isinstance(cs, torch.Tensor) or cs.ndim != 2 or cs.shape[1] != 2 * D or cs.shape[0] < pos0 + n:
+            raise ValueError(f"cs must be a (>= {pos0 + n}, {2 * D}) tensor")
+        if isinstance(pos0, bool) or not isinstance(pos0, int) or pos0 < 0:
+            raise ValueError(f"pos0 must be an int >= 0, got {pos0!r}")
+        cs_t = _f32("cs", cs, tuple(cs.shape))
+    chan_t = _f32("chan", chan, (H, D)) if chan is not None else None
+    stream = torch.empty((B, H, n, nbytes), dtype=torch.uint8)
+    scale = torch.empty((B, H, n), dtype=torch.uint8)
+    if not x.numel():
+        return stream, scale, -1
+    rc, bad = _C.trellis_normalise_encode_cpu(
+        x.data_ptr(), B * H * n, n, H, D, mean_mode, 0 if mu_t is None else mu_t.data_ptr(),
+        0 if cs_t is None else cs_t.data_ptr(), int(pos0), 0 if chan_t is None else chan_t.data_ptr(), A.data_ptr(),
+        scale_tab.data_ptr(), float(limit), ks.data_ptr(), cb.data_ptr(), L, stream.data_ptr(), scale.data_ptr(),
+        nbytes, int(_C.get_num_threads()),
+    )  # fmt: skip
+    if rc == 1:
+        raise ValueError(f"trellis_normalise_encode_cpu rejected its arguments (code {rc})")
+    return stream, scale, int(bad)
 
 
 def _stream_args(stream, ks, cb):

@@ -22,14 +22,22 @@ import torch
 
 from . import native
 from .attention import masked_softmax
-from .codes import KVCodes, _check_states, decode_states, encode_checked, encode_normalised, normalise_checked
+from .codes import (
+    _MAX_RMS,
+    KVCodes,
+    _check_states,
+    decode_states,
+    encode_checked,
+    encode_normalised,
+    normalise_checked,
+)
 from .config import KVQuantConfig
 from .key_transform import KeyTransform
 from .lut import scores_lut, scores_reference, values_from_codes
 from .rope import RotaryTable, apply_rotary, unapply_rotary
 from .rotation import HeadRotation
 from .store import TokenBuffer
-from .trellis import TrellisCode, schedule_tensor
+from .trellis import TrellisCode, schedule_tensor, trellis_codebook
 
 __all__ = ["CodedKVStore"]
 
@@ -347,6 +355,10 @@ class CodedKVStore:
         """Codes of the tokens ``keys, values (B, H, n >= 1, D)`` that come after the coded ones (and after
         ``sink`` sink tokens), with the means and channel scale they use; changes nothing."""
         keys, values = keys.detach().to(torch.float32), values.detach().to(torch.float32)
+        if self.num_coded and self._native_append():
+            enc = self._encode_native(keys, values, rotation, sink)
+            if enc is not None:
+                return enc
         means = self._means()
         if self.config.subtract_mean:
             c0, c1 = self.num_coded, self.num_coded + keys.shape[2]
@@ -390,6 +402,65 @@ class CodedKVStore:
             kc = encode_checked(keys, rotation, self.kcfg, ("key_states",))
             vc = encode_checked(values, rotation, self.vcfg, ("value_states",))
         return kc, vc, means, chan
+
+    def _native_append(self) -> bool:
+        """Whether :meth:`_encode` can take the native encoder: trellis keys and values with 8-bit scales, a CPU
+        cache and a native backend that has the kernel."""
+        kc, vc = self.kcfg, self.vcfg
+        return (
+            self.backend != "torch"
+            and isinstance(kc, TrellisCode)
+            and isinstance(vc, TrellisCode)
+            and kc.scale_bits == 8
+            and vc.scale_bits == 8
+            and self._bufs["k_idx"].device == torch.device("cpu")
+            and native.append_available()
+        )
+
+    def _encode_native(self, keys: torch.Tensor, values: torch.Tensor, rotation: HeadRotation, sink: int):
+        """:meth:`_encode` of tokens after the first coded chunk (means and channel scale frozen) in two native
+        calls, one per side (centring, scaling, key transform and rotation as one matrix, 8-bit scale, Viterbi).
+        Its codes equal the reference path's up to rounding (see :func:`coset.kv.native.trellis_normalise_encode`).
+        None when a vector's scale is past the code's range: the reference path then raises the named error."""
+        kcode, vcode = self.kcfg, self.vcfg
+        assert isinstance(kcode, TrellisCode) and isinstance(vcode, TrellisCode)
+        means, chan = self._means(), self.k_chan
+        a_k, a_v = self._encode_maps(rotation)
+        D = rotation.head_dim
+        kmode, mu_k, mu_v, cs = 0, None, None, None
+        pos0 = sink + self.num_coded
+        if means is not None:
+            mu_k, mu_v = means
+            kmode = 2 if self.rope is not None else 1
+            if self.rope is not None:
+                cs = self.rope.get_cat(0, pos0 + keys.shape[2])
+        limit = _MAX_RMS[8]
+        sk, ck, bad = native.trellis_normalise_encode(
+            keys, a_k, schedule_tensor(kcode.block_bits, D), trellis_codebook(kcode.state_bits), limit, kmode, mu_k,
+            cs, pos0, chan,
+        )  # fmt: skip
+        if bad >= 0:
+            return None
+        sv, cv, bad = native.trellis_normalise_encode(
+            values, a_v, schedule_tensor(vcode.block_bits, D), trellis_codebook(vcode.state_bits), limit,
+            1 if mu_v is not None else 0, mu_v,
+        )  # fmt: skip
+        if bad >= 0:
+            return None
+        t = sk.new_empty((*sk.shape[:3], 0))
+        return KVCodes(sk, t, ck, kcode.code_key()), KVCodes(sv, t, cv, vcode.code_key()), means, chan
+
+    def _encode_maps(self, rotation: HeadRotation) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A_k, A_v)`` ``(H, D, D)``: the key transform then the rotation as one matrix (``z = R T y``, formed in
+        float64), and the rotation alone; cached while the rotation and transform stay the same objects."""
+        hit = self.__dict__.get("_enc_maps")
+        if hit is not None and hit[0] is rotation and hit[1] is self.k_mat:
+            return hit[2]
+        r = rotation.matrix.to(torch.float32)
+        a_k = r if self.k_mat is None else (r.double() @ self.k_mat.double()).to(torch.float32)
+        maps = (a_k.contiguous(), r.contiguous())
+        self.__dict__["_enc_maps"] = (rotation, self.k_mat, maps)
+        return maps
 
     def _commit(self, kc: KVCodes, vc: KVCodes, means, chan) -> None:
         if means is not None:

@@ -18,6 +18,7 @@ from coset.quant.backend import available_backends, select_backend
 from .codes import log_scale_table, scale_values
 
 __all__ = [
+    "append_available",
     "attend_available",
     "available",
     "kv_scores",
@@ -25,6 +26,7 @@ __all__ = [
     "trellis_attend",
     "trellis_available",
     "trellis_encode",
+    "trellis_normalise_encode",
     "trellis_scores",
     "trellis_values",
 ]
@@ -62,6 +64,12 @@ def trellis_available() -> bool:
 def attend_available() -> bool:
     """Whether a registered backend provides the fused decode attention over trellis codes for CPU tensors."""
     return _backend("kv_trellis_attend") is not None
+
+
+def append_available() -> bool:
+    """Whether a registered backend provides the encoder of a cache's new tokens (centring, scaling, rotation,
+    8-bit scale and Viterbi in one call) for CPU tensors."""
+    return _backend("kv_trellis_normalise_encode") is not None
 
 
 def backends() -> list[str]:
@@ -187,3 +195,26 @@ def trellis_attend(
         k_stream, k_scale, *k_tables, v_stream, v_scale, *v_tables, log_scale_table(),
         q, scaling, extra, bias_mode, bias, tab, pos0,
     )  # fmt: skip
+
+
+def trellis_normalise_encode(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    ks: torch.Tensor,
+    cb: torch.Tensor,
+    limit: float,
+    mean_mode: int = 0,
+    mu: torch.Tensor | None = None,
+    cs: torch.Tensor | None = None,
+    pos0: int = 0,
+    chan: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Native encoder of new head vectors ``x (B, H, n, D)`` under a trellis code with 8-bit scales: per vector
+    ``z = A[h] ((x - m) / chan[h])`` (m: none, ``mu[h]``, or ``mu[h]`` rotated to position ``pos0 + t`` with the
+    ``[cos | sin]`` rows ``cs``: ``mean_mode`` 0 / 1 / 2), its 8-bit log scale and the Viterbi stream of
+    ``z / rho``. Returns ``(streams (B, H, n, nbytes), scale codes (B, H, n), first bad row)``; the row is the
+    first flat one whose rms is past ``limit`` (-1: none; the outputs are then not to be used). The result equals
+    :func:`coset.kv.codes.normalise_checked` + the reference encoder up to rounding (the matrix product and the rms
+    are summed in another order), so a vector near a rounding boundary of its scale or path may code otherwise."""
+    impl = _need("kv_trellis_normalise_encode", x)
+    return impl.kv_trellis_normalise_encode(x, A, ks, cb, log_scale_table(), limit, mean_mode, mu, cs, pos0, chan)
