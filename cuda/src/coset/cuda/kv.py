@@ -159,10 +159,10 @@ def trellis_normalise_encode(
     mu_t = _f32("mu", mu, (H, D)) if mean_mode else None
     cs_t = None
     if mean_mode == 2:
-        if not isinstance(cs, torch.Tensor) or cs.ndim != 2 or cs.shape[1] != 2 * D or cs.shape[0] < pos0 + n:
-            raise ValueError(f"cs must be a (>= {pos0 + n}, {2 * D}) tensor")
         if isinstance(pos0, bool) or not isinstance(pos0, int) or pos0 < 0:
             raise ValueError(f"pos0 must be an int >= 0, got {pos0!r}")
+        if not isinstance(cs, torch.Tensor) or cs.ndim != 2 or cs.shape[1] != 2 * D or cs.shape[0] < pos0 + n:
+            raise ValueError(f"cs must be a (>= {pos0 + n}, {2 * D}) tensor")
         cs_t = _f32("cs", cs, tuple(cs.shape))
     chan_t = _f32("chan", chan, (H, D)) if chan is not None else None
     stream = torch.empty((B, H, n, nbytes), dtype=torch.uint8)

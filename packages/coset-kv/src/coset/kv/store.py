@@ -19,7 +19,6 @@ class TokenBuffer:
     def __init__(self) -> None:
         self._buf: torch.Tensor | None = None
         self.length = 0
-        self.version = 0  # bumped by every change of the contents (readers cache what they derive from them)
 
     @property
     def data(self) -> torch.Tensor | None:
@@ -62,7 +61,6 @@ class TokenBuffer:
         return 0 if d is None else d.numel() * d.element_size()
 
     def append(self, x: torch.Tensor) -> None:
-        self.version += 1
         if self._buf is None:
             cap = max(16, x.shape[2])
             self._buf = x.new_empty((x.shape[0], x.shape[1], cap, *x.shape[3:]))
@@ -82,7 +80,6 @@ class TokenBuffer:
 
     def pop_front(self, n: int) -> torch.Tensor:
         """Remove and return the ``n`` oldest tokens (a copy)."""
-        self.version += 1
         buf = self._require()
         out = buf[:, :, :n].clone()
         rest = buf[:, :, n : self.length].clone()
@@ -92,17 +89,14 @@ class TokenBuffer:
 
     def crop(self, n: int) -> None:
         """Drop the ``n`` newest tokens."""
-        self.version += 1
         self.length = max(0, self.length - n)
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Replace the buffer by ``fn(data)`` (batch reorder / select / repeat)."""
-        self.version += 1
         if self._buf is not None:
             self._buf = fn(self._buf[:, :, : self.length]).contiguous()
             self.length = self._buf.shape[2]
 
     def clear(self) -> None:
-        self.version += 1
         self._buf = None
         self.length = 0
