@@ -83,9 +83,10 @@ struct TrellisAttendArgs {
   float* psum;
 };
 
-template <typename Work, typename Encode>
-void encode_range(const float* u, int64_t lo, int64_t hi, int D, const uint8_t* ks, const float* cb, int L,
-                  uint8_t* out, int nbytes, Encode encode) {
+// The Viterbi encoder's work space for head dim D and L state bits, in this thread's buffers (reused by every
+// encode of the thread).
+template <typename Work>
+Work trellis_work(int D, int L) {
   thread_local std::vector<float> fl;
   thread_local std::vector<uint8_t> by;
   const int S = 1 << L;
@@ -99,6 +100,13 @@ void encode_range(const float* u, int64_t lo, int64_t hi, int D, const uint8_t* 
   w.states = reinterpret_cast<int32_t*>(w.xr + D);
   w.back = by.data();
   w.kr = w.back + (size_t)(D - 1) * (S >> 1);
+  return w;
+}
+
+template <typename Work, typename Encode>
+void encode_range(const float* u, int64_t lo, int64_t hi, int D, const uint8_t* ks, const float* cb, int L,
+                  uint8_t* out, int nbytes, Encode encode) {
+  const Work w = trellis_work<Work>(D, L);
   for (int64_t i = lo; i < hi; ++i) encode(u + i * D, D, ks, cb, L, w, out + i * nbytes, nbytes);
 }
 
@@ -167,20 +175,10 @@ bool normalise_row(const NormaliseEncodeArgs& a, int64_t r, float* y, float* u, 
 
 template <typename Work, typename Encode>
 void normalise_encode_range(const NormaliseEncodeArgs& a, int64_t lo, int64_t hi, Encode encode, int64_t* bad) {
-  thread_local std::vector<float> fl, yu;
-  thread_local std::vector<uint8_t> by;
-  const int S = 1 << a.L, D = a.D;
-  fl.resize((size_t)(2 * S + (S >> 1) + 2 * D));
-  by.resize((size_t)(D - 1) * (S >> 1) + D);
+  thread_local std::vector<float> yu;
+  const int D = a.D;
   yu.resize(2 * (size_t)D);
-  Work w;
-  w.cost = fl.data();
-  w.next = w.cost + S;
-  w.m = w.next + S;
-  w.xr = w.m + (S >> 1);
-  w.states = reinterpret_cast<int32_t*>(w.xr + D);
-  w.back = by.data();
-  w.kr = w.back + (size_t)(D - 1) * (S >> 1);
+  const Work w = trellis_work<Work>(D, a.L);
   for (int64_t r = lo; r < hi; ++r) {
     uint8_t code = 0;
     if (!normalise_row(a, r, yu.data(), yu.data() + D, code)) {
