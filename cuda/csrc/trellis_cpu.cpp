@@ -330,13 +330,13 @@ template <bool BIAS>
 void scores_range_avx2(const uint8_t* stream, const float* rho, const float* q, int64_t lo, int64_t hi, int64_t L,
                        int nq, int D, const uint8_t* ks, const float* cb, int LB, int nbytes, float* out,
                        const float* qm = nullptr, const float* tab = nullptr) {
+  std::vector<uint8_t> buf(2 * ((size_t)nbytes + 14), 0);
+  uint8_t* b0 = buf.data();
+  uint8_t* b1 = b0 + nbytes + 14;
+  std::vector<int32_t> base, shl;
+  word_layout(D, ks, LB, base, shl);
+  const int G = D / 8, right = 64 - LB;
   if (nq <= 4) {
-    std::vector<uint8_t> pb(2 * ((size_t)nbytes + 14), 0);
-    uint8_t* b0 = pb.data();
-    uint8_t* b1 = b0 + nbytes + 14;
-    std::vector<int32_t> base, shl;
-    word_layout(D, ks, LB, base, shl);
-    const int G = D / 8, right = 64 - LB;
     for (int64_t bh = lo; bh < hi; ++bh) {
       const float* qb = q + bh * nq * D;
       const float* qmb = BIAS ? qm + bh * nq * D : nullptr;
@@ -361,12 +361,6 @@ void scores_range_avx2(const uint8_t* stream, const float* rho, const float* q, 
     }
     return;
   }
-  std::vector<uint8_t> buf(2 * ((size_t)nbytes + 14), 0);
-  uint8_t* b0 = buf.data();
-  uint8_t* b1 = b0 + nbytes + 14;
-  std::vector<int32_t> base, shl;
-  word_layout(D, ks, LB, base, shl);
-  const int G = D / 8, right = 64 - LB;
   std::vector<float> v(2 * (size_t)D);
   for (int64_t bh = lo; bh < hi; ++bh) {
     const float* qb = q + bh * nq * D;
