@@ -132,6 +132,9 @@ bool build_consts(const LatticeView& L, IntConsts& C) {
     C.neg[i] = L.eps[i] < 0.0 ? 1 : 0;
     C.step0[i] = L.eps[i] >= 0.0 ? 1 : -1;
     C.epsf[i] = (float)(L.eps[i] * 1e9);
+    C.key_pos[i] = (C.rk_pos[i] << 5) | (i << 2) | 2;  // dn_int's sort-key payloads (fast_quant.h)
+    C.key_neg[i] = (C.rk_neg[i] << 5) | (i << 2);
+    C.key_zero[i] = (C.rk_abs[i] << 5) | (i << 2) | (C.step0[i] + 1);
   }
   for (int i = 0; i < 2 * d; ++i)  // the ranks must separate every +-eps_j (a generic eps does)
     for (int j = i + 1; j < 2 * d; ++j)

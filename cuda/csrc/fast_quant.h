@@ -44,6 +44,8 @@ struct IntConsts {
   int32_t neg[kMaxDim];  // eps_i < 0: an exact rounding tie goes down
   int32_t rk_pos[kMaxDim], rk_neg[kMaxDim], rk_abs[kMaxDim];  // rank of +eps_i, -eps_i, |eps_i| among {+-eps_j}
   int32_t step0[kMaxDim];  // sign(eps_i) (the D_n fix direction when delta_i = eps_i)
+  // dn_int's sort-key payloads (rank << 5) | (i << 2) | (step + 1) for R > 0, R < 0 and R = 0 (step +1, -1, step0)
+  int32_t key_pos[kMaxDim], key_neg[kMaxDim], key_zero[kMaxDim];
   int32_t H[kMaxDim * kMaxDim];  // 2 * G^-1 (integer for D_n and E8), row-major
   int hshift;            // z = (H P) >> hshift: 1 for D_n (h*2 = 2), 2 for E8 (h*2 = 4)
   float epsf[kMaxDim];   // 1e9 * eps (only the sign of <eps, v> is used, with a rejection margin)
@@ -67,6 +69,9 @@ FQ_HD float p_abs(float x) { return fabsf(x); }
 FQ_HD int32_t p_toi(float x) { return (int32_t)x; }
 FQ_HD float p_tof(int32_t x) { return (float)x; }
 FQ_HD int32_t mask(bool m) { return m ? -1 : 0; }
+FQ_HD int32_t p_maxi(int32_t a, int32_t b) { return a > b ? a : b; }
+FQ_HD int32_t p_mini(int32_t a, int32_t b) { return a < b ? a : b; }
+FQ_HD int32_t p_shl(int32_t x, int s) { return (int32_t)((uint32_t)x << s); }  // (a negative x << s is UB in C++17)
 #ifndef __CUDACC__
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
@@ -79,6 +84,10 @@ FQ_HD v8f p_abs(v8f x) { return x < 0.0f ? -x : x; }
 FQ_HD v8i p_toi(v8f x) { return __builtin_convertvector(x, v8i); }
 FQ_HD v8f p_tof(v8i x) { return __builtin_convertvector(x, v8f); }
 FQ_HD v8i mask(v8i m) { return m; }
+FQ_HD v8i p_maxi(v8i a, v8i b) { return a > b ? a : b; }
+FQ_HD v8i p_mini(v8i a, v8i b) { return a < b ? a : b; }
+typedef uint32_t v8u __attribute__((vector_size(32)));
+FQ_HD v8i p_shl(v8i x, int s) { return (v8i)((v8u)x << s); }
 // Unaligned whole-vector load / store (one vmovups). A __builtin_memcpy into a v8f on the stack compiles to two
 // 16-byte moves and a 32-byte reload: a failed store-to-load forward per vector (measured: ~20% of
 // quantize_rows' time sat on the reload and the division by beta that waits for it).
@@ -198,33 +207,34 @@ FQ_HD void first_layer(const F* x, float inv_s, I* P, I& bad) {
 // ------------------------------------------------------------------------------------------ integer layers
 // D_n closest point of N / S + eps (S a power of two, log2(2S) = sh2): f and the residual numerator
 // R = N - S f (|R| <= S/2) after the parity fix. Exact.
+// The parity fix moves the coordinate with the largest |delta| (ties: the larger signed eps term). Each
+// coordinate's sort key carries its payload in the low bits, (|R| << 9) | key_lo, key_lo = (rank << 5) | (i << 2) |
+// (step + 1) (IntConsts::key_pos / key_neg / key_zero by the sign of R): the ranks are distinct, so one max per
+// coordinate finds the argmax, its index and its step (no compare-and-three-selects chain).
 template <int D, class I>
 FQ_HD void dn_int(const IntConsts& C, const I* N, int32_t S, int sh2, I* f, I* R) {
-  I best = splati<I>(-1), kk = splati<I>(0), st = splati<I>(1), sum = splati<I>(0);
+  I best = splati<I>(-1), sum = splati<I>(0);
+  const int sh = sh2 - 1;  // S = 2^sh
   FQ_UNROLL
   for (int i = 0; i < D; ++i) {
     const I n = N[i];
     const I fi = (n * 2 + (S - C.neg[i])) >> sh2;  // floor(N/S + 1/2 + eps): arithmetic shift = floor
-    const I r = n - fi * S;
+    const I r = n - p_shl(fi, sh);
     f[i] = fi;
     R[i] = r;
     sum += fi;
     const I mp = mask(r > 0), mn = mask(r < 0);
     const I ar = mn ? -r : r;
-    const I rk = mp ? splati<I>(C.rk_pos[i]) : (mn ? splati<I>(C.rk_neg[i]) : splati<I>(C.rk_abs[i]));
-    const I key = ar * 64 + rk;  // |delta| first, then the signed eps perturbation (ranks < 2d <= 32)
-    const I gt = mask(key > best);
-    const I cand = mp ? splati<I>(1) : (mn ? splati<I>(-1) : splati<I>(C.step0[i]));
-    best = gt ? key : best;
-    kk = gt ? splati<I>(i) : kk;
-    st = gt ? cand : st;
+    const I lo = mp ? splati<I>(C.key_pos[i]) : (mn ? splati<I>(C.key_neg[i]) : splati<I>(C.key_zero[i]));
+    best = p_maxi((ar << 9) + lo, best);
   }
   const I odd = -(sum & 1);
+  const I kk = best & 0x1c, st = (best & 3) - 1;
   FQ_UNROLL
   for (int i = 0; i < D; ++i) {
-    const I fix = odd & mask(kk == i) & st;
+    const I fix = odd & mask(kk == (i << 2)) & st;
     f[i] += fix;
-    R[i] -= fix * S;
+    R[i] -= p_shl(fix, sh);
   }
 }
 
@@ -301,11 +311,9 @@ FQ_HD I dn_outside(const IntConsts& C, const I* A, int32_t q) {
     const I pos = mask(A[k] > 0), neg = mask(A[k] < 0);
     const I a = neg ? -A[k] : A[k];
     const I r = pos ? splati<I>(C.rk_pos[k]) : (neg ? splati<I>(C.rk_neg[k]) : splati<I>(C.rk_abs[k]));
-    const I b = a * (2 * D) + r;
-    const I gt = mask(b > first);
-    const I lo = gt ? first : b;
-    first = gt ? b : first;
-    second = mask(lo > second) ? lo : second;
+    const I b = a * (2 * D) + r;  // distinct over k (distinct ranks): max / min keep the two largest
+    second = p_maxi(second, p_mini(first, b));
+    first = p_maxi(first, b);
   }
   return mask(first + second >= 2 * D * q + 2 * D - 1);
 }
