@@ -24,6 +24,25 @@ from coset.cuda.lut_gemv import CodedWeight, lut_gemv
 from coset.quant import QuantizationConfig, decode, encode, quantize
 
 
+def _caches() -> str:
+    """The CPU's model, pext speed and cache sizes, from sysfs / cpuinfo (Linux; "caches unknown" elsewhere)."""
+    parts = []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                parts.append(line.split(":", 1)[1].strip())
+                break
+        base = Path("/sys/devices/system/cpu/cpu0/cache")
+        for idx in sorted(base.glob("index*")):
+            level = (idx / "level").read_text().strip()
+            if level in ("2", "3"):
+                parts.append(f"L{level} {(idx / 'size').read_text().strip()}")
+    except OSError:
+        return "caches unknown"
+    parts.append(f"decode index by {'pext' if _C.fast_path_pext() else 'shift-merge (no fast pext)'}")
+    return ", ".join(parts) or "caches unknown"
+
+
 def tmin(f, reps, clock):
     best = float("inf")
     for _ in range(reps):
@@ -129,7 +148,7 @@ def main() -> None:
     L += [
         "",
         "decode bandwidth fraction of clone (same bytes written; CPU 1 thread / wall 2 threads), "
-        f"{args.n * 4} scalars (16 MB in, 16 MB out; L3 is 32 MB): "
+        f"{args.n * 4} scalars ({args.n * 16 / 1e6:.0f} MB in, {args.n * 16 / 1e6:.0f} MB out; {_caches()}): "
         + ", ".join(
             f"{r['lattice']} {r['clone'][0] / r['decode'][0]:.2f} / {r['clone'][1] / r['decode'][1]:.2f}"
             for r in out["quant"]

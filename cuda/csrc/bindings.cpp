@@ -192,6 +192,7 @@ PYBIND11_MODULE(_C, m) {
                                           ptr<uint8_t>(clamped));
   });
   m.def("fast_path_isa", []() { return std::string(coset::fq::isa()); });
+  m.def("fast_path_pext", &coset::fq::pext_enabled);  // decode indexes labels with BMI2 pext (see fast_quant.cpp)
   // GEMV on codes (lut_gemv.h); coset/cuda/lut_gemv.py validates every argument
   m.def("lut_build_tables_cpu", [](std::uintptr_t x, int64_t ldx, std::uintptr_t A, int B, int K, int d, int64_t Q,
                                    std::uintptr_t tab) {

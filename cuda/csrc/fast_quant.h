@@ -376,6 +376,7 @@ bool enabled();            // default on; env COSET_FAST_PATH=0 or set_enabled(f
 // lattice constants do not suit the integer path; the caller then uses the float64 kernels).
 bool decode_applicable(const LatticeView& L, const QuantParams& P, const double* z);
 const char* isa();
+bool pext_enabled();  // decode's label index uses BMI2 pext (not on CPUs that microcode it)
 void set_enabled(bool on);
 // quantize_f32 through quantize_one, one vector at a time (the CUDA kernel's code path, for tests)
 int64_t quantize_f32_lanes1(const LatticeView& L, const QuantParams& P, const float* x, int64_t N, float* out,

@@ -1,7 +1,8 @@
 """The float32 + integer path is compiled three times (AVX-512VL, AVX2, baseline; csrc/fast_quant.cpp) and picked
 at run time. The reference tests run whichever the machine picks; here every other build available on this CPU
-(``COSET_AVX512=0`` -> AVX2, ``COSET_AVX2=0`` -> baseline) must give the very same bytes, in subprocesses (the
-choice is made once per process): quantize_rows with per-row betas, quantize, encode, decode and the DDP modular
+(``COSET_AVX512=0`` -> AVX2, ``COSET_AVX2=0`` -> baseline), and decode's label index without BMI2 ``pext``
+(``COSET_PEXT=0``; the default on AMD Zen 1/2, which microcode it), must give the very same bytes, in subprocesses
+(the choice is made once per process): quantize_rows with per-row betas, quantize, encode, decode and the DDP modular
 codec, on inputs that hit ties, the beta ramp, the D4 overload table and the clamp.
 """
 
@@ -27,9 +28,9 @@ def _digest() -> dict:
     warnings.simplefilter("ignore")  # clamps and degenerate configs are intended here
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
-    out = {"isa": _C.fast_path_isa()}
+    out = {"isa": _C.fast_path_isa(), "pext": _C.fast_path_pext()}
     h = hashlib.sha256()
-    for lat, q, M in (("D4", 4, 2), ("D4", 2, 3), ("E8", 4, 2), ("D8", 2, 2)):
+    for lat, q, M in (("D4", 4, 2), ("D4", 2, 3), ("E8", 4, 2), ("D8", 2, 2), ("D4", 16, 2), ("E8", 8, 2)):
         cfg = QuantizationConfig(lattice_type=lat, q=q, M=M, beta=0.25, max_scaling_iterations=3)
         d = cfg.dim
         x = torch.randn(3000, d, generator=g) * 0.3
@@ -72,8 +73,14 @@ def _run(env_extra: dict) -> dict:
 def test_every_isa_build_gives_the_same_bytes():
     runs = {
         name: _run(env)
-        for name, env in (("default", {}), ("no512", {"COSET_AVX512": "0"}), ("base", {"COSET_AVX2": "0"}))
+        for name, env in (
+            ("default", {}),
+            ("no512", {"COSET_AVX512": "0"}),
+            ("base", {"COSET_AVX2": "0"}),
+            ("nopext", {"COSET_PEXT": "0"}),
+        )
     }
+    assert runs["nopext"]["pext"] is False and runs["base"]["pext"] is False
     assert runs["base"]["isa"] == "baseline"
     assert runs["no512"]["isa"] in ("avx2", "baseline")
     assert runs["default"]["isa"] == _C.fast_path_isa()
