@@ -619,8 +619,9 @@ def main() -> None:
     results["machine"] = (
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
+    # the flags as typed (--pydoc-prompts, not the dest name pydoc_prompts), so the recorded command runs
     cmd = "nice -n 5 uv run python benchmarks/bench_kv.py " + " ".join(
-        f"--{k} {v}" for k, v in vars(args).items() if v is not None
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None
     )
     if args.sections == "report":  # merge the partial result files into kv.json / kv.md / kv.png
         if "command" in results:

@@ -43,7 +43,9 @@ namespace avx2 {
 
 bool tr_use_avx2() {
 #ifdef COSET_TR_AVX2
-  static const bool ok = __builtin_cpu_supports("avx2");
+  // every AVX2 CPU has BMI2 and FMA3 in practice; checked, since the kernels below use all three
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi2") &&
+                         __builtin_cpu_supports("fma");
   return ok;
 #else
   return false;
@@ -251,7 +253,7 @@ void word_layout(int D, const uint8_t* ks, int LB, std::vector<int32_t>& base, s
 }
 
 #pragma GCC push_options
-#pragma GCC target("avx2,bmi2")
+#pragma GCC target("avx2,bmi2,fma")
 // The 8 codebook values of group g of a vector whose stream sits in buf (trellis_buffer's layout + 8 zero bytes).
 inline __m256 group_values(const uint8_t* buf, const int32_t* base, const int32_t* shl, int g, const float* cb,
                            int right) {
@@ -279,8 +281,10 @@ inline float hsum(__m256 a) {  // a fixed tree: (lanes 0-3 + 4-7), then pairs, t
 
 // scores_range with 8 elements at a time (the values as in values_range_avx2), two tokens per pass (the shift
 // counts and query loads shared: 1.59 -> 1.15 ms for 3 x 8192 tokens, 3 queries, L = 12), up to 3 queries' sums
-// per token in registers; the sums are in another order than the scalar loop's (8 lanes, then a fixed tree), so
-// the two agree to float32 rounding, not bit for bit (as any dot product with torch's matmul).
+// per token in registers; the sums are in another order than the scalar loop's (8 lanes, then a fixed tree) and
+// fused (FMA: one rounding per product and add; on Zen 1 a 256-bit mul + add is 4 micro-ops, an FMA 2, and the
+// fused step at 8192 tokens went 4.15 -> 3.13 ms), so the two agree to float32 rounding, not bit for bit (as any
+// dot product with torch's matmul).
 // BIAS (the fused attention's rotary key mean): out[i, t] = <q_i, rho_t u_t> + <qm_i, tab[t]> with tab rows of D
 // floats, one sum per query and token (the decoded values scaled first, so the order differs from BIAS = false).
 // Two tokens' scores for NI <= 4 query rows (scores_range_avx2's common case: the query heads of one KV head): the
@@ -304,14 +308,14 @@ inline void scores_pair(const uint8_t* b0, const uint8_t* b1, const int32_t* bas
       for (int j = 0; j < NI; ++j) {
         const __m256 qv = _mm256_loadu_ps(qb + (int64_t)j * D + 8 * g);
         const __m256 mv = _mm256_loadu_ps(qm + (int64_t)j * D + 8 * g);
-        a0[j] = _mm256_add_ps(a0[j], _mm256_add_ps(_mm256_mul_ps(qv, x0), _mm256_mul_ps(mv, t0)));
-        a1[j] = _mm256_add_ps(a1[j], _mm256_add_ps(_mm256_mul_ps(qv, x1), _mm256_mul_ps(mv, t1)));
+        a0[j] = _mm256_fmadd_ps(mv, t0, _mm256_fmadd_ps(qv, x0, a0[j]));
+        a1[j] = _mm256_fmadd_ps(mv, t1, _mm256_fmadd_ps(qv, x1, a1[j]));
       }
     } else {
       for (int j = 0; j < NI; ++j) {
         const __m256 qv = _mm256_loadu_ps(qb + (int64_t)j * D + 8 * g);
-        a0[j] = _mm256_add_ps(a0[j], _mm256_mul_ps(qv, x0));
-        a1[j] = _mm256_add_ps(a1[j], _mm256_mul_ps(qv, x1));
+        a0[j] = _mm256_fmadd_ps(qv, x0, a0[j]);
+        a1[j] = _mm256_fmadd_ps(qv, x1, a1[j]);
       }
     }
   }
@@ -396,14 +400,14 @@ void scores_range_avx2(const uint8_t* stream, const float* rho, const float* q, 
             for (int j = 0; j < ni; ++j) {
               const __m256 qv = _mm256_loadu_ps(qb + (int64_t)(i0 + j) * D + 8 * g);
               const __m256 mv = _mm256_loadu_ps(qm + (bh * nq + i0 + j) * D + 8 * g);
-              a0[j] = _mm256_add_ps(a0[j], _mm256_add_ps(_mm256_mul_ps(qv, x0), _mm256_mul_ps(mv, t0)));
-              a1[j] = _mm256_add_ps(a1[j], _mm256_add_ps(_mm256_mul_ps(qv, x1), _mm256_mul_ps(mv, t1)));
+              a0[j] = _mm256_fmadd_ps(mv, t0, _mm256_fmadd_ps(qv, x0, a0[j]));
+              a1[j] = _mm256_fmadd_ps(mv, t1, _mm256_fmadd_ps(qv, x1, a1[j]));
             }
           } else {
             for (int j = 0; j < ni; ++j) {
               const __m256 qv = _mm256_loadu_ps(qb + (int64_t)(i0 + j) * D + 8 * g);
-              a0[j] = _mm256_add_ps(a0[j], _mm256_mul_ps(qv, x0));
-              a1[j] = _mm256_add_ps(a1[j], _mm256_mul_ps(qv, x1));
+              a0[j] = _mm256_fmadd_ps(qv, x0, a0[j]);
+              a1[j] = _mm256_fmadd_ps(qv, x1, a1[j]);
             }
           }
         }
@@ -437,8 +441,8 @@ inline void values_group(const uint8_t* buf, size_t stride, int n, int32_t bg, c
     const __m256 x = _mm256_setr_ps(cb[(w << s0) >> right], cb[(w << s1) >> right], cb[(w << s2) >> right],
                                     cb[(w << s3) >> right], cb[(w << s4) >> right], cb[(w << s5) >> right],
                                     cb[(w << s6) >> right], cb[(w << s7) >> right]);
-    for (int j = 0; j < NI; ++j)  // o + w_t x_t, token by token: the scalar loop's order
-      acc[j] = _mm256_add_ps(acc[j], _mm256_mul_ps(_mm256_set1_ps(wt[(size_t)j * C + c]), x));
+    for (int j = 0; j < NI; ++j)  // o + w_t x_t (fused), token by token: the scalar loop's order
+      acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(wt[(size_t)j * C + c]), x, acc[j]);
   }
   for (int j = 0; j < NI; ++j) _mm256_storeu_ps(o + (int64_t)j * D, acc[j]);
 }
@@ -447,8 +451,8 @@ inline void values_group(const uint8_t* buf, size_t stride, int n, int32_t bg, c
 // in it is fixed by the schedule), the values from 8 table loads (AVX2 gathers measured slower on AMD Zen 2).
 // Tokens in chunks of 128 (their streams copied to an L1-sized buffer), each chunk group by group (values_group:
 // shifts and sums in registers: 1.94 -> 1.50 ms for 3 x 8192 tokens, 3 queries, 1 thread). Per element the
-// products and sums are the scalar loop's (mul, then add, tokens in order), so results are equal (a token skipped
-// for a zero scale or weights that are all 0 adds +-0 in the scalar loop, which leaves a sum that starts at +0).
+// products and sums are the scalar loop's (tokens in order) but fused (FMA), so results agree with it to float32
+// rounding (a token skipped for a zero scale or weights that are all 0 adds +-0 in the scalar loop).
 void values_range_avx2(const uint8_t* stream, const float* rho, const float* p, int64_t lo, int64_t hi, int64_t L,
                        int nq, int D, const uint8_t* ks, const float* cb, int LB, int nbytes, float* out) {
   constexpr int C = 128;
