@@ -333,7 +333,8 @@ inline void scores_pair(const uint8_t* b0, const uint8_t* b1, const int32_t* bas
 template <bool BIAS>
 void scores_range_avx2(const uint8_t* stream, const float* rho, const float* q, int64_t lo, int64_t hi, int64_t L,
                        int nq, int D, const uint8_t* ks, const float* cb, int LB, int nbytes, float* out,
-                       const float* qm = nullptr, const float* tab = nullptr) {
+                       const float* qm = nullptr, const float* tab = nullptr, int64_t ldo = 0) {
+  if (ldo == 0) ldo = L;  // out (rows, nq, ldo): query i's scores ldo floats apart (a chunk of tokens: ldo > L)
   std::vector<uint8_t> buf(2 * ((size_t)nbytes + 14), 0);
   uint8_t* b0 = buf.data();
   uint8_t* b1 = b0 + nbytes + 14;
@@ -352,14 +353,14 @@ void scores_range_avx2(const uint8_t* stream, const float* rho, const float* q, 
         const float r0 = rho[bh * L + t], r1 = two ? rho[bh * L + t + 1] : 0.f;
         const float* tr0 = BIAS ? tab + t * D : nullptr;
         const float* tr1 = BIAS ? (two ? tr0 + D : tr0) : nullptr;
-        float* o = out + bh * nq * L + t;
+        float* o = out + bh * nq * ldo + t;
         const uint8_t* c1 = two ? b1 : b0;
         const int32_t *bs = base.data(), *sh = shl.data();
         switch (nq) {
-          case 1: scores_pair<1, BIAS>(b0, c1, bs, sh, G, D, cb, right, qb, qmb, tr0, tr1, r0, r1, o, L, two); break;
-          case 2: scores_pair<2, BIAS>(b0, c1, bs, sh, G, D, cb, right, qb, qmb, tr0, tr1, r0, r1, o, L, two); break;
-          case 3: scores_pair<3, BIAS>(b0, c1, bs, sh, G, D, cb, right, qb, qmb, tr0, tr1, r0, r1, o, L, two); break;
-          default: scores_pair<4, BIAS>(b0, c1, bs, sh, G, D, cb, right, qb, qmb, tr0, tr1, r0, r1, o, L, two);
+          case 1: scores_pair<1, BIAS>(b0, c1, bs, sh, G, D, cb, right, qb, qmb, tr0, tr1, r0, r1, o, ldo, two); break;
+          case 2: scores_pair<2, BIAS>(b0, c1, bs, sh, G, D, cb, right, qb, qmb, tr0, tr1, r0, r1, o, ldo, two); break;
+          case 3: scores_pair<3, BIAS>(b0, c1, bs, sh, G, D, cb, right, qb, qmb, tr0, tr1, r0, r1, o, ldo, two); break;
+          default: scores_pair<4, BIAS>(b0, c1, bs, sh, G, D, cb, right, qb, qmb, tr0, tr1, r0, r1, o, ldo, two);
         }
       }
     }
@@ -374,7 +375,7 @@ void scores_range_avx2(const uint8_t* stream, const float* rho, const float* q, 
       const uint8_t* s0 = stream + (bh * L + t) * nbytes;
       load_stream(b0, s0, nbytes);
       if (nt == 2) load_stream(b1, s0 + nbytes, nbytes);
-      float* o = out + bh * nq * L + t;
+      float* o = out + bh * nq * ldo + t;
       for (int i0 = 0; i0 < nq; i0 += 3) {
         const int ni = std::min(3, nq - i0);
         __m256 a0[3] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
@@ -413,11 +414,11 @@ void scores_range_avx2(const uint8_t* stream, const float* rho, const float* q, 
         }
         for (int j = 0; j < ni; ++j) {
           if (BIAS) {
-            o[(int64_t)(i0 + j) * L] = hsum(a0[j]);
-            if (nt == 2) o[(int64_t)(i0 + j) * L + 1] = hsum(a1[j]);
+            o[(int64_t)(i0 + j) * ldo] = hsum(a0[j]);
+            if (nt == 2) o[(int64_t)(i0 + j) * ldo + 1] = hsum(a1[j]);
           } else {
-            o[(int64_t)(i0 + j) * L] = r0 == 0.f ? 0.f : r0 * hsum(a0[j]);
-            if (nt == 2) o[(int64_t)(i0 + j) * L + 1] = r1 == 0.f ? 0.f : r1 * hsum(a1[j]);
+            o[(int64_t)(i0 + j) * ldo] = r0 == 0.f ? 0.f : r0 * hsum(a0[j]);
+            if (nt == 2) o[(int64_t)(i0 + j) * ldo + 1] = r1 == 0.f ? 0.f : r1 * hsum(a1[j]);
           }
         }
       }
@@ -703,63 +704,86 @@ bool softmax_row(float* s, int64_t L, const float* extra, float* pe, int64_t Le,
   return true;
 }
 
-// The fused decode attention of one row bh (trellis_attend_cpu below); returns false when a score is not finite.
-bool attend_row(const TrellisAttendArgs& a, int64_t bh) {
-  const int64_t L = a.L, Le = a.Le;
+// The fused decode attention of rows [lo, hi) (trellis_attend_cpu below); ok[bh] = 0 when a score of row bh is not
+// finite. With the rotary mean scored in the AVX2 pass, the tokens are walked in chunks of kChunk, each chunk for
+// every row: a chunk's table rows (kChunk * D floats) come from memory once and from L2 for the other rows (KV
+// heads), instead of the whole table (P * D floats, 4 MB at 16k positions) once per row.
+void attend_rows(const TrellisAttendArgs& a, int64_t lo, int64_t hi, uint8_t* ok) {
+  constexpr int64_t kChunk = 256;
+  const int64_t L = a.L, Le = a.Le, n = hi - lo, rs = (int64_t)a.nq * L;
   const int nq = a.nq, D = a.D;
   thread_local std::vector<float> sc, rk, rv;
-  sc.resize((size_t)(nq * L + 1));
-  rk.resize((size_t)L + 1);
-  rv.resize((size_t)L + 1);
-  const uint8_t* kc = a.k.scale + bh * a.k.scale_stride;
-  const uint8_t* vc = a.v.scale + bh * a.v.scale_stride;
-  for (int64_t t = 0; t < L; ++t) {  // 8-bit log scale codes -> rho (coset.kv.codes.scale_values' table)
-    rk[(size_t)t] = a.scale_tab[kc[t]];
-    rv[(size_t)t] = a.scale_tab[vc[t]];
+  sc.resize((size_t)(n * rs + 1));
+  rk.resize((size_t)(n * L + 1));
+  rv.resize((size_t)(n * L + 1));
+  for (int64_t r = 0; r < n; ++r) {  // 8-bit log scale codes -> rho (coset.kv.codes.scale_values' table)
+    const uint8_t* kc = a.k.scale + (lo + r) * a.k.scale_stride;
+    const uint8_t* vc = a.v.scale + (lo + r) * a.v.scale_stride;
+    for (int64_t t = 0; t < L; ++t) {
+      rk[(size_t)(r * L + t)] = a.scale_tab[kc[t]];
+      rv[(size_t)(r * L + t)] = a.scale_tab[vc[t]];
+    }
   }
-  const float* qb = a.q + bh * nq * D;
-  const uint8_t* ks = a.k.stream + bh * a.k.stream_stride;
-  const uint8_t* vs = a.v.stream + bh * a.v.stream_stride;
-  float* s = sc.data();
   bool fused_bias = false;
   if (L > 0) {
 #ifdef COSET_TR_AVX2
     if (tr_use_avx2() && a.bias_mode == 2 && a.tdim == D) {  // the rotary mean's dots in the same pass
-      scores_range_avx2<true>(ks, rk.data(), qb, 0, 1, L, nq, D, a.k.ks, a.k.cb, a.k.LB, a.k.nb, s,
-                              a.bias + bh * nq * D, a.tab + a.pos0 * D);
+      for (int64_t c0 = 0; c0 < L; c0 += kChunk) {
+        const int64_t c1 = std::min(L, c0 + kChunk);
+        for (int64_t r = 0; r < n; ++r) {
+          const int64_t bh = lo + r;
+          scores_range_avx2<true>(a.k.stream + bh * a.k.stream_stride + c0 * a.k.nb, rk.data() + r * L + c0,
+                                  a.q + bh * nq * D, 0, 1, c1 - c0, nq, D, a.k.ks, a.k.cb, a.k.LB, a.k.nb,
+                                  sc.data() + r * rs + c0, a.bias + bh * nq * D, a.tab + (a.pos0 + c0) * D, L);
+        }
+      }
       fused_bias = true;
-    } else if (tr_use_avx2()) {
-      scores_range_avx2<false>(ks, rk.data(), qb, 0, 1, L, nq, D, a.k.ks, a.k.cb, a.k.LB, a.k.nb, s);
-    } else
-#endif
-      scores_range<decltype(&base::trellis_decode_vector)>(ks, rk.data(), qb, 0, 1, L, nq, D, a.k.ks, a.k.cb, a.k.LB,
-                                                            a.k.nb, s, base::trellis_decode_vector);
-  }
-  bool finite = true;
-  for (int i = 0; i < nq; ++i) {
-    float* si = s + (int64_t)i * L;
-    const int64_t row = bh * nq + i;
-    if (a.bias_mode == 1) {
-      const float b = a.bias[row];
-      for (int64_t t = 0; t < L; ++t) si[t] += b;
-    } else if (a.bias_mode == 2 && !fused_bias) {
-      add_table_dots(si, a.bias + row * a.tdim, a.tab + a.pos0 * a.tdim, L, a.tdim);
     }
-    if (!softmax_row(si, L, a.extra + row * Le, a.pe + row * Le, Le, a.scaling, a.psum + row)) finite = false;
-  }
-  if (!finite) return false;
-  float* out = a.acc + bh * nq * D;
-  std::fill(out, out + (int64_t)nq * D, 0.f);
-  if (L > 0) {
-#ifdef COSET_TR_AVX2
-    if (tr_use_avx2())
-      values_range_avx2(vs, rv.data(), s, 0, 1, L, nq, D, a.v.ks, a.v.cb, a.v.LB, a.v.nb, out);
-    else
 #endif
-      values_range<decltype(&base::trellis_decode_vector)>(vs, rv.data(), s, 0, 1, L, nq, D, a.v.ks, a.v.cb, a.v.LB,
-                                                            a.v.nb, out, base::trellis_decode_vector);
   }
-  return true;
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t bh = lo + r;
+    const float* qb = a.q + bh * nq * D;
+    const uint8_t* ks = a.k.stream + bh * a.k.stream_stride;
+    const uint8_t* vs = a.v.stream + bh * a.v.stream_stride;
+    float* s = sc.data() + r * rs;
+    const float* rkr = rk.data() + r * L;
+    const float* rvr = rv.data() + r * L;
+    if (L > 0 && !fused_bias) {
+#ifdef COSET_TR_AVX2
+      if (tr_use_avx2())
+        scores_range_avx2<false>(ks, rkr, qb, 0, 1, L, nq, D, a.k.ks, a.k.cb, a.k.LB, a.k.nb, s);
+      else
+#endif
+        scores_range<decltype(&base::trellis_decode_vector)>(ks, rkr, qb, 0, 1, L, nq, D, a.k.ks, a.k.cb, a.k.LB,
+                                                              a.k.nb, s, base::trellis_decode_vector);
+    }
+    bool finite = true;
+    for (int i = 0; i < nq; ++i) {
+      float* si = s + (int64_t)i * L;
+      const int64_t row = bh * nq + i;
+      if (a.bias_mode == 1) {
+        const float b = a.bias[row];
+        for (int64_t t = 0; t < L; ++t) si[t] += b;
+      } else if (a.bias_mode == 2 && !fused_bias) {
+        add_table_dots(si, a.bias + row * a.tdim, a.tab + a.pos0 * a.tdim, L, a.tdim);
+      }
+      if (!softmax_row(si, L, a.extra + row * Le, a.pe + row * Le, Le, a.scaling, a.psum + row)) finite = false;
+    }
+    ok[bh] = finite ? 1 : 0;
+    if (!finite) continue;
+    float* out = a.acc + bh * nq * D;
+    std::fill(out, out + (int64_t)nq * D, 0.f);
+    if (L > 0) {
+#ifdef COSET_TR_AVX2
+      if (tr_use_avx2())
+        values_range_avx2(vs, rvr, s, 0, 1, L, nq, D, a.v.ks, a.v.cb, a.v.LB, a.v.nb, out);
+      else
+#endif
+        values_range<decltype(&base::trellis_decode_vector)>(vs, rvr, s, 0, 1, L, nq, D, a.v.ks, a.v.cb, a.v.LB,
+                                                              a.v.nb, out, base::trellis_decode_vector);
+    }
+  }
 }
 
 }  // namespace
@@ -863,7 +887,7 @@ int trellis_attend_cpu(const uint8_t* kstream, int64_t kstream_stride, const uin
   std::vector<uint8_t> ok((size_t)BH, 1);
   split_rows(BH, threads, [&](int64_t lo, int64_t hi) {
     const FlushDenormals ftz;  // per worker thread (MXCSR is per thread)
-    for (int64_t bh = lo; bh < hi; ++bh) ok[(size_t)bh] = attend_row(a, bh) ? 1 : 0;
+    attend_rows(a, lo, hi, ok.data());
   });
   for (int64_t bh = 0; bh < BH; ++bh)
     if (!ok[(size_t)bh]) return 2;

@@ -31,8 +31,10 @@ def _f32(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         raise ValueError(f"{name} must be a CPU torch.Tensor (the CUDA twin kv_cuda.cu is not bound yet)")
     if t.dtype.is_complex:  # .to(float32) would drop the imaginary part silently
         raise TypeError(f"{name} must be a real tensor, got dtype {t.dtype}")
-    if tuple(t.shape) != shape:
+    if t.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if t.dtype == torch.float32 and t.is_contiguous():  # the common case, without two dispatches per tensor
+        return t
     return t.to(torch.float32).contiguous()
 
 
@@ -226,9 +228,10 @@ def _rows(name: str, t, trailing: int) -> tuple[torch.Tensor, int]:
         raise ValueError(f"{name} must be a CPU uint8 tensor with {3 + trailing} dims")
     B, H, L = t.shape[:3]
     inner = t.shape[3] if trailing else 1
-    stride = t.stride(1) if H > 1 else t.stride(0)
-    ok = (inner == 1 or t.stride(3) == 1) and (L <= 1 or t.stride(2) == inner)
-    ok = ok and (B == 1 or H == 1 or t.stride(0) == H * t.stride(1)) and (B * H == 1 or stride >= L * inner)
+    st = t.stride()  # one call: each .stride(i) is a dispatch
+    stride = st[1] if H > 1 else st[0]
+    ok = (inner == 1 or st[3] == 1) and (L <= 1 or st[2] == inner)
+    ok = ok and (B == 1 or H == 1 or st[0] == H * st[1]) and (B * H == 1 or stride >= L * inner)
     if not ok:
         t = t.contiguous()
     if not ok or B * H == 1:
