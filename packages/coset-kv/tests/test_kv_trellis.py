@@ -410,6 +410,32 @@ def test_fused_decode_attention_equals_attention_over_decoded_states(
         st.attend(q, scaling=1e38)
 
 
+@pytest.mark.parametrize("same_halves", [True, False])
+def test_fused_attention_over_several_token_chunks(native_trellis, monkeypatch, same_halves):
+    """With the rotary key mean scored in the kernel's stream pass (a Llama table: D columns), the coded tokens are
+    scored in chunks of 256 across the rows (KV heads); a table whose halves differ takes the per-row path. A cache
+    of 2 x 3 rows and 601 coded tokens (two whole chunks and an odd tail) attends as SDPA over its decoded states
+    either way."""
+    g = torch.Generator().manual_seed(3)
+    cfg = KVQuantConfig(sink=1, subtract_mean=True, key_code=TrellisCode(32, 10), value_code=TrellisCode(30, 10))
+    st = CodedKVStore(cfg, backend="auto", rope=_llama_rope(same_halves=same_halves))
+    k, v = torch.randn(2, 3, 602, 64, generator=g) + 0.3, torch.randn(2, 3, 602, 64, generator=g)
+    st.append(k[:, :, :300], v[:, :, :300])
+    for s0 in (300, 301):  # one token at a time, as decoding appends (the native encoder)
+        st.append(k[:, :, s0 : s0 + 1], v[:, :, s0 : s0 + 1])
+    st.append(k[:, :, 302:], v[:, :, 302:])
+    assert st.num_coded == 601
+    calls = []
+    fused = native_trellis.trellis_attend
+    monkeypatch.setattr(native_trellis, "trellis_attend", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+    kk, vv = st.dequantized()
+    q = torch.randn(2, 9, 1, 64, generator=g)
+    ref = F.scaled_dot_product_attention(q, kk.repeat_interleave(3, 1), vv.repeat_interleave(3, 1))
+    got = st.attend(q)
+    assert len(calls) == 1
+    assert torch.allclose(got.transpose(1, 2), ref, atol=1e-5)
+
+
 def test_fused_attention_reads_the_buffers_in_place(native_trellis):
     """The kernel reads the cache's buffers (rows a capacity apart) where they are: the same result as from
     contiguous copies; and it rejects arguments that do not fit."""
