@@ -41,6 +41,15 @@ int trellis_attend_cpu(const uint8_t* kstream, int64_t kstream_stride, const uin
                        int D, const float* q, int bias_mode, const float* bias, const float* tab, int64_t pos0,
                        int tdim, float scaling, const float* extra, int64_t Le, float* acc, float* pe, float* psum,
                        int threads);
+int trellis_attend_step_cpu(const uint8_t* kstream, int64_t kstream_stride, const uint8_t* kscale,
+                            int64_t kscale_stride, const uint8_t* kks, const float* kcb, int kLB, int knb,
+                            const uint8_t* vstream, int64_t vstream_stride, const uint8_t* vscale,
+                            int64_t vscale_stride, const uint8_t* vks, const float* vcb, int vLB, int vnb,
+                            const float* scale_tab, int64_t BH, int H, int64_t L, int nq, int D, const float* query,
+                            const float* qmap, int qw, const float* omap, int orows, int bias_mode,
+                            const float* tab, int64_t pos0, int tdim, float scaling, const float* sink_k,
+                            const float* sink_v, int64_t sink_stride, int64_t Ls, const float* win_k,
+                            const float* win_v, int64_t win_stride, int64_t Lw, float* out, int threads);
 #ifdef COSET_WITH_CUDA
 int kv_scores_cuda(const uint8_t* idx, const uint8_t* tpack, const float* rho, const float* steps, int t_bits,
                    const float* tab, const float* cy, float* out, int64_t BH, int64_t L, int K, int M, int n,
@@ -178,6 +187,26 @@ PYBIND11_MODULE(_C, m) {
                               tdim, scaling, ptr<const float>(extra), Le, ptr<float>(acc), ptr<float>(pe),
                               ptr<float>(psum), threads);
   });
+  // a whole decoding step of one layer: query maps, dense tokens, the fused attention, output map (trellis_cpu.cpp)
+  m.def("trellis_attend_step_cpu",
+        [](std::uintptr_t kstream, int64_t kstream_stride, std::uintptr_t kscale, int64_t kscale_stride,
+           std::uintptr_t kks, std::uintptr_t kcb, int kLB, int knb, std::uintptr_t vstream, int64_t vstream_stride,
+           std::uintptr_t vscale, int64_t vscale_stride, std::uintptr_t vks, std::uintptr_t vcb, int vLB, int vnb,
+           std::uintptr_t scale_tab, int64_t BH, int H, int64_t L, int nq, int D, std::uintptr_t query,
+           std::uintptr_t qmap, int qw, std::uintptr_t omap, int orows, int bias_mode, std::uintptr_t tab,
+           int64_t pos0, int tdim, float scaling, std::uintptr_t sink_k, std::uintptr_t sink_v, int64_t sink_stride,
+           int64_t Ls, std::uintptr_t win_k, std::uintptr_t win_v, int64_t win_stride, int64_t Lw, std::uintptr_t out,
+           int threads) {
+          py::gil_scoped_release nogil;
+          return trellis_attend_step_cpu(
+              ptr<const uint8_t>(kstream), kstream_stride, ptr<const uint8_t>(kscale), kscale_stride,
+              ptr<const uint8_t>(kks), ptr<const float>(kcb), kLB, knb, ptr<const uint8_t>(vstream), vstream_stride,
+              ptr<const uint8_t>(vscale), vscale_stride, ptr<const uint8_t>(vks), ptr<const float>(vcb), vLB, vnb,
+              ptr<const float>(scale_tab), BH, H, L, nq, D, ptr<const float>(query), ptr<const float>(qmap), qw,
+              ptr<const float>(omap), orows, bias_mode, ptr<const float>(tab), pos0, tdim, scaling,
+              ptr<const float>(sink_k), ptr<const float>(sink_v), sink_stride, Ls, ptr<const float>(win_k),
+              ptr<const float>(win_v), win_stride, Lw, ptr<float>(out), threads);
+        });
   // float32 + integer fast path of encode/decode/quantize (fast_quant.h): on/off switch and the ISA in use
   m.def("set_fast_path", &coset::fq::set_enabled);
   m.def("fast_path_enabled", &coset::fq::enabled);

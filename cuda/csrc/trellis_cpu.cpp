@@ -85,6 +85,27 @@ struct TrellisAttendArgs {
   float* psum;
 };
 
+// Full-precision tokens of a decoding step (a cache's sink or window): row bh's keys and values at k / v +
+// bh * stride, token t at + t * D floats.
+struct DenseTokens {
+  const float* k;
+  const float* v;
+  int64_t stride, len;
+};
+
+// Arguments of trellis_attend_step_cpu (see there); core's q, bias, extra, acc, pe and psum are the step's own.
+struct AttendStepArgs {
+  TrellisAttendArgs core;
+  int H;
+  const float* query;
+  const float* qmap;
+  int qw;
+  const float* omap;
+  int orows;
+  DenseTokens dense[2];
+  float* out;
+};
+
 // The Viterbi encoder's work space for head dim D and L state bits, in this thread's buffers (reused by every
 // encode of the thread).
 template <typename Work>
@@ -786,6 +807,92 @@ void attend_rows(const TrellisAttendArgs& a, int64_t lo, int64_t hi, uint8_t* ok
   }
 }
 
+// The full decode step of trellis_attend_step_cpu (see there) over rows [lo, hi): per row the query maps, the
+// dense tokens' scores, attend_rows on the coded tokens (its buffers per call, its rows offset to lo), then the
+// output map and the dense tokens' values. Everything a decoding step does per layer in one pass over the rows:
+// in the model each small op of the same maps in torch cost 10-100 us of dispatch (0.6 ms per layer and step).
+void attend_step_rows(const AttendStepArgs& s, int64_t lo, int64_t hi, uint8_t* ok) {
+  const TrellisAttendArgs& c = s.core;
+  const int nq = c.nq, D = c.D, qw = s.qw, bw = s.qw - c.D;
+  const int64_t n = hi - lo, Le = s.dense[0].len + s.dense[1].len, rows = n * nq;
+  thread_local std::vector<float> qr, bias, extra, acc, pe, psum, qin;
+  qr.resize((size_t)(rows * D));
+  bias.resize((size_t)(rows * bw + 1));
+  extra.resize((size_t)(rows * Le + 1));
+  acc.resize((size_t)(rows * D));
+  pe.resize((size_t)(rows * Le + 1));
+  psum.resize((size_t)rows);
+  qin.resize((size_t)qw);
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t bh = lo + r;
+    const float* M = s.qmap + (bh % s.H) * (int64_t)D * qw;
+    for (int i = 0; i < nq; ++i) {
+      const int64_t row = r * nq + i;
+      const float* x = s.query + (bh * nq + i) * D;
+      std::fill(qin.begin(), qin.end(), 0.f);
+      for (int d = 0; d < D; ++d) {  // [q' | qm] = x @ qmap[h], row by row (the loop over columns vectorizes)
+        const float xd = x[d];
+        const float* m = M + (int64_t)d * qw;
+        for (int j = 0; j < qw; ++j) qin[(size_t)j] += xd * m[j];
+      }
+      std::copy(qin.begin(), qin.begin() + D, qr.begin() + row * D);
+      std::copy(qin.begin() + D, qin.end(), bias.begin() + row * bw);
+      float* e = extra.data() + row * Le;
+      for (const DenseTokens& seg : s.dense) {
+        const float* kb = seg.k + bh * seg.stride;
+        for (int64_t t = 0; t < seg.len; ++t) {
+          float a = 0.f;
+          for (int d = 0; d < D; ++d) a += x[d] * kb[t * D + d];
+          *e++ = a * c.scaling;
+        }
+      }
+    }
+  }
+  TrellisAttendArgs sub = c;
+  sub.k.stream += lo * c.k.stream_stride;
+  sub.k.scale += lo * c.k.scale_stride;
+  sub.v.stream += lo * c.v.stream_stride;
+  sub.v.scale += lo * c.v.scale_stride;
+  sub.BH = n;
+  sub.q = qr.data();
+  sub.bias = bias.data();
+  sub.extra = extra.data();
+  sub.Le = Le;
+  sub.acc = acc.data();
+  sub.pe = pe.data();
+  sub.psum = psum.data();
+  attend_rows(sub, 0, n, ok + lo);
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t bh = lo + r;
+    if (!ok[bh]) continue;
+    const float* O = s.omap + (bh % s.H) * (int64_t)s.orows * D;
+    for (int i = 0; i < nq; ++i) {
+      const int64_t row = r * nq + i;
+      float* o = s.out + (bh * nq + i) * D;
+      std::fill(o, o + D, 0.f);
+      const float* a = acc.data() + row * D;
+      for (int d = 0; d < D; ++d) {  // [acc | psum] @ omap[h]
+        const float ad = a[d];
+        const float* m = O + (int64_t)d * D;
+        for (int j = 0; j < D; ++j) o[j] += ad * m[j];
+      }
+      if (s.orows > D) {
+        const float ps = psum[(size_t)row];
+        const float* m = O + (int64_t)D * D;
+        for (int j = 0; j < D; ++j) o[j] += ps * m[j];
+      }
+      const float* w = pe.data() + row * Le;
+      for (const DenseTokens& seg : s.dense) {
+        const float* vb = seg.v + bh * seg.stride;
+        for (int64_t t = 0; t < seg.len; ++t, ++w) {
+          if (*w == 0.f) continue;
+          for (int j = 0; j < D; ++j) o[j] += *w * vb[t * D + j];
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -888,6 +995,48 @@ int trellis_attend_cpu(const uint8_t* kstream, int64_t kstream_stride, const uin
   split_rows(BH, threads, [&](int64_t lo, int64_t hi) {
     const FlushDenormals ftz;  // per worker thread (MXCSR is per thread)
     attend_rows(a, lo, hi, ok.data());
+  });
+  for (int64_t bh = 0; bh < BH; ++bh)
+    if (!ok[(size_t)bh]) return 2;
+  return 0;
+}
+
+
+// A whole decoding step of one layer (coset.kv's CodedKVStore.attend for one query position): per row bh of BH =
+// batch x KV heads (head h = bh % H) and query row i < nq (query (BH, nq, D) floats, as given to the layer):
+//   [q' | qm] = query[bh, i] @ qmap[h] (qmap (H, D, qw), qw = D + 0 / 1 / tdim columns for bias_mode 0 / 1 / 2:
+//   the query in the coded keys' domain, then the query of the key mean's scores);
+//   the dense tokens' scores scaling * <query[bh, i], k_j> (sink then window tokens, DenseTokens);
+//   trellis_attend_cpu's scores, softmax and value sums with q', qm as its bias and those dense scores;
+//   out[bh, i] = [acc | psum] @ omap[h] (omap (H, orows, D), orows = D, or D + 1 with the value mean's row)
+//                + sum_j pe_j v_j over the dense tokens.
+// Returns 0, 1 for bad sizes, 2 when a score is not finite (out then undefined).
+int trellis_attend_step_cpu(const uint8_t* kstream, int64_t kstream_stride, const uint8_t* kscale,
+                            int64_t kscale_stride, const uint8_t* kks, const float* kcb, int kLB, int knb,
+                            const uint8_t* vstream, int64_t vstream_stride, const uint8_t* vscale,
+                            int64_t vscale_stride, const uint8_t* vks, const float* vcb, int vLB, int vnb,
+                            const float* scale_tab, int64_t BH, int H, int64_t L, int nq, int D, const float* query,
+                            const float* qmap, int qw, const float* omap, int orows, int bias_mode,
+                            const float* tab, int64_t pos0, int tdim, float scaling, const float* sink_k,
+                            const float* sink_v, int64_t sink_stride, int64_t Ls, const float* win_k,
+                            const float* win_v, int64_t win_stride, int64_t Lw, float* out, int threads) {
+  if (BH < 0 || H < 1 || BH % H || L < 0 || Ls < 0 || Lw < 0 || nq < 1 || L + Ls + Lw < 1) return 1;
+  if (bias_mode < 0 || bias_mode > 2 || pos0 < 0 || (bias_mode == 2 && tdim < 1)) return 1;
+  if (qw != D + (bias_mode == 1 ? 1 : bias_mode == 2 ? tdim : 0) || (orows != D && orows != D + 1)) return 1;
+  if (sink_stride < Ls * D || win_stride < Lw * D) return 1;
+  if (L > 0 && (tr_bad(D, kLB, knb, kks) || tr_bad(D, vLB, vnb, vks))) return 1;
+  if (kstream_stride < L * knb || vstream_stride < L * vnb || kscale_stride < L || vscale_stride < L) return 1;
+  const AttendStepArgs a{{{kstream, kstream_stride, kscale, kscale_stride, kks, kcb, kLB, knb},
+                          {vstream, vstream_stride, vscale, vscale_stride, vks, vcb, vLB, vnb},
+                          scale_tab, BH, L, nq, D, nullptr, bias_mode, nullptr, tab, pos0, tdim, scaling, nullptr, 0,
+                          nullptr, nullptr, nullptr},
+                         H, query, qmap, qw, omap, orows,
+                         {{sink_k, sink_v, sink_stride, Ls}, {win_k, win_v, win_stride, Lw}},
+                         out};
+  std::vector<uint8_t> ok((size_t)BH, 1);
+  split_rows(BH, threads, [&](int64_t lo, int64_t hi) {
+    const FlushDenormals ftz;
+    attend_step_rows(a, lo, hi, ok.data());
   });
   for (int64_t bh = 0; bh < BH; ++bh)
     if (!ok[(size_t)bh]) return 2;

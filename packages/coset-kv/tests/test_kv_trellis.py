@@ -393,8 +393,8 @@ def test_fused_decode_attention_equals_attention_over_decoded_states(
     for _ in range(3):
         st.append(k[:, :, :1] * 0.5, v[:, :, :1] * 0.5)  # token by token, as decoding appends
     calls = []
-    fused = native_trellis.trellis_attend
-    monkeypatch.setattr(native_trellis, "trellis_attend", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+    fused = native_trellis.trellis_attend_step
+    monkeypatch.setattr(native_trellis, "trellis_attend_step", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
     kk, vv = st.dequantized()
     q = torch.randn(B, 9, 1, 64, generator=g)
     ref = F.scaled_dot_product_attention(q, kk.repeat_interleave(3, 1), vv.repeat_interleave(3, 1))
@@ -426,8 +426,8 @@ def test_fused_attention_over_several_token_chunks(native_trellis, monkeypatch, 
     st.append(k[:, :, 302:], v[:, :, 302:])
     assert st.num_coded == 601
     calls = []
-    fused = native_trellis.trellis_attend
-    monkeypatch.setattr(native_trellis, "trellis_attend", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+    fused = native_trellis.trellis_attend_step
+    monkeypatch.setattr(native_trellis, "trellis_attend_step", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
     kk, vv = st.dequantized()
     q = torch.randn(2, 9, 1, 64, generator=g)
     ref = F.scaled_dot_product_attention(q, kk.repeat_interleave(3, 1), vv.repeat_interleave(3, 1))
@@ -477,6 +477,91 @@ def test_fused_attention_reads_the_buffers_in_place(native_trellis):
         kv.trellis_attend(kc.idx, kc.scale, *args, vc.idx[:, :, :5], vc.scale, *vargs, tab, q, 0.125, extra)
     with pytest.raises(ValueError, match="q must"):
         kv.trellis_attend(kc.idx, kc.scale, *args, vc.idx, vc.scale, *vargs, tab, q[..., :8], 0.125, extra)
+
+
+def test_decoding_step_kernel_equals_its_parts(native_trellis):
+    """``trellis_attend_step`` (one call per layer and decoding step) equals its parts in torch: the query maps, the
+    dense tokens' scores, ``trellis_attend`` on the codes, the output map and the dense values; it reads the
+    buffers in place (capacity past ``L``), gives repeated batch entries the same output, re-checks a map changed
+    in place, and rejects arguments that do not fit with a named error."""
+    kv = pytest.importorskip("coset.cuda.kv")
+    from coset.kv.codes import log_scale_table
+
+    g = torch.Generator().manual_seed(5)
+    st = CodedKVStore(KVQuantConfig(key_code=TrellisCode(26, 9), value_code=TrellisCode(18, 9)), backend="auto")
+    x = torch.randn(1, 2, 60, 64, generator=g)
+    st.append(x.expand(2, -1, -1, -1), torch.randn(1, 2, 60, 64, generator=g).expand(2, -1, -1, -1))
+    st.crop(9)  # L = 51 of a larger capacity
+    b = st._bufs
+    L, H, D, n = 51, 2, 64, 3
+    assert b["k_idx"].storage.shape[2] > L
+    kt, vt, tab = st._tables("k"), st._tables("v"), log_scale_table()
+    q = torch.randn(1, H, n, D, generator=g).expand(2, -1, -1, -1).contiguous()
+    pos = torch.randn(80, 16, generator=g)  # a bias table: mode 2 with tdim = 16
+    qmap = torch.randn(H, D, D + 16, generator=g) / 8
+    omap = torch.randn(H, D + 1, D, generator=g) / 8
+    dk, dv = torch.randn(2, H, 7, D, generator=g), torch.randn(2, H, 7, D, generator=g)  # 4 sink + 2 window used
+    dk[1], dv[1] = dk[0], dv[0]
+    win = (dk[:, :, 4:].contiguous(), dv[:, :, 4:].contiguous(), 2)  # a buffer of its own
+
+    def step(
+        qm=qmap,
+        om=omap,
+        mode=2,
+        L=L,
+        sink=(dk, dv, 4),
+        window=win,
+        t=pos,
+    ):
+        return kv.trellis_attend_step(
+            b["k_idx"].storage, b["k_scale"].storage, b["v_idx"].storage, b["v_scale"].storage, L, *kt, *vt, tab,
+            q, qm, om, 0.125, sink, window, mode, t, 3,
+        )  # fmt: skip
+
+    got = step()
+    qin = torch.einsum("bhnd,hdc->bhnc", q, qmap)
+    dense_k = torch.cat((dk[:, :, :4], dk[:, :, 4:6]), dim=2)
+    dense_v = torch.cat((dv[:, :, :4], dv[:, :, 4:6]), dim=2)
+    extra = q @ dense_k.transpose(-1, -2) * 0.125
+    kc, vc = st.key_codes, st.value_codes
+    acc, pe, psum = kv.trellis_attend(
+        kc.idx, kc.scale, *kt, vc.idx, vc.scale, *vt, tab, qin[..., :D].contiguous(), 0.125, extra, 2,
+        qin[..., D:].contiguous(), pos, 3,
+    )  # fmt: skip
+    want = torch.einsum("bhnc,hcd->bhnd", torch.cat((acc, psum.unsqueeze(-1)), dim=-1), omap) + pe @ dense_v
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.equal(got[0], got[1])  # the same rows for a repeated batch entry
+    # bias mode 1 (one bias column) and no dense tokens; then mode 0 with omap of D rows
+    qm1 = qmap[..., : D + 1].contiguous()
+    got1 = step(qm=qm1, mode=1, sink=None, window=None, t=None)
+    qin1 = torch.einsum("bhnd,hdc->bhnc", q, qm1)
+    acc, pe, psum = kv.trellis_attend(
+        kc.idx, kc.scale, *kt, vc.idx, vc.scale, *vt, tab, qin1[..., :D].contiguous(), 0.125,
+        q.new_empty(2, H, n, 0), 1, qin1[..., D].contiguous(),
+    )  # fmt: skip
+    want1 = torch.einsum("bhnc,hcd->bhnd", torch.cat((acc, psum.unsqueeze(-1)), dim=-1), omap)
+    assert torch.allclose(got1, want1, atol=1e-5)
+    got0 = step(qm=qmap[..., :D].contiguous(), om=omap[:, :D].contiguous(), mode=0, sink=None, window=None, t=None)
+    assert got0.shape == (2, H, n, D) and bool(torch.isfinite(got0).all())
+    # a map changed in place (its version moves) is checked and read again, not served from the remembered checks
+    qmap.mul_(2.0)
+    assert not torch.allclose(step(), got, atol=1e-3)
+    for kw, match in (
+        ({"mode": 3}, "bias_mode"),
+        ({"t": pos[:40]}, "tab must hold"),
+        ({"om": omap[:, :10].contiguous()}, "omap"),
+        ({"L": 10_000}, "does not hold"),
+        ({"sink": (dk, dv)}, "triple"),
+        ({"sink": (dk, dv, 8)}, "does not hold"),
+        ({"qm": qmap.transpose(1, 2)}, "qmap"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            step(**kw)
+    with pytest.raises(ValueError, match="not finite"):
+        kv.trellis_attend_step(
+            b["k_idx"].storage, b["k_scale"].storage, b["v_idx"].storage, b["v_scale"].storage, L, *kt, *vt, tab,
+            q * float("inf"), qmap, omap, 0.125, None, None, 2, pos, 3,
+        )  # fmt: skip
 
 
 def test_fused_softmax_of_peaked_rows_flushes_tiny_weights(native_trellis):

@@ -19,6 +19,7 @@ __all__ = [
     "kv_scores",
     "kv_values",
     "trellis_attend",
+    "trellis_attend_step",
     "trellis_encode",
     "trellis_normalise_encode",
     "trellis_scores",
@@ -221,11 +222,16 @@ def trellis_values(stream, rho, p, ks, cb) -> torch.Tensor:
     return _stream_call("trellis_values_cpu", stream, rho, p, ks, cb, "p", values=True)
 
 
-def _rows(name: str, t, trailing: int) -> tuple[torch.Tensor, int]:
+def _rows(name: str, t, trailing: int, dtype: torch.dtype = torch.uint8) -> tuple[torch.Tensor, int]:
     """``t (B, H, L, *trailing)`` read in place as ``B H`` rows (a view of a cache buffer with spare capacity: each
-    token contiguous, rows a fixed stride apart), else a contiguous copy: the tensor and its row stride."""
-    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.device.type != "cpu" or t.ndim != 3 + trailing:
-        raise ValueError(f"{name} must be a CPU uint8 tensor with {3 + trailing} dims")
+    token contiguous, rows a fixed stride apart), else a contiguous copy: the tensor and its row stride. A float
+    ``dtype`` (the dense tokens) takes any real float tensor, converted when it is not ``dtype``."""
+    if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.ndim != 3 + trailing:
+        raise ValueError(f"{name} must be a CPU {dtype} tensor with {3 + trailing} dims")
+    if t.dtype != dtype:
+        if not dtype.is_floating_point or not t.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a CPU {dtype} tensor with {3 + trailing} dims")
+        t = t.to(dtype)
     B, H, L = t.shape[:3]
     inner = t.shape[3] if trailing else 1
     st = t.stride()  # one call: each .stride(i) is a dispatch
@@ -237,6 +243,48 @@ def _rows(name: str, t, trailing: int) -> tuple[torch.Tensor, int]:
     if not ok or B * H == 1:
         stride = L * inner
     return t, int(stride)
+
+
+def _code_sides(kstream, kscale, kks, kcb, vstream, vscale, vks, vcb) -> tuple[list, tuple[int, int, int, int]]:
+    """The key and value sides of the fused kernels, checked: their C arguments (streams and scales read in place,
+    schedules, tables, state bits, stream bytes) and ``(B, H, L, D)``."""
+    kstream, ksr = _rows("kstream", kstream, 1)
+    vstream, vsr = _rows("vstream", vstream, 1)
+    kscale, kcr = _rows("kscale", kscale, 0)
+    vscale, vcr = _rows("vscale", vscale, 0)
+    B, H, L, nbk = kstream.shape
+    nbv = vstream.shape[3]
+    if tuple(vstream.shape[:3]) != (B, H, L) or tuple(kscale.shape) != (B, H, L) or tuple(vscale.shape) != (B, H, L):
+        raise ValueError("trellis_attend: the key and value streams and scales must share (B, H, L)")
+    D = kks.shape[0] if isinstance(kks, torch.Tensor) and kks.ndim == 1 else -1
+    for name, ks, cb in (("kks", kks, kcb), ("vks", vks, vcb)):
+        if (
+            not isinstance(ks, torch.Tensor)
+            or ks.dtype != torch.uint8
+            or tuple(ks.shape) != (D,)
+            or not ks.is_contiguous()
+        ):
+            raise ValueError(f"{name} must be a contiguous uint8 tensor of shape ({D},)")
+        if not isinstance(cb, torch.Tensor) or cb.dtype != torch.float32 or cb.ndim != 1 or not cb.is_contiguous():
+            raise ValueError(f"{name[0]}cb must be a contiguous 1-d float32 tensor of 2^L entries, 6 <= L <= 14")
+        if cb.numel() < 64 or cb.numel() > 1 << 14 or cb.numel() & (cb.numel() - 1):
+            raise ValueError(f"{name[0]}cb must be a contiguous 1-d float32 tensor of 2^L entries, 6 <= L <= 14")
+    kcb_n, vcb_n = kcb.numel(), vcb.numel()
+    args = [
+        kstream.data_ptr(), ksr, kscale.data_ptr(), kcr, kks.data_ptr(), kcb.data_ptr(), kcb_n.bit_length() - 1, nbk,
+        vstream.data_ptr(), vsr, vscale.data_ptr(), vcr, vks.data_ptr(), vcb.data_ptr(), vcb_n.bit_length() - 1, nbv,
+    ]  # fmt: skip
+    return args, (B, H, L, D)
+
+
+def _not_finite(rc: int, name: str) -> None:
+    if rc == 2:  # (the message of coset.kv's own check)
+        raise ValueError(
+            "attention scores are not finite: the query (or scaling) is too large for the cached keys, or it holds "
+            "NaN/Inf"
+        )
+    if rc:
+        raise ValueError(f"{name} rejected its arguments (code {rc})")
 
 
 def trellis_attend(
@@ -265,28 +313,8 @@ def trellis_attend(
     tdim)`` dotted with rows ``pos0 + t`` of ``tab (P, tdim)``). Returns ``acc (B, H, n, D)`` (rotated domain),
     ``pe (B, H, n, Le)`` and ``psum (B, H, n)``; raises ValueError when a score is not finite.
     """
-    kstream, ksr = _rows("kstream", kstream, 1)
-    vstream, vsr = _rows("vstream", vstream, 1)
-    kscale, kcr = _rows("kscale", kscale, 0)
-    vscale, vcr = _rows("vscale", vscale, 0)
-    B, H, L, nbk = kstream.shape
-    nbv = vstream.shape[3]
-    if tuple(vstream.shape[:3]) != (B, H, L) or tuple(kscale.shape) != (B, H, L) or tuple(vscale.shape) != (B, H, L):
-        raise ValueError("trellis_attend: the key and value streams and scales must share (B, H, L)")
-    D = kks.shape[0] if isinstance(kks, torch.Tensor) and kks.ndim == 1 else -1
+    sides, (B, H, L, D) = _code_sides(kstream, kscale, kks, kcb, vstream, vscale, vks, vcb)
     n = q.shape[2] if isinstance(q, torch.Tensor) and q.ndim == 4 else -1
-    for name, ks, cb in (("kks", kks, kcb), ("vks", vks, vcb)):
-        if (
-            not isinstance(ks, torch.Tensor)
-            or ks.dtype != torch.uint8
-            or tuple(ks.shape) != (D,)
-            or not ks.is_contiguous()
-        ):
-            raise ValueError(f"{name} must be a contiguous uint8 tensor of shape ({D},)")
-        if not isinstance(cb, torch.Tensor) or cb.dtype != torch.float32 or cb.ndim != 1 or not cb.is_contiguous():
-            raise ValueError(f"{name[0]}cb must be a contiguous 1-d float32 tensor of 2^L entries, 6 <= L <= 14")
-        if cb.numel() < 64 or cb.numel() > 1 << 14 or cb.numel() & (cb.numel() - 1):
-            raise ValueError(f"{name[0]}cb must be a contiguous 1-d float32 tensor of 2^L entries, 6 <= L <= 14")
     q = _f32("q", q, (B, H, n, D))
     Le = extra.shape[-1] if isinstance(extra, torch.Tensor) and extra.ndim == 4 else -1
     extra = _f32("extra", extra, (B, H, n, Le))
@@ -305,48 +333,179 @@ def trellis_attend(
     acc = torch.empty((B, H, n, D), dtype=torch.float32)
     pe = torch.empty((B, H, n, Le), dtype=torch.float32)
     psum = torch.empty((B, H, n), dtype=torch.float32)
-    kcb_n, vcb_n = kcb.numel(), vcb.numel()
     rc = _C.trellis_attend_cpu(
-        kstream.data_ptr(),
-        ksr,
-        kscale.data_ptr(),
-        kcr,
-        kks.data_ptr(),
-        kcb.data_ptr(),
-        kcb_n.bit_length() - 1,
-        nbk,
-        vstream.data_ptr(),
-        vsr,
-        vscale.data_ptr(),
-        vcr,
-        vks.data_ptr(),
-        vcb.data_ptr(),
-        vcb_n.bit_length() - 1,
-        nbv,
-        scale_tab.data_ptr(),
-        B * H,
-        L,
-        n,
-        D,
-        q.data_ptr(),
-        bias_mode,
-        bias_t.data_ptr(),
-        tab_t.data_ptr(),
-        pos0,
-        tdim,
-        float(scaling),
-        extra.data_ptr(),
-        Le,
-        acc.data_ptr(),
-        pe.data_ptr(),
-        psum.data_ptr(),
+        *sides, scale_tab.data_ptr(), B * H, L, n, D, q.data_ptr(), bias_mode, bias_t.data_ptr(), tab_t.data_ptr(),
+        pos0, tdim, float(scaling), extra.data_ptr(), Le, acc.data_ptr(), pe.data_ptr(), psum.data_ptr(),
         int(_C.get_num_threads()),
-    )
-    if rc == 2:  # (the message of coset.kv's own check)
-        raise ValueError(
-            "attention scores are not finite: the query (or scaling) is too large for the cached keys, or it holds "
-            "NaN/Inf"
-        )
-    if rc:
-        raise ValueError(f"trellis_attend_cpu rejected its arguments (code {rc})")
+    )  # fmt: skip
+    _not_finite(rc, "trellis_attend_cpu")
     return acc, pe, psum
+
+
+def _storage(name: str, t, trailing: int, dtype: torch.dtype, used: int, B: int = -1, H: int = -1) -> torch.Tensor:
+    """A contiguous ``(B, H, C, *trailing)`` buffer of capacity ``C >= used`` tokens (rows ``C * inner`` apart)."""
+    if (
+        not isinstance(t, torch.Tensor)
+        or t.dtype != dtype
+        or t.ndim != 3 + trailing
+        or t.device.type != "cpu"
+        or not t.is_contiguous()
+    ):
+        raise ValueError(f"{name} must be a contiguous CPU {dtype} tensor with {3 + trailing} dims")
+    if t.shape[2] < used or (B >= 0 and (t.shape[0] != B or t.shape[1] != H)):
+        raise ValueError(f"{name} {tuple(t.shape)} does not hold {used} tokens of batch {B}, {H} heads")
+    return t
+
+
+#: the static arguments of trellis_attend_step already checked, per query map: id -> (weak references, versions,
+#: bias mode, C arguments, (D, qw, rows, tdim)); a cache passes the same tables and maps every decoding step, and
+#: their checks cost about a tenth of the step's kernel on a small model
+_STEP_STATIC: dict[int, tuple] = {}
+
+
+def _step_static(kks, kcb, vks, vcb, scale_tab, qmap, omap, tab, bias_mode: int) -> tuple[list, tuple]:
+    ts = (kks, kcb, vks, vcb, scale_tab, qmap, omap, tab if bias_mode == 2 else None)
+    hit = _STEP_STATIC.get(id(qmap))
+    if hit is not None and hit[2] == bias_mode and _same(hit[0], hit[1], ts):
+        return hit[3], hit[4]
+    D = kks.shape[0] if isinstance(kks, torch.Tensor) and kks.ndim == 1 else -1
+    for name, ks, cb in (("kks", kks, kcb), ("vks", vks, vcb)):
+        if (
+            not isinstance(ks, torch.Tensor)
+            or ks.dtype != torch.uint8
+            or tuple(ks.shape) != (D,)
+            or not ks.is_contiguous()
+        ):
+            raise ValueError(f"{name} must be a contiguous uint8 tensor of shape ({D},)")
+        if not isinstance(cb, torch.Tensor) or cb.dtype != torch.float32 or cb.ndim != 1 or not cb.is_contiguous():
+            raise ValueError(f"{name[0]}cb must be a contiguous 1-d float32 tensor of 2^L entries, 6 <= L <= 14")
+        if cb.numel() < 64 or cb.numel() > 1 << 14 or cb.numel() & (cb.numel() - 1):
+            raise ValueError(f"{name[0]}cb must be a contiguous 1-d float32 tensor of 2^L entries, 6 <= L <= 14")
+    nbk, nbv = _stream_bytes(kks), _stream_bytes(vks)
+    if (
+        not isinstance(scale_tab, torch.Tensor)
+        or scale_tab.dtype != torch.float32
+        or tuple(scale_tab.shape) != (256,)
+        or not scale_tab.is_contiguous()
+    ):
+        raise ValueError("scale_tab must be a contiguous float32 tensor of shape (256,)")
+    tdim = 0
+    if bias_mode == 2:
+        if (
+            not isinstance(tab, torch.Tensor)
+            or tab.dtype != torch.float32
+            or tab.ndim != 2
+            or tab.shape[1] < 1
+            or not tab.is_contiguous()
+        ):
+            raise ValueError("tab must be a contiguous 2-d float32 tensor (positions, tdim)")
+        tdim = tab.shape[1]
+    elif bias_mode not in (0, 1) or isinstance(bias_mode, bool):
+        raise ValueError(f"bias_mode must be 0, 1 or 2, got {bias_mode!r}")
+    qw = D + (1 if bias_mode == 1 else tdim)
+    H = qmap.shape[0] if isinstance(qmap, torch.Tensor) and qmap.ndim == 3 else -1
+    for name, m in (("qmap", qmap), ("omap", omap)):
+        if not isinstance(m, torch.Tensor) or m.dtype != torch.float32 or not m.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous float32 tensor")
+    rows = omap.shape[1] if omap.ndim == 3 and omap.shape[1] in (D, D + 1) else -1
+    if tuple(qmap.shape) != (H, D, qw) or tuple(omap.shape) != (H, rows, D):
+        raise ValueError(f"qmap must be (H, {D}, {qw}) and omap (H, {D} or {D + 1}, {D}) with the same H >= 1")
+    args = [kks.data_ptr(), kcb.data_ptr(), kcb.numel().bit_length() - 1, nbk,
+            vks.data_ptr(), vcb.data_ptr(), vcb.numel().bit_length() - 1, nbv, scale_tab.data_ptr(),
+            qmap.data_ptr(), omap.data_ptr(), tab.data_ptr() if tdim else 0]  # fmt: skip
+    dims = (H, D, qw, rows, tdim)
+    if len(_STEP_STATIC) > 1024:
+        _STEP_STATIC.clear()
+    refs = tuple(None if t is None else weakref.ref(t) for t in ts)
+    _STEP_STATIC[id(qmap)] = (refs, tuple(-1 if t is None else t._version for t in ts), bias_mode, args, dims)
+    return args, dims
+
+
+def _same(refs: tuple, versions: tuple, ts: tuple) -> bool:
+    """Whether ``ts`` are the very tensors (or Nones) behind ``refs``, unchanged since (``_version``)."""
+    for r, v, t in zip(refs, versions, ts, strict=True):
+        if t is None:
+            if r is not None:
+                return False
+        elif r is None or r() is not t or t._version != v:
+            return False
+    return True
+
+
+def trellis_attend_step(
+    kstream,
+    kscale,
+    vstream,
+    vscale,
+    L: int,
+    kks,
+    kcb,
+    vks,
+    vcb,
+    scale_tab,
+    query,
+    qmap,
+    omap,
+    scaling: float,
+    sink=None,
+    window=None,
+    bias_mode: int = 0,
+    tab=None,
+    pos0: int = 0,
+) -> torch.Tensor:
+    """A whole decoding step of one layer in one call (``trellis_attend_step_cpu``, see trellis_cpu.cpp).
+
+    ``kstream (B, H, C, nbk)``, ``kscale (B, H, C)``, ``vstream``, ``vscale``: a cache's whole contiguous buffers
+    (capacity ``C``), of which the first ``L`` tokens are read; ``kks``, ``kcb``, ``vks``, ``vcb``, ``scale_tab`` as
+    for :func:`trellis_attend`; ``query (B, H, n, D)`` the layer's queries (row ``i`` of KV head ``h``); ``qmap (H,
+    D, qw)`` with ``query @ qmap[h] = [q' | qm]`` (q' in the coded keys' domain, qm the bias query: ``qw - D`` = 0,
+    1 or ``tdim`` columns for ``bias_mode`` 0, 1, 2 as in :func:`trellis_attend`; ``tab (P >= pos0 + L, tdim)``);
+    ``omap (H, D or D + 1, D)`` with ``out = [acc | psum] @ omap[h]``; ``sink``, ``window``: ``(keys, values,
+    length)`` of the dense tokens (``(B, H, C', D)`` float32 buffers) or None, scored against ``query`` and added
+    to the output with their weights. Returns ``(B, H, n, D)`` float32; raises ValueError when a score is not
+    finite. The static arguments (tables, maps) are checked once and remembered while unchanged.
+    """
+    if isinstance(L, bool) or not isinstance(L, int) or L < 0:
+        raise ValueError(f"L must be an int >= 0, got {L!r}")
+    static, (H, D, qw, rows, tdim) = _step_static(kks, kcb, vks, vcb, scale_tab, qmap, omap, tab, bias_mode)
+    nbk, nbv = static[3], static[7]
+    kstream = _storage("kstream", kstream, 1, torch.uint8, L)
+    B, C = kstream.shape[0], kstream.shape[2]
+    if kstream.shape[1] != H or kstream.shape[3] != nbk:
+        raise ValueError(f"kstream must be (B, {H}, C, {nbk})")
+    vstream = _storage("vstream", vstream, 1, torch.uint8, L, B, H)
+    kscale = _storage("kscale", kscale, 0, torch.uint8, L, B, H)
+    vscale = _storage("vscale", vscale, 0, torch.uint8, L, B, H)
+    if vstream.shape[3] != nbv:
+        raise ValueError(f"vstream must be ({B}, {H}, C, {nbv})")
+    if tdim and tab.shape[0] < pos0 + L:
+        raise ValueError(f"tab must hold >= {pos0 + L} positions, has {tab.shape[0]}")
+    n = query.shape[2] if isinstance(query, torch.Tensor) and query.ndim == 4 else -1
+    query = _f32("query", query, (B, H, n, D))
+    dense: list[int] = []
+    for name, part in (("sink", sink), ("window", window)):
+        if part is None:
+            dense += [0, 0, 0, 0]
+            continue
+        if not isinstance(part, (tuple, list)) or len(part) != 3:
+            raise ValueError(f"{name} must be a (keys, values, length) triple or None")
+        k, v, Ld = part
+        if isinstance(Ld, bool) or not isinstance(Ld, int) or Ld < 0:
+            raise ValueError(f"{name} length must be an int >= 0, got {Ld!r}")
+        k = _storage(f"{name} keys", k, 1, torch.float32, Ld, B, H)
+        v = _storage(f"{name} values", v, 1, torch.float32, Ld, B, H)
+        if k.shape != v.shape or k.shape[3] != D:
+            raise ValueError(f"{name} keys and values must both be ({B}, {H}, C, {D})")
+        dense += [k.data_ptr(), v.data_ptr(), k.shape[2] * D, Ld]
+    if L + dense[3] + dense[7] < 1:
+        raise ValueError("trellis_attend_step: no tokens to attend to")
+    kk, kc, kL, _, vk, vc, vL, _, st, qm, om, tb = static
+    out = torch.empty((B, H, n, D), dtype=torch.float32)
+    rc = _C.trellis_attend_step_cpu(
+        kstream.data_ptr(), C * nbk, kscale.data_ptr(), C, kk, kc, kL, nbk,
+        vstream.data_ptr(), vstream.shape[2] * nbv, vscale.data_ptr(), vscale.shape[2], vk, vc, vL, nbv,
+        st, B * H, H, L, n, D, query.data_ptr(), qm, qw, om, rows, bias_mode, tb, pos0, tdim, float(scaling),
+        *dense, out.data_ptr(), int(_C.get_num_threads()),
+    )  # fmt: skip
+    _not_finite(rc, "trellis_attend_step_cpu")
+    return out

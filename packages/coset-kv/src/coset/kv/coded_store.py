@@ -64,15 +64,6 @@ def _inverse(t: torch.Tensor, name: str) -> torch.Tensor:
     return torch.linalg.inv(t64).to(torch.float32)
 
 
-def _per_head(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """``x (B, H, n, a) @ m (H, a, b) -> (B, H, n, b)`` with the batch folded into the rows of one matmul per
-    head: every batch entry's rows go through the same product (a broadcast batched matmul may round the entries of
-    a repeated batch differently)."""
-    B, H, n, a = x.shape
-    y = x.transpose(0, 1).reshape(H, B * n, a) @ m
-    return y.view(H, B, n, m.shape[-1]).transpose(0, 1)
-
-
 def check_states(keys, values) -> None:
     """TypeError / ValueError unless ``keys`` and ``values`` are floating ``(batch, kv_heads, seq_len, head_dim)``
     tensors (the first checks of an append, shared with :class:`coset.kv.PerHeadKVStore`)."""
@@ -640,8 +631,8 @@ class CodedKVStore:
         """The linear maps around the fused kernel, from the frozen transforms and means (rebuilt when one of them
         is replaced): ``qmap (H, D, D + w)`` with ``q @ qmap = [q' | qm]`` (q' the transformed query, qm the query
         of the key mean's scores: ``width`` table columns with rope, 1 without, none without means), and
-        ``omap (H, D (+ 1), D)`` with ``[acc | psum] @ omap = R^T acc + psum mu_v``. Two matmuls per decoding step
-        instead of the dozen small ops of the transforms (each ~10-50 us of dispatch on a CPU)."""
+        ``omap (H, D (+ 1), D)`` with ``[acc | psum] @ omap = R^T acc + psum mu_v``. Applied inside the native decoding step
+        (:func:`coset.kv.native.trellis_attend_step`), row by row for every batch entry alike."""
         rotation = self._require_rotation()
         key = (rotation, self.k_chan, self.q_mat, self.k_mean, self.v_mean)  # replaced, never changed in place
         hit = self.__dict__.get("_maps")
@@ -663,44 +654,34 @@ class CodedKVStore:
         return maps
 
     def _attend_fused(self, q: torch.Tensor, query: torch.Tensor, scaling: float) -> torch.Tensor:
-        """:meth:`attend` of one query position without a mask (a decoding step), in one native call: the scores
-        of the coded tokens (with the key mean's), the softmax over them and the dense (sink, window) tokens, and
-        the values accumulated from their codes; around it one matmul for the query transforms, one for the value
-        rotation and mean, and small ones for the dense tokens."""
+        """:meth:`attend` of one query position without a mask (a decoding step), in one native call: the query
+        maps (:meth:`_fused_maps`), the scores of the coded tokens (with the key mean's) and of the dense (sink,
+        window) tokens, one softmax over them, the values accumulated from their codes and the dense values, the
+        output map. Each of those as a torch op cost 10-100 us of dispatch (0.6 ms per layer and step)."""
         B, H, n, D = q.shape
-        Hq = query.shape[1]
         Ls, Lc = self.num_sink, self.num_coded
         b = self._bufs
-        dense = [b[f"{w}_{p}"] for p in ("sink", "win") for w in "kv"]
-        extras = [q @ kb.tensor.to(torch.float32).transpose(-1, -2) for kb in dense[0::2] if kb.length]
-        if extras:
-            extra = (torch.cat(extras, dim=-1) if len(extras) > 1 else extras[0]) * scaling
-        else:
-            extra = q.new_empty((B, H, n, 0))
+        dense: list[tuple | None] = []
+        for p in ("sink", "win"):  # full-precision tokens, float32 for the kernel (a float32 model's own dtype)
+            kb, vb = b[f"k_{p}"], b[f"v_{p}"]
+            if not kb.length:
+                dense.append(None)
+            elif kb.dtype == torch.float32:
+                dense.append((kb.storage, vb.storage, kb.length))
+            else:
+                dense.append((kb.tensor.to(torch.float32), vb.tensor.to(torch.float32), kb.length))
         means = self._means()
-        mode, bias, tab = 0, None, None
+        mode, tab = 0, None
         if means is not None and self.rope is not None:  # codes hold k - R_p mu: <q, R_p mu> = <qm, table[p]>
             mode, tab = 2, self.rope.mean_table(Ls + Lc)
         elif means is not None:  # codes hold k - mu: <q, mu> for every token
             mode = 1
         qmap, omap = self._fused_maps(tab.shape[1] if tab is not None else 0)
-        qin = _per_head(q, qmap)  # [q' | qm]
-        qr = qin[..., :D]
-        if mode == 2:
-            bias = qin[..., D:]
-        elif mode == 1:
-            bias = qin[..., D]
-        acc, pe, psum = native.trellis_attend(
-            (b["k_idx"].tensor, b["k_scale"].tensor), (b["v_idx"].tensor, b["v_scale"].tensor),
-            self._tables("k"), self._tables("v"), qr, scaling, extra, mode, bias, tab, Ls,
+        out = native.trellis_attend_step(
+            (b["k_idx"].storage, b["k_scale"].storage), (b["v_idx"].storage, b["v_scale"].storage), Lc,
+            self._tables("k"), self._tables("v"), q, qmap, omap, scaling, dense[0], dense[1], mode, tab, Ls,
         )  # fmt: skip
-        out = _per_head(torch.cat((acc, psum.unsqueeze(-1)), dim=-1) if means is not None else acc, omap)
-        start = 0
-        for vb in dense[1::2]:
-            if vb.length:
-                out = out + pe[..., start : start + vb.length] @ vb.tensor.to(torch.float32)
-                start += vb.length
-        return _saturate(out.view(B, H, n, D).reshape(B, Hq, 1, D).transpose(1, 2), query.dtype)
+        return _saturate(out.view(B, query.shape[1], 1, D).transpose(1, 2), query.dtype)
 
     def _tables(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(ks, cb)`` of the ``"k"`` or ``"v"`` trellis code at this store's head dim (cached)."""

@@ -24,6 +24,7 @@ __all__ = [
     "kv_scores",
     "kv_values",
     "trellis_attend",
+    "trellis_attend_step",
     "trellis_available",
     "trellis_encode",
     "trellis_normalise_encode",
@@ -62,8 +63,8 @@ def trellis_available() -> bool:
 
 
 def attend_available() -> bool:
-    """Whether a registered backend provides the fused decode attention over trellis codes for CPU tensors."""
-    return _backend("kv_trellis_attend") is not None
+    """Whether a registered backend provides the fused decode step over trellis codes for CPU tensors."""
+    return _backend("kv_trellis_attend_step") is not None
 
 
 def append_available() -> bool:
@@ -194,6 +195,26 @@ def trellis_attend(
     return impl.kv_trellis_attend(
         k_stream, k_scale, *k_tables, v_stream, v_scale, *v_tables, log_scale_table(),
         q, scaling, extra, bias_mode, bias, tab, pos0,
+    )  # fmt: skip
+
+
+def trellis_attend_step(
+    keys, values, L: int, k_tables, v_tables, query, qmap, omap, scaling: float, sink=None, window=None,
+    bias_mode=0, tab=None, pos0=0,
+) -> torch.Tensor:  # fmt: skip
+    """A whole decoding step of one layer in one native call: :func:`trellis_attend` on the codes with the query
+    maps before it and the output map after it, and the dense tokens. ``keys``, ``values``: ``(stream (B, H, C,
+    nbytes), scale codes (B, H, C))`` whole contiguous buffers of which the first ``L`` tokens are used;
+    ``query (B, H, n, D)``; ``qmap (H, D, D + w)`` with ``query @ qmap[h] = [q' | qm]`` (q' the rotated query, qm
+    the bias query: w = 0, 1 or the table's columns for ``bias_mode`` 0, 1, 2); ``omap (H, D (+ 1), D)`` with ``out
+    = [acc | psum] @ omap[h]``; ``sink``, ``window``: ``(keys, values, length)`` of the full-precision tokens
+    (``(B, H, C', D)`` float32 buffers), or None. Returns ``(B, H, n, D)`` float32; ValueError when a score is not
+    finite."""
+    (k_stream, k_scale), (v_stream, v_scale) = keys, values
+    impl = _need("kv_trellis_attend_step", k_stream)
+    return impl.kv_trellis_attend_step(
+        k_stream, k_scale, v_stream, v_scale, L, *k_tables, *v_tables, log_scale_table(),
+        query, qmap, omap, scaling, sink, window, bias_mode, tab, pos0,
     )  # fmt: skip
 
 

@@ -22,7 +22,7 @@ class TokenBuffer:
 
     @property
     def data(self) -> torch.Tensor | None:
-        return None if self._buf is None else self._buf[:, :, : self.length]
+        return None if self._buf is None else self._buf.narrow(2, 0, self.length)
 
     @property
     def tensor(self) -> torch.Tensor:
@@ -32,11 +32,17 @@ class TokenBuffer:
         ------
         RuntimeError if nothing was appended since creation or the last :meth:`clear`.
         """
-        return self._require()[:, :, : self.length]
+        return self._require().narrow(2, 0, self.length)
 
     def _require(self) -> torch.Tensor:
         if self._buf is None:
             raise RuntimeError("the TokenBuffer is empty: append before reading it")
+        return self._buf
+
+    @property
+    def storage(self) -> torch.Tensor | None:
+        """The whole held tensor ``(B, H, capacity, ...)`` (contiguous; the first :attr:`length` tokens are used),
+        for kernels that read the buffer in place without a view (None before the first append)."""
         return self._buf
 
     @property
@@ -69,13 +75,15 @@ class TokenBuffer:
                 f"cannot append a {tuple(x.shape)} {x.dtype} chunk to a buffer of "
                 f"{tuple(self._buf.shape[:2])} x L x {tuple(self._buf.shape[3:])} {self._buf.dtype}"
             )
-        n = self.length + x.shape[2]
+        k = x.shape[2]
+        n = self.length + k
         if n > self._buf.shape[2]:
             cap = max(n, 2 * self._buf.shape[2])
             new = self._buf.new_empty((self._buf.shape[0], self._buf.shape[1], cap, *self._buf.shape[3:]))
-            new[:, :, : self.length] = self._buf[:, :, : self.length]
+            new.narrow(2, 0, self.length).copy_(self._buf.narrow(2, 0, self.length))
             self._buf = new
-        self._buf[:, :, self.length : n] = x
+        if k and x.numel():  # (one narrow + copy: a decoding step appends to six buffers per layer)
+            self._buf.narrow(2, self.length, k).copy_(x)
         self.length = n
 
     def pop_front(self, n: int) -> torch.Tensor:
