@@ -50,6 +50,12 @@ int trellis_attend_step_cpu(const uint8_t* kstream, int64_t kstream_stride, cons
                             const float* tab, int64_t pos0, int tdim, float scaling, const float* sink_k,
                             const float* sink_v, int64_t sink_stride, int64_t Ls, const float* win_k,
                             const float* win_v, int64_t win_stride, int64_t Lw, float* out, int threads);
+int trellis_append_cpu(const float* xk, int k_mean_mode, const float* mu_k, const float* cs, const float* chan,
+                       const float* A_k, const uint8_t* kks, const float* kcb, int kL, int knb, uint8_t* kstream,
+                       uint8_t* kscale, const float* xv, int v_mean_mode, const float* mu_v, const float* A_v,
+                       const uint8_t* vks, const float* vcb, int vL, int vnb, uint8_t* vstream, uint8_t* vscale,
+                       int64_t BH, int64_t ntok, int H, int D, int64_t pos0, const float* scale_tab, double limit,
+                       int64_t cap, int64_t t0, int64_t* bad_row, int threads);
 #ifdef COSET_WITH_CUDA
 int kv_scores_cuda(const uint8_t* idx, const uint8_t* tpack, const float* rho, const float* steps, int t_bits,
                    const float* tab, const float* cy, float* out, int64_t BH, int64_t L, int K, int M, int n,
@@ -187,6 +193,28 @@ PYBIND11_MODULE(_C, m) {
                               tdim, scaling, ptr<const float>(extra), Le, ptr<float>(acc), ptr<float>(pe),
                               ptr<float>(psum), threads);
   });
+  // a decoding step's append: keys and values encoded into a cache's buffers in place (trellis_cpu.cpp)
+  m.def("trellis_append_cpu",
+        [](std::uintptr_t xk, int k_mean_mode, std::uintptr_t mu_k, std::uintptr_t cs, std::uintptr_t chan,
+           std::uintptr_t A_k, std::uintptr_t kks, std::uintptr_t kcb, int kL, int knb, std::uintptr_t kstream,
+           std::uintptr_t kscale, std::uintptr_t xv, int v_mean_mode, std::uintptr_t mu_v, std::uintptr_t A_v,
+           std::uintptr_t vks, std::uintptr_t vcb, int vL, int vnb, std::uintptr_t vstream, std::uintptr_t vscale,
+           int64_t BH, int64_t ntok, int H, int D, int64_t pos0, std::uintptr_t scale_tab, double limit, int64_t cap,
+           int64_t t0, int threads) {
+          int64_t bad = -1;
+          int rc;
+          {
+            py::gil_scoped_release nogil;
+            rc = trellis_append_cpu(ptr<const float>(xk), k_mean_mode, ptr<const float>(mu_k), ptr<const float>(cs),
+                                    ptr<const float>(chan), ptr<const float>(A_k), ptr<const uint8_t>(kks),
+                                    ptr<const float>(kcb), kL, knb, ptr<uint8_t>(kstream), ptr<uint8_t>(kscale),
+                                    ptr<const float>(xv), v_mean_mode, ptr<const float>(mu_v), ptr<const float>(A_v),
+                                    ptr<const uint8_t>(vks), ptr<const float>(vcb), vL, vnb, ptr<uint8_t>(vstream),
+                                    ptr<uint8_t>(vscale), BH, ntok, H, D, pos0, ptr<const float>(scale_tab), limit,
+                                    cap, t0, &bad, threads);
+          }
+          return py::make_tuple(rc, bad);
+        });
   // a whole decoding step of one layer: query maps, dense tokens, the fused attention, output map (trellis_cpu.cpp)
   m.def("trellis_attend_step_cpu",
         [](std::uintptr_t kstream, int64_t kstream_stride, std::uintptr_t kscale, int64_t kscale_stride,

@@ -152,6 +152,7 @@ struct NormaliseEncodeArgs {
   uint8_t* stream;
   uint8_t* scale;
   int nbytes;
+  int64_t cap, t0;  // outputs: row r (= bh * n + t) at token t0 + t of bh's cap tokens (a cache's buffer)
 };
 
 // Row r of trellis_normalise_encode_cpu into u (D floats) and its 8-bit scale code; false when the rms is past
@@ -208,8 +209,9 @@ void normalise_encode_range(const NormaliseEncodeArgs& a, int64_t lo, int64_t hi
       *bad = r;
       return;
     }
-    a.scale[r] = code;
-    encode(yu.data() + D, D, a.ks, a.cb, a.L, w, a.stream + r * a.nbytes, a.nbytes);
+    const int64_t o = (r / a.n) * a.cap + a.t0 + r % a.n;
+    a.scale[o] = code;
+    encode(yu.data() + D, D, a.ks, a.cb, a.L, w, a.stream + o * a.nbytes, a.nbytes);
   }
 }
 
@@ -893,6 +895,29 @@ void attend_step_rows(const AttendStepArgs& s, int64_t lo, int64_t hi, uint8_t* 
   }
 }
 
+// trellis_normalise_encode_cpu's rows [0, rows) on the threads: the first bad row, or -1.
+int64_t normalise_encode_rows(const NormaliseEncodeArgs& a, int64_t rows, int threads) {
+  const bool fast = tr_use_avx2();
+  std::mutex mu_bad;
+  int64_t first = -1;
+  auto body = [&](int64_t lo, int64_t hi) {
+    int64_t b = -1;
+#ifdef COSET_TR_AVX2
+    if (fast)
+      normalise_encode_range<avx2::TrellisWork>(a, lo, hi, avx2::trellis_encode_vector, &b);
+    else
+#endif
+      normalise_encode_range<base::TrellisWork>(a, lo, hi, base::trellis_encode_vector, &b);
+    if (b >= 0) {
+      std::lock_guard<std::mutex> lock(mu_bad);
+      if (first < 0 || b < first) first = b;
+    }
+  };
+  (void)fast;
+  split_rows(rows, threads, body);
+  return first;
+}
+
 }  // namespace
 
 extern "C" {
@@ -932,27 +957,36 @@ int trellis_normalise_encode_cpu(const float* x, int64_t rows, int64_t ntok, int
     return 1;
   if (D % 2 || (rows && rows % (ntok * H))) return 1;
   const NormaliseEncodeArgs a{x, ntok, H, D, mean_mode, mu, cs, pos0, chan, A, scale_tab, limit, ks, cb, L,
-                              stream, scale, nbytes};
-  const bool fast = tr_use_avx2();
-  std::mutex mu_bad;
-  int64_t first = -1;
-  auto body = [&](int64_t lo, int64_t hi) {
-    int64_t b = -1;
-#ifdef COSET_TR_AVX2
-    if (fast)
-      normalise_encode_range<avx2::TrellisWork>(a, lo, hi, avx2::trellis_encode_vector, &b);
-    else
-#endif
-      normalise_encode_range<base::TrellisWork>(a, lo, hi, base::trellis_encode_vector, &b);
-    if (b >= 0) {
-      std::lock_guard<std::mutex> lock(mu_bad);
-      if (first < 0 || b < first) first = b;
-    }
-  };
-  (void)fast;
-  split_rows(rows, threads, body);
-  *bad_row = first;
-  return first >= 0 ? 2 : 0;
+                              stream, scale, nbytes, ntok, 0};
+  *bad_row = normalise_encode_rows(a, rows, threads);
+  return *bad_row >= 0 ? 2 : 0;
+}
+
+// A decoding step's append (coset.kv's CodedKVStore): trellis_normalise_encode_cpu of the keys (xk, its mean mode,
+// mu_k, the [cos | sin] table cs, chan, A_k, code) and of the values (xv, mean mode 0 or 1, mu_v, A_v, code), both
+// (BH * ntok) rows, written in place into a cache's buffers: row bh's token t at token t0 + t of cap (streams
+// (BH, cap, nb), scale codes (BH, cap)). Returns 0, 1 for bad sizes, 2 when a row's rms is past limit or not
+// finite (*bad_row = the first such flat row, keys before values; the outputs then partly written).
+int trellis_append_cpu(const float* xk, int k_mean_mode, const float* mu_k, const float* cs, const float* chan,
+                       const float* A_k, const uint8_t* kks, const float* kcb, int kL, int knb, uint8_t* kstream,
+                       uint8_t* kscale, const float* xv, int v_mean_mode, const float* mu_v, const float* A_v,
+                       const uint8_t* vks, const float* vcb, int vL, int vnb, uint8_t* vstream, uint8_t* vscale,
+                       int64_t BH, int64_t ntok, int H, int D, int64_t pos0, const float* scale_tab, double limit,
+                       int64_t cap, int64_t t0, int64_t* bad_row, int threads) {
+  if (BH < 0 || ntok < 1 || H < 1 || BH % H || D % 2 || pos0 < 0 || t0 < 0 || cap < t0 + ntok) return 1;
+  if (k_mean_mode < 0 || k_mean_mode > 2 || v_mean_mode < 0 || v_mean_mode > 1) return 1;
+  if (tr_bad(D, kL, knb, kks) || tr_bad(D, vL, vnb, vks)) return 1;
+  const int64_t rows = BH * ntok;
+  const NormaliseEncodeArgs ak{xk, ntok, H, D, k_mean_mode, mu_k, cs, pos0, chan, A_k, scale_tab, limit, kks, kcb, kL,
+                               kstream, kscale, knb, cap, t0};
+  const NormaliseEncodeArgs av{xv, ntok, H, D, v_mean_mode, mu_v, nullptr, pos0, nullptr, A_v, scale_tab, limit,
+                               vks, vcb, vL, vstream, vscale, vnb, cap, t0};
+  *bad_row = normalise_encode_rows(ak, rows, threads);
+  if (*bad_row < 0) {
+    const int64_t b = normalise_encode_rows(av, rows, threads);
+    if (b >= 0) *bad_row = rows + b;
+  }
+  return *bad_row >= 0 ? 2 : 0;
 }
 
 // out (BH, nq, D) is accumulated into (zeroed by the caller).

@@ -620,15 +620,17 @@ def test_native_append_codes_as_the_reference_path(native_trellis, monkeypatch, 
     k = torch.randn(2, 3, 100, 64, generator=g) * 2 + 0.5
     v = torch.randn(2, 3, 100, 64, generator=g)
     k[0, 1, 70] = 0.0  # a zero key (scale code 0 when not centred)
-    calls = []
-    enc = native_trellis.trellis_normalise_encode
+    calls = []  # sides coded natively: one per trellis_normalise_encode, two per trellis_append (no window)
+    enc, both = native_trellis.trellis_normalise_encode, native_trellis.trellis_append
     monkeypatch.setattr(native_trellis, "trellis_normalise_encode", lambda *a, **kw: calls.append(1) or enc(*a, **kw))
+    monkeypatch.setattr(native_trellis, "trellis_append", lambda *a, **kw: calls.extend((2, 2)) or both(*a, **kw))
     for st in (fast, ref):
         st.append(k[:, :, :40], v[:, :, :40])
         for t in range(40, 60):  # token by token, as decoding appends
             st.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
         st.append(k[:, :, 60:], v[:, :, 60:])  # and a chunk
     assert len(calls) == 2 * 21  # keys and values of each append after the first (none for the reference)
+    assert set(calls) == ({1} if window else {2})  # in place into the buffers unless a window is kept
     for side in ("key_codes", "value_codes"):
         a, b = getattr(fast, side), getattr(ref, side)
         n0 = 40 - sink - window  # the first chunk's coded tokens: the same path in both
@@ -657,7 +659,53 @@ def test_native_append_falls_back_to_the_named_error(native_trellis):
         st.append(big, big * 1e6)
     with pytest.raises(ValueError, match="key_states has a head vector"):
         st.append(big * 1e6, big)
+    nan = big.clone()
+    nan[0, 2, 0, 5] = float("nan")
+    with pytest.raises(ValueError, match="value_states contains NaN"):
+        st.append(big, nan)
+    st.stage(big, big * 2)  # staged, never committed: written past the used part only
     assert len(st) == 8 and all(torch.equal(a, b) for a, b in zip(before, st.dequantized(), strict=True))
+    st.stage(big, big * 2)()
+    assert len(st) == 9 and all(torch.equal(a, b[:, :, :8]) for a, b in zip(before, st.dequantized(), strict=True))
+
+
+def test_native_append_writes_into_the_buffers_in_place(native_trellis):
+    """``trellis_append``: keys and values coded in one call straight into a cache's buffers at token ``t0`` (the
+    tokens before and after untouched), the same codes as ``trellis_normalise_encode`` per side; the first bad row
+    counts the keys' rows first; arguments that do not fit raise named errors."""
+    kv = pytest.importorskip("coset.cuda.kv")
+    from coset.kv.codes import log_scale_table
+
+    g = torch.Generator().manual_seed(4)
+    kks, kcb, vks, vcb = schedule_tensor(32, 64), trellis_codebook(10), schedule_tensor(20, 64), trellis_codebook(9)
+    A_k, A_v = torch.randn(2, 64, 64, generator=g) / 8, torch.eye(64).expand(2, 64, 64).contiguous()
+    mu_k, mu_v, chan = torch.randn(2, 64, generator=g), torch.randn(2, 64, generator=g), torch.rand(2, 64) + 0.5
+    cs = torch.randn(50, 128, generator=g)
+    tab = log_scale_table()
+    xk, xv = torch.randn(3, 2, 4, 64, generator=g), torch.randn(3, 2, 4, 64, generator=g)
+    out = [torch.full((3, 2, 20, 32), 7, dtype=torch.uint8), torch.full((3, 2, 20), 7, dtype=torch.uint8),
+           torch.full((3, 2, 20, 20), 7, dtype=torch.uint8), torch.full((3, 2, 20), 7, dtype=torch.uint8)]  # fmt: skip
+    k_side, v_side = (A_k, kks, kcb, 2, mu_k, chan), (A_v, vks, vcb, 1, mu_v)
+    assert kv.trellis_append(xk, xv, k_side, v_side, tab, 1e4, *out, 5, cs, 11) == -1
+    sk, ck, _ = kv.trellis_normalise_encode(xk, A_k, kks, kcb, tab, 1e4, 2, mu_k, cs, 11, chan)
+    sv, cv, _ = kv.trellis_normalise_encode(xv, A_v, vks, vcb, tab, 1e4, 1, mu_v)
+    for buf, want in zip(out, (sk, ck, sv, cv), strict=True):
+        assert torch.equal(buf[:, :, 5:9], want)
+        assert bool((buf[:, :, :5] == 7).all()) and bool((buf[:, :, 9:] == 7).all())
+    bad_v = xv.clone()
+    bad_v[1, 0, 2, 0] = float("inf")
+    assert kv.trellis_append(xk, bad_v, k_side, v_side, tab, 1e4, *out, 5, cs, 11) == 3 * 2 * 4 + 1 * 8 + 2
+    assert kv.trellis_append(xk * 1e6, xv, k_side, v_side, tab, 1e4, *out, 5, cs, 11) == 0
+    for args, match in (
+        ((xk, xv, k_side, v_side, tab, 1e4, *out, 17, cs, 11), "do not hold"),
+        ((xk, xv, k_side, v_side, tab, 1e4, *out, 5, cs, 47), "cs must hold"),
+        ((xk, xv, (A_k, kks, kcb, 3, mu_k, chan), v_side, tab, 1e4, *out, 5, cs, 11), "mean_mode"),
+        ((xk, xv, (A_k[:1], kks, kcb, 2, mu_k, chan), v_side, tab, 1e4, *out, 5, cs, 11), "A_k must"),
+        ((xk, xv, k_side, v_side, tab, 1e4, out[0], out[1], out[0], out[3], 5, cs, 11), "vstream must"),
+        ((xk, xv[:2], k_side, v_side, tab, 1e4, *out, 5, cs, 11), "xv must"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            kv.trellis_append(*args)
 
 
 def test_native_normalise_encode_rejects_bad_arguments(native_trellis):

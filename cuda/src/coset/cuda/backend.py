@@ -62,6 +62,7 @@ class NativeBackend:
             "kv_trellis_scores",
             "kv_trellis_attend",
             "kv_trellis_attend_step",
+            "kv_trellis_append",
             "kv_trellis_normalise_encode",
         ):
             # coset.kv (kv.py): CPU only
@@ -145,6 +146,9 @@ class NativeBackend:
 
     def kv_trellis_attend(self, *args, **kwargs):
         return kv.trellis_attend(*args, **kwargs)
+
+    def kv_trellis_append(self, *args, **kwargs):
+        return kv.trellis_append(*args, **kwargs)
 
     def kv_trellis_attend_step(self, *args, **kwargs):
         return kv.trellis_attend_step(*args, **kwargs)

@@ -19,6 +19,7 @@ __all__ = [
     "kv_scores",
     "kv_values",
     "trellis_attend",
+    "trellis_append",
     "trellis_attend_step",
     "trellis_encode",
     "trellis_normalise_encode",
@@ -509,3 +510,108 @@ def trellis_attend_step(
     )  # fmt: skip
     _not_finite(rc, "trellis_attend_step_cpu")
     return out
+
+
+#: the static arguments of trellis_append already checked, per key map (as _STEP_STATIC)
+_APPEND_STATIC: dict[int, tuple] = {}
+
+
+def _append_static(k_side, v_side, scale_tab, cs, H: int, D: int) -> list:
+    """C arguments of the static parts (maps, means, channel scale, codes, tables), checked once while the same
+    unchanged tensors come back."""
+    A_k, kks, kcb, k_mode, mu_k, chan = k_side
+    A_v, vks, vcb, v_mode, mu_v = v_side
+    ts = (A_k, kks, kcb, mu_k, chan, A_v, vks, vcb, mu_v, scale_tab, cs if k_mode == 2 else None)
+    key = (k_mode, v_mode, H, D)
+    hit = _APPEND_STATIC.get(id(A_k))
+    if hit is not None and hit[2] == key and _same(hit[0], hit[1], ts):
+        return hit[3]
+    if isinstance(k_mode, bool) or k_mode not in (0, 1, 2):
+        raise ValueError(f"the keys' mean_mode must be 0, 1 or 2, got {k_mode!r}")
+    if isinstance(v_mode, bool) or v_mode not in (0, 1):
+        raise ValueError(f"the values' mean_mode must be 0 or 1, got {v_mode!r}")
+
+    def exact(name: str, t, shape: tuple[int, ...]) -> int:  # pointers into the caller's own tensors only
+        if (
+            not isinstance(t, torch.Tensor)
+            or t.dtype != torch.float32
+            or t.device.type != "cpu"
+            or tuple(t.shape) != shape
+            or not t.is_contiguous()
+        ):
+            raise ValueError(f"{name} must be a contiguous CPU float32 tensor of shape {shape}")
+        return t.data_ptr()
+
+    kks, kcb, kL, knb = _trellis_args(kks, kcb, D)
+    vks, vcb, vL, vnb = _trellis_args(vks, vcb, D)
+    if kks is not k_side[1] or kcb is not k_side[2] or vks is not v_side[1] or vcb is not v_side[2]:
+        raise ValueError("ks and cb must be contiguous float32 / uint8 tensors (no copies: they are remembered)")
+    cs_p = 0
+    if k_mode == 2:
+        if not isinstance(cs, torch.Tensor) or cs.ndim != 2:
+            raise ValueError(f"cs must be a (positions, {2 * D}) tensor")
+        cs_p = exact("cs", cs, (cs.shape[0], 2 * D))
+    args = [
+        k_mode, exact("mu_k", mu_k, (H, D)) if k_mode else 0, cs_p,
+        exact("chan", chan, (H, D)) if chan is not None else 0, exact("A_k", A_k, (H, D, D)),
+        kks.data_ptr(), kcb.data_ptr(), kL, knb,
+        v_mode, exact("mu_v", mu_v, (H, D)) if v_mode else 0, exact("A_v", A_v, (H, D, D)),
+        vks.data_ptr(), vcb.data_ptr(), vL, vnb, exact("scale_tab", scale_tab, (256,)),
+    ]  # fmt: skip
+    if len(_APPEND_STATIC) > 1024:
+        _APPEND_STATIC.clear()
+    refs = tuple(None if t is None else weakref.ref(t) for t in ts)
+    _APPEND_STATIC[id(A_k)] = (refs, tuple(-1 if t is None else t._version for t in ts), key, args)
+    return args
+
+
+def trellis_append(
+    xk, xv, k_side, v_side, scale_tab, limit: float, kstream, kscale, vstream, vscale, t0: int, cs=None, pos0: int = 0
+) -> int:
+    """A decoding step's append in one call (``trellis_append_cpu``): :func:`trellis_normalise_encode` of the keys
+    ``xk`` and the values ``xv`` (``(B, H, n, D)``), written in place at tokens ``t0 .. t0 + n - 1`` of a cache's
+    contiguous buffers ``kstream (B, H, C, nbk)``, ``kscale (B, H, C)``, ``vstream``, ``vscale``.
+
+    ``k_side = (A_k, kks, kcb, mean_mode 0 / 1 / 2, mu_k or None, chan or None)``, ``v_side = (A_v, vks, vcb,
+    mean_mode 0 / 1, mu_v or None)``; ``cs`` the ``[cos | sin]`` table (``>= pos0 + n`` rows) for the keys' mean
+    mode 2. Returns the first flat row (keys' rows, then the values' after them) whose rms is past ``limit`` or not
+    finite, -1 for none; the buffers past ``t0`` are then partly written (the caller's length marks what is used).
+    The static parts are checked once and remembered while the same unchanged tensors come back.
+    """
+    if not isinstance(xk, torch.Tensor) or xk.ndim != 4 or xk.device.type != "cpu":
+        raise ValueError("xk must be a CPU tensor (B, H, n, D)")
+    B, H, n, D = xk.shape
+    xk, xv = _f32("xk", xk, (B, H, n, D)), _f32("xv", xv, (B, H, n, D))
+    static = _append_static(k_side, v_side, scale_tab, cs, H, D)
+    knb, vnb = static[8], static[15]
+    if isinstance(t0, bool) or not isinstance(t0, int) or t0 < 0:
+        raise ValueError(f"t0 must be an int >= 0, got {t0!r}")
+    C = kstream.shape[2] if isinstance(kstream, torch.Tensor) and kstream.ndim == 4 else -1
+    for name, t, shape in (("kstream", kstream, (B, H, C, knb)), ("kscale", kscale, (B, H, C)),
+                           ("vstream", vstream, (B, H, C, vnb)), ("vscale", vscale, (B, H, C))):  # fmt: skip
+        if (
+            not isinstance(t, torch.Tensor)
+            or t.dtype != torch.uint8
+            or t.device.type != "cpu"
+            or t.shape != shape
+            or not t.is_contiguous()
+        ):
+            raise ValueError(f"{name} must be a contiguous CPU uint8 tensor {shape}")
+    if C < t0 + n:
+        raise ValueError(f"the buffers ({C} tokens) do not hold tokens {t0} .. {t0 + n - 1}")
+    if k_side[3] == 2:
+        if isinstance(pos0, bool) or not isinstance(pos0, int) or pos0 < 0:
+            raise ValueError(f"pos0 must be an int >= 0, got {pos0!r}")
+        if cs.shape[0] < pos0 + n:
+            raise ValueError(f"cs must hold >= {pos0 + n} positions, has {cs.shape[0]}")
+    if not n or not B:
+        return -1
+    (km, mk, csp, ch, ak, kk, kc, kL, _, vm, mv, av, vk, vc, vL, _, st) = static
+    rc, bad = _C.trellis_append_cpu(
+        xk.data_ptr(), km, mk, csp, ch, ak, kk, kc, kL, knb, kstream.data_ptr(), kscale.data_ptr(),
+        xv.data_ptr(), vm, mv, av, vk, vc, vL, vnb, vstream.data_ptr(), vscale.data_ptr(),
+        B * H, n, H, D, int(pos0), st, float(limit), C, t0, int(_C.get_num_threads()),
+    )  # fmt: skip
+    if rc == 1:
+        raise ValueError(f"trellis_append_cpu rejected its arguments (code {rc})")
+    return int(bad)

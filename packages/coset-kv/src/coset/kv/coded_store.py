@@ -263,14 +263,19 @@ class CodedKVStore:
             raise ValueError(f"key_states {tuple(keys.shape)} and value_states {tuple(values.shape)} differ")
         if keys.dtype != values.dtype:
             raise ValueError(f"key_states ({keys.dtype}) and value_states ({values.dtype}) differ in dtype")
+        B, H, L, D = keys.shape
+        if B < 1:
+            raise ValueError(f"key_states must have a batch size >= 1, got {tuple(keys.shape)}")
+        # (the native encoder flags a vector that is not finite; the checks below then name it)
+        if L and self._lean_append(B, H, D):
+            commit = self._stage_native(keys, values)
+            if commit is not None:
+                return commit
         # a finite sum means finite states (a NaN or Inf carries into it; a sum that overflows is checked in full)
         if keys.numel() and not math.isfinite(float(keys.sum(dtype=torch.float32) + values.sum(dtype=torch.float32))):
             for name, x in (("key_states", keys), ("value_states", values)):
                 if not bool(torch.isfinite(x).all()):
                     raise ValueError(f"{name} contains NaN or Inf")
-        B, H, L, D = keys.shape
-        if B < 1:
-            raise ValueError(f"key_states must have a batch size >= 1, got {tuple(keys.shape)}")
         S = min(max(self.config.sink - self.num_sink, 0), L)  # tokens that go to the sink
         W = self.config.window
         rotation = self.rotation
@@ -440,6 +445,68 @@ class CodedKVStore:
             return None
         t = sk.new_empty((*sk.shape[:3], 0))
         return KVCodes(sk, t, ck, kcode.code_key()), KVCodes(sv, t, cv, vcode.code_key()), means, chan
+
+    def _lean_append(self, B: int, H: int, D: int) -> bool:
+        """Whether new tokens ``(B, H, n, D)`` go straight into the code buffers (:meth:`_stage_native`): every
+        token is coded (no window, the sink full), the means and channel scale are frozen (tokens were coded
+        before) and the native encoder applies."""
+        rot = self.rotation
+        return (
+            rot is not None
+            and self.config.window == 0
+            and self.num_sink >= self.config.sink
+            and self.num_coded > 0
+            and (H, D) == (rot.num_heads, rot.head_dim)
+            and B == self._bufs["k_idx"].batch
+            and self._native_append()
+        )
+
+    def _stage_native(self, keys: torch.Tensor, values: torch.Tensor) -> Callable[[], None] | None:
+        """:meth:`stage` of a decoding step's tokens in one native call that writes their codes into the buffers'
+        spare capacity (unused until the commit advances the lengths: the store is unchanged before it). None when
+        a vector is not finite or past the scale's range: the general path then raises the named error."""
+        rotation = self.rotation
+        assert rotation is not None
+        n = keys.shape[2]
+        a_k, a_v = self._encode_maps(rotation)
+        (ks_k, cb_k), (ks_v, cb_v) = self._encode_tables()
+        means = self._means()
+        kmode, mu_k, vmode, mu_v, cs = 0, None, 0, None, None
+        pos0 = self.num_sink + self.num_coded
+        if means is not None:
+            (mu_k, mu_v), vmode = means, 1
+            kmode = 2 if self.rope is not None else 1
+            if self.rope is not None:
+                cs = self.rope.cat_table(pos0 + n)
+        bufs = [self._bufs[name] for name in ("k_idx", "k_scale", "v_idx", "v_scale", "k_t", "v_t")]
+        out = tuple(b.reserve(n) for b in bufs[:4])
+        for b in bufs[4:]:  # (the empty t codes of a trellis code keep their lengths with the others)
+            b.reserve(n)
+        bad = native.trellis_append(
+            keys.detach(), values.detach(), (a_k, ks_k, cb_k, kmode, mu_k, self.k_chan), (a_v, ks_v, cb_v, vmode, mu_v),
+            _MAX_RMS[8], out, self.num_coded, cs, pos0,
+        )  # fmt: skip
+        if bad >= 0:
+            return None
+
+        def commit() -> None:
+            for b in bufs:
+                b.advance(n)
+
+        return commit
+
+    def _encode_tables(self) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """The encoder's ``(schedule, codebook)`` of the key and value trellis codes at this store's head dim
+        (cached: the native encoder remembers the checks of the same tensors)."""
+        hit = self.__dict__.get("_enc_tables")
+        if hit is None:
+            D = self._require_rotation().head_dim
+            kc, vc = self.kcfg, self.vcfg
+            assert isinstance(kc, TrellisCode) and isinstance(vc, TrellisCode)
+            hit = self.__dict__["_enc_tables"] = tuple(
+                (schedule_tensor(c.block_bits, D), trellis_codebook(c.state_bits).contiguous()) for c in (kc, vc)
+            )
+        return hit
 
     def _encode_maps(self, rotation: HeadRotation) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A_k, A_v)`` ``(H, D, D)``: the key transform then the rotation as one matrix (``z = R T y``, formed in

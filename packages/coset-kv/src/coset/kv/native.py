@@ -23,6 +23,7 @@ __all__ = [
     "available",
     "kv_scores",
     "kv_values",
+    "trellis_append",
     "trellis_attend",
     "trellis_attend_step",
     "trellis_available",
@@ -69,8 +70,8 @@ def attend_available() -> bool:
 
 def append_available() -> bool:
     """Whether a registered backend provides the encoder of a cache's new tokens (centring, scaling, rotation,
-    8-bit scale and Viterbi in one call) for CPU tensors."""
-    return _backend("kv_trellis_normalise_encode") is not None
+    8-bit scale and Viterbi in one call; keys and values into the cache's buffers in another) for CPU tensors."""
+    return _backend("kv_trellis_normalise_encode") is not None and _backend("kv_trellis_append") is not None
 
 
 def backends() -> list[str]:
@@ -239,3 +240,16 @@ def trellis_normalise_encode(
     are summed in another order), so a vector near a rounding boundary of its scale or path may code otherwise."""
     impl = _need("kv_trellis_normalise_encode", x)
     return impl.kv_trellis_normalise_encode(x, A, ks, cb, log_scale_table(), limit, mean_mode, mu, cs, pos0, chan)
+
+
+def trellis_append(
+    keys: torch.Tensor, values: torch.Tensor, k_side: tuple, v_side: tuple, limit: float, out: tuple, t0: int,
+    cs: torch.Tensor | None = None, pos0: int = 0,
+) -> int:  # fmt: skip
+    """Native encoder of a decoding step's keys and values ``(B, H, n, D)`` in one call, written in place at tokens
+    ``t0 ..`` of the buffers ``out = (k_stream (B, H, C, nbk), k_scale (B, H, C), v_stream, v_scale)``:
+    :func:`trellis_normalise_encode` of each side (``k_side = (A_k, ks, cb, mean_mode, mu_k, chan)``, ``v_side =
+    (A_v, ks, cb, mean_mode, mu_v)``; ``cs`` the whole ``[cos | sin]`` table for the keys' mean mode 2). Returns
+    the first bad flat row (rms past ``limit`` or not finite; the buffers past ``t0`` then partly written), or -1."""
+    impl = _need("kv_trellis_append", keys)
+    return impl.kv_trellis_append(keys, values, k_side, v_side, log_scale_table(), limit, *out, t0, cs, pos0)

@@ -148,6 +148,12 @@ class RotaryTable:
         self.get_cat(0, stop)
         return self._cs if self._half is None else self._half
 
+    def cat_table(self, stop: int) -> torch.Tensor:
+        """The whole ``[cos | sin]`` table, grown to hold ``stop`` positions: ``(>= stop, 2 D)`` (the same tensor
+        until it grows again: kernels that index it by position take it without a view)."""
+        self.get_cat(0, stop)
+        return self._cs
+
     def get(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos, sin`` of positions ``start .. stop-1``, each a ``(stop - start, D)`` float32 view."""
         cs = self.get_cat(start, stop)

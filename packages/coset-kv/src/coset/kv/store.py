@@ -76,15 +76,29 @@ class TokenBuffer:
                 f"{tuple(self._buf.shape[:2])} x L x {tuple(self._buf.shape[3:])} {self._buf.dtype}"
             )
         k = x.shape[2]
+        buf = self.reserve(k)
+        if k and x.numel():  # (one narrow + copy)
+            buf.narrow(2, self.length, k).copy_(x)
+        self.length += k
+
+    def reserve(self, k: int) -> torch.Tensor:
+        """Room for ``k`` more tokens past :attr:`length` in a buffer that has been appended to (the capacity grows
+        as :meth:`append` grows it; the used part is unchanged): the whole held tensor, for a kernel that writes the
+        next tokens in place before :meth:`advance` marks them used."""
+        buf = self._require()
         n = self.length + k
-        if n > self._buf.shape[2]:
-            cap = max(n, 2 * self._buf.shape[2])
-            new = self._buf.new_empty((self._buf.shape[0], self._buf.shape[1], cap, *self._buf.shape[3:]))
-            new.narrow(2, 0, self.length).copy_(self._buf.narrow(2, 0, self.length))
-            self._buf = new
-        if k and x.numel():  # (one narrow + copy: a decoding step appends to six buffers per layer)
-            self._buf.narrow(2, self.length, k).copy_(x)
-        self.length = n
+        if n > buf.shape[2]:
+            cap = max(n, 2 * buf.shape[2])
+            new = buf.new_empty((buf.shape[0], buf.shape[1], cap, *buf.shape[3:]))
+            new.narrow(2, 0, self.length).copy_(buf.narrow(2, 0, self.length))
+            self._buf = buf = new
+        return buf
+
+    def advance(self, k: int) -> None:
+        """Mark ``k`` tokens written in place past :attr:`length` (after :meth:`reserve`) as used."""
+        if self._buf is None or not 0 <= k <= self._buf.shape[2] - self.length:
+            raise ValueError(f"advance({k}) past the reserved capacity")
+        self.length += k
 
     def pop_front(self, n: int) -> torch.Tensor:
         """Remove and return the ``n`` oldest tokens (a copy)."""
