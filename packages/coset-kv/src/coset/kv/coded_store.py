@@ -268,9 +268,9 @@ class CodedKVStore:
             raise ValueError(f"key_states must have a batch size >= 1, got {tuple(keys.shape)}")
         # (the native encoder flags a vector that is not finite; the checks below then name it)
         if L and self._lean_append(B, H, D):
-            commit = self._stage_native(keys, values)
-            if commit is not None:
-                return commit
+            lean = self._stage_native(keys, values)
+            if lean is not None:
+                return lean
         # a finite sum means finite states (a NaN or Inf carries into it; a sum that overflows is checked in full)
         if keys.numel() and not math.isfinite(float(keys.sum(dtype=torch.float32) + values.sum(dtype=torch.float32))):
             for name, x in (("key_states", keys), ("value_states", values)):
