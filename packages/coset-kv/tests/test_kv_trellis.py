@@ -410,6 +410,30 @@ def test_fused_decode_attention_equals_attention_over_decoded_states(
         st.attend(q, scaling=1e38)
 
 
+@pytest.mark.parametrize("dtype, atol", [(torch.bfloat16, 1e-2), (torch.float16, 1e-3)])
+def test_fused_decode_step_with_half_precision_states(native_trellis, monkeypatch, dtype, atol):
+    """States in bfloat16 / float16 (sink and window tokens kept in that dtype): the one-call decoding step reads
+    them as float32 and returns the query's dtype, equal to SDPA over the decoded states up to that dtype's
+    rounding of the output."""
+    g = torch.Generator().manual_seed(9)
+    cfg = KVQuantConfig(sink=2, window=3, key_code=TrellisCode(32, 10), value_code=TrellisCode(22, 8))
+    st = CodedKVStore(cfg, backend="auto")
+    k = (torch.randn(2, 3, 40, 64, generator=g) + 0.3).to(dtype)
+    v = torch.randn(2, 3, 40, 64, generator=g).to(dtype)
+    st.append(k[:, :, :30], v[:, :, :30])
+    for t in range(30, 40):
+        st.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
+    calls = []
+    step = native_trellis.trellis_attend_step
+    monkeypatch.setattr(native_trellis, "trellis_attend_step", lambda *a, **kw: calls.append(1) or step(*a, **kw))
+    kk, vv = (t.float().repeat_interleave(3, 1) for t in st.dequantized())
+    q = torch.randn(2, 9, 1, 64, generator=g).to(dtype)
+    got = st.attend(q)
+    assert calls == [1] and got.dtype == dtype
+    ref = F.scaled_dot_product_attention(q.float(), kk, vv)
+    assert torch.allclose(got.float().transpose(1, 2), ref, atol=atol)
+
+
 @pytest.mark.parametrize("same_halves", [True, False])
 def test_fused_attention_over_several_token_chunks(native_trellis, monkeypatch, same_halves):
     """With the rotary key mean scored in the kernel's stream pass (a Llama table: D columns), the coded tokens are
