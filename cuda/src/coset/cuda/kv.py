@@ -246,17 +246,9 @@ def _rows(name: str, t, trailing: int, dtype: torch.dtype = torch.uint8) -> tupl
     return t, int(stride)
 
 
-def _code_sides(kstream, kscale, kks, kcb, vstream, vscale, vks, vcb) -> tuple[list, tuple[int, int, int, int]]:
-    """The key and value sides of the fused kernels, checked: their C arguments (streams and scales read in place,
-    schedules, tables, state bits, stream bytes) and ``(B, H, L, D)``."""
-    kstream, ksr = _rows("kstream", kstream, 1)
-    vstream, vsr = _rows("vstream", vstream, 1)
-    kscale, kcr = _rows("kscale", kscale, 0)
-    vscale, vcr = _rows("vscale", vscale, 0)
-    B, H, L, nbk = kstream.shape
-    nbv = vstream.shape[3]
-    if tuple(vstream.shape[:3]) != (B, H, L) or tuple(kscale.shape) != (B, H, L) or tuple(vscale.shape) != (B, H, L):
-        raise ValueError("trellis_attend: the key and value streams and scales must share (B, H, L)")
+def _side_tables(kks, kcb, vks, vcb) -> int:
+    """Checks the key and value schedules ``(D,)`` uint8 and decode tables ``(2^L,)`` float32 of the fused kernels
+    (read in place: no copies); returns D."""
     D = kks.shape[0] if isinstance(kks, torch.Tensor) and kks.ndim == 1 else -1
     for name, ks, cb in (("kks", kks, kcb), ("vks", vks, vcb)):
         if (
@@ -270,6 +262,21 @@ def _code_sides(kstream, kscale, kks, kcb, vstream, vscale, vks, vcb) -> tuple[l
             raise ValueError(f"{name[0]}cb must be a contiguous 1-d float32 tensor of 2^L entries, 6 <= L <= 14")
         if cb.numel() < 64 or cb.numel() > 1 << 14 or cb.numel() & (cb.numel() - 1):
             raise ValueError(f"{name[0]}cb must be a contiguous 1-d float32 tensor of 2^L entries, 6 <= L <= 14")
+    return D
+
+
+def _code_sides(kstream, kscale, kks, kcb, vstream, vscale, vks, vcb) -> tuple[list, tuple[int, int, int, int]]:
+    """The key and value sides of the fused kernels, checked: their C arguments (streams and scales read in place,
+    schedules, tables, state bits, stream bytes) and ``(B, H, L, D)``."""
+    kstream, ksr = _rows("kstream", kstream, 1)
+    vstream, vsr = _rows("vstream", vstream, 1)
+    kscale, kcr = _rows("kscale", kscale, 0)
+    vscale, vcr = _rows("vscale", vscale, 0)
+    B, H, L, nbk = kstream.shape
+    nbv = vstream.shape[3]
+    if tuple(vstream.shape[:3]) != (B, H, L) or tuple(kscale.shape) != (B, H, L) or tuple(vscale.shape) != (B, H, L):
+        raise ValueError("trellis_attend: the key and value streams and scales must share (B, H, L)")
+    D = _side_tables(kks, kcb, vks, vcb)
     kcb_n, vcb_n = kcb.numel(), vcb.numel()
     args = [
         kstream.data_ptr(), ksr, kscale.data_ptr(), kcr, kks.data_ptr(), kcb.data_ptr(), kcb_n.bit_length() - 1, nbk,
@@ -369,19 +376,7 @@ def _step_static(kks, kcb, vks, vcb, scale_tab, qmap, omap, tab, bias_mode: int)
     hit = _STEP_STATIC.get(id(qmap))
     if hit is not None and hit[2] == bias_mode and _same(hit[0], hit[1], ts):
         return hit[3], hit[4]
-    D = kks.shape[0] if isinstance(kks, torch.Tensor) and kks.ndim == 1 else -1
-    for name, ks, cb in (("kks", kks, kcb), ("vks", vks, vcb)):
-        if (
-            not isinstance(ks, torch.Tensor)
-            or ks.dtype != torch.uint8
-            or tuple(ks.shape) != (D,)
-            or not ks.is_contiguous()
-        ):
-            raise ValueError(f"{name} must be a contiguous uint8 tensor of shape ({D},)")
-        if not isinstance(cb, torch.Tensor) or cb.dtype != torch.float32 or cb.ndim != 1 or not cb.is_contiguous():
-            raise ValueError(f"{name[0]}cb must be a contiguous 1-d float32 tensor of 2^L entries, 6 <= L <= 14")
-        if cb.numel() < 64 or cb.numel() > 1 << 14 or cb.numel() & (cb.numel() - 1):
-            raise ValueError(f"{name[0]}cb must be a contiguous 1-d float32 tensor of 2^L entries, 6 <= L <= 14")
+    D = _side_tables(kks, kcb, vks, vcb)
     nbk, nbv = _stream_bytes(kks), _stream_bytes(vks)
     if (
         not isinstance(scale_tab, torch.Tensor)
