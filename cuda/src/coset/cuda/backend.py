@@ -60,7 +60,6 @@ class NativeBackend:
             "kv_trellis_encode",
             "kv_trellis_values",
             "kv_trellis_scores",
-            "kv_trellis_attend",
             "kv_trellis_attend_step",
             "kv_trellis_append",
             "kv_trellis_normalise_encode",
@@ -143,9 +142,6 @@ class NativeBackend:
 
     def kv_trellis_scores(self, stream, rho, q, ks, cb):
         return kv.trellis_scores(stream, rho, q, ks, cb)
-
-    def kv_trellis_attend(self, *args, **kwargs):
-        return kv.trellis_attend(*args, **kwargs)
 
     def kv_trellis_append(self, *args, **kwargs):
         return kv.trellis_append(*args, **kwargs)

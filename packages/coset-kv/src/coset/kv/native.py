@@ -24,7 +24,6 @@ __all__ = [
     "kv_scores",
     "kv_values",
     "trellis_append",
-    "trellis_attend",
     "trellis_attend_step",
     "trellis_available",
     "trellis_encode",
@@ -181,30 +180,14 @@ def trellis_scores(codes, q: torch.Tensor, ks: torch.Tensor, cb: torch.Tensor) -
     return out.view(B, H, n, L)
 
 
-def trellis_attend(
-    keys, values, k_tables, v_tables, q, scaling: float, extra, bias_mode=0, bias=None, tab=None, pos0=0
-):
-    """Native fused decode attention over trellis key and value codes with 8-bit scales (one call per layer and
-    step): ``keys``, ``values`` each ``(stream (B, H, L, nbytes), scale codes (B, H, L))`` uint8 (read in place),
-    ``k_tables`` / ``v_tables`` their ``(ks, cb)``, ``q (B, H, n, D)`` rotated queries, ``extra (B, H, n, Le)``
-    the scaled scores of the dense (sink and window) tokens; ``bias_mode`` 1 adds ``bias (B, H, n)`` to every
-    coded score, 2 adds ``<bias[.., i, :], tab[pos0 + t]>`` (the rotary key mean). Returns ``acc (B, H, n, D)``
-    (``sum_t p_t v_hat_t`` in the rotated domain), ``pe (B, H, n, Le)`` (the dense tokens' weights) and
-    ``psum (B, H, n)`` (the coded tokens' total weight)."""
-    (k_stream, k_scale), (v_stream, v_scale) = keys, values
-    impl = _need("kv_trellis_attend", k_stream)
-    return impl.kv_trellis_attend(
-        k_stream, k_scale, *k_tables, v_stream, v_scale, *v_tables, log_scale_table(),
-        q, scaling, extra, bias_mode, bias, tab, pos0,
-    )  # fmt: skip
-
-
 def trellis_attend_step(
     keys, values, L: int, k_tables, v_tables, query, qmap, omap, scaling: float, sink=None, window=None,
     bias_mode=0, tab=None, pos0=0,
 ) -> torch.Tensor:  # fmt: skip
-    """A whole decoding step of one layer in one native call: :func:`trellis_attend` on the codes with the query
-    maps before it and the output map after it, and the dense tokens. ``keys``, ``values``: ``(stream (B, H, C,
+    """A whole decoding step of one layer in one native call: per KV head the query maps, the scores of the coded
+    tokens (with the key mean's, per ``bias_mode``: 0 none, 1 one bias per query row, 2 dots with rows ``pos0 + t``
+    of ``tab``) and of the dense tokens, one softmax over them, the values accumulated from the codes, the output
+    map and the dense tokens' values (``coset.cuda.kv.trellis_attend_step``). ``keys``, ``values``: ``(stream (B, H, C,
     nbytes), scale codes (B, H, C))`` whole contiguous buffers of which the first ``L`` tokens are used;
     ``query (B, H, n, D)``; ``qmap (H, D, D + w)`` with ``query @ qmap[h] = [q' | qm]`` (q' the rotated query, qm
     the bias query: w = 0, 1 or the table's columns for ``bias_mode`` 0, 1, 2); ``omap (H, D (+ 1), D)`` with ``out
