@@ -223,16 +223,11 @@ def trellis_values(stream, rho, p, ks, cb) -> torch.Tensor:
     return _stream_call("trellis_values_cpu", stream, rho, p, ks, cb, "p", values=True)
 
 
-def _rows(name: str, t, trailing: int, dtype: torch.dtype = torch.uint8) -> tuple[torch.Tensor, int]:
+def _rows(name: str, t, trailing: int) -> tuple[torch.Tensor, int]:
     """``t (B, H, L, *trailing)`` read in place as ``B H`` rows (a view of a cache buffer with spare capacity: each
-    token contiguous, rows a fixed stride apart), else a contiguous copy: the tensor and its row stride. A float
-    ``dtype`` (the dense tokens) takes any real float tensor, converted when it is not ``dtype``."""
-    if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.ndim != 3 + trailing:
-        raise ValueError(f"{name} must be a CPU {dtype} tensor with {3 + trailing} dims")
-    if t.dtype != dtype:
-        if not dtype.is_floating_point or not t.dtype.is_floating_point:
-            raise ValueError(f"{name} must be a CPU {dtype} tensor with {3 + trailing} dims")
-        t = t.to(dtype)
+    token contiguous, rows a fixed stride apart), else a contiguous copy: the tensor and its row stride."""
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.device.type != "cpu" or t.ndim != 3 + trailing:
+        raise ValueError(f"{name} must be a CPU uint8 tensor with {3 + trailing} dims")
     B, H, L = t.shape[:3]
     inner = t.shape[3] if trailing else 1
     st = t.stride()  # one call: each .stride(i) is a dispatch
@@ -371,11 +366,31 @@ def _storage(name: str, t, trailing: int, dtype: torch.dtype, used: int, B: int 
 _STEP_STATIC: dict[int, tuple] = {}
 
 
+def _remembered(cache: dict[int, tuple], ts: tuple, tag, check):
+    """``check()`` of the static arguments ``ts`` (tensors or Nones; keyed by the first), or its remembered result
+    while ``ts`` are the very same tensors, unchanged since (``_version``) and ``tag`` is the same."""
+    hit = cache.get(id(ts[0]))
+    if hit is not None and hit[2] == tag and _same(hit[0], hit[1], ts):
+        return hit[3]
+    out = check()
+    if len(cache) > 1024:
+        cache.clear()
+    refs = tuple(None if t is None else weakref.ref(t) for t in ts)
+    cache[id(ts[0])] = (refs, tuple(-1 if t is None else t._version for t in ts), tag, out)
+    return out
+
+
 def _step_static(kks, kcb, vks, vcb, scale_tab, qmap, omap, tab, bias_mode: int) -> tuple[list, tuple]:
-    ts = (kks, kcb, vks, vcb, scale_tab, qmap, omap, tab if bias_mode == 2 else None)
-    hit = _STEP_STATIC.get(id(qmap))
-    if hit is not None and hit[2] == bias_mode and _same(hit[0], hit[1], ts):
-        return hit[3], hit[4]
+    ts = (qmap, kks, kcb, vks, vcb, scale_tab, omap, tab if bias_mode == 2 else None)
+    return _remembered(
+        _STEP_STATIC,
+        ts,
+        bias_mode,
+        lambda: _check_step_static(kks, kcb, vks, vcb, scale_tab, qmap, omap, tab, bias_mode),
+    )
+
+
+def _check_step_static(kks, kcb, vks, vcb, scale_tab, qmap, omap, tab, bias_mode: int) -> tuple[list, tuple]:
     D = _side_tables(kks, kcb, vks, vcb)
     nbk, nbv = _stream_bytes(kks), _stream_bytes(vks)
     if (
@@ -409,12 +424,7 @@ def _step_static(kks, kcb, vks, vcb, scale_tab, qmap, omap, tab, bias_mode: int)
     args = [kks.data_ptr(), kcb.data_ptr(), kcb.numel().bit_length() - 1, nbk,
             vks.data_ptr(), vcb.data_ptr(), vcb.numel().bit_length() - 1, nbv, scale_tab.data_ptr(),
             qmap.data_ptr(), omap.data_ptr(), tab.data_ptr() if tdim else 0]  # fmt: skip
-    dims = (H, D, qw, rows, tdim)
-    if len(_STEP_STATIC) > 1024:
-        _STEP_STATIC.clear()
-    refs = tuple(None if t is None else weakref.ref(t) for t in ts)
-    _STEP_STATIC[id(qmap)] = (refs, tuple(-1 if t is None else t._version for t in ts), bias_mode, args, dims)
-    return args, dims
+    return args, (H, D, qw, rows, tdim)
 
 
 def _same(refs: tuple, versions: tuple, ts: tuple) -> bool:
@@ -517,10 +527,14 @@ def _append_static(k_side, v_side, scale_tab, cs, H: int, D: int) -> list:
     A_k, kks, kcb, k_mode, mu_k, chan = k_side
     A_v, vks, vcb, v_mode, mu_v = v_side
     ts = (A_k, kks, kcb, mu_k, chan, A_v, vks, vcb, mu_v, scale_tab, cs if k_mode == 2 else None)
-    key = (k_mode, v_mode, H, D)
-    hit = _APPEND_STATIC.get(id(A_k))
-    if hit is not None and hit[2] == key and _same(hit[0], hit[1], ts):
-        return hit[3]
+    return _remembered(
+        _APPEND_STATIC, ts, (k_mode, v_mode, H, D), lambda: _check_append_static(k_side, v_side, scale_tab, cs, H, D)
+    )
+
+
+def _check_append_static(k_side, v_side, scale_tab, cs, H: int, D: int) -> list:
+    A_k, kks, kcb, k_mode, mu_k, chan = k_side
+    A_v, vks, vcb, v_mode, mu_v = v_side
     if isinstance(k_mode, bool) or k_mode not in (0, 1, 2):
         raise ValueError(f"the keys' mean_mode must be 0, 1 or 2, got {k_mode!r}")
     if isinstance(v_mode, bool) or v_mode not in (0, 1):
@@ -553,10 +567,6 @@ def _append_static(k_side, v_side, scale_tab, cs, H: int, D: int) -> list:
         v_mode, exact("mu_v", mu_v, (H, D)) if v_mode else 0, exact("A_v", A_v, (H, D, D)),
         vks.data_ptr(), vcb.data_ptr(), vL, vnb, exact("scale_tab", scale_tab, (256,)),
     ]  # fmt: skip
-    if len(_APPEND_STATIC) > 1024:
-        _APPEND_STATIC.clear()
-    refs = tuple(None if t is None else weakref.ref(t) for t in ts)
-    _APPEND_STATIC[id(A_k)] = (refs, tuple(-1 if t is None else t._version for t in ts), key, args)
     return args
 
 
@@ -582,18 +592,12 @@ def trellis_append(
     if isinstance(t0, bool) or not isinstance(t0, int) or t0 < 0:
         raise ValueError(f"t0 must be an int >= 0, got {t0!r}")
     C = kstream.shape[2] if isinstance(kstream, torch.Tensor) and kstream.ndim == 4 else -1
-    for name, t, shape in (("kstream", kstream, (B, H, C, knb)), ("kscale", kscale, (B, H, C)),
-                           ("vstream", vstream, (B, H, C, vnb)), ("vscale", vscale, (B, H, C))):  # fmt: skip
-        if (
-            not isinstance(t, torch.Tensor)
-            or t.dtype != torch.uint8
-            or t.device.type != "cpu"
-            or t.shape != shape
-            or not t.is_contiguous()
-        ):
-            raise ValueError(f"{name} must be a contiguous CPU uint8 tensor {shape}")
     if C < t0 + n:
         raise ValueError(f"the buffers ({C} tokens) do not hold tokens {t0} .. {t0 + n - 1}")
+    for name, t, shape in (("kstream", kstream, (B, H, C, knb)), ("kscale", kscale, (B, H, C)),
+                           ("vstream", vstream, (B, H, C, vnb)), ("vscale", vscale, (B, H, C))):  # fmt: skip
+        if _storage(name, t, len(shape) - 3, torch.uint8, t0 + n, B, H).shape != shape:
+            raise ValueError(f"{name} must be a contiguous CPU uint8 tensor {shape}")
     if k_side[3] == 2:
         if isinstance(pos0, bool) or not isinstance(pos0, int) or pos0 < 0:
             raise ValueError(f"pos0 must be an int >= 0, got {pos0!r}")

@@ -420,31 +420,19 @@ class CodedKVStore:
         None when a vector's scale is past the code's range: the reference path then raises the named error."""
         kcode, vcode = self.kcfg, self.vcfg
         assert isinstance(kcode, TrellisCode) and isinstance(vcode, TrellisCode)
-        means, chan = self._means(), self.k_chan
-        a_k, a_v = self._encode_maps(rotation)
-        D = rotation.head_dim
-        kmode, mu_k, mu_v, cs = 0, None, None, None
         pos0 = sink + self.num_coded
-        if means is not None:
-            mu_k, mu_v = means
-            kmode = 2 if self.rope is not None else 1
-            if self.rope is not None:
-                cs = self.rope.get_cat(0, pos0 + keys.shape[2])
+        (a_k, ks_k, cb_k, kmode, mu_k, chan), (a_v, ks_v, cb_v, vmode, mu_v), cs = self._native_sides(
+            rotation, pos0, keys.shape[2]
+        )
         limit = _MAX_RMS[8]
-        sk, ck, bad = native.trellis_normalise_encode(
-            keys, a_k, schedule_tensor(kcode.block_bits, D), trellis_codebook(kcode.state_bits), limit, kmode, mu_k,
-            cs, pos0, chan,
-        )  # fmt: skip
+        sk, ck, bad = native.trellis_normalise_encode(keys, a_k, ks_k, cb_k, limit, kmode, mu_k, cs, pos0, chan)
         if bad >= 0:
             return None
-        sv, cv, bad = native.trellis_normalise_encode(
-            values, a_v, schedule_tensor(vcode.block_bits, D), trellis_codebook(vcode.state_bits), limit,
-            1 if mu_v is not None else 0, mu_v,
-        )  # fmt: skip
+        sv, cv, bad = native.trellis_normalise_encode(values, a_v, ks_v, cb_v, limit, vmode, mu_v)
         if bad >= 0:
             return None
         t = sk.new_empty((*sk.shape[:3], 0))
-        return KVCodes(sk, t, ck, kcode.code_key()), KVCodes(sv, t, cv, vcode.code_key()), means, chan
+        return KVCodes(sk, t, ck, kcode.code_key()), KVCodes(sv, t, cv, vcode.code_key()), self._means(), chan
 
     def _lean_append(self, B: int, H: int, D: int) -> bool:
         """Whether new tokens ``(B, H, n, D)`` go straight into the code buffers (:meth:`_stage_native`): every
@@ -468,24 +456,15 @@ class CodedKVStore:
         rotation = self.rotation
         assert rotation is not None
         n = keys.shape[2]
-        a_k, a_v = self._encode_maps(rotation)
-        (ks_k, cb_k), (ks_v, cb_v) = self._encode_tables()
-        means = self._means()
-        kmode, mu_k, vmode, mu_v, cs = 0, None, 0, None, None
         pos0 = self.num_sink + self.num_coded
-        if means is not None:
-            (mu_k, mu_v), vmode = means, 1
-            kmode = 2 if self.rope is not None else 1
-            if self.rope is not None:
-                cs = self.rope.cat_table(pos0 + n)
+        k_side, v_side, cs = self._native_sides(rotation, pos0, n)
         bufs = [self._bufs[name] for name in ("k_idx", "k_scale", "v_idx", "v_scale", "k_t", "v_t")]
         out = tuple(b.reserve(n) for b in bufs[:4])
         for b in bufs[4:]:  # (the empty t codes of a trellis code keep their lengths with the others)
             b.reserve(n)
         bad = native.trellis_append(
-            keys.detach(), values.detach(), (a_k, ks_k, cb_k, kmode, mu_k, self.k_chan), (a_v, ks_v, cb_v, vmode, mu_v),
-            _MAX_RMS[8], out, self.num_coded, cs, pos0,
-        )  # fmt: skip
+            keys.detach(), values.detach(), k_side, v_side, _MAX_RMS[8], out, self.num_coded, cs, pos0
+        )
         if bad >= 0:
             return None
 
@@ -495,18 +474,27 @@ class CodedKVStore:
 
         return commit
 
-    def _encode_tables(self) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        """The encoder's ``(schedule, codebook)`` of the key and value trellis codes at this store's head dim
-        (cached: the native encoder remembers the checks of the same tensors)."""
-        hit = self.__dict__.get("_enc_tables")
-        if hit is None:
-            D = self._require_rotation().head_dim
+    def _native_sides(self, rotation: HeadRotation, pos0: int, n: int) -> tuple[tuple, tuple, torch.Tensor | None]:
+        """The native encoder's arguments for ``n`` tokens from position ``pos0`` (means and channel scale frozen):
+        ``(A_k, schedule, codebook, mean mode, mu_k, chan)``, ``(A_v, schedule, codebook, mean mode, mu_v)`` and the
+        whole ``[cos | sin]`` table (keys centred on their rotating mean) or None. The schedules and codebooks are
+        cached (the native encoder remembers the checks of the same tensors)."""
+        a_k, a_v = self._encode_maps(rotation)
+        tables = self.__dict__.get("_enc_tables")
+        if tables is None:
             kc, vc = self.kcfg, self.vcfg
             assert isinstance(kc, TrellisCode) and isinstance(vc, TrellisCode)
-            hit = self.__dict__["_enc_tables"] = tuple(
-                (schedule_tensor(c.block_bits, D), trellis_codebook(c.state_bits).contiguous()) for c in (kc, vc)
+            tables = self.__dict__["_enc_tables"] = tuple(
+                (schedule_tensor(c.block_bits, rotation.head_dim), trellis_codebook(c.state_bits).contiguous())
+                for c in (kc, vc)
             )
-        return hit
+        (ks_k, cb_k), (ks_v, cb_v) = tables
+        means = self._means()
+        if means is None:
+            return (a_k, ks_k, cb_k, 0, None, self.k_chan), (a_v, ks_v, cb_v, 0, None), None
+        cs = self.rope.cat_table(pos0 + n) if self.rope is not None else None
+        kmode = 2 if self.rope is not None else 1
+        return (a_k, ks_k, cb_k, kmode, means[0], self.k_chan), (a_v, ks_v, cb_v, 1, means[1]), cs
 
     def _encode_maps(self, rotation: HeadRotation) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A_k, A_v)`` ``(H, D, D)``: the key transform then the rotation as one matrix (``z = R T y``, formed in
