@@ -41,16 +41,24 @@ def _v1_configs():
     return {"0": QATConfig(), "2": QATConfig(activation=QuantizationConfig(), granularity="per_tensor")}
 
 
-def test_nn_v1_compressed_checkpoint_still_loads_bit_exact():
+def _assert_v1_output(y: torch.Tensor, ref_y: torch.Tensor) -> None:
+    # The fixture's outputs were computed by torch's conv / linear on another CPU: their float32 sums run in an
+    # ISA-dependent order (1-ulp differences, 6e-8, in 20 of the 30 outputs on an AVX-512 Xeon). A weight that
+    # decoded to another lattice point moves an output by its step (>= 0.019 here) times an input entry, so 1e-6
+    # tells a changed code from summation order.
+    torch.testing.assert_close(y, ref_y, rtol=0.0, atol=1e-6)
+
+
+def test_nn_v1_compressed_checkpoint_still_loads_to_the_same_codes():
     ref = load_file(DATA / "v1_reference.safetensors")
     with safe_open(str(DATA / "v1_compressed.safetensors"), framework="pt") as f:
         assert f.metadata()["format"] == "coset-nn-compressed/1"
     m = load_compressed(_v1_net(), DATA / "v1_compressed.safetensors").eval()
     with torch.no_grad():
-        assert torch.equal(m(ref["x"]), ref["y"])
+        _assert_v1_output(m(ref["x"]), ref["y"])
 
 
-def test_nn_v1_state_dict_still_loads_bit_exact():
+def test_nn_v1_state_dict_still_loads_to_the_same_codes():
     ref = load_file(DATA / "v1_reference.safetensors")
     sd = load_file(DATA / "v1_state_dict.safetensors")
     assert "0.w_labels" in sd and "2.act_beta" in sd  # really the old layout
@@ -59,7 +67,7 @@ def test_nn_v1_state_dict_still_loads_bit_exact():
     m.load_state_dict(sd, strict=True)
     m.eval()
     with torch.no_grad():
-        assert torch.equal(m(ref["x"]), ref["y"])
+        _assert_v1_output(m(ref["x"]), ref["y"])
     # and it is saved again in the version-2 layout
     keys = set(m.state_dict())
     assert "0.weight_quantizer.labels" in keys and "2.activation_quantizer.beta" in keys and "0.w_labels" not in keys
