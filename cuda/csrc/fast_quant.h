@@ -391,6 +391,12 @@ int64_t quantize_f32(const LatticeView& L, const QuantParams& P, const float* x,
 // written to rms->betas_out (R floats), per row (parallel over rows) or one for the whole matrix (single-threaded:
 // the order of the sum is fixed), in a pass before the quantizing one (one call from Python, no torch reductions).
 // A beta that is not finite (NaN / Inf in x, or past the float32 range) stops the call with *nonfinite = 1.
+// prev_betas != nullptr (a hint, used for D4 / D8 with betas): out and T already hold the results of this call's
+// code on an earlier x with betas prev_betas (R floats), e.g. the previous training step's; blocks whose point
+// provably did not move are then not quantized again (fast_quant_impl.inc, the hinted mode). The results equal a
+// call without the hint provided out and T are unchanged since that call (the point is certified, its overload
+// state is taken from T).
+
 struct RmsSpec {
   double scale;
   bool per_row;
@@ -398,7 +404,7 @@ struct RmsSpec {
 };
 int64_t quantize_rows_f32(const LatticeView& L, const QuantParams& P, const float* x, const float* betas, int64_t R,
                           int64_t k, float lim, float* out, uint8_t* T, uint8_t* clamped, int64_t* nonfinite,
-                          const RmsSpec* rms = nullptr);
+                          const RmsSpec* rms = nullptr, const float* prev_betas = nullptr);
 // coset.quant.rms_betas on float32 rows: out[r] = float32(scale * sqrt(s_r / k)) (1 for an all-zero row) with s_r
 // the float64 sum of squares in the reference's order (fast_quant_impl.inc sumsq16); per_row false: one beta from
 // the whole (R, k) matrix as one sequence, repeated R times. row_sumsq_f32: the sums themselves (for tests).

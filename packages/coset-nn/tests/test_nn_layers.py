@@ -588,3 +588,43 @@ def test_bfloat16_weight_keeps_a_snapshot_and_plain_float32_none():
     plain = QLinear(16, 4, bias=False, qconfig=QATConfig(backend="torch"))
     plain(torch.randn(2, 16))
     assert plain.weight_quantizer._snapshot is None  # no 4-byte-per-weight copy kept
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
+def test_training_steps_with_the_previous_results_as_hint_equal_fresh_quantizations(backend, granularity, monkeypatch):
+    """From the second step on, re-quantization passes the last results as coset.quant.quantize_rows's
+    previous_betas hint (only blocks whose point may have moved are quantized again): every step's quantized
+    weight still equals a fresh quantization. Writing into the kept outputs (their version counters move)
+    drops the hint."""
+    import coset.nn.fake_quant as fq
+
+    hints: list[bool] = []
+    real = fq.quantize_rows
+
+    def spy(*args, **kwargs):
+        if kwargs.get("out") is not None or not hints:  # (the fresh quantizations below have no out)
+            hints.append(kwargs.get("previous_betas") is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fq, "quantize_rows", spy)
+    cfg = QATConfig(backend=backend, granularity=granularity)
+    torch.manual_seed(0)
+    layer = QLinear(64, 16, bias=False, qconfig=cfg)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.05)
+    x, target = torch.randn(32, 64), torch.randn(32, 16)
+    for _ in range(4):
+        opt.zero_grad(set_to_none=True)
+        F.mse_loss(layer(x), target).backward()
+        opt.step()
+        with torch.no_grad():
+            layer(x)  # re-quantizes the stepped weight (the graph of this forward is dropped at once)
+        assert torch.equal(layer.weight_quantizer.qweight, _fresh_quantization(layer.weight.detach(), cfg))
+    assert hints[0] is False and len(hints) == 8 and all(hints[1:])
+    with torch.no_grad():
+        layer.weight_quantizer.T.zero_()  # a write into the kept outputs
+        layer.weight.add_(0.01)
+    n = len(hints)
+    layer(x)
+    assert hints[n:] == [False]
+    assert torch.equal(layer.weight_quantizer.qweight, _fresh_quantization(layer.weight.detach(), cfg))

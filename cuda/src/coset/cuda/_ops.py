@@ -414,6 +414,7 @@ def quantize_rows(
     lattice: Lattice,
     config: QuantizationConfig,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    previous_betas: torch.Tensor | None = None,
 ):
     """Fused per-row fake quantizer ``out[r] = beta_r * Q(x[r] / beta_r)`` in d-blocks (last block zero padded),
     bit-exact with :func:`coset.quant.quantize_rows`'s composition; one pass, all CPU threads.
@@ -425,6 +426,9 @@ def quantize_rows(
         :func:`coset.quant.rms_betas`, computed natively in the same call (a pass over x before the quantizing one)
     out : optional (out, T, clamped) to write into (contiguous CPU float32 (R, k), uint8 (R, nb), bool (R, nb);
         coset.quant.quantize_rows checks them)
+    previous_betas : optional (R,) float32 CPU tensor, with ``out``: coset.quant.quantize_rows's hint that ``out``
+        holds the results of the call with these betas (the kernel then re-quantizes only the blocks whose point
+        may have moved; D4 / D8 codes with betas)
 
     Returns
     -------
@@ -457,6 +461,19 @@ def quantize_rows(
     xc = x.contiguous()
     bc = None if rms is not None or betas is None else betas.contiguous()  # type: ignore[union-attr]
     b_out = torch.empty((R,), dtype=torch.float32) if rms is not None else None
+    pb = None
+    if previous_betas is not None:
+        if out is None:
+            raise ValueError("previous_betas is a hint about out: pass out as well")
+        if (
+            not isinstance(previous_betas, torch.Tensor)
+            or previous_betas.dtype != torch.float32
+            or tuple(previous_betas.shape) != (R,)
+            or previous_betas.device.type != "cpu"
+        ):
+            raise TypeError(f"previous_betas must be a float32 CPU tensor of shape ({R},)")
+        if betas is not None:  # (the hint needs betas: without them there is nothing to re-quantize cheaply)
+            pb = previous_betas.contiguous()
     if out is None:
         res = torch.empty((R, k), dtype=torch.float32)
         T = torch.empty((R, nb), dtype=torch.uint8)
@@ -496,6 +513,7 @@ def quantize_rows(
         0.0 if rms is None else rms.scale,
         int(rms is None or rms.per_row),
         _ptr(b_out),
+        _ptr(pb),
     )
     if b_out is not None:
         if nonfinite or err < 0:  # the kernel stops at rms betas that are not finite: coset.quant's error

@@ -33,6 +33,7 @@ class NativeBackend:
     backend_api = 1  # the coset.quant backend protocol this package implements (checked at registration)
     validates_labels = True  # decode counts labels >= q and T > cap in its one pass and raises ValueError
     checks_rms_betas = True  # quantize_rows raises ValueError itself for rms betas that are not finite
+    takes_previous_betas = True  # quantize_rows uses coset.quant.quantize_rows's previous_betas hint
 
     def supports(self, op: str, tensor: Any, lattice: Lattice | None, config: QuantizationConfig | None) -> bool:
         if not isinstance(tensor, torch.Tensor) or not _ops._device_ok(tensor):
@@ -100,8 +101,8 @@ class NativeBackend:
     def quantize(self, x, lattice, config, dither):
         return _ops.quantize(x, lattice, config, dither)
 
-    def quantize_rows(self, x, betas, lattice, config, out=None):
-        return _ops.quantize_rows(x, betas, lattice, config, out=out)
+    def quantize_rows(self, x, betas, lattice, config, out=None, previous_betas=None):
+        return _ops.quantize_rows(x, betas, lattice, config, out=out, previous_betas=previous_betas)
 
     def bucket_codec(self):
         """coset.dist's bucket codec (the module :mod:`coset.cuda.bucket_codec`): one call per DDP bucket."""

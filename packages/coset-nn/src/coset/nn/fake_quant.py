@@ -206,6 +206,7 @@ def quantize_weight(
     dtype: torch.dtype = torch.float32,
     snapshot: torch.Tensor | None = None,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    previous_betas: torch.Tensor | None = None,
 ):
     """Fused encode+decode of a ``(C_out, k)`` weight; equal to ``decode_weight(encode_weight(...))``.
 
@@ -225,6 +226,8 @@ def quantize_weight(
         dtype and device, else a clone) for :func:`encode_weight`
 
     ``out``: tensors for :func:`coset.quant.quantize_rows` to write ``(wq, T, clamped)`` into (reused buffers).
+    ``previous_betas``: :func:`coset.quant.quantize_rows`'s hint (``out`` holds, unchanged, the results of the
+    call with these per-row betas): only blocks whose point may have moved are quantized again.
     """
     cfg = _wcfg(qat)
     fixed = qat.granularity == "fixed"
@@ -245,6 +248,7 @@ def quantize_weight(
             return_info=True,
             out=out,
             warn=False,
+            previous_betas=None if fixed else previous_betas,
         )
     except OverloadError:
         raise

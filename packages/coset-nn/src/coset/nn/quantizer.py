@@ -214,14 +214,22 @@ class HNLQWeightQuantizer(nn.Module):
             if snap is None or snap.shape != w2.shape or snap.dtype != w2.dtype or snap.device != w2.device:
                 snap = self._snapshot = torch.empty_like(w2)
         outs = self._reusable_outputs(w2)
+        # the outputs still hold the last results (nothing wrote into them: version counters unchanged), so the
+        # kernel may keep the blocks whose point did not move (coset.quant.quantize_rows's previous_betas)
+        prev = self.__dict__.get("_row_betas") if outs is not None else None
+        if prev is not None and outs is not None:
+            versions = tuple(_version(t) for t in outs)  # (-1: an inference tensor, which has no counter)
+            if -1 in versions or versions != self.__dict__.get("_out_versions"):
+                prev = None
         try:
             # the automatic betas are computed in the quantizer's native call (coset.quant.RmsBetas)
             wq, T, clamped, pending = quantize_weight(
-                w2, None, self.qconfig, dtype=weight.dtype, snapshot=snap, out=outs
+                w2, None, self.qconfig, dtype=weight.dtype, snapshot=snap, out=outs, previous_betas=prev
             )
         except Exception:
             if outs is not None:  # the stored code was being overwritten: gone, re-quantize at the next use
                 self._valid, self.qweight, self._pending, self._outs = False, None, None, None
+            self.__dict__["_row_betas"] = None
             raise
         # straight into the buffer and attribute dicts: nn.Module.__setattr__ costs ~10 us a call, and this runs
         # every training step (the buffers keep their names, dtypes and devices)
@@ -237,7 +245,7 @@ class HNLQWeightQuantizer(nn.Module):
             _lut_cache=None,
             _quantizations=self._quantizations + 1,
         )
-        self._remember_outputs(wq)
+        self._remember_outputs(wq, beta, w2.shape[0])
         n = count_true(clamped)
         if n:
             self._clamp_total += n
@@ -258,16 +266,25 @@ class HNLQWeightQuantizer(nn.Module):
             return None
         return outs if _storage_uses(outs) == uses else None
 
-    def _remember_outputs(self, wq: torch.Tensor) -> None:
+    def _remember_outputs(self, wq: torch.Tensor, beta: torch.Tensor, rows: int) -> None:
         outs = None
         if _CAN_REUSE and wq.dtype == torch.float32:  # the kernel's own float32 output (not a cast of it)
             outs = (wq, self.T, self.clamped)
+        # the per-row betas of these results, for the next call's hint (float32, as the kernel used them)
+        row_betas = None
+        if outs is not None and beta.numel() in (1, rows):
+            row_betas = beta.reshape(-1).expand(rows).contiguous()
         # (into __dict__: nn.Module.__setattr__ costs microseconds a call, and this runs every training step)
-        self.__dict__.update(_outs=outs, _out_uses=None if outs is None else _storage_uses(outs))
+        self.__dict__.update(
+            _outs=outs,
+            _out_uses=None if outs is None else _storage_uses(outs),
+            _out_versions=None if outs is None else tuple(_version(t) for t in outs),
+            _row_betas=row_betas,
+        )
 
     def __getstate__(self):
         state = dict(self.__dict__)  # a copy (deepcopy, pickle) starts without reusable outputs
-        state["_outs"] = state["_out_uses"] = None
+        state["_outs"] = state["_out_uses"] = state["_out_versions"] = state["_row_betas"] = None
         return state
 
     def _warn_clamp(self, n: int) -> None:

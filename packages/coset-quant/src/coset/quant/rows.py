@@ -74,6 +74,7 @@ def quantize_rows(
     return_info: bool = False,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     warn: bool = True,
+    previous_betas: torch.Tensor | None = None,
 ):
     """Per-row scaled HNLQ reconstruction ``beta_r * quantize(x[r] / beta_r)`` in d-blocks.
 
@@ -92,6 +93,12 @@ def quantize_rows(
         cost page faults each step)
     warn : False: no :class:`ClampWarning` (for a caller that counts the clamps in ``clamped`` itself, as the
         QAT layers do, warning once per layer)
+    previous_betas : optional (R,) float tensor, only with ``out``: a promise that ``out`` holds, unchanged, the
+        results of the previous call with the same config and lattice on a matrix of this shape with these betas
+        (a training loop re-quantizing a slowly moving weight every step). A backend that declares
+        ``takes_previous_betas`` then re-quantizes only the blocks whose closest point may have moved (each kept
+        point is certified to be the closest one; its overload state is taken from ``out``'s T, hence the
+        promise); the results are those of a call without the hint. Other backends ignore it.
 
     Returns
     -------
@@ -120,12 +127,21 @@ def quantize_rows(
     wd = torch.float64 if x.dtype == torch.float64 else torch.float32
     if out is not None:
         _check_out(out, x, wd, -(-x.shape[1] // lattice.dim))
+    hint = {}
+    if previous_betas is not None:
+        if out is None:
+            raise ValueError("previous_betas is a hint about out: pass out as well")
+        if not isinstance(previous_betas, torch.Tensor) or not previous_betas.is_floating_point():
+            raise TypeError("previous_betas must be a floating torch.Tensor")
+        if tuple(previous_betas.shape) != (x.shape[0],):
+            raise ValueError(f"previous_betas must have shape ({x.shape[0]},), got {tuple(previous_betas.shape)}")
+        hint = {"previous_betas": previous_betas.detach().to(device=x.device, dtype=wd)}
     xw = x if x.dtype == wd and not x.requires_grad else x.detach().to(wd)
     derived = None  # the rms betas (float64 holding float32 values), returned last
     if rms is not None:
         be = _rows_backend(backend, xw, lattice, config, "quantize_rows_rms")
         if be is not None:
-            res, T, clamped, b32 = be.quantize_rows(xw, rms, lattice, config, out=out)
+            res, T, clamped, b32 = be.quantize_rows(xw, rms, lattice, config, out=out, **_hint(be, hint))
             if not getattr(be, "checks_rms_betas", False):
                 check_rms_betas(b32, xw)
             if warn:
@@ -137,7 +153,7 @@ def quantize_rows(
     bw = None if not isinstance(bsrc, torch.Tensor) else bsrc.detach().to(device=x.device, dtype=wd)
     be = _rows_backend(backend, xw, lattice, config)
     if be is not None:
-        res, T, clamped = be.quantize_rows(xw, bw, lattice, config, out=out)
+        res, T, clamped = be.quantize_rows(xw, bw, lattice, config, out=out, **_hint(be, hint))
         if warn:
             warn_clamped(clamped, config, "quantize_rows")
     else:
@@ -160,6 +176,11 @@ def quantize_rows(
     if return_info:
         return res, T, clamped
     return res
+
+
+def _hint(be, hint: dict) -> dict:
+    """The previous_betas hint for a backend that takes it (the others run without it: it never changes a result)."""
+    return hint if hint and getattr(be, "takes_previous_betas", False) else {}
 
 
 def _check_out(out, x: torch.Tensor, wd: torch.dtype, nb: int) -> None:
