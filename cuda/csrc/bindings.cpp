@@ -320,12 +320,12 @@ PYBIND11_MODULE(_C, m) {
   // when the float32 + integer path does not apply to this code (the caller then composes the reference ops).
   // rms_scale > 0: rms betas (coset.quant.RmsBetas) written to betas_out, `betas` ignored; they are written
   // even when the fused path does not apply (errors = -1), for the caller's composition. prev_betas != 0: the
-  // hint of quantize_rows_f32 (out and T hold the results of the call with those betas).
+  // hint of quantize_rows_f32 (out and T hold the results of the call with those betas); ws: its workspace.
   m.def("quantize_rows_cpu", [](int kind, int d, darr G, darr Ginv, py::object eps, int q, int M, darr scales,
                                 int policy_error, double safe_radius, std::uintptr_t x, std::uintptr_t betas, int64_t R,
                                 int64_t k, double lim, std::uintptr_t out, std::uintptr_t T, std::uintptr_t clamped,
                                 double rms_scale, int rms_per_row, std::uintptr_t betas_out,
-                                std::uintptr_t prev_betas) {
+                                std::uintptr_t prev_betas, std::uintptr_t ws) {
     Consts c = make_consts(kind, d, G, Ginv, eps, q, M, scales, 0, policy_error, safe_radius);
     if (R < 0 || k < 0) throw std::invalid_argument("R and k must be >= 0");
     const bool rms = rms_scale > 0.0;
@@ -338,7 +338,7 @@ PYBIND11_MODULE(_C, m) {
         err = coset::fq::quantize_rows_f32(c.L, c.P, ptr<const float>(x), ptr<const float>(betas), R, k,
                                            (float)std::min(lim, 3.4028234663852886e38), ptr<float>(out),
                                            ptr<uint8_t>(T), ptr<uint8_t>(clamped), &nonfinite, rms ? &spec : nullptr,
-                                           ptr<const float>(prev_betas));
+                                           ptr<const float>(prev_betas), ptr<int8_t>(ws));
       if (err < 0 && rms)
         coset::fq::rms_betas_f32(ptr<const float>(x), R, k, rms_scale, rms_per_row != 0, ptr<float>(betas_out));
     }

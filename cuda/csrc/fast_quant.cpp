@@ -179,7 +179,7 @@ static int64_t run_mode(const LatticeView& L, const QuantParams& P, const float*
 
 int64_t quantize_rows_f32(const LatticeView& L, const QuantParams& P, const float* x, const float* betas, int64_t R,
                           int64_t k, float lim, float* out, uint8_t* T, uint8_t* clamped, int64_t* nonfinite,
-                          const RmsSpec* rms, const float* prev_betas) {
+                          const RmsSpec* rms, const float* prev_betas, int8_t* ws) {
   IntConsts C;
   *nonfinite = 0;
   if (!build_consts(L, C)) return -1;
@@ -195,7 +195,7 @@ int64_t quantize_rows_f32(const LatticeView& L, const QuantParams& P, const floa
       }
   }
   if (R <= 0 || k <= 0) return 0;
-  FQ_DISPATCH(run_rows_scaled(L, P, C, x, betas, R, k, lim, out, T, clamped, nonfinite, prev_betas));
+  FQ_DISPATCH(run_rows_scaled(L, P, C, x, betas, R, k, lim, out, T, clamped, nonfinite, prev_betas, ws));
 }
 
 void row_sumsq_f32(const float* x, int64_t R, int64_t k, double* out) {

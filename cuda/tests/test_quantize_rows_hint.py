@@ -38,15 +38,18 @@ def _same(a, b) -> bool:
 @pytest.mark.parametrize("lat,q,M", [("D4", 4, 2), ("D4", 2, 3), ("D8", 4, 2), ("E8", 4, 2)])
 @pytest.mark.parametrize("k", [64, 37, 5])
 @pytest.mark.parametrize("rel", [0.0, 1e-5, 1e-3, 0.1, 3.0])
-def test_hinted_rows_equal_reference(lat, q, M, k, rel):
+@pytest.mark.parametrize("ws", [False, True])
+def test_hinted_rows_equal_reference(lat, q, M, k, rel, ws):
     cfg = QuantizationConfig(lattice_type=lat, q=q, M=M, max_scaling_iterations=4)
     x0, b0 = _rows(40, k, q, seed=k)
     x1 = _step(x0, rel, seed=1)
     b1 = b0 * (1 + 1e-4 * torch.randn(40, generator=torch.Generator().manual_seed(2))).to(torch.float32)
+    nb = -(-k // cfg.dim)
     for betas0, betas1 in ((b0, b1), (b0, b0)):
-        prev = quantize_rows(x0, betas0, cfg, backend="native", return_info=True)
-        out = tuple(t.clone() for t in prev)
-        got = quantize_rows(x1, betas1, cfg, backend="native", return_info=True, out=out, previous_betas=betas0)
+        w = {"workspace": torch.empty(40 * nb * cfg.dim, dtype=torch.int8)} if ws else {}
+        out = (torch.empty(40, k), torch.empty(40, nb, dtype=torch.uint8), torch.empty(40, nb, dtype=torch.bool))
+        quantize_rows(x0, betas0, cfg, backend="native", out=out, **w)
+        got = quantize_rows(x1, betas1, cfg, backend="native", return_info=True, out=out, previous_betas=betas0, **w)
         want = quantize_rows(x1, betas1, cfg, backend="torch", return_info=True)
         assert _same(got, want)
         assert all(g is o for g, o in zip(got, out, strict=True))  # written into out
@@ -59,11 +62,14 @@ def test_hinted_rms_rows_equal_reference_over_training_like_steps(rel):
     cfg = QuantizationConfig(lattice_type="D4", q=4, M=2)
     spec = RmsBetas(scale=1 / 3.0)
     x = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)) * 0.03
-    res = quantize_rows(x, spec, cfg, backend="native", return_info=True)
+    ws = torch.empty(64 * 256, dtype=torch.int8)
+    res = quantize_rows(x, spec, cfg, backend="native", return_info=True, workspace=ws)
     out, betas = tuple(t.clone() for t in res[:3]), res[3].to(torch.float32)
-    for step in range(4):
+    for step in range(6):
         x = _step(x, rel, seed=10 + step)
-        got = quantize_rows(x, spec, cfg, backend="native", return_info=True, out=out, previous_betas=betas)
+        got = quantize_rows(
+            x, spec, cfg, backend="native", return_info=True, out=out, previous_betas=betas, workspace=ws
+        )
         want = quantize_rows(x, spec, cfg, backend="torch", return_info=True)
         assert _same(got[:3], want[:3]) and torch.equal(got[3], want[3])
         assert bool((want[1] > 0).any())
@@ -111,6 +117,10 @@ def test_hint_arguments_are_checked():
         quantize_rows(x, betas, cfg, backend="native", out=out, previous_betas=betas[:4])
     with pytest.raises(TypeError, match="previous_betas"):
         quantize_rows(x, betas, cfg, backend="native", out=out, previous_betas=[1.0] * 8)
+    with pytest.raises(TypeError, match="workspace"):
+        quantize_rows(x, betas, cfg, backend="native", out=out, workspace=torch.empty(8 * 16))
+    with pytest.raises(ValueError, match="workspace"):
+        quantize_rows(x, betas, cfg, backend="native", out=out, workspace=torch.empty(8 * 15, dtype=torch.int8))
     # the reference ignores the hint (it never changes a result)
     got = quantize_rows(x, betas, cfg, backend="torch", return_info=True, out=out, previous_betas=betas)
     assert _same(got, quantize_rows(x, betas, cfg, backend="torch", return_info=True))

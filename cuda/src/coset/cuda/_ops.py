@@ -415,6 +415,7 @@ def quantize_rows(
     config: QuantizationConfig,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     previous_betas: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
 ):
     """Fused per-row fake quantizer ``out[r] = beta_r * Q(x[r] / beta_r)`` in d-blocks (last block zero padded),
     bit-exact with :func:`coset.quant.quantize_rows`'s composition; one pass, all CPU threads.
@@ -429,6 +430,8 @@ def quantize_rows(
     previous_betas : optional (R,) float32 CPU tensor, with ``out``: coset.quant.quantize_rows's hint that ``out``
         holds the results of the call with these betas (the kernel then re-quantizes only the blocks whose point
         may have moved; D4 / D8 codes with betas)
+    workspace : optional contiguous int8 CPU tensor of R * nb * d elements: the kernel keeps each block's t = 0
+        point there for the next call's hint (pass the same tensor, unchanged, every call)
 
     Returns
     -------
@@ -461,6 +464,7 @@ def quantize_rows(
     xc = x.contiguous()
     bc = None if rms is not None or betas is None else betas.contiguous()  # type: ignore[union-attr]
     b_out = torch.empty((R,), dtype=torch.float32) if rms is not None else None
+    nb = -(-k // d)
     pb = None
     if previous_betas is not None:
         if out is None:
@@ -474,6 +478,14 @@ def quantize_rows(
             raise TypeError(f"previous_betas must be a float32 CPU tensor of shape ({R},)")
         if betas is not None:  # (the hint needs betas: without them there is nothing to re-quantize cheaply)
             pb = previous_betas.contiguous()
+    if workspace is not None and not (
+        isinstance(workspace, torch.Tensor)
+        and workspace.dtype == torch.int8
+        and workspace.numel() == R * nb * d
+        and workspace.is_contiguous()
+        and workspace.device.type == "cpu"
+    ):
+        raise TypeError(f"workspace must be a contiguous int8 CPU tensor of {R * nb * d} elements")
     if out is None:
         res = torch.empty((R, k), dtype=torch.float32)
         T = torch.empty((R, nb), dtype=torch.uint8)
@@ -514,6 +526,7 @@ def quantize_rows(
         int(rms is None or rms.per_row),
         _ptr(b_out),
         _ptr(pb),
+        _ptr(workspace),
     )
     if b_out is not None:
         if nonfinite or err < 0:  # the kernel stops at rms betas that are not finite: coset.quant's error

@@ -101,8 +101,10 @@ class NativeBackend:
     def quantize(self, x, lattice, config, dither):
         return _ops.quantize(x, lattice, config, dither)
 
-    def quantize_rows(self, x, betas, lattice, config, out=None, previous_betas=None):
-        return _ops.quantize_rows(x, betas, lattice, config, out=out, previous_betas=previous_betas)
+    def quantize_rows(self, x, betas, lattice, config, out=None, previous_betas=None, workspace=None):
+        return _ops.quantize_rows(
+            x, betas, lattice, config, out=out, previous_betas=previous_betas, workspace=workspace
+        )
 
     def bucket_codec(self):
         """coset.dist's bucket codec (the module :mod:`coset.cuda.bucket_codec`): one call per DDP bucket."""

@@ -207,6 +207,7 @@ def quantize_weight(
     snapshot: torch.Tensor | None = None,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     previous_betas: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
 ):
     """Fused encode+decode of a ``(C_out, k)`` weight; equal to ``decode_weight(encode_weight(...))``.
 
@@ -227,7 +228,8 @@ def quantize_weight(
 
     ``out``: tensors for :func:`coset.quant.quantize_rows` to write ``(wq, T, clamped)`` into (reused buffers).
     ``previous_betas``: :func:`coset.quant.quantize_rows`'s hint (``out`` holds, unchanged, the results of the
-    call with these per-row betas): only blocks whose point may have moved are quantized again.
+    call with these per-row betas): only blocks whose point may have moved are quantized again. ``workspace``:
+    its int8 scratch (the same tensor every call).
     """
     cfg = _wcfg(qat)
     fixed = qat.granularity == "fixed"
@@ -249,6 +251,7 @@ def quantize_weight(
             out=out,
             warn=False,
             previous_betas=None if fixed else previous_betas,
+            workspace=None if fixed else workspace,
         )
     except OverloadError:
         raise

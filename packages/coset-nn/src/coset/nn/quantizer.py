@@ -224,7 +224,14 @@ class HNLQWeightQuantizer(nn.Module):
         try:
             # the automatic betas are computed in the quantizer's native call (coset.quant.RmsBetas)
             wq, T, clamped, pending = quantize_weight(
-                w2, None, self.qconfig, dtype=weight.dtype, snapshot=snap, out=outs, previous_betas=prev
+                w2,
+                None,
+                self.qconfig,
+                dtype=weight.dtype,
+                snapshot=snap,
+                out=outs,
+                previous_betas=prev,
+                workspace=self._workspace(w2),
             )
         except Exception:
             if outs is not None:  # the stored code was being overwritten: gone, re-quantize at the next use
@@ -266,6 +273,17 @@ class HNLQWeightQuantizer(nn.Module):
             return None
         return outs if _storage_uses(outs) == uses else None
 
+    def _workspace(self, w2: torch.Tensor) -> torch.Tensor | None:
+        """The hint's int8 scratch (coset.quant.quantize_rows's workspace), private to this quantizer."""
+        if not _CAN_REUSE or w2.dtype != torch.float32 or w2.device.type != "cpu":
+            return None
+        d = self.cfg.dim
+        n = w2.shape[0] * -(-w2.shape[1] // d) * d
+        ws = self.__dict__.get("_ws")
+        if ws is None or ws.numel() != n:
+            ws = self.__dict__["_ws"] = torch.empty(n, dtype=torch.int8)
+        return ws
+
     def _remember_outputs(self, wq: torch.Tensor, beta: torch.Tensor, rows: int) -> None:
         outs = None
         if _CAN_REUSE and wq.dtype == torch.float32:  # the kernel's own float32 output (not a cast of it)
@@ -284,7 +302,7 @@ class HNLQWeightQuantizer(nn.Module):
 
     def __getstate__(self):
         state = dict(self.__dict__)  # a copy (deepcopy, pickle) starts without reusable outputs
-        state["_outs"] = state["_out_uses"] = state["_out_versions"] = state["_row_betas"] = None
+        state["_outs"] = state["_out_uses"] = state["_out_versions"] = state["_row_betas"] = state["_ws"] = None
         return state
 
     def _warn_clamp(self, n: int) -> None:

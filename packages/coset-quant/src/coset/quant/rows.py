@@ -75,6 +75,7 @@ def quantize_rows(
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     warn: bool = True,
     previous_betas: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
 ):
     """Per-row scaled HNLQ reconstruction ``beta_r * quantize(x[r] / beta_r)`` in d-blocks.
 
@@ -99,6 +100,9 @@ def quantize_rows(
         ``takes_previous_betas`` then re-quantizes only the blocks whose closest point may have moved (each kept
         point is certified to be the closest one; its overload state is taken from ``out``'s T, hence the
         promise); the results are those of a call without the hint. Other backends ignore it.
+    workspace : optional int8 tensor of ``R * ceil(k/d) * d`` elements on ``x``'s device: scratch in which such
+        a backend keeps per-block state for the next hinted call (pass the same tensor, unchanged, every call;
+        its content is not part of the results)
 
     Returns
     -------
@@ -136,6 +140,13 @@ def quantize_rows(
         if tuple(previous_betas.shape) != (x.shape[0],):
             raise ValueError(f"previous_betas must have shape ({x.shape[0]},), got {tuple(previous_betas.shape)}")
         hint = {"previous_betas": previous_betas.detach().to(device=x.device, dtype=wd)}
+    if workspace is not None:
+        nbd = -(-x.shape[1] // lattice.dim) * lattice.dim
+        if not isinstance(workspace, torch.Tensor) or workspace.dtype != torch.int8:
+            raise TypeError("workspace must be an int8 torch.Tensor")
+        if workspace.numel() != x.shape[0] * nbd or not workspace.is_contiguous() or workspace.device != x.device:
+            raise ValueError(f"workspace must be a contiguous tensor of {x.shape[0] * nbd} elements on {x.device}")
+        hint["workspace"] = workspace
     xw = x if x.dtype == wd and not x.requires_grad else x.detach().to(wd)
     derived = None  # the rms betas (float64 holding float32 values), returned last
     if rms is not None:
