@@ -10,7 +10,9 @@ checked ``out`` tensors when given). The betas may also be derived from the rows
 betas float32 and equal to :func:`coset.quant.rms_betas`); a backend without it gets the betas computed here.
 A backend's ``supports`` answer for these two ops may depend on ``x``'s device and dtype only (it is cached per
 device, dtype, lattice and config). A backend whose ``checks_rms_betas`` attribute is True raises ``ValueError``
-itself for rms betas that are not finite (NaN/Inf in ``x``, or a beta past the float32 range).
+itself for rms betas that are not finite (NaN/Inf in ``x``, or a beta past the float32 range). A backend whose
+``takes_previous_betas`` attribute is True accepts the keywords ``previous_betas`` and ``workspace`` (the
+incremental re-quantization hint, see :func:`quantize_rows`); the others are called without them.
 """
 
 from __future__ import annotations
