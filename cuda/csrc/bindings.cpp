@@ -316,7 +316,8 @@ PYBIND11_MODULE(_C, m) {
     return coset::quantize_cpu(c.L, c.P, ptr<const void>(x), x_is_double, ptr<const double>(z), N, ptr<void>(out),
                                out_is_double, ptr<uint8_t>(T), ptr<uint8_t>(clamped));
   });
-  // the fused per-row fake quantizer (fast_quant.h quantize_rows_f32): returns (errors, nonfinite); errors = -1
+  // the fused per-row fake quantizer (fast_quant.h quantize_rows_f32): returns (errors, nonfinite, n_overloaded,
+  // n_clamped), the counts -1 when it did not quantize; errors = -1
   // when the float32 + integer path does not apply to this code (the caller then composes the reference ops).
   // rms_scale > 0: rms betas (coset.quant.RmsBetas) written to betas_out, `betas` ignored; they are written
   // even when the fused path does not apply (errors = -1), for the caller's composition. prev_betas != 0: the
@@ -331,18 +332,18 @@ PYBIND11_MODULE(_C, m) {
     const bool rms = rms_scale > 0.0;
     if (rms && R > 0 && !betas_out) throw std::invalid_argument("rms betas need betas_out");
     const coset::fq::RmsSpec spec{rms_scale, rms_per_row != 0, ptr<float>(betas_out)};
-    int64_t nonfinite = 0, err = -1;
+    int64_t nonfinite = 0, err = -1, counts[2] = {-1, -1};
     {
       py::gil_scoped_release nogil;
       if (coset::fq::enabled() && coset::fq::applicable(c.L, c.P, nullptr))
         err = coset::fq::quantize_rows_f32(c.L, c.P, ptr<const float>(x), ptr<const float>(betas), R, k,
                                            (float)std::min(lim, 3.4028234663852886e38), ptr<float>(out),
                                            ptr<uint8_t>(T), ptr<uint8_t>(clamped), &nonfinite, rms ? &spec : nullptr,
-                                           ptr<const float>(prev_betas), ptr<int8_t>(ws));
+                                           ptr<const float>(prev_betas), ptr<int8_t>(ws), counts);
       if (err < 0 && rms)
         coset::fq::rms_betas_f32(ptr<const float>(x), R, k, rms_scale, rms_per_row != 0, ptr<float>(betas_out));
     }
-    return py::make_tuple(err, nonfinite);
+    return py::make_tuple(err, nonfinite, counts[0], counts[1]);
   });
   // coset.quant.rms_betas on a float32 (R, k) matrix (float32 out), and the float64 sums of squares per row
   m.def("rms_betas_cpu", [](std::uintptr_t x, int64_t R, int64_t k, double scale, int per_row, std::uintptr_t out) {

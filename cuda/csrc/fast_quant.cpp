@@ -179,9 +179,10 @@ static int64_t run_mode(const LatticeView& L, const QuantParams& P, const float*
 
 int64_t quantize_rows_f32(const LatticeView& L, const QuantParams& P, const float* x, const float* betas, int64_t R,
                           int64_t k, float lim, float* out, uint8_t* T, uint8_t* clamped, int64_t* nonfinite,
-                          const RmsSpec* rms, const float* prev_betas, int8_t* ws) {
+                          const RmsSpec* rms, const float* prev_betas, int8_t* ws, int64_t* counts) {
   IntConsts C;
   *nonfinite = 0;
+  if (counts) counts[0] = counts[1] = -1;  // (-1: not counted; the call did not quantize)
   if (!build_consts(L, C)) return -1;
   if (rms) {  // the betas first (a streaming pass over x, parallel over rows), then the rows quantize with them
     // (measured: summing each row's squares as the kernel reaches it, or one row ahead inside its pack loop, cost
@@ -194,8 +195,11 @@ int64_t quantize_rows_f32(const LatticeView& L, const QuantParams& P, const floa
         return 0;
       }
   }
-  if (R <= 0 || k <= 0) return 0;
-  FQ_DISPATCH(run_rows_scaled(L, P, C, x, betas, R, k, lim, out, T, clamped, nonfinite, prev_betas, ws));
+  if (R <= 0 || k <= 0) {
+    if (counts) counts[0] = counts[1] = 0;
+    return 0;
+  }
+  FQ_DISPATCH(run_rows_scaled(L, P, C, x, betas, R, k, lim, out, T, clamped, nonfinite, prev_betas, ws, counts));
 }
 
 void row_sumsq_f32(const float* x, int64_t R, int64_t k, double* out) {

@@ -397,6 +397,8 @@ int64_t quantize_f32(const LatticeView& L, const QuantParams& P, const float* x,
 // call without the hint provided out and T are unchanged since that call (the point is certified, its overload
 // state is taken from T). ws (R * nb * d int8, or nullptr; D4 / D8): a workspace the call keeps each block's t = 0
 // point in; passed again (unchanged) with the hint, it spares the t = 0 pass of the blocks kept at t = 1.
+// counts (2 int64, or nullptr): the number of blocks with T > 0 or clamped, and of clamped blocks (-1, -1 when the
+// call returns before quantizing: -1 or non-finite), so that a training step needs no scan of T and clamped.
 
 struct RmsSpec {
   double scale;
@@ -405,7 +407,8 @@ struct RmsSpec {
 };
 int64_t quantize_rows_f32(const LatticeView& L, const QuantParams& P, const float* x, const float* betas, int64_t R,
                           int64_t k, float lim, float* out, uint8_t* T, uint8_t* clamped, int64_t* nonfinite,
-                          const RmsSpec* rms = nullptr, const float* prev_betas = nullptr, int8_t* ws = nullptr);
+                          const RmsSpec* rms = nullptr, const float* prev_betas = nullptr, int8_t* ws = nullptr,
+                          int64_t* counts = nullptr);
 // coset.quant.rms_betas on float32 rows: out[r] = float32(scale * sqrt(s_r / k)) (1 for an all-zero row) with s_r
 // the float64 sum of squares in the reference's order (fast_quant_impl.inc sumsq16); per_row false: one beta from
 // the whole (R, k) matrix as one sequence, repeated R times. row_sumsq_f32: the sums themselves (for tests).

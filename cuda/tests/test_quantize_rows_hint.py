@@ -124,3 +124,78 @@ def test_hint_arguments_are_checked():
     # the reference ignores the hint (it never changes a result)
     got = quantize_rows(x, betas, cfg, backend="torch", return_info=True, out=out, previous_betas=betas)
     assert _same(got, quantize_rows(x, betas, cfg, backend="torch", return_info=True))
+
+
+def _mask_counts(T: torch.Tensor, clamped: torch.Tensor) -> tuple[int, int]:
+    return int(((T > 0) | clamped).sum()), int(clamped.sum())
+
+
+@pytest.mark.parametrize("lat,q,M", [("D4", 4, 2), ("D8", 4, 2), ("E8", 4, 2)])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_kernel_counts_equal_the_masks(lat, q, M, threads):
+    """The kernel's (n_overloaded, n_clamped), counted as it writes the masks, with and without the hint (kept
+    blocks count too), equal counts of the masks."""
+    from coset.cuda import _ops
+
+    cfg = QuantizationConfig(lattice_type=lat, q=q, M=M, max_scaling_iterations=4)
+    x0, b0 = _rows(40, 37, q, seed=3)
+    nb = -(-37 // cfg.dim)
+    out = (torch.empty(40, 37), torch.empty(40, nb, dtype=torch.uint8), torch.empty(40, nb, dtype=torch.bool))
+    n0 = _ops.get_num_threads()
+    try:
+        _ops.set_num_threads(threads)
+        first = quantize_rows(x0, b0, cfg, backend="native", out=out, return_info=True, return_counts=True)
+        assert first[-1] == _mask_counts(first[1], first[2]) and first[-1][1] >= 1
+        got = quantize_rows(
+            _step(x0, 1e-4, seed=4), b0, cfg, backend="native", out=out, previous_betas=b0, return_counts=True
+        )
+        assert got[-1] == _mask_counts(out[1], out[2])
+        rms = quantize_rows(x0, RmsBetas(0.5), cfg, backend="native", return_info=True, return_counts=True)
+        assert len(rms) == 5 and rms[-1] == _mask_counts(rms[1], rms[2])
+    finally:
+        _ops.set_num_threads(n0)
+
+
+@pytest.mark.parametrize("rel", [0.0, 1e-4, 0.3])
+def test_prepared_row_quantizer_equals_reference_over_training_like_steps(rel):
+    """coset.quant.RowQuantizer on the native backend (the prepared kernel, checked once) with the QAT use's
+    hint and workspace: every step equals the float64 reference, betas and counts included."""
+    from coset.quant import RowQuantizer
+
+    cfg = QuantizationConfig(lattice_type="D4", q=4, M=2)
+    spec = RmsBetas(scale=1 / 3.0)
+    rq = RowQuantizer((64, 250), cfg, betas=spec, backend="native")
+    assert rq._kernel is not None  # the prepared path runs
+    x = torch.randn(64, 250, generator=torch.Generator().manual_seed(0)) * 0.03
+    ws = torch.empty(64 * 252, dtype=torch.int8)
+    res, T, clamped, betas, counts = rq(x, workspace=ws)
+    out = (res, T, clamped)
+    for step in range(5):
+        x = _step(x, rel, seed=20 + step)
+        got = rq(x, out=out, previous_betas=betas, workspace=ws)
+        want = quantize_rows(x, spec, cfg, backend="torch", return_info=True)
+        assert _same(got[:3], want[:3]) and torch.equal(got[3].double(), want[3])
+        assert got[4] == _mask_counts(want[1], want[2])
+        assert all(g is o for g, o in zip(got[:3], out, strict=True))
+        betas = got[3]
+    given = torch.rand(64, generator=torch.Generator().manual_seed(1)) * 0.02 + 0.005
+    plain = RowQuantizer((64, 250), cfg, backend="native")
+    got = plain(x, given)
+    want = quantize_rows(x, given, cfg, backend="torch", return_info=True)
+    assert _same(got[:3], want) and got[3] is None
+
+
+def test_prepared_row_quantizer_errors_are_the_references():
+    """Non-finite input raises quantize_rows's ValueError; outputs overlapping x are handed to quantize_rows,
+    which refuses them."""
+    from coset.quant import RowQuantizer
+
+    cfg = QuantizationConfig(lattice_type="D4", q=4, M=2)
+    rq = RowQuantizer((4, 16), cfg, betas=RmsBetas(1.0), backend="native")
+    x = torch.randn(4, 16)
+    x[1, 3] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        rq(x)
+    x = torch.randn(4, 16)
+    with pytest.raises(ValueError, match="share memory"):
+        rq(x, out=(x, torch.empty(4, 4, dtype=torch.uint8), torch.empty(4, 4, dtype=torch.bool)))

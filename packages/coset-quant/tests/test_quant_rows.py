@@ -133,3 +133,68 @@ def test_rows_backend_choice_follows_the_registry():
     finally:
         unregister_backend("spy-rows")
     assert torch.equal(quantize_rows(x, None, cfg), want) and len(calls) == 3  # gone again
+
+
+def _mask_counts(T: torch.Tensor, clamped: torch.Tensor) -> tuple[int, int]:
+    return int(((T > 0) | clamped).sum()), int(clamped.sum())
+
+
+def test_rows_counts_equal_the_masks():
+    """return_counts appends (blocks with T > 0 or clamped, clamped blocks), counted from the masks here."""
+    g = torch.Generator().manual_seed(3)
+    cfg = QuantizationConfig(lattice_type="D4", q=4, M=2, max_scaling_iterations=1)
+    x = torch.randn(8, 20, generator=g)
+    x[2] *= 30.0  # T > 0
+    x[5, :4] *= 1e4  # clamped at the cap
+    res, T, clamped, counts = quantize_rows(x, None, cfg, backend="torch", return_info=True, return_counts=True)
+    assert counts == _mask_counts(T, clamped) and counts[1] >= 1 and counts[0] > counts[1]
+    only = quantize_rows(x, None, cfg, backend="torch", return_counts=True)
+    assert torch.equal(only[0], res) and only[1] == counts
+    r = quantize_rows(x, RmsBetas(1.0), cfg, backend="torch", return_info=True, return_counts=True)
+    assert len(r) == 5 and r[-1] == _mask_counts(r[1], r[2])
+
+
+@pytest.mark.parametrize("betas", [None, "rms"])
+def test_row_quantizer_equals_quantize_rows(betas):
+    """The prepared quantizer returns quantize_rows's results, its rms betas in the work dtype and the counts,
+    for arguments it takes as they are and for those it hands to quantize_rows (non-contiguous x, float64 x)."""
+    from coset.quant import RowQuantizer
+
+    g = torch.Generator().manual_seed(4)
+    cfg = QuantizationConfig(lattice_type="D4", q=4, M=2)
+    spec = RmsBetas(0.7) if betas == "rms" else None
+    rq = RowQuantizer((6, 10), cfg, betas=spec, backend="torch")
+    for x in (torch.randn(6, 10, generator=g), torch.randn(10, 6, generator=g).t()):
+        b = None if spec is not None else torch.rand(6, generator=g) + 0.2
+        res, T, clamped, derived, counts = rq(x, b)
+        want = quantize_rows(x, spec if spec is not None else b, cfg, backend="torch", return_info=True)
+        assert torch.equal(res, want[0]) and torch.equal(T, want[1]) and torch.equal(clamped, want[2])
+        assert counts == _mask_counts(T, clamped)
+        if spec is None:
+            assert derived is None
+        else:
+            assert derived.dtype == torch.float32 and torch.equal(derived.double(), want[3])
+        out = tuple(torch.empty_like(t) for t in (res, T, clamped))
+        again = rq(x, b, out=out)
+        assert all(a is o for a, o in zip(again[:3], out, strict=True)) and torch.equal(again[0], res)
+
+
+def test_row_quantizer_argument_errors():
+    from coset.quant import RowQuantizer
+
+    cfg = QuantizationConfig(lattice_type="D4", q=4, M=2)
+    with pytest.raises(ValueError, match="shape"):
+        RowQuantizer((3,), cfg)
+    with pytest.raises(ValueError, match="shape"):
+        RowQuantizer((3, -1), cfg)
+    with pytest.raises(TypeError, match="dtype"):
+        RowQuantizer((3, 8), cfg, dtype=torch.float16)
+    with pytest.raises(TypeError, match="betas"):
+        RowQuantizer((3, 8), cfg, betas=torch.ones(3))  # type: ignore[arg-type]
+    rq = RowQuantizer((3, 8), cfg, betas=RmsBetas(1.0), backend="torch")
+    with pytest.raises(ValueError, match="derives its betas"):
+        rq(torch.randn(3, 8), torch.ones(3))
+    with pytest.raises(ValueError, match="shape"):  # quantize_rows's own errors for what the quantizer cannot take
+        RowQuantizer((3, 8), cfg, backend="torch")(torch.randn(3, 8), torch.ones(4))
+    with pytest.raises(ValueError, match="NaN|finite"):
+        rq(torch.full((3, 8), float("nan")))

@@ -416,6 +416,7 @@ def quantize_rows(
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     previous_betas: torch.Tensor | None = None,
     workspace: torch.Tensor | None = None,
+    return_counts: bool = False,
 ):
     """Fused per-row fake quantizer ``out[r] = beta_r * Q(x[r] / beta_r)`` in d-blocks (last block zero padded),
     bit-exact with :func:`coset.quant.quantize_rows`'s composition; one pass, all CPU threads.
@@ -432,11 +433,13 @@ def quantize_rows(
         may have moved; D4 / D8 codes with betas)
     workspace : optional contiguous int8 CPU tensor of R * nb * d elements: the kernel keeps each block's t = 0
         point there for the next call's hint (pass the same tensor, unchanged, every call)
+    return_counts : also return ``(n_overloaded, n_clamped)``: the blocks with T > 0 or clamped, and the clamped
+        ones (counted by the kernel as it writes them: a training step then scans neither mask)
 
     Returns
     -------
     out : (R, k) float32; T : (R, nb) uint8; clamped : (R, nb) bool, nb = ceil(k / d); and, for an RmsBetas,
-    betas : (R,) float32
+    betas : (R,) float32; and, with ``return_counts``, ``(n_overloaded, n_clamped)`` ints
 
     Raises
     ------
@@ -503,7 +506,16 @@ def quantize_rows(
             and all(t.is_contiguous() and t.device.type == "cpu" for t in out)
         ):
             raise ValueError("out must be contiguous CPU tensors: float32 (R, k), uint8 (R, nb), bool (R, nb)")
-    err, nonfinite = _C.quantize_rows_cpu(
+    c = (kind, d, G, Gi, eps, q, M, scales, rad, max_abs)
+    return _rows_call(c, lattice, config, xc, bc, res, T, clamped, rms, b_out, pb, workspace, return_counts)
+
+
+def _rows_call(c, lattice, config, xc, bc, res, T, clamped, rms, b_out, pb, ws, return_counts: bool):
+    """The kernel call of :func:`quantize_rows` and :class:`PreparedRows` on checked tensors, and its errors."""
+    kind, d, G, Gi, eps, q, M, scales, rad, max_abs = c
+    R, k = xc.shape
+    nb = -(-k // d)
+    err, nonfinite, n_over, n_clamped = _C.quantize_rows_cpu(
         kind,
         d,
         G,
@@ -526,7 +538,7 @@ def quantize_rows(
         int(rms is None or rms.per_row),
         _ptr(b_out),
         _ptr(pb),
-        _ptr(workspace),
+        _ptr(ws),
     )
     if b_out is not None:
         if nonfinite or err < 0:  # the kernel stops at rms betas that are not finite: coset.quant's error
@@ -548,7 +560,53 @@ def quantize_rows(
         clamped.copy_(cf.reshape(R, nb))
     elif err:
         _raise_overload(int(err), R * nb, config)
-    return (res, T, clamped) if b_out is None else (res, T, clamped, b_out)
+    ret = (res, T, clamped) if b_out is None else (res, T, clamped, b_out)
+    if not return_counts:
+        return ret
+    if n_over < 0:  # composed above: count here
+        n_over, n_clamped = int(torch.count_nonzero((T != 0) | clamped)), int(torch.count_nonzero(clamped))
+    return (*ret, (int(n_over), int(n_clamped)))
+
+
+class PreparedRows:
+    """:func:`quantize_rows` on float32 ``(R, k)`` CPU matrices of one shape with its constants resolved once: the
+    backend half of :class:`coset.quant.RowQuantizer`, which checks every tensor before the call (this class does
+    not: the arguments are trusted).
+
+    ``prepared(x, betas, out, previous_betas, workspace)`` with ``betas`` an (R,) float32 tensor or None (ignored
+    with ``rms``), ``out`` the checked ``(res, T, clamped)`` -> ``(res, T, clamped, rms betas or None, (n_overloaded,
+    n_clamped))``.
+    """
+
+    __slots__ = ("_c", "_lattice", "_config", "_rms", "_shape")
+
+    def __init__(self, lattice: Lattice, config: QuantizationConfig, shape: tuple[int, int], rms: RmsBetas | None):
+        if not rows_applicable(lattice, config):
+            raise ValueError("quantize_rows: this code is not covered by the fused kernel (see rows_applicable)")
+        self._c = _consts(lattice, config, False)
+        self._lattice, self._config, self._rms, self._shape = lattice, config, rms, shape
+
+    def __call__(self, x, betas, out, previous_betas=None, workspace=None):
+        rms = self._rms
+        b_out = torch.empty((self._shape[0],), dtype=torch.float32) if rms is not None else None
+        res, T, clamped = out
+        pb = previous_betas if rms is not None or betas is not None else None  # (the hint needs betas)
+        r = _rows_call(
+            self._c,
+            self._lattice,
+            self._config,
+            x,
+            None if rms is not None else betas,
+            res,
+            T,
+            clamped,
+            rms,
+            b_out,
+            pb,
+            workspace,
+            True,
+        )
+        return res, T, clamped, b_out, r[-1]
 
 
 def rms_betas(x: torch.Tensor, spec: RmsBetas) -> torch.Tensor:

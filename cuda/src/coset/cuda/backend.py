@@ -34,6 +34,7 @@ class NativeBackend:
     validates_labels = True  # decode counts labels >= q and T > cap in its one pass and raises ValueError
     checks_rms_betas = True  # quantize_rows raises ValueError itself for rms betas that are not finite
     takes_previous_betas = True  # quantize_rows uses coset.quant.quantize_rows's previous_betas hint
+    returns_counts = True  # quantize_rows(return_counts=True) appends the kernel's (n_overloaded, n_clamped)
 
     def supports(self, op: str, tensor: Any, lattice: Lattice | None, config: QuantizationConfig | None) -> bool:
         if not isinstance(tensor, torch.Tensor) or not _ops._device_ok(tensor):
@@ -101,10 +102,24 @@ class NativeBackend:
     def quantize(self, x, lattice, config, dither):
         return _ops.quantize(x, lattice, config, dither)
 
-    def quantize_rows(self, x, betas, lattice, config, out=None, previous_betas=None, workspace=None):
+    def quantize_rows(
+        self, x, betas, lattice, config, out=None, previous_betas=None, workspace=None, return_counts=False
+    ):
         return _ops.quantize_rows(
-            x, betas, lattice, config, out=out, previous_betas=previous_betas, workspace=workspace
+            x,
+            betas,
+            lattice,
+            config,
+            out=out,
+            previous_betas=previous_betas,
+            workspace=workspace,
+            return_counts=return_counts,
         )
+
+    def prepare_quantize_rows(self, lattice, config, shape, rms):
+        """:meth:`quantize_rows` for float32 CPU matrices of ``shape``, its constants resolved once
+        (:class:`coset.quant.RowQuantizer`), or None where the fused kernel does not apply."""
+        return _ops.PreparedRows(lattice, config, shape, rms) if _ops.rows_applicable(lattice, config) else None
 
     def bucket_codec(self):
         """coset.dist's bucket codec (the module :mod:`coset.cuda.bucket_codec`): one call per DDP bucket."""

@@ -22,6 +22,7 @@ from coset.quant import (
     OverloadError,
     QuantizationConfig,
     RmsBetas,
+    RowQuantizer,
     beta_min,
     decode,
     encode,
@@ -46,6 +47,8 @@ __all__ = [
     "activation_beta",
     "quantize_activation",
     "fake_quantize_activation",
+    "weight_rows",
+    "act_rows",
 ]
 
 
@@ -97,6 +100,22 @@ def act_rms(qat: QATConfig) -> RmsBetas:
     """The automatic activation beta as a :class:`coset.quant.RmsBetas`: ``act_beta_scale * beta_min(activation,
     rms)`` of the whole batch."""
     return RmsBetas(qat.act_beta_scale * beta_min(_acfg(qat), 1.0), per_row=False)
+
+
+def weight_rows(shape: tuple[int, int], dtype: torch.dtype, device, qat: QATConfig) -> RowQuantizer:
+    """The :class:`coset.quant.RowQuantizer` of :func:`quantize_weight` with automatic betas (per_channel /
+    per_tensor) for ``(C_out, k)`` weights of the work ``dtype`` and ``device``."""
+    return RowQuantizer(
+        shape, _unit_config(_wcfg(qat)), betas=weight_rms(qat), dtype=dtype, device=device, backend=qat.backend
+    )
+
+
+def act_rows(shape: tuple[int, int], dtype: torch.dtype, device, qat: QATConfig) -> RowQuantizer:
+    """The :class:`coset.quant.RowQuantizer` of :func:`fake_quantize_activation` with the batch's own beta for
+    ``(rows, k)`` inputs of the work ``dtype`` and ``device``."""
+    return RowQuantizer(
+        shape, _unit_config(_acfg(qat)), betas=act_rms(qat), dtype=dtype, device=device, backend=qat.backend
+    )
 
 
 def weight_betas(w2: torch.Tensor, qat: QATConfig) -> torch.Tensor:
@@ -208,6 +227,8 @@ def quantize_weight(
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     previous_betas: torch.Tensor | None = None,
     workspace: torch.Tensor | None = None,
+    return_counts: bool = False,
+    rows: RowQuantizer | None = None,
 ):
     """Fused encode+decode of a ``(C_out, k)`` weight; equal to ``decode_weight(encode_weight(...))``.
 
@@ -229,7 +250,9 @@ def quantize_weight(
     ``out``: tensors for :func:`coset.quant.quantize_rows` to write ``(wq, T, clamped)`` into (reused buffers).
     ``previous_betas``: :func:`coset.quant.quantize_rows`'s hint (``out`` holds, unchanged, the results of the
     call with these per-row betas): only blocks whose point may have moved are quantized again. ``workspace``:
-    its int8 scratch (the same tensor every call).
+    its int8 scratch (the same tensor every call). ``return_counts``: also return ``(n_overloaded, n_clamped)``
+    (:func:`coset.quant.quantize_rows`'s counts) last. ``rows``: the :class:`coset.quant.RowQuantizer` to run
+    (:func:`weight_rows` of this weight's shape, dtype and device: the same results with the checks done once).
     """
     cfg = _wcfg(qat)
     fixed = qat.granularity == "fixed"
@@ -242,31 +265,37 @@ def quantize_weight(
     else:
         row_betas = betas.reshape(-1).expand(w2.shape[0])  # per_tensor: one beta for all rows
     try:  # warn=False: the layer counts the clamps in the mask and warns once per layer
-        res = quantize_rows(
-            w2.detach(),
-            row_betas,
-            cfg if fixed else _unit_config(cfg),
-            backend=qat.backend,
-            return_info=True,
-            out=out,
-            warn=False,
-            previous_betas=None if fixed else previous_betas,
-            workspace=None if fixed else workspace,
-        )
+        if rows is not None and betas is None and not fixed:
+            r = rows(w2.detach(), out=out, previous_betas=previous_betas, workspace=workspace)
+            res = (r[0], r[1], r[2], r[3], r[4]) if return_counts else r[:4]
+        else:
+            res = quantize_rows(
+                w2.detach(),
+                row_betas,
+                cfg if fixed else _unit_config(cfg),
+                backend=qat.backend,
+                return_info=True,
+                out=out,
+                warn=False,
+                previous_betas=None if fixed else previous_betas,
+                workspace=None if fixed else workspace,
+                return_counts=return_counts,
+            )
     except OverloadError:
         raise
     except ValueError as e:  # coset.quant checks finiteness; say which tensor
         raise ValueError(f"weight: {e}") from None
     wq, T, clamped = res[:3]
+    counts = (res[-1],) if return_counts else ()
     if betas is None:  # the kernel's rms betas
         betas = _granular(res[3], qat)
     if wq.dtype == dtype and not labels_need_weight(qat):  # the labels follow from wq: no copy of the weight
-        return wq, T, clamped, (wq, betas, True)
+        return (wq, T, clamped, (wq, betas, True), *counts)
     if snapshot is None:
         snapshot = w2.detach().clone()
     else:
         snapshot.copy_(w2.detach())
-    return wq.to(dtype), T, clamped, (snapshot, betas, False)
+    return (wq.to(dtype), T, clamped, (snapshot, betas, False), *counts)
 
 
 def decode_weight(
@@ -326,12 +355,16 @@ def quantize_activation(x: torch.Tensor, beta: float | None, qat: QATConfig):
     return xq, blocks, T, clamped, pad, beta
 
 
-def fake_quantize_activation(x: torch.Tensor, beta: float | None, qat: QATConfig):
+def fake_quantize_activation(
+    x: torch.Tensor, beta: float | None, qat: QATConfig, return_counts: bool = False, rows: RowQuantizer | None = None
+):
     """:func:`quantize_activation` without the blocks (what a training forward needs every step).
 
     Returns
     -------
-    xq : tensor of x's shape and dtype; T : (..., nb) uint8; clamped : (..., nb) bool; beta : float
+    xq : tensor of x's shape and dtype; T : (..., nb) uint8; clamped : (..., nb) bool; beta : float; and, with
+    ``return_counts``, ``(n_overloaded, n_clamped)`` (:func:`coset.quant.quantize_rows`'s counts). ``rows``: the
+    :class:`coset.quant.RowQuantizer` to run for ``beta`` None (:func:`act_rows` of the ``(rows, k)`` view).
     """
     cfg = _unit_config(_acfg(qat))
     k = x.shape[-1]
@@ -344,12 +377,19 @@ def fake_quantize_activation(x: torch.Tensor, beta: float | None, qat: QATConfig
     else:
         spec = torch.full((x2.shape[0],), float(beta), dtype=x2.dtype, device=x2.device)
     # one fused pass over the (rows, k) view; the layer counts the clamps itself (warn=False)
-    res = quantize_rows(x2, spec, cfg, backend=qat.backend, return_info=True, warn=False)
+    if rows is not None and beta is None:
+        res = rows(x2)
+        res = res if return_counts else res[:4]
+    else:
+        res = quantize_rows(
+            x2, spec, cfg, backend=qat.backend, return_info=True, warn=False, return_counts=return_counts
+        )
     xh, T, clamped = res[:3]
-    if beta is None:
-        beta = float(res[3][0]) if res[3].numel() else 1.0
+    if beta is None:  # (a numpy read of the first beta: indexing the tensor costs ~30 us every training step)
+        b = res[3]
+        beta = (b.numpy()[0].item() if b.device.type == "cpu" else float(b[0])) if b.numel() else 1.0
     if x.ndim != 2:
         lead, nb = x.shape[:-1], -(-k // cfg.dim)
         xh, T, clamped = xh.reshape(x.shape), T.reshape(*lead, nb), clamped.reshape(*lead, nb)
     xq = xh if xh.dtype == x.dtype else xh.to(x.dtype)
-    return xq, T, clamped, beta
+    return (xq, T, clamped, beta, res[-1]) if return_counts else (xq, T, clamped, beta)

@@ -43,11 +43,12 @@ import torch
 from torch import nn
 
 from coset.lattice.validate import check_int
-from coset.quant import ClampWarning, QuantizationConfig, count_true, to_blocks
+from coset.quant import ClampWarning, QuantizationConfig, RowQuantizer, to_blocks
 
 from .config import QATConfig
 from .fake_quant import (
     _layer_warns,
+    act_rows,
     decode_weight,
     encode_weight,
     fake_quantize_activation,
@@ -55,6 +56,7 @@ from .fake_quant import (
     labels_need_weight,
     overload_radius,
     quantize_weight,
+    weight_rows,
 )
 from .ste import block_grad_scale, ste
 
@@ -223,7 +225,7 @@ class HNLQWeightQuantizer(nn.Module):
                 prev = None
         try:
             # the automatic betas are computed in the quantizer's native call (coset.quant.RmsBetas)
-            wq, T, clamped, pending = quantize_weight(
+            wq, T, clamped, pending, (_, n) = quantize_weight(
                 w2,
                 None,
                 self.qconfig,
@@ -232,6 +234,8 @@ class HNLQWeightQuantizer(nn.Module):
                 out=outs,
                 previous_betas=prev,
                 workspace=self._workspace(w2),
+                return_counts=True,  # (the clamp count from the kernel: no scan of the mask every step)
+                rows=self._rows(w2),
             )
         except Exception:
             if outs is not None:  # the stored code was being overwritten: gone, re-quantize at the next use
@@ -241,7 +245,8 @@ class HNLQWeightQuantizer(nn.Module):
         # straight into the buffer and attribute dicts: nn.Module.__setattr__ costs ~10 us a call, and this runs
         # every training step (the buffers keep their names, dtypes and devices)
         buffers = self._buffers
-        buffers["qweight"], buffers["T"], buffers["clamped"] = wq.reshape(weight.shape), T, clamped
+        buffers["qweight"] = wq if wq.shape == weight.shape else wq.reshape(weight.shape)
+        buffers["T"], buffers["clamped"] = T, clamped
         beta = pending[1].to(torch.float32)
         buffers["beta"] = beta if beta.shape == self.beta.shape else beta.reshape(self.beta.shape)
         self.__dict__.update(
@@ -252,8 +257,7 @@ class HNLQWeightQuantizer(nn.Module):
             _lut_cache=None,
             _quantizations=self._quantizations + 1,
         )
-        self._remember_outputs(wq, beta, w2.shape[0])
-        n = count_true(clamped)
+        self._remember_outputs(wq, beta, w2.shape[0], same=prev is not None)
         if n:
             self._clamp_total += n
             self._warn_clamp(n)
@@ -273,6 +277,18 @@ class HNLQWeightQuantizer(nn.Module):
             return None
         return outs if _storage_uses(outs) == uses else None
 
+    def _rows(self, w2: torch.Tensor) -> RowQuantizer | None:
+        """The prepared row quantizer of this weight (automatic betas; float32 / float64 weights), made once: the
+        checks and the backend's constants of quantize_rows cost ~0.2 ms a call on a training step's cold caches."""
+        if self.qconfig.granularity == "fixed" or w2.dtype not in (torch.float32, torch.float64):
+            return None
+        shape = (int(w2.shape[0]), int(w2.shape[1]))
+        key = (shape, w2.dtype, w2.device)
+        rq = self.__dict__.get("_rq")
+        if rq is None or rq[0] != key:
+            rq = self.__dict__["_rq"] = (key, weight_rows(shape, w2.dtype, w2.device, self.qconfig))
+        return rq[1]
+
     def _workspace(self, w2: torch.Tensor) -> torch.Tensor | None:
         """The hint's int8 scratch (coset.quant.quantize_rows's workspace), private to this quantizer."""
         if not _CAN_REUSE or w2.dtype != torch.float32 or w2.device.type != "cpu":
@@ -284,25 +300,43 @@ class HNLQWeightQuantizer(nn.Module):
             ws = self.__dict__["_ws"] = torch.empty(n, dtype=torch.int8)
         return ws
 
-    def _remember_outputs(self, wq: torch.Tensor, beta: torch.Tensor, rows: int) -> None:
+    def _remember_outputs(self, wq: torch.Tensor, beta: torch.Tensor, rows: int, same: bool = False) -> None:
+        """Keep the outputs for reuse and the hint. ``same``: the call wrote into the kept outputs, found unchanged
+        (use counts and versions as remembered); a kernel writing through pointers leaves the versions as they were,
+        and then the use counts need no new count either."""
+        d = self.__dict__
         outs = None
         if _CAN_REUSE and wq.dtype == torch.float32:  # the kernel's own float32 output (not a cast of it)
             outs = (wq, self.T, self.clamped)
         # the per-row betas of these results, for the next call's hint (float32, as the kernel used them)
         row_betas = None
-        if outs is not None and beta.numel() in (1, rows):
+        if outs is not None and beta.numel() == rows and beta.dim() == 1:
+            row_betas = beta
+        elif outs is not None and beta.numel() in (1, rows):
             row_betas = beta.reshape(-1).expand(rows).contiguous()
+        kept = d.get("_outs")
+        versions = None if outs is None else tuple(_version(t) for t in outs)
+        if (
+            same
+            and outs is not None
+            and kept is not None
+            and all(a is b for a, b in zip(outs, kept, strict=True))
+            and versions == d.get("_out_versions")
+        ):
+            d["_row_betas"] = row_betas
+            return
         # (into __dict__: nn.Module.__setattr__ costs microseconds a call, and this runs every training step)
-        self.__dict__.update(
+        d.update(
             _outs=outs,
             _out_uses=None if outs is None else _storage_uses(outs),
-            _out_versions=None if outs is None else tuple(_version(t) for t in outs),
+            _out_versions=versions,
             _row_betas=row_betas,
         )
 
     def __getstate__(self):
         state = dict(self.__dict__)  # a copy (deepcopy, pickle) starts without reusable outputs
         state["_outs"] = state["_out_uses"] = state["_out_versions"] = state["_row_betas"] = state["_ws"] = None
+        state.pop("_rq", None)  # (made again at the next quantization)
         return state
 
     def _warn_clamp(self, n: int) -> None:
@@ -645,7 +679,9 @@ class HNLQActivationQuantizer(nn.Module):
         running = self._running()
         batch = self.training or not running > 0  # the batch's own beta (computed in the quantizer's call)
         try:  # the quantizer checks finiteness in its own pass (no separate isfinite pass over the input)
-            xq, T, clamped, beta = fake_quantize_activation(xa, None if batch else running, self.qconfig)
+            xq, T, clamped, beta, (n_over, n_clamped) = fake_quantize_activation(
+                xa, None if batch else running, self.qconfig, return_counts=True, rows=self._rows(xa) if batch else None
+            )
         except ValueError:
             if x.numel() and not bool(torch.isfinite(x).all()):
                 raise ValueError("input contains NaN or Inf; HNLQ cannot quantize non-finite activations") from None
@@ -658,16 +694,7 @@ class HNLQActivationQuantizer(nn.Module):
                 beta_new = float(np.float32(beta))
             self.beta.fill_(beta_new)
             self.__dict__["_shadow"] = (self.beta, _version(self.beta), beta_new)  # (not nn.Module.__setattr__)
-        n_clamped = count_true(clamped)  # (a byte scan when none, the usual case)
-        # overloaded = T > 0 or clamped; a clamped block has T = the cap, so with a cap > 0 counting T != 0 is
-        # enough (15 us instead of 58 for the | and its count, every training forward)
-        cap = self.cfg.max_scaling_iterations
-        if cap == 0:
-            n_over = n_clamped
-        elif T.device.type == "cpu":  # numpy's count of a byte array: ~4 us instead of torch's ~25
-            n_over = int(np.count_nonzero(T.numpy()))
-        else:
-            n_over = int(torch.count_nonzero(T))
+        # (overloaded = T > 0 or clamped: counted by the kernel as it wrote the masks)
         # the counters straight into __dict__ (nn.Module.__setattr__ costs microseconds a call, every forward)
         self.__dict__.update(
             _seen=self._seen + T.numel(), _overloaded=self._overloaded + n_over, _clamped=self._clamped + n_clamped
@@ -691,6 +718,23 @@ class HNLQActivationQuantizer(nn.Module):
                 )
             xq = ste(xa, xq, scale)
         return xq.movedim(-1, fd) if fd != -1 else xq
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_rq", None)  # (made again at the next training forward)
+        return state
+
+    def _rows(self, xa: torch.Tensor) -> RowQuantizer | None:
+        """The prepared row quantizer of inputs shaped like ``xa`` (its ``(rows, k)`` view; float32 / float64),
+        kept for the last shape seen."""
+        if xa.dtype not in (torch.float32, torch.float64):
+            return None
+        shape = (xa.numel() // xa.shape[-1] if xa.shape[-1] else 0, xa.shape[-1])
+        key = (shape, xa.dtype, xa.device)
+        rq = self.__dict__.get("_rq")
+        if rq is None or rq[0] != key:
+            rq = self.__dict__["_rq"] = (key, act_rows(shape, xa.dtype, xa.device, self.qconfig))
+        return rq[1]
 
     def _running(self) -> float:
         """``float(self.beta)``, kept beside the buffer while the buffer is unchanged (reading a tensor's value

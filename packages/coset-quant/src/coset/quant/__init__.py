@@ -29,7 +29,7 @@ from .packing import pack_labels, packed_nbytes, unpack_labels
 from .quantize import quantize
 from .quantizer import Quantizer
 from .rms import RmsBetas, rms_betas
-from .rows import quantize_rows
+from .rows import RowQuantizer, quantize_rows
 
 __all__ = [
     "QuantizationConfig",
@@ -41,6 +41,7 @@ __all__ = [
     "decode",
     "quantize",
     "quantize_rows",
+    "RowQuantizer",
     "RmsBetas",
     "rms_betas",
     "count_true",

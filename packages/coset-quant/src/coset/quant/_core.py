@@ -395,9 +395,12 @@ def count_true(mask: torch.Tensor) -> int:
     return int(torch.count_nonzero(mask))
 
 
-def warn_clamped(clamped: torch.Tensor, config: QuantizationConfig, what: str = "encode", stacklevel: int = 3) -> None:
-    """One :class:`ClampWarning` per call that clamped any vector, with the count (a clamp loses data)."""
-    n = count_true(clamped)
+def warn_clamped(
+    clamped: torch.Tensor, config: QuantizationConfig, what: str = "encode", stacklevel: int = 3, n: int | None = None
+) -> None:
+    """One :class:`ClampWarning` per call that clamped any vector, with the count (a clamp loses data); ``n``: the
+    count when the caller has it (no scan of the mask)."""
+    n = count_true(clamped) if n is None else n
     if n:
         warnings.warn(
             f"{what}: {n} of {clamped.numel()} vectors overloaded even at T = max_scaling_iterations="
