@@ -30,6 +30,7 @@ static bool getenv_off(const char* name) {  // NAME=0 turns an ISA level off (A/
 }
 
 namespace base {
+#include "fast_quant_lanes.inc"  // compiled for this namespace's target (see that file)
 #include "fast_quant_impl.inc"
 }  // namespace base
 
@@ -40,6 +41,7 @@ namespace base {
 #define COSET_FQ_BMI2 1
 #define COSET_SIMD_AVX2 1  // (__AVX2__ is not defined by the target pragma)
 namespace avx2 {
+#include "fast_quant_lanes.inc"  // compiled for this namespace's target (see that file)
 #include "fast_quant_impl.inc"
 }  // namespace avx2
 #undef COSET_SIMD_AVX2
@@ -54,6 +56,7 @@ namespace avx2 {
 #define COSET_FQ_BMI2 1
 #define COSET_SIMD_AVX2 1
 namespace avx512 {
+#include "fast_quant_lanes.inc"  // compiled for this namespace's target (see that file)
 #include "fast_quant_impl.inc"
 }  // namespace avx512
 #undef COSET_SIMD_AVX2
