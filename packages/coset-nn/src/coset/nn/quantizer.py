@@ -290,8 +290,12 @@ class HNLQWeightQuantizer(nn.Module):
         return rq[1]
 
     def _workspace(self, w2: torch.Tensor) -> torch.Tensor | None:
-        """The hint's int8 scratch (coset.quant.quantize_rows's workspace), private to this quantizer."""
+        """The hint's int8 scratch (coset.quant.quantize_rows's workspace), private to this quantizer; none for a
+        backend that ignores the hint."""
         if not _CAN_REUSE or w2.dtype != torch.float32 or w2.device.type != "cpu":
+            return None
+        rows = self._rows(w2)
+        if rows is None or not rows.takes_previous_betas:
             return None
         d = self.cfg.dim
         n = w2.shape[0] * -(-w2.shape[1] // d) * d

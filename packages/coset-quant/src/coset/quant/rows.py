@@ -301,6 +301,8 @@ class RowQuantizer:
         be = _rows_backend(backend, probe, self.lattice, self.config, op)
         prepare = getattr(be, "prepare_quantize_rows", None)
         self._kernel = prepare(self.lattice, self.config, self.shape, betas) if prepare is not None else None
+        #: True when the backend uses ``previous_betas`` / ``workspace`` (else they are ignored: no need to keep them)
+        self.takes_previous_betas = bool(getattr(be, "takes_previous_betas", False))
 
     def __call__(
         self,
