@@ -55,10 +55,12 @@ namespace avx2 {
 #pragma GCC target("avx2,fma,bmi2,avx512f,avx512vl,avx512bw,avx512dq,prefer-vector-width=256")
 #define COSET_FQ_BMI2 1
 #define COSET_SIMD_AVX2 1
+#define COSET_FQ_LANES16 1  // the rows kernel's main D4 pass in 16-lane packs (fast_quant_impl.inc)
 namespace avx512 {
 #include "fast_quant_lanes.inc"  // compiled for this namespace's target (see that file)
 #include "fast_quant_impl.inc"
 }  // namespace avx512
+#undef COSET_FQ_LANES16
 #undef COSET_SIMD_AVX2
 #undef COSET_FQ_BMI2
 #pragma GCC pop_options

@@ -159,3 +159,36 @@ def test_quantize_rows_overload_densities_equal_reference(lat):
                 assert _same(quantize_rows(x, betas, cfg, backend="native", return_info=True), want)
     finally:
         _ops.set_num_threads(n0)
+
+
+@pytest.mark.parametrize("q,M", [(4, 2), (2, 3)])
+@pytest.mark.parametrize("k", [128, 200, 68, 37])
+@pytest.mark.parametrize("spec", ["given", "rms_rows", "rms_tensor"])
+def test_main_pass_packs_of_16_equal_reference(q, M, k, spec):
+    """With beta 1 (power-of-two scales) a D4 code's main pass runs in packs of 16 blocks in the AVX-512 build
+    (8 elsewhere): rows of 32 or 50 blocks (two packs of 16, or three and an 8-pack and a tail), 17 blocks (one
+    pack and a tail) and 10 (no pack of 16) give the reference's bits — ties (rejected lanes), overloads in either
+    half of a pack, clamps — with given, per-row and per-tensor rms betas, on 1 and 3 threads."""
+    from coset.quant import RmsBetas
+
+    cfg = QuantizationConfig(lattice_type="D4", q=q, M=M, beta=1.0, max_scaling_iterations=4)
+    x, betas = _rows(40, k, q, seed=k + q)
+    # every eighth block 30x larger (blocks 0 and 8 of each pack of 16): overloads in both halves of a pack, also
+    # with rms betas (these blocks stand ~9 betas out)
+    x[:20] *= torch.tensor([30.0 if (j // 4) % 8 == 0 else 1.0 for j in range(k)])
+    if spec == "rms_tensor":  # (the clamp row's 1e4 entries would set the one beta: no other block overloads)
+        x[-1] = x[-2]
+    b = {"given": betas, "rms_rows": RmsBetas(0.3), "rms_tensor": RmsBetas(0.3, per_row=False)}[spec]
+    want = quantize_rows(x, b, cfg, backend="torch", return_info=True, return_counts=True)
+    n0 = _ops.get_num_threads()
+    try:
+        for threads in (1, 3):
+            _ops.set_num_threads(threads)
+            got = quantize_rows(x, b, cfg, backend="native", return_info=True, return_counts=True)
+            assert _same(got[:-1], want[:-1]) and got[-1] == want[-1]
+    finally:
+        _ops.set_num_threads(n0)
+    T = want[1]
+    assert bool((T > 0).any())
+    if k >= 64:  # overloads in both halves of a pack of 16
+        assert bool((T[:20, :8] > 0).any()) and bool((T[:20, 8:16] > 0).any())
